@@ -1,0 +1,210 @@
+"""The ``shoal`` command.
+
+``main(argv)`` returns an exit code instead of exiting, so tests run the CLI in process.
+Exit codes: 0 success, 2 a usage or configuration error (the message says what to change),
+1 any other shoal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from shoal.config import Config, config_markdown, load_config, to_toml
+from shoal.errors import ConfigError, DataError, ShoalError
+
+__all__ = ["main"]
+
+DESCRIPTION = """\
+shoal: federated learning at very large scale.
+
+Train one model from the private data of many clients without moving the data. `shoal run`
+simulates a federated training run in this process (virtual clients over a shared dataset);
+with no config file it runs the reference workload "config S": Fashion-MNIST split among 100
+clients by a Dirichlet(0.5) label skew, 10 clients per round, 30 rounds of FedAvg on a
+784-200-200-10 MLP.
+"""
+
+RUN_EPILOG = """\
+examples:
+  shoal run                               # config S, progress bar, run directory under runs/
+  shoal run --rounds 10 --clients 1000 --per-round 100   # config L
+  shoal run my.toml --seed 2 --json       # one JSON summary object on stdout
+  shoal run --set strategy.name=fedadam --set strategy.server_lr=0.03
+  shoal config > my.toml                  # every option with its default, to edit
+
+The run directory holds config.toml (resolved), metrics.jsonl and metrics.csv (one row per
+round), summary.json, model.npz (final checkpoint) and curves.png (accuracy and loss).
+"""
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as TOML scalars (``0.1``, ``true``, ``"x"``),
+    bare words as strings."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out[key.strip()] = value
+    return out
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    overrides = _parse_set(args.set or [])
+    for flag, key in (("rounds", "rounds"), ("clients", "data.clients"),
+                      ("per_round", "sampling.per_round"), ("seed", "seed"),
+                      ("out", "output.dir")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    return load_config(args.config, overrides)
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
+        else f"{v:.{digits}f}"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shoal.rundir import make_run_dir, write_run
+    from shoal.sim.experiment import Experiment
+    from shoal.store import Checkpoint
+
+    cfg = _config_from_args(args)
+    err = sys.stderr
+    if not args.quiet:
+        print(f"shoal: {cfg['strategy']['name']} on {cfg['data']['dataset']}, "
+              f"{cfg['data']['clients']} clients, {cfg['sampling']['per_round']} per round, "
+              f"{cfg.rounds} rounds, model {cfg['model']['name']}, seed {cfg.seed}", file=err)
+    exp = Experiment(cfg)
+    if args.verbose:
+        print(exp.data.summary().format(), file=err)
+        print(f"engine: {exp.engine}; {exp.spec.size:,} parameters; start-up "
+              f"{exp.startup_seconds:.2f} s", file=err)
+    bar = tqdm(total=cfg.rounds, unit="round", file=err, disable=args.quiet,
+               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+               "[{elapsed}<{remaining}{postfix}]")
+    bar.set_description("round")
+
+    def on_round(rec) -> None:
+        if rec.eval:
+            bar.set_postfix_str(f"acc {_fmt(rec.eval['accuracy'])}  "
+                                f"loss {_fmt(rec.eval['loss'], 3)}")
+        if rec.round > 0:
+            bar.update(1)
+
+    try:
+        result = exp.run(on_round)
+    finally:
+        bar.close()
+    run_dir = make_run_dir(cfg)
+    summary = result.summary()
+    summary["run_dir"] = str(run_dir)
+    ckpt = Checkpoint(state=result.state, spec=result.spec, seed=cfg.seed,
+                      meta={"model": cfg["model"]["name"], "strategy": cfg["strategy"]["name"],
+                            "final_accuracy": summary["final_accuracy"]})
+    write_run(run_dir, cfg, result.records, ckpt, summary)
+    if args.json:
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in summary.items()}))
+    elif not args.quiet:
+        print(f"\ndone: {summary['rounds']} rounds in {summary['wall_seconds']:.1f} s "
+              f"(start-up {summary['startup_seconds']:.1f} s, "
+              f"{summary['updates_per_second']:.0f} client updates/s, engine "
+              f"{summary['engine']})\n"
+              f"  final test accuracy     {_fmt(summary['final_accuracy'])}\n"
+              f"  mean of last 5 rounds   {_fmt(summary['mean_accuracy_last5'])}\n"
+              f"  initial accuracy        {_fmt(summary['initial_accuracy'])}\n"
+              f"  final test loss         {_fmt(summary['final_loss'])}\n"
+              f"  peak memory             {summary['peak_rss_mb']:.0f} MiB\n"
+              f"  run directory           {run_dir}", file=sys.stdout)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        sys.stdout.write(config_markdown())
+        return 0
+    sys.stdout.write(to_toml(_config_from_args(args)))
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML config file (default: config S)")
+    p.add_argument("--rounds", type=int, help="number of rounds (config key: rounds)")
+    p.add_argument("--clients", type=int, help="number of clients (data.clients)")
+    p.add_argument("--per-round", type=int, dest="per_round",
+                   help="clients sampled per round (sampling.per_round)")
+    p.add_argument("--seed", type=int, help="run seed (seed)")
+    p.add_argument("--out", help="parent directory of run directories (output.dir)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set client.lr=0.1 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shoal", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `shoal COMMAND --help` for a command's options. Docs: docs/ in the "
+               "source tree; every config option: docs/configuration.md.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="simulate a federated training run",
+        description="Simulate federated training with virtual clients in this process, show "
+                    "progress, print a summary and write a run directory.",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_options(run)
+    run.add_argument("--json", action="store_true",
+                     help="print the summary as one JSON object on stdout")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also print the partition summary and engine details")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or banner")
+    run.set_defaults(func=_cmd_run)
+
+    config = sub.add_parser(
+        "config", help="print the resolved configuration as TOML",
+        description="Print the configuration a run would use (defaults, a file, and "
+                    "overrides merged and validated) as TOML, or the option reference.")
+    _add_run_options(config)
+    config.add_argument("--markdown", action="store_true",
+                        help="print the option reference (docs/configuration.md) instead")
+    config.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``shoal`` command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"shoal: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"shoal: data error: {exc}", file=sys.stderr)
+        return 1
+    except ShoalError as exc:
+        print(f"shoal: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Run configuration: one TOML file, validated against a schema that also writes the docs.
+
+Every option lives in :data:`SCHEMA` with its type, default, allowed range and a one-line
+help text. Loading rejects unknown keys and out-of-range values with a message naming the key
+and what is allowed; ``docs/configuration.md`` is generated from the same table (a test keeps
+it in sync), so the documentation lists exactly the options that exist.
+
+With no file, the defaults are the reference workload "config S" of DESIGN.md: Fashion-MNIST,
+100 clients, Dirichlet(0.5) partition with seed 0, 10 clients per round, 30 rounds, the 2NN,
+1 local epoch, batch 32, SGD lr 0.05, FedAvg.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal.errors import ConfigError
+
+__all__ = ["Option", "SCHEMA", "Config", "load_config", "config_markdown", "to_toml"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key.
+
+    Attributes:
+        type: ``int``, ``float``, ``bool`` or ``str``.
+        default: the value used when the key is absent.
+        help: one line for the docs.
+        choices: allowed values for a string option.
+        min, max: inclusive bounds for numbers (``None`` = unbounded).
+        min_exclusive: the lower bound itself is not allowed.
+    """
+
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.type is bool:
+            return "true or false"
+        if self.type is str:
+            return "a string"
+        kind = "an integer" if self.type is int else "a number"
+        lo = "" if self.min is None else (f"> {self.min}" if self.min_exclusive
+                                          else f">= {self.min}")
+        hi = "" if self.max is None else f"<= {self.max}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        return f"{kind} {bounds}".strip()
+
+    def check(self, key: str, value: Any) -> Any:
+        if self.type is bool:
+            ok = isinstance(value, bool)
+        elif self.type is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif self.type is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                value = float(value)
+                ok = math.isfinite(value)
+        else:
+            ok = isinstance(value, str)
+        if ok and self.choices is not None:
+            ok = value in self.choices
+        if ok and self.min is not None:
+            ok = value > self.min if self.min_exclusive else value >= self.min
+        if ok and self.max is not None:
+            ok = value <= self.max
+        if not ok:
+            raise ConfigError(f"{key} = {value!r} is not allowed: it must be {self.allowed()}",
+                              key=key)
+        return value
+
+
+#: section -> key -> Option. The top-level section is "".
+SCHEMA: dict[str, dict[str, Option]] = {
+    "": {
+        "seed": Option(int, 0, "run seed: model initialisation, client sampling and local "
+                       "batch order all derive from it", min=0),
+        "rounds": Option(int, 30, "number of federated rounds", min=1, max=1_000_000),
+    },
+    "data": {
+        "dataset": Option(str, "fashion-mnist", "training data",
+                          choices=("fashion-mnist", "synthetic")),
+        "path": Option(str, "", "directory holding the Fashion-MNIST IDX files; empty = "
+                       "$SHOAL_FASHION_MNIST or /usr/share/datasets/fashion-mnist"),
+        "clients": Option(int, 100, "number of clients the training set is split into",
+                          min=1, max=10_000_000),
+        "partition": Option(str, "dirichlet", "how examples are split among clients "
+                            "(Fashion-MNIST only; Synthetic is per-user by construction)",
+                            choices=("dirichlet", "iid", "shards")),
+        "alpha": Option(float, 0.5, "Dirichlet concentration: smaller = more label skew",
+                        min=0.0, min_exclusive=True),
+        "partition_seed": Option(int, 0, "seed of the partition, independent of the run "
+                                 "seed so runs with different seeds share one split", min=0),
+        "shards_per_client": Option(int, 2, "shards per client for partition = 'shards'",
+                                    min=1),
+        "synthetic_alpha": Option(float, 1.0, "Synthetic(alpha, beta): model heterogeneity "
+                                  "(a standard deviation)", min=0.0),
+        "synthetic_beta": Option(float, 1.0, "Synthetic(alpha, beta): data heterogeneity "
+                                 "(a standard deviation)", min=0.0),
+        "synthetic_iid": Option(bool, False, "use the IID variant of Synthetic"),
+    },
+    "model": {
+        "name": Option(str, "mlp2nn", "model architecture",
+                       choices=("mlp2nn", "logreg", "cnn")),
+    },
+    "client": {
+        "epochs": Option(int, 1, "local epochs per round", min=1, max=1000),
+        "batch_size": Option(int, 32, "local batch size (the last partial batch is kept)",
+                             min=1, max=1_000_000),
+        "lr": Option(float, 0.05, "local SGD learning rate (no momentum)",
+                     min=0.0, min_exclusive=True, max=100.0),
+    },
+    "strategy": {
+        "name": Option(str, "fedavg", "server aggregation strategy",
+                       choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")),
+        "server_lr": Option(float, 1.0, "server learning rate (eta); FedAvg uses 1.0, the "
+                            "adaptive optimizers typically 0.01-0.1", min=0.0,
+                            min_exclusive=True, max=100.0),
+        "mu": Option(float, 0.01, "FedProx proximal coefficient (strategy = 'fedprox')",
+                     min=0.0),
+        "beta1": Option(float, 0.9, "first-moment decay of FedAdam/FedYogi/FedAdagrad",
+                        min=0.0, max=0.999999),
+        "beta2": Option(float, 0.99, "second-moment decay of FedAdam/FedYogi", min=0.0,
+                        max=0.999999),
+        "tau": Option(float, 1e-3, "adaptivity (epsilon) of the adaptive optimizers",
+                      min=0.0, min_exclusive=True),
+    },
+    "sampling": {
+        "per_round": Option(int, 10, "clients sampled per round (uniformly, without "
+                            "replacement); must not exceed data.clients", min=1),
+    },
+    "eval": {
+        "every": Option(int, 1, "evaluate the global model on the test set every N rounds "
+                        "(and always after the last round)", min=1),
+    },
+    "sim": {
+        "engine": Option(str, "auto", "how cohorts train: 'fused' (batched matmuls, MLPs), "
+                         "'vmap' (torch.func), 'sequential', or 'auto' = fastest exact one",
+                         choices=("auto", "fused", "vmap", "sequential")),
+        "threads": Option(int, 0, "PyTorch threads; 0 = all cores", min=0, max=1024),
+    },
+    "output": {
+        "dir": Option(str, "runs", "parent directory of run directories"),
+        "name": Option(str, "", "run directory name; empty = timestamp and seed"),
+    },
+}
+
+
+class Config:
+    """A validated configuration: ``cfg["client"]["lr"]`` or ``cfg.get("client.lr")``."""
+
+    def __init__(self, values: Mapping[str, Mapping[str, Any]]) -> None:
+        self._values = {s: dict(v) for s, v in values.items()}
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self._values[section]
+
+    def get(self, dotted: str) -> Any:
+        section, key = _split(dotted)
+        return self._values[section][key]
+
+    @property
+    def seed(self) -> int:
+        return self._values[""]["seed"]
+
+    @property
+    def rounds(self) -> int:
+        return self._values[""]["rounds"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested dict as in the TOML file (top-level keys at the top)."""
+        out: dict[str, Any] = dict(self._values[""])
+        for section, values in self._values.items():
+            if section:
+                out[section] = dict(values)
+        return out
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A new config with dotted-key overrides applied and re-validated."""
+        nested = copy.deepcopy(self.to_dict())
+        for dotted, value in overrides.items():
+            section, key = _split(dotted)
+            target = nested if not section else nested.setdefault(section, {})
+            target[key] = value
+        return parse_config(nested)
+
+
+def _split(dotted: str) -> tuple[str, str]:
+    section, _, key = dotted.rpartition(".")
+    if section not in SCHEMA or key not in SCHEMA[section]:
+        raise ConfigError(f"unknown config key {dotted!r}; known keys: "
+                          f"{', '.join(_all_keys())}", key=dotted)
+    return section, key
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{k}" if s else k for s, opts in SCHEMA.items() for k in opts]
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Validate a nested mapping (as read from TOML) and fill in defaults.
+
+    Raises:
+        ConfigError: an unknown section or key, a wrong type, a value out of range, or an
+            inconsistent combination; the message names the key and what is allowed.
+    """
+    values: dict[str, dict[str, Any]] = {s: {} for s in SCHEMA}
+    for name, value in raw.items():
+        if isinstance(value, Mapping):
+            if name not in SCHEMA or name == "":
+                raise ConfigError(f"unknown config section [{name}]; known sections: "
+                                  f"{', '.join(s for s in SCHEMA if s)}", key=name)
+            for key, v in value.items():
+                if key not in SCHEMA[name]:
+                    raise ConfigError(f"unknown config key {name}.{key}; [{name}] has: "
+                                      f"{', '.join(SCHEMA[name])}", key=f"{name}.{key}")
+                values[name][key] = SCHEMA[name][key].check(f"{name}.{key}", v)
+        else:
+            if name not in SCHEMA[""]:
+                raise ConfigError(f"unknown config key {name!r}; known top-level keys: "
+                                  f"{', '.join(SCHEMA[''])} (others belong in a [section])",
+                                  key=name)
+            values[""][name] = SCHEMA[""][name].check(name, value)
+    for section, opts in SCHEMA.items():
+        for key, opt in opts.items():
+            values[section].setdefault(key, opt.default)
+    _check_consistency(values)
+    return Config(values)
+
+
+def _check_consistency(v: dict[str, dict[str, Any]]) -> None:
+    clients = v["data"]["clients"]
+    if v["sampling"]["per_round"] > clients:
+        raise ConfigError(f"sampling.per_round = {v['sampling']['per_round']} is not allowed: "
+                          f"it must be <= data.clients ({clients})", key="sampling.per_round")
+    if v["model"]["name"] == "cnn" and v["data"]["dataset"] != "fashion-mnist":
+        raise ConfigError("model.name = 'cnn' needs 28x28 images: use it with "
+                          "data.dataset = 'fashion-mnist'", key="model.name")
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+                ) -> Config:
+    """Read a TOML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, or fails validation.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    cfg = parse_config(raw)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, every key written out (reloads to an equal config)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg[""].items()]
+    for section in SCHEMA:
+        if section:
+            lines += ["", f"[{section}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in cfg[section].items()]
+    return "\n".join(lines) + "\n"
+
+
+def config_markdown(sections: Sequence[str] | None = None) -> str:
+    """The configuration reference (``docs/configuration.md``) generated from :data:`SCHEMA`."""
+    out = ["# Configuration reference", "",
+           "Generated from `shoal.config.SCHEMA` (a test keeps this page in sync). A run is "
+           "configured by one TOML file; every key is optional and defaults to the reference "
+           "workload \"config S\". Unknown keys and out-of-range values are refused with a "
+           "message naming the key. On the command line, `--set section.key=value` overrides "
+           "any key, and `--rounds`, `--clients`, `--per-round` and `--seed` are shortcuts.",
+           ""]
+    for section in sections or SCHEMA:
+        out += [f"## `[{section}]`" if section else "## top level", "",
+                "| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+        for key, opt in SCHEMA[section].items():
+            out.append(f"| `{key}` | `{_toml_value(opt.default)}` | {opt.allowed()} | "
+                       f"{opt.help} |")
+        out.append("")
+    return "\n".join(out)

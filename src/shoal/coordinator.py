@@ -1,0 +1,240 @@
+"""The round engine: one synchronous federated round at a time.
+
+The coordinator decides *when* and *with whom*: it samples clients, hands them the global
+model and their settings through a :class:`ClientPool`, folds each arriving update into the
+strategy's streaming accumulator, lets the strategy step, and evaluates. It does not know how
+clients are reached: virtual clients in this process, Ray actors and devices over gRPC are
+all pools. An edge aggregator is a coordinator downstream and a pool member upstream.
+
+Randomness: the cohort of round ``r`` comes from the stream ``(seed, "sample", r)``, so a
+resumed run picks the same clients. Time comes from a clock callable, never from the wall
+directly, so simulated time and tests need no sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from shoal import seeds
+from shoal.errors import ConfigError, UpdateRejected
+from shoal.strategy import ServerState, Strategy
+
+__all__ = [
+    "ClientPool", "ClientUpdate", "UpdateBatch", "TrainTask", "Sampler", "UniformSampler",
+    "RoundRecord", "Coordinator",
+]
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """What every client of a round receives.
+
+    Attributes:
+        round: the round number (1-based).
+        params: the global model as a flat float32 vector (read-only for clients).
+        settings: the strategy's per-round client settings (e.g. FedProx ``mu``).
+    """
+
+    round: int
+    params: np.ndarray
+    settings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's contribution to a round."""
+
+    client_id: int
+    delta: np.ndarray
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateBatch:
+    """Several clients' updates at once, as rows of one matrix (the in-process pool's form:
+    splitting it into single updates would only cost copies).
+
+    Attributes:
+        client_ids: int64 ``(k,)``.
+        deltas: float32 ``(k, D)``.
+        num_examples: int64 ``(k,)``.
+        metrics: name -> float ``(k,)`` per-client values (e.g. ``loss``).
+    """
+
+    client_ids: np.ndarray
+    deltas: np.ndarray
+    num_examples: np.ndarray
+    metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ClientPool(Protocol):
+    """How the coordinator reaches clients.
+
+    ``train`` yields updates as they arrive (one at a time or in batches). A client that
+    fails or drops out simply yields nothing; a pool may raise :class:`UpdateRejected` *for a
+    single update* only by yielding it -- the coordinator validates what it folds.
+    """
+
+    @property
+    def num_clients(self) -> int: ...
+
+    def train(self, task: TrainTask, client_ids: np.ndarray
+              ) -> Iterable[ClientUpdate | UpdateBatch]: ...
+
+
+class Sampler(Protocol):
+    """Chooses a round's cohort from ``num_clients`` clients using ``rng``."""
+
+    def sample(self, num_clients: int, rng: np.random.Generator) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class UniformSampler:
+    """``per_round`` clients uniformly at random without replacement (sorted ids)."""
+
+    per_round: int
+
+    def sample(self, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+        if not 1 <= self.per_round <= num_clients:
+            raise ConfigError(f"sampling.per_round = {self.per_round} must be between 1 and "
+                              f"the number of clients ({num_clients})",
+                              key="sampling.per_round")
+        return np.sort(rng.choice(num_clients, size=self.per_round, replace=False))
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What happened in one round (one line of the run's metrics).
+
+    Attributes:
+        round: round number (0 is the evaluation of the initial model).
+        sampled: clients asked to train.
+        accepted: updates folded into the aggregate.
+        rejected: reason -> count of refused updates.
+        examples: training examples behind the accepted updates.
+        train_loss: example-weighted mean local training loss of accepted updates.
+        committed: whether the global model changed this round.
+        eval: central evaluation metrics (e.g. ``accuracy``, ``loss``), empty if skipped.
+        seconds: duration by the coordinator's clock.
+    """
+
+    round: int
+    sampled: int = 0
+    accepted: int = 0
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    examples: int = 0
+    train_loss: float = float("nan")
+    committed: bool = False
+    eval: Mapping[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = {"round": self.round, "sampled": self.sampled, "accepted": self.accepted,
+             "rejected": sum(self.rejected.values()), "examples": self.examples,
+             "train_loss": self.train_loss, "committed": self.committed,
+             "seconds": self.seconds}
+        d.update({f"eval_{k}": v for k, v in self.eval.items()})
+        d.update({f"rejected_{k}": v for k, v in self.rejected.items()})
+        return d
+
+
+class Coordinator:
+    """Runs synchronous rounds of a strategy over a client pool.
+
+    Args:
+        strategy: the aggregation rule (pure; state is passed in and out).
+        pool: how clients are reached.
+        sampler: who trains each round.
+        seed: the run seed (cohorts derive from it and the round number).
+        evaluate: central evaluation of a flat model, returning metrics; optional.
+        clock: seconds as a float; ``time.perf_counter`` by default.
+    """
+
+    def __init__(self, strategy: Strategy, pool: ClientPool, sampler: Sampler, *, seed: int,
+                 evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.strategy = strategy
+        self.pool = pool
+        self.sampler = sampler
+        self.seed = seed
+        self.evaluate = evaluate
+        self.clock = clock
+
+    def cohort(self, round: int, attempt: int = 0) -> np.ndarray:
+        """The clients sampled for ``round`` (and retry ``attempt`` of it); the same for the
+        same seed, always."""
+        path = (round,) if attempt == 0 else (round, attempt)
+        return self.sampler.sample(self.pool.num_clients,
+                                   seeds.generator(self.seed, "sample", *path))
+
+    def evaluate_initial(self, state: ServerState) -> RoundRecord:
+        """Round 0: evaluate the initial model (nothing is trained)."""
+        start = self.clock()
+        metrics = dict(self.evaluate(state.params)) if self.evaluate else {}
+        return RoundRecord(round=0, eval=metrics, seconds=self.clock() - start)
+
+    def run_round(self, state: ServerState, *, evaluate: bool = True, attempt: int = 0
+                  ) -> tuple[ServerState, RoundRecord]:
+        """Run round ``state.round + 1`` and return the new state and its record.
+
+        A round in which no update is accepted leaves the state unchanged
+        (``committed = False``); the caller may retry it with the next ``attempt`` number,
+        which samples a fresh cohort.
+        """
+        start = self.clock()
+        rnd = state.round + 1
+        cohort = self.cohort(rnd, attempt)
+        task = TrainTask(round=rnd, params=state.params,
+                         settings=self.strategy.client_config(state))
+        acc = self.strategy.accumulator(state)
+        rejected: Counter[str] = Counter()
+        examples = 0
+        loss_sum = 0.0
+        loss_weight = 0
+        for item in self.pool.train(task, cohort):
+            try:
+                if isinstance(item, UpdateBatch):
+                    n = np.asarray(item.num_examples)
+                    keep = n > 0
+                    if not keep.all():
+                        # clients without data contribute nothing (weight 0), not an error
+                        rejected["no_data"] += int((~keep).sum())
+                    if keep.any():
+                        rows = item.deltas if keep.all() else item.deltas[keep]
+                        acc.add_stacked(rows, n[keep].astype(np.float64))
+                        examples += int(n[keep].sum())
+                        loss = np.asarray(item.metrics.get("loss", np.full(len(n), np.nan)))
+                        ok = keep & np.isfinite(loss)
+                        loss_sum += float((loss[ok] * n[ok]).sum())
+                        loss_weight += int(n[ok].sum())
+                else:
+                    if item.num_examples <= 0:
+                        rejected["no_data"] += 1
+                        continue
+                    acc.add(item.delta, float(item.num_examples))
+                    examples += int(item.num_examples)
+                    loss = item.metrics.get("loss")
+                    if loss is not None and np.isfinite(loss):
+                        loss_sum += float(loss) * item.num_examples
+                        loss_weight += int(item.num_examples)
+            except UpdateRejected as exc:
+                rejected[exc.reason] += 1
+        committed = acc.count > 0
+        new_state = self.strategy.apply(state, acc) if committed else state
+        metrics: dict[str, float] = {}
+        if committed and evaluate and self.evaluate is not None:
+            metrics = dict(self.evaluate(new_state.params))
+        record = RoundRecord(
+            round=rnd, sampled=len(cohort), accepted=acc.count, rejected=dict(rejected),
+            examples=examples,
+            train_loss=loss_sum / loss_weight if loss_weight else float("nan"),
+            committed=committed, eval=metrics, seconds=self.clock() - start)
+        return new_state, record

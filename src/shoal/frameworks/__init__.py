@@ -1,0 +1,1 @@
+"""Adapters between shoal's flat vectors and ML frameworks (PyTorch today)."""

@@ -1,0 +1,276 @@
+"""Training a whole cohort of virtual clients at once.
+
+Simulating FL one small client after another spends most of its time in Python and in tiny
+matrix products. Here the cohort's copies of the model are stacked along a leading client axis
+and every local SGD step of every client becomes one batched matmul.
+
+Clients of unequal sizes are handled exactly, without truncation:
+
+* clients are ordered by their number of local steps, longest first, so at step ``s`` the
+  clients still training are a *prefix* of the stack -- a view, not a copy -- and finished
+  clients cost nothing;
+* a short last batch is padded and masked: each padded row carries weight 0 and each real row
+  ``1 / (real rows in that batch)``, which is exactly the gradient of the per-client mean loss.
+
+Three engines share one batch plan (:func:`shoal.training.batch_plan`) and produce the same
+updates up to float rounding:
+
+* ``fused``      -- models that are a stack of Linear + ReLU (logistic regression, the 2NN):
+  hand-written forward/backward in batched matmuls, with the SGD step fused into the weight
+  gradient (``baddbmm_``), so each weight is read and written once per step;
+* ``vmap``       -- any parameter-only model ``torch.func`` can batch (the CNN): ``vmap`` over
+  ``grad`` of ``functional_call``;
+* ``sequential`` -- anything else (models with buffers such as batch norm): the reference
+  client loop of :func:`shoal.training.train_local`, one client at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from shoal.errors import ConfigError
+from shoal.frameworks.torch import FlatModule
+from shoal.models import is_mlp
+from shoal.training import LocalTrainConfig, batch_plan, train_local
+
+__all__ = ["CohortResult", "CohortTrainer", "ENGINES", "choose_engine"]
+
+ENGINES = ("auto", "fused", "vmap", "sequential")
+
+
+@dataclass(frozen=True)
+class CohortResult:
+    """Updates of a cohort.
+
+    Rows come in the engine's order (clients with the most local steps first), not
+    necessarily the order the clients were given: row ``j`` belongs to the client at position
+    ``positions[j]`` of the input. Reordering would cost a copy of the whole matrix.
+
+    Attributes:
+        deltas: float32 ``(k, D)``, row ``j`` is a client's ``trained - received``.
+        num_examples: int64 ``(k,)``, per row.
+        loss: float64 ``(k,)`` mean local training loss per row (NaN for a client with no
+            data).
+        positions: int64 ``(k,)``, per row the client's position in the input.
+    """
+
+    deltas: np.ndarray
+    num_examples: np.ndarray
+    loss: np.ndarray
+    positions: np.ndarray
+
+
+def choose_engine(module: nn.Module, requested: str = "auto") -> str:
+    """The engine that will train ``module``: the fastest one that is exact for it.
+
+    Raises:
+        ConfigError: ``requested`` is unknown, or cannot train this model.
+    """
+    if requested not in ENGINES:
+        raise ConfigError(f"sim.engine must be one of {list(ENGINES)}, got {requested!r}",
+                          key="sim.engine")
+    has_buffers = any(True for _ in module.buffers())
+    mlp = is_mlp(module)
+    if requested == "auto":
+        return "fused" if mlp else ("sequential" if has_buffers else "vmap")
+    if requested == "fused" and not mlp:
+        raise ConfigError("sim.engine 'fused' needs a model made of Linear and ReLU layers; "
+                          "use 'vmap' or 'auto'", key="sim.engine")
+    if requested == "vmap" and has_buffers:
+        raise ConfigError("sim.engine 'vmap' cannot train a model with buffers (e.g. batch "
+                          "norm); use 'sequential' or 'auto'", key="sim.engine")
+    return requested
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The cohort's batch plan, clients sorted by steps (longest first)."""
+
+    order: np.ndarray        # sorted position -> input position
+    index: torch.Tensor      # (S_max, k, B) global example ids, -1 = padding
+    active: np.ndarray       # (S_max,) clients still training at each step
+    sizes: np.ndarray        # (k,) examples per client, input order
+
+
+def _plan(client_indices: Sequence[np.ndarray], config: LocalTrainConfig,
+          rngs: Sequence[np.random.Generator]) -> _Plan:
+    k = len(client_indices)
+    sizes = np.array([len(ix) for ix in client_indices], dtype=np.int64)
+    plans = []
+    for ix, rng in zip(client_indices, rngs):
+        local = batch_plan(len(ix), config, rng)
+        plans.append(np.where(local >= 0, np.asarray(ix, dtype=np.int64)[local], -1)
+                     if len(ix) else local)
+    steps = np.array([p.shape[0] for p in plans], dtype=np.int64)
+    order = np.argsort(-steps, kind="stable")
+    s_max = int(steps.max()) if k else 0
+    index = np.full((s_max, k, config.batch_size), -1, dtype=np.int64)
+    for j, i in enumerate(order):
+        index[: steps[i], j] = plans[i]
+    active = (steps[order][None, :] > np.arange(s_max)[:, None]).sum(axis=1)
+    return _Plan(order, torch.from_numpy(index), active, sizes)
+
+
+class CohortTrainer:
+    """Trains cohorts of virtual clients of one model on one shared dataset.
+
+    Args:
+        module: the model; its current parameters are only used for shapes.
+        x, y: the whole training set (clients are index arrays into it; never copied).
+        engine: one of :data:`ENGINES`; ``auto`` picks the fastest exact engine.
+    """
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 engine: str = "auto") -> None:
+        self.engine = choose_engine(module, engine)
+        self.flat_module = FlatModule(module)
+        self.spec = self.flat_module.spec
+        self.x = x.reshape(x.shape[0], -1) if self.engine == "fused" else x
+        self.y = y
+        if self.engine == "fused":
+            self._linears = [m for m in module if isinstance(m, nn.Linear)]
+
+    def train(self, global_params: np.ndarray, client_indices: Sequence[np.ndarray],
+              config: LocalTrainConfig, rngs: Sequence[np.random.Generator]) -> CohortResult:
+        """Run local training for every client of the cohort from ``global_params``.
+
+        Args:
+            global_params: flat float32 global model (not modified).
+            client_indices: per client, its example ids in the shared training set.
+            config: local training settings (FedProx ``mu`` included).
+            rngs: per client, its generator for this round (drives its batch order).
+        """
+        self.spec.check_vector(global_params, "global model")
+        if len(rngs) != len(client_indices):
+            raise ValueError("one generator per client is required")
+        if self.engine == "sequential":
+            return self._train_sequential(global_params, client_indices, config, rngs)
+        plan = _plan(client_indices, config, rngs)
+        k = len(client_indices)
+        g = torch.tensor(global_params, dtype=torch.float32)  # a copy: the input may be read-only
+        # One (k, D) buffer, row j = the j-th client in plan order; each named tensor is a
+        # strided view into it, so the deltas come out with one in-place subtraction.
+        flat = g.expand(k, self.spec.size).clone()
+        stacked = {t.name: flat[:, t.offset:t.stop].view(k, *t.shape)
+                   for t in self.spec.tensors}
+        if self.engine == "fused":
+            loss = self._run_fused(stacked, g, plan, config)
+        else:
+            loss = self._run_vmap(stacked, g, plan, config)
+        flat.sub_(g)
+        sizes = plan.sizes[plan.order]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_loss = loss / np.where(sizes > 0, sizes * config.epochs, 0)
+        return CohortResult(flat.numpy(), sizes, mean_loss, plan.order)
+
+    # -- engines ---------------------------------------------------------------------------
+
+    def _batch(self, plan: _Plan, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor]:
+        a = int(plan.active[s])
+        ids = plan.index[s, :a]
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        xb = self.x[safe.reshape(-1)].reshape(a, ids.shape[1], *self.x.shape[1:])
+        yb = self.y[safe]
+        w = valid.to(torch.float32)
+        w = w / w.sum(dim=1, keepdim=True)
+        return xb, yb, w, valid
+
+    def _run_fused(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,
+                   config: LocalTrainConfig) -> np.ndarray:
+        names = [(t.name) for t in self.spec.tensors]
+        layers = [(stacked[names[2 * i]], stacked[names[2 * i + 1]])
+                  for i in range(len(names) // 2)]
+        global_layers = [(g[self.spec[names[2 * i]].offset:self.spec[names[2 * i]].stop]
+                          .view(self.spec[names[2 * i]].shape),
+                          g[self.spec[names[2 * i + 1]].offset:self.spec[names[2 * i + 1]].stop])
+                         for i in range(len(layers))]
+        lr, mu = config.lr, config.mu
+        k = layers[0][0].shape[0]
+        loss_sum = torch.zeros(k, dtype=torch.float64)
+        for s in range(len(plan.active)):
+            a = int(plan.active[s])
+            xb, yb, w, valid = self._batch(plan, s)
+            acts = [xb]
+            pre = []
+            h = xb
+            for i, (wt, bs) in enumerate(layers):
+                z = torch.baddbmm(bs[:a].unsqueeze(1), h, wt[:a].transpose(1, 2))
+                if i < len(layers) - 1:
+                    pre.append(z)
+                    h = torch.relu(z)
+                    acts.append(h)
+            logz = torch.log_softmax(z, dim=2)
+            nll = -logz.gather(2, yb.unsqueeze(2)).squeeze(2)
+            loss_sum[:a] += (nll * valid).sum(dim=1, dtype=torch.float64)
+            dz = logz.exp_()
+            dz.scatter_add_(2, yb.unsqueeze(2), torch.full_like(nll, -1.0).unsqueeze(2))
+            dz.mul_(w.unsqueeze(2))
+            for i in range(len(layers) - 1, -1, -1):
+                wt, bs = layers[i]
+                wa, ba = wt[:a], bs[:a]
+                dh = torch.bmm(dz, wa).mul_(pre[i - 1] > 0) if i > 0 else None
+                # SGD step fused into the weight gradient: w <- (1 - lr mu) w - lr dz^T h
+                wa.baddbmm_(dz.transpose(1, 2), acts[i], beta=1.0 - lr * mu, alpha=-lr)
+                ba.mul_(1.0 - lr * mu).sub_(dz.sum(dim=1), alpha=lr)
+                if mu > 0:
+                    gw, gb = global_layers[i]
+                    wa.add_(gw, alpha=lr * mu)
+                    ba.add_(gb, alpha=lr * mu)
+                dz = dh
+        return loss_sum.numpy()
+
+    def _run_vmap(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,
+                  config: LocalTrainConfig) -> np.ndarray:
+        from torch.func import functional_call, grad, vmap
+
+        module = self.flat_module.module
+
+        def client_loss(params, xb, yb, w):
+            logits = functional_call(module, params, (xb,))
+            nll = nn.functional.cross_entropy(logits, yb, reduction="none")
+            weighted = (nll * w).sum()
+            return weighted, (nll * (w > 0)).sum()
+
+        step = vmap(grad(client_loss, has_aux=True))
+        names = list(stacked)
+        global_views = [g[self.spec[n].offset:self.spec[n].stop].view(self.spec[n].shape)
+                        for n in names]
+        k = stacked[names[0]].shape[0]
+        loss_sum = torch.zeros(k, dtype=torch.float64)
+        lr, mu = config.lr, config.mu
+        for s in range(len(plan.active)):
+            a = int(plan.active[s])
+            xb, yb, w, _ = self._batch(plan, s)
+            prefix = {n: stacked[n][:a] for n in names}
+            grads, nll_sum = step(prefix, xb, yb, w)
+            loss_sum[:a] += nll_sum.to(torch.float64)
+            ps = [prefix[n] for n in names]
+            if mu > 0:
+                # proximal gradient mu (w - w_global), added before the step
+                torch._foreach_mul_(ps, 1.0 - lr * mu)
+                torch._foreach_add_(ps, global_views, alpha=lr * mu)
+            torch._foreach_add_(ps, [grads[n] for n in names], alpha=-lr)
+        return loss_sum.numpy()
+
+    def _train_sequential(self, global_params: np.ndarray,
+                          client_indices: Sequence[np.ndarray], config: LocalTrainConfig,
+                          rngs: Sequence[np.random.Generator]) -> CohortResult:
+        k = len(client_indices)
+        deltas = np.empty((k, self.spec.size), dtype=np.float32)
+        sizes = np.empty(k, dtype=np.int64)
+        loss = np.empty(k)
+        for i, (ix, rng) in enumerate(zip(client_indices, rngs)):
+            idx = torch.from_numpy(np.asarray(ix, dtype=np.int64))
+            res = train_local(self.flat_module, global_params, self.x[idx], self.y[idx],
+                              config, rng)
+            deltas[i] = res.delta
+            sizes[i] = res.num_examples
+            loss[i] = res.metrics["loss"]
+        return CohortResult(deltas, sizes, loss, np.arange(k))

@@ -1,0 +1,182 @@
+"""A simulated federated training run, assembled from a :class:`~shoal.config.Config`.
+
+:class:`Experiment` wires the pieces together -- data and partition, model, the in-process
+client pool, the strategy and the coordinator -- and :meth:`Experiment.run` drives rounds,
+reporting each :class:`~shoal.coordinator.RoundRecord` to a callback (the CLI's progress
+bar). Writing files is the caller's business (:mod:`shoal.rundir`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shoal import seeds
+from shoal.config import Config
+from shoal.coordinator import Coordinator, RoundRecord, UniformSampler
+from shoal.data import FederatedData, load_fashion_mnist
+from shoal.data.partition import partition
+from shoal.data.synthetic import make_synthetic
+from shoal.errors import ShoalError
+from shoal.frameworks.torch import FlatModule
+from shoal.models import build_model
+from shoal.params import ParamSpec
+from shoal.sim.cohort import CohortTrainer
+from shoal.sim.pool import InProcessPool
+from shoal.strategy import ServerState, Strategy, make_strategy
+from shoal.training import LocalTrainConfig, evaluate
+
+__all__ = ["Experiment", "RunResult", "load_data", "strategy_from_config", "peak_rss_mb"]
+
+#: A round in which no client had data is re-sampled at most this many times.
+MAX_ATTEMPTS = 5
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_data(cfg: Config) -> FederatedData:
+    """The training set split into clients, and the central test set, per ``cfg["data"]``."""
+    d = cfg["data"]
+    if d["dataset"] == "synthetic":
+        return make_synthetic(d["synthetic_alpha"], d["synthetic_beta"],
+                              num_clients=d["clients"],
+                              rng=seeds.generator(d["partition_seed"], "synthetic"),
+                              iid=d["synthetic_iid"])
+    train, test = load_fashion_mnist(d["path"] or None, flatten=True)
+    parts = partition(train.y, d["clients"], d["partition"], alpha=d["alpha"],
+                      shards_per_client=d["shards_per_client"], seed=d["partition_seed"])
+    return FederatedData(train=train, test=test, client_indices=tuple(parts))
+
+
+def strategy_from_config(cfg: Config) -> Strategy:
+    s = cfg["strategy"]
+    name = s["name"]
+    if name == "fedavg":
+        return make_strategy(name, server_lr=s["server_lr"])
+    if name == "fedprox":
+        return make_strategy(name, mu=s["mu"], server_lr=s["server_lr"])
+    return make_strategy(name, server_lr=s["server_lr"], beta1=s["beta1"], beta2=s["beta2"],
+                         tau=s["tau"])
+
+
+@dataclass
+class RunResult:
+    """The outcome of :meth:`Experiment.run`."""
+
+    records: list[RoundRecord]
+    state: ServerState
+    spec: ParamSpec
+    startup_seconds: float
+    wall_seconds: float  # the rounds only; the summary adds start-up
+    engine: str
+    extra: dict = field(default_factory=dict)
+
+    def evaluated(self) -> list[RoundRecord]:
+        return [r for r in self.records if "accuracy" in r.eval]
+
+    def summary(self) -> dict:
+        """The run's headline numbers (what ``shoal run --json`` prints)."""
+        evals = self.evaluated()
+        last = evals[-1].eval if evals else {}
+        tail = [r.eval["accuracy"] for r in evals if r.round > 0][-5:]
+        updates = sum(r.accepted for r in self.records)
+        train_seconds = sum(r.seconds for r in self.records if r.round > 0)
+        return {
+            "final_accuracy": last.get("accuracy", math.nan),
+            "final_loss": last.get("loss", math.nan),
+            "mean_accuracy_last5": float(np.mean(tail)) if tail else math.nan,
+            "initial_accuracy": evals[0].eval["accuracy"] if evals else math.nan,
+            "rounds": self.state.round,
+            "client_updates": updates,
+            "updates_per_second": updates / train_seconds if train_seconds else math.nan,
+            "wall_seconds": self.startup_seconds + self.wall_seconds,
+            "startup_seconds": self.startup_seconds,
+            "train_seconds": self.wall_seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "engine": self.engine,
+            "num_params": self.spec.size,
+            **self.extra,
+        }
+
+
+class Experiment:
+    """Everything a simulated run needs, built once (this is the run's start-up cost).
+
+    Args:
+        cfg: a validated configuration.
+        data: already-loaded data to use instead of loading per ``cfg`` (benchmarks and
+            tests share one copy across runs).
+    """
+
+    def __init__(self, cfg: Config, data: FederatedData | None = None) -> None:
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        threads = cfg["sim"]["threads"] or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        self.data = data if data is not None else load_data(cfg)
+        train, test = self.data.train, self.data.test
+        in_features = int(np.prod(train.x.shape[1:]))
+        name = cfg["model"]["name"]
+        build = lambda: build_model(name, in_features, train.num_classes, cfg.seed)  # noqa: E731
+        trainer = CohortTrainer(build(), torch.from_numpy(train.x), torch.from_numpy(train.y),
+                                engine=cfg["sim"]["engine"])
+        self.engine = trainer.engine
+        self.eval_model = FlatModule(build())
+        self.spec = self.eval_model.spec
+        local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
+                                 batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
+        self.pool = InProcessPool(trainer, self.data.client_indices, local, seed=cfg.seed)
+        self.strategy = strategy_from_config(cfg)
+        x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
+        self.coordinator = Coordinator(
+            self.strategy, self.pool, UniformSampler(cfg["sampling"]["per_round"]),
+            seed=cfg.seed,
+            evaluate=lambda params: evaluate(self.eval_model, params, x_test, y_test))
+        self.initial_params = self.eval_model.get()
+        self.startup_seconds = time.perf_counter() - t0
+
+    def run(self, on_round: Callable[[RoundRecord], None] | None = None,
+            state: ServerState | None = None) -> RunResult:
+        """Run ``cfg.rounds`` rounds (from ``state`` if given, else from the initial model).
+
+        Raises:
+            ShoalError: a round could not commit after :data:`MAX_ATTEMPTS` fresh cohorts
+                (every sampled client had no data).
+        """
+        t0 = time.perf_counter()
+        every = self.cfg["eval"]["every"]
+        records: list[RoundRecord] = []
+        if state is None:
+            state = self.strategy.init(self.initial_params)
+            first = self.coordinator.evaluate_initial(state)
+            records.append(first)
+            if on_round:
+                on_round(first)
+        while state.round < self.cfg.rounds:
+            rnd = state.round + 1
+            do_eval = rnd % every == 0 or rnd == self.cfg.rounds
+            for attempt in range(MAX_ATTEMPTS):
+                state, rec = self.coordinator.run_round(state, evaluate=do_eval,
+                                                        attempt=attempt)
+                if rec.committed:
+                    break
+            else:
+                raise ShoalError(f"round {rnd} did not commit after {MAX_ATTEMPTS} cohorts: "
+                                 f"no sampled client had data")
+            records.append(rec)
+            if on_round:
+                on_round(rec)
+        wall = time.perf_counter() - t0
+        return RunResult(records=records, state=state, spec=self.spec,
+                         startup_seconds=self.startup_seconds, wall_seconds=wall,
+                         engine=self.engine)

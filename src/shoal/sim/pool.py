@@ -1,0 +1,67 @@
+"""The in-process client pool: virtual clients that are index arrays into one dataset.
+
+It trains a round's cohort with :class:`~shoal.sim.cohort.CohortTrainer`, in chunks of
+clients with similar numbers of local steps so the stacked models stay cache-sized and the
+padding waste stays small, and yields each chunk's updates as one
+:class:`~shoal.coordinator.UpdateBatch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from shoal import seeds
+from shoal.coordinator import TrainTask, UpdateBatch
+from shoal.sim.cohort import CohortTrainer
+from shoal.training import LocalTrainConfig
+
+__all__ = ["InProcessPool", "auto_chunk"]
+
+
+def auto_chunk(model_size: int, budget_bytes: int = 24 << 20) -> int:
+    """Clients per stacked chunk so the chunk's float32 models take about ``budget_bytes``.
+
+    24 MiB keeps a chunk's weights, their updates and activations near the cache on small
+    machines while the batched matmuls stay large enough to use every core.
+    """
+    return max(4, budget_bytes // max(1, 4 * model_size))
+
+
+class InProcessPool:
+    """Virtual clients trained in this process.
+
+    Args:
+        trainer: the cohort trainer (model + shared training set).
+        client_indices: per client id, its example ids in the shared training set.
+        config: local training settings; a task's ``settings`` override them per round.
+        seed: the run seed; client ``c`` in round ``r`` uses stream ``(seed, "train", r, c)``.
+        chunk: clients trained together at most; 0 = :func:`auto_chunk`.
+    """
+
+    def __init__(self, trainer: CohortTrainer, client_indices: Sequence[np.ndarray],
+                 config: LocalTrainConfig, seed: int, chunk: int = 0) -> None:
+        self.trainer = trainer
+        self.client_indices = list(client_indices)
+        self.config = config
+        self.seed = seed
+        self.chunk = chunk or auto_chunk(trainer.spec.size)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_indices)
+
+    def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[UpdateBatch]:
+        config = self.config.with_overrides(task.settings)
+        ids = np.asarray(client_ids, dtype=np.int64)
+        sizes = np.array([len(self.client_indices[c]) for c in ids], dtype=np.int64)
+        # Longest first, so each chunk holds clients with similar step counts.
+        ids = ids[np.argsort(-sizes, kind="stable")]
+        for start in range(0, len(ids), self.chunk):
+            part = ids[start:start + self.chunk]
+            rngs = [seeds.generator(self.seed, "train", task.round, int(c)) for c in part]
+            res = self.trainer.train(task.params, [self.client_indices[c] for c in part],
+                                     config, rngs)
+            yield UpdateBatch(client_ids=part[res.positions], deltas=res.deltas,
+                              num_examples=res.num_examples, metrics={"loss": res.loss})
