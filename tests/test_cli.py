@@ -1,0 +1,83 @@
+"""The command line, run in process through main(argv)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from shoal.cli import main
+from shoal.store import load_checkpoint
+
+
+def test_help_is_useful(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "config S" in out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--rounds", "--clients", "--per-round", "--seed", "--json", "--set"):
+        assert flag in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage: shoal" in capsys.readouterr().out
+
+
+def test_run_writes_a_complete_run_directory_and_json_summary(tmp_path, capsys):
+    code = main(["run", "--rounds", "3", "--clients", "20", "--per-round", "5", "--seed", "1",
+                 "--out", str(tmp_path), "--json", "--set", "output.name=\"t\"",
+                 "--set", "data.partition=iid"])
+    assert code == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # stdout is exactly one JSON object
+    for key in ("final_accuracy", "mean_accuracy_last5", "rounds", "wall_seconds",
+                "peak_rss_mb", "run_dir"):
+        assert key in summary
+    assert summary["rounds"] == 3 and summary["client_updates"] == 15
+    assert summary["final_accuracy"] > 0.5  # IID FMNIST, 3 rounds of 5 clients
+    run = tmp_path / "t"
+    assert summary["run_dir"] == str(run)
+    assert {p.name for p in run.iterdir()} >= {"config.toml", "metrics.jsonl", "metrics.csv",
+                                               "summary.json", "model.npz", "curves.png"}
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [0, 1, 2, 3]
+    assert lines[-1]["eval_accuracy"] == summary["final_accuracy"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 4 and float(rows[3]["eval_accuracy"]) == summary["final_accuracy"]
+    ckpt = load_checkpoint(run / "model.npz")
+    assert ckpt.state.round == 3 and ckpt.spec.size == 199_210 and ckpt.seed == 1
+    assert np.all(np.isfinite(ckpt.state.params))
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "rounds = 3" in (run / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["run", "--rounds", "0"], "rounds = 0 is not allowed: it must be an integer >= 1"),
+    (["run", "--set", "client.lr=-0.1"], "client.lr = -0.1 is not allowed"),
+    (["run", "--set", "client.momentum=0.9"], "unknown config key 'client.momentum'"),
+    (["run", "--per-round", "200"], "sampling.per_round = 200"),
+    (["run", "missing.toml"], "missing.toml does not exist"),
+])
+def test_bad_configuration_exits_2_with_a_message_naming_the_key(argv, phrase, capsys):
+    assert main(argv) == 2
+    assert phrase in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    code = main(["run", "--set", f"data.path=\"{tmp_path}\"", "--rounds", "1", "-q"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "dataset-fashion-mnist" in err
+
+
+def test_config_command_prints_resolved_toml(capsys):
+    assert main(["config", "--rounds", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds = 7" in out and "[client]" in out
