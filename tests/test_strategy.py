@@ -183,7 +183,16 @@ def test_add_stacked_equals_repeated_add(cohort) -> None:
     stacked = WeightedMean(updates.shape[1])
     stacked.add_stacked(updates, weights)
     one_by_one = accumulate(updates, weights)
-    np.testing.assert_allclose(stacked.mean(np.float64), one_by_one.mean(np.float64), **TOL64)
+    if updates.dtype == np.float32:
+        # float32 cohorts fold through sgemv in float32 partial sums (documented in
+        # _weighted_row_sum): allow a few float32 roundings per row of the weighted magnitude.
+        w = np.asarray(weights, np.float64)
+        bound = 4 * len(w) * 2.0**-24 * (w @ np.abs(updates.astype(np.float64))) / w.sum()
+        diff = np.abs(stacked.mean(np.float64) - one_by_one.mean(np.float64))
+        assert np.all(diff <= bound + 1e-30)
+    else:
+        np.testing.assert_allclose(stacked.mean(np.float64), one_by_one.mean(np.float64),
+                                   **TOL64)
     assert stacked.count == one_by_one.count
     assert stacked.total_weight == pytest.approx(one_by_one.total_weight, rel=1e-12)
 

@@ -1,0 +1,196 @@
+"""Chains of codec stages, the registry of stage names, and building a chain from a spec.
+
+A chain is ``[sparsifier] → [value codec] → [entropy coder]``, each part optional and at most
+once, in that order: a sparsifier needs the dense float values, a quantizer or cast needs float
+values (dense or the kept ones), and zstd needs the final fields. Anything else is refused when
+the chain is built, with :class:`~shoal.errors.ConfigError`. The empty chain sends raw float32.
+
+A chain's *spec* is ``((name, params), ...)`` — JSON-friendly, so configs and the wire header
+use the same description, and a server can decode any payload from the spec it carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from shoal.codec.cast import BFloat16, Float16
+from shoal.codec.encoded import (
+    MAX_SIZE,
+    ChainSpec,
+    Encoded,
+    Stage,
+    as_update,
+    expect_field,
+)
+from shoal.codec.entropy import Zstd
+from shoal.codec.quantize import Sign, StochasticQuantize
+from shoal.codec.sparsify import RandomK, TopK
+from shoal.errors import CodecError, ConfigError
+
+__all__ = ["Chain", "STAGES", "decode", "chain_of"]
+
+#: Every stage class by its wire name.
+STAGES: Mapping[str, type[Any]] = {
+    cls.name: cls for cls in (TopK, RandomK, Float16, BFloat16, StochasticQuantize, Sign, Zstd)
+}
+_RANK = {"sparsify": 0, "value": 1, "entropy": 2}
+
+
+class Chain:
+    """An ordered composition of stages; itself a :class:`~shoal.codec.encoded.Codec`.
+
+    Example: ``Chain([TopK(fraction=0.01), StochasticQuantize(bits=8), Zstd(level=3)])``.
+
+    Raises:
+        ConfigError: on construction, for an order other than sparsify → value → entropy
+            or a role used twice.
+    """
+
+    __slots__ = ("stages",)
+
+    def __init__(self, stages: Sequence[Stage] = ()) -> None:
+        stages = tuple(stages)
+        last: Stage | None = None
+        for i, stage in enumerate(stages):
+            role = getattr(stage, "role", None)
+            if role not in _RANK:
+                key = f"codec.chain[{i}]"
+                raise ConfigError(f"{key}: {stage!r} is not a codec stage", key=key)
+            if last is not None and _RANK[role] <= _RANK[last.role]:
+                if role == last.role:
+                    why = f"at most one {role} stage is allowed (got {last.name!r} and {stage.name!r})"
+                else:
+                    why = (
+                        f"{stage.name!r} ({role}) cannot follow {last.name!r} ({last.role}); "
+                        "the order is sparsify → value → entropy (zstd last)"
+                    )
+                raise ConfigError(f"codec.chain[{i}]: {why}", key=f"codec.chain[{i}]")
+            last = stage
+        self.stages: tuple[Stage, ...] = stages
+
+    @classmethod
+    def from_spec(cls, spec: Iterable[Any]) -> Chain:
+        """Build a chain from ``[(name, {param: value}), ...]`` (lists work too, as in JSON).
+
+        Each item may also be a mapping with a ``"codec"`` key, the shape a TOML or YAML config
+        gives: ``[{"codec": "topk", "fraction": 0.01}, {"codec": "zstd"}]``.
+
+        Raises:
+            ConfigError: unknown stage name, unknown or invalid parameter, or a bad order.
+        """
+        stages = []
+        for i, item in enumerate(spec):
+            key = f"codec.chain[{i}]"
+            if isinstance(item, Mapping):
+                params = {k: v for k, v in item.items() if k != "codec"}
+                name = item.get("codec")
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], Mapping):
+                name, params = item
+            else:
+                raise ConfigError(f"{key}: expected [name, {{params}}], got {item!r}", key=key)
+            stage_cls = STAGES.get(name) if isinstance(name, str) else None
+            if stage_cls is None:
+                raise ConfigError(f"{key}: unknown codec {name!r}; known: {sorted(STAGES)}", key=key)
+            try:
+                stages.append(stage_cls(**params))
+            except TypeError as exc:
+                raise ConfigError(f"{key}: bad parameters for {name!r}: {exc}", key=key) from exc
+        return cls(stages)
+
+    @property
+    def spec(self) -> ChainSpec:
+        """``((name, params), ...)`` describing this chain."""
+        return tuple((s.name, s.params()) for s in self.stages)
+
+    def __repr__(self) -> str:
+        return f"Chain({list(self.stages)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Chain) and self.spec == other.spec
+
+    def __hash__(self) -> int:
+        return hash(repr(self.spec))
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the chain has a sparsifier (then ``Encoded.count`` may be below ``size``)."""
+        return any(s.role == "sparsify" for s in self.stages)
+
+    def expected_fields(self) -> frozenset[str]:
+        """Field names an encoded payload of this chain carries."""
+        names = frozenset({"values"})
+        for s in self.stages:
+            names = s.produces if s.role == "entropy" else (names - {"values"}) | s.produces
+        return names
+
+    def expected_meta(self) -> frozenset[str]:
+        """Meta keys an encoded payload of this chain carries."""
+        return frozenset().union(*(s.meta_keys for s in self.stages))
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
+        """Encode a flat update. ``rng`` drives stochastic stages (quantizer, random-k).
+
+        Raises:
+            CodecError: ``x`` is not a finite 1-D float vector, or a stage cannot represent it.
+        """
+        x32 = as_update(x)
+        values = x32 if self.stages else x32.copy()  # never alias the caller's buffer
+        e = Encoded(size=int(x32.size), count=int(x32.size), fields={"values": values})
+        for stage in self.stages:
+            e = stage.encode(e, rng)
+        return replace(e, spec=self.spec)
+
+    def decode(self, e: Encoded) -> np.ndarray:
+        """Decode to a fresh, writable float32 vector of length ``e.size``.
+
+        Raises:
+            CodecError: ``e`` was made by another chain, or any field, length, index or scale
+                is inconsistent, or the result is not finite.
+        """
+        self.check(e)
+        given = e.fields.get("values")
+        with np.errstate(all="ignore"):  # non-finite results are caught below, not warned
+            for stage in reversed(self.stages):
+                e = stage.decode(e)
+        out = expect_field(e, "values", "<f4", e.size, stage="chain")
+        if set(e.fields) != {"values"}:
+            raise CodecError(f"chain: unexpected fields {sorted(set(e.fields) - {'values'})}")
+        if not np.isfinite(out).all():
+            raise CodecError("chain: payload decodes to non-finite values")
+        # Never hand back the payload's own buffer (raw chain) or a read-only wire view.
+        return out.copy() if out is given or not out.flags.writeable else out
+
+    def check(self, e: Encoded) -> None:
+        """Validate the envelope of ``e`` (spec, sizes, field names, meta keys) without decoding."""
+        if tuple(e.spec) != self.spec:
+            raise CodecError(f"payload was encoded with chain {list(e.spec)}, decoder is {list(self.spec)}")
+        if type(e.size) is not int or not 0 <= e.size <= MAX_SIZE:
+            raise CodecError(f"element count {e.size!r} outside [0, {MAX_SIZE}]")
+        low = 0 if self.sparse else e.size
+        if type(e.count) is not int or not low <= e.count <= e.size:
+            raise CodecError(f"value count {e.count!r} outside [{low}, {e.size}] for d={e.size}")
+        if set(e.fields) != self.expected_fields():
+            raise CodecError(f"payload fields {sorted(e.fields)}, expected {sorted(self.expected_fields())}")
+        if set(e.meta) != self.expected_meta():
+            raise CodecError(f"payload meta keys {sorted(e.meta)}, expected {sorted(self.expected_meta())}")
+
+
+def decode(e: Encoded) -> np.ndarray:
+    """Decode any payload from the chain spec it carries (the server does not need the config).
+
+    Raises:
+        CodecError: unknown or invalid chain spec, or anything :meth:`Chain.decode` refuses.
+    """
+    return chain_of(e.spec).decode(e)
+
+
+def chain_of(spec: Iterable[Any]) -> Chain:
+    """:meth:`Chain.from_spec` for untrusted specs: a bad spec is a :class:`CodecError`."""
+    try:
+        return Chain.from_spec(spec)
+    except ConfigError as exc:
+        raise CodecError(f"payload names an invalid codec chain: {exc}") from exc

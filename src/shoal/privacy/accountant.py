@@ -1,0 +1,575 @@
+"""(ε, δ) accounting for client-level DP-FedAvg, backed by Google's ``dp-accounting``.
+
+One federated round is one subsampled Gaussian mechanism on the population of clients. Which
+``dp-accounting`` event describes it depends on how clients are sampled, and each event fixes
+the neighbouring relation:
+
+* ``"poisson"``: each client joins independently with probability q →
+  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` under add/remove-one-client adjacency, where
+  the clipped sum has sensitivity C. RDP (Mironov, "Rényi Differential Privacy", 2017; Mironov,
+  Talwar and Zhang, "Rényi Differential Privacy of the Sampled Gaussian Mechanism", 2019) and
+  PLD (Koskela et al. 2020; Doroshenko et al., "Connect the Dots", 2022) both support it.
+* ``"fixed_size"``: exactly m of N clients, uniformly without replacement →
+  ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z/2))``. dp-accounting supports it
+  only in the RDP accountant (Wang, Balle and Kasiviswanathan, "Subsampled Rényi Differential
+  Privacy and Analytical Moments Accountant", AISTATS 2019) and only under replace-one
+  adjacency, where swapping one client's clipped update moves the sum by up to 2C: the event's
+  noise multiplier (std / sensitivity) is therefore z/2. The ε is a replace-one ε and is not
+  comparable one-to-one with a Poisson ε. With the PLD accountant a :class:`PrivacyError` is
+  raised rather than claiming a guarantee the library cannot compute.
+* ``"local"``: local DP. Each upload is an unsampled Gaussian on one client's data; any two
+  inputs of the client differ by up to 2C after clipping, so ``GaussianDpEvent(z_local/2)``,
+  composed over every round (worst case: the client takes part in all of them). ``q`` is
+  ignored.
+
+ε is non-increasing in the noise multiplier (every RDP order's bound and the PLD are monotone in
+σ), which :func:`noise_multiplier_for` relies on for bisection, and non-decreasing in rounds.
+All functions are pure; results of the library are cached by their (hashable) inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+from shoal.errors import BudgetExhausted, PrivacyError
+
+if TYPE_CHECKING:
+    from dp_accounting import dp_event as dp_event_types
+    from dp_accounting.privacy_accountant import PrivacyAccountant
+
+__all__ = [
+    "ACCOUNTANTS",
+    "SAMPLINGS",
+    "PrivacyLedger",
+    "RoundEvent",
+    "epsilon",
+    "event_epsilon",
+    "max_rounds",
+    "noise_multiplier_for",
+    "plan_check",
+    "privacy_report",
+]
+
+AccountantName = Literal["rdp", "pld"]
+Sampling = Literal["poisson", "fixed_size", "local"]
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "pld")
+SAMPLINGS: tuple[str, ...] = ("poisson", "fixed_size", "local")
+
+_SIGMA_MIN, _SIGMA_MAX = 1e-3, 1e6
+
+
+def _dp_event() -> ModuleType:
+    """``dp_accounting.dp_event``, imported on first use: dp-accounting is an optional extra,
+    and importing :mod:`shoal.privacy` (for clipping or secure aggregation) must not need it."""
+    try:
+        from dp_accounting import dp_event
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise PrivacyError(
+            "privacy accounting needs the dp-accounting package: pip install 'shoal[privacy]'"
+        ) from exc
+    return dp_event
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """One round's privacy-relevant facts. Build with :meth:`poisson`, :meth:`fixed_size` or
+    :meth:`local`.
+
+    Attributes:
+        noise_multiplier: z (total, including any adaptive-clipping share): noise std on the
+            sum over the clip norm C.
+        sampling: ``"poisson"``, ``"fixed_size"`` or ``"local"``.
+        q: sampling rate (Poisson q, or m/N for fixed size; 1 for local).
+        sample_size, population: m and N (fixed size only).
+    """
+
+    noise_multiplier: float
+    sampling: str = "poisson"
+    q: float = 1.0
+    sample_size: int | None = None
+    population: int | None = None
+
+    def __post_init__(self) -> None:
+        z = self.noise_multiplier
+        if isinstance(z, bool) or not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
+            raise PrivacyError(f"noise_multiplier must be finite and > 0, got {z!r}")
+        if self.sampling not in SAMPLINGS:
+            raise PrivacyError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if not (math.isfinite(self.q) and 0.0 < self.q <= 1.0):
+            raise PrivacyError(f"q (sampling rate) must be in (0, 1], got {self.q!r}")
+        if self.sampling == "fixed_size":
+            m, n = self.sample_size, self.population
+            if m is None or n is None or not (1 <= m <= n):
+                raise PrivacyError(
+                    f"fixed_size sampling needs 1 <= sample_size <= population, got {m!r} of {n!r}"
+                )
+
+    @classmethod
+    def poisson(cls, q: float, noise_multiplier: float) -> RoundEvent:
+        """Each client included independently with probability q."""
+        return cls(noise_multiplier=float(noise_multiplier), sampling="poisson", q=float(q))
+
+    @classmethod
+    def fixed_size(cls, sample_size: int, population: int, noise_multiplier: float) -> RoundEvent:
+        """Exactly ``sample_size`` of ``population`` clients, uniformly without replacement."""
+        if population < 1:
+            raise PrivacyError(f"population must be >= 1, got {population!r}")
+        return cls(
+            noise_multiplier=float(noise_multiplier),
+            sampling="fixed_size",
+            q=sample_size / population,
+            sample_size=int(sample_size),
+            population=int(population),
+        )
+
+    @classmethod
+    def local(cls, noise_multiplier: float) -> RoundEvent:
+        """One local-DP release per round (the client is assumed to take part every round)."""
+        return cls(noise_multiplier=float(noise_multiplier), sampling="local", q=1.0)
+
+    @property
+    def neighboring_relation(self) -> str:
+        """``"replace_one"`` (fixed size) or ``"add_or_remove_one"`` (dp-accounting's names)."""
+        return "replace_one" if self.sampling == "fixed_size" else "add_or_remove_one"
+
+    def dp_event(self) -> dp_event_types.DpEvent:
+        """The ``dp-accounting`` event for one round (see the module docstring)."""
+        dp_event = _dp_event()
+        z = self.noise_multiplier
+        if self.sampling == "local":
+            return dp_event.GaussianDpEvent(z / 2.0)
+        if self.sampling == "fixed_size":
+            assert self.population is not None and self.sample_size is not None
+            return dp_event.SampledWithoutReplacementDpEvent(
+                self.population, self.sample_size, dp_event.GaussianDpEvent(z / 2.0)
+            )
+        if self.q == 1.0:
+            return dp_event.GaussianDpEvent(z)
+        return dp_event.PoissonSampledDpEvent(self.q, dp_event.GaussianDpEvent(z))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sampling": self.sampling,
+            "q": self.q,
+            "sample_size": self.sample_size,
+            "population": self.population,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RoundEvent:
+        return cls(
+            noise_multiplier=float(d["noise_multiplier"]),
+            sampling=str(d["sampling"]),
+            q=float(d["q"]),
+            sample_size=None if d.get("sample_size") is None else int(d["sample_size"]),
+            population=None if d.get("population") is None else int(d["population"]),
+        )
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+
+
+def _check_delta(delta: float) -> float:
+    delta = float(delta)
+    if not (0.0 < delta < 1.0):
+        raise PrivacyError(f"delta must be in (0, 1), got {delta!r}")
+    return delta
+
+
+def _make_accountant(accountant: str, relation: str) -> PrivacyAccountant:
+    _dp_event()  # clear error if the package is missing
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    rel = NeighboringRelation[relation.upper()]
+    if accountant == "rdp":
+        return RdpAccountant(neighboring_relation=rel)
+    return PLDAccountant(neighboring_relation=rel)
+
+
+def _canonical(entries: tuple[tuple[RoundEvent, int], ...]) -> tuple[tuple[RoundEvent, int], ...]:
+    """Merge equal events wherever they occur: composition is commutative, so the cost of an
+    ε evaluation grows with the number of *distinct* round settings, not with rounds."""
+    counts: dict[RoundEvent, int] = {}
+    for event, n in entries:
+        counts[event] = counts.get(event, 0) + n
+
+    def key(item: tuple[RoundEvent, int]) -> tuple[str, float, float, int, int]:
+        e = item[0]
+        return (e.sampling, e.q, e.noise_multiplier, e.sample_size or 0, e.population or 0)
+
+    return tuple(sorted(counts.items(), key=key))
+
+
+@functools.lru_cache(maxsize=512)
+def _composed_epsilon(
+    accountant: str, entries: tuple[tuple[RoundEvent, int], ...], delta: float
+) -> float:
+    """ε of the run-length-encoded sequence of rounds ``entries`` (events of one relation)."""
+    if not entries:
+        return 0.0
+    relations = {e.neighboring_relation for e, _ in entries}
+    if len(relations) != 1:
+        raise PrivacyError(
+            "cannot compose rounds accounted under different neighbouring relations "
+            "(fixed_size is replace-one, poisson/local are add/remove-one)"
+        )
+    if accountant == "pld" and any(e.sampling == "fixed_size" for e, _ in entries):
+        raise PrivacyError(
+            "dp-accounting's PLD accountant does not support fixed-size sampling without "
+            "replacement; use accountant='rdp' or Poisson sampling"
+        )
+    acc = _make_accountant(accountant, relations.pop())
+    dp_event = _dp_event()
+    event = dp_event.ComposedDpEvent(
+        [dp_event.SelfComposedDpEvent(e.dp_event(), n) for e, n in entries]
+    )
+    if not acc.supports(event):
+        raise PrivacyError(f"the {accountant} accountant cannot account for {event}")
+    acc.compose(event)
+    eps = float(acc.get_epsilon(delta))
+    if math.isnan(eps):
+        raise PrivacyError(
+            f"the {accountant} accountant returned NaN for {entries} at delta={delta}"
+        )
+    return eps
+
+
+def event_epsilon(
+    event: RoundEvent, rounds: int, delta: float, accountant: AccountantName = "rdp"
+) -> float:
+    """ε after ``rounds`` repetitions of ``event`` at ``delta`` (``inf`` when unbounded)."""
+    _check_accountant(accountant)
+    delta = _check_delta(delta)
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 0:
+        raise PrivacyError(f"rounds must be an int >= 0, got {rounds!r}")
+    return _composed_epsilon(accountant, ((event, int(rounds)),) if rounds else (), delta)
+
+
+def _event(
+    q: float, noise_multiplier: float, sampling: str, population: int | None
+) -> RoundEvent:
+    if sampling == "poisson":
+        return RoundEvent.poisson(q, noise_multiplier)
+    if sampling == "local":
+        return RoundEvent.local(noise_multiplier)
+    if sampling == "fixed_size":
+        if population is None:
+            raise PrivacyError("fixed_size sampling needs population (the number of clients N)")
+        m = round(q * population)
+        if abs(m - q * population) > 1e-9 * population:
+            raise PrivacyError(
+                "q·population must be a whole number of clients for fixed_size, "
+                f"got {q * population!r}"
+            )
+        return RoundEvent.fixed_size(m, population, noise_multiplier)
+    raise PrivacyError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+
+
+def epsilon(
+    q: float,
+    noise_multiplier: float,
+    rounds: int,
+    delta: float,
+    accountant: AccountantName = "rdp",
+    *,
+    sampling: Sampling = "poisson",
+    population: int | None = None,
+) -> float:
+    """ε after ``rounds`` rounds at sampling rate q and noise multiplier z.
+
+    Args:
+        q: per-round sampling rate (for ``fixed_size``, m/N with ``population`` = N).
+        noise_multiplier: total z (see :class:`RoundEvent`).
+        rounds: number of rounds T >= 0.
+        delta: target δ in (0, 1).
+        accountant: ``"rdp"`` or ``"pld"``.
+        sampling: ``"poisson"``, ``"fixed_size"`` or ``"local"`` (q ignored).
+        population: N, required for ``fixed_size``.
+
+    Raises:
+        PrivacyError: invalid arguments, or a sampling the accountant cannot handle.
+    """
+    event = _event(q, noise_multiplier, sampling, population)
+    return event_epsilon(event, rounds, delta, accountant)
+
+
+def noise_multiplier_for(
+    target_epsilon: float,
+    q: float,
+    rounds: int,
+    delta: float,
+    accountant: AccountantName = "rdp",
+    *,
+    sampling: Sampling = "poisson",
+    population: int | None = None,
+    rtol: float = 1e-6,
+) -> float:
+    """Smallest noise multiplier z (to relative tolerance ``rtol``) with ε(z) ≤ target.
+
+    Bisection in log z on a bracket [lo, hi] with ε(hi) ≤ target < ε(lo); valid because ε is
+    non-increasing in z. The returned value is the upper end, so ε(result) ≤ target always.
+
+    Raises:
+        PrivacyError: target not positive, or no z ≤ 1e6 reaches it.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise PrivacyError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}")
+    if not (0 < rtol < 1):
+        raise PrivacyError(f"rtol must be in (0, 1), got {rtol!r}")
+
+    def eps(z: float) -> float:
+        return epsilon(q, z, rounds, delta, accountant, sampling=sampling, population=population)
+
+    hi = 1.0
+    while eps(hi) > target_epsilon:
+        hi *= 2.0
+        if hi > _SIGMA_MAX:
+            raise PrivacyError(
+                f"no noise_multiplier <= {_SIGMA_MAX:g} reaches epsilon {target_epsilon:g}"
+            )
+    lo = hi / 2.0
+    while eps(lo) <= target_epsilon:
+        hi, lo = lo, lo / 2.0
+        if lo < _SIGMA_MIN:
+            return hi
+    while hi / lo - 1.0 > rtol:
+        mid = math.sqrt(lo * hi)
+        if eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def max_rounds(
+    budget_epsilon: float,
+    q: float,
+    noise_multiplier: float,
+    delta: float,
+    accountant: AccountantName = "rdp",
+    *,
+    sampling: Sampling = "poisson",
+    population: int | None = None,
+    limit: int = 10**7,
+) -> int:
+    """The largest T ≤ ``limit`` with ε(T) ≤ budget (0 if even one round exceeds it).
+
+    Exponential then binary search over T (ε is non-decreasing in T): O(log T) evaluations.
+    """
+    event = _event(q, noise_multiplier, sampling, population)
+    return _max_rounds(event, budget_epsilon, delta, accountant, limit=limit)
+
+
+def _max_rounds(
+    event: RoundEvent,
+    budget_epsilon: float,
+    delta: float,
+    accountant: AccountantName,
+    *,
+    limit: int,
+) -> int:
+    def within(t: int) -> bool:
+        return event_epsilon(event, t, delta, accountant) <= budget_epsilon
+
+    if limit < 1 or not within(1):
+        return 0
+    lo, hi = 1, min(2, limit)
+    while hi > lo and within(hi):
+        if hi == limit:
+            return limit
+        lo, hi = hi, min(2 * hi, limit)
+    if hi == lo:
+        return lo
+    while hi - lo > 1:  # within(lo) and not within(hi)
+        mid = (lo + hi) // 2
+        if within(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def plan_check(
+    budget_epsilon: float,
+    q: float,
+    noise_multiplier: float,
+    rounds: int,
+    delta: float,
+    accountant: AccountantName = "rdp",
+    *,
+    sampling: Sampling = "poisson",
+    population: int | None = None,
+) -> float:
+    """Refuse, before training, a plan whose final ε would exceed the budget.
+
+    Returns:
+        the planned ε (≤ budget).
+
+    Raises:
+        BudgetExhausted: ε after ``rounds`` rounds exceeds ``budget_epsilon``.
+    """
+    event = _event(q, noise_multiplier, sampling, population)
+    eps = event_epsilon(event, rounds, delta, accountant)
+    if eps > budget_epsilon:
+        afford = _max_rounds(event, budget_epsilon, delta, accountant, limit=rounds)
+        raise BudgetExhausted(
+            f"planned {rounds} rounds (q={q:g}, noise_multiplier={noise_multiplier:g}, "
+            f"delta={delta:g}, {accountant}) reach epsilon={eps:.4g} > budget "
+            f"{budget_epsilon:g}; the budget affords {afford} rounds",
+            epsilon=eps,
+            budget=budget_epsilon,
+        )
+    return eps
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """The rounds actually run, run-length encoded, and the ε they have spent.
+
+    Immutable: :meth:`record` returns a new ledger. Serialise with :meth:`to_dict` into the
+    checkpoint so a resumed run keeps its spent budget.
+
+    Attributes:
+        accountant: ``"rdp"`` or ``"pld"``.
+        entries: ``((event, count), ...)`` in order.
+    """
+
+    accountant: str = "rdp"
+    entries: tuple[tuple[RoundEvent, int], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _check_accountant(self.accountant)
+
+    @property
+    def rounds(self) -> int:
+        return sum(n for _, n in self.entries)
+
+    def record(self, event: RoundEvent, count: int = 1) -> PrivacyLedger:
+        """A ledger with ``count`` more rounds of ``event``.
+
+        Raises:
+            PrivacyError: the event cannot be composed with what is already recorded
+                (another neighbouring relation, or fixed-size sampling under PLD).
+        """
+        if count < 1:
+            raise PrivacyError(f"count must be >= 1, got {count}")
+        if self.entries and self.entries[0][0].neighboring_relation != event.neighboring_relation:
+            raise PrivacyError(
+                f"round sampled as {event.sampling!r} cannot join a ledger of "
+                f"{self.entries[0][0].sampling!r} rounds (different neighbouring relation)"
+            )
+        if self.accountant == "pld" and event.sampling == "fixed_size":
+            raise PrivacyError(
+                "dp-accounting's PLD accountant does not support fixed-size sampling without "
+                "replacement; use accountant='rdp' or Poisson sampling"
+            )
+        if self.entries and self.entries[-1][0] == event:
+            entries = self.entries[:-1] + ((event, self.entries[-1][1] + count),)
+        else:
+            entries = self.entries + ((event, count),)
+        return PrivacyLedger(self.accountant, entries)
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta`` (0 before any round)."""
+        return _composed_epsilon(self.accountant, _canonical(self.entries), _check_delta(delta))
+
+    def would_exceed(
+        self, budget_epsilon: float, delta: float, next_round_event: RoundEvent
+    ) -> bool:
+        """Whether running one more round of ``next_round_event`` would push ε past the budget."""
+        return self.record(next_round_event).epsilon(delta) > budget_epsilon
+
+    def check_next_round(
+        self, budget_epsilon: float, delta: float, next_round_event: RoundEvent
+    ) -> float:
+        """Return ε after the next round; raise :class:`BudgetExhausted` if over budget."""
+        eps = self.record(next_round_event).epsilon(delta)
+        if eps > budget_epsilon:
+            raise BudgetExhausted(
+                f"round {self.rounds} would reach epsilon={eps:.4g} > budget {budget_epsilon:g} "
+                f"(delta={delta:g}, {self.accountant}); {self.rounds} rounds ran",
+                epsilon=eps,
+                budget=budget_epsilon,
+            )
+        return eps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant,
+            "entries": [{"event": e.to_dict(), "count": n} for e, n in self.entries],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PrivacyLedger:
+        entries = tuple((RoundEvent.from_dict(x["event"]), int(x["count"])) for x in d["entries"])
+        return cls(str(d["accountant"]), entries)
+
+
+def privacy_report(
+    q: float,
+    noise_multiplier: float,
+    rounds: int,
+    delta: float,
+    accountant: AccountantName = "rdp",
+    target_epsilon: float | None = None,
+    *,
+    sampling: Sampling = "poisson",
+    population: int | None = None,
+) -> dict[str, Any]:
+    """A JSON-ready summary of a plan (backs ``shoal privacy --json``).
+
+    Keys: ``epsilon``, ``delta``, ``q``, ``noise_multiplier``, ``rounds``, ``accountant``,
+    ``sampling``, ``population``, ``neighboring_relation``, ``dp_accounting_version``,
+    ``warnings`` (list of str); with ``target_epsilon`` also ``target_epsilon``,
+    ``noise_multiplier_for_target`` and ``max_rounds_at_target``.
+    """
+    event = _event(q, noise_multiplier, sampling, population)
+    eps = event_epsilon(event, rounds, delta, accountant)
+    warnings: list[str] = []
+    if population is not None and delta >= 1.0 / population:
+        warnings.append(
+            f"delta={delta:g} >= 1/population={1.0 / population:g}: a mechanism that publishes one "
+            "client's data in full satisfies this delta; use delta much smaller than 1/N"
+        )
+    if sampling == "local":
+        warnings.append("local DP: q is ignored; every client is assumed in every round")
+    report: dict[str, Any] = {
+        "epsilon": eps,
+        "delta": float(delta),
+        "q": event.q,
+        "noise_multiplier": float(noise_multiplier),
+        "rounds": int(rounds),
+        "accountant": accountant,
+        "sampling": sampling,
+        "population": population,
+        "neighboring_relation": event.neighboring_relation,
+        "dp_accounting_version": metadata.version("dp-accounting"),
+        "warnings": warnings,
+    }
+    if target_epsilon is not None:
+        report["target_epsilon"] = float(target_epsilon)
+        report["noise_multiplier_for_target"] = noise_multiplier_for(
+            target_epsilon, q, rounds, delta, accountant, sampling=sampling, population=population
+        )
+        report["max_rounds_at_target"] = max_rounds(
+            target_epsilon,
+            q,
+            noise_multiplier,
+            delta,
+            accountant,
+            sampling=sampling,
+            population=population,
+        )
+    return report

@@ -1,0 +1,610 @@
+"""Client-level differential privacy for federated averaging: clipping, Gaussian noise and
+three noise placements (central, local, distributed), with adaptive clipping.
+
+Algorithms:
+
+* DP-FedAvg: McMahan, Ramage, Talwar and Zhang, "Learning Differentially Private Recurrent
+  Language Models" (ICLR 2018). Each client's update Δ_k is flat-clipped to L2 norm C, the server
+  sums the clipped updates, adds N(0, (zC)² I) to the sum and divides by the *fixed*
+  denominator m = qN (the expected cohort size). Weights are uniform (w_k = 1): weighting by the
+  client's example count would make the sensitivity depend on private data (n_k), so the sum's
+  L2 sensitivity is exactly C only when every client counts once.
+* Adaptive clipping: Andrew, Thakkar, McMahan and Ramaswamy, "Differentially Private Learning
+  with Adaptive Clipping" (NeurIPS 2021), in the convention of TF-Privacy's
+  ``QuantileEstimatorQuery``: clients report the unclipped bit b_k = 1[‖Δ_k‖ ≤ C_t], centred to
+  b_k − ½ (so the count query has sensitivity ½), the server releases
+  b̄ = clip((Σ(b_k − ½) + N(0, σ_b²))/m + ½, 0, 1) and sets C_{t+1} = C_t·exp(−η(b̄ − γ)).
+  If fewer than a fraction γ of updates were unclipped (b̄ < γ) the norm grows, else it shrinks.
+* Distributed noise for secure aggregation: Kairouz, Liu and Steinke, "The Distributed Discrete
+  Gaussian Mechanism for Federated Learning with Secure Aggregation" (ICML 2021). Only the
+  continuous share is implemented here; see :class:`DistributedDP` for what the integer-ring
+  version still needs.
+
+Units used throughout: ``noise_multiplier`` z is the ratio of the noise standard deviation on
+the *sum* to the sum's L2 sensitivity C (add/remove-one-client adjacency). The privacy
+accountant (:mod:`shoal.privacy.accountant`) consumes exactly this z.
+
+Randomness is always an explicit :class:`numpy.random.Generator`. Nothing here mutates an array
+it did not create, except the accumulator's own running sum.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.errors import PrivacyError, UpdateRejected
+
+__all__ = [
+    "DEFAULT_INITIAL_CLIP_NORM",
+    "AdaptiveClipping",
+    "CentralDP",
+    "CentralDPState",
+    "ClipResult",
+    "DistributedDP",
+    "LocalDP",
+    "Placement",
+    "RoundAccumulator",
+    "RoundResult",
+    "add_gaussian_noise",
+    "clip_to_norm",
+    "gaussian_noise",
+    "next_clip_norm",
+    "noised_unclipped_fraction",
+    "secure_generator",
+    "update_noise_multiplier",
+]
+
+#: C_0 recommended by Andrew et al. (2021) when the clip norm is learned.
+DEFAULT_INITIAL_CLIP_NORM = 0.1
+
+# Clipping scales by (C/‖x‖)·(1 − 2⁻²²). The float64 norm is exact to ~1e-16·√d and rounding
+# a normal float32 result costs at most 2⁻²⁴ relative, so the shrink keeps ‖clipped‖ ≤ C (the
+# sensitivity bound the accountant relies on) at a 2.4e-7 relative bias; results in the
+# subnormal range are re-checked explicitly in clip_to_norm.
+_CLIP_SHRINK = 1.0 - 2.0**-22
+_SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Placement(enum.StrEnum):
+    """Where the Gaussian noise is added (and so whom it protects against)."""
+
+    CENTRAL = "central"
+    LOCAL = "local"
+    DISTRIBUTED = "distributed"
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    value = float(value)
+    ok = value >= 0.0 if allow_zero else value > 0.0
+    if not (math.isfinite(value) and ok):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise PrivacyError(f"{name} must be finite and {bound}, got {value!r}")
+    return value
+
+
+def _check_vector(x: np.ndarray, *, client_id: object = None, round: int | None = None) -> None:
+    if not isinstance(x, np.ndarray) or x.ndim != 1:
+        shape = getattr(x, "shape", type(x).__name__)
+        raise UpdateRejected(
+            "wrong_shape",
+            f"expected a flat 1-D vector, got {shape}",
+            client_id=client_id,
+            round=round,
+        )
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise UpdateRejected(
+            "wrong_dtype",
+            f"expected float32 or float64, got {x.dtype}",
+            client_id=client_id,
+            round=round,
+        )
+
+
+def _norm(x: np.ndarray, *, client_id: object = None, round: int | None = None) -> float:
+    """L2 norm accumulated in float64 (float32 squares of values near 3.4e38 would overflow)."""
+    sq = float(np.einsum("i,i->", x, x, dtype=np.float64))
+    if not math.isfinite(sq):
+        raise UpdateRejected(
+            "non_finite", "update contains NaN or infinite values", client_id=client_id, round=round
+        )
+    return math.sqrt(sq)
+
+
+def _clip_scale(norm: float, clip_norm: float) -> float:
+    return 1.0 if norm <= clip_norm else (clip_norm / norm) * _CLIP_SHRINK
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """What clipping one update revealed (raw, *not* differentially private)."""
+
+    norm: float
+    was_clipped: bool
+
+
+def clip_to_norm(x: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float, bool]:
+    """Flat L2 clip: ``x · min(1, C/‖x‖)`` (McMahan et al. 2018, FlatClip).
+
+    Args:
+        x: 1-D float32 or float64 vector; never modified.
+        clip_norm: C > 0.
+
+    Returns:
+        ``(clipped, norm, was_clipped)``: a new array of x's dtype whose L2 norm is ≤ C, the
+        original norm (computed in float64) and whether scaling happened.
+
+    Raises:
+        PrivacyError: C is not a finite positive number.
+        UpdateRejected: x is not a flat float vector (``wrong_shape``/``wrong_dtype``) or holds
+            NaN/inf (``non_finite``).
+    """
+    clip_norm = _positive("clip_norm", clip_norm)
+    _check_vector(x)
+    norm = _norm(x)
+    scale = _clip_scale(norm, clip_norm)
+    if scale == 1.0:
+        return x.copy(), norm, False
+    # Scale in float64: C/‖x‖ can be far below float32's normal range (‖x‖ ~ 1e38).
+    clipped = (x * np.float64(scale)).astype(x.dtype, copy=False)
+    for _ in range(4):
+        # Outputs in the subnormal range round with a large relative error; re-check the bound.
+        out_norm = math.sqrt(float(np.einsum("i,i->", clipped, clipped, dtype=np.float64)))
+        if out_norm <= clip_norm:
+            return clipped, norm, True
+        rescale = np.float64(clip_norm / out_norm * _CLIP_SHRINK)
+        clipped = (clipped * rescale).astype(x.dtype, copy=False)
+    raise PrivacyError(
+        f"cannot clip to clip_norm={clip_norm!r} in {x.dtype}: the bound is below its precision"
+    )
+
+
+def gaussian_noise(dim: int, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``dim`` i.i.d. N(0, std²) values as float32.
+
+    ``std = 0`` returns zeros without consuming randomness.
+    """
+    std = _positive("std", std, allow_zero=True)
+    if dim < 0:
+        raise PrivacyError(f"dim must be >= 0, got {dim}")
+    if std == 0.0:
+        return np.zeros(dim, dtype=np.float32)
+    noise = rng.standard_normal(dim, dtype=np.float32)
+    noise *= np.float32(std)
+    return noise
+
+
+def add_gaussian_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Return ``x + N(0, std² I)`` as a new array of x's dtype; x is not modified."""
+    _check_vector(x)
+    return (x + gaussian_noise(x.shape[0], std, rng)).astype(x.dtype, copy=False)
+
+
+def secure_generator() -> np.random.Generator:
+    """A numpy Generator seeded with 256 bits from ``os.urandom``, for deployment noise.
+
+    Use one per round on the server (or per upload on a device) so that noise is not
+    reproducible from a configuration seed. PCG64 is *not* a cryptographically secure generator:
+    its state could in principle be reconstructed from enough outputs. A hardened deployment
+    should draw noise from a CSPRNG stream (ChaCha20 or AES-CTR through the ``cryptography``
+    package) and sample a discrete Gaussian with exact integer arithmetic (Canonne, Kamath and
+    Steinke, 2020), which also closes the floating-point attacks on textbook samplers
+    (Mironov, "On Significance of the Least Significant Bits for Differential Privacy", 2012).
+    """
+    seed = np.random.SeedSequence(int.from_bytes(os.urandom(32), "big"))
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+# --------------------------------------------------------------------------- adaptive clipping
+
+
+def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
+    """Noise multiplier left for the update sum after paying for the adaptive-clipping count.
+
+    One round releases two Gaussian sums over the same sampled clients: the update sum
+    (sensitivity C, noise z_Δ·C) and the centred count Σ(b_k − ½) (sensitivity ½, noise σ_b, so
+    its noise multiplier is 2σ_b). Their composition is one Gaussian mechanism with
+    z⁻² = z_Δ⁻² + (2σ_b)⁻², hence z_Δ = (z⁻² − (2σ_b)⁻²)^(−½). Here z is the total multiplier the
+    accountant is given and σ_b is the count noise's standard deviation *in clients*
+    (default m/20). The relation is the same under replace-one adjacency (both sensitivities
+    double).
+
+    Raises:
+        PrivacyError: the count noise alone would spend the whole budget (z ≥ 2σ_b).
+    """
+    z = _positive("noise_multiplier", noise_multiplier)
+    sigma_b = _positive("count_noise_std", count_noise_std, allow_zero=True)
+    if sigma_b == 0.0:
+        raise PrivacyError(
+            "count_noise_std must be > 0 for adaptive clipping (0 releases the count exactly)"
+        )
+    residual = z**-2 - (2.0 * sigma_b) ** -2
+    if residual <= 0.0:
+        # σ_b giving z_Δ = 1.05·z, as a concrete suggestion
+        suggest = z / (2.0 * math.sqrt(1.0 - 1.05**-2))
+        raise PrivacyError(
+            f"adaptive clipping count noise count_noise_std={sigma_b:g} "
+            f"(multiplier 2σ_b={2 * sigma_b:g}) leaves no budget for the update at "
+            f"noise_multiplier={z:g}: need 2·count_noise_std > noise_multiplier "
+            f"(count_noise_std={suggest:.3g} costs 5% more update noise)"
+        )
+    return residual**-0.5
+
+
+def noised_unclipped_fraction(
+    unclipped: int,
+    num_updates: int,
+    expected_clients: float,
+    count_noise_std: float,
+    rng: np.random.Generator,
+) -> float:
+    """DP estimate b̄ of the fraction of updates that were not clipped (TF-Privacy convention).
+
+    ``b̄ = clip((Σ_k (b_k − ½) + N(0, σ_b²)) / m + ½, 0, 1)`` with m the expected number of
+    clients (the fixed denominator), so the released value has sensitivity ½/m.
+    """
+    m = _positive("expected_clients", expected_clients)
+    sigma_b = _positive("count_noise_std", count_noise_std, allow_zero=True)
+    if not 0 <= unclipped <= num_updates:
+        raise PrivacyError(f"unclipped must be in [0, num_updates={num_updates}], got {unclipped}")
+    centred = unclipped - 0.5 * num_updates
+    noise = float(rng.normal(0.0, sigma_b)) if sigma_b > 0.0 else 0.0
+    return min(1.0, max(0.0, (centred + noise) / m + 0.5))
+
+
+def next_clip_norm(
+    clip_norm: float, unclipped_fraction: float, target_quantile: float, learning_rate: float
+) -> float:
+    """Geometric update C_{t+1} = C_t · exp(−η (b̄ − γ)) (Andrew et al. 2021, eq. 3).
+
+    More updates under the norm than the target quantile (b̄ > γ) shrinks C; fewer grows it.
+    """
+    return float(clip_norm * math.exp(-learning_rate * (unclipped_fraction - target_quantile)))
+
+
+@dataclass(frozen=True)
+class AdaptiveClipping:
+    """Settings for learning the clip norm as a quantile of update norms.
+
+    Attributes:
+        target_quantile: γ, the fraction of updates that should be unclipped (0.5 = median).
+        learning_rate: η_C of the geometric update.
+        count_noise_std: σ_b, std of the noise on the unclipped count in clients; ``None``
+            means m/20 (Andrew et al.'s recommendation).
+    """
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_noise_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_quantile < 1.0:
+            raise PrivacyError(
+                f"adaptive.target_quantile must be in (0, 1), got {self.target_quantile!r}"
+            )
+        _positive("adaptive.learning_rate", self.learning_rate)
+        if self.count_noise_std is not None:
+            _positive("adaptive.count_noise_std", self.count_noise_std)
+
+    def resolved_count_noise_std(self, expected_clients: float) -> float:
+        """σ_b in clients, applying the m/20 default."""
+        return self.count_noise_std if self.count_noise_std is not None else expected_clients / 20.0
+
+
+# --------------------------------------------------------------------------- central DP
+
+
+@dataclass(frozen=True)
+class CentralDPState:
+    """What central DP carries between rounds (checkpoint these two numbers)."""
+
+    clip_norm: float
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One finished central-DP round.
+
+    Attributes:
+        mean: the noised update mean Δ̄ (float32), to be applied as θ ← θ + Δ̄ or fed to a server
+            optimizer (post-processing, no extra privacy cost).
+        state: the state for the next round (clip norm updated if adaptive).
+        clip_norm: C used this round.
+        noise_std: std of the noise in ``mean`` (= z_Δ·C/m).
+        unclipped_fraction: the DP estimate b̄ (``None`` without adaptive clipping). Safe to log.
+        num_updates: updates folded in. Raw, *not* DP: keep inside the trust boundary.
+        num_clipped: how many were clipped. Raw, *not* DP: keep inside the trust boundary.
+    """
+
+    mean: np.ndarray
+    state: CentralDPState
+    clip_norm: float
+    noise_std: float
+    unclipped_fraction: float | None
+    num_updates: int
+    num_clipped: int
+
+
+@dataclass(frozen=True)
+class CentralDP:
+    """Server-side DP-FedAvg (fixed-denominator estimator, uniform weights).
+
+    Attributes:
+        noise_multiplier: z, the *total* noise multiplier the accountant is given. With adaptive
+            clipping part of it pays for the count (see :func:`update_noise_multiplier`).
+        clip_norm: C, or C_0 when ``adaptive`` is set (0.1 recommended).
+        expected_clients: m = qN, the fixed denominator; must match the sampling rate given to
+            the accountant.
+        adaptive: learn C as a quantile of update norms, or ``None`` for a fixed C.
+
+    Use::
+
+        dp = CentralDP(noise_multiplier=1.0, clip_norm=0.1, expected_clients=100,
+                       adaptive=AdaptiveClipping())
+        state = dp.init()
+        acc = dp.begin_round(state, dim)
+        for delta in arriving_updates:        # streaming, O(dim) memory
+            acc.add(delta, client_id=cid)
+        result = acc.finish(rng)              # noised mean + next state
+        state = result.state
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    expected_clients: float
+    adaptive: AdaptiveClipping | None = None
+
+    def __post_init__(self) -> None:
+        _positive("noise_multiplier", self.noise_multiplier)
+        _positive("clip_norm", self.clip_norm)
+        _positive("expected_clients", self.expected_clients)
+        if self.adaptive is not None:
+            # validates the budget split now rather than at the first round
+            update_noise_multiplier(self.noise_multiplier, self.count_noise_std)
+
+    @property
+    def count_noise_std(self) -> float:
+        """σ_b in clients (0 without adaptive clipping)."""
+        if self.adaptive is None:
+            return 0.0
+        return self.adaptive.resolved_count_noise_std(self.expected_clients)
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """z_Δ: the multiplier actually applied to the update sum."""
+        if self.adaptive is None:
+            return float(self.noise_multiplier)
+        return update_noise_multiplier(self.noise_multiplier, self.count_noise_std)
+
+    def init(self) -> CentralDPState:
+        """The state before round 0."""
+        return CentralDPState(clip_norm=float(self.clip_norm), round=0)
+
+    def begin_round(self, state: CentralDPState, dim: int) -> RoundAccumulator:
+        """Start folding one round's updates of length ``dim`` under ``state``'s clip norm."""
+        _positive("state.clip_norm", state.clip_norm)
+        if dim < 1:
+            raise PrivacyError(f"dim must be >= 1, got {dim}")
+        return RoundAccumulator(self, state, int(dim))
+
+
+class RoundAccumulator:
+    """Streaming clipped sum for one central-DP round: O(dim) memory, whatever the cohort.
+
+    It owns (and mutates) only its float64 running sum. :meth:`finish` may be called once:
+    a second noised release of the same sum would double the privacy cost.
+    """
+
+    def __init__(self, dp: CentralDP, state: CentralDPState, dim: int) -> None:
+        self.dp = dp
+        self.state = state
+        self.dim = dim
+        self._sum = np.zeros(dim, dtype=np.float64)
+        self._count = 0
+        self._clipped = 0
+        self._finished = False
+
+    @property
+    def num_updates(self) -> int:
+        return self._count
+
+    def add(self, update: np.ndarray, *, client_id: object = None) -> ClipResult:
+        """Clip ``update`` to the round's C and add it to the sum (``update`` is not modified).
+
+        Raises:
+            UpdateRejected: wrong shape/dtype or non-finite values; the sum is unchanged.
+            PrivacyError: the round was already finished.
+        """
+        self._check_open()
+        _check_vector(update, client_id=client_id, round=self.state.round)
+        if update.shape[0] != self.dim:
+            raise UpdateRejected(
+                "wrong_shape",
+                f"expected {self.dim} values, got {update.shape[0]}",
+                client_id=client_id,
+                round=self.state.round,
+            )
+        norm = _norm(update, client_id=client_id, round=self.state.round)
+        scale = _clip_scale(norm, self.state.clip_norm)
+        was_clipped = scale != 1.0
+        if was_clipped:
+            self._sum += update * np.float64(scale)  # float64 product: no float32 rounding
+        else:
+            self._sum += update
+        self._count += 1
+        self._clipped += int(was_clipped)
+        return ClipResult(norm=norm, was_clipped=was_clipped)
+
+    def merge(self, other: RoundAccumulator) -> None:
+        """Fold in another accumulator of the same round (an edge aggregator's partial sum)."""
+        self._check_open()
+        if other.dp != self.dp or other.state != self.state or other.dim != self.dim:
+            raise PrivacyError("can only merge accumulators of the same CentralDP, state and dim")
+        self._sum += other._sum
+        self._count += other._count
+        self._clipped += other._clipped
+
+    def finish(self, rng: np.random.Generator) -> RoundResult:
+        """Add noise once and return the noised mean and the next state.
+
+        Draws the update noise (dim values) and then, with adaptive clipping, one count-noise
+        value from ``rng``. A round with no updates still releases noise (the release happens
+        and is accounted for whether or not anyone was sampled).
+        """
+        self._check_open()
+        self._finished = True
+        dp, c = self.dp, self.state.clip_norm
+        sum_std = dp.update_noise_multiplier * c
+        total, self._sum = self._sum, np.zeros(0)  # take the buffer: no second release
+        total += gaussian_noise(self.dim, sum_std, rng)
+        total /= dp.expected_clients
+        mean = total.astype(np.float32)
+        fraction: float | None = None
+        next_c = c
+        if dp.adaptive is not None:
+            unclipped = self._count - self._clipped
+            fraction = noised_unclipped_fraction(
+                unclipped, self._count, dp.expected_clients, dp.count_noise_std, rng
+            )
+            next_c = next_clip_norm(
+                c, fraction, dp.adaptive.target_quantile, dp.adaptive.learning_rate
+            )
+        return RoundResult(
+            mean=mean,
+            state=CentralDPState(clip_norm=next_c, round=self.state.round + 1),
+            clip_norm=c,
+            noise_std=sum_std / dp.expected_clients,
+            unclipped_fraction=fraction,
+            num_updates=self._count,
+            num_clipped=self._clipped,
+        )
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise PrivacyError(
+                f"central DP round {self.state.round} already finished; start a new round"
+            )
+
+
+# --------------------------------------------------------------------------- local DP
+
+
+@dataclass(frozen=True)
+class LocalDP:
+    """Each client clips and noises its own update before upload.
+
+    Each upload is a Gaussian mechanism on that client's data alone; there is no amplification
+    from sampling or from the server's sum. Local DP compares *any* two inputs of the client,
+    so the sensitivity of the clipped update is 2C and the accountant is given z_local/2 per
+    release (see :mod:`shoal.privacy.accountant`, ``sampling="local"``), composed over every
+    round the client may take part in (worst case: all of them).
+
+    The server should average uploads with uniform weights: example counts sent in the clear
+    are outside the guarantee.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+
+    def __post_init__(self) -> None:
+        _positive("noise_multiplier", self.noise_multiplier)
+        _positive("clip_norm", self.clip_norm)
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clip_norm
+
+    def privatize(
+        self, update: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, ClipResult]:
+        """Client side: clip to C, add N(0, (z_local·C)² I). Returns a new array."""
+        clipped, norm, was_clipped = clip_to_norm(update, self.clip_norm)
+        noise = gaussian_noise(clipped.shape[0], self.noise_std, rng)
+        clipped += noise.astype(clipped.dtype, copy=False)
+        return clipped, ClipResult(norm=norm, was_clipped=was_clipped)
+
+
+# --------------------------------------------------------------------------- distributed DP
+
+
+@dataclass(frozen=True)
+class DistributedDP:
+    """Distributed Gaussian noise for secure aggregation: each client adds a share.
+
+    With n clients in the cohort and a tolerated dropout fraction ρ, at least
+    ``h = n − ⌊ρn⌋`` clients are assumed to survive *and be honest* (add their share). Each
+    client adds N(0, σ²C²/h), so any h honest shares already sum to N(0, σ²C²) — the central
+    guarantee for multiplier σ. The sum carries more noise when more than h survive. What the
+    guarantee needs, precisely:
+
+    1. at least h honest survivors — enforce with :meth:`check_survivors` and abort (release
+       nothing) otherwise; clients that skip their share count as dishonest;
+    2. noise scaled up for dropout (the h above), chosen before the round;
+    3. for SecAgg's integer ring Z_{2^k}, updates must be scaled, randomly rounded and noised
+       with the *discrete* Gaussian (Kairouz et al. 2021) or Skellam (Agarwal et al. 2021)
+       mechanism, whose sum is not exactly a discrete Gaussian: account with their RDP bounds,
+       and size the modulus so the noised sum does not wrap. The continuous share here is the
+       float reference for simulation only.
+
+    Attributes:
+        noise_multiplier: σ the sum must carry (what the accountant is given).
+        clip_norm: C.
+        expected_clients: the fixed denominator m for the mean.
+        max_dropout_fraction: ρ in [0, 1).
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    expected_clients: float
+    max_dropout_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("noise_multiplier", self.noise_multiplier)
+        _positive("clip_norm", self.clip_norm)
+        _positive("expected_clients", self.expected_clients)
+        if not 0.0 <= self.max_dropout_fraction < 1.0:
+            raise PrivacyError(
+                f"max_dropout_fraction must be in [0, 1), got {self.max_dropout_fraction!r}"
+            )
+
+    def min_honest_survivors(self, cohort_size: int) -> int:
+        """h = n − ⌊ρn⌋: the fewest honest shares the guarantee tolerates."""
+        if cohort_size < 1:
+            raise PrivacyError(f"cohort_size must be >= 1, got {cohort_size}")
+        return cohort_size - math.floor(self.max_dropout_fraction * cohort_size)
+
+    def share_std(self, cohort_size: int) -> float:
+        """Per-client noise std σC/√h."""
+        h = self.min_honest_survivors(cohort_size)
+        return self.noise_multiplier * self.clip_norm / math.sqrt(h)
+
+    def privatize_share(
+        self, update: np.ndarray, cohort_size: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, ClipResult]:
+        """Client side: clip to C and add this client's noise share; returns a new array."""
+        clipped, norm, was_clipped = clip_to_norm(update, self.clip_norm)
+        noise = gaussian_noise(clipped.shape[0], self.share_std(cohort_size), rng)
+        clipped += noise.astype(clipped.dtype, copy=False)
+        return clipped, ClipResult(norm=norm, was_clipped=was_clipped)
+
+    def check_survivors(self, cohort_size: int, survivors: int) -> None:
+        """Raise PrivacyError if too few shares reached the sum for the guarantee to hold."""
+        h = self.min_honest_survivors(cohort_size)
+        if survivors < h:
+            raise PrivacyError(
+                f"only {survivors} of {cohort_size} clients survived; distributed DP needs at "
+                f"least {h} (max_dropout_fraction={self.max_dropout_fraction:g}); "
+                "do not release this sum"
+            )
+
+    def mean(self, total: np.ndarray) -> np.ndarray:
+        """The fixed-denominator mean of the securely aggregated sum (float32, new array)."""
+        return (np.asarray(total, dtype=np.float64) / self.expected_clients).astype(np.float32)
