@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shoal.config import Config, config_markdown, load_config, to_toml
-from shoal.errors import ConfigError, DataError, ShoalError
+from shoal.errors import BudgetExhausted, ConfigError, DataError, ShoalError
 
 __all__ = ["main"]
 
@@ -76,6 +76,31 @@ def _fmt(v: float, digits: int = 4) -> str:
         else f"{v:.{digits}f}"
 
 
+def _summary_lines(summary: dict, cfg: Config) -> list[str]:
+    lines = [
+        f"\ndone: {summary['rounds']} rounds in {summary['wall_seconds']:.1f} s (start-up "
+        f"{summary['startup_seconds']:.1f} s, {summary['updates_per_second']:.0f} client "
+        f"updates/s, engine {summary['engine']})",
+        f"  final test accuracy     {_fmt(summary['final_accuracy'])}",
+        f"  mean of last 5 rounds   {_fmt(summary['mean_accuracy_last5'])}",
+        f"  initial accuracy        {_fmt(summary['initial_accuracy'])}",
+        f"  final test loss         {_fmt(summary['final_loss'])}",
+    ]
+    if "epsilon" in summary:
+        p = cfg["privacy"]
+        lines.append(f"  privacy                 epsilon = {summary['epsilon']:.4g} at delta = "
+                     f"{p['delta']:g} ({p['placement']} DP, {p['accountant']} accountant)")
+    if summary.get("stopped"):
+        lines.append(f"  stopped early           {summary['stopped']}")
+    lines += [
+        f"  traffic per round       {summary['bytes_up_per_round'] / 1e6:.3f} MB up, "
+        f"{summary['bytes_down_per_round'] / 1e6:.3f} MB down",
+        f"  peak memory             {summary['peak_rss_mb']:.0f} MiB",
+        f"  run directory           {summary['run_dir']}",
+    ]
+    return lines
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -86,9 +111,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     err = sys.stderr
     if not args.quiet:
+        smp = cfg["sampling"]
+        cohort = (f"each joins a round with probability {smp['q']:g}"
+                  if smp["method"] == "poisson" else f"{smp['per_round']} per round")
         print(f"shoal: {cfg['strategy']['name']} on {cfg['data']['dataset']}, "
-              f"{cfg['data']['clients']} clients, {cfg['sampling']['per_round']} per round, "
-              f"{cfg.rounds} rounds, model {cfg['model']['name']}, seed {cfg.seed}", file=err)
+              f"{cfg['data']['clients']} clients, {cohort}, {cfg.rounds} rounds, model "
+              f"{cfg['model']['name']}, seed {cfg.seed}", file=err)
     exp = Experiment(cfg)
     if args.verbose:
         print(exp.data.summary().format(), file=err)
@@ -101,8 +129,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     def on_round(rec) -> None:
         if rec.eval:
-            bar.set_postfix_str(f"acc {_fmt(rec.eval['accuracy'])}  "
-                                f"loss {_fmt(rec.eval['loss'], 3)}")
+            text = f"acc {_fmt(rec.eval['accuracy'])}  loss {_fmt(rec.eval['loss'], 3)}"
+            if "epsilon" in rec.privacy:
+                text += f"  eps {rec.privacy['epsilon']:.3g}"
+            bar.set_postfix_str(text)
         if rec.round > 0:
             bar.update(1)
 
@@ -121,16 +151,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                           for k, v in summary.items()}))
     elif not args.quiet:
-        print(f"\ndone: {summary['rounds']} rounds in {summary['wall_seconds']:.1f} s "
-              f"(start-up {summary['startup_seconds']:.1f} s, "
-              f"{summary['updates_per_second']:.0f} client updates/s, engine "
-              f"{summary['engine']})\n"
-              f"  final test accuracy     {_fmt(summary['final_accuracy'])}\n"
-              f"  mean of last 5 rounds   {_fmt(summary['mean_accuracy_last5'])}\n"
-              f"  initial accuracy        {_fmt(summary['initial_accuracy'])}\n"
-              f"  final test loss         {_fmt(summary['final_loss'])}\n"
-              f"  peak memory             {summary['peak_rss_mb']:.0f} MiB\n"
-              f"  run directory           {run_dir}", file=sys.stdout)
+        print("\n".join(_summary_lines(summary, cfg)))
+    return 0
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from shoal.privacy import privacy_report
+
+    if args.noise_multiplier is None and args.target_epsilon is None:
+        raise ConfigError("give --noise-multiplier (to compute epsilon) or --target-epsilon "
+                          "(to find the noise multiplier), or both")
+    z = args.noise_multiplier
+    if z is None:
+        from shoal.privacy import noise_multiplier_for
+
+        z = noise_multiplier_for(args.target_epsilon, args.q, args.rounds, args.delta,
+                                 args.accountant)
+    report = privacy_report(args.q, z, args.rounds, args.delta, args.accountant,
+                            target_epsilon=args.target_epsilon)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"epsilon = {report['epsilon']:.4f} at delta = {args.delta:g}\n"
+          f"  {args.rounds} rounds, Poisson sampling rate q = {args.q:g}, noise multiplier "
+          f"z = {z:.4f}, accountant {args.accountant} (dp-accounting "
+          f"{report.get('dp_accounting_version', '?')})")
+    if args.target_epsilon is not None:
+        print(f"  for epsilon <= {args.target_epsilon:g}: noise multiplier "
+              f"{report['noise_multiplier_for_target']:.4f}"
+              + (f", or at z = {z:.4f} at most {report['max_rounds_at_target']} rounds"
+                 if "max_rounds_at_target" in report else ""))
+    for w in report.get("warnings", []):
+        print(f"  warning: {w}")
     return 0
 
 
@@ -175,6 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or banner")
     run.set_defaults(func=_cmd_run)
 
+    privacy = sub.add_parser(
+        "privacy", help="plan differential privacy: epsilon for a setting, or the noise "
+                        "for a target epsilon",
+        description="Compute the (epsilon, delta) of DP-FedAvg with Poisson client sampling "
+                    "using Google's dp-accounting, or the noise multiplier a target epsilon "
+                    "needs. Same accounting as `shoal run` with [privacy] placement = "
+                    "'central' and sampling.method = 'poisson'.",
+        epilog="examples:\n  shoal privacy --q 0.1 --noise-multiplier 1.0 --rounds 100\n"
+               "  shoal privacy --q 0.01 --rounds 1000 --target-epsilon 2 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    privacy.add_argument("--q", type=float, required=True,
+                         help="probability that a client takes part in a round")
+    privacy.add_argument("--noise-multiplier", type=float, dest="noise_multiplier",
+                         help="noise std divided by the clip norm (z)")
+    privacy.add_argument("--rounds", type=int, required=True, help="number of rounds")
+    privacy.add_argument("--delta", type=float, default=1e-5,
+                         help="delta (default 1e-5; keep it below 1/population)")
+    privacy.add_argument("--target-epsilon", type=float, dest="target_epsilon",
+                         help="also find the noise multiplier that reaches this epsilon")
+    privacy.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
+                         help="dp-accounting's RDP or PLD accountant (default rdp)")
+    privacy.add_argument("--json", action="store_true", help="print one JSON object")
+    privacy.set_defaults(func=_cmd_privacy)
+
     config = sub.add_parser(
         "config", help="print the resolved configuration as TOML",
         description="Print the configuration a run would use (defaults, a file, and "
@@ -188,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``shoal`` command line; returns the process exit code."""
+    import logging
+
+    # dp-accounting logs a warning for every RDP order it skips; it is not actionable.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -197,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"shoal: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BudgetExhausted as exc:
+        print(f"shoal: privacy budget: {exc}", file=sys.stderr)
         return 2
     except DataError as exc:
         print(f"shoal: data error: {exc}", file=sys.stderr)

@@ -140,8 +140,53 @@ SCHEMA: dict[str, dict[str, Option]] = {
                       min=0.0, min_exclusive=True),
     },
     "sampling": {
-        "per_round": Option(int, 10, "clients sampled per round (uniformly, without "
-                            "replacement); must not exceed data.clients", min=1),
+        "method": Option(str, "uniform", "'uniform': exactly per_round clients without "
+                         "replacement; 'poisson': each client joins with probability q "
+                         "(what DP accounting assumes)", choices=("uniform", "poisson")),
+        "per_round": Option(int, 10, "clients sampled per round (method 'uniform'); must "
+                            "not exceed data.clients", min=1),
+        "q": Option(float, 0.1, "per-client sampling probability (method 'poisson')",
+                    min=0.0, min_exclusive=True, max=1.0),
+    },
+    "compression": {
+        "upload": Option(str, "none", "codec chain for client updates, stages joined by "
+                         "'+': none, fp16, bf16, q8, q4, q2, sign, topk(F), randk(F), zstd; "
+                         "e.g. 'topk(0.01)+q8+zstd'"),
+        "error_feedback": Option(bool, False, "keep what compression dropped on the client "
+                                 "and add it to the next update"),
+        "download": Option(str, "full", "model downloads: 'full' or 'delta' against the "
+                           "client's last synced version", choices=("full", "delta")),
+        "download_codec": Option(str, "none", "lossless chain for downloads: 'none' or "
+                                 "'zstd'", choices=("none", "zstd")),
+        "max_staleness": Option(int, 5, "a client more versions behind than this gets the "
+                                "full model", min=0, max=1000),
+    },
+    "privacy": {
+        "placement": Option(str, "none", "differential privacy: 'central' (server clips "
+                            "and adds noise), 'local' (each client does), or 'none'",
+                            choices=("none", "central", "local")),
+        "noise_multiplier": Option(float, 1.0, "z: noise std = z * clip_norm", min=0.0,
+                                   min_exclusive=True),
+        "clip_norm": Option(float, 1.0, "C: L2 bound on each client update (the initial "
+                            "value with adaptive clipping)", min=0.0, min_exclusive=True),
+        "adaptive_clipping": Option(bool, False, "learn C as a quantile of update norms "
+                                    "(central placement; Andrew et al. 2021)"),
+        "target_quantile": Option(float, 0.5, "adaptive clipping: fraction of updates to "
+                                  "leave unclipped", min=0.0, max=1.0),
+        "clip_learning_rate": Option(float, 0.2, "adaptive clipping: geometric step size",
+                                     min=0.0, min_exclusive=True),
+        "count_noise_std": Option(float, 0.0, "adaptive clipping: noise std on the "
+                                  "unclipped count, in clients; 0 = expected clients / 20",
+                                  min=0.0),
+        "delta": Option(float, 1e-5, "delta at which epsilon is reported (keep it well below "
+                        "1 / number of clients)", min=0.0, min_exclusive=True, max=0.1),
+        "epsilon_budget": Option(float, 0.0, "largest epsilon the run may spend; 0 = no "
+                                 "budget (epsilon is still reported)", min=0.0),
+        "on_budget": Option(str, "refuse", "when the planned rounds would exceed the "
+                            "budget: 'refuse' to start, or 'stop' cleanly before the round "
+                            "that would exceed it", choices=("refuse", "stop")),
+        "accountant": Option(str, "rdp", "privacy accountant from dp-accounting",
+                             choices=("rdp", "pld")),
     },
     "eval": {
         "every": Option(int, 1, "evaluate the global model on the test set every N rounds "
@@ -244,12 +289,24 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
 
 def _check_consistency(v: dict[str, dict[str, Any]]) -> None:
     clients = v["data"]["clients"]
-    if v["sampling"]["per_round"] > clients:
+    if v["sampling"]["method"] == "uniform" and v["sampling"]["per_round"] > clients:
         raise ConfigError(f"sampling.per_round = {v['sampling']['per_round']} is not allowed: "
                           f"it must be <= data.clients ({clients})", key="sampling.per_round")
     if v["model"]["name"] == "cnn" and v["data"]["dataset"] != "fashion-mnist":
         raise ConfigError("model.name = 'cnn' needs 28x28 images: use it with "
                           "data.dataset = 'fashion-mnist'", key="model.name")
+    p = v["privacy"]
+    if p["placement"] != "none" and v["sampling"]["method"] == "uniform" \
+            and p["accountant"] == "pld":
+        raise ConfigError("privacy.accountant = 'pld' cannot account for fixed-size "
+                          "(sampling.method = 'uniform') sampling; use sampling.method = "
+                          "'poisson' or privacy.accountant = 'rdp'", key="privacy.accountant")
+    if p["adaptive_clipping"] and p["placement"] != "central":
+        raise ConfigError("privacy.adaptive_clipping needs privacy.placement = 'central'",
+                          key="privacy.adaptive_clipping")
+    from shoal.codec import Chain
+
+    Chain.parse(v["compression"]["upload"], key="compression.upload")
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None

@@ -26,8 +26,8 @@ from shoal.errors import ConfigError, UpdateRejected
 from shoal.strategy import ServerState, Strategy
 
 __all__ = [
-    "ClientPool", "ClientUpdate", "UpdateBatch", "TrainTask", "Sampler", "UniformSampler",
-    "RoundRecord", "Coordinator",
+    "Aggregation", "ClientPool", "ClientUpdate", "UpdateBatch", "TrainTask", "Sampler",
+    "UniformSampler", "PoissonSampler", "RoundRecord", "Coordinator",
 ]
 
 
@@ -111,6 +111,47 @@ class UniformSampler:
 
 
 @dataclass(frozen=True)
+class PoissonSampler:
+    """Each client joins independently with probability ``q`` (the sampling that
+    differential-privacy accounting assumes); the cohort size varies and may be 0."""
+
+    q: float
+
+    def sample(self, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+        if not 0.0 < self.q <= 1.0:
+            raise ConfigError(f"sampling.q = {self.q} must be in (0, 1]", key="sampling.q")
+        return np.flatnonzero(rng.random(num_clients) < self.q)
+
+
+class Accumulator(Protocol):
+    """A round's running aggregate (see :class:`~shoal.strategy.WeightedMean`)."""
+
+    @property
+    def count(self) -> int: ...
+
+    def add(self, update: np.ndarray, weight: float) -> None: ...
+
+    def add_stacked(self, updates: np.ndarray, weights: np.ndarray) -> None: ...
+
+
+class Aggregation(Protocol):
+    """Replaces the strategy's plain weighted mean for a round, e.g. with central
+    differential privacy (clip every update, add noise to the sum).
+
+    ``begin`` returns the accumulator updates are folded into; ``finish`` turns it into the
+    mean delta the strategy then applies (the strategy's server optimizer sees it as the
+    round's only update) and a dict of values to record, such as ``epsilon``. ``always_commits``
+    says whether a round with no accepted update still releases a (noise-only) result.
+    """
+
+    always_commits: bool
+
+    def begin(self, round: int, dim: int) -> Accumulator: ...
+
+    def finish(self, acc: Accumulator, round: int) -> tuple[np.ndarray, dict[str, float]]: ...
+
+
+@dataclass(frozen=True)
 class RoundRecord:
     """What happened in one round (one line of the run's metrics).
 
@@ -124,6 +165,9 @@ class RoundRecord:
         committed: whether the global model changed this round.
         eval: central evaluation metrics (e.g. ``accuracy``, ``loss``), empty if skipped.
         seconds: duration by the coordinator's clock.
+        bytes_up: bytes the accepted updates took on the wire (0 if the pool did not say).
+        bytes_down: bytes sent to the sampled clients (model downloads).
+        privacy: values from the round's :class:`Aggregation` (e.g. ``epsilon``).
     """
 
     round: int
@@ -135,13 +179,18 @@ class RoundRecord:
     committed: bool = False
     eval: Mapping[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    privacy: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {"round": self.round, "sampled": self.sampled, "accepted": self.accepted,
              "rejected": sum(self.rejected.values()), "examples": self.examples,
              "train_loss": self.train_loss, "committed": self.committed,
-             "seconds": self.seconds}
+             "seconds": self.seconds, "bytes_up": self.bytes_up,
+             "bytes_down": self.bytes_down}
         d.update({f"eval_{k}": v for k, v in self.eval.items()})
+        d.update({f"privacy_{k}": v for k, v in self.privacy.items()})
         d.update({f"rejected_{k}": v for k, v in self.rejected.items()})
         return d
 
@@ -156,17 +205,20 @@ class Coordinator:
         seed: the run seed (cohorts derive from it and the round number).
         evaluate: central evaluation of a flat model, returning metrics; optional.
         clock: seconds as a float; ``time.perf_counter`` by default.
+        aggregation: replaces the strategy's weighted mean (central DP); optional.
     """
 
     def __init__(self, strategy: Strategy, pool: ClientPool, sampler: Sampler, *, seed: int,
                  evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 aggregation: Aggregation | None = None) -> None:
         self.strategy = strategy
         self.pool = pool
         self.sampler = sampler
         self.seed = seed
         self.evaluate = evaluate
         self.clock = clock
+        self.aggregation = aggregation
 
     def cohort(self, round: int, attempt: int = 0) -> np.ndarray:
         """The clients sampled for ``round`` (and retry ``attempt`` of it); the same for the
@@ -194,11 +246,13 @@ class Coordinator:
         cohort = self.cohort(rnd, attempt)
         task = TrainTask(round=rnd, params=state.params,
                          settings=self.strategy.client_config(state))
-        acc = self.strategy.accumulator(state)
+        acc = (self.aggregation.begin(rnd, state.params.size) if self.aggregation
+               else self.strategy.accumulator(state))
         rejected: Counter[str] = Counter()
         examples = 0
         loss_sum = 0.0
         loss_weight = 0
+        bytes_up = bytes_down = 0
         for item in self.pool.train(task, cohort):
             try:
                 if isinstance(item, UpdateBatch):
@@ -211,6 +265,8 @@ class Coordinator:
                         rows = item.deltas if keep.all() else item.deltas[keep]
                         acc.add_stacked(rows, n[keep].astype(np.float64))
                         examples += int(n[keep].sum())
+                        if "upload_bytes" in item.metrics:
+                            bytes_up += int(np.asarray(item.metrics["upload_bytes"])[keep].sum())
                         loss = np.asarray(item.metrics.get("loss", np.full(len(n), np.nan)))
                         ok = keep & np.isfinite(loss)
                         loss_sum += float((loss[ok] * n[ok]).sum())
@@ -221,14 +277,29 @@ class Coordinator:
                         continue
                     acc.add(item.delta, float(item.num_examples))
                     examples += int(item.num_examples)
+                    bytes_up += int(item.metrics.get("upload_bytes", 0))
                     loss = item.metrics.get("loss")
                     if loss is not None and np.isfinite(loss):
                         loss_sum += float(loss) * item.num_examples
                         loss_weight += int(item.num_examples)
             except UpdateRejected as exc:
                 rejected[exc.reason] += 1
-        committed = acc.count > 0
-        new_state = self.strategy.apply(state, acc) if committed else state
+            finally:
+                down = item.metrics.get("download_bytes", 0)
+                bytes_down += int(np.sum(down))
+        privacy: dict[str, float] = {}
+        if self.aggregation is not None:
+            committed = acc.count > 0 or self.aggregation.always_commits
+            if committed:
+                mean, privacy = self.aggregation.finish(acc, rnd)
+                single = self.strategy.accumulator(state)
+                single.add(mean, 1.0)
+                new_state = self.strategy.apply(state, single)
+            else:
+                new_state = state
+        else:
+            committed = acc.count > 0
+            new_state = self.strategy.apply(state, acc) if committed else state
         metrics: dict[str, float] = {}
         if committed and evaluate and self.evaluate is not None:
             metrics = dict(self.evaluate(new_state.params))
@@ -236,5 +307,6 @@ class Coordinator:
             round=rnd, sampled=len(cohort), accepted=acc.count, rejected=dict(rejected),
             examples=examples,
             train_loss=loss_sum / loss_weight if loss_weight else float("nan"),
-            committed=committed, eval=metrics, seconds=self.clock() - start)
+            committed=committed, eval=metrics, seconds=self.clock() - start,
+            bytes_up=bytes_up, bytes_down=bytes_down, privacy=privacy)
         return new_state, record

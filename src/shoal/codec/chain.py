@@ -101,6 +101,62 @@ class Chain:
                 raise ConfigError(f"{key}: bad parameters for {name!r}: {exc}", key=key) from exc
         return cls(stages)
 
+    @classmethod
+    def parse(cls, text: str, key: str = "compression.upload") -> Chain:
+        """Build a chain from the config's compact form, stages joined by ``+``.
+
+        ``"none"`` (raw float32), ``fp16``, ``bf16``, ``q8`` / ``q4`` / ``q2`` (stochastic
+        quantization, optional block size ``q8(256)``), ``sign`` (optional block), ``topk(F)``
+        and ``randk(F)`` (a fraction F of the coordinates), ``zstd`` (optional level
+        ``zstd(3)``). Example: ``"topk(0.01)+q8+zstd"``.
+
+        Raises:
+            ConfigError: an unknown stage, a malformed argument, or a bad order (named by
+                ``key``).
+        """
+        text = text.strip()
+        if text in ("", "none"):
+            return cls([])
+        spec: list[tuple[str, dict[str, Any]]] = []
+        for part in text.split("+"):
+            part = part.strip()
+            name, _, rest = part.partition("(")
+            arg: float | None = None
+            if rest:
+                if not rest.endswith(")"):
+                    raise ConfigError(f"{key} = {text!r}: malformed stage {part!r} (expected "
+                                      f"name or name(number))", key=key)
+                try:
+                    arg = float(rest[:-1])
+                except ValueError:
+                    raise ConfigError(f"{key} = {text!r}: {part!r} needs a number in "
+                                      f"parentheses", key=key) from None
+            name = name.strip().lower()
+            if name in ("q8", "q4", "q2"):
+                params: dict[str, Any] = {"bits": int(name[1])}
+                if arg is not None:
+                    params["block"] = int(arg)
+                spec.append(("quantize", params))
+            elif name in ("topk", "randk"):
+                if arg is None:
+                    raise ConfigError(f"{key} = {text!r}: {name} needs a fraction, e.g. "
+                                      f"{name}(0.01)", key=key)
+                spec.append((name, {"fraction": arg}))
+            elif name == "sign":
+                spec.append(("sign", {} if arg is None else {"block": int(arg)}))
+            elif name == "zstd":
+                spec.append(("zstd", {} if arg is None else {"level": int(arg)}))
+            elif name in ("fp16", "bf16"):
+                spec.append((name, {}))
+            else:
+                raise ConfigError(f"{key} = {text!r}: unknown stage {name!r}; known: none, "
+                                  f"fp16, bf16, q8, q4, q2, sign, topk(F), randk(F), zstd",
+                                  key=key)
+        try:
+            return cls.from_spec(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{key} = {text!r}: {exc}", key=key) from None
+
     @property
     def spec(self) -> ChainSpec:
         """``((name, params), ...)`` describing this chain."""

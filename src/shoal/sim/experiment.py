@@ -20,7 +20,9 @@ import torch
 
 from shoal import seeds
 from shoal.config import Config
-from shoal.coordinator import Coordinator, RoundRecord, UniformSampler
+from shoal.codec import Chain
+from shoal.coordinator import (Coordinator, PoissonSampler, RoundRecord, Sampler,
+                               UniformSampler)
 from shoal.data import FederatedData, load_fashion_mnist
 from shoal.data.partition import partition
 from shoal.data.synthetic import make_synthetic
@@ -32,8 +34,10 @@ from shoal.sim.cohort import CohortTrainer
 from shoal.sim.pool import InProcessPool
 from shoal.strategy import ServerState, Strategy, make_strategy
 from shoal.training import LocalTrainConfig, evaluate
+from shoal.uplink import Downlink, Uplink
 
-__all__ = ["Experiment", "RunResult", "load_data", "strategy_from_config", "peak_rss_mb"]
+__all__ = ["Experiment", "RunResult", "load_data", "strategy_from_config", "privacy_from_config",
+           "peak_rss_mb"]
 
 #: A round in which no client had data is re-sampled at most this many times.
 MAX_ATTEMPTS = 5
@@ -69,6 +73,47 @@ def strategy_from_config(cfg: Config) -> Strategy:
                          tau=s["tau"])
 
 
+def sampler_from_config(cfg: Config) -> Sampler:
+    s = cfg["sampling"]
+    return PoissonSampler(s["q"]) if s["method"] == "poisson" else UniformSampler(s["per_round"])
+
+
+def expected_cohort(cfg: Config) -> float:
+    s = cfg["sampling"]
+    return s["q"] * cfg["data"]["clients"] if s["method"] == "poisson" else s["per_round"]
+
+
+def privacy_from_config(cfg: Config):
+    """``(aggregation, local_dp)`` for ``cfg["privacy"]``; ``(None, None)`` without DP."""
+    p = cfg["privacy"]
+    if p["placement"] == "none":
+        return None, None
+    from shoal.privacy import AdaptiveClipping, CentralDP, LocalDP, RoundEvent
+    from shoal.privacy.rounds import BudgetPolicy, DPAggregation
+
+    s = cfg["sampling"]
+    z = p["noise_multiplier"]
+    budget = BudgetPolicy(p["epsilon_budget"], p["delta"])
+    if p["placement"] == "local":
+        local = LocalDP(noise_multiplier=z, clip_norm=p["clip_norm"])
+        return DPAggregation("local", RoundEvent.local(z), budget, p["accountant"]), local
+    if s["method"] == "poisson":
+        event = RoundEvent.poisson(s["q"], z)
+    else:
+        event = RoundEvent.fixed_size(s["per_round"], cfg["data"]["clients"], z)
+    adaptive = None
+    if p["adaptive_clipping"]:
+        adaptive = AdaptiveClipping(target_quantile=p["target_quantile"],
+                                    learning_rate=p["clip_learning_rate"],
+                                    count_noise_std=p["count_noise_std"] or None)
+    central = CentralDP(noise_multiplier=z, clip_norm=p["clip_norm"],
+                        expected_clients=expected_cohort(cfg), adaptive=adaptive)
+    seed = cfg.seed
+    return DPAggregation("central", event, budget, p["accountant"],
+                         rng_for_round=lambda r: seeds.generator(seed, "dp", r),
+                         central=central), None
+
+
 @dataclass
 class RunResult:
     """The outcome of :meth:`Experiment.run`."""
@@ -79,6 +124,7 @@ class RunResult:
     startup_seconds: float
     wall_seconds: float  # the rounds only; the summary adds start-up
     engine: str
+    stopped: str = ""
     extra: dict = field(default_factory=dict)
 
     def evaluated(self) -> list[RoundRecord]:
@@ -91,6 +137,13 @@ class RunResult:
         tail = [r.eval["accuracy"] for r in evals if r.round > 0][-5:]
         updates = sum(r.accepted for r in self.records)
         train_seconds = sum(r.seconds for r in self.records if r.round > 0)
+        trained = [r for r in self.records if r.round > 0]
+        privacy = [r.privacy for r in trained if "epsilon" in r.privacy]
+        extra = dict(self.extra)
+        if privacy:
+            extra["epsilon"] = privacy[-1]["epsilon"]
+        if self.stopped:
+            extra["stopped"] = self.stopped
         return {
             "final_accuracy": last.get("accuracy", math.nan),
             "final_loss": last.get("loss", math.nan),
@@ -105,7 +158,11 @@ class RunResult:
             "peak_rss_mb": peak_rss_mb(),
             "engine": self.engine,
             "num_params": self.spec.size,
-            **self.extra,
+            "bytes_up_per_round": float(np.mean([r.bytes_up for r in trained])) if trained
+            else 0.0,
+            "bytes_down_per_round": float(np.mean([r.bytes_down for r in trained])) if trained
+            else 0.0,
+            **extra,
         }
 
 
@@ -135,13 +192,23 @@ class Experiment:
         self.spec = self.eval_model.spec
         local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
                                  batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
-        self.pool = InProcessPool(trainer, self.data.client_indices, local, seed=cfg.seed)
+        self.privacy, local_dp = privacy_from_config(cfg)
+        comp = cfg["compression"]
+        uplink = Uplink(self.spec.size, Chain.parse(comp["upload"]), comp["error_feedback"],
+                        local_dp)
+        downlink = Downlink(self.spec.size, comp["download"],
+                            Chain.parse(comp["download_codec"], "compression.download_codec"),
+                            comp["max_staleness"])
+        self.pool = InProcessPool(trainer, self.data.client_indices, local, seed=cfg.seed,
+                                  uplink=uplink, downlink=downlink)
         self.strategy = strategy_from_config(cfg)
         x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
         self.coordinator = Coordinator(
-            self.strategy, self.pool, UniformSampler(cfg["sampling"]["per_round"]),
-            seed=cfg.seed,
-            evaluate=lambda params: evaluate(self.eval_model, params, x_test, y_test))
+            self.strategy, self.pool, sampler_from_config(cfg), seed=cfg.seed,
+            evaluate=lambda params: evaluate(self.eval_model, params, x_test, y_test),
+            aggregation=self.privacy)
+        if self.privacy is not None and cfg["privacy"]["on_budget"] == "refuse":
+            self.privacy.check_plan(cfg.rounds)
         self.initial_params = self.eval_model.get()
         self.startup_seconds = time.perf_counter() - t0
 
@@ -162,8 +229,13 @@ class Experiment:
             records.append(first)
             if on_round:
                 on_round(first)
+        stopped = ""
         while state.round < self.cfg.rounds:
             rnd = state.round + 1
+            if self.privacy is not None and not self.privacy.next_round_allowed():
+                stopped = (f"privacy budget: round {rnd} would exceed epsilon "
+                           f"{self.cfg['privacy']['epsilon_budget']:g}")
+                break
             do_eval = rnd % every == 0 or rnd == self.cfg.rounds
             for attempt in range(MAX_ATTEMPTS):
                 state, rec = self.coordinator.run_round(state, evaluate=do_eval,
@@ -176,7 +248,13 @@ class Experiment:
             records.append(rec)
             if on_round:
                 on_round(rec)
+        if stopped and records and "accuracy" not in records[-1].eval and \
+                records[-1].round > 0:
+            # the run ends early: evaluate the model it ends with
+            last = records[-1]
+            records[-1] = RoundRecord(**{**last.__dict__,
+                                         "eval": dict(self.coordinator.evaluate(state.params))})
         wall = time.perf_counter() - t0
         return RunResult(records=records, state=state, spec=self.spec,
                          startup_seconds=self.startup_seconds, wall_seconds=wall,
-                         engine=self.engine)
+                         engine=self.engine, stopped=stopped)

@@ -16,6 +16,7 @@ from shoal import seeds
 from shoal.coordinator import TrainTask, UpdateBatch
 from shoal.sim.cohort import CohortTrainer
 from shoal.training import LocalTrainConfig
+from shoal.uplink import Downlink, Uplink
 
 __all__ = ["InProcessPool", "auto_chunk"]
 
@@ -38,15 +39,21 @@ class InProcessPool:
         config: local training settings; a task's ``settings`` override them per round.
         seed: the run seed; client ``c`` in round ``r`` uses stream ``(seed, "train", r, c)``.
         chunk: clients trained together at most; 0 = :func:`auto_chunk`.
+        uplink: what clients do to updates before upload (local DP, compression); by
+            default raw float32.
+        downlink: how models reach clients (full or delta); by default full float32.
     """
 
     def __init__(self, trainer: CohortTrainer, client_indices: Sequence[np.ndarray],
-                 config: LocalTrainConfig, seed: int, chunk: int = 0) -> None:
+                 config: LocalTrainConfig, seed: int, chunk: int = 0,
+                 uplink: Uplink | None = None, downlink: Downlink | None = None) -> None:
         self.trainer = trainer
         self.client_indices = list(client_indices)
         self.config = config
         self.seed = seed
         self.chunk = chunk or auto_chunk(trainer.spec.size)
+        self.uplink = uplink or Uplink(trainer.spec.size)
+        self.downlink = downlink or Downlink(trainer.spec.size)
 
     @property
     def num_clients(self) -> int:
@@ -58,10 +65,18 @@ class InProcessPool:
         sizes = np.array([len(self.client_indices[c]) for c in ids], dtype=np.int64)
         # Longest first, so each chunk holds clients with similar step counts.
         ids = ids[np.argsort(-sizes, kind="stable")]
+        # the model before round r is version r - 1
+        down = self.downlink.send(task.round - 1, task.params, ids)
         for start in range(0, len(ids), self.chunk):
             part = ids[start:start + self.chunk]
             rngs = [seeds.generator(self.seed, "train", task.round, int(c)) for c in part]
             res = self.trainer.train(task.params, [self.client_indices[c] for c in part],
                                      config, rngs)
-            yield UpdateBatch(client_ids=part[res.positions], deltas=res.deltas,
-                              num_examples=res.num_examples, metrics={"loss": res.loss})
+            rows = part[res.positions]
+            deltas, up = self.uplink.process_rows(
+                rows, res.deltas,
+                [seeds.generator(self.seed, "uplink", task.round, int(c)) for c in rows])
+            yield UpdateBatch(client_ids=rows, deltas=deltas, num_examples=res.num_examples,
+                              metrics={"loss": res.loss, "upload_bytes": up,
+                                       "download_bytes": down[start:start + self.chunk]
+                                       [res.positions]})

@@ -1,0 +1,244 @@
+"""Cryptographic primitives for secure aggregation: the only module in shoal that imports
+``cryptography``.
+
+Primitives follow the choices of Bonawitz et al., "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning" (CCS 2017) and Google's FCP implementation, with X25519 in
+place of NIST P-256 (faster, and every 32-byte string is a valid key, so there is no point
+validation to get wrong):
+
+* key agreement: X25519, the raw shared secret run through HKDF-SHA256 with a caller-supplied
+  salt (the round's session nonce) and a domain-separating ``info`` string, giving 32-byte keys.
+  Encryption keys and mask seeds come from different ``info`` strings, so one shared secret never
+  serves two purposes;
+* authenticated encryption of key shares: AES-256-GCM, a fresh random 12-byte nonce prepended,
+  the 16-byte tag appended; the associated data binds who sent the share to whom in which round,
+  so a tampered, re-addressed or replayed ciphertext fails to open (:class:`ProtocolError`);
+* mask PRG: the AES-256-CTR keystream of a 32-byte seed (counter block starting at zero) written
+  straight into a numpy buffer and viewed as unsigned integers. Never numpy's generators, whose
+  state is small and predictable (Flower's SecAgg+ seeds ``RandomState`` with 32 bits).
+
+Private keys travel as raw 32-byte strings because the masking private key is Shamir-shared.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from shoal.errors import ProtocolError
+
+__all__ = [
+    "KEY_BYTES",
+    "NONCE_BYTES",
+    "TAG_BYTES",
+    "KeyPair",
+    "generate_keypair",
+    "public_key_from_private",
+    "agree",
+    "agree_many",
+    "derive_key",
+    "encrypt",
+    "decrypt",
+    "random_bytes",
+    "keystream_into",
+    "prg_uint",
+]
+
+KEY_BYTES = 32
+"""Length of every symmetric key, seed, X25519 private and public key."""
+NONCE_BYTES = 12
+"""AES-GCM nonce length (random, prepended to the ciphertext)."""
+TAG_BYTES = 16
+"""AES-GCM tag length (appended by the cipher)."""
+
+K = TypeVar("K")
+_CTR_IV = bytes(16)  # each seed keys exactly one stream, so a fixed initial counter is safe
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An X25519 key pair as raw bytes. ``private`` is hidden from ``repr``."""
+
+    private: bytes = field(repr=False)
+    public: bytes
+
+
+def generate_keypair() -> KeyPair:
+    """Return a fresh X25519 key pair drawn from the operating system's CSPRNG."""
+    sk = X25519PrivateKey.generate()
+    return KeyPair(private=sk.private_bytes_raw(), public=sk.public_key().public_bytes_raw())
+
+
+def public_key_from_private(private: bytes) -> bytes:
+    """Return the X25519 public key of a raw 32-byte private key.
+
+    Raises:
+        ProtocolError: ``private`` is not 32 bytes.
+    """
+    _check_len("private key", private, KEY_BYTES)
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def derive_key(secret: bytes, *, salt: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 (RFC 5869) of ``secret`` with ``salt`` and ``info``, 32 bytes out."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=info).derive(secret)
+
+
+def agree(private: bytes, peer_public: bytes, *, salt: bytes, info: bytes) -> bytes:
+    """X25519 key agreement followed by HKDF-SHA256; symmetric in the two parties.
+
+    Args:
+        private: our raw 32-byte private key.
+        peer_public: the peer's raw 32-byte public key.
+        salt: HKDF salt (the round's session nonce, so keys never repeat across rounds).
+        info: HKDF info, domain-separating the purpose (and naming the pair) of the key.
+
+    Returns:
+        A 32-byte key.
+
+    Raises:
+        ProtocolError: a key has the wrong length, or the peer's key is a low-order point
+            (the shared secret would be all zeros).
+    """
+    return agree_many(private, {0: peer_public}, salt=salt, info=lambda _: info)[0]
+
+
+def agree_many(
+    private: bytes,
+    peer_publics: Mapping[K, bytes],
+    *,
+    salt: bytes,
+    info: Callable[[K], bytes],
+) -> dict[K, bytes]:
+    """:func:`agree` with many peers, loading our private key once.
+
+    Args:
+        private: our raw 32-byte private key.
+        peer_publics: peer label -> raw 32-byte public key.
+        salt: HKDF salt.
+        info: peer label -> HKDF info for that pair.
+
+    Raises:
+        ProtocolError: as :func:`agree`, naming the offending peer.
+    """
+    _check_len("private key", private, KEY_BYTES)
+    sk = X25519PrivateKey.from_private_bytes(private)
+    out: dict[K, bytes] = {}
+    for peer, public in peer_publics.items():
+        _check_len(f"public key of {peer!r}", public, KEY_BYTES)
+        try:
+            shared = sk.exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError as exc:  # OpenSSL refuses an all-zero shared secret
+            raise ProtocolError(
+                f"X25519 key agreement with {peer!r} failed: {exc}", party=peer
+            ) from exc
+        out[peer] = derive_key(shared, salt=salt, info=info(peer))
+    return out
+
+
+def encrypt(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    """AES-256-GCM encryption: ``nonce (12 B) || ciphertext || tag (16 B)``.
+
+    The nonce is random; a key may therefore seal many messages (fewer than 2^32).
+    """
+    _check_len("AEAD key", key, KEY_BYTES)
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def decrypt(key: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
+    """Open a ciphertext made by :func:`encrypt`.
+
+    Raises:
+        ProtocolError: the ciphertext is truncated, was tampered with, or was sealed under a
+            different key or different associated data (replayed to another pair or round).
+    """
+    _check_len("AEAD key", key, KEY_BYTES)
+    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise ProtocolError(
+            f"ciphertext of {len(ciphertext)} bytes is shorter than nonce + tag "
+            f"({NONCE_BYTES + TAG_BYTES} bytes)"
+        )
+    nonce, body = ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:]
+    try:
+        return AESGCM(key).decrypt(nonce, body, associated_data)
+    except InvalidTag as exc:
+        raise ProtocolError(
+            "ciphertext failed authentication (tampered, or replayed to another pair or round)"
+        ) from exc
+
+
+def random_bytes(n: int) -> bytes:
+    """``n`` bytes from the operating system's CSPRNG (seeds, session nonces)."""
+    return os.urandom(n)
+
+
+def keystream_into(seed: bytes, out: np.ndarray) -> np.ndarray:
+    """Overwrite ``out`` with the AES-256-CTR keystream of ``seed``; returns ``out``.
+
+    The stream is the encryption of the counter blocks 0, 1, 2, ... (big-endian, 128-bit) under
+    ``seed``, written straight into ``out`` without an intermediate ``bytes`` object, so
+    expanding a mask for a million-entry vector costs one pass over the buffer. The same seed
+    always gives the same stream; ``out``'s dtype decides how the bytes are grouped into
+    integers (little-endian on every platform numpy supports here).
+
+    Raises:
+        ProtocolError: ``seed`` is not 32 bytes.
+        ValueError: ``out`` is not C-contiguous or not writeable.
+    """
+    _check_len("PRG seed", seed, KEY_BYTES)
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("keystream_into needs a writeable C-contiguous output array")
+    if out.nbytes == 0:
+        return out
+    # CTR keystream = encryption of zeros; reading a shared zero buffer is cheaper than
+    # zeroing ``out`` and encrypting in place
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_CTR_IV)).encryptor()
+    encryptor.update_into(_zeros(out.nbytes), memoryview(out).cast("B"))
+    return out
+
+
+_ZEROS = [b""]
+
+
+def _zeros(nbytes: int) -> memoryview:
+    # One immutable zero buffer, grown to the largest request (a vector's size).
+    if len(_ZEROS[0]) < nbytes:
+        _ZEROS[0] = bytes(nbytes)
+    return memoryview(_ZEROS[0])[:nbytes]
+
+
+def prg_uint(seed: bytes, length: int, bits: int) -> np.ndarray:
+    """Pseudo-random vector uniform in ``[0, 2**bits)``, from the AES-256-CTR stream of ``seed``.
+
+    Entries are uint32 when ``bits <= 32`` (4 keystream bytes each) and uint64 otherwise; the
+    reduction mod ``2**bits`` keeps the low bits, which is exact and uniform because the ring
+    is a power of two.
+
+    Raises:
+        ValueError: ``bits`` outside [1, 64] or negative ``length``.
+    """
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in [1, 64], got {bits}")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    dtype = np.uint32 if bits <= 32 else np.uint64
+    out = keystream_into(seed, np.empty(length, dtype=dtype))
+    if bits < 8 * out.itemsize:
+        np.bitwise_and(out, dtype((1 << bits) - 1), out=out)
+    return out
+
+
+def _check_len(what: str, value: bytes, expected: int) -> None:
+    if len(value) != expected:
+        raise ProtocolError(f"{what} must be {expected} bytes, got {len(value)}")

@@ -1,0 +1,440 @@
+"""The client registry's interface: device records, outcomes, validation and the Protocol.
+
+The registry remembers every enrolled device: its attributes (what selection may stratify or
+filter on), its capabilities (what the device says it can do), when it is usually available,
+when it was last seen, how often it contributed, and the outcome of its last few rounds. It is
+the *with whom* store behind client selection, in the spirit of the device-facing "Selector"
+actors of K. Bonawitz et al., "Towards Federated Learning at Scale: System Design", MLSys 2019.
+
+Everything here is storage-independent: :class:`Registry` is a ``typing.Protocol`` so an
+embedded SQLite file (:mod:`shoal.registry.sqlite`, the default) can later be swapped for Redis
+or Postgres without touching selection or the round engine. The validation functions are
+public so every implementation refuses exactly the same inputs with the same messages.
+
+Time is always passed in (``now``: seconds since the UNIX epoch, UTC); nothing here reads the
+wall clock, so the simulator can run simulated time and tests never sleep.
+
+Availability windows are half-open intervals ``[start, end)`` of *minutes of the week* in UTC,
+Monday 00:00 = minute 0, Sunday 23:59 = minute 10079. A window with ``end < start`` wraps
+around the end of the week (``(10000, 60)`` covers Sunday 22:40 to Monday 01:00). ``end`` may
+be 10080 (the end of the week), so ``(0, 10080)`` is "always". A device with *no* windows has
+declared no constraint and counts as always available.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol, Union, runtime_checkable
+
+from shoal.errors import ShoalError
+
+__all__ = [
+    "MAX_ATTRIBUTES",
+    "MAX_CAPABILITIES_BYTES",
+    "MAX_ID_LENGTH",
+    "MAX_WINDOWS",
+    "MINUTES_PER_WEEK",
+    "AttrValue",
+    "Device",
+    "Outcome",
+    "Registry",
+    "RegistryError",
+    "UnknownDevice",
+    "minute_of_week",
+    "outcome_kind",
+    "validate_attributes",
+    "validate_capabilities",
+    "validate_device_id",
+    "validate_outcome",
+    "validate_windows",
+]
+
+#: Minutes in a week; availability windows live in ``[0, MINUTES_PER_WEEK]``.
+MINUTES_PER_WEEK = 7 * 24 * 60
+#: Longest accepted device id (characters).
+MAX_ID_LENGTH = 128
+#: Most attributes one device may carry.
+MAX_ATTRIBUTES = 64
+#: Longest string attribute value (characters).
+MAX_ATTRIBUTE_STR = 256
+#: Most availability windows one device may declare.
+MAX_WINDOWS = 64
+#: Largest capabilities document, as compact JSON (bytes).
+MAX_CAPABILITIES_BYTES = 16_384
+#: Longest rejection reason in an outcome (characters).
+MAX_REASON_LENGTH = 64
+
+#: An attribute value: what selection can stratify and filter on.
+AttrValue = Union[str, int, float]
+
+# The UNIX epoch (1970-01-01 00:00 UTC) was a Thursday: Monday-based minute 3 * 1440.
+_EPOCH_MINUTE_OF_WEEK = 3 * 24 * 60
+# Attribute names double as JSON-path keys in the SQL store: keep them to a plain alphabet.
+_ATTR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}\Z")
+_OUTCOMES = ("accepted", "dropped", "late")
+_REJECTED = "rejected:"
+
+
+class RegistryError(ShoalError):
+    """A registry input is invalid, or an operation cannot be applied; nothing was changed.
+
+    Attributes:
+        device_id: the device concerned, when known.
+        field: the offending field (``"attributes.region"``, ``"windows[2]"``), when known.
+    """
+
+    def __init__(self, message: str, *, device_id: str | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.device_id = device_id
+        self.field = field
+
+
+class UnknownDevice(RegistryError, LookupError):
+    """The device id is not enrolled."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id!r} is not enrolled", device_id=device_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def minute_of_week(now: float) -> int:
+    """The UTC minute of the week of the UNIX time ``now`` (Monday 00:00 = 0)."""
+    _check_time(now, "now")
+    return (math.floor(now / 60.0) + _EPOCH_MINUTE_OF_WEEK) % MINUTES_PER_WEEK
+
+
+def _check_time(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RegistryError(f"{name} must be a finite number of seconds, got {value!r}",
+                            field=name)
+    return float(value)
+
+
+def validate_device_id(device_id: object) -> str:
+    """Return ``device_id`` if it is a non-empty printable string of at most 128 characters.
+
+    Raises:
+        RegistryError: it is not a string, is empty, too long, or has control characters.
+    """
+    if not isinstance(device_id, str):
+        raise RegistryError(f"device_id must be a string, got {type(device_id).__name__}",
+                            field="device_id")
+    if not 1 <= len(device_id) <= MAX_ID_LENGTH:
+        raise RegistryError(f"device_id must have 1 to {MAX_ID_LENGTH} characters, got "
+                            f"{len(device_id)}", field="device_id")
+    if not device_id.isprintable():
+        raise RegistryError(f"device_id {device_id!r} contains non-printable characters",
+                            field="device_id")
+    return device_id
+
+
+def _attr_value(value: object, where: str, device_id: str | None) -> AttrValue:
+    # bool is an int subclass but would come back from JSON as true/false and compare as 1/0.
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RegistryError(f"{where} must be a str, int or float, got "
+                            f"{type(value).__name__}", device_id=device_id, field=where)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RegistryError(f"{where} must be finite, got {value!r}", device_id=device_id,
+                            field=where)
+    if isinstance(value, str) and len(value) > MAX_ATTRIBUTE_STR:
+        raise RegistryError(f"{where} is {len(value)} characters long, at most "
+                            f"{MAX_ATTRIBUTE_STR} allowed", device_id=device_id, field=where)
+    return value
+
+
+def validate_attributes(attributes: Mapping[str, object] | None, *,
+                        device_id: str | None = None) -> dict[str, AttrValue]:
+    """Return a plain copy of ``attributes`` after checking names and values.
+
+    Names match ``[A-Za-z_][A-Za-z0-9_-]{0,63}``; values are ``str`` (at most 256 characters),
+    ``int`` or finite ``float`` -- not ``bool``; at most 64 attributes.
+
+    Raises:
+        RegistryError: naming the offending attribute.
+    """
+    if attributes is None:
+        return {}
+    if not isinstance(attributes, Mapping):
+        raise RegistryError(f"attributes must be a mapping, got {type(attributes).__name__}",
+                            device_id=device_id, field="attributes")
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise RegistryError(f"a device may carry at most {MAX_ATTRIBUTES} attributes, got "
+                            f"{len(attributes)}", device_id=device_id, field="attributes")
+    out: dict[str, AttrValue] = {}
+    for name, value in attributes.items():
+        if not isinstance(name, str) or not _ATTR_NAME.match(name):
+            raise RegistryError(f"attribute name {name!r} must match [A-Za-z_][A-Za-z0-9_-]* "
+                                "and have at most 64 characters", device_id=device_id,
+                                field="attributes")
+        out[name] = _attr_value(value, f"attributes.{name}", device_id)
+    return out
+
+
+def validate_capabilities(capabilities: Mapping[str, Any] | None, *,
+                          device_id: str | None = None) -> dict[str, Any]:
+    """Return a deep copy of ``capabilities`` (a JSON object, at most 16 KiB as JSON).
+
+    Raises:
+        RegistryError: not a mapping with string keys, not JSON-serializable (or non-finite
+            numbers), or too large.
+    """
+    if capabilities is None:
+        return {}
+    if not isinstance(capabilities, Mapping):
+        raise RegistryError(f"capabilities must be a mapping, got "
+                            f"{type(capabilities).__name__}", device_id=device_id,
+                            field="capabilities")
+    try:
+        text = json.dumps(dict(capabilities), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"capabilities must be plain JSON (str keys, finite numbers): {exc}",
+                            device_id=device_id, field="capabilities") from None
+    if len(text.encode()) > MAX_CAPABILITIES_BYTES:
+        raise RegistryError(f"capabilities take {len(text.encode())} bytes as JSON, at most "
+                            f"{MAX_CAPABILITIES_BYTES} allowed", device_id=device_id,
+                            field="capabilities")
+    copy = json.loads(text)
+    if set(copy) != set(capabilities):  # json.dumps coerces int keys to str silently
+        raise RegistryError("capabilities keys must be strings", device_id=device_id,
+                            field="capabilities")
+    return copy
+
+
+def validate_windows(windows: Sequence[Sequence[int]] | None, *,
+                     device_id: str | None = None) -> tuple[tuple[int, int], ...]:
+    """Return the windows as a tuple of ``(start, end)`` int pairs after checking bounds.
+
+    ``start`` must lie in ``[0, 10080)``, ``end`` in ``[0, 10080]`` and differ from ``start``;
+    ``end < start`` wraps around the end of the week. At most 64 windows.
+
+    Raises:
+        RegistryError: naming the offending window and the bound it breaks.
+    """
+    if windows is None:
+        return ()
+    if isinstance(windows, (str, bytes)) or not isinstance(windows, Sequence):
+        raise RegistryError(f"windows must be a sequence of (start, end) pairs, got "
+                            f"{type(windows).__name__}", device_id=device_id, field="windows")
+    if len(windows) > MAX_WINDOWS:
+        raise RegistryError(f"a device may declare at most {MAX_WINDOWS} windows, got "
+                            f"{len(windows)}", device_id=device_id, field="windows")
+    out = []
+    for i, window in enumerate(windows):
+        where = f"windows[{i}]"
+        if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) \
+                or len(window) != 2:
+            raise RegistryError(f"{where} must be a (start, end) pair, got {window!r}",
+                                device_id=device_id, field=where)
+        start, end = window
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise RegistryError(f"{where}.{name} must be an int minute of the week, got "
+                                    f"{v!r}", device_id=device_id, field=where)
+        if not 0 <= start < MINUTES_PER_WEEK:
+            raise RegistryError(f"{where}.start = {start} must be in [0, {MINUTES_PER_WEEK})",
+                                device_id=device_id, field=where)
+        if not 0 <= end <= MINUTES_PER_WEEK:
+            raise RegistryError(f"{where}.end = {end} must be in [0, {MINUTES_PER_WEEK}]",
+                                device_id=device_id, field=where)
+        if start == end:
+            raise RegistryError(f"{where} = ({start}, {end}) is empty; use (0, "
+                                f"{MINUTES_PER_WEEK}) for 'always'", device_id=device_id,
+                                field=where)
+        out.append((int(start), int(end)))
+    return tuple(out)
+
+
+def outcome_kind(outcome: str) -> str:
+    """``"accepted"``, ``"rejected"``, ``"dropped"`` or ``"late"`` for a valid outcome."""
+    return "rejected" if outcome.startswith(_REJECTED) else outcome
+
+
+def validate_outcome(outcome: object, *, device_id: str | None = None) -> str:
+    """Return ``outcome`` if it is ``accepted``, ``dropped``, ``late`` or ``rejected:<reason>``.
+
+    The reason is 1 to 64 printable characters, e.g. ``UpdateRejected.reason``
+    (``"rejected:non_finite"``).
+
+    Raises:
+        RegistryError: any other value.
+    """
+    if isinstance(outcome, str):
+        if outcome in _OUTCOMES:
+            return outcome
+        reason = outcome[len(_REJECTED):]
+        if outcome.startswith(_REJECTED) and 1 <= len(reason) <= MAX_REASON_LENGTH \
+                and reason.isprintable():
+            return outcome
+    raise RegistryError(f"outcome must be 'accepted', 'dropped', 'late' or "
+                        f"'rejected:<reason>' (reason 1-{MAX_REASON_LENGTH} printable "
+                        f"characters), got {outcome!r}", device_id=device_id, field="outcome")
+
+
+def _validate_round(round: object) -> int:
+    if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+        raise RegistryError(f"round must be an int >= 0, got {round!r}", field="round")
+    return round
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one device did in one round.
+
+    Attributes:
+        round: the round number.
+        outcome: ``"accepted"``, ``"rejected:<reason>"``, ``"dropped"`` or ``"late"``.
+        ts: when it was recorded (UNIX seconds).
+    """
+
+    round: int
+    outcome: str
+    ts: float
+
+    def __post_init__(self) -> None:
+        _validate_round(self.round)
+        validate_outcome(self.outcome)
+        object.__setattr__(self, "ts", _check_time(self.ts, "ts"))
+
+    @property
+    def kind(self) -> str:
+        """The outcome without its rejection reason."""
+        return outcome_kind(self.outcome)
+
+
+@dataclass(frozen=True)
+class Device:
+    """One enrolled device, as the registry holds it (read-only).
+
+    Attributes:
+        device_id: unique id, 1 to 128 printable characters.
+        attributes: name -> str | int | float (e.g. ``{"os": "android", "region": "eu"}``).
+        capabilities: free-form JSON object the device reported (e.g. ``{"ram_mb": 2048}``).
+        windows: availability windows, ``(start, end)`` minutes of the week in UTC.
+        enrolled_at: when the device first enrolled (UNIX seconds).
+        last_seen: latest contact (UNIX seconds); never moves backwards.
+        participation: rounds whose update was accepted.
+
+    Raises:
+        RegistryError: a field is invalid (the same checks as enrolment).
+    """
+
+    device_id: str
+    attributes: Mapping[str, AttrValue] = field(default_factory=dict)
+    capabilities: Mapping[str, Any] = field(default_factory=dict)
+    windows: tuple[tuple[int, int], ...] = ()
+    enrolled_at: float = 0.0
+    last_seen: float = 0.0
+    participation: int = 0
+
+    def __post_init__(self) -> None:
+        device_id = validate_device_id(self.device_id)
+        set_ = object.__setattr__
+        set_(self, "attributes", MappingProxyType(
+            validate_attributes(self.attributes, device_id=device_id)))
+        set_(self, "capabilities", MappingProxyType(
+            validate_capabilities(self.capabilities, device_id=device_id)))
+        set_(self, "windows", validate_windows(self.windows, device_id=device_id))
+        set_(self, "enrolled_at", _check_time(self.enrolled_at, "enrolled_at"))
+        set_(self, "last_seen", _check_time(self.last_seen, "last_seen"))
+        p = self.participation
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise RegistryError(f"participation must be an int >= 0, got {p!r}",
+                                device_id=device_id, field="participation")
+
+    def available_at(self, now: float) -> bool:
+        """Whether one of the device's windows covers ``now`` (always, if it declared none)."""
+        if not self.windows:
+            return True
+        m = minute_of_week(now)
+        return any((s <= m < e) if s < e else (m >= s or m < e) for s, e in self.windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface
+# ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """Where enrolled devices live. Implementations: :class:`~shoal.registry.SQLiteRegistry`.
+
+    Every method validates its inputs with the functions of this module and raises
+    :class:`RegistryError` (or :class:`UnknownDevice`) without changing anything on bad input.
+    Filters shared by :meth:`list`, :meth:`scan` and :meth:`count`:
+
+    * ``where``: attribute name -> value; a device matches if it has every attribute with an
+      equal value (``3 == 3.0``; ``"3" != 3``);
+    * ``seen_since``: ``last_seen >= seen_since``;
+    * ``available_at``: :meth:`Device.available_at` is true at that time.
+    """
+
+    def enroll(self, device_id: str, *, now: float,
+               attributes: Mapping[str, AttrValue] | None = None,
+               capabilities: Mapping[str, Any] | None = None,
+               windows: Sequence[Sequence[int]] | None = None) -> Device:
+        """Insert a device or update one: fields given replace the stored ones, ``None``
+        keeps them; ``enrolled_at`` and ``participation`` are kept; ``last_seen`` advances to
+        ``now``. Returns the stored record."""
+        ...
+
+    def get(self, device_id: str) -> Device:
+        """The device's record. Raises :class:`UnknownDevice`."""
+        ...
+
+    def touch(self, device_id: str, *, now: float) -> None:
+        """Advance ``last_seen`` to ``now`` (never backwards). Raises :class:`UnknownDevice`."""
+        ...
+
+    def record_outcome(self, device_id: str, round: int, outcome: str, *, now: float) -> bool:
+        """Record the device's outcome in ``round``; ``"accepted"`` increments participation.
+
+        Returns ``False`` (and changes nothing) if the same outcome is already recorded for
+        that round -- a replayed report. A *different* outcome for a recorded round raises
+        :class:`RegistryError`. Does not touch ``last_seen``. Raises :class:`UnknownDevice`.
+        """
+        ...
+
+    def outcomes(self, device_id: str) -> builtins.list[Outcome]:
+        """The device's most recent outcomes (bounded), oldest round first."""
+        ...
+
+    def list(self, *, where: Mapping[str, AttrValue] | None = None,
+             seen_since: float | None = None, available_at: float | None = None,
+             limit: int | None = None) -> builtins.list[Device]:
+        """Matching devices in device-id order, at most ``limit``."""
+        ...
+
+    def scan(self, *, where: Mapping[str, AttrValue] | None = None,
+             seen_since: float | None = None, available_at: float | None = None,
+             batch_size: int = 1000) -> Iterator[Device]:
+        """Matching devices in device-id order, fetched ``batch_size`` at a time."""
+        ...
+
+    def count(self, *, where: Mapping[str, AttrValue] | None = None,
+              seen_since: float | None = None, available_at: float | None = None) -> int:
+        """Number of matching devices."""
+        ...
+
+    def remove(self, device_id: str) -> bool:
+        """Forget the device and its outcomes; ``False`` if it was not enrolled."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's resources; later calls raise :class:`RegistryError`."""
+        ...

@@ -1,0 +1,396 @@
+"""The default client registry: one embedded SQLite file (standard-library ``sqlite3``).
+
+Why SQLite: it is in every Python, needs no server, survives a crash (write-ahead log), and a
+million device rows fit comfortably. When several aggregator processes on several machines must
+share a registry, swap in a networked implementation of :class:`~shoal.registry.Registry`.
+
+Storage (schema version 1, see ``docs/operations.md``)::
+
+    schema_version(version)                         -- one row
+    devices(device_id PRIMARY KEY, attributes JSON, capabilities JSON, windows JSON,
+            enrolled_at, last_seen, participation)
+    outcomes(device_id -> devices ON DELETE CASCADE, round, outcome, ts,
+             PRIMARY KEY (device_id, round))        -- trimmed to the last ``history`` rounds
+
+Concurrency: each :class:`SQLiteRegistry` owns one connection, guarded by a lock so one object
+may be shared by the threads of a server. Several objects (or processes) may open the same
+file: the database runs in WAL mode (readers never block the writer), writes are short
+``BEGIN IMMEDIATE`` transactions, and a busy database is retried for ``busy_timeout`` seconds.
+``synchronous=NORMAL``: a committed write survives a process crash; a power loss may lose the
+last few writes but never corrupts the file (the documented WAL trade-off).
+
+Every statement is parameterized; attribute names are additionally restricted to a plain
+alphabet by :func:`~shoal.registry.base.validate_attributes`, so JSON paths are safe.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shoal.registry.base import (
+    AttrValue,
+    Device,
+    Outcome,
+    RegistryError,
+    UnknownDevice,
+    _check_time,
+    _validate_round,
+    validate_attributes,
+    validate_capabilities,
+    validate_device_id,
+    validate_outcome,
+    validate_windows,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteRegistry"]
+
+#: Version of the on-disk layout this module reads and writes.
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    """CREATE TABLE devices (
+        device_id     TEXT PRIMARY KEY NOT NULL,
+        attributes    TEXT NOT NULL,
+        capabilities  TEXT NOT NULL,
+        windows       TEXT NOT NULL,
+        enrolled_at   REAL NOT NULL,
+        last_seen     REAL NOT NULL,
+        participation INTEGER NOT NULL DEFAULT 0 CHECK (participation >= 0)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX devices_last_seen ON devices (last_seen)",
+    """CREATE TABLE outcomes (
+        device_id TEXT NOT NULL REFERENCES devices (device_id) ON DELETE CASCADE,
+        round     INTEGER NOT NULL,
+        outcome   TEXT NOT NULL,
+        ts        REAL NOT NULL,
+        PRIMARY KEY (device_id, round)
+    ) WITHOUT ROWID""",
+)
+_COLUMNS = "device_id, attributes, capabilities, windows, enrolled_at, last_seen, participation"
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _row_to_device(row: Sequence[Any]) -> Device:
+    return Device(device_id=row[0], attributes=json.loads(row[1]),
+                  capabilities=json.loads(row[2]),
+                  windows=[tuple(w) for w in json.loads(row[3])],
+                  enrolled_at=row[4], last_seen=row[5], participation=row[6])
+
+
+class SQLiteRegistry:
+    """A :class:`~shoal.registry.Registry` in one SQLite file.
+
+    Args:
+        path: the database file (created if missing), or ``":memory:"`` for a private
+            in-memory registry (tests; no WAL there).
+        history: outcomes kept per device (the most recent rounds).
+        busy_timeout: seconds to wait for another writer before failing.
+
+    Raises:
+        RegistryError: the file is not a SQLite database, was written by a newer shoal
+            (higher schema version), or an argument is out of range.
+    """
+
+    def __init__(self, path: str | Path, *, history: int = 20, busy_timeout: float = 5.0
+                 ) -> None:
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise RegistryError(f"history must be an int >= 1, got {history!r}",
+                                field="history")
+        if not busy_timeout >= 0:
+            raise RegistryError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}",
+                                field="busy_timeout")
+        self.path = str(path)
+        self.history = history
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=busy_timeout,
+                                         isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open registry {self.path}: {exc}") from None
+        try:
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal" and self.path != ":memory:":
+                raise RegistryError(f"registry {self.path}: cannot enable WAL mode "
+                                    f"(journal_mode is {mode!r})")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._init_schema()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise RegistryError(f"registry {self.path} is not a usable SQLite database: "
+                                f"{exc}") from None
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _init_schema(self) -> None:
+        with self._write():
+            self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                               "(version INTEGER NOT NULL)")
+            row = self._conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            if row[0] is None:
+                for statement in _SCHEMA:
+                    self._conn.execute(statement)
+                self._conn.execute("INSERT INTO schema_version (version) VALUES (?)",
+                                   (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise RegistryError(
+                    f"registry {self.path} has schema version {row[0]}; this shoal reads "
+                    f"version {SCHEMA_VERSION}" + (" (upgrade shoal)" if row[0] > SCHEMA_VERSION
+                                                   else ""))
+
+    def _write(self) -> _Transaction:
+        return _Transaction(self)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RegistryError(f"registry {self.path} is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    def __enter__(self) -> SQLiteRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteRegistry({self.path!r})"
+
+    # -- devices ----------------------------------------------------------------------------
+
+    def enroll(self, device_id: str, *, now: float,
+               attributes: Mapping[str, AttrValue] | None = None,
+               capabilities: Mapping[str, Any] | None = None,
+               windows: Sequence[Sequence[int]] | None = None) -> Device:
+        """Insert or update a device (see :meth:`Registry.enroll`); returns the stored record."""
+        device_id = validate_device_id(device_id)
+        now = _check_time(now, "now")
+        attrs = None if attributes is None else _json(
+            validate_attributes(attributes, device_id=device_id))
+        caps = None if capabilities is None else _json(
+            validate_capabilities(capabilities, device_id=device_id))
+        wins = None if windows is None else _json(
+            validate_windows(windows, device_id=device_id))
+        with self._write():
+            self._conn.execute(
+                "INSERT INTO devices (" + _COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, 0) "
+                "ON CONFLICT (device_id) DO UPDATE SET "
+                "attributes = coalesce(?, attributes), "
+                "capabilities = coalesce(?, capabilities), "
+                "windows = coalesce(?, windows), "
+                "last_seen = max(last_seen, excluded.last_seen)",
+                (device_id, attrs or "{}", caps or "{}", wins or "[]", now, now,
+                 attrs, caps, wins))
+            return self._get(device_id)
+
+    def get(self, device_id: str) -> Device:
+        """The device's record. Raises :class:`UnknownDevice`."""
+        device_id = validate_device_id(device_id)
+        with self._lock:
+            self._check_open()
+            return self._get(device_id)
+
+    def _get(self, device_id: str) -> Device:
+        row = self._conn.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?",
+                                 (device_id,)).fetchone()
+        if row is None:
+            raise UnknownDevice(device_id)
+        return _row_to_device(row)
+
+    def touch(self, device_id: str, *, now: float) -> None:
+        """Advance ``last_seen`` to ``now`` (never backwards). Raises :class:`UnknownDevice`."""
+        device_id = validate_device_id(device_id)
+        now = _check_time(now, "now")
+        with self._write():
+            cur = self._conn.execute("UPDATE devices SET last_seen = max(last_seen, ?) "
+                                     "WHERE device_id = ?", (now, device_id))
+            if cur.rowcount == 0:
+                raise UnknownDevice(device_id)
+
+    def remove(self, device_id: str) -> bool:
+        """Forget the device and its outcomes; ``False`` if it was not enrolled."""
+        device_id = validate_device_id(device_id)
+        with self._write():
+            cur = self._conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            return cur.rowcount > 0
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    def record_outcome(self, device_id: str, round: int, outcome: str, *, now: float) -> bool:
+        """Record ``outcome`` for ``round`` (see :meth:`Registry.record_outcome`).
+
+        Only the last ``history`` rounds are kept per device, so a replay of a round older
+        than those is not recognised as one.
+        """
+        device_id = validate_device_id(device_id)
+        round = _validate_round(round)
+        outcome = validate_outcome(outcome, device_id=device_id)
+        now = _check_time(now, "now")
+        with self._write():
+            if self._conn.execute("SELECT 1 FROM devices WHERE device_id = ?",
+                                  (device_id,)).fetchone() is None:
+                raise UnknownDevice(device_id)
+            prev = self._conn.execute("SELECT outcome FROM outcomes WHERE device_id = ? AND "
+                                      "round = ?", (device_id, round)).fetchone()
+            if prev is not None:
+                if prev[0] == outcome:
+                    return False
+                raise RegistryError(f"device {device_id!r} already has outcome {prev[0]!r} "
+                                    f"for round {round}; refusing {outcome!r}",
+                                    device_id=device_id, field="outcome")
+            self._conn.execute("INSERT INTO outcomes (device_id, round, outcome, ts) "
+                               "VALUES (?, ?, ?, ?)", (device_id, round, outcome, now))
+            if outcome == "accepted":
+                self._conn.execute("UPDATE devices SET participation = participation + 1 "
+                                   "WHERE device_id = ?", (device_id,))
+            self._conn.execute(
+                "DELETE FROM outcomes WHERE device_id = ? AND round < ("
+                "SELECT min(round) FROM (SELECT round FROM outcomes WHERE device_id = ? "
+                "ORDER BY round DESC LIMIT ?))", (device_id, device_id, self.history))
+            return True
+
+    def outcomes(self, device_id: str) -> builtins.list[Outcome]:
+        """The device's last ``history`` outcomes, oldest round first."""
+        device_id = validate_device_id(device_id)
+        with self._lock:
+            self._check_open()
+            rows = self._conn.execute("SELECT round, outcome, ts FROM outcomes "
+                                      "WHERE device_id = ? ORDER BY round", (device_id,)
+                                      ).fetchall()
+            if not rows:
+                self._get(device_id)  # raises UnknownDevice if it is not enrolled
+        return [Outcome(round=r, outcome=o, ts=t) for r, o, t in rows]
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _filters(where: Mapping[str, AttrValue] | None, seen_since: float | None
+                 ) -> tuple[builtins.list[str], builtins.list[object]]:
+        clauses: builtins.list[str] = []
+        params: builtins.list[object] = []
+        for name, value in validate_attributes(where).items():
+            # Names are restricted to [A-Za-z0-9_-] by validate_attributes: the quoted JSON
+            # path cannot be escaped, and it is still passed as a parameter.
+            clauses.append("json_extract(attributes, ?) = ?")
+            params += [f'$."{name}"', value]
+        if seen_since is not None:
+            clauses.append("last_seen >= ?")
+            params.append(_check_time(seen_since, "seen_since"))
+        return clauses, params
+
+    def scan(self, *, where: Mapping[str, AttrValue] | None = None,
+             seen_since: float | None = None, available_at: float | None = None,
+             batch_size: int = 1000) -> Iterator[Device]:
+        """Matching devices in device-id order, fetched ``batch_size`` at a time.
+
+        The lock is held only while a batch is fetched, so a long scan does not stall
+        writers; rows changed during the scan may or may not be seen, but none twice.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise RegistryError(f"batch_size must be an int >= 1, got {batch_size!r}",
+                                field="batch_size")
+        clauses, params = self._filters(where, seen_since)
+        if available_at is not None:
+            _check_time(available_at, "available_at")
+        return self._scan(clauses, params, available_at, batch_size)
+
+    def _scan(self, clauses: builtins.list[str], params: builtins.list[object],
+              available_at: float | None, batch_size: int) -> Iterator[Device]:
+        after = ""
+        while True:
+            sql = (f"SELECT {_COLUMNS} FROM devices WHERE "
+                   + " AND ".join([*clauses, "device_id > ?"])
+                   + " ORDER BY device_id LIMIT ?")
+            with self._lock:
+                self._check_open()
+                rows = self._conn.execute(sql, (*params, after, batch_size)).fetchall()
+            for row in rows:
+                device = _row_to_device(row)
+                if available_at is None or device.available_at(available_at):
+                    yield device
+            if len(rows) < batch_size:
+                return
+            after = rows[-1][0]
+
+    def list(self, *, where: Mapping[str, AttrValue] | None = None,
+             seen_since: float | None = None, available_at: float | None = None,
+             limit: int | None = None) -> builtins.list[Device]:
+        """Matching devices in device-id order, at most ``limit`` (all if ``None``)."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            raise RegistryError(f"limit must be an int >= 0 or None, got {limit!r}",
+                                field="limit")
+        it = self.scan(where=where, seen_since=seen_since, available_at=available_at)
+        return builtins.list(itertools.islice(it, limit))
+
+    def count(self, *, where: Mapping[str, AttrValue] | None = None,
+              seen_since: float | None = None, available_at: float | None = None) -> int:
+        """Number of matching devices (counted in SQL unless ``available_at`` is given)."""
+        if available_at is not None:
+            return sum(1 for _ in self.scan(where=where, seen_since=seen_since,
+                                            available_at=available_at))
+        clauses, params = self._filters(where, seen_since)
+        sql = "SELECT count(*) FROM devices" + (" WHERE " + " AND ".join(clauses)
+                                                if clauses else "")
+        with self._lock:
+            self._check_open()
+            return int(self._conn.execute(sql, params).fetchone()[0])
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the registry's lock; rolls back on error.
+
+    IMMEDIATE takes the database's write lock up front, so two registries writing the same
+    file queue on ``busy_timeout`` instead of failing half-way with a lock upgrade error.
+    """
+
+    def __init__(self, registry: SQLiteRegistry) -> None:
+        self._r = registry
+
+    def __enter__(self) -> None:
+        self._r._lock.acquire()
+        try:
+            self._r._check_open()
+            self._r._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._r._lock.release()
+            raise RegistryError(f"registry {self._r.path}: cannot start a write: {exc}"
+                                ) from None
+        except BaseException:
+            self._r._lock.release()
+            raise
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        conn = self._r._conn
+        try:
+            if exc is None:
+                try:
+                    conn.execute("COMMIT")
+                    return
+                except sqlite3.Error as commit_exc:
+                    exc = commit_exc
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        finally:
+            self._r._lock.release()
+        if isinstance(exc, sqlite3.Error):
+            raise RegistryError(f"registry {self._r.path}: write failed and was rolled back: "
+                                f"{exc}") from exc
