@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol, Union, runtime_checkable
 
+import numpy as np
+
 from shoal.errors import ShoalError
 
 __all__ = [
@@ -140,6 +142,8 @@ def validate_device_id(device_id: object) -> str:
 
 
 def _attr_value(value: object, where: str, device_id: str | None) -> AttrValue:
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()  # numpy scalars are stored as the Python number they hold
     # bool is an int subclass but would come back from JSON as true/false and compare as 1/0.
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RegistryError(f"{where} must be a str, int or float, got "
@@ -158,7 +162,8 @@ def validate_attributes(attributes: Mapping[str, object] | None, *,
     """Return a plain copy of ``attributes`` after checking names and values.
 
     Names match ``[A-Za-z_][A-Za-z0-9_-]{0,63}``; values are ``str`` (at most 256 characters),
-    ``int`` or finite ``float`` -- not ``bool``; at most 64 attributes.
+    ``int`` or finite ``float`` (numpy scalars are converted), not ``bool``; at most 64
+    attributes.
 
     Raises:
         RegistryError: naming the offending attribute.
@@ -356,6 +361,10 @@ class Device:
         if isinstance(p, bool) or not isinstance(p, int) or p < 0:
             raise RegistryError(f"participation must be an int >= 0, got {p!r}",
                                 device_id=device_id, field="participation")
+
+    def __hash__(self) -> int:
+        # The mappings are unhashable; equal records always share an id.
+        return hash(self.device_id)
 
     def available_at(self, now: float) -> bool:
         """Whether one of the device's windows covers ``now`` (always, if it declared none)."""

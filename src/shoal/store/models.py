@@ -49,6 +49,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+import numpy as np
+
 from shoal.errors import ConfigError, DataError, ShoalError
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
@@ -125,6 +127,9 @@ class ModelVersion:
     status: str
     sha256: str
     path: Path
+
+    def __hash__(self) -> int:
+        return hash(self.id)  # metrics is unhashable; equal versions share an id
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (``shoal models show --json``)."""
@@ -219,6 +224,8 @@ def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"metric names must be non-empty strings, got {name!r}",
                               key="metrics")
+        if isinstance(value, (np.integer, np.floating)):
+            value = value.item()  # evaluation code often hands back numpy scalars
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value):
             raise ConfigError(f"metric {name!r} must be a finite number, got {value!r}",
@@ -296,8 +303,7 @@ class ModelStore:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         self._cache = None
-        if not self.readonly:
-            self.readonly = True  # a closed writer can still answer queries, read-only
+        self.readonly = True  # a closed writer can still answer queries, read-only
 
     def __enter__(self) -> ModelStore:
         return self
@@ -316,13 +322,8 @@ class ModelStore:
             return self._cache
         return self._read_disk(create=False)
 
-    def _model_files(self) -> dict[int, str]:
-        files = {}
-        for p in self.dir.iterdir():
-            m = _MODEL_FILE.match(p.name)
-            if m:
-                files[int(m.group(1))] = p.name
-        return files
+    def _model_files(self) -> builtins.list[str]:
+        return [p.name for p in self.dir.iterdir() if _MODEL_FILE.match(p.name)]
 
     def _read_disk(self, *, create: bool) -> _Index:
         path = self.dir / _INDEX

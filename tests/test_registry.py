@@ -1,0 +1,372 @@
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import shoal.registry as registry_pkg
+from shoal.errors import ShoalError
+from shoal.registry import (
+    MINUTES_PER_WEEK,
+    Device,
+    Outcome,
+    Registry,
+    RegistryError,
+    SQLiteRegistry,
+    UnknownDevice,
+    minute_of_week,
+)
+
+UTC = timezone.utc
+# 2026-11-30 is a Monday.
+MONDAY = datetime(2026, 11, 30, tzinfo=UTC)
+
+
+def at(days: float = 0, hours: float = 0, minutes: float = 0) -> float:
+    """UNIX time of Monday 2026-11-30 00:00 UTC plus an offset."""
+    return (MONDAY + timedelta(days=days, hours=hours, minutes=minutes)).timestamp()
+
+
+@pytest.fixture()
+def reg(tmp_path):
+    r = SQLiteRegistry(tmp_path / "registry.db")
+    yield r
+    r.close()
+
+
+# --- time ----------------------------------------------------------------------------------
+
+
+@given(st.integers(min_value=-10**10, max_value=4 * 10**10), st.sampled_from([0.0, 0.25, 0.75]))
+@settings(max_examples=200, deadline=None)
+def test_minute_of_week_matches_the_calendar(seconds, fraction):
+    # Whole seconds plus an exact binary fraction: datetime's microsecond rounding is exact.
+    t = seconds + fraction
+    dt = datetime.fromtimestamp(t, UTC)
+    assert minute_of_week(t) == dt.weekday() * 1440 + dt.hour * 60 + dt.minute
+
+
+def test_windows_are_half_open_and_may_wrap_around_the_week():
+    d = Device("d", windows=[(10000, 60)])  # Sunday 22:40 -> Monday 01:00
+    assert not d.available_at(at(days=6, hours=22, minutes=39))
+    assert d.available_at(at(days=6, hours=22, minutes=40))
+    assert d.available_at(at(days=6, hours=23, minutes=59.9))
+    assert d.available_at(at(minutes=0))
+    assert d.available_at(at(minutes=59))
+    assert not d.available_at(at(minutes=60))
+    assert not d.available_at(at(days=3))
+    office = Device("o", windows=[(9 * 60, 17 * 60), (1440 + 9 * 60, 1440 + 17 * 60)])
+    assert office.available_at(at(hours=12)) and office.available_at(at(days=1, hours=9))
+    assert not office.available_at(at(hours=17)) and not office.available_at(at(days=2, hours=12))
+    assert Device("always", windows=[(0, MINUTES_PER_WEEK)]).available_at(at(days=6.99))
+    assert Device("undeclared").available_at(at(days=4, hours=3))
+
+
+# --- enrolment and records -----------------------------------------------------------------
+
+
+def test_enroll_and_get_round_trip(reg):
+    d = reg.enroll("phone-1", now=100.0, attributes={"os": "android", "sdk": 33, "score": 0.5},
+                   capabilities={"ram_mb": 2048, "accel": ["nnapi"]}, windows=[(10000, 60)])
+    assert d == reg.get("phone-1")
+    assert d.device_id == "phone-1"
+    assert dict(d.attributes) == {"os": "android", "sdk": 33, "score": 0.5}
+    assert type(d.attributes["sdk"]) is int and type(d.attributes["score"]) is float
+    assert dict(d.capabilities) == {"ram_mb": 2048, "accel": ["nnapi"]}
+    assert d.windows == ((10000, 60),)
+    assert (d.enrolled_at, d.last_seen, d.participation) == (100.0, 100.0, 0)
+    with pytest.raises(TypeError):
+        d.attributes["os"] = "ios"  # records are read-only
+
+
+def test_reenroll_updates_given_fields_and_keeps_history(reg):
+    reg.enroll("a", now=100.0, attributes={"os": "android"}, capabilities={"gpu": 1},
+               windows=[(0, 60)])
+    reg.record_outcome("a", 1, "accepted", now=150.0)
+    d = reg.enroll("a", now=200.0, attributes={"os": "ios"})
+    assert dict(d.attributes) == {"os": "ios"}
+    assert dict(d.capabilities) == {"gpu": 1} and d.windows == ((0, 60),)  # None keeps
+    assert (d.enrolled_at, d.last_seen, d.participation) == (100.0, 200.0, 1)
+    d = reg.enroll("a", now=50.0, windows=[])  # an explicit empty list clears
+    assert d.windows == () and d.last_seen == 200.0
+    assert reg.count() == 1
+
+
+def test_touch_only_moves_last_seen_forward(reg):
+    reg.enroll("a", now=100.0)
+    reg.touch("a", now=300.0)
+    reg.touch("a", now=200.0)  # a late, out-of-order report
+    assert reg.get("a").last_seen == 300.0
+    with pytest.raises(UnknownDevice, match="'ghost' is not enrolled"):
+        reg.touch("ghost", now=1.0)
+    with pytest.raises(UnknownDevice) as exc:
+        reg.get("ghost")
+    assert exc.value.device_id == "ghost" and isinstance(exc.value, LookupError)
+
+
+def test_outcomes_count_participation_and_replays_are_idempotent(reg):
+    reg.enroll("a", now=0.0)
+    assert reg.record_outcome("a", 1, "accepted", now=10.0) is True
+    assert reg.record_outcome("a", 2, "rejected:non_finite", now=20.0) is True
+    assert reg.record_outcome("a", 3, "dropped", now=30.0) is True
+    assert reg.record_outcome("a", 4, "late", now=40.0) is True
+    assert reg.record_outcome("a", 5, "accepted", now=50.0) is True
+    assert reg.record_outcome("a", 5, "accepted", now=55.0) is False  # replayed report
+    assert reg.get("a").participation == 2
+    with pytest.raises(RegistryError, match="already has outcome 'accepted' for round 5"):
+        reg.record_outcome("a", 5, "late", now=60.0)
+    got = reg.outcomes("a")
+    assert [(o.round, o.outcome, o.ts) for o in got] == [
+        (1, "accepted", 10.0), (2, "rejected:non_finite", 20.0), (3, "dropped", 30.0),
+        (4, "late", 40.0), (5, "accepted", 50.0)]
+    assert [o.kind for o in got] == ["accepted", "rejected", "dropped", "late", "accepted"]
+    assert reg.get("a").last_seen == 0.0  # outcomes do not count as contact
+    with pytest.raises(UnknownDevice):
+        reg.record_outcome("ghost", 1, "accepted", now=1.0)
+    with pytest.raises(UnknownDevice):
+        reg.outcomes("ghost")
+
+
+def test_outcome_history_is_trimmed_to_the_last_rounds(tmp_path):
+    with SQLiteRegistry(tmp_path / "r.db", history=3) as reg:
+        reg.enroll("a", now=0.0)
+        reg.enroll("b", now=0.0)
+        for rnd in (7, 1, 9, 3, 8):  # arrival order differs from round order
+            reg.record_outcome("a", rnd, "accepted", now=float(rnd))
+        reg.record_outcome("b", 1, "dropped", now=1.0)
+        assert [o.round for o in reg.outcomes("a")] == [7, 8, 9]
+        assert [o.round for o in reg.outcomes("b")] == [1]  # other devices untouched
+        assert reg.get("a").participation == 5  # trimming never forgets the count
+        rows = sqlite3.connect(tmp_path / "r.db").execute(
+            "SELECT count(*) FROM outcomes").fetchone()[0]
+        assert rows == 4
+
+
+def test_remove_forgets_device_and_its_outcomes(reg):
+    reg.enroll("a", now=0.0)
+    reg.record_outcome("a", 1, "accepted", now=1.0)
+    assert reg.remove("a") is True and reg.remove("a") is False
+    assert reg.count() == 0
+    reg.enroll("a", now=5.0)
+    assert reg.outcomes("a") == [] and reg.get("a").participation == 0
+
+
+# --- queries -------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def population(reg):
+    for i in range(10):
+        reg.enroll(f"d{i:02d}", now=float(i * 10),
+                   attributes={"region": "eu" if i < 6 else "us", "tier": i % 3},
+                   windows=[(0, 60)] if i % 2 == 0 else None)
+    return reg
+
+
+def test_filters_on_attributes_last_seen_and_availability(population):
+    reg = population
+    ids = lambda ds: [d.device_id for d in ds]  # noqa: E731
+    assert ids(reg.list()) == [f"d{i:02d}" for i in range(10)]
+    assert ids(reg.list(where={"region": "us"})) == ["d06", "d07", "d08", "d09"]
+    assert ids(reg.list(where={"region": "eu", "tier": 0})) == ["d00", "d03"]
+    assert ids(reg.list(where={"tier": 2.0})) == ["d02", "d05", "d08"]  # 2 == 2.0
+    assert reg.list(where={"tier": "2"}) == []  # but "2" != 2
+    assert reg.list(where={"missing": "x"}) == []
+    assert ids(reg.list(seen_since=70.0)) == ["d07", "d08", "d09"]
+    # Odd devices declared no window (always available); even ones only Monday 00:00-01:00.
+    assert ids(reg.list(available_at=at(hours=3))) == ["d01", "d03", "d05", "d07", "d09"]
+    assert len(reg.list(available_at=at(minutes=30))) == 10
+    assert ids(reg.list(where={"region": "eu"}, available_at=at(hours=3), limit=2)) == [
+        "d01", "d03"]
+    for kw in ({}, {"where": {"region": "us"}}, {"seen_since": 35.0},
+               {"available_at": at(hours=3)}, {"where": {"tier": 1}, "available_at": at()}):
+        assert reg.count(**kw) == len(reg.list(**kw))
+
+
+def test_scan_pages_through_everything_once(population):
+    got = [d.device_id for d in population.scan(batch_size=3)]
+    assert got == [d.device_id for d in population.list()]
+    got = [d.device_id for d in population.scan(where={"region": "eu"}, batch_size=2)]
+    assert got == ["d00", "d01", "d02", "d03", "d04", "d05"]
+    with pytest.raises(RegistryError, match="batch_size"):
+        population.scan(batch_size=0)
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"device_id": ""}, "device_id"),
+    ({"device_id": "x" * 129}, "device_id"),
+    ({"device_id": 17}, "device_id"),
+    ({"device_id": "bad\nid"}, "device_id"),
+    ({"attributes": {"ok": True}}, "attributes.ok"),
+    ({"attributes": {"ok": float("nan")}}, "attributes.ok"),
+    ({"attributes": {"ok": [1, 2]}}, "attributes.ok"),
+    ({"attributes": {"ok": "x" * 257}}, "attributes.ok"),
+    ({"attributes": {"a.b": 1}}, "attributes"),
+    ({"attributes": {"$": 1}}, "attributes"),
+    ({"attributes": {'x"]': 1}}, "attributes"),
+    ({"attributes": ["os", "android"]}, "attributes"),
+    ({"capabilities": {"x": float("inf")}}, "capabilities"),
+    ({"capabilities": {"x": object()}}, "capabilities"),
+    ({"capabilities": {1: "int key"}}, "capabilities"),
+    ({"capabilities": {"blob": "x" * 20_000}}, "capabilities"),
+    ({"windows": [(10080, 5)]}, "windows[0]"),
+    ({"windows": [(0, 60), (-1, 5)]}, "windows[1]"),
+    ({"windows": [(5, 5)]}, "windows[0]"),
+    ({"windows": [(1, 10081)]}, "windows[0]"),
+    ({"windows": [(1.5, 30)]}, "windows[0]"),
+    ({"windows": [(1, 2, 3)]}, "windows[0]"),
+    ({"windows": "0-60"}, "windows"),
+    ({"now": float("nan")}, "now"),
+    ({"now": None}, "now"),
+])
+def test_invalid_enrolment_is_refused_and_changes_nothing(reg, kwargs, field):
+    reg.enroll("keep", now=1.0, attributes={"os": "ios"})
+    args = {"device_id": "new", "now": 2.0, **kwargs}
+    device_id = args.pop("device_id")
+    with pytest.raises(RegistryError) as exc:
+        reg.enroll(device_id, **args)
+    assert exc.value.field == field
+    assert isinstance(exc.value, ShoalError)
+    assert [d.device_id for d in reg.list()] == ["keep"]
+
+
+def test_error_messages_name_the_field_and_the_bound(reg):
+    with pytest.raises(RegistryError, match=r"windows\[0\]\.start = 10080 must be in \[0, 10080\)"):
+        reg.enroll("a", now=0.0, windows=[(10080, 5)])
+    with pytest.raises(RegistryError, match="device_id must have 1 to 128 characters, got 129"):
+        reg.enroll("x" * 129, now=0.0)
+    with pytest.raises(RegistryError, match="attributes.ok must be a str, int or float, got bool"):
+        reg.enroll("a", now=0.0, attributes={"ok": True})
+
+
+@pytest.mark.parametrize("outcome", ["ok", "rejected:", "accepted ", "Accepted", None,
+                                     "rejected:" + "x" * 65, "rejected:bad\x00"])
+def test_invalid_outcomes_are_refused_and_change_nothing(reg, outcome):
+    reg.enroll("a", now=0.0)
+    with pytest.raises(RegistryError, match="outcome must be"):
+        reg.record_outcome("a", 1, outcome, now=1.0)
+    with pytest.raises(RegistryError, match="round must be an int >= 0"):
+        reg.record_outcome("a", -1, "accepted", now=1.0)
+    assert reg.outcomes("a") == [] and reg.get("a").participation == 0
+
+
+def test_records_validate_like_the_store():
+    with pytest.raises(RegistryError, match="participation"):
+        Device("a", participation=-1)
+    with pytest.raises(RegistryError, match="outcome must be"):
+        Outcome(round=1, outcome="maybe", ts=0.0)
+
+
+def test_numpy_scalars_are_stored_as_python_numbers(reg):
+    d = reg.enroll("a", now=np.float64(5.0), attributes={"sdk": np.int64(33),
+                                                          "score": np.float32(0.5)})
+    assert dict(d.attributes) == {"sdk": 33, "score": 0.5}
+    assert type(d.attributes["sdk"]) is int and type(d.attributes["score"]) is float
+    with pytest.raises(RegistryError, match="attributes.flag must be a str, int or float"):
+        reg.enroll("b", now=0.0, attributes={"flag": np.bool_(True)})
+
+
+def test_hostile_ids_are_stored_verbatim(reg):
+    evil = "x'); DROP TABLE devices; --"
+    reg.enroll(evil, now=0.0, attributes={"note": "'; DELETE FROM outcomes; --"})
+    assert reg.get(evil).attributes["note"] == "'; DELETE FROM outcomes; --"
+    assert reg.count(where={"note": "'; DELETE FROM outcomes; --"}) == 1
+
+
+# --- the file ------------------------------------------------------------------------------
+
+
+def test_file_layout_wal_schema_version_and_persistence(tmp_path):
+    path = tmp_path / "r.db"
+    with SQLiteRegistry(path) as reg:
+        reg.enroll("a", now=1.0, attributes={"os": "android"})
+        reg.record_outcome("a", 1, "accepted", now=2.0)
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"schema_version", "devices", "outcomes"}
+    raw.close()
+    with SQLiteRegistry(path) as reg:
+        assert reg.get("a").participation == 1 and dict(reg.get("a").attributes) == {
+            "os": "android"}
+
+
+def test_refuses_newer_schema_and_foreign_files(tmp_path):
+    path = tmp_path / "r.db"
+    SQLiteRegistry(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE schema_version SET version = 99")
+    raw.commit()
+    raw.close()
+    with pytest.raises(RegistryError, match="schema version 99; this shoal reads version 1"):
+        SQLiteRegistry(path)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RegistryError, match="not a usable SQLite database"):
+        SQLiteRegistry(junk)
+
+
+def test_closed_registry_refuses_calls(tmp_path):
+    reg = SQLiteRegistry(tmp_path / "r.db")
+    reg.close()
+    reg.close()  # idempotent
+    with pytest.raises(RegistryError, match="is closed"):
+        reg.get("a")
+    with pytest.raises(RegistryError, match="is closed"):
+        reg.enroll("a", now=0.0)
+
+
+def test_two_registries_on_one_file_see_each_other_and_do_not_lose_writes(tmp_path):
+    path = tmp_path / "shared.db"
+    a, b = SQLiteRegistry(path), SQLiteRegistry(path)
+    a.enroll("dev", now=0.0)
+    assert b.get("dev").device_id == "dev"
+    errors = []
+
+    def worker(reg, rounds):
+        try:
+            for r in rounds:
+                reg.record_outcome("dev", r, "accepted", now=float(r))
+                reg.touch("dev", now=float(r))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(a, range(0, 60, 2))),
+               threading.Thread(target=worker, args=(b, range(1, 60, 2)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert a.get("dev").participation == 60 and b.get("dev").last_seen == 59.0
+    assert [o.round for o in b.outcomes("dev")] == list(range(40, 60))
+    a.close()
+    b.close()
+
+
+def test_one_registry_can_be_shared_by_threads(reg):
+    reg.enroll("dev", now=0.0)
+    threads = [threading.Thread(target=lambda k=k: [reg.record_outcome(
+        "dev", 100 * k + r, "accepted", now=0.0) for r in range(20)]) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reg.get("dev").participation == 60
+
+
+def test_public_api():
+    assert isinstance(SQLiteRegistry(":memory:"), Registry)
+    assert all(hasattr(registry_pkg, name) for name in registry_pkg.__all__)
+    assert issubclass(RegistryError, ShoalError) and issubclass(UnknownDevice, RegistryError)
+    with pytest.raises(RegistryError, match="history"):
+        SQLiteRegistry(":memory:", history=0)
