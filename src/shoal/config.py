@@ -161,6 +161,25 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_staleness": Option(int, 5, "a client more versions behind than this gets the "
                                 "full model", min=0, max=1000),
     },
+    "secure_aggregation": {
+        "enabled": Option(bool, False, "aggregate with SecAgg+ (pairwise masks from X25519, "
+                          "Shamir shares, dropout recovery): the server sees only the sum"),
+        "clip": Option(float, 0.5, "per-coordinate range [-clip, clip] of the fixed-point "
+                       "encoding (larger values are clipped)", min=0.0, min_exclusive=True),
+        "value_bits": Option(int, 20, "quantization bits per coordinate (stochastic "
+                             "rounding)", min=2, max=40),
+        "max_weight": Option(int, 4096, "largest per-client weight (example count) that is "
+                             "masked; larger counts are capped", min=1, max=1_000_000),
+        "neighbours": Option(int, 0, "SecAgg+ neighbours k; 0 = from the cohort size, "
+                             "dropout and corrupt_rate; -1 = complete graph (SecAgg)",
+                             min=-1),
+        "threshold": Option(int, 0, "Shamir threshold t; 0 = with k", min=0),
+        "dropout": Option(float, 0.0, "simulated fraction of each cohort that vanishes "
+                          "after sharing keys (their masks are recovered)", min=0.0,
+                          max=0.5),
+        "corrupt_rate": Option(float, 0.05, "assumed fraction of clients colluding with "
+                               "the server (sets k and t)", min=0.0, max=0.45),
+    },
     "privacy": {
         "placement": Option(str, "none", "differential privacy: 'central' (server clips "
                             "and adds noise), 'local' (each client does), or 'none'",
@@ -304,6 +323,18 @@ def _check_consistency(v: dict[str, dict[str, Any]]) -> None:
     if p["adaptive_clipping"] and p["placement"] != "central":
         raise ConfigError("privacy.adaptive_clipping needs privacy.placement = 'central'",
                           key="privacy.adaptive_clipping")
+    if v["secure_aggregation"]["enabled"]:
+        if p["placement"] != "none":
+            raise ConfigError("secure_aggregation.enabled cannot be combined with "
+                              f"privacy.placement = {p['placement']!r} yet: the server cannot "
+                              "clip updates it cannot see, and distributed noise with secure "
+                              "aggregation is not implemented (docs/privacy.md)",
+                              key="secure_aggregation.enabled")
+        if v["compression"]["upload"].strip() not in ("", "none"):
+            raise ConfigError("secure_aggregation.enabled cannot be combined with "
+                              "compression.upload: masked vectors are uniformly random and "
+                              "do not compress; set secure_aggregation.value_bits instead",
+                              key="compression.upload")
     from shoal.codec import Chain
 
     Chain.parse(v["compression"]["upload"], key="compression.upload")

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from shoal import seeds
-from shoal.errors import ConfigError, UpdateRejected
+from shoal.errors import ConfigError, ProtocolError, UpdateRejected
 from shoal.strategy import ServerState, Strategy
 
 __all__ = [
@@ -219,6 +219,7 @@ class Coordinator:
         self.evaluate = evaluate
         self.clock = clock
         self.aggregation = aggregation
+        self.last_abort: ProtocolError | None = None
 
     def cohort(self, round: int, attempt: int = 0) -> np.ndarray:
         """The clients sampled for ``round`` (and retry ``attempt`` of it); the same for the
@@ -290,13 +291,21 @@ class Coordinator:
         privacy: dict[str, float] = {}
         if self.aggregation is not None:
             committed = acc.count > 0 or self.aggregation.always_commits
+            new_state = state
             if committed:
-                mean, privacy = self.aggregation.finish(acc, rnd)
-                single = self.strategy.accumulator(state)
-                single.add(mean, 1.0)
-                new_state = self.strategy.apply(state, single)
-            else:
-                new_state = state
+                try:
+                    mean, privacy = self.aggregation.finish(acc, rnd)
+                except ProtocolError as exc:
+                    # e.g. secure aggregation lost too many clients: nothing is revealed and
+                    # the round is abandoned (the caller may retry with a fresh cohort)
+                    committed = False
+                    rejected["aggregation_aborted"] += 1
+                    privacy = {"aborted": 1.0}
+                    self.last_abort = exc
+                else:
+                    single = self.strategy.accumulator(state)
+                    single.add(mean, 1.0)
+                    new_state = self.strategy.apply(state, single)
         else:
             committed = acc.count > 0
             new_state = self.strategy.apply(state, acc) if committed else state

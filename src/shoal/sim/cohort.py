@@ -153,16 +153,19 @@ class CohortTrainer:
         plan = _plan(client_indices, config, rngs)
         k = len(client_indices)
         g = torch.tensor(global_params, dtype=torch.float32)  # a copy: the input may be read-only
-        # One (k, D) buffer, row j = the j-th client in plan order; each named tensor is a
-        # strided view into it, so the deltas come out with one in-place subtraction.
-        flat = g.expand(k, self.spec.size).clone()
-        stacked = {t.name: flat[:, t.offset:t.stop].view(k, *t.shape)
+        # Each tensor stacked contiguously, (k, *shape), row j = the j-th client in plan
+        # order: batched matmuls need each client's matrix contiguous (strided views into one
+        # (k, D) buffer halve their speed). The deltas are then written once into (k, D).
+        stacked = {t.name: g[t.offset:t.stop].view(t.shape).expand(k, *t.shape).clone()
                    for t in self.spec.tensors}
         if self.engine == "fused":
             loss = self._run_fused(stacked, g, plan, config)
         else:
             loss = self._run_vmap(stacked, g, plan, config)
-        flat.sub_(g)
+        flat = torch.empty((k, self.spec.size), dtype=torch.float32)
+        for t in self.spec.tensors:
+            torch.sub(stacked[t.name].reshape(k, -1), g[t.offset:t.stop],
+                      out=flat[:, t.offset:t.stop])
         sizes = plan.sizes[plan.order]
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_loss = loss / np.where(sizes > 0, sizes * config.epochs, 0)
@@ -198,13 +201,12 @@ class CohortTrainer:
             a = int(plan.active[s])
             xb, yb, w, valid = self._batch(plan, s)
             acts = [xb]
-            pre = []
             h = xb
             for i, (wt, bs) in enumerate(layers):
                 z = torch.baddbmm(bs[:a].unsqueeze(1), h, wt[:a].transpose(1, 2))
                 if i < len(layers) - 1:
-                    pre.append(z)
-                    h = torch.relu(z)
+                    # in place: relu(z) > 0 exactly where z > 0, so h also gives the mask
+                    h = z.relu_()
                     acts.append(h)
             logz = torch.log_softmax(z, dim=2)
             nll = -logz.gather(2, yb.unsqueeze(2)).squeeze(2)
@@ -215,7 +217,7 @@ class CohortTrainer:
             for i in range(len(layers) - 1, -1, -1):
                 wt, bs = layers[i]
                 wa, ba = wt[:a], bs[:a]
-                dh = torch.bmm(dz, wa).mul_(pre[i - 1] > 0) if i > 0 else None
+                dh = torch.bmm(dz, wa).mul_(acts[i] > 0) if i > 0 else None
                 # SGD step fused into the weight gradient: w <- (1 - lr mu) w - lr dz^T h
                 wa.baddbmm_(dz.transpose(1, 2), acts[i], beta=1.0 - lr * mu, alpha=-lr)
                 ba.mul_(1.0 - lr * mu).sub_(dz.sum(dim=1), alpha=lr)

@@ -21,11 +21,13 @@ from shoal.uplink import Downlink, Uplink
 __all__ = ["InProcessPool", "auto_chunk"]
 
 
-def auto_chunk(model_size: int, budget_bytes: int = 24 << 20) -> int:
+def auto_chunk(model_size: int, budget_bytes: int = 96 << 20) -> int:
     """Clients per stacked chunk so the chunk's float32 models take about ``budget_bytes``.
 
-    24 MiB keeps a chunk's weights, their updates and activations near the cache on small
-    machines while the batched matmuls stay large enough to use every core.
+    Larger chunks mean larger batched matmuls and fewer passes; the budget bounds memory
+    (the stacked models and the chunk's (k, D) update matrix each take about this much).
+    Measured on config L (2NN, 100 clients per round): chunks of 100 clients ran 1.5x faster
+    than chunks of 31 and 2x faster than chunks of 16.
     """
     return max(4, budget_bytes // max(1, 4 * model_size))
 

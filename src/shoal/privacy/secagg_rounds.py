@@ -1,0 +1,123 @@
+"""Secure aggregation as the round engine sees it: an aggregation plug for simulated rounds.
+
+:class:`SecAggAggregation` satisfies the coordinator's ``Aggregation`` protocol. It collects a
+round's updates, then runs the real SecAgg / SecAgg+ state machines of
+:mod:`shoal.privacy.secagg` in process (X25519, AES-GCM, AES-CTR masks, Shamir shares), with
+the configured fraction of clients vanishing after ShareKeys -- the case that forces the
+server to reconstruct their pairwise masks -- and returns the weighted mean the server learns
+from the unmasked sum. The server side never sees an individual update; in simulation the
+collector holds the cohort's updates only because it also plays every client (memory
+O(cohort x model), unlike the streaming aggregators).
+
+Weighting: each client masks ``w * x`` and ``w`` with ``w = min(examples, max_weight)``, so
+the unmasked sum yields the example-weighted FedAvg mean, clipped to ``[-clip, clip]`` per
+coordinate and quantized to ``value_bits`` (stochastic rounding, unbiased).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from shoal.errors import UpdateRejected
+from shoal.privacy.secagg_driver import SecAggConfig, run_secagg_round
+from shoal.privacy.secagg_encoding import FixedPoint
+from shoal.privacy.secagg_graph import secagg_parameters
+from shoal.privacy.secagg_messages import Stage
+
+__all__ = ["SecAggAggregation"]
+
+
+class _Collector:
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.rows: list[np.ndarray] = []
+        self.weights: list[float] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def add(self, update: np.ndarray, weight: float) -> None:
+        self.add_stacked(np.asarray(update)[None, :], np.array([weight]))
+
+    def add_stacked(self, updates: np.ndarray, weights: np.ndarray) -> None:
+        if updates.ndim != 2 or updates.shape[1] != self.dim:
+            raise UpdateRejected("wrong_shape", f"expected rows of {self.dim} values, got "
+                                 f"shape {updates.shape}")
+        if not np.isfinite(updates).all():
+            raise UpdateRejected("non_finite", "an update holds NaN or infinity")
+        if not (np.isfinite(weights).all() and (weights > 0).all()):
+            raise UpdateRejected("bad_weight", "weights must be finite and > 0")
+        self.rows.extend(np.array(updates, dtype=np.float32, copy=True))
+        self.weights.extend(float(w) for w in weights)
+
+
+class SecAggAggregation:
+    """Simulated SecAgg+ rounds.
+
+    Args:
+        clip: per-coordinate clipping range c of the fixed-point encoding.
+        value_bits: quantization bits per coordinate.
+        max_weight: largest per-client weight (example count); larger counts are capped.
+        neighbours, threshold: k and t; 0 picks them from the cohort size, ``dropout`` and
+            ``corrupt_rate`` (Bell et al. 2020 via Google's parameter search); use
+            ``neighbours = -1`` for the complete graph (plain SecAgg).
+        dropout: fraction of each cohort that vanishes after ShareKeys (simulated).
+        corrupt_rate: fraction of clients assumed to collude with the server (for k and t).
+        rng_for_round: stochastic rounding and the choice of who drops out.
+    """
+
+    always_commits = False
+
+    def __init__(self, *, clip: float, value_bits: int, max_weight: int, neighbours: int,
+                 threshold: int, dropout: float, corrupt_rate: float,
+                 rng_for_round: Callable[[int], np.random.Generator]) -> None:
+        self.encoding = FixedPoint(clip=clip, value_bits=value_bits, max_weight=max_weight)
+        self.neighbours = neighbours
+        self.threshold = threshold
+        self.dropout = dropout
+        self.corrupt_rate = corrupt_rate
+        self.rng_for_round = rng_for_round
+
+    def config_for(self, n: int) -> SecAggConfig:
+        if self.neighbours == -1:
+            return SecAggConfig(self.encoding, None, self.threshold or None)
+        if self.neighbours == 0:
+            k, t = secagg_parameters(n, max(self.dropout, 1e-3), max(self.corrupt_rate, 1e-3))
+        else:
+            k = min(self.neighbours, n - 1)
+            t = self.threshold or k // 2 + 1
+        return SecAggConfig(self.encoding, k, self.threshold or t)
+
+    def begin(self, round: int, dim: int) -> _Collector:
+        return _Collector(dim)
+
+    def finish(self, acc: _Collector, round: int) -> tuple[np.ndarray, dict[str, float]]:
+        """Run the protocol over the collected updates.
+
+        Raises:
+            SecAggAborted: too few survivors in some neighbourhood; nothing is revealed.
+        """
+        rng = self.rng_for_round(round)
+        n = acc.count
+        ids = list(range(n))
+        weights = {i: int(min(max(1, round_half(w)), self.encoding.max_weight))
+                   for i, w in zip(ids, acc.weights)}
+        drops = {i for i in ids if rng.random() < self.dropout}
+        config = self.config_for(n)
+        result = run_secagg_round(dict(zip(ids, acc.rows)), weights, config,
+                                  {Stage.SHARE_KEYS: drops} if drops else None, rng)
+        params = config.params_for(n, acc.dim)
+        return result.mean.astype(np.float32), {
+            "secagg_included": float(len(result.included)),
+            "secagg_dropped": float(len(drops)),
+            "secagg_neighbours": float(params.neighbours),
+            "secagg_threshold": float(params.threshold),
+            "secagg_ring_bits": float(params.bits),
+        }
+
+
+def round_half(w: float) -> int:
+    return int(np.floor(w + 0.5))
