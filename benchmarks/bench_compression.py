@@ -23,9 +23,10 @@ import numpy as np
 
 DEFAULT_CHAINS = [
     ("none", False), ("fp16", False), ("bf16", False), ("q8", False), ("q8+zstd", False),
-    ("q4", False), ("q4+zstd", True), ("q2+zstd", True), ("sign", True),
-    ("topk(0.1)+q8+zstd", True), ("topk(0.05)+q8+zstd", True), ("topk(0.02)+q8+zstd", True),
-    ("topk(0.01)+q8+zstd", True), ("randk(0.1)+q8+zstd", False),
+    ("q4", False), ("q4+zstd", True), ("q2(1024)+zstd", True), ("sign", True),
+    ("topk(0.2)+q2(1024)+zstd", True), ("topk(0.15)+q2+zstd", True),
+    ("topk(0.1)+q2+zstd", True), ("topk(0.05)+q8+zstd", True), ("topk(0.01)+q8+zstd", True),
+    ("randk(0.1)+q8+zstd", False),
 ]
 
 

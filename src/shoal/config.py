@@ -170,9 +170,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
                              "rounding)", min=2, max=40),
         "max_weight": Option(int, 4096, "largest per-client weight (example count) that is "
                              "masked; larger counts are capped", min=1, max=1_000_000),
-        "neighbours": Option(int, 0, "SecAgg+ neighbours k; 0 = from the cohort size, "
-                             "dropout and corrupt_rate; -1 = complete graph (SecAgg)",
-                             min=-1),
+        "neighbours": Option(int, 0, "SecAgg+ neighbours k; 0 = automatic (complete graph "
+                             "with a majority threshold below 100 clients, else the SecAgg+ "
+                             "parameter search from dropout and corrupt_rate); -1 = complete "
+                             "graph (SecAgg)", min=-1),
         "threshold": Option(int, 0, "Shamir threshold t; 0 = with k", min=0),
         "dropout": Option(float, 0.0, "simulated fraction of each cohort that vanishes "
                           "after sharing keys (their masks are recovered)", min=0.0,

@@ -26,7 +26,10 @@ from shoal.privacy.secagg_encoding import FixedPoint
 from shoal.privacy.secagg_graph import secagg_parameters
 from shoal.privacy.secagg_messages import Stage
 
-__all__ = ["SecAggAggregation"]
+__all__ = ["SecAggAggregation", "SPARSE_FROM"]
+
+#: Cohorts at least this large use SecAgg+ neighbourhoods when k is chosen automatically.
+SPARSE_FROM = 100
 
 
 class _Collector:
@@ -82,8 +85,17 @@ class SecAggAggregation:
         self.rng_for_round = rng_for_round
 
     def config_for(self, n: int) -> SecAggConfig:
-        if self.neighbours == -1:
-            return SecAggConfig(self.encoding, None, self.threshold or None)
+        """k and t for a cohort of ``n``.
+
+        Automatic choice (``neighbours = 0``): below :data:`SPARSE_FROM` clients the complete
+        graph with a majority threshold t = floor((n - 1) / 2) + 1 (tolerates nearly half of
+        the cohort vanishing; secure against fewer than t colluding clients); from there on
+        the SecAgg+ parameter search, whose small-n answers (k = 2, t = 2 at n = 10) cannot
+        survive a single dropout in a neighbourhood.
+        """
+        if self.neighbours == -1 or (self.neighbours == 0 and n < SPARSE_FROM):
+            t = self.threshold or (n - 1) // 2 + 1
+            return SecAggConfig(self.encoding, None, max(1, min(t, n - 1)))
         if self.neighbours == 0:
             k, t = secagg_parameters(n, max(self.dropout, 1e-3), max(self.corrupt_rate, 1e-3))
         else:

@@ -292,8 +292,11 @@ class Experiment:
                     if rec.committed:
                         break
                 else:
+                    why = (f"secure aggregation aborted ({self.coordinator.last_abort})"
+                           if rec.rejected.get("aggregation_aborted")
+                           else "no sampled client had data")
                     raise ShoalError(f"round {rnd} did not commit after {MAX_ATTEMPTS} "
-                                     f"cohorts: no sampled client had data")
+                                     f"cohorts: {why}")
                 do_eval = rnd % every == 0 or rnd == self.cfg.rounds
                 submit(rec, state.params if do_eval else None)
             if stopped and pending and pending[-1][1] is None and pending[-1][0].round > 0:
