@@ -1,5 +1,6 @@
-"""Durable storage of models and run state."""
+"""Durable storage of models and run state: checkpoints and the versioned model store."""
 
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shoal.store.models import ModelStore, ModelVersion
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "ModelStore", "ModelVersion", "load_checkpoint", "save_checkpoint"]

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 
 from shoal.errors import DataError
 from shoal.params import ParamSpec
+from shoal.store.atomic import replace_atomically
 from shoal.strategy import ServerState
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint"]
@@ -60,17 +59,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
     buf = io.BytesIO()
     np.savez(buf, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
              **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, buf.getbuffer())
     return digest
 
 

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any, Literal
 import numpy as np
 
 from shoal.errors import ConfigError, DataError, ShoalError
+from shoal.store.atomic import fsync_dir, replace_atomically
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -179,28 +179,9 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Write ``doc`` to ``path``: temporary file, fsync, rename (the caller fsyncs the
-    directory)."""
-    data = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``doc`` to ``path`` atomically (the caller fsyncs the directory)."""
+    replace_atomically(path, json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode())
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -339,7 +320,7 @@ class ModelStore:
             index = _Index()
             if create:
                 _replace_json(path, index.to_json())
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             return index
         try:
             return self._parse(json.loads(text))
@@ -383,13 +364,13 @@ class ModelStore:
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
         if removed:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return tuple(removed)
 
     def _write(self, index: _Index) -> None:
         _replace_json(self.dir / _INDEX, index.to_json())
         self._cache = index  # on disk from here on, whatever happens next
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _writable(self) -> _Index:
         if self.readonly:
@@ -526,7 +507,7 @@ class ModelStore:
         path = self.dir / _file_name(vid)
         try:
             save_checkpoint(path, checkpoint)
-            _fsync_dir(self.dir)  # the file's name is durable before the index points at it
+            fsync_dir(self.dir)  # the file's name is durable before the index points at it
             index.versions[vid] = {"id": vid, "parent": parent, "round": round,
                                    "created": now, "metrics": metrics, "status": "candidate",
                                    "sha256": _file_sha256(path), "file": path.name}
