@@ -279,9 +279,9 @@ class Coordinator:
                     acc.add(item.delta, float(item.num_examples))
                     examples += int(item.num_examples)
                     bytes_up += int(item.metrics.get("upload_bytes", 0))
-                    loss = item.metrics.get("loss")
-                    if loss is not None and np.isfinite(loss):
-                        loss_sum += float(loss) * item.num_examples
+                    one_loss = item.metrics.get("loss")
+                    if one_loss is not None and np.isfinite(one_loss):
+                        loss_sum += float(one_loss) * item.num_examples
                         loss_weight += int(item.num_examples)
             except UpdateRejected as exc:
                 rejected[exc.reason] += 1

@@ -85,7 +85,7 @@ class Uplink:
         blob = to_bytes(encoded)
         return from_bytes(blob, max_elements=self.dim), len(blob)
 
-    def process_rows(self, client_ids: Sequence[int], deltas: np.ndarray,
+    def process_rows(self, client_ids: Sequence[int] | np.ndarray, deltas: np.ndarray,
                      rngs: Sequence[np.random.Generator]) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`process` for each row of ``deltas`` (in place when rows change)."""
         sizes = np.full(len(client_ids), self._raw_size, dtype=np.int64)
@@ -137,7 +137,8 @@ class Downlink:
         self._sync = _Sync(ModelHistory(max_staleness + 1), {})
         self._raw_size = raw_wire_size(dim) if not self.codec.stages else None
 
-    def send(self, version: int, params: np.ndarray, client_ids: Sequence[int]) -> np.ndarray:
+    def send(self, version: int, params: np.ndarray, client_ids: Sequence[int] | np.ndarray
+             ) -> np.ndarray:
         """Bytes each client downloads to get model ``version``; records that they synced.
 
         Clients sharing a base version share one encoding (it is the same payload).

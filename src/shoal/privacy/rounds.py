@@ -122,6 +122,7 @@ class DPAggregation:
     def begin(self, round: int, dim: int):
         if self.placement == "local":
             return _UniformMean(dim)
+        assert self.central is not None and self.dp_state is not None  # set for "central"
         return _CentralAdapter(self.central, self.dp_state, dim)
 
     def finish(self, acc, round: int) -> tuple[np.ndarray, dict[str, float]]:
@@ -129,6 +130,7 @@ class DPAggregation:
         if self.placement == "local":
             mean = (acc.sum / acc.count).astype(np.float32)
         else:
+            assert self.rng_for_round is not None  # checked in __init__ for "central"
             res = acc.acc.finish(self.rng_for_round(round))
             self.dp_state = res.state
             mean = res.mean
