@@ -11,6 +11,7 @@ from shoal.cli import main
 from shoal.config import load_config
 from shoal.coordinator import Coordinator, PoissonSampler
 from shoal.errors import BudgetExhausted
+from shoal.privacy import CentralDP
 from shoal.privacy.accountant import RoundEvent
 from shoal.privacy.rounds import BudgetPolicy, DPAggregation
 from shoal.sim.experiment import Experiment
@@ -109,8 +110,8 @@ def test_poisson_sampler_rate_and_noise_only_rounds_commit():
     pool = _Pool()
     agg = DPAggregation("central", RoundEvent.poisson(0.05, 1.0), BudgetPolicy(0.0, 1e-5),
                         rng_for_round=lambda r: np.random.default_rng(r),
-                        central=__import__("shoal.privacy", fromlist=["CentralDP"]).CentralDP(
-                            1.0, 1.0, 50.0))
+                        central=CentralDP(noise_multiplier=1.0, clip_norm=1.0,
+                                          expected_clients=50.0))
     coord = Coordinator(FedAvg(), pool, PoissonSampler(0.05), seed=0, aggregation=agg)
     sizes = [len(coord.cohort(r)) for r in range(1, 201)]
     assert 45 < np.mean(sizes) < 55 and np.std(sizes) > 2  # binomial(1000, 0.05)
