@@ -60,7 +60,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _config_from_args(args: argparse.Namespace) -> Config:
+def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     overrides = _parse_set(args.set or [])
     for flag, key in (("rounds", "rounds"), ("clients", "data.clients"),
                       ("per_round", "sampling.per_round"), ("seed", "seed"),
@@ -68,7 +68,11 @@ def _config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, _overrides_from_args(args))
 
 
 def _fmt(v: float, digits: int = 4) -> str:
@@ -106,9 +110,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from shoal.rundir import make_run_dir, write_run
     from shoal.sim.experiment import Experiment
-    from shoal.store import Checkpoint
 
-    cfg = _config_from_args(args)
+    resume = None
+    if args.resume:
+        from shoal.config import parse_config
+        from shoal.store import load_checkpoint
+
+        resume = load_checkpoint(args.resume)
+        if args.config is None and "config" in resume.meta:
+            # continue with the checkpoint's own config; flags and --set still override
+            base = parse_config(resume.meta["config"])
+            cfg = base.with_overrides(_overrides_from_args(args))
+        else:
+            cfg = _config_from_args(args)
+    else:
+        cfg = _config_from_args(args)
     err = sys.stderr
     if not args.quiet:
         smp = cfg["sampling"]
@@ -136,16 +152,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if rec.round > 0:
             bar.update(1)
 
+    state = exp.restore(resume) if resume is not None else None
+    if state is not None:
+        bar.update(state.round)
     try:
-        result = exp.run(on_round)
+        result = exp.run(on_round, state=state)
     finally:
         bar.close()
     run_dir = make_run_dir(cfg)
     summary = result.summary()
     summary["run_dir"] = str(run_dir)
-    ckpt = Checkpoint(state=result.state, spec=result.spec, seed=cfg.seed,
-                      meta={"model": cfg["model"]["name"], "strategy": cfg["strategy"]["name"],
-                            "final_accuracy": summary["final_accuracy"]})
+    ckpt = exp.checkpoint(result.state)
+    ckpt.meta["final_accuracy"] = summary["final_accuracy"]
     write_run(run_dir, cfg, result.records, ckpt, summary)
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -220,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "progress, print a summary and write a run directory.",
         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(run)
+    run.add_argument("--resume", metavar="CHECKPOINT",
+                     help="continue from a run directory's model.npz (with its config unless "
+                          "CONFIG is given); e.g. --resume runs/X/model.npz --rounds 60")
     run.add_argument("--json", action="store_true",
                      help="print the summary as one JSON object on stdout")
     run.add_argument("-v", "--verbose", action="store_true",

@@ -177,3 +177,19 @@ class DPAggregation:
         return {"ledger": self.ledger.to_dict(),
                 "clip_norm": None if self.dp_state is None else self.dp_state.clip_norm,
                 "dp_round": None if self.dp_state is None else self.dp_state.round}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore :meth:`state_dict` (a resumed run keeps its spent budget and clip norm).
+
+        Raises:
+            PrivacyError: the saved ledger was kept with another accountant.
+        """
+        ledger = PrivacyLedger.from_dict(d["ledger"])
+        if ledger.accountant != self.ledger.accountant:
+            raise PrivacyError(f"the checkpoint's privacy ledger used the "
+                               f"{ledger.accountant!r} accountant, this run "
+                               f"{self.ledger.accountant!r}")
+        self.ledger = ledger
+        if self.dp_state is not None and d.get("clip_norm") is not None:
+            self.dp_state = CentralDPState(clip_norm=float(d["clip_norm"]),
+                                           round=int(d.get("dp_round") or 0))

@@ -28,12 +28,13 @@ from shoal.coordinator import (Coordinator, PoissonSampler, RoundRecord, Sampler
 from shoal.data import FederatedData, load_fashion_mnist
 from shoal.data.partition import partition
 from shoal.data.synthetic import make_synthetic
-from shoal.errors import ShoalError
+from shoal.errors import ConfigError, ShoalError
 from shoal.frameworks.torch import FlatModule
 from shoal.models import build_model
 from shoal.params import ParamSpec
 from shoal.sim.cohort import CohortTrainer
 from shoal.sim.pool import InProcessPool
+from shoal.store import Checkpoint
 from shoal.strategy import ServerState, Strategy, make_strategy
 from shoal.training import LocalTrainConfig, evaluate
 from shoal.uplink import Downlink, Uplink
@@ -239,6 +240,46 @@ class Experiment:
             self.privacy.check_plan(cfg.rounds)
         self.initial_params = self.eval_model.get()
         self.startup_seconds = time.perf_counter() - t0
+
+    def checkpoint(self, state: ServerState) -> Checkpoint:
+        """Everything needed to resume this run after ``state``: the model, the strategy
+        state, the round, the seed, the resolved config and the privacy ledger."""
+        meta: dict = {"config": self.cfg.to_dict(), "model": self.cfg["model"]["name"],
+                      "strategy": self.cfg["strategy"]["name"]}
+        if self.privacy is not None:
+            meta["privacy"] = self.privacy.state_dict()
+        return Checkpoint(state=state, spec=self.spec, seed=self.cfg.seed, meta=meta)
+
+    def restore(self, ckpt: Checkpoint) -> ServerState:
+        """The state to pass to :meth:`run` to continue from ``ckpt``.
+
+        Resuming is exact: cohorts and local batch orders are keyed by (seed, round, client),
+        so rounds r+1.. see the same clients and batches as an uninterrupted run.
+
+        Raises:
+            ConfigError: the checkpoint belongs to another model or seed, or the run keeps
+                client-side state a checkpoint does not hold (error-feedback residuals).
+        """
+        if ckpt.spec != self.spec:
+            raise ConfigError("the checkpoint's model does not match this config's model "
+                              f"({ckpt.spec.size} vs {self.spec.size} parameters)",
+                              key="model.name")
+        if ckpt.seed != self.cfg.seed:
+            raise ConfigError(f"the checkpoint was made with seed {ckpt.seed}, the config "
+                              f"says {self.cfg.seed}: a resumed run must keep its seed",
+                              key="seed")
+        if self.cfg["compression"]["error_feedback"]:
+            raise ConfigError("cannot resume a run with compression.error_feedback: the "
+                              "clients' residuals are not in the checkpoint",
+                              key="compression.error_feedback")
+        if self.privacy is not None:
+            saved = ckpt.meta.get("privacy")
+            if saved is None:
+                raise ConfigError("the checkpoint has no privacy ledger, so the epsilon "
+                                  "already spent is unknown; refusing to resume with DP",
+                                  key="privacy.placement")
+            self.privacy.load_state_dict(saved)
+        return ckpt.state
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None,
             state: ServerState | None = None) -> RunResult:
