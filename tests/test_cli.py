@@ -81,3 +81,27 @@ def test_config_command_prints_resolved_toml(capsys):
     assert main(["config", "--rounds", "7"]) == 0
     out = capsys.readouterr().out
     assert "rounds = 7" in out and "[client]" in out
+
+
+def test_runs_commit_to_a_model_store_and_models_command_manages_it(tmp_path, capsys):
+    store = tmp_path / "store"
+    base = ["run", "--set", "data.dataset=\"synthetic\"", "--clients", "20",
+            "--set", "model.name=\"logreg\"", "--rounds", "1", "--out", str(tmp_path), "-q",
+            "--json", "--set", f"output.store=\"{store}\""]
+    for seed in ("0", "1"):
+        assert main(base + ["--seed", seed]) == 0
+        assert json.loads(capsys.readouterr().out)["model_version"] == int(seed) + 1
+    assert main(["models", "--store", str(store), "list", "--json"]) == 0
+    versions = json.loads(capsys.readouterr().out)
+    assert [(v["id"], v["parent"], v["status"]) for v in versions] == \
+        [(1, None, "candidate"), (2, 1, "candidate")]
+    assert main(["models", "--store", str(store), "promote", "v1"]) == 0
+    assert main(["models", "--store", str(store), "promote", "2"]) == 0
+    assert main(["models", "--store", str(store), "rollback", "v1"]) == 0
+    capsys.readouterr()
+    assert main(["models", "--store", str(store), "show", "v2", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "rolled_back" and shown["lineage"] == [2, 1]
+    assert main(["models", "--store", str(store), "rollback", "v2"]) == 1  # refused
+    assert "rolled back" in capsys.readouterr().err
+    assert main(["models", "--store", str(store), "show", "vx"]) == 2

@@ -165,12 +165,71 @@ def _cmd_run(args: argparse.Namespace) -> int:
     ckpt = exp.checkpoint(result.state)
     ckpt.meta["final_accuracy"] = summary["final_accuracy"]
     write_run(run_dir, cfg, result.records, ckpt, summary)
+    if cfg["output"]["store"]:
+        summary["model_version"] = _commit_to_store(cfg["output"]["store"], ckpt, summary)
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                           for k, v in summary.items()}))
     elif not args.quiet:
         print("\n".join(_summary_lines(summary, cfg)))
     return 0
+
+
+def _commit_to_store(root: str, ckpt, summary: dict) -> int:
+    import time
+
+    from shoal.store import ModelStore
+
+    metrics = {k: float(summary[k]) for k in ("final_accuracy", "final_loss", "epsilon")
+               if k in summary and isinstance(summary[k], float) and math.isfinite(summary[k])}
+    with ModelStore(root) as store:
+        parent = store.latest()
+        version = store.commit(ckpt, round=ckpt.state.round, metrics=metrics,
+                               parent=parent.id if parent else None, now=time.time())
+    return version.id
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    import time
+
+    from shoal.store import ModelStore
+
+    readonly = args.action in ("list", "show")
+    with ModelStore(args.store, readonly=readonly) as store:
+        if args.action == "list":
+            versions = store.list()
+            if args.json:
+                print(json.dumps([v.to_dict() for v in versions]))
+                return 0
+            if not versions:
+                print(f"no model versions in {args.store}")
+            for v in versions:
+                acc = v.metrics.get("final_accuracy")
+                print(f"v{v.id:<5} {v.status:<12} round {v.round:<6} parent "
+                      f"{'-' if v.parent is None else 'v' + str(v.parent):<6} "
+                      f"accuracy {_fmt(acc) if acc is not None else 'n/a'}  "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}")
+            return 0
+        version = _parse_version(args.version)
+        if args.action == "show":
+            v = store.get(version)
+            info = v.to_dict() | {"lineage": [x.id for x in store.lineage(version)]}
+            print(json.dumps(info, indent=None if args.json else 2))
+            return 0
+        now = time.time()
+        v = store.promote(version, now=now) if args.action == "promote" \
+            else store.rollback(version, now=now)
+        print(f"v{v.id} is now {v.status}")
+        return 0
+
+
+def _parse_version(text: str | None) -> int:
+    if text is None:
+        raise ConfigError("give a model VERSION (e.g. 3 or v3)")
+    try:
+        return int(text[1:] if text.lower().startswith("v") else text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a model version (e.g. 3 or v3)") from None
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
@@ -271,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="dp-accounting's RDP or PLD accountant (default rdp)")
     privacy.add_argument("--json", action="store_true", help="print one JSON object")
     privacy.set_defaults(func=_cmd_privacy)
+
+    models = sub.add_parser(
+        "models", help="list, show, promote or roll back model versions in a model store",
+        description="Every committed global model is a version with its parent, round, "
+                    "metrics and status (candidate / production / rolled_back). `shoal run` "
+                    "commits its final model when output.store is set.",
+        epilog="examples:\n  shoal models --store models list\n"
+               "  shoal models --store models promote v3\n"
+               "  shoal models --store models rollback v2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    models.add_argument("--store", required=True, help="model store directory")
+    models.add_argument("action", choices=("list", "show", "promote", "rollback"))
+    models.add_argument("version", nargs="?", help="version for show / promote / rollback")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(func=_cmd_models)
 
     config = sub.add_parser(
         "config", help="print the resolved configuration as TOML",

@@ -223,6 +223,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "output": {
         "dir": Option(str, "runs", "parent directory of run directories"),
         "name": Option(str, "", "run directory name; empty = timestamp and seed"),
+        "store": Option(str, "", "model store directory: commit the final model there as a "
+                        "new candidate version (see `shoal models`); empty = none"),
     },
 }
 
