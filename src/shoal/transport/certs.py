@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shoal.errors import ConfigError
@@ -297,8 +298,9 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _load_certs(path: Path, what: str) -> list[x509.Certificate]:
+    data = _read(path, what)  # outside the try: CredentialFileError is a ValueError too
     try:
-        certs = x509.load_pem_x509_certificates(_read(path, what))
+        certs = x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CredentialFileError(f"{what} {path} is not a PEM certificate", path) from None
     return certs
@@ -321,8 +323,8 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
     return True
 
 
-def _spki(public_key: object) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+def _spki(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
 

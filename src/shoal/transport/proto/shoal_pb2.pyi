@@ -1,0 +1,216 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Window(_message.Message):
+    __slots__ = ("start_minute", "end_minute")
+    START_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    END_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    start_minute: int
+    end_minute: int
+    def __init__(self, start_minute: _Optional[int] = ..., end_minute: _Optional[int] = ...) -> None: ...
+
+class HelloRequest(_message.Message):
+    __slots__ = ("device_id", "attributes", "capabilities", "windows", "runtime_version")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class CapabilitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    attributes: _containers.ScalarMap[str, str]
+    capabilities: _containers.ScalarMap[str, str]
+    windows: _containers.RepeatedCompositeFieldContainer[Window]
+    runtime_version: str
+    def __init__(self, device_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., capabilities: _Optional[_Mapping[str, str]] = ..., windows: _Optional[_Iterable[_Union[Window, _Mapping]]] = ..., runtime_version: _Optional[str] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("server_id", "model_version", "server_time")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    model_version: int
+    server_time: float
+    def __init__(self, server_id: _Optional[str] = ..., model_version: _Optional[int] = ..., server_time: _Optional[float] = ...) -> None: ...
+
+class CheckInRequest(_message.Message):
+    __slots__ = ("device_id", "held_version")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    held_version: int
+    def __init__(self, device_id: _Optional[str] = ..., held_version: _Optional[int] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind")
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_KEY_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    model_version: int
+    upload_key: str
+    deadline: float
+    settings: _containers.ScalarMap[str, float]
+    spec_fingerprint: str
+    kind: str
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ComeBack(_message.Message):
+    __slots__ = ("at", "reason")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    reason: str
+    def __init__(self, at: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CheckInReply(_message.Message):
+    __slots__ = ("task", "come_back")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    COME_BACK_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    come_back: ComeBack
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., come_back: _Optional[_Union[ComeBack, _Mapping]] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("version", "base_version", "chunk_size")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    base_version: int
+    chunk_size: int
+    def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("version", "base_version", "total_size", "sha256", "offset", "data")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    base_version: int
+    total_size: int
+    sha256: bytes
+    offset: int
+    data: bytes
+    def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("device_id", "round", "base_version", "upload_key", "idempotency_key", "num_examples", "metrics", "total_size", "sha256")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_KEY_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    base_version: int
+    upload_key: str
+    idempotency_key: str
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    total_size: int
+    sha256: bytes
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class UploadChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadReply(_message.Message):
+    __slots__ = ("accepted", "reason", "detail")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    detail: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("device_id", "round", "progress")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    progress: float
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., progress: _Optional[float] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("keep_going",)
+    KEEP_GOING_FIELD_NUMBER: _ClassVar[int]
+    keep_going: bool
+    def __init__(self, keep_going: _Optional[bool] = ...) -> None: ...
+
+class EvaluationResult(_message.Message):
+    __slots__ = ("device_id", "round", "model_version", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    model_version: int
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
