@@ -407,3 +407,34 @@ def test_claims_is_a_frozen_value():
     c = Claims(sub="d", iat=0, exp=1, jti="A" * 22, scope=("upload",), kid="k")
     with pytest.raises(AttributeError):
         c.sub = "x"  # type: ignore[misc]
+
+
+def test_public_api():
+    import shoal.transport.auth as auth
+
+    assert sorted(auth.__all__) == sorted([
+        "AUTH_REASONS", "KNOWN_SCOPES", "MAX_TOKEN_CHARS", "SECRET_BYTES", "AuthError",
+        "CredentialFileError", "Claims", "Keyring", "key_id", "load_or_create_secret",
+        "issue_token", "verify_token", "RevocationList", "RateLimiter", "ReplayStatus",
+        "ReplayDecision", "ReplayGuard"])
+    for name in auth.__all__:
+        assert hasattr(auth, name)
+    assert issubclass(CredentialFileError, ConfigError)
+
+
+def test_load_or_create_secret_race_keeps_the_winners_secret(tmp_path, monkeypatch):
+    import shoal.transport.auth as auth
+
+    path = tmp_path / "token.secret"
+    winner = bytes(range(100, 132))
+    real_link = os.link
+
+    def link_after_another_process(src, dst):
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, winner.hex().encode() + b"\n")
+        os.close(fd)
+        return real_link(src, dst)  # raises FileExistsError, as in a real race
+
+    monkeypatch.setattr(auth.os, "link", link_after_another_process)
+    assert load_or_create_secret(path) == winner
+    assert [p.name for p in tmp_path.iterdir()] == ["token.secret"]

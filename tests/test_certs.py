@@ -290,3 +290,13 @@ def test_mutual_tls(pki, other_pki, client, tmp_path):
     server, _ = handshake(server_context(pki, require_client=True),
                           client_context(pki.ca_cert, stranger))
     assert isinstance(server, ssl.SSLError)
+
+
+def test_public_api():
+    import shoal.transport.certs as certs
+
+    assert sorted(certs.__all__) == sorted([
+        "DEFAULT_HOSTNAMES", "PkiPaths", "ClientCertPaths", "CertInfo", "make_local_pki",
+        "make_client_cert", "load_pem_check"])
+    for name in certs.__all__:
+        assert hasattr(certs, name)
