@@ -105,3 +105,24 @@ def test_runs_commit_to_a_model_store_and_models_command_manages_it(tmp_path, ca
     assert main(["models", "--store", str(store), "rollback", "v2"]) == 1  # refused
     assert "rolled back" in capsys.readouterr().err
     assert main(["models", "--store", str(store), "show", "vx"]) == 2
+
+
+def test_certs_and_enroll_commands(tmp_path, capsys):
+    import os
+    import time
+
+    from shoal.transport.auth import load_or_create_secret, verify_token
+
+    assert main(["certs", "--out", str(tmp_path / "pki"), "--hostname", "agg.local"]) == 0
+    assert {p.name for p in (tmp_path / "pki").iterdir()} >= {"ca.pem", "server.pem",
+                                                              "server.key"}
+    assert main(["certs", "--out", str(tmp_path / "pki")]) == 2  # refuses to overwrite
+    assert "overwrite" in capsys.readouterr().err
+    secret = tmp_path / "secret"
+    assert main(["enroll", "phone-1", "--secret", str(secret), "--out",
+                 str(tmp_path / "tok")]) == 0
+    assert oct(os.stat(tmp_path / "tok").st_mode & 0o777) == "0o600"
+    token = (tmp_path / "tok").read_text().strip()
+    claims = verify_token(load_or_create_secret(secret), token, now=time.time(),
+                          expected_device="phone-1")
+    assert claims.sub == "phone-1"

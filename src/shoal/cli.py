@@ -232,6 +232,37 @@ def _parse_version(text: str | None) -> int:
         raise ConfigError(f"{text!r} is not a model version (e.g. 3 or v3)") from None
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from shoal.transport.certs import make_local_pki
+
+    paths = make_local_pki(args.out, hostnames=tuple(args.hostname or ()), days=args.days,
+                           now=datetime.now(timezone.utc), overwrite=args.overwrite)
+    print(f"CA certificate      {paths.ca_cert}   (give this to clients)\n"
+          f"CA key              {paths.ca_key}   (keep offline; signs client certificates)\n"
+          f"server certificate  {paths.server_cert}\n"
+          f"server key          {paths.server_key}")
+    return 0
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    import time
+
+    from shoal.store.atomic import replace_atomically
+    from shoal.transport.auth import issue_token, load_or_create_secret
+
+    secret = load_or_create_secret(args.secret)
+    token = issue_token(secret, args.device_id, now=time.time(),
+                        ttl_seconds=int(args.days * 86400))
+    if args.out:
+        replace_atomically(args.out, (token + "\n").encode(), mode=0o600)
+        print(f"token for {args.device_id!r} written to {args.out} (valid {args.days:g} days)")
+    else:
+        print(token)
+    return 0
+
+
 def _cmd_privacy(args: argparse.Namespace) -> int:
     from shoal.privacy import privacy_report
 
@@ -345,6 +376,30 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("version", nargs="?", help="version for show / promote / rollback")
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(func=_cmd_models)
+
+    certs = sub.add_parser(
+        "certs", help="make a self-signed CA and server certificate for local TLS",
+        description="Write ca.pem, ca.key, server.pem and server.key (ECDSA P-256) into a "
+                    "directory, for running an aggregator with TLS on this machine or a "
+                    "test network. Production deployments bring their own certificates.")
+    certs.add_argument("--out", default="certs", help="directory (default: certs)")
+    certs.add_argument("--hostname", action="append",
+                       help="extra DNS name or IP for the server certificate (repeatable); "
+                            "localhost, 127.0.0.1 and ::1 are always included")
+    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    certs.add_argument("--overwrite", action="store_true", help="replace existing files")
+    certs.set_defaults(func=_cmd_certs)
+
+    enroll = sub.add_parser(
+        "enroll", help="issue a device's signed enrolment token",
+        description="Issue a token bound to DEVICE_ID, signed with the aggregator's secret "
+                    "(created with mode 0600 if missing). A device may check in and upload "
+                    "only as itself.")
+    enroll.add_argument("device_id")
+    enroll.add_argument("--secret", required=True, help="the aggregator's secret key file")
+    enroll.add_argument("--days", type=float, default=30.0, help="validity (default 30)")
+    enroll.add_argument("--out", help="write the token to this file (mode 0600)")
+    enroll.set_defaults(func=_cmd_enroll)
 
     config = sub.add_parser(
         "config", help="print the resolved configuration as TOML",

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class ComeBack:
     reason: str
 
 
-CheckInDecision = Union[Task, ComeBack]
+CheckInDecision: TypeAlias = Task | ComeBack
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,9 @@ class DeviceRound:
             ``[now, now + retry_spread_s]`` (default 10 s), when the next round may be open.
 
     Raises:
-        ConfigError: an argument is out of range; the message and ``key`` name it.
+        ConfigError: an argument is out of range; the message and ``key`` name it. Every
+            method also raises it (``key="now"``) for a ``now`` that is not a finite number:
+            that is a bug in the driving server, not a device fault.
     """
 
     def __init__(self, round: int, model_version: int, selected: Sequence[str], target: int,
@@ -457,7 +459,7 @@ class DeviceRound:
         if self.max_norm is not None:
             # float64 accumulation: squares of finite float32 values can overflow float32.
             norm = math.sqrt(float(np.einsum("i,i->", delta, delta, dtype=np.float64)))
-            if norm > 10 * self.max_norm:
+            if norm > self.max_norm:
                 raise self._reject("norm_too_large", f"L2 norm {norm:.6g} exceeds max_norm "
                                    f"= {self.max_norm}", device_id)
 
