@@ -22,11 +22,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from shoal import seeds
-from shoal.errors import ConfigError, ProtocolError, UpdateRejected
+from shoal.errors import ConfigError, ProtocolError, ShoalError, UpdateRejected
 from shoal.strategy import ServerState, Strategy
 
 __all__ = [
-    "Aggregation", "ClientPool", "ClientUpdate", "UpdateBatch", "TrainTask", "Sampler",
+    "Aggregation", "RoundAbandoned", "ClientPool", "ClientUpdate", "UpdateBatch", "TrainTask", "Sampler",
     "UniformSampler", "PoissonSampler", "RoundRecord", "Coordinator",
 ]
 
@@ -72,6 +72,12 @@ class UpdateBatch:
     deltas: np.ndarray
     num_examples: np.ndarray
     metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+class RoundAbandoned(ShoalError):
+    """Raised by a pool at the end of ``train`` when the round must not commit (e.g. fewer
+    devices reported before the deadline than the round's minimum); the coordinator then
+    discards what it folded and leaves the model unchanged."""
 
 
 @runtime_checkable
@@ -249,47 +255,19 @@ class Coordinator:
                          settings=self.strategy.client_config(state))
         acc = (self.aggregation.begin(rnd, state.params.size) if self.aggregation
                else self.strategy.accumulator(state))
-        rejected: Counter[str] = Counter()
-        examples = 0
-        loss_sum = 0.0
-        loss_weight = 0
-        bytes_up = bytes_down = 0
-        for item in self.pool.train(task, cohort):
-            try:
-                if isinstance(item, UpdateBatch):
-                    n = np.asarray(item.num_examples)
-                    keep = n > 0
-                    if not keep.all():
-                        # clients without data contribute nothing (weight 0), not an error
-                        rejected["no_data"] += int((~keep).sum())
-                    if keep.any():
-                        rows = item.deltas if keep.all() else item.deltas[keep]
-                        acc.add_stacked(rows, n[keep].astype(np.float64))
-                        examples += int(n[keep].sum())
-                        if "upload_bytes" in item.metrics:
-                            bytes_up += int(np.asarray(item.metrics["upload_bytes"])[keep].sum())
-                        loss = np.asarray(item.metrics.get("loss", np.full(len(n), np.nan)))
-                        ok = keep & np.isfinite(loss)
-                        loss_sum += float((loss[ok] * n[ok]).sum())
-                        loss_weight += int(n[ok].sum())
-                else:
-                    if item.num_examples <= 0:
-                        rejected["no_data"] += 1
-                        continue
-                    acc.add(item.delta, float(item.num_examples))
-                    examples += int(item.num_examples)
-                    bytes_up += int(item.metrics.get("upload_bytes", 0))
-                    one_loss = item.metrics.get("loss")
-                    if one_loss is not None and np.isfinite(one_loss):
-                        loss_sum += float(one_loss) * item.num_examples
-                        loss_weight += int(item.num_examples)
-            except UpdateRejected as exc:
-                rejected[exc.reason] += 1
-            finally:
-                down = item.metrics.get("download_bytes", 0)
-                bytes_down += int(np.sum(down))
+        tally = _Tally()
+        rejected = tally.rejected
+        abandoned = False
+        try:
+            for item in self.pool.train(task, cohort):
+                tally.fold(item, acc)
+        except RoundAbandoned:
+            abandoned = True
+            rejected["round_abandoned"] += 1
         privacy: dict[str, float] = {}
-        if self.aggregation is not None:
+        if abandoned:
+            committed, new_state = False, state
+        elif self.aggregation is not None:
             committed = acc.count > 0 or self.aggregation.always_commits
             new_state = state
             if committed:
@@ -314,8 +292,59 @@ class Coordinator:
             metrics = dict(self.evaluate(new_state.params))
         record = RoundRecord(
             round=rnd, sampled=len(cohort), accepted=acc.count, rejected=dict(rejected),
-            examples=examples,
-            train_loss=loss_sum / loss_weight if loss_weight else float("nan"),
+            examples=tally.examples,
+            train_loss=tally.loss_sum / tally.loss_weight if tally.loss_weight
+            else float("nan"),
             committed=committed, eval=metrics, seconds=self.clock() - start,
-            bytes_up=bytes_up, bytes_down=bytes_down, privacy=privacy)
+            bytes_up=tally.bytes_up, bytes_down=tally.bytes_down, privacy=privacy)
         return new_state, record
+
+
+@dataclass
+class _Tally:
+    """What one round's arrivals add up to, besides the aggregate itself."""
+
+    rejected: Counter[str] = field(default_factory=Counter)
+    examples: int = 0
+    loss_sum: float = 0.0
+    loss_weight: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def fold(self, item: ClientUpdate | UpdateBatch, acc: Accumulator) -> None:
+        """Fold one arrival into ``acc``; a refused update is counted by reason and leaves
+        ``acc`` untouched (the accumulators validate before they add)."""
+        try:
+            if isinstance(item, UpdateBatch):
+                n = np.asarray(item.num_examples)
+                keep = n > 0
+                if not keep.all():
+                    # clients without data contribute nothing (weight 0), not an error
+                    self.rejected["no_data"] += int((~keep).sum())
+                if keep.any():
+                    rows = item.deltas if keep.all() else item.deltas[keep]
+                    acc.add_stacked(rows, n[keep].astype(np.float64))
+                    self.examples += int(n[keep].sum())
+                    if "upload_bytes" in item.metrics:
+                        up = np.asarray(item.metrics["upload_bytes"])
+                        self.bytes_up += int(up[keep].sum())
+                    loss = np.asarray(item.metrics.get("loss", np.full(len(n), np.nan)))
+                    ok = keep & np.isfinite(loss)
+                    self.loss_sum += float((loss[ok] * n[ok]).sum())
+                    self.loss_weight += int(n[ok].sum())
+            else:
+                if item.num_examples <= 0:
+                    self.rejected["no_data"] += 1
+                    return
+                acc.add(item.delta, float(item.num_examples))
+                self.examples += int(item.num_examples)
+                self.bytes_up += int(item.metrics.get("upload_bytes", 0))
+                one_loss = item.metrics.get("loss")
+                if one_loss is not None and np.isfinite(one_loss):
+                    self.loss_sum += float(one_loss) * item.num_examples
+                    self.loss_weight += int(item.num_examples)
+        except UpdateRejected as exc:
+            self.rejected[exc.reason] += 1
+        finally:
+            down = item.metrics.get("download_bytes", 0)
+            self.bytes_down += int(np.sum(down))

@@ -82,7 +82,16 @@ class UpdateRejected(ShoalError):
 
 
 class CodecError(ShoalError, ValueError):
-    """An encoded payload is truncated, corrupted or inconsistent with its header."""
+    """An encoded payload is truncated, corrupted or inconsistent with its header.
+
+    Attributes:
+        reason: machine-readable: ``"malformed"``, or ``"non_finite"`` for a well-formed
+            payload that decodes to NaN or infinity.
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PrivacyError(ShoalError):

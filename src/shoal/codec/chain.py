@@ -216,7 +216,8 @@ class Chain:
         if set(e.fields) != {"values"}:
             raise CodecError(f"chain: unexpected fields {sorted(set(e.fields) - {'values'})}")
         if not np.isfinite(out).all():
-            raise CodecError("chain: payload decodes to non-finite values")
+            raise CodecError("chain: payload decodes to non-finite values",
+                             reason="non_finite")
         # Never hand back the payload's own buffer (raw chain) or a read-only wire view.
         return out.copy() if out is given or not out.flags.writeable else out
 

@@ -1,0 +1,664 @@
+"""The device-side client runtime of a gRPC deployment: check in, download, train, upload.
+
+Devices pull, as in K. Bonawitz et al., "Towards Federated Learning at Scale: System Design"
+(MLSys 2019): a :class:`DeviceClient` says Hello once, then loops CheckIn → (Task: Download →
+train or evaluate → Upload or ReportEvaluation) or (ComeBack: wait until the server's time).
+The protocol is ``shoal/transport/proto/shoal.proto``; payloads are shoal's codec wire format
+(:mod:`shoal.codec.wire`), so the runtime trusts nothing it downloads: a model is reassembled
+into a buffer preallocated from a bounded declared size, offsets must be contiguous, the
+SHA-256 of the whole payload must match, and the codec parser then validates the payload before
+any vector is built. A refused download is counted and retried; it is never trained on.
+
+Resilience: an RPC that fails with a transient status (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
+``RESOURCE_EXHAUSTED``, ``ABORTED``, a reset stream) is retried after an exponential backoff
+with full jitter (M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015):
+``uniform(0, min(max_backoff_s, 0.5 · 2**n))`` for the n-th consecutive failure, reset by any
+success. A retried upload repeats its idempotency key, so the server answers it with the
+original result instead of counting the update twice. Refused credentials
+(``UNAUTHENTICATED``/``PERMISSION_DENIED``) raise :class:`CredentialsRejected` at once:
+retrying cannot help. Every RPC has a deadline.
+
+Time comes from the injected ``clock`` and ``sleep``, so tests run without waiting.
+Only this module and the server touch the generated protobuf code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Protocol, TypeVar
+
+import grpc  # type: ignore[import-untyped]
+import numpy as np
+
+from shoal.codec import STAGES, Chain, from_bytes, to_bytes
+from shoal.errors import CodecError, ConfigError, ProtocolError, ShoalError, SpecError
+from shoal.training import LocalTrainConfig
+from shoal.transport.proto import shoal_pb2 as pb
+from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
+
+__all__ = [
+    "RUNTIME_VERSION", "TrainResult", "TrainFn", "EvaluateFn", "ClientStats",
+    "CredentialsRejected", "TransportError", "DownloadRefused", "DeviceClient",
+    "make_channel", "backoff_delay", "fmnist_train_fn", "fmnist_evaluate_fn",
+]
+
+RUNTIME_VERSION = "shoal-client/1"
+_T = TypeVar("_T")
+_BACKOFF_BASE_S = 0.5
+_CHANNEL_MESSAGE_BYTES = 4 << 20  # chunks are small (default 256 KiB); gRPC's own default
+_MAX_CHUNK = _CHANNEL_MESSAGE_BYTES - 1024  # room for the chunk's other fields
+_WEEK = 7 * 24 * 60
+_NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+_AUTH = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# gRPC reports a connection reset mid-call as INTERNAL/UNKNOWN with one of these details.
+_RESET_HINTS = ("rst_stream", "stream removed", "connection reset", "socket closed",
+                "broken pipe", "goaway")
+
+
+# --------------------------------------------------------------------------- types
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a device's training function returns.
+
+    Attributes:
+        delta: flat float32 update, ``trained - received``, the model's length.
+        num_examples: examples trained on (the update's FedAvg weight).
+        metrics: e.g. ``{"loss": ...}``; sent with the upload.
+    """
+
+    delta: np.ndarray
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainFn(Protocol):
+    """Local training: ``params`` is the downloaded model (flat float32, read-only),
+    ``settings`` the task's server-sent settings, ``round`` the task's round."""
+
+    def __call__(self, params: np.ndarray, settings: Mapping[str, float], round: int
+                 ) -> TrainResult: ...
+
+
+class EvaluateFn(Protocol):
+    """Local evaluation of ``params``: returns ``(num_examples, metrics)``."""
+
+    def __call__(self, params: np.ndarray) -> tuple[int, dict[str, float]]: ...
+
+
+@dataclass
+class ClientStats:
+    """Counters of one :class:`DeviceClient` (``run`` returns a snapshot).
+
+    Attributes:
+        rounds_trained: train tasks whose update was uploaded (accepted or not).
+        uploads_accepted: uploads the server accepted.
+        rejections: refused uploads by the server's reason (``"late"``, ``"stale"``, ...).
+        reconnects: retries after a transient failure (an RPC error or an upload refused with
+            an empty reason).
+        bytes_up / bytes_down: payload bytes sent / received, failed attempts included.
+        check_ins, come_backs: CheckIn calls answered, and how many said "come back later".
+        downloads: model downloads completed and verified; cache_hits: downloads skipped
+            because that version was already held.
+        download_errors: downloads refused (size, offsets, checksum, codec) and retried.
+        evaluations: evaluation results reported.
+        tasks_abandoned: tasks given up (download kept failing, version gone, no evaluate
+            function, unknown kind, or an update that could not be encoded).
+    """
+
+    rounds_trained: int = 0
+    uploads_accepted: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)
+    reconnects: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    check_ins: int = 0
+    come_backs: int = 0
+    downloads: int = 0
+    cache_hits: int = 0
+    download_errors: int = 0
+    evaluations: int = 0
+    tasks_abandoned: int = 0
+
+
+class CredentialsRejected(ShoalError):
+    """The server refused the device's token (``UNAUTHENTICATED``) or its rights
+    (``PERMISSION_DENIED``): it is wrong, expired, revoked or lacks a scope. Retrying with the
+    same token cannot help; enrol again or fix the clock. Nothing was sent after the refusal.
+
+    Attributes:
+        device_id: this device.
+        code: the gRPC status name, e.g. ``"UNAUTHENTICATED"``.
+        detail: the server's message.
+    """
+
+    def __init__(self, device_id: str, code: str, detail: str) -> None:
+        super().__init__(f"device {device_id!r}: the server refused its credentials ({code}: "
+                         f"{detail or 'no detail'}); the token is wrong, expired or revoked — "
+                         f"retrying will not help, enrol the device again")
+        self.device_id, self.code, self.detail = device_id, code, detail
+
+
+class TransportError(ProtocolError):
+    """An RPC failed in a way the runtime does not retry (an unexpected status), or a
+    transient failure outlasted ``max_retries``.
+
+    Attributes:
+        method: the RPC (``"CheckIn"``, ...); code: gRPC status name.
+    """
+
+    def __init__(self, message: str, *, method: str, code: str) -> None:
+        super().__init__(message, party="aggregator")
+        self.method, self.code = method, code
+
+
+class DownloadRefused(ProtocolError):
+    """A downloaded model failed a check (size bound, version, offsets, checksum, codec); it
+    was discarded before use."""
+
+
+class _Stopped(Exception):
+    """The ``stop`` event was set; unwinds ``run``."""
+
+
+class _Abandon(Exception):
+    """Give up the current task and check in again."""
+
+
+def _check(ok: bool, name: str, bound: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"client.{name} must be {bound}, got {value!r}", key=f"client.{name}")
+
+
+def backoff_delay(attempt: int, rng: random.Random, *, base_s: float = _BACKOFF_BASE_S,
+                  cap_s: float = 30.0) -> float:
+    """Full-jitter backoff before retry number ``attempt`` (0-based):
+    ``uniform(0, min(cap_s, base_s * 2**attempt))``."""
+    bound = cap_s if attempt >= 64 else min(cap_s, base_s * 2.0 ** attempt)
+    return rng.uniform(0.0, bound)
+
+
+# --------------------------------------------------------------------------- channel
+
+def make_channel(target: str, root_certificates: bytes | None) -> grpc.Channel:
+    """A channel to the aggregator at ``target`` (``"host:port"``).
+
+    TLS with ``root_certificates`` (PEM of the CA that signed the server certificate, e.g.
+    ``ca.pem`` of :func:`~shoal.transport.certs.make_local_pki`); ``None`` gives a plaintext
+    channel, for tests on loopback only. Messages are capped at 4 MiB (chunks are far smaller),
+    gRPC's own retries are off (the runtime retries with its idempotency keys), and keepalive
+    pings every 5 minutes, the default minimum interval a gRPC server accepts (pinging more
+    often earns a GOAWAY "too_many_pings").
+    """
+    options = [
+        ("grpc.max_send_message_length", _CHANNEL_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", _CHANNEL_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 300_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.enable_retries", 0),
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 30_000),
+    ]
+    if root_certificates is None:
+        return grpc.insecure_channel(target, options=options)
+    creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.secure_channel(target, creds, options=options)
+
+
+# --------------------------------------------------------------------------- client
+
+class DeviceClient:
+    """One device's runtime against an aggregator.
+
+    Args:
+        target: ``"host:port"`` of the aggregator.
+        token: the device's enrolment token (:func:`shoal.transport.auth.issue_token`), sent
+            as ``authorization: Bearer <token>`` metadata on every call; never logged.
+        device_id: the id the token is bound to.
+        root_certificates: PEM CA certificate(s) for TLS; ``None`` = plaintext (tests only).
+        train: the local training function.
+        evaluate: the local evaluation function; without it evaluate tasks are abandoned.
+        attributes: sent in Hello (e.g. ``{"os": "android"}``) for stratified selection.
+        windows: weekly availability windows ``(start_minute, end_minute)`` in UTC.
+        chunk_size: upload chunk bytes, also the preferred download chunk size.
+        clock: Unix seconds; corrected by the server time from Hello for ComeBack waits.
+        sleep: ``sleep(seconds)``; ``None`` waits on ``stop`` (``time.sleep`` without one),
+            so setting ``stop`` ends a wait at once.
+        rng: drives the backoff jitter (never the idempotency keys, which are from
+            :mod:`secrets`).
+        max_backoff_s: cap of one backoff wait.
+        max_wait_s / min_wait_s: bounds of one ComeBack wait.
+        max_model_bytes: a model whose declared size is larger is refused before allocation.
+        max_elements: largest model length decoded (default ``max_model_bytes // 4``).
+        max_download_attempts: refused downloads of one task before it is abandoned.
+        max_retries: consecutive transient failures before :class:`TransportError`
+            (``None``: keep retrying until ``stop``).
+        timeout_s: deadline of each unary RPC; transfer_timeout_s: of each Download/Upload.
+        log: the logger.
+    """
+
+    def __init__(self, target: str, token: str, device_id: str, *,
+                 root_certificates: bytes | None, train: TrainFn,
+                 evaluate: EvaluateFn | None = None,
+                 attributes: Mapping[str, str] = _NO_ATTRIBUTES,
+                 windows: Sequence[tuple[int, int]] = (), chunk_size: int = 256 * 1024,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] | None = None,
+                 rng: random.Random | None = None, max_backoff_s: float = 30.0,
+                 max_wait_s: float = 3600.0, min_wait_s: float = 1.0,
+                 max_model_bytes: int = 128 << 20, max_elements: int | None = None,
+                 max_download_attempts: int = 3, max_retries: int | None = None,
+                 timeout_s: float = 30.0, transfer_timeout_s: float = 600.0,
+                 log: logging.Logger | None = None) -> None:
+        _check(1 <= chunk_size <= _MAX_CHUNK, "chunk_size", f"in [1, {_MAX_CHUNK}] bytes",
+               chunk_size)
+        _check(0 < max_backoff_s < float("inf"), "max_backoff_s", "finite and > 0",
+               max_backoff_s)
+        _check(0 <= min_wait_s <= max_wait_s, "min_wait_s", "in [0, max_wait_s]", min_wait_s)
+        _check(max_model_bytes >= 1, "max_model_bytes", ">= 1", max_model_bytes)
+        _check(max_download_attempts >= 1, "max_download_attempts", ">= 1",
+               max_download_attempts)
+        for start, end in windows:
+            _check(0 <= start < _WEEK and 0 <= end < _WEEK, "windows",
+                   f"minutes in [0, {_WEEK})", (start, end))
+        self.device_id = device_id
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._channel = make_channel(target, root_certificates)
+        self._stub = pb_grpc.AggregatorStub(self._channel)
+        self._train, self._evaluate = train, evaluate
+        self._attributes = dict(attributes)
+        self._windows = tuple((int(s), int(e)) for s, e in windows)
+        self.chunk_size = chunk_size
+        self._clock, self._sleep = clock, sleep
+        self._rng = rng if rng is not None else random.Random()
+        self.max_backoff_s, self.max_wait_s, self.min_wait_s = max_backoff_s, max_wait_s, min_wait_s
+        self.max_model_bytes = max_model_bytes
+        self.max_elements = max_model_bytes // 4 if max_elements is None else max_elements
+        self.max_download_attempts, self.max_retries = max_download_attempts, max_retries
+        self.timeout_s, self.transfer_timeout_s = timeout_s, transfer_timeout_s
+        self._log = log or logging.getLogger("shoal.client")
+        self._stats = ClientStats()
+        self._model: tuple[int, np.ndarray] | None = None  # (version, read-only params)
+        self._failures = 0
+        self._clock_offset = 0.0  # server time − local clock, from Hello
+        self._said_hello = False
+        self._stop: threading.Event | None = None
+
+    # ----------------------------------------------------------------- public
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of the counters."""
+        return replace(self._stats, rejections=dict(self._stats.rejections))
+
+    @property
+    def held_version(self) -> int:
+        """The cached model version (0 = none)."""
+        return 0 if self._model is None else self._model[0]
+
+    def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        self._channel.close()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, max_rounds: int | None = None, stop: threading.Event | None = None
+            ) -> ClientStats:
+        """Say Hello (once per client), then check in and carry out tasks until ``max_rounds``
+        tasks (train or evaluate, whatever their outcome) are done or ``stop`` is set.
+
+        Returns:
+            A snapshot of the counters (they accumulate over calls).
+
+        Raises:
+            CredentialsRejected: the token was refused (nothing is retried).
+            TransportError: an RPC failed with an unexpected status outside a task, or
+                transient failures outlasted ``max_retries``.
+            Exceptions of ``train``/``evaluate`` propagate unchanged.
+        """
+        self._stop = stop
+        done = 0
+        try:
+            if not self._said_hello:
+                self._hello()
+            while max_rounds is None or done < max_rounds:
+                self._check_stop()
+                reply = self._rpc("CheckIn", lambda: self._stub.CheckIn(
+                    pb.CheckInRequest(device_id=self.device_id, held_version=self.held_version),
+                    timeout=self.timeout_s, metadata=self._metadata))
+                self._stats.check_ins += 1
+                kind = reply.WhichOneof("reply")
+                if kind == "task":
+                    self._do_task(reply.task)
+                    done += 1
+                elif kind == "come_back":
+                    self._come_back(reply.come_back)
+                else:
+                    self._log.warning("empty CheckIn reply; checking in again after a backoff")
+                    self._wait(self._backoff(0))
+        except _Stopped:
+            self._log.info("stopped")
+        return self.stats
+
+    # ----------------------------------------------------------------- steps
+
+    def _hello(self) -> None:
+        request = pb.HelloRequest(
+            device_id=self.device_id, attributes=self._attributes,
+            capabilities={"codecs": ",".join(sorted(STAGES)),
+                          "tasks": "train,evaluate" if self._evaluate else "train"},
+            windows=[pb.Window(start_minute=s, end_minute=e) for s, e in self._windows],
+            runtime_version=RUNTIME_VERSION)
+        before = self._clock()
+        reply = self._rpc("Hello", lambda: self._stub.Hello(
+            request, timeout=self.timeout_s, metadata=self._metadata))
+        if reply.server_time > 0:  # unset (0) means the server does not say
+            self._clock_offset = reply.server_time - (before + self._clock()) / 2
+        self._said_hello = True
+        self._log.info("hello: server %s, model version %d, clock offset %.3f s",
+                       reply.server_id, reply.model_version, self._clock_offset)
+
+    def _come_back(self, cb: pb.ComeBack) -> None:
+        self._stats.come_backs += 1
+        now = self._clock() + self._clock_offset
+        delay = min(self.max_wait_s, max(self.min_wait_s, cb.at - now))
+        self._log.info("come back in %.1f s (%s)", delay, cb.reason or "no reason")
+        self._wait(delay)
+
+    def _do_task(self, task: pb.Task) -> None:
+        try:
+            self._carry_out(task)
+        except _Abandon as exc:
+            self._stats.tasks_abandoned += 1
+            self._log.warning("round %d: %s task abandoned: %s", task.round, task.kind, exc)
+
+    def _carry_out(self, task: pb.Task) -> None:
+        if task.kind not in ("train", "evaluate"):
+            raise _Abandon(f"unknown task kind {task.kind!r}")
+        if task.kind == "evaluate" and self._evaluate is None:
+            raise _Abandon("evaluate task but no evaluate function")
+        params = self._model_for(task.model_version)
+        if task.kind == "evaluate":
+            assert self._evaluate is not None
+            n, metrics = self._evaluate(params)
+            report = pb.EvaluationResult(
+                device_id=self.device_id, round=task.round, model_version=task.model_version,
+                num_examples=int(n), metrics={k: float(v) for k, v in metrics.items()})
+            self._task_rpc("ReportEvaluation", lambda: self._stub.ReportEvaluation(
+                report, timeout=self.timeout_s, metadata=self._metadata))
+            self._stats.evaluations += 1
+            return
+        result = self._train(params, dict(task.settings), int(task.round))
+        delta = np.asarray(result.delta)
+        if delta.shape != params.shape:
+            raise SpecError(f"train returned a delta of shape {delta.shape}, the model has "
+                            f"shape {params.shape}")
+        try:  # the raw chain draws no randomness; the generator is a formality
+            payload = to_bytes(Chain([]).encode(delta, np.random.default_rng(0)))
+        except CodecError as exc:  # e.g. training diverged to NaN: never upload it
+            raise _Abandon(f"update cannot be encoded: {exc}") from None
+        self._upload(task, result, payload)
+
+    def _upload(self, task: pb.Task, result: TrainResult, payload: bytes) -> None:
+        header = pb.UploadHeader(
+            device_id=self.device_id, round=task.round, base_version=task.model_version,
+            upload_key=task.upload_key, idempotency_key=secrets.token_hex(16),
+            num_examples=int(result.num_examples),
+            metrics={k: float(v) for k, v in result.metrics.items()},
+            total_size=len(payload), sha256=hashlib.sha256(payload).digest())
+
+        def chunks() -> Iterator[pb.UploadChunk]:
+            yield pb.UploadChunk(header=header)
+            for off in range(0, len(payload), self.chunk_size):
+                data = payload[off:off + self.chunk_size]
+                self._stats.bytes_up += len(data)
+                yield pb.UploadChunk(data=data)
+
+        for attempt in itertools.count():
+            reply = self._task_rpc("Upload", lambda: self._stub.Upload(
+                chunks(), timeout=self.transfer_timeout_s, metadata=self._metadata))
+            if reply.accepted or reply.reason:
+                break
+            # Refused without a reason: a server-side transport failure; retry, same key.
+            self._log.warning("upload refused without a reason (%s); retrying", reply.detail)
+            self._stats.reconnects += 1
+            self._wait(self._backoff(attempt))
+        self._stats.rounds_trained += 1
+        if reply.accepted:
+            self._stats.uploads_accepted += 1
+            self._log.info("round %d: update accepted (%d examples)", task.round,
+                           result.num_examples)
+        else:
+            self._stats.rejections[reply.reason] = self._stats.rejections.get(reply.reason, 0) + 1
+            self._log.warning("round %d: update rejected (%s): %s", task.round, reply.reason,
+                              reply.detail)
+
+    def _model_for(self, version: int) -> np.ndarray:
+        if self._model is not None and self._model[0] == version:
+            self._stats.cache_hits += 1
+            return self._model[1]
+        for attempt in range(self.max_download_attempts):
+            try:
+                blob = self._download(version)
+                params = from_bytes(blob, max_elements=self.max_elements)
+            except (DownloadRefused, CodecError) as exc:
+                self._stats.download_errors += 1
+                self._log.warning("model version %d refused (attempt %d of %d): %s", version,
+                                  attempt + 1, self.max_download_attempts, exc)
+                if attempt + 1 < self.max_download_attempts:
+                    self._wait(self._backoff(attempt))
+                continue
+            params.setflags(write=False)
+            self._model = (version, params)
+            self._stats.downloads += 1
+            return params
+        raise _Abandon(f"model version {version} refused {self.max_download_attempts} times")
+
+    def _download(self, version: int) -> bytearray:
+        request = pb.DownloadRequest(version=version, base_version=0, chunk_size=self.chunk_size)
+        return self._task_rpc("Download", lambda: self._fetch(request))
+
+    def _fetch(self, request: pb.DownloadRequest) -> bytearray:
+        call = self._stub.Download(request, timeout=self.transfer_timeout_s,
+                                   metadata=self._metadata)
+        try:
+            return self._assemble(request.version, call)
+        finally:
+            call.cancel()  # stop the server streaming a refused download; no-op once done
+
+    def _assemble(self, version: int, stream: Iterator[pb.ModelChunk]) -> bytearray:
+        """Reassemble a Download stream into one verified payload (the checks are the point)."""
+        buf: bytearray | None = None
+        digest, expected, total, received = hashlib.sha256(), b"", 0, 0
+        for chunk in stream:
+            n = len(chunk.data)
+            self._stats.bytes_down += n
+            if buf is None:
+                total, expected = chunk.total_size, chunk.sha256
+                if chunk.version != version or chunk.base_version != 0:
+                    raise DownloadRefused(f"asked for full model version {version}, got version "
+                                          f"{chunk.version} against base {chunk.base_version}")
+                if not 0 < total <= self.max_model_bytes:
+                    raise DownloadRefused(f"declared total_size {total} is outside "
+                                          f"[1, max_model_bytes={self.max_model_bytes}]")
+                if len(expected) != 32:
+                    raise DownloadRefused(f"first chunk carries a {len(expected)}-byte sha256, "
+                                          f"expected 32")
+                buf = bytearray(total)
+            elif ((chunk.version and chunk.version != version)
+                  or (chunk.total_size and chunk.total_size != total)
+                  or (chunk.sha256 and chunk.sha256 != expected)):
+                raise DownloadRefused(f"chunk at offset {chunk.offset} changes the version, "
+                                      f"total_size or sha256 of the download")
+            if chunk.offset != received:
+                raise DownloadRefused(f"chunk offset {chunk.offset}, expected {received} "
+                                      f"(chunks must be contiguous and in order)")
+            if received + n > total:
+                raise DownloadRefused(f"chunks carry more than the declared total_size {total}")
+            buf[received:received + n] = chunk.data
+            digest.update(chunk.data)
+            received += n
+        if buf is None:
+            raise DownloadRefused("the download stream was empty")
+        if received != total:
+            raise DownloadRefused(f"download truncated: {received} of {total} bytes")
+        if not hmac.compare_digest(digest.digest(), expected):
+            raise DownloadRefused("sha256 of the downloaded model does not match")
+        return buf
+
+    def _task_rpc(self, method: str, call: Callable[[], _T]) -> _T:
+        """:meth:`_rpc` within a task: an unexpected status (e.g. the version is gone, the
+        round closed) abandons the task instead of stopping the runtime."""
+        try:
+            return self._rpc(method, call)
+        except TransportError as exc:
+            if exc.code == "RETRIES_EXHAUSTED":
+                raise
+            raise _Abandon(str(exc)) from None
+
+    # ----------------------------------------------------------------- retries and waits
+
+    def _rpc(self, method: str, call: Callable[[], _T]) -> _T:
+        """``call()`` with transient failures retried after a backoff; auth failures raise."""
+        while True:
+            self._check_stop()
+            try:
+                result = call()
+            except grpc.RpcError as exc:
+                code = exc.code() if callable(getattr(exc, "code", None)) else None
+                detail = (exc.details() if callable(getattr(exc, "details", None)) else "") or ""
+                name = code.name if code is not None else "UNKNOWN"
+                if code in _AUTH:
+                    raise CredentialsRejected(self.device_id, name, detail) from None
+                if not _is_transient(code, detail):
+                    raise TransportError(f"{method} failed: {name}: {detail}", method=method,
+                                         code=name) from None
+                if self.max_retries is not None and self._failures >= self.max_retries:
+                    raise TransportError(
+                        f"{method} still failing after {self._failures} retries: {name}: "
+                        f"{detail}", method=method, code="RETRIES_EXHAUSTED") from None
+                self._stats.reconnects += 1
+                delay = self._backoff(self._failures)
+                self._failures += 1
+                self._log.warning("%s failed (%s: %s); retry %d in %.2f s", method, name,
+                                  detail, self._failures, delay)
+                self._wait(delay)
+                continue
+            self._failures = 0
+            return result
+
+    def _backoff(self, attempt: int) -> float:
+        return backoff_delay(attempt, self._rng, cap_s=self.max_backoff_s)
+
+    def _wait(self, seconds: float) -> None:
+        stop = self._stop
+        if self._sleep is not None:
+            self._sleep(seconds)
+        elif stop is not None:
+            stop.wait(seconds)
+        else:
+            time.sleep(seconds)
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            raise _Stopped
+
+
+def _is_transient(code: grpc.StatusCode | None, detail: str) -> bool:
+    if code in _TRANSIENT:
+        return True
+    lowered = detail.lower()
+    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(
+        hint in lowered for hint in _RESET_HINTS)
+
+
+# --------------------------------------------------------------------------- reference workload
+
+def _settings_overrides(settings: Mapping[str, float]) -> dict[str, float | int]:
+    """Server settings arrive as doubles; integer settings must be whole numbers."""
+    out: dict[str, float | int] = {}
+    for key, value in settings.items():
+        if key in ("epochs", "batch_size"):
+            if not float(value).is_integer():
+                raise ProtocolError(f"setting {key!r} must be a whole number, got {value!r}",
+                                    party="aggregator")
+            out[key] = int(value)
+        else:
+            out[key] = float(value)
+    return out
+
+
+def _local_model(model_name: str, x: np.ndarray, y: np.ndarray, seed: int, num_classes: int
+                 ) -> tuple[Any, Any, Any]:
+    import torch
+
+    from shoal.frameworks.torch import FlatModule
+    from shoal.models import build_model
+
+    model = FlatModule(build_model(model_name, int(np.prod(x.shape[1:])), num_classes, seed))
+    return (model, torch.from_numpy(np.ascontiguousarray(x)),
+            torch.from_numpy(np.ascontiguousarray(y)))
+
+
+def fmnist_train_fn(model_name: str, x: np.ndarray, y: np.ndarray, local: LocalTrainConfig,
+                    seed: int, client_index: int, *, num_classes: int = 10) -> TrainFn:
+    """The reference workload's local training on this device's own examples.
+
+    Trains with :func:`shoal.training.train_local` from the downloaded model, with the stream
+    ``shoal.seeds.generator(seed, "train", round, client_index)`` — the one the simulator gives
+    client ``client_index`` in that round — so a deployment trains exactly as the simulation
+    would. A task's settings override ``local`` (:meth:`LocalTrainConfig.with_overrides`).
+
+    Args:
+        model_name: a :data:`shoal.models.MODELS` name (e.g. ``"mlp2nn"``).
+        x, y: this device's examples (float32 features) and int64 labels.
+        local: the local training settings.
+        seed: the run seed; client_index: this device's client id in the run.
+
+    The returned function raises ConfigError or ProtocolError for unknown or malformed
+    settings and SpecError for a model of the wrong length.
+    """
+    from shoal import seeds
+    from shoal.training import train_local
+
+    model, xt, yt = _local_model(model_name, x, y, seed, num_classes)
+
+    def train(params: np.ndarray, settings: Mapping[str, float], round: int) -> TrainResult:
+        config = local.with_overrides(_settings_overrides(settings))
+        res = train_local(model, params, xt, yt, config,
+                          seeds.generator(seed, "train", round, client_index))
+        return TrainResult(res.delta, res.num_examples, dict(res.metrics))
+
+    return train
+
+
+def fmnist_evaluate_fn(model_name: str, x: np.ndarray, y: np.ndarray, *, seed: int = 0,
+                       num_classes: int = 10) -> EvaluateFn:
+    """Evaluation of a downloaded model on this device's examples
+    (:func:`shoal.training.evaluate`: mean cross-entropy and accuracy)."""
+    from shoal.training import evaluate
+
+    model, xt, yt = _local_model(model_name, x, y, seed, num_classes)
+
+    def run(params: np.ndarray) -> tuple[int, dict[str, float]]:
+        return int(yt.shape[0]), evaluate(model, params, xt, yt)
+
+    return run

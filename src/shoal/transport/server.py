@@ -1,0 +1,460 @@
+"""The aggregator's gRPC front end, and the client pool that puts it behind the coordinator.
+
+Devices pull (see ``proto/shoal.proto``): they say Hello, check in, download the model in
+chunks, train and upload in chunks. :class:`AggregatorService` answers them on a ``grpc.aio``
+server running in a background thread; every round's bookkeeping is a sans-I/O
+:class:`~shoal.device_round.DeviceRound`, driven under one lock. :class:`GrpcClientPool` is the
+coordinator's view: ``train(task, client_ids)`` opens a device round for the sampled devices
+and yields accepted updates as they arrive -- the same round engine the simulator uses.
+
+Security: TLS on the server (``shoal certs`` makes a local pair), and every call must carry a
+device token (``shoal enroll``) whose subject is the device the call claims to be; refused
+calls are counted by reason. Per-device rate limits and a cap on upload size protect the
+server; uploads are parsed and validated (size, checksum, codec wire format, shape, finite
+values, norm, base version) before they touch the aggregate.
+
+Only this module and ``shoal.transport.client`` import the generated protobuf code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from shoal.codec import Chain, from_bytes, to_bytes
+from shoal.coordinator import ClientUpdate, RoundAbandoned, TrainTask
+from shoal.device_round import ComeBack, DeviceRound, Task
+from shoal.errors import CodecError, UpdateRejected
+from shoal.registry.base import UnknownDevice
+from shoal.transport.auth import AuthError, Keyring, RateLimiter, verify_token
+from shoal.transport.proto import shoal_pb2 as pb
+from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
+
+__all__ = ["AggregatorSettings", "AggregatorService", "GrpcClientPool", "ModelPayload"]
+
+log = logging.getLogger("shoal.aggregator")
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    """How the aggregator treats devices.
+
+    Attributes:
+        target: accepted updates that complete a round.
+        deadline_s: reporting deadline of a round, from its opening.
+        min_fraction: a round commits with at least ``ceil(min_fraction * target)`` updates.
+        max_norm: L2 bound on an update (``None`` = no bound).
+        max_update_bytes: uploads larger than this are refused before they are read.
+        chunk_size: bytes per download chunk.
+        rate_per_s, burst: per-device token bucket over all calls.
+        idle_retry_s: how far ahead a device is told to come back when no round is open
+            (jittered over this window).
+    """
+
+    target: int
+    deadline_s: float = 60.0
+    min_fraction: float = 0.8
+    max_norm: float | None = None
+    max_update_bytes: int = 64 << 20
+    chunk_size: int = 256 << 10
+    rate_per_s: float = 20.0
+    burst: float = 40.0
+    idle_retry_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """A model version as it goes on the wire (codec wire format, raw float32)."""
+
+    version: int
+    blob: bytes
+    sha256: bytes
+
+    @classmethod
+    def of(cls, version: int, params: np.ndarray) -> ModelPayload:
+        blob = to_bytes(Chain([]).encode(np.asarray(params, np.float32),
+                                         np.random.default_rng(0)))
+        return cls(version, blob, hashlib.sha256(blob).digest())
+
+
+class _Counters:
+    """Prometheus metrics if ``prometheus_client`` is installed, plain counters otherwise."""
+
+    def __init__(self) -> None:
+        self.plain: Counter[str] = Counter()
+        try:
+            import prometheus_client as prom
+        except ImportError:  # pragma: no cover - the deploy extra installs it
+            self.prom = None
+            return
+        self.prom = prom
+        self.registry = prom.CollectorRegistry()
+        self.rounds = prom.Counter("shoal_rounds_total", "rounds by outcome", ["outcome"],
+                                   registry=self.registry)
+        self.updates = prom.Counter("shoal_updates_total", "uploads by result",
+                                    ["result", "reason"], registry=self.registry)
+        self.refused = prom.Counter("shoal_refused_calls_total", "calls refused before "
+                                    "reaching a round", ["reason"], registry=self.registry)
+        self.bytes = prom.Counter("shoal_bytes_total", "payload bytes", ["direction"],
+                                  registry=self.registry)
+        self.checkins = prom.Counter("shoal_checkins_total", "check-ins by answer",
+                                     ["answer"], registry=self.registry)
+        self.active = prom.Gauge("shoal_active_uploads", "uploads being received",
+                                 registry=self.registry)
+        self.duration = prom.Histogram("shoal_round_seconds", "round duration",
+                                       registry=self.registry,
+                                       buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600))
+
+    def inc(self, name: str, *labels: str, amount: float = 1.0) -> None:
+        self.plain[":".join((name, *labels))] += amount
+        if self.prom is not None:
+            metric = getattr(self, name)
+            (metric.labels(*labels) if labels else metric).inc(amount)
+
+    def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Expose ``/metrics`` on ``addr:port`` (0 = any free port); returns the port."""
+        if self.prom is None:  # pragma: no cover
+            raise RuntimeError("prometheus_client is not installed (pip install shoal[deploy])")
+        server, _ = self.prom.start_http_server(port, addr=addr, registry=self.registry)
+        return server.server_address[1]
+
+
+class AggregatorService(pb_grpc.AggregatorServicer):
+    """The gRPC handlers. Thread model: handlers run on the server's event loop; the round
+    and the current model are shared with :class:`GrpcClientPool` under ``self.lock``.
+
+    Args:
+        settings: device-facing limits and round parameters.
+        keyring: token keys (``Keyring.single(load_or_create_secret(path))``).
+        dim: model length (uploads of another length are refused).
+        spec_fingerprint: sent with every task so devices can check their model.
+        registry_factory: opens the client registry (called on the server thread; SQLite
+            connections belong to one thread).
+        clock: seconds since the epoch.
+    """
+
+    def __init__(self, settings: AggregatorSettings, keyring: Keyring, dim: int,
+                 spec_fingerprint: str, registry_factory: Callable[[], object],
+                 clock: Callable[[], float] = time.time, server_id: str = "shoal") -> None:
+        self.settings = settings
+        self.keyring = keyring
+        self.dim = dim
+        self.spec_fingerprint = spec_fingerprint
+        self.registry_factory = registry_factory
+        self._registry = None
+        self.clock = clock
+        self.server_id = server_id
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.round: DeviceRound | None = None
+        self.settings_for_round: dict[str, float] = {}
+        self.model: ModelPayload | None = None
+        self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
+        self.counters = _Counters()
+        self.evaluations: list[tuple[str, int, dict[str, float]]] = []
+        self._pace_rng = np.random.default_rng()
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            self._registry = self.registry_factory()
+        return self._registry
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _authorize(self, context: grpc.aio.ServicerContext, device_id: str | None,
+                         scope: str) -> str:
+        """Verify the call's token (bound to ``device_id`` when given) and the device's rate
+        limit; abort the call otherwise. Returns the token's device."""
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and value.startswith("Bearer "):
+                token = value[len("Bearer "):]
+        now = self.clock()
+        try:
+            claims = verify_token(self.keyring, token, now=now, expected_device=device_id,
+                                  required_scope=scope)
+        except AuthError as exc:
+            self.counters.inc("refused", exc.reason)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}")
+        device_id = claims.sub
+        if not self.limiter.allow(device_id, now):
+            self.counters.inc("refused", "rate_limited")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"rate limited: retry in "
+                                f"{self.limiter.retry_after(device_id, now):.1f} s")
+        return device_id
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def Hello(self, request, context):
+        await self._authorize(context, request.device_id, "checkin")
+        now = self.clock()
+        self.registry.enroll(request.device_id, now=now, attributes=dict(request.attributes),
+                             capabilities=dict(request.capabilities),
+                             windows=[(w.start_minute, w.end_minute) for w in request.windows])
+        model = self.model
+        return pb.HelloReply(server_id=self.server_id,
+                             model_version=model.version if model else 0, server_time=now)
+
+    async def CheckIn(self, request, context):
+        await self._authorize(context, request.device_id, "checkin")
+        now = self.clock()
+        self._seen(request.device_id, now)
+        with self.lock:
+            rnd = self.round
+            if rnd is None:
+                decision: Task | ComeBack = ComeBack(
+                    at=now + float(self._pace_rng.uniform(0, self.settings.idle_retry_s)),
+                    reason="no_round")
+            else:
+                decision = rnd.check_in(request.device_id, now, rng=self._pace_rng)
+            settings = dict(self.settings_for_round)
+        if isinstance(decision, Task):
+            self.counters.inc("checkins", "task")
+            return pb.CheckInReply(task=pb.Task(
+                round=decision.round, model_version=decision.model_version,
+                upload_key=decision.upload_key, deadline=decision.deadline, settings=settings,
+                spec_fingerprint=self.spec_fingerprint, kind="train"))
+        self.counters.inc("checkins", decision.reason)
+        return pb.CheckInReply(come_back=pb.ComeBack(at=decision.at, reason=decision.reason))
+
+    async def Download(self, request, context):
+        # the model is public to enrolled devices: any valid token may download it
+        await self._authorize(context, None, "checkin")
+        model = self.model
+        if model is None or request.version != model.version:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"model version {request.version} is not available "
+                                f"(current: {model.version if model else 'none'})")
+        size = max(1, min(int(request.chunk_size or self.settings.chunk_size),
+                          self.settings.chunk_size))
+        total = len(model.blob)
+        for off in range(0, total, size):
+            yield pb.ModelChunk(version=model.version, total_size=total,
+                                sha256=model.sha256 if off == 0 else b"", offset=off,
+                                data=model.blob[off:off + size])
+        self.counters.inc("bytes", "down", amount=total)
+
+    async def Upload(self, request_iterator, context):
+        header = None
+        buf = bytearray()
+        self.counters.active.inc() if self.counters.prom else None
+        try:
+            async for chunk in request_iterator:
+                part = chunk.WhichOneof("part")
+                if header is None:
+                    if part != "header":
+                        return self._refuse("malformed", "the first chunk must be the header")
+                    header = chunk.header
+                    await self._authorize(context, header.device_id, "upload")
+                    if header.total_size > self.settings.max_update_bytes:
+                        return self._refuse("too_large", f"{header.total_size} bytes > limit "
+                                            f"{self.settings.max_update_bytes}")
+                elif part != "data":
+                    return self._refuse("malformed", "a second header")
+                else:
+                    if len(buf) + len(chunk.data) > header.total_size:
+                        return self._refuse("malformed", "more data than total_size")
+                    buf += chunk.data
+        finally:
+            if self.counters.prom:
+                self.counters.active.dec()
+        if header is None:
+            return self._refuse("malformed", "empty upload")
+        if len(buf) != header.total_size:
+            return self._refuse("truncated", f"{len(buf)} of {header.total_size} bytes")
+        if hashlib.sha256(buf).digest() != header.sha256:
+            return self._refuse("checksum", "SHA-256 of the payload does not match")
+        try:
+            delta = from_bytes(bytes(buf), max_elements=self.dim)
+        except CodecError as exc:
+            return self._refuse(exc.reason, str(exc))
+        now = self.clock()
+        with self.changed:
+            rnd = self.round
+            if rnd is None:
+                return self._refuse("late", "no round is open")
+            try:
+                rnd.upload(header.device_id, int(header.round), int(header.base_version),
+                           header.upload_key, int(header.num_examples), delta, now,
+                           metrics={**dict(header.metrics), "upload_bytes": float(len(buf))})
+            except UpdateRejected as exc:
+                outcome = "late" if exc.reason == "late" else f"rejected:{exc.reason}"
+                self._record(header.device_id, int(header.round), outcome, now)
+                return self._refuse(exc.reason, str(exc))
+            self.changed.notify_all()
+        self._record(header.device_id, int(header.round), "accepted", now)
+        self.counters.inc("updates", "accepted", "")
+        self.counters.inc("bytes", "up", amount=len(buf))
+        return pb.UploadReply(accepted=True)
+
+    async def Heartbeat(self, request, context):
+        await self._authorize(context, request.device_id, "checkin")
+        with self.lock:
+            keep = self.round is not None and self.round.round == request.round \
+                and not self.round.status(self.clock()).done
+        return pb.HeartbeatReply(keep_going=keep)
+
+    async def ReportEvaluation(self, request, context):
+        await self._authorize(context, request.device_id, "upload")
+        metrics = {k: float(v) for k, v in request.metrics.items() if math.isfinite(v)}
+        with self.lock:
+            self.evaluations.append((request.device_id, int(request.round), metrics))
+        return pb.Ack()
+
+    def _seen(self, device_id: str, now: float) -> None:
+        """Mark the device as seen; a device with a valid token that skipped Hello (e.g. after
+        a server restart) is registered on the spot -- its token is its enrolment."""
+        try:
+            self.registry.touch(device_id, now=now)
+        except UnknownDevice:
+            self.registry.enroll(device_id, now=now)
+
+    def _refuse(self, reason: str, detail: str) -> pb.UploadReply:
+        self.counters.inc("updates", "rejected", reason)
+        log.info("upload refused: %s (%s)", reason, detail)
+        return pb.UploadReply(accepted=False, reason=reason, detail=detail)
+
+    def _record(self, device_id: str, rnd: int, outcome: str, now: float) -> None:
+        try:
+            self.registry.record_outcome(device_id, rnd, outcome, now=now)
+        except Exception as exc:  # the registry is bookkeeping; never fail an upload on it
+            log.warning("registry: could not record %s for %s: %s", outcome, device_id, exc)
+
+
+class GrpcClientPool:
+    """The coordinator's client pool for devices behind :class:`AggregatorService`.
+
+    ``client_ids`` are positions in :attr:`devices`, the enrolled devices in a fixed (sorted)
+    order. ``train`` opens a device round for the sampled devices (sample the over-selected
+    count, e.g. 130 % of ``settings.target``), publishes the model, and yields accepted
+    updates as they arrive. It returns when the round is done (target reached or deadline);
+    a round below ``min_fraction`` raises :class:`~shoal.coordinator.RoundAbandoned`, so the
+    coordinator commits nothing.
+
+    Args:
+        service: the running service.
+        devices: the device ids clients may be sampled from.
+        clock: the same clock the service uses.
+        poll_s: how often to re-check the deadline while no update arrives.
+    """
+
+    def __init__(self, service: AggregatorService, devices: Sequence[str],
+                 clock: Callable[[], float] = time.time, poll_s: float = 0.2) -> None:
+        self.service = service
+        self.devices = sorted(devices)
+        self.clock = clock
+        self.poll_s = poll_s
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.devices)
+
+    def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[ClientUpdate]:
+        svc = self.service
+        selected = [self.devices[int(c)] for c in client_ids]
+        version = task.round - 1
+        payload = ModelPayload.of(version, task.params)
+        rnd = DeviceRound(task.round, version, selected, target=min(svc.settings.target,
+                                                                     len(selected)),
+                          opened_at=self.clock(), deadline_s=svc.settings.deadline_s,
+                          min_fraction=svc.settings.min_fraction, dim=svc.dim,
+                          max_norm=svc.settings.max_norm,
+                          client_ids=[int(c) for c in client_ids])
+        with svc.lock:
+            svc.model = payload
+            svc.settings_for_round = {k: float(v) for k, v in task.settings.items()}
+            svc.round = rnd
+        started = time.monotonic()
+        try:
+            while True:
+                with svc.changed:
+                    status = rnd.status(self.clock())
+                    updates = rnd.drain()
+                    if not updates and not status.done:
+                        svc.changed.wait(timeout=self.poll_s)
+                        status = rnd.status(self.clock())
+                        updates = rnd.drain()
+                yield from updates
+                if status.done:
+                    break
+        finally:
+            with svc.lock:
+                final = rnd.close(self.clock())
+                leftovers = rnd.drain()
+        yield from leftovers
+        if svc.counters.prom:
+            svc.counters.duration.observe(time.monotonic() - started)
+        svc.counters.inc("rounds", "committed" if final.commit else "abandoned")
+        if not final.commit:
+            raise RoundAbandoned(f"round {task.round} reached {final.accepted} of "
+                                 f"{final.min_accepted} required updates before its "
+                                 f"deadline")
+
+
+def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
+          tls: tuple[bytes, bytes] | None = None) -> tuple[int, Callable[[], None]]:
+    """Start ``service`` on a ``grpc.aio`` server in a background thread.
+
+    Args:
+        tls: ``(certificate chain PEM, private key PEM)``; ``None`` serves without TLS (tests
+            on loopback only).
+
+    Returns:
+        ``(port, stop)``: the bound port and a function that stops the server and its thread.
+    """
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state: dict = {}
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 << 20),
+                                          ("grpc.max_send_message_length", 4 << 20)])
+        pb_grpc.add_AggregatorServicer_to_server(service, server)
+        address = f"{host}:{port}"
+        if tls is None:
+            state["port"] = server.add_insecure_port(address)
+        else:
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            state["port"] = server.add_secure_port(address, creds)
+        await server.start()
+        stopping = asyncio.Event()
+        state["stopping"] = stopping
+        ready.set()
+        await stopping.wait()
+        await server.stop(grace=1.0)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(main())
+        except Exception as exc:  # surface bind errors to the caller
+            state["error"] = exc
+            ready.set()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="shoal-grpc", daemon=True)
+    thread.start()
+    ready.wait(timeout=30)
+    if "error" in state or "port" not in state:
+        raise RuntimeError(f"could not start the aggregator on {host}:{port}: "
+                           f"{state.get('error')}")
+
+    def stop() -> None:
+        if thread.is_alive():
+            loop.call_soon_threadsafe(state["stopping"].set)
+        thread.join(timeout=10)
+
+    return state["port"], stop
