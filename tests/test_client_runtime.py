@@ -471,3 +471,53 @@ def test_fmnist_evaluate_fn_is_accuracy_of_the_linear_model(tiny_task):
     logits = data.test.x @ params[:80].reshape(4, 20).T + params[80:]  # Linear(20, 4)
     assert n == len(data.test.y)
     assert metrics["accuracy"] == pytest.approx(float((logits.argmax(1) == data.test.y).mean()))
+
+
+def test_three_devices_complete_a_round_on_the_real_aggregator(tmp_path):
+    """Interoperability with shoal's own server: a coordinator round over gRPC commits the
+    example-weighted mean of what three DeviceClients uploaded."""
+    import time
+
+    from shoal.coordinator import Coordinator, UniformSampler
+    from shoal.registry import SQLiteRegistry
+    from shoal.strategy import FedAvg
+    from shoal.transport.auth import Keyring, issue_token
+    from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
+                                        serve)
+
+    dim, secret, devices = 50, b"s" * 32, ["dev-a", "dev-b", "dev-c"]
+    service = AggregatorService(AggregatorSettings(target=3, deadline_s=20.0, chunk_size=64),
+                                Keyring.single(secret), dim, "fp",
+                                lambda: SQLiteRegistry(tmp_path / "registry.db"))
+    port, stop_server = serve(service)
+    coord = Coordinator(FedAvg(), GrpcClientPool(service, devices, poll_s=0.02),
+                        UniformSampler(3), seed=0)
+    out: dict = {}
+    rounds = threading.Thread(target=lambda: out.update(
+        zip(("state", "record"), coord.run_round(FedAvg().init(np.zeros(dim, np.float32))))))
+    stats: dict = {}
+
+    def device(i, name):
+        def train(params, settings, round):
+            return TrainResult(np.full(dim, float(i + 1), np.float32), 10 * (i + 1), {})
+        client = DeviceClient(f"127.0.0.1:{port}", issue_token(secret, name, now=time.time(),
+                                                               ttl_seconds=600),
+                              name, root_certificates=None, train=train, chunk_size=100,
+                              min_wait_s=0.02, timeout_s=10, transfer_timeout_s=10)
+        with client:
+            stats[name] = client.run(max_rounds=1)
+
+    threads = [threading.Thread(target=device, args=(i, d)) for i, d in enumerate(devices)]
+    try:
+        rounds.start()
+        for t in threads:
+            t.start()
+        for t in [*threads, rounds]:
+            t.join(timeout=20)
+    finally:
+        stop_server()
+    assert out["record"].committed and out["record"].accepted == 3
+    w = np.array([10.0, 20.0, 30.0])
+    np.testing.assert_allclose(out["state"].params, np.full(dim, w @ [1, 2, 3] / w.sum()),
+                               rtol=1e-6)
+    assert all(s.uploads_accepted == 1 and s.rejections == {} for s in stats.values())

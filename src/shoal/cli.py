@@ -105,10 +105,66 @@ def _summary_lines(summary: dict, cfg: Config) -> list[str]:
     return lines
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _banner(cfg: Config, args: argparse.Namespace, how: str = "") -> None:
+    if args.quiet:
+        return
+    smp = cfg["sampling"]
+    cohort = (f"each joins a round with probability {smp['q']:g}"
+              if smp["method"] == "poisson" else f"{smp['per_round']} per round")
+    print(f"shoal{how}: {cfg['strategy']['name']} on {cfg['data']['dataset']}, "
+          f"{cfg['data']['clients']} clients, {cohort}, {cfg.rounds} rounds, model "
+          f"{cfg['model']['name']}, seed {cfg.seed}", file=sys.stderr)
 
+
+class _Progress:
+    """The progress bar every training command shows (round, accuracy, loss, epsilon)."""
+
+    def __init__(self, cfg: Config, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=cfg.rounds, unit="round", file=sys.stderr, disable=quiet,
+                        dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                        "[{elapsed}<{remaining}{postfix}]")
+        self.bar.set_description("round")
+
+    def __call__(self, rec) -> None:
+        if rec.eval:
+            text = f"acc {_fmt(rec.eval['accuracy'])}  loss {_fmt(rec.eval['loss'], 3)}"
+            if "epsilon" in rec.privacy:
+                text += f"  eps {rec.privacy['epsilon']:.3g}"
+            self.bar.set_postfix_str(text)
+        if rec.round > 0:
+            self.bar.update(1)
+
+    def skip(self, rounds: int) -> None:
+        self.bar.update(rounds)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _report(cfg: Config, args: argparse.Namespace, exp, result, extra: dict | None = None
+            ) -> int:
+    """Write the run directory and print the summary (text, or one JSON object)."""
     from shoal.rundir import make_run_dir, write_run
+
+    run_dir = make_run_dir(cfg)
+    summary = result.summary() | (extra or {})
+    summary["run_dir"] = str(run_dir)
+    ckpt = exp.checkpoint(result.state)
+    ckpt.meta["final_accuracy"] = summary["final_accuracy"]
+    write_run(run_dir, cfg, result.records, ckpt, summary)
+    if cfg["output"]["store"]:
+        summary["model_version"] = _commit_to_store(cfg["output"]["store"], ckpt, summary)
+    if args.json:
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in summary.items()}))
+    elif not args.quiet:
+        print("\n".join(_summary_lines(summary, cfg)))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from shoal.sim.experiment import Experiment
 
     resume = None
@@ -125,54 +181,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
             cfg = _config_from_args(args)
     else:
         cfg = _config_from_args(args)
-    err = sys.stderr
-    if not args.quiet:
-        smp = cfg["sampling"]
-        cohort = (f"each joins a round with probability {smp['q']:g}"
-                  if smp["method"] == "poisson" else f"{smp['per_round']} per round")
-        print(f"shoal: {cfg['strategy']['name']} on {cfg['data']['dataset']}, "
-              f"{cfg['data']['clients']} clients, {cohort}, {cfg.rounds} rounds, model "
-              f"{cfg['model']['name']}, seed {cfg.seed}", file=err)
+    _banner(cfg, args)
     exp = Experiment(cfg)
     if args.verbose:
-        print(exp.data.summary().format(), file=err)
+        print(exp.data.summary().format(), file=sys.stderr)
         print(f"engine: {exp.engine}; {exp.spec.size:,} parameters; start-up "
-              f"{exp.startup_seconds:.2f} s", file=err)
-    bar = tqdm(total=cfg.rounds, unit="round", file=err, disable=args.quiet,
-               dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
-               "[{elapsed}<{remaining}{postfix}]")
-    bar.set_description("round")
-
-    def on_round(rec) -> None:
-        if rec.eval:
-            text = f"acc {_fmt(rec.eval['accuracy'])}  loss {_fmt(rec.eval['loss'], 3)}"
-            if "epsilon" in rec.privacy:
-                text += f"  eps {rec.privacy['epsilon']:.3g}"
-            bar.set_postfix_str(text)
-        if rec.round > 0:
-            bar.update(1)
-
+              f"{exp.startup_seconds:.2f} s", file=sys.stderr)
+    progress = _Progress(cfg, args.quiet)
     state = exp.restore(resume) if resume is not None else None
     if state is not None:
-        bar.update(state.round)
+        progress.skip(state.round)
     try:
-        result = exp.run(on_round, state=state)
+        result = exp.run(progress, state=state)
     finally:
-        bar.close()
-    run_dir = make_run_dir(cfg)
-    summary = result.summary()
-    summary["run_dir"] = str(run_dir)
-    ckpt = exp.checkpoint(result.state)
-    ckpt.meta["final_accuracy"] = summary["final_accuracy"]
-    write_run(run_dir, cfg, result.records, ckpt, summary)
-    if cfg["output"]["store"]:
-        summary["model_version"] = _commit_to_store(cfg["output"]["store"], ckpt, summary)
-    if args.json:
-        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                          for k, v in summary.items()}))
-    elif not args.quiet:
-        print("\n".join(_summary_lines(summary, cfg)))
-    return 0
+        progress.close()
+    return _report(cfg, args, exp, result)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shoal.deploy import AggregatorPaths, run_aggregator
+
+    cfg = _config_from_args(args)
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = AggregatorPaths(secret=Path(args.secret) if args.secret else work / "secret",
+                            registry=work / "registry.db", store=work / "models",
+                            tls_dir=Path(args.certs) if args.certs else None,
+                            port_file=work / "port")
+    _banner(cfg, args, " aggregator")
+    progress = _Progress(cfg, args.quiet)
+
+    def ready(port: int) -> None:
+        if not args.quiet:
+            print(f"aggregator listening on {cfg['deploy']['host']}:{port} "
+                  f"({'TLS' if paths.tls_dir else 'no TLS, loopback only'}); waiting for "
+                  f"devices", file=sys.stderr)
+
+    try:
+        exp, result = run_aggregator(cfg, paths, on_round=progress, on_ready=ready)
+    finally:
+        progress.close()
+    return _report(cfg, args, exp, result)
 
 
 def _commit_to_store(root: str, ckpt, summary: dict) -> int:
@@ -361,6 +412,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="dp-accounting's RDP or PLD accountant (default rdp)")
     privacy.add_argument("--json", action="store_true", help="print one JSON object")
     privacy.set_defaults(func=_cmd_privacy)
+
+    serve_p = sub.add_parser(
+        "serve", help="run the aggregator: serve devices over gRPC",
+        description="Run the round engine with real devices: a gRPC aggregator (TLS with "
+                    "--certs) that devices pull tasks from. Every committed round is written "
+                    "to DIR/models, and a restarted aggregator resumes from it.",
+        epilog="examples:\n  shoal certs --out certs && shoal enroll device-000 --secret "
+               "work/secret --out t0\n  shoal serve my.toml --dir work --certs certs",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_options(serve_p)
+    serve_p.add_argument("--dir", default="aggregator",
+                         help="state directory: secret, registry.db, models/, port")
+    serve_p.add_argument("--certs", help="directory with server.pem and server.key")
+    serve_p.add_argument("--secret", help="token secret file (default DIR/secret)")
+    serve_p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    serve_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    serve_p.set_defaults(func=_cmd_serve)
 
     models = sub.add_parser(
         "models", help="list, show, promote or roll back model versions in a model store",

@@ -220,6 +220,30 @@ SCHEMA: dict[str, dict[str, Option]] = {
                           "clients, whose small matmuls do not scale, while the other core "
                           "evaluates; all cores otherwise)", min=0, max=1024),
     },
+    "deploy": {
+        "host": Option(str, "127.0.0.1", "address the aggregator listens on"),
+        "port": Option(int, 0, "gRPC port; 0 = any free port (written to the port file)",
+                       min=0, max=65535),
+        "target": Option(int, 0, "accepted updates that complete a round; 0 = "
+                         "sampling.per_round", min=0),
+        "over_selection": Option(float, 1.3, "devices asked per round = ceil(target x this), "
+                                 "so stragglers do not hold a round up", min=1.0, max=10.0),
+        "deadline_s": Option(float, 60.0, "reporting deadline of a round, in seconds",
+                             min=0.0, min_exclusive=True),
+        "min_fraction": Option(float, 0.8, "a round commits with at least this fraction of "
+                               "target; otherwise it is abandoned and retried", min=0.0,
+                               min_exclusive=True, max=1.0),
+        "max_norm": Option(float, 0.0, "refuse updates with a larger L2 norm; 0 = no bound",
+                           min=0.0),
+        "max_update_mb": Option(float, 64.0, "refuse uploads larger than this", min=0.0,
+                                min_exclusive=True),
+        "wait_devices": Option(int, 0, "enrolled devices to wait for before round 1; 0 = "
+                               "data.clients", min=0),
+        "wait_timeout_s": Option(float, 300.0, "give up waiting for devices after this",
+                                 min=0.0),
+        "metrics_port": Option(int, -1, "Prometheus /metrics port; -1 = off, 0 = any free "
+                               "port", min=-1, max=65535),
+    },
     "output": {
         "dir": Option(str, "runs", "parent directory of run directories"),
         "name": Option(str, "", "run directory name; empty = timestamp and seed"),

@@ -23,7 +23,7 @@ import torch
 from shoal import seeds
 from shoal.config import Config
 from shoal.codec import Chain
-from shoal.coordinator import (Coordinator, PoissonSampler, RoundRecord, Sampler,
+from shoal.coordinator import (ClientPool, Coordinator, PoissonSampler, RoundRecord, Sampler,
                                UniformSampler)
 from shoal.data import FederatedData, load_fashion_mnist
 from shoal.data.partition import partition
@@ -205,7 +205,14 @@ class Experiment:
             tests share one copy across runs).
     """
 
-    def __init__(self, cfg: Config, data: FederatedData | None = None) -> None:
+    def __init__(self, cfg: Config, data: FederatedData | None = None, *,
+                 pool: ClientPool | None = None, sampler: Sampler | None = None) -> None:
+        """Args:
+            cfg: a validated configuration.
+            data: already-loaded data (benchmarks and tests share one copy across runs).
+            pool, sampler: another carrier for the clients (the gRPC aggregator's device
+                pool); by default virtual clients in this process, sampled per ``cfg``.
+        """
         t0 = time.perf_counter()
         self.cfg = cfg
         torch.set_num_threads(cfg["sim"]["threads"] or auto_threads(cfg))
@@ -214,26 +221,32 @@ class Experiment:
         in_features = int(np.prod(train.x.shape[1:]))
         name = cfg["model"]["name"]
         build = lambda: build_model(name, in_features, train.num_classes, cfg.seed)  # noqa: E731
-        trainer = CohortTrainer(build(), torch.from_numpy(train.x), torch.from_numpy(train.y),
-                                engine=cfg["sim"]["engine"])
-        self.engine = trainer.engine
         self.eval_model = FlatModule(build())
         self.spec = self.eval_model.spec
-        local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
-                                 batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
         self.privacy, local_dp = privacy_from_config(cfg)
-        comp = cfg["compression"]
-        uplink = Uplink(self.spec.size, Chain.parse(comp["upload"]), comp["error_feedback"],
-                        local_dp)
-        downlink = Downlink(self.spec.size, comp["download"],
-                            Chain.parse(comp["download_codec"], "compression.download_codec"),
-                            comp["max_staleness"])
-        self.pool = InProcessPool(trainer, self.data.client_indices, local, seed=cfg.seed,
-                                  uplink=uplink, downlink=downlink)
+        if pool is None:
+            trainer = CohortTrainer(build(), torch.from_numpy(train.x),
+                                    torch.from_numpy(train.y), engine=cfg["sim"]["engine"])
+            self.engine = trainer.engine
+            local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
+                                     batch_size=cfg["client"]["batch_size"],
+                                     lr=cfg["client"]["lr"])
+            comp = cfg["compression"]
+            uplink = Uplink(self.spec.size, Chain.parse(comp["upload"]),
+                            comp["error_feedback"], local_dp)
+            downlink = Downlink(self.spec.size, comp["download"],
+                                Chain.parse(comp["download_codec"],
+                                            "compression.download_codec"),
+                                comp["max_staleness"])
+            pool = InProcessPool(trainer, self.data.client_indices, local, seed=cfg.seed,
+                                 uplink=uplink, downlink=downlink)
+        else:
+            self.engine = "devices"
+        self.pool = pool
         self.strategy = strategy_from_config(cfg)
         x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
         self.coordinator = Coordinator(
-            self.strategy, self.pool, sampler_from_config(cfg), seed=cfg.seed,
+            self.strategy, self.pool, sampler or sampler_from_config(cfg), seed=cfg.seed,
             evaluate=lambda params: evaluate(self.eval_model, params, x_test, y_test),
             aggregation=self.privacy or secagg_from_config(cfg))
         if self.privacy is not None and cfg["privacy"]["on_budget"] == "refuse":
@@ -282,12 +295,14 @@ class Experiment:
         return ckpt.state
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None,
-            state: ServerState | None = None) -> RunResult:
+            state: ServerState | None = None,
+            on_commit: Callable[[ServerState, RoundRecord], None] | None = None) -> RunResult:
         """Run ``cfg.rounds`` rounds (from ``state`` if given, else from the initial model).
 
         Central evaluation of round r's model runs on a background thread while round r + 1
         trains (each committed model is immutable, so this is safe); records reach
-        ``on_round`` in round order as their evaluations finish.
+        ``on_round`` in round order as their evaluations finish. ``on_commit(state, record)``
+        runs right after each committed round, before the next one starts.
 
         Raises:
             ShoalError: a round could not commit after :data:`MAX_ATTEMPTS` fresh cohorts
@@ -338,6 +353,8 @@ class Experiment:
                            else "no sampled client had data")
                     raise ShoalError(f"round {rnd} did not commit after {MAX_ATTEMPTS} "
                                      f"cohorts: {why}")
+                if on_commit is not None:
+                    on_commit(state, rec)  # e.g. a crash-safe commit to the model store
                 do_eval = rnd % every == 0 or rnd == self.cfg.rounds
                 submit(rec, state.params if do_eval else None)
             if stopped and pending and pending[-1][1] is None and pending[-1][0].round > 0:

@@ -221,7 +221,7 @@ def make_channel(target: str, root_certificates: bytes | None) -> grpc.Channel:
 # --------------------------------------------------------------------------- client
 
 class DeviceClient:
-    """One device's runtime against an aggregator.
+    """One device's runtime against an aggregator (one thread at a time; not thread-safe).
 
     Args:
         target: ``"host:port"`` of the aggregator.

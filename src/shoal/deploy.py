@@ -1,0 +1,146 @@
+"""The aggregator process: the round engine serving real devices over gRPC.
+
+:func:`run_aggregator` assembles the same :class:`~shoal.sim.experiment.Experiment` the
+simulator runs -- strategy, coordinator, central evaluation, privacy -- but with a
+:class:`~shoal.transport.server.GrpcClientPool` as its carrier, and makes it crash-safe:
+every committed round is written to the model store (atomically, checksummed) before the
+next round starts, and on start the aggregator resumes from the store's latest version, so
+killing it with SIGKILL loses nothing committed. Devices reconnect by themselves (their
+runtime retries with exponential backoff).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shoal.config import Config
+from shoal.coordinator import RoundRecord, UniformSampler
+from shoal.errors import ConfigError
+from shoal.frameworks.torch import spec_of
+from shoal.models import build_model
+from shoal.registry import SQLiteRegistry
+from shoal.sim.experiment import Experiment, RunResult, load_data
+from shoal.store import ModelStore
+from shoal.transport.auth import Keyring, load_or_create_secret
+from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
+                                    serve)
+
+__all__ = ["AggregatorPaths", "run_aggregator"]
+
+log = logging.getLogger("shoal.aggregator")
+
+
+@dataclass(frozen=True)
+class AggregatorPaths:
+    """Where the aggregator keeps its state.
+
+    Attributes:
+        secret: token signing key (created with mode 0600 if missing).
+        registry: SQLite client registry.
+        store: model store (versions, crash recovery).
+        tls_dir: directory with ``server.pem`` and ``server.key`` (``shoal certs``); ``None``
+            serves without TLS, which is refused on anything but loopback.
+        port_file: the bound port is written here (useful with ``deploy.port = 0``).
+    """
+
+    secret: Path
+    registry: Path
+    store: Path
+    tls_dir: Path | None = None
+    port_file: Path | None = None
+
+
+def settings_from_config(cfg: Config) -> AggregatorSettings:
+    d = cfg["deploy"]
+    return AggregatorSettings(
+        target=d["target"] or cfg["sampling"]["per_round"], deadline_s=d["deadline_s"],
+        min_fraction=d["min_fraction"], max_norm=d["max_norm"] or None,
+        max_update_bytes=int(d["max_update_mb"] * (1 << 20)))
+
+
+def run_aggregator(cfg: Config, paths: AggregatorPaths,
+                   on_round: Callable[[RoundRecord], None] | None = None,
+                   on_ready: Callable[[int], None] | None = None) -> tuple[Experiment,
+                                                                          RunResult]:
+    """Serve devices until ``cfg.rounds`` rounds are committed (resuming from the store).
+
+    Raises:
+        ConfigError: insecure serving on a non-loopback address, or not enough devices
+            enrolled within ``deploy.wait_timeout_s``.
+    """
+    d = cfg["deploy"]
+    if paths.tls_dir is None and d["host"] not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"deploy.host = {d['host']!r} without TLS: give a certificate "
+                          f"directory (shoal certs) or listen on 127.0.0.1", key="deploy.host")
+    if cfg["privacy"]["placement"] == "local" or cfg["compression"]["upload"] != "none" \
+            or cfg["secure_aggregation"]["enabled"]:
+        raise ConfigError("the device runtime does not yet apply local DP, compression or "
+                          "secure aggregation; run those in simulation (shoal run)",
+                          key="deploy")
+    settings = settings_from_config(cfg)
+    keyring = Keyring.single(load_or_create_secret(paths.secret))
+    store = ModelStore(paths.store)
+
+    def registry_factory() -> SQLiteRegistry:
+        return SQLiteRegistry(paths.registry)
+
+    tls = None
+    if paths.tls_dir is not None:
+        tls = ((paths.tls_dir / "server.pem").read_bytes(),
+               (paths.tls_dir / "server.key").read_bytes())
+
+    data = load_data(cfg)
+    spec = spec_of(build_model(cfg["model"]["name"], int(np.prod(data.train.x.shape[1:])),
+                               data.train.num_classes, cfg.seed))
+    service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
+                                registry_factory)
+    port, stop = serve(service, d["host"], d["port"], tls=tls)
+    try:
+        if paths.port_file is not None:
+            paths.port_file.write_text(f"{port}\n")
+        if d["metrics_port"] >= 0:
+            mport = service.counters.serve_http(d["metrics_port"], d["host"])
+            log.info("metrics on http://%s:%d/metrics", d["host"], mport)
+        if on_ready:
+            on_ready(port)
+        devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
+                                    cfg["data"]["clients"], d["wait_timeout_s"])
+        pool = GrpcClientPool(service, devices)
+        per_round = min(len(devices), math.ceil(settings.target * d["over_selection"] - 1e-9))
+        exp = Experiment(cfg, data, pool=pool, sampler=UniformSampler(per_round))
+        state = None
+        latest = store.latest()
+        if latest is not None:
+            state = exp.restore(store.load(latest.id))
+            log.info("resuming from model version %d (round %d)", latest.id, state.round)
+
+        def commit(st, rec) -> None:
+            parent = store.latest()
+            store.commit(exp.checkpoint(st), round=st.round,
+                         metrics={"accepted": float(rec.accepted)},
+                         parent=parent.id if parent else None, now=time.time())
+
+        result = exp.run(on_round, state=state, on_commit=commit)
+        return exp, result
+    finally:
+        stop()
+        store.close()
+
+
+def _wait_for_devices(registry: SQLiteRegistry, want: int, timeout_s: float) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        devices = [dev.device_id for dev in registry.list()]
+        if len(devices) >= want:
+            return devices
+        if time.monotonic() > deadline:
+            raise ConfigError(f"only {len(devices)} of deploy.wait_devices = {want} devices "
+                              f"said Hello within {timeout_s:g} s", key="deploy.wait_devices")
+        time.sleep(0.2)
