@@ -226,6 +226,105 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return _report(cfg, args, exp, result)
 
 
+def _cmd_client(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from shoal.sim.experiment import load_data
+    from shoal.training import LocalTrainConfig
+    from shoal.transport.client import DeviceClient, fmnist_evaluate_fn, fmnist_train_fn
+
+    cfg = _config_from_args(args)
+    data = load_data(cfg)
+    if not 0 <= args.index < data.num_clients:
+        raise ConfigError(f"--index {args.index} is not a client of this config (0 .. "
+                          f"{data.num_clients - 1})", key="index")
+    idx = data.client_indices[args.index]
+    local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
+                             batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
+    train = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx], data.train.y[idx], local,
+                            cfg.seed, args.index, num_classes=data.train.num_classes)
+    evaluate = fmnist_evaluate_fn(cfg["model"]["name"], data.train.x[idx], data.train.y[idx],
+                                  seed=cfg.seed, num_classes=data.train.num_classes)
+    token = Path(args.token).read_text().strip()
+    ca = Path(args.ca).read_bytes() if args.ca else None
+    if ca is None and not args.server.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
+        raise ConfigError("--ca is required for a server that is not on this machine "
+                          "(connections are TLS)", key="ca")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    device = args.device_id or f"device-{args.index:04d}"
+    with DeviceClient(args.server, token, device, root_certificates=ca, train=train,
+                      evaluate=evaluate, attributes={"index": str(args.index)},
+                      max_retries=args.max_retries) as client:
+        stats = client.run(max_rounds=args.max_tasks, stop=stop)
+    if not args.quiet:
+        print(json.dumps({"device": device, **stats.__dict__}), file=sys.stderr)
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from shoal.config import to_toml
+    from shoal.deploy import AggregatorPaths, run_aggregator
+    from shoal.store.atomic import replace_atomically
+    from shoal.transport.auth import issue_token, load_or_create_secret
+    from shoal.transport.certs import make_local_pki
+
+    cfg = _config_from_args(args)
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-launch-"))
+    work.mkdir(parents=True, exist_ok=True)
+    n = cfg["data"]["clients"]
+    cfg_path = work / "config.toml"
+    cfg_path.write_text(to_toml(cfg))
+    pki = make_local_pki(work / "certs", days=2, now=dt.datetime.now(dt.timezone.utc),
+                         overwrite=True)
+    secret = load_or_create_secret(work / "secret")
+    tokens = work / "tokens"
+    tokens.mkdir(exist_ok=True)
+    for i in range(n):
+        replace_atomically(tokens / f"device-{i:04d}", issue_token(
+            secret, f"device-{i:04d}", now=__import__("time").time(),
+            ttl_seconds=2 * 86400).encode(), mode=0o600)
+    paths = AggregatorPaths(secret=work / "secret", registry=work / "registry.db",
+                            store=work / "models", tls_dir=work / "certs",
+                            port_file=work / "port")
+    _banner(cfg, args, f" launch ({n} client processes, TLS on loopback, state in {work})")
+    procs: list[subprocess.Popen] = []
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def start_clients(port: int) -> None:
+        for i in range(n):
+            cmd = [sys.executable, "-m", "shoal.cli", "client", str(cfg_path), "--server",
+                   f"localhost:{port}", "--token", str(tokens / f"device-{i:04d}"),
+                   "--ca", str(pki.ca_cert), "--index", str(i)]
+            with open(logs / f"device-{i:04d}.log", "w") as log_file:
+                procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                              env=env))
+
+    progress = _Progress(cfg, args.quiet)
+    try:
+        exp, result = run_aggregator(cfg, paths, on_round=progress, on_ready=start_clients)
+    finally:
+        progress.close()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return _report(cfg, args, exp, result, {"client_processes": n, "work_dir": str(work)})
+
+
 def _commit_to_store(root: str, ckpt, summary: dict) -> int:
     import time
 
@@ -429,6 +528,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--json", action="store_true", help="print the summary as JSON")
     serve_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     serve_p.set_defaults(func=_cmd_serve)
+
+    client_p = sub.add_parser(
+        "client", help="run one device: check in, train on local data, upload, repeat",
+        description="The device runtime on the reference data: client INDEX of the config's "
+                    "partition trains exactly as it would in `shoal run` (same batches, same "
+                    "random streams), against an aggregator started with `shoal serve`. "
+                    "Your own model and data: use shoal.transport.client.DeviceClient from "
+                    "Python with a train function.")
+    _add_run_options(client_p)
+    client_p.add_argument("--server", required=True, help="aggregator HOST:PORT")
+    client_p.add_argument("--token", required=True, help="file with this device's token "
+                          "(shoal enroll)")
+    client_p.add_argument("--ca", help="CA certificate of the aggregator (ca.pem)")
+    client_p.add_argument("--index", type=int, required=True,
+                          help="which client of the partition this device is")
+    client_p.add_argument("--device-id", dest="device_id",
+                          help="device id (default device-INDEX, 4 digits)")
+    client_p.add_argument("--max-tasks", type=int, dest="max_tasks",
+                          help="stop after this many tasks (default: run until stopped)")
+    client_p.add_argument("--max-retries", type=int, dest="max_retries", default=None,
+                          help="give up after this many failed reconnections in a row")
+    client_p.add_argument("-q", "--quiet", action="store_true")
+    client_p.set_defaults(func=_cmd_client)
+
+    launch = sub.add_parser(
+        "launch", help="deploy on this machine: an aggregator and N client processes over "
+                       "TLS on loopback",
+        description="Start an aggregator and one client process per client of the config "
+                    "(real processes, real sockets, TLS on), run to the end and report like "
+                    "`shoal run`. With deploy.over_selection = 1 and deploy.min_fraction = 1 "
+                    "the devices train exactly the clients and batches `shoal run` would.",
+        epilog="example:\n  shoal launch --clients 20 --rounds 10 --per-round 10 "
+               "--set deploy.over_selection=1.0",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_options(launch)
+    launch.add_argument("--dir", help="state directory (default: a new temporary one)")
+    launch.add_argument("--json", action="store_true", help="print the summary as JSON")
+    launch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    launch.set_defaults(func=_cmd_launch)
 
     models = sub.add_parser(
         "models", help="list, show, promote or roll back model versions in a model store",

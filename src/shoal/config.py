@@ -241,6 +241,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
                                "data.clients", min=0),
         "wait_timeout_s": Option(float, 300.0, "give up waiting for devices after this",
                                  min=0.0),
+        "checkin_interval_s": Option(float, 5.0, "devices not needed by the current round "
+                                     "come back within 0.5-1.5 x this (pace steering)",
+                                     min=0.0, min_exclusive=True),
         "metrics_port": Option(int, -1, "Prometheus /metrics port; -1 = off, 0 = any free "
                                "port", min=-1, max=65535),
     },

@@ -32,7 +32,7 @@ import grpc
 import numpy as np
 
 from shoal.codec import Chain, from_bytes, to_bytes
-from shoal.coordinator import ClientUpdate, RoundAbandoned, TrainTask
+from shoal.coordinator import ClientUpdate, RoundAbandoned, TrainTask, UpdateBatch
 from shoal.device_round import ComeBack, DeviceRound, Task
 from shoal.errors import CodecError, UpdateRejected
 from shoal.registry.base import UnknownDevice
@@ -59,6 +59,10 @@ class AggregatorSettings:
         rate_per_s, burst: per-device token bucket over all calls.
         idle_retry_s: how far ahead a device is told to come back when no round is open
             (jittered over this window).
+        checkin_interval_s: devices the current round does not need (not selected, already
+            reported) come back within [0.5, 1.5] x this, not at the round's deadline: the
+            next round may open long before it. Raise it for large populations (pace
+            steering spreads their check-ins over the window).
     """
 
     target: int
@@ -70,6 +74,7 @@ class AggregatorSettings:
     rate_per_s: float = 20.0
     burst: float = 40.0
     idle_retry_s: float = 2.0
+    checkin_interval_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
         self.counters = _Counters()
         self.evaluations: list[tuple[str, int, dict[str, float]]] = []
+        self.bytes_down = 0  # model bytes served so far (read by the pool per round)
         self._pace_rng = np.random.default_rng()
 
     @property
@@ -219,6 +225,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                     reason="no_round")
             else:
                 decision = rnd.check_in(request.device_id, now, rng=self._pace_rng)
+                if isinstance(decision, ComeBack) and decision.reason != "round_closed":
+                    soon = now + self.settings.checkin_interval_s * float(
+                        self._pace_rng.uniform(0.5, 1.5))
+                    decision = ComeBack(at=min(decision.at, soon), reason=decision.reason)
             settings = dict(self.settings_for_round)
         if isinstance(decision, Task):
             self.counters.inc("checkins", "task")
@@ -245,6 +255,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                                 sha256=model.sha256 if off == 0 else b"", offset=off,
                                 data=model.blob[off:off + size])
         self.counters.inc("bytes", "down", amount=total)
+        with self.lock:
+            self.bytes_down += total
 
     async def Upload(self, request_iterator, context):
         header = None
@@ -361,7 +373,8 @@ class GrpcClientPool:
     def num_clients(self) -> int:
         return len(self.devices)
 
-    def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[ClientUpdate]:
+    def train(self, task: TrainTask, client_ids: np.ndarray
+              ) -> Iterator[ClientUpdate | UpdateBatch]:
         svc = self.service
         selected = [self.devices[int(c)] for c in client_ids]
         version = task.round - 1
@@ -376,6 +389,7 @@ class GrpcClientPool:
             svc.model = payload
             svc.settings_for_round = {k: float(v) for k, v in task.settings.items()}
             svc.round = rnd
+            down_before = svc.bytes_down
         started = time.monotonic()
         try:
             while True:
@@ -393,7 +407,13 @@ class GrpcClientPool:
             with svc.lock:
                 final = rnd.close(self.clock())
                 leftovers = rnd.drain()
+                served = svc.bytes_down - down_before
         yield from leftovers
+        # a batch of no updates that carries the round's download traffic to the record
+        yield UpdateBatch(client_ids=np.empty(0, np.int64),
+                          deltas=np.empty((0, svc.dim), np.float32),
+                          num_examples=np.empty(0, np.int64),
+                          metrics={"download_bytes": np.array([served])})
         if svc.counters.prom:
             svc.counters.duration.observe(time.monotonic() - started)
         svc.counters.inc("rounds", "committed" if final.commit else "abandoned")

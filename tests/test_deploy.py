@@ -1,0 +1,126 @@
+"""Real deployments on this machine: separate processes, TLS sockets on loopback.
+
+* `shoal launch` trains exactly what `shoal run` trains (same clients, batches and streams).
+* Killing the aggregator with SIGKILL mid-run loses nothing committed: a restarted aggregator
+  resumes from its model store and the devices reconnect by themselves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("grpc")
+
+from shoal.cli import main  # noqa: E402
+from shoal.store import ModelStore  # noqa: E402
+
+SMALL = ["--set", "data.dataset=\"synthetic\"", "--clients", "3", "--per-round", "3",
+         "--set", "model.name=\"logreg\"", "--set", "deploy.over_selection=1.0",
+         "--set", "deploy.min_fraction=1.0", "--set", "deploy.checkin_interval_s=0.3"]
+
+
+def test_launch_matches_the_simulation_exactly(tmp_path, capsys):
+    assert main(["launch", *SMALL, "--rounds", "2", "--out", str(tmp_path / "runs"),
+                 "--dir", str(tmp_path / "work"), "--json", "-q"]) == 0
+    launched = json.loads(capsys.readouterr().out)
+    assert main(["run", *SMALL, "--rounds", "2", "--out", str(tmp_path / "runs"),
+                 "--json", "-q"]) == 0
+    simulated = json.loads(capsys.readouterr().out)
+    assert launched["client_processes"] == 3 and launched["client_updates"] == 6
+    assert launched["final_accuracy"] == pytest.approx(simulated["final_accuracy"], abs=1e-3)
+    assert launched["final_loss"] == pytest.approx(simulated["final_loss"], rel=1e-3)
+    assert launched["bytes_up_per_round"] > 0 and launched["bytes_down_per_round"] > 0
+    with ModelStore(tmp_path / "work" / "models", readonly=True) as store:
+        assert [v.round for v in store.list()] == [1, 2]  # every round committed
+
+
+def _spawn(args, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "shoal.cli", *args],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _wait(pred, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_aggregator_survives_sigkill_and_resumes(tmp_path):
+    from shoal.transport.auth import issue_token, load_or_create_secret
+    from shoal.transport.certs import make_local_pki
+
+    work = tmp_path / "work"
+    work.mkdir()
+    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
+    secret = load_or_create_secret(work / "secret")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('rounds = 6\n[data]\ndataset = "synthetic"\nclients = 3\n[model]\n'
+                   'name = "logreg"\n[sampling]\nper_round = 3\n[deploy]\n'
+                   'over_selection = 1.0\nmin_fraction = 1.0\ncheckin_interval_s = 0.3\n'
+                   'deadline_s = 30.0\n[output]\ndir = "' + str(tmp_path / "runs") + '"\n')
+    serve_args = ["serve", str(cfg), "--dir", str(work), "--certs", str(tmp_path / "certs"),
+                  "-q", "--json"]
+    server = _spawn(serve_args, tmp_path / "serve1.log")
+    port_file = work / "port"
+    clients = []
+    try:
+        _wait(port_file.exists, 60, "the aggregator's port")
+        port = port_file.read_text().strip()
+        for i in range(3):
+            tok = tmp_path / f"tok{i}"
+            tok.write_text(issue_token(secret, f"device-{i:04d}", now=time.time(),
+                                       ttl_seconds=3600))
+            clients.append(_spawn(["client", str(cfg), "--server", f"localhost:{port}",
+                                   "--token", str(tok), "--ca", str(pki.ca_cert),
+                                   "--index", str(i)], tmp_path / f"client{i}.log"))
+        store_dir = work / "models"
+
+        def committed() -> int:
+            if not (store_dir / "models" / "index.json").exists():
+                return 0
+            with ModelStore(store_dir, readonly=True) as store:
+                return len(store.list())
+
+        _wait(lambda: committed() >= 2, 120, "two committed rounds")
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+        before = committed()
+        assert 2 <= before < 6
+        port_file.unlink()
+        # restart on the same port so the running devices find it again
+        restart = serve_args[:4] + ["--set", f"deploy.port={port}"] + serve_args[4:]
+        server = _spawn(restart, tmp_path / "serve2.log")
+        assert server.wait(timeout=180) == 0, (tmp_path / "serve2.log").read_text()
+        summary = json.loads((tmp_path / "serve2.log").read_text().strip().splitlines()[-1])
+        assert summary["rounds"] == 6
+        with ModelStore(store_dir, readonly=True) as store:
+            rounds = [v.round for v in store.list()]
+            assert rounds == list(range(1, 7))  # nothing committed was lost or redone
+            lineage = [v.id for v in store.lineage(store.list()[-1].id)]
+            assert lineage == list(range(6, 0, -1))
+    finally:
+        for p in clients + [server]:
+            if p.poll() is None:
+                p.terminate()
+        for p in clients:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    stats = [json.loads(Path(tmp_path / f"client{i}.log").read_text().strip().splitlines()[-1])
+             for i in range(3)]
+    assert all(s["reconnects"] >= 1 for s in stats)  # they found the new aggregator alone
+    assert sum(s["uploads_accepted"] for s in stats) >= 18
