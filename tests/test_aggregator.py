@@ -50,6 +50,7 @@ def aggregator(tmp_path):
                                 lambda: SQLiteRegistry(tmp_path / "registry.db"))
     service.registry_path = tmp_path / "registry.db"
     port, stop = serve(service)
+    service.port = port
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.AggregatorStub(channel)
     for d in DEVICES:
@@ -272,3 +273,52 @@ def test_tls_and_metrics_endpoint(tmp_path):
         plain.close()
     finally:
         stop()
+
+
+def test_malformed_protobuf_is_refused_by_the_transport(aggregator):
+    service, stub = aggregator
+    port_channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+    raw = port_channel.unary_unary("/shoal.v1.Aggregator/CheckIn",
+                                   request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        raw(b"\xff\xff\xff\xff not a protobuf", metadata=md("dev-a"), timeout=5)
+    assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT,
+                                 grpc.StatusCode.UNKNOWN)
+    # the service is unharmed
+    assert stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"),
+                        timeout=5).WhichOneof("reply") == "come_back"
+    port_channel.close()
+
+
+def test_structured_logs_are_json_lines(aggregator):
+    import io
+    import json
+    import logging
+
+    from shoal.telemetry import configure_json_logging
+
+    service, stub = aggregator
+    buf = io.StringIO()
+    configure_json_logging(buf)
+    try:
+        t, out = start_round(service)
+        task = get_task(stub, "dev-a")
+        upload(stub, "dev-a", task, np.ones(DIM, np.float32),
+               header_overrides={"upload_key": "0" * 32})
+        with pytest.raises(grpc.RpcError):
+            stub.CheckIn(pb.CheckInRequest(device_id="dev-b"), metadata=(), timeout=5)
+        for d in DEVICES[:3]:
+            tk = get_task(stub, d)
+            upload(stub, d, tk, np.ones(DIM, np.float32))
+        t.join(timeout=15)
+    finally:
+        logging.getLogger("shoal").handlers[:] = []
+        logging.getLogger("shoal").propagate = True
+    events = [json.loads(line) for line in buf.getvalue().splitlines()]
+    kinds = {e.get("event") for e in events}
+    assert {"upload_refused", "auth_refused", "round_closed"} <= kinds
+    refused = next(e for e in events if e.get("event") == "upload_refused")
+    assert refused["reason"] == "bad_key" and refused["device"] == "dev-a"
+    closed = next(e for e in events if e.get("event") == "round_closed")
+    assert closed["commit"] and closed["accepted"] == 3

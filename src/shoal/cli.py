@@ -210,6 +210,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             registry=work / "registry.db", store=work / "models",
                             tls_dir=Path(args.certs) if args.certs else None,
                             port_file=work / "port")
+    if args.log_json:
+        from shoal.telemetry import configure_json_logging
+
+        configure_json_logging(open(args.log_json, "a", buffering=1))
     _banner(cfg, args, " aggregator")
     progress = _Progress(cfg, args.quiet)
 
@@ -526,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--certs", help="directory with server.pem and server.key")
     serve_p.add_argument("--secret", help="token secret file (default DIR/secret)")
     serve_p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    serve_p.add_argument("--log-json", dest="log_json", metavar="FILE",
+                         help="append structured logs (one JSON object per line) to FILE")
     serve_p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     serve_p.set_defaults(func=_cmd_serve)
 

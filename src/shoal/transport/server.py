@@ -192,6 +192,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                                   required_scope=scope)
         except AuthError as exc:
             self.counters.inc("refused", exc.reason)
+            log.warning("call refused: %s", exc.reason,
+                        extra={"fields": {"event": "auth_refused", "reason": exc.reason,
+                                          "device": device_id or ""}})
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}")
         device_id = claims.sub
         if not self.limiter.allow(device_id, now):
@@ -304,7 +307,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             except UpdateRejected as exc:
                 outcome = "late" if exc.reason == "late" else f"rejected:{exc.reason}"
                 self._record(header.device_id, int(header.round), outcome, now)
-                return self._refuse(exc.reason, str(exc))
+                return self._refuse(exc.reason, str(exc), header.device_id, int(header.round))
             self.changed.notify_all()
         self._record(header.device_id, int(header.round), "accepted", now)
         self.counters.inc("updates", "accepted", "")
@@ -333,9 +336,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         except UnknownDevice:
             self.registry.enroll(device_id, now=now)
 
-    def _refuse(self, reason: str, detail: str) -> pb.UploadReply:
+    def _refuse(self, reason: str, detail: str, device: str = "", rnd: int = -1
+                ) -> pb.UploadReply:
         self.counters.inc("updates", "rejected", reason)
-        log.info("upload refused: %s (%s)", reason, detail)
+        log.info("upload refused: %s (%s)", reason, detail,
+                 extra={"fields": {"event": "upload_refused", "reason": reason,
+                                   "device": device, "round": rnd}})
         return pb.UploadReply(accepted=False, reason=reason, detail=detail)
 
     def _record(self, device_id: str, rnd: int, outcome: str, now: float) -> None:
@@ -417,6 +423,13 @@ class GrpcClientPool:
         if svc.counters.prom:
             svc.counters.duration.observe(time.monotonic() - started)
         svc.counters.inc("rounds", "committed" if final.commit else "abandoned")
+        log.info("round %d %s: %d accepted of target %d", task.round,
+                 "committed" if final.commit else "abandoned", final.accepted, rnd.target,
+                 extra={"fields": {"event": "round_closed", "round": task.round,
+                                   "accepted": final.accepted, "commit": final.commit,
+                                   "closed_by": final.closed_by,
+                                   "seconds": round(time.monotonic() - started, 3),
+                                   "rejections": rnd.rejections}})
         if not final.commit:
             raise RoundAbandoned(f"round {task.round} reached {final.accepted} of "
                                  f"{final.min_accepted} required updates before its "
