@@ -63,7 +63,8 @@ def settings_from_config(cfg: Config) -> AggregatorSettings:
         target=d["target"] or cfg["sampling"]["per_round"], deadline_s=d["deadline_s"],
         min_fraction=d["min_fraction"], max_norm=d["max_norm"] or None,
         max_update_bytes=int(d["max_update_mb"] * (1 << 20)),
-        checkin_interval_s=d["checkin_interval_s"])
+        checkin_interval_s=d["checkin_interval_s"],
+        max_active_uploads=d["max_active_uploads"])
 
 
 def run_aggregator(cfg: Config, paths: AggregatorPaths,

@@ -63,6 +63,9 @@ class AggregatorSettings:
             reported) come back within [0.5, 1.5] x this, not at the round's deadline: the
             next round may open long before it. Raise it for large populations (pace
             steering spreads their check-ins over the window).
+        max_active_uploads: uploads read at once; the rest wait (HTTP/2 flow control holds
+            their bytes on the devices), so the server's memory stays flat however many
+            devices upload together.
     """
 
     target: int
@@ -75,6 +78,7 @@ class AggregatorSettings:
     burst: float = 40.0
     idle_retry_s: float = 2.0
     checkin_interval_s: float = 5.0
+    max_active_uploads: int = 64
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.counters = _Counters()
         self.evaluations: list[tuple[str, int, dict[str, float]]] = []
         self.bytes_down = 0  # model bytes served so far (read by the pool per round)
+        self._upload_slots: asyncio.Semaphore | None = None
         self._pace_rng = np.random.default_rng()
 
     @property
@@ -262,6 +267,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self.bytes_down += total
 
     async def Upload(self, request_iterator, context):
+        if self._upload_slots is None:  # created on the server's event loop
+            self._upload_slots = asyncio.Semaphore(self.settings.max_active_uploads)
+        async with self._upload_slots:
+            return await self._upload(request_iterator, context)
+
+    async def _upload(self, request_iterator, context):
         header = None
         buf = bytearray()
         self.counters.active.inc() if self.counters.prom else None

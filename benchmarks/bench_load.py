@@ -1,0 +1,200 @@
+"""Load on the aggregator: N simulated devices over real gRPC on loopback.
+
+Starts `shoal serve` in its own process (2NN model, every device selected every round, so N
+uploads of 0.8 MB compete in each round) and drives N devices from one asyncio process:
+Hello, then check in, download the model in chunks, upload a 2NN-sized update in chunks,
+repeat, for the configured rounds. Prints one JSON line per N: updates per second, MB/s
+ingested, p50/p99 upload latency (from the first upload byte to the reply), errors (must be
+0), and the aggregator's peak RSS (VmHWM), which should stay nearly flat as N grows because
+aggregation streams and uploads beyond `deploy.max_active_uploads` wait under flow control.
+
+    .venv/bin/python benchmarks/bench_load.py --devices 100 1000 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIM = 199_210
+
+
+def _config(path: Path, n: int, rounds: int) -> None:
+    path.write_text(
+        f"rounds = {rounds}\n[data]\nclients = {n}\n[sampling]\nper_round = {n}\n"
+        f"[eval]\nevery = {rounds}\n"
+        f"[deploy]\nover_selection = 1.0\nmin_fraction = 0.5\ndeadline_s = 600.0\n"
+        f"checkin_interval_s = 1.0\nwait_timeout_s = 300.0\n"
+        f"[output]\ndir = \"{path.parent / 'runs'}\"\n")
+
+
+async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, stats: dict,
+                  stop: asyncio.Event, alive) -> None:
+    import grpc
+
+    md = (("authorization", f"Bearer {token}"),)
+    await stub.Hello(pb.HelloRequest(device_id=dev), metadata=md, timeout=60)
+    while not stop.is_set():
+        try:
+            reply = await stub.CheckIn(pb.CheckInRequest(device_id=dev), metadata=md,
+                                       timeout=60)
+            if reply.WhichOneof("reply") == "come_back":
+                wait = min(max(reply.come_back.at - time.time(), 0.05), 2.0)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            task = reply.task
+            async for chunk in stub.Download(pb.DownloadRequest(version=task.model_version),
+                                             metadata=md, timeout=120):
+                stats["bytes_down"] += len(chunk.data)
+
+            def parts():
+                yield pb.UploadChunk(header=pb.UploadHeader(
+                    device_id=dev, round=task.round, base_version=task.model_version,
+                    upload_key=task.upload_key, idempotency_key="k", num_examples=10,
+                    total_size=len(payload), sha256=sha))
+                for off in range(0, len(payload), 256 << 10):
+                    yield pb.UploadChunk(data=payload[off:off + (256 << 10)])
+
+            t0 = time.perf_counter()
+            res = await stub.Upload(parts(), metadata=md, timeout=600)
+            stats["latency"].append(time.perf_counter() - t0)
+            if res.accepted:
+                stats["accepted"] += 1
+                stats["bytes_up"] += len(payload)
+            elif res.reason != "late":
+                stats["errors"] += 1
+                stats["reasons"][res.reason] = stats["reasons"].get(res.reason, 0) + 1
+        except grpc.aio.AioRpcError as exc:
+            if stop.is_set() or not alive():
+                return  # the aggregator finished its rounds and exited
+            stats["rpc_errors"][exc.code().name] = stats["rpc_errors"].get(
+                exc.code().name, 0) + 1
+            await asyncio.sleep(0.5)
+
+
+async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subprocess.Popen
+                 ) -> dict:
+    import grpc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from shoal.codec import Chain, to_bytes
+    from shoal.transport.proto import shoal_pb2 as pb
+    from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
+
+    delta = (np.random.default_rng(0).standard_normal(DIM) * 1e-3).astype(np.float32)
+    payload = to_bytes(Chain([]).encode(delta, np.random.default_rng(0)))
+    sha = hashlib.sha256(payload).digest()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca)
+    channels = [grpc.aio.secure_channel(f"localhost:{port}", creds,
+                                        options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(8)]
+    stubs = [pb_grpc.AggregatorStub(c) for c in channels]
+    stats = {"accepted": 0, "errors": 0, "bytes_up": 0, "bytes_down": 0, "latency": [],
+             "reasons": {}, "rpc_errors": {}}
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(_device(stubs[i % len(stubs)], pb, dev, tok, payload, sha,
+                                         stats, stop, lambda: server.poll() is None))
+             for i, (dev, tok) in enumerate(tokens.items())]
+    t0 = time.perf_counter()
+    while server.poll() is None:
+        await asyncio.sleep(0.2)
+    stats["seconds"] = time.perf_counter() - t0
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for c in channels:
+        await c.close()
+    return stats
+
+
+def run(n: int, rounds: int) -> dict:
+    import datetime as dt
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from shoal.transport.auth import issue_token, load_or_create_secret
+    from shoal.transport.certs import make_local_pki
+
+    work = Path(tempfile.mkdtemp(prefix="shoal-load-"))
+    pki = make_local_pki(work / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
+    (work / "agg").mkdir()
+    secret = load_or_create_secret(work / "agg" / "secret")
+    tokens = {f"d{i:05d}": issue_token(secret, f"d{i:05d}", now=time.time(),
+                                       ttl_seconds=7200) for i in range(n)}
+    cfg = work / "c.toml"
+    _config(cfg, n, rounds)
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="1073741824",
+               MALLOC_MMAP_THRESHOLD_="1073741824")
+    server = subprocess.Popen([sys.executable, "-m", "shoal.cli", "serve", str(cfg), "--dir",
+                               str(work / "agg"), "--certs", str(work / "certs"), "-q",
+                               "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env)
+    port_file = work / "agg" / "port"
+    while not port_file.exists():
+        if server.poll() is not None:
+            raise RuntimeError(server.stderr.read().decode())
+        time.sleep(0.1)
+    peak = {"kb": 0}
+
+    def rss() -> None:
+        try:
+            for line in open(f"/proc/{server.pid}/status"):
+                if line.startswith("VmHWM:"):
+                    peak["kb"] = max(peak["kb"], int(line.split()[1]))
+        except OSError:
+            pass
+
+    async def main() -> dict:
+        async def watch() -> None:
+            while server.poll() is None:
+                rss()
+                await asyncio.sleep(0.5)
+
+        w = asyncio.create_task(watch())
+        out = await _drive(int(port_file.read_text()), pki.ca_cert.read_bytes(), tokens, server)
+        await w
+        return out
+
+    stats = asyncio.run(main())
+    out, err = server.communicate(timeout=60)
+    if server.returncode != 0:
+        raise RuntimeError(err.decode()[-2000:])
+    lat = sorted(stats["latency"])
+    return {"bench": "load", "devices": n, "rounds": rounds,
+            "updates": stats["accepted"],
+            "updates_per_s": round(stats["accepted"] / stats["seconds"], 1),
+            "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),
+            "upload_p50_s": round(statistics.median(lat), 3) if lat else None,
+            "upload_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
+            "errors": stats["errors"], "rpc_errors": stats["rpc_errors"],
+            "refusals": stats["reasons"],
+            "aggregator_peak_rss_mb": round(peak["kb"] / 1024),
+            "seconds": round(stats["seconds"], 1),
+            "summary": json.loads(out.decode().strip().splitlines()[-1])["final_accuracy"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", nargs="+", type=int, default=[100, 1000])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    for n in args.devices:
+        print(json.dumps(run(n, args.rounds)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
