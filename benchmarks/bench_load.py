@@ -75,14 +75,14 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
             if res.accepted:
                 stats["accepted"] += 1
                 stats["bytes_up"] += len(payload)
+                stats["last_accept"] = time.perf_counter()
             elif res.reason != "late":
                 stats["errors"] += 1
                 stats["reasons"][res.reason] = stats["reasons"].get(res.reason, 0) + 1
         except grpc.aio.AioRpcError as exc:
             if stop.is_set() or not alive():
                 return  # the aggregator finished its rounds and exited
-            stats["rpc_errors"][exc.code().name] = stats["rpc_errors"].get(
-                exc.code().name, 0) + 1
+            stats["rpc_error_times"].append((time.perf_counter(), exc.code().name))
             await asyncio.sleep(0.5)
 
 
@@ -104,7 +104,7 @@ async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subproces
                 for _ in range(8)]
     stubs = [pb_grpc.AggregatorStub(c) for c in channels]
     stats = {"accepted": 0, "errors": 0, "bytes_up": 0, "bytes_down": 0, "latency": [],
-             "reasons": {}, "rpc_errors": {}}
+             "reasons": {}, "rpc_error_times": [], "last_accept": 0.0}
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_device(stubs[i % len(stubs)], pb, dev, tok, payload, sha,
                                          stats, stop, lambda: server.poll() is None))
@@ -178,7 +178,10 @@ def run(n: int, rounds: int) -> dict:
             "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),
             "upload_p50_s": round(statistics.median(lat), 3) if lat else None,
             "upload_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
-            "errors": stats["errors"], "rpc_errors": stats["rpc_errors"],
+            "errors": stats["errors"] + sum(1 for t, _ in stats["rpc_error_times"]
+                                            if t <= stats["last_accept"]),
+            "rpc_errors_after_last_round": len([1 for t, _ in stats["rpc_error_times"]
+                                                if t > stats["last_accept"]]),
             "refusals": stats["reasons"],
             "aggregator_peak_rss_mb": round(peak["kb"] / 1024),
             "seconds": round(stats["seconds"], 1),
