@@ -322,3 +322,19 @@ def test_structured_logs_are_json_lines(aggregator):
     assert refused["reason"] == "bad_key" and refused["device"] == "dev-a"
     closed = next(e for e in events if e.get("event") == "round_closed")
     assert closed["commit"] and closed["accepted"] == 3
+
+
+def test_registry_sampler_applies_a_selection_strategy(tmp_path):
+    from shoal.deploy import RegistrySampler
+    from shoal.selection import FairnessAware
+
+    path = tmp_path / "reg.db"
+    reg = SQLiteRegistry(path)
+    for i, d in enumerate(DEVICES):
+        reg.enroll(d, now=1.0)
+        for r in range(i):  # dev-a never took part, dev-d three times
+            reg.record_outcome(d, r, "accepted", now=2.0)
+    sampler = RegistrySampler(FairnessAware(mode="least"), 2, tuple(sorted(DEVICES)),
+                              lambda: SQLiteRegistry(path), clock=lambda: 3.0)
+    picked = sampler.sample(4, np.random.default_rng(0))
+    assert [sorted(DEVICES)[i] for i in picked] == ["dev-a", "dev-b"]

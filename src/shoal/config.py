@@ -244,6 +244,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "checkin_interval_s": Option(float, 5.0, "devices not needed by the current round "
                                      "come back within 0.5-1.5 x this (pace steering)",
                                      min=0.0, min_exclusive=True),
+        "selection": Option(str, "uniform", "who is asked each round: 'uniform' (the same "
+                            "cohorts as the simulator), 'stratified' (proportional to "
+                            "deploy.stratify_by), 'availability' (devices whose declared "
+                            "window covers now), 'fairness' (least-participated first)",
+                            choices=("uniform", "stratified", "availability", "fairness")),
+        "stratify_by": Option(str, "", "device attribute for selection = 'stratified'"),
         "max_active_uploads": Option(int, 64, "uploads the aggregator reads at once (the "
                                      "rest wait under flow control: flat memory)", min=1),
         "metrics_port": Option(int, -1, "Prometheus /metrics port; -1 = off, 0 = any free "

@@ -116,7 +116,10 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                                     cfg["data"]["clients"], d["wait_timeout_s"])
         pool = GrpcClientPool(service, devices)
         per_round = min(len(devices), math.ceil(settings.target * d["over_selection"] - 1e-9))
-        exp = Experiment(cfg, data, pool=pool, sampler=UniformSampler(per_round))
+        sampler = (UniformSampler(per_round) if d["selection"] == "uniform" else
+                   RegistrySampler(selector_from_config(cfg), per_round, tuple(pool.devices),
+                                   registry_factory))
+        exp = Experiment(cfg, data, pool=pool, sampler=sampler)
         state = None
         latest = store.latest()
         if latest is not None:
@@ -134,6 +137,47 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     finally:
         stop()
         store.close()
+
+
+@dataclass(frozen=True)
+class RegistrySampler:
+    """The coordinator's :class:`~shoal.coordinator.Sampler` for devices: a
+    :mod:`shoal.selection` strategy over the registry's current records.
+
+    ``num_clients`` positions map to the pool's sorted device ids; the registry is read at
+    each round (participation counts and availability change), and the cohort may be short
+    when fewer devices are eligible -- the round's ``min_fraction`` then decides.
+    """
+
+    selector: object
+    count: int
+    devices: tuple[str, ...]
+    registry_factory: Callable[[], SQLiteRegistry]
+    clock: Callable[[], float] = time.time
+
+    def sample(self, num_clients: int, rng) -> np.ndarray:
+        position = {d: i for i, d in enumerate(self.devices)}
+        records = [dev for dev in self.registry_factory().list() if dev.device_id in position]
+        chosen = self.selector.select(records, self.count, rng, self.clock())
+        return np.array(sorted(position[d] for d in chosen), dtype=np.int64)
+
+
+def selector_from_config(cfg: Config):
+    """The selection strategy named by ``deploy.selection``."""
+    from shoal.selection import AvailabilityAware, FairnessAware, Stratified, Uniform
+
+    d = cfg["deploy"]
+    name = d["selection"]
+    if name == "uniform":
+        return Uniform()
+    if name == "stratified":
+        if not d["stratify_by"]:
+            raise ConfigError("deploy.selection = 'stratified' needs deploy.stratify_by (a "
+                              "device attribute such as 'os')", key="deploy.stratify_by")
+        return Stratified(d["stratify_by"])
+    if name == "availability":
+        return AvailabilityAware()
+    return FairnessAware()
 
 
 def _wait_for_devices(registry: SQLiteRegistry, want: int, timeout_s: float) -> list[str]:
