@@ -122,5 +122,9 @@ def test_aggregator_survives_sigkill_and_resumes(tmp_path):
                 p.kill()
     stats = [json.loads(Path(tmp_path / f"client{i}.log").read_text().strip().splitlines()[-1])
              for i in range(3)]
-    assert all(s["reconnects"] >= 1 for s in stats)  # they found the new aggregator alone
-    assert sum(s["uploads_accepted"] for s in stats) >= 18
+    # every round needs all three devices (min_fraction = 1), so each device delivered an
+    # update in every round, including those after the restart: they came back by themselves
+    # (devices that were mid-call saw the outage and retried with backoff; one that was
+    # told to come back later may have slept through it)
+    assert all(s["uploads_accepted"] >= 6 for s in stats)  # +1 if a killed round redone
+    assert any(s["reconnects"] >= 1 for s in stats)
