@@ -26,7 +26,9 @@ Train one model from the private data of many clients without moving the data. `
 simulates a federated training run in this process (virtual clients over a shared dataset);
 with no config file it runs the reference workload "config S": Fashion-MNIST split among 100
 clients by a Dirichlet(0.5) label skew, 10 clients per round, 30 rounds of FedAvg on a
-784-200-200-10 MLP.
+784-200-200-10 MLP. `shoal launch` runs the same round engine as a real deployment on this
+machine (a gRPC aggregator and one process per device, TLS on loopback); `shoal serve` and
+`shoal client` run the two sides separately.
 """
 
 RUN_EPILOG = """\
