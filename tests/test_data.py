@@ -122,6 +122,36 @@ def _write_dataset(root: Path, *, gz: bool = True, train_pixels: np.ndarray | No
     _write(root, "t10k-labels-idx1-ubyte", _labels([1, 2]), gz=gz)
 
 
+def test_decoded_cache_is_reused_and_invalidated_by_a_changed_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SHOAL_NO_CACHE", raising=False)
+    pix = np.zeros((3, 28, 28), np.uint8)
+    pix[0, 0, 0] = 255
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_dataset(src, train_pixels=pix)
+    first, _ = load_fashion_mnist(src)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4
+    again, test = load_fashion_mnist(src, flatten=False)
+    assert isinstance(again.x, np.memmap) and again.x.shape == (3, 1, 28, 28)
+    np.testing.assert_array_equal(again.x.reshape(3, -1), first.x)
+    np.testing.assert_array_equal(again.y, first.y)
+    # a changed source file (new content, new mtime) is parsed again, not served stale
+    pix[0, 0, 0] = 51
+    _write_dataset(src, train_pixels=pix)
+    st = (src / "train-images-idx3-ubyte.gz").stat()
+    os.utime(src / "train-images-idx3-ubyte.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed, _ = load_fashion_mnist(src)
+    assert changed.x[0, 0] == np.float32(0.2)
+    # a corrupt cache file falls back to parsing
+    for f in (tmp_path / "cache").glob("*train-x.npy"):
+        f.write_bytes(b"garbage")
+    assert load_fashion_mnist(src)[0].x[0, 0] == np.float32(0.2)
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_loader_parses_idx_and_scales_pixels(tmp_path: Path, gz: bool) -> None:
     pix = np.zeros((3, 28, 28), np.uint8)

@@ -15,6 +15,7 @@ with ``0x00000801``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import zlib
 from pathlib import Path
@@ -93,6 +94,9 @@ def load_fashion_mnist(
             path=str(root),
         )
     shape = (_ROWS * _COLS,) if flatten else (1, _ROWS, _COLS)
+    cached = _cache_load(root, shape)
+    if cached is not None:
+        return cached
     splits = []
     for split, (images_name, labels_name) in _FILES.items():
         images_path = _find(root, images_name)
@@ -121,7 +125,82 @@ def load_fashion_mnist(
         y = labels.astype(np.int64)
         splits.append(Dataset(x=x, y=y, num_classes=NUM_CLASSES, name=f"fashion-mnist/{split}"))
     train, test = splits
+    _cache_save(root, train, test)
     return train, test
+
+
+# -- decoded cache -----------------------------------------------------------------------------
+#
+# Decompressing and converting the IDX files costs about a second per process; `shoal launch`
+# starts one process per device and the benchmarks one per variant. The decoded float32 arrays
+# are kept as .npy files keyed by the source files' paths, sizes and modification times, and
+# mapped copy-on-write (np.load mmap_mode="c"): no parse, no copy, pages come from the OS page
+# cache on first touch. Set SHOAL_NO_CACHE=1 to disable; SHOAL_CACHE_DIR moves it.
+
+_CACHE_VERSION = "fmnist-v1"
+
+
+def _cache_dir() -> Path | None:
+    if os.environ.get("SHOAL_NO_CACHE"):
+        return None
+    base = os.environ.get("SHOAL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "shoal")
+    return Path(base)
+
+
+def _cache_key(root: Path) -> str | None:
+    parts: list[object] = [_CACHE_VERSION]
+    try:
+        for images_name, labels_name in _FILES.values():
+            for name in (images_name, labels_name):
+                p = _find(root, name)
+                st = p.stat()
+                parts += [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    except (DataError, OSError):
+        return None
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+def _cache_paths(root: Path) -> dict[str, Path] | None:
+    directory, key = _cache_dir(), _cache_key(root)
+    if directory is None or key is None:
+        return None
+    return {f"{split}-{part}": directory / f"fashion-mnist-{key}-{split}-{part}.npy"
+            for split in _FILES for part in ("x", "y")}
+
+
+def _cache_load(root: Path, shape: tuple[int, ...]) -> tuple[Dataset, Dataset] | None:
+    paths = _cache_paths(root)
+    if paths is None or not all(p.is_file() for p in paths.values()):
+        return None
+    try:
+        out = []
+        for split in _FILES:
+            x = np.load(paths[f"{split}-x"], mmap_mode="c", allow_pickle=False)
+            y = np.load(paths[f"{split}-y"], allow_pickle=False)
+            out.append(Dataset(x=x.reshape((len(x), *shape)), y=y, num_classes=NUM_CLASSES,
+                               name=f"fashion-mnist/{split}"))
+    except (OSError, ValueError, DataError):
+        return None  # unreadable or inconsistent cache: parse the source files again
+    return out[0], out[1]
+
+
+def _cache_save(root: Path, train: Dataset, test: Dataset) -> None:
+    paths = _cache_paths(root)
+    if paths is None:
+        return
+    try:
+        next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
+        for split, ds in zip(_FILES, (train, test)):
+            for part, arr in (("x", ds.x.reshape(len(ds), -1)), ("y", ds.y)):
+                target = paths[f"{split}-{part}"]
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                os.replace(tmp, target)
+    except OSError:
+        pass  # a read-only home or a full disk only costs the next process a parse
 
 
 def _find(root: Path, name: str) -> Path:
