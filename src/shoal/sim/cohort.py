@@ -161,8 +161,12 @@ class CohortTrainer:
         # order: batched matmuls need each client's matrix contiguous (strided views into one
         # (k, D) buffer halve their speed). The deltas are then written once into (k, D).
         stacked = {t.name: self._buffer(t.name, (k, *t.shape)) for t in self.spec.tensors}
+        # The fused engine's first step reads the global model directly and writes its
+        # result into the buffers, so only clients that never step need a copy of it.
+        first = int(plan.active[0]) if self.engine == "fused" and len(plan.active) else 0
         for t in self.spec.tensors:
-            stacked[t.name].copy_(g[t.offset:t.stop].view(t.shape).expand(k, *t.shape))
+            stacked[t.name][first:].copy_(
+                g[t.offset:t.stop].view(t.shape).expand(k - first, *t.shape))
         if self.engine == "fused":
             loss = self._run_fused(stacked, g, plan, config)
         else:
@@ -217,10 +221,15 @@ class CohortTrainer:
         for s in range(len(plan.active)):
             a = int(plan.active[s])
             xb, yb, w, valid = self._batch(plan, s)
+            # step 0: every stepping client still holds the global model; read it as a
+            # broadcast view (no copy) and let the update write the buffers (see train())
+            source = [(gw.expand(a, *gw.shape), gb.expand(a, *gb.shape))
+                      for gw, gb in global_layers] if s == 0 else \
+                [(wt[:a], bs[:a]) for wt, bs in layers]
             acts = [xb]
             h = xb
-            for i, (wt, bs) in enumerate(layers):
-                z = torch.baddbmm(bs[:a].unsqueeze(1), h, wt[:a].transpose(1, 2))
+            for i, (wa, ba) in enumerate(source):
+                z = torch.baddbmm(ba.unsqueeze(1), h, wa.transpose(1, 2))
                 if i < len(layers) - 1:
                     # in place: relu(z) > 0 exactly where z > 0, so h also gives the mask
                     h = z.relu_()
@@ -232,16 +241,21 @@ class CohortTrainer:
             dz.scatter_add_(2, yb.unsqueeze(2), torch.full_like(nll, -1.0).unsqueeze(2))
             dz.mul_(w.unsqueeze(2))
             for i in range(len(layers) - 1, -1, -1):
-                wt, bs = layers[i]
-                wa, ba = wt[:a], bs[:a]
+                wa, ba = source[i]
                 dh = torch.bmm(dz, wa).mul_(acts[i] > 0) if i > 0 else None
-                # SGD step fused into the weight gradient: w <- (1 - lr mu) w - lr dz^T h
-                wa.baddbmm_(dz.transpose(1, 2), acts[i], beta=1.0 - lr * mu, alpha=-lr)
-                ba.mul_(1.0 - lr * mu).sub_(dz.sum(dim=1), alpha=lr)
-                if mu > 0:
-                    gw, gb = global_layers[i]
-                    wa.add_(gw, alpha=lr * mu)
-                    ba.add_(gb, alpha=lr * mu)
+                if s == 0:
+                    # w = w_global here, so the proximal term vanishes: w <- w_g - lr dz^T h
+                    torch.baddbmm(wa, dz.transpose(1, 2), acts[i], alpha=-lr,
+                                  out=layers[i][0][:a])
+                    torch.sub(ba, dz.sum(dim=1), alpha=lr, out=layers[i][1][:a])
+                else:
+                    # SGD step fused into the weight gradient: w <- (1 - lr mu) w - lr dz^T h
+                    wa.baddbmm_(dz.transpose(1, 2), acts[i], beta=1.0 - lr * mu, alpha=-lr)
+                    ba.mul_(1.0 - lr * mu).sub_(dz.sum(dim=1), alpha=lr)
+                    if mu > 0:
+                        gw, gb = global_layers[i]
+                        wa.add_(gw, alpha=lr * mu)
+                        ba.add_(gb, alpha=lr * mu)
                 dz = dh
         return loss_sum.numpy()
 

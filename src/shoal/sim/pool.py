@@ -75,9 +75,9 @@ class InProcessPool:
             res = self.trainer.train(task.params, [self.client_indices[c] for c in part],
                                      config, rngs)
             rows = part[res.positions]
-            deltas, up = self.uplink.process_rows(
-                rows, res.deltas,
-                [seeds.generator(self.seed, "uplink", task.round, int(c)) for c in rows])
+            rngs_up = [] if self.uplink.identity else [
+                seeds.generator(self.seed, "uplink", task.round, int(c)) for c in rows]
+            deltas, up = self.uplink.process_rows(rows, res.deltas, rngs_up)
             yield UpdateBatch(client_ids=rows, deltas=deltas, num_examples=res.num_examples,
                               metrics={"loss": res.loss, "upload_bytes": up,
                                        "download_bytes": down[start:start + self.chunk]
