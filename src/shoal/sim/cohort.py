@@ -95,7 +95,9 @@ class _Plan:
     """The cohort's batch plan, clients sorted by steps (longest first)."""
 
     order: np.ndarray        # sorted position -> input position
-    index: torch.Tensor      # (S_max, k, B) global example ids, -1 = padding
+    index: torch.Tensor      # (S_max, k, B) global example ids, padding clamped to 0
+    valid: torch.Tensor      # (S_max, k, B) True for real examples, False for padding
+    weight: torch.Tensor     # (S_max, k, B) 1 / (real examples in the batch), 0 on padding
     active: np.ndarray       # (S_max,) clients still training at each step
     sizes: np.ndarray        # (k,) examples per client, input order
 
@@ -116,7 +118,12 @@ def _plan(client_indices: Sequence[np.ndarray], config: LocalTrainConfig,
     for j, i in enumerate(order):
         index[: steps[i], j] = plans[i]
     active = (steps[order][None, :] > np.arange(s_max)[:, None]).sum(axis=1)
-    return _Plan(order, torch.from_numpy(index), active, sizes)
+    valid = index >= 0
+    counts = valid.sum(axis=2, keepdims=True)
+    weight = np.divide(valid, counts, out=np.zeros(valid.shape, np.float32),
+                       where=counts > 0, dtype=np.float32)
+    return _Plan(order, torch.from_numpy(np.maximum(index, 0)), torch.from_numpy(valid),
+                 torch.from_numpy(weight), active, sizes)
 
 
 class CohortTrainer:
@@ -198,13 +205,9 @@ class CohortTrainer:
                                                    torch.Tensor]:
         a = int(plan.active[s])
         ids = plan.index[s, :a]
-        valid = ids >= 0
-        safe = ids.clamp(min=0)
-        xb = self.x[safe.reshape(-1)].reshape(a, ids.shape[1], *self.x.shape[1:])
-        yb = self.y[safe]
-        w = valid.to(torch.float32)
-        w = w / w.sum(dim=1, keepdim=True)
-        return xb, yb, w, valid
+        xb = self.x.index_select(0, ids.reshape(-1)).reshape(a, ids.shape[1],
+                                                             *self.x.shape[1:])
+        return xb, self.y[ids], plan.weight[s, :a], plan.valid[s, :a]
 
     def _run_fused(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,
                    config: LocalTrainConfig) -> np.ndarray:
