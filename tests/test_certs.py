@@ -100,10 +100,9 @@ def test_refuses_to_overwrite_and_validates_inputs(pki, tmp_path):
     assert not any(tmp_path.iterdir())  # a refusal writes nothing
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl command line not installed")
 def test_openssl_agrees(pki, client):
     openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl command line not installed")
     for cert, purpose in ((pki.server_cert, "sslserver"), (client.cert, "sslclient")):
         out = subprocess.run([openssl, "verify", "-purpose", purpose, "-CAfile",
                               str(pki.ca_cert), str(cert)], capture_output=True, text=True,
