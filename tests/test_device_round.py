@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from shoal.coordinator import ClientUpdate, Coordinator, TrainTask, UniformSampler
+from shoal.coordinator import Coordinator, TrainTask, UniformSampler
 from shoal.device_round import (REJECTION_REASONS, ComeBack, DeviceRound, RoundStatus, Task,
                                 UploadResult)
 from shoal.errors import ConfigError, UpdateRejected
