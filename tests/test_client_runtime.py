@@ -19,6 +19,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
 from shoal.errors import ConfigError  # noqa: E402
+from shoal.transport.reference import fmnist_evaluate_fn, fmnist_train_fn
 from shoal.transport.client import (  # noqa: E402
     ClientStats,
     CredentialsRejected,
@@ -26,8 +27,6 @@ from shoal.transport.client import (  # noqa: E402
     TrainResult,
     TransportError,
     backoff_delay,
-    fmnist_evaluate_fn,
-    fmnist_train_fn,
 )
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402

@@ -239,7 +239,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     from shoal.sim.experiment import load_data
     from shoal.training import LocalTrainConfig
-    from shoal.transport.client import DeviceClient, fmnist_evaluate_fn, fmnist_train_fn
+    from shoal.transport.client import DeviceClient
+    from shoal.transport.reference import fmnist_evaluate_fn, fmnist_train_fn
 
     cfg = _config_from_args(args)
     data = load_data(cfg)
