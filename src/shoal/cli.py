@@ -276,6 +276,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     import os
     import subprocess
     import tempfile
+    import time
     from pathlib import Path
 
     from shoal.config import to_toml
@@ -297,7 +298,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     tokens.mkdir(exist_ok=True)
     for i in range(n):
         replace_atomically(tokens / f"device-{i:04d}", issue_token(
-            secret, f"device-{i:04d}", now=__import__("time").time(),
+            secret, f"device-{i:04d}", now=time.time(),
             ttl_seconds=2 * 86400).encode(), mode=0o600)
     paths = AggregatorPaths(secret=work / "secret", registry=work / "registry.db",
                             store=work / "models", tls_dir=work / "certs",

@@ -234,12 +234,6 @@ class Coordinator:
         return self.sampler.sample(self.pool.num_clients,
                                    seeds.generator(self.seed, "sample", *path))
 
-    def evaluate_initial(self, state: ServerState) -> RoundRecord:
-        """Round 0: evaluate the initial model (nothing is trained)."""
-        start = self.clock()
-        metrics = dict(self.evaluate(state.params)) if self.evaluate else {}
-        return RoundRecord(round=0, eval=metrics, seconds=self.clock() - start)
-
     def run_round(self, state: ServerState, *, evaluate: bool = True, attempt: int = 0
                   ) -> tuple[ServerState, RoundRecord]:
         """Run round ``state.round + 1`` and return the new state and its record.

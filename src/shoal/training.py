@@ -128,6 +128,7 @@ def train_local(
         return LocalResult(np.zeros_like(global_params), 0, {"loss": float("nan")})
     start = model.flat.detach().clone()
     params = list(model.module.parameters())
+    anchors = [start[t.offset:t.stop].view(t.shape) for t in model.spec.tensors]
     loss_fn = nn.CrossEntropyLoss()
     total_loss = 0.0
     seen = 0
@@ -141,8 +142,7 @@ def train_local(
         loss.backward()
         with torch.no_grad():
             if config.mu > 0:
-                grads = [p.grad + config.mu * (p - s.view(p.shape))
-                         for p, s in zip(params, _split_like(start, model))]
+                grads = [p.grad + config.mu * (p - a) for p, a in zip(params, anchors)]
             else:
                 grads = [p.grad for p in params]
             torch._foreach_add_(params, grads, alpha=-config.lr)
@@ -150,10 +150,6 @@ def train_local(
         seen += len(idx)
     delta = (model.flat.detach() - start).numpy()
     return LocalResult(delta, n, {"loss": total_loss / seen})
-
-
-def _split_like(flat: torch.Tensor, model: FlatModule) -> list[torch.Tensor]:
-    return [flat[t.offset:t.stop] for t in model.spec.tensors]
 
 
 @torch.no_grad()

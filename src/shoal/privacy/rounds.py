@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoal.errors import BudgetExhausted, PrivacyError
+from shoal.errors import BudgetExhausted, PrivacyError, UpdateRejected
 from shoal.privacy.accountant import PrivacyLedger, RoundEvent
 from shoal.privacy.dp import CentralDP, CentralDPState, RoundAccumulator
 
@@ -74,8 +74,6 @@ class _UniformMean:
         self.add_stacked(update[None, :], np.ones(1))
 
     def add_stacked(self, updates: np.ndarray, weights: np.ndarray) -> None:
-        from shoal.errors import UpdateRejected
-
         if updates.ndim != 2 or updates.shape[1] != self.sum.shape[0]:
             raise UpdateRejected("wrong_shape", f"expected rows of {self.sum.shape[0]} values, "
                                  f"got shape {updates.shape}")

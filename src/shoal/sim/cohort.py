@@ -199,6 +199,10 @@ class CohortTrainer:
             self._buffers[name] = buf
         return buf[:shape[0]]
 
+    def _global_views(self, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each named tensor of the flat global model as a view (no copy)."""
+        return {t.name: g[t.offset:t.stop].view(t.shape) for t in self.spec.tensors}
+
     # -- engines ---------------------------------------------------------------------------
 
     def _batch(self, plan: _Plan, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -214,9 +218,8 @@ class CohortTrainer:
         names = [(t.name) for t in self.spec.tensors]
         layers = [(stacked[names[2 * i]], stacked[names[2 * i + 1]])
                   for i in range(len(names) // 2)]
-        global_layers = [(g[self.spec[names[2 * i]].offset:self.spec[names[2 * i]].stop]
-                          .view(self.spec[names[2 * i]].shape),
-                          g[self.spec[names[2 * i + 1]].offset:self.spec[names[2 * i + 1]].stop])
+        views = self._global_views(g)
+        global_layers = [(views[names[2 * i]], views[names[2 * i + 1]])
                          for i in range(len(layers))]
         lr, mu = config.lr, config.mu
         k = layers[0][0].shape[0]
@@ -276,8 +279,8 @@ class CohortTrainer:
 
         step = vmap(grad(client_loss, has_aux=True))
         names = list(stacked)
-        global_views = [g[self.spec[n].offset:self.spec[n].stop].view(self.spec[n].shape)
-                        for n in names]
+        views = self._global_views(g)
+        global_views = [views[n] for n in names]
         k = stacked[names[0]].shape[0]
         loss_sum = torch.zeros(k, dtype=torch.float64)
         lr, mu = config.lr, config.mu

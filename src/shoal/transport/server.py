@@ -130,6 +130,12 @@ class _Counters:
             metric = getattr(self, name)
             (metric.labels(*labels) if labels else metric).inc(amount)
 
+    def add_active(self, delta: int) -> None:
+        """Track uploads being received (a gauge)."""
+        self.plain["active_uploads"] += delta
+        if self.prom is not None:
+            self.active.inc(delta)
+
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose ``/metrics`` on ``addr:port`` (0 = any free port); returns the port."""
         if self.prom is None:  # pragma: no cover
@@ -275,7 +281,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def _upload(self, request_iterator, context):
         header = None
         buf = bytearray()
-        self.counters.active.inc() if self.counters.prom else None
+        self.counters.add_active(1)
         try:
             async for chunk in request_iterator:
                 part = chunk.WhichOneof("part")
@@ -294,8 +300,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                         return self._refuse("malformed", "more data than total_size")
                     buf += chunk.data
         finally:
-            if self.counters.prom:
-                self.counters.active.dec()
+            self.counters.add_active(-1)
         if header is None:
             return self._refuse("malformed", "empty upload")
         if len(buf) != header.total_size:
