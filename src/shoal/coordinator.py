@@ -26,7 +26,8 @@ from shoal.errors import ConfigError, ProtocolError, ShoalError, UpdateRejected
 from shoal.strategy import ServerState, Strategy
 
 __all__ = [
-    "Aggregation", "RoundAbandoned", "ClientPool", "ClientUpdate", "UpdateBatch", "TrainTask", "Sampler",
+    "Aggregation", "RoundAbandoned", "ClientPool", "ClientUpdate", "UpdateBatch",
+    "PartialAggregate", "TrainTask", "Sampler",
     "UniformSampler", "PoissonSampler", "RoundRecord", "Coordinator",
 ]
 
@@ -74,6 +75,27 @@ class UpdateBatch:
     metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PartialAggregate:
+    """The weighted mean of several clients' updates, aggregated before it reached the
+    coordinator: by secure aggregation (the server learns only this) or by an edge
+    aggregator. It folds like one update of weight ``num_examples`` and counts as ``clients``
+    accepted updates.
+
+    Attributes:
+        delta: float32 ``(D,)``, the weighted mean of the clients' deltas.
+        num_examples: the total weight behind it.
+        clients: how many client updates it holds (>= 1).
+        metrics: values to record with the round (e.g. ``secagg_dropped``), and
+            ``upload_bytes`` / ``download_bytes`` for the whole group.
+    """
+
+    delta: np.ndarray
+    num_examples: int
+    clients: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
 class RoundAbandoned(ShoalError):
     """Raised by a pool at the end of ``train`` when the round must not commit (e.g. fewer
     devices reported before the deadline than the round's minimum); the coordinator then
@@ -93,7 +115,7 @@ class ClientPool(Protocol):
     def num_clients(self) -> int: ...
 
     def train(self, task: TrainTask, client_ids: np.ndarray
-              ) -> Iterable[ClientUpdate | UpdateBatch]: ...
+              ) -> Iterable[ClientUpdate | UpdateBatch | PartialAggregate]: ...
 
 
 class Sampler(Protocol):
@@ -284,8 +306,10 @@ class Coordinator:
         metrics: dict[str, float] = {}
         if committed and evaluate and self.evaluate is not None:
             metrics = dict(self.evaluate(new_state.params))
+        privacy = {**tally.group_metrics, **privacy}
         record = RoundRecord(
-            round=rnd, sampled=len(cohort), accepted=acc.count, rejected=dict(rejected),
+            round=rnd, sampled=len(cohort), accepted=acc.count + tally.merged,
+            rejected=dict(rejected),
             examples=tally.examples,
             train_loss=tally.loss_sum / tally.loss_weight if tally.loss_weight
             else float("nan"),
@@ -304,12 +328,26 @@ class _Tally:
     loss_weight: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    merged: int = 0  # client updates inside partial aggregates, beyond one each
+    group_metrics: dict[str, float] = field(default_factory=dict)
 
-    def fold(self, item: ClientUpdate | UpdateBatch, acc: Accumulator) -> None:
+    def fold(self, item: ClientUpdate | UpdateBatch | PartialAggregate, acc: Accumulator
+             ) -> None:
         """Fold one arrival into ``acc``; a refused update is counted by reason and leaves
         ``acc`` untouched (the accumulators validate before they add)."""
         try:
-            if isinstance(item, UpdateBatch):
+            if isinstance(item, PartialAggregate):
+                if item.num_examples <= 0 or item.clients < 1:
+                    self.rejected["no_data"] += 1
+                    return
+                acc.add(item.delta, float(item.num_examples))
+                self.examples += int(item.num_examples)
+                self.merged += int(item.clients) - 1
+                self.bytes_up += int(item.metrics.get("upload_bytes", 0))
+                for key, value in item.metrics.items():
+                    if key not in ("upload_bytes", "download_bytes"):
+                        self.group_metrics[key] = self.group_metrics.get(key, 0.0) + value
+            elif isinstance(item, UpdateBatch):
                 n = np.asarray(item.num_examples)
                 keep = n > 0
                 if not keep.all():

@@ -387,22 +387,8 @@ class DeviceRound:
                 ``rejections[reason]`` grows by one.
         """
         now = _finite(now, "now")
-        state = self._state.get(device_id) if isinstance(device_id, str) else None
-        if state is None:
-            raise self._reject("not_selected", "device is not selected for this round",
-                               device_id)
-        if isinstance(round, bool) or round != self.round:
-            raise self._reject("wrong_round", f"update is for round {round!r}, this is round "
-                               f"{self.round}", device_id)
-        if isinstance(base_version, bool) or base_version != self.model_version:
-            raise self._reject("stale", f"trained from model version {base_version!r}, the "
-                               f"round serves version {self.model_version}", device_id)
-        task = self._task.get(device_id)
-        if task is None or not isinstance(upload_key, str) \
-                or not secrets.compare_digest(upload_key.encode(), task.upload_key.encode()):
-            detail = "no task was issued to this device" if task is None else \
-                "upload key does not match the device's task"
-            raise self._reject("bad_key", detail, device_id)
+        self.authenticate(device_id, round, base_version, upload_key)
+        state = self._state[device_id]
         if state == _REPORTED:
             if _digest(num_examples, delta) == self._digest[device_id]:
                 self._replays += 1
@@ -441,6 +427,38 @@ class DeviceRound:
         if self._accepted >= self.target:
             self._closed_by = "target_reached"
         return receipt
+
+    def authenticate(self, device_id: str, round: int, base_version: int, upload_key: str
+                     ) -> int:
+        """Check that a message comes from a tasked device of this round, trained from its
+        model version, with its task's key; return the device's client id.
+
+        The first checks of :meth:`upload` (``not_selected``, ``wrong_round``, ``stale``,
+        ``bad_key``, in that order); a secure-aggregation round authenticates every protocol
+        message with them. Raises :class:`UpdateRejected` (counted in ``rejections``).
+        """
+        state = self._state.get(device_id) if isinstance(device_id, str) else None
+        if state is None:
+            raise self._reject("not_selected", "device is not selected for this round",
+                               device_id)
+        if isinstance(round, bool) or round != self.round:
+            raise self._reject("wrong_round", f"update is for round {round!r}, this is round "
+                               f"{self.round}", device_id)
+        if isinstance(base_version, bool) or base_version != self.model_version:
+            raise self._reject("stale", f"trained from model version {base_version!r}, the "
+                               f"round serves version {self.model_version}", device_id)
+        task = self._task.get(device_id)
+        if task is None or not isinstance(upload_key, str) \
+                or not secrets.compare_digest(upload_key.encode(), task.upload_key.encode()):
+            detail = "no task was issued to this device" if task is None else \
+                "upload key does not match the device's task"
+            raise self._reject("bad_key", detail, device_id)
+        return self._client_id[device_id]
+
+    @property
+    def tasked(self) -> tuple[str, ...]:
+        """Devices that received a task (in selection order)."""
+        return tuple(d for d, st in self._state.items() if st != _SELECTED)
 
     def _check_delta(self, delta: object, device_id: str) -> None:
         if not isinstance(delta, np.ndarray):

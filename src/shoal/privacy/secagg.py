@@ -120,14 +120,48 @@ class SecAggClient:
     Args:
         client_id: this client's id (must appear in the round's roster).
         vector: the encoded input, a ring vector (uint32 for b <= 32, else uint64) of
-            ``params.length`` entries in [0, 2^b); only read, never modified.
+            ``params.length`` entries in [0, 2^b); only read, never modified. A device that
+            trains while keys are exchanged (as in Bonawitz et al., MLSys 2019) passes
+            ``None`` and calls :meth:`set_input` before the ``ShareDelivery`` arrives.
     """
 
-    def __init__(self, client_id: int, vector: np.ndarray) -> None:
+    def __init__(self, client_id: int, vector: np.ndarray | None = None) -> None:
         self.client_id = client_id
         self._vector: np.ndarray | None = vector
         self._stage = Stage.SETUP
         self._session = b""
+
+    @property
+    def params(self) -> SecAggParams:
+        """The round's parameters (after ``RoundSetup``): ring bits and vector length."""
+        try:
+            return self._params
+        except AttributeError:
+            raise ProtocolError("no RoundSetup handled yet") from None
+
+    def set_input(self, vector: np.ndarray) -> None:
+        """Provide the encoded input after ``RoundSetup`` and before ``ShareDelivery``.
+
+        Raises:
+            ProtocolError: wrong stage, dtype, length or entries outside the ring; the
+                client is unchanged.
+        """
+        if self._stage not in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS):
+            raise ProtocolError(f"client {self.client_id} at stage {self._stage.value} cannot "
+                                f"take an input")
+        self._check_input(vector, self._params)
+        self._vector = vector
+
+    @staticmethod
+    def _check_input(v: np.ndarray | None, p: SecAggParams) -> None:
+        dtype = ring_dtype(p.bits)
+        if not isinstance(v, np.ndarray) or v.dtype != dtype or v.shape != (p.length,):
+            raise ProtocolError(
+                f"input must be a {np.dtype(dtype).name} vector of length {p.length}, got "
+                f"{None if v is None else (getattr(v, 'dtype', type(v)), np.shape(v))}"
+            )
+        if p.bits < 8 * v.itemsize and bool((v > ring_mask(p.bits)).any()):
+            raise ProtocolError(f"input has entries outside [0, 2^{p.bits})")
 
     @property
     def stage(self) -> Stage:
@@ -183,15 +217,8 @@ class SecAggClient:
         roster = _Roster(tuple(msg.roster), p, msg.graph_seed)
         if self.client_id not in roster:
             raise ProtocolError(f"client {self.client_id} is not on the roster", party="server")
-        v = self._vector
-        dtype = ring_dtype(p.bits)
-        if v is None or v.dtype != dtype or v.shape != (p.length,):
-            raise ProtocolError(
-                f"input must be a {np.dtype(dtype).name} vector of length {p.length}, got "
-                f"{None if v is None else (v.dtype.name, v.shape)}"
-            )
-        if p.bits < 8 * v.itemsize and bool((v > ring_mask(p.bits)).any()):
-            raise ProtocolError(f"input has entries outside [0, 2^{p.bits})")
+        if self._vector is not None:
+            self._check_input(self._vector, p)
         self._params, self._roster, self._session = p, roster, msg.session
         self._neighbours = roster.neighbours(self.client_id)
         self._enc, self._mask_key = crypto.generate_keypair(), crypto.generate_keypair()
@@ -259,7 +286,8 @@ class SecAggClient:
                 f"only {len(held)} neighbours shared keys, threshold is {self._params.threshold}",
                 Stage.MASKED_INPUT,
             )
-        assert self._vector is not None
+        if self._vector is None:
+            raise ProtocolError(f"client {self.client_id} has no input to mask (set_input)")
         p = self._params
         out = self._vector.astype(ring_dtype(p.bits), copy=True)
         scratch = np.empty_like(out)

@@ -28,7 +28,7 @@ import numpy as np
 
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
 
-__all__ = ["FixedPoint", "ring_dtype", "ring_mask"]
+__all__ = ["FixedPoint", "pack_ring", "ring_bytes", "ring_dtype", "ring_mask", "unpack_ring"]
 
 
 def ring_dtype(bits: int) -> type[np.unsignedinteger]:
@@ -41,6 +41,44 @@ def ring_dtype(bits: int) -> type[np.unsignedinteger]:
 def ring_mask(bits: int) -> np.unsignedinteger:
     """``2**bits - 1`` as a scalar of :func:`ring_dtype`; ``x & mask`` reduces mod 2^bits."""
     return ring_dtype(bits)((1 << bits) - 1)
+
+
+def ring_bytes(bits: int) -> int:
+    """Bytes per element on the wire: ceil(bits / 8)."""
+    ring_dtype(bits)  # validates
+    return (bits + 7) // 8
+
+
+def pack_ring(vector: np.ndarray, bits: int) -> bytes:
+    """A ring vector as ``ceil(bits/8)`` little-endian bytes per element (a 36-bit ring
+    travels in 5 bytes per element, not 8). Entries must already be reduced mod 2^bits."""
+    dtype = np.dtype(ring_dtype(bits)).newbyteorder("<")
+    v = np.ascontiguousarray(vector, dtype=dtype)
+    width = ring_bytes(bits)
+    if width == dtype.itemsize:
+        return v.tobytes()
+    return np.ascontiguousarray(v.view(np.uint8).reshape(-1, dtype.itemsize)[:, :width]).tobytes()
+
+
+def unpack_ring(data: bytes, bits: int, length: int) -> np.ndarray:
+    """Inverse of :func:`pack_ring`, validating first.
+
+    Raises:
+        ProtocolError: ``data`` is not ``length`` elements of ``ceil(bits/8)`` bytes, or an
+            element lies outside [0, 2^bits).
+    """
+    dtype = np.dtype(ring_dtype(bits)).newbyteorder("<")
+    width = ring_bytes(bits)
+    if len(data) != length * width:
+        raise ProtocolError(f"a {bits}-bit ring vector of {length} elements takes "
+                            f"{length * width} bytes, got {len(data)}")
+    raw = np.frombuffer(data, dtype=np.uint8).reshape(length, width)
+    wide = np.zeros((length, dtype.itemsize), dtype=np.uint8)
+    wide[:, :width] = raw
+    out = wide.view(dtype).reshape(length).astype(ring_dtype(bits))
+    if bits < 8 * dtype.itemsize and bool((out > ring_mask(bits)).any()):
+        raise ProtocolError(f"ring vector has entries outside [0, 2^{bits})")
+    return out
 
 
 @dataclass(frozen=True)
