@@ -180,6 +180,13 @@ SCHEMA: dict[str, dict[str, Option]] = {
                           max=0.5),
         "corrupt_rate": Option(float, 0.05, "assumed fraction of clients colluding with "
                                "the server (sets k and t)", min=0.0, max=0.45),
+        "roster_wait_s": Option(float, 15.0, "deployments: longest wait for the selected "
+                                "devices to check in before the round's roster closes",
+                                min=0.0, min_exclusive=True),
+        "stage_timeout_s": Option(float, 10.0, "deployments: length of the key-exchange and "
+                                  "unmasking stages (devices that miss one are dropouts; "
+                                  "input collection runs to deploy.deadline_s)", min=0.0,
+                                  min_exclusive=True),
     },
     "privacy": {
         "placement": Option(str, "none", "differential privacy: 'central' (server clips "

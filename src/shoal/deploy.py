@@ -26,7 +26,7 @@ from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
 from shoal.models import build_model
 from shoal.registry import SQLiteRegistry
-from shoal.sim.experiment import Experiment, RunResult, load_data
+from shoal.sim.experiment import Experiment, RunResult, load_data, secagg_from_config
 from shoal.store import ModelStore
 from shoal.transport.auth import Keyring, load_or_create_secret
 from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
@@ -64,7 +64,9 @@ def settings_from_config(cfg: Config) -> AggregatorSettings:
         min_fraction=d["min_fraction"], max_norm=d["max_norm"] or None,
         max_update_bytes=int(d["max_update_mb"] * (1 << 20)),
         checkin_interval_s=d["checkin_interval_s"],
-        max_active_uploads=d["max_active_uploads"])
+        max_active_uploads=d["max_active_uploads"],
+        roster_wait_s=cfg["secure_aggregation"]["roster_wait_s"],
+        stage_timeout_s=cfg["secure_aggregation"]["stage_timeout_s"])
 
 
 def run_aggregator(cfg: Config, paths: AggregatorPaths,
@@ -81,11 +83,9 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     if paths.tls_dir is None and d["host"] not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError(f"deploy.host = {d['host']!r} without TLS: give a certificate "
                           f"directory (shoal certs) or listen on 127.0.0.1", key="deploy.host")
-    if cfg["privacy"]["placement"] == "local" or cfg["compression"]["upload"] != "none" \
-            or cfg["secure_aggregation"]["enabled"]:
-        raise ConfigError("the device runtime does not yet apply local DP, compression or "
-                          "secure aggregation; run those in simulation (shoal run)",
-                          key="deploy")
+    if cfg["privacy"]["placement"] == "local" or cfg["compression"]["upload"] != "none":
+        raise ConfigError("the device runtime does not yet apply local DP or compression; "
+                          "run those in simulation (shoal run)", key="deploy")
     settings = settings_from_config(cfg)
     keyring = Keyring.single(load_or_create_secret(paths.secret))
     store = ModelStore(paths.store)
@@ -114,7 +114,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             on_ready(port)
         devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
                                     cfg["data"]["clients"], d["wait_timeout_s"])
-        pool = GrpcClientPool(service, devices)
+        pool = GrpcClientPool(service, devices, secure=secagg_from_config(cfg))
         per_round = min(len(devices), math.ceil(settings.target * d["over_selection"] - 1e-9))
         sampler = (UniformSampler(per_round) if d["selection"] == "uniform" else
                    RegistrySampler(selector_from_config(cfg), per_round, tuple(pool.devices),

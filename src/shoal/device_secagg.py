@@ -187,11 +187,19 @@ class SecAggDeviceRound:
     def device_id(self, client_id: int) -> str:
         return self._devices.device_id(client_id)
 
+    def authenticate(self, device_id: str, round: int, base_version: int, upload_key: str
+                     ) -> int:
+        """The device's client id if the call is from a tasked device of this round with its
+        task's key (:meth:`DeviceRound.authenticate`); raises ``UpdateRejected`` otherwise."""
+        return self._devices.authenticate(device_id, round, base_version, upload_key)
+
     def client_id(self, device_id: str) -> int:
         """The client id (protocol identity) of a selected device (KeyError otherwise)."""
         return self._devices.client_id(device_id)
 
-    def status(self) -> SecAggStatus:
+    def status(self, now: float | None = None) -> SecAggStatus:
+        """Where the round stands (``now`` is accepted for symmetry with ``DeviceRound``;
+        the state changes only in :meth:`tick`)."""
         included = len(self.server.included) if self.server is not None else 0
         return SecAggStatus(
             phase=self.phase,

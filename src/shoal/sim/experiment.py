@@ -248,7 +248,8 @@ class Experiment:
         self.coordinator = Coordinator(
             self.strategy, self.pool, sampler or sampler_from_config(cfg), seed=cfg.seed,
             evaluate=lambda params: evaluate(self.eval_model, params, x_test, y_test),
-            aggregation=self.privacy or secagg_from_config(cfg))
+            aggregation=self.privacy or (None if getattr(pool, "aggregates_securely", False)
+                                         else secagg_from_config(cfg)))
         if self.privacy is not None and cfg["privacy"]["on_budget"] == "refuse":
             self.privacy.check_plan(cfg.rounds)
         self.initial_params = self.eval_model.get()

@@ -41,9 +41,14 @@ import grpc  # type: ignore[import-untyped]
 import numpy as np
 
 from shoal.codec import STAGES, Chain, from_bytes, to_bytes
+from shoal.device_secagg import End, Wait
 from shoal.errors import CodecError, ConfigError, ProtocolError, ShoalError, SpecError
+from shoal.privacy.secagg import SecAggClient
+from shoal.privacy.secagg_encoding import FixedPoint, pack_ring
+from shoal.privacy.secagg_messages import EncryptedShares, MaskedInput, RoundSetup, SecAggAborted
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
+from shoal.transport.secagg_wire import client_body, reply_from_pb
 
 __all__ = [
     "RUNTIME_VERSION",
@@ -123,6 +128,8 @@ class ClientStats:
         evaluations: evaluation results reported.
         tasks_abandoned: tasks given up (download kept failing, version gone, no evaluate
             function, unknown kind, or an update that could not be encoded).
+        secagg: secure-aggregation rounds by how they ended for this device (``"done"``,
+            ``"dropped"``, ``"excluded"``, ``"aborted"``, ``"refused:<reason>"``).
     """
 
     rounds_trained: int = 0
@@ -138,6 +145,7 @@ class ClientStats:
     download_errors: int = 0
     evaluations: int = 0
     tasks_abandoned: int = 0
+    secagg: dict[str, int] = field(default_factory=dict)
 
 
 class CredentialsRejected(ShoalError):
@@ -255,6 +263,10 @@ class DeviceClient:
             (``None``: keep retrying until ``stop``).
         timeout_s: deadline of each unary RPC; transfer_timeout_s: of each Download/Upload.
         log: the logger.
+        after_stage: called as ``after_stage(stage, round)`` once the server has taken this
+            device's message for a secure-aggregation stage (``"advertise_keys"``,
+            ``"share_keys"``, ``"masked_input"``, ``"unmasking"``); for progress reporting
+            and fault injection (``shoal client --die-after``).
     """
 
     def __init__(self, target: str, token: str, device_id: str, *,
@@ -269,7 +281,8 @@ class DeviceClient:
                  max_model_bytes: int = 128 << 20, max_elements: int | None = None,
                  max_download_attempts: int = 3, max_retries: int | None = None,
                  timeout_s: float = 30.0, transfer_timeout_s: float = 600.0,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None,
+                 after_stage: Callable[[str, int], None] | None = None) -> None:
         _check(1 <= chunk_size <= _MAX_CHUNK, "chunk_size", f"in [1, {_MAX_CHUNK}] bytes",
                chunk_size)
         _check(0 < max_backoff_s < float("inf"), "max_backoff_s", "finite and > 0",
@@ -303,13 +316,15 @@ class DeviceClient:
         self._clock_offset = 0.0  # server time − local clock, from Hello
         self._said_hello = False
         self._stop: threading.Event | None = None
+        self._after_stage = after_stage
 
     # ----------------------------------------------------------------- public
 
     @property
     def stats(self) -> ClientStats:
         """A snapshot of the counters."""
-        return replace(self._stats, rejections=dict(self._stats.rejections))
+        return replace(self._stats, rejections=dict(self._stats.rejections),
+                       secagg=dict(self._stats.secagg))
 
     @property
     def held_version(self) -> int:
@@ -397,7 +412,7 @@ class DeviceClient:
             self._log.warning("round %d: %s task abandoned: %s", task.round, task.kind, exc)
 
     def _carry_out(self, task: pb.Task) -> None:
-        if task.kind not in ("train", "evaluate"):
+        if task.kind not in ("train", "evaluate", "secagg"):
             raise _Abandon(f"unknown task kind {task.kind!r}")
         if task.kind == "evaluate" and self._evaluate is None:
             raise _Abandon("evaluate task but no evaluate function")
@@ -412,16 +427,126 @@ class DeviceClient:
                 report, timeout=self.timeout_s, metadata=self._metadata))
             self._stats.evaluations += 1
             return
-        result = self._train(params, dict(task.settings), int(task.round))
+        if task.kind == "secagg":
+            self._secure_round(task, params)
+            return
+        result = self._train_checked(params, task)
         delta = np.asarray(result.delta)
-        if delta.shape != params.shape:
-            raise SpecError(f"train returned a delta of shape {delta.shape}, the model has "
-                            f"shape {params.shape}")
         try:  # the raw chain draws no randomness; the generator is a formality
             payload = to_bytes(Chain([]).encode(delta, np.random.default_rng(0)))
         except CodecError as exc:  # e.g. training diverged to NaN: never upload it
             raise _Abandon(f"update cannot be encoded: {exc}") from None
         self._upload(task, result, payload)
+
+    def _train_checked(self, params: np.ndarray, task: pb.Task) -> TrainResult:
+        result = self._train(params, dict(task.settings), int(task.round))
+        delta = np.asarray(result.delta)
+        if delta.shape != params.shape:
+            raise SpecError(f"train returned a delta of shape {delta.shape}, the model has "
+                            f"shape {params.shape}")
+        return result
+
+    # ----------------------------------------------------------------- secure aggregation
+
+    def _secure_round(self, task: pb.Task, params: np.ndarray) -> None:
+        """Take part in one secure-aggregation round (Bonawitz et al., MLSys 2019 order):
+        fetch the setup, advertise keys, share keys, *train while the stage closes*, send
+        the masked input, reveal the requested shares. The update never leaves the device
+        unmasked. Any refusal or protocol error ends this device's part in the round (the
+        server recovers from its absence); the runtime then checks in again."""
+        client: SecAggClient | None = None
+        encoding: FixedPoint | None = None
+        message = None
+        while True:
+            sent = message
+            reply = self._secagg_call(task, message, client)
+            message = None
+            if sent is not None and not isinstance(reply, pb.UploadReply):
+                stage = client.stage.value if client is not None else "?"
+                self._log.info("round %d: secure aggregation: %s sent", task.round, stage)
+                if self._after_stage is not None:
+                    self._after_stage(stage, int(task.round))
+                if isinstance(sent, EncryptedShares):
+                    self._train_into(client, encoding, params, task)
+            if isinstance(reply, Wait):
+                continue  # the server held the call already (long poll); ask again
+            if isinstance(reply, End):
+                self._secagg_outcome(task, reply.outcome, reply.detail)
+                return
+            if isinstance(reply, pb.UploadReply):
+                self._secagg_outcome(task, f"refused:{reply.reason}", reply.detail)
+                return
+            if isinstance(reply, tuple):  # a setup: (RoundSetup, client id, encoding)
+                setup, cid, encoding = reply
+                client = SecAggClient(cid)
+                reply = setup
+            if client is None:
+                raise _Abandon(f"secure aggregation: {type(reply).__name__} before the setup")
+            try:
+                message = client.handle(reply)
+            except SecAggAborted as exc:
+                self._secagg_outcome(task, "aborted", str(exc))
+                return
+            except ProtocolError as exc:
+                client.abort()
+                raise _Abandon(f"secure aggregation: refused the server's message: {exc}"
+                               ) from None
+
+    def _train_into(self, client: SecAggClient, encoding: FixedPoint, params: np.ndarray,
+                    task: pb.Task) -> None:
+        """Train, encode the update into the round's ring, hand it to the client machine."""
+        result = self._train_checked(params, task)
+        if result.num_examples < 1:
+            client.abort()
+            raise _Abandon("no training examples: nothing to contribute")
+        weight = min(int(result.num_examples), encoding.max_weight)
+        try:
+            vector = encoding.encode(np.asarray(result.delta), weight, client.params.bits,
+                                     np.random.default_rng())
+        except ShoalError as exc:  # e.g. a diverged (non-finite) update: never send it
+            client.abort()
+            raise _Abandon(f"update cannot be encoded: {exc}") from None
+        client.set_input(vector)
+        self._stats.rounds_trained += 1
+
+    def _secagg_outcome(self, task: pb.Task, outcome: str, detail: str) -> None:
+        self._stats.secagg[outcome] = self._stats.secagg.get(outcome, 0) + 1
+        if outcome == "done":
+            self._stats.uploads_accepted += 1
+        level = logging.INFO if outcome in ("done", "dropped") else logging.WARNING
+        self._log.log(level, "round %d: secure aggregation %s: %s", task.round, outcome, detail)
+
+    def _secagg_call(self, task: pb.Task, message, client: SecAggClient | None):
+        """One SecAgg RPC carrying ``message`` (``None``: a poll); returns the decoded reply:
+        a server message, ``(RoundSetup, client id, encoding)``, Wait, End or UploadReply."""
+        data, digest = b"", b""
+        if isinstance(message, MaskedInput):
+            assert client is not None
+            data = pack_ring(message.masked, client.params.bits)
+            digest = hashlib.sha256(data).digest()
+        header = pb.SecAggHeader(device_id=self.device_id, round=task.round,
+                                 base_version=task.model_version, upload_key=task.upload_key,
+                                 **client_body(message, data, digest))
+
+        def chunks() -> Iterator[pb.SecAggChunk]:
+            first = pb.SecAggChunk(header=header)
+            self._stats.bytes_up += first.ByteSize()
+            yield first
+            for off in range(0, len(data), self.chunk_size):
+                piece = pb.SecAggChunk(data=data[off:off + self.chunk_size])
+                self._stats.bytes_up += piece.ByteSize()
+                yield piece
+
+        reply = self._task_rpc("SecAgg", lambda: self._stub.SecAgg(
+            chunks(), timeout=self.transfer_timeout_s, metadata=self._metadata))
+        self._stats.bytes_down += reply.ByteSize()
+        try:
+            decoded, cid, encoding = reply_from_pb(reply)
+        except ProtocolError as exc:
+            raise _Abandon(f"secure aggregation: {exc}") from None
+        if isinstance(decoded, RoundSetup):
+            return decoded, cid, encoding
+        return decoded
 
     def _upload(self, task: pb.Task, result: TrainResult, payload: bytes) -> None:
         header = pb.UploadHeader(

@@ -32,13 +32,17 @@ import grpc
 import numpy as np
 
 from shoal.codec import Chain, from_bytes, to_bytes
-from shoal.coordinator import ClientUpdate, RoundAbandoned, TrainTask, UpdateBatch
+from shoal.coordinator import (ClientUpdate, PartialAggregate, RoundAbandoned, TrainTask,
+                               UpdateBatch)
 from shoal.device_round import ComeBack, DeviceRound, Task
-from shoal.errors import CodecError, UpdateRejected
+from shoal.device_secagg import End, SecAggDeviceRound, Wait
+from shoal.errors import CodecError, ProtocolError, UpdateRejected
+from shoal.privacy.secagg_encoding import unpack_ring
 from shoal.registry.base import UnknownDevice
 from shoal.transport.auth import AuthError, Keyring, RateLimiter, verify_token
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
+from shoal.transport.secagg_wire import message_from_header, reply_to_pb
 
 __all__ = ["AggregatorSettings", "AggregatorService", "GrpcClientPool", "ModelPayload"]
 
@@ -66,6 +70,12 @@ class AggregatorSettings:
         max_active_uploads: uploads read at once; the rest wait (HTTP/2 flow control holds
             their bytes on the devices), so the server's memory stays flat however many
             devices upload together.
+        roster_wait_s: secure aggregation: longest wait for the selected devices to check in
+            before the roster closes.
+        stage_timeout_s: secure aggregation: length of the key and unmasking stages (input
+            collection runs to the round's deadline).
+        long_poll_s: a secure-aggregation call that has nothing for the device yet is held
+            this long before it is answered "wait".
     """
 
     target: int
@@ -79,6 +89,9 @@ class AggregatorSettings:
     idle_retry_s: float = 2.0
     checkin_interval_s: float = 5.0
     max_active_uploads: int = 64
+    roster_wait_s: float = 15.0
+    stage_timeout_s: float = 10.0
+    long_poll_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -171,13 +184,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.server_id = server_id
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.round: DeviceRound | None = None
+        self.round: DeviceRound | SecAggDeviceRound | None = None
         self.settings_for_round: dict[str, float] = {}
         self.model: ModelPayload | None = None
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
         self.counters = _Counters()
         self.evaluations: list[tuple[str, int, dict[str, float]]] = []
-        self.bytes_down = 0  # model bytes served so far (read by the pool per round)
+        self.bytes_down = 0  # bytes served so far: models, secure-aggregation replies
+        self.bytes_up = 0  # secure-aggregation bytes received so far
         self._upload_slots: asyncio.Semaphore | None = None
         self._pace_rng = np.random.default_rng()
 
@@ -244,12 +258,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                         self._pace_rng.uniform(0.5, 1.5))
                     decision = ComeBack(at=min(decision.at, soon), reason=decision.reason)
             settings = dict(self.settings_for_round)
+            kind = "secagg" if isinstance(rnd, SecAggDeviceRound) else "train"
         if isinstance(decision, Task):
             self.counters.inc("checkins", "task")
             return pb.CheckInReply(task=pb.Task(
                 round=decision.round, model_version=decision.model_version,
                 upload_key=decision.upload_key, deadline=decision.deadline, settings=settings,
-                spec_fingerprint=self.spec_fingerprint, kind="train"))
+                spec_fingerprint=self.spec_fingerprint, kind=kind))
         self.counters.inc("checkins", decision.reason)
         return pb.CheckInReply(come_back=pb.ComeBack(at=decision.at, reason=decision.reason))
 
@@ -316,6 +331,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             rnd = self.round
             if rnd is None:
                 return self._refuse("late", "no round is open")
+            if not isinstance(rnd, DeviceRound):
+                return self._refuse("wrong_task", "this round aggregates securely: send the "
+                                    "masked input with the SecAgg call")
             try:
                 rnd.upload(header.device_id, int(header.round), int(header.base_version),
                            header.upload_key, int(header.num_examples), delta, now,
@@ -333,9 +351,106 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def Heartbeat(self, request, context):
         await self._authorize(context, request.device_id, "checkin")
         with self.lock:
-            keep = self.round is not None and self.round.round == request.round \
-                and not self.round.status(self.clock()).done
+            rnd = self.round
+            keep = rnd is not None and rnd.round == request.round and not (
+                rnd.status().done if isinstance(rnd, SecAggDeviceRound)
+                else rnd.status(self.clock()).done)
         return pb.HeartbeatReply(keep_going=keep)
+
+    async def SecAgg(self, request_iterator, context):
+        """One step of a secure-aggregation round (see :mod:`shoal.device_secagg`)."""
+        header, buf, size = None, bytearray(), 0
+        async for chunk in request_iterator:
+            part = chunk.WhichOneof("part")
+            size += chunk.ByteSize()
+            if header is None:
+                if part != "header":
+                    return self._secagg_refuse("malformed", "the first chunk must be the header")
+                header = chunk.header
+                await self._authorize(context, header.device_id, "upload")
+                if header.WhichOneof("body") == "masked":
+                    limit = (self.dim + 1) * 8
+                    if header.masked.total_size > limit:
+                        return self._secagg_refuse("too_large", f"{header.masked.total_size} "
+                                                   f"bytes > {limit}")
+            elif part != "data" or header.WhichOneof("body") != "masked":
+                return self._secagg_refuse("malformed", "data without a masked-input header")
+            elif len(buf) + len(chunk.data) > header.masked.total_size:
+                return self._secagg_refuse("malformed", "more data than total_size")
+            else:
+                buf += chunk.data
+        if header is None:
+            return self._secagg_refuse("malformed", "empty call")
+        with self.lock:
+            self.bytes_up += size
+            rnd = self.round
+        if not isinstance(rnd, SecAggDeviceRound):
+            return self._secagg_refuse("late", "no secure-aggregation round is open")
+        masked = None
+        if header.WhichOneof("body") == "masked":
+            if len(buf) != header.masked.total_size:
+                return self._secagg_refuse("truncated", f"{len(buf)} of "
+                                           f"{header.masked.total_size} bytes")
+            if hashlib.sha256(buf).digest() != header.masked.sha256:
+                return self._secagg_refuse("checksum", "SHA-256 of the payload does not match")
+            params = rnd.params
+            if params is None:
+                return self._secagg_refuse("wrong_stage", "the protocol has not started")
+            try:
+                masked = unpack_ring(bytes(buf), params.bits, params.length)
+            except ProtocolError as exc:
+                return self._secagg_refuse("wrong_shape", str(exc))
+        reply = self._secagg_step(rnd, header, masked)
+        # A poll is held until there is something for the device (long poll); a reply to a
+        # message returns at once, so the device can train while a stage closes.
+        waited = 0.0
+        hold = max(self.settings.long_poll_s, 0.05) if header.WhichOneof("body") == "poll" \
+            else 0.0
+        while isinstance(reply, Wait) and waited < hold:
+            await asyncio.sleep(0.02)
+            waited += 0.02
+            poll = pb.SecAggHeader(device_id=header.device_id, round=header.round,
+                                   base_version=header.base_version,
+                                   upload_key=header.upload_key, poll=True)
+            reply = self._secagg_step(rnd, poll, None)
+        if isinstance(reply, pb.SecAggReply):
+            return reply
+        try:
+            cid = rnd.client_id(header.device_id)
+        except KeyError:
+            cid = -1
+        out = reply_to_pb(reply, client_id=cid,
+                          encoding=rnd.config.encoding if rnd.config else None)
+        with self.lock:
+            self.bytes_down += out.ByteSize()
+        return out
+
+    def _secagg_step(self, rnd: SecAggDeviceRound, header, masked):
+        """Hand one device message (or poll) to the round under the lock."""
+        now = self.clock()
+        with self.changed:
+            if self.round is not rnd:
+                return self._secagg_refuse("late", "the round is over")
+            try:
+                cid = rnd.authenticate(header.device_id, int(header.round),
+                                              int(header.base_version), header.upload_key)
+                session = rnd.server.session if rnd.server is not None else b""
+                message = message_from_header(header, cid, session, masked)
+                reply = rnd.exchange(header.device_id, int(header.round),
+                                     int(header.base_version), header.upload_key, message, now)
+            except UpdateRejected as exc:
+                return self._secagg_refuse(exc.reason, str(exc), header.device_id,
+                                           int(header.round))
+            except ProtocolError as exc:
+                return self._secagg_refuse("malformed", str(exc), header.device_id,
+                                           int(header.round))
+            if message is not None:
+                self.changed.notify_all()
+        return reply
+
+    def _secagg_refuse(self, reason: str, detail: str, device: str = "", rnd: int = -1
+                       ) -> pb.SecAggReply:
+        return pb.SecAggReply(refused=self._refuse(reason, detail, device, rnd))
 
     async def ReportEvaluation(self, request, context):
         await self._authorize(context, request.device_id, "upload")
@@ -377,42 +492,84 @@ class GrpcClientPool:
     a round below ``min_fraction`` raises :class:`~shoal.coordinator.RoundAbandoned`, so the
     coordinator commits nothing.
 
+    With ``secure`` (the run's :class:`~shoal.privacy.secagg_rounds.SecAggAggregation`) every
+    round is a secure-aggregation round (:class:`~shoal.device_secagg.SecAggDeviceRound`):
+    the server never sees one device's update, only the unmasked sum, which ``train`` yields
+    as one :class:`~shoal.coordinator.PartialAggregate` (the weighted mean of the clipped,
+    quantized updates of the included devices).
+
     Args:
         service: the running service.
         devices: the device ids clients may be sampled from.
         clock: the same clock the service uses.
         poll_s: how often to re-check the deadline while no update arrives.
+        secure: secure-aggregation parameters (k, t and the encoding per roster size).
     """
 
     def __init__(self, service: AggregatorService, devices: Sequence[str],
-                 clock: Callable[[], float] = time.time, poll_s: float = 0.2) -> None:
+                 clock: Callable[[], float] = time.time, poll_s: float = 0.2,
+                 secure=None) -> None:
         self.service = service
         self.devices = sorted(devices)
         self.clock = clock
         self.poll_s = poll_s
+        self.secure = secure
+
+    #: The coordinator must not simulate secure aggregation on top: the devices run it.
+    @property
+    def aggregates_securely(self) -> bool:
+        return self.secure is not None
 
     @property
     def num_clients(self) -> int:
         return len(self.devices)
 
-    def train(self, task: TrainTask, client_ids: np.ndarray
-              ) -> Iterator[ClientUpdate | UpdateBatch]:
+    def _open(self, task: TrainTask, client_ids: np.ndarray
+              ) -> DeviceRound | SecAggDeviceRound:
         svc = self.service
+        st = svc.settings
         selected = [self.devices[int(c)] for c in client_ids]
-        version = task.round - 1
-        payload = ModelPayload.of(version, task.params)
-        rnd = DeviceRound(task.round, version, selected, target=min(svc.settings.target,
-                                                                     len(selected)),
-                          opened_at=self.clock(), deadline_s=svc.settings.deadline_s,
-                          min_fraction=svc.settings.min_fraction, dim=svc.dim,
-                          max_norm=svc.settings.max_norm,
-                          client_ids=[int(c) for c in client_ids])
+        target = min(st.target, len(selected))
+        common = dict(opened_at=self.clock(), deadline_s=st.deadline_s, dim=svc.dim,
+                      client_ids=[int(c) for c in client_ids])
+        if self.secure is None:
+            return DeviceRound(task.round, task.round - 1, selected, target=target,
+                               min_fraction=st.min_fraction, max_norm=st.max_norm, **common)
+        return SecAggDeviceRound(task.round, task.round - 1, selected, target=target,
+                                 min_accepted=max(1, math.ceil(st.min_fraction * target - 1e-9)),
+                                 config_for=self.secure.config_for,
+                                 roster_wait_s=st.roster_wait_s,
+                                 stage_timeout_s=st.stage_timeout_s, **common)
+
+    def train(self, task: TrainTask, client_ids: np.ndarray
+              ) -> Iterator[ClientUpdate | UpdateBatch | PartialAggregate]:
+        svc = self.service
+        payload = ModelPayload.of(task.round - 1, task.params)
+        rnd = self._open(task, client_ids)
         with svc.lock:
             svc.model = payload
             svc.settings_for_round = {k: float(v) for k, v in task.settings.items()}
             svc.round = rnd
-            down_before = svc.bytes_down
+            down_before, up_before = svc.bytes_down, svc.bytes_up
         started = time.monotonic()
+        if isinstance(rnd, SecAggDeviceRound):
+            commit, accepted, detail = yield from self._secure(rnd, down_before, up_before)
+        else:
+            commit, accepted, detail = yield from self._plain(rnd, down_before)
+        if svc.counters.prom:
+            svc.counters.duration.observe(time.monotonic() - started)
+        svc.counters.inc("rounds", "committed" if commit else "abandoned")
+        log.info("round %d %s: %d accepted of target %d", task.round,
+                 "committed" if commit else "abandoned", accepted, rnd.target,
+                 extra={"fields": {"event": "round_closed", "round": task.round,
+                                   "accepted": accepted, "commit": commit,
+                                   "seconds": round(time.monotonic() - started, 3),
+                                   "rejections": rnd.rejections, **detail}})
+        if not commit:
+            raise RoundAbandoned(f"round {task.round}: {detail.get('why', 'abandoned')}")
+
+    def _plain(self, rnd: DeviceRound, down_before: int):
+        svc = self.service
         try:
             while True:
                 with svc.changed:
@@ -436,20 +593,41 @@ class GrpcClientPool:
                           deltas=np.empty((0, svc.dim), np.float32),
                           num_examples=np.empty(0, np.int64),
                           metrics={"download_bytes": np.array([served])})
-        if svc.counters.prom:
-            svc.counters.duration.observe(time.monotonic() - started)
-        svc.counters.inc("rounds", "committed" if final.commit else "abandoned")
-        log.info("round %d %s: %d accepted of target %d", task.round,
-                 "committed" if final.commit else "abandoned", final.accepted, rnd.target,
-                 extra={"fields": {"event": "round_closed", "round": task.round,
-                                   "accepted": final.accepted, "commit": final.commit,
-                                   "closed_by": final.closed_by,
-                                   "seconds": round(time.monotonic() - started, 3),
-                                   "rejections": rnd.rejections}})
-        if not final.commit:
-            raise RoundAbandoned(f"round {task.round} reached {final.accepted} of "
-                                 f"{final.min_accepted} required updates before its "
-                                 f"deadline")
+        why = (f"{final.accepted} of {final.min_accepted} required updates arrived before "
+               f"the deadline")
+        return final.commit, final.accepted, {"closed_by": final.closed_by, "why": why}
+
+    def _secure(self, rnd: SecAggDeviceRound, down_before: int, up_before: int):
+        svc = self.service
+        try:
+            while True:
+                with svc.changed:
+                    if rnd.tick(self.clock()):
+                        svc.changed.notify_all()
+                    status = rnd.status()
+                    if status.done:
+                        break
+                    svc.changed.wait(timeout=self.poll_s)
+        finally:
+            with svc.lock:
+                status = rnd.close(self.clock()) if not rnd.status().done else rnd.status()
+                served, received = svc.bytes_down - down_before, svc.bytes_up - up_before
+        detail = {"roster": status.roster, "dropped_at": dict(rnd.dropped_at)}
+        if not status.commit:
+            return False, 0, {**detail, "why": f"secure aggregation: {status.error}"}
+        total, included = rnd.result()
+        assert rnd.config is not None and rnd.params is not None
+        mean, weight = rnd.config.encoding.decode(total)
+        detail["included"] = sorted(rnd.device_id(c) for c in included)
+        yield PartialAggregate(
+            delta=mean.astype(np.float32), num_examples=weight, clients=len(included),
+            metrics={"secagg_included": float(len(included)),
+                     "secagg_dropped": float(status.roster - len(included)),
+                     "secagg_neighbours": float(rnd.params.neighbours),
+                     "secagg_threshold": float(rnd.params.threshold),
+                     "secagg_ring_bits": float(rnd.params.bits),
+                     "upload_bytes": float(received), "download_bytes": float(served)})
+        return True, len(included), detail
 
 
 def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,

@@ -214,3 +214,175 @@ class EvaluationResult(_message.Message):
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SecAggKeys(_message.Message):
+    __slots__ = ("enc_public", "mask_public")
+    ENC_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    enc_public: bytes
+    mask_public: bytes
+    def __init__(self, enc_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+
+class SecAggSetup(_message.Message):
+    __slots__ = ("session", "roster", "graph_seed", "neighbours", "threshold", "bits", "length", "client_id", "clip", "value_bits", "max_weight")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    roster: _containers.RepeatedScalarFieldContainer[int]
+    graph_seed: bytes
+    neighbours: int
+    threshold: int
+    bits: int
+    length: int
+    client_id: int
+    clip: float
+    value_bits: int
+    max_weight: int
+    def __init__(self, session: _Optional[bytes] = ..., roster: _Optional[_Iterable[int]] = ..., graph_seed: _Optional[bytes] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., length: _Optional[int] = ..., client_id: _Optional[int] = ..., clip: _Optional[float] = ..., value_bits: _Optional[int] = ..., max_weight: _Optional[int] = ...) -> None: ...
+
+class SecAggKeyDirectory(_message.Message):
+    __slots__ = ("session", "keys")
+    class KeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: SecAggKeys
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[SecAggKeys, _Mapping]] = ...) -> None: ...
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    keys: _containers.MessageMap[int, SecAggKeys]
+    def __init__(self, session: _Optional[bytes] = ..., keys: _Optional[_Mapping[int, SecAggKeys]] = ...) -> None: ...
+
+class SecAggShares(_message.Message):
+    __slots__ = ("session", "ciphertexts")
+    class CiphertextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    ciphertexts: _containers.ScalarMap[int, bytes]
+    def __init__(self, session: _Optional[bytes] = ..., ciphertexts: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+
+class SecAggMaskedHeader(_message.Message):
+    __slots__ = ("session", "total_size", "sha256")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    total_size: int
+    sha256: bytes
+    def __init__(self, session: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("session", "survivors", "dropped")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session: _Optional[bytes] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SecAggUnmasking(_message.Message):
+    __slots__ = ("session", "self_mask_shares", "mask_key_shares")
+    class SelfMaskSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class MaskKeySharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    self_mask_shares: _containers.ScalarMap[int, bytes]
+    mask_key_shares: _containers.ScalarMap[int, bytes]
+    def __init__(self, session: _Optional[bytes] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., mask_key_shares: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+
+class SecAggHeader(_message.Message):
+    __slots__ = ("device_id", "round", "base_version", "upload_key", "poll", "keys", "shares", "masked", "unmasking")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_KEY_FIELD_NUMBER: _ClassVar[int]
+    POLL_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
+    UNMASKING_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    round: int
+    base_version: int
+    upload_key: str
+    poll: bool
+    keys: SecAggKeys
+    shares: SecAggShares
+    masked: SecAggMaskedHeader
+    unmasking: SecAggUnmasking
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., poll: _Optional[bool] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., shares: _Optional[_Union[SecAggShares, _Mapping]] = ..., masked: _Optional[_Union[SecAggMaskedHeader, _Mapping]] = ..., unmasking: _Optional[_Union[SecAggUnmasking, _Mapping]] = ...) -> None: ...
+
+class SecAggChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: SecAggHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[SecAggHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SecAggWait(_message.Message):
+    __slots__ = ("stage", "retry_after")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    retry_after: float
+    def __init__(self, stage: _Optional[str] = ..., retry_after: _Optional[float] = ...) -> None: ...
+
+class SecAggEnd(_message.Message):
+    __slots__ = ("outcome", "detail")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    outcome: str
+    detail: str
+    def __init__(self, outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("setup", "key_directory", "share_delivery", "unmask_request", "wait", "end", "refused")
+    SETUP_FIELD_NUMBER: _ClassVar[int]
+    KEY_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    SHARE_DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    setup: SecAggSetup
+    key_directory: SecAggKeyDirectory
+    share_delivery: SecAggShares
+    unmask_request: SecAggUnmaskRequest
+    wait: SecAggWait
+    end: SecAggEnd
+    refused: UploadReply
+    def __init__(self, setup: _Optional[_Union[SecAggSetup, _Mapping]] = ..., key_directory: _Optional[_Union[SecAggKeyDirectory, _Mapping]] = ..., share_delivery: _Optional[_Union[SecAggShares, _Mapping]] = ..., unmask_request: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ..., wait: _Optional[_Union[SecAggWait, _Mapping]] = ..., end: _Optional[_Union[SecAggEnd, _Mapping]] = ..., refused: _Optional[_Union[UploadReply, _Mapping]] = ...) -> None: ...

@@ -64,6 +64,11 @@ class AggregatorStub:
                 request_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.EvaluationResult.SerializeToString,
                 response_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.stream_unary(
+                '/shoal.v1.Aggregator/SecAgg',
+                request_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggChunk.SerializeToString,
+                response_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -105,6 +110,15 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request_iterator, context):
+        """One step of a secure-aggregation round (task kind "secagg"): the device sends its message
+        for the current stage, or just polls, and gets its next server message, a wait or the end.
+        Client-streaming so the masked input (the one large message) travels in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +151,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.EvaluationResult.FromString,
                     response_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.SerializeToString,
+            ),
+            'SecAgg': grpc.stream_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggChunk.FromString,
+                    response_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +320,33 @@ class Aggregator:
             '/shoal.v1.Aggregator/ReportEvaluation',
             shoal_dot_transport_dot_proto_dot_shoal__pb2.EvaluationResult.SerializeToString,
             shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.v1.Aggregator/SecAgg',
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggChunk.SerializeToString,
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,
