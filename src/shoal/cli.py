@@ -262,9 +262,19 @@ def _cmd_client(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     device = args.device_id or f"device-{args.index:04d}"
+    after_stage = None
+    if args.die_after:
+        import os
+
+        def after_stage(stage: str, rnd: int) -> None:
+            if stage == args.die_after:
+                print(f"{device}: --die-after {stage}: killing myself in round {rnd}",
+                      file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
     with DeviceClient(args.server, token, device, root_certificates=ca, train=train,
                       evaluate=evaluate, attributes={"index": str(args.index)},
-                      max_retries=args.max_retries) as client:
+                      max_retries=args.max_retries, after_stage=after_stage) as client:
         stats = client.run(max_rounds=args.max_tasks, stop=stop)
     if not args.quiet:
         print(json.dumps({"device": device, **stats.__dict__}), file=sys.stderr)
@@ -286,6 +296,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from shoal.transport.certs import make_local_pki
 
     cfg = _config_from_args(args)
+    deaths = _parse_die_after(args.die_after, cfg["data"]["clients"])
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-launch-"))
     work.mkdir(parents=True, exist_ok=True)
     n = cfg["data"]["clients"]
@@ -314,10 +325,16 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             cmd = [sys.executable, "-m", "shoal.cli", "client", str(cfg_path), "--server",
                    f"localhost:{port}", "--token", str(tokens / f"device-{i:04d}"),
                    "--ca", str(pki.ca_cert), "--index", str(i)]
+            if i < len(deaths):
+                cmd += ["--die-after", deaths[i]]
             with open(logs / f"device-{i:04d}.log", "w") as log_file:
                 procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                               env=env))
 
+    if args.log_json:
+        from shoal.telemetry import configure_json_logging
+
+        configure_json_logging(open(args.log_json, "a", buffering=1))
     progress = _Progress(cfg, args.quiet)
     try:
         exp, result = run_aggregator(cfg, paths, on_round=progress, on_ready=start_clients)
@@ -331,6 +348,24 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
     return _report(cfg, args, exp, result, {"client_processes": n, "work_dir": str(work)})
+
+
+_SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmasking")
+
+
+def _parse_die_after(specs: Sequence[str], clients: int) -> list[str]:
+    """``["share_keys:2", "masked_input:1"]`` -> the stage for client 0, 1, 2, ..."""
+    out: list[str] = []
+    for spec in specs:
+        stage, _, count = spec.partition(":")
+        if stage not in _SECAGG_STAGES or not count.isdigit():
+            raise ConfigError(f"--die-after {spec!r}: expected STAGE:N with STAGE one of "
+                              f"{', '.join(_SECAGG_STAGES)}", key="die_after")
+        out += [stage] * int(count)
+    if len(out) > clients:
+        raise ConfigError(f"--die-after asks {len(out)} client processes to die; there are "
+                          f"{clients}", key="die_after")
+    return out
 
 
 def _commit_to_store(root: str, ckpt, summary: dict) -> int:
@@ -559,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="stop after this many tasks (default: run until stopped)")
     client_p.add_argument("--max-retries", type=int, dest="max_retries", default=None,
                           help="give up after this many failed reconnections in a row")
+    client_p.add_argument("--die-after", dest="die_after", choices=_SECAGG_STAGES,
+                          help="fault injection for resilience tests: the process kills "
+                               "itself (SIGKILL) right after the aggregator took its message "
+                               "for this stage of a secure-aggregation round")
     client_p.add_argument("-q", "--quiet", action="store_true")
     client_p.set_defaults(func=_cmd_client)
 
@@ -576,6 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--dir", help="state directory (default: a new temporary one)")
     launch.add_argument("--json", action="store_true", help="print the summary as JSON")
     launch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    launch.add_argument("--log-json", dest="log_json", metavar="FILE",
+                        help="append the aggregator's structured log (JSON lines) to FILE")
+    launch.add_argument("--die-after", dest="die_after", action="append", default=[],
+                        metavar="STAGE:N",
+                        help="fault injection (repeatable): the next N client processes, "
+                             "from device-0000 on, kill themselves (SIGKILL) right after "
+                             "STAGE of their first secure-aggregation round; STAGE is one of "
+                             + ", ".join(_SECAGG_STAGES))
     launch.set_defaults(func=_cmd_launch)
 
     models = sub.add_parser(
