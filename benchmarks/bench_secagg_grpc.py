@@ -40,7 +40,8 @@ from shoal.transport.server import AggregatorService, AggregatorSettings, GrpcCl
 SECRET = b"b" * 32
 
 
-def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path) -> dict:
+def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits: int,
+        max_weight: int) -> dict:
     settings = AggregatorSettings(target=n, deadline_s=120.0, min_fraction=1.0,
                                   roster_wait_s=30.0, stage_timeout_s=30.0, long_poll_s=2.0,
                                   checkin_interval_s=0.02, idle_retry_s=0.02,
@@ -52,7 +53,8 @@ def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path) -> dict:
     registry = SQLiteRegistry(workdir / "registry.db")
     for dev in devices:
         registry.enroll(dev, now=time.time())
-    secure = SecAggAggregation(clip=0.5, value_bits=20, max_weight=4096, neighbours=k,
+    secure = SecAggAggregation(clip=0.5, value_bits=value_bits, max_weight=max_weight,
+                               neighbours=k,
                                threshold=t, dropout=0.0, corrupt_rate=0.05,
                                rng_for_round=np.random.default_rng)
     plain_pool = GrpcClientPool(service, devices, poll_s=0.01)
@@ -101,6 +103,8 @@ def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path) -> dict:
     plain, sec = statistics.median(times["plain"]), statistics.median(times["secure"])
     return {
         "bench": "secagg_grpc", "n": n, "d": d, "k": k, "t": t, "pairs": pairs,
+        "value_bits": value_bits, "max_weight": max_weight,
+        "ring_bits": secure.config_for(n).params_for(n, d).bits,
         "plain_round_s": round(plain, 3), "secure_round_s": round(sec, 3),
         "overhead_s": round(sec - plain, 3),
         "overhead_vs_flower_2s": round(2.0 / max(sec - plain, 1e-3), 1),
@@ -118,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=12, help="SecAgg+ neighbours (-1: complete graph)")
     ap.add_argument("--t", type=int, default=7, help="Shamir threshold")
     ap.add_argument("--pairs", type=int, default=7, help="measured (plain, secure) pairs")
+    ap.add_argument("--value-bits", type=int, default=16)
+    ap.add_argument("--max-weight", type=int, default=1024)
     args = ap.parse_args(argv)
     logging.getLogger("shoal").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps(run(args.n, args.d, args.k, args.t, args.pairs, Path(tmp))),
+        print(json.dumps(run(args.n, args.d, args.k, args.t, args.pairs, Path(tmp),
+                             value_bits=args.value_bits, max_weight=args.max_weight)),
               flush=True)
     return 0
 

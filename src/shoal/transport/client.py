@@ -45,7 +45,8 @@ from shoal.device_secagg import End, Wait
 from shoal.errors import CodecError, ConfigError, ProtocolError, ShoalError, SpecError
 from shoal.privacy.secagg import SecAggClient
 from shoal.privacy.secagg_encoding import FixedPoint, pack_ring
-from shoal.privacy.secagg_messages import EncryptedShares, MaskedInput, RoundSetup, SecAggAborted
+from shoal.privacy.secagg_messages import (EncryptedShares, KeyAdvertisement, MaskedInput,
+                                           RoundSetup, SecAggAborted, UnmaskingShares)
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.secagg_wire import client_body, reply_from_pb
@@ -74,6 +75,9 @@ _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                         grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 _AUTH = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# the secure-aggregation stage a device message completes (for after_stage)
+_SENT_AT = {KeyAdvertisement: "advertise_keys", EncryptedShares: "share_keys",
+            MaskedInput: "masked_input", UnmaskingShares: "unmasking"}
 # gRPC reports a connection reset mid-call as INTERNAL/UNKNOWN with one of these details.
 _RESET_HINTS = ("rst_stream", "stream removed", "connection reset", "socket closed",
                 "broken pipe", "goaway")
@@ -462,7 +466,7 @@ class DeviceClient:
             reply = self._secagg_call(task, message, client)
             message = None
             if sent is not None and not isinstance(reply, pb.UploadReply):
-                stage = client.stage.value if client is not None else "?"
+                stage = _SENT_AT[type(sent)]
                 self._log.info("round %d: secure aggregation: %s sent", task.round, stage)
                 if self._after_stage is not None:
                     self._after_stage(stage, int(task.round))
@@ -537,8 +541,13 @@ class DeviceClient:
                 self._stats.bytes_up += piece.ByteSize()
                 yield piece
 
-        reply = self._task_rpc("SecAgg", lambda: self._stub.SecAgg(
-            chunks(), timeout=self.transfer_timeout_s, metadata=self._metadata))
+        if data:
+            reply = self._task_rpc("SecAgg", lambda: self._stub.SecAgg(
+                chunks(), timeout=self.transfer_timeout_s, metadata=self._metadata))
+        else:
+            self._stats.bytes_up += header.ByteSize()
+            reply = self._task_rpc("SecAggStep", lambda: self._stub.SecAggStep(
+                header, timeout=self.timeout_s, metadata=self._metadata))
         self._stats.bytes_down += reply.ByteSize()
         try:
             decoded, cid, encoding = reply_from_pb(reply)

@@ -193,6 +193,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.bytes_down = 0  # bytes served so far: models, secure-aggregation replies
         self.bytes_up = 0  # secure-aggregation bytes received so far
         self._upload_slots: asyncio.Semaphore | None = None
+        # secure-aggregation long polls wait on this; wake() swaps it for a fresh one
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._progress: asyncio.Event | None = None
+        self._finished_secure: SecAggDeviceRound | None = None  # for late End polls
         self._pace_rng = np.random.default_rng()
 
     @property
@@ -381,10 +385,22 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 buf += chunk.data
         if header is None:
             return self._secagg_refuse("malformed", "empty call")
+        return await self._secagg(header, buf, size)
+
+    async def SecAggStep(self, request, context):
+        """:meth:`SecAgg` for a message without a payload (unary)."""
+        await self._authorize(context, request.device_id, "upload")
+        if request.WhichOneof("body") == "masked":
+            return self._secagg_refuse("malformed", "a masked input needs the SecAgg stream")
+        return await self._secagg(request, b"", request.ByteSize())
+
+    async def _secagg(self, header, buf, size: int):
         with self.lock:
             self.bytes_up += size
             rnd = self.round
-        if not isinstance(rnd, SecAggDeviceRound):
+            if not (isinstance(rnd, SecAggDeviceRound) and rnd.round == header.round):
+                rnd = self._finished_secure  # a device asking how a round just ended
+        if not (isinstance(rnd, SecAggDeviceRound) and rnd.round == header.round):
             return self._secagg_refuse("late", "no secure-aggregation round is open")
         masked = None
         if header.WhichOneof("body") == "masked":
@@ -401,18 +417,25 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             except ProtocolError as exc:
                 return self._secagg_refuse("wrong_shape", str(exc))
         reply = self._secagg_step(rnd, header, masked)
-        # A poll is held until there is something for the device (long poll); a reply to a
-        # message returns at once, so the device can train while a stage closes.
-        waited = 0.0
-        hold = max(self.settings.long_poll_s, 0.05) if header.WhichOneof("body") == "poll" \
-            else 0.0
-        while isinstance(reply, Wait) and waited < hold:
-            await asyncio.sleep(0.02)
-            waited += 0.02
+        # The reply is held until there is something for the device (long poll, woken by
+        # the round's progress), saving the device a poll per stage -- except the reply to
+        # its encrypted shares, which returns at once so that it trains while the stage
+        # closes.
+        if header.WhichOneof("body") != "shares":
+            loop = asyncio.get_running_loop()
+            until = loop.time() + max(self.settings.long_poll_s, 0.05)
             poll = pb.SecAggHeader(device_id=header.device_id, round=header.round,
                                    base_version=header.base_version,
                                    upload_key=header.upload_key, poll=True)
-            reply = self._secagg_step(rnd, poll, None)
+            while isinstance(reply, Wait) and loop.time() < until:
+                if self._progress is None:
+                    self._loop, self._progress = loop, asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._progress.wait(),
+                                           timeout=min(0.25, until - loop.time()))
+                except asyncio.TimeoutError:
+                    pass
+                reply = self._secagg_step(rnd, poll, None)
         if isinstance(reply, pb.SecAggReply):
             return reply
         try:
@@ -429,8 +452,6 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Hand one device message (or poll) to the round under the lock."""
         now = self.clock()
         with self.changed:
-            if self.round is not rnd:
-                return self._secagg_refuse("late", "the round is over")
             try:
                 cid = rnd.authenticate(header.device_id, int(header.round),
                                               int(header.base_version), header.upload_key)
@@ -447,6 +468,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             if message is not None:
                 self.changed.notify_all()
         return reply
+
+    def wake(self) -> None:
+        """Wake the held secure-aggregation polls (thread-safe; the round made progress)."""
+        loop, event = self._loop, self._progress
+        if loop is not None and event is not None and not loop.is_closed():
+            def swap() -> None:
+                event.set()
+                if self._progress is event:
+                    self._progress = asyncio.Event()
+            loop.call_soon_threadsafe(swap)
 
     def _secagg_refuse(self, reason: str, detail: str, device: str = "", rnd: int = -1
                        ) -> pb.SecAggReply:
@@ -530,8 +561,9 @@ class GrpcClientPool:
         st = svc.settings
         selected = [self.devices[int(c)] for c in client_ids]
         target = min(st.target, len(selected))
+        # devices that find the round closed come back soon: the next round may open at once
         common = dict(opened_at=self.clock(), deadline_s=st.deadline_s, dim=svc.dim,
-                      client_ids=[int(c) for c in client_ids])
+                      client_ids=[int(c) for c in client_ids], retry_spread_s=st.idle_retry_s)
         if self.secure is None:
             return DeviceRound(task.round, task.round - 1, selected, target=target,
                                min_fraction=st.min_fraction, max_norm=st.max_norm, **common)
@@ -604,6 +636,7 @@ class GrpcClientPool:
                 with svc.changed:
                     if rnd.tick(self.clock()):
                         svc.changed.notify_all()
+                        svc.wake()
                     status = rnd.status()
                     if status.done:
                         break
@@ -612,6 +645,8 @@ class GrpcClientPool:
             with svc.lock:
                 status = rnd.close(self.clock()) if not rnd.status().done else rnd.status()
                 served, received = svc.bytes_down - down_before, svc.bytes_up - up_before
+                svc._finished_secure = rnd  # devices still polling learn how it ended
+            svc.wake()
         detail = {"roster": status.roster, "dropped_at": dict(rnd.dropped_at)}
         if not status.commit:
             return False, 0, {**detail, "why": f"secure aggregation: {status.error}"}
