@@ -175,8 +175,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
                              "parameter search from dropout and corrupt_rate); -1 = complete "
                              "graph (SecAgg)", min=-1),
         "threshold": Option(int, 0, "Shamir threshold t; 0 = with k", min=0),
-        "dropout": Option(float, 0.0, "simulated fraction of each cohort that vanishes "
-                          "after sharing keys (their masks are recovered)", min=0.0,
+        "dropout": Option(float, 0.0, "expected dropout rate (sets k and t for cohorts of "
+                          "100 or more); in simulation also the fraction of each cohort that "
+                          "vanishes after sharing keys (their masks are recovered)", min=0.0,
                           max=0.5),
         "corrupt_rate": Option(float, 0.05, "assumed fraction of clients colluding with "
                                "the server (sets k and t)", min=0.0, max=0.45),
