@@ -233,6 +233,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
+    import os
     import signal
     import threading
     from pathlib import Path
@@ -262,19 +263,16 @@ def _cmd_client(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     device = args.device_id or f"device-{args.index:04d}"
-    after_stage = None
-    if args.die_after:
-        import os
-
-        def after_stage(stage: str, rnd: int) -> None:
-            if stage == args.die_after:
-                print(f"{device}: --die-after {stage}: killing myself in round {rnd}",
-                      file=sys.stderr, flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
+    def die_after(stage: str, rnd: int) -> None:
+        if stage == args.die_after:
+            print(f"{device}: --die-after {stage}: killing myself in round {rnd}",
+                  file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     with DeviceClient(args.server, token, device, root_certificates=ca, train=train,
                       evaluate=evaluate, attributes={"index": str(args.index)},
-                      max_retries=args.max_retries, after_stage=after_stage) as client:
+                      max_retries=args.max_retries,
+                      after_stage=die_after if args.die_after else None) as client:
         stats = client.run(max_rounds=args.max_tasks, stop=stop)
     if not args.quiet:
         print(json.dumps({"device": device, **stats.__dict__}), file=sys.stderr)

@@ -187,12 +187,6 @@ class SecAggDeviceRound:
     def device_id(self, client_id: int) -> str:
         return self._devices.device_id(client_id)
 
-    def authenticate(self, device_id: str, round: int, base_version: int, upload_key: str
-                     ) -> int:
-        """The device's client id if the call is from a tasked device of this round with its
-        task's key (:meth:`DeviceRound.authenticate`); raises ``UpdateRejected`` otherwise."""
-        return self._devices.authenticate(device_id, round, base_version, upload_key)
-
     def client_id(self, device_id: str) -> int:
         """The client id (protocol identity) of a selected device (KeyError otherwise)."""
         return self._devices.client_id(device_id)
@@ -265,8 +259,8 @@ class SecAggDeviceRound:
                                f"{_ORDER[kind].value}; the round is at "
                                f"{stage.value}", device_id)
         if cid not in self._outbox:
-            raise self._reject("dropped", f"the device missed an earlier stage and is out of "
-                               f"this round", device_id)
+            raise self._reject("dropped", "the device missed an earlier stage and is out of "
+                               "this round", device_id)
         try:
             self.server.receive(message)
         except ProtocolError as exc:

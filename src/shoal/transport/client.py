@@ -463,7 +463,7 @@ class DeviceClient:
         message = None
         while True:
             sent = message
-            reply = self._secagg_call(task, message, client)
+            reply, cid, setup_encoding = self._secagg_call(task, message, client)
             message = None
             if sent is not None and not isinstance(reply, pb.UploadReply):
                 stage = _SENT_AT[type(sent)]
@@ -480,10 +480,8 @@ class DeviceClient:
             if isinstance(reply, pb.UploadReply):
                 self._secagg_outcome(task, f"refused:{reply.reason}", reply.detail)
                 return
-            if isinstance(reply, tuple):  # a setup: (RoundSetup, client id, encoding)
-                setup, cid, encoding = reply
-                client = SecAggClient(cid)
-                reply = setup
+            if isinstance(reply, RoundSetup):
+                client, encoding = SecAggClient(cid), setup_encoding
             if client is None:
                 raise _Abandon(f"secure aggregation: {type(reply).__name__} before the setup")
             try:
@@ -521,8 +519,9 @@ class DeviceClient:
         self._log.log(level, "round %d: secure aggregation %s: %s", task.round, outcome, detail)
 
     def _secagg_call(self, task: pb.Task, message, client: SecAggClient | None):
-        """One SecAgg RPC carrying ``message`` (``None``: a poll); returns the decoded reply:
-        a server message, ``(RoundSetup, client id, encoding)``, Wait, End or UploadReply."""
+        """One SecAgg RPC carrying ``message`` (``None``: a poll); returns
+        ``(reply, client id, encoding)`` as :func:`~shoal.transport.secagg_wire.reply_from_pb`
+        decodes it (the id and the encoding come with the setup only)."""
         data, digest = b"", b""
         if isinstance(message, MaskedInput):
             assert client is not None
@@ -532,30 +531,28 @@ class DeviceClient:
                                  base_version=task.model_version, upload_key=task.upload_key,
                                  **client_body(message, data, digest))
 
-        def chunks() -> Iterator[pb.SecAggChunk]:
-            first = pb.SecAggChunk(header=header)
-            self._stats.bytes_up += first.ByteSize()
-            yield first
-            for off in range(0, len(data), self.chunk_size):
-                piece = pb.SecAggChunk(data=data[off:off + self.chunk_size])
-                self._stats.bytes_up += piece.ByteSize()
-                yield piece
-
+        self._stats.bytes_up += header.ByteSize()  # keys and shares are the payload here
         if data:
             reply = self._task_rpc("SecAgg", lambda: self._stub.SecAgg(
-                chunks(), timeout=self.transfer_timeout_s, metadata=self._metadata))
+                self._chunks(pb.SecAggChunk, header, data), timeout=self.transfer_timeout_s,
+                metadata=self._metadata))
         else:
-            self._stats.bytes_up += header.ByteSize()
             reply = self._task_rpc("SecAggStep", lambda: self._stub.SecAggStep(
                 header, timeout=self.timeout_s, metadata=self._metadata))
         self._stats.bytes_down += reply.ByteSize()
         try:
-            decoded, cid, encoding = reply_from_pb(reply)
+            return reply_from_pb(reply)
         except ProtocolError as exc:
             raise _Abandon(f"secure aggregation: {exc}") from None
-        if isinstance(decoded, RoundSetup):
-            return decoded, cid, encoding
-        return decoded
+
+    def _chunks(self, chunk_type, header, payload: bytes) -> Iterator:
+        """``chunk_type(header=...)``, then the payload in ``chunk_size`` pieces (counted in
+        ``bytes_up`` as they are sent): the body of a streaming Upload or SecAgg call."""
+        yield chunk_type(header=header)
+        for off in range(0, len(payload), self.chunk_size):
+            data = payload[off:off + self.chunk_size]
+            self._stats.bytes_up += len(data)
+            yield chunk_type(data=data)
 
     def _upload(self, task: pb.Task, result: TrainResult, payload: bytes) -> None:
         header = pb.UploadHeader(
@@ -565,16 +562,10 @@ class DeviceClient:
             metrics={k: float(v) for k, v in result.metrics.items()},
             total_size=len(payload), sha256=hashlib.sha256(payload).digest())
 
-        def chunks() -> Iterator[pb.UploadChunk]:
-            yield pb.UploadChunk(header=header)
-            for off in range(0, len(payload), self.chunk_size):
-                data = payload[off:off + self.chunk_size]
-                self._stats.bytes_up += len(data)
-                yield pb.UploadChunk(data=data)
-
         for attempt in itertools.count():
             reply = self._task_rpc("Upload", lambda: self._stub.Upload(
-                chunks(), timeout=self.transfer_timeout_s, metadata=self._metadata))
+                self._chunks(pb.UploadChunk, header, payload),
+                timeout=self.transfer_timeout_s, metadata=self._metadata))
             if reply.accepted or reply.reason:
                 break
             # Refused without a reason: a server-side transport failure; retry, same key.

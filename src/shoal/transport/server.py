@@ -35,9 +35,10 @@ from shoal.codec import Chain, from_bytes, to_bytes
 from shoal.coordinator import (ClientUpdate, PartialAggregate, RoundAbandoned, TrainTask,
                                UpdateBatch)
 from shoal.device_round import ComeBack, DeviceRound, Task
-from shoal.device_secagg import End, SecAggDeviceRound, Wait
+from shoal.device_secagg import SecAggDeviceRound, Wait
 from shoal.errors import CodecError, ProtocolError, UpdateRejected
 from shoal.privacy.secagg_encoding import unpack_ring
+from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry.base import UnknownDevice
 from shoal.transport.auth import AuthError, Keyring, RateLimiter, verify_token
 from shoal.transport.proto import shoal_pb2 as pb
@@ -157,6 +158,14 @@ class _Counters:
         return server.server_address[1]
 
 
+class _Refusal(Exception):
+    """A call refused before it reached a round: a machine-readable reason and a detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
 class AggregatorService(pb_grpc.AggregatorServicer):
     """The gRPC handlers. Thread model: handlers run on the server's event loop; the round
     and the current model are shared with :class:`GrpcClientPool` under ``self.lock``.
@@ -196,7 +205,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # secure-aggregation long polls wait on this; wake() swaps it for a fresh one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._progress: asyncio.Event | None = None
-        self._finished_secure: SecAggDeviceRound | None = None  # for late End polls
+        # the last secure round, kept after it ends so that late polls learn how it ended
+        self.finished_secure: SecAggDeviceRound | None = None
         self._pace_rng = np.random.default_rng()
 
     @property
@@ -298,36 +308,17 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             return await self._upload(request_iterator, context)
 
     async def _upload(self, request_iterator, context):
-        header = None
-        buf = bytearray()
         self.counters.add_active(1)
         try:
-            async for chunk in request_iterator:
-                part = chunk.WhichOneof("part")
-                if header is None:
-                    if part != "header":
-                        return self._refuse("malformed", "the first chunk must be the header")
-                    header = chunk.header
-                    await self._authorize(context, header.device_id, "upload")
-                    if header.total_size > self.settings.max_update_bytes:
-                        return self._refuse("too_large", f"{header.total_size} bytes > limit "
-                                            f"{self.settings.max_update_bytes}")
-                elif part != "data":
-                    return self._refuse("malformed", "a second header")
-                else:
-                    if len(buf) + len(chunk.data) > header.total_size:
-                        return self._refuse("malformed", "more data than total_size")
-                    buf += chunk.data
+            header, buf, _ = await self._receive(
+                request_iterator, context, self.settings.max_update_bytes,
+                lambda h: (h.total_size, h.sha256))
+        except _Refusal as exc:
+            return self._refuse(exc.reason, exc.detail)
         finally:
             self.counters.add_active(-1)
-        if header is None:
-            return self._refuse("malformed", "empty upload")
-        if len(buf) != header.total_size:
-            return self._refuse("truncated", f"{len(buf)} of {header.total_size} bytes")
-        if hashlib.sha256(buf).digest() != header.sha256:
-            return self._refuse("checksum", "SHA-256 of the payload does not match")
         try:
-            delta = from_bytes(bytes(buf), max_elements=self.dim)
+            delta = from_bytes(buf, max_elements=self.dim)
         except CodecError as exc:
             return self._refuse(exc.reason, str(exc))
         now = self.clock()
@@ -356,35 +347,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         await self._authorize(context, request.device_id, "checkin")
         with self.lock:
             rnd = self.round
-            keep = rnd is not None and rnd.round == request.round and not (
-                rnd.status().done if isinstance(rnd, SecAggDeviceRound)
-                else rnd.status(self.clock()).done)
+            keep = rnd is not None and rnd.round == request.round \
+                and not rnd.status(self.clock()).done
         return pb.HeartbeatReply(keep_going=keep)
 
     async def SecAgg(self, request_iterator, context):
         """One step of a secure-aggregation round (see :mod:`shoal.device_secagg`)."""
-        header, buf, size = None, bytearray(), 0
-        async for chunk in request_iterator:
-            part = chunk.WhichOneof("part")
-            size += chunk.ByteSize()
-            if header is None:
-                if part != "header":
-                    return self._secagg_refuse("malformed", "the first chunk must be the header")
-                header = chunk.header
-                await self._authorize(context, header.device_id, "upload")
-                if header.WhichOneof("body") == "masked":
-                    limit = (self.dim + 1) * 8
-                    if header.masked.total_size > limit:
-                        return self._secagg_refuse("too_large", f"{header.masked.total_size} "
-                                                   f"bytes > {limit}")
-            elif part != "data" or header.WhichOneof("body") != "masked":
-                return self._secagg_refuse("malformed", "data without a masked-input header")
-            elif len(buf) + len(chunk.data) > header.masked.total_size:
-                return self._secagg_refuse("malformed", "more data than total_size")
-            else:
-                buf += chunk.data
-        if header is None:
-            return self._secagg_refuse("malformed", "empty call")
+        def declared(h):  # only a masked input carries data
+            if h.WhichOneof("body") == "masked":
+                return h.masked.total_size, h.masked.sha256
+            return 0, None
+        try:
+            header, buf, size = await self._receive(request_iterator, context,
+                                                    (self.dim + 1) * 8, declared)
+        except _Refusal as exc:
+            return self._secagg_refuse(exc.reason, exc.detail)
         return await self._secagg(header, buf, size)
 
     async def SecAggStep(self, request, context):
@@ -394,29 +371,56 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             return self._secagg_refuse("malformed", "a masked input needs the SecAgg stream")
         return await self._secagg(request, b"", request.ByteSize())
 
-    async def _secagg(self, header, buf, size: int):
+    async def _receive(self, request_iterator, context, limit: int, declared):
+        """Read a header-then-data stream (``Upload``, ``SecAgg``): authorize the header's
+        device, refuse a declared size above ``limit`` before reading on, reassemble the data
+        and check its length and SHA-256. ``declared(header)`` gives ``(total size, sha256 or
+        None)``. Returns ``(header, payload, bytes on the wire)``; raises :class:`_Refusal`."""
+        header, buf, size = None, bytearray(), 0
+        async for chunk in request_iterator:
+            part = chunk.WhichOneof("part")
+            size += chunk.ByteSize()
+            if header is None:
+                if part != "header":
+                    raise _Refusal("malformed", "the first chunk must be the header")
+                header = chunk.header
+                await self._authorize(context, header.device_id, "upload")
+                total = declared(header)[0]
+                if total > limit:
+                    raise _Refusal("too_large", f"{total} bytes > limit {limit}")
+            elif part != "data":
+                raise _Refusal("malformed", "a second header")
+            elif len(buf) + len(chunk.data) > declared(header)[0]:
+                raise _Refusal("malformed", "more data than total_size")
+            else:
+                buf += chunk.data
+        if header is None:
+            raise _Refusal("malformed", "empty call")
+        total, sha256 = declared(header)
+        if len(buf) != total:
+            raise _Refusal("truncated", f"{len(buf)} of {total} bytes")
+        if sha256 is not None and hashlib.sha256(buf).digest() != sha256:
+            raise _Refusal("checksum", "SHA-256 of the payload does not match")
+        return header, bytes(buf), size
+
+    async def _secagg(self, header, buf: bytes, size: int):
         with self.lock:
             self.bytes_up += size
             rnd = self.round
             if not (isinstance(rnd, SecAggDeviceRound) and rnd.round == header.round):
-                rnd = self._finished_secure  # a device asking how a round just ended
+                rnd = self.finished_secure  # a device asking how a round just ended
         if not (isinstance(rnd, SecAggDeviceRound) and rnd.round == header.round):
             return self._secagg_refuse("late", "no secure-aggregation round is open")
         masked = None
         if header.WhichOneof("body") == "masked":
-            if len(buf) != header.masked.total_size:
-                return self._secagg_refuse("truncated", f"{len(buf)} of "
-                                           f"{header.masked.total_size} bytes")
-            if hashlib.sha256(buf).digest() != header.masked.sha256:
-                return self._secagg_refuse("checksum", "SHA-256 of the payload does not match")
             params = rnd.params
             if params is None:
                 return self._secagg_refuse("wrong_stage", "the protocol has not started")
             try:
-                masked = unpack_ring(bytes(buf), params.bits, params.length)
+                masked = unpack_ring(buf, params.bits, params.length)
             except ProtocolError as exc:
                 return self._secagg_refuse("wrong_shape", str(exc))
-        reply = self._secagg_step(rnd, header, masked)
+        reply, cid = self._secagg_step(rnd, header, masked)
         # The reply is held until there is something for the device (long poll, woken by
         # the round's progress), saving the device a poll per stage -- except the reply to
         # its encrypted shares, which returns at once so that it trains while the stage
@@ -435,13 +439,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                                            timeout=min(0.25, until - loop.time()))
                 except asyncio.TimeoutError:
                     pass
-                reply = self._secagg_step(rnd, poll, None)
+                reply, cid = self._secagg_step(rnd, poll, None)
         if isinstance(reply, pb.SecAggReply):
             return reply
-        try:
-            cid = rnd.client_id(header.device_id)
-        except KeyError:
-            cid = -1
         out = reply_to_pb(reply, client_id=cid,
                           encoding=rnd.config.encoding if rnd.config else None)
         with self.lock:
@@ -449,25 +449,28 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         return out
 
     def _secagg_step(self, rnd: SecAggDeviceRound, header, masked):
-        """Hand one device message (or poll) to the round under the lock."""
+        """Hand one device message (or poll) to the round under the lock; returns ``(reply,
+        the device's client id)`` or ``(refusal, -1)``."""
         now = self.clock()
+        rnd_no = int(header.round)
         with self.changed:
+            # the sender is the authenticated device itself: messages on the wire name no one
             try:
-                cid = rnd.authenticate(header.device_id, int(header.round),
-                                              int(header.base_version), header.upload_key)
+                cid = rnd.client_id(header.device_id)
+            except KeyError:  # not selected: exchange refuses it with its reason
+                cid = -1
+            try:
                 session = rnd.server.session if rnd.server is not None else b""
                 message = message_from_header(header, cid, session, masked)
-                reply = rnd.exchange(header.device_id, int(header.round),
-                                     int(header.base_version), header.upload_key, message, now)
+                reply = rnd.exchange(header.device_id, rnd_no, int(header.base_version),
+                                     header.upload_key, message, now)
             except UpdateRejected as exc:
-                return self._secagg_refuse(exc.reason, str(exc), header.device_id,
-                                           int(header.round))
+                return self._secagg_refuse(exc.reason, str(exc), header.device_id, rnd_no), -1
             except ProtocolError as exc:
-                return self._secagg_refuse("malformed", str(exc), header.device_id,
-                                           int(header.round))
+                return self._secagg_refuse("malformed", str(exc), header.device_id, rnd_no), -1
             if message is not None:
                 self.changed.notify_all()
-        return reply
+        return reply, cid
 
     def wake(self) -> None:
         """Wake the held secure-aggregation polls (thread-safe; the round made progress)."""
@@ -539,7 +542,7 @@ class GrpcClientPool:
 
     def __init__(self, service: AggregatorService, devices: Sequence[str],
                  clock: Callable[[], float] = time.time, poll_s: float = 0.2,
-                 secure=None) -> None:
+                 secure: SecAggAggregation | None = None) -> None:
         self.service = service
         self.devices = sorted(devices)
         self.clock = clock
@@ -643,9 +646,9 @@ class GrpcClientPool:
                     svc.changed.wait(timeout=self.poll_s)
         finally:
             with svc.lock:
-                status = rnd.close(self.clock()) if not rnd.status().done else rnd.status()
+                status = rnd.close(self.clock())  # a finished round stays as it ended
                 served, received = svc.bytes_down - down_before, svc.bytes_up - up_before
-                svc._finished_secure = rnd  # devices still polling learn how it ended
+                svc.finished_secure = rnd
             svc.wake()
         detail = {"roster": status.roster, "dropped_at": dict(rnd.dropped_at)}
         if not status.commit:
