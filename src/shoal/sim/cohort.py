@@ -205,13 +205,17 @@ class CohortTrainer:
 
     # -- engines ---------------------------------------------------------------------------
 
-    def _batch(self, plan: _Plan, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                   torch.Tensor]:
+    def _batch_x(self, plan: _Plan, s: int, a: int) -> torch.Tensor:
+        """The inputs of step ``s`` for its ``a`` active clients, ``(a, B, *features)``."""
+        ids = plan.index[s, :a]
+        return self.x.index_select(0, ids.reshape(-1)).reshape(a, ids.shape[1],
+                                                              *self.x.shape[1:])
+
+    def _batch(self, plan: _Plan, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs, labels and loss weights of step ``s`` for its active clients."""
         a = int(plan.active[s])
         ids = plan.index[s, :a]
-        xb = self.x.index_select(0, ids.reshape(-1)).reshape(a, ids.shape[1],
-                                                             *self.x.shape[1:])
-        return xb, self.y[ids], plan.weight[s, :a], plan.valid[s, :a]
+        return self._batch_x(plan, s, a), self.y[ids], plan.weight[s, :a]
 
     def _run_fused(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,
                    config: LocalTrainConfig) -> np.ndarray:
@@ -222,11 +226,19 @@ class CohortTrainer:
         global_layers = [(views[names[2 * i]], views[names[2 * i + 1]])
                          for i in range(len(layers))]
         lr, mu = config.lr, config.mu
-        k = layers[0][0].shape[0]
-        loss_sum = torch.zeros(k, dtype=torch.float64)
-        for s in range(len(plan.active)):
+        s_max, k, b = plan.index.shape
+        # Per step, the few elementwise ops between the matmuls cost as much dispatch time
+        # as the small matmuls themselves, so everything that does not depend on the model
+        # is prepared once per cohort: labels, the loss weights, and a buffer that collects
+        # each example's log-likelihood (summed once at the end, in float64).
+        labels = self.y[plan.index].unsqueeze(3)                    # (S, k, B, 1)
+        weight = plan.weight.unsqueeze(3)                           # (S, k, B, 1)
+        neg_weight = -weight
+        picked = torch.zeros(s_max, k, b, 1)
+        relu_grad = torch.ops.aten.threshold_backward.grad_input
+        for s in range(s_max):
             a = int(plan.active[s])
-            xb, yb, w, valid = self._batch(plan, s)
+            xb = self._batch_x(plan, s, a)
             # step 0: every stepping client still holds the global model; read it as a
             # broadcast view (no copy) and let the update write the buffers (see train())
             source = [(gw.expand(a, *gw.shape), gb.expand(a, *gb.shape))
@@ -240,30 +252,39 @@ class CohortTrainer:
                     # in place: relu(z) > 0 exactly where z > 0, so h also gives the mask
                     h = z.relu_()
                     acts.append(h)
+            yb, w = labels[s, :a], weight[s, :a]
             logz = torch.log_softmax(z, dim=2)
-            nll = -logz.gather(2, yb.unsqueeze(2)).squeeze(2)
-            loss_sum[:a] += (nll * valid).sum(dim=1, dtype=torch.float64)
-            dz = logz.exp_()
-            dz.scatter_add_(2, yb.unsqueeze(2), torch.full_like(nll, -1.0).unsqueeze(2))
-            dz.mul_(w.unsqueeze(2))
+            torch.gather(logz, 2, yb, out=picked[s, :a])
+            # d(weighted mean loss)/dz = w * (softmax - onehot)
+            dz = logz.exp_().mul_(w).scatter_add_(2, yb, neg_weight[s, :a])
             for i in range(len(layers) - 1, -1, -1):
                 wa, ba = source[i]
-                dh = torch.bmm(dz, wa).mul_(acts[i] > 0) if i > 0 else None
+                dh = None
+                if i > 0:
+                    dh = torch.bmm(dz, wa)
+                    relu_grad(dh, acts[i], 0, grad_input=dh)
                 if s == 0:
                     # w = w_global here, so the proximal term vanishes: w <- w_g - lr dz^T h
                     torch.baddbmm(wa, dz.transpose(1, 2), acts[i], alpha=-lr,
                                   out=layers[i][0][:a])
                     torch.sub(ba, dz.sum(dim=1), alpha=lr, out=layers[i][1][:a])
-                else:
-                    # SGD step fused into the weight gradient: w <- (1 - lr mu) w - lr dz^T h
+                elif mu > 0:
+                    # SGD step fused into the weight gradient, with the proximal pull
+                    # mu (w - w_global): w <- (1 - lr mu) w + lr mu w_global - lr dz^T h
+                    gw, gb = global_layers[i]
                     wa.baddbmm_(dz.transpose(1, 2), acts[i], beta=1.0 - lr * mu, alpha=-lr)
-                    ba.mul_(1.0 - lr * mu).sub_(dz.sum(dim=1), alpha=lr)
-                    if mu > 0:
-                        gw, gb = global_layers[i]
-                        wa.add_(gw, alpha=lr * mu)
-                        ba.add_(gb, alpha=lr * mu)
+                    wa.add_(gw, alpha=lr * mu)
+                    ba.mul_(1.0 - lr * mu).sub_(dz.sum(dim=1), alpha=lr).add_(gb,
+                                                                             alpha=lr * mu)
+                else:
+                    # SGD step fused into the weight gradient: w <- w - lr dz^T h
+                    wa.baddbmm_(dz.transpose(1, 2), acts[i], alpha=-lr)
+                    ba.sub_(dz.sum(dim=1), alpha=lr)
                 dz = dh
-        return loss_sum.numpy()
+        # padding and finished clients picked 0 (the buffer starts zeroed; padded rows are
+        # overwritten with a real label's value, so mask them)
+        nll = -(picked.squeeze(3) * plan.valid).sum(dim=(0, 2), dtype=torch.float64)
+        return nll.numpy()
 
     def _run_vmap(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,
                   config: LocalTrainConfig) -> np.ndarray:
@@ -286,7 +307,7 @@ class CohortTrainer:
         lr, mu = config.lr, config.mu
         for s in range(len(plan.active)):
             a = int(plan.active[s])
-            xb, yb, w, _ = self._batch(plan, s)
+            xb, yb, w = self._batch(plan, s)
             prefix = {n: stacked[n][:a] for n in names}
             grads, nll_sum = step(prefix, xb, yb, w)
             loss_sum[:a] += nll_sum.to(torch.float64)

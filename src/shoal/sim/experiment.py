@@ -215,7 +215,10 @@ class Experiment:
         """
         t0 = time.perf_counter()
         self.cfg = cfg
-        torch.set_num_threads(cfg["sim"]["threads"] or auto_threads(cfg))
+        #: PyTorch intra-op threads of this run. The setting is per OS thread (OpenMP): a
+        #: new thread starts with one per core, so every thread the run starts sets it too.
+        self.threads = cfg["sim"]["threads"] or auto_threads(cfg)
+        torch.set_num_threads(self.threads)
         self.data = data if data is not None else load_data(cfg)
         train, test = self.data.train, self.data.test
         in_features = int(np.prod(train.x.shape[1:]))
@@ -312,7 +315,9 @@ class Experiment:
         t0 = time.perf_counter()
         every = self.cfg["eval"]["every"]
         records: list[RoundRecord] = []
-        evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-eval")
+        evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-eval",
+                                       initializer=torch.set_num_threads,
+                                       initargs=(self.threads,))
         pending: deque[tuple[RoundRecord, Future | None]] = deque()
 
         def emit(block_all: bool) -> None:
