@@ -46,3 +46,37 @@ def test_adaptive_server_optimizer_runs_and_learns(fmnist):
     parts = partition(train.y, 50, "iid", seed=0)
     s = Experiment(cfg, FederatedData(train, test, tuple(parts))).run().summary()
     assert s["final_accuracy"] > 0.55  # chance is 0.10
+
+
+def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded():
+    """Every thread of a run uses ``sim.threads`` PyTorch threads, and numpy's BLAS one.
+
+    OpenMP's thread count is per OS thread: a thread the run starts begins with one per core
+    unless it sets its own. Too many threads on two cores (or OpenBLAS workers busy-waiting
+    between folds) slowed config S by a third. threadpoolctl asks each library from the
+    calling thread, so it sees what that thread would really use.
+    """
+    from threadpoolctl import threadpool_info
+
+    def pools() -> dict[str, int]:
+        return {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+
+    before = pools()
+    cfg = load_config(None, {"rounds": 2, "data.dataset": "synthetic", "data.clients": 10,
+                             "sampling.per_round": 3, "model.name": "logreg",
+                             "sim.threads": 1})
+    exp = Experiment(cfg)
+    seen: list[dict[str, int]] = []
+    evaluate = exp.coordinator.evaluate
+
+    def spy(params):
+        seen.append(pools())
+        return evaluate(params)
+
+    exp.coordinator.evaluate = spy
+    exp.run(on_commit=lambda state, rec: seen.append(pools()))
+    assert len(seen) == 5  # 3 evaluations (rounds 0-2), 2 commits on the main thread
+    for p in seen:
+        assert p.get("openmp", 1) == 1, p
+        assert p.get("openblas", 1) == 1 and p.get("blis", 1) == 1, p
+    assert pools().get("openblas") == before.get("openblas")  # restored after the run
