@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
+import pytest
 
 from shoal.config import load_config
 from shoal.sim.experiment import Experiment
@@ -48,13 +52,15 @@ def test_adaptive_server_optimizer_runs_and_learns(fmnist):
     assert s["final_accuracy"] > 0.55  # chance is 0.10
 
 
-def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded():
+@pytest.mark.parametrize("threads", [1, os.cpu_count() or 1])
+def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded(threads):
     """Every thread of a run uses ``sim.threads`` PyTorch threads, and numpy's BLAS one.
 
     OpenMP's thread count is per OS thread: a thread the run starts begins with one per core
     unless it sets its own. Too many threads on two cores (or OpenBLAS workers busy-waiting
     between folds) slowed config S by a third. threadpoolctl asks each library from the
-    calling thread, so it sees what that thread would really use.
+    calling thread, so it sees what that thread would really use. Evaluation overlaps
+    training only when training leaves a core free; otherwise it runs in line.
     """
     from threadpoolctl import threadpool_info
 
@@ -64,19 +70,24 @@ def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded():
     before = pools()
     cfg = load_config(None, {"rounds": 2, "data.dataset": "synthetic", "data.clients": 10,
                              "sampling.per_round": 3, "model.name": "logreg",
-                             "sim.threads": 1})
+                             "sim.threads": threads})
     exp = Experiment(cfg)
     seen: list[dict[str, int]] = []
+    eval_threads: list[bool] = []
     evaluate = exp.coordinator.evaluate
 
     def spy(params):
         seen.append(pools())
+        eval_threads.append(threading.current_thread() is threading.main_thread())
         return evaluate(params)
 
     exp.coordinator.evaluate = spy
-    exp.run(on_commit=lambda state, rec: seen.append(pools()))
+    result = exp.run(on_commit=lambda state, rec: seen.append(pools()))
     assert len(seen) == 5  # 3 evaluations (rounds 0-2), 2 commits on the main thread
+    assert all(r.eval for r in result.records) and len(result.records) == 3
     for p in seen:
-        assert p.get("openmp", 1) == 1, p
+        assert p.get("openmp", threads) == threads, p
         assert p.get("openblas", 1) == 1 and p.get("blis", 1) == 1, p
     assert pools().get("openblas") == before.get("openblas")  # restored after the run
+    in_line = threads >= (os.cpu_count() or 1)
+    assert eval_threads == [in_line] * 3
