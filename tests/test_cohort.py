@@ -45,6 +45,32 @@ def test_vectorized_engines_equal_sequential_reference(tiny_task, model_name, en
     assert np.all(ref[0][1] == 0)  # the empty client does not move
 
 
+def test_fused_engine_trains_in_float32_whatever_the_default_dtype(tiny_task):
+    """A ``torch.set_default_dtype(torch.float64)`` made after the model was built must
+    neither break the engine's buffers nor change its float32 results."""
+    cfg = LocalTrainConfig(epochs=1, batch_size=32, lr=0.1)
+    clients = [0, 1, 2, 3]
+    model = build_model("mlp2nn", 20, tiny_task.train.num_classes, seed=0)
+    trainer = CohortTrainer(model, torch.from_numpy(tiny_task.train.x),
+                            torch.from_numpy(tiny_task.train.y), engine="fused")
+    g = FlatModule(model).get()
+
+    def train():
+        rngs = [seeds.generator(7, "train", 1, c) for c in clients]
+        res = trainer.train(g, [tiny_task.client_indices[c] for c in clients], cfg, rngs)
+        return res.deltas.copy(), res.loss.copy()
+
+    want = train()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = train()
+    finally:
+        torch.set_default_dtype(before)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_vmap_engine_equals_sequential_for_the_cnn(fmnist):
     from shoal.data import FederatedData
 

@@ -52,8 +52,18 @@ def test_adaptive_server_optimizer_runs_and_learns(fmnist):
     assert s["final_accuracy"] > 0.55  # chance is 0.10
 
 
+@pytest.fixture
+def restore_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, os.cpu_count() or 1])
-def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded(threads):
+def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded(
+        threads, restore_torch_threads):
     """Every thread of a run uses ``sim.threads`` PyTorch threads, and numpy's BLAS one.
 
     OpenMP's thread count is per OS thread: a thread the run starts begins with one per core
@@ -62,10 +72,15 @@ def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded(thr
     calling thread, so it sees what that thread would really use. Evaluation overlaps
     training only when training leaves a core free; otherwise it runs in line.
     """
+    import torch
     from threadpoolctl import threadpool_info
 
+    torch_dir = os.path.dirname(torch.__file__)
+
     def pools() -> dict[str, int]:
-        return {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+        # OpenMP as PyTorch's own runtime sees it (another package may bundle another one)
+        return {i["internal_api"]: i["num_threads"] for i in threadpool_info()
+                if i["internal_api"] != "openmp" or i["filepath"].startswith(torch_dir)}
 
     before = pools()
     cfg = load_config(None, {"rounds": 2, "data.dataset": "synthetic", "data.clients": 10,

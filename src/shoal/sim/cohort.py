@@ -219,7 +219,7 @@ class CohortTrainer:
 
     def _run_fused(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,
                    config: LocalTrainConfig) -> np.ndarray:
-        names = [(t.name) for t in self.spec.tensors]
+        names = [t.name for t in self.spec.tensors]
         layers = [(stacked[names[2 * i]], stacked[names[2 * i + 1]])
                   for i in range(len(names) // 2)]
         views = self._global_views(g)
@@ -234,7 +234,7 @@ class CohortTrainer:
         labels = self.y[plan.index].unsqueeze(3)                    # (S, k, B, 1)
         weight = plan.weight.unsqueeze(3)                           # (S, k, B, 1)
         neg_weight = -weight
-        picked = torch.zeros(s_max, k, b, 1)
+        picked = torch.zeros(s_max, k, b, 1, dtype=torch.float32)
         relu_grad = torch.ops.aten.threshold_backward.grad_input
         for s in range(s_max):
             a = int(plan.active[s])
@@ -281,9 +281,10 @@ class CohortTrainer:
                     wa.baddbmm_(dz.transpose(1, 2), acts[i], alpha=-lr)
                     ba.sub_(dz.sum(dim=1), alpha=lr)
                 dz = dh
-        # padding and finished clients picked 0 (the buffer starts zeroed; padded rows are
-        # overwritten with a real label's value, so mask them)
-        nll = -(picked.squeeze(3) * plan.valid).sum(dim=(0, 2), dtype=torch.float64)
+        # finished clients picked 0 (the buffer starts zeroed); padded rows hold example 0's
+        # value, which may be -inf for a diverged model: select, don't multiply by 0
+        nll = -torch.where(plan.valid, picked.squeeze(3), 0.0).sum(dim=(0, 2),
+                                                                  dtype=torch.float64)
         return nll.numpy()
 
     def _run_vmap(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,

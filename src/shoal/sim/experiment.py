@@ -8,6 +8,7 @@ bar). Writing files is the caller's business (:mod:`shoal.rundir`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -79,15 +80,27 @@ class _InLine:
         pass
 
 
-def _numpy_blas_single_threaded():
+def _numpy_blas_single_threaded() -> contextlib.AbstractContextManager:
     """Keep numpy's own BLAS (OpenBLAS, BLIS) on one thread for the duration of a run.
 
     The run's cores belong to PyTorch: training and evaluation threads. numpy's BLAS only
     serves memory-bound folds (``w @ deltas``), and OpenBLAS's worker threads busy-wait after
     every call: on two cores that spinning took a core from the evaluation thread and from
-    training (config S: 3.7 s against 2.8 s). Intel MKL is left alone: PyTorch may share it.
+    training (config S: 3.7 s against 2.8 s).
+
+    Only the copy numpy's wheel bundles (in ``numpy.libs`` or inside the package) is limited.
+    A BLAS numpy shares with PyTorch (a conda or distribution build) is left alone, as is MKL:
+    limiting it would pin PyTorch's matmuls to one thread too. The limit is process-wide, so
+    runs in concurrent threads of one process should not rely on it.
     """
-    return ThreadpoolController().select(internal_api=["openblas", "blis"]).limit(limits=1)
+    home = os.path.dirname(os.path.abspath(np.__file__))
+    private = (home + os.sep, home + ".libs" + os.sep)
+    blas = ThreadpoolController().select(internal_api=["openblas", "blis"])
+    own = [lib.filepath for lib in blas.lib_controllers
+           if os.path.abspath(lib.filepath).startswith(private)]
+    if not own:
+        return contextlib.nullcontext()
+    return blas.select(filepath=own).limit(limits=1)
 
 
 def load_data(cfg: Config) -> FederatedData:
@@ -334,8 +347,9 @@ class Experiment:
         trains (each committed model is immutable, so this is safe) when training leaves a
         core for it (remote devices, or fewer training threads than cores); when in-process
         training uses every core, evaluation runs between rounds with every core instead
-        (config L: 1.27 s against 1.53 s overlapped; config S: 3.2 s overlapped against 4.4 s
-        in line). Records reach ``on_round`` in round order as their evaluations finish. ``on_commit(state, record)``
+        (config L: 1.27 s against 1.53 s overlapped; config S: 3.2 s overlapped against
+        4.4 s in line). Records reach ``on_round`` in round order as their evaluations
+        finish. ``on_commit(state, record)``
         runs right after each committed round, before the next one starts.
 
         Raises:
@@ -350,10 +364,13 @@ class Experiment:
         t0 = time.perf_counter()
         every = self.cfg["eval"]["every"]
         records: list[RoundRecord] = []
-        overlap = self.engine == "devices" or self.threads < (os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        remote = self.engine == "devices"
+        # with remote clients the cores are idle while a round runs: evaluate with all of them
         evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-eval",
                                        initializer=torch.set_num_threads,
-                                       initargs=(self.threads,)) if overlap else _InLine()
+                                       initargs=(cores if remote else self.threads,)) \
+            if remote or self.threads < cores else _InLine()
         pending: deque[tuple[RoundRecord, Future | None]] = deque()
 
         def emit(block_all: bool) -> None:
