@@ -51,11 +51,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     train, _ = load_fashion_mnist()
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-    model = build_model("mlp2nn", 784, 10, seed=0)
     engines = {name: CohortTrainer(build_model("mlp2nn", 784, 10, seed=0), x, y, engine=name)
                for name in ("fused", "sequential")}
     params = engines["fused"].flat_module.get()
-    del model
     cfg = LocalTrainConfig()
     steps = EXAMPLES // cfg.batch_size
     rng = np.random.default_rng(0)
