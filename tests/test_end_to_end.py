@@ -75,12 +75,16 @@ def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded(
     import torch
     from threadpoolctl import threadpool_info
 
-    torch_dir = os.path.dirname(torch.__file__)
+    def home(module) -> tuple[str, ...]:
+        d = os.path.dirname(os.path.abspath(module.__file__))
+        return d + os.sep, d + ".libs" + os.sep  # the package, and its wheel's bundled libs
 
     def pools() -> dict[str, int]:
-        # OpenMP as PyTorch's own runtime sees it (another package may bundle another one)
+        # PyTorch's own OpenMP and numpy's own BLAS, as this thread sees them (other packages,
+        # e.g. scipy, may bundle another OpenBLAS, which the run leaves alone)
+        owner = {"openmp": home(torch), "openblas": home(np), "blis": home(np)}
         return {i["internal_api"]: i["num_threads"] for i in threadpool_info()
-                if i["internal_api"] != "openmp" or i["filepath"].startswith(torch_dir)}
+                if os.path.abspath(i["filepath"]).startswith(owner.get(i["internal_api"], ()))}
 
     before = pools()
     cfg = load_config(None, {"rounds": 2, "data.dataset": "synthetic", "data.clients": 10,
