@@ -224,9 +224,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "engine": Option(str, "auto", "how cohorts train: 'fused' (batched matmuls, MLPs), "
                          "'vmap' (torch.func), 'sequential', or 'auto' = fastest exact one",
                          choices=("auto", "fused", "vmap", "sequential")),
-        "threads": Option(int, 0, "PyTorch threads; 0 = automatic (1 for cohorts under 32 "
-                          "clients, whose small matmuls do not scale, while the other core "
-                          "evaluates; all cores otherwise)", min=0, max=1024),
+        "threads": Option(int, 0, "PyTorch threads for training; 0 = automatic (1 for "
+                          "cohorts under 32 clients, whose small matmuls do not scale, while "
+                          "another core evaluates the previous round's model; all cores "
+                          "otherwise, and evaluation then runs between rounds)",
+                          min=0, max=1024),
     },
     "deploy": {
         "host": Option(str, "127.0.0.1", "address the aggregator listens on"),
