@@ -211,12 +211,15 @@ def backoff_delay(attempt: int, rng: random.Random, *, base_s: float = _BACKOFF_
 
 # --------------------------------------------------------------------------- channel
 
-def make_channel(target: str, root_certificates: bytes | None) -> grpc.Channel:
+def make_channel(target: str, root_certificates: bytes | None,
+                 client_cert: tuple[bytes, bytes] | None = None) -> grpc.Channel:
     """A channel to the aggregator at ``target`` (``"host:port"``).
 
     TLS with ``root_certificates`` (PEM of the CA that signed the server certificate, e.g.
     ``ca.pem`` of :func:`~shoal.transport.certs.make_local_pki`); ``None`` gives a plaintext
-    channel, for tests on loopback only. Messages are capped at 4 MiB (chunks are far smaller),
+    channel, for tests on loopback only. ``client_cert`` = ``(certificate chain PEM, private
+    key PEM)`` presents a client certificate (mutual TLS, e.g. from
+    :func:`~shoal.transport.certs.make_client_cert`). Messages are capped at 4 MiB (chunks are far smaller),
     gRPC's own retries are off (the runtime retries with its idempotency keys), and keepalive
     pings every 5 minutes, the default minimum interval a gRPC server accepts (pinging more
     often earns a GOAWAY "too_many_pings").
@@ -232,8 +235,13 @@ def make_channel(target: str, root_certificates: bytes | None) -> grpc.Channel:
         ("grpc.max_reconnect_backoff_ms", 30_000),
     ]
     if root_certificates is None:
+        if client_cert is not None:
+            raise ConfigError("a client certificate needs TLS: give the aggregator's CA "
+                              "certificate too", key="client.ca")
         return grpc.insecure_channel(target, options=options)
-    creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    chain, key = client_cert if client_cert is not None else (None, None)
+    creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,
+                                         private_key=key, certificate_chain=chain)
     return grpc.secure_channel(target, creds, options=options)
 
 
@@ -248,6 +256,8 @@ class DeviceClient:
             as ``authorization: Bearer <token>`` metadata on every call; never logged.
         device_id: the id the token is bound to.
         root_certificates: PEM CA certificate(s) for TLS; ``None`` = plaintext (tests only).
+        client_cert: ``(certificate chain PEM, private key PEM)`` for mutual TLS; the
+            aggregator then requires the certificate's common name to equal ``device_id``.
         train: the local training function.
         evaluate: the local evaluation function; without it evaluate tasks are abandoned.
         attributes: sent in Hello (e.g. ``{"os": "android"}``) for stratified selection.
@@ -275,6 +285,7 @@ class DeviceClient:
 
     def __init__(self, target: str, token: str, device_id: str, *,
                  root_certificates: bytes | None, train: TrainFn,
+                 client_cert: tuple[bytes, bytes] | None = None,
                  evaluate: EvaluateFn | None = None,
                  attributes: Mapping[str, str] = _NO_ATTRIBUTES,
                  windows: Sequence[tuple[int, int]] = (), chunk_size: int = 256 * 1024,
@@ -300,7 +311,7 @@ class DeviceClient:
                    f"minutes in [0, {_WEEK})", (start, end))
         self.device_id = device_id
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self._channel = make_channel(target, root_certificates)
+        self._channel = make_channel(target, root_certificates, client_cert)
         self._stub = pb_grpc.AggregatorStub(self._channel)
         self._train, self._evaluate = train, evaluate
         self._attributes = dict(attributes)

@@ -36,7 +36,7 @@ from shoal.coordinator import (ClientUpdate, PartialAggregate, RoundAbandoned, T
                                UpdateBatch)
 from shoal.device_round import ComeBack, DeviceRound, Task
 from shoal.device_secagg import SecAggDeviceRound, Wait
-from shoal.errors import CodecError, ProtocolError, UpdateRejected
+from shoal.errors import CodecError, ConfigError, ProtocolError, UpdateRejected
 from shoal.privacy.secagg_encoding import unpack_ring
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry.base import UnknownDevice
@@ -208,6 +208,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # the last secure round, kept after it ends so that late polls learn how it ended
         self.finished_secure: SecAggDeviceRound | None = None
         self._pace_rng = np.random.default_rng()
+        #: set by :func:`serve` with ``client_ca``: every call's token must name the device
+        #: that the call's client certificate names (its common name)
+        self.bind_tokens_to_certificates = False
 
     @property
     def registry(self):
@@ -236,6 +239,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                                           "device": device_id or ""}})
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}")
         device_id = claims.sub
+        if self.bind_tokens_to_certificates:
+            names = (context.auth_context() or {}).get("x509_common_name") or [b""]
+            certified = names[0].decode("utf-8", "replace")
+            if certified != device_id:
+                # a stolen token is useless without the private key of its owner's certificate
+                self.counters.inc("refused", "identity")
+                log.warning("call refused: identity", extra={"fields": {
+                    "event": "auth_refused", "reason": "identity", "device": device_id,
+                    "certificate": certified}})
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"identity: the token is for {device_id!r} but the "
+                                    f"client certificate names {certified!r}")
         if not self.limiter.allow(device_id, now):
             self.counters.inc("refused", "rate_limited")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -669,16 +684,25 @@ class GrpcClientPool:
 
 
 def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
-          tls: tuple[bytes, bytes] | None = None) -> tuple[int, Callable[[], None]]:
+          tls: tuple[bytes, bytes] | None = None,
+          client_ca: bytes | None = None) -> tuple[int, Callable[[], None]]:
     """Start ``service`` on a ``grpc.aio`` server in a background thread.
 
     Args:
         tls: ``(certificate chain PEM, private key PEM)``; ``None`` serves without TLS (tests
             on loopback only).
+        client_ca: PEM CA certificate(s) for mutual TLS (cross-silo): a connection without a
+            client certificate signed by one of them fails its TLS handshake, and every call's
+            token must be for the device the certificate names (its common name), else the
+            call is refused with ``PERMISSION_DENIED`` ("identity"). Needs ``tls``.
 
     Returns:
         ``(port, stop)``: the bound port and a function that stops the server and its thread.
     """
+    if client_ca is not None and tls is None:
+        raise ConfigError("mutual TLS (a client CA) needs the server's own certificate and "
+                          "key", key="deploy.client_ca")
+    service.bind_tokens_to_certificates = client_ca is not None
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     state: dict = {}
@@ -691,7 +715,9 @@ def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
         if tls is None:
             state["port"] = server.add_insecure_port(address)
         else:
-            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])],
+                                                root_certificates=client_ca,
+                                                require_client_auth=client_ca is not None)
             state["port"] = server.add_secure_port(address, creds)
         await server.start()
         stopping = asyncio.Event()
