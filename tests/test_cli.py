@@ -64,6 +64,10 @@ def test_run_writes_a_complete_run_directory_and_json_summary(tmp_path, capsys):
     (["run", "--set", "client.momentum=0.9"], "unknown config key 'client.momentum'"),
     (["run", "--per-round", "200"], "sampling.per_round = 200"),
     (["run", "missing.toml"], "missing.toml does not exist"),
+    (["client", "--server", "localhost:1", "--token", "t", "--index", "0", "--cert", "c.pem"],
+     "--cert and --key go together"),
+    (["client", "--server", "localhost:1", "--token", "t", "--index", "0", "--cert", "c.pem",
+      "--key", "c.key"], "a client certificate needs TLS: give --ca too"),
 ])
 def test_bad_configuration_exits_2_with_a_message_naming_the_key(argv, phrase, capsys):
     assert main(argv) == 2
@@ -118,6 +122,20 @@ def test_certs_and_enroll_commands(tmp_path, capsys):
                                                               "server.key"}
     assert main(["certs", "--out", str(tmp_path / "pki")]) == 2  # refuses to overwrite
     assert "overwrite" in capsys.readouterr().err
+    # client certificates for mutual TLS, signed by the existing CA (not a new one)
+    ca = (tmp_path / "pki" / "ca.pem").read_bytes()
+    assert main(["certs", "--out", str(tmp_path / "pki"), "--client", "hospital-a",
+                 "--client", "hospital-b"]) == 0
+    assert (tmp_path / "pki" / "ca.pem").read_bytes() == ca
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    for name in ("hospital-a", "hospital-b"):
+        cert = x509.load_pem_x509_certificate((tmp_path / "pki" / f"client-{name}.pem")
+                                              .read_bytes())
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == name
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+    capsys.readouterr()
     secret = tmp_path / "secret"
     assert main(["enroll", "phone-1", "--secret", str(secret), "--out",
                  str(tmp_path / "tok")]) == 0

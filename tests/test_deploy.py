@@ -29,9 +29,13 @@ SMALL = ["--set", "data.dataset=\"synthetic\"", "--clients", "3", "--per-round",
          "--set", "deploy.min_fraction=1.0", "--set", "deploy.checkin_interval_s=0.3"]
 
 
-def test_launch_matches_the_simulation_exactly(tmp_path, capsys):
+@pytest.mark.parametrize("mtls", [False, True])
+def test_launch_matches_the_simulation_exactly(tmp_path, capsys, mtls):
+    """Client processes over TLS, or over mutual TLS (each presents its own certificate,
+    whose common name the aggregator binds to its token), train what `shoal run` trains."""
     assert main(["launch", *SMALL, "--rounds", "2", "--out", str(tmp_path / "runs"),
-                 "--dir", str(tmp_path / "work"), "--json", "-q"]) == 0
+                 "--dir", str(tmp_path / "work"), "--json", "-q",
+                 *(["--mtls"] if mtls else [])]) == 0
     launched = json.loads(capsys.readouterr().out)
     assert main(["run", *SMALL, "--rounds", "2", "--out", str(tmp_path / "runs"),
                  "--json", "-q"]) == 0
@@ -42,6 +46,15 @@ def test_launch_matches_the_simulation_exactly(tmp_path, capsys):
     assert launched["bytes_up_per_round"] > 0 and launched["bytes_down_per_round"] > 0
     with ModelStore(tmp_path / "work" / "models", readonly=True) as store:
         assert [v.round for v in store.list()] == [1, 2]  # every round committed
+
+
+def test_serve_refuses_a_client_ca_without_a_server_certificate(tmp_path, capsys):
+    work = tmp_path / "work"
+    assert main(["serve", *SMALL, "--dir", str(work), "--client-ca", str(tmp_path / "ca.pem"),
+                 "-q"]) == 2
+    assert "mutual TLS (--client-ca) needs the server's certificate directory" in \
+        capsys.readouterr().err
+    assert not (work / "secret").exists() and not (work / "registry.db").exists()
 
 
 def _spawn(args, log: Path) -> subprocess.Popen:

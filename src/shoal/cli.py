@@ -211,7 +211,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     paths = AggregatorPaths(secret=Path(args.secret) if args.secret else work / "secret",
                             registry=work / "registry.db", store=work / "models",
                             tls_dir=Path(args.certs) if args.certs else None,
-                            port_file=work / "port")
+                            port_file=work / "port",
+                            client_ca=Path(args.client_ca) if args.client_ca else None)
     if args.log_json:
         from shoal.telemetry import configure_json_logging
 
@@ -219,11 +220,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _banner(cfg, args, " aggregator")
     progress = _Progress(cfg, args.quiet)
 
+    security = ("mutual TLS" if paths.client_ca else "TLS" if paths.tls_dir
+                else "no TLS, loopback only")
+
     def ready(port: int) -> None:
         if not args.quiet:
-            print(f"aggregator listening on {cfg['deploy']['host']}:{port} "
-                  f"({'TLS' if paths.tls_dir else 'no TLS, loopback only'}); waiting for "
-                  f"devices", file=sys.stderr)
+            print(f"aggregator listening on {cfg['deploy']['host']}:{port} ({security}); "
+                  f"waiting for devices", file=sys.stderr)
 
     try:
         exp, result = run_aggregator(cfg, paths, on_round=progress, on_ready=ready)
@@ -243,6 +246,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from shoal.transport.client import DeviceClient
     from shoal.transport.reference import fmnist_evaluate_fn, fmnist_train_fn
 
+    if (args.cert is None) != (args.key is None):
+        raise ConfigError("--cert and --key go together (the client certificate for mutual "
+                          "TLS and its private key)", key="cert")
+    if args.cert is not None and args.ca is None:
+        raise ConfigError("a client certificate needs TLS: give --ca too", key="cert")
     cfg = _config_from_args(args)
     data = load_data(cfg)
     if not 0 <= args.index < data.num_clients:
@@ -260,6 +268,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if ca is None and not args.server.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
         raise ConfigError("--ca is required for a server that is not on this machine "
                           "(connections are TLS)", key="ca")
+    client_cert = None
+    if args.cert is not None:
+        client_cert = (Path(args.cert).read_bytes(), Path(args.key).read_bytes())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     device = args.device_id or f"device-{args.index:04d}"
@@ -269,7 +280,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    with DeviceClient(args.server, token, device, root_certificates=ca, train=train,
+    with DeviceClient(args.server, token, device, root_certificates=ca,
+                      client_cert=client_cert, train=train,
                       evaluate=evaluate, attributes={"index": str(args.index)},
                       max_retries=args.max_retries,
                       after_stage=die_after if args.die_after else None) as client:
@@ -291,7 +303,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from shoal.deploy import AggregatorPaths, run_aggregator
     from shoal.store.atomic import replace_atomically
     from shoal.transport.auth import issue_token, load_or_create_secret
-    from shoal.transport.certs import make_local_pki
+    from shoal.transport.certs import make_client_cert, make_local_pki
 
     cfg = _config_from_args(args)
     deaths = _parse_die_after(args.die_after, cfg["data"]["clients"])
@@ -309,10 +321,17 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         replace_atomically(tokens / f"device-{i:04d}", issue_token(
             secret, f"device-{i:04d}", now=time.time(),
             ttl_seconds=2 * 86400).encode(), mode=0o600)
+    client_certs = [make_client_cert(work / "certs", name=f"device-{i:04d}",
+                                     ca_cert=pki.ca_cert, ca_key=pki.ca_key, days=2,
+                                     now=dt.datetime.now(dt.timezone.utc), overwrite=True)
+                    for i in range(n)] if args.mtls else []
     paths = AggregatorPaths(secret=work / "secret", registry=work / "registry.db",
                             store=work / "models", tls_dir=work / "certs",
-                            port_file=work / "port")
-    _banner(cfg, args, f" launch ({n} client processes, TLS on loopback, state in {work})")
+                            port_file=work / "port",
+                            client_ca=pki.ca_cert if args.mtls else None)
+    security = "mutual TLS" if args.mtls else "TLS"
+    _banner(cfg, args, f" launch ({n} client processes, {security} on loopback, state in "
+                       f"{work})")
     procs: list[subprocess.Popen] = []
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
@@ -323,6 +342,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
             cmd = [sys.executable, "-m", "shoal.cli", "client", str(cfg_path), "--server",
                    f"localhost:{port}", "--token", str(tokens / f"device-{i:04d}"),
                    "--ca", str(pki.ca_cert), "--index", str(i)]
+            if client_certs:
+                cmd += ["--cert", str(client_certs[i].cert), "--key", str(client_certs[i].key)]
             if i < len(deaths):
                 cmd += ["--die-after", deaths[i]]
             with open(logs / f"device-{i:04d}.log", "w") as log_file:
@@ -425,15 +446,24 @@ def _parse_version(text: str | None) -> int:
 
 def _cmd_certs(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
+    from pathlib import Path
 
-    from shoal.transport.certs import make_local_pki
+    from shoal.transport.certs import make_client_cert, make_local_pki
 
-    paths = make_local_pki(args.out, hostnames=tuple(args.hostname or ()), days=args.days,
-                           now=datetime.now(timezone.utc), overwrite=args.overwrite)
-    print(f"CA certificate      {paths.ca_cert}   (give this to clients)\n"
-          f"CA key              {paths.ca_key}   (keep offline; signs client certificates)\n"
-          f"server certificate  {paths.server_cert}\n"
-          f"server key          {paths.server_key}")
+    out, now = Path(args.out), datetime.now(timezone.utc)
+    if not args.client or not (out / "ca.pem").exists():
+        paths = make_local_pki(out, hostnames=tuple(args.hostname or ()), days=args.days,
+                               now=now, overwrite=args.overwrite)
+        print(f"CA certificate      {paths.ca_cert}   (give this to clients)\n"
+              f"CA key              {paths.ca_key}   (keep offline; signs client "
+              f"certificates)\n"
+              f"server certificate  {paths.server_cert}\n"
+              f"server key          {paths.server_key}")
+    for name in args.client or ():
+        c = make_client_cert(out, name=name, ca_cert=out / "ca.pem", ca_key=out / "ca.key",
+                             days=args.days, now=now, overwrite=args.overwrite)
+        print(f"client {name:<12} {c.cert}, {c.key}   (shoal client --device-id {name} "
+              f"--cert {c.cert} --key {c.key})")
     return 0
 
 
@@ -565,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--dir", default="aggregator",
                          help="state directory: secret, registry.db, models/, port")
     serve_p.add_argument("--certs", help="directory with server.pem and server.key")
+    serve_p.add_argument("--client-ca", dest="client_ca", metavar="PEM",
+                         help="mutual TLS (cross-silo): accept only devices with a client "
+                              "certificate signed by this CA whose common name is the "
+                              "device id (shoal certs --client NAME); needs --certs")
     serve_p.add_argument("--secret", help="token secret file (default DIR/secret)")
     serve_p.add_argument("--json", action="store_true", help="print the summary as JSON")
     serve_p.add_argument("--log-json", dest="log_json", metavar="FILE",
@@ -584,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     client_p.add_argument("--token", required=True, help="file with this device's token "
                           "(shoal enroll)")
     client_p.add_argument("--ca", help="CA certificate of the aggregator (ca.pem)")
+    client_p.add_argument("--cert", help="client certificate for mutual TLS (its common name "
+                                         "must be the device id)")
+    client_p.add_argument("--key", help="private key of --cert")
     client_p.add_argument("--index", type=int, required=True,
                           help="which client of the partition this device is")
     client_p.add_argument("--device-id", dest="device_id",
@@ -615,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     launch.add_argument("--log-json", dest="log_json", metavar="FILE",
                         help="append the aggregator's structured log (JSON lines) to FILE")
+    launch.add_argument("--mtls", action="store_true",
+                        help="mutual TLS: every client process presents its own client "
+                             "certificate (common name = its device id), as silos would")
     launch.add_argument("--die-after", dest="die_after", action="append", default=[],
                         metavar="STAGE:N",
                         help="fault injection (repeatable): the next N client processes, "
@@ -642,8 +682,13 @@ def build_parser() -> argparse.ArgumentParser:
         "certs", help="make a self-signed CA and server certificate for local TLS",
         description="Write ca.pem, ca.key, server.pem and server.key (ECDSA P-256) into a "
                     "directory, for running an aggregator with TLS on this machine or a "
-                    "test network. Production deployments bring their own certificates.")
+                    "test network; with --client, also client certificates for mutual TLS. "
+                    "Production deployments bring their own certificates.")
     certs.add_argument("--out", default="certs", help="directory (default: certs)")
+    certs.add_argument("--client", action="append", metavar="NAME",
+                       help="also issue a client certificate for mutual TLS with common "
+                            "name NAME (the device id), signed by the CA in --out (made "
+                            "first if missing); repeatable")
     certs.add_argument("--hostname", action="append",
                        help="extra DNS name or IP for the server certificate (repeatable); "
                             "localhost, 127.0.0.1 and ::1 are always included")

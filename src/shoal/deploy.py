@@ -48,6 +48,9 @@ class AggregatorPaths:
         tls_dir: directory with ``server.pem`` and ``server.key`` (``shoal certs``); ``None``
             serves without TLS, which is refused on anything but loopback.
         port_file: the bound port is written here (useful with ``deploy.port = 0``).
+        client_ca: PEM CA certificate(s) for mutual TLS (cross-silo): every device must
+            present a client certificate signed by it whose common name is its device id
+            (``shoal certs --client NAME``). Needs ``tls_dir``.
     """
 
     secret: Path
@@ -55,6 +58,7 @@ class AggregatorPaths:
     store: Path
     tls_dir: Path | None = None
     port_file: Path | None = None
+    client_ca: Path | None = None
 
 
 def settings_from_config(cfg: Config) -> AggregatorSettings:
@@ -76,13 +80,17 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     """Serve devices until ``cfg.rounds`` rounds are committed (resuming from the store).
 
     Raises:
-        ConfigError: insecure serving on a non-loopback address, or not enough devices
-            enrolled within ``deploy.wait_timeout_s``.
+        ConfigError: insecure serving on a non-loopback address, a client CA without a
+            server certificate, or not enough devices enrolled within
+            ``deploy.wait_timeout_s``.
     """
     d = cfg["deploy"]
     if paths.tls_dir is None and d["host"] not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError(f"deploy.host = {d['host']!r} without TLS: give a certificate "
                           f"directory (shoal certs) or listen on 127.0.0.1", key="deploy.host")
+    if paths.client_ca is not None and paths.tls_dir is None:
+        raise ConfigError("mutual TLS (--client-ca) needs the server's certificate directory "
+                          "(--certs)", key="client_ca")
     if cfg["privacy"]["placement"] == "local" or cfg["compression"]["upload"] != "none":
         raise ConfigError("the device runtime does not yet apply local DP or compression; "
                           "run those in simulation (shoal run)", key="deploy")
@@ -103,7 +111,8 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                                data.train.num_classes, cfg.seed))
     service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
                                 registry_factory)
-    port, stop = serve(service, d["host"], d["port"], tls=tls)
+    client_ca = paths.client_ca.read_bytes() if paths.client_ca is not None else None
+    port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
     try:
         if paths.port_file is not None:
             paths.port_file.write_text(f"{port}\n")
