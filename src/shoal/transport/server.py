@@ -701,7 +701,7 @@ def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
     """
     if client_ca is not None and tls is None:
         raise ConfigError("mutual TLS (a client CA) needs the server's own certificate and "
-                          "key", key="deploy.client_ca")
+                          "key", key="client_ca")
     service.bind_tokens_to_certificates = client_ca is not None
     loop = asyncio.new_event_loop()
     ready = threading.Event()
