@@ -296,6 +296,6 @@ def test_public_api():
 
     assert sorted(certs.__all__) == sorted([
         "DEFAULT_HOSTNAMES", "PkiPaths", "ClientCertPaths", "CertInfo", "make_local_pki",
-        "make_client_cert", "load_pem_check"])
+        "make_client_cert", "load_pem_check", "client_identity", "load_client_ca"])
     for name in certs.__all__:
         assert hasattr(certs, name)

@@ -135,7 +135,20 @@ def test_certs_and_enroll_commands(tmp_path, capsys):
                                               .read_bytes())
         assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == name
         cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
-    capsys.readouterr()
+    # nothing is written when one of several client certificates exists already
+    assert main(["certs", "--out", str(tmp_path / "pki"), "--client", "hospital-c",
+                 "--client", "hospital-a"]) == 2
+    assert "client-hospital-a.pem already exists; pass --overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "pki" / "client-hospital-c.pem").exists()
+    assert main(["certs", "--out", str(tmp_path / "pki"), "--client", "hospital-c",
+                 "--hostname", "agg.lan"]) == 2
+    assert "--hostname names the server certificate of a new CA" in capsys.readouterr().err
+    # a device refuses to start with a certificate that names another device
+    assert main(["client", "--server", "localhost:1", "--token", "t", "--index", "0",
+                 "--ca", str(tmp_path / "pki" / "ca.pem"), "--device-id", "hospital-b",
+                 "--cert", str(tmp_path / "pki" / "client-hospital-a.pem"),
+                 "--key", str(tmp_path / "pki" / "client-hospital-a.key")]) == 2
+    assert "names hospital-a, but this device is 'hospital-b'" in capsys.readouterr().err
     secret = tmp_path / "secret"
     assert main(["enroll", "phone-1", "--secret", str(secret), "--out",
                  str(tmp_path / "tok")]) == 0

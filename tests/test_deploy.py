@@ -41,6 +41,8 @@ def test_launch_matches_the_simulation_exactly(tmp_path, capsys, mtls):
                  "--json", "-q"]) == 0
     simulated = json.loads(capsys.readouterr().out)
     assert launched["client_processes"] == 3 and launched["client_updates"] == 6
+    # with --mtls every process had its own certificate (the aggregator refuses calls without)
+    assert (tmp_path / "work" / "certs" / "client-device-0002.pem").exists() == mtls
     assert launched["final_accuracy"] == pytest.approx(simulated["final_accuracy"], abs=1e-3)
     assert launched["final_loss"] == pytest.approx(simulated["final_loss"], rel=1e-3)
     assert launched["bytes_up_per_round"] > 0 and launched["bytes_down_per_round"] > 0
@@ -48,13 +50,28 @@ def test_launch_matches_the_simulation_exactly(tmp_path, capsys, mtls):
         assert [v.round for v in store.list()] == [1, 2]  # every round committed
 
 
-def test_serve_refuses_a_client_ca_without_a_server_certificate(tmp_path, capsys):
+@pytest.mark.parametrize("case, phrase", [
+    ("no_certs", "mutual TLS (--client-ca) needs the server's certificate directory"),
+    ("missing", "client CA file"),
+    ("not_a_ca", "is not a CA certificate"),
+    ("not_pem", "is not a PEM certificate"),
+])
+def test_serve_refuses_a_bad_client_ca_before_writing_anything(tmp_path, capsys, case,
+                                                                 phrase):
+    import datetime as dt
+
+    from shoal.transport.certs import make_local_pki
+
+    pki = make_local_pki(tmp_path / "pki", days=1, now=dt.datetime.now(dt.timezone.utc))
+    client_ca = {"no_certs": pki.ca_cert, "missing": tmp_path / "nope.pem",
+                 "not_a_ca": pki.server_cert, "not_pem": pki.server_key}[case]
+    certs = [] if case == "no_certs" else ["--certs", str(tmp_path / "pki")]
     work = tmp_path / "work"
-    assert main(["serve", *SMALL, "--dir", str(work), "--client-ca", str(tmp_path / "ca.pem"),
+    assert main(["serve", *SMALL, "--dir", str(work), *certs, "--client-ca", str(client_ca),
                  "-q"]) == 2
-    assert "mutual TLS (--client-ca) needs the server's certificate directory" in \
-        capsys.readouterr().err
+    assert phrase in capsys.readouterr().err
     assert not (work / "secret").exists() and not (work / "registry.db").exists()
+    assert not (work / "models").exists()
 
 
 def _spawn(args, log: Path) -> subprocess.Popen:

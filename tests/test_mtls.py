@@ -69,7 +69,7 @@ def silo(tmp_path):
 
     try:
         yield {"connect": connect, "certs": certs, "rogue": rogue, "service": service,
-               "registry": tmp_path / "r.db"}
+               "registry": tmp_path / "r.db", "pki": tmp_path / "pki"}
     finally:
         for ch in channels:
             ch.close()
@@ -102,7 +102,55 @@ def test_a_token_for_another_silo_is_refused_and_changes_nothing(silo):
     assert enrolled(silo["registry"]) == {"hospital-a"}
 
 
-def test_mutual_tls_settings_that_cannot_work_are_refused(silo):
+def _forged(tmp_path, pki_dir, subject):
+    """A client certificate with ``subject``, signed by the trusted CA (as a CA the operator
+    does not control might issue it)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from shoal.transport.certs import ClientCertPaths, _leaf
+
+    ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
+    signer = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _leaf(subject, key, ca, signer, now=NOW, days=1,
+                 usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    out = ClientCertPaths(cert=tmp_path / "forged.pem", key=tmp_path / "forged.key")
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return out
+
+
+@pytest.mark.parametrize("case", ["nul", "two_cns", "multi_valued_rdn", "no_cn"])
+def test_ambiguous_certificate_names_are_refused(silo, tmp_path, case):
+    """gRPC reports the first CN, cut at a NUL; the aggregator reads the certificate itself
+    and accepts exactly one valid device name, so none of these passes as hospital-a."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    def cn(v):
+        return x509.NameAttribute(NameOID.COMMON_NAME, v)
+
+    subject = {
+        "nul": x509.Name([cn("hospital-a\x00.evil.example")]),
+        "two_cns": x509.Name([cn("hospital-a"), cn("hospital-b")]),
+        "multi_valued_rdn": x509.Name([x509.RelativeDistinguishedName(
+            [cn("hospital-a"), cn("hospital-b")])]),
+        "no_cn": x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hospital-a")]),
+    }[case]
+    forged = _forged(tmp_path, silo["pki"], subject)
+    with pytest.raises(grpc.RpcError) as info:
+        hello(silo["connect"](forged), "hospital-a")
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "no single valid device name" in info.value.details()
+    assert enrolled(silo["registry"]) == set()
+
+
+def test_mutual_tls_settings_that_cannot_work_are_refused():
     with pytest.raises(ConfigError, match="needs TLS"):
         make_channel("localhost:1", None, (b"cert", b"key"))
     service = AggregatorService(AggregatorSettings(target=1), Keyring.single(SECRET), 10, "fp",

@@ -251,6 +251,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
                           "TLS and its private key)", key="cert")
     if args.cert is not None and args.ca is None:
         raise ConfigError("a client certificate needs TLS: give --ca too", key="cert")
+    device = args.device_id or f"device-{args.index:04d}"
+    client_cert = None
+    if args.cert is not None:
+        client_cert = _client_certificate(args.cert, args.key, device)
     cfg = _config_from_args(args)
     data = load_data(cfg)
     if not 0 <= args.index < data.num_clients:
@@ -268,12 +272,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if ca is None and not args.server.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
         raise ConfigError("--ca is required for a server that is not on this machine "
                           "(connections are TLS)", key="ca")
-    client_cert = None
-    if args.cert is not None:
-        client_cert = (Path(args.cert).read_bytes(), Path(args.key).read_bytes())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    device = args.device_id or f"device-{args.index:04d}"
     def die_after(stage: str, rnd: int) -> None:
         if stage == args.die_after:
             print(f"{device}: --die-after {stage}: killing myself in round {rnd}",
@@ -289,6 +289,25 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(json.dumps({"device": device, **stats.__dict__}), file=sys.stderr)
     return 0
+
+
+def _client_certificate(cert: str, key: str, device: str) -> tuple[bytes, bytes]:
+    """``(chain, key)`` PEM for mutual TLS, checked here so that a wrong pair is a clear
+    error at start-up and not an endless retry of failing handshakes."""
+    import datetime as dt
+    from pathlib import Path
+
+    from shoal.transport.certs import client_identity, load_pem_check
+
+    load_pem_check(cert, key, now=dt.datetime.now(dt.timezone.utc))
+    chain = Path(cert).read_bytes()
+    named = client_identity(chain)
+    if named != device:
+        raise ConfigError(f"the client certificate {cert} names "
+                          f"{named if named else 'no single valid device name'}, but this "
+                          f"device is {device!r}: the aggregator would refuse every call",
+                          key="cert")
+    return chain, Path(key).read_bytes()
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
@@ -451,6 +470,16 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     from shoal.transport.certs import make_client_cert, make_local_pki
 
     out, now = Path(args.out), datetime.now(timezone.utc)
+    if args.client and (out / "ca.pem").exists():
+        if args.hostname:
+            raise ConfigError(f"--hostname names the server certificate of a new CA, but "
+                              f"{out / 'ca.pem'} exists: --client issues with it and makes "
+                              f"no server certificate", key="hostname")
+        existing = [p for n in args.client for p in (out / f"client-{n}.pem",
+                                                   out / f"client-{n}.key") if p.exists()]
+        if existing and not args.overwrite:  # check all before writing any
+            raise ConfigError(f"{existing[0]} already exists; pass --overwrite to replace "
+                              f"it", key="client")
     if not args.client or not (out / "ca.pem").exists():
         paths = make_local_pki(out, hostnames=tuple(args.hostname or ()), days=args.days,
                                now=now, overwrite=args.overwrite)

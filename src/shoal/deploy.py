@@ -11,6 +11,7 @@ runtime retries with exponential backoff).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from shoal.registry import SQLiteRegistry
 from shoal.sim.experiment import Experiment, RunResult, load_data, secagg_from_config
 from shoal.store import ModelStore
 from shoal.transport.auth import Keyring, load_or_create_secret
+from shoal.transport.certs import load_client_ca
 from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
                                     serve)
 
@@ -83,14 +85,19 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         ConfigError: insecure serving on a non-loopback address, a client CA without a
             server certificate, or not enough devices enrolled within
             ``deploy.wait_timeout_s``.
+        CredentialFileError: the client-CA file is missing, not PEM, not a CA, or expired
+            (checked before anything is written).
     """
     d = cfg["deploy"]
     if paths.tls_dir is None and d["host"] not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError(f"deploy.host = {d['host']!r} without TLS: give a certificate "
                           f"directory (shoal certs) or listen on 127.0.0.1", key="deploy.host")
-    if paths.client_ca is not None and paths.tls_dir is None:
-        raise ConfigError("mutual TLS (--client-ca) needs the server's certificate directory "
-                          "(--certs)", key="client_ca")
+    client_ca = None
+    if paths.client_ca is not None:
+        if paths.tls_dir is None:
+            raise ConfigError("mutual TLS (--client-ca) needs the server's certificate "
+                              "directory (--certs)", key="client_ca")
+        client_ca = load_client_ca(paths.client_ca, now=dt.datetime.now(dt.timezone.utc))
     if cfg["privacy"]["placement"] == "local" or cfg["compression"]["upload"] != "none":
         raise ConfigError("the device runtime does not yet apply local DP or compression; "
                           "run those in simulation (shoal run)", key="deploy")
@@ -111,7 +118,6 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                                data.train.num_classes, cfg.seed))
     service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
                                 registry_factory)
-    client_ca = paths.client_ca.read_bytes() if paths.client_ca is not None else None
     port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
     try:
         if paths.port_file is not None:

@@ -48,6 +48,8 @@ __all__ = [
     "make_local_pki",
     "make_client_cert",
     "load_pem_check",
+    "client_identity",
+    "load_client_ca",
 ]
 
 DEFAULT_HOSTNAMES = ("localhost", "127.0.0.1", "::1")
@@ -181,8 +183,8 @@ def _refuse_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
     for path in paths:
         if path.exists():
             raise CredentialFileError(
-                f"{path} already exists; pass overwrite=True (--force) to replace it — "
-                f"certificates issued by the old CA stop working", path)
+                f"{path} already exists; pass overwrite=True (--overwrite) to replace it "
+                f"(a replaced CA invalidates every certificate it issued)", path)
 
 
 def make_local_pki(out_dir: str | os.PathLike[str], *, hostnames: Iterable[str] = (),
@@ -399,3 +401,52 @@ def load_pem_check(cert_path: str | os.PathLike[str], key_path: str | os.PathLik
                     subject=leaf.subject.rfc4514_string(), dns_names=dns, ip_addresses=ips,
                     not_before=leaf.not_valid_before_utc, not_after=leaf.not_valid_after_utc,
                     is_ca=is_ca, sha256_fingerprint=hashlib.sha256(der).hexdigest())
+
+
+# --------------------------------------------------------------------------- mutual TLS
+
+def client_identity(cert_pem: bytes) -> str | None:
+    """The device id a client certificate names, or ``None`` if it names none unambiguously.
+
+    The id is the subject's common name, accepted only when the subject holds exactly one
+    common-name attribute, in an RDN of its own, that is a valid device name
+    (``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``, what :func:`make_client_cert` issues). Several CNs
+    (tools disagree on which one counts), a multi-valued RDN, or a name with a NUL or other
+    characters (TLS stacks that hand out C strings cut it short) yield ``None``.
+    """
+    try:
+        subject = x509.load_pem_x509_certificate(cert_pem).subject
+    except ValueError:
+        return None
+    found = [(rdn, attr) for rdn in subject.rdns for attr in rdn
+             if attr.oid == NameOID.COMMON_NAME]
+    if len(found) != 1 or len(found[0][0]) != 1:
+        return None
+    name = found[0][1].value
+    if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
+        return None
+    return name
+
+
+def load_client_ca(path: str | os.PathLike[str], *, now: dt.datetime) -> bytes:
+    """Read and check a client-CA file for mutual TLS; returns its PEM bytes.
+
+    Every certificate in it must parse, be a CA (basicConstraints) and be valid at ``now``:
+    a wrong file would otherwise start a server that refuses every handshake silently.
+
+    Raises:
+        CredentialFileError: naming the file and what is wrong with it.
+    """
+    now, path = _check_now(now), Path(path)
+    certs = _load_certs(path, "client CA file")
+    for cert in certs:
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise CredentialFileError(f"client CA file {path}: "
+                                      f"{cert.subject.rfc4514_string()} is not a CA "
+                                      f"certificate (basicConstraints)", path)
+        _check_validity(cert, path, now, "client CA certificate")
+    return _read(path, "client CA file")

@@ -219,8 +219,8 @@ def make_channel(target: str, root_certificates: bytes | None,
     ``ca.pem`` of :func:`~shoal.transport.certs.make_local_pki`); ``None`` gives a plaintext
     channel, for tests on loopback only. ``client_cert`` = ``(certificate chain PEM, private
     key PEM)`` presents a client certificate (mutual TLS, e.g. from
-    :func:`~shoal.transport.certs.make_client_cert`). Messages are capped at 4 MiB (chunks are far smaller),
-    gRPC's own retries are off (the runtime retries with its idempotency keys), and keepalive
+    :func:`~shoal.transport.certs.make_client_cert`). Messages are capped at 4 MiB (chunks
+    are far smaller), gRPC's own retries are off (the runtime retries with its idempotency keys), and keepalive
     pings every 5 minutes, the default minimum interval a gRPC server accepts (pinging more
     often earns a GOAWAY "too_many_pings").
     """
@@ -237,7 +237,7 @@ def make_channel(target: str, root_certificates: bytes | None,
     if root_certificates is None:
         if client_cert is not None:
             raise ConfigError("a client certificate needs TLS: give the aggregator's CA "
-                              "certificate too", key="client.ca")
+                              "certificate too", key="ca")
         return grpc.insecure_channel(target, options=options)
     chain, key = client_cert if client_cert is not None else (None, None)
     creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,

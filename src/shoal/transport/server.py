@@ -19,6 +19,7 @@ Only this module and ``shoal.transport.client`` import the generated protobuf co
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -41,6 +42,7 @@ from shoal.privacy.secagg_encoding import unpack_ring
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry.base import UnknownDevice
 from shoal.transport.auth import AuthError, Keyring, RateLimiter, verify_token
+from shoal.transport.certs import client_identity
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.secagg_wire import message_from_header, reply_to_pb
@@ -166,6 +168,12 @@ class _Refusal(Exception):
         self.reason, self.detail = reason, detail
 
 
+@functools.lru_cache(maxsize=1024)
+def _certified_device(cert_pem: bytes) -> str | None:
+    """The device id a peer's client certificate names (parsed once per certificate)."""
+    return client_identity(cert_pem)
+
+
 class AggregatorService(pb_grpc.AggregatorServicer):
     """The gRPC handlers. Thread model: handlers run on the server's event loop; the round
     and the current model are shared with :class:`GrpcClientPool` under ``self.lock``.
@@ -240,17 +248,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}")
         device_id = claims.sub
         if self.bind_tokens_to_certificates:
-            names = (context.auth_context() or {}).get("x509_common_name") or [b""]
-            certified = names[0].decode("utf-8", "replace")
+            pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
+            certified = _certified_device(pems[0])
             if certified != device_id:
                 # a stolen token is useless without the private key of its owner's certificate
                 self.counters.inc("refused", "identity")
+                shown = repr(certified) if certified else "no single valid device name"
                 log.warning("call refused: identity", extra={"fields": {
                     "event": "auth_refused", "reason": "identity", "device": device_id,
-                    "certificate": certified}})
+                    "certificate": shown}})
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"identity: the token is for {device_id!r} but the "
-                                    f"client certificate names {certified!r}")
+                                    f"client certificate names {shown}")
         if not self.limiter.allow(device_id, now):
             self.counters.inc("refused", "rate_limited")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
