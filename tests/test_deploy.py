@@ -74,6 +74,24 @@ def test_serve_refuses_a_bad_client_ca_before_writing_anything(tmp_path, capsys,
     assert not (work / "models").exists()
 
 
+@pytest.mark.parametrize("settings, phrase", [
+    # the default over-selection invites more devices than the accountant would count
+    (["--set", "privacy.placement=\"central\"", "--set", "deploy.over_selection=1.3"],
+     "central DP in a deployment needs cohorts the accountant describes"),
+    (["--set", "privacy.placement=\"central\"", "--set", "deploy.selection=\"fairness\""],
+     "central DP in a deployment needs cohorts the accountant describes"),
+    (["--set", "compression.download=\"delta\""], "deployed models travel as full float32"),
+    (["--set", "compression.download_codec=\"zstd\""],
+     "deployed models travel as full float32"),
+])
+def test_serve_refuses_settings_it_would_silently_misapply(tmp_path, capsys, settings,
+                                                            phrase):
+    work = tmp_path / "work"
+    assert main(["serve", *SMALL, *settings, "--dir", str(work), "-q"]) == 2
+    assert phrase in capsys.readouterr().err
+    assert not (work / "secret").exists() and not (work / "registry.db").exists()
+
+
 def _spawn(args, log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "shoal.cli", *args],

@@ -58,6 +58,22 @@ def test_central_dp_noise_is_reproducible_and_changes_the_model():
     assert not np.allclose(a, plain)
 
 
+def test_deployed_central_noise_is_not_reproducible_from_the_config():
+    """Simulation draws noise from the run seed (reproducible); a deployment from os.urandom,
+    so nobody holding the config can recompute and subtract it."""
+    from shoal.sim.experiment import privacy_from_config
+
+    cfg = load_config(None, {**SYNTH, "privacy.placement": "central"})
+    sim, _ = privacy_from_config(cfg)
+    dep, _ = privacy_from_config(cfg, deployed=True)
+    np.testing.assert_array_equal(sim.rng_for_round(3).standard_normal(8),
+                                  privacy_from_config(cfg)[0].rng_for_round(3).standard_normal(8))
+    first = dep.rng_for_round(3).standard_normal(8)
+    again, _ = privacy_from_config(cfg, deployed=True)
+    assert not np.array_equal(first, dep.rng_for_round(3).standard_normal(8))
+    assert not np.array_equal(first, again.rng_for_round(3).standard_normal(8))
+
+
 def test_budget_refuses_a_plan_that_would_exceed_it():
     cfg = load_config(None, {**SYNTH, "rounds": 50, "privacy.placement": "central",
                              "privacy.noise_multiplier": 1.0, "privacy.epsilon_budget": 2.0})

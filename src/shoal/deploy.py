@@ -98,9 +98,16 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             raise ConfigError("mutual TLS (--client-ca) needs the server's certificate "
                               "directory (--certs)", key="client_ca")
         client_ca = load_client_ca(paths.client_ca, now=dt.datetime.now(dt.timezone.utc))
-    if cfg["privacy"]["placement"] == "local" or cfg["compression"]["upload"] != "none":
+    comp = cfg["compression"]
+    if cfg["privacy"]["placement"] == "local" or comp["upload"] != "none":
         raise ConfigError("the device runtime does not yet apply local DP or compression; "
                           "run those in simulation (shoal run)", key="deploy")
+    if comp["download"] != "full" or comp["download_codec"] != "none" \
+            or comp["error_feedback"]:
+        raise ConfigError("deployed models travel as full float32 vectors: "
+                          "compression.download, download_codec and error_feedback apply to "
+                          "simulation only (shoal run)", key="compression.download")
+    _check_central_dp_accounting(cfg)
     settings = settings_from_config(cfg)
     keyring = Keyring.single(load_or_create_secret(paths.secret))
     store = ModelStore(paths.store)
@@ -129,6 +136,10 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             on_ready(port)
         devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
                                     cfg["data"]["clients"], d["wait_timeout_s"])
+        if cfg["privacy"]["placement"] == "central" and len(devices) != cfg["data"]["clients"]:
+            raise ConfigError(f"central DP accounts for a sample of sampling.per_round out of "
+                              f"data.clients = {cfg['data']['clients']} devices, but "
+                              f"{len(devices)} are enrolled", key="data.clients")
         pool = GrpcClientPool(service, devices, secure=secagg_from_config(cfg))
         per_round = min(len(devices), math.ceil(settings.target * d["over_selection"] - 1e-9))
         sampler = (UniformSampler(per_round) if d["selection"] == "uniform" else
@@ -193,6 +204,29 @@ def selector_from_config(cfg: Config):
     if name == "availability":
         return AvailabilityAware()
     return FairnessAware()
+
+
+def _check_central_dp_accounting(cfg: Config) -> None:
+    """Refuse a deployment whose cohorts the privacy accountant would describe wrongly.
+
+    The ledger accounts for each round as a fixed-size uniform sample of
+    ``sampling.per_round`` out of ``data.clients`` (or a Poisson sample). A deployment asks
+    ``ceil(target x over_selection)`` devices, chosen by ``deploy.selection``: unless that is
+    exactly a uniform sample of ``per_round``, epsilon would be reported for a sampling that
+    did not happen (over-selection in particular invites more clients than accounted for).
+    """
+    if cfg["privacy"]["placement"] != "central":
+        return
+    d, s = cfg["deploy"], cfg["sampling"]
+    target = d["target"] or s["per_round"]
+    if s["method"] != "uniform" or d["selection"] != "uniform" or d["over_selection"] != 1.0 \
+            or target != s["per_round"]:
+        raise ConfigError("central DP in a deployment needs cohorts the accountant describes: "
+                          "sampling.method = 'uniform', deploy.selection = 'uniform', "
+                          "deploy.over_selection = 1 and deploy.target = sampling.per_round "
+                          f"(got {s['method']!r}, {d['selection']!r}, "
+                          f"{d['over_selection']:g}, {target} vs {s['per_round']})",
+                          key="deploy.over_selection")
 
 
 def _wait_for_devices(registry: SQLiteRegistry, want: int, timeout_s: float) -> list[str]:

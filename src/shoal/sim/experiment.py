@@ -138,8 +138,13 @@ def expected_cohort(cfg: Config) -> float:
     return s["q"] * cfg["data"]["clients"] if s["method"] == "poisson" else s["per_round"]
 
 
-def privacy_from_config(cfg: Config):
-    """``(aggregation, local_dp)`` for ``cfg["privacy"]``; ``(None, None)`` without DP."""
+def privacy_from_config(cfg: Config, *, deployed: bool = False):
+    """``(aggregation, local_dp)`` for ``cfg["privacy"]``; ``(None, None)`` without DP.
+
+    Central noise comes from the run's seeded stream in simulation (reproducible runs), and
+    from :func:`~shoal.privacy.dp.secure_generator` (``os.urandom``) when ``deployed``: noise
+    that anyone holding the config could recompute would protect nothing.
+    """
     p = cfg["privacy"]
     if p["placement"] == "none":
         return None, None
@@ -163,10 +168,18 @@ def privacy_from_config(cfg: Config):
                                     count_noise_std=p["count_noise_std"] or None)
     central = CentralDP(noise_multiplier=z, clip_norm=p["clip_norm"],
                         expected_clients=expected_cohort(cfg), adaptive=adaptive)
-    seed = cfg.seed
+    if deployed:
+        from shoal.privacy.dp import secure_generator
+
+        def rng_for_round(r: int) -> np.random.Generator:
+            return secure_generator()
+    else:
+        seed = cfg.seed
+
+        def rng_for_round(r: int) -> np.random.Generator:
+            return seeds.generator(seed, "dp", r)
     return DPAggregation("central", event, budget, p["accountant"],
-                         rng_for_round=lambda r: seeds.generator(seed, "dp", r),
-                         central=central), None
+                         rng_for_round=rng_for_round, central=central), None
 
 
 def secagg_from_config(cfg: Config):
@@ -266,7 +279,7 @@ class Experiment:
         build = lambda: build_model(name, in_features, train.num_classes, cfg.seed)  # noqa: E731
         self.eval_model = FlatModule(build())
         self.spec = self.eval_model.spec
-        self.privacy, local_dp = privacy_from_config(cfg)
+        self.privacy, local_dp = privacy_from_config(cfg, deployed=pool is not None)
         if pool is None:
             trainer = CohortTrainer(build(), torch.from_numpy(train.x),
                                     torch.from_numpy(train.y), engine=cfg["sim"]["engine"])
