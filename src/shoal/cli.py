@@ -212,7 +212,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                             registry=work / "registry.db", store=work / "models",
                             tls_dir=Path(args.certs) if args.certs else None,
                             port_file=work / "port",
-                            client_ca=Path(args.client_ca) if args.client_ca else None)
+                            client_ca=Path(args.client_ca) if args.client_ca else None,
+                            revoked=work / "revoked.json")
     if args.log_json:
         from shoal.telemetry import configure_json_logging
 
@@ -347,7 +348,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     paths = AggregatorPaths(secret=work / "secret", registry=work / "registry.db",
                             store=work / "models", tls_dir=work / "certs",
                             port_file=work / "port",
-                            client_ca=pki.ca_cert if args.mtls else None)
+                            client_ca=pki.ca_cert if args.mtls else None,
+                            revoked=work / "revoked.json")
     security = "mutual TLS" if args.mtls else "TLS"
     _banner(cfg, args, f" launch ({n} client processes, {security} on loopback, state in "
                        f"{work})")
@@ -510,6 +512,35 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         print(f"token for {args.device_id!r} written to {args.out} (valid {args.days:g} days)")
     else:
         print(token)
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from shoal.store.atomic import replace_atomically
+    from shoal.transport.auth import (AuthError, RevocationFile, load_or_create_secret,
+                                      verify_token)
+
+    now = time.time()
+    listed = RevocationFile(args.list).current(now)  # refuses a malformed list
+    token = Path(args.token).read_text().strip()
+    if not Path(args.secret).is_file():
+        raise ConfigError(f"secret file {args.secret} does not exist (the aggregator's "
+                          f"DIR/secret)", key="secret")
+    try:
+        claims = verify_token(load_or_create_secret(args.secret), token, now=now)
+    except AuthError as exc:
+        if exc.reason == "expired":
+            print(f"{args.token}: the token has expired already; nothing to revoke")
+            return 0
+        raise ConfigError(f"{args.token} is not a token of this aggregator ({exc.reason}: "
+                          f"{exc})", key="token") from None
+    updated = listed.revoke(claims.jti, claims.exp).prune(now)
+    replace_atomically(args.list, (updated.to_json() + "\n").encode(), mode=0o644)
+    print(f"revoked the token of {claims.sub!r} (id {claims.jti}) in {args.list}; a running "
+          f"aggregator refuses it within a second ({len(updated)} revoked tokens listed)")
     return 0
 
 
@@ -706,6 +737,20 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("version", nargs="?", help="version for show / promote / rollback")
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(func=_cmd_models)
+
+    revoke = sub.add_parser(
+        "revoke", help="revoke a device token (a running aggregator refuses it at once)",
+        description="Add a token to the aggregator's revocation list (DIR/revoked.json of "
+                    "`shoal serve`). A running aggregator re-reads the list within a second "
+                    "and refuses the token with reason 'revoked'; entries are dropped once "
+                    "their tokens have expired anyway.",
+        epilog="example:\n  shoal revoke device-0007.token --secret agg/secret "
+               "--list agg/revoked.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    revoke.add_argument("token", help="file with the token to revoke")
+    revoke.add_argument("--secret", required=True, help="the aggregator's secret key file")
+    revoke.add_argument("--list", required=True, help="revocation list (DIR/revoked.json)")
+    revoke.set_defaults(func=_cmd_revoke)
 
     certs = sub.add_parser(
         "certs", help="make a self-signed CA and server certificate for local TLS",

@@ -29,7 +29,7 @@ from shoal.models import build_model
 from shoal.registry import SQLiteRegistry
 from shoal.sim.experiment import Experiment, RunResult, load_data, secagg_from_config
 from shoal.store import ModelStore
-from shoal.transport.auth import Keyring, load_or_create_secret
+from shoal.transport.auth import Keyring, RevocationFile, load_or_create_secret
 from shoal.transport.certs import load_client_ca
 from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
                                     serve)
@@ -53,6 +53,8 @@ class AggregatorPaths:
         client_ca: PEM CA certificate(s) for mutual TLS (cross-silo): every device must
             present a client certificate signed by it whose common name is its device id
             (``shoal certs --client NAME``). Needs ``tls_dir``.
+        revoked: revoked tokens (``shoal revoke``), re-read while serving when it changes;
+            a missing file revokes nothing.
     """
 
     secret: Path
@@ -61,6 +63,7 @@ class AggregatorPaths:
     tls_dir: Path | None = None
     port_file: Path | None = None
     client_ca: Path | None = None
+    revoked: Path | None = None
 
 
 def settings_from_config(cfg: Config) -> AggregatorSettings:
@@ -108,6 +111,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                           "compression.download, download_codec and error_feedback apply to "
                           "simulation only (shoal run)", key="compression.download")
     _check_central_dp_accounting(cfg)
+    revocations = RevocationFile(paths.revoked) if paths.revoked is not None else None
     settings = settings_from_config(cfg)
     keyring = Keyring.single(load_or_create_secret(paths.secret))
     store = ModelStore(paths.store)
@@ -124,7 +128,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     spec = spec_of(build_model(cfg["model"]["name"], int(np.prod(data.train.x.shape[1:])),
                                data.train.num_classes, cfg.seed))
     service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
-                                registry_factory)
+                                registry_factory, revocations=revocations)
     port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
     try:
         if paths.port_file is not None:

@@ -45,7 +45,7 @@ __all__ = [
     "AUTH_REASONS", "KNOWN_SCOPES", "MAX_TOKEN_CHARS", "SECRET_BYTES",
     "AuthError", "CredentialFileError",
     "Claims", "Keyring", "key_id", "load_or_create_secret", "issue_token", "verify_token",
-    "RevocationList", "RateLimiter", "ReplayStatus", "ReplayDecision", "ReplayGuard",
+    "RevocationList", "RevocationFile", "RateLimiter", "ReplayStatus", "ReplayDecision", "ReplayGuard",
 ]
 
 AUTH_REASONS = frozenset({"missing", "malformed", "bad_signature", "expired", "not_yet_valid",
@@ -480,3 +480,52 @@ class RevocationList:
                 or not isinstance(obj["revoked"], dict)):
             raise ConfigError('revocation list must be {"v": 1, "revoked": {jti: exp}}')
         return cls(obj["revoked"])
+
+
+class RevocationFile:
+    """The revocation list a running aggregator enforces, kept in a JSON file that the
+    operator changes (``shoal revoke``) without restarting it.
+
+    :meth:`current` looks at the file at most every ``check_every_s`` seconds and re-reads it
+    when its modification time or size changed. A missing file is an empty list. At
+    construction a malformed file is an error; while running, a malformed replacement keeps
+    the last good list (``last_error`` says why) rather than letting every token in.
+
+    Raises:
+        CredentialFileError: the file exists but is not a revocation list (at construction).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, check_every_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self.check_every_s = check_every_s
+        self.last_error: str | None = None
+        self._stamp: tuple[int, int] | None = None
+        self._checked = -math.inf
+        self._list = RevocationList()
+        self._reload(strict=True)
+
+    def _reload(self, *, strict: bool) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._list = None, RevocationList()
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            self._list = RevocationList.from_json(self.path.read_text())
+            self.last_error = None
+        except (OSError, ConfigError) as exc:
+            if strict:
+                raise CredentialFileError(f"revocation list {self.path}: {exc}",
+                                          self.path) from None
+            self.last_error = str(exc)
+        self._stamp = stamp
+
+    def current(self, now: float) -> RevocationList:
+        """The list in force at ``now`` (``now`` only paces the file checks)."""
+        if now - self._checked >= self.check_every_s:
+            self._checked = now
+            self._reload(strict=False)
+        return self._list

@@ -41,7 +41,8 @@ from shoal.errors import CodecError, ConfigError, ProtocolError, UpdateRejected
 from shoal.privacy.secagg_encoding import unpack_ring
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry.base import UnknownDevice
-from shoal.transport.auth import AuthError, Keyring, RateLimiter, verify_token
+from shoal.transport.auth import (AuthError, Keyring, RateLimiter, RevocationFile,
+                                  verify_token)
 from shoal.transport.certs import client_identity
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
@@ -186,11 +187,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         registry_factory: opens the client registry (called on the server thread; SQLite
             connections belong to one thread).
         clock: seconds since the epoch.
+        revocations: revoked tokens, refused with reason ``revoked`` (re-read when the file
+            changes).
     """
 
     def __init__(self, settings: AggregatorSettings, keyring: Keyring, dim: int,
                  spec_fingerprint: str, registry_factory: Callable[[], object],
-                 clock: Callable[[], float] = time.time, server_id: str = "shoal") -> None:
+                 clock: Callable[[], float] = time.time, server_id: str = "shoal",
+                 revocations: RevocationFile | None = None) -> None:
         self.settings = settings
         self.keyring = keyring
         self.dim = dim
@@ -219,6 +223,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         #: set by :func:`serve` with ``client_ca``: every call's token must name the device
         #: that the call's client certificate names (its common name)
         self.bind_tokens_to_certificates = False
+        self.revocations = revocations
 
     @property
     def registry(self):
@@ -238,8 +243,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 token = value[len("Bearer "):]
         now = self.clock()
         try:
+            revoked = self.revocations.current(now) if self.revocations is not None else None
             claims = verify_token(self.keyring, token, now=now, expected_device=device_id,
-                                  required_scope=scope)
+                                  required_scope=scope, revoked=revoked)
         except AuthError as exc:
             self.counters.inc("refused", exc.reason)
             log.warning("call refused: %s", exc.reason,

@@ -1,0 +1,83 @@
+"""Token revocation in a running aggregator: `shoal revoke` adds a token to the list, the
+aggregator re-reads the list and refuses that token (reason "revoked") while every other
+device keeps working; a broken list never lets revoked tokens back in."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from shoal.cli import main  # noqa: E402
+from shoal.registry import SQLiteRegistry  # noqa: E402
+from shoal.transport.auth import (CredentialFileError, Keyring, RevocationFile,  # noqa: E402
+                                  RevocationList, issue_token, load_or_create_secret)
+from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
+from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
+
+
+def test_a_revoked_token_is_refused_by_the_running_aggregator(tmp_path, capsys):
+    secret = load_or_create_secret(tmp_path / "secret")
+    listed = tmp_path / "revoked.json"
+    tokens = {d: issue_token(secret, d, now=time.time(), ttl_seconds=600)
+              for d in ("dev-a", "dev-b")}
+    (tmp_path / "dev-a.token").write_text(tokens["dev-a"] + "\n")
+    service = AggregatorService(AggregatorSettings(target=1), Keyring.single(secret), 10, "fp",
+                                lambda: SQLiteRegistry(tmp_path / "r.db"),
+                                revocations=RevocationFile(listed, check_every_s=0.0))
+    port, stop = serve(service)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.AggregatorStub(channel)
+
+    def hello(device):
+        return stub.Hello(pb.HelloRequest(device_id=device), timeout=5,
+                          metadata=(("authorization", f"Bearer {tokens[device]}"),))
+
+    try:
+        assert hello("dev-a").server_id == "shoal"
+        assert main(["revoke", str(tmp_path / "dev-a.token"), "--secret",
+                     str(tmp_path / "secret"), "--list", str(listed)]) == 0
+        assert "revoked the token of 'dev-a'" in capsys.readouterr().out
+        with pytest.raises(grpc.RpcError) as info:
+            hello("dev-a")
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert info.value.details().startswith("revoked")
+        assert service.counters.plain["refused:revoked"] == 1
+        assert hello("dev-b").server_id == "shoal"  # nobody else is affected
+        # a broken replacement keeps the last good list: dev-a stays refused
+        listed.write_text("{not json")
+        os.utime(listed, ns=(time.time_ns(), time.time_ns() + 10**9))
+        with pytest.raises(grpc.RpcError):
+            hello("dev-a")
+        assert service.revocations.last_error is not None
+    finally:
+        channel.close()
+        stop()
+
+
+def test_revocation_file_checks(tmp_path):
+    path = tmp_path / "revoked.json"
+    assert len(RevocationFile(path).current(0.0)) == 0  # missing: nothing revoked
+    path.write_text("[]")
+    with pytest.raises(CredentialFileError, match="revocation list"):
+        RevocationFile(path)
+    path.write_text(RevocationList().revoke("A" * 22, 2**40).to_json())
+    watched = RevocationFile(path, check_every_s=60.0)
+    assert "A" * 22 in watched.current(0.0)
+    path.write_text(RevocationList().to_json())
+    assert "A" * 22 in watched.current(30.0)  # not looked at again before check_every_s
+    assert "A" * 22 not in watched.current(61.0)
+
+
+def test_revoke_refuses_a_foreign_token_and_writes_nothing(tmp_path, capsys):
+    load_or_create_secret(tmp_path / "secret")
+    other = issue_token(b"x" * 32, "dev-a", now=time.time(), ttl_seconds=600)
+    (tmp_path / "t").write_text(other)
+    assert main(["revoke", str(tmp_path / "t"), "--secret", str(tmp_path / "secret"),
+                 "--list", str(tmp_path / "revoked.json")]) == 2
+    assert "is not a token of this aggregator (bad_signature" in capsys.readouterr().err
+    assert not (tmp_path / "revoked.json").exists()
