@@ -64,6 +64,8 @@ def test_run_writes_a_complete_run_directory_and_json_summary(tmp_path, capsys):
     (["run", "--set", "client.momentum=0.9"], "unknown config key 'client.momentum'"),
     (["run", "--per-round", "200"], "sampling.per_round = 200"),
     (["run", "missing.toml"], "missing.toml does not exist"),
+    (["run", "--set", "privacy.target_quantile=1.0"],
+     "privacy.target_quantile = 1.0 is not allowed: it must be a number > 0.0 and < 1.0"),
     (["client", "--server", "localhost:1", "--token", "t", "--index", "0", "--cert", "c.pem"],
      "--cert and --key go together"),
     (["client", "--server", "localhost:1", "--token", "t", "--index", "0", "--cert", "c.pem",

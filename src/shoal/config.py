@@ -36,6 +36,7 @@ class Option:
         choices: allowed values for a string option.
         min, max: inclusive bounds for numbers (``None`` = unbounded).
         min_exclusive: the lower bound itself is not allowed.
+        max_exclusive: the upper bound itself is not allowed.
     """
 
     type: type
@@ -45,6 +46,7 @@ class Option:
     min: float | None = None
     max: float | None = None
     min_exclusive: bool = False
+    max_exclusive: bool = False
 
     def allowed(self) -> str:
         if self.choices:
@@ -56,7 +58,8 @@ class Option:
         kind = "an integer" if self.type is int else "a number"
         lo = "" if self.min is None else (f"> {self.min}" if self.min_exclusive
                                           else f">= {self.min}")
-        hi = "" if self.max is None else f"<= {self.max}"
+        hi = "" if self.max is None else (f"< {self.max}" if self.max_exclusive
+                                          else f"<= {self.max}")
         bounds = " and ".join(b for b in (lo, hi) if b)
         return f"{kind} {bounds}".strip()
 
@@ -77,7 +80,7 @@ class Option:
         if ok and self.min is not None:
             ok = value > self.min if self.min_exclusive else value >= self.min
         if ok and self.max is not None:
-            ok = value <= self.max
+            ok = value < self.max if self.max_exclusive else value <= self.max
         if not ok:
             raise ConfigError(f"{key} = {value!r} is not allowed: it must be {self.allowed()}",
                               key=key)
@@ -200,7 +203,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "adaptive_clipping": Option(bool, False, "learn C as a quantile of update norms "
                                     "(central placement; Andrew et al. 2021)"),
         "target_quantile": Option(float, 0.5, "adaptive clipping: fraction of updates to "
-                                  "leave unclipped", min=0.0, max=1.0),
+                                  "leave unclipped", min=0.0, min_exclusive=True, max=1.0,
+                                  max_exclusive=True),
         "clip_learning_rate": Option(float, 0.2, "adaptive clipping: geometric step size",
                                      min=0.0, min_exclusive=True),
         "count_noise_std": Option(float, 0.0, "adaptive clipping: noise std on the "
