@@ -415,7 +415,8 @@ def test_public_api():
     assert sorted(auth.__all__) == sorted([
         "AUTH_REASONS", "KNOWN_SCOPES", "MAX_TOKEN_CHARS", "SECRET_BYTES", "AuthError",
         "CredentialFileError", "Claims", "Keyring", "key_id", "load_or_create_secret",
-        "issue_token", "verify_token", "RevocationList", "RateLimiter", "ReplayStatus",
+        "issue_token", "verify_token", "RevocationList", "RevocationFile", "RateLimiter",
+        "ReplayStatus",
         "ReplayDecision", "ReplayGuard"])
     for name in auth.__all__:
         assert hasattr(auth, name)

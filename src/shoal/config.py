@@ -5,7 +5,7 @@ help text. Loading rejects unknown keys and out-of-range values with a message n
 and what is allowed; ``docs/configuration.md`` is generated from the same table (a test keeps
 it in sync), so the documentation lists exactly the options that exist.
 
-With no file, the defaults are the reference workload "config S" of DESIGN.md: Fashion-MNIST,
+With no file, the defaults are the reference workload "config S": Fashion-MNIST,
 100 clients, Dirichlet(0.5) partition with seed 0, 10 clients per round, 30 rounds, the 2NN,
 1 local epoch, batch 32, SGD lr 0.05, FedAvg.
 """
