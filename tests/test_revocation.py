@@ -4,7 +4,6 @@ device keeps working; a broken list never lets revoked tokens back in."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -50,10 +49,15 @@ def test_a_revoked_token_is_refused_by_the_running_aggregator(tmp_path, capsys):
         assert hello("dev-b").server_id == "shoal"  # nobody else is affected
         # a broken replacement keeps the last good list: dev-a stays refused
         listed.write_text("{not json")
-        os.utime(listed, ns=(time.time_ns(), time.time_ns() + 10**9))
-        with pytest.raises(grpc.RpcError):
+        with pytest.raises(grpc.RpcError) as info:
             hello("dev-a")
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert info.value.details().startswith("revoked")
         assert service.revocations.last_error is not None
+        listed.unlink()  # a deleted list does not let it back in either
+        with pytest.raises(grpc.RpcError) as info:
+            hello("dev-a")
+        assert info.value.details().startswith("revoked")
     finally:
         channel.close()
         stop()
@@ -61,16 +65,35 @@ def test_a_revoked_token_is_refused_by_the_running_aggregator(tmp_path, capsys):
 
 def test_revocation_file_checks(tmp_path):
     path = tmp_path / "revoked.json"
-    assert len(RevocationFile(path).current(0.0)) == 0  # missing: nothing revoked
+    assert len(RevocationFile(path).current()) == 0  # missing at start: nothing revoked
     path.write_text("[]")
     with pytest.raises(CredentialFileError, match="revocation list"):
         RevocationFile(path)
-    path.write_text(RevocationList().revoke("A" * 22, 2**40).to_json())
-    watched = RevocationFile(path, check_every_s=60.0)
-    assert "A" * 22 in watched.current(0.0)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(CredentialFileError, match="revocation list"):
+        RevocationFile(path)
+    jti = "A" * 22
+    path.write_text(RevocationList().revoke(jti, 2**40).to_json())
+    clock = [0.0]
+    watched = RevocationFile(path, check_every_s=60.0, monotonic=lambda: clock[0])
+    assert jti in watched.current()
     path.write_text(RevocationList().to_json())
-    assert "A" * 22 in watched.current(30.0)  # not looked at again before check_every_s
-    assert "A" * 22 not in watched.current(61.0)
+    clock[0] = 30.0
+    assert jti in watched.current()  # not looked at again before check_every_s
+    clock[0] = 61.0
+    assert jti not in watched.current()  # an explicit empty list un-revokes
+    # nothing else does: a deleted, unreadable or malformed file keeps the last good list
+    path.write_text(RevocationList().revoke(jti, 2**40).to_json())
+    clock[0] = 130.0
+    assert jti in watched.current() and watched.last_error is None
+    for broken in (None, "{not json", "[" * 100_000):
+        if broken is None:
+            path.unlink()
+        else:
+            path.write_text(broken)
+        clock[0] += 61.0
+        assert jti in watched.current()
+        assert watched.last_error is not None
 
 
 def test_revoke_refuses_a_foreign_token_and_writes_nothing(tmp_path, capsys):
@@ -81,3 +104,17 @@ def test_revoke_refuses_a_foreign_token_and_writes_nothing(tmp_path, capsys):
                  "--list", str(tmp_path / "revoked.json")]) == 2
     assert "is not a token of this aggregator (bad_signature" in capsys.readouterr().err
     assert not (tmp_path / "revoked.json").exists()
+
+
+def test_revoke_accepts_tokens_not_yet_valid_and_keeps_earlier_entries(tmp_path, capsys):
+    secret = load_or_create_secret(tmp_path / "secret")
+    listed = tmp_path / "agg" / "revoked.json"
+    now = time.time()
+    for name, iat in (("early", now), ("future", now + 3600)):  # the second is not valid yet
+        (tmp_path / name).write_text(issue_token(secret, name, now=iat, ttl_seconds=7200))
+        assert main(["revoke", str(tmp_path / name), "--secret", str(tmp_path / "secret"),
+                     "--list", str(listed)]) == 0
+    assert len(RevocationFile(listed).current()) == 2
+    assert main(["revoke", "not-a-file-but-a-token", "--secret", str(tmp_path / "secret"),
+                 "--list", str(listed)]) == 2
+    assert "not the token itself" in capsys.readouterr().err

@@ -74,6 +74,26 @@ def test_deployed_central_noise_is_not_reproducible_from_the_config():
     assert not np.array_equal(first, again.rng_for_round(3).standard_normal(8))
 
 
+def test_deployed_dp_cohorts_are_not_predictable_from_the_config():
+    """With DP and a device pool, who is sampled cannot be recomputed from the seed (the
+    accountant's amplification by sampling assumes it is hidden); in simulation, and in
+    deployments without DP, cohorts stay seeded (exact resume)."""
+    from shoal.sim.pool import InProcessPool
+
+    cfg = load_config(None, {**SYNTH, "sampling.method": "uniform", "sampling.per_round": 10,
+                             "privacy.placement": "central"})
+    sim = Experiment(cfg)
+    assert np.array_equal(sim.coordinator.cohort(1), Experiment(cfg).coordinator.cohort(1))
+    pool = InProcessPool(sim.pool.trainer, sim.data.client_indices, sim.pool.config, seed=0)
+    deployed = Experiment(cfg, sim.data, pool=pool)
+    draws = {tuple(deployed.coordinator.cohort(1)) for _ in range(5)}
+    assert len(draws) > 1  # 10 of 40 clients: five equal draws would have chance ~1e-36
+    plain = load_config(None, {**SYNTH, "sampling.method": "uniform",
+                               "sampling.per_round": 10})
+    seeded = Experiment(plain, sim.data, pool=pool)
+    assert np.array_equal(seeded.coordinator.cohort(1), seeded.coordinator.cohort(1))
+
+
 def test_budget_refuses_a_plan_that_would_exceed_it():
     cfg = load_config(None, {**SYNTH, "rounds": 50, "privacy.placement": "central",
                              "privacy.noise_multiplier": 1.0, "privacy.epsilon_budget": 2.0})

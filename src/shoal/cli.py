@@ -516,29 +516,41 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
+    import fcntl
     import time
     from pathlib import Path
 
-    from shoal.store.atomic import replace_atomically
+    from shoal.store.atomic import fsync_dir, replace_atomically
     from shoal.transport.auth import (AuthError, RevocationFile, load_or_create_secret,
                                       verify_token)
 
-    now = time.time()
-    listed = RevocationFile(args.list).current(now)  # refuses a malformed list
-    token = Path(args.token).read_text().strip()
+    token_file, listed = Path(args.token), Path(args.list)
+    if not token_file.is_file():
+        raise ConfigError(f"token file {args.token} does not exist (give the file `shoal "
+                          f"enroll --out` wrote, not the token itself)", key="token")
     if not Path(args.secret).is_file():
         raise ConfigError(f"secret file {args.secret} does not exist (the aggregator's "
                           f"DIR/secret)", key="secret")
+    secret = load_or_create_secret(args.secret)
+    token = token_file.read_text().strip()
+    now = time.time()
     try:
-        claims = verify_token(load_or_create_secret(args.secret), token, now=now)
+        # signature and claims only: a token not yet valid (or already expired) is still
+        # this aggregator's, and only expiry makes revoking it pointless
+        claims = verify_token(secret, token, now=now, leeway_seconds=1e12)
     except AuthError as exc:
-        if exc.reason == "expired":
-            print(f"{args.token}: the token has expired already; nothing to revoke")
-            return 0
         raise ConfigError(f"{args.token} is not a token of this aggregator ({exc.reason}: "
                           f"{exc})", key="token") from None
-    updated = listed.revoke(claims.jti, claims.exp).prune(now)
-    replace_atomically(args.list, (updated.to_json() + "\n").encode(), mode=0o644)
+    if now >= claims.exp + 60:
+        print(f"{args.token}: the token expired already; nothing to revoke")
+        return 0
+    listed.parent.mkdir(parents=True, exist_ok=True)
+    with open(listed.with_name(listed.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent revokes must not drop each other's
+        current = RevocationFile(listed).current()  # refuses a malformed list
+        updated = current.revoke(claims.jti, claims.exp).prune(now)
+        replace_atomically(listed, (updated.to_json() + "\n").encode(), mode=0o644)
+        fsync_dir(listed.parent)
     print(f"revoked the token of {claims.sub!r} (id {claims.jti}) in {args.list}; a running "
           f"aggregator refuses it within a second ({len(updated)} revoked tokens listed)")
     return 0

@@ -234,12 +234,17 @@ class Coordinator:
         evaluate: central evaluation of a flat model, returning metrics; optional.
         clock: seconds as a float; ``time.perf_counter`` by default.
         aggregation: replaces the strategy's weighted mean (central DP); optional.
+        sample_rng: the generator of a round's cohort, ``sample_rng(round, attempt)``; by
+            default the run's seeded stream, so a resumed run picks the same clients. A
+            deployment with differential privacy passes unpredictable generators: the
+            accountant's sampling amplification assumes nobody can tell who was sampled.
     """
 
     def __init__(self, strategy: Strategy, pool: ClientPool, sampler: Sampler, *, seed: int,
                  evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
                  clock: Callable[[], float] = time.perf_counter,
-                 aggregation: Aggregation | None = None) -> None:
+                 aggregation: Aggregation | None = None,
+                 sample_rng: Callable[[int, int], np.random.Generator] | None = None) -> None:
         self.strategy = strategy
         self.pool = pool
         self.sampler = sampler
@@ -248,10 +253,13 @@ class Coordinator:
         self.clock = clock
         self.aggregation = aggregation
         self.last_abort: ProtocolError | None = None
+        self.sample_rng = sample_rng
 
     def cohort(self, round: int, attempt: int = 0) -> np.ndarray:
-        """The clients sampled for ``round`` (and retry ``attempt`` of it); the same for the
-        same seed, always."""
+        """The clients sampled for ``round`` (and retry ``attempt`` of it); with the default
+        generators the same for the same seed, always."""
+        if self.sample_rng is not None:
+            return self.sampler.sample(self.pool.num_clients, self.sample_rng(round, attempt))
         path = (round,) if attempt == 0 else (round, attempt)
         return self.sampler.sample(self.pool.num_clients,
                                    seeds.generator(self.seed, "sample", *path))

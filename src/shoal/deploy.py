@@ -140,10 +140,6 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             on_ready(port)
         devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
                                     cfg["data"]["clients"], d["wait_timeout_s"])
-        if cfg["privacy"]["placement"] == "central" and len(devices) != cfg["data"]["clients"]:
-            raise ConfigError(f"central DP accounts for a sample of sampling.per_round out of "
-                              f"data.clients = {cfg['data']['clients']} devices, but "
-                              f"{len(devices)} are enrolled", key="data.clients")
         pool = GrpcClientPool(service, devices, secure=secagg_from_config(cfg))
         per_round = min(len(devices), math.ceil(settings.target * d["over_selection"] - 1e-9))
         sampler = (UniformSampler(per_round) if d["selection"] == "uniform" else
@@ -218,19 +214,28 @@ def _check_central_dp_accounting(cfg: Config) -> None:
     ``ceil(target x over_selection)`` devices, chosen by ``deploy.selection``: unless that is
     exactly a uniform sample of ``per_round``, epsilon would be reported for a sampling that
     did not happen (over-selection in particular invites more clients than accounted for).
+    The cohorts themselves are drawn from ``os.urandom`` (:class:`~shoal.sim.experiment.
+    Experiment` with a device pool): amplification by sampling assumes nobody can tell who
+    was sampled, and the seeded cohorts of a simulation can be recomputed from the config.
     """
     if cfg["privacy"]["placement"] != "central":
         return
     d, s = cfg["deploy"], cfg["sampling"]
     target = d["target"] or s["per_round"]
-    if s["method"] != "uniform" or d["selection"] != "uniform" or d["over_selection"] != 1.0 \
-            or target != s["per_round"]:
-        raise ConfigError("central DP in a deployment needs cohorts the accountant describes: "
-                          "sampling.method = 'uniform', deploy.selection = 'uniform', "
-                          "deploy.over_selection = 1 and deploy.target = sampling.per_round "
-                          f"(got {s['method']!r}, {d['selection']!r}, "
-                          f"{d['over_selection']:g}, {target} vs {s['per_round']})",
-                          key="deploy.over_selection")
+    wanted = {"sampling.method": (s["method"], "uniform"),
+              "deploy.selection": (d["selection"], "uniform"),
+              "deploy.over_selection": (d["over_selection"], 1.0),
+              "deploy.target": (target, s["per_round"]),
+              # the pool is the devices enrolled when the run starts: at least data.clients of
+              # them (more only makes the real sampling rate smaller than the one accounted)
+              "deploy.wait_devices": (d["wait_devices"] or cfg["data"]["clients"],
+                                      cfg["data"]["clients"])}
+    for key, (got, need) in wanted.items():
+        if got != need:
+            raise ConfigError(f"central DP in a deployment needs cohorts the accountant "
+                              f"describes (a uniform sample of sampling.per_round out of "
+                              f"data.clients devices): {key} must be {need!r}, got {got!r}",
+                              key=key)
 
 
 def _wait_for_devices(registry: SQLiteRegistry, want: int, timeout_s: float) -> list[str]:

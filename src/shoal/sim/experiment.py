@@ -65,6 +65,13 @@ def auto_threads(cfg: Config) -> int:
     return 1 if expected_cohort(cfg) < 32 else cores
 
 
+def _secret_sampling(round: int, attempt: int) -> np.random.Generator:
+    """Cohorts nobody can recompute from the config (deployments with DP)."""
+    from shoal.privacy.dp import secure_generator
+
+    return secure_generator()
+
+
 class _InLine:
     """The part of an executor :meth:`Experiment.run` uses, running each call at once."""
 
@@ -279,7 +286,8 @@ class Experiment:
         build = lambda: build_model(name, in_features, train.num_classes, cfg.seed)  # noqa: E731
         self.eval_model = FlatModule(build())
         self.spec = self.eval_model.spec
-        self.privacy, local_dp = privacy_from_config(cfg, deployed=pool is not None)
+        deployed = pool is not None
+        self.privacy, local_dp = privacy_from_config(cfg, deployed=deployed)
         if pool is None:
             trainer = CohortTrainer(build(), torch.from_numpy(train.x),
                                     torch.from_numpy(train.y), engine=cfg["sim"]["engine"])
@@ -305,7 +313,8 @@ class Experiment:
             self.strategy, self.pool, sampler or sampler_from_config(cfg), seed=cfg.seed,
             evaluate=lambda params: evaluate(self.eval_model, params, x_test, y_test),
             aggregation=self.privacy or (None if getattr(pool, "aggregates_securely", False)
-                                         else secagg_from_config(cfg)))
+                                         else secagg_from_config(cfg)),
+            sample_rng=_secret_sampling if deployed and self.privacy is not None else None)
         if self.privacy is not None and cfg["privacy"]["on_budget"] == "refuse":
             self.privacy.check_plan(cfg.rounds)
         self.initial_params = self.eval_model.get()

@@ -24,13 +24,15 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -47,6 +49,8 @@ __all__ = [
     "Claims", "Keyring", "key_id", "load_or_create_secret", "issue_token", "verify_token",
     "RevocationList", "RevocationFile", "RateLimiter", "ReplayStatus", "ReplayDecision", "ReplayGuard",
 ]
+
+_log = logging.getLogger("shoal.auth")
 
 AUTH_REASONS = frozenset({"missing", "malformed", "bad_signature", "expired", "not_yet_valid",
                           "wrong_device", "revoked", "scope"})
@@ -486,46 +490,73 @@ class RevocationFile:
     """The revocation list a running aggregator enforces, kept in a JSON file that the
     operator changes (``shoal revoke``) without restarting it.
 
-    :meth:`current` looks at the file at most every ``check_every_s`` seconds and re-reads it
-    when its modification time or size changed. A missing file is an empty list. At
-    construction a malformed file is an error; while running, a malformed replacement keeps
-    the last good list (``last_error`` says why) rather than letting every token in.
+    :meth:`current` re-reads the file at most every ``check_every_s`` seconds (timed with a
+    monotonic clock) and takes the new list when its bytes changed. A file that does not
+    exist at start is an empty list. Afterwards nothing un-revokes a token by accident: a
+    missing, unreadable or malformed file keeps the last good list, with ``last_error``
+    saying why (and a warning in the log); to clear the list, write an empty one.
 
     Raises:
-        CredentialFileError: the file exists but is not a revocation list (at construction).
+        CredentialFileError: the file exists at construction but is not a revocation list.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, check_every_s: float = 1.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, check_every_s: float = 1.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self.check_every_s = check_every_s
         self.last_error: str | None = None
-        self._stamp: tuple[int, int] | None = None
-        self._checked = -math.inf
+        self._monotonic = monotonic
+        self._bytes: bytes | None = None
         self._list = RevocationList()
-        self._reload(strict=True)
-
-    def _reload(self, *, strict: bool) -> None:
+        self._checked = monotonic()
         try:
-            st = self.path.stat()
+            self._bytes = self.path.read_bytes()
         except FileNotFoundError:
-            self._stamp, self._list = None, RevocationList()
             return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
+        except OSError as exc:
+            raise CredentialFileError(f"cannot read revocation list {self.path}: {exc}",
+                                      self.path) from None
+        try:
+            self._list = self._parse(self._bytes)
+        except ConfigError as exc:
+            raise CredentialFileError(f"revocation list {self.path}: {exc}",
+                                      self.path) from None
+
+    @staticmethod
+    def _parse(data: bytes) -> RevocationList:
+        try:
+            return RevocationList.from_json(data.decode("utf-8"))
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise ConfigError(f"not a revocation list ({type(exc).__name__})") from None
+
+    def _refresh(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            self._failed("missing" if isinstance(exc, FileNotFoundError) else str(exc))
+            return
+        if data == self._bytes:
             return
         try:
-            self._list = RevocationList.from_json(self.path.read_text())
-            self.last_error = None
-        except (OSError, ConfigError) as exc:
-            if strict:
-                raise CredentialFileError(f"revocation list {self.path}: {exc}",
-                                          self.path) from None
-            self.last_error = str(exc)
-        self._stamp = stamp
+            self._list = self._parse(data)
+        except ConfigError as exc:
+            self._failed(str(exc))
+            return
+        self._bytes, self.last_error = data, None
 
-    def current(self, now: float) -> RevocationList:
-        """The list in force at ``now`` (``now`` only paces the file checks)."""
-        if now - self._checked >= self.check_every_s:
-            self._checked = now
-            self._reload(strict=False)
+    def _failed(self, why: str) -> None:
+        if self._bytes is None and why == "missing":
+            return  # never existed: nothing revoked yet
+        if why != self.last_error:
+            _log.warning("revocation list %s: %s; keeping the last good list (%d tokens)",
+                         self.path, why, len(self._list))
+        self.last_error = why
+
+    def current(self, now: float | None = None) -> RevocationList:
+        """The list in force. Reloads are paced by the monotonic clock (``now`` is not used),
+        so a wall clock stepped backwards cannot stall them."""
+        t = self._monotonic()
+        if t - self._checked >= self.check_every_s:
+            self._checked = t
+            self._refresh()
         return self._list
