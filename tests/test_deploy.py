@@ -98,6 +98,14 @@ def test_serve_refuses_settings_it_would_silently_misapply(tmp_path, capsys, set
     assert not (work / "secret").exists() and not (work / "registry.db").exists()
 
 
+def test_launch_refuses_before_writing_its_certificates_and_tokens(tmp_path, capsys):
+    work = tmp_path / "work"
+    assert main(["launch", *SMALL, "--set", "privacy.placement=\"central\"",
+                 "--set", "deploy.over_selection=1.3", "--dir", str(work), "-q"]) == 2
+    assert "deploy.over_selection must be 1.0" in capsys.readouterr().err
+    assert not work.exists()
+
+
 def _spawn(args, log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "shoal.cli", *args],

@@ -320,13 +320,14 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from shoal.config import to_toml
-    from shoal.deploy import AggregatorPaths, run_aggregator
+    from shoal.deploy import AggregatorPaths, check_deployable, run_aggregator
     from shoal.store.atomic import replace_atomically
     from shoal.transport.auth import issue_token, load_or_create_secret
     from shoal.transport.certs import make_client_cert, make_local_pki
 
     cfg = _config_from_args(args)
     deaths = _parse_die_after(args.die_after, cfg["data"]["clients"])
+    check_deployable(cfg, tls=True, mutual_tls=args.mtls)  # before writing certs and tokens
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-launch-"))
     work.mkdir(parents=True, exist_ok=True)
     n = cfg["data"]["clients"]

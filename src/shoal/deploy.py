@@ -34,7 +34,7 @@ from shoal.transport.certs import load_client_ca
 from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
                                     serve)
 
-__all__ = ["AggregatorPaths", "run_aggregator"]
+__all__ = ["AggregatorPaths", "check_deployable", "run_aggregator"]
 
 log = logging.getLogger("shoal.aggregator")
 
@@ -92,25 +92,11 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             (checked before anything is written).
     """
     d = cfg["deploy"]
-    if paths.tls_dir is None and d["host"] not in ("127.0.0.1", "localhost", "::1"):
-        raise ConfigError(f"deploy.host = {d['host']!r} without TLS: give a certificate "
-                          f"directory (shoal certs) or listen on 127.0.0.1", key="deploy.host")
+    check_deployable(cfg, tls=paths.tls_dir is not None,
+                     mutual_tls=paths.client_ca is not None)
     client_ca = None
     if paths.client_ca is not None:
-        if paths.tls_dir is None:
-            raise ConfigError("mutual TLS (--client-ca) needs the server's certificate "
-                              "directory (--certs)", key="client_ca")
         client_ca = load_client_ca(paths.client_ca, now=dt.datetime.now(dt.timezone.utc))
-    comp = cfg["compression"]
-    if cfg["privacy"]["placement"] == "local" or comp["upload"] != "none":
-        raise ConfigError("the device runtime does not yet apply local DP or compression; "
-                          "run those in simulation (shoal run)", key="deploy")
-    if comp["download"] != "full" or comp["download_codec"] != "none" \
-            or comp["error_feedback"]:
-        raise ConfigError("deployed models travel as full float32 vectors: "
-                          "compression.download, download_codec and error_feedback apply to "
-                          "simulation only (shoal run)", key="compression.download")
-    _check_central_dp_accounting(cfg)
     revocations = RevocationFile(paths.revoked) if paths.revoked is not None else None
     settings = settings_from_config(cfg)
     keyring = Keyring.single(load_or_create_secret(paths.secret))
@@ -204,6 +190,33 @@ def selector_from_config(cfg: Config):
     if name == "availability":
         return AvailabilityAware()
     return FairnessAware()
+
+
+def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> None:
+    """Refuse, before anything is written, a configuration a deployment would misapply.
+
+    Raises:
+        ConfigError: insecure serving on a non-loopback address, mutual TLS without TLS,
+            local DP or compression (which devices do not apply), or central DP whose
+            cohorts the accountant would describe wrongly.
+    """
+    d = cfg["deploy"]
+    if not tls and d["host"] not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"deploy.host = {d['host']!r} without TLS: give a certificate "
+                          f"directory (shoal certs) or listen on 127.0.0.1", key="deploy.host")
+    if mutual_tls and not tls:
+        raise ConfigError("mutual TLS (--client-ca) needs the server's certificate "
+                          "directory (--certs)", key="client_ca")
+    comp = cfg["compression"]
+    if cfg["privacy"]["placement"] == "local" or comp["upload"] != "none":
+        raise ConfigError("the device runtime does not yet apply local DP or compression; "
+                          "run those in simulation (shoal run)", key="deploy")
+    if comp["download"] != "full" or comp["download_codec"] != "none" \
+            or comp["error_feedback"]:
+        raise ConfigError("deployed models travel as full float32 vectors: "
+                          "compression.download, download_codec and error_feedback apply to "
+                          "simulation only (shoal run)", key="compression.download")
+    _check_central_dp_accounting(cfg)
 
 
 def _check_central_dp_accounting(cfg: Config) -> None:
