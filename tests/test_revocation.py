@@ -40,7 +40,7 @@ def test_a_revoked_token_is_refused_by_the_running_aggregator(tmp_path, capsys):
         assert hello("dev-a").server_id == "shoal"
         assert main(["revoke", str(tmp_path / "dev-a.token"), "--secret",
                      str(tmp_path / "secret"), "--list", str(listed)]) == 0
-        assert "revoked the token of 'dev-a'" in capsys.readouterr().out
+        assert "revoked a token of 'dev-a'" in capsys.readouterr().out
         with pytest.raises(grpc.RpcError) as info:
             hello("dev-a")
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -118,3 +118,33 @@ def test_revoke_accepts_tokens_not_yet_valid_and_keeps_earlier_entries(tmp_path,
     assert main(["revoke", "not-a-file-but-a-token", "--secret", str(tmp_path / "secret"),
                  "--list", str(listed)]) == 2
     assert "not the token itself" in capsys.readouterr().err
+
+
+def test_revoke_by_device_uses_the_enrolment_record(tmp_path, capsys):
+    """A stolen token nobody kept can still be revoked: `shoal enroll` records token ids
+    (never tokens) next to the secret, and `shoal revoke --device` revokes them all."""
+    secret_file, listed = tmp_path / "agg" / "secret", tmp_path / "agg" / "revoked.json"
+    for _ in range(2):  # two enrolments of the same device: both tokens get revoked
+        assert main(["enroll", "phone-1", "--secret", str(secret_file)]) == 0
+    assert main(["enroll", "phone-2", "--secret", str(secret_file)]) == 0
+    printed = capsys.readouterr().out.split()
+    log = (tmp_path / "agg" / "enrolled.jsonl").read_text()
+    assert all(token not in log for token in printed)  # ids only, no bearer tokens
+    assert oct((tmp_path / "agg" / "enrolled.jsonl").stat().st_mode & 0o777) == "0o600"
+    assert main(["revoke", "--device", "phone-1", "--secret", str(secret_file),
+                 "--list", str(listed)]) == 0
+    revoked = RevocationFile(listed).current()
+    assert len(revoked) == 2
+    secret = load_or_create_secret(secret_file)
+    from shoal.transport.auth import AuthError, verify_token
+
+    outcomes = []
+    for token in printed:
+        try:
+            outcomes.append(verify_token(secret, token, now=time.time(), revoked=revoked).sub)
+        except AuthError as exc:
+            outcomes.append(exc.reason)
+    assert outcomes == ["revoked", "revoked", "phone-2"]
+    assert main(["revoke", "--device", "phone-9", "--secret", str(secret_file),
+                 "--list", str(listed)]) == 2
+    assert "no token of 'phone-9' is recorded" in capsys.readouterr().err
