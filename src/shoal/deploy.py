@@ -85,9 +85,8 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     """Serve devices until ``cfg.rounds`` rounds are committed (resuming from the store).
 
     Raises:
-        ConfigError: insecure serving on a non-loopback address, a client CA without a
-            server certificate, or not enough devices enrolled within
-            ``deploy.wait_timeout_s``.
+        ConfigError: what :func:`check_deployable` refuses, or not enough devices enrolled
+            within ``deploy.wait_timeout_s``.
         CredentialFileError: the client-CA file is missing, not PEM, not a CA, or expired
             (checked before anything is written).
     """
@@ -227,9 +226,9 @@ def _check_central_dp_accounting(cfg: Config) -> None:
     ``ceil(target x over_selection)`` devices, chosen by ``deploy.selection``: unless that is
     exactly a uniform sample of ``per_round``, epsilon would be reported for a sampling that
     did not happen (over-selection in particular invites more clients than accounted for).
-    The cohorts themselves are drawn from ``os.urandom`` (:class:`~shoal.sim.experiment.
-    Experiment` with a device pool): amplification by sampling assumes nobody can tell who
-    was sampled, and the seeded cohorts of a simulation can be recomputed from the config.
+    The cohorts themselves are drawn from ``os.urandom`` (an ``Experiment`` with a device
+    pool): amplification by sampling assumes nobody can tell who was sampled, and the seeded
+    cohorts of a simulation can be recomputed from the config.
     """
     if cfg["privacy"]["placement"] != "central":
         return
