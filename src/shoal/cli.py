@@ -571,10 +571,16 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         targets = [(claims.sub, claims.jti, claims.exp)]
     else:
         log = _enrolment_log(Path(args.secret))
-        records = [json.loads(line) for line in log.read_text().splitlines() if line] \
-            if log.is_file() else []
-        targets = [(r["device"], r["jti"], int(r["exp"])) for r in records
-                   if r.get("device") == args.device]
+        targets = []
+        lines = log.read_text().splitlines() if log.is_file() else []
+        for number, line in enumerate(lines, start=1):
+            try:
+                r = json.loads(line)
+                if r["device"] == args.device:
+                    targets.append((r["device"], str(r["jti"]), int(r["exp"])))
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{log}, line {number}: not an enrolment record",
+                                  key="device") from None
         if not targets:
             raise ConfigError(f"no token of {args.device!r} is recorded in {log} (tokens "
                               f"issued by `shoal enroll` with this secret are)", key="device")
