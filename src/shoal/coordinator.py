@@ -253,16 +253,16 @@ class Coordinator:
         self.clock = clock
         self.aggregation = aggregation
         self.last_abort: ProtocolError | None = None
-        self.sample_rng = sample_rng
+        self.sample_rng = sample_rng or self._seeded_sample_rng
+
+    def _seeded_sample_rng(self, round: int, attempt: int) -> np.random.Generator:
+        path = (round,) if attempt == 0 else (round, attempt)
+        return seeds.generator(self.seed, "sample", *path)
 
     def cohort(self, round: int, attempt: int = 0) -> np.ndarray:
         """The clients sampled for ``round`` (and retry ``attempt`` of it); with the default
         generators the same for the same seed, always."""
-        if self.sample_rng is not None:
-            return self.sampler.sample(self.pool.num_clients, self.sample_rng(round, attempt))
-        path = (round,) if attempt == 0 else (round, attempt)
-        return self.sampler.sample(self.pool.num_clients,
-                                   seeds.generator(self.seed, "sample", *path))
+        return self.sampler.sample(self.pool.num_clients, self.sample_rng(round, attempt))
 
     def run_round(self, state: ServerState, *, evaluate: bool = True, attempt: int = 0
                   ) -> tuple[ServerState, RoundRecord]:

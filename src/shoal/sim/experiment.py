@@ -65,8 +65,9 @@ def auto_threads(cfg: Config) -> int:
     return 1 if expected_cohort(cfg) < 32 else cores
 
 
-def _secret_sampling(round: int, attempt: int) -> np.random.Generator:
-    """Cohorts nobody can recompute from the config (deployments with DP)."""
+def _unpredictable(*_: int) -> np.random.Generator:
+    """A fresh generator from ``os.urandom``, whatever the round: deployed DP noise and
+    cohorts, which nobody holding the config may recompute."""
     from shoal.privacy.dp import secure_generator
 
     return secure_generator()
@@ -175,16 +176,9 @@ def privacy_from_config(cfg: Config, *, deployed: bool = False):
                                     count_noise_std=p["count_noise_std"] or None)
     central = CentralDP(noise_multiplier=z, clip_norm=p["clip_norm"],
                         expected_clients=expected_cohort(cfg), adaptive=adaptive)
-    if deployed:
-        from shoal.privacy.dp import secure_generator
-
-        def rng_for_round(r: int) -> np.random.Generator:
-            return secure_generator()
-    else:
-        seed = cfg.seed
-
-        def rng_for_round(r: int) -> np.random.Generator:
-            return seeds.generator(seed, "dp", r)
+    seed = cfg.seed
+    rng_for_round = _unpredictable if deployed else (
+        lambda r: seeds.generator(seed, "dp", r))
     return DPAggregation("central", event, budget, p["accountant"],
                          rng_for_round=rng_for_round, central=central), None
 
@@ -314,7 +308,7 @@ class Experiment:
             evaluate=lambda params: evaluate(self.eval_model, params, x_test, y_test),
             aggregation=self.privacy or (None if getattr(pool, "aggregates_securely", False)
                                          else secagg_from_config(cfg)),
-            sample_rng=_secret_sampling if deployed and self.privacy is not None else None)
+            sample_rng=_unpredictable if deployed and self.privacy is not None else None)
         if self.privacy is not None and cfg["privacy"]["on_budget"] == "refuse":
             self.privacy.check_plan(cfg.rounds)
         self.initial_params = self.eval_model.get()

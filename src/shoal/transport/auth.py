@@ -552,9 +552,9 @@ class RevocationFile:
                          self.path, why, len(self._list))
         self.last_error = why
 
-    def current(self, now: float | None = None) -> RevocationList:
-        """The list in force. Reloads are paced by the monotonic clock (``now`` is not used),
-        so a wall clock stepped backwards cannot stall them."""
+    def current(self) -> RevocationList:
+        """The list in force. Reloads are paced by a monotonic clock, so a wall clock
+        stepped backwards cannot stall them."""
         t = self._monotonic()
         if t - self._checked >= self.check_every_s:
             self._checked = t

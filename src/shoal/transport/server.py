@@ -243,7 +243,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 token = value[len("Bearer "):]
         now = self.clock()
         try:
-            revoked = self.revocations.current(now) if self.revocations is not None else None
+            revoked = self.revocations.current() if self.revocations is not None else None
             claims = verify_token(self.keyring, token, now=now, expected_device=device_id,
                                   required_scope=scope, revoked=revoked)
         except AuthError as exc:
