@@ -47,7 +47,8 @@ __all__ = [
     "AUTH_REASONS", "KNOWN_SCOPES", "MAX_TOKEN_CHARS", "SECRET_BYTES",
     "AuthError", "CredentialFileError",
     "Claims", "Keyring", "key_id", "load_or_create_secret", "issue_token", "verify_token",
-    "RevocationList", "RevocationFile", "RateLimiter", "ReplayStatus", "ReplayDecision", "ReplayGuard",
+    "RevocationList", "RevocationFile", "RateLimiter", "ReplayStatus", "ReplayDecision",
+    "ReplayGuard",
 ]
 
 _log = logging.getLogger("shoal.auth")
