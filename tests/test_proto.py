@@ -1,78 +1,192 @@
-"""The device protocol schema over a real gRPC channel on loopback (a smoke test of the
-generated modules; the aggregator itself is not built yet)."""
+"""The device protocol's messages, answered by the real aggregator on a loopback gRPC server.
+
+Every reply here comes from :class:`~shoal.transport.server.AggregatorService` with a round
+opened by the coordinator's :class:`~shoal.transport.server.GrpcClientPool`, so the test checks
+what the messages mean to a device: a check-in is answered by a task or by "come back at T"
+with its reason; a model larger than one gRPC message (4 MB) arrives in capped, checksummed
+chunks that reassemble to the model; an update streamed in chunks reaches the round only when
+it matches its declared SHA-256.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from concurrent import futures
+import threading
+import time
 
+import numpy as np
 import pytest
 
 grpc = pytest.importorskip("grpc")
+
+from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
+from shoal.coordinator import ClientUpdate, RoundAbandoned, TrainTask  # noqa: E402
+from shoal.registry import SQLiteRegistry  # noqa: E402
+from shoal.transport.auth import Keyring, issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
+from shoal.transport.server import (AggregatorService, AggregatorSettings,  # noqa: E402
+                                    GrpcClientPool, serve)
 
-PAYLOAD = bytes(range(256)) * 24_000  # 6 MB: more than gRPC allows in one message (4 MB)
+DIM = 1_600_000  # 6.4 MB of float32: more than gRPC carries in one message (4 MB)
+CHUNK = 1 << 20
+SECRET = b"p" * 32
+DEVICES = ("dev-a", "dev-b")
+PARAMS = np.linspace(-1.0, 1.0, DIM, dtype=np.float32)
+SETTINGS = AggregatorSettings(target=1, deadline_s=30.0, min_fraction=1.0, chunk_size=CHUNK,
+                              max_update_bytes=8 << 20, idle_retry_s=2.0,
+                              checkin_interval_s=5.0)
+ROUND = 3  # trains model version ROUND - 1
 
 
-class _Servicer(pb_grpc.AggregatorServicer):
-    def CheckIn(self, request, context):
-        if request.device_id == "selected":
-            return pb.CheckInReply(task=pb.Task(round=3, model_version=7, upload_key="k",
-                                                deadline=123.5, settings={"lr": 0.05},
-                                                kind="train"))
-        return pb.CheckInReply(come_back=pb.ComeBack(at=200.0, reason="not_selected"))
+def md(device: str):
+    token = issue_token(SECRET, device, now=time.time(), ttl_seconds=3600)
+    return (("authorization", f"Bearer {token}"),)
 
-    def Download(self, request, context):
-        digest = hashlib.sha256(PAYLOAD).digest()
-        size = min(request.chunk_size or 65536, 262144)
-        for off in range(0, len(PAYLOAD), size):
-            yield pb.ModelChunk(version=request.version, total_size=len(PAYLOAD),
-                                sha256=digest if off == 0 else b"", offset=off,
-                                data=PAYLOAD[off:off + size])
 
-    def Upload(self, request_iterator, context):
-        header, data = None, bytearray()
-        for chunk in request_iterator:
-            if chunk.WhichOneof("part") == "header":
-                header = chunk.header
-            else:
-                data += chunk.data
-        ok = header is not None and hashlib.sha256(data).digest() == header.sha256
-        return pb.UploadReply(accepted=ok, reason="" if ok else "checksum")
+def encode(vector: np.ndarray) -> bytes:
+    return to_bytes(Chain([]).encode(vector, np.random.default_rng(0)))
 
 
 @pytest.fixture()
-def stub():
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_AggregatorServicer_to_server(_Servicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+def server(tmp_path):
+    service = AggregatorService(SETTINGS, Keyring.single(SECRET), DIM, "spec-fp",
+                                lambda: SQLiteRegistry(tmp_path / "registry.db"))
+    port, stop = serve(service)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield pb_grpc.AggregatorStub(channel)
+    yield service, pb_grpc.AggregatorStub(channel)
     channel.close()
-    server.stop(grace=None)
+    stop()
 
 
-def test_check_in_reply_is_a_task_or_come_back(stub):
-    task = stub.CheckIn(pb.CheckInRequest(device_id="selected"), timeout=5)
-    assert task.WhichOneof("reply") == "task" and task.task.settings["lr"] == 0.05
-    later = stub.CheckIn(pb.CheckInRequest(device_id="other"), timeout=5)
-    assert later.WhichOneof("reply") == "come_back" and later.come_back.reason == "not_selected"
+class OpenRound:
+    """Round ``ROUND`` for dev-a alone (dev-b is enrolled, not selected), run by the pool in a
+    thread as the coordinator would; :meth:`finish` returns what the pool yielded."""
+
+    def __init__(self, service: AggregatorService) -> None:
+        self.service = service
+        self.out: dict = {}
+        pool = GrpcClientPool(service, DEVICES, poll_s=0.05)
+        task = TrainTask(ROUND, PARAMS, {"lr": 0.05})
+        self.thread = threading.Thread(target=self._run, args=(pool, task))
+        self.thread.start()
+        deadline = time.time() + 10
+        while service.round is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert service.round is not None
+
+    def _run(self, pool: GrpcClientPool, task: TrainTask) -> None:
+        try:
+            self.out["updates"] = [u for u in pool.train(task, np.array([0]))
+                                   if isinstance(u, ClientUpdate)]
+        except RoundAbandoned as exc:
+            self.out["abandoned"] = exc
+
+    def finish(self) -> dict:
+        with self.service.changed:
+            self.service.round.close(time.time())
+            self.service.changed.notify_all()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+        return self.out
 
 
-def test_models_and_updates_stream_in_checksummed_chunks(stub):
-    chunks = list(stub.Download(pb.DownloadRequest(version=7, chunk_size=1 << 20), timeout=10))
-    assert len(chunks) == -(-len(PAYLOAD) // 262144)  # the server caps the chunk size
+@pytest.fixture()
+def open_round(server):
+    service, stub = server
+    rnd = OpenRound(service)
+    yield rnd, stub
+    rnd.finish()
+
+
+def test_hello_and_check_in_before_any_round(server):
+    service, stub = server
+    before = time.time()
+    hello = stub.Hello(pb.HelloRequest(device_id="dev-a", attributes={"os": "test"}),
+                       metadata=md("dev-a"), timeout=5)
+    assert hello.server_id == "shoal" and hello.model_version == 0
+    assert before - 1 <= hello.server_time <= time.time() + 1
+    reply = stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"), timeout=5)
+    assert reply.WhichOneof("reply") == "come_back"
+    assert reply.come_back.reason == "no_round"
+    assert before <= reply.come_back.at <= time.time() + SETTINGS.idle_retry_s
+
+
+def test_check_in_answers_a_task_or_when_to_come_back(open_round):
+    rnd, stub = open_round
+    before = time.time()
+    reply = stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"), timeout=5)
+    assert reply.WhichOneof("reply") == "task"
+    task = reply.task
+    assert (task.round, task.model_version, task.kind) == (ROUND, ROUND - 1, "train")
+    assert dict(task.settings) == {"lr": 0.05} and task.spec_fingerprint == "spec-fp"
+    assert len(bytes.fromhex(task.upload_key)) == 16
+    assert before < task.deadline <= time.time() + SETTINGS.deadline_s
+    # a lost reply costs nothing: asking again returns the same task
+    again = stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"), timeout=5)
+    assert again.task.upload_key == task.upload_key
+    # a device the round does not need comes back within [0.5, 1.5] x checkin_interval_s
+    other = stub.CheckIn(pb.CheckInRequest(device_id="dev-b"), metadata=md("dev-b"), timeout=5)
+    assert other.WhichOneof("reply") == "come_back"
+    assert other.come_back.reason == "not_selected"
+    interval = SETTINGS.checkin_interval_s
+    assert before + 0.5 * interval <= other.come_back.at <= time.time() + 1.5 * interval
+    # the heartbeat tells a device whether its round is still worth finishing
+    beat = stub.Heartbeat(pb.HeartbeatRequest(device_id="dev-a", round=ROUND),
+                          metadata=md("dev-a"), timeout=5)
+    assert beat.keep_going
+    past = stub.Heartbeat(pb.HeartbeatRequest(device_id="dev-a", round=ROUND - 1),
+                          metadata=md("dev-a"), timeout=5)
+    assert not past.keep_going
+
+
+def test_a_model_larger_than_one_message_streams_in_capped_checksummed_chunks(open_round):
+    rnd, stub = open_round
+    request = pb.DownloadRequest(version=ROUND - 1, chunk_size=16 * CHUNK)
+    chunks = list(stub.Download(request, metadata=md("dev-a"), timeout=10))
     blob = b"".join(c.data for c in chunks)
-    assert blob == PAYLOAD and hashlib.sha256(blob).digest() == chunks[0].sha256
+    assert len(blob) > 4 << 20
+    assert all(len(c.data) == CHUNK for c in chunks[:-1]) and len(chunks[-1].data) <= CHUNK
+    assert [c.offset for c in chunks] == [i * CHUNK for i in range(len(chunks))]
+    assert {(c.version, c.total_size) for c in chunks} == {(ROUND - 1, len(blob))}
+    assert chunks[0].sha256 == hashlib.sha256(blob).digest()
+    assert all(c.sha256 == b"" for c in chunks[1:])
+    np.testing.assert_array_equal(from_bytes(blob, max_elements=DIM), PARAMS)
+    # a device may ask for smaller chunks than the server's cap
+    small = list(stub.Download(pb.DownloadRequest(version=ROUND - 1, chunk_size=CHUNK // 2),
+                               metadata=md("dev-a"), timeout=10))
+    assert len(small) == -(-len(blob) // (CHUNK // 2))
+    assert b"".join(c.data for c in small) == blob
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Download(pb.DownloadRequest(version=ROUND), metadata=md("dev-a"), timeout=5))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
-    def parts(digest):
-        yield pb.UploadChunk(header=pb.UploadHeader(device_id="d", round=3, sha256=digest,
-                                                    total_size=len(PAYLOAD)))
-        for off in range(0, len(PAYLOAD), 262144):
-            yield pb.UploadChunk(data=PAYLOAD[off:off + 262144])
 
-    assert stub.Upload(parts(hashlib.sha256(PAYLOAD).digest()), timeout=10).accepted
-    bad = stub.Upload(parts(b"\0" * 32), timeout=10)
-    assert not bad.accepted and bad.reason == "checksum"
+def test_an_update_streamed_in_chunks_reaches_the_round_only_if_it_matches_its_checksum(
+        open_round):
+    rnd, stub = open_round
+    task = stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"),
+                        timeout=5).task
+    delta = np.full(DIM, 0.25, np.float32)
+    blob = encode(delta)
+
+    def upload(sha256: bytes, header_first: bool = True):
+        header = pb.UploadHeader(device_id="dev-a", round=task.round,
+                                 base_version=task.model_version, upload_key=task.upload_key,
+                                 idempotency_key="once", num_examples=10,
+                                 metrics={"loss": 0.5}, total_size=len(blob), sha256=sha256)
+        parts = [pb.UploadChunk(data=blob[off:off + CHUNK])
+                 for off in range(0, len(blob), CHUNK)]
+        parts.insert(0 if header_first else 1, pb.UploadChunk(header=header))
+        return stub.Upload(iter(parts), metadata=md("dev-a"), timeout=10)
+
+    forged = upload(b"\0" * 32)
+    assert (forged.accepted, forged.reason) == (False, "checksum")
+    headless = upload(hashlib.sha256(blob).digest(), header_first=False)
+    assert (headless.accepted, headless.reason) == (False, "malformed")
+    assert upload(hashlib.sha256(blob).digest()).accepted
+    out = rnd.finish()
+    [update] = out["updates"]
+    assert (update.client_id, update.num_examples) == (0, 10)
+    np.testing.assert_array_equal(update.delta, delta)
+    assert update.metrics == {"loss": 0.5, "upload_bytes": float(len(blob))}
