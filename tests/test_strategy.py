@@ -609,9 +609,36 @@ def test_out_of_range_hyperparameters_raise_config_error(name, kwargs, param, in
         STRATEGIES[name](**kwargs)
 
 
-def test_boundary_values_are_accepted() -> None:
-    FedAdam(server_lr=1e-9, beta1=0.0, beta2=0.0, tau=1e-12)
-    FedProx(mu=0.0)
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("fedadam", {"server_lr": 1e-9, "beta1": 0.0, "beta2": 0.0, "tau": 1e-12}),
+        ("fedyogi", {"server_lr": 1e-9, "beta1": 0.0, "beta2": 0.0, "tau": 1e-12}),
+        ("fedadagrad", {"server_lr": 1e-9, "beta1": 0.0, "tau": 1e-12}),
+        ("fedprox", {"mu": 0.0}),
+        ("fedprox", {"mu": 3}),  # an int means the float it equals
+    ],
+)
+def test_boundary_values_are_accepted_and_kept_exactly(name, kwargs) -> None:
+    for strategy in (STRATEGIES[name](**kwargs), make_strategy(name, **kwargs)):
+        for key, value in kwargs.items():
+            kept = getattr(strategy, key)
+            assert kept == value and type(kept) is float, (key, kept)
+
+
+def test_boundary_values_mean_what_they_say() -> None:
+    state = ServerState(params=vec(0.0, 0.0), round=0)
+    assert FedProx(mu=0.0).client_config(state) == {"mu": 0.0}
+    # beta1 = beta2 = 0 keeps no history: m = Δ and v = Δ², so the step is lr * Δ / (|Δ| + τ)
+    adam = FedAdam(server_lr=1e-9, beta1=0.0, beta2=0.0, tau=1e-12)
+    start = adam.init(vec(0.0, 0.0))
+    acc = adam.accumulator(start)
+    acc.add(vec(0.5, -2.0), 1.0)
+    stepped = adam.apply(start, acc)
+    expected = 1e-9 * np.array([0.5, -2.0]) / (np.array([0.5, 2.0]) + 1e-12)
+    np.testing.assert_allclose(stepped.params, expected.astype(F32), rtol=1e-6)
+    np.testing.assert_array_equal(stepped.slots["m"], vec(0.5, -2.0))
+    np.testing.assert_array_equal(stepped.slots["v"], vec(0.25, 4.0))
 
 
 def test_public_api() -> None:
