@@ -1,0 +1,136 @@
+"""``shoal launch``: an aggregator and one client process per client, TLS on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shoal.cli.client import SECAGG_STAGES
+from shoal.cli.options import add_run_options, config_from_args
+from shoal.cli.report import Progress, banner, report
+from shoal.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "launch", help="deploy on this machine: an aggregator and N client processes over "
+                       "TLS on loopback",
+        description="Start an aggregator and one client process per client of the config "
+                    "(real processes, real sockets, TLS on), run to the end and report like "
+                    "`shoal run`. With deploy.over_selection = 1 and deploy.min_fraction = 1 "
+                    "the devices train exactly the clients and batches `shoal run` would.",
+        epilog="example:\n  shoal launch --clients 20 --rounds 10 --per-round 10 "
+               "--set deploy.over_selection=1.0",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(p)
+    p.add_argument("--dir", help="state directory (default: a new temporary one)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-json", dest="log_json", metavar="FILE",
+                   help="append the aggregator's structured log (JSON lines) to FILE")
+    p.add_argument("--mtls", action="store_true",
+                   help="mutual TLS: every client process presents its own client "
+                        "certificate (common name = its device id), as silos would")
+    p.add_argument("--die-after", dest="die_after", action="append", default=[],
+                   metavar="STAGE:N",
+                   help="fault injection (repeatable): the next N client processes, "
+                        "from device-0000 on, kill themselves (SIGKILL) right after "
+                        "STAGE of their first secure-aggregation round; STAGE is one of "
+                        + ", ".join(SECAGG_STAGES))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import os
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from shoal.config import to_toml
+    from shoal.deploy import AggregatorPaths, check_deployable, run_aggregator
+    from shoal.store.atomic import replace_atomically
+    from shoal.transport.auth import issue_token, load_or_create_secret
+    from shoal.transport.certs import make_client_cert, make_local_pki
+
+    cfg = config_from_args(args)
+    deaths = _parse_die_after(args.die_after, cfg["data"]["clients"])
+    check_deployable(cfg, tls=True, mutual_tls=args.mtls)  # before writing certs and tokens
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-launch-"))
+    work.mkdir(parents=True, exist_ok=True)
+    n = cfg["data"]["clients"]
+    cfg_path = work / "config.toml"
+    cfg_path.write_text(to_toml(cfg))
+    pki = make_local_pki(work / "certs", days=2, now=dt.datetime.now(dt.timezone.utc),
+                         overwrite=True)
+    secret = load_or_create_secret(work / "secret")
+    tokens = work / "tokens"
+    tokens.mkdir(exist_ok=True)
+    for i in range(n):
+        replace_atomically(tokens / f"device-{i:04d}", issue_token(
+            secret, f"device-{i:04d}", now=time.time(),
+            ttl_seconds=2 * 86400).encode(), mode=0o600)
+    client_certs = [make_client_cert(work / "certs", name=f"device-{i:04d}",
+                                     ca_cert=pki.ca_cert, ca_key=pki.ca_key, days=2,
+                                     now=dt.datetime.now(dt.timezone.utc), overwrite=True)
+                    for i in range(n)] if args.mtls else []
+    paths = AggregatorPaths(secret=work / "secret", registry=work / "registry.db",
+                            store=work / "models", tls_dir=work / "certs",
+                            port_file=work / "port",
+                            client_ca=pki.ca_cert if args.mtls else None,
+                            revoked=work / "revoked.json")
+    security = "mutual TLS" if args.mtls else "TLS"
+    banner(cfg, args, f" launch ({n} client processes, {security} on loopback, state in "
+                      f"{work})")
+    procs: list[subprocess.Popen] = []
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def start_clients(port: int) -> None:
+        for i in range(n):
+            cmd = [sys.executable, "-m", "shoal.cli", "client", str(cfg_path), "--server",
+                   f"localhost:{port}", "--token", str(tokens / f"device-{i:04d}"),
+                   "--ca", str(pki.ca_cert), "--index", str(i)]
+            if client_certs:
+                cmd += ["--cert", str(client_certs[i].cert), "--key", str(client_certs[i].key)]
+            if i < len(deaths):
+                cmd += ["--die-after", deaths[i]]
+            with open(logs / f"device-{i:04d}.log", "w") as log_file:
+                procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                              env=env))
+
+    if args.log_json:
+        from shoal.telemetry import configure_json_logging
+
+        configure_json_logging(open(args.log_json, "a", buffering=1))
+    progress = Progress(cfg, args.quiet)
+    try:
+        exp, result = run_aggregator(cfg, paths, on_round=progress, on_ready=start_clients)
+    finally:
+        progress.close()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return report(cfg, args, exp, result, {"client_processes": n, "work_dir": str(work)})
+
+
+def _parse_die_after(specs: Sequence[str], clients: int) -> list[str]:
+    """``["share_keys:2", "masked_input:1"]`` -> the stage for client 0, 1, 2, ..."""
+    out: list[str] = []
+    for spec in specs:
+        stage, _, count = spec.partition(":")
+        if stage not in SECAGG_STAGES or not count.isdigit():
+            raise ConfigError(f"--die-after {spec!r}: expected STAGE:N with STAGE one of "
+                              f"{', '.join(SECAGG_STAGES)}", key="die_after")
+        out += [stage] * int(count)
+    if len(out) > clients:
+        raise ConfigError(f"--die-after asks {len(out)} client processes to die; there are "
+                          f"{clients}", key="die_after")
+    return out

@@ -1,0 +1,69 @@
+"""``shoal models``: list, show, promote or roll back versions in a model store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from shoal.cli.report import fmt
+from shoal.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "models", help="list, show, promote or roll back model versions in a model store",
+        description="Every committed global model is a version with its parent, round, "
+                    "metrics and status (candidate / production / rolled_back). `shoal run` "
+                    "commits its final model when output.store is set.",
+        epilog="examples:\n  shoal models --store models list\n"
+               "  shoal models --store models promote v3\n"
+               "  shoal models --store models rollback v2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True, help="model store directory")
+    p.add_argument("action", choices=("list", "show", "promote", "rollback"))
+    p.add_argument("version", nargs="?", help="version for show / promote / rollback")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from shoal.store import ModelStore
+
+    readonly = args.action in ("list", "show")
+    with ModelStore(args.store, readonly=readonly) as store:
+        if args.action == "list":
+            versions = store.list()
+            if args.json:
+                print(json.dumps([v.to_dict() for v in versions]))
+                return 0
+            if not versions:
+                print(f"no model versions in {args.store}")
+            for v in versions:
+                acc = v.metrics.get("final_accuracy")
+                print(f"v{v.id:<5} {v.status:<12} round {v.round:<6} parent "
+                      f"{'-' if v.parent is None else 'v' + str(v.parent):<6} "
+                      f"accuracy {fmt(acc) if acc is not None else 'n/a'}  "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}")
+            return 0
+        version = _parse_version(args.version)
+        if args.action == "show":
+            v = store.get(version)
+            info = v.to_dict() | {"lineage": [x.id for x in store.lineage(version)]}
+            print(json.dumps(info, indent=None if args.json else 2))
+            return 0
+        now = time.time()
+        v = store.promote(version, now=now) if args.action == "promote" \
+            else store.rollback(version, now=now)
+        print(f"v{v.id} is now {v.status}")
+        return 0
+
+
+def _parse_version(text: str | None) -> int:
+    if text is None:
+        raise ConfigError("give a model VERSION (e.g. 3 or v3)")
+    try:
+        return int(text[1:] if text.lower().startswith("v") else text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a model version (e.g. 3 or v3)") from None
