@@ -30,7 +30,7 @@ from collections import defaultdict
 import numpy as np
 
 from shoal.privacy import shamir
-from shoal.privacy.secagg import SecAggClient, SecAggServer
+from shoal.privacy.secagg_client import SecAggClient
 from shoal.privacy.secagg_encoding import FixedPoint, ring_mask
 from shoal.privacy.secagg_graph import secagg_parameters
 from shoal.privacy.secagg_messages import (
@@ -41,6 +41,7 @@ from shoal.privacy.secagg_messages import (
     Stage,
     UnmaskingShares,
 )
+from shoal.privacy.secagg_server import SecAggServer
 
 _STAGES = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASKING)
 _ID = 8  # bytes per client id on the wire

@@ -13,7 +13,7 @@ import pytest
 from shoal.device_round import ComeBack, Task
 from shoal.device_secagg import End, SecAggDeviceRound, Wait
 from shoal.errors import UpdateRejected
-from shoal.privacy.secagg import SecAggClient
+from shoal.privacy.secagg_client import SecAggClient
 from shoal.privacy.secagg_driver import SecAggConfig
 from shoal.privacy.secagg_encoding import FixedPoint
 from shoal.privacy.secagg_messages import (

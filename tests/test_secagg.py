@@ -13,7 +13,7 @@ from scipy import stats
 
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
 from shoal.privacy import shamir
-from shoal.privacy.secagg import SecAggClient, SecAggServer
+from shoal.privacy.secagg_client import SecAggClient
 from shoal.privacy.secagg_driver import SecAggConfig, run_secagg_ring, run_secagg_round
 from shoal.privacy.secagg_encoding import FixedPoint, ring_dtype
 from shoal.privacy.secagg_graph import harary_graph
@@ -28,6 +28,7 @@ from shoal.privacy.secagg_messages import (
     UnmaskingShares,
     UnmaskRequest,
 )
+from shoal.privacy.secagg_server import SecAggServer
 
 DROP_STAGES = [Stage.SETUP, Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT]
 

@@ -1,9 +1,9 @@
 """The server side of one secure-aggregation round over pulling devices, sans-I/O.
 
 A :class:`SecAggDeviceRound` runs the SecAgg / SecAgg+ server machine of
-:mod:`shoal.privacy.secagg` (Bonawitz et al., CCS 2017; Bell et al., CCS 2020) over devices that
-check in, as in Bonawitz et al., "Towards Federated Learning at Scale: System Design" (MLSys
-2019), whose Secure Aggregation runs in the round's phases:
+:mod:`shoal.privacy.secagg_server` (Bonawitz et al., CCS 2017; Bell et al., CCS 2020) over
+devices that check in, as in Bonawitz et al., "Towards Federated Learning at Scale: System
+Design" (MLSys 2019), whose Secure Aggregation runs in the round's phases:
 
 1. **Roster.** Selected devices check in and receive a :class:`~shoal.device_round.Task`
    (with its one-time key) exactly as in a plain round. The roster closes when every selected
@@ -42,7 +42,6 @@ import numpy as np
 
 from shoal.device_round import CheckInDecision, DeviceRound
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
-from shoal.privacy.secagg import SecAggServer
 from shoal.privacy.secagg_driver import SecAggConfig
 from shoal.privacy.secagg_messages import (
     ClientMessage,
@@ -55,6 +54,7 @@ from shoal.privacy.secagg_messages import (
     Stage,
     UnmaskingShares,
 )
+from shoal.privacy.secagg_server import SecAggServer
 
 __all__ = ["End", "SecAggDeviceRound", "SecAggStatus", "Wait"]
 

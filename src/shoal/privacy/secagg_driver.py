@@ -1,8 +1,9 @@
 """In-memory driver of one SecAgg / SecAgg+ round, for tests and the simulator.
 
-Runs the very state machines of :mod:`shoal.privacy.secagg` (Bonawitz et al., CCS 2017;
-Bell et al., CCS 2020), handing messages across in process, with chosen clients vanishing after
-chosen stages. A transport (gRPC, Ray) replaces this loop; the machines stay the same.
+Runs the very state machines of :mod:`shoal.privacy.secagg_client` and
+:mod:`shoal.privacy.secagg_server` (Bonawitz et al., CCS 2017; Bell et al., CCS 2020), handing
+messages across in process, with chosen clients vanishing after chosen stages. A transport
+(gRPC, Ray) replaces this loop; the machines stay the same.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal.errors import ConfigError, UpdateRejected
-from shoal.privacy.secagg import SecAggClient, SecAggServer
+from shoal.privacy.secagg_client import SecAggClient
 from shoal.privacy.secagg_encoding import FixedPoint
 from shoal.privacy.secagg_graph import secagg_parameters
 from shoal.privacy.secagg_messages import ClientMessage, SecAggParams, ServerMessage, Stage
+from shoal.privacy.secagg_server import SecAggServer
 
 __all__ = ["SecAggConfig", "SecAggResult", "run_secagg_ring", "run_secagg_round"]
 

@@ -3,9 +3,10 @@
 The protocol is Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine
 Learning" (CCS 2017), restricted to neighbourhoods as in Bell et al., "Secure Single-Server
 Aggregation with (Poly)Logarithmic Overhead" (CCS 2020). Each message is a small frozen dataclass
-carrying the round's session nonce; the state machines in :mod:`shoal.privacy.secagg` consume
-and produce them, and a transport only has to move them. Client ids are non-negative integers;
-a client's Shamir x-coordinate is its 1-based position in the sorted roster.
+carrying the round's session nonce; the state machines in :mod:`shoal.privacy.secagg_client`
+and :mod:`shoal.privacy.secagg_server` consume and produce them, and a transport only has to
+move them. Client ids are non-negative integers; a client's Shamir x-coordinate is its 1-based
+position in the sorted roster.
 
 Flow (server -> client messages on the left, client -> server on the right)::
 

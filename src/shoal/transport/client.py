@@ -43,7 +43,7 @@ import numpy as np
 from shoal.codec import STAGES, Chain, from_bytes, to_bytes
 from shoal.device_secagg import End, Wait
 from shoal.errors import CodecError, ConfigError, ProtocolError, ShoalError, SpecError
-from shoal.privacy.secagg import SecAggClient
+from shoal.privacy.secagg_client import SecAggClient
 from shoal.privacy.secagg_encoding import FixedPoint, pack_ring
 from shoal.privacy.secagg_messages import (EncryptedShares, KeyAdvertisement, MaskedInput,
                                            RoundSetup, SecAggAborted, UnmaskingShares)

@@ -1,12 +1,13 @@
 """Secure-aggregation messages on the wire: protobuf <-> the protocol's dataclasses.
 
-The state machines (:mod:`shoal.privacy.secagg`) and the device round
-(:mod:`shoal.device_secagg`) speak in :mod:`shoal.privacy.secagg_messages` dataclasses; the
-``SecAgg`` RPC carries them as the ``SecAgg*`` messages of ``proto/shoal.proto``. Everything
-that arrives is checked here for shape (sizes, ids in range) before it becomes a dataclass;
-the machines then check the protocol (sessions, senders, recipients, ciphertexts). A masked
-input travels as ``ceil(bits/8)`` little-endian bytes per ring element
-(:func:`~shoal.privacy.secagg_encoding.pack_ring`), after a header with its size and SHA-256.
+The state machines (:mod:`shoal.privacy.secagg_client`, :mod:`shoal.privacy.secagg_server`) and
+the device round (:mod:`shoal.device_secagg`) speak in :mod:`shoal.privacy.secagg_messages`
+dataclasses; the ``SecAgg`` RPC carries them as the ``SecAgg*`` messages of
+``proto/shoal.proto``. Everything that arrives is checked here for shape (sizes, ids in range)
+before it becomes a dataclass; the machines then check the protocol (sessions, senders,
+recipients, ciphertexts). A masked input travels as ``ceil(bits/8)`` little-endian bytes per
+ring element (:func:`~shoal.privacy.secagg_encoding.pack_ring`), after a header with its size
+and SHA-256.
 """
 
 from __future__ import annotations

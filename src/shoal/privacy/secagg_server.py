@@ -1,10 +1,10 @@
-"""Sans-I/O SecAgg / SecAgg+ client and server state machines.
+"""Sans-I/O SecAgg / SecAgg+ server state machine: the aggregator's side of one round.
 
 Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning"
 (CCS 2017), with the neighbourhoods of Bell et al., "Secure Single-Server Aggregation with
-(Poly)Logarithmic Overhead" (CCS 2020): each client masks pairwise with, and Shamir-shares its
-secrets to, only its k neighbours in a random Harary graph (k = n - 1 gives the original
-protocol). The server learns sum_{u in U3} x_u mod 2^b and nothing else about the inputs.
+(Poly)Logarithmic Overhead" (CCS 2020). The server learns sum_{u in U3} x_u mod 2^b and nothing
+else about the inputs. The client side is :mod:`shoal.privacy.secagg_client`; what both sides
+agree on (roster, graph, key labels) is :mod:`shoal.privacy.secagg_session`.
 
 Threat model: honest-but-curious server and clients (the paper's passive setting). The
 ConsistencyCheck round and the signatures of the active setting are not implemented: a
@@ -12,35 +12,25 @@ malicious server that lies about who dropped out could ask different clients for
 share kinds of the same peer. Each client still refuses to reveal both kinds of share of one
 peer to the server itself.
 
-The machines do no I/O, keep no clocks and start no threads: they take protocol messages
-(:mod:`shoal.privacy.secagg_messages`) and return messages. Deadlines belong to the caller, who
-decides when a stage is over by calling :meth:`SecAggServer.advance`; clients whose messages
-have not arrived by then are dropouts. A message that is out of order, duplicated, from an
-unknown client or from another round raises :class:`~shoal.errors.ProtocolError` and leaves the
-machine unchanged. If any neighbourhood that must be reconstructed falls below the threshold,
-the round raises :class:`SecAggAborted` and reveals nothing further. Keys are fresh per round:
-a machine serves exactly one round.
-
-Masked input of client u (pairs signed by id, Delta = +1 if u > v else -1)::
-
-    y_u = x_u + PRG(b_u) + sum_{v in N(u) & U2} Delta_{u,v} PRG(s_{u,v})   (mod 2^b)
-
-Shares go to the k neighbours only (no share of one's own secrets, unlike the original paper
-and FCP's self-edge), so every reconstruction needs t of a client's neighbours, t <= k.
+The machine does no I/O, keeps no clock and starts no thread: it takes the clients' protocol
+messages (:mod:`shoal.privacy.secagg_messages`) and returns messages. Deadlines belong to the
+caller, who decides when a stage is over by calling :meth:`SecAggServer.advance`; clients whose
+messages have not arrived by then are dropouts. A message that is out of order, duplicated,
+from an unknown client or from another round raises :class:`~shoal.errors.ProtocolError` and
+leaves the machine unchanged. If any neighbourhood that must be reconstructed falls below the
+threshold, the round raises :class:`SecAggAborted` and reveals nothing further. A machine
+serves exactly one round.
 
 The server never holds both kinds of share of one client: it asks each surviving client once,
 for self-mask shares of neighbours whose input arrived and mask-key shares of those whose input
-did not; the client refuses a request naming a peer in both lists, and answers one request per
-round only.
+did not.
 
-Costs: a client expands k + 1 AES-CTR masks of length d (O(k d)); the server expands one mask
-per surviving client and, for each dropped client, one per surviving neighbour (O(k d) each).
+Cost: the server expands one mask per surviving client and, for each dropped client, one per
+surviving neighbour (O(k d) each).
 """
 
 from __future__ import annotations
 
-import bisect
-import struct
 from collections.abc import Container, Iterable, Mapping
 
 import numpy as np
@@ -48,7 +38,6 @@ import numpy as np
 from shoal.errors import ConfigError, ProtocolError
 from shoal.privacy import crypto, shamir
 from shoal.privacy.secagg_encoding import ring_dtype, ring_mask
-from shoal.privacy.secagg_graph import HararyGraph, harary_graph
 from shoal.privacy.secagg_messages import (
     ClientMessage,
     EncryptedShares,
@@ -64,276 +53,15 @@ from shoal.privacy.secagg_messages import (
     UnmaskingShares,
     UnmaskRequest,
 )
+from shoal.privacy.secagg_session import (
+    CIPHERTEXT_BYTES,
+    MASK_INFO,
+    SESSION_BYTES,
+    Roster,
+    pair_bytes,
+)
 
-__all__ = ["SecAggClient", "SecAggServer", "SESSION_BYTES", "CIPHERTEXT_BYTES"]
-
-SESSION_BYTES = 16
-_ENC_INFO = b"shoal secagg v1 enc"
-_MASK_INFO = b"shoal secagg v1 mask"
-_SHARE_AD = b"shoal secagg v1 share"
-_MAX_ID = 2**63 - 1
-CIPHERTEXT_BYTES = crypto.NONCE_BYTES + 2 * shamir.SHARE_BYTES + crypto.TAG_BYTES
-"""Size of one encrypted pair of shares (b_u share, s_u^SK share)."""
-
-
-def _pair(u: int, v: int) -> bytes:
-    return struct.pack(">qq", min(u, v), max(u, v))
-
-
-def _share_ad(session: bytes, sender: int, recipient: int) -> bytes:
-    return _SHARE_AD + session + struct.pack(">qq", sender, recipient)
-
-
-class _Roster:
-    """Sorted client ids, their Shamir x-coordinates (1-based index) and the graph."""
-
-    def __init__(self, ids: tuple[int, ...], params: SecAggParams, graph_seed: bytes) -> None:
-        if not all(isinstance(i, int) and 0 <= i <= _MAX_ID for i in ids):
-            raise ProtocolError("roster ids must be integers in [0, 2^63)")
-        if len(ids) < 2 or any(a >= b for a, b in zip(ids, ids[1:])):
-            raise ProtocolError("roster must hold >= 2 distinct ids in increasing order")
-        if len(graph_seed) != crypto.KEY_BYTES:
-            raise ProtocolError(
-                f"graph seed must be {crypto.KEY_BYTES} bytes, got {len(graph_seed)}"
-            )
-        try:
-            self.graph: HararyGraph = harary_graph(len(ids), params.neighbours, graph_seed)
-        except ConfigError as exc:
-            raise ProtocolError(f"unusable round parameters: {exc}") from exc
-        self.ids = ids
-
-    def __contains__(self, cid: object) -> bool:
-        return isinstance(cid, (int, np.integer)) and self.x(int(cid)) > 0
-
-    def x(self, cid: int) -> int:
-        """1-based index of ``cid``, 0 when absent."""
-        i = bisect.bisect_left(self.ids, cid)
-        return i + 1 if i < len(self.ids) and self.ids[i] == cid else 0
-
-    def neighbours(self, cid: int) -> frozenset[int]:
-        return frozenset(self.ids[j] for j in self.graph.neighbours(self.x(cid) - 1))
-
-
-class SecAggClient:
-    """One client's side of one SecAgg(+) round.
-
-    Args:
-        client_id: this client's id (must appear in the round's roster).
-        vector: the encoded input, a ring vector (uint32 for b <= 32, else uint64) of
-            ``params.length`` entries in [0, 2^b); only read, never modified. A device that
-            trains while keys are exchanged (as in Bonawitz et al., MLSys 2019) passes
-            ``None`` and calls :meth:`set_input` before the ``ShareDelivery`` arrives.
-    """
-
-    def __init__(self, client_id: int, vector: np.ndarray | None = None) -> None:
-        self.client_id = client_id
-        self._vector: np.ndarray | None = vector
-        self._stage = Stage.SETUP
-        self._session = b""
-
-    @property
-    def params(self) -> SecAggParams:
-        """The round's parameters (after ``RoundSetup``): ring bits and vector length."""
-        try:
-            return self._params
-        except AttributeError:
-            raise ProtocolError("no RoundSetup handled yet") from None
-
-    def set_input(self, vector: np.ndarray) -> None:
-        """Provide the encoded input after ``RoundSetup`` and before ``ShareDelivery``.
-
-        Raises:
-            ProtocolError: wrong stage, dtype, length or entries outside the ring; the
-                client is unchanged.
-        """
-        if self._stage not in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS):
-            raise ProtocolError(f"client {self.client_id} at stage {self._stage.value} cannot "
-                                f"take an input")
-        self._check_input(vector, self._params)
-        self._vector = vector
-
-    @staticmethod
-    def _check_input(v: np.ndarray | None, p: SecAggParams) -> None:
-        dtype = ring_dtype(p.bits)
-        if not isinstance(v, np.ndarray) or v.dtype != dtype or v.shape != (p.length,):
-            raise ProtocolError(
-                f"input must be a {np.dtype(dtype).name} vector of length {p.length}, got "
-                f"{None if v is None else (getattr(v, 'dtype', type(v)), np.shape(v))}"
-            )
-        if p.bits < 8 * v.itemsize and bool((v > ring_mask(p.bits)).any()):
-            raise ProtocolError(f"input has entries outside [0, 2^{p.bits})")
-
-    @property
-    def stage(self) -> Stage:
-        """The last stage this client completed (``SETUP`` before any)."""
-        return self._stage
-
-    def handle(self, message: ServerMessage) -> ClientMessage:
-        """Process the server's next message and return this client's reply.
-
-        Raises:
-            ProtocolError: out-of-order, duplicated, malformed or tampered message, or a
-                request for both kinds of share of one peer; the client is unchanged.
-            SecAggAborted: too few neighbours to continue; the client wipes its secrets.
-        """
-        expected = {
-            Stage.SETUP: RoundSetup,
-            Stage.ADVERTISE_KEYS: KeyDirectory,
-            Stage.SHARE_KEYS: ShareDelivery,
-            Stage.MASKED_INPUT: UnmaskRequest,
-        }.get(self._stage)
-        if expected is None or not isinstance(message, expected):
-            raise ProtocolError(
-                f"client {self.client_id} at stage {self._stage.value} cannot accept "
-                f"{type(message).__name__}",
-                party="server",
-            )
-        if not isinstance(message, RoundSetup) and message.session != self._session:
-            raise ProtocolError("message belongs to another session (replayed?)", party="server")
-        if isinstance(message, RoundSetup):
-            return self._advertise(message)
-        if isinstance(message, KeyDirectory):
-            return self._share_keys(message)
-        if isinstance(message, ShareDelivery):
-            return self._mask(message)
-        return self._unmask(message)
-
-    def abort(self) -> None:
-        """Forget every secret; the client answers nothing more this round."""
-        self._stage = Stage.ABORTED
-        self._vector = None
-        for name in ("_enc", "_mask_key", "_self_seed", "_held", "_pair_enc_keys"):
-            self.__dict__.pop(name, None)
-
-    def _abort(self, reason: str, stage: Stage) -> SecAggAborted:
-        self.abort()
-        return SecAggAborted(f"client {self.client_id}: {reason}", stage=stage)
-
-    # AdvertiseKeys -------------------------------------------------------------------------
-    def _advertise(self, msg: RoundSetup) -> KeyAdvertisement:
-        p = msg.params
-        if len(msg.session) < SESSION_BYTES:
-            raise ProtocolError(f"session nonce must be >= {SESSION_BYTES} bytes", party="server")
-        roster = _Roster(tuple(msg.roster), p, msg.graph_seed)
-        if self.client_id not in roster:
-            raise ProtocolError(f"client {self.client_id} is not on the roster", party="server")
-        if self._vector is not None:
-            self._check_input(self._vector, p)
-        self._params, self._roster, self._session = p, roster, msg.session
-        self._neighbours = roster.neighbours(self.client_id)
-        self._enc, self._mask_key = crypto.generate_keypair(), crypto.generate_keypair()
-        self._stage = Stage.ADVERTISE_KEYS
-        return KeyAdvertisement(
-            self._session, self.client_id, self._enc.public, self._mask_key.public
-        )
-
-    # ShareKeys -----------------------------------------------------------------------------
-    def _share_keys(self, msg: KeyDirectory) -> EncryptedShares:
-        peers = dict(msg.keys)
-        stray = set(peers) - self._neighbours
-        if stray:
-            raise ProtocolError(
-                f"key directory lists non-neighbours {sorted(stray)}", party="server"
-            )
-        for v, keys in peers.items():
-            if len(keys) != 2 or any(len(k) != crypto.KEY_BYTES for k in keys):
-                raise ProtocolError(f"malformed public keys for client {v}", party="server")
-        if len(peers) < self._params.threshold:
-            raise self._abort(
-                f"only {len(peers)} neighbours advertised keys, threshold is "
-                f"{self._params.threshold}",
-                Stage.SHARE_KEYS,
-            )
-        pair_keys = crypto.agree_many(
-            self._enc.private,
-            {v: enc_pk for v, (enc_pk, _) in peers.items()},
-            salt=self._session,
-            info=lambda v: _ENC_INFO + _pair(self.client_id, v),
-        )
-        self_seed = crypto.random_bytes(crypto.KEY_BYTES)
-        order = sorted(peers)
-        xs = [self._roster.x(v) for v in order]
-        t = self._params.threshold
-        b_shares = shamir.split_secret(self_seed, t, xs)
-        s_shares = shamir.split_secret(self._mask_key.private, t, xs)
-        ciphertexts = {
-            v: crypto.encrypt(
-                pair_keys[v], b.y_bytes() + s.y_bytes(), _share_ad(self._session, self.client_id, v)
-            )
-            for v, b, s in zip(order, b_shares, s_shares, strict=True)
-        }
-        self._peer_keys, self._pair_enc_keys, self._self_seed = peers, pair_keys, self_seed
-        self._stage = Stage.SHARE_KEYS
-        return EncryptedShares(self._session, self.client_id, ciphertexts)
-
-    # MaskedInputCollection -----------------------------------------------------------------
-    def _mask(self, msg: ShareDelivery) -> MaskedInput:
-        senders = set(msg.ciphertexts)
-        stray = senders - set(self._peer_keys)
-        if stray:
-            raise ProtocolError(f"shares from clients without keys {sorted(stray)}", party="server")
-        held: dict[int, tuple[bytes, bytes]] = {}
-        n = shamir.SHARE_BYTES
-        for v, ct in msg.ciphertexts.items():
-            plain = crypto.decrypt(
-                self._pair_enc_keys[v], ct, _share_ad(self._session, v, self.client_id)
-            )
-            if len(plain) != 2 * n:
-                raise ProtocolError(f"share plaintext from client {v} is malformed", party=v)
-            held[v] = (plain[:n], plain[n:])
-        if len(held) < self._params.threshold:
-            raise self._abort(
-                f"only {len(held)} neighbours shared keys, threshold is {self._params.threshold}",
-                Stage.MASKED_INPUT,
-            )
-        if self._vector is None:
-            raise ProtocolError(f"client {self.client_id} has no input to mask (set_input)")
-        p = self._params
-        out = self._vector.astype(ring_dtype(p.bits), copy=True)
-        scratch = np.empty_like(out)
-        out += crypto.keystream_into(self._self_seed, scratch)
-        u = self.client_id
-        seeds = crypto.agree_many(
-            self._mask_key.private,
-            {v: self._peer_keys[v][1] for v in sorted(held)},
-            salt=self._session,
-            info=lambda v: _MASK_INFO + _pair(u, v),
-        )
-        for v, seed in seeds.items():
-            crypto.keystream_into(seed, scratch)
-            if u > v:
-                out += scratch
-            else:
-                out -= scratch
-        out &= ring_mask(p.bits)
-        self._held = held
-        # The client's own secrets are not needed any more; drop them and the input.
-        self._vector = None
-        del self._self_seed, self._mask_key, self._pair_enc_keys
-        self._stage = Stage.MASKED_INPUT
-        return MaskedInput(self._session, u, out)
-
-    # Unmasking -----------------------------------------------------------------------------
-    def _unmask(self, msg: UnmaskRequest) -> UnmaskingShares:
-        both = msg.survivors & msg.dropped
-        if both:
-            raise ProtocolError(
-                f"server asked for both the self-mask and the mask-key shares of {sorted(both)}; "
-                "revealing both would expose their inputs",
-                party="server",
-            )
-        unknown = (msg.survivors | msg.dropped) - set(self._held)
-        if unknown:
-            raise ProtocolError(f"no shares held for clients {sorted(unknown)}", party="server")
-        reply = UnmaskingShares(
-            self._session,
-            self.client_id,
-            self_mask_shares={v: self._held[v][0] for v in sorted(msg.survivors)},
-            mask_key_shares={v: self._held[v][1] for v in sorted(msg.dropped)},
-        )
-        del self._held
-        self._stage = Stage.DONE
-        return reply
+__all__ = ["SecAggServer"]
 
 
 class SecAggServer:
@@ -361,7 +89,7 @@ class SecAggServer:
         self._graph_seed = crypto.random_bytes(32) if graph_seed is None else graph_seed
         try:
             ids = tuple(sorted({int(i) for i in roster}))
-            self._roster = _Roster(ids, params, self._graph_seed)
+            self._roster = Roster(ids, params, self._graph_seed)
         except ProtocolError as exc:
             raise ConfigError(str(exc), key="roster") from exc
         self._nbrs: dict[int, frozenset[int]] = {}
@@ -601,7 +329,7 @@ class SecAggServer:
                     sk,
                     {v: self._keys[v][1] for v in sorted(self._live(u, u3))},
                     salt=self._session,
-                    info=lambda v, u=u: _MASK_INFO + _pair(u, v),
+                    info=lambda v, u=u: MASK_INFO + pair_bytes(u, v),
                 )
                 for u, sk in mask_keys.items()
             }
