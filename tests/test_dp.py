@@ -151,10 +151,39 @@ def test_zero_std_gives_zeros_and_negative_std_is_refused() -> None:
         gaussian_noise(10, -1.0, np.random.default_rng(0))
 
 
-def test_secure_generator_is_unseeded_and_independent() -> None:
-    g1, g2 = secure_generator(), secure_generator()
-    assert isinstance(g1, np.random.Generator)
-    assert not np.array_equal(g1.standard_normal(8), g2.standard_normal(8))
+@pytest.fixture()
+def numpy_global_state():
+    saved = np.random.get_state()
+    yield
+    np.random.set_state(saved)
+
+
+@pytest.mark.usefixtures("numpy_global_state")
+def test_secure_generator_is_seeded_from_256_bits_of_os_urandom_alone(monkeypatch) -> None:
+    entropy, asked = [bytes(range(32))], []
+
+    def fixed_urandom(n: int) -> bytes:
+        asked.append(n)
+        return entropy[0][:n]
+
+    monkeypatch.setattr(dp.os, "urandom", fixed_urandom)
+
+    def draw(global_seed: int) -> np.ndarray:
+        np.random.seed(global_seed)  # as a run that seeds numpy globally from its config
+        before = np.random.get_state()[1].copy()
+        out = secure_generator().standard_normal(8)
+        np.testing.assert_array_equal(np.random.get_state()[1], before)  # left untouched
+        return out
+
+    first = draw(0)
+    assert asked == [32]
+    np.testing.assert_array_equal(draw(12345), first)
+    # the stream is that of the urandom bytes and nothing else
+    seed = np.random.SeedSequence(int.from_bytes(entropy[0], "big"))
+    np.testing.assert_array_equal(
+        first, np.random.Generator(np.random.PCG64(seed)).standard_normal(8))
+    entropy[0] = bytes(range(1, 33))
+    assert not np.array_equal(draw(0), first)
 
 
 # --------------------------------------------------------------------------- central DP
@@ -290,7 +319,7 @@ def test_unclipped_fraction_tf_privacy_convention() -> None:
 
 
 def _simulate(c0: float, gamma: float, rounds: int, seed: int = 0) -> list[float]:
-    """Noiseless adaptive clipping on norms |N(0,1)|·10, 100 clients a round (REFERENCES §2.2)."""
+    """Noiseless adaptive clipping on norms |N(0,1)|·10, 100 clients a round (docs/references.md, section "Adaptive clipping")."""
     rng = np.random.default_rng(seed)
     c, history = c0, []
     for _ in range(rounds):
