@@ -1,5 +1,4 @@
-"""Device tokens, key rotation, revocation, rate limiting and idempotent uploads
-(shoal.transport.auth). Tokens are also built by hand here, with hmac/base64/json directly,
+"""Device tokens, key rotation, revocation and rate limiting (shoal.transport.auth). Tokens are also built by hand here, with hmac/base64/json directly,
 as an independent statement of the wire format."""
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from shoal.transport.auth import (
     CredentialFileError,
     Keyring,
     RateLimiter,
-    ReplayGuard,
-    ReplayStatus,
     RevocationList,
     issue_token,
     key_id,
@@ -364,45 +361,6 @@ def test_rate_limiter_validates_config():
             RateLimiter(**kw)
 
 
-# --------------------------------------------------------------------------- replay guard
-
-def test_replay_guard_semantics():
-    g = ReplayGuard(window_s=60)
-    d1, d2 = hashlib.sha256(b"update-1").digest(), hashlib.sha256(b"update-2").digest()
-    assert g.begin("dev", 3, "k", d1, now=0).status is ReplayStatus.NEW
-    assert g.begin("dev", 3, "k", d1, now=1).status is ReplayStatus.IN_PROGRESS
-    result = {"accepted": True, "weight": 12}
-    g.complete("dev", 3, "k", result)
-    dup = g.begin("dev", 3, "k", d1, now=2)
-    assert dup.status is ReplayStatus.DUPLICATE and dup.result is result
-    assert g.begin("dev", 3, "k", d2, now=2).status is ReplayStatus.CONFLICT
-    # The key is scoped by device and round.
-    assert g.begin("dev", 4, "k", d2, now=2).status is ReplayStatus.NEW
-    assert g.begin("other", 3, "k", d2, now=2).status is ReplayStatus.NEW
-    # A failed attempt is abandoned so the retry is processed afresh; a completed one stays.
-    g.abandon("dev", 4, "k")
-    assert g.begin("dev", 4, "k", d1, now=3).status is ReplayStatus.NEW
-    g.abandon("dev", 3, "k")
-    assert g.begin("dev", 3, "k", d1, now=3).status is ReplayStatus.DUPLICATE
-    # After the window the key is forgotten.
-    assert g.begin("dev", 3, "k", d2, now=59.5).status is ReplayStatus.CONFLICT
-    assert g.begin("dev", 3, "k", d2, now=60).status is ReplayStatus.NEW
-
-
-def test_replay_guard_memory_is_bounded():
-    g = ReplayGuard(window_s=1e9, max_entries=50)
-    for i in range(500):
-        g.begin(f"dev-{i}", 0, "k", b"d", now=float(i))
-        g.complete(f"dev-{i}", 0, "k", i)
-    assert len(g) == 50
-    assert g.begin("dev-499", 0, "k", b"d", now=500).result == 499
-    assert g.begin("dev-0", 0, "k", b"d", now=500).status is ReplayStatus.NEW
-    with pytest.raises(ConfigError, match="idempotency key"):
-        g.begin("dev", 0, "", b"d", now=0)
-    with pytest.raises(ConfigError, match="round"):
-        g.begin("dev", -1, "k", b"d", now=0)
-
-
 def test_claims_is_a_frozen_value():
     c = Claims(sub="d", iat=0, exp=1, jti="A" * 22, scope=("upload",), kid="k")
     with pytest.raises(AttributeError):
@@ -415,9 +373,7 @@ def test_public_api():
     assert sorted(auth.__all__) == sorted([
         "AUTH_REASONS", "KNOWN_SCOPES", "MAX_TOKEN_CHARS", "SECRET_BYTES", "AuthError",
         "CredentialFileError", "Claims", "Keyring", "key_id", "load_or_create_secret",
-        "issue_token", "verify_token", "RevocationList", "RevocationFile", "RateLimiter",
-        "ReplayStatus",
-        "ReplayDecision", "ReplayGuard"])
+        "issue_token", "verify_token", "RevocationList", "RevocationFile", "RateLimiter"])
     for name in auth.__all__:
         assert hasattr(auth, name)
     assert issubclass(CredentialFileError, ConfigError)

@@ -1,5 +1,4 @@
-"""Device authentication for the gRPC deployment: tokens, revocation, rate limits, idempotent
-uploads. Pure and stdlib-only: no sockets, no clocks (``now`` is an argument, Unix seconds).
+"""Device authentication for the gRPC deployment: tokens, revocation, rate limits. Pure and stdlib-only: no sockets, no clocks (``now`` is an argument, Unix seconds).
 
 A token is ``kid "." b64url(claims) "." b64url(HMAC-SHA256(key[kid], domain || kid "." claims))``
 with claims exactly ``{"v": 1, "sub", "iat", "exp", "jti", "scope"}`` — RFC 7519 names, but not
@@ -13,9 +12,8 @@ Verification parses nothing untrusted beyond a fixed-shape envelope before authe
 size (> 2 KiB refused before decoding), shape, canonical base64url, key id, constant-time tag
 comparison, and only then strict JSON. Each refusal is an :class:`AuthError` whose ``reason``
 tells the device what to do. :class:`Keyring` rotates keys (one issues, older ones verify);
-:class:`RevocationList` revokes token ids until they expire. The rate limiter and the replay
-guard live in :mod:`shoal.transport.limits` and are re-exported here. See
-``docs/security.md``.
+:class:`RevocationList` revokes token ids until they expire. The rate limiter lives in
+:mod:`shoal.transport.limits` and is re-exported here. See ``docs/security.md``.
 """
 
 from __future__ import annotations
@@ -40,15 +38,13 @@ from typing import Any
 
 from shoal.errors import ConfigError, ShoalError
 from shoal.store.atomic import fsync_dir
-from shoal.transport.limits import (RateLimiter, ReplayDecision, ReplayGuard, ReplayStatus,
-                                   int_at_least)
+from shoal.transport.limits import RateLimiter, int_at_least
 
 __all__ = [
     "AUTH_REASONS", "KNOWN_SCOPES", "MAX_TOKEN_CHARS", "SECRET_BYTES",
     "AuthError", "CredentialFileError",
     "Claims", "Keyring", "key_id", "load_or_create_secret", "issue_token", "verify_token",
-    "RevocationList", "RevocationFile", "RateLimiter", "ReplayStatus", "ReplayDecision",
-    "ReplayGuard",
+    "RevocationList", "RevocationFile", "RateLimiter",
 ]
 
 _log = logging.getLogger("shoal.auth")
