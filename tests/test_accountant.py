@@ -1,6 +1,7 @@
-"""Behaviour of shoal.privacy.accountant against independent oracles: dp-accounting events built
-here directly, the exact closed form of the composed Gaussian mechanism, hard-coded anchors
-cross-checked between RDP and PLD, and brute-force searches over rounds."""
+"""Behaviour of shoal.privacy.accountant and shoal.privacy.planning against independent oracles:
+dp-accounting events built here directly, the exact closed form of the composed Gaussian
+mechanism, hard-coded anchors cross-checked between RDP and PLD, and brute-force searches over
+rounds."""
 
 from __future__ import annotations
 
@@ -20,15 +21,9 @@ from scipy import optimize, stats
 import shoal.privacy as privacy
 from shoal.errors import BudgetExhausted, PrivacyError
 from shoal.privacy import accountant as acc_mod
-from shoal.privacy.accountant import (
-    PrivacyLedger,
-    RoundEvent,
-    epsilon,
-    max_rounds,
-    noise_multiplier_for,
-    plan_check,
-    privacy_report,
-)
+from shoal.privacy import planning as planning_mod
+from shoal.privacy.accountant import PrivacyLedger, RoundEvent, epsilon
+from shoal.privacy.planning import max_rounds, noise_multiplier_for, plan_check, privacy_report
 
 
 def _oracle_poisson(q: float, z: float, rounds: int, delta: float, kind: str = "rdp") -> float:
@@ -249,9 +244,10 @@ def test_privacy_report_is_json_and_consistent() -> None:
     assert any("1/population" in w for w in loose["warnings"])
 
 
-def test_public_api_is_reexported() -> None:
-    for name in acc_mod.__all__:
-        assert getattr(privacy, name) is getattr(acc_mod, name)
+@pytest.mark.parametrize("module", [acc_mod, planning_mod], ids=lambda m: m.__name__)
+def test_public_api_is_reexported(module) -> None:
+    for name in module.__all__:
+        assert getattr(privacy, name) is getattr(module, name)
         assert name in privacy.__all__
 
 

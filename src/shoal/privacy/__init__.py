@@ -1,4 +1,5 @@
-"""Privacy mechanisms: differential privacy (:mod:`.dp`) and its accountant (:mod:`.accountant`)."""
+"""Privacy mechanisms: differential privacy (:mod:`.dp`), its accountant (:mod:`.accountant`)
+and budget planning (:mod:`.planning`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,6 @@ from shoal.privacy.accountant import (
     RoundEvent,
     epsilon,
     event_epsilon,
-    max_rounds,
-    noise_multiplier_for,
-    plan_check,
-    privacy_report,
 )
 from shoal.privacy.dp import (
     DEFAULT_INITIAL_CLIP_NORM,
@@ -33,6 +30,7 @@ from shoal.privacy.dp import (
     secure_generator,
     update_noise_multiplier,
 )
+from shoal.privacy.planning import max_rounds, noise_multiplier_for, plan_check, privacy_report
 
 __all__ = [
     # dp
@@ -60,6 +58,7 @@ __all__ = [
     "RoundEvent",
     "epsilon",
     "event_epsilon",
+    # planning
     "max_rounds",
     "noise_multiplier_for",
     "plan_check",
