@@ -319,7 +319,10 @@ def test_unclipped_fraction_tf_privacy_convention() -> None:
 
 
 def _simulate(c0: float, gamma: float, rounds: int, seed: int = 0) -> list[float]:
-    """Noiseless adaptive clipping on norms |N(0,1)|·10, 100 clients a round (docs/references.md, section "Adaptive clipping")."""
+    """Noiseless adaptive clipping on norms |N(0,1)|·10, 100 clients a round.
+
+    The setting of docs/references.md, section "Adaptive clipping".
+    """
     rng = np.random.default_rng(seed)
     c, history = c0, []
     for _ in range(rounds):

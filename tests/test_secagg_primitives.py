@@ -239,7 +239,8 @@ def test_graph_seed_changes_the_labelling_and_bad_degrees_are_refused() -> None:
 
 # --- parameter finder --------------------------------------------------------------------------
 
-# google/federated-compute graph_parameter_finder_test.cc (REFERENCES.md §1.2)
+# google/federated-compute graph_parameter_finder_test.cc, the finder for Bell et al. (CCS 2020)
+# (docs/references.md, section "SecAgg neighbourhoods")
 FCP_TABLE = [
     (100, 0.05, 0.05, "semi-honest", 12, 6),
     (1000, 0.05, 0.05, "semi-honest", 30, 17),

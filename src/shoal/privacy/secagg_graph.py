@@ -9,11 +9,11 @@ server fixes in the round's setup message, before any key is advertised. k = n -
 complete graph, i.e. the original SecAgg.
 
 :func:`secagg_parameters` reimplements the search of Google's production parameter finder
-(``fcp/secagg/server/graph_parameter_finder.cc`` in google/federated-compute, read for
-REFERENCES.md §1.2), which turns Bell et al.'s analysis into concrete numbers: statistical
-security 2^-40 and failure probability below 2^-20 for a fraction ``corrupt_rate`` of corrupt
-clients and ``dropout_rate`` of dropouts. It reproduces every row of that finder's published test
-table (see the tests).
+(``fcp/secagg/server/graph_parameter_finder.cc`` in google/federated-compute; see
+docs/references.md, section "SecAgg neighbourhoods"), which turns Bell et al.'s analysis into
+concrete numbers: statistical security 2^-40 and failure probability below 2^-20 for a fraction
+``corrupt_rate`` of corrupt clients and ``dropout_rate`` of dropouts. It reproduces every row of
+that finder's published test table (see the tests).
 """
 
 from __future__ import annotations
