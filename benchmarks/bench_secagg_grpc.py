@@ -9,9 +9,10 @@ exchange, share encryption, mask expansion, the masked upload, unmasking, and th
 round trips. Prints one JSON line per configuration with the median round time of each
 kind, the overhead and the bytes per device per round.
 
-Reference (REFERENCES.md): Flower 1.42's SecAgg+ with 20 clients, the 2NN (199,210 parameters),
-13 shares (k = 12 neighbours) and threshold 7 took 4.1 s per round against 2.1 s without it on
-this machine: about 2 s of overhead.
+Reference (docs/references.md, section "Measurements on this machine"): Flower 1.42's SecAgg+
+(Beutel et al., "Flower: A Friendly Federated Learning Research Framework", 2020) with 20
+clients, the 2NN (199,210 parameters), 13 shares (k = 12 neighbours) and threshold 7 took 4.1 s
+per round against 2.1 s without it on this machine: about 2 s of overhead.
 
     .venv/bin/python benchmarks/bench_secagg_grpc.py --n 20 --d 199210 --k 12 --t 7 --pairs 7
 """

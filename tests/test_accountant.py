@@ -33,7 +33,10 @@ def _oracle_poisson(q: float, z: float, rounds: int, delta: float, kind: str = "
 
 
 def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
-    """ε solving δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) (REFERENCES §2.3)."""
+    """ε solving δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) (Balle and Wang, ICML 2018).
+
+    See docs/references.md, section "Privacy accounting".
+    """
 
     def gap(eps: float) -> float:
         upper = stats.norm.cdf(-eps / mu + mu / 2)
@@ -67,9 +70,10 @@ def test_pld_epsilon_equals_dp_accounting(q: float, z: float, rounds: int, delta
 
 
 # Anchors computed once with dp-accounting 0.6.0 (default RDP orders, PLD discretization 1e-4).
-# The MNIST DP-SGD setting (q = 256/60000, z = 1.1, 60 epochs = 14062 steps, δ = 1e-5) matches
-# REFERENCES §9: TF-Privacy published 3.01 with the old conversion, 2.60 with current RDP, 2.38
-# with PLD. Cross-check: PLD is the tighter accountant, so it must be lower but close.
+# The MNIST DP-SGD setting (Abadi et al., CCS 2016: q = 256/60000, z = 1.1, 60 epochs = 14062
+# steps, δ = 1e-5): TF-Privacy published 3.01 with the old RDP conversion; current RDP gives 2.60
+# and PLD 2.38 (docs/references.md, section "Privacy accounting"). Cross-check: PLD is the
+# tighter accountant, so it must be lower but close.
 ANCHORS = [
     # q,            z,   T,     δ,    RDP ε,              PLD ε
     (256 / 60000, 1.1, 14062, 1e-5, 2.5965558697943036, 2.381686002234784),
