@@ -14,7 +14,6 @@ from shoal.registry import Device, RegistryError
 from shoal.selection import (
     AvailabilityAware,
     FairnessAware,
-    OverSelection,
     Selector,
     Stratified,
     Uniform,
@@ -40,8 +39,7 @@ def population(n: int = 100) -> list[Device]:
 
 SELECTORS = [Uniform(), Stratified("region"), AvailabilityAware(),
              AvailabilityAware(Stratified("tier")), FairnessAware("least"),
-             FairnessAware("weighted"), OverSelection(Uniform(), 1.3),
-             OverSelection(FairnessAware("weighted"), 1.5)]
+             FairnessAware("weighted")]
 
 
 @pytest.mark.parametrize("sel", SELECTORS, ids=repr)
@@ -235,16 +233,6 @@ def test_over_selection_count(target, factor, expected):
 def test_over_selection_refuses_bad_settings(target, factor):
     with pytest.raises(ConfigError):
         over_selection_count(target, factor)
-
-
-def test_over_selection_asks_for_more_but_never_more_than_are_eligible():
-    pop = population()
-    assert len(OverSelection(Uniform(), 1.3).select(pop, 10, rng(), NOON)) == 13
-    assert len(OverSelection(Uniform(), 1.3).select(pop[:11], 10, rng(), NOON)) == 11
-    # capped by what the inner selector deems eligible (50 odd devices available at noon)
-    assert len(OverSelection(AvailabilityAware(), 2.0).select(pop, 40, rng(), NOON)) == 50
-    with pytest.raises(ConfigError, match="over_selection"):
-        OverSelection(Uniform(), 0.5)
 
 
 def test_public_api():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
 from shoal.models import build_model
 from shoal.registry import SQLiteRegistry
+from shoal.selection import over_selection_count
 from shoal.sim.experiment import Experiment, RunResult, load_data, secagg_from_config
 from shoal.store import ModelStore
 from shoal.transport.auth import Keyring, RevocationFile, load_or_create_secret
@@ -126,7 +126,8 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
                                     cfg["data"]["clients"], d["wait_timeout_s"])
         pool = GrpcClientPool(service, devices, secure=secagg_from_config(cfg))
-        per_round = min(len(devices), math.ceil(settings.target * d["over_selection"] - 1e-9))
+        per_round = min(len(devices), over_selection_count(settings.target,
+                                                           d["over_selection"]))
         sampler = (UniformSampler(per_round) if d["selection"] == "uniform" else
                    RegistrySampler(selector_from_config(cfg), per_round, tuple(pool.devices),
                                    registry_factory))

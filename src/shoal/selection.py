@@ -20,7 +20,7 @@ Conventions shared by every selector here:
 
 Over-selection follows K. Bonawitz et al., "Towards Federated Learning at Scale: System
 Design", MLSys 2019: ask ``ceil(factor * target)`` devices (they use 130%) so that the round
-still reaches ``target`` reports after drop-outs; :class:`OverSelection` wraps any selector.
+still reaches ``target`` reports after drop-outs; :func:`over_selection_count` is that count.
 Stratified allocation is proportional with largest-remainder (Hamilton) rounding, as in
 W. G. Cochran, "Sampling Techniques", 3rd ed., 1977, ch. 5. Weighted sampling without
 replacement uses the keys of P. S. Efraimidis and P. G. Spirakis, "Weighted random sampling
@@ -42,7 +42,6 @@ from shoal.registry.base import AttrValue, Device, RegistryError
 __all__ = [
     "AvailabilityAware",
     "FairnessAware",
-    "OverSelection",
     "Selector",
     "Stratified",
     "Uniform",
@@ -249,27 +248,3 @@ def over_selection_count(target: int, factor: float) -> int:
         raise ConfigError(f"over_selection must be a finite number >= 1, got {factor!r}",
                           key="over_selection")
     return max(target, math.ceil(factor * target - 1e-9))
-
-
-@dataclass(frozen=True)
-class OverSelection:
-    """Select ``ceil(factor * count)`` devices with ``inner``, capped at the eligible ones.
-
-    ``select(candidates, target, rng, now)`` -- the ``count`` argument is the *target* number
-    of reports; the cap follows from the shortfall rule (``inner`` returns everyone eligible).
-
-    Attributes:
-        inner: the selector that chooses.
-        factor: over-selection factor, >= 1 (1.3 in Bonawitz et al. 2019).
-    """
-
-    inner: Selector = field(default_factory=Uniform)
-    factor: float = 1.3
-
-    def __post_init__(self) -> None:
-        over_selection_count(0, self.factor)  # validates the factor
-
-    def select(self, candidates: Sequence[Device], count: int, rng: np.random.Generator,
-               now: float) -> list[str]:
-        return self.inner.select(candidates, over_selection_count(count, self.factor), rng,
-                                 now)
