@@ -19,7 +19,6 @@ from shoal.privacy import dp
 from shoal.privacy.dp import (
     AdaptiveClipping,
     CentralDP,
-    DistributedDP,
     LocalDP,
     add_gaussian_noise,
     clip_to_norm,
@@ -365,7 +364,7 @@ def test_central_dp_learns_the_median_with_default_count_noise() -> None:
     assert state.clip_norm == pytest.approx(10.0 * stats.halfnorm.ppf(0.5), rel=0.2)
 
 
-# --------------------------------------------------------------------------- local and distributed
+# --------------------------------------------------------------------------- local
 
 
 def test_local_dp_clips_then_adds_sigma_c_noise() -> None:
@@ -379,27 +378,8 @@ def test_local_dp_clips_then_adds_sigma_c_noise() -> None:
     _assert_std(noised - clipped, 2.0 * 0.5)
 
 
-def test_distributed_shares_sum_to_the_central_noise() -> None:
-    ddp = DistributedDP(
-        noise_multiplier=1.5, clip_norm=0.2, expected_clients=10, max_dropout_fraction=0.25
-    )
-    n = 10
-    assert ddp.min_honest_survivors(n) == 8  # 10 − ⌊2.5⌋
-    assert ddp.share_std(n) == pytest.approx(1.5 * 0.2 / math.sqrt(8))
-    rng = np.random.default_rng(6)
-    dim = 50_000
-    zero = np.zeros(dim, dtype=np.float32)
-    shares = [ddp.privatize_share(zero, n, rng)[0] for _ in range(8)]  # exactly h honest survivors
-    total = np.sum(shares, axis=0)
-    _assert_std(total, 1.5 * 0.2)
-    ddp.check_survivors(n, 8)
-    with pytest.raises(PrivacyError, match="at least 8"):
-        ddp.check_survivors(n, 7)
-    np.testing.assert_allclose(ddp.mean(total), total / 10, rtol=1e-6)
-
-
 def test_public_api_is_reexported() -> None:
     for name in dp.__all__:
         assert getattr(privacy, name) is getattr(dp, name)
         assert name in privacy.__all__
-    assert {p.value for p in privacy.Placement} == {"central", "local", "distributed"}
+    assert {p.value for p in privacy.Placement} == {"central", "local"}

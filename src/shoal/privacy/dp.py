@@ -1,5 +1,5 @@
 """Client-level differential privacy for federated averaging: clipping, Gaussian noise and
-three noise placements (central, local, distributed), with adaptive clipping.
+two noise placements (central, local), with adaptive clipping.
 
 Algorithms:
 
@@ -15,10 +15,9 @@ Algorithms:
   b_k − ½ (so the count query has sensitivity ½), the server releases
   b̄ = clip((Σ(b_k − ½) + N(0, σ_b²))/m + ½, 0, 1) and sets C_{t+1} = C_t·exp(−η(b̄ − γ)).
   If fewer than a fraction γ of updates were unclipped (b̄ < γ) the norm grows, else it shrinks.
-* Distributed noise for secure aggregation: Kairouz, Liu and Steinke, "The Distributed Discrete
-  Gaussian Mechanism for Federated Learning with Secure Aggregation" (ICML 2021). Only the
-  continuous share is implemented here; see :class:`DistributedDP` for what the integer-ring
-  version still needs.
+* Not here: distributed noise for secure aggregation (Kairouz, Liu and Steinke, "The
+  Distributed Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation",
+  ICML 2021) needs discrete noise in SecAgg's integer ring; see ``docs/privacy.md``.
 
 Units used throughout: ``noise_multiplier`` z is the ratio of the noise standard deviation on
 the *sum* to the sum's L2 sensitivity C (add/remove-one-client adjacency). The privacy
@@ -45,7 +44,6 @@ __all__ = [
     "CentralDP",
     "CentralDPState",
     "ClipResult",
-    "DistributedDP",
     "LocalDP",
     "Placement",
     "RoundAccumulator",
@@ -75,7 +73,6 @@ class Placement(enum.StrEnum):
 
     CENTRAL = "central"
     LOCAL = "local"
-    DISTRIBUTED = "distributed"
 
 
 # --------------------------------------------------------------------------- primitives
@@ -530,81 +527,3 @@ class LocalDP:
         noise = gaussian_noise(clipped.shape[0], self.noise_std, rng)
         clipped += noise.astype(clipped.dtype, copy=False)
         return clipped, ClipResult(norm=norm, was_clipped=was_clipped)
-
-
-# --------------------------------------------------------------------------- distributed DP
-
-
-@dataclass(frozen=True)
-class DistributedDP:
-    """Distributed Gaussian noise for secure aggregation: each client adds a share.
-
-    With n clients in the cohort and a tolerated dropout fraction ρ, at least
-    ``h = n − ⌊ρn⌋`` clients are assumed to survive *and be honest* (add their share). Each
-    client adds N(0, σ²C²/h), so any h honest shares already sum to N(0, σ²C²) — the central
-    guarantee for multiplier σ. The sum carries more noise when more than h survive. What the
-    guarantee needs, precisely:
-
-    1. at least h honest survivors — enforce with :meth:`check_survivors` and abort (release
-       nothing) otherwise; clients that skip their share count as dishonest;
-    2. noise scaled up for dropout (the h above), chosen before the round;
-    3. for SecAgg's integer ring Z_{2^k}, updates must be scaled, randomly rounded and noised
-       with the *discrete* Gaussian (Kairouz et al. 2021) or Skellam (Agarwal et al. 2021)
-       mechanism, whose sum is not exactly a discrete Gaussian: account with their RDP bounds,
-       and size the modulus so the noised sum does not wrap. The continuous share here is the
-       float reference for simulation only.
-
-    Attributes:
-        noise_multiplier: σ the sum must carry (what the accountant is given).
-        clip_norm: C.
-        expected_clients: the fixed denominator m for the mean.
-        max_dropout_fraction: ρ in [0, 1).
-    """
-
-    noise_multiplier: float
-    clip_norm: float
-    expected_clients: float
-    max_dropout_fraction: float = 0.0
-
-    def __post_init__(self) -> None:
-        _positive("noise_multiplier", self.noise_multiplier)
-        _positive("clip_norm", self.clip_norm)
-        _positive("expected_clients", self.expected_clients)
-        if not 0.0 <= self.max_dropout_fraction < 1.0:
-            raise PrivacyError(
-                f"max_dropout_fraction must be in [0, 1), got {self.max_dropout_fraction!r}"
-            )
-
-    def min_honest_survivors(self, cohort_size: int) -> int:
-        """h = n − ⌊ρn⌋: the fewest honest shares the guarantee tolerates."""
-        if cohort_size < 1:
-            raise PrivacyError(f"cohort_size must be >= 1, got {cohort_size}")
-        return cohort_size - math.floor(self.max_dropout_fraction * cohort_size)
-
-    def share_std(self, cohort_size: int) -> float:
-        """Per-client noise std σC/√h."""
-        h = self.min_honest_survivors(cohort_size)
-        return self.noise_multiplier * self.clip_norm / math.sqrt(h)
-
-    def privatize_share(
-        self, update: np.ndarray, cohort_size: int, rng: np.random.Generator
-    ) -> tuple[np.ndarray, ClipResult]:
-        """Client side: clip to C and add this client's noise share; returns a new array."""
-        clipped, norm, was_clipped = clip_to_norm(update, self.clip_norm)
-        noise = gaussian_noise(clipped.shape[0], self.share_std(cohort_size), rng)
-        clipped += noise.astype(clipped.dtype, copy=False)
-        return clipped, ClipResult(norm=norm, was_clipped=was_clipped)
-
-    def check_survivors(self, cohort_size: int, survivors: int) -> None:
-        """Raise PrivacyError if too few shares reached the sum for the guarantee to hold."""
-        h = self.min_honest_survivors(cohort_size)
-        if survivors < h:
-            raise PrivacyError(
-                f"only {survivors} of {cohort_size} clients survived; distributed DP needs at "
-                f"least {h} (max_dropout_fraction={self.max_dropout_fraction:g}); "
-                "do not release this sum"
-            )
-
-    def mean(self, total: np.ndarray) -> np.ndarray:
-        """The fixed-denominator mean of the securely aggregated sum (float32, new array)."""
-        return (np.asarray(total, dtype=np.float64) / self.expected_clients).astype(np.float32)
