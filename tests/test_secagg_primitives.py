@@ -189,8 +189,23 @@ def test_share_serialisation_and_conflicts() -> None:
         shamir.Share.from_y_bytes(3, (shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big"))
     with pytest.raises(ProtocolError, match="two different"):
         shamir.combine_shares([a, shamir.Share(3, a.y + 1), b], 2)
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ProtocolError, match="distinct"):
         shamir.split_secret(bytes(32), 2, [1, 1])
+
+
+@pytest.mark.parametrize(("call", "bound"), [
+    (lambda: shamir.split_secret(bytes(31), 2, [1, 2]), "32 bytes"),
+    (lambda: shamir.split_secret(bytes(32), 3, [1, 2]), r"threshold must be in \[1, 2\]"),
+    (lambda: shamir.split_secret(bytes(32), 0, [1, 2]), r"threshold must be in \[1, 2\]"),
+    (lambda: shamir.split_int(shamir.PRIME, 1, [1]), r"\[0, prime\)"),
+    (lambda: shamir.split_int(5, 3, [1, 2, 3], coefficients=[1]), "threshold - 1 = 2"),
+    (lambda: shamir.split_secret(bytes(32), 1, [0]), r"\[1, prime\)"),
+    (lambda: crypto.prg_uint(bytes(32), 4, 65), r"bits must be in \[1, 64\]"),
+    (lambda: crypto.prg_uint(bytes(32), -1, 8), "length must be >= 0"),
+])
+def test_out_of_range_arguments_are_protocol_errors_naming_the_bound(call, bound) -> None:
+    with pytest.raises(ProtocolError, match=bound):
+        call()
 
 
 # --- Harary graph ------------------------------------------------------------------------------

@@ -226,12 +226,13 @@ def prg_uint(seed: bytes, length: int, bits: int) -> np.ndarray:
     is a power of two.
 
     Raises:
-        ValueError: ``bits`` outside [1, 64] or negative ``length``.
+        ProtocolError: ``seed`` is not 32 bytes, ``bits`` is outside [1, 64] or ``length`` is
+            negative.
     """
     if not 1 <= bits <= 64:
-        raise ValueError(f"bits must be in [1, 64], got {bits}")
+        raise ProtocolError(f"bits must be in [1, 64], got {bits}")
     if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
+        raise ProtocolError(f"length must be >= 0, got {length}")
     dtype = np.uint32 if bits <= 32 else np.uint64
     out = keystream_into(seed, np.empty(length, dtype=dtype))
     if bits < 8 * out.itemsize:

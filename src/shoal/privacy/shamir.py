@@ -98,17 +98,20 @@ def split_int(
             :mod:`secrets` when omitted (only tests pass them).
 
     Raises:
-        ValueError: threshold or points out of range.
+        ProtocolError: the secret, threshold, coefficients or points are out of range (the
+            message names which and the bound).
     """
     _check_points(xs, prime)
     if not 0 <= secret < prime:
-        raise ValueError("secret must lie in [0, prime)")
+        raise ProtocolError("secret must lie in [0, prime) of the field")
     if not 1 <= threshold <= len(xs):
-        raise ValueError(f"threshold must be in [1, {len(xs)}] (number of shares), got {threshold}")
+        raise ProtocolError(
+            f"threshold must be in [1, {len(xs)}] (number of shares), got {threshold}")
     if coefficients is None:
         coefficients = [secrets.randbelow(prime) for _ in range(threshold - 1)]
     elif len(coefficients) != threshold - 1:
-        raise ValueError(f"need {threshold - 1} coefficients, got {len(coefficients)}")
+        raise ProtocolError(f"coefficients: need threshold - 1 = {threshold - 1}, "
+                            f"got {len(coefficients)}")
     poly = [secret, *coefficients]
     return tuple(Share(x, evaluate_polynomial(poly, x, prime)) for x in xs)
 
@@ -122,10 +125,10 @@ def split_secret(secret: bytes, threshold: int, xs: Sequence[int]) -> tuple[Shar
         xs: the holders' 1-based roster indices (distinct, non-zero).
 
     Raises:
-        ValueError: wrong secret length, threshold or points.
+        ProtocolError: wrong secret length, threshold or points.
     """
     if len(secret) != SECRET_BYTES:
-        raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
+        raise ProtocolError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
     return split_int(int.from_bytes(secret, "big"), threshold, xs)
 
 
@@ -133,7 +136,7 @@ def interpolate_at_zero(shares: Iterable[Share], *, prime: int = PRIME) -> int:
     """Value at 0 of the unique polynomial of degree < len(shares) through ``shares``.
 
     Raises:
-        ValueError: repeated or zero x-coordinates.
+        ProtocolError: repeated x-coordinates, or one outside [1, prime).
     """
     shares = sorted(shares, key=lambda s: s.x)
     xs = tuple(s.x for s in shares)
@@ -182,6 +185,6 @@ def _lagrange_at_zero(xs: tuple[int, ...], prime: int) -> tuple[int, ...]:
 
 def _check_points(xs: Sequence[int], prime: int) -> None:
     if len(set(xs)) != len(xs):
-        raise ValueError("share x-coordinates must be distinct")
+        raise ProtocolError("share x-coordinates must be distinct")
     if any(not 0 < x < prime for x in xs):
-        raise ValueError("share x-coordinates must be in [1, prime)")
+        raise ProtocolError("share x-coordinates must be in [1, prime)")
