@@ -50,6 +50,8 @@ def test_spec_errors_name_the_problem():
         unflatten(np.zeros(8, np.float32), spec)
     with pytest.raises(SpecError, match="duplicate"):
         ParamSpec.from_shapes([("a", (1,)), ("a", (2,))])
+    with pytest.raises(SpecError, match=r"no tensor named 'c' in the spec; it has \['w', 'b'\]"):
+        spec["c"]
 
 
 def test_spec_serialises_and_fingerprints():

@@ -87,10 +87,15 @@ class ParamSpec:
         return tuple(t.name for t in self.tensors)
 
     def __getitem__(self, name: str) -> TensorSpec:
+        """The tensor called ``name``.
+
+        Raises:
+            SpecError: no tensor has that name (the message lists those that do).
+        """
         for t in self.tensors:
             if t.name == name:
                 return t
-        raise KeyError(name)
+        raise SpecError(f"no tensor named {name!r} in the spec; it has {list(self.names)}")
 
     @property
     def fingerprint(self) -> str:

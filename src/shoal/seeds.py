@@ -15,23 +15,34 @@ import zlib
 
 import numpy as np
 
+from shoal.errors import ConfigError
+
 __all__ = ["generator", "seed_sequence", "torch_seed"]
 
 
-def _key(part: int | str) -> int:
+def _key(part: int | str, index: int | None) -> int:
+    """``part`` as a non-negative integer; ``index`` is its place in the path (``None`` for the
+    run seed), for the error message only."""
     if isinstance(part, str):
         # A fixed, documented mapping from a stream name to an integer (not Python's hash(),
         # which is salted per process).
         return zlib.crc32(part.encode())
     part = int(part)
     if part < 0:
-        raise ValueError(f"seed path entries must be non-negative, got {part}")
+        if index is None:
+            raise ConfigError(f"run seed must be >= 0, got {part}", key="seed")
+        raise ConfigError(f"seed path entry {index} must be >= 0, got {part}")
     return part
 
 
 def seed_sequence(run_seed: int, *path: int | str) -> np.random.SeedSequence:
-    """The seed sequence for the stream named by ``path`` under ``run_seed``."""
-    return np.random.SeedSequence([_key(run_seed), *(_key(p) for p in path)])
+    """The seed sequence for the stream named by ``path`` under ``run_seed``.
+
+    Raises:
+        ConfigError: ``run_seed`` (``key="seed"``) or an integer entry of ``path`` is negative.
+    """
+    return np.random.SeedSequence([_key(run_seed, None),
+                                   *(_key(p, i) for i, p in enumerate(path))])
 
 
 def generator(run_seed: int, *path: int | str) -> np.random.Generator:
