@@ -1,17 +1,16 @@
 """The device protocol's messages, answered by the real aggregator on a loopback gRPC server.
 
-Every reply here comes from :class:`~shoal.transport.server.AggregatorService` with a round
-opened by the coordinator's :class:`~shoal.transport.server.GrpcClientPool`, so the test checks
-what the messages mean to a device: a check-in is answered by a task or by "come back at T"
-with its reason; a model larger than one gRPC message (4 MB) arrives in capped, checksummed
-chunks that reassemble to the model; an update streamed in chunks reaches the round only when
-it matches its declared SHA-256.
+Every reply here comes from :class:`~shoal.transport.server.AggregatorService` driving a real
+:class:`~shoal.device_round.DeviceRound`, so the test checks what the messages mean to a
+device: a check-in is answered by a task or by "come back at T" with its reason; a model larger
+than one gRPC message (4 MB) arrives in capped, checksummed chunks that reassemble to the
+model; an update streamed in chunks reaches the round only when it matches its declared
+SHA-256.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 
 import numpy as np
@@ -20,18 +19,17 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
-from shoal.coordinator import ClientUpdate, RoundAbandoned, TrainTask  # noqa: E402
+from shoal.device_round import DeviceRound  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.transport.auth import Keyring, issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
 from shoal.transport.server import (AggregatorService, AggregatorSettings,  # noqa: E402
-                                    GrpcClientPool, serve)
+                                    ModelPayload, serve)
 
 DIM = 1_600_000  # 6.4 MB of float32: more than gRPC carries in one message (4 MB)
 CHUNK = 1 << 20
 SECRET = b"p" * 32
-DEVICES = ("dev-a", "dev-b")
 PARAMS = np.linspace(-1.0, 1.0, DIM, dtype=np.float32)
 SETTINGS = AggregatorSettings(target=1, deadline_s=30.0, min_fraction=1.0, chunk_size=CHUNK,
                               max_update_bytes=8 << 20, idle_retry_s=2.0,
@@ -59,44 +57,18 @@ def server(tmp_path):
     stop()
 
 
-class OpenRound:
-    """Round ``ROUND`` for dev-a alone (dev-b is enrolled, not selected), run by the pool in a
-    thread as the coordinator would; :meth:`finish` returns what the pool yielded."""
-
-    def __init__(self, service: AggregatorService) -> None:
-        self.service = service
-        self.out: dict = {}
-        pool = GrpcClientPool(service, DEVICES, poll_s=0.05)
-        task = TrainTask(ROUND, PARAMS, {"lr": 0.05})
-        self.thread = threading.Thread(target=self._run, args=(pool, task))
-        self.thread.start()
-        deadline = time.time() + 10
-        while service.round is None and time.time() < deadline:
-            time.sleep(0.01)
-        assert service.round is not None
-
-    def _run(self, pool: GrpcClientPool, task: TrainTask) -> None:
-        try:
-            self.out["updates"] = [u for u in pool.train(task, np.array([0]))
-                                   if isinstance(u, ClientUpdate)]
-        except RoundAbandoned as exc:
-            self.out["abandoned"] = exc
-
-    def finish(self) -> dict:
-        with self.service.changed:
-            self.service.round.close(time.time())
-            self.service.changed.notify_all()
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive()
-        return self.out
-
-
 @pytest.fixture()
 def open_round(server):
+    """Round ``ROUND`` (training model version ``ROUND - 1`` = ``PARAMS``) open for dev-a alone,
+    installed on the service as its client pool does (dev-b is not selected)."""
     service, stub = server
-    rnd = OpenRound(service)
-    yield rnd, stub
-    rnd.finish()
+    rnd = DeviceRound(ROUND, ROUND - 1, ["dev-a"], target=1, opened_at=time.time(),
+                      deadline_s=SETTINGS.deadline_s, min_fraction=1.0, dim=DIM, max_norm=None)
+    with service.lock:
+        service.model = ModelPayload.of(ROUND - 1, PARAMS)
+        service.settings_for_round = {"lr": 0.05}
+        service.round = rnd
+    return rnd, stub
 
 
 def test_hello_and_check_in_before_any_round(server):
@@ -113,7 +85,7 @@ def test_hello_and_check_in_before_any_round(server):
 
 
 def test_check_in_answers_a_task_or_when_to_come_back(open_round):
-    rnd, stub = open_round
+    _, stub = open_round
     before = time.time()
     reply = stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"), timeout=5)
     assert reply.WhichOneof("reply") == "task"
@@ -141,7 +113,7 @@ def test_check_in_answers_a_task_or_when_to_come_back(open_round):
 
 
 def test_a_model_larger_than_one_message_streams_in_capped_checksummed_chunks(open_round):
-    rnd, stub = open_round
+    _, stub = open_round
     request = pb.DownloadRequest(version=ROUND - 1, chunk_size=16 * CHUNK)
     chunks = list(stub.Download(request, metadata=md("dev-a"), timeout=10))
     blob = b"".join(c.data for c in chunks)
@@ -185,8 +157,8 @@ def test_an_update_streamed_in_chunks_reaches_the_round_only_if_it_matches_its_c
     headless = upload(hashlib.sha256(blob).digest(), header_first=False)
     assert (headless.accepted, headless.reason) == (False, "malformed")
     assert upload(hashlib.sha256(blob).digest()).accepted
-    out = rnd.finish()
-    [update] = out["updates"]
+    assert rnd.status(time.time()).closed_by == "target_reached"
+    [update] = rnd.drain()
     assert (update.client_id, update.num_examples) == (0, 10)
     np.testing.assert_array_equal(update.delta, delta)
     assert update.metrics == {"loss": 0.5, "upload_bytes": float(len(blob))}
