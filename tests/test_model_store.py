@@ -10,22 +10,20 @@ import textwrap
 import numpy as np
 import pytest
 
+import shoal.store.model_index as index_mod
+import shoal.store.model_versions as versions_mod
 import shoal.store.models as models_mod
 from shoal.errors import ConfigError, DataError, ShoalError
 from shoal.params import ParamSpec
 from shoal.store import Checkpoint
-from shoal.store.models import (
-    ModelStore,
-    ModelStoreError,
-    StoreLocked,
-    UnknownVersion,
-)
+from shoal.store.model_versions import ModelEvent, ModelStoreError, StoreLocked, UnknownVersion
+from shoal.store.models import ModelStore
 from shoal.strategy import ServerState
 
 
 def ckpt(round: int = 1, scale: float = 1.0) -> Checkpoint:
     params = (np.arange(6, dtype=np.float32) * np.float32(scale))
-    return Checkpoint(state=ServerState(params=params, round=round),
+    return Checkpoint(state=ServerState(params=params, version=round),
                       spec=ParamSpec.from_shapes({"w": (2, 3)}), seed=3, meta={"run": "t"})
 
 
@@ -64,7 +62,7 @@ def test_commit_get_load_and_the_directory_layout(store, tmp_path):
     assert v2.path == tmp_path / "models" / "v000002.npz"
     back = store.load(2)
     np.testing.assert_array_equal(back.state.params, np.arange(6, dtype=np.float32) * 2)
-    assert back.state.round == 2 and back.seed == 3 and back.meta == {"run": "t"}
+    assert back.state.version == 2 and back.seed == 3 and back.meta == {"run": "t"}
     assert store.get(1) == v1 and store.list() == [v1, v2]
     index = json.loads((tmp_path / "models" / "index.json").read_text())
     assert index["format"] == "shoal-models/1" and index["production"] is None
@@ -129,8 +127,8 @@ def test_rollback_marks_the_bad_version_and_restores_a_good_one(store):
     assert store.rollback(2, now=3.0).status == "production"
     assert statuses(store) == {1: "candidate", 2: "production", 3: "candidate",
                                4: "rolled_back"}
-    assert store.history()[-1] == models_mod.ModelEvent(at=3.0, action="rollback", version=2,
-                                                        previous=4)
+    assert store.history()[-1] == ModelEvent(at=3.0, action="rollback", version=2,
+                                             previous=4)
     with pytest.raises(ModelStoreError, match="version 4 was rolled back and cannot be promoted"):
         store.promote(4, now=4.0)
     with pytest.raises(ModelStoreError, match="version 4 was itself rolled back"):
@@ -218,7 +216,7 @@ def test_hard_crash_between_model_file_and_index(tmp_path):
         from shoal.strategy import ServerState
         ModelStore._write = lambda self, index: os._exit(17)
         s = ModelStore({str(tmp_path)!r})
-        ck = Checkpoint(ServerState(np.ones(6, np.float32), round=3),
+        ck = Checkpoint(ServerState(np.ones(6, np.float32), version=3),
                         ParamSpec.from_shapes({{"w": (2, 3)}}), seed=3)
         s.commit(ck, round=3, metrics={{}}, now=3.0)
     """)
@@ -255,7 +253,7 @@ def test_index_pointing_at_a_missing_or_corrupt_file_is_reported(store, tmp_path
     with pytest.raises(DataError, match="is missing"):
         store.promote(2, now=1.0)
     assert store.production() is None
-    assert store.load(1).state.round == 1  # the intact version still loads
+    assert store.load(1).state.version == 1  # the intact version still loads
 
 
 def test_missing_or_damaged_index_is_refused(tmp_path):
@@ -306,7 +304,8 @@ def test_readonly_store_must_exist(tmp_path):
 
 
 def test_public_api():
-    assert all(hasattr(models_mod, name) for name in models_mod.__all__)
+    for mod in (models_mod, versions_mod, index_mod):
+        assert all(hasattr(mod, name) for name in mod.__all__)
     for cls in (ModelStoreError, StoreLocked, UnknownVersion):
         assert issubclass(cls, ShoalError)
     assert issubclass(UnknownVersion, LookupError)

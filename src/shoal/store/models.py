@@ -31,157 +31,36 @@ Single writer: one aggregator process per store. The writer holds an exclusive `
 ``.lock`` for the lifetime of the :class:`ModelStore`; a second writer is refused with
 :class:`StoreLocked`. Readers (``readonly=True``) take no lock and may run alongside the writer:
 each query re-reads the index, which is always either the old or the new complete file.
+
+The index's format and the file names are :mod:`shoal.store.model_index`; the records the store
+returns (:class:`ModelVersion`, :class:`ModelEvent`) and its errors are
+:mod:`shoal.store.model_versions`.
 """
 
 from __future__ import annotations
 
 import builtins
 import fcntl
-import hashlib
-import json
 import math
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
 
-from shoal.errors import ConfigError, DataError, ShoalError
-from shoal.store.atomic import fsync_dir, replace_atomically
+from shoal.errors import ConfigError, DataError
+from shoal.store.atomic import fsync_dir
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shoal.store.model_index import (INDEX_FILE, MODEL_FILE, TEMP_FILE, ModelIndex,
+                                     file_sha256, model_file_name)
+from shoal.store.model_versions import (STATUSES, ModelEvent, ModelStoreError, ModelVersion,
+                                        StoreLocked, UnknownVersion)
 
-__all__ = [
-    "STATUSES",
-    "ModelEvent",
-    "ModelStore",
-    "ModelStoreError",
-    "ModelVersion",
-    "StoreLocked",
-    "UnknownVersion",
-]
+__all__ = ["ModelStore"]
 
-#: The statuses a version can have.
-STATUSES = ("candidate", "production", "rolled_back")
-_FORMAT = "shoal-models/1"
-_INDEX = "index.json"
 _LOCK = ".lock"
-_MODEL_FILE = re.compile(r"v(\d{6,})\.npz\Z")
-# Temporary files of save_checkpoint (".v000001.npz.XXXX.tmp") and of the index writer.
-_TEMP_FILE = re.compile(r"\.(v\d{6,}\.npz|index\.json)\..*\.tmp\Z")
-
-
-class ModelStoreError(ShoalError):
-    """A model-store operation was refused; the store is unchanged.
-
-    Attributes:
-        version: the version concerned, when there is one.
-    """
-
-    def __init__(self, message: str, *, version: int | None = None) -> None:
-        super().__init__(message)
-        self.version = version
-
-
-class UnknownVersion(ModelStoreError, LookupError):
-    """No committed version has this id."""
-
-
-class StoreLocked(ModelStoreError):
-    """Another process holds the store's writer lock.
-
-    Attributes:
-        path: the lock file.
-        pid: the holder's process id as it recorded it, when readable.
-    """
-
-    def __init__(self, message: str, *, path: str, pid: int | None) -> None:
-        super().__init__(message)
-        self.path = path
-        self.pid = pid
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    """One committed global model (read-only).
-
-    Attributes:
-        id: version number, 1, 2, 3, ... in commit order, never reused.
-        parent: the version it was trained from, or ``None``.
-        round: the training round that produced it.
-        created: commit time (UNIX seconds, as passed in).
-        metrics: name -> number (e.g. evaluation accuracy).
-        status: ``"candidate"``, ``"production"`` or ``"rolled_back"``.
-        sha256: SHA-256 of the model file's bytes.
-        path: the model file.
-    """
-
-    id: int
-    parent: int | None
-    round: int
-    created: float
-    metrics: Mapping[str, float]
-    status: str
-    sha256: str
-    path: Path
-
-    def __hash__(self) -> int:
-        return hash(self.id)  # metrics is unhashable; equal versions share an id
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready form (``shoal models show --json``)."""
-        return {"id": self.id, "parent": self.parent, "round": self.round,
-                "created": self.created, "metrics": dict(self.metrics),
-                "status": self.status, "sha256": self.sha256, "file": self.path.name}
-
-
-@dataclass(frozen=True)
-class ModelEvent:
-    """One move of the production pointer.
-
-    Attributes:
-        at: when (UNIX seconds, as passed in).
-        action: ``"promote"`` or ``"rollback"``.
-        version: the version that became production.
-        previous: the production version before, or ``None``.
-    """
-
-    at: float
-    action: str
-    version: int
-    previous: int | None
-
-
-@dataclass
-class _Index:
-    versions: dict[int, dict[str, Any]] = field(default_factory=dict)
-    production: int | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": _FORMAT, "production": self.production,
-                "versions": [self.versions[k] for k in sorted(self.versions)],
-                "events": self.events}
-
-
-def _file_name(version: int) -> str:
-    return f"v{version:06d}.npz"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _replace_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Write ``doc`` to ``path`` atomically (the caller fsyncs the directory)."""
-    replace_atomically(path, json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode())
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -237,7 +116,7 @@ class ModelStore:
         #: a crash (names relative to :attr:`dir`).
         self.recovered: tuple[str, ...] = ()
         self._lock_fd: int | None = None
-        self._cache: _Index | None = None
+        self._cache: ModelIndex | None = None
         if readonly:
             if not self.dir.is_dir():
                 raise DataError(f"no model store at {self.dir}", path=str(self.dir))
@@ -298,16 +177,16 @@ class ModelStore:
 
     # -- the index --------------------------------------------------------------------------
 
-    def _read(self) -> _Index:
+    def _read(self) -> ModelIndex:
         if self._cache is not None:  # the writer's copy is authoritative (single writer)
             return self._cache
         return self._read_disk(create=False)
 
     def _model_files(self) -> builtins.list[str]:
-        return [p.name for p in self.dir.iterdir() if _MODEL_FILE.match(p.name)]
+        return [p.name for p in self.dir.iterdir() if MODEL_FILE.match(p.name)]
 
-    def _read_disk(self, *, create: bool) -> _Index:
-        path = self.dir / _INDEX
+    def _read_disk(self, *, create: bool) -> ModelIndex:
+        path = self.dir / INDEX_FILE
         try:
             text = path.read_bytes()
         except FileNotFoundError:
@@ -317,67 +196,42 @@ class ModelStore:
                     f"{path} is missing but {len(files)} model files exist in {self.dir}; "
                     "restore the index from a backup or move the files away (refusing to "
                     "guess which versions were committed)", path=str(path)) from None
-            index = _Index()
+            index = ModelIndex()
             if create:
-                _replace_json(path, index.to_json())
+                index.write(path)
                 fsync_dir(self.dir)
             return index
         try:
-            return self._parse(json.loads(text))
+            return ModelIndex.parse(text)
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"model index {path} is unreadable or inconsistent: {exc}",
                             path=str(path)) from None
 
-    def _parse(self, doc: Any) -> _Index:
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-            raise ValueError(f"not a shoal model index (format "
-                             f"{doc.get('format') if isinstance(doc, dict) else None!r})")
-        index = _Index(production=doc["production"], events=list(doc["events"]))
-        for entry in doc["versions"]:
-            vid = entry["id"]
-            if not isinstance(vid, int) or vid < 1 or vid in index.versions:
-                raise ValueError(f"bad or duplicate version id {vid!r}")
-            if entry["file"] != _file_name(vid):
-                raise ValueError(f"version {vid} names file {entry['file']!r}")
-            if entry["status"] not in STATUSES:
-                raise ValueError(f"version {vid} has unknown status {entry['status']!r}")
-            if entry["parent"] is not None and entry["parent"] not in index.versions:
-                raise ValueError(f"version {vid} has unknown parent {entry['parent']!r}")
-            for key in ("round", "created", "metrics", "sha256"):
-                entry[key]  # noqa: B018 -- presence check, KeyError is reported
-            index.versions[vid] = entry
-        in_production = [v for v, e in index.versions.items() if e["status"] == "production"]
-        expected = [] if index.production is None else [index.production]
-        if in_production != expected:
-            raise ValueError(f"production pointer {index.production!r} disagrees with the "
-                             f"versions marked production {in_production}")
-        return index
-
-    def _clean_orphans(self, index: _Index) -> tuple[str, ...]:
+    def _clean_orphans(self, index: ModelIndex) -> tuple[str, ...]:
         """Delete what a crashed commit left: model files above the last committed id and
         temporary files. Files of other names are left alone (and never read)."""
         last = max(index.versions, default=0)
         removed = []
         for p in sorted(self.dir.iterdir()):
-            m = _MODEL_FILE.match(p.name)
-            if (m and int(m.group(1)) > last) or _TEMP_FILE.match(p.name):
+            m = MODEL_FILE.match(p.name)
+            if (m and int(m.group(1)) > last) or TEMP_FILE.match(p.name):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
         if removed:
             fsync_dir(self.dir)
         return tuple(removed)
 
-    def _write(self, index: _Index) -> None:
-        _replace_json(self.dir / _INDEX, index.to_json())
+    def _write(self, index: ModelIndex) -> None:
+        index.write(self.dir / INDEX_FILE)
         self._cache = index  # on disk from here on, whatever happens next
         fsync_dir(self.dir)
 
-    def _writable(self) -> _Index:
+    def _writable(self) -> ModelIndex:
         if self.readonly:
             raise ModelStoreError(f"model store {self.dir} is open read-only (or closed)")
         assert self._cache is not None
         # Work on a copy: the cached index changes only once the new one is on disk.
-        return _Index(versions={k: dict(v) for k, v in self._cache.versions.items()},
+        return ModelIndex(versions={k: dict(v) for k, v in self._cache.versions.items()},
                       production=self._cache.production, events=list(self._cache.events))
 
     def _version(self, entry: Mapping[str, Any]) -> ModelVersion:
@@ -388,7 +242,7 @@ class ModelStore:
                             path=self.dir / entry["file"])
 
     @staticmethod
-    def _entry(index: _Index, version: object) -> dict[str, Any]:
+    def _entry(index: ModelIndex, version: object) -> dict[str, Any]:
         if isinstance(version, bool) or not isinstance(version, int):
             raise ConfigError(f"version must be an int, got {version!r}", key="version")
         try:
@@ -441,7 +295,7 @@ class ModelStore:
     def _verified_path(self, entry: Mapping[str, Any]) -> Path:
         path = self.dir / entry["file"]
         try:
-            digest = _file_sha256(path)
+            digest = file_sha256(path)
         except FileNotFoundError:
             raise DataError(f"model file {path} (version {entry['id']}) is missing",
                             path=str(path)) from None
@@ -504,13 +358,13 @@ class ModelStore:
         if parent is not None:
             self._entry(index, parent)
         vid = max(index.versions, default=0) + 1
-        path = self.dir / _file_name(vid)
+        path = self.dir / model_file_name(vid)
         try:
             save_checkpoint(path, checkpoint)
             fsync_dir(self.dir)  # the file's name is durable before the index points at it
             index.versions[vid] = {"id": vid, "parent": parent, "round": round,
                                    "created": now, "metrics": metrics, "status": "candidate",
-                                   "sha256": _file_sha256(path), "file": path.name}
+                                   "sha256": file_sha256(path), "file": path.name}
             if status == "production":
                 self._move_production(index, vid, "promote", now)
             self._write(index)
@@ -521,7 +375,7 @@ class ModelStore:
         return self._version(index.versions[vid])
 
     @staticmethod
-    def _move_production(index: _Index, vid: int, action: str, now: float) -> None:
+    def _move_production(index: ModelIndex, vid: int, action: str, now: float) -> None:
         previous = index.production
         if previous is not None:
             index.versions[previous]["status"] = "rolled_back" if action == "rollback" \

@@ -1,0 +1,101 @@
+"""The model store's on-disk format: ``index.json`` and the names of the model files.
+
+The index is the single source of truth of :class:`~shoal.store.models.ModelStore` (a version
+exists once the index lists it); the module docstring there gives the directory layout and the
+commit protocol. Here: the index's content (:class:`ModelIndex`), its strict parser, its atomic
+writer, and the file names the store owns (``v000001.npz``, temporary files of a torn write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.store.atomic import replace_atomically
+from shoal.store.model_versions import STATUSES
+
+__all__ = ["FORMAT", "INDEX_FILE", "MODEL_FILE", "TEMP_FILE", "ModelIndex", "file_sha256",
+           "model_file_name"]
+
+FORMAT = "shoal-models/1"
+INDEX_FILE = "index.json"
+MODEL_FILE = re.compile(r"v(\d{6,})\.npz\Z")
+# Temporary files of save_checkpoint (".v000001.npz.XXXX.tmp") and of the index writer.
+TEMP_FILE = re.compile(r"\.(v\d{6,}\.npz|index\.json)\..*\.tmp\Z")
+
+
+def model_file_name(version: int) -> str:
+    """The model file of ``version`` (``v000001.npz``)."""
+    return f"v{version:06d}.npz"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of the file at ``path``, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelIndex:
+    """The content of ``index.json``.
+
+    Attributes:
+        versions: version id -> its entry (the fields of
+            :class:`~shoal.store.model_versions.ModelVersion`, the file's name as ``"file"``).
+        production: the production version, or ``None``.
+        events: every move of the production pointer, oldest first.
+    """
+
+    versions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    production: int | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "production": self.production,
+                "versions": [self.versions[k] for k in sorted(self.versions)],
+                "events": self.events}
+
+    def write(self, path: Path) -> None:
+        """Write the index to ``path`` atomically (the caller fsyncs the directory)."""
+        replace_atomically(path, json.dumps(self.to_json(), indent=1, sort_keys=True,
+                                            allow_nan=False).encode())
+
+    @classmethod
+    def parse(cls, text: bytes) -> ModelIndex:
+        """Parse and check ``index.json``: format, unique ids, file names, statuses, parents
+        that exist, and a production pointer that agrees with the statuses.
+
+        Raises:
+            ValueError, KeyError, TypeError: the text is not a consistent index.
+        """
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"not a shoal model index (format "
+                             f"{doc.get('format') if isinstance(doc, dict) else None!r})")
+        index = cls(production=doc["production"], events=list(doc["events"]))
+        for entry in doc["versions"]:
+            vid = entry["id"]
+            if not isinstance(vid, int) or vid < 1 or vid in index.versions:
+                raise ValueError(f"bad or duplicate version id {vid!r}")
+            if entry["file"] != model_file_name(vid):
+                raise ValueError(f"version {vid} names file {entry['file']!r}")
+            if entry["status"] not in STATUSES:
+                raise ValueError(f"version {vid} has unknown status {entry['status']!r}")
+            if entry["parent"] is not None and entry["parent"] not in index.versions:
+                raise ValueError(f"version {vid} has unknown parent {entry['parent']!r}")
+            for key in ("round", "created", "metrics", "sha256"):
+                entry[key]  # noqa: B018 -- presence check, KeyError is reported
+            index.versions[vid] = entry
+        in_production = [v for v, e in index.versions.items() if e["status"] == "production"]
+        expected = [] if index.production is None else [index.production]
+        if in_production != expected:
+            raise ValueError(f"production pointer {index.production!r} disagrees with the "
+                             f"versions marked production {in_production}")
+        return index

@@ -1,0 +1,108 @@
+"""What the model store hands out and refuses with: version and event records, the errors.
+
+A :class:`ModelVersion` is one committed global model's metadata; a :class:`ModelEvent` is one
+move of the production pointer. Both are read-only values built from the index by
+:class:`~shoal.store.models.ModelStore`, which also raises the errors here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal.errors import ShoalError
+
+__all__ = [
+    "STATUSES",
+    "ModelEvent",
+    "ModelStoreError",
+    "ModelVersion",
+    "StoreLocked",
+    "UnknownVersion",
+]
+
+#: The statuses a version can have.
+STATUSES = ("candidate", "production", "rolled_back")
+
+
+class ModelStoreError(ShoalError):
+    """A model-store operation was refused; the store is unchanged.
+
+    Attributes:
+        version: the version concerned, when there is one.
+    """
+
+    def __init__(self, message: str, *, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+class UnknownVersion(ModelStoreError, LookupError):
+    """No committed version has this id."""
+
+
+class StoreLocked(ModelStoreError):
+    """Another process holds the store's writer lock.
+
+    Attributes:
+        path: the lock file.
+        pid: the holder's process id as it recorded it, when readable.
+    """
+
+    def __init__(self, message: str, *, path: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.pid = pid
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One committed global model (read-only).
+
+    Attributes:
+        id: version number, 1, 2, 3, ... in commit order, never reused.
+        parent: the version it was trained from, or ``None``.
+        round: the training round that produced it.
+        created: commit time (UNIX seconds, as passed in).
+        metrics: name -> number (e.g. evaluation accuracy).
+        status: ``"candidate"``, ``"production"`` or ``"rolled_back"``.
+        sha256: SHA-256 of the model file's bytes.
+        path: the model file.
+    """
+
+    id: int
+    parent: int | None
+    round: int
+    created: float
+    metrics: Mapping[str, float]
+    status: str
+    sha256: str
+    path: Path
+
+    def __hash__(self) -> int:
+        return hash(self.id)  # metrics is unhashable; equal versions share an id
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form (``shoal models show --json``)."""
+        return {"id": self.id, "parent": self.parent, "round": self.round,
+                "created": self.created, "metrics": dict(self.metrics),
+                "status": self.status, "sha256": self.sha256, "file": self.path.name}
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """One move of the production pointer.
+
+    Attributes:
+        at: when (UNIX seconds, as passed in).
+        action: ``"promote"`` or ``"rollback"``.
+        version: the version that became production.
+        previous: the production version before, or ``None``.
+    """
+
+    at: float
+    action: str
+    version: int
+    previous: int | None
