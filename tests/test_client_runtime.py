@@ -19,17 +19,17 @@ import pytest
 grpc = pytest.importorskip("grpc")
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
 from shoal.errors import ConfigError  # noqa: E402
-from shoal.transport.reference import fmnist_evaluate_fn, fmnist_train_fn
-from shoal.transport.client import (  # noqa: E402
+from shoal.transport.channel import backoff_delay  # noqa: E402
+from shoal.transport.client import DeviceClient  # noqa: E402
+from shoal.transport.device_api import (  # noqa: E402
     ClientStats,
     CredentialsRejected,
-    DeviceClient,
     TrainResult,
     TransportError,
-    backoff_delay,
 )
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
+from shoal.transport.reference import fmnist_evaluate_fn, fmnist_train_fn  # noqa: E402
 
 D = 1000
 TOKEN = "kid.claims.tag"

@@ -9,17 +9,18 @@ into a buffer preallocated from a bounded declared size, offsets must be contigu
 SHA-256 of the whole payload must match, and the codec parser then validates the payload before
 any vector is built. A refused download is counted and retried; it is never trained on.
 
-Resilience: an RPC that fails with a transient status (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
-``RESOURCE_EXHAUSTED``, ``ABORTED``, a reset stream) is retried after an exponential backoff
-with full jitter (M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015):
-``uniform(0, min(max_backoff_s, 0.5 · 2**n))`` for the n-th consecutive failure, reset by any
-success. A retried upload repeats its idempotency key, so the server answers it with the
-original result instead of counting the update twice. Refused credentials
-(``UNAUTHENTICATED``/``PERMISSION_DENIED``) raise :class:`CredentialsRejected` at once:
-retrying cannot help. Every RPC has a deadline.
+Resilience: an RPC that fails with a transient status is retried after an exponential backoff
+with full jitter (:mod:`shoal.transport.channel`): ``uniform(0, min(max_backoff_s, 0.5 · 2**n))``
+for the n-th consecutive failure, reset by any success. A retried upload repeats its
+idempotency key, so the server answers it with the original result instead of counting the
+update twice. Refused credentials (``UNAUTHENTICATED``/``PERMISSION_DENIED``) raise
+:class:`~shoal.transport.device_api.CredentialsRejected` at once: retrying cannot help. Every
+RPC has a deadline. A secure-aggregation task is handed to
+:class:`~shoal.transport.secure_round.SecAggParticipant`.
 
-Time comes from the injected ``clock`` and ``sleep``, so tests run without waiting.
-Only this module and the server touch the generated protobuf code.
+What the device's own code plugs in (train and evaluate functions) and gets back (counters,
+errors) is :mod:`shoal.transport.device_api`. Time comes from the injected ``clock`` and
+``sleep``, so tests run without waiting.
 """
 
 from __future__ import annotations
@@ -33,216 +34,39 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import MappingProxyType
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import grpc  # type: ignore[import-untyped]
 import numpy as np
 
 from shoal.codec import STAGES, Chain, from_bytes, to_bytes
-from shoal.device_secagg import End, Wait
-from shoal.errors import CodecError, ConfigError, ProtocolError, ShoalError, SpecError
-from shoal.privacy.secagg_client import SecAggClient
-from shoal.privacy.secagg_encoding import FixedPoint, pack_ring
-from shoal.privacy.secagg_messages import (EncryptedShares, KeyAdvertisement, MaskedInput,
-                                           RoundSetup, SecAggAborted, UnmaskingShares)
+from shoal.errors import CodecError, ConfigError, SpecError
+from shoal.transport.channel import (MAX_CHUNK_BYTES, backoff_delay, is_transient, make_channel,
+                                     refuses_credentials)
+from shoal.transport.device_api import (ClientStats, CredentialsRejected, DownloadRefused,
+                                        EvaluateFn, TaskAbandoned, TrainFn, TrainResult,
+                                        TransportError)
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
-from shoal.transport.secagg_wire import client_body, reply_from_pb
+from shoal.transport.secure_round import SecAggParticipant
 
-__all__ = [
-    "RUNTIME_VERSION",
-    "TrainResult",
-    "TrainFn",
-    "EvaluateFn",
-    "ClientStats",
-    "CredentialsRejected",
-    "TransportError",
-    "DownloadRefused",
-    "DeviceClient",
-    "make_channel",
-    "backoff_delay",
-]
+__all__ = ["RUNTIME_VERSION", "DeviceClient"]
 
 RUNTIME_VERSION = "shoal-client/1"
 _T = TypeVar("_T")
-_BACKOFF_BASE_S = 0.5
-_CHANNEL_MESSAGE_BYTES = 4 << 20  # chunks are small (default 256 KiB); gRPC's own default
-_MAX_CHUNK = _CHANNEL_MESSAGE_BYTES - 1024  # room for the chunk's other fields
 _WEEK = 7 * 24 * 60
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
-_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
-_AUTH = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
-# the secure-aggregation stage a device message completes (for after_stage)
-_SENT_AT = {KeyAdvertisement: "advertise_keys", EncryptedShares: "share_keys",
-            MaskedInput: "masked_input", UnmaskingShares: "unmasking"}
-# gRPC reports a connection reset mid-call as INTERNAL/UNKNOWN with one of these details.
-_RESET_HINTS = ("rst_stream", "stream removed", "connection reset", "socket closed",
-                "broken pipe", "goaway")
-
-
-# --------------------------------------------------------------------------- types
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a device's training function returns.
-
-    Attributes:
-        delta: flat float32 update, ``trained - received``, the model's length.
-        num_examples: examples trained on (the update's FedAvg weight).
-        metrics: e.g. ``{"loss": ...}``; sent with the upload.
-    """
-
-    delta: np.ndarray
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-class TrainFn(Protocol):
-    """Local training: ``params`` is the downloaded model (flat float32, read-only),
-    ``settings`` the task's server-sent settings, ``round`` the task's round."""
-
-    def __call__(self, params: np.ndarray, settings: Mapping[str, float], round: int
-                 ) -> TrainResult: ...
-
-
-class EvaluateFn(Protocol):
-    """Local evaluation of ``params``: returns ``(num_examples, metrics)``."""
-
-    def __call__(self, params: np.ndarray) -> tuple[int, dict[str, float]]: ...
-
-
-@dataclass
-class ClientStats:
-    """Counters of one :class:`DeviceClient` (``run`` returns a snapshot).
-
-    Attributes:
-        rounds_trained: train tasks whose update was uploaded (accepted or not).
-        uploads_accepted: uploads the server accepted.
-        rejections: refused uploads by the server's reason (``"late"``, ``"stale"``, ...).
-        reconnects: retries after a transient failure (an RPC error or an upload refused with
-            an empty reason).
-        bytes_up / bytes_down: payload bytes sent / received, failed attempts included.
-        check_ins, come_backs: CheckIn calls answered, and how many said "come back later".
-        downloads: model downloads completed and verified; cache_hits: downloads skipped
-            because that version was already held.
-        download_errors: downloads refused (size, offsets, checksum, codec) and retried.
-        evaluations: evaluation results reported.
-        tasks_abandoned: tasks given up (download kept failing, version gone, no evaluate
-            function, unknown kind, or an update that could not be encoded).
-        secagg: secure-aggregation rounds by how they ended for this device (``"done"``,
-            ``"dropped"``, ``"excluded"``, ``"aborted"``, ``"refused:<reason>"``).
-    """
-
-    rounds_trained: int = 0
-    uploads_accepted: int = 0
-    rejections: dict[str, int] = field(default_factory=dict)
-    reconnects: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    check_ins: int = 0
-    come_backs: int = 0
-    downloads: int = 0
-    cache_hits: int = 0
-    download_errors: int = 0
-    evaluations: int = 0
-    tasks_abandoned: int = 0
-    secagg: dict[str, int] = field(default_factory=dict)
-
-
-class CredentialsRejected(ShoalError):
-    """The server refused the device's token (``UNAUTHENTICATED``) or its rights
-    (``PERMISSION_DENIED``): it is wrong, expired, revoked or lacks a scope. Retrying with the
-    same token cannot help; enrol again or fix the clock. Nothing was sent after the refusal.
-
-    Attributes:
-        device_id: this device.
-        code: the gRPC status name, e.g. ``"UNAUTHENTICATED"``.
-        detail: the server's message.
-    """
-
-    def __init__(self, device_id: str, code: str, detail: str) -> None:
-        super().__init__(f"device {device_id!r}: the server refused its credentials ({code}: "
-                         f"{detail or 'no detail'}); the token is wrong, expired or revoked — "
-                         f"retrying will not help, enrol the device again")
-        self.device_id, self.code, self.detail = device_id, code, detail
-
-
-class TransportError(ProtocolError):
-    """An RPC failed in a way the runtime does not retry (an unexpected status), or a
-    transient failure outlasted ``max_retries``.
-
-    Attributes:
-        method: the RPC (``"CheckIn"``, ...); code: gRPC status name.
-    """
-
-    def __init__(self, message: str, *, method: str, code: str) -> None:
-        super().__init__(message, party="aggregator")
-        self.method, self.code = method, code
-
-
-class DownloadRefused(ProtocolError):
-    """A downloaded model failed a check (size bound, version, offsets, checksum, codec); it
-    was discarded before use."""
 
 
 class _Stopped(Exception):
     """The ``stop`` event was set; unwinds ``run``."""
 
 
-class _Abandon(Exception):
-    """Give up the current task and check in again."""
-
-
 def _check(ok: bool, name: str, bound: str, value: object) -> None:
     if not ok:
         raise ConfigError(f"client.{name} must be {bound}, got {value!r}", key=f"client.{name}")
-
-
-def backoff_delay(attempt: int, rng: random.Random, *, base_s: float = _BACKOFF_BASE_S,
-                  cap_s: float = 30.0) -> float:
-    """Full-jitter backoff before retry number ``attempt`` (0-based):
-    ``uniform(0, min(cap_s, base_s * 2**attempt))``."""
-    bound = cap_s if attempt >= 64 else min(cap_s, base_s * 2.0 ** attempt)
-    return rng.uniform(0.0, bound)
-
-
-# --------------------------------------------------------------------------- channel
-
-def make_channel(target: str, root_certificates: bytes | None,
-                 client_cert: tuple[bytes, bytes] | None = None) -> grpc.Channel:
-    """A channel to the aggregator at ``target`` (``"host:port"``).
-
-    TLS with ``root_certificates`` (PEM of the CA that signed the server certificate, e.g.
-    ``ca.pem`` of :func:`~shoal.transport.certs.make_local_pki`); ``None`` gives a plaintext
-    channel, for tests on loopback only. ``client_cert`` = ``(certificate chain PEM, private
-    key PEM)`` presents a client certificate (mutual TLS, e.g. from
-    :func:`~shoal.transport.certs.make_client_cert`). Messages are capped at 4 MiB (chunks
-    are far smaller), gRPC's own retries are off (the runtime retries with its idempotency keys), and keepalive
-    pings every 5 minutes, the default minimum interval a gRPC server accepts (pinging more
-    often earns a GOAWAY "too_many_pings").
-    """
-    options = [
-        ("grpc.max_send_message_length", _CHANNEL_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", _CHANNEL_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", 300_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.enable_retries", 0),
-        ("grpc.initial_reconnect_backoff_ms", 500),
-        ("grpc.max_reconnect_backoff_ms", 30_000),
-    ]
-    if root_certificates is None:
-        if client_cert is not None:
-            raise ConfigError("a client certificate needs TLS: give the aggregator's CA "
-                              "certificate too", key="ca")
-        return grpc.insecure_channel(target, options=options)
-    chain, key = client_cert if client_cert is not None else (None, None)
-    creds = grpc.ssl_channel_credentials(root_certificates=root_certificates,
-                                         private_key=key, certificate_chain=chain)
-    return grpc.secure_channel(target, creds, options=options)
 
 
 # --------------------------------------------------------------------------- client
@@ -298,8 +122,8 @@ class DeviceClient:
                  timeout_s: float = 30.0, transfer_timeout_s: float = 600.0,
                  log: logging.Logger | None = None,
                  after_stage: Callable[[str, int], None] | None = None) -> None:
-        _check(1 <= chunk_size <= _MAX_CHUNK, "chunk_size", f"in [1, {_MAX_CHUNK}] bytes",
-               chunk_size)
+        _check(1 <= chunk_size <= MAX_CHUNK_BYTES, "chunk_size",
+               f"in [1, {MAX_CHUNK_BYTES}] bytes", chunk_size)
         _check(0 < max_backoff_s < float("inf"), "max_backoff_s", "finite and > 0",
                max_backoff_s)
         _check(0 <= min_wait_s <= max_wait_s, "min_wait_s", "in [0, max_wait_s]", min_wait_s)
@@ -331,7 +155,9 @@ class DeviceClient:
         self._clock_offset = 0.0  # server time − local clock, from Hello
         self._said_hello = False
         self._stop: threading.Event | None = None
-        self._after_stage = after_stage
+        self._secagg = SecAggParticipant(device_id, send=self._secagg_send,
+                                         train=self._train_checked, stats=self._stats,
+                                         log=self._log, after_stage=after_stage)
 
     # ----------------------------------------------------------------- public
 
@@ -422,15 +248,15 @@ class DeviceClient:
     def _do_task(self, task: pb.Task) -> None:
         try:
             self._carry_out(task)
-        except _Abandon as exc:
+        except TaskAbandoned as exc:
             self._stats.tasks_abandoned += 1
             self._log.warning("round %d: %s task abandoned: %s", task.round, task.kind, exc)
 
     def _carry_out(self, task: pb.Task) -> None:
         if task.kind not in ("train", "evaluate", "secagg"):
-            raise _Abandon(f"unknown task kind {task.kind!r}")
+            raise TaskAbandoned(f"unknown task kind {task.kind!r}")
         if task.kind == "evaluate" and self._evaluate is None:
-            raise _Abandon("evaluate task but no evaluate function")
+            raise TaskAbandoned("evaluate task but no evaluate function")
         params = self._model_for(task.model_version)
         if task.kind == "evaluate":
             assert self._evaluate is not None
@@ -443,14 +269,14 @@ class DeviceClient:
             self._stats.evaluations += 1
             return
         if task.kind == "secagg":
-            self._secure_round(task, params)
+            self._secagg.run(task, params)
             return
         result = self._train_checked(params, task)
         delta = np.asarray(result.delta)
         try:  # the raw chain draws no randomness; the generator is a formality
             payload = to_bytes(Chain([]).encode(delta, np.random.default_rng(0)))
         except CodecError as exc:  # e.g. training diverged to NaN: never upload it
-            raise _Abandon(f"update cannot be encoded: {exc}") from None
+            raise TaskAbandoned(f"update cannot be encoded: {exc}") from None
         self._upload(task, result, payload)
 
     def _train_checked(self, params: np.ndarray, task: pb.Task) -> TrainResult:
@@ -461,100 +287,21 @@ class DeviceClient:
                             f"shape {params.shape}")
         return result
 
-    # ----------------------------------------------------------------- secure aggregation
+    # ----------------------------------------------------------------- transfers
 
-    def _secure_round(self, task: pb.Task, params: np.ndarray) -> None:
-        """Take part in one secure-aggregation round (Bonawitz et al., MLSys 2019 order):
-        fetch the setup, advertise keys, share keys, *train while the stage closes*, send
-        the masked input, reveal the requested shares. The update never leaves the device
-        unmasked. Any refusal or protocol error ends this device's part in the round (the
-        server recovers from its absence); the runtime then checks in again."""
-        client: SecAggClient | None = None
-        encoding: FixedPoint | None = None
-        message = None
-        while True:
-            sent = message
-            reply, cid, setup_encoding = self._secagg_call(task, message, client)
-            message = None
-            if sent is not None and not isinstance(reply, pb.UploadReply):
-                stage = _SENT_AT[type(sent)]
-                self._log.info("round %d: secure aggregation: %s sent", task.round, stage)
-                if self._after_stage is not None:
-                    self._after_stage(stage, int(task.round))
-                if isinstance(sent, EncryptedShares):
-                    self._train_into(client, encoding, params, task)
-            if isinstance(reply, Wait):
-                continue  # the server held the call already (long poll); ask again
-            if isinstance(reply, End):
-                self._secagg_outcome(task, reply.outcome, reply.detail)
-                return
-            if isinstance(reply, pb.UploadReply):
-                self._secagg_outcome(task, f"refused:{reply.reason}", reply.detail)
-                return
-            if isinstance(reply, RoundSetup):
-                client, encoding = SecAggClient(cid), setup_encoding
-            if client is None:
-                raise _Abandon(f"secure aggregation: {type(reply).__name__} before the setup")
-            try:
-                message = client.handle(reply)
-            except SecAggAborted as exc:
-                self._secagg_outcome(task, "aborted", str(exc))
-                return
-            except ProtocolError as exc:
-                client.abort()
-                raise _Abandon(f"secure aggregation: refused the server's message: {exc}"
-                               ) from None
-
-    def _train_into(self, client: SecAggClient, encoding: FixedPoint, params: np.ndarray,
-                    task: pb.Task) -> None:
-        """Train, encode the update into the round's ring, hand it to the client machine."""
-        result = self._train_checked(params, task)
-        if result.num_examples < 1:
-            client.abort()
-            raise _Abandon("no training examples: nothing to contribute")
-        weight = min(int(result.num_examples), encoding.max_weight)
-        try:
-            vector = encoding.encode(np.asarray(result.delta), weight, client.params.bits,
-                                     np.random.default_rng())
-        except ShoalError as exc:  # e.g. a diverged (non-finite) update: never send it
-            client.abort()
-            raise _Abandon(f"update cannot be encoded: {exc}") from None
-        client.set_input(vector)
-        self._stats.rounds_trained += 1
-
-    def _secagg_outcome(self, task: pb.Task, outcome: str, detail: str) -> None:
-        self._stats.secagg[outcome] = self._stats.secagg.get(outcome, 0) + 1
-        if outcome == "done":
-            self._stats.uploads_accepted += 1
-        level = logging.INFO if outcome in ("done", "dropped") else logging.WARNING
-        self._log.log(level, "round %d: secure aggregation %s: %s", task.round, outcome, detail)
-
-    def _secagg_call(self, task: pb.Task, message, client: SecAggClient | None):
-        """One SecAgg RPC carrying ``message`` (``None``: a poll); returns
-        ``(reply, client id, encoding)`` as :func:`~shoal.transport.secagg_wire.reply_from_pb`
-        decodes it (the id and the encoding come with the setup only)."""
-        data, digest = b"", b""
-        if isinstance(message, MaskedInput):
-            assert client is not None
-            data = pack_ring(message.masked, client.params.bits)
-            digest = hashlib.sha256(data).digest()
-        header = pb.SecAggHeader(device_id=self.device_id, round=task.round,
-                                 base_version=task.model_version, upload_key=task.upload_key,
-                                 **client_body(message, data, digest))
-
+    def _secagg_send(self, header: pb.SecAggHeader, masked: bytes) -> pb.SecAggReply:
+        """The RPC of :class:`~shoal.transport.secure_round.SecAggParticipant`: the streaming
+        SecAgg call when it carries a masked input, SecAggStep otherwise."""
         self._stats.bytes_up += header.ByteSize()  # keys and shares are the payload here
-        if data:
+        if masked:
             reply = self._task_rpc("SecAgg", lambda: self._stub.SecAgg(
-                self._chunks(pb.SecAggChunk, header, data), timeout=self.transfer_timeout_s,
+                self._chunks(pb.SecAggChunk, header, masked), timeout=self.transfer_timeout_s,
                 metadata=self._metadata))
         else:
             reply = self._task_rpc("SecAggStep", lambda: self._stub.SecAggStep(
                 header, timeout=self.timeout_s, metadata=self._metadata))
         self._stats.bytes_down += reply.ByteSize()
-        try:
-            return reply_from_pb(reply)
-        except ProtocolError as exc:
-            raise _Abandon(f"secure aggregation: {exc}") from None
+        return reply
 
     def _chunks(self, chunk_type, header, payload: bytes) -> Iterator:
         """``chunk_type(header=...)``, then the payload in ``chunk_size`` pieces (counted in
@@ -612,7 +359,7 @@ class DeviceClient:
             self._model = (version, params)
             self._stats.downloads += 1
             return params
-        raise _Abandon(f"model version {version} refused {self.max_download_attempts} times")
+        raise TaskAbandoned(f"model version {version} refused {self.max_download_attempts} times")
 
     def _download(self, version: int) -> bytearray:
         request = pb.DownloadRequest(version=version, base_version=0, chunk_size=self.chunk_size)
@@ -674,7 +421,7 @@ class DeviceClient:
         except TransportError as exc:
             if exc.code == "RETRIES_EXHAUSTED":
                 raise
-            raise _Abandon(str(exc)) from None
+            raise TaskAbandoned(str(exc)) from None
 
     # ----------------------------------------------------------------- retries and waits
 
@@ -688,9 +435,9 @@ class DeviceClient:
                 code = exc.code() if callable(getattr(exc, "code", None)) else None
                 detail = (exc.details() if callable(getattr(exc, "details", None)) else "") or ""
                 name = code.name if code is not None else "UNKNOWN"
-                if code in _AUTH:
+                if refuses_credentials(code):
                     raise CredentialsRejected(self.device_id, name, detail) from None
-                if not _is_transient(code, detail):
+                if not is_transient(code, detail):
                     raise TransportError(f"{method} failed: {name}: {detail}", method=method,
                                          code=name) from None
                 if self.max_retries is not None and self._failures >= self.max_retries:
@@ -724,10 +471,3 @@ class DeviceClient:
         if self._stop is not None and self._stop.is_set():
             raise _Stopped
 
-
-def _is_transient(code: grpc.StatusCode | None, detail: str) -> bool:
-    if code in _TRANSIENT:
-        return True
-    lowered = detail.lower()
-    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(
-        hint in lowered for hint in _RESET_HINTS)

@@ -13,7 +13,7 @@ import numpy as np
 
 from shoal.errors import ProtocolError
 from shoal.training import LocalTrainConfig
-from shoal.transport.client import EvaluateFn, TrainFn, TrainResult
+from shoal.transport.device_api import EvaluateFn, TrainFn, TrainResult
 
 __all__ = ["fmnist_train_fn", "fmnist_evaluate_fn"]
 

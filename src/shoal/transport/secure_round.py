@@ -1,0 +1,151 @@
+"""A device's part in secure-aggregation rounds over gRPC (the device side of ``SecAgg``).
+
+:class:`SecAggParticipant` carries the device through one round in the order of K. Bonawitz et
+al., "Towards Federated Learning at Scale: System Design" (MLSys 2019): fetch the setup,
+advertise keys, share keys, *train while the stage closes*, send the masked input, reveal the
+requested shares. The protocol is the :class:`~shoal.privacy.secagg_client.SecAggClient` state
+machine; this module turns its messages into ``SecAgg``/``SecAggStep`` requests and the replies
+back (:mod:`shoal.transport.secagg_wire`). The update never leaves the device unmasked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from shoal.device_secagg import End, Wait
+from shoal.errors import ProtocolError, ShoalError
+from shoal.privacy.secagg_client import SecAggClient
+from shoal.privacy.secagg_encoding import FixedPoint, pack_ring
+from shoal.privacy.secagg_messages import (ClientMessage, EncryptedShares, KeyAdvertisement,
+                                           MaskedInput, RoundSetup, SecAggAborted,
+                                           UnmaskingShares)
+from shoal.transport.device_api import ClientStats, TaskAbandoned, TrainResult
+from shoal.transport.proto import shoal_pb2 as pb
+from shoal.transport.secagg_wire import client_body, reply_from_pb
+
+__all__ = ["SecAggParticipant"]
+
+# the secure-aggregation stage a device message completes (for after_stage)
+_SENT_AT = {KeyAdvertisement: "advertise_keys", EncryptedShares: "share_keys",
+            MaskedInput: "masked_input", UnmaskingShares: "unmasking"}
+
+
+class SecAggParticipant:
+    """One device's side of secure-aggregation rounds, one round per :meth:`run`.
+
+    Args:
+        device_id: this device.
+        send: ``send(header, masked)`` makes one RPC and returns the server's
+            ``SecAggReply``: the streaming ``SecAgg`` call carrying ``masked`` (a packed
+            masked input) when it is non-empty, the unary ``SecAggStep`` otherwise. A failed
+            call raises :class:`~shoal.transport.device_api.TaskAbandoned`.
+        train: ``train(params, task)``, the runtime's checked local training.
+        stats: the runtime's counters; ``rounds_trained``, ``uploads_accepted`` and
+            ``secagg`` are updated in place.
+        log: the runtime's logger.
+        after_stage: called as ``after_stage(stage, round)`` once the server has taken this
+            device's message for a stage (see :class:`~shoal.transport.client.DeviceClient`).
+    """
+
+    def __init__(self, device_id: str, *,
+                 send: Callable[[pb.SecAggHeader, bytes], pb.SecAggReply],
+                 train: Callable[[np.ndarray, pb.Task], TrainResult], stats: ClientStats,
+                 log: logging.Logger,
+                 after_stage: Callable[[str, int], None] | None = None) -> None:
+        self.device_id = device_id
+        self._send, self._train = send, train
+        self._stats, self._log, self._after_stage = stats, log, after_stage
+
+    def run(self, task: pb.Task, params: np.ndarray) -> None:
+        """Take part in the round of ``task`` with the downloaded model ``params``.
+
+        Any refusal or protocol error ends this device's part in the round (the server
+        recovers from its absence); the runtime then checks in again. How the round ended is
+        counted in ``stats.secagg``.
+
+        Raises:
+            TaskAbandoned: the server's messages were out of order or malformed, a call
+                failed, or the update cannot be contributed (no examples, not encodable).
+        """
+        client: SecAggClient | None = None
+        encoding: FixedPoint | None = None
+        message = None
+        while True:
+            sent = message
+            reply, cid, setup_encoding = self._call(task, message, client)
+            message = None
+            if sent is not None and not isinstance(reply, pb.UploadReply):
+                stage = _SENT_AT[type(sent)]
+                self._log.info("round %d: secure aggregation: %s sent", task.round, stage)
+                if self._after_stage is not None:
+                    self._after_stage(stage, int(task.round))
+                if isinstance(sent, EncryptedShares):
+                    self._train_into(client, encoding, params, task)
+            if isinstance(reply, Wait):
+                continue  # the server held the call already (long poll); ask again
+            if isinstance(reply, End):
+                self._outcome(task, reply.outcome, reply.detail)
+                return
+            if isinstance(reply, pb.UploadReply):
+                self._outcome(task, f"refused:{reply.reason}", reply.detail)
+                return
+            if isinstance(reply, RoundSetup):
+                client, encoding = SecAggClient(cid), setup_encoding
+            if client is None:
+                raise TaskAbandoned(
+                    f"secure aggregation: {type(reply).__name__} before the setup")
+            try:
+                message = client.handle(reply)
+            except SecAggAborted as exc:
+                self._outcome(task, "aborted", str(exc))
+                return
+            except ProtocolError as exc:
+                client.abort()
+                raise TaskAbandoned(f"secure aggregation: refused the server's message: {exc}"
+                                    ) from None
+
+    def _train_into(self, client: SecAggClient, encoding: FixedPoint, params: np.ndarray,
+                    task: pb.Task) -> None:
+        """Train, encode the update into the round's ring, hand it to the client machine."""
+        result = self._train(params, task)
+        if result.num_examples < 1:
+            client.abort()
+            raise TaskAbandoned("no training examples: nothing to contribute")
+        weight = min(int(result.num_examples), encoding.max_weight)
+        try:
+            vector = encoding.encode(np.asarray(result.delta), weight, client.params.bits,
+                                     np.random.default_rng())
+        except ShoalError as exc:  # e.g. a diverged (non-finite) update: never send it
+            client.abort()
+            raise TaskAbandoned(f"update cannot be encoded: {exc}") from None
+        client.set_input(vector)
+        self._stats.rounds_trained += 1
+
+    def _outcome(self, task: pb.Task, outcome: str, detail: str) -> None:
+        self._stats.secagg[outcome] = self._stats.secagg.get(outcome, 0) + 1
+        if outcome == "done":
+            self._stats.uploads_accepted += 1
+        level = logging.INFO if outcome in ("done", "dropped") else logging.WARNING
+        self._log.log(level, "round %d: secure aggregation %s: %s", task.round, outcome, detail)
+
+    def _call(self, task: pb.Task, message: ClientMessage | None, client: SecAggClient | None):
+        """One SecAgg RPC carrying ``message`` (``None``: a poll); returns
+        ``(reply, client id, encoding)`` as :func:`~shoal.transport.secagg_wire.reply_from_pb`
+        decodes it (the id and the encoding come with the setup only)."""
+        data, digest = b"", b""
+        if isinstance(message, MaskedInput):
+            assert client is not None
+            data = pack_ring(message.masked, client.params.bits)
+            digest = hashlib.sha256(data).digest()
+        header = pb.SecAggHeader(device_id=self.device_id, round=task.round,
+                                 base_version=task.model_version, upload_key=task.upload_key,
+                                 **client_body(message, data, digest))
+        reply = self._send(header, data)
+        try:
+            return reply_from_pb(reply)
+        except ProtocolError as exc:
+            raise TaskAbandoned(f"secure aggregation: {exc}") from None
