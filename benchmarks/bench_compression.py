@@ -58,7 +58,7 @@ def throughput(chain_text: str, error_feedback: bool, dim: int = 199_210) -> dic
 
 def run(chain_text: str, error_feedback: bool, seed: int, data) -> dict:
     from shoal.config import load_config
-    from shoal.sim.experiment import Experiment
+    from shoal.experiment import Experiment
 
     cfg = load_config(None, {"seed": seed, "compression.upload": chain_text,
                              "compression.error_feedback": error_feedback})
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             chains.insert(0, ("none", False))
 
     from shoal.config import load_config
-    from shoal.sim.experiment import load_data
+    from shoal.build import load_data
 
     data = load_data(load_config())
     raw_params = 199_210 * 4

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
     from shoal.config import load_config
-    from shoal.sim.experiment import Experiment, load_data
+    from shoal.build import load_data
+    from shoal.experiment import Experiment
 
     base = {"rounds": args.rounds, "seed": args.seed, "data.clients": 1000,
             "sampling.method": "poisson", "sampling.q": 0.1}

@@ -19,6 +19,8 @@ per round against 2.1 s without it on this machine: about 2 s of overhead.
 
 from __future__ import annotations
 
+import functools
+
 import argparse
 import json
 import logging
@@ -30,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shoal.coordinator import Coordinator, UniformSampler
+from shoal.runner import run_round
+from shoal.sampling import UniformSampler
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry import SQLiteRegistry
 from shoal.strategy import FedAvg
@@ -83,14 +86,14 @@ def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits
     times: dict[str, list[float]] = {"plain": [], "secure": []}
     bytes_per_device: dict[str, list[float]] = {"plain": [], "secure": []}
     state = FedAvg().init(np.zeros(d, np.float32))
-    coords = {kind: Coordinator(FedAvg(), pool, UniformSampler(n), seed=0)
+    coords = {kind: functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0)
               for kind, pool in (("plain", plain_pool), ("secure", secure_pool))}
     try:
         # one warm-up round of each kind (connections, first downloads), then the pairs
         for r in range(pairs + 1):
             for kind in ("plain", "secure") if r % 2 == 0 else ("secure", "plain"):
                 start = time.perf_counter()
-                state, rec = coords[kind].run_round(state, evaluate=False)
+                state, rec = coords[kind](state)
                 elapsed = time.perf_counter() - start
                 if not rec.committed:
                     raise RuntimeError(f"{kind} round {rec.round} did not commit: {rec}")

@@ -45,7 +45,7 @@ def _peak_rss_mb() -> float:
 
 def run_shoal(overrides: dict, seed: int) -> dict:
     from shoal.config import load_config
-    from shoal.sim.experiment import Experiment
+    from shoal.experiment import Experiment
 
     cfg = load_config(None, {**overrides, "seed": seed})
     t0 = time.perf_counter()

@@ -7,6 +7,8 @@ while the round and the model stay intact.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import struct
 import threading
@@ -19,7 +21,8 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
-from shoal.coordinator import Coordinator, UniformSampler  # noqa: E402
+from shoal.runner import run_round
+from shoal.sampling import UniformSampler  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.strategy import FedAvg  # noqa: E402
 from shoal.transport.auth import Keyring, issue_token  # noqa: E402
@@ -64,11 +67,11 @@ def aggregator(tmp_path):
 def start_round(service, n_sampled=4, seed=0):
     """Run one coordinator round in a thread; returns (thread, result holder)."""
     pool = GrpcClientPool(service, DEVICES, poll_s=0.05)
-    coord = Coordinator(FedAvg(), pool, UniformSampler(n_sampled), seed=seed)
+    coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n_sampled), seed=seed)
     out: dict = {}
 
     def run():
-        out["state"], out["record"] = coord.run_round(FedAvg().init(np.zeros(DIM, np.float32)))
+        out["state"], out["record"] = coord(FedAvg().init(np.zeros(DIM, np.float32)))
 
     t = threading.Thread(target=run)
     t.start()

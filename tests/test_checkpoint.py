@@ -12,18 +12,36 @@ from shoal.strategy import FedAdam
 def _ckpt():
     s = FedAdam(server_lr=0.1)
     state = s.init(np.arange(6, dtype=np.float32))
-    acc = s.accumulator(state)
-    acc.add(np.ones(6, np.float32), 2.0)
-    state = s.apply(state, acc)
+    state = s.apply(state, np.ones(6))
     return Checkpoint(state=state, spec=ParamSpec.from_shapes({"w": (2, 3)}), seed=5,
                       meta={"note": "x"})
+
+
+def test_a_checkpoint_written_before_versions_were_named_still_loads(tmp_path):
+    """Checkpoints of wave 1 stored the version under the key 'round'."""
+    import io
+    import json
+
+    ck = _ckpt()
+    arrays = {("round" if k == "version" else k): v for k, v in ck.state.to_arrays().items()}
+    from shoal.store.checkpoint import _FORMAT, _digest
+
+    header = {"format": _FORMAT, "spec": ck.spec.to_dict(), "seed": 5, "round": 1,
+              "sha256": _digest(arrays), "meta": {}}
+    buf = io.BytesIO()
+    np.savez(buf, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+             **arrays)
+    (tmp_path / "old.npz").write_bytes(buf.getvalue())
+    back = load_checkpoint(tmp_path / "old.npz")
+    assert back.state.version == 1
+    np.testing.assert_array_equal(back.state.params, ck.state.params)
 
 
 def test_round_trip_keeps_everything_needed_to_resume(tmp_path):
     ck = _ckpt()
     save_checkpoint(tmp_path / "m.npz", ck)
     back = load_checkpoint(tmp_path / "m.npz")
-    assert back.state.round == 1 and back.seed == 5 and back.spec == ck.spec
+    assert back.state.version == 1 and back.seed == 5 and back.spec == ck.spec
     assert back.meta == {"note": "x"}
     np.testing.assert_array_equal(back.state.params, ck.state.params)
     assert set(back.state.slots) == {"m", "v"}

@@ -52,7 +52,7 @@ def test_run_writes_a_complete_run_directory_and_json_summary(tmp_path, capsys):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 4 and float(rows[3]["eval_accuracy"]) == summary["final_accuracy"]
     ckpt = load_checkpoint(run / "model.npz")
-    assert ckpt.state.round == 3 and ckpt.spec.size == 199_210 and ckpt.seed == 1
+    assert ckpt.state.version == 3 and ckpt.spec.size == 199_210 and ckpt.seed == 1
     assert np.all(np.isfinite(ckpt.state.params))
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "rounds = 3" in (run / "config.toml").read_text()

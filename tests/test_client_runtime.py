@@ -7,6 +7,8 @@ independently here (the payload bytes, the backoff bounds, the simulator's own u
 
 from __future__ import annotations
 
+import functools
+
 import datetime as dt
 import hashlib
 import random
@@ -434,7 +436,7 @@ def test_fmnist_train_fn_matches_the_simulator(tiny_task, engine):
     (bit for bit against the sequential engine, to float rounding against the fused one)."""
     import torch
 
-    from shoal.coordinator import TrainTask
+    from shoal.events import TrainTask
     from shoal.models import build_model
     from shoal.sim.cohort import CohortTrainer
     from shoal.sim.pool import InProcessPool
@@ -446,7 +448,7 @@ def test_fmnist_train_fn_matches_the_simulator(tiny_task, engine):
                             torch.from_numpy(data.train.y), engine=engine)
     pool = InProcessPool(trainer, data.client_indices, local, seed=seed)
     params = np.random.default_rng(1).normal(size=trainer.spec.size).astype(np.float32)
-    (batch,) = pool.train(TrainTask(round_, params, {"mu": 0.1, "epochs": 2}),
+    (batch,) = pool.train(TrainTask(1, round_ - 1, params, round_, {"mu": 0.1, "epochs": 2}),
                           np.array([client]))
     idx = data.client_indices[client]
     x, y = data.train.x[idx], data.train.y[idx]
@@ -477,7 +479,8 @@ def test_three_devices_complete_a_round_on_the_real_aggregator(tmp_path):
     example-weighted mean of what three DeviceClients uploaded."""
     import time
 
-    from shoal.coordinator import Coordinator, UniformSampler
+    from shoal.runner import run_round
+    from shoal.sampling import UniformSampler
     from shoal.registry import SQLiteRegistry
     from shoal.strategy import FedAvg
     from shoal.transport.auth import Keyring, issue_token
@@ -489,11 +492,11 @@ def test_three_devices_complete_a_round_on_the_real_aggregator(tmp_path):
                                 Keyring.single(secret), dim, "fp",
                                 lambda: SQLiteRegistry(tmp_path / "registry.db"))
     port, stop_server = serve(service)
-    coord = Coordinator(FedAvg(), GrpcClientPool(service, devices, poll_s=0.02),
+    coord = functools.partial(run_round, FedAvg(), GrpcClientPool(service, devices, poll_s=0.02),
                         UniformSampler(3), seed=0)
     out: dict = {}
     rounds = threading.Thread(target=lambda: out.update(
-        zip(("state", "record"), coord.run_round(FedAvg().init(np.zeros(dim, np.float32))))))
+        zip(("state", "record"), coord(FedAvg().init(np.zeros(dim, np.float32))))))
     stats: dict = {}
 
     def device(i, name):

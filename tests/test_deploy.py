@@ -202,7 +202,7 @@ def test_launch_with_secure_aggregation_survives_clients_killed_mid_round(tmp_pa
     from shoal.config import load_config
     from shoal.frameworks.torch import FlatModule
     from shoal.models import build_model
-    from shoal.sim.experiment import load_data
+    from shoal.build import load_data
     from shoal.training import LocalTrainConfig
     from shoal.transport.reference import fmnist_train_fn
 

@@ -10,11 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from shoal.coordinator import Coordinator, TrainTask, UniformSampler
+from shoal.events import TrainTask
+from shoal.coordinator import Coordinator
+from shoal.runner import run_round
+from shoal.sampling import UniformSampler
 from shoal.device_round import (REJECTION_REASONS, ComeBack, DeviceRound, RoundStatus, Task,
                                 UploadResult)
 from shoal.errors import ConfigError, UpdateRejected
-from shoal.strategy import FedAvg, WeightedMean
+from shoal.strategy import FedAvg
+from shoal.summation import WeightedMean
 
 DIM = 5
 OPEN = 1000.0
@@ -416,9 +420,10 @@ class SimulatedDevicePool:
 
 def test_coordinator_folds_exactly_the_first_target_updates():
     pool = SimulatedDevicePool(20)
-    coord = Coordinator(FedAvg(), pool, UniformSampler(6), seed=5)  # 6 = 150% of target 4
-    new, rec = coord.run_round(FedAvg().init(np.zeros(2, np.float32)))
-    cohort = coord.cohort(1)
+    # 6 = 150% of target 4
+    new, rec = run_round(FedAvg(), pool, UniformSampler(6), FedAvg().init(np.zeros(2, np.float32)),
+                         seed=5)
+    cohort = Coordinator(FedAvg(), pool.num_clients, UniformSampler(6), seed=5).cohort(1)
     first = cohort[:4].astype(float)
     want = np.average(first, weights=first + 1)
     np.testing.assert_allclose(new.params, [want, want], rtol=1e-6)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shoal.config import load_config
-from shoal.sim.experiment import Experiment
+from shoal.experiment import Experiment
 
 
 def test_short_fmnist_run_beats_chance_clearly(fmnist):
@@ -24,7 +24,7 @@ def test_short_fmnist_run_beats_chance_clearly(fmnist):
     s = result.summary()
     assert s["initial_accuracy"] < 0.2
     assert s["final_accuracy"] > 0.55  # chance is 0.10
-    assert result.records[-1].committed and result.state.round == 4
+    assert result.records[-1].committed and result.state.version == 4
     # the same config and seed reproduce the run exactly
     again = Experiment(cfg, exp.data).run()
     np.testing.assert_array_equal(again.state.params, result.state.params)
@@ -93,14 +93,14 @@ def test_run_threads_follow_sim_threads_and_numpy_blas_stays_single_threaded(
     exp = Experiment(cfg)
     seen: list[dict[str, int]] = []
     eval_threads: list[bool] = []
-    evaluate = exp.coordinator.evaluate
+    evaluate = exp.evaluate
 
     def spy(params):
         seen.append(pools())
         eval_threads.append(threading.current_thread() is threading.main_thread())
         return evaluate(params)
 
-    exp.coordinator.evaluate = spy
+    exp.evaluate = spy
     result = exp.run(on_commit=lambda state, rec: seen.append(pools()))
     assert len(seen) == 5  # 3 evaluations (rounds 0-2), 2 commits on the main thread
     assert all(r.eval for r in result.records) and len(result.records) == 3

@@ -10,7 +10,7 @@ import pytest
 from shoal.cli import main
 from shoal.config import load_config
 from shoal.errors import ConfigError
-from shoal.sim.experiment import Experiment
+from shoal.experiment import Experiment
 from shoal.store import load_checkpoint, save_checkpoint
 
 SYNTH = {"data.dataset": "synthetic", "data.clients": 30, "model.name": "logreg",

@@ -9,6 +9,8 @@ refused with their reason and leave the round intact.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import threading
 import time
@@ -19,7 +21,8 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from shoal.codec import Chain, to_bytes  # noqa: E402
-from shoal.coordinator import Coordinator, UniformSampler  # noqa: E402
+from shoal.runner import run_round
+from shoal.sampling import UniformSampler  # noqa: E402
 from shoal.privacy.secagg_rounds import SecAggAggregation  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.strategy import FedAvg  # noqa: E402
@@ -106,8 +109,8 @@ def test_secure_round_over_grpc_sums_exactly_the_included_devices(tmp_path, vani
         for d in devices:  # register them (Hello) before the round samples
             SQLiteRegistry(tmp_path / "registry.db").enroll(d, now=time.time())
         stats, threads = run_devices(port, devices, vanish, stop)
-        coord = Coordinator(FedAvg(), pool, UniformSampler(n), seed=0)
-        state, rec = coord.run_round(FedAvg().init(np.zeros(DIM, np.float32)))
+        coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0)
+        state, rec = coord(FedAvg().init(np.zeros(DIM, np.float32)))
         for t in threads:
             t.join(timeout=20)
     finally:
@@ -143,9 +146,9 @@ def test_too_many_vanishing_devices_abort_the_round_and_keep_the_model(tmp_path)
             SQLiteRegistry(tmp_path / "registry.db").enroll(d, now=time.time())
         vanish = {"dev-0": "share_keys", "dev-3": "share_keys"}
         stats, threads = run_devices(port, devices, vanish, stop)
-        coord = Coordinator(FedAvg(), pool, UniformSampler(n), seed=0)
+        coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0)
         start = FedAvg().init(np.ones(DIM, np.float32))
-        state, rec = coord.run_round(start)
+        state, rec = coord(start)
         for t in threads:
             t.join(timeout=20)
     finally:
@@ -167,10 +170,10 @@ def test_bad_secagg_calls_are_refused_with_a_reason(tmp_path):
                                                              stage_timeout_s=3.0)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.AggregatorStub(channel)
-    coord = Coordinator(FedAvg(), pool, UniformSampler(n), seed=0)
+    coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0)
     out = {}
     runner = threading.Thread(target=lambda: out.update(
-        rec=coord.run_round(FedAvg().init(np.zeros(DIM, np.float32)))[1]))
+        rec=coord(FedAvg().init(np.zeros(DIM, np.float32)))[1]))
     try:
         runner.start()
         while service.round is None:

@@ -8,7 +8,7 @@ import pytest
 from shoal.codec import Chain
 from shoal.config import load_config
 from shoal.errors import ConfigError
-from shoal.sim.experiment import Experiment
+from shoal.experiment import Experiment
 from shoal.uplink import Downlink, Uplink, raw_wire_size
 
 pytest.importorskip("zstandard")

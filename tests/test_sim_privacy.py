@@ -9,12 +9,15 @@ import pytest
 
 from shoal.cli import main
 from shoal.config import load_config
-from shoal.coordinator import Coordinator, PoissonSampler
+from shoal.coordinator import Coordinator
+from shoal.pipeline import Pipeline
+from shoal.runner import run_round
+from shoal.sampling import PoissonSampler
 from shoal.errors import BudgetExhausted
 from shoal.privacy import CentralDP
 from shoal.privacy.accountant import RoundEvent
-from shoal.privacy.rounds import BudgetPolicy, DPAggregation
-from shoal.sim.experiment import Experiment
+from shoal.privacy.stages import BudgetPolicy, CentralDPStage
+from shoal.experiment import Experiment
 from shoal.strategy import FedAvg
 
 pytest.importorskip("dp_accounting")
@@ -61,17 +64,20 @@ def test_central_dp_noise_is_reproducible_and_changes_the_model():
 def test_deployed_central_noise_is_not_reproducible_from_the_config():
     """Simulation draws noise from the run seed (reproducible); a deployment from os.urandom,
     so nobody holding the config can recompute and subtract it."""
-    from shoal.sim.experiment import privacy_from_config
+    from shoal.build import pipeline_from_config
+
+    def dp_stage(deployed: bool):
+        (stage,) = pipeline_from_config(cfg, deployed=deployed).stages
+        return stage
 
     cfg = load_config(None, {**SYNTH, "privacy.placement": "central"})
-    sim, _ = privacy_from_config(cfg)
-    dep, _ = privacy_from_config(cfg, deployed=True)
-    np.testing.assert_array_equal(sim.rng_for_round(3).standard_normal(8),
-                                  privacy_from_config(cfg)[0].rng_for_round(3).standard_normal(8))
-    first = dep.rng_for_round(3).standard_normal(8)
-    again, _ = privacy_from_config(cfg, deployed=True)
-    assert not np.array_equal(first, dep.rng_for_round(3).standard_normal(8))
-    assert not np.array_equal(first, again.rng_for_round(3).standard_normal(8))
+    sim, dep = dp_stage(False), dp_stage(True)
+    np.testing.assert_array_equal(sim.rng_for_step(3).standard_normal(8),
+                                  dp_stage(False).rng_for_step(3).standard_normal(8))
+    first = dep.rng_for_step(3).standard_normal(8)
+    again = dp_stage(True)
+    assert not np.array_equal(first, dep.rng_for_step(3).standard_normal(8))
+    assert not np.array_equal(first, again.rng_for_step(3).standard_normal(8))
 
 
 def test_deployed_dp_cohorts_are_not_predictable_from_the_config():
@@ -110,7 +116,7 @@ def test_budget_stops_the_run_before_the_round_that_would_exceed_it():
                              "privacy.noise_multiplier": z, "privacy.epsilon_budget": budget,
                              "privacy.on_budget": "stop"})
     result = Experiment(cfg).run()
-    assert result.state.round == first_over - 1
+    assert result.state.version == first_over - 1
     assert result.stopped.startswith(f"privacy budget: round {first_over}")
     assert result.summary()["epsilon"] <= budget
     assert "accuracy" in result.records[-1].eval  # the last model is evaluated and kept
@@ -144,15 +150,17 @@ class _Pool:
 
 def test_poisson_sampler_rate_and_noise_only_rounds_commit():
     pool = _Pool()
-    agg = DPAggregation("central", RoundEvent.poisson(0.05, 1.0), BudgetPolicy(0.0, 1e-5),
-                        rng_for_round=lambda r: np.random.default_rng(r),
-                        central=CentralDP(noise_multiplier=1.0, clip_norm=1.0,
-                                          expected_clients=50.0))
-    coord = Coordinator(FedAvg(), pool, PoissonSampler(0.05), seed=0, aggregation=agg)
+    stage = CentralDPStage(CentralDP(noise_multiplier=1.0, clip_norm=1.0,
+                                     expected_clients=50.0),
+                           RoundEvent.poisson(0.05, 1.0), BudgetPolicy(0.0, 1e-5),
+                           rng_for_step=lambda r: np.random.default_rng(r))
+    coord = Coordinator(FedAvg(), pool.num_clients, PoissonSampler(0.05), seed=0)
     sizes = [len(coord.cohort(r)) for r in range(1, 201)]
     assert 45 < np.mean(sizes) < 55 and np.std(sizes) > 2  # binomial(1000, 0.05)
     state = FedAvg().init(np.zeros(4, np.float32))
-    new, rec = coord.run_round(state)  # nobody answers: the noised (zero) sum is released
+    # nobody answers: the noised (zero) sum is released
+    new, rec = run_round(FedAvg(), pool, PoissonSampler(0.05), state, seed=0,
+                         pipeline=Pipeline([stage]))
     assert rec.committed and rec.accepted == 0 and rec.privacy["epsilon"] > 0
     assert np.all(new.params != 0)
 

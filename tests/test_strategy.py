@@ -17,9 +17,9 @@ from hypothesis.extra import numpy as hnp
 
 import shoal.strategy
 from shoal.errors import ConfigError, ShoalError, SpecError, UpdateRejected
+from shoal.summation import EmptyAccumulator, WeightedMean
 from shoal.strategy import (
     STRATEGIES,
-    EmptyAccumulator,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -27,7 +27,6 @@ from shoal.strategy import (
     FedYogi,
     ServerState,
     Strategy,
-    WeightedMean,
     make_strategy,
 )
 
@@ -82,12 +81,12 @@ def test_weighted_mean_golden() -> None:
 def test_fedavg_golden(server_lr: float) -> None:
     strategy = FedAvg(server_lr=server_lr)
     state = strategy.init(vec(*X0))
-    new = strategy.apply(state, fill(strategy.accumulator(state)))
+    new = strategy.apply(state, fill(WeightedMean(state.params.size)).mean(np.float64))
     # server_lr 1: (1 + 1/6, -2 + 2) = (7/6, 0); server_lr 0.5: (1 + 1/12, -2 + 1) = (13/12, -1)
     expected = {1.0: (7.0 / 6.0, 0.0), 0.5: (13.0 / 12.0, -1.0)}[server_lr]
     assert new.params.dtype == F32
     np.testing.assert_allclose(new.params, expected, rtol=1e-7, atol=1e-7)
-    assert new.round == 1
+    assert new.version == 1
     assert dict(new.slots) == {}
 
 
@@ -101,7 +100,7 @@ def test_fedavg_with_unit_lr_is_weighted_mean_of_client_models() -> None:
         (1 * 0.0 + 2 * -3.0 + 3 * 2.0) / 6.0,  # 0
     )
     np.testing.assert_allclose(np.average(models, axis=0, weights=WEIGHTS), by_hand)
-    new = strategy.apply(state, fill(strategy.accumulator(state)))
+    new = strategy.apply(state, fill(WeightedMean(state.params.size)).mean(np.float64))
     np.testing.assert_allclose(new.params, by_hand, rtol=1e-7, atol=1e-7)
 
 
@@ -110,8 +109,8 @@ def test_fedprox_is_fedavg_plus_mu_for_clients() -> None:
     state = prox.init(vec(*X0))
     assert prox.client_config(state) == {"mu": 0.01}
     assert avg.client_config(state) == {}
-    new_prox = prox.apply(state, fill(prox.accumulator(state)))
-    new_avg = avg.apply(state, fill(avg.accumulator(state)))
+    new_prox = prox.apply(state, fill(WeightedMean(state.params.size)).mean(np.float64))
+    new_avg = avg.apply(state, fill(WeightedMean(state.params.size)).mean(np.float64))
     np.testing.assert_array_equal(new_prox.params, new_avg.params)
     np.testing.assert_allclose(new_prox.params, (7.0 / 6.0, 0.0), rtol=1e-7, atol=1e-7)
     # the config dict is the caller's to change
@@ -169,8 +168,8 @@ def test_fedavg_step_is_permutation_invariant(cohort, x0) -> None:
     updates, weights, order = cohort
     strategy = FedAvg(server_lr=0.7)
     state = strategy.init(x0[: updates.shape[1]])
-    a = strategy.apply(state, accumulate(updates, weights))
-    b = strategy.apply(state, accumulate(updates, weights, order))
+    a = strategy.apply(state, accumulate(updates, weights).mean(np.float64))
+    b = strategy.apply(state, accumulate(updates, weights, order).mean(np.float64))
     np.testing.assert_allclose(a.params, b.params, **TOL)
     oracle = x0[: updates.shape[1]] + 0.7 * np.average(updates.astype(np.float64), 0, weights)
     np.testing.assert_allclose(a.params, oracle, rtol=1e-6, atol=1e-5)
@@ -239,7 +238,7 @@ def test_mean_of_empty_accumulator_raises() -> None:
     strategy = FedAvg()
     state = strategy.init(np.zeros(4, F32))
     with pytest.raises(EmptyAccumulator):
-        strategy.apply(state, acc)
+        strategy.apply(state, acc.mean(np.float64))
 
 
 @pytest.mark.parametrize("dim", [0, -1, 2.0, True])
@@ -384,17 +383,17 @@ def test_adaptive_optimizers_two_steps_by_hand(name: str) -> None:
 
     x = list(X_0)
     for t, clients in enumerate(ROUNDS):
-        acc = strategy.accumulator(state)
+        acc = WeightedMean(state.params.size)
         for delta, weight in clients:
             acc.add(vec(*delta), weight)
-        state = strategy.apply(state, acc)
+        state = strategy.apply(state, acc.mean(np.float64))
         m, v = M_HAND[t], V_HAND[name][t]
         # x_{t+1} = x_t + eta * m_t / (sqrt(v_t) + tau), no bias correction
         x = [
             x[0] + ETA * m[0] / (math.sqrt(v[0]) + TAU),
             x[1] + ETA * m[1] / (math.sqrt(v[1]) + TAU),
         ]
-        assert state.round == t + 1
+        assert state.version == t + 1
         np.testing.assert_allclose(state.slots["m"], m, rtol=1e-6)
         np.testing.assert_allclose(state.slots["v"], v, rtol=1e-6)
         np.testing.assert_allclose(state.params, x, rtol=1e-6)
@@ -404,9 +403,9 @@ def test_fedadagrad_first_step_literal() -> None:
     # x_1[0] = 0.5 + 0.1 * 0.02 / (sqrt(0.040001) + 0.001) = 0.5 + 0.002 / 0.2010025 = 0.509950...
     strategy = FedAdagrad(server_lr=0.1)
     state = strategy.init(vec(*X_0))
-    acc = strategy.accumulator(state)
+    acc = WeightedMean(state.params.size)
     acc.add(vec(0.2, -0.4), 1.0)
-    np.testing.assert_allclose(strategy.apply(state, acc).params[0], 0.50995012, rtol=1e-7)
+    np.testing.assert_allclose(strategy.apply(state, acc.mean(np.float64)).params[0], 0.50995012, rtol=1e-7)
 
 
 def test_adaptive_optimizer_needs_its_slots() -> None:
@@ -414,7 +413,7 @@ def test_adaptive_optimizer_needs_its_slots() -> None:
     acc = WeightedMean(2)
     acc.add(vec(1.0, 1.0), 1.0)
     with pytest.raises(SpecError, match="slots"):
-        FedAdam(server_lr=0.1).apply(state, acc)
+        FedAdam(server_lr=0.1).apply(state, acc.mean(np.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,17 +424,17 @@ def test_adaptive_optimizer_needs_its_slots() -> None:
 @pytest.mark.parametrize("strategy", all_strategies(), ids=lambda s: s.name)
 def test_apply_does_not_mutate_input_state(strategy: Strategy) -> None:
     state = strategy.init(vec(0.5, -1.0, 2.0))
-    acc = strategy.accumulator(state)
+    acc = WeightedMean(state.params.size)
     acc.add(vec(0.1, 0.2, -0.3), 2.0)
-    state = strategy.apply(state, acc)  # a state with non-trivial slots
+    state = strategy.apply(state, acc.mean(np.float64))  # a state with non-trivial slots
     before = {k: np.array(a, copy=True) for k, a in state.to_arrays().items()}
-    acc = strategy.accumulator(state)
+    acc = WeightedMean(state.params.size)
     acc.add(vec(-0.4, 0.1, 0.05), 1.0)
-    new = strategy.apply(state, acc)
+    new = strategy.apply(state, acc.mean(np.float64))
     for key, array in state.to_arrays().items():
         np.testing.assert_array_equal(array, before[key])
         assert array.dtype == before[key].dtype
-    assert state.round == 1 and new.round == 2
+    assert state.version == 1 and new.version == 2
     assert not np.array_equal(new.params, state.params)
     for key in state.slots:
         assert not np.shares_memory(new.slots[key], state.slots[key])
@@ -468,8 +467,8 @@ def test_init_rejects_unusable_params(params) -> None:
     "kwargs",
     [
         dict(params=np.zeros(3)),  # float64
-        dict(params=np.zeros(3, F32), round=-1),
-        dict(params=np.zeros(3, F32), round=1.0),
+        dict(params=np.zeros(3, F32), version=-1),
+        dict(params=np.zeros(3, F32), version=1.0),
         dict(params=np.zeros(3, F32), slots={"m": np.zeros(2, F32)}),
         dict(params=np.zeros(3, F32), slots={"": np.zeros(3, F32)}),
     ],
@@ -479,12 +478,12 @@ def test_server_state_validates(kwargs) -> None:
         ServerState(**kwargs)
 
 
-def test_accumulator_of_other_length_is_refused() -> None:
+def test_delta_of_other_length_is_refused() -> None:
     state = FedAvg().init(np.zeros(3, F32))
     acc = WeightedMean(2)
     acc.add(vec(1.0, 1.0), 1.0)
-    with pytest.raises(SpecError, match="dim 2"):
-        FedAvg().apply(state, acc)
+    with pytest.raises(SpecError, match=r"shape \(2,\) but the model has 3"):
+        FedAvg().apply(state, acc.mean(np.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,9 +494,9 @@ def test_accumulator_of_other_length_is_refused() -> None:
 @pytest.mark.parametrize("strategy", all_strategies(), ids=lambda s: s.name)
 def test_state_round_trips_through_npz(strategy: Strategy) -> None:
     state = strategy.init(vec(0.5, -1.0, 2.0))
-    acc = strategy.accumulator(state)
+    acc = WeightedMean(state.params.size)
     acc.add(vec(0.1, 0.2, -0.3), 2.0)
-    state = strategy.apply(state, acc)
+    state = strategy.apply(state, acc.mean(np.float64))
 
     buffer = io.BytesIO()
     np.savez(buffer, **state.to_arrays())
@@ -505,8 +504,8 @@ def test_state_round_trips_through_npz(strategy: Strategy) -> None:
     with np.load(buffer) as stored:
         restored = ServerState.from_arrays(dict(stored))
 
-    assert restored.round == state.round == 1
-    assert type(restored.round) is int
+    assert restored.version == state.version == 1
+    assert type(restored.version) is int
     assert restored.params.dtype == F32
     assert restored.params.tobytes() == state.params.tobytes()
     assert set(restored.slots) == set(state.slots)
@@ -515,10 +514,11 @@ def test_state_round_trips_through_npz(strategy: Strategy) -> None:
         assert restored.slots[key].tobytes() == state.slots[key].tobytes()
     # and it resumes exactly where the original would have gone
     nxt = vec(-0.4, 0.1, 0.05)
-    a, b = strategy.accumulator(state), strategy.accumulator(restored)
+    a, b = WeightedMean(state.params.size), WeightedMean(restored.params.size)
     a.add(nxt, 1.0)
     b.add(nxt, 1.0)
-    assert strategy.apply(state, a).params.tobytes() == strategy.apply(restored, b).params.tobytes()
+    assert strategy.apply(state, a.mean(np.float64)).params.tobytes() == \
+        strategy.apply(restored, b.mean(np.float64)).params.tobytes()
 
 
 @pytest.mark.parametrize(
@@ -627,14 +627,14 @@ def test_boundary_values_are_accepted_and_kept_exactly(name, kwargs) -> None:
 
 
 def test_boundary_values_mean_what_they_say() -> None:
-    state = ServerState(params=vec(0.0, 0.0), round=0)
+    state = ServerState(params=vec(0.0, 0.0), version=0)
     assert FedProx(mu=0.0).client_config(state) == {"mu": 0.0}
     # beta1 = beta2 = 0 keeps no history: m = Δ and v = Δ², so the step is lr * Δ / (|Δ| + τ)
     adam = FedAdam(server_lr=1e-9, beta1=0.0, beta2=0.0, tau=1e-12)
     start = adam.init(vec(0.0, 0.0))
-    acc = adam.accumulator(start)
+    acc = WeightedMean(start.params.size)
     acc.add(vec(0.5, -2.0), 1.0)
-    stepped = adam.apply(start, acc)
+    stepped = adam.apply(start, acc.mean(np.float64))
     expected = 1e-9 * np.array([0.5, -2.0]) / (np.array([0.5, 2.0]) + 1e-12)
     np.testing.assert_allclose(stepped.params, expected.astype(F32), rtol=1e-6)
     np.testing.assert_array_equal(stepped.slots["m"], vec(0.5, -2.0))
@@ -644,7 +644,6 @@ def test_boundary_values_mean_what_they_say() -> None:
 def test_public_api() -> None:
     assert sorted(shoal.strategy.__all__) == sorted(
         [
-            "EmptyAccumulator",
             "FedAdagrad",
             "FedAdam",
             "FedAvg",
@@ -653,7 +652,6 @@ def test_public_api() -> None:
             "STRATEGIES",
             "ServerState",
             "Strategy",
-            "WeightedMean",
             "make_strategy",
         ]
     )

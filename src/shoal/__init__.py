@@ -1,9 +1,14 @@
 """shoal: federated learning at very large scale.
 
-One round engine (:class:`Coordinator`) drives clients through a :class:`ClientPool`: virtual
-clients in this process for simulation (:class:`~shoal.sim.pool.InProcessPool`), and later
-devices over gRPC, Ray actors or edge aggregators. Updates travel and aggregate as flat
-float32 vectors described by a :class:`ParamSpec`.
+One round engine, the event-driven sans-I/O :class:`Coordinator`, serves every mode and
+carrier: a round policy (:class:`SyncPolicy` or FedBuff's :class:`BufferedPolicy`) decides when
+to open, close and commit; an aggregation :class:`Pipeline` validates, clips, sums (plainly or
+with secure aggregation) and adds noise; a :class:`Strategy` (the server optimizer) steps the
+model to a new version. Carriers turn what happens to clients into events and carry out the
+coordinator's commands: :func:`drive` runs it over any :class:`ClientPool` -- virtual clients
+in this process for simulation (:class:`Experiment`), devices behind the gRPC aggregator
+(:func:`run_aggregator`, :class:`DeviceClient` on the device). Updates travel and aggregate as
+flat float32 vectors described by a :class:`ParamSpec`.
 
 Names are imported lazily, so ``import shoal.config`` (and ``shoal --help``) does not pay for
 importing PyTorch.
@@ -17,14 +22,27 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "shoal.clock": ("Clock", "SimClock", "WallClock"),
     "shoal.config": ("Config", "load_config"),
-    "shoal.coordinator": ("ClientPool", "ClientUpdate", "Coordinator", "RoundRecord",
-                          "TrainTask", "UniformSampler", "UpdateBatch"),
+    "shoal.coordinator": ("Coordinator",),
+    "shoal.deploy": ("run_aggregator",),
+    "shoal.events": ("ClientUpdate", "TrainTask", "UpdateBatch"),
+    "shoal.experiment": ("Experiment", "RunResult"),
+    "shoal.observers": ("Observer",),
+    "shoal.pipeline": ("Pipeline", "PlainSum", "Validation"),
+    "shoal.policy": ("BufferedPolicy", "SyncPolicy"),
+    "shoal.records": ("RoundRecord",),
+    "shoal.runner": ("ClientPool", "drive"),
+    "shoal.sampling": ("PoissonSampler", "UniformSampler"),
+    "shoal.store": ("ModelStore",),
+    "shoal.transport.client": ("DeviceClient",),
     "shoal.errors": ("BudgetExhausted", "CodecError", "ConfigError", "DataError",
                      "PrivacyError", "ProtocolError", "ShoalError", "SpecError",
                      "UpdateRejected"),
     "shoal.params": ("ParamSpec", "flatten", "unflatten"),
-    "shoal.strategy": ("ServerState", "Strategy", "WeightedMean", "make_strategy"),
+    "shoal.strategy": ("FedAdagrad", "FedAdam", "FedAvg", "FedProx", "FedYogi", "ServerState",
+                       "Strategy", "make_strategy"),
+    "shoal.summation": ("WeightedMean",),
     "shoal.training": ("LocalTrainConfig", "evaluate", "train_local"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -151,6 +151,19 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "q": Option(float, 0.1, "per-client sampling probability (method 'poisson')",
                     min=0.0, min_exclusive=True, max=1.0),
     },
+    "round": {
+        "policy": Option(str, "sync", "'sync': synchronous rounds (every sampled client, or "
+                         "deploy.target of them in a deployment); 'buffered': FedBuff "
+                         "asynchronous aggregation (simulation)", choices=("sync", "buffered")),
+        "concurrency": Option(int, 20, "buffered: clients training at any time", min=1),
+        "buffer_size": Option(int, 10, "buffered: updates per server step (rounds counts "
+                              "server steps)", min=1),
+        "staleness_exponent": Option(float, 0.5, "buffered: an update s versions old is "
+                                     "scaled by 1 / (1 + s)^a (0.5: the FedBuff paper's "
+                                     "1 / sqrt(1 + s))", min=0.0, max=10.0),
+        "max_staleness": Option(int, 10, "buffered: refuse updates more versions old than "
+                                "this", min=0),
+    },
     "compression": {
         "upload": Option(str, "none", "codec chain for client updates, stages joined by "
                          "'+': none, fp16, bf16, q8, q4, q2, sign, topk(F), randk(F), zstd; "
@@ -233,6 +246,15 @@ SCHEMA: dict[str, dict[str, Option]] = {
                           "another core evaluates the previous round's model; all cores "
                           "otherwise, and evaluation then runs between rounds)",
                           min=0, max=1024),
+        "time_model": Option(str, "none", "simulated device time: 'none' (updates arrive "
+                             "as a cohort finishes training) or 'lognormal' (each client "
+                             "takes examples x ms_per_example x a log-normal speed factor, "
+                             "on a simulated clock)", choices=("none", "lognormal")),
+        "ms_per_example": Option(float, 2.0, "time_model 'lognormal': median milliseconds "
+                                 "per training example and epoch", min=0.0,
+                                 min_exclusive=True),
+        "speed_sigma": Option(float, 0.5, "time_model 'lognormal': sigma of the per-client "
+                              "log-normal speed factor (0 = all alike)", min=0.0),
     },
     "deploy": {
         "host": Option(str, "127.0.0.1", "address the aggregator listens on"),
@@ -378,12 +400,10 @@ def _check_consistency(v: dict[str, dict[str, Any]]) -> None:
         raise ConfigError("privacy.adaptive_clipping needs privacy.placement = 'central'",
                           key="privacy.adaptive_clipping")
     if v["secure_aggregation"]["enabled"]:
-        if p["placement"] != "none":
+        if p["placement"] == "local":
             raise ConfigError("secure_aggregation.enabled cannot be combined with "
-                              f"privacy.placement = {p['placement']!r} yet: the server cannot "
-                              "clip updates it cannot see, and distributed noise with secure "
-                              "aggregation is not implemented (docs/privacy.md)",
-                              key="secure_aggregation.enabled")
+                              "privacy.placement = 'local': use 'central' (clip before the "
+                              "secure sum, noise after it)", key="secure_aggregation.enabled")
         if v["compression"]["upload"].strip() not in ("", "none"):
             raise ConfigError("secure_aggregation.enabled cannot be combined with "
                               "compression.upload: masked vectors are uniformly random and "

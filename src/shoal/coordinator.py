@@ -1,390 +1,493 @@
-"""The round engine: one synchronous federated round at a time.
+"""The round engine: one event-driven, sans-I/O coordinator for every mode and carrier.
 
-The coordinator decides *when* and *with whom*: it samples clients, hands them the global
-model and their settings through a :class:`ClientPool`, folds each arriving update into the
-strategy's streaming accumulator, lets the strategy step, and evaluates. It does not know how
-clients are reached: virtual clients in this process, Ray actors and devices over gRPC are
-all pools. An edge aggregator is a coordinator downstream and a pool member upstream.
+::
 
-Randomness: the cohort of round ``r`` comes from the stream ``(seed, "sample", r)``, so a
-resumed run picks the same clients. Time comes from a clock callable, never from the wall
-directly, so simulated time and tests need no sleeping.
+    events ──▶ Coordinator(strategy, policy, pipeline, sampler) ──▶ commands
+      UpdatesArrived · ClientsFailed ·            SendTask · CancelTask · WakeAt ·
+      TaskEnded · Tick                            CommitVersion · AbortRound · Finished
+
+The coordinator holds no socket, thread or clock: every event carries its ``now``, and
+every decision comes back as a command for the carrier (the simulator, the gRPC server, an
+in-memory transport) to carry out. The :mod:`policy <shoal.policy>` decides when to open,
+close and commit (synchronous rounds or FedBuff); the :mod:`pipeline <shoal.pipeline>`
+validates and aggregates; the strategy (server optimizer) steps the model; observers hear
+about it. Every task names the version it was built from and every update carries its base
+version, so staleness is ``current version - base version``.
+
+Randomness: the cohort of sync round ``r`` (retry ``a``) comes from the stream
+``(seed, "sample", r[, a])`` and a buffered task's client from ``(seed, "sample", task)``,
+so a resumed run picks the same clients; a deployment with differential privacy passes an
+unpredictable ``sample_rng`` instead.
+
+Not thread-safe: a carrier serialises calls (one lock or one event loop).
 """
 
 from __future__ import annotations
 
-import time
+import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from shoal import seeds
-from shoal.errors import ConfigError, ProtocolError, ShoalError, UpdateRejected
+from shoal.errors import ConfigError, ProtocolError, UpdateRejected
+from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
+                          CommitVersion, Event, Finished, PartialAggregate, SendTask,
+                          TaskEnded, Tick, TrainTask, UpdateBatch, UpdatesArrived, WakeAt)
+from shoal.observers import Observer, Observers
+from shoal.pipeline import Pipeline, PipelineRun, validate_rows
+from shoal.policy import RoundPolicy, SyncPolicy
+from shoal.records import RoundRecord
+from shoal.sampling import Sampler
 from shoal.strategy import ServerState, Strategy
 
-__all__ = [
-    "Aggregation", "RoundAbandoned", "ClientPool", "ClientUpdate", "UpdateBatch",
-    "PartialAggregate", "TrainTask", "Sampler",
-    "UniformSampler", "PoissonSampler", "RoundRecord", "Coordinator",
-]
+__all__ = ["Coordinator"]
 
 
-@dataclass(frozen=True)
-class TrainTask:
-    """What every client of a round receives.
-
-    Attributes:
-        round: the round number (1-based).
-        params: the global model as a flat float32 vector (read-only for clients).
-        settings: the strategy's per-round client settings (e.g. FedProx ``mu``).
-    """
-
-    round: int
-    params: np.ndarray
-    settings: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """One client's contribution to a round."""
-
-    client_id: int
-    delta: np.ndarray
-    num_examples: int
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class UpdateBatch:
-    """Several clients' updates at once, as rows of one matrix (the in-process pool's form:
-    splitting it into single updates would only cost copies).
-
-    Attributes:
-        client_ids: int64 ``(k,)``.
-        deltas: float32 ``(k, D)``.
-        num_examples: int64 ``(k,)``.
-        metrics: name -> float ``(k,)`` per-client values (e.g. ``loss``).
-    """
-
-    client_ids: np.ndarray
-    deltas: np.ndarray
-    num_examples: np.ndarray
-    metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PartialAggregate:
-    """The weighted mean of several clients' updates, aggregated before it reached the
-    coordinator: by secure aggregation (the server learns only this) or by an edge
-    aggregator. It folds like one update of weight ``num_examples`` and counts as ``clients``
-    accepted updates.
-
-    Attributes:
-        delta: float32 ``(D,)``, the weighted mean of the clients' deltas.
-        num_examples: the total weight behind it.
-        clients: how many client updates it holds (>= 1).
-        metrics: values to record with the round (e.g. ``secagg_dropped``), and
-            ``upload_bytes`` / ``download_bytes`` for the whole group.
-    """
-
-    delta: np.ndarray
-    num_examples: int
-    clients: int
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-
-class RoundAbandoned(ShoalError):
-    """Raised by a pool at the end of ``train`` when the round must not commit (e.g. fewer
-    devices reported before the deadline than the round's minimum); the coordinator then
-    discards what it folded and leaves the model unchanged."""
-
-
-@runtime_checkable
-class ClientPool(Protocol):
-    """How the coordinator reaches clients.
-
-    ``train`` yields updates as they arrive (one at a time or in batches). A client that
-    fails or drops out simply yields nothing; a pool may raise :class:`UpdateRejected` *for a
-    single update* only by yielding it -- the coordinator validates what it folds.
-    """
-
-    @property
-    def num_clients(self) -> int: ...
-
-    def train(self, task: TrainTask, client_ids: np.ndarray
-              ) -> Iterable[ClientUpdate | UpdateBatch | PartialAggregate]: ...
-
-
-class Sampler(Protocol):
-    """Chooses a round's cohort from ``num_clients`` clients using ``rng``."""
-
-    def sample(self, num_clients: int, rng: np.random.Generator) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class UniformSampler:
-    """``per_round`` clients uniformly at random without replacement (sorted ids)."""
-
-    per_round: int
-
-    def sample(self, num_clients: int, rng: np.random.Generator) -> np.ndarray:
-        if not 1 <= self.per_round <= num_clients:
-            raise ConfigError(f"sampling.per_round = {self.per_round} must be between 1 and "
-                              f"the number of clients ({num_clients})",
-                              key="sampling.per_round")
-        return np.sort(rng.choice(num_clients, size=self.per_round, replace=False))
-
-
-@dataclass(frozen=True)
-class PoissonSampler:
-    """Each client joins independently with probability ``q`` (the sampling that
-    differential-privacy accounting assumes); the cohort size varies and may be 0."""
-
-    q: float
-
-    def sample(self, num_clients: int, rng: np.random.Generator) -> np.ndarray:
-        if not 0.0 < self.q <= 1.0:
-            raise ConfigError(f"sampling.q = {self.q} must be in (0, 1]", key="sampling.q")
-        return np.flatnonzero(rng.random(num_clients) < self.q)
-
-
-class Accumulator(Protocol):
-    """A round's running aggregate (see :class:`~shoal.strategy.WeightedMean`)."""
-
-    @property
-    def count(self) -> int: ...
-
-    def add(self, update: np.ndarray, weight: float) -> None: ...
-
-    def add_stacked(self, updates: np.ndarray, weights: np.ndarray) -> None: ...
-
-
-class Aggregation(Protocol):
-    """Replaces the strategy's plain weighted mean for a round, e.g. with central
-    differential privacy (clip every update, add noise to the sum).
-
-    ``begin`` returns the accumulator updates are folded into; ``finish`` turns it into the
-    mean delta the strategy then applies (the strategy's server optimizer sees it as the
-    round's only update) and a dict of values to record, such as ``epsilon``. ``always_commits``
-    says whether a round with no accepted update still releases a (noise-only) result.
-    """
-
-    always_commits: bool
-
-    def begin(self, round: int, dim: int) -> Accumulator: ...
-
-    def finish(self, acc: Accumulator, round: int) -> tuple[np.ndarray, dict[str, float]]: ...
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """What happened in one round (one line of the run's metrics).
-
-    Attributes:
-        round: round number (0 is the evaluation of the initial model).
-        sampled: clients asked to train.
-        accepted: updates folded into the aggregate.
-        rejected: reason -> count of refused updates.
-        examples: training examples behind the accepted updates.
-        train_loss: example-weighted mean local training loss of accepted updates.
-        committed: whether the global model changed this round.
-        eval: central evaluation metrics (e.g. ``accuracy``, ``loss``), empty if skipped.
-        seconds: duration by the coordinator's clock.
-        bytes_up: bytes the accepted updates took on the wire (0 if the pool did not say).
-        bytes_down: bytes sent to the sampled clients (model downloads).
-        privacy: values from the round's :class:`Aggregation` (e.g. ``epsilon``).
-    """
-
-    round: int
-    sampled: int = 0
-    accepted: int = 0
-    rejected: Mapping[str, int] = field(default_factory=dict)
-    examples: int = 0
-    train_loss: float = float("nan")
-    committed: bool = False
-    eval: Mapping[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    privacy: Mapping[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        d = {"round": self.round, "sampled": self.sampled, "accepted": self.accepted,
-             "rejected": sum(self.rejected.values()), "examples": self.examples,
-             "train_loss": self.train_loss, "committed": self.committed,
-             "seconds": self.seconds, "bytes_up": self.bytes_up,
-             "bytes_down": self.bytes_down}
-        d.update({f"eval_{k}": v for k, v in self.eval.items()})
-        d.update({f"privacy_{k}": v for k, v in self.privacy.items()})
-        d.update({f"rejected_{k}": v for k, v in self.rejected.items()})
-        return d
-
-
-class Coordinator:
-    """Runs synchronous rounds of a strategy over a client pool.
-
-    Args:
-        strategy: the aggregation rule (pure; state is passed in and out).
-        pool: how clients are reached.
-        sampler: who trains each round.
-        seed: the run seed (cohorts derive from it and the round number).
-        evaluate: central evaluation of a flat model, returning metrics; optional.
-        clock: seconds as a float; ``time.perf_counter`` by default.
-        aggregation: replaces the strategy's weighted mean (central DP); optional.
-        sample_rng: the generator of a round's cohort, ``sample_rng(round, attempt)``; by
-            default the run's seeded stream, so a resumed run picks the same clients. A
-            deployment with differential privacy passes unpredictable generators: the
-            accountant's sampling amplification assumes nobody can tell who was sampled.
-    """
-
-    def __init__(self, strategy: Strategy, pool: ClientPool, sampler: Sampler, *, seed: int,
-                 evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
-                 clock: Callable[[], float] = time.perf_counter,
-                 aggregation: Aggregation | None = None,
-                 sample_rng: Callable[[int, int], np.random.Generator] | None = None) -> None:
-        self.strategy = strategy
-        self.pool = pool
-        self.sampler = sampler
-        self.seed = seed
-        self.evaluate = evaluate
-        self.clock = clock
-        self.aggregation = aggregation
-        self.last_abort: ProtocolError | None = None
-        self.sample_rng = sample_rng or self._seeded_sample_rng
-
-    def _seeded_sample_rng(self, round: int, attempt: int) -> np.random.Generator:
-        path = (round,) if attempt == 0 else (round, attempt)
-        return seeds.generator(self.seed, "sample", *path)
-
-    def cohort(self, round: int, attempt: int = 0) -> np.ndarray:
-        """The clients sampled for ``round`` (and retry ``attempt`` of it); with the default
-        generators the same for the same seed, always."""
-        return self.sampler.sample(self.pool.num_clients, self.sample_rng(round, attempt))
-
-    def run_round(self, state: ServerState, *, evaluate: bool = True, attempt: int = 0
-                  ) -> tuple[ServerState, RoundRecord]:
-        """Run round ``state.round + 1`` and return the new state and its record.
-
-        A round in which no update is accepted leaves the state unchanged
-        (``committed = False``); the caller may retry it with the next ``attempt`` number,
-        which samples a fresh cohort.
-        """
-        start = self.clock()
-        rnd = state.round + 1
-        cohort = self.cohort(rnd, attempt)
-        task = TrainTask(round=rnd, params=state.params,
-                         settings=self.strategy.client_config(state))
-        acc = (self.aggregation.begin(rnd, state.params.size) if self.aggregation
-               else self.strategy.accumulator(state))
-        tally = _Tally()
-        rejected = tally.rejected
-        abandoned = False
-        try:
-            for item in self.pool.train(task, cohort):
-                tally.fold(item, acc)
-        except RoundAbandoned:
-            abandoned = True
-            rejected["round_abandoned"] += 1
-        privacy: dict[str, float] = {}
-        if abandoned:
-            committed, new_state = False, state
-        elif self.aggregation is not None:
-            committed = acc.count > 0 or self.aggregation.always_commits
-            new_state = state
-            if committed:
-                try:
-                    mean, privacy = self.aggregation.finish(acc, rnd)
-                except ProtocolError as exc:
-                    # e.g. secure aggregation lost too many clients: nothing is revealed and
-                    # the round is abandoned (the caller may retry with a fresh cohort)
-                    committed = False
-                    rejected["aggregation_aborted"] += 1
-                    privacy = {"aborted": 1.0}
-                    self.last_abort = exc
-                else:
-                    single = self.strategy.accumulator(state)
-                    single.add(mean, 1.0)
-                    new_state = self.strategy.apply(state, single)
-        else:
-            committed = acc.count > 0
-            new_state = self.strategy.apply(state, acc) if committed else state
-        metrics: dict[str, float] = {}
-        if committed and evaluate and self.evaluate is not None:
-            metrics = dict(self.evaluate(new_state.params))
-        privacy = {**tally.group_metrics, **privacy}
-        record = RoundRecord(
-            round=rnd, sampled=len(cohort), accepted=acc.count + tally.merged,
-            rejected=dict(rejected),
-            examples=tally.examples,
-            train_loss=tally.loss_sum / tally.loss_weight if tally.loss_weight
-            else float("nan"),
-            committed=committed, eval=metrics, seconds=self.clock() - start,
-            bytes_up=tally.bytes_up, bytes_down=tally.bytes_down, privacy=privacy)
-        return new_state, record
+@dataclass
+class _Task:
+    task: TrainTask
+    asked: np.ndarray
+    pending: set[int]
+    cancelled: bool = False
 
 
 @dataclass
 class _Tally:
-    """What one round's arrivals add up to, besides the aggregate itself."""
+    """What the open aggregation's arrivals add up to, besides the aggregate itself."""
 
+    started: float
+    sampled: int = 0
+    accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     examples: int = 0
     loss_sum: float = 0.0
     loss_weight: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
-    merged: int = 0  # client updates inside partial aggregates, beyond one each
+    staleness_sum: int = 0
+    staleness_max: int = 0
     group_metrics: dict[str, float] = field(default_factory=dict)
 
-    def fold(self, item: ClientUpdate | UpdateBatch | PartialAggregate, acc: Accumulator
-             ) -> None:
-        """Fold one arrival into ``acc``; a refused update is counted by reason and leaves
-        ``acc`` untouched (the accumulators validate before they add)."""
-        try:
-            if isinstance(item, PartialAggregate):
-                if item.num_examples <= 0 or item.clients < 1:
-                    self.rejected["no_data"] += 1
-                    return
-                acc.add(item.delta, float(item.num_examples))
-                self.examples += int(item.num_examples)
-                self.merged += int(item.clients) - 1
-                self.bytes_up += int(item.metrics.get("upload_bytes", 0))
-                for key, value in item.metrics.items():
-                    if key not in ("upload_bytes", "download_bytes"):
-                        self.group_metrics[key] = self.group_metrics.get(key, 0.0) + value
-            elif isinstance(item, UpdateBatch):
-                n = np.asarray(item.num_examples)
-                keep = n > 0
-                if not keep.all():
-                    # clients without data contribute nothing (weight 0), not an error
-                    self.rejected["no_data"] += int((~keep).sum())
-                if keep.any():
-                    rows = item.deltas if keep.all() else item.deltas[keep]
-                    acc.add_stacked(rows, n[keep].astype(np.float64))
-                    self.examples += int(n[keep].sum())
-                    if "upload_bytes" in item.metrics:
-                        up = np.asarray(item.metrics["upload_bytes"])
-                        self.bytes_up += int(up[keep].sum())
-                    loss = np.asarray(item.metrics.get("loss", np.full(len(n), np.nan)))
-                    ok = keep & np.isfinite(loss)
-                    self.loss_sum += float((loss[ok] * n[ok]).sum())
-                    self.loss_weight += int(n[ok].sum())
+
+class Coordinator:
+    """Runs a strategy over a population of clients, driven by events.
+
+    Args:
+        strategy: the server optimizer (pure; state in, state out).
+        num_clients: the population size (client ids ``0 .. num_clients - 1``).
+        sampler: who trains each sync round.
+        seed: the run seed (cohorts derive from it).
+        policy: when to open, close and commit (default: synchronous rounds, every sampled
+            client awaited).
+        pipeline: validation and aggregation (default: the plain weighted mean).
+        steps: commit this many versions in all, then finish (``None`` = no limit).
+        observers: hooks told about tasks, updates, rejections and versions.
+        sample_rng: the generator of a cohort, ``sample_rng(key, attempt)``; by default the
+            run's seeded stream.
+    """
+
+    def __init__(self, strategy: Strategy, num_clients: int, sampler: Sampler, *, seed: int,
+                 policy: RoundPolicy | None = None, pipeline: Pipeline | None = None,
+                 steps: int | None = None, observers: Iterable[Observer] = (),
+                 sample_rng: Callable[[int, int], np.random.Generator] | None = None) -> None:
+        if num_clients < 1:
+            raise ConfigError(f"the population must have at least one client, got "
+                              f"{num_clients}", key="data.clients")
+        self.strategy = strategy
+        self.num_clients = int(num_clients)
+        self.sampler = sampler
+        self.seed = seed
+        self.policy = policy if policy is not None else SyncPolicy()
+        self.pipeline = pipeline if pipeline is not None else Pipeline()
+        self.steps = steps
+        self.observers = Observers(observers)
+        self.sample_rng = sample_rng or self._seeded_sample_rng
+        self._out: list[Command] = []
+        self._tasks: dict[int, _Task] = {}
+        self._next_task = 1
+        self._now = 0.0
+        self._done = ""
+        self._started = False
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    @property
+    def accepted(self) -> int:
+        return self._tally.accepted
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    @property
+    def releases_empty(self) -> bool:
+        return self.pipeline.releases_empty
+
+    @property
+    def finished(self) -> str:
+        """Why the run finished (``"done"``, a budget, ...), or ``""`` while it runs."""
+        return self._done
+
+    def _seeded_sample_rng(self, key: int, attempt: int) -> np.random.Generator:
+        path = (key,) if attempt == 0 else (key, attempt)
+        return seeds.generator(self.seed, "sample", *path)
+
+    def cohort(self, round: int, attempt: int = 0, count: int | None = None) -> np.ndarray:
+        """The clients sampled for sync ``round`` (retry ``attempt``); with the default
+        generators the same for the same seed, always."""
+        return self.sampler.sample(self.num_clients, self.sample_rng(round, attempt), count)
+
+    # -- driving ----------------------------------------------------------------------------
+
+    def start(self, state: ServerState, now: float, stage_states: tuple | None = None
+              ) -> list[Command]:
+        """Begin from ``state`` (and the pipeline stages' saved states) at ``now``."""
+        if self._started:
+            raise ProtocolError("the coordinator was already started")
+        self._started = True
+        self.state = state
+        self.stage_states = stage_states if stage_states is not None else self.pipeline.init()
+        self._now = float(now)
+        self._begin_aggregation()
+        if not self.can_step():
+            self._finish(self._done or "done")
+        else:
+            self.policy.start(self)
+        return self._flush()
+
+    def handle(self, event: Event) -> list[Command]:
+        """Take one event; return the commands it leads to (possibly none)."""
+        if not self._started:
+            raise ProtocolError("start the coordinator before sending it events")
+        self._now = max(self._now, float(event.now))
+        if self._done:
+            if isinstance(event, UpdatesArrived):
+                self._refuse(event.task_id, "late", _rows_of(event.arrival),
+                             f"the run has finished ({self._done})")
+            return self._flush()
+        if isinstance(event, UpdatesArrived):
+            self._arrived(event)
+        elif isinstance(event, ClientsFailed):
+            self._failed(event.task_id, event.client_ids, event.reason)
+        elif isinstance(event, TaskEnded):
+            self._ended(event)
+        elif isinstance(event, Tick):
+            self._tick()
+        else:
+            raise ProtocolError(f"unknown event {type(event).__name__}")
+        return self._flush()
+
+    def _flush(self) -> list[Command]:
+        out, self._out = self._out, []
+        return out
+
+    # -- the Engine interface the policy uses -------------------------------------------------
+
+    def can_step(self) -> bool:
+        if self._done:
+            return False
+        if self.steps is not None and self.state.version >= self.steps:
+            self._finish("done")
+            return False
+        why = self.pipeline.allows_step(self.stage_states)
+        if why:
+            self._finish(why)
+            return False
+        return True
+
+    def send(self, count: int | None, deadline: float) -> int | None:
+        task_id = self._next_task
+        if isinstance(self.policy, SyncPolicy):
+            key = self.state.version + 1
+            clients = self.cohort(key, self.policy.attempt, count)
+        else:
+            key = task_id
+            clients = self._idle_clients(count or 1, self.sample_rng(task_id, 0))
+        if len(clients) == 0:
+            return None
+        self._next_task += 1
+        task = TrainTask(task_id=task_id, version=self.state.version, params=self.state.params,
+                         round=key, settings=self.strategy.client_config(self.state),
+                         deadline=deadline)
+        ids = np.asarray(clients, dtype=np.int64)
+        self._tasks[task_id] = _Task(task, ids, set(ids.tolist()))
+        self._tally.sampled += len(ids)
+        self._out.append(SendTask(task, ids))
+        self.observers.task_sent(task_id, task.version, len(ids), self._now)
+        return task_id
+
+    def _idle_clients(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        busy = set().union(*(t.pending for t in self._tasks.values() if not t.cancelled))
+        if self.num_clients - len(busy) < count:
+            return np.zeros(0, np.int64)
+        picked: list[int] = []
+        while len(picked) < count:  # busy clients are few: rejection sampling is O(count)
+            c = int(rng.integers(self.num_clients))
+            if c not in busy and c not in picked:
+                picked.append(c)
+        return np.sort(np.array(picked, dtype=np.int64))
+
+    def outstanding(self, task_id: int) -> int:
+        t = self._tasks.get(task_id)
+        return 0 if t is None or t.cancelled else len(t.pending)
+
+    def cancel(self, task_id: int, reason: str) -> None:
+        t = self._tasks.get(task_id)
+        if t is None or t.cancelled:
+            return
+        t.cancelled = True
+        if t.pending:
+            self.observers.clients_failed(task_id, len(t.pending), "cancelled", self._now)
+        self._out.append(CancelTask(task_id, reason))
+
+    def wake_at(self, at: float) -> None:
+        self._out.append(WakeAt(at))
+
+    def close(self, closed_by: str, *, commit: bool, retry: bool) -> bool:
+        """Finish the open aggregation; see :class:`~shoal.policy.Engine`."""
+        tally, run = self._tally, self._run
+        reason = closed_by
+        mean = None
+        info: dict[str, float] = dict(tally.group_metrics)
+        if commit:
+            try:
+                mean, states, step_info = run.finish()
+            except ProtocolError as exc:
+                # e.g. secure aggregation lost too many clients: nothing is revealed
+                tally.rejected["aggregation_aborted"] += 1
+                info["aborted"] = 1.0
+                reason = f"aggregation aborted: {exc}"
             else:
-                if item.num_examples <= 0:
-                    self.rejected["no_data"] += 1
-                    return
-                acc.add(item.delta, float(item.num_examples))
-                self.examples += int(item.num_examples)
-                self.bytes_up += int(item.metrics.get("upload_bytes", 0))
-                one_loss = item.metrics.get("loss")
-                if one_loss is not None and np.isfinite(one_loss):
-                    self.loss_sum += float(one_loss) * item.num_examples
-                    self.loss_weight += int(item.num_examples)
+                info.update(step_info.info)
+                if mean is None:
+                    reason = "no update to aggregate"
+        elif closed_by != "abandoned":
+            reason = (f"{closed_by}: {tally.accepted} updates, fewer than the round's "
+                      f"minimum")
+        committed = mean is not None
+        if committed:
+            self.state = self.strategy.apply(self.state, mean)
+            self.stage_states = states
+        for task_id, t in list(self._tasks.items()):
+            if t.cancelled or not t.pending:
+                del self._tasks[task_id]
+        accepted_staleness = tally.staleness_sum / tally.accepted if tally.accepted else 0.0
+        record = RoundRecord(
+            round=self.state.version if committed else self.state.version + 1,
+            version=self.state.version, sampled=tally.sampled, accepted=tally.accepted,
+            rejected=dict(tally.rejected), examples=tally.examples,
+            train_loss=tally.loss_sum / tally.loss_weight if tally.loss_weight else math.nan,
+            committed=committed, seconds=self._now - tally.started, bytes_up=tally.bytes_up,
+            bytes_down=tally.bytes_down, privacy=info, closed_by=closed_by,
+            attempt=getattr(self.policy, "attempt", 0), staleness_max=tally.staleness_max,
+            staleness_mean=accepted_staleness)
+        self._begin_aggregation()
+        if committed:
+            self._out.append(CommitVersion(self.state, record))
+            self.observers.version_committed(record)
+            if any(k in info for k in ("epsilon", "noise_std")):
+                self.observers.privacy_spent(self.state.version, info)
+            if info.get("secagg_dropped"):
+                self.observers.secagg_dropouts(self.state.version, "share_keys",
+                                               int(info["secagg_dropped"]))
+            self.can_step()  # finishes the run once the last version is in
+        else:
+            self._out.append(AbortRound(record, reason, retry))
+            self.observers.round_abandoned(record, reason)
+            if not retry:
+                self._finish(f"round {record.round} could not commit: {reason}")
+        return committed
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _begin_aggregation(self) -> None:
+        self._run: PipelineRun = self.pipeline.begin(self.stage_states, self.state.version + 1,
+                                                     self.state.params.size)
+        self._tally = _Tally(started=self._now)
+
+    def _finish(self, reason: str) -> None:
+        if self._done:
+            return
+        self._done = reason
+        for task_id in list(self._tasks):
+            self.cancel(task_id, "run finished")
+        self._out.append(Finished(reason))
+
+    def _refuse(self, task_id: int, reason: str, count: int, detail: str) -> None:
+        self._tally.rejected[reason] += count
+        self.observers.update_rejected(task_id, reason, count, detail, self._now)
+
+    def _arrived(self, event: UpdatesArrived) -> None:
+        item, task_id = event.arrival, event.task_id
+        tally = self._tally
+        down = item.metrics.get("download_bytes", 0)
+        tally.bytes_down += int(np.sum(down))
+        t = self._tasks.get(task_id)
+        n = _rows_of(item)
+        if t is None:
+            self._refuse(task_id, "unknown_task", n, f"no task {task_id} is open")
+            return
+        if t.cancelled:
+            self._refuse(task_id, "late", n, "the round of this task has closed")
+            return
+        base = item.base_version if item.base_version is not None else t.task.version
+        if base != t.task.version:
+            self._refuse(task_id, "wrong_version", n, f"task {task_id} sent version "
+                         f"{t.task.version}, the update says it trained from {base}")
+            return
+        staleness = self.state.version - base
+        try:
+            factor = self.policy.staleness_weight(staleness)
         except UpdateRejected as exc:
-            self.rejected[exc.reason] += 1
-        finally:
-            down = item.metrics.get("download_bytes", 0)
-            self.bytes_down += int(np.sum(down))
+            self._refuse(task_id, exc.reason, n, exc.detail)
+            self._done_clients(t, _clients_of(item))
+            self.policy.on_end(self, task_id, False)
+            return
+        if isinstance(item, PartialAggregate):
+            self._fold_partial(t, item, factor, staleness)
+        else:
+            self._fold_rows(t, item, factor, staleness)
+        self.policy.on_update(self, task_id)
+
+    def _done_clients(self, t: _Task, clients: np.ndarray | None) -> None:
+        if clients is None:
+            t.pending.clear()
+        else:
+            t.pending.difference_update(clients.tolist())
+
+    def _fold_rows(self, t: _Task, item: ClientUpdate | UpdateBatch, factor: float,
+                   staleness: int) -> None:
+        tally = self._tally
+        if isinstance(item, ClientUpdate):
+            ids = np.array([item.client_id], dtype=np.int64)
+            delta = item.delta
+            rows = delta[np.newaxis] if isinstance(delta, np.ndarray) and delta.ndim == 1 \
+                else delta
+            examples = np.array([item.num_examples])
+            metrics = {k: np.array([v]) for k, v in item.metrics.items()}
+        else:
+            ids, rows = np.asarray(item.client_ids, np.int64), item.deltas
+            examples, metrics = np.asarray(item.num_examples), item.metrics
+        known = np.fromiter((int(c) in t.pending for c in ids), bool, len(ids))
+        if not known.all():
+            asked = set(t.asked.tolist())
+            dup = ~known & np.fromiter((int(c) in asked for c in ids), bool, len(ids))
+            if dup.any():
+                self._refuse(t.task.task_id, "duplicate", int(dup.sum()),
+                             "this client already reported for this task")
+            if (~known & ~dup).any():
+                self._refuse(t.task.task_id, "not_selected", int((~known & ~dup).sum()),
+                             "the client was not asked to train this task")
+        self._done_clients(t, ids[known])
+        keep, rejected, detail = validate_rows(rows, examples, self.state.params.size,
+                                               self.pipeline.validation)
+        keep = keep & known
+        for reason, count in rejected.items():
+            self._refuse(t.task.task_id, reason, count, detail)
+        if not keep.any():
+            return
+        every = bool(keep.all())
+        kept = rows if every else rows[keep]
+        weights = (examples if every else examples[keep]).astype(np.float64)
+        if factor != 1.0:
+            kept = kept * np.asarray(factor, dtype=kept.dtype)
+        try:
+            self._run.fold(kept, weights)
+        except UpdateRejected as exc:
+            self._refuse(t.task.task_id, exc.reason, int(keep.sum()), exc.detail)
+            return
+        k = int(keep.sum())
+        tally.accepted += k
+        tally.examples += int(weights.sum())
+        tally.staleness_sum += staleness * k
+        tally.staleness_max = max(tally.staleness_max, staleness)
+        if "upload_bytes" in metrics:
+            up = np.asarray(metrics["upload_bytes"])
+            tally.bytes_up += int(up.sum() if every else up[keep].sum())
+        if "loss" in metrics:
+            loss = np.asarray(metrics["loss"], dtype=np.float64)
+            ok = keep & np.isfinite(loss)
+            tally.loss_sum += float((loss[ok] * examples[ok]).sum())
+            tally.loss_weight += int(examples[ok].sum())
+        self.observers.update_accepted(t.task.task_id, k, staleness, self._now)
+
+    def _fold_partial(self, t: _Task, item: PartialAggregate, factor: float,
+                      staleness: int) -> None:
+        tally = self._tally
+        self._done_clients(t, None)
+        if item.num_examples <= 0 or item.clients < 1:
+            self._refuse(t.task.task_id, "no_data", 1, "the group had no examples")
+            return
+        row = np.asarray(item.delta)[np.newaxis] if isinstance(item.delta, np.ndarray) \
+            else item.delta
+        keep, rejected, detail = validate_rows(row, np.array([item.num_examples]),
+                                               self.state.params.size,
+                                               self.pipeline.validation)
+        for reason, count in rejected.items():
+            self._refuse(t.task.task_id, reason, count, detail)
+        if not keep.all():
+            return
+        if factor != 1.0:
+            row = row * np.asarray(factor, dtype=row.dtype)
+        self._run.fold(row, np.array([float(item.num_examples)]))
+        tally.accepted += int(item.clients)
+        tally.examples += int(item.num_examples)
+        tally.staleness_sum += staleness * int(item.clients)
+        tally.staleness_max = max(tally.staleness_max, staleness)
+        tally.bytes_up += int(item.metrics.get("upload_bytes", 0))
+        for key, value in item.metrics.items():
+            if key not in ("upload_bytes", "download_bytes"):
+                tally.group_metrics[key] = tally.group_metrics.get(key, 0.0) + value
+        self.observers.update_accepted(t.task.task_id, int(item.clients), staleness, self._now)
+
+    def _failed(self, task_id: int, client_ids: tuple[int, ...], reason: str) -> None:
+        t = self._tasks.get(task_id)
+        if t is None or t.cancelled:
+            return
+        gone = [c for c in client_ids if c in t.pending]
+        if not gone:
+            return
+        t.pending.difference_update(gone)
+        self._tally.rejected[reason] += len(gone)
+        self.observers.clients_failed(task_id, len(gone), reason, self._now)
+        self.policy.on_end(self, task_id, False)
+
+    def _ended(self, event: TaskEnded) -> None:
+        t = self._tasks.get(event.task_id)
+        if t is None or t.cancelled:
+            return
+        if event.abandoned:
+            self._tally.rejected["round_abandoned"] += 1
+        t.pending.clear()
+        self.policy.on_end(self, event.task_id, event.abandoned)
+
+    def _tick(self) -> None:
+        # clients past their task's deadline are given up; the policy then decides (a sync
+        # round closes "by deadline", a buffered policy asks other clients)
+        for task_id, t in list(self._tasks.items()):
+            if not t.cancelled and t.pending and self._now >= t.task.deadline:
+                self._tally.rejected["timed_out"] += len(t.pending)
+                self.observers.clients_failed(task_id, len(t.pending), "timed_out", self._now)
+                t.pending.clear()
+        self.policy.on_tick(self, self._now)
+
+
+def _rows_of(item: object) -> int:
+    if isinstance(item, UpdateBatch):
+        return len(item.client_ids)
+    return 1
+
+
+def _clients_of(item: object) -> np.ndarray | None:
+    if isinstance(item, UpdateBatch):
+        return np.asarray(item.client_ids, np.int64)
+    if isinstance(item, ClientUpdate):
+        return np.array([item.client_id], np.int64)
+    return None

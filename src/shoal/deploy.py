@@ -1,6 +1,6 @@
 """The aggregator process: the round engine serving real devices over gRPC.
 
-:func:`run_aggregator` assembles the same :class:`~shoal.sim.experiment.Experiment` the
+:func:`run_aggregator` assembles the same :class:`~shoal.experiment.Experiment` the
 simulator runs -- strategy, coordinator, central evaluation, privacy -- but with a
 :class:`~shoal.transport.server.GrpcClientPool` as its carrier, and makes it crash-safe:
 every committed round is written to the model store (atomically, checksummed) before the
@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from shoal.config import Config
-from shoal.coordinator import RoundRecord, UniformSampler
+from shoal.build import load_data, secagg_from_config
+from shoal.records import RoundRecord
+from shoal.sampling import UniformSampler
 from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
 from shoal.models import build_model
 from shoal.registry import SQLiteRegistry
 from shoal.selection import over_selection_count
-from shoal.sim.experiment import Experiment, RunResult, load_data, secagg_from_config
+from shoal.experiment import Experiment, RunResult
 from shoal.store import ModelStore
 from shoal.transport.auth import Keyring, RevocationFile, load_or_create_secret
 from shoal.transport.certs import load_client_ca
@@ -136,11 +138,11 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         latest = store.latest()
         if latest is not None:
             state = exp.restore(store.load(latest.id))
-            log.info("resuming from model version %d (round %d)", latest.id, state.round)
+            log.info("resuming from model version %d (round %d)", latest.id, state.version)
 
         def commit(st, rec) -> None:
             parent = store.latest()
-            store.commit(exp.checkpoint(st), round=st.round,
+            store.commit(exp.checkpoint(st), round=st.version,
                          metrics={"accepted": float(rec.accepted)},
                          parent=parent.id if parent else None, now=time.time())
 
@@ -167,10 +169,10 @@ class RegistrySampler:
     registry_factory: Callable[[], SQLiteRegistry]
     clock: Callable[[], float] = time.time
 
-    def sample(self, num_clients: int, rng) -> np.ndarray:
+    def sample(self, num_clients: int, rng, count: int | None = None) -> np.ndarray:
         position = {d: i for i, d in enumerate(self.devices)}
         records = [dev for dev in self.registry_factory().list() if dev.device_id in position]
-        chosen = self.selector.select(records, self.count, rng, self.clock())
+        chosen = self.selector.select(records, count or self.count, rng, self.clock())
         return np.array(sorted(position[d] for d in chosen), dtype=np.int64)
 
 
@@ -216,6 +218,10 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
         raise ConfigError("deployed models travel as full float32 vectors: "
                           "compression.download, download_codec and error_feedback apply to "
                           "simulation only (shoal run)", key="compression.download")
+    if cfg["privacy"]["placement"] == "central" and cfg["secure_aggregation"]["enabled"]:
+        raise ConfigError("central DP with secure aggregation runs in simulation only for "
+                          "now: over gRPC the devices would have to clip before masking",
+                          key="secure_aggregation.enabled")
     _check_central_dp_accounting(cfg)
 
 

@@ -34,7 +34,7 @@ from typing import TypeAlias
 
 import numpy as np
 
-from shoal.coordinator import ClientUpdate
+from shoal.events import ClientUpdate
 from shoal.errors import ConfigError, UpdateRejected
 
 __all__ = [
@@ -108,7 +108,7 @@ class UploadResult:
 
     Attributes:
         device_id: the uploading device.
-        client_id: the int it carries in :class:`~shoal.coordinator.ClientUpdate`.
+        client_id: the int it carries in :class:`~shoal.events.ClientUpdate`.
         round: the round.
         num_examples: the update's weight.
         accepted_at: the ``now`` of the accepting call.

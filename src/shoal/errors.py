@@ -56,6 +56,7 @@ class UpdateRejected(ShoalError):
 
     Attributes:
         reason: short machine-readable reason (``"non_finite"``, ``"wrong_shape"``, ...).
+        detail: what exactly was wrong, for people.
         client_id: the client that sent it, when known.
         round: the round it was meant for, when known.
     """
@@ -77,6 +78,7 @@ class UpdateRejected(ShoalError):
             msg += f": {detail}"
         super().__init__(msg)
         self.reason = reason
+        self.detail = detail
         self.client_id = client_id
         self.round = round
 

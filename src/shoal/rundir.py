@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shoal.config import Config, to_toml
-from shoal.coordinator import RoundRecord
+from shoal.records import RoundRecord
 from shoal.store import Checkpoint, save_checkpoint
 
 __all__ = ["make_run_dir", "write_run"]

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
-    from shoal.sim.experiment import load_data
+    from shoal.build import load_data
     from shoal.training import LocalTrainConfig
     from shoal.transport.client import DeviceClient
     from shoal.transport.reference import fmnist_evaluate_fn, fmnist_train_fn

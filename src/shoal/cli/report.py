@@ -112,6 +112,6 @@ def _commit_to_store(root: str, ckpt, summary: dict) -> int:
                if k in summary and isinstance(summary[k], float) and math.isfinite(summary[k])}
     with ModelStore(root) as store:
         parent = store.latest()
-        version = store.commit(ckpt, round=ckpt.state.round, metrics=metrics,
+        version = store.commit(ckpt, round=ckpt.state.version, metrics=metrics,
                                parent=parent.id if parent else None, now=time.time())
     return version.id

@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shoal.sim.experiment import Experiment
+    from shoal.experiment import Experiment
 
     resume = None
     if args.resume:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(cfg, args.quiet)
     state = exp.restore(resume) if resume is not None else None
     if state is not None:
-        progress.skip(state.round)
+        progress.skip(state.version)
     try:
         result = exp.run(progress, state=state)
     finally:

@@ -1,6 +1,8 @@
-"""Secure aggregation as the round engine sees it: an aggregation plug for simulated rounds.
+"""Secure aggregation as the round engine sees it: a sum rule of the aggregation pipeline.
 
-:class:`SecAggAggregation` satisfies the coordinator's ``Aggregation`` protocol. It collects a
+:class:`SecAggAggregation` satisfies the pipeline's ``SumRule`` protocol (it holds the round's
+updates, ``holds_updates = True``), so stages compose around it: central DP clips on the way
+in and adds noise to the unmasked sum on the way out. It collects a
 round's updates, then runs the real SecAgg / SecAgg+ state machines of
 :mod:`shoal.privacy.secagg` in process (X25519, AES-GCM, AES-CTR masks, Shamir shares), with
 the configured fraction of clients vanishing after ShareKeys -- the case that forces the
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from shoal.errors import UpdateRejected
+from shoal.pipeline import Sum
 from shoal.privacy.secagg_driver import SecAggConfig, run_secagg_round
 from shoal.privacy.secagg_encoding import FixedPoint
 from shoal.privacy.secagg_graph import secagg_parameters
@@ -33,7 +36,9 @@ SPARSE_FROM = 100
 
 
 class _Collector:
-    def __init__(self, dim: int) -> None:
+    def __init__(self, owner: SecAggAggregation, dim: int, step: int) -> None:
+        self.owner = owner
+        self.step = step
         self.dim = dim
         self.rows: list[np.ndarray] = []
         self.weights: list[float] = []
@@ -42,10 +47,7 @@ class _Collector:
     def count(self) -> int:
         return len(self.rows)
 
-    def add(self, update: np.ndarray, weight: float) -> None:
-        self.add_stacked(np.asarray(update)[None, :], np.array([weight]))
-
-    def add_stacked(self, updates: np.ndarray, weights: np.ndarray) -> None:
+    def add(self, updates: np.ndarray, weights: np.ndarray) -> None:
         if updates.ndim != 2 or updates.shape[1] != self.dim:
             raise UpdateRejected("wrong_shape", f"expected rows of {self.dim} values, got "
                                  f"shape {updates.shape}")
@@ -55,6 +57,9 @@ class _Collector:
             raise UpdateRejected("bad_weight", "weights must be finite and > 0")
         self.rows.extend(np.array(updates, dtype=np.float32, copy=True))
         self.weights.extend(float(w) for w in weights)
+
+    def finish(self) -> Sum:
+        return self.owner.run_protocol(self, self.step)
 
 
 class SecAggAggregation:
@@ -72,7 +77,8 @@ class SecAggAggregation:
         rng_for_round: stochastic rounding and the choice of who drops out.
     """
 
-    always_commits = False
+    name = "secagg"
+    holds_updates = True
 
     def __init__(self, *, clip: float, value_bits: int, max_weight: int, neighbours: int,
                  threshold: int, dropout: float, corrupt_rate: float,
@@ -103,11 +109,11 @@ class SecAggAggregation:
             t = self.threshold or k // 2 + 1
         return SecAggConfig(self.encoding, k, self.threshold or t)
 
-    def begin(self, round: int, dim: int) -> _Collector:
-        return _Collector(dim)
+    def begin(self, dim: int, step: int) -> _Collector:
+        return _Collector(self, dim, step)
 
-    def finish(self, acc: _Collector, round: int) -> tuple[np.ndarray, dict[str, float]]:
-        """Run the protocol over the collected updates.
+    def run_protocol(self, acc: _Collector, round: int) -> Sum:
+        """Run the protocol over the collected updates; the sum the server learns.
 
         Raises:
             SecAggAborted: too few survivors in some neighbourhood; nothing is revealed.
@@ -122,13 +128,14 @@ class SecAggAggregation:
         result = run_secagg_round(dict(zip(ids, acc.rows)), weights, config,
                                   {Stage.SHARE_KEYS: drops} if drops else None, rng)
         params = config.params_for(n, acc.dim)
-        return result.mean.astype(np.float32), {
+        total = float(result.total_weight)
+        return Sum(result.mean.astype(np.float64) * total, total, len(result.included), {
             "secagg_included": float(len(result.included)),
             "secagg_dropped": float(len(drops)),
             "secagg_neighbours": float(params.neighbours),
             "secagg_threshold": float(params.threshold),
             "secagg_ring_bits": float(params.bits),
-        }
+        })
 
 
 def round_half(w: float) -> int:

@@ -3,7 +3,7 @@
 It trains a round's cohort with :class:`~shoal.sim.cohort.CohortTrainer`, in chunks of
 clients with similar numbers of local steps so the stacked models stay cache-sized and the
 padding waste stays small, and yields each chunk's updates as one
-:class:`~shoal.coordinator.UpdateBatch`.
+:class:`~shoal.events.UpdateBatch`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,18 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+import torch
+
 from shoal import seeds
-from shoal.coordinator import TrainTask, UpdateBatch
+from shoal.codec import Chain
+from shoal.config import Config
+from shoal.data import FederatedData
+from shoal.events import TrainTask, UpdateBatch
 from shoal.sim.cohort import CohortTrainer
 from shoal.training import LocalTrainConfig
 from shoal.uplink import Downlink, Uplink
 
-__all__ = ["InProcessPool", "auto_chunk"]
+__all__ = ["InProcessPool", "auto_chunk", "in_process_pool"]
 
 
 def auto_chunk(model_size: int, budget_bytes: int = 96 << 20) -> int:
@@ -67,8 +72,7 @@ class InProcessPool:
         sizes = np.array([len(self.client_indices[c]) for c in ids], dtype=np.int64)
         # Longest first, so each chunk holds clients with similar step counts.
         ids = ids[np.argsort(-sizes, kind="stable")]
-        # the model before round r is version r - 1
-        down = self.downlink.send(task.round - 1, task.params, ids)
+        down = self.downlink.send(task.version, task.params, ids)
         for start in range(0, len(ids), self.chunk):
             part = ids[start:start + self.chunk]
             rngs = [seeds.generator(self.seed, "train", task.round, int(c)) for c in part]
@@ -81,4 +85,23 @@ class InProcessPool:
             yield UpdateBatch(client_ids=rows, deltas=deltas, num_examples=res.num_examples,
                               metrics={"loss": res.loss, "upload_bytes": up,
                                        "download_bytes": down[start:start + self.chunk]
-                                       [res.positions]})
+                                       [res.positions]}, base_version=task.version)
+
+
+def in_process_pool(cfg: Config, model: torch.nn.Module, data: FederatedData, dim: int,
+                    local_dp=None) -> tuple[InProcessPool, str]:
+    """The virtual clients of ``cfg`` (training, compression, local DP) and the name of the
+    cohort engine they train with."""
+    train = data.train
+    trainer = CohortTrainer(model, torch.from_numpy(train.x), torch.from_numpy(train.y),
+                            engine=cfg["sim"]["engine"])
+    local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
+                             batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
+    comp = cfg["compression"]
+    uplink = Uplink(dim, Chain.parse(comp["upload"]), comp["error_feedback"], local_dp)
+    downlink = Downlink(dim, comp["download"],
+                        Chain.parse(comp["download_codec"], "compression.download_codec"),
+                        comp["max_staleness"])
+    pool = InProcessPool(trainer, data.client_indices, local, seed=cfg.seed, uplink=uplink,
+                         downlink=downlink)
+    return pool, trainer.engine

@@ -55,7 +55,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
     arrays = ckpt.state.to_arrays()
     digest = _digest(arrays)
     header = {"format": _FORMAT, "spec": ckpt.spec.to_dict(), "seed": ckpt.seed,
-              "round": ckpt.state.round, "sha256": digest, "meta": ckpt.meta}
+              "version": ckpt.state.version, "sha256": digest, "meta": ckpt.meta}
     buf = io.BytesIO()
     np.savez(buf, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
              **arrays)

@@ -1,7 +1,8 @@
 """Aggregation strategies: pure server-side rules, state in and state out.
 
-A :class:`Strategy` turns a :class:`ServerState` and one round's :class:`WeightedMean` of client
-deltas into the next state; the coordinator owns the round loop. Build one by name with
+A :class:`Strategy` (a server optimizer) turns a :class:`ServerState` and one mean delta -- what
+the aggregation pipeline made of a round's or a server step's updates -- into the next state;
+the coordinator owns the round loop. Build one by name with
 :func:`make_strategy` (what a config file does) or directly from its class.
 """
 
@@ -12,18 +13,11 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from shoal.errors import ConfigError
-from shoal.strategy.fedavg import (
-    EmptyAccumulator,
-    FedAvg,
-    FedProx,
-    ServerState,
-    Strategy,
-    WeightedMean,
-)
+from shoal.strategy.fedavg import FedAvg, FedProx, Strategy
+from shoal.strategy.state import ServerState
 from shoal.strategy.fedopt import FedAdagrad, FedAdam, FedYogi
 
 __all__ = [
-    "EmptyAccumulator",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -32,7 +26,6 @@ __all__ = [
     "ServerState",
     "STRATEGIES",
     "Strategy",
-    "WeightedMean",
     "make_strategy",
 ]
 

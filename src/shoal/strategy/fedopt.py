@@ -35,13 +35,8 @@ from typing import ClassVar
 import numpy as np
 
 from shoal.errors import SpecError
-from shoal.strategy.fedavg import (
-    ServerState,
-    WeightedMean,
-    check_hyperparameter,
-    initial_params,
-    mean_delta,
-)
+from shoal.strategy.fedavg import check_delta, check_hyperparameter
+from shoal.strategy.state import ServerState, initial_params
 
 __all__ = ["FedAdagrad", "FedAdam", "FedYogi"]
 
@@ -82,29 +77,24 @@ class _AdaptiveOptimizer:
         raise NotImplementedError
 
     def init(self, params: np.ndarray) -> ServerState:
-        """Return the round-0 state: a float32 copy of ``params``, m = 0 and v = τ²."""
+        """Return the version-0 state: a float32 copy of ``params``, m = 0 and v = τ²."""
         x = initial_params(params)
         slots = {
             "m": np.zeros_like(x),
             "v": np.full_like(x, self.tau**2),
         }
-        return ServerState(params=x, round=0, slots=slots)
+        return ServerState(params=x, version=0, slots=slots)
 
     def client_config(self, state: ServerState) -> dict[str, float]:
         """The adaptive optimizers ask nothing extra of clients."""
         return {}
 
-    def accumulator(self, state: ServerState) -> WeightedMean:
-        """Return an empty accumulator for ``state``'s model length."""
-        return WeightedMean(state.params.size)
-
-    def apply(self, state: ServerState, acc: WeightedMean) -> ServerState:
+    def apply(self, state: ServerState, delta: np.ndarray) -> ServerState:
         """Return a new state one adaptive server step ahead; ``state`` is left untouched.
 
         Raises:
-            EmptyAccumulator: no update was accumulated this round.
             SpecError: ``state`` lacks the ``"m"``/``"v"`` slots (it was not made by an
-                adaptive optimizer's ``init``) or ``acc`` has another length.
+                adaptive optimizer's ``init``) or ``delta`` does not fit the model.
         """
         missing = [slot for slot in _SLOTS if slot not in state.slots]
         if missing:
@@ -112,7 +102,7 @@ class _AdaptiveOptimizer:
                 f"{self.name} needs server-state slots {list(_SLOTS)}, missing {missing}; "
                 f"build the state with {type(self).__name__}.init"
             )
-        delta = mean_delta(state, acc)  # fresh float64 array, owned here
+        delta = check_delta(state, delta)  # fresh float64 array, owned here
 
         m = state.slots["m"].astype(np.float64)
         m *= self.beta1
@@ -128,7 +118,7 @@ class _AdaptiveOptimizer:
         step += state.params
         return ServerState(
             params=step.astype(np.float32),
-            round=state.round + 1,
+            version=state.version + 1,
             slots={"m": m.astype(np.float32), "v": v.astype(np.float32)},
         )
 

@@ -1,9 +1,12 @@
-"""A simulated federated training run, assembled from a :class:`~shoal.config.Config`.
+"""A federated training run, assembled from a :class:`~shoal.config.Config`.
 
-:class:`Experiment` wires the pieces together -- data and partition, model, the in-process
-client pool, the strategy and the coordinator -- and :meth:`Experiment.run` drives rounds,
-reporting each :class:`~shoal.coordinator.RoundRecord` to a callback (the CLI's progress
-bar). Writing files is the caller's business (:mod:`shoal.rundir`).
+:class:`Experiment` wires the pieces together -- data and partition, model, the client pool
+(virtual clients in this process by default, or any other :class:`~shoal.runner.ClientPool`
+such as the gRPC aggregator's devices), the strategy, the round policy and the aggregation
+pipeline -- and :meth:`Experiment.run` drives a fresh :class:`~shoal.coordinator.Coordinator`
+over the pool with :func:`~shoal.runner.drive`, reporting each
+:class:`~shoal.records.RoundRecord` to a callback (the CLI's progress bar). Writing files is
+the caller's business (:mod:`shoal.rundir`).
 """
 
 from __future__ import annotations
@@ -22,30 +25,26 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
-from shoal import seeds
+from shoal.build import (expected_cohort, load_data, local_dp_from_config,
+                         pipeline_from_config, policy_from_config, sampler_from_config,
+                         strategy_from_config, time_model_from_config, unpredictable)
+from shoal.clock import SimClock, WallClock
 from shoal.config import Config
-from shoal.codec import Chain
-from shoal.coordinator import (ClientPool, Coordinator, PoissonSampler, RoundRecord, Sampler,
-                               UniformSampler)
-from shoal.data import FederatedData, load_fashion_mnist
-from shoal.data.partition import partition
-from shoal.data.synthetic import make_synthetic
+from shoal.coordinator import Coordinator
+from shoal.data import FederatedData
 from shoal.errors import ConfigError, ShoalError
 from shoal.frameworks.torch import FlatModule
 from shoal.models import build_model
 from shoal.params import ParamSpec
-from shoal.sim.cohort import CohortTrainer
-from shoal.sim.pool import InProcessPool
+from shoal.pipeline import stage_states_from_dict, stage_states_to_dict
+from shoal.records import RoundRecord
+from shoal.runner import ClientPool, drive
+from shoal.sampling import Sampler
 from shoal.store import Checkpoint
-from shoal.strategy import ServerState, Strategy, make_strategy
-from shoal.training import LocalTrainConfig, evaluate
-from shoal.uplink import Downlink, Uplink
+from shoal.strategy import ServerState
+from shoal.training import evaluate
 
-__all__ = ["Experiment", "RunResult", "load_data", "strategy_from_config", "privacy_from_config",
-           "peak_rss_mb"]
-
-#: A round in which no client had data is re-sampled at most this many times.
-MAX_ATTEMPTS = 5
+__all__ = ["Experiment", "RunResult", "peak_rss_mb", "auto_threads", "expected_cohort"]
 
 
 def peak_rss_mb() -> float:
@@ -63,14 +62,6 @@ def auto_threads(cfg: Config) -> int:
     """
     cores = os.cpu_count() or 1
     return 1 if expected_cohort(cfg) < 32 else cores
-
-
-def _unpredictable(*_: int) -> np.random.Generator:
-    """A fresh generator from ``os.urandom``, whatever the round: deployed DP noise and
-    cohorts, which nobody holding the config may recompute."""
-    from shoal.privacy.dp import secure_generator
-
-    return secure_generator()
 
 
 class _InLine:
@@ -111,93 +102,6 @@ def _numpy_blas_single_threaded() -> contextlib.AbstractContextManager:
     return blas.select(filepath=own).limit(limits=1)
 
 
-def load_data(cfg: Config) -> FederatedData:
-    """The training set split into clients, and the central test set, per ``cfg["data"]``."""
-    d = cfg["data"]
-    if d["dataset"] == "synthetic":
-        return make_synthetic(d["synthetic_alpha"], d["synthetic_beta"],
-                              num_clients=d["clients"],
-                              rng=seeds.generator(d["partition_seed"], "synthetic"),
-                              iid=d["synthetic_iid"])
-    train, test = load_fashion_mnist(d["path"] or None, flatten=True)
-    parts = partition(train.y, d["clients"], d["partition"], alpha=d["alpha"],
-                      shards_per_client=d["shards_per_client"], seed=d["partition_seed"])
-    return FederatedData(train=train, test=test, client_indices=tuple(parts))
-
-
-def strategy_from_config(cfg: Config) -> Strategy:
-    s = cfg["strategy"]
-    name = s["name"]
-    if name == "fedavg":
-        return make_strategy(name, server_lr=s["server_lr"])
-    if name == "fedprox":
-        return make_strategy(name, mu=s["mu"], server_lr=s["server_lr"])
-    return make_strategy(name, server_lr=s["server_lr"], beta1=s["beta1"], beta2=s["beta2"],
-                         tau=s["tau"])
-
-
-def sampler_from_config(cfg: Config) -> Sampler:
-    s = cfg["sampling"]
-    return PoissonSampler(s["q"]) if s["method"] == "poisson" else UniformSampler(s["per_round"])
-
-
-def expected_cohort(cfg: Config) -> float:
-    s = cfg["sampling"]
-    return s["q"] * cfg["data"]["clients"] if s["method"] == "poisson" else s["per_round"]
-
-
-def privacy_from_config(cfg: Config, *, deployed: bool = False):
-    """``(aggregation, local_dp)`` for ``cfg["privacy"]``; ``(None, None)`` without DP.
-
-    Central noise comes from the run's seeded stream in simulation (reproducible runs), and
-    from :func:`~shoal.privacy.dp.secure_generator` (``os.urandom``) when ``deployed``: noise
-    that anyone holding the config could recompute would protect nothing.
-    """
-    p = cfg["privacy"]
-    if p["placement"] == "none":
-        return None, None
-    from shoal.privacy import AdaptiveClipping, CentralDP, LocalDP, RoundEvent
-    from shoal.privacy.rounds import BudgetPolicy, DPAggregation
-
-    s = cfg["sampling"]
-    z = p["noise_multiplier"]
-    budget = BudgetPolicy(p["epsilon_budget"], p["delta"])
-    if p["placement"] == "local":
-        local = LocalDP(noise_multiplier=z, clip_norm=p["clip_norm"])
-        return DPAggregation("local", RoundEvent.local(z), budget, p["accountant"]), local
-    if s["method"] == "poisson":
-        event = RoundEvent.poisson(s["q"], z)
-    else:
-        event = RoundEvent.fixed_size(s["per_round"], cfg["data"]["clients"], z)
-    adaptive = None
-    if p["adaptive_clipping"]:
-        adaptive = AdaptiveClipping(target_quantile=p["target_quantile"],
-                                    learning_rate=p["clip_learning_rate"],
-                                    count_noise_std=p["count_noise_std"] or None)
-    central = CentralDP(noise_multiplier=z, clip_norm=p["clip_norm"],
-                        expected_clients=expected_cohort(cfg), adaptive=adaptive)
-    seed = cfg.seed
-    rng_for_round = _unpredictable if deployed else (
-        lambda r: seeds.generator(seed, "dp", r))
-    return DPAggregation("central", event, budget, p["accountant"],
-                         rng_for_round=rng_for_round, central=central), None
-
-
-def secagg_from_config(cfg: Config):
-    """The secure-aggregation plug for ``cfg["secure_aggregation"]``, or None."""
-    s = cfg["secure_aggregation"]
-    if not s["enabled"]:
-        return None
-    from shoal.privacy.secagg_rounds import SecAggAggregation
-
-    seed = cfg.seed
-    return SecAggAggregation(clip=s["clip"], value_bits=s["value_bits"],
-                             max_weight=s["max_weight"], neighbours=s["neighbours"],
-                             threshold=s["threshold"], dropout=s["dropout"],
-                             corrupt_rate=s["corrupt_rate"],
-                             rng_for_round=lambda r: seeds.generator(seed, "secagg", r))
-
-
 @dataclass
 class RunResult:
     """The outcome of :meth:`Experiment.run`."""
@@ -210,6 +114,7 @@ class RunResult:
     engine: str
     stopped: str = ""
     extra: dict = field(default_factory=dict)
+    stage_states: tuple = ()
 
     def evaluated(self) -> list[RoundRecord]:
         return [r for r in self.records if "accuracy" in r.eval]
@@ -233,7 +138,7 @@ class RunResult:
             "final_loss": last.get("loss", math.nan),
             "mean_accuracy_last5": float(np.mean(tail)) if tail else math.nan,
             "initial_accuracy": evals[0].eval["accuracy"] if evals else math.nan,
-            "rounds": self.state.round,
+            "rounds": self.state.version,
             "client_updates": updates,
             "updates_per_second": updates / train_seconds if train_seconds else math.nan,
             "wall_seconds": self.startup_seconds + self.wall_seconds,
@@ -251,22 +156,18 @@ class RunResult:
 
 
 class Experiment:
-    """Everything a simulated run needs, built once (this is the run's start-up cost).
+    """Everything a run needs, built once (this is the run's start-up cost).
 
     Args:
         cfg: a validated configuration.
-        data: already-loaded data to use instead of loading per ``cfg`` (benchmarks and
-            tests share one copy across runs).
+        data: already-loaded data (benchmarks and tests share one copy across runs).
+        pool, sampler: another carrier for the clients (the gRPC aggregator's device pool)
+            and how it samples them; by default virtual clients in this process, sampled
+            per ``cfg``.
     """
 
     def __init__(self, cfg: Config, data: FederatedData | None = None, *,
                  pool: ClientPool | None = None, sampler: Sampler | None = None) -> None:
-        """Args:
-            cfg: a validated configuration.
-            data: already-loaded data (benchmarks and tests share one copy across runs).
-            pool, sampler: another carrier for the clients (the gRPC aggregator's device
-                pool); by default virtual clients in this process, sampled per ``cfg``.
-        """
         t0 = time.perf_counter()
         self.cfg = cfg
         #: PyTorch intra-op threads of this run. The setting is per OS thread (OpenMP): a
@@ -280,47 +181,52 @@ class Experiment:
         build = lambda: build_model(name, in_features, train.num_classes, cfg.seed)  # noqa: E731
         self.eval_model = FlatModule(build())
         self.spec = self.eval_model.spec
-        deployed = pool is not None
-        self.privacy, local_dp = privacy_from_config(cfg, deployed=deployed)
+        self.deployed = pool is not None
         if pool is None:
-            trainer = CohortTrainer(build(), torch.from_numpy(train.x),
-                                    torch.from_numpy(train.y), engine=cfg["sim"]["engine"])
-            self.engine = trainer.engine
-            local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
-                                     batch_size=cfg["client"]["batch_size"],
-                                     lr=cfg["client"]["lr"])
-            comp = cfg["compression"]
-            uplink = Uplink(self.spec.size, Chain.parse(comp["upload"]),
-                            comp["error_feedback"], local_dp)
-            downlink = Downlink(self.spec.size, comp["download"],
-                                Chain.parse(comp["download_codec"],
-                                            "compression.download_codec"),
-                                comp["max_staleness"])
-            pool = InProcessPool(trainer, self.data.client_indices, local, seed=cfg.seed,
-                                 uplink=uplink, downlink=downlink)
+            from shoal.sim.pool import in_process_pool
+
+            pool, self.engine = in_process_pool(cfg, build(), self.data, self.spec.size,
+                                                local_dp_from_config(cfg))
         else:
             self.engine = "devices"
         self.pool = pool
         self.strategy = strategy_from_config(cfg)
+        self.policy_name = cfg["round"]["policy"]
+        self.sampler = sampler or sampler_from_config(cfg)
+        self.pipeline = pipeline_from_config(
+            cfg, deployed=self.deployed,
+            secure_in_transport=getattr(pool, "aggregates_securely", False))
+        self.privacy = next((s for s in self.pipeline.stages if hasattr(s, "check_plan")),
+                            None)
+        self.time_model = None if self.deployed else time_model_from_config(cfg)
         x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
-        self.coordinator = Coordinator(
-            self.strategy, self.pool, sampler or sampler_from_config(cfg), seed=cfg.seed,
-            evaluate=lambda params: evaluate(self.eval_model, params, x_test, y_test),
-            aggregation=self.privacy or (None if getattr(pool, "aggregates_securely", False)
-                                         else secagg_from_config(cfg)),
-            sample_rng=_unpredictable if deployed and self.privacy is not None else None)
+        #: central evaluation of a flat model -> metrics (replaceable, e.g. by a spy)
+        self.evaluate: Callable[[np.ndarray], dict] = \
+            lambda params: evaluate(self.eval_model, params, x_test, y_test)
+        self._stage_states: tuple | None = None
         if self.privacy is not None and cfg["privacy"]["on_budget"] == "refuse":
-            self.privacy.check_plan(cfg.rounds)
+            self.privacy.check_plan(self.privacy.init(), cfg.rounds)
         self.initial_params = self.eval_model.get()
         self.startup_seconds = time.perf_counter() - t0
 
-    def checkpoint(self, state: ServerState) -> Checkpoint:
+    @property
+    def coordinator(self) -> Coordinator:
+        """A fresh coordinator for this run's settings (each :meth:`run` starts its own)."""
+        unpredictable_cohorts = self.deployed and self.privacy is not None
+        return Coordinator(self.strategy, self.pool.num_clients, self.sampler,
+                           seed=self.cfg.seed, policy=policy_from_config(self.cfg),
+                           pipeline=self.pipeline, steps=self.cfg.rounds,
+                           sample_rng=unpredictable if unpredictable_cohorts else None)
+
+    def checkpoint(self, state: ServerState, stage_states: tuple | None = None) -> Checkpoint:
         """Everything needed to resume this run after ``state``: the model, the strategy
-        state, the round, the seed, the resolved config and the privacy ledger."""
+        state, the version, the seed, the resolved config and the pipeline stages' states
+        (the privacy ledger and clip norm)."""
         meta: dict = {"config": self.cfg.to_dict(), "model": self.cfg["model"]["name"],
                       "strategy": self.cfg["strategy"]["name"]}
-        if self.privacy is not None:
-            meta["privacy"] = self.privacy.state_dict()
+        states = stage_states if stage_states is not None else self._stage_states
+        if states:
+            meta["stages"] = stage_states_to_dict(self.pipeline, states)
         return Checkpoint(state=state, spec=self.spec, seed=self.cfg.seed, meta=meta)
 
     def restore(self, ckpt: Checkpoint) -> ServerState:
@@ -331,7 +237,8 @@ class Experiment:
 
         Raises:
             ConfigError: the checkpoint belongs to another model or seed, or the run keeps
-                client-side state a checkpoint does not hold (error-feedback residuals).
+                client-side state a checkpoint does not hold (error-feedback residuals), or
+                it runs DP and the checkpoint has no privacy ledger.
         """
         if ckpt.spec != self.spec:
             raise ConfigError("the checkpoint's model does not match this config's model "
@@ -345,32 +252,32 @@ class Experiment:
             raise ConfigError("cannot resume a run with compression.error_feedback: the "
                               "clients' residuals are not in the checkpoint",
                               key="compression.error_feedback")
-        if self.privacy is not None:
-            saved = ckpt.meta.get("privacy")
-            if saved is None:
-                raise ConfigError("the checkpoint has no privacy ledger, so the epsilon "
-                                  "already spent is unknown; refusing to resume with DP",
-                                  key="privacy.placement")
-            self.privacy.load_state_dict(saved)
+        saved = ckpt.meta.get("stages", {})
+        if self.privacy is not None and self.privacy.name not in saved:
+            raise ConfigError("the checkpoint has no privacy ledger, so the epsilon "
+                              "already spent is unknown; refusing to resume with DP",
+                              key="privacy.placement")
+        self._stage_states = stage_states_from_dict(self.pipeline, saved)
         return ckpt.state
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None,
             state: ServerState | None = None,
             on_commit: Callable[[ServerState, RoundRecord], None] | None = None) -> RunResult:
-        """Run ``cfg.rounds`` rounds (from ``state`` if given, else from the initial model).
+        """Run until ``cfg.rounds`` versions are committed (from ``state`` if given, else from
+        the initial model).
 
-        Central evaluation of round r's model runs on a background thread while round r + 1
+        Central evaluation of version v runs on a background thread while the next version
         trains (each committed model is immutable, so this is safe) when training leaves a
         core for it (remote devices, or fewer training threads than cores); when in-process
         training uses every core, evaluation runs between rounds with every core instead
         (config L: 1.27 s against 1.53 s overlapped; config S: 3.2 s overlapped against
-        4.4 s in line). Records reach ``on_round`` in round order as their evaluations
-        finish. ``on_commit(state, record)``
-        runs right after each committed round, before the next one starts.
+        4.4 s in line). Records reach ``on_round`` in version order as their evaluations
+        finish. ``on_commit(state, record)`` runs right after each committed version,
+        before the next task is sent.
 
         Raises:
-            ShoalError: a round could not commit after :data:`MAX_ATTEMPTS` fresh cohorts
-                (every sampled client had no data).
+            ShoalError: a round could not commit after its policy's attempts (every sampled
+                client had no data, or secure aggregation aborted every time).
         """
         with _numpy_blas_single_threaded():
             return self._run(on_round, state, on_commit)
@@ -401,37 +308,41 @@ class Experiment:
                     on_round(rec)
 
         def submit(rec: RoundRecord, params: np.ndarray | None) -> None:
-            fut = evaluator.submit(self.coordinator.evaluate, params) \
-                if params is not None and self.coordinator.evaluate is not None else None
+            fut = evaluator.submit(self.evaluate, params) if params is not None else None
             pending.append((rec, fut))
             emit(block_all=False)
+
+        coordinator = self.coordinator
+        final = {"state": state}
+
+        def committed(st: ServerState, rec: RoundRecord) -> None:
+            final["state"] = st
+            self._stage_states = coordinator.stage_states
+            if on_commit is not None:
+                on_commit(st, rec)  # e.g. a crash-safe commit to the model store
+            do_eval = st.version % every == 0 or st.version == self.cfg.rounds
+            submit(rec, st.params if do_eval else None)
+
+        def abandoned(rec: RoundRecord, reason: str, retry: bool) -> None:
+            if retry:
+                return
+            why = (f"secure aggregation aborted ({reason})"
+                   if rec.rejected.get("aggregation_aborted")
+                   else "no sampled client had data" if rec.accepted == 0 else reason)
+            raise ShoalError(f"round {rec.round} did not commit after "
+                             f"{rec.attempt + 1} cohorts: {why}")
 
         try:
             if state is None:
                 state = self.strategy.init(self.initial_params)
+                final["state"] = state
                 submit(RoundRecord(round=0), state.params)
-            stopped = ""
-            while state.round < self.cfg.rounds:
-                rnd = state.round + 1
-                if self.privacy is not None and not self.privacy.next_round_allowed():
-                    stopped = (f"privacy budget: round {rnd} would exceed epsilon "
-                               f"{self.cfg['privacy']['epsilon_budget']:g}")
-                    break
-                for attempt in range(MAX_ATTEMPTS):
-                    state, rec = self.coordinator.run_round(state, evaluate=False,
-                                                            attempt=attempt)
-                    if rec.committed:
-                        break
-                else:
-                    why = (f"secure aggregation aborted ({self.coordinator.last_abort})"
-                           if rec.rejected.get("aggregation_aborted")
-                           else "no sampled client had data")
-                    raise ShoalError(f"round {rnd} did not commit after {MAX_ATTEMPTS} "
-                                     f"cohorts: {why}")
-                if on_commit is not None:
-                    on_commit(state, rec)  # e.g. a crash-safe commit to the model store
-                do_eval = rnd % every == 0 or rnd == self.cfg.rounds
-                submit(rec, state.params if do_eval else None)
+            clock = SimClock() if self.time_model is not None else WallClock()
+            reason = drive(coordinator, self.pool, state, clock,
+                           stage_states=self._stage_states, task_seconds=self.time_model,
+                           on_commit=committed, on_abort=abandoned)
+            stopped = "" if reason == "done" else reason
+            state = final["state"]
             if stopped and pending and pending[-1][1] is None and pending[-1][0].round > 0:
                 # the run ends early: evaluate the model it ends with
                 rec, _ = pending.pop()
@@ -442,4 +353,5 @@ class Experiment:
         wall = time.perf_counter() - t0
         return RunResult(records=records, state=state, spec=self.spec,
                          startup_seconds=self.startup_seconds, wall_seconds=wall,
-                         engine=self.engine, stopped=stopped)
+                         engine=self.engine, stopped=stopped,
+                         stage_states=coordinator.stage_states)

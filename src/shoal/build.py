@@ -1,0 +1,191 @@
+"""Factories: the run's parts built from a :class:`~shoal.config.Config`.
+
+One place turns configuration into objects -- data, strategy, sampler, round policy, the
+aggregation pipeline (validation, privacy stages, secure sum) and the simulated time model --
+for every carrier: :class:`~shoal.experiment.Experiment` (simulation) and the deployed
+aggregator (:mod:`shoal.deploy`) both build themselves here, so neither reaches into the
+other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from shoal import seeds
+from shoal.config import Config
+from shoal.data import FederatedData, load_fashion_mnist
+from shoal.data.partition import partition
+from shoal.data.synthetic import make_synthetic
+from shoal.errors import ConfigError
+from shoal.events import TrainTask
+from shoal.pipeline import Pipeline, PlainSum, Validation
+from shoal.policy import BufferedPolicy, RoundPolicy, SyncPolicy
+from shoal.sampling import PoissonSampler, Sampler, UniformSampler
+from shoal.strategy import Strategy, make_strategy
+
+__all__ = ["load_data", "strategy_from_config", "sampler_from_config", "expected_cohort",
+           "policy_from_config", "pipeline_from_config", "local_dp_from_config",
+           "secagg_from_config", "unpredictable", "LogNormalTime", "time_model_from_config"]
+
+
+def unpredictable(*_: int) -> np.random.Generator:
+    """A fresh generator from ``os.urandom``, whatever the round: deployed DP noise and
+    cohorts, which nobody holding the config may recompute."""
+    from shoal.privacy.dp import secure_generator
+
+    return secure_generator()
+
+
+def load_data(cfg: Config) -> FederatedData:
+    """The training set split into clients, and the central test set, per ``cfg["data"]``."""
+    d = cfg["data"]
+    if d["dataset"] == "synthetic":
+        return make_synthetic(d["synthetic_alpha"], d["synthetic_beta"],
+                              num_clients=d["clients"],
+                              rng=seeds.generator(d["partition_seed"], "synthetic"),
+                              iid=d["synthetic_iid"])
+    train, test = load_fashion_mnist(d["path"] or None, flatten=True)
+    parts = partition(train.y, d["clients"], d["partition"], alpha=d["alpha"],
+                      shards_per_client=d["shards_per_client"], seed=d["partition_seed"])
+    return FederatedData(train=train, test=test, client_indices=tuple(parts))
+
+
+def strategy_from_config(cfg: Config) -> Strategy:
+    s = cfg["strategy"]
+    name = s["name"]
+    if name == "fedavg":
+        return make_strategy(name, server_lr=s["server_lr"])
+    if name == "fedprox":
+        return make_strategy(name, mu=s["mu"], server_lr=s["server_lr"])
+    return make_strategy(name, server_lr=s["server_lr"], beta1=s["beta1"], beta2=s["beta2"],
+                         tau=s["tau"])
+
+
+def sampler_from_config(cfg: Config) -> Sampler:
+    s = cfg["sampling"]
+    return PoissonSampler(s["q"]) if s["method"] == "poisson" else UniformSampler(s["per_round"])
+
+
+def expected_cohort(cfg: Config) -> float:
+    s = cfg["sampling"]
+    return s["q"] * cfg["data"]["clients"] if s["method"] == "poisson" else s["per_round"]
+
+
+def policy_from_config(cfg: Config) -> RoundPolicy:
+    """The round policy of ``cfg["round"]``. Synchronous rounds in simulation await every
+    sampled client (the wave-1 semantics); a deployment's rules (target, over-selection,
+    deadline, minimum fraction) come from ``cfg["deploy"]``."""
+    r = cfg["round"]
+    if r["policy"] == "buffered":
+        if cfg["privacy"]["placement"] != "none" or cfg["secure_aggregation"]["enabled"]:
+            raise ConfigError("round.policy = 'buffered' does not compose with privacy or "
+                              "secure aggregation yet (their accounting and protocol are "
+                              "per synchronous round)", key="round.policy")
+        return BufferedPolicy(concurrency=r["concurrency"], buffer_size=r["buffer_size"],
+                              staleness_exponent=r["staleness_exponent"],
+                              max_staleness=r["max_staleness"])
+    return SyncPolicy()
+
+
+def local_dp_from_config(cfg: Config):
+    """The clients' local-DP mechanism, or ``None`` unless ``privacy.placement = 'local'``."""
+    p = cfg["privacy"]
+    if p["placement"] != "local":
+        return None
+    from shoal.privacy import LocalDP
+
+    return LocalDP(noise_multiplier=p["noise_multiplier"], clip_norm=p["clip_norm"])
+
+
+def _dp_stage(cfg: Config, deployed: bool):
+    p = cfg["privacy"]
+    if p["placement"] == "none":
+        return None
+    from shoal.privacy import AdaptiveClipping, CentralDP, RoundEvent
+    from shoal.privacy.stages import BudgetPolicy, CentralDPStage, LocalDPStage
+
+    s = cfg["sampling"]
+    z = p["noise_multiplier"]
+    budget = BudgetPolicy(p["epsilon_budget"], p["delta"])
+    if p["placement"] == "local":
+        return LocalDPStage(RoundEvent.local(z), budget, p["accountant"])
+    if s["method"] == "poisson":
+        event = RoundEvent.poisson(s["q"], z)
+    else:
+        event = RoundEvent.fixed_size(s["per_round"], cfg["data"]["clients"], z)
+    adaptive = None
+    if p["adaptive_clipping"]:
+        if cfg["secure_aggregation"]["enabled"]:
+            raise ConfigError("adaptive clipping counts clipped updates, which secure "
+                              "aggregation hides from the server; use a fixed clip_norm "
+                              "with secure aggregation", key="privacy.adaptive_clipping")
+        adaptive = AdaptiveClipping(target_quantile=p["target_quantile"],
+                                    learning_rate=p["clip_learning_rate"],
+                                    count_noise_std=p["count_noise_std"] or None)
+    central = CentralDP(noise_multiplier=z, clip_norm=p["clip_norm"],
+                        expected_clients=expected_cohort(cfg), adaptive=adaptive)
+    seed = cfg.seed
+    rng = unpredictable if deployed else (lambda step: seeds.generator(seed, "dp", step))
+    return CentralDPStage(central, event, budget, rng, p["accountant"])
+
+
+def secagg_from_config(cfg: Config):
+    """The secure-aggregation sum rule for ``cfg["secure_aggregation"]``, or None."""
+    s = cfg["secure_aggregation"]
+    if not s["enabled"]:
+        return None
+    from shoal.privacy.secagg_rounds import SecAggAggregation
+
+    seed = cfg.seed
+    return SecAggAggregation(clip=s["clip"], value_bits=s["value_bits"],
+                             max_weight=s["max_weight"], neighbours=s["neighbours"],
+                             threshold=s["threshold"], dropout=s["dropout"],
+                             corrupt_rate=s["corrupt_rate"],
+                             rng_for_round=lambda r: seeds.generator(seed, "secagg", r))
+
+
+def pipeline_from_config(cfg: Config, *, deployed: bool = False,
+                         secure_in_transport: bool = False) -> Pipeline:
+    """validate -> [privacy stage] -> sum (plain or SecAgg+) for ``cfg``.
+
+    Args:
+        deployed: central-DP noise from ``os.urandom`` instead of the run's seed.
+        secure_in_transport: the carrier runs secure aggregation itself (the gRPC pool hands
+            the coordinator the unmasked sum), so the pipeline sums plainly.
+    """
+    d = cfg["deploy"]
+    validation = Validation(max_norm=d["max_norm"] or None) if deployed else Validation()
+    dp = _dp_stage(cfg, deployed)
+    secure = None if secure_in_transport else secagg_from_config(cfg)
+    return Pipeline(stages=() if dp is None else (dp,),
+                    sum_rule=secure if secure is not None else PlainSum(),
+                    validation=validation)
+
+
+class LogNormalTime:
+    """Simulated task time: ``examples x epochs x ms_per_example x speed_c`` milliseconds,
+    with one log-normal speed factor per client (``exp(sigma x N(0, 1))`` from the stream
+    ``(seed, "speed", client)``: no per-client state, however many clients)."""
+
+    def __init__(self, seed: int, epochs: int, ms_per_example: float, sigma: float) -> None:
+        self.seed, self.epochs = seed, epochs
+        self.ms, self.sigma = ms_per_example, sigma
+
+    def speed(self, client_ids: np.ndarray) -> np.ndarray:
+        return np.array([math.exp(self.sigma * seeds.generator(self.seed, "speed", int(c))
+                                  .standard_normal()) for c in client_ids])
+
+    def __call__(self, task: TrainTask, client_ids: np.ndarray,
+                 num_examples: np.ndarray) -> np.ndarray:
+        n = np.maximum(np.asarray(num_examples, dtype=np.float64), 1.0)
+        return n * self.epochs * self.ms / 1000.0 * self.speed(client_ids)
+
+
+def time_model_from_config(cfg: Config) -> LogNormalTime | None:
+    s = cfg["sim"]
+    if s["time_model"] == "none":
+        return None
+    return LogNormalTime(cfg.seed, cfg["client"]["epochs"], s["ms_per_example"],
+                         s["speed_sigma"])

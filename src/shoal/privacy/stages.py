@@ -1,0 +1,214 @@
+"""Differential privacy as stages of the aggregation pipeline, with the ledger as state.
+
+* :class:`CentralDPStage` -- DP-FedAvg with a fixed denominator (H. B. McMahan et al.,
+  "Learning Differentially Private Recurrent Language Models", ICLR 2018): on the way in
+  every update is clipped to L2 norm C and weighed equally (one client's influence is then
+  bounded by C); on the way out Gaussian noise N(0, (z·C)^2) is added to the *sum* -- after
+  secure aggregation when the pipeline has one -- and the sum is divided by the expected
+  cohort size. With adaptive clipping C follows a quantile of update norms (G. Andrew et al.,
+  "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021).
+* :class:`LocalDPStage` -- clients clipped and noised their own updates; the server takes
+  their unweighted mean and accounts each upload as a Gaussian release.
+
+Either stage records every release in an immutable
+:class:`~shoal.privacy.accountant.PrivacyLedger` that is part of the stage's state (threaded
+through the coordinator and checkpointed, never mutated in place), reports the ε spent, and
+refuses a step the ε budget cannot afford.
+
+Noise comes from ``rng_for_step(step)``: the run's seeded stream in simulation
+(reproducible), :func:`~shoal.privacy.dp.secure_generator` in deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from shoal.errors import BudgetExhausted, PrivacyError
+from shoal.pipeline import Sum
+from shoal.privacy.accountant import PrivacyLedger, RoundEvent
+from shoal.privacy.dp import (CentralDP, gaussian_noise, next_clip_norm,
+                              noised_unclipped_fraction)
+
+__all__ = ["BudgetPolicy", "DPState", "CentralDPStage", "LocalDPStage"]
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """An ε budget at δ. ``epsilon <= 0`` means no budget (ε is still reported)."""
+
+    epsilon: float
+    delta: float
+
+    @property
+    def enforced(self) -> bool:
+        return self.epsilon > 0
+
+
+@dataclass(frozen=True)
+class DPState:
+    """What a DP stage carries between steps: the ledger and (central) the clip norm."""
+
+    ledger: PrivacyLedger
+    clip_norm: float | None = None
+    releases: int = 0
+
+
+class _Accounting:
+    """The ledger and budget, shared by both placements."""
+
+    name: str
+    event: RoundEvent
+    budget: BudgetPolicy
+    accountant: str
+
+    def _account(self, state: DPState) -> tuple[PrivacyLedger, float]:
+        ledger = state.ledger.record(self.event)
+        return ledger, ledger.epsilon(self.budget.delta)
+
+    def allows_step(self, state: DPState) -> str:
+        if self.budget.enforced and state.ledger.would_exceed(
+                self.budget.epsilon, self.budget.delta, self.event):
+            return (f"privacy budget: round {state.releases + 1} would exceed epsilon "
+                    f"{self.budget.epsilon:g}")
+        return ""
+
+    def check_plan(self, state: DPState, rounds: int) -> float:
+        """ε after ``rounds`` more releases; raises :class:`BudgetExhausted` if over budget
+        (the message says how many rounds the budget affords)."""
+        ledger, delta = state.ledger, self.budget.delta
+        eps = ledger.record(self.event, rounds).epsilon(delta)
+        if self.budget.enforced and eps > self.budget.epsilon:
+            lo, hi = 0, rounds  # eps(lo) <= budget < eps(hi); bisect on the round count
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if ledger.record(self.event, mid).epsilon(delta) <= self.budget.epsilon:
+                    lo = mid
+                else:
+                    hi = mid
+            raise BudgetExhausted(
+                f"the plan of {rounds} rounds would spend epsilon={eps:.4g} at delta="
+                f"{delta:g}, over the budget {self.budget.epsilon:g}; the budget affords "
+                f"{lo} rounds (lower rounds or sampling.q, raise privacy.noise_multiplier, "
+                f"or set privacy.on_budget = 'stop')", epsilon=eps, budget=self.budget.epsilon)
+        return eps
+
+    def state_dict(self, state: DPState) -> dict:
+        return {"ledger": state.ledger.to_dict(), "clip_norm": state.clip_norm,
+                "releases": state.releases}
+
+    def load_state_dict(self, d: dict) -> DPState:
+        """Restore :meth:`state_dict` (a resumed run keeps its spent budget and clip norm).
+
+        Raises:
+            PrivacyError: the saved ledger was kept with another accountant.
+        """
+        ledger = PrivacyLedger.from_dict(d["ledger"])
+        if ledger.accountant != self.accountant:
+            raise PrivacyError(f"the checkpoint's privacy ledger used the "
+                               f"{ledger.accountant!r} accountant, this run "
+                               f"{self.accountant!r}")
+        fresh = self.init()
+        clip = d.get("clip_norm")
+        return DPState(ledger=ledger, clip_norm=fresh.clip_norm if clip is None else float(clip),
+                       releases=int(d.get("releases") or 0))
+
+    def init(self) -> DPState:
+        raise NotImplementedError
+
+
+class _CentralRun:
+    def __init__(self, stage: CentralDPStage, state: DPState, step: int) -> None:
+        self.stage, self.state, self.step = stage, state, step
+        self.count = 0
+        self.clipped = 0
+
+    def rows(self, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = self.state.clip_norm
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+        scale = np.where(norms > c, c / np.maximum(norms, 1e-300), 1.0)
+        self.count += len(rows)
+        self.clipped += int((norms > c).sum())
+        return rows.astype(np.float64) * scale[:, None], np.ones(len(rows))
+
+    def finish(self, total: Sum) -> tuple[Sum, DPState]:
+        stage, dp, c = self.stage, self.stage.central, self.state.clip_norm
+        rng = stage.rng_for_step(self.step)
+        sum_std = dp.update_noise_multiplier * c
+        vector = total.vector + gaussian_noise(total.vector.shape[0], sum_std, rng)
+        info = {"clip_norm": c, "noise_std": sum_std / dp.expected_clients}
+        next_c = c
+        if dp.adaptive is not None:
+            fraction = noised_unclipped_fraction(self.count - self.clipped, self.count,
+                                                 dp.expected_clients, dp.count_noise_std, rng)
+            next_c = next_clip_norm(c, fraction, dp.adaptive.target_quantile,
+                                    dp.adaptive.learning_rate)
+            info["unclipped_fraction"] = fraction
+        ledger, eps = stage._account(self.state)
+        info["epsilon"] = eps
+        state = DPState(ledger=ledger, clip_norm=next_c, releases=self.state.releases + 1)
+        return Sum(vector, dp.expected_clients, total.count, {**total.info, **info}), state
+
+
+@dataclass(frozen=True)
+class CentralDPStage(_Accounting):
+    """Server-side DP-FedAvg as a pipeline stage (see the module docstring).
+
+    Args:
+        central: the mechanism (noise multiplier, clip norm, expected clients, adaptive).
+        event: what one release is, for the accountant (Poisson rate or fixed-size sample).
+        budget: the ε budget and the δ at which ε is reported.
+        accountant: ``"rdp"`` or ``"pld"``.
+        rng_for_step: the noise generator of a step.
+    """
+
+    central: CentralDP
+    event: RoundEvent
+    budget: BudgetPolicy
+    rng_for_step: Callable[[int], np.random.Generator]
+    accountant: str = "rdp"
+    name: str = "central_dp"
+    #: a release happens (noise alone) even when nobody reported
+    releases_empty: bool = True
+
+    def init(self) -> DPState:
+        return DPState(ledger=PrivacyLedger(self.accountant),
+                       clip_norm=float(self.central.clip_norm))
+
+    def begin(self, state: DPState, step: int) -> _CentralRun:
+        return _CentralRun(self, state, step)
+
+
+class _LocalRun:
+    def __init__(self, stage: LocalDPStage, state: DPState) -> None:
+        self.stage, self.state = stage, state
+
+    def rows(self, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # example counts travel in the clear, outside the local guarantee: weigh equally
+        return rows, np.ones(len(rows))
+
+    def finish(self, total: Sum) -> tuple[Sum, DPState]:
+        ledger, eps = self.stage._account(self.state)
+        state = replace(self.state, ledger=ledger, releases=self.state.releases + 1)
+        return Sum(total.vector, total.weight, total.count, {**total.info, "epsilon": eps}), \
+            state
+
+
+@dataclass(frozen=True)
+class LocalDPStage(_Accounting):
+    """The server's half of local DP: an unweighted mean and the ledger (clients privatize
+    in :class:`~shoal.uplink.Uplink`)."""
+
+    event: RoundEvent
+    budget: BudgetPolicy
+    accountant: str = "rdp"
+    name: str = "local_dp"
+    releases_empty: bool = False
+
+    def init(self) -> DPState:
+        return DPState(ledger=PrivacyLedger(self.accountant))
+
+    def begin(self, state: DPState, step: int) -> _LocalRun:
+        return _LocalRun(self, state)

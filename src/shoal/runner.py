@@ -1,0 +1,202 @@
+"""Drive a coordinator over a client pool: the carrier loop shared by every pool.
+
+A :class:`ClientPool` trains a task's clients and yields their updates as they arrive
+(virtual clients in this process, devices behind the gRPC aggregator, later Ray actors). The
+:func:`drive` loop hands the coordinator's commands to the pool and the pool's arrivals back
+to the coordinator as events, until the coordinator says the run is finished. It holds no
+round logic of its own: deadlines, targets, staleness and commits are the policy's.
+
+With a *time model* (``task_seconds``) every client's update arrives at its own simulated
+completion time on a :class:`~shoal.clock.SimClock`: the loop keeps a queue of timed events
+and jumps from one to the next, so stragglers, deadlines and buffered asynchronous
+aggregation are simulated without sleeping. Without one, a pool's arrivals reach the
+coordinator in the order it yields them, at the clock's current time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from shoal.clock import Clock, SimClock
+from shoal.coordinator import Coordinator
+from shoal.errors import ProtocolError
+from shoal.events import (AbortRound, Arrival, CancelTask, CommitVersion, Finished,
+                          SendTask, TaskEnded, Tick, TrainTask, UpdateBatch, UpdatesArrived,
+                          WakeAt)
+from shoal.strategy import ServerState
+
+__all__ = ["ClientPool", "RoundAbandoned", "TaskSeconds", "drive", "run_round"]
+
+
+class RoundAbandoned(ProtocolError):
+    """Raised by a pool at the end of ``train`` when its transport-level round could not
+    complete (e.g. fewer devices reported before the deadline than the round's minimum);
+    the loop reports the task as abandoned and the policy retries the round."""
+
+
+@runtime_checkable
+class ClientPool(Protocol):
+    """How a carrier reaches clients: ``train`` yields their updates as they arrive. A
+    client that fails or drops out simply yields nothing."""
+
+    @property
+    def num_clients(self) -> int: ...
+
+    def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterable[Arrival]: ...
+
+
+class TaskSeconds(Protocol):
+    """Simulated seconds each client of a task takes, download to upload."""
+
+    def __call__(self, task: TrainTask, client_ids: np.ndarray,
+                 num_examples: np.ndarray) -> np.ndarray: ...
+
+
+def _split(item: Arrival, seconds: np.ndarray) -> list[tuple[float, Arrival]]:
+    """A batch's rows as single-client batches with their own completion offsets."""
+    if not isinstance(item, UpdateBatch) or len(item.client_ids) <= 1:
+        return [(float(np.max(seconds)) if len(seconds) else 0.0, item)]
+    out = []
+    for i in range(len(item.client_ids)):
+        keep = np.zeros(len(item.client_ids), bool)
+        keep[i] = True
+        out.append((float(seconds[i]), item.rows(keep)))
+    return out
+
+
+def drive(coordinator: Coordinator, pool: ClientPool, state: ServerState, clock: Clock, *,
+          stage_states: tuple | None = None, task_seconds: TaskSeconds | None = None,
+          on_commit: Callable[[ServerState, object], None] | None = None,
+          on_abort: Callable[[object, str, bool], None] | None = None) -> str:
+    """Run ``coordinator`` over ``pool`` from ``state`` until it finishes.
+
+    Args:
+        coordinator: a coordinator not yet started.
+        pool: the clients.
+        state: the server state to start from.
+        clock: the run's time (a :class:`SimClock` with ``task_seconds``).
+        stage_states: the pipeline stages' saved states (a resumed run).
+        task_seconds: the time model; ``None`` delivers arrivals as the pool yields them.
+        on_commit: called with ``(state, record)`` for each committed version, before the
+            next task is sent (persist it, evaluate it).
+        on_abort: called with ``(record, reason, retry)`` for each abandoned round.
+
+    Returns:
+        Why the run finished (``"done"``, a privacy budget, ...).
+
+    Raises:
+        ProtocolError: the coordinator waits for an event nothing will send.
+    """
+    if task_seconds is not None and not isinstance(clock, SimClock):
+        raise ProtocolError("a time model needs a simulated clock (SimClock)")
+    seq = itertools.count()
+    timed: list[tuple[float, int, object]] = []  # (time, seq, event)
+    todo = deque(coordinator.start(state, clock.now(), stage_states))
+
+    def feed(event) -> None:
+        todo.extend(coordinator.handle(event))
+
+    while True:
+        while todo:
+            cmd = todo.popleft()
+            if isinstance(cmd, Finished):
+                return cmd.reason
+            if isinstance(cmd, SendTask):
+                _send(cmd, pool, clock, task_seconds, feed, timed, seq)
+            elif isinstance(cmd, CommitVersion):
+                if on_commit is not None:
+                    on_commit(cmd.state, cmd.record)
+            elif isinstance(cmd, AbortRound):
+                if on_abort is not None:
+                    on_abort(cmd.record, cmd.reason, cmd.retry)
+            elif isinstance(cmd, WakeAt):
+                heapq.heappush(timed, (cmd.at, next(seq), Tick(cmd.at)))
+            elif isinstance(cmd, CancelTask):
+                cancel = getattr(pool, "cancel", None)
+                if cancel is not None:
+                    cancel(cmd.task_id)
+        if not timed:
+            raise ProtocolError("the run stalled: the coordinator waits for updates that no "
+                                "client will send")
+        at, _, event = heapq.heappop(timed)
+        if isinstance(clock, SimClock):
+            clock.advance_to(max(at, clock.now()))
+        else:
+            time.sleep(max(0.0, at - clock.now()))
+        feed(_at(event, clock.now()))
+
+
+def _at(event, now: float):
+    if isinstance(event, Tick):
+        return Tick(now)
+    if isinstance(event, UpdatesArrived):
+        return UpdatesArrived(event.task_id, event.arrival, now)
+    return TaskEnded(event.task_id, now, event.abandoned, event.detail)
+
+
+def _send(cmd: SendTask, pool: ClientPool, clock: Clock, task_seconds: TaskSeconds | None,
+          feed: Callable, timed: list, seq) -> None:
+    task_id = cmd.task.task_id
+    abandoned, detail = False, ""
+    start = clock.now()
+    last = start
+    try:
+        for item in pool.train(cmd.task, cmd.client_ids):
+            if task_seconds is None:
+                feed(UpdatesArrived(task_id, item, clock.now()))
+                continue
+            ids, n = _ids_and_examples(item)
+            secs = np.asarray(task_seconds(cmd.task, ids, n), dtype=np.float64)
+            for offset, part in _split(item, secs):
+                last = max(last, start + offset)
+                heapq.heappush(timed, (start + offset, next(seq),
+                                       UpdatesArrived(task_id, part, start + offset)))
+    except RoundAbandoned as exc:
+        abandoned, detail = True, str(exc)
+    end = TaskEnded(task_id, clock.now(), abandoned, detail)
+    if task_seconds is None:
+        feed(end)
+    else:
+        heapq.heappush(timed, (last, next(seq), end))
+
+
+def _ids_and_examples(item: Arrival) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(item, UpdateBatch):
+        return np.asarray(item.client_ids), np.asarray(item.num_examples)
+    if hasattr(item, "client_id"):
+        return np.array([item.client_id]), np.array([item.num_examples])
+    return np.zeros(1, np.int64), np.array([item.num_examples])
+
+
+def run_round(strategy, pool: ClientPool, sampler, state: ServerState, *, seed: int,
+              pipeline=None, policy=None, clock: Clock | None = None):
+    """Run one synchronous round (the next version after ``state``) over ``pool``.
+
+    Returns ``(new_state, record)``; a round that could not commit returns ``state``
+    unchanged and its record (one attempt unless ``policy`` says otherwise). A convenience for
+    scripts and tests; :class:`~shoal.experiment.Experiment` runs whole trainings.
+    """
+    from shoal.clock import WallClock
+    from shoal.policy import SyncPolicy
+
+    policy = policy if policy is not None else SyncPolicy(max_attempts=1)
+    coordinator = Coordinator(strategy, pool.num_clients, sampler, seed=seed, policy=policy,
+                              pipeline=pipeline, steps=state.version + 1)
+    out: dict = {"state": state, "record": None}
+
+    def committed(st, rec) -> None:
+        out["state"], out["record"] = st, rec
+
+    def abandoned(rec, reason, retry) -> None:
+        out["record"] = rec
+
+    drive(coordinator, pool, state, clock or WallClock(), on_commit=committed,
+          on_abort=abandoned)
+    return out["state"], out["record"]
