@@ -33,8 +33,8 @@ import grpc
 import numpy as np
 
 from shoal.codec import Chain, from_bytes, to_bytes
-from shoal.coordinator import (ClientUpdate, PartialAggregate, RoundAbandoned, TrainTask,
-                               UpdateBatch)
+from shoal.events import ClientUpdate, PartialAggregate, TrainTask, UpdateBatch
+from shoal.runner import RoundAbandoned
 from shoal.device_round import ComeBack, DeviceRound, Task
 from shoal.device_secagg import SecAggDeviceRound, Wait
 from shoal.errors import CodecError, ConfigError, ProtocolError, UpdateRejected
@@ -553,13 +553,13 @@ class GrpcClientPool:
     order. ``train`` opens a device round for the sampled devices (sample the over-selected
     count, e.g. 130 % of ``settings.target``), publishes the model, and yields accepted
     updates as they arrive. It returns when the round is done (target reached or deadline);
-    a round below ``min_fraction`` raises :class:`~shoal.coordinator.RoundAbandoned`, so the
+    a round below ``min_fraction`` raises :class:`~shoal.runner.RoundAbandoned`, so the
     coordinator commits nothing.
 
     With ``secure`` (the run's :class:`~shoal.privacy.secagg_rounds.SecAggAggregation`) every
     round is a secure-aggregation round (:class:`~shoal.device_secagg.SecAggDeviceRound`):
     the server never sees one device's update, only the unmasked sum, which ``train`` yields
-    as one :class:`~shoal.coordinator.PartialAggregate` (the weighted mean of the clipped,
+    as one :class:`~shoal.events.PartialAggregate` (the weighted mean of the clipped,
     quantized updates of the included devices).
 
     Args:
@@ -598,9 +598,9 @@ class GrpcClientPool:
         common = dict(opened_at=self.clock(), deadline_s=st.deadline_s, dim=svc.dim,
                       client_ids=[int(c) for c in client_ids], retry_spread_s=st.idle_retry_s)
         if self.secure is None:
-            return DeviceRound(task.round, task.round - 1, selected, target=target,
+            return DeviceRound(task.round, task.version, selected, target=target,
                                min_fraction=st.min_fraction, max_norm=st.max_norm, **common)
-        return SecAggDeviceRound(task.round, task.round - 1, selected, target=target,
+        return SecAggDeviceRound(task.round, task.version, selected, target=target,
                                  min_accepted=max(1, math.ceil(st.min_fraction * target - 1e-9)),
                                  config_for=self.secure.config_for,
                                  roster_wait_s=st.roster_wait_s,
@@ -609,7 +609,7 @@ class GrpcClientPool:
     def train(self, task: TrainTask, client_ids: np.ndarray
               ) -> Iterator[ClientUpdate | UpdateBatch | PartialAggregate]:
         svc = self.service
-        payload = ModelPayload.of(task.round - 1, task.params)
+        payload = ModelPayload.of(task.version, task.params)
         rnd = self._open(task, client_ids)
         with svc.lock:
             svc.model = payload
