@@ -124,7 +124,8 @@ def run(n: int, rounds: int) -> dict:
     import datetime as dt
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from shoal.transport.auth import issue_token, load_or_create_secret
+    from shoal.transport.auth import load_or_create_secret
+    from shoal.transport.tokens import issue_token
     from shoal.transport.certs import make_local_pki
 
     work = Path(tempfile.mkdtemp(prefix="shoal-load-"))

@@ -37,7 +37,8 @@ from shoal.sampling import UniformSampler
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry import SQLiteRegistry
 from shoal.strategy import FedAvg
-from shoal.transport.auth import Keyring, issue_token
+from shoal.transport.auth import Keyring
+from shoal.transport.tokens import issue_token
 from shoal.transport.client import DeviceClient
 from shoal.transport.device_api import TrainResult
 from shoal.transport.server import AggregatorService, AggregatorSettings, GrpcClientPool, serve

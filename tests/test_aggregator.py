@@ -25,7 +25,8 @@ from shoal.runner import run_round
 from shoal.sampling import UniformSampler  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.strategy import FedAvg  # noqa: E402
-from shoal.transport.auth import Keyring, issue_token  # noqa: E402
+from shoal.transport.auth import Keyring  # noqa: E402
+from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
 from shoal.transport.server import (AggregatorService, AggregatorSettings,  # noqa: E402

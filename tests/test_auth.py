@@ -1,5 +1,6 @@
-"""Device tokens, key rotation, revocation and rate limiting (shoal.transport.auth). Tokens are also built by hand here, with hmac/base64/json directly,
-as an independent statement of the wire format."""
+"""Device tokens, key rotation, revocation and rate limiting (shoal.transport.auth, .tokens,
+.revocation). Tokens are also built by hand here, with hmac/base64/json directly, as an
+independent statement of the wire format."""
 
 from __future__ import annotations
 
@@ -17,18 +18,15 @@ from hypothesis import strategies as st
 from shoal.errors import ConfigError, ShoalError
 from shoal.transport.auth import (
     AUTH_REASONS,
-    MAX_TOKEN_CHARS,
     AuthError,
-    Claims,
     CredentialFileError,
     Keyring,
     RateLimiter,
-    RevocationList,
-    issue_token,
     key_id,
     load_or_create_secret,
-    verify_token,
 )
+from shoal.transport.revocation import RevocationList
+from shoal.transport.tokens import MAX_TOKEN_CHARS, Claims, issue_token, verify_token
 
 SECRET = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -369,13 +367,19 @@ def test_claims_is_a_frozen_value():
 
 def test_public_api():
     import shoal.transport.auth as auth
+    import shoal.transport.revocation as revocation
+    import shoal.transport.tokens as tokens
 
-    assert sorted(auth.__all__) == sorted([
-        "AUTH_REASONS", "KNOWN_SCOPES", "MAX_TOKEN_CHARS", "SECRET_BYTES", "AuthError",
-        "CredentialFileError", "Claims", "Keyring", "key_id", "load_or_create_secret",
-        "issue_token", "verify_token", "RevocationList", "RevocationFile", "RateLimiter"])
-    for name in auth.__all__:
-        assert hasattr(auth, name)
+    expected = {
+        auth: ["AUTH_REASONS", "SECRET_BYTES", "AuthError", "CredentialFileError", "Keyring",
+               "key_id", "load_or_create_secret", "RateLimiter"],
+        tokens: ["KNOWN_SCOPES", "MAX_TOKEN_CHARS", "Claims", "issue_token", "verify_token"],
+        revocation: ["RevocationList", "RevocationFile"],
+    }
+    for module, names in expected.items():
+        assert sorted(module.__all__) == sorted(names)
+        for name in module.__all__:
+            assert hasattr(module, name)
     assert issubclass(CredentialFileError, ConfigError)
 
 

@@ -117,7 +117,8 @@ def test_certs_and_enroll_commands(tmp_path, capsys):
     import os
     import time
 
-    from shoal.transport.auth import load_or_create_secret, verify_token
+    from shoal.transport.auth import load_or_create_secret
+    from shoal.transport.tokens import verify_token
 
     assert main(["certs", "--out", str(tmp_path / "pki"), "--hostname", "agg.local"]) == 0
     assert {p.name for p in (tmp_path / "pki").iterdir()} >= {"ca.pem", "server.pem",

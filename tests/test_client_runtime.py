@@ -483,7 +483,8 @@ def test_three_devices_complete_a_round_on_the_real_aggregator(tmp_path):
     from shoal.sampling import UniformSampler
     from shoal.registry import SQLiteRegistry
     from shoal.strategy import FedAvg
-    from shoal.transport.auth import Keyring, issue_token
+    from shoal.transport.auth import Keyring
+    from shoal.transport.tokens import issue_token
     from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
                                         serve)
 

@@ -122,7 +122,8 @@ def _wait(pred, timeout: float, what: str) -> None:
 
 
 def test_aggregator_survives_sigkill_and_resumes(tmp_path):
-    from shoal.transport.auth import issue_token, load_or_create_secret
+    from shoal.transport.auth import load_or_create_secret
+    from shoal.transport.tokens import issue_token
     from shoal.transport.certs import make_local_pki
 
     work = tmp_path / "work"

@@ -17,7 +17,8 @@ grpc = pytest.importorskip("grpc")
 
 from shoal.errors import ConfigError  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
-from shoal.transport.auth import Keyring, issue_token  # noqa: E402
+from shoal.transport.auth import Keyring  # noqa: E402
+from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.certs import make_client_cert, make_local_pki  # noqa: E402
 from shoal.transport.channel import make_channel  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402

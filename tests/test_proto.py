@@ -21,7 +21,8 @@ grpc = pytest.importorskip("grpc")
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
 from shoal.device_round import DeviceRound  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
-from shoal.transport.auth import Keyring, issue_token  # noqa: E402
+from shoal.transport.auth import Keyring  # noqa: E402
+from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
 from shoal.transport.server import (AggregatorService, AggregatorSettings,  # noqa: E402

@@ -12,8 +12,9 @@ grpc = pytest.importorskip("grpc")
 
 from shoal.cli import main  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
-from shoal.transport.auth import (CredentialFileError, Keyring, RevocationFile,  # noqa: E402
-                                  RevocationList, issue_token, load_or_create_secret)
+from shoal.transport.auth import CredentialFileError, Keyring, load_or_create_secret  # noqa: E402
+from shoal.transport.revocation import RevocationFile, RevocationList  # noqa: E402
+from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
@@ -136,7 +137,8 @@ def test_revoke_by_device_uses_the_enrolment_record(tmp_path, capsys):
     revoked = RevocationFile(listed).current()
     assert len(revoked) == 2
     secret = load_or_create_secret(secret_file)
-    from shoal.transport.auth import AuthError, verify_token
+    from shoal.transport.auth import AuthError
+    from shoal.transport.tokens import verify_token
 
     outcomes = []
     for token in printed:

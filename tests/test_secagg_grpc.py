@@ -26,7 +26,8 @@ from shoal.sampling import UniformSampler  # noqa: E402
 from shoal.privacy.secagg_rounds import SecAggAggregation  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.strategy import FedAvg  # noqa: E402
-from shoal.transport.auth import Keyring, issue_token  # noqa: E402
+from shoal.transport.auth import Keyring  # noqa: E402
+from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.client import DeviceClient  # noqa: E402
 from shoal.transport.device_api import TrainResult  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402

@@ -31,7 +31,8 @@ from shoal.registry import SQLiteRegistry
 from shoal.selection import over_selection_count
 from shoal.experiment import Experiment, RunResult
 from shoal.store import ModelStore
-from shoal.transport.auth import Keyring, RevocationFile, load_or_create_secret
+from shoal.transport.auth import Keyring, load_or_create_secret
+from shoal.transport.revocation import RevocationFile
 from shoal.transport.certs import load_client_ca
 from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
                                     serve)

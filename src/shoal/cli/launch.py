@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from shoal.config import to_toml
     from shoal.deploy import AggregatorPaths, check_deployable, run_aggregator
     from shoal.store.atomic import replace_atomically
-    from shoal.transport.auth import issue_token, load_or_create_secret
+    from shoal.transport.auth import load_or_create_secret
+    from shoal.transport.tokens import issue_token
     from shoal.transport.certs import make_client_cert, make_local_pki
 
     cfg = config_from_args(args)

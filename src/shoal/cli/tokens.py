@@ -71,7 +71,8 @@ def enroll(args: argparse.Namespace) -> int:
     import time
 
     from shoal.store.atomic import replace_atomically
-    from shoal.transport.auth import issue_token, load_or_create_secret, verify_token
+    from shoal.transport.auth import load_or_create_secret
+    from shoal.transport.tokens import issue_token, verify_token
 
     secret = load_or_create_secret(args.secret)
     now = time.time()
@@ -90,8 +91,9 @@ def revoke(args: argparse.Namespace) -> int:
     import time
 
     from shoal.store.atomic import fsync_dir, replace_atomically
-    from shoal.transport.auth import (AuthError, RevocationFile, load_or_create_secret,
-                                      verify_token)
+    from shoal.transport.auth import AuthError, load_or_create_secret
+    from shoal.transport.revocation import RevocationFile
+    from shoal.transport.tokens import verify_token
 
     if (args.token is None) == (args.device is None):
         raise ConfigError("give a token file or --device (not both)", key="token")

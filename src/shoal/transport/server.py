@@ -41,8 +41,9 @@ from shoal.errors import CodecError, ConfigError, ProtocolError, UpdateRejected
 from shoal.privacy.secagg_encoding import unpack_ring
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry.base import UnknownDevice
-from shoal.transport.auth import (AuthError, Keyring, RateLimiter, RevocationFile,
-                                  verify_token)
+from shoal.transport.auth import AuthError, Keyring, RateLimiter
+from shoal.transport.revocation import RevocationFile
+from shoal.transport.tokens import verify_token
 from shoal.transport.certs import client_identity
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
