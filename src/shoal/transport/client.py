@@ -76,7 +76,7 @@ class DeviceClient:
 
     Args:
         target: ``"host:port"`` of the aggregator.
-        token: the device's enrolment token (:func:`shoal.transport.auth.issue_token`), sent
+        token: the device's enrolment token (:func:`shoal.transport.tokens.issue_token`), sent
             as ``authorization: Bearer <token>`` metadata on every call; never logged.
         device_id: the id the token is bound to.
         root_certificates: PEM CA certificate(s) for TLS; ``None`` = plaintext (tests only).
