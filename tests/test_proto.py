@@ -11,6 +11,7 @@ SHA-256.
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ grpc = pytest.importorskip("grpc")
 
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
 from shoal.device_round import DeviceRound  # noqa: E402
+from shoal.errors import ConfigError  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.transport.auth import Keyring  # noqa: E402
 from shoal.transport.tokens import issue_token  # noqa: E402
@@ -70,6 +72,18 @@ def open_round(server):
         service.settings_for_round = {"lr": 0.05}
         service.round = rnd
     return rnd, stub
+
+
+def test_a_port_in_use_is_a_config_error_naming_it(tmp_path):
+    service = AggregatorService(SETTINGS, Keyring.single(SECRET), DIM, "spec-fp",
+                                lambda: SQLiteRegistry(tmp_path / "registry.db"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}") as info:
+            serve(service, port=port)
+    assert info.value.key == "deploy.port"
 
 
 def test_hello_and_check_in_before_any_round(server):

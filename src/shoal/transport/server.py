@@ -157,7 +157,8 @@ class _Counters:
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose ``/metrics`` on ``addr:port`` (0 = any free port); returns the port."""
         if self.prom is None:  # pragma: no cover
-            raise RuntimeError("prometheus_client is not installed (pip install shoal[deploy])")
+            raise ConfigError("a metrics port needs prometheus_client (pip install "
+                              "shoal[deploy])", key="deploy.metrics_port")
         server, _ = self.prom.start_http_server(port, addr=addr, registry=self.registry)
         return server.server_address[1]
 
@@ -714,6 +715,10 @@ def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
 
     Returns:
         ``(port, stop)``: the bound port and a function that stops the server and its thread.
+
+    Raises:
+        ConfigError: ``client_ca`` without ``tls``, or the server could not bind ``host:port``
+            (``key="deploy.port"``; e.g. the port is in use).
     """
     if client_ca is not None and tls is None:
         raise ConfigError("mutual TLS (a client CA) needs the server's own certificate and "
@@ -756,8 +761,9 @@ def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
     thread.start()
     ready.wait(timeout=30)
     if "error" in state or "port" not in state:
-        raise RuntimeError(f"could not start the aggregator on {host}:{port}: "
-                           f"{state.get('error')}")
+        raise ConfigError(f"could not start the aggregator on {host}:{port} (deploy.host, "
+                          f"deploy.port): {state.get('error') or 'timed out'}",
+                          key="deploy.port")
 
     def stop() -> None:
         if thread.is_alive():
