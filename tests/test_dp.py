@@ -16,9 +16,9 @@ from scipy import stats
 import shoal.privacy as privacy
 from shoal.errors import PrivacyError, UpdateRejected
 from shoal.privacy import dp
+from shoal.privacy.central import CentralDP
 from shoal.privacy.dp import (
     AdaptiveClipping,
-    CentralDP,
     LocalDP,
     add_gaussian_noise,
     clip_to_norm,

@@ -11,16 +11,13 @@ from shoal.privacy.accountant import (
     epsilon,
     event_epsilon,
 )
+from shoal.privacy.central import CentralDP, CentralDPState, RoundAccumulator, RoundResult
 from shoal.privacy.dp import (
     DEFAULT_INITIAL_CLIP_NORM,
     AdaptiveClipping,
-    CentralDP,
-    CentralDPState,
     ClipResult,
     LocalDP,
     Placement,
-    RoundAccumulator,
-    RoundResult,
     add_gaussian_noise,
     clip_to_norm,
     gaussian_noise,

@@ -29,8 +29,7 @@ import numpy as np
 from shoal.errors import BudgetExhausted, PrivacyError
 from shoal.pipeline import Sum
 from shoal.privacy.accountant import PrivacyLedger, RoundEvent
-from shoal.privacy.dp import (CentralDP, gaussian_noise, next_clip_norm,
-                              noised_unclipped_fraction)
+from shoal.privacy.central import CentralDP, CentralDPState
 
 __all__ = ["BudgetPolicy", "DPState", "CentralDPStage", "LocalDPStage"]
 
@@ -135,21 +134,16 @@ class _CentralRun:
 
     def finish(self, total: Sum) -> tuple[Sum, DPState]:
         stage, dp, c = self.stage, self.stage.central, self.state.clip_norm
-        rng = stage.rng_for_step(self.step)
-        sum_std = dp.update_noise_multiplier * c
-        vector = total.vector + gaussian_noise(total.vector.shape[0], sum_std, rng)
+        noised, nxt, fraction, sum_std = dp.release(
+            total.vector.astype(np.float64, copy=True), self.count, self.clipped,
+            CentralDPState(clip_norm=c, round=self.state.releases), stage.rng_for_step(self.step))
         info = {"clip_norm": c, "noise_std": sum_std / dp.expected_clients}
-        next_c = c
-        if dp.adaptive is not None:
-            fraction = noised_unclipped_fraction(self.count - self.clipped, self.count,
-                                                 dp.expected_clients, dp.count_noise_std, rng)
-            next_c = next_clip_norm(c, fraction, dp.adaptive.target_quantile,
-                                    dp.adaptive.learning_rate)
+        if fraction is not None:
             info["unclipped_fraction"] = fraction
         ledger, eps = stage._account(self.state)
         info["epsilon"] = eps
-        state = DPState(ledger=ledger, clip_norm=next_c, releases=self.state.releases + 1)
-        return Sum(vector, dp.expected_clients, total.count, {**total.info, **info}), state
+        state = DPState(ledger=ledger, clip_norm=nxt.clip_norm, releases=self.state.releases + 1)
+        return Sum(noised, dp.expected_clients, total.count, {**total.info, **info}), state
 
 
 @dataclass(frozen=True)
