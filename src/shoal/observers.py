@@ -1,10 +1,12 @@
 """Observers: typed hooks the coordinator calls as things happen, each a no-op by default.
 
 The progress bar, the run directory, Prometheus metrics, logs, traces and (later) the
-dashboard each subclass :class:`Observer` and override what they need; core code never
-imports them. An observer must not raise: :class:`Observers` fans a call out to every
-observer and logs (never propagates) what one of them raises, so a broken dashboard cannot
-stop a round.
+dashboard each subclass :class:`Observer` and override what they need (they live in
+:mod:`shoal.telemetry`); core code never imports them. A carrier with traffic of its own (the
+gRPC server: refused calls, check-ins, bytes) also calls the hooks of
+:class:`CarrierObserver`. An observer must not raise: :class:`Observers` fans a call out to
+every observer and logs (never propagates) what one of them raises, so a broken dashboard
+cannot stop a round.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
-__all__ = ["Observer", "Observers"]
+__all__ = ["CarrierObserver", "Observer", "Observers"]
 
 log = logging.getLogger("shoal.observers")
 
@@ -31,10 +33,16 @@ class Observer:
         """``count`` updates were refused with ``reason`` (nothing changed)."""
 
     def clients_failed(self, task_id: int, clients: int, reason: str, now: float) -> None:
-        """Clients dropped out, timed out or were cancelled."""
+        """Clients dropped out, timed out or were cancelled (``reason``)."""
 
     def version_committed(self, record: object) -> None:
-        """A new version (``record`` is the :class:`~shoal.coordinator.RoundRecord`)."""
+        """A new version (``record`` is its :class:`~shoal.records.RoundRecord`, before
+        central evaluation)."""
+
+    def version_evaluated(self, record: object) -> None:
+        """The run's final record of a round (``record.eval`` is empty when evaluation was
+        skipped). Records arrive in round order, the initial model (round 0) first; the run
+        (:class:`~shoal.experiment.Experiment`) calls this, not the coordinator."""
 
     def round_abandoned(self, record: object, reason: str) -> None:
         """An aggregation was abandoned; the model is unchanged."""
@@ -46,8 +54,36 @@ class Observer:
         """Secure aggregation lost ``count`` clients at ``stage``."""
 
 
-class Observers(Observer):
-    """Several observers as one; a call reaches each in order."""
+class CarrierObserver(Observer):
+    """An observer that also hears about a carrier's own traffic, below the rounds.
+
+    The gRPC server calls these; the simulator has no such traffic. Every one is a no-op by
+    default.
+    """
+
+    def call_refused(self, reason: str) -> None:
+        """A call was refused before it reached a round (``revoked``, ``rate_limited``,
+        ``identity``, ...)."""
+
+    def checked_in(self, answer: str) -> None:
+        """A device checked in and was answered ``answer`` (``task``, or why not)."""
+
+    def bytes_moved(self, direction: str, n: int) -> None:
+        """``n`` payload bytes went ``direction`` (``"up"``: device to server; ``"down"``)."""
+
+    def uploads_active(self, delta: int) -> None:
+        """The number of uploads being received changed by ``delta`` (+1 on start, -1 when
+        one ends however it ends)."""
+
+    def round_seconds(self, seconds: float) -> None:
+        """A carrier round took ``seconds`` of wall time."""
+
+
+class Observers(CarrierObserver):
+    """Several observers as one; a call reaches each in order.
+
+    A carrier hook skips observers that are plain :class:`Observer` objects.
+    """
 
     def __init__(self, observers: Iterable[Observer] = ()) -> None:
         self.observers = tuple(observers)
@@ -59,14 +95,18 @@ class Observers(Observer):
 def _fan_out(name: str):
     def call(self: Observers, *args, **kwargs) -> None:
         for obs in self.observers:
+            hook = getattr(obs, name, None)
+            if hook is None:
+                continue
             try:
-                getattr(obs, name)(*args, **kwargs)
+                hook(*args, **kwargs)
             except Exception:  # an observer must never stop a round
                 log.exception("observer %s failed in %s", type(obs).__name__, name)
     call.__name__ = name
-    call.__doc__ = getattr(Observer, name).__doc__
+    call.__doc__ = getattr(CarrierObserver, name).__doc__
     return call
 
 
-for _name in [n for n in vars(Observer) if not n.startswith("_")]:
-    setattr(Observers, _name, _fan_out(_name))
+for _cls in (Observer, CarrierObserver):
+    for _name in [n for n in vars(_cls) if not n.startswith("_")]:
+        setattr(Observers, _name, _fan_out(_name))

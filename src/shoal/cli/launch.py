@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from shoal.cli.client import SECAGG_STAGES
 from shoal.cli.options import add_run_options, config_from_args
-from shoal.cli.report import Progress, banner, report
+from shoal.cli.report import banner, report
+from shoal.telemetry import ProgressBar
 from shoal.errors import ConfigError
 
 
@@ -107,9 +108,10 @@ def run(args: argparse.Namespace) -> int:
         from shoal.telemetry import configure_json_logging
 
         configure_json_logging(open(args.log_json, "a", buffering=1))
-    progress = Progress(cfg, args.quiet)
+    progress = ProgressBar(cfg.rounds, quiet=args.quiet)
     try:
-        exp, result = run_aggregator(cfg, paths, on_round=progress, on_ready=start_clients)
+        exp, result = run_aggregator(cfg, paths, on_round=progress.version_evaluated,
+                                     on_ready=start_clients)
     finally:
         progress.close()
         for p in procs:

@@ -1,5 +1,6 @@
-"""What every training command shows and leaves behind: the banner, the progress bar, the
-run directory, the summary (text or JSON) and the optional model-store commit."""
+"""What every training command shows and leaves behind: the banner, the run directory's
+closing files, the summary (text or JSON) and the optional model-store commit. The progress
+bar and the run directory's writer are observers (:mod:`shoal.telemetry`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import math
 import sys
 
 from shoal.config import Config
+from shoal.telemetry.progress import fmt
 
-
-def fmt(v: float, digits: int = 4) -> str:
-    """``v`` with ``digits`` decimals, or ``n/a`` for a missing or non-finite value."""
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
-        else f"{v:.{digits}f}"
+__all__ = ["banner", "fmt", "report", "summary_lines"]
 
 
 def summary_lines(summary: dict, cfg: Config) -> list[str]:
@@ -55,44 +53,24 @@ def banner(cfg: Config, args: argparse.Namespace, how: str = "") -> None:
           f"{cfg['model']['name']}, seed {cfg.seed}", file=sys.stderr)
 
 
-class Progress:
-    """The progress bar every training command shows (round, accuracy, loss, epsilon)."""
+def report(cfg: Config, args: argparse.Namespace, exp, result, extra: dict | None = None,
+           run_dir=None) -> int:
+    """Finish the run directory and print the summary (text, or one JSON object).
 
-    def __init__(self, cfg: Config, quiet: bool) -> None:
-        from tqdm import tqdm
+    ``run_dir`` is the :class:`~shoal.telemetry.RunDirWriter` that observed the run; without
+    one, a new run directory is written from ``result.records``.
+    """
+    if run_dir is None:
+        from shoal.telemetry.rundir import RunDirWriter
 
-        self.bar = tqdm(total=cfg.rounds, unit="round", file=sys.stderr, disable=quiet,
-                        dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
-                        "[{elapsed}<{remaining}{postfix}]")
-        self.bar.set_description("round")
-
-    def __call__(self, rec) -> None:
-        if rec.eval:
-            text = f"acc {fmt(rec.eval['accuracy'])}  loss {fmt(rec.eval['loss'], 3)}"
-            if "epsilon" in rec.privacy:
-                text += f"  eps {rec.privacy['epsilon']:.3g}"
-            self.bar.set_postfix_str(text)
-        if rec.round > 0:
-            self.bar.update(1)
-
-    def skip(self, rounds: int) -> None:
-        self.bar.update(rounds)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def report(cfg: Config, args: argparse.Namespace, exp, result, extra: dict | None = None
-           ) -> int:
-    """Write the run directory and print the summary (text, or one JSON object)."""
-    from shoal.rundir import make_run_dir, write_run
-
-    run_dir = make_run_dir(cfg)
+        run_dir = RunDirWriter(cfg)
+        for rec in result.records:
+            run_dir.version_evaluated(rec)
     summary = result.summary() | (extra or {})
-    summary["run_dir"] = str(run_dir)
+    summary["run_dir"] = str(run_dir.path)
     ckpt = exp.checkpoint(result.state)
     ckpt.meta["final_accuracy"] = summary["final_accuracy"]
-    write_run(run_dir, cfg, result.records, ckpt, summary)
+    run_dir.finish(ckpt, summary)
     if cfg["output"]["store"]:
         summary["model_version"] = _commit_to_store(cfg["output"]["store"], ckpt, summary)
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from shoal.cli.options import add_run_options, config_from_args, overrides_from_args
-from shoal.cli.report import Progress, banner, report
+from shoal.cli.report import banner, report
 
 EPILOG = """\
 examples:
@@ -36,11 +36,15 @@ def add_parser(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print the partition summary and engine details")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or banner")
+    p.add_argument("--log-json", dest="log_json", metavar="FILE",
+                   help="append a structured log of the run (JSON lines: versions, "
+                        "rejections by reason, privacy) to FILE")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from shoal.experiment import Experiment
+    from shoal.telemetry import LogObserver, ProgressBar, RunDirWriter
 
     resume = None
     if args.resume:
@@ -62,12 +66,17 @@ def run(args: argparse.Namespace) -> int:
         print(exp.data.summary().format(), file=sys.stderr)
         print(f"engine: {exp.engine}; {exp.spec.size:,} parameters; start-up "
               f"{exp.startup_seconds:.2f} s", file=sys.stderr)
-    progress = Progress(cfg, args.quiet)
     state = exp.restore(resume) if resume is not None else None
-    if state is not None:
-        progress.skip(state.version)
+    observers = [RunDirWriter(cfg)]
+    if args.log_json:
+        from shoal.telemetry import configure_json_logging
+
+        configure_json_logging(open(args.log_json, "a", buffering=1))
+        observers.append(LogObserver())
+    progress = ProgressBar(cfg.rounds, quiet=args.quiet,
+                           start=state.version if state is not None else 0)
     try:
-        result = exp.run(progress, state=state)
+        result = exp.run(state=state, observers=[progress, *observers])
     finally:
         progress.close()
-    return report(cfg, args, exp, result)
+    return report(cfg, args, exp, result, run_dir=observers[0])

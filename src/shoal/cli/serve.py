@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from shoal.cli.options import add_run_options, config_from_args
-from shoal.cli.report import Progress, banner, report
+from shoal.cli.report import banner, report
+from shoal.telemetry import ProgressBar
 
 
 def add_parser(sub) -> None:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
         configure_json_logging(open(args.log_json, "a", buffering=1))
     banner(cfg, args, " aggregator")
-    progress = Progress(cfg, args.quiet)
+    progress = ProgressBar(cfg.rounds, quiet=args.quiet)
 
     security = ("mutual TLS" if paths.client_ca else "TLS" if paths.tls_dir
                 else "no TLS, loopback only")
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                   f"waiting for devices", file=sys.stderr)
 
     try:
-        exp, result = run_aggregator(cfg, paths, on_round=progress, on_ready=ready)
+        exp, result = run_aggregator(cfg, paths, on_round=progress.version_evaluated,
+                                     on_ready=ready)
     finally:
         progress.close()
     return report(cfg, args, exp, result)

@@ -1,4 +1,4 @@
-"""The run directory: what a finished run leaves behind for people and tools.
+"""The run directory: what a run leaves behind for people and tools.
 
 ``<output.dir>/<name>/`` holds
 
@@ -8,6 +8,10 @@
 * ``summary.json``  -- the headline numbers printed at the end;
 * ``model.npz``     -- the final checkpoint (see :mod:`shoal.store.checkpoint`);
 * ``curves.png``    -- test accuracy and loss per round.
+
+:class:`RunDirWriter` is an observer: ``config.toml`` is written when it is made and each
+round's line is appended to ``metrics.jsonl`` as the round's record is final, so a run that
+stops early leaves what it did; :meth:`RunDirWriter.finish` writes the rest.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ import csv
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shoal.config import Config, to_toml
+from shoal.observers import Observer
 from shoal.records import RoundRecord
 from shoal.store import Checkpoint, save_checkpoint
 
-__all__ = ["make_run_dir", "write_run"]
+__all__ = ["RunDirWriter", "make_run_dir"]
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -44,15 +49,51 @@ def _clean(v: object) -> object:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def write_metrics(path: Path, records: Sequence[RoundRecord]) -> None:
+def _json_line(record: RoundRecord) -> str:
+    return json.dumps({k: _clean(v) for k, v in record.to_dict().items()}) + "\n"
+
+
+class RunDirWriter(Observer):
+    """Writes a run directory from the records the run reports.
+
+    Args:
+        cfg: the run's resolved configuration.
+        path: the directory (default: a fresh one from :func:`make_run_dir`).
+    """
+
+    def __init__(self, cfg: Config, path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.path = path if path is not None else make_run_dir(cfg)
+        self.records: list[RoundRecord] = []
+        (self.path / "config.toml").write_text(to_toml(cfg))
+        (self.path / "metrics.jsonl").write_text("")
+
+    def version_evaluated(self, record: RoundRecord) -> None:
+        self.records.append(record)
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(_json_line(record))
+
+    def finish(self, checkpoint: Checkpoint, summary: Mapping[str, object]) -> None:
+        """Write the files only a finished run has: the table, the checkpoint, the curves
+        and the summary."""
+        write_csv(self.path / "metrics.csv", self.records)
+        save_checkpoint(self.path / "model.npz", checkpoint)
+        cfg = self.cfg
+        plot_curves(self.path / "curves.png", self.records,
+                    f"{cfg['strategy']['name']} · {cfg['model']['name']} · "
+                    f"{cfg['data']['dataset']} · {cfg['data']['clients']} clients · seed "
+                    f"{cfg.seed}")
+        (self.path / "summary.json").write_text(
+            json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
+
+
+def write_csv(path: Path, records: Sequence[RoundRecord]) -> None:
+    """The rounds as a CSV table; a column per key any round has (blank where absent)."""
     rows = [r.to_dict() for r in records]
-    with open(path / "metrics.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path / "metrics.csv", "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, restval="")
         w.writeheader()
         w.writerows(rows)
@@ -82,18 +123,5 @@ def plot_curves(path: Path, records: Sequence[RoundRecord], title: str) -> None:
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path / "curves.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_run(path: Path, cfg: Config, records: Sequence[RoundRecord], checkpoint: Checkpoint,
-              summary: dict) -> None:
-    """Write every file of the run directory (see the module docstring)."""
-    (path / "config.toml").write_text(to_toml(cfg))
-    write_metrics(path, records)
-    save_checkpoint(path / "model.npz", checkpoint)
-    plot_curves(path, records, f"{cfg['strategy']['name']} · {cfg['model']['name']} · "
-                f"{cfg['data']['dataset']} · {cfg['data']['clients']} clients · seed "
-                f"{cfg.seed}")
-    (path / "summary.json").write_text(
-        json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
