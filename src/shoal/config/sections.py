@@ -1,0 +1,263 @@
+"""The typed sections of a run's configuration: one frozen dataclass per TOML table.
+
+Each field is one key: its annotation is the type, :func:`~shoal.config.schema.option` gives
+the default, the bounds and the one-line doc that ``shoal config`` and
+``docs/configuration.md`` print. Defaults are the reference workload "config S"; key names and
+defaults are part of the on-disk format (run directories, resumed runs), so renaming one
+breaks old configs.
+"""
+
+from __future__ import annotations
+
+from shoal.config.schema import Section, option, section
+
+__all__ = ["DataConfig", "ModelConfig", "ClientConfig", "StrategyConfig", "SamplingConfig",
+           "RoundConfig", "CompressionConfig", "SecureAggregationConfig", "PrivacyConfig",
+           "EvalConfig", "SimConfig", "DeployConfig", "OutputConfig"]
+
+@section("data")
+class DataConfig(Section):
+    """The training data and how it is split among clients."""
+
+    dataset: str = option("fashion-mnist", "training data",
+                          choices=("fashion-mnist", "synthetic"))
+    path: str = option("", "directory holding the Fashion-MNIST IDX files; empty = "
+                       "$SHOAL_FASHION_MNIST or /usr/share/datasets/fashion-mnist")
+    clients: int = option(100, "number of clients the training set is split into", min=1,
+                          max=10_000_000)
+    partition: str = option("dirichlet", "how examples are split among clients (Fashion-MNIST "
+                            "only; Synthetic is per-user by construction)",
+                            choices=("dirichlet", "iid", "shards"))
+    alpha: float = option(0.5, "Dirichlet concentration: smaller = more label skew", min=0.0,
+                          min_exclusive=True)
+    partition_seed: int = option(0, "seed of the partition, independent of the run seed so "
+                                 "runs with different seeds share one split", min=0)
+    shards_per_client: int = option(2, "shards per client for partition = 'shards'", min=1)
+    synthetic_alpha: float = option(1.0, "Synthetic(alpha, beta): model heterogeneity (a "
+                                    "standard deviation)", min=0.0)
+    synthetic_beta: float = option(1.0, "Synthetic(alpha, beta): data heterogeneity (a "
+                                   "standard deviation)", min=0.0)
+    synthetic_iid: bool = option(False, "use the IID variant of Synthetic")
+
+
+@section("model")
+class ModelConfig(Section):
+    """The model every client trains."""
+
+    name: str = option("mlp2nn", "model architecture", choices=("mlp2nn", "logreg", "cnn"))
+
+
+@section("client")
+class ClientConfig(Section):
+    """Local training on each client."""
+
+    epochs: int = option(1, "local epochs per round", min=1, max=1000)
+    batch_size: int = option(32, "local batch size (the last partial batch is kept)", min=1,
+                             max=1_000_000)
+    lr: float = option(0.05, "local SGD learning rate (no momentum)", min=0.0, max=100.0,
+                       min_exclusive=True)
+
+
+@section("strategy")
+class StrategyConfig(Section):
+    """The server optimizer that turns the mean update into a new model."""
+
+    name: str = option("fedavg", "server aggregation strategy",
+                       choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"))
+    server_lr: float = option(1.0, "server learning rate (eta); FedAvg uses 1.0, the adaptive "
+                              "optimizers typically 0.01-0.1", min=0.0, max=100.0,
+                              min_exclusive=True)
+    mu: float = option(0.01, "FedProx proximal coefficient (strategy = 'fedprox')", min=0.0)
+    beta1: float = option(0.9, "first-moment decay of FedAdam/FedYogi/FedAdagrad", min=0.0,
+                          max=0.999999)
+    beta2: float = option(0.99, "second-moment decay of FedAdam/FedYogi", min=0.0,
+                          max=0.999999)
+    tau: float = option(0.001, "adaptivity (epsilon) of the adaptive optimizers", min=0.0,
+                        min_exclusive=True)
+
+
+@section("sampling")
+class SamplingConfig(Section):
+    """Which clients are asked to train each round."""
+
+    method: str = option("uniform", "'uniform': exactly per_round clients without "
+                         "replacement; 'poisson': each client joins with probability q (what "
+                         "DP accounting assumes)", choices=("uniform", "poisson"))
+    per_round: int = option(10, "clients sampled per round (method 'uniform'); must not "
+                            "exceed data.clients", min=1)
+    q: float = option(0.1, "per-client sampling probability (method 'poisson')", min=0.0,
+                      max=1.0, min_exclusive=True)
+
+
+@section("round")
+class RoundConfig(Section):
+    """When a round (or a buffered server step) closes and commits."""
+
+    policy: str = option("sync", "'sync': synchronous rounds (every sampled client, or "
+                         "deploy.target of them in a deployment); 'buffered': FedBuff "
+                         "asynchronous aggregation (simulation)", choices=("sync", "buffered"))
+    concurrency: int = option(20, "buffered: clients training at any time", min=1)
+    buffer_size: int = option(10, "buffered: updates per server step (rounds counts server "
+                              "steps)", min=1)
+    staleness_exponent: float = option(0.5, "buffered: an update s versions old is scaled by "
+                                       "1 / (1 + s)^a (0.5: the FedBuff paper's 1 / sqrt(1 + "
+                                       "s))", min=0.0, max=10.0)
+    max_staleness: int = option(10, "buffered: refuse updates more versions old than this",
+                                min=0)
+
+
+@section("compression")
+class CompressionConfig(Section):
+    """How updates and model downloads are encoded."""
+
+    upload: str = option("none", "codec chain for client updates, stages joined by '+': none, "
+                         "fp16, bf16, q8, q4, q2, sign, topk(F), randk(F), zstd; e.g. "
+                         "'topk(0.01)+q8+zstd'")
+    error_feedback: bool = option(False, "keep what compression dropped on the client and add "
+                                  "it to the next update")
+    download: str = option("full", "model downloads: 'full' or 'delta' against the client's "
+                           "last synced version", choices=("full", "delta"))
+    download_codec: str = option("none", "lossless chain for downloads: 'none' or 'zstd'",
+                                 choices=("none", "zstd"))
+    max_staleness: int = option(5, "a client more versions behind than this gets the full "
+                                "model", min=0, max=1000)
+
+
+@section("secure_aggregation")
+class SecureAggregationConfig(Section):
+    """SecAgg+, so the server sees only the sum of the updates."""
+
+    enabled: bool = option(False, "aggregate with SecAgg+ (pairwise masks from X25519, Shamir "
+                           "shares, dropout recovery): the server sees only the sum")
+    clip: float = option(0.5, "per-coordinate range [-clip, clip] of the fixed-point encoding "
+                         "(larger values are clipped)", min=0.0, min_exclusive=True)
+    value_bits: int = option(20, "quantization bits per coordinate (stochastic rounding)",
+                             min=2, max=40)
+    max_weight: int = option(4096, "largest per-client weight (example count) that is masked; "
+                             "larger counts are capped", min=1, max=1_000_000)
+    neighbours: int = option(0, "SecAgg+ neighbours k; 0 = automatic (complete graph with a "
+                             "majority threshold below 100 clients, else the SecAgg+ "
+                             "parameter search from dropout and corrupt_rate); -1 = complete "
+                             "graph (SecAgg)", min=-1)
+    threshold: int = option(0, "Shamir threshold t; 0 = with k", min=0)
+    dropout: float = option(0.0, "expected dropout rate (sets k and t for cohorts of 100 or "
+                            "more); in simulation also the fraction of each cohort that "
+                            "vanishes after sharing keys (their masks are recovered)", min=0.0,
+                            max=0.5)
+    corrupt_rate: float = option(0.05, "assumed fraction of clients colluding with the server "
+                                 "(sets k and t)", min=0.0, max=0.45)
+    roster_wait_s: float = option(15.0, "deployments: longest wait for the selected devices "
+                                  "to check in before the round's roster closes", min=0.0,
+                                  min_exclusive=True)
+    stage_timeout_s: float = option(10.0, "deployments: length of the key-exchange and "
+                                    "unmasking stages (devices that miss one are dropouts; "
+                                    "input collection runs to deploy.deadline_s)", min=0.0,
+                                    min_exclusive=True)
+
+
+@section("privacy")
+class PrivacyConfig(Section):
+    """Differential privacy and its accounting."""
+
+    placement: str = option("none", "differential privacy: 'central' (server clips and adds "
+                            "noise), 'local' (each client does), or 'none'",
+                            choices=("none", "central", "local"))
+    noise_multiplier: float = option(1.0, "z: noise std = z * clip_norm", min=0.0,
+                                     min_exclusive=True)
+    clip_norm: float = option(1.0, "C: L2 bound on each client update (the initial value with "
+                              "adaptive clipping)", min=0.0, min_exclusive=True)
+    adaptive_clipping: bool = option(False, "learn C as a quantile of update norms (central "
+                                     "placement; Andrew et al. 2021)")
+    target_quantile: float = option(0.5, "adaptive clipping: fraction of updates to leave "
+                                    "unclipped", min=0.0, max=1.0, min_exclusive=True,
+                                    max_exclusive=True)
+    clip_learning_rate: float = option(0.2, "adaptive clipping: geometric step size", min=0.0,
+                                       min_exclusive=True)
+    count_noise_std: float = option(0.0, "adaptive clipping: noise std on the unclipped "
+                                    "count, in clients; 0 = expected clients / 20", min=0.0)
+    delta: float = option(1e-05, "delta at which epsilon is reported (keep it well below 1 / "
+                          "number of clients)", min=0.0, max=0.1, min_exclusive=True)
+    epsilon_budget: float = option(0.0, "largest epsilon the run may spend; 0 = no budget "
+                                   "(epsilon is still reported)", min=0.0)
+    on_budget: str = option("refuse", "when the planned rounds would exceed the budget: "
+                            "'refuse' to start, or 'stop' cleanly before the round that "
+                            "would exceed it", choices=("refuse", "stop"))
+    accountant: str = option("rdp", "privacy accountant from dp-accounting",
+                             choices=("rdp", "pld"))
+
+
+@section("eval")
+class EvalConfig(Section):
+    """Central evaluation of the global model on the test set."""
+
+    every: int = option(1, "evaluate the global model on the test set every N rounds (and "
+                        "always after the last round)", min=1)
+
+
+@section("sim")
+class SimConfig(Section):
+    """How the simulator trains cohorts and models device time."""
+
+    engine: str = option("auto", "how cohorts train: 'fused' (batched matmuls, MLPs), 'vmap' "
+                         "(torch.func), 'sequential', or 'auto' = fastest exact one",
+                         choices=("auto", "fused", "vmap", "sequential"))
+    threads: int = option(0, "PyTorch threads for training; 0 = automatic (1 for cohorts "
+                          "under 32 clients, whose small matmuls do not scale, while another "
+                          "core evaluates the previous round's model; all cores otherwise, "
+                          "and evaluation then runs between rounds)", min=0, max=1024)
+    time_model: str = option("none", "simulated device time: 'none' (updates arrive as a "
+                             "cohort finishes training) or 'lognormal' (each client takes "
+                             "examples x ms_per_example x a log-normal speed factor, on a "
+                             "simulated clock)", choices=("none", "lognormal"))
+    ms_per_example: float = option(2.0, "time_model 'lognormal': median milliseconds per "
+                                   "training example and epoch", min=0.0, min_exclusive=True)
+    speed_sigma: float = option(0.5, "time_model 'lognormal': sigma of the per-client "
+                                "log-normal speed factor (0 = all alike)", min=0.0)
+
+
+@section("deploy")
+class DeployConfig(Section):
+    """The gRPC aggregator of a deployment."""
+
+    host: str = option("127.0.0.1", "address the aggregator listens on")
+    port: int = option(0, "gRPC port; 0 = any free port (written to the port file)", min=0,
+                       max=65_535)
+    target: int = option(0, "accepted updates that complete a round; 0 = sampling.per_round",
+                         min=0)
+    over_selection: float = option(1.3, "devices asked per round = ceil(target x this), so "
+                                   "stragglers do not hold a round up", min=1.0, max=10.0)
+    deadline_s: float = option(60.0, "reporting deadline of a round, in seconds", min=0.0,
+                               min_exclusive=True)
+    min_fraction: float = option(0.8, "a round commits with at least this fraction of target; "
+                                 "otherwise it is abandoned and retried", min=0.0, max=1.0,
+                                 min_exclusive=True)
+    max_norm: float = option(0.0, "refuse updates with a larger L2 norm; 0 = no bound",
+                             min=0.0)
+    max_update_mb: float = option(64.0, "refuse uploads larger than this", min=0.0,
+                                  min_exclusive=True)
+    wait_devices: int = option(0, "enrolled devices to wait for before round 1; 0 = "
+                               "data.clients", min=0)
+    wait_timeout_s: float = option(300.0, "give up waiting for devices after this", min=0.0)
+    checkin_interval_s: float = option(5.0, "devices not needed by the current round come "
+                                       "back within 0.5-1.5 x this (pace steering)", min=0.0,
+                                       min_exclusive=True)
+    selection: str = option("uniform", "who is asked each round: 'uniform' (the same cohorts "
+                            "as the simulator), 'stratified' (proportional to "
+                            "deploy.stratify_by), 'availability' (devices whose declared "
+                            "window covers now), 'fairness' (least-participated first)",
+                            choices=("uniform", "stratified", "availability", "fairness"))
+    stratify_by: str = option("", "device attribute for selection = 'stratified'")
+    max_active_uploads: int = option(64, "uploads the aggregator reads at once (the rest wait "
+                                     "under flow control: flat memory)", min=1)
+    metrics_port: int = option(-1, "Prometheus /metrics port; -1 = off, 0 = any free port",
+                               min=-1, max=65_535)
+
+
+@section("output")
+class OutputConfig(Section):
+    """Where a run writes its results."""
+
+    dir: str = option("runs", "parent directory of run directories")
+    name: str = option("", "run directory name; empty = timestamp and seed")
+    store: str = option("", "model store directory: commit the final model there as a new "
+                        "candidate version (see `shoal models`); empty = none")
