@@ -13,7 +13,7 @@ import difflib
 import functools
 import math
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from shoal.errors import ConfigError
@@ -104,15 +104,20 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
         "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}})
 
 
-def section(name: str) -> Any:
+def section(name: str) -> Callable[[type[S]], type[S]]:
     """Class decorator: a frozen :class:`Section` dataclass read from the TOML table ``[name]``
     (``""``: the top level)."""
     def wrap(cls: type[S]) -> type[S]:
         # eq=False: equality is the Mapping's, so a section still equals the dict it replaced
         cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
-        clash = [f.name for f in dataclasses.fields(cls) if hasattr(Section, f.name)]
+        fields = dataclasses.fields(cls)
+        clash = [f.name for f in fields if hasattr(Section, f.name)]
         if clash:
             raise TypeError(f"{cls.__name__}: field names {clash} hide Section methods")
+        loose = [f.name for f in fields if f.name not in options_of(cls)
+                 and f.name not in sections_of(cls)]
+        if loose:
+            raise TypeError(f"{cls.__name__}: fields {loose} are neither option() nor a section")
         cls._table = name
         _SECTIONS[name] = cls
         return cls
