@@ -4,12 +4,15 @@
 and noise the update), then the configured codec chain with optional error feedback (the
 residual of what compression dropped stays on the client and joins the next round's update),
 then the self-describing wire format. The aggregator side parses and validates the bytes back
-into a vector (:func:`shoal.codec.from_bytes`). The simulator runs both sides in process, so
-the bytes it counts are the bytes a deployment would send.
+into a vector (:func:`shoal.codec.from_bytes`). The simulator runs both sides in process
+(:meth:`Uplink.process`); a deployed device runs the client side (:meth:`Uplink.encode`, the
+same chain and residual rule), so the bytes the simulator counts are the bytes a deployment
+sends.
 
-:class:`Downlink` is the server side of model downloads: the full model, or a delta against
-the version the client last synced (falling back to the full model when the client is
-unknown or too far behind), entropy-coded.
+:class:`Downlink` is the server side of model downloads: the full model, or an exact delta
+against the version the client last synced when that is smaller (falling back to the full
+model when the client is unknown or too far behind), entropy-coded. It counts the bytes of
+:func:`shoal.codec.smallest_download`, the rule the gRPC server's publisher sends.
 """
 
 from __future__ import annotations
@@ -19,16 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoal.codec import (Chain, ModelHistory, download_to_bytes, encode_download,
-                         feedback_step, from_bytes, to_bytes)
+from shoal.codec import (Chain, ModelHistory, feedback_step, from_bytes, require_lossless,
+                         smallest_download, to_bytes)
 from shoal.codec.encoded import Encoded
 from shoal.errors import ConfigError
 from shoal.privacy.dp import LocalDP
 
 __all__ = ["Uplink", "Downlink", "raw_wire_size"]
-
-_LOSSLESS = {(), ("zstd",)}
-
 
 def raw_wire_size(dim: int) -> int:
     """Bytes of an uncompressed float32 update of ``dim`` values in shoal's wire format."""
@@ -63,6 +63,26 @@ class Uplink:
         """True when uploads are the raw update (nothing to do but count bytes)."""
         return not self.codec.stages and self.local_dp is None
 
+    def encode(self, client_id: int, delta: np.ndarray, rng: np.random.Generator) -> bytes:
+        """Client side of one upload: [local DP →] chain [with error feedback] → wire bytes.
+
+        With error feedback the client's residual becomes what this upload leaves out.
+
+        Raises:
+            CodecError: ``delta`` (plus the residual) is not a finite 1-D float vector; the
+                residual is then left unchanged.
+        """
+        x = delta
+        if self.local_dp is not None:
+            x, _ = self.local_dp.privatize(x, rng)
+        encoded: Encoded
+        if self.error_feedback:
+            encoded, self.residuals[client_id] = feedback_step(
+                self.codec, self.residuals.get(client_id), x, rng)
+        else:
+            encoded = self.codec.encode(x, rng)
+        return to_bytes(encoded)
+
     def process(self, client_id: int, delta: np.ndarray, rng: np.random.Generator
                 ) -> tuple[np.ndarray, int]:
         """Client side then server side of one upload.
@@ -73,16 +93,7 @@ class Uplink:
         """
         if self.identity:
             return delta, self._raw_size
-        x = delta
-        if self.local_dp is not None:
-            x, _ = self.local_dp.privatize(x, rng)
-        encoded: Encoded
-        if self.error_feedback:
-            encoded, self.residuals[client_id] = feedback_step(
-                self.codec, self.residuals.get(client_id), x, rng)
-        else:
-            encoded = self.codec.encode(x, rng)
-        blob = to_bytes(encoded)
+        blob = self.encode(client_id, delta, rng)
         return from_bytes(blob, max_elements=self.dim), len(blob)
 
     def process_rows(self, client_ids: Sequence[int] | np.ndarray, deltas: np.ndarray,
@@ -126,11 +137,7 @@ class Downlink:
         if mode not in ("full", "delta"):
             raise ConfigError(f"compression.download = {mode!r} must be 'full' or 'delta'",
                               key="compression.download")
-        self.codec = codec if codec is not None else Chain([])
-        if tuple(name for name, _ in self.codec.spec) not in _LOSSLESS:
-            raise ConfigError("compression.download_codec must be lossless ('none' or "
-                              "'zstd'): clients must train from the exact global model",
-                              key="compression.download_codec")
+        self.codec = require_lossless(codec if codec is not None else Chain([]))
         self.dim = dim
         self.mode = mode
         self.max_staleness = max_staleness
@@ -157,9 +164,9 @@ class Downlink:
                 if base_version not in cache:
                     base = self._sync.history.get(base_version) if base_version is not None \
                         else None
-                    dl = encode_download(params, version, base, self.codec, self.max_staleness,
-                                         rng=rng)
-                    cache[base_version] = len(download_to_bytes(dl))
+                    _, blob = smallest_download(params, version, base, self.codec,
+                                                self.max_staleness, rng=rng)
+                    cache[base_version] = len(blob)
                 sizes[i] = cache[base_version]
         for c in client_ids:
             self._sync.synced[int(c)] = version

@@ -26,6 +26,8 @@ from shoal.codec.delta import (
     download_from_bytes,
     download_to_bytes,
     encode_download,
+    require_lossless,
+    smallest_download,
 )
 from shoal.codec.encoded import Codec, Encoded, Stage
 from shoal.codec.entropy import Zstd
@@ -59,5 +61,7 @@ __all__ = [
     "feedback_step",
     "from_bytes",
     "parse",
+    "require_lossless",
+    "smallest_download",
     "to_bytes",
 ]

@@ -42,7 +42,7 @@ from shoal.codec.chain import chain_of
 from shoal.codec.encoded import MAX_SIZE, Encoded, pack_fields, unpack_fields
 from shoal.errors import CodecError
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "Parsed", "to_bytes", "parse", "from_bytes"]
+__all__ = ["MAGIC", "FORMAT_VERSION", "Parsed", "to_bytes", "parse", "from_bytes", "frame_length"]
 
 MAGIC = b"\x89SHC"
 FORMAT_VERSION = 1
@@ -136,6 +136,22 @@ def parse(b: bytes | bytearray | memoryview, *, max_elements: int) -> Parsed:
     )
     chain.check(encoded)
     return Parsed(encoded=encoded, context=descriptor.get("context", {}))
+
+
+def frame_length(b: bytes | bytearray | memoryview) -> int:
+    """Bytes of the payload that starts ``b``, from its header alone (for a caller that sends
+    several payloads back to back; :func:`parse` then validates each one).
+
+    Raises:
+        CodecError: ``b`` is shorter than a header or does not start with the magic.
+    """
+    view = memoryview(b).cast("B")
+    if len(view) < _HEAD.size:
+        raise CodecError(f"payload truncated: {len(view)} bytes, the header alone is {_HEAD.size}")
+    magic, _, _, desc_len, _, payload_len = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise CodecError(f"not a shoal codec payload (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    return _HEAD.size + desc_len + payload_len + _CRC.size
 
 
 def from_bytes(b: bytes | bytearray | memoryview, *, max_elements: int) -> np.ndarray:
