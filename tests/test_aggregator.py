@@ -21,16 +21,19 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
-from shoal.runner import run_round
+from shoal.pipeline import Pipeline, Validation  # noqa: E402
+from shoal.policy import SyncPolicy  # noqa: E402
+from shoal.runner import run_round  # noqa: E402
 from shoal.sampling import UniformSampler  # noqa: E402
+from shoal.telemetry import PrometheusObserver  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.strategy import FedAvg  # noqa: E402
 from shoal.transport.auth import Keyring  # noqa: E402
 from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
-from shoal.transport.server import (AggregatorService, AggregatorSettings,  # noqa: E402
-                                    GrpcClientPool, serve)
+from shoal.transport.carrier import GrpcCarrier  # noqa: E402
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
 
 DIM = 50
 SECRET = b"k" * 32
@@ -48,10 +51,10 @@ def md(device: str, **kw):
 
 @pytest.fixture()
 def aggregator(tmp_path):
-    settings = AggregatorSettings(target=3, deadline_s=20.0, min_fraction=0.6, max_norm=100.0,
-                                  max_update_bytes=1 << 16, chunk_size=64)
+    settings = AggregatorSettings(max_update_bytes=1 << 16, chunk_size=64)
     service = AggregatorService(settings, Keyring.single(SECRET), DIM, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "registry.db"))
+                                lambda: SQLiteRegistry(tmp_path / "registry.db"),
+                                metrics=PrometheusObserver())
     service.registry_path = tmp_path / "registry.db"
     port, stop = serve(service)
     service.port = port
@@ -65,10 +68,17 @@ def aggregator(tmp_path):
     stop()
 
 
-def start_round(service, n_sampled=4, seed=0):
-    """Run one coordinator round in a thread; returns (thread, result holder)."""
-    pool = GrpcClientPool(service, DEVICES, poll_s=0.05)
-    coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n_sampled), seed=seed)
+def start_round(service, n_sampled=4, seed=0, *, target=3, deadline_s=20.0,
+                min_fraction=0.6, observers=()):
+    """Run one coordinator round (the deployment's sync policy: target, over-selection,
+    deadline, minimum fraction) in a thread; returns (thread, result holder)."""
+    carrier = GrpcCarrier(service, DEVICES, poll_s=0.05)
+    policy = SyncPolicy(target=target, over_selection=n_sampled / target,
+                        deadline_s=deadline_s, min_fraction=min_fraction, max_attempts=1)
+    coord = functools.partial(run_round, FedAvg(), carrier, UniformSampler(n_sampled),
+                              seed=seed, policy=policy,
+                              pipeline=Pipeline(validation=Validation(max_norm=100.0)),
+                              observers=[service.metrics, *observers])
     out: dict = {}
 
     def run():
@@ -77,7 +87,7 @@ def start_round(service, n_sampled=4, seed=0):
     t = threading.Thread(target=run)
     t.start()
     deadline = time.time() + 10
-    while service.round is None and time.time() < deadline:
+    while carrier.gateway.latest_version is None and time.time() < deadline:
         time.sleep(0.01)
     return t, out
 
@@ -132,7 +142,7 @@ def test_a_round_over_grpc_commits_the_weighted_mean(aggregator):
     # the over-selected fourth device is told the round is over
     late = stub.CheckIn(pb.CheckInRequest(device_id="dev-d"), metadata=md("dev-d"), timeout=5)
     assert late.WhichOneof("reply") == "come_back"
-    assert service.counters.plain["updates:accepted:"] == 3
+    assert service.metrics.value("shoal_updates_total", result="accepted", reason="") == 3
     # the registry saw every device and recorded who took part
     registry = SQLiteRegistry(service.registry_path)
     assert registry.count() == 4
@@ -194,7 +204,8 @@ def test_bad_uploads_are_refused_with_their_reason_and_change_nothing(aggregator
         assert upload(stub, d, tk, good).accepted
     t.join(timeout=15)
     np.testing.assert_allclose(out["state"].params, good)
-    assert service.counters.plain[f"updates:rejected:{reason}"] == 1
+    assert service.metrics.value("shoal_updates_total", result="rejected",
+                                 reason=reason) == 1
 
 
 def test_replayed_upload_is_answered_once_and_counted_once(aggregator):
@@ -226,23 +237,27 @@ def test_unauthenticated_calls_are_refused_and_counted(aggregator, case):
     with pytest.raises(grpc.RpcError) as info:
         stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=metadata, timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert sum(v for k, v in service.counters.plain.items() if k.startswith("refused:")) == 1
+    refused = [m for m in service.metrics.registry.collect()
+               if m.name == "shoal_refused_calls"]
+    assert sum(s.value for m in refused for s in m.samples if s.name.endswith("_total")) == 1
 
 
 def test_a_round_without_enough_reports_is_abandoned(tmp_path):
-    settings = AggregatorSettings(target=3, deadline_s=0.5, min_fraction=1.0)
-    service = AggregatorService(settings, Keyring.single(SECRET), DIM, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "r.db"))
+    service = AggregatorService(AggregatorSettings(), Keyring.single(SECRET), DIM, "fp",
+                                lambda: SQLiteRegistry(tmp_path / "r.db"),
+                                metrics=PrometheusObserver())
     port, stop = serve(service)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.AggregatorStub(channel)
-        t, out = start_round(service)
+        t, out = start_round(service, deadline_s=0.5, min_fraction=1.0)
         task = get_task(stub, "dev-a")
         assert upload(stub, "dev-a", task, np.ones(DIM, np.float32)).accepted
         t.join(timeout=15)
         rec = out["record"]
-        assert not rec.committed and rec.rejected.get("round_abandoned") == 1
+        # the deadline passed with 1 of the 3 required updates: the policy abandons it
+        assert not rec.committed and rec.closed_by == "deadline" and rec.accepted == 1
+        assert rec.rejected.get("timed_out") == 3
         assert np.all(out["state"].params == 0)  # the model did not move
         channel.close()
     finally:
@@ -256,9 +271,9 @@ def test_tls_and_metrics_endpoint(tmp_path):
     from shoal.transport.certs import make_local_pki
 
     pki = make_local_pki(tmp_path / "pki", days=1, now=dt.datetime.now(dt.timezone.utc))
-    settings = AggregatorSettings(target=1)
-    service = AggregatorService(settings, Keyring.single(SECRET), DIM, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "r.db"))
+    service = AggregatorService(AggregatorSettings(), Keyring.single(SECRET), DIM, "fp",
+                                lambda: SQLiteRegistry(tmp_path / "r.db"),
+                                metrics=PrometheusObserver())
     port, stop = serve(service, tls=(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes())
@@ -270,7 +285,7 @@ def test_tls_and_metrics_endpoint(tmp_path):
         with pytest.raises(grpc.RpcError):
             pb_grpc.AggregatorStub(plain).Hello(pb.HelloRequest(device_id="dev-a"),
                                                 metadata=md("dev-a"), timeout=2)
-        mport = service.counters.serve_http(0)
+        mport = service.metrics.serve_http(0)
         text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
         assert b"shoal_updates_total" in text and b"shoal_rounds_total" in text
         channel.close()
@@ -301,12 +316,13 @@ def test_structured_logs_are_json_lines(aggregator):
     import logging
 
     from shoal.telemetry import configure_json_logging
+    from shoal.telemetry.logs import LogObserver
 
     service, stub = aggregator
     buf = io.StringIO()
     configure_json_logging(buf)
     try:
-        t, out = start_round(service)
+        t, out = start_round(service, observers=[LogObserver()])
         task = get_task(stub, "dev-a")
         upload(stub, "dev-a", task, np.ones(DIM, np.float32),
                header_overrides={"upload_key": "0" * 32})
@@ -321,11 +337,12 @@ def test_structured_logs_are_json_lines(aggregator):
         logging.getLogger("shoal").propagate = True
     events = [json.loads(line) for line in buf.getvalue().splitlines()]
     kinds = {e.get("event") for e in events}
-    assert {"upload_refused", "auth_refused", "round_closed"} <= kinds
+    assert {"upload_refused", "auth_refused", "version_committed"} <= kinds
     refused = next(e for e in events if e.get("event") == "upload_refused")
     assert refused["reason"] == "bad_key" and refused["device"] == "dev-a"
-    closed = next(e for e in events if e.get("event") == "round_closed")
-    assert closed["commit"] and closed["accepted"] == 3
+    closed = next(e for e in events if e.get("event") == "version_committed")
+    assert closed["version"] == 1 and closed["accepted"] == 3
+    assert closed["closed_by"] == "target_reached"
 
 
 def test_registry_sampler_applies_a_selection_strategy(tmp_path):

@@ -485,16 +485,17 @@ def test_three_devices_complete_a_round_on_the_real_aggregator(tmp_path):
     from shoal.strategy import FedAvg
     from shoal.transport.auth import Keyring
     from shoal.transport.tokens import issue_token
-    from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
-                                        serve)
+    from shoal.policy import SyncPolicy
+    from shoal.transport.carrier import GrpcCarrier
+    from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
     dim, secret, devices = 50, b"s" * 32, ["dev-a", "dev-b", "dev-c"]
-    service = AggregatorService(AggregatorSettings(target=3, deadline_s=20.0, chunk_size=64),
-                                Keyring.single(secret), dim, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "registry.db"))
+    service = AggregatorService(AggregatorSettings(chunk_size=64), Keyring.single(secret), dim,
+                                "fp", lambda: SQLiteRegistry(tmp_path / "registry.db"))
     port, stop_server = serve(service)
-    coord = functools.partial(run_round, FedAvg(), GrpcClientPool(service, devices, poll_s=0.02),
-                        UniformSampler(3), seed=0)
+    coord = functools.partial(run_round, FedAvg(), GrpcCarrier(service, devices, poll_s=0.02),
+                              UniformSampler(3), seed=0,
+                              policy=SyncPolicy(target=3, deadline_s=20.0, max_attempts=1))
     out: dict = {}
     rounds = threading.Thread(target=lambda: out.update(
         zip(("state", "record"), coord(FedAvg().init(np.zeros(dim, np.float32))))))

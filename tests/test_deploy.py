@@ -86,9 +86,6 @@ def test_serve_refuses_a_bad_client_ca_before_writing_anything(tmp_path, capsys,
      "deploy.target must be 3"),
     (["--set", "privacy.placement=\"central\"", "--set", "deploy.wait_devices=2"],
      "deploy.wait_devices must be 3"),
-    (["--set", "compression.download=\"delta\""], "deployed models travel as full float32"),
-    (["--set", "compression.download_codec=\"zstd\""],
-     "deployed models travel as full float32"),
 ])
 def test_serve_refuses_settings_it_would_silently_misapply(tmp_path, capsys, settings,
                                                             phrase):
@@ -228,7 +225,7 @@ def test_launch_with_secure_aggregation_survives_clients_killed_mid_round(tmp_pa
     for i in (0, 1):  # the two really died by SIGKILL, mid-round
         assert "killing myself in round 1" in (work / "logs" / f"device-{i:04d}.log").read_text()
     closed = [json.loads(line) for line in log.read_text().splitlines()
-              if '"round_closed"' in line]
+              if '"secure_round_closed"' in line]
     first = next(e for e in closed if e["round"] == 1 and e["commit"])
     included = first["included"]
     assert "device-0000" not in included and "device-0001" in included

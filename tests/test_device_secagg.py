@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shoal.device_round import ComeBack, Task
+from shoal.device_task import ComeBack, Task
 from shoal.device_secagg import End, SecAggDeviceRound, Wait
 from shoal.errors import UpdateRejected
 from shoal.privacy.secagg_client import SecAggClient
@@ -35,8 +35,9 @@ def config_for(n: int) -> SecAggConfig:
 def make_round(n=6, *, target=None, min_accepted=3, roster_wait_s=5.0, stage_timeout_s=2.0,
                deadline_s=20.0):
     devices = [f"d{i}" for i in range(n)]
-    return SecAggDeviceRound(4, 3, devices, target=target or n, min_accepted=min_accepted,
-                             opened_at=0.0, deadline_s=deadline_s, dim=D, config_for=config_for,
+    return SecAggDeviceRound(1, 4, 3, devices, target=target or n, min_accepted=min_accepted,
+                             opened_at=0.0, input_deadline=deadline_s, dim=D,
+                             config_for=config_for,
                              roster_wait_s=roster_wait_s, stage_timeout_s=stage_timeout_s,
                              client_ids=[10 + i for i in range(n)])
 
@@ -229,5 +230,5 @@ def test_bad_messages_are_refused_with_a_reason_and_change_nothing():
 
 def test_close_aborts_an_unfinished_round():
     rnd = make_round(4)
-    assert rnd.close(0.0).phase == "aborted"
+    assert rnd.close("server shutdown").phase == "aborted"
     assert isinstance(rnd.check_in("d0", 0.1, rng=np.random.default_rng(0)), ComeBack)

@@ -23,6 +23,7 @@ from shoal.transport.certs import make_client_cert, make_local_pki  # noqa: E402
 from shoal.transport.channel import make_channel  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
+from shoal.telemetry import PrometheusObserver  # noqa: E402
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
 
 SECRET = b"m" * 32
@@ -56,8 +57,9 @@ def silo(tmp_path):
     other = make_local_pki(tmp_path / "other", days=1, now=NOW)  # a CA the server does not trust
     rogue = make_client_cert(tmp_path / "other", name="hospital-a", ca_cert=other.ca_cert,
                              ca_key=other.ca_key, days=1, now=NOW)
-    service = AggregatorService(AggregatorSettings(target=1), Keyring.single(SECRET), 10, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "r.db"))
+    service = AggregatorService(AggregatorSettings(), Keyring.single(SECRET), 10, "fp",
+                                lambda: SQLiteRegistry(tmp_path / "r.db"),
+                                metrics=PrometheusObserver())
     port, stop = serve(service, tls=(pki.server_cert.read_bytes(), pki.server_key.read_bytes()),
                        client_ca=pki.ca_cert.read_bytes())
     channels = []
@@ -99,7 +101,8 @@ def test_a_token_for_another_silo_is_refused_and_changes_nothing(silo):
         hello(silo["connect"](silo["certs"]["hospital-b"]), "hospital-a")
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "identity" in info.value.details() and "hospital-b" in info.value.details()
-    assert silo["service"].counters.plain["refused:identity"] == 1
+    assert silo["service"].metrics.value("shoal_refused_calls_total",
+                                         reason="identity") == 1
     assert enrolled(silo["registry"]) == {"hospital-a"}
 
 
@@ -154,7 +157,7 @@ def test_ambiguous_certificate_names_are_refused(silo, tmp_path, case):
 def test_mutual_tls_settings_that_cannot_work_are_refused():
     with pytest.raises(ConfigError, match="needs TLS"):
         make_channel("localhost:1", None, (b"cert", b"key"))
-    service = AggregatorService(AggregatorSettings(target=1), Keyring.single(SECRET), 10, "fp",
+    service = AggregatorService(AggregatorSettings(), Keyring.single(SECRET), 10, "fp",
                                 lambda: None)
     with pytest.raises(ConfigError, match="client CA"):
         serve(service, client_ca=b"ca")

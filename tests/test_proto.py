@@ -1,8 +1,8 @@
 """The device protocol's messages, answered by the real aggregator on a loopback gRPC server.
 
-Every reply here comes from :class:`~shoal.transport.server.AggregatorService` driving a real
-:class:`~shoal.device_round.DeviceRound`, so the test checks what the messages mean to a
-device: a check-in is answered by a task or by "come back at T" with its reason; a model larger
+Every reply here comes from :class:`~shoal.transport.server.AggregatorService` in front of the
+real coordinator (a :class:`~shoal.transport.carrier.GrpcCarrier` serving one synchronous
+round), so the test checks what the messages mean to a device: a check-in is answered by a task or by "come back at T" with its reason; a model larger
 than one gRPC message (4 MB) arrives in capped, checksummed chunks that reassemble to the
 model; an update streamed in chunks reaches the round only when it matches its declared
 SHA-256.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import threading
 import time
 
 import numpy as np
@@ -20,23 +21,25 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
-from shoal.device_round import DeviceRound  # noqa: E402
 from shoal.errors import ConfigError  # noqa: E402
+from shoal.policy import SyncPolicy  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.transport.auth import Keyring  # noqa: E402
 from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
-from shoal.transport.server import (AggregatorService, AggregatorSettings,  # noqa: E402
-                                    ModelPayload, serve)
+from shoal.runner import run_round  # noqa: E402
+from shoal.strategy import FedProx, ServerState  # noqa: E402
+from shoal.transport.carrier import GrpcCarrier  # noqa: E402
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
 
 DIM = 1_600_000  # 6.4 MB of float32: more than gRPC carries in one message (4 MB)
 CHUNK = 1 << 20
 SECRET = b"p" * 32
 PARAMS = np.linspace(-1.0, 1.0, DIM, dtype=np.float32)
-SETTINGS = AggregatorSettings(target=1, deadline_s=30.0, min_fraction=1.0, chunk_size=CHUNK,
-                              max_update_bytes=8 << 20, idle_retry_s=2.0,
+SETTINGS = AggregatorSettings(chunk_size=CHUNK, max_update_bytes=8 << 20, idle_retry_s=2.0,
                               checkin_interval_s=5.0)
+DEADLINE_S = 30.0
 ROUND = 3  # trains model version ROUND - 1
 
 
@@ -60,18 +63,42 @@ def server(tmp_path):
     stop()
 
 
+class FirstDevice:
+    """Always samples client 0 (dev-a, the first device in sorted order)."""
+
+    def sample(self, num_clients, rng, count=None):
+        return np.array([0], dtype=np.int64)
+
+
 @pytest.fixture()
 def open_round(server):
-    """Round ``ROUND`` (training model version ``ROUND - 1`` = ``PARAMS``) open for dev-a alone,
-    installed on the service as its client pool does (dev-b is not selected)."""
+    """Round ``ROUND`` (training model version ``ROUND - 1`` = ``PARAMS``) open for dev-a
+    alone: the coordinator's sync policy (target 1, deadline) served to the devices by the
+    gRPC carrier in a thread, as ``shoal serve`` does (dev-b is enrolled, not selected).
+    Yields ``(result, stub)``; ``result`` holds the round's state and record once it ends."""
     service, stub = server
-    rnd = DeviceRound(ROUND, ROUND - 1, ["dev-a"], target=1, opened_at=time.time(),
-                      deadline_s=SETTINGS.deadline_s, min_fraction=1.0, dim=DIM, max_norm=None)
-    with service.lock:
-        service.model = ModelPayload.of(ROUND - 1, PARAMS)
-        service.settings_for_round = {"lr": 0.05}
-        service.round = rnd
-    return rnd, stub
+    carrier = GrpcCarrier(service, ["dev-a", "dev-b"], poll_s=0.05)
+    policy = SyncPolicy(target=1, deadline_s=DEADLINE_S, min_fraction=1.0, max_attempts=1)
+    state = ServerState(PARAMS, version=ROUND - 1)
+    result: dict = {}
+
+    def serve_round():
+        result["state"], result["record"] = run_round(FedProx(mu=0.05), carrier,
+                                                      FirstDevice(), state, seed=0,
+                                                      policy=policy)
+
+    thread = threading.Thread(target=serve_round, daemon=True)
+    thread.start()
+    end = time.time() + 10
+    while carrier.gateway.latest_version is None and time.time() < end:
+        time.sleep(0.01)
+    assert carrier.gateway.latest_version == ROUND - 1
+    result["thread"] = thread
+    yield result, stub
+    with carrier.gateway.changed:  # end a round the test left open
+        if not carrier.gateway.finished:
+            carrier.gateway._finish("test over")
+    thread.join(timeout=10)
 
 
 def test_a_port_in_use_is_a_config_error_naming_it(tmp_path):
@@ -106,9 +133,9 @@ def test_check_in_answers_a_task_or_when_to_come_back(open_round):
     assert reply.WhichOneof("reply") == "task"
     task = reply.task
     assert (task.round, task.model_version, task.kind) == (ROUND, ROUND - 1, "train")
-    assert dict(task.settings) == {"lr": 0.05} and task.spec_fingerprint == "spec-fp"
+    assert dict(task.settings) == {"mu": 0.05} and task.spec_fingerprint == "spec-fp"
     assert len(bytes.fromhex(task.upload_key)) == 16
-    assert before < task.deadline <= time.time() + SETTINGS.deadline_s
+    assert before < task.deadline <= time.time() + DEADLINE_S
     # a lost reply costs nothing: asking again returns the same task
     again = stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"), timeout=5)
     assert again.task.upload_key == task.upload_key
@@ -151,7 +178,7 @@ def test_a_model_larger_than_one_message_streams_in_capped_checksummed_chunks(op
 
 def test_an_update_streamed_in_chunks_reaches_the_round_only_if_it_matches_its_checksum(
         open_round):
-    rnd, stub = open_round
+    result, stub = open_round
     task = stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"),
                         timeout=5).task
     delta = np.full(DIM, 0.25, np.float32)
@@ -172,8 +199,10 @@ def test_an_update_streamed_in_chunks_reaches_the_round_only_if_it_matches_its_c
     headless = upload(hashlib.sha256(blob).digest(), header_first=False)
     assert (headless.accepted, headless.reason) == (False, "malformed")
     assert upload(hashlib.sha256(blob).digest()).accepted
-    assert rnd.status(time.time()).closed_by == "target_reached"
-    [update] = rnd.drain()
-    assert (update.client_id, update.num_examples) == (0, 10)
-    np.testing.assert_array_equal(update.delta, delta)
-    assert update.metrics == {"loss": 0.5, "upload_bytes": float(len(blob))}
+    result["thread"].join(timeout=10)
+    state, record = result["state"], result["record"]
+    assert (record.accepted, record.examples, record.closed_by) == (1, 10, "target_reached")
+    assert record.rejected == {}  # refused on the wire, before the round saw them
+    assert record.bytes_up == len(blob)
+    assert state.version == ROUND
+    np.testing.assert_array_equal(state.params, PARAMS + delta)

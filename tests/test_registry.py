@@ -1,3 +1,6 @@
+"""One conformance suite for every Registry (SQLite file and numpy columns), then what is
+particular to each."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -13,13 +16,16 @@ import shoal.registry as registry_pkg
 from shoal.errors import ShoalError
 from shoal.registry import (
     MINUTES_PER_WEEK,
+    Columns,
     Device,
+    MemoryRegistry,
     Outcome,
     Registry,
     RegistryError,
     SQLiteRegistry,
     UnknownDevice,
     minute_of_week,
+    sequential_ids,
 )
 
 UTC = timezone.utc
@@ -32,11 +38,25 @@ def at(days: float = 0, hours: float = 0, minutes: float = 0) -> float:
     return (MONDAY + timedelta(days=days, hours=hours, minutes=minutes)).timestamp()
 
 
+@pytest.fixture(params=["sqlite", "memory"])
+def make(request, tmp_path):
+    """A factory of empty registries of the parametrized kind (closed after the test)."""
+    made = []
+
+    def new(**kw):
+        r = (SQLiteRegistry(tmp_path / f"registry{len(made)}.db", **kw)
+             if request.param == "sqlite" else MemoryRegistry(**kw))
+        made.append(r)
+        return r
+
+    yield new
+    for r in made:
+        r.close()
+
+
 @pytest.fixture()
-def reg(tmp_path):
-    r = SQLiteRegistry(tmp_path / "registry.db")
-    yield r
-    r.close()
+def reg(make):
+    return make()
 
 
 # --- time ----------------------------------------------------------------------------------
@@ -132,8 +152,8 @@ def test_outcomes_count_participation_and_replays_are_idempotent(reg):
         reg.outcomes("ghost")
 
 
-def test_outcome_history_is_trimmed_to_the_last_rounds(tmp_path):
-    with SQLiteRegistry(tmp_path / "r.db", history=3) as reg:
+def test_outcome_history_is_trimmed_to_the_last_rounds(make):
+    with make(history=3) as reg:
         reg.enroll("a", now=0.0)
         reg.enroll("b", now=0.0)
         for rnd in (7, 1, 9, 3, 8):  # arrival order differs from round order
@@ -142,6 +162,19 @@ def test_outcome_history_is_trimmed_to_the_last_rounds(tmp_path):
         assert [o.round for o in reg.outcomes("a")] == [7, 8, 9]
         assert [o.round for o in reg.outcomes("b")] == [1]  # other devices untouched
         assert reg.get("a").participation == 5  # trimming never forgets the count
+        # a round older than the kept ones is no longer known: recorded (and trimmed) again
+        assert reg.record_outcome("a", 1, "accepted", now=1.0) is True
+        assert [o.round for o in reg.outcomes("a")] == [7, 8, 9]
+        assert reg.get("a").participation == 6
+
+
+def test_sqlite_trims_outcome_rows_on_disk(tmp_path):
+    with SQLiteRegistry(tmp_path / "r.db", history=3) as reg:
+        reg.enroll("a", now=0.0)
+        reg.enroll("b", now=0.0)
+        for rnd in (7, 1, 9, 3, 8):
+            reg.record_outcome("a", rnd, "accepted", now=float(rnd))
+        reg.record_outcome("b", 1, "dropped", now=1.0)
         rows = sqlite3.connect(tmp_path / "r.db").execute(
             "SELECT count(*) FROM outcomes").fetchone()[0]
         assert rows == 4
@@ -315,8 +348,8 @@ def test_refuses_newer_schema_and_foreign_files(tmp_path):
         SQLiteRegistry(junk)
 
 
-def test_closed_registry_refuses_calls(tmp_path):
-    reg = SQLiteRegistry(tmp_path / "r.db")
+def test_closed_registry_refuses_calls(make):
+    reg = make()
     reg.close()
     reg.close()  # idempotent
     with pytest.raises(RegistryError, match="is closed"):
@@ -366,7 +399,10 @@ def test_one_registry_can_be_shared_by_threads(reg):
 
 def test_public_api():
     assert isinstance(SQLiteRegistry(":memory:"), Registry)
+    assert isinstance(MemoryRegistry(), Registry)
     assert all(hasattr(registry_pkg, name) for name in registry_pkg.__all__)
     assert issubclass(RegistryError, ShoalError) and issubclass(UnknownDevice, RegistryError)
     with pytest.raises(RegistryError, match="history"):
         SQLiteRegistry(":memory:", history=0)
+    with pytest.raises(RegistryError, match="history"):
+        MemoryRegistry(history=0)

@@ -17,6 +17,7 @@ from shoal.transport.revocation import RevocationFile, RevocationList  # noqa: E
 from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
+from shoal.telemetry import PrometheusObserver  # noqa: E402
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
 
 
@@ -26,9 +27,10 @@ def test_a_revoked_token_is_refused_by_the_running_aggregator(tmp_path, capsys):
     tokens = {d: issue_token(secret, d, now=time.time(), ttl_seconds=600)
               for d in ("dev-a", "dev-b")}
     (tmp_path / "dev-a.token").write_text(tokens["dev-a"] + "\n")
-    service = AggregatorService(AggregatorSettings(target=1), Keyring.single(secret), 10, "fp",
+    service = AggregatorService(AggregatorSettings(), Keyring.single(secret), 10, "fp",
                                 lambda: SQLiteRegistry(tmp_path / "r.db"),
-                                revocations=RevocationFile(listed, check_every_s=0.0))
+                                revocations=RevocationFile(listed, check_every_s=0.0),
+                                metrics=PrometheusObserver())
     port, stop = serve(service)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.AggregatorStub(channel)
@@ -46,7 +48,7 @@ def test_a_revoked_token_is_refused_by_the_running_aggregator(tmp_path, capsys):
             hello("dev-a")
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert info.value.details().startswith("revoked")
-        assert service.counters.plain["refused:revoked"] == 1
+        assert service.metrics.value("shoal_refused_calls_total", reason="revoked") == 1
         assert hello("dev-b").server_id == "shoal"  # nobody else is affected
         # a broken replacement keeps the last good list: dev-a stays refused
         listed.write_text("{not json")

@@ -32,8 +32,10 @@ from shoal.transport.client import DeviceClient  # noqa: E402
 from shoal.transport.device_api import TrainResult  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
-from shoal.transport.server import (AggregatorService, AggregatorSettings,  # noqa: E402
-                                    GrpcClientPool, serve)
+from shoal.policy import SyncPolicy  # noqa: E402
+from shoal.telemetry import PrometheusObserver  # noqa: E402
+from shoal.transport.carrier import GrpcCarrier  # noqa: E402
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
 
 DIM = 300
 SECRET = b"s" * 32
@@ -53,20 +55,23 @@ def examples_of(i: int) -> int:
 
 
 def secure_setup(tmp_path, n, *, target, min_fraction=0.5, stage_timeout_s=1.5,
-                 deadline_s=6.0):
-    settings = AggregatorSettings(target=target, deadline_s=deadline_s,
-                                  min_fraction=min_fraction, roster_wait_s=5.0,
-                                  stage_timeout_s=stage_timeout_s, long_poll_s=0.5,
-                                  checkin_interval_s=0.2, idle_retry_s=0.2, rate_per_s=200,
-                                  burst=400)
+                 deadline_s=8.0):
+    """A secure aggregator, its carrier and the round's policy (the round's deadline bounds
+    the whole protocol: input collection ends ``stage_timeout_s`` before it)."""
+    settings = AggregatorSettings(roster_wait_s=5.0, stage_timeout_s=stage_timeout_s,
+                                  long_poll_s=0.5, checkin_interval_s=0.2, idle_retry_s=0.2,
+                                  rate_per_s=200, burst=400)
     service = AggregatorService(settings, Keyring.single(SECRET), DIM, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "registry.db"))
+                                lambda: SQLiteRegistry(tmp_path / "registry.db"),
+                                metrics=PrometheusObserver())
     port, stop = serve(service)
     secure = SecAggAggregation(clip=CLIP, value_bits=18, max_weight=64, neighbours=-1,
                                threshold=0, dropout=0.0, corrupt_rate=0.05,
                                rng_for_round=np.random.default_rng)
     devices = [f"dev-{i}" for i in range(n)]
-    pool = GrpcClientPool(service, devices, poll_s=0.05, secure=secure)
+    pool = GrpcCarrier(service, devices, poll_s=0.05, secure=secure)
+    pool.policy = SyncPolicy(target=target, deadline_s=deadline_s, min_fraction=min_fraction,
+                             max_attempts=1)
     return service, port, stop, pool, devices
 
 
@@ -110,7 +115,8 @@ def test_secure_round_over_grpc_sums_exactly_the_included_devices(tmp_path, vani
         for d in devices:  # register them (Hello) before the round samples
             SQLiteRegistry(tmp_path / "registry.db").enroll(d, now=time.time())
         stats, threads = run_devices(port, devices, vanish, stop)
-        coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0)
+        coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0,
+                                  policy=pool.policy)
         state, rec = coord(FedAvg().init(np.zeros(DIM, np.float32)))
         for t in threads:
             t.join(timeout=20)
@@ -147,7 +153,8 @@ def test_too_many_vanishing_devices_abort_the_round_and_keep_the_model(tmp_path)
             SQLiteRegistry(tmp_path / "registry.db").enroll(d, now=time.time())
         vanish = {"dev-0": "share_keys", "dev-3": "share_keys"}
         stats, threads = run_devices(port, devices, vanish, stop)
-        coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0)
+        coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0,
+                                  policy=pool.policy)
         start = FedAvg().init(np.ones(DIM, np.float32))
         state, rec = coord(start)
         for t in threads:
@@ -171,13 +178,14 @@ def test_bad_secagg_calls_are_refused_with_a_reason(tmp_path):
                                                              stage_timeout_s=3.0)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.AggregatorStub(channel)
-    coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0)
+    coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0,
+                                  policy=pool.policy)
     out = {}
     runner = threading.Thread(target=lambda: out.update(
         rec=coord(FedAvg().init(np.zeros(DIM, np.float32)))[1]))
     try:
         runner.start()
-        while service.round is None:
+        while pool.gateway.latest_version is None:
             time.sleep(0.01)
         tasks = {}
         for d in devices:
@@ -218,13 +226,13 @@ def test_bad_secagg_calls_are_refused_with_a_reason(tmp_path):
                             metadata=_md("dev-0"), timeout=5)
         assert not reply.accepted and reply.reason == "wrong_task"
         for reason in ("protocol", "bad_key", "checksum", "too_large"):
-            assert service.counters.plain[f"updates:rejected:{reason}"] == 1, \
-                dict(service.counters.plain)
+            assert service.metrics.value("shoal_updates_total", result="rejected",
+                                         reason=reason) == 1, reason
         # none of it disturbed the round: dev-0 still gets its setup
         assert call("dev-0", t0).WhichOneof("reply") == "setup"
     finally:
-        with service.lock:
-            service.round.close(time.time())
+        with pool.gateway.lock:  # stop the round: the carrier reports it abandoned
+            pool.gateway.session(1).close("test over")
         runner.join(timeout=20)
         channel.close()
         stop_server()

@@ -73,7 +73,7 @@ def expected_cohort(cfg: Config) -> float:
     return s["q"] * cfg["data"]["clients"] if s["method"] == "poisson" else s["per_round"]
 
 
-def policy_from_config(cfg: Config) -> RoundPolicy:
+def policy_from_config(cfg: Config, *, deployed: bool = False) -> RoundPolicy:
     """The round policy of ``cfg["round"]``. Synchronous rounds in simulation await every
     sampled client (the wave-1 semantics); a deployment's rules (target, over-selection,
     deadline, minimum fraction) come from ``cfg["deploy"]``."""
@@ -85,7 +85,14 @@ def policy_from_config(cfg: Config) -> RoundPolicy:
                               "per synchronous round)", key="round.policy")
         return BufferedPolicy(concurrency=r["concurrency"], buffer_size=r["buffer_size"],
                               staleness_exponent=r["staleness_exponent"],
-                              max_staleness=r["max_staleness"])
+                              max_staleness=r["max_staleness"],
+                              # a device that never reports frees its slot at the deadline
+                              deadline_s=cfg["deploy"]["deadline_s"] if deployed else math.inf)
+    if deployed:
+        d = cfg["deploy"]
+        return SyncPolicy(target=d["target"] or cfg["sampling"]["per_round"],
+                          over_selection=d["over_selection"], deadline_s=d["deadline_s"],
+                          min_fraction=d["min_fraction"])
     return SyncPolicy()
 
 

@@ -35,7 +35,8 @@ from shoal import seeds
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
 from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
                           CommitVersion, Event, Finished, PartialAggregate, SendTask,
-                          TaskEnded, Tick, TrainTask, UpdateBatch, UpdatesArrived, WakeAt)
+                          TaskEnded, Tick, TrainTask, UpdateBatch, UpdateRefused,
+                          UpdatesArrived, WakeAt)
 from shoal.observers import Observer, Observers
 from shoal.pipeline import Pipeline, PipelineRun, validate_rows
 from shoal.policy import RoundPolicy, SyncPolicy
@@ -44,6 +45,8 @@ from shoal.sampling import Sampler
 from shoal.strategy import ServerState, Strategy
 
 __all__ = ["Coordinator"]
+
+_DROPPED_AT = "secagg_dropped_at_"  # + stage: clients secure aggregation lost there
 
 
 @dataclass
@@ -170,7 +173,8 @@ class Coordinator:
         if self._done:
             if isinstance(event, UpdatesArrived):
                 self._refuse(event.task_id, "late", _rows_of(event.arrival),
-                             f"the run has finished ({self._done})")
+                             f"the run has finished ({self._done})",
+                             _clients_of(event.arrival))
             return self._flush()
         if isinstance(event, UpdatesArrived):
             self._arrived(event)
@@ -206,6 +210,7 @@ class Coordinator:
         task_id = self._next_task
         if isinstance(self.policy, SyncPolicy):
             key = self.state.version + 1
+            count = count if count is None else min(count, self.num_clients)
             clients = self.cohort(key, self.policy.attempt, count)
         else:
             key = task_id
@@ -294,9 +299,10 @@ class Coordinator:
             self.observers.version_committed(record)
             if any(k in info for k in ("epsilon", "noise_std")):
                 self.observers.privacy_spent(self.state.version, info)
-            if info.get("secagg_dropped"):
-                self.observers.secagg_dropouts(self.state.version, "share_keys",
-                                               int(info["secagg_dropped"]))
+            for key, count in info.items():  # secure aggregation: dropouts by stage
+                if key.startswith(_DROPPED_AT) and count:
+                    self.observers.secagg_dropouts(self.state.version,
+                                                   key[len(_DROPPED_AT):], int(count))
             self.can_step()  # finishes the run once the last version is in
         else:
             self._out.append(AbortRound(record, reason, retry))
@@ -320,9 +326,12 @@ class Coordinator:
             self.cancel(task_id, "run finished")
         self._out.append(Finished(reason))
 
-    def _refuse(self, task_id: int, reason: str, count: int, detail: str) -> None:
+    def _refuse(self, task_id: int, reason: str, count: int, detail: str,
+                clients: np.ndarray | None = None) -> None:
         self._tally.rejected[reason] += count
         self.observers.update_rejected(task_id, reason, count, detail, self._now)
+        ids = () if clients is None else tuple(int(c) for c in clients)
+        self._out.append(UpdateRefused(task_id, ids, reason, detail))
 
     def _arrived(self, event: UpdatesArrived) -> None:
         item, task_id = event.arrival, event.task_id
@@ -330,23 +339,23 @@ class Coordinator:
         down = item.metrics.get("download_bytes", 0)
         tally.bytes_down += int(np.sum(down))
         t = self._tasks.get(task_id)
-        n = _rows_of(item)
+        n, who = _rows_of(item), _clients_of(item)
         if t is None:
-            self._refuse(task_id, "unknown_task", n, f"no task {task_id} is open")
+            self._refuse(task_id, "unknown_task", n, f"no task {task_id} is open", who)
             return
         if t.cancelled:
-            self._refuse(task_id, "late", n, "the round of this task has closed")
+            self._refuse(task_id, "late", n, "the round of this task has closed", who)
             return
         base = item.base_version if item.base_version is not None else t.task.version
         if base != t.task.version:
             self._refuse(task_id, "wrong_version", n, f"task {task_id} sent version "
-                         f"{t.task.version}, the update says it trained from {base}")
+                         f"{t.task.version}, the update says it trained from {base}", who)
             return
         staleness = self.state.version - base
         try:
             factor = self.policy.staleness_weight(staleness)
         except UpdateRejected as exc:
-            self._refuse(task_id, exc.reason, n, exc.detail)
+            self._refuse(task_id, exc.reason, n, exc.detail, who)
             self._done_clients(t, _clients_of(item))
             self.policy.on_end(self, task_id, False)
             return
@@ -381,16 +390,19 @@ class Coordinator:
             dup = ~known & np.fromiter((int(c) in asked for c in ids), bool, len(ids))
             if dup.any():
                 self._refuse(t.task.task_id, "duplicate", int(dup.sum()),
-                             "this client already reported for this task")
+                             "this client already reported for this task", ids[dup])
             if (~known & ~dup).any():
                 self._refuse(t.task.task_id, "not_selected", int((~known & ~dup).sum()),
-                             "the client was not asked to train this task")
-        self._done_clients(t, ids[known])
-        keep, rejected, detail = validate_rows(rows, examples, self.state.params.size,
-                                               self.pipeline.validation)
+                             "the client was not asked to train this task", ids[~known & ~dup])
+        # a refused row changes nothing: its client may still send a good update (the task
+        # ends for it when it is accepted, fails, times out or the carrier ends the task)
+        keep, refused = validate_rows(rows, examples, self.state.params.size,
+                                      self.pipeline.validation)
+        for r in refused:
+            mask = r.rows & known
+            if mask.any():
+                self._refuse(t.task.task_id, r.reason, int(mask.sum()), r.detail, ids[mask])
         keep = keep & known
-        for reason, count in rejected.items():
-            self._refuse(t.task.task_id, reason, count, detail)
         if not keep.any():
             return
         every = bool(keep.all())
@@ -401,8 +413,9 @@ class Coordinator:
         try:
             self._run.fold(kept, weights)
         except UpdateRejected as exc:
-            self._refuse(t.task.task_id, exc.reason, int(keep.sum()), exc.detail)
+            self._refuse(t.task.task_id, exc.reason, int(keep.sum()), exc.detail, ids[keep])
             return
+        self._done_clients(t, ids[keep])
         k = int(keep.sum())
         tally.accepted += k
         tally.examples += int(weights.sum())
@@ -427,11 +440,10 @@ class Coordinator:
             return
         row = np.asarray(item.delta)[np.newaxis] if isinstance(item.delta, np.ndarray) \
             else item.delta
-        keep, rejected, detail = validate_rows(row, np.array([item.num_examples]),
-                                               self.state.params.size,
-                                               self.pipeline.validation)
-        for reason, count in rejected.items():
-            self._refuse(t.task.task_id, reason, count, detail)
+        keep, refused = validate_rows(row, np.array([item.num_examples]),
+                                      self.state.params.size, self.pipeline.validation)
+        for r in refused:
+            self._refuse(t.task.task_id, r.reason, 1, r.detail)
         if not keep.all():
             return
         if factor != 1.0:

@@ -1,8 +1,8 @@
 """The aggregator process: the round engine serving real devices over gRPC.
 
 :func:`run_aggregator` assembles the same :class:`~shoal.experiment.Experiment` the
-simulator runs -- strategy, coordinator, central evaluation, privacy -- but with a
-:class:`~shoal.transport.server.GrpcClientPool` as its carrier, and makes it crash-safe:
+simulator runs -- strategy, coordinator and round policy, central evaluation, privacy -- but
+with a :class:`~shoal.transport.carrier.GrpcCarrier` as its carrier, and makes it crash-safe:
 every committed round is written to the model store (atomically, checksummed) before the
 next round starts, and on start the aggregator resumes from the store's latest version, so
 killing it with SIGKILL loses nothing committed. Devices reconnect by themselves (their
@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +27,15 @@ from shoal.sampling import UniformSampler
 from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
 from shoal.models import build_model
+from shoal.observers import CarrierObserver, Observer
 from shoal.registry import SQLiteRegistry
-from shoal.selection import over_selection_count
 from shoal.experiment import Experiment, RunResult
 from shoal.store import ModelStore
 from shoal.transport.auth import Keyring, load_or_create_secret
 from shoal.transport.revocation import RevocationFile
 from shoal.transport.certs import load_client_ca
-from shoal.transport.server import (AggregatorService, AggregatorSettings, GrpcClientPool,
-                                    serve)
+from shoal.transport.carrier import GrpcCarrier
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
 __all__ = ["AggregatorPaths", "check_deployable", "run_aggregator"]
 
@@ -70,22 +70,27 @@ class AggregatorPaths:
 
 
 def settings_from_config(cfg: Config) -> AggregatorSettings:
-    d = cfg["deploy"]
+    """The device-facing settings of ``cfg`` (the round rules go to the coordinator's
+    policy, :func:`~shoal.build.policy_from_config`; the norm bound to its pipeline)."""
+    d, c = cfg["deploy"], cfg["compression"]
     return AggregatorSettings(
-        target=d["target"] or cfg["sampling"]["per_round"], deadline_s=d["deadline_s"],
-        min_fraction=d["min_fraction"], max_norm=d["max_norm"] or None,
         max_update_bytes=int(d["max_update_mb"] * (1 << 20)),
         checkin_interval_s=d["checkin_interval_s"],
         max_active_uploads=d["max_active_uploads"],
         roster_wait_s=cfg["secure_aggregation"]["roster_wait_s"],
-        stage_timeout_s=cfg["secure_aggregation"]["stage_timeout_s"])
+        stage_timeout_s=cfg["secure_aggregation"]["stage_timeout_s"],
+        upload_codec="" if c["upload"] == "none" else c["upload"],
+        error_feedback=c["error_feedback"], download_codec=c["download_codec"],
+        delta_downloads=c["download"] == "delta", keep_versions=c["max_staleness"])
 
 
 def run_aggregator(cfg: Config, paths: AggregatorPaths,
                    on_round: Callable[[RoundRecord], None] | None = None,
-                   on_ready: Callable[[int], None] | None = None) -> tuple[Experiment,
-                                                                          RunResult]:
-    """Serve devices until ``cfg.rounds`` rounds are committed (resuming from the store).
+                   on_ready: Callable[[int], None] | None = None, *,
+                   observers: Iterable[Observer] = ()) -> tuple[Experiment, RunResult]:
+    """Serve devices until ``cfg.rounds`` rounds are committed (resuming from the store),
+    telling ``observers`` (a progress bar, a run directory, logs) what happens; Prometheus
+    metrics are always collected and served on ``deploy.metrics_port`` when it is >= 0.
 
     Raises:
         ConfigError: what :func:`check_deployable` refuses, or not enough devices enrolled
@@ -115,26 +120,29 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     data = load_data(cfg)
     spec = spec_of(build_model(cfg["model"]["name"], int(np.prod(data.train.x.shape[1:])),
                                data.train.num_classes, cfg.seed))
+    metrics = _metrics()
     service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
-                                registry_factory, revocations=revocations)
+                                registry_factory, revocations=revocations, metrics=metrics)
     port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
     try:
         if paths.port_file is not None:
             paths.port_file.write_text(f"{port}\n")
         if d["metrics_port"] >= 0:
-            mport = service.counters.serve_http(d["metrics_port"], d["host"])
+            if not hasattr(metrics, "serve_http"):
+                raise ConfigError("a metrics port needs prometheus_client (pip install "
+                                  "shoal[deploy])", key="deploy.metrics_port")
+            mport = metrics.serve_http(d["metrics_port"], d["host"])
             log.info("metrics on http://%s:%d/metrics", d["host"], mport)
         if on_ready:
             on_ready(port)
         devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
                                     cfg["data"]["clients"], d["wait_timeout_s"])
-        pool = GrpcClientPool(service, devices, secure=secagg_from_config(cfg))
-        per_round = min(len(devices), over_selection_count(settings.target,
-                                                           d["over_selection"]))
-        sampler = (UniformSampler(per_round) if d["selection"] == "uniform" else
-                   RegistrySampler(selector_from_config(cfg), per_round, tuple(pool.devices),
-                                   registry_factory))
-        exp = Experiment(cfg, data, pool=pool, sampler=sampler)
+        carrier = GrpcCarrier(service, devices, secure=secagg_from_config(cfg))
+        # the policy asks ceil(deploy.target x deploy.over_selection) devices a round
+        sampler = (UniformSampler(cfg["sampling"]["per_round"]) if d["selection"] == "uniform"
+                   else RegistrySampler(selector_from_config(cfg), cfg["sampling"]["per_round"],
+                                        carrier.devices, registry_factory))
+        exp = Experiment(cfg, data, pool=carrier, sampler=sampler)
         state = None
         latest = store.latest()
         if latest is not None:
@@ -147,11 +155,25 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                          metrics={"accepted": float(rec.accepted)},
                          parent=parent.id if parent else None, now=time.time())
 
-        result = exp.run(on_round, state=state, on_commit=commit)
+        result = exp.run(on_round, state=state, on_commit=commit,
+                         observers=[metrics, *observers])
         return exp, result
     finally:
         stop()
         store.close()
+        if hasattr(metrics, "close"):
+            metrics.close()
+
+
+def _metrics() -> CarrierObserver:
+    """Prometheus metrics when ``prometheus_client`` is installed (the deploy extra), else
+    hooks that do nothing."""
+    try:
+        from shoal.telemetry import PrometheusObserver
+
+        return PrometheusObserver()
+    except ImportError:  # pragma: no cover - the deploy extra installs it
+        return CarrierObserver()
 
 
 @dataclass(frozen=True)
@@ -210,15 +232,14 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
     if mutual_tls and not tls:
         raise ConfigError("mutual TLS (--client-ca) needs the server's certificate "
                           "directory (--certs)", key="client_ca")
-    comp = cfg["compression"]
-    if cfg["privacy"]["placement"] == "local" or comp["upload"] != "none":
-        raise ConfigError("the device runtime does not yet apply local DP or compression; "
-                          "run those in simulation (shoal run)", key="deploy")
-    if comp["download"] != "full" or comp["download_codec"] != "none" \
-            or comp["error_feedback"]:
-        raise ConfigError("deployed models travel as full float32 vectors: "
-                          "compression.download, download_codec and error_feedback apply to "
-                          "simulation only (shoal run)", key="compression.download")
+    if cfg["privacy"]["placement"] == "local":
+        raise ConfigError("the device runtime does not yet apply local DP; run it in "
+                          "simulation (shoal run) or use privacy.placement = 'central'",
+                          key="privacy.placement")
+    if cfg["secure_aggregation"]["enabled"] and cfg["compression"]["upload"] != "none":
+        raise ConfigError("secure aggregation encodes updates itself (fixed point in a ring): "
+                          "compression.upload must be 'none' with it",
+                          key="compression.upload")
     if cfg["privacy"]["placement"] == "central" and cfg["secure_aggregation"]["enabled"]:
         raise ConfigError("central DP with secure aggregation runs in simulation only for "
                           "now: over gRPC the devices would have to clip before masking",

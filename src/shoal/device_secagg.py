@@ -5,7 +5,7 @@ A :class:`SecAggDeviceRound` runs the SecAgg / SecAgg+ server machine of
 devices that check in, as in Bonawitz et al., "Towards Federated Learning at Scale: System
 Design" (MLSys 2019), whose Secure Aggregation runs in the round's phases:
 
-1. **Roster.** Selected devices check in and receive a :class:`~shoal.device_round.Task`
+1. **Roster.** Selected devices check in and receive a :class:`~shoal.device_task.Task`
    (with its one-time key) exactly as in a plain round. The roster closes when every selected
    device has a task or ``roster_wait_s`` has passed; it is the set of tasked devices.
 2. **AdvertiseKeys, ShareKeys.** Each device fetches the ``RoundSetup``, advertises two
@@ -21,7 +21,7 @@ Design" (MLSys 2019), whose Secure Aggregation runs in the round's phases:
 Devices are the *pulling* side: every call is an :meth:`SecAggDeviceRound.exchange` that
 optionally carries the device's message for the current stage and returns the device's next
 server message, a :class:`Wait` (poll again) or an :class:`End`. A message is authenticated
-with the task's key (the checks of :meth:`DeviceRound.authenticate`) and its sender must be
+with the task's key (the checks of :meth:`DeviceTask.authenticate`) and its sender must be
 the device's own client id. A re-sent message for a stage the device already answered (a
 retry after a lost reply) is answered like a poll and counted in ``replays``; it changes
 nothing. Any other refusal raises :class:`~shoal.errors.UpdateRejected` with a reason and
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shoal.device_round import CheckInDecision, DeviceRound
+from shoal.device_task import CheckInDecision, DeviceTask
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
 from shoal.privacy.secagg_driver import SecAggConfig
 from shoal.privacy.secagg_messages import (
@@ -112,36 +112,39 @@ class SecAggDeviceRound:
     """One secure-aggregation round over pulling devices (see the module docstring).
 
     Args:
-        round, model_version, selected, client_ids, opened_at, deadline_s: as for
-            :class:`~shoal.device_round.DeviceRound`.
+        task_id, round, model_version, selected, client_ids: as for
+            :class:`~shoal.device_task.DeviceTask`.
         target: masked inputs after which input collection closes early (>= 1). Keep it
             above the threshold t: every included device needs t live neighbours among the
             included ones, or the round aborts (for the complete graph, target >= t + 1).
         min_accepted: fewest included devices for the round to commit; with fewer masked
             inputs the round aborts *before* unmasking, so nothing is revealed.
+        opened_at: when the task was sent (seconds).
+        input_deadline: when masked-input collection closes at the latest (the carrier
+            leaves the unmasking stage time before the coordinator's deadline); ``inf``
+            waits for every device of the roster.
         dim: model length d (the ring vector has d + 1 entries: w x, then w).
         config_for: k, t and the encoding for a roster of n devices
             (e.g. :meth:`~shoal.privacy.secagg_rounds.SecAggAggregation.config_for`).
         roster_wait_s: longest wait for selected devices to check in (> 0).
         stage_timeout_s: length of the AdvertiseKeys, ShareKeys and Unmasking stages (> 0);
-            input collection runs to the round's deadline (at least this long).
-        pace_spread_s, retry_spread_s: ComeBack jitter, as for ``DeviceRound``.
+            input collection runs to ``input_deadline`` (at least this long).
+        pace_spread_s, retry_spread_s: ComeBack jitter, as for ``DeviceTask``.
 
     Raises:
         ConfigError: an argument out of range (the message names it).
     """
 
-    def __init__(self, round: int, model_version: int, selected: Sequence[str], *,
-                 target: int, min_accepted: int, opened_at: float, deadline_s: float,
+    def __init__(self, task_id: int, round: int, model_version: int, selected: Sequence[str],
+                 *, target: int, min_accepted: int, opened_at: float, input_deadline: float,
                  dim: int, config_for: Callable[[int], SecAggConfig],
                  roster_wait_s: float, stage_timeout_s: float,
-                 client_ids: Sequence[int] | None = None, pace_spread_s: float | None = None,
+                 client_ids: Sequence[int] | None = None, pace_spread_s: float = 10.0,
                  retry_spread_s: float = 10.0) -> None:
-        self._devices = DeviceRound(round, model_version, selected, len(selected), opened_at,
-                                    deadline_s, 1.0, dim, None, client_ids=client_ids,
-                                    pace_spread_s=pace_spread_s,
-                                    retry_spread_s=retry_spread_s)
-        for name, value in (("target", target), ("min_accepted", min_accepted)):
+        self._devices = DeviceTask(task_id, round, model_version, selected,
+                                   client_ids=client_ids, pace_spread_s=pace_spread_s,
+                                   retry_spread_s=retry_spread_s)
+        for name, value in (("target", target), ("min_accepted", min_accepted), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}", key=name)
         for name, value in (("roster_wait_s", roster_wait_s),
@@ -149,14 +152,21 @@ class SecAggDeviceRound:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}",
                                   key=name)
+        if not (isinstance(opened_at, (int, float)) and math.isfinite(opened_at)):
+            raise ConfigError(f"opened_at must be a finite number, got {opened_at!r}",
+                              key="opened_at")
+        if not isinstance(input_deadline, (int, float)) or math.isnan(input_deadline):
+            raise ConfigError(f"input_deadline must be a number, got {input_deadline!r}",
+                              key="input_deadline")
+        self.task_id = self._devices.task_id
         self.round = self._devices.round
         self.model_version = self._devices.model_version
-        self.dim = self._devices.dim
+        self.dim = dim
         self.target = target
         self.min_accepted = min_accepted
         self.config_for = config_for
-        self.roster_deadline = self._devices.opened_at + roster_wait_s
-        self.deadline = self._devices.deadline
+        self.roster_deadline = float(opened_at) + roster_wait_s
+        self.deadline = float(input_deadline)
         self.stage_timeout_s = float(stage_timeout_s)
         self.phase = "roster"
         self.config: SecAggConfig | None = None
@@ -334,7 +344,7 @@ class SecAggDeviceRound:
         return True
 
     def _start(self, now: float) -> None:
-        self._devices.close(now)  # no more tasks: the roster is fixed
+        self._devices.close("roster closed")  # no more tasks: the roster is fixed
         tasked = self._devices.tasked
         self.roster = tuple(sorted(self._devices.client_id(d) for d in tasked))
         n = len(self.roster)
@@ -360,10 +370,11 @@ class SecAggDeviceRound:
         self.server = None  # drops every share and the masked sum: nothing is revealed
         self._outbox = {}
 
-    def close(self, now: float) -> SecAggStatus:
-        """Stop the round (server shutdown); an unfinished round is aborted."""
-        self._devices.close(now)
+    def close(self, reason: str = "closed") -> SecAggStatus:
+        """Stop the round (the coordinator closed its task, or the server shuts down); an
+        unfinished round is aborted and reveals nothing."""
+        self._devices.close(reason)
         if self.phase in ("roster", "protocol"):
-            self._abort("the round was closed before it finished")
+            self._abort(f"the round was closed before it finished ({reason})")
         return self.status()
 

@@ -21,7 +21,8 @@ import numpy as np
 __all__ = [
     "TrainTask", "ClientUpdate", "UpdateBatch", "PartialAggregate", "Arrival",
     "UpdatesArrived", "ClientsFailed", "TaskEnded", "Tick", "Event",
-    "SendTask", "CancelTask", "WakeAt", "CommitVersion", "AbortRound", "Finished", "Command",
+    "SendTask", "CancelTask", "WakeAt", "CommitVersion", "AbortRound", "UpdateRefused",
+    "Finished", "Command",
 ]
 
 
@@ -215,10 +216,27 @@ class AbortRound:
 
 
 @dataclass(frozen=True)
+class UpdateRefused:
+    """Updates of ``task_id`` were refused with ``reason`` (not folded, nothing changed).
+
+    ``client_ids`` are the refused clients (empty for a :class:`PartialAggregate`, which has
+    none of its own). A carrier that answers clients one by one (the gRPC aggregator) tells
+    each its reason; a client not named in any refusal of the commands that answered its
+    arrival was accepted.
+    """
+
+    task_id: int
+    client_ids: tuple[int, ...]
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class Finished:
     """The run is over: the last version is committed, or it stopped for ``reason``."""
 
     reason: str
 
 
-Command: TypeAlias = SendTask | CancelTask | WakeAt | CommitVersion | AbortRound | Finished
+Command: TypeAlias = (SendTask | CancelTask | WakeAt | CommitVersion | AbortRound
+                      | UpdateRefused | Finished)

@@ -220,9 +220,9 @@ class Experiment:
         """A fresh coordinator for this run's settings that tells ``observers`` what happens
         (each :meth:`run` starts its own)."""
         unpredictable_cohorts = self.deployed and self.privacy is not None
+        policy = policy_from_config(self.cfg, deployed=self.deployed)
         return Coordinator(self.strategy, self.pool.num_clients, self.sampler,
-                           seed=self.cfg.seed, policy=policy_from_config(self.cfg),
-                           pipeline=self.pipeline, steps=self.cfg.rounds,
+                           seed=self.cfg.seed, policy=policy, pipeline=self.pipeline, steps=self.cfg.rounds,
                            observers=observers,
                            sample_rng=unpredictable if unpredictable_cohorts else None)
 

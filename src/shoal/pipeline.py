@@ -23,7 +23,6 @@ after it.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,7 +33,7 @@ from shoal.errors import ConfigError, UpdateRejected
 from shoal.summation import WeightedMean
 
 __all__ = ["Sum", "Stage", "StageRun", "SumRule", "SumRun", "PlainSum", "Validation",
-           "validate_rows", "Pipeline", "PipelineRun", "StepInfo"]
+           "validate_rows", "Refusal", "Pipeline", "PipelineRun", "StepInfo"]
 
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -162,38 +161,39 @@ class Validation:
 
 
 def validate_rows(rows: object, weights: object, dim: int, bounds: Validation
-                  ) -> tuple[np.ndarray, Counter[str], str]:
+                  ) -> tuple[np.ndarray, list[Refusal]]:
     """Which rows of an arrival may be folded.
 
-    Returns ``(keep, rejected, detail)``: a bool mask over rows, reason -> count of the rows
-    refused, and a readable detail of the first refusal. A whole arrival of the wrong type or
-    width is refused as one (``wrong_dtype`` / ``wrong_shape``). Rows with a weight of 0 are
-    ``no_data`` (a client without examples contributes nothing; not an error of the client).
+    Returns ``(keep, refused)``: a bool mask over rows, and one :class:`Refusal` per reason
+    that refused any row (its rows as a mask, a readable detail of the first). A whole
+    arrival of the wrong type or width is refused as one (``wrong_dtype`` / ``wrong_shape``).
+    Rows with a weight of 0 are ``no_data`` (a client without examples contributes nothing;
+    not an error of the client).
     """
     if not isinstance(rows, np.ndarray) or rows.dtype not in _DTYPES:
         what = rows.dtype if isinstance(rows, np.ndarray) else type(rows).__name__
         n = len(rows) if isinstance(rows, np.ndarray) and rows.ndim == 2 else 1
-        return np.zeros(n, bool), Counter({"wrong_dtype": n}), \
-            f"updates must be float16, float32 or float64 arrays, got {what}"
+        return np.zeros(n, bool), [Refusal("wrong_dtype", np.ones(n, bool),
+                                           f"updates must be float16, float32 or float64 "
+                                           f"arrays, got {what}")]
     if rows.ndim != 2 or rows.shape[1] != dim:
         n = rows.shape[0] if rows.ndim == 2 else 1
-        return np.zeros(n, bool), Counter({"wrong_shape": n}), \
-            f"update has shape {rows.shape[1:] if rows.ndim == 2 else rows.shape}, " \
-            f"expected ({dim},)"
+        shape = rows.shape[1:] if rows.ndim == 2 else rows.shape
+        return np.zeros(n, bool), [Refusal("wrong_shape", np.ones(n, bool),
+                                           f"update has shape {shape}, expected ({dim},)")]
     k = rows.shape[0]
     w = np.asarray(weights)
-    rejected: Counter[str] = Counter()
-    details: list[str] = []
     if w.shape != (k,) or w.dtype.kind not in "iuf":
-        return np.zeros(k, bool), Counter({"bad_weight": k}), \
-            f"weights must be {k} numbers, got {w.dtype} {w.shape}"
+        return np.zeros(k, bool), [Refusal("bad_weight", np.ones(k, bool),
+                                           f"weights must be {k} numbers, got {w.dtype} "
+                                           f"{w.shape}")]
     keep = np.ones(k, bool)
+    refused: list[Refusal] = []
 
     def refuse(mask: np.ndarray, reason: str, detail: Callable[[int], str]) -> None:
         mask = mask & keep
         if mask.any():
-            rejected[reason] += int(mask.sum())
-            details.append(detail(int(np.flatnonzero(mask)[0])))
+            refused.append(Refusal(reason, mask, detail(int(np.flatnonzero(mask)[0]))))
             keep[mask] = False
 
     wf = w.astype(np.float64)
@@ -211,7 +211,16 @@ def validate_rows(rows: object, weights: object, dim: int, bounds: Validation
         refuse(norms > bounds.max_norm, "norm_too_large",
                lambda i: f"row {i}: L2 norm {norms[i]:.6g} exceeds max_norm = "
                          f"{bounds.max_norm}")
-    return keep, rejected, details[0] if details else ""
+    return keep, refused
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Rows of an arrival refused for one reason: ``rows`` is a bool mask over them."""
+
+    reason: str
+    rows: np.ndarray
+    detail: str
 
 
 # --------------------------------------------------------------------------- the pipeline

@@ -144,7 +144,11 @@ class SyncPolicy:
         return self._attempt
 
     def _target(self) -> int:
-        return self.target if self.target is not None else self._asked
+        # a cohort smaller than the target (a small population, few eligible devices) is
+        # judged against what it could deliver
+        if self.target is None:
+            return self._asked
+        return min(self.target, self._asked) if self._asked else self.target
 
     def min_accepted(self) -> int:
         # 1e-9 tolerance: 0.7 * 10 is 7.000000000000001 in floating point and means 7

@@ -32,13 +32,7 @@ from shoal.events import (AbortRound, Arrival, CancelTask, CommitVersion, Finish
                           WakeAt)
 from shoal.strategy import ServerState
 
-__all__ = ["ClientPool", "RoundAbandoned", "TaskSeconds", "drive", "run_round"]
-
-
-class RoundAbandoned(ProtocolError):
-    """Raised by a pool at the end of ``train`` when its transport-level round could not
-    complete (e.g. fewer devices reported before the deadline than the round's minimum);
-    the loop reports the task as abandoned and the policy retries the round."""
+__all__ = ["ClientPool", "PushCarrier", "TaskSeconds", "drive", "run_round"]
 
 
 @runtime_checkable
@@ -50,6 +44,22 @@ class ClientPool(Protocol):
     def num_clients(self) -> int: ...
 
     def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterable[Arrival]: ...
+
+
+@runtime_checkable
+class PushCarrier(Protocol):
+    """A carrier whose clients come to it (devices pulling work over a network): it runs
+    the coordinator itself, feeding it their messages as events as they happen, on its own
+    clock (the one its clients' deadlines are on). See :class:`~shoal.gateway.DeviceGateway`.
+    """
+
+    @property
+    def num_clients(self) -> int: ...
+
+    def run(self, coordinator: Coordinator, state: ServerState, *,
+            stage_states: tuple | None = None,
+            on_commit: Callable[[ServerState, object], None] | None = None,
+            on_abort: Callable[[object, str, bool], None] | None = None) -> str: ...
 
 
 class TaskSeconds(Protocol):
@@ -79,7 +89,8 @@ def drive(coordinator: Coordinator, pool: ClientPool, state: ServerState, clock:
 
     Args:
         coordinator: a coordinator not yet started.
-        pool: the clients.
+        pool: the clients: a pull pool, or a :class:`PushCarrier` that runs the coordinator
+            itself on its own clock (``clock`` and ``task_seconds`` are then unused).
         state: the server state to start from.
         clock: the run's time (a :class:`SimClock` with ``task_seconds``).
         stage_states: the pipeline stages' saved states (a resumed run).
@@ -94,6 +105,9 @@ def drive(coordinator: Coordinator, pool: ClientPool, state: ServerState, clock:
     Raises:
         ProtocolError: the coordinator waits for an event nothing will send.
     """
+    if isinstance(pool, PushCarrier):
+        return pool.run(coordinator, state, stage_states=stage_states, on_commit=on_commit,
+                        on_abort=on_abort)
     if task_seconds is not None and not isinstance(clock, SimClock):
         raise ProtocolError("a time model needs a simulated clock (SimClock)")
     seq = itertools.count()
@@ -144,23 +158,19 @@ def _at(event, now: float):
 def _send(cmd: SendTask, pool: ClientPool, clock: Clock, task_seconds: TaskSeconds | None,
           feed: Callable, timed: list, seq) -> None:
     task_id = cmd.task.task_id
-    abandoned, detail = False, ""
     start = clock.now()
     last = start
-    try:
-        for item in pool.train(cmd.task, cmd.client_ids):
-            if task_seconds is None:
-                feed(UpdatesArrived(task_id, item, clock.now()))
-                continue
-            ids, n = _ids_and_examples(item)
-            secs = np.asarray(task_seconds(cmd.task, ids, n), dtype=np.float64)
-            for offset, part in _split(item, secs):
-                last = max(last, start + offset)
-                heapq.heappush(timed, (start + offset, next(seq),
-                                       UpdatesArrived(task_id, part, start + offset)))
-    except RoundAbandoned as exc:
-        abandoned, detail = True, str(exc)
-    end = TaskEnded(task_id, clock.now(), abandoned, detail)
+    for item in pool.train(cmd.task, cmd.client_ids):
+        if task_seconds is None:
+            feed(UpdatesArrived(task_id, item, clock.now()))
+            continue
+        ids, n = _ids_and_examples(item)
+        secs = np.asarray(task_seconds(cmd.task, ids, n), dtype=np.float64)
+        for offset, part in _split(item, secs):
+            last = max(last, start + offset)
+            heapq.heappush(timed, (start + offset, next(seq),
+                                   UpdatesArrived(task_id, part, start + offset)))
+    end = TaskEnded(task_id, clock.now())
     if task_seconds is None:
         feed(end)
     else:
@@ -176,7 +186,7 @@ def _ids_and_examples(item: Arrival) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_round(strategy, pool: ClientPool, sampler, state: ServerState, *, seed: int,
-              pipeline=None, policy=None, clock: Clock | None = None):
+              pipeline=None, policy=None, clock: Clock | None = None, observers=()):
     """Run one synchronous round (the next version after ``state``) over ``pool``.
 
     Returns ``(new_state, record)``; a round that could not commit returns ``state``
@@ -188,7 +198,8 @@ def run_round(strategy, pool: ClientPool, sampler, state: ServerState, *, seed: 
 
     policy = policy if policy is not None else SyncPolicy(max_attempts=1)
     coordinator = Coordinator(strategy, pool.num_clients, sampler, seed=seed, policy=policy,
-                              pipeline=pipeline, steps=state.version + 1)
+                              pipeline=pipeline, steps=state.version + 1,
+                              observers=observers)
     out: dict = {"state": state, "record": None}
 
     def committed(st, rec) -> None:

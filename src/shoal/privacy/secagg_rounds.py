@@ -132,6 +132,7 @@ class SecAggAggregation:
         return Sum(result.mean.astype(np.float64) * total, total, len(result.included), {
             "secagg_included": float(len(result.included)),
             "secagg_dropped": float(len(drops)),
+            "secagg_dropped_at_share_keys": float(len(drops)),
             "secagg_neighbours": float(params.neighbours),
             "secagg_threshold": float(params.threshold),
             "secagg_ring_bits": float(params.bits),

@@ -30,11 +30,14 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
 from shoal.errors import ShoalError
+
+if TYPE_CHECKING:
+    from shoal.registry.columns import Columns
 
 __all__ = [
     "MAX_ATTRIBUTES",
@@ -381,7 +384,9 @@ class Device:
 
 @runtime_checkable
 class Registry(Protocol):
-    """Where enrolled devices live. Implementations: :class:`~shoal.registry.SQLiteRegistry`.
+    """Where enrolled devices live. Implementations: :class:`~shoal.registry.SQLiteRegistry`
+    (embedded file, the deployment default) and :class:`~shoal.registry.MemoryRegistry`
+    (numpy columns: simulation, millions of clients).
 
     Every method validates its inputs with the functions of this module and raises
     :class:`RegistryError` (or :class:`UnknownDevice`) without changing anything on bad input.
@@ -400,6 +405,15 @@ class Registry(Protocol):
         """Insert a device or update one: fields given replace the stored ones, ``None``
         keeps them; ``enrolled_at`` and ``participation`` are kept; ``last_seen`` advances to
         ``now``. Returns the stored record."""
+        ...
+
+    def enroll_many(self, device_ids: Sequence[str], *, now: float,
+                    attributes: Mapping[str, Sequence[AttrValue | None]] | None = None,
+                    windows: Sequence[Sequence[Sequence[int]]] | None = None) -> int:
+        """Enrol new devices in one call: ``attributes`` maps a name to one value per id
+        (``None``: the device lacks it), ``windows`` gives one list per id. Returns how many
+        were enrolled. Raises :class:`RegistryError` -- and enrols none -- if an id is
+        invalid, repeated or already enrolled, or a column has the wrong length."""
         ...
 
     def get(self, device_id: str) -> Device:
@@ -438,6 +452,11 @@ class Registry(Protocol):
     def count(self, *, where: Mapping[str, AttrValue] | None = None,
               seen_since: float | None = None, available_at: float | None = None) -> int:
         """Number of matching devices."""
+        ...
+
+    def columns(self) -> Columns:
+        """Every device as a :class:`~shoal.registry.columns.Columns` view, rows in
+        device-id order: what the selectors of :mod:`shoal.selection` read."""
         ...
 
     def remove(self, device_id: str) -> bool:

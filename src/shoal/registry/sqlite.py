@@ -48,6 +48,7 @@ from shoal.registry.base import (
     validate_outcome,
     validate_windows,
 )
+from shoal.registry.columns import Columns, check_bulk
 
 __all__ = ["SCHEMA_VERSION", "SQLiteRegistry"]
 
@@ -200,6 +201,51 @@ class SQLiteRegistry:
                 (device_id, attrs or "{}", caps or "{}", wins or "[]", now, now,
                  attrs, caps, wins))
             return self._get(device_id)
+
+    def enroll_many(self, device_ids: Sequence[str], *, now: float,
+                    attributes: Mapping[str, Sequence[AttrValue | None]] | None = None,
+                    windows: Sequence[Sequence[Sequence[int]]] | None = None) -> int:
+        """Enrol new devices in one transaction (see :meth:`Registry.enroll_many`)."""
+        now = _check_time(now, "now")
+        raw = device_ids.tolist() if hasattr(device_ids, "tolist") else device_ids
+        ids = [validate_device_id(i.decode() if isinstance(i, bytes) else i) for i in raw]
+        check_bulk(len(ids), attributes, windows)
+        seen: set[str] = set()
+        for i in ids:
+            if i in seen:
+                raise RegistryError(f"device {i!r} appears twice among the ids",
+                                    field="device_ids")
+            seen.add(i)
+        columns = {name: (v.tolist() if hasattr(v, "tolist") else builtins.list(v))
+                   for name, v in (attributes or {}).items()}
+        rows = []
+        for k, device_id in enumerate(ids):
+            attrs = validate_attributes({n: col[k] for n, col in columns.items()
+                                         if col[k] is not None}, device_id=device_id)
+            wins = validate_windows(windows[k] if windows is not None else None,
+                                    device_id=device_id)
+            rows.append((device_id, _json(attrs), "{}", _json(wins), now, now))
+        with self._write():
+            taken = self._first_enrolled(ids)
+            if taken is not None:
+                raise RegistryError(f"device {taken!r} is already enrolled", device_id=taken,
+                                    field="device_ids")
+            self._conn.executemany("INSERT INTO devices (" + _COLUMNS + ") VALUES "
+                                   "(?, ?, ?, ?, ?, ?, 0)", rows)
+        return len(rows)
+
+    def _first_enrolled(self, ids: builtins.list[str]) -> str | None:
+        for start in range(0, len(ids), 500):  # SQLite's bound on parameters per statement
+            chunk = ids[start:start + 500]
+            row = self._conn.execute("SELECT min(device_id) FROM devices WHERE device_id IN ("
+                                     + ",".join("?" * len(chunk)) + ")", chunk).fetchone()
+            if row[0] is not None:
+                return row[0]
+        return None
+
+    def columns(self) -> Columns:
+        """Every device as columns, rows in device-id order (one pass over the table)."""
+        return Columns.from_devices(self.scan(batch_size=10_000))
 
     def get(self, device_id: str) -> Device:
         """The device's record. Raises :class:`UnknownDevice`."""

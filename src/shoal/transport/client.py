@@ -7,7 +7,15 @@ The protocol is ``shoal/transport/proto/shoal.proto``; payloads are shoal's code
 (:mod:`shoal.codec.wire`), so the runtime trusts nothing it downloads: a model is reassembled
 into a buffer preallocated from a bounded declared size, offsets must be contiguous, the
 SHA-256 of the whole payload must match, and the codec parser then validates the payload before
-any vector is built. A refused download is counted and retried; it is never trained on.
+any vector is built. A refused download is counted and retried (asking for the full model);
+it is never trained on.
+
+Codecs, as in simulation: the device asks for a model with the version it holds, and decodes
+a delta against it (:mod:`shoal.codec.delta`; exact, so it holds the server's float32 bytes).
+It encodes its update with the chain the task names (``Task.upload_codec``, the config's
+spelling of ``compression.upload``) through the simulator's :class:`~shoal.uplink.Uplink`, and
+with ``Task.error_feedback`` keeps the residual of what compression dropped across rounds (in
+memory: a restarted runtime starts from no residual, and a change of chain drops it).
 
 Resilience: an RPC that fails with a transient status is retried after an exponential backoff
 with full jitter (:mod:`shoal.transport.channel`): ``uniform(0, min(max_backoff_s, 0.5 · 2**n))``
@@ -41,7 +49,7 @@ from typing import TypeVar
 import grpc  # type: ignore[import-untyped]
 import numpy as np
 
-from shoal.codec import STAGES, Chain, from_bytes, to_bytes
+from shoal.codec import STAGES, Chain, decode_download, download_from_bytes
 from shoal.errors import CodecError, ConfigError, SpecError
 from shoal.transport.channel import (MAX_CHUNK_BYTES, backoff_delay, is_transient, make_channel,
                                      refuses_credentials)
@@ -51,10 +59,13 @@ from shoal.transport.device_api import (ClientStats, CredentialsRejected, Downlo
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.secure_round import SecAggParticipant
+from shoal.uplink import Uplink
 
 __all__ = ["RUNTIME_VERSION", "DeviceClient"]
 
-RUNTIME_VERSION = "shoal-client/1"
+#: Sent in Hello. ``shoal-client/2`` honours ``Task.upload_codec``/``error_feedback`` and
+#: decodes delta downloads; ``shoal-client/1`` uploads raw float32 and downloads full models.
+RUNTIME_VERSION = "shoal-client/2"
 _T = TypeVar("_T")
 _WEEK = 7 * 24 * 60
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
@@ -92,6 +103,10 @@ class DeviceClient:
             so setting ``stop`` ends a wait at once.
         rng: drives the backoff jitter (never the idempotency keys, which are from
             :mod:`secrets`).
+        codec_rng: ``codec_rng(round)`` is the generator of the stochastic codec stages
+            (quantizer dither, random-k) for that round's upload; default a fresh generator
+            from OS entropy each round. The simulator's stream for client ``c`` is
+            ``seeds.generator(seed, "uplink", round, c)``.
         max_backoff_s: cap of one backoff wait.
         max_wait_s / min_wait_s: bounds of one ComeBack wait.
         max_model_bytes: a model whose declared size is larger is refused before allocation.
@@ -115,7 +130,9 @@ class DeviceClient:
                  windows: Sequence[tuple[int, int]] = (), chunk_size: int = 256 * 1024,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] | None = None,
-                 rng: random.Random | None = None, max_backoff_s: float = 30.0,
+                 rng: random.Random | None = None,
+                 codec_rng: Callable[[int], np.random.Generator] | None = None,
+                 max_backoff_s: float = 30.0,
                  max_wait_s: float = 3600.0, min_wait_s: float = 1.0,
                  max_model_bytes: int = 128 << 20, max_elements: int | None = None,
                  max_download_attempts: int = 3, max_retries: int | None = None,
@@ -143,6 +160,10 @@ class DeviceClient:
         self.chunk_size = chunk_size
         self._clock, self._sleep = clock, sleep
         self._rng = rng if rng is not None else random.Random()
+        self._codec_rng = codec_rng if codec_rng is not None else (
+            lambda _round: np.random.default_rng())
+        self._uplink: Uplink | None = None  # the task's chain and this device's residual
+        self._uplink_key: tuple[str, bool, int] | None = None
         self.max_backoff_s, self.max_wait_s, self.min_wait_s = max_backoff_s, max_wait_s, min_wait_s
         self.max_model_bytes = max_model_bytes
         self.max_elements = max_model_bytes // 4 if max_elements is None else max_elements
@@ -166,6 +187,13 @@ class DeviceClient:
         """A snapshot of the counters."""
         return replace(self._stats, rejections=dict(self._stats.rejections),
                        secagg=dict(self._stats.secagg))
+
+    @property
+    def residual(self) -> np.ndarray | None:
+        """A copy of the error-feedback residual carried into the next upload (``None``
+        without error feedback or before the first compressed upload)."""
+        r = self._uplink.residuals.get(0) if self._uplink is not None else None
+        return None if r is None else r.copy()
 
     @property
     def held_version(self) -> int:
@@ -272,12 +300,26 @@ class DeviceClient:
             self._secagg.run(task, params)
             return
         result = self._train_checked(params, task)
-        delta = np.asarray(result.delta)
-        try:  # the raw chain draws no randomness; the generator is a formality
-            payload = to_bytes(Chain([]).encode(delta, np.random.default_rng(0)))
+        self._upload(task, result, self._encode_update(task, np.asarray(result.delta)))
+
+    def _encode_update(self, task: pb.Task, delta: np.ndarray) -> bytes:
+        """The update in the task's chain, through the device's one-client uplink (the
+        simulator's code: same chain objects, residual rule and wire format)."""
+        key = (task.upload_codec, bool(task.error_feedback), int(delta.size))
+        if self._uplink is None or self._uplink_key != key:
+            try:
+                chain = Chain.parse(task.upload_codec, key="task.upload_codec")
+            except ConfigError as exc:
+                raise TaskAbandoned(f"cannot use the task's upload codec: {exc}") from None
+            if self._uplink is not None and self._uplink.residuals:
+                self._log.info("upload codec is now %r (error feedback %s): residual dropped",
+                               task.upload_codec, task.error_feedback)
+            self._uplink = Uplink(int(delta.size), chain, error_feedback=key[1])
+            self._uplink_key = key
+        try:
+            return self._uplink.encode(0, delta, self._codec_rng(int(task.round)))
         except CodecError as exc:  # e.g. training diverged to NaN: never upload it
             raise TaskAbandoned(f"update cannot be encoded: {exc}") from None
-        self._upload(task, result, payload)
 
     def _train_checked(self, params: np.ndarray, task: pb.Task) -> TrainResult:
         result = self._train(params, dict(task.settings), int(task.round))
@@ -345,9 +387,11 @@ class DeviceClient:
             self._stats.cache_hits += 1
             return self._model[1]
         for attempt in range(self.max_download_attempts):
+            # a delta against the held model first; after a refusal, the full model
+            base = self.held_version if attempt == 0 else 0
             try:
-                blob = self._download(version)
-                params = from_bytes(blob, max_elements=self.max_elements)
+                blob, got_base = self._download(version, base)
+                params = self._decode_model(blob, version, got_base)
             except (DownloadRefused, CodecError) as exc:
                 self._stats.download_errors += 1
                 self._log.warning("model version %d refused (attempt %d of %d): %s", version,
@@ -358,33 +402,55 @@ class DeviceClient:
             params.setflags(write=False)
             self._model = (version, params)
             self._stats.downloads += 1
+            if got_base:
+                self._log.info("model version %d: delta against %d (%d bytes)", version,
+                               got_base, len(blob))
             return params
         raise TaskAbandoned(f"model version {version} refused {self.max_download_attempts} times")
 
-    def _download(self, version: int) -> bytearray:
-        request = pb.DownloadRequest(version=version, base_version=0, chunk_size=self.chunk_size)
+    def _decode_model(self, blob: bytearray, version: int, base: int) -> np.ndarray:
+        """The model a verified payload carries: full, or a delta against the held model.
+
+        A payload without a versions context is a full model (servers before delta downloads
+        sent bare models); one with a context must name the stream's versions.
+        """
+        dl = download_from_bytes(blob, max_elements=self.max_elements,
+                                 bare_version=version if base == 0 else None)
+        if dl.version != version or dl.base_version != (base or None):
+            raise DownloadRefused(f"payload is version {dl.version} against base "
+                                  f"{dl.base_version}, the stream said {version} against "
+                                  f"{base or None}")
+        return decode_download(dl, self._model)
+
+    def _download(self, version: int, base_version: int) -> tuple[bytearray, int]:
+        request = pb.DownloadRequest(version=version, base_version=base_version,
+                                     chunk_size=self.chunk_size)
         return self._task_rpc("Download", lambda: self._fetch(request))
 
-    def _fetch(self, request: pb.DownloadRequest) -> bytearray:
+    def _fetch(self, request: pb.DownloadRequest) -> tuple[bytearray, int]:
         call = self._stub.Download(request, timeout=self.transfer_timeout_s,
                                    metadata=self._metadata)
         try:
-            return self._assemble(request.version, call)
+            return self._assemble(request, call)
         finally:
             call.cancel()  # stop the server streaming a refused download; no-op once done
 
-    def _assemble(self, version: int, stream: Iterator[pb.ModelChunk]) -> bytearray:
-        """Reassemble a Download stream into one verified payload (the checks are the point)."""
+    def _assemble(self, request: pb.DownloadRequest, stream: Iterator[pb.ModelChunk]
+                  ) -> tuple[bytearray, int]:
+        """Reassemble a Download stream into one verified payload (the checks are the point);
+        returns it and its base version (0 = full model)."""
+        version = request.version
         buf: bytearray | None = None
-        digest, expected, total, received = hashlib.sha256(), b"", 0, 0
+        digest, expected, total, received, base = hashlib.sha256(), b"", 0, 0, 0
         for chunk in stream:
             n = len(chunk.data)
             self._stats.bytes_down += n
             if buf is None:
-                total, expected = chunk.total_size, chunk.sha256
-                if chunk.version != version or chunk.base_version != 0:
-                    raise DownloadRefused(f"asked for full model version {version}, got version "
-                                          f"{chunk.version} against base {chunk.base_version}")
+                total, expected, base = chunk.total_size, chunk.sha256, chunk.base_version
+                if chunk.version != version or base not in (0, request.base_version):
+                    raise DownloadRefused(f"asked for model version {version} (holding "
+                                          f"{request.base_version}), got version "
+                                          f"{chunk.version} against base {base}")
                 if not 0 < total <= self.max_model_bytes:
                     raise DownloadRefused(f"declared total_size {total} is outside "
                                           f"[1, max_model_bytes={self.max_model_bytes}]")
@@ -393,10 +459,11 @@ class DeviceClient:
                                           f"expected 32")
                 buf = bytearray(total)
             elif ((chunk.version and chunk.version != version)
+                  or (chunk.base_version and chunk.base_version != base)
                   or (chunk.total_size and chunk.total_size != total)
                   or (chunk.sha256 and chunk.sha256 != expected)):
                 raise DownloadRefused(f"chunk at offset {chunk.offset} changes the version, "
-                                      f"total_size or sha256 of the download")
+                                      f"base_version, total_size or sha256 of the download")
             if chunk.offset != received:
                 raise DownloadRefused(f"chunk offset {chunk.offset}, expected {received} "
                                       f"(chunks must be contiguous and in order)")
@@ -411,7 +478,7 @@ class DeviceClient:
             raise DownloadRefused(f"download truncated: {received} of {total} bytes")
         if not hmac.compare_digest(digest.digest(), expected):
             raise DownloadRefused("sha256 of the downloaded model does not match")
-        return buf
+        return buf, base
 
     def _task_rpc(self, method: str, call: Callable[[], _T]) -> _T:
         """:meth:`_rpc` within a task: an unexpected status (e.g. the version is gone, the

@@ -1,0 +1,542 @@
+"""The carrier for devices that pull work: device messages in, coordinator events out.
+
+::
+
+    check_in / upload / secagg / tick ──▶ DeviceGateway ──▶ Coordinator.handle(event)
+          (a device, at ``now``)             │  sessions        │
+                                             ◀── commands ──────┘
+        SendTask → open a DeviceTask (or a SecAggDeviceRound) for its devices
+        CancelTask → close it (later uploads are "late") · WakeAt → a timer for tick()
+        UpdateRefused → the refused device's answer
+        CommitVersion · AbortRound · Finished → the backlog, carried out by carry_out()
+
+:class:`DeviceGateway` has no round rule of its own: the coordinator's policy decides when a
+task opens and closes and whether it commits, its pipeline judges every update. The gateway
+keeps one session per task (:class:`~shoal.device_task.DeviceTask`: who was asked, their
+keys, their answers), turns an authenticated upload into an ``UpdatesArrived`` event and
+answers the device with the coordinator's verdict, at once. Secure-aggregation tasks run the
+SecAgg+ machine (:class:`~shoal.device_secagg.SecAggDeviceRound`) as their session; its
+unmasked sum reaches the coordinator as one :class:`~shoal.events.PartialAggregate`.
+
+The gRPC aggregator (:mod:`shoal.transport.server`) calls it from its handlers, and tests
+call it directly with scripted devices (the in-memory transport): the same code commits the
+same versions either way. It reads no clock (every call takes ``now``) and opens no socket.
+
+Threads: every method takes the gateway's lock, so handlers may call it concurrently. The
+commands that do I/O (persisting and evaluating a version, the run's end) and every command
+after them are queued in order and carried out by :meth:`carry_out` *outside* the lock, by
+one driving thread: a new task opens only after the version it trains is persisted, while
+devices keep being answered.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.coordinator import Coordinator
+from shoal.device_secagg import SecAggDeviceRound
+from shoal.device_task import ComeBack, DeviceTask, Task, UploadResult
+from shoal.errors import ProtocolError, UpdateRejected
+from shoal.observers import Observer
+from shoal.events import (AbortRound, CancelTask, ClientUpdate, Command, CommitVersion,
+                          Finished, PartialAggregate, SendTask, TaskEnded, Tick,
+                          UpdateRefused, UpdatesArrived, WakeAt)
+
+__all__ = ["DeviceGateway", "GatewaySettings", "Outcome"]
+
+log = logging.getLogger("shoal.aggregator")
+
+_IO = (CommitVersion, AbortRound, Finished)
+_KEEP_CLOSED = 8  # closed sessions kept to answer late uploads and retries
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """How the gateway paces devices and runs secure aggregation.
+
+    Attributes:
+        idle_retry_s: devices that find no task come back within this (jittered).
+        checkin_interval_s: devices a task does not need come back within
+            [0.5, 1.5] x this (pace steering spreads their check-ins).
+        roster_wait_s: secure aggregation: longest wait for the selected devices to check
+            in before the roster closes.
+        stage_timeout_s: secure aggregation: length of the key and unmasking stages; input
+            collection ends this long before the task's deadline, so that unmasking fits.
+    """
+
+    idle_retry_s: float = 2.0
+    checkin_interval_s: float = 5.0
+    roster_wait_s: float = 15.0
+    stage_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one device did for one task, for the registry (participation, fairness)."""
+
+    device_id: str
+    task_id: int
+    round: int
+    outcome: str  # "accepted", "late", "dropped" or "rejected:<reason>"
+    now: float
+
+
+class DeviceGateway:
+    """Devices behind a coordinator (see the module docstring).
+
+    Args:
+        devices: the device ids the coordinator's client ids index (sorted here).
+        dim: the model length.
+        settings: pacing and secure-aggregation timing.
+        secure: the run's :class:`~shoal.privacy.secagg_rounds.SecAggAggregation` to run
+            every task as a secure-aggregation round, or ``None``.
+        rng: jitter of come-back times (not security-relevant).
+        observer: told about uploads the sessions refuse before they reach the
+            coordinator (the coordinator tells its own observers about the rest).
+        on_progress: called (under the lock) when a secure-aggregation stage advanced, so
+            the carrier can wake devices waiting on a long poll.
+        on_publish: called with ``(version, params)`` (under the lock) when a task trains
+            from a version no earlier task did: make it downloadable.
+    """
+
+    def __init__(self, devices: Sequence[str], dim: int,
+                 settings: GatewaySettings = GatewaySettings(), *,
+                 secure: object | None = None, rng: np.random.Generator | None = None,
+                 observer: Observer | None = None,
+                 on_progress: Callable[[], None] | None = None,
+                 on_publish: Callable[[int, np.ndarray], None] | None = None) -> None:
+        self.observer = observer if observer is not None else Observer()
+        self.on_progress = on_progress
+        self.on_publish = on_publish
+        self.devices = tuple(sorted(devices))
+        self.dim = int(dim)
+        self.settings = settings
+        self.secure = secure
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.coordinator: Coordinator | None = None
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._sessions: dict[int, DeviceTask | SecAggDeviceRound] = {}
+        self._task_of: dict[str, int] = {}  # device -> its latest task
+        self._params: dict[int, np.ndarray] = {}  # version -> params, while a task needs it
+        self._settings: dict[int, dict[str, float]] = {}
+        self._timers: list[float] = []
+        self._backlog: deque[Command] = deque()
+        self._io_busy = False
+        self._outcomes: list[Outcome] = []
+        self._served = 0  # download bytes not yet reported to the coordinator
+        self._fed: set[int] = set()  # secure tasks whose result reached the coordinator
+        self._received: Counter[int] = Counter()  # secure task -> bytes received
+        self.finished = ""
+        self.rejections: Counter[str] = Counter()
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.devices)
+
+    @property
+    def aggregates_securely(self) -> bool:
+        return self.secure is not None
+
+    # -- starting and queries ------------------------------------------------------------------
+
+    def start(self, coordinator: Coordinator, state: object, now: float,
+              stage_states: tuple | None = None) -> None:
+        """Start ``coordinator`` from ``state``; its first task opens (or is queued behind
+        the backlog)."""
+        with self.changed:
+            if self.coordinator is not None:
+                raise ProtocolError("the gateway already serves a coordinator")
+            self.coordinator = coordinator
+            self._carry(coordinator.start(state, now, stage_states), now)
+
+    def params(self, version: int) -> np.ndarray | None:
+        """The model ``version`` while a task trains from it (else ``None``)."""
+        with self.lock:
+            return self._params.get(version)
+
+    @property
+    def latest_version(self) -> int | None:
+        with self.lock:
+            return max(self._params) if self._params else None
+
+    def session(self, task_id: int) -> DeviceTask | SecAggDeviceRound | None:
+        with self.lock:
+            return self._sessions.get(task_id)
+
+    def secure_session(self, device_id: str, round: int) -> SecAggDeviceRound | None:
+        """The secure-aggregation session ``device_id`` takes part in for ``round`` (open or
+        recently finished), if any."""
+        with self.lock:
+            tid = self._task_of.get(device_id)
+            s = self._sessions.get(tid) if tid is not None else None
+            return s if isinstance(s, SecAggDeviceRound) and s.round == round else None
+
+    def take_outcomes(self) -> list[Outcome]:
+        """The outcomes recorded since the last call (write them to the registry outside the
+        gateway's lock)."""
+        with self.lock:
+            out, self._outcomes = self._outcomes, []
+            return out
+
+    def next_wake(self) -> float | None:
+        """When :meth:`tick` next has something to do (a coordinator timer or a secure
+        stage's deadline), or ``None``."""
+        with self.lock:
+            times = list(self._timers[:1])
+            for s in self._sessions.values():
+                if isinstance(s, SecAggDeviceRound) and not s.status().done:
+                    times.append(s.roster_deadline if s.phase == "roster" else s.stage_deadline)
+            return min(times) if times else None
+
+    def _any_open(self) -> bool:
+        return any(not _is_closed(s) for s in self._sessions.values())
+
+    # -- device calls --------------------------------------------------------------------------
+
+    def check_in(self, device_id: str, now: float) -> tuple[Task | ComeBack, str, dict]:
+        """A device asks for work: ``(decision, kind, settings)``; kind ``"train"`` or
+        ``"secagg"``, settings the task's client settings."""
+        with self.lock:
+            soon = now + self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
+            tid = self._task_of.get(device_id)
+            s = self._sessions.get(tid) if tid is not None else None
+            if self.finished or s is None or (_is_closed(s) and self._any_open()):
+                if not self.finished and self._any_open():
+                    # an open task does not need this device: pace it out
+                    return ComeBack(soon, "not_selected"), "train", {}
+                idle = ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
+                                "no_round")
+                return idle, "train", {}
+            decision = s.check_in(device_id, now, rng=self._rng)
+            if isinstance(decision, ComeBack) and decision.reason == "round_closed":
+                decision = ComeBack(min(decision.at, now + self.settings.idle_retry_s),
+                                    "round_closed")
+            elif isinstance(decision, ComeBack):
+                decision = ComeBack(min(decision.at, soon), decision.reason)
+            kind = "secagg" if isinstance(s, SecAggDeviceRound) else "train"
+            return decision, kind, dict(self._settings.get(tid, {}))
+
+    def upload(self, device_id: str, round: int, base_version: int, upload_key: str,
+               num_examples: int, delta: np.ndarray, now: float, *,
+               metrics: dict[str, float] | None = None, upload_bytes: int = 0
+               ) -> UploadResult:
+        """A device's update: authenticated by its task's session, judged by the coordinator
+        (validation, staleness, whether the round still takes it), answered at once.
+
+        ``upload_bytes`` is what the carrier measured on the wire (a device's own claims
+        are never trusted for accounting).
+
+        Raises:
+            UpdateRejected: with the session's or the coordinator's reason; nothing changed.
+        """
+        with self.changed:
+            tid = self._task_of.get(device_id)
+            s = self._sessions.get(tid) if tid is not None else None
+            if s is None:
+                raise self._count(UpdateRejected("not_selected", "the device has no task",
+                                                 client_id=device_id, round=round), -1, now)
+            if isinstance(s, SecAggDeviceRound):
+                raise self._count(UpdateRejected(
+                    "wrong_task", "this round aggregates securely: send the masked input "
+                    "with the SecAgg call", client_id=device_id, round=round), s.task_id, now)
+            try:
+                admitted = s.admit(device_id, round, base_version, upload_key, num_examples,
+                                   delta, now, metrics=metrics)
+            except UpdateRejected as exc:
+                if exc.reason != "duplicate":  # a duplicate's first answer is on record
+                    self._outcome(device_id, s, "late" if exc.reason == "late"
+                                  else f"rejected:{exc.reason}", now)
+                raise self._count(exc, s.task_id, now)
+            if isinstance(admitted, UploadResult):
+                return admitted  # an idempotent retry: answered as before, counted once
+            measured = dict(admitted.metrics)
+            measured.pop("download_bytes", None)
+            measured["upload_bytes"] = float(upload_bytes)
+            if self._served:
+                measured["download_bytes"], self._served = float(self._served), 0
+            update = ClientUpdate(admitted.client_id, admitted.delta, admitted.num_examples,
+                                  measured, admitted.base_version)
+            cmds = self.coordinator.handle(UpdatesArrived(s.task_id, update, now))
+            refusal = next((c for c in cmds if isinstance(c, UpdateRefused)
+                            and c.task_id == s.task_id and update.client_id in c.client_ids),
+                           None)
+            if refusal is not None:
+                error = s.refuse(device_id, refusal.reason, refusal.detail)
+                self._outcome(device_id, s, "late" if refusal.reason == "late"
+                              else f"rejected:{refusal.reason}", now)
+                self._carry(cmds, now)
+                self.rejections[error.reason] += 1  # the coordinator told its observers
+                raise error
+            receipt = s.accept(device_id, admitted, now)
+            self._outcome(device_id, s, "accepted", now)
+            self._carry(cmds, now)
+            self.changed.notify_all()
+            return receipt
+
+    def secure_step(self, session: SecAggDeviceRound, device_id: str, round: int,
+                    base_version: int, upload_key: str, message: object, now: float):
+        """Hand one secure-aggregation message (or poll: ``None``) to its session; returns
+        the device's next server message, a ``Wait`` or an ``End``.
+
+        Raises:
+            UpdateRejected: the session's reason.
+        """
+        with self.changed:
+            try:
+                reply = session.exchange(device_id, round, base_version, upload_key, message,
+                                         now)
+            except UpdateRejected as exc:
+                raise self._count(exc, session.task_id, now)
+            if message is not None:
+                self.changed.notify_all()
+            return reply
+
+    def heartbeat(self, device_id: str, round: int, now: float) -> bool:
+        """Whether the device's task is still open (a device may stop training if not)."""
+        with self.lock:
+            tid = self._task_of.get(device_id)
+            s = self._sessions.get(tid) if tid is not None else None
+            if s is None or s.round != round:
+                return False
+            if isinstance(s, SecAggDeviceRound):
+                return not s.status().done
+            return s.is_open(now)
+
+    def received(self, session: SecAggDeviceRound, nbytes: int) -> None:
+        """Count ``nbytes`` of secure-aggregation messages received for ``session``."""
+        with self.lock:
+            self._received[session.task_id] += int(nbytes)
+
+    def served(self, nbytes: int) -> None:
+        """Count ``nbytes`` sent to devices (model downloads, secure-aggregation replies);
+        reported with the next update to reach the coordinator."""
+        with self.lock:
+            self._served += int(nbytes)
+
+    # -- time ----------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Let time pass: run due coordinator timers and secure-aggregation stages."""
+        with self.changed:
+            if self.coordinator is None:
+                return
+            progressed = False
+            for tid, s in list(self._sessions.items()):
+                if isinstance(s, SecAggDeviceRound) and tid not in self._fed:
+                    progressed |= s.tick(now)
+                    if s.status().done:
+                        self._secure_done(tid, s, now)
+            due = False
+            while self._timers and self._timers[0] <= now:
+                heapq.heappop(self._timers)
+                due = True
+            if due:
+                self._carry(self.coordinator.handle(Tick(now)), now)
+            if progressed or due:
+                self.changed.notify_all()
+            if progressed and self.on_progress is not None:
+                self.on_progress()
+
+    def _secure_done(self, tid: int, s: SecAggDeviceRound, now: float) -> None:
+        self._fed.add(tid)
+        status = s.status()
+        roster = {s.device_id(c) for c in s.roster}
+        if status.commit:
+            total, included = s.result()
+            assert s.config is not None and s.params is not None
+            mean, weight = s.config.encoding.decode(total)
+            inside = {s.device_id(c) for c in included}
+            for d in sorted(roster):
+                self._outcome(d, s, "accepted" if d in inside else "dropped", now)
+            served, self._served = self._served, 0
+            log.info("secure round %d committed: %d of %d devices included", s.round,
+                     len(inside), len(roster), extra={"fields": {
+                         "event": "secure_round_closed", "task": tid, "round": s.round,
+                         "commit": True, "roster": len(roster), "included": sorted(inside),
+                         "dropped_at": dict(s.dropped_at)}})
+            part = PartialAggregate(
+                delta=mean.astype(np.float32), num_examples=weight, clients=len(included),
+                metrics={"secagg_included": float(len(included)),
+                         "secagg_dropped": float(status.roster - len(included)),
+                         "secagg_neighbours": float(s.params.neighbours),
+                         "secagg_threshold": float(s.params.threshold),
+                         "secagg_ring_bits": float(s.params.bits),
+                         **{f"secagg_dropped_at_{stage}": float(n)
+                            for stage, n in s.dropped_at.items()},
+                         "upload_bytes": float(self._received.pop(tid, 0)),
+                         "download_bytes": float(served)},
+                base_version=s.model_version)
+            self._carry(self.coordinator.handle(UpdatesArrived(tid, part, now)), now)
+        else:
+            log.warning("secure round %d abandoned: %s", s.round, status.error,
+                        extra={"fields": {"event": "secure_round_closed", "task": tid,
+                                          "round": s.round, "commit": False,
+                                          "roster": len(roster), "error": status.error,
+                                          "dropped_at": dict(s.dropped_at)}})
+            for d in sorted(roster):
+                self._outcome(d, s, "dropped", now)
+            self._carry(self.coordinator.handle(
+                TaskEnded(tid, now, abandoned=True,
+                          detail=f"secure aggregation: {status.error}")), now)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _carry(self, cmds: list[Command], now: float) -> None:
+        for cmd in cmds:
+            if self._backlog or self._io_busy or isinstance(cmd, _IO):
+                self._backlog.append(cmd)
+            else:
+                self._execute(cmd, now)
+        if self._backlog:
+            self.changed.notify_all()
+
+    def carry_out(self, now: Callable[[], float],
+                  on_commit: Callable[[object, object], None] | None = None,
+                  on_abort: Callable[[object, str, bool], None] | None = None) -> str:
+        """Carry out the backlog in order -- the I/O commands outside the lock -- until it is
+        empty; returns why the run finished, or ``""`` while it runs. One thread only (the
+        driver)."""
+        while True:
+            with self.changed:
+                if not self._backlog:
+                    return self.finished
+                cmd = self._backlog.popleft()
+                if not isinstance(cmd, _IO):
+                    self._execute(cmd, now())
+                    continue
+                self._io_busy = True
+            try:
+                if isinstance(cmd, CommitVersion) and on_commit is not None:
+                    on_commit(cmd.state, cmd.record)
+                elif isinstance(cmd, AbortRound) and on_abort is not None:
+                    on_abort(cmd.record, cmd.reason, cmd.retry)
+            finally:
+                with self.changed:
+                    self._io_busy = False
+                    if isinstance(cmd, Finished):
+                        self._finish(cmd.reason)
+                    self.changed.notify_all()
+
+    def run(self, coordinator: Coordinator, state: object, now: Callable[[], float], *,
+            stage_states: tuple | None = None,
+            on_commit: Callable[[object, object], None] | None = None,
+            on_abort: Callable[[object, str, bool], None] | None = None,
+            poll_s: float = 0.2, after_each: Callable[[], None] | None = None) -> str:
+        """Serve ``coordinator`` from ``state`` until it finishes (the driving thread's loop:
+        carry out the backlog, wait for device calls or the next timer, tick). ``now`` is the
+        clock the devices' deadlines are on; ``after_each`` runs after every pass (outside
+        the lock: e.g. write outcomes to the registry). Returns why the run finished."""
+        self.start(coordinator, state, now(), stage_states)
+        try:
+            while True:
+                reason = self.carry_out(now, on_commit, on_abort)
+                if reason:
+                    return reason
+                with self.changed:
+                    if not self._backlog:
+                        wake = self.next_wake()
+                        wait = poll_s if wake is None else min(poll_s, max(0.0, wake - now()))
+                        self.changed.wait(wait)
+                self.tick(now())
+                if after_each is not None:
+                    after_each()
+        finally:
+            with self.changed:
+                if not self.finished:
+                    self._finish("the carrier stopped")
+
+    def _execute(self, cmd: Command, now: float) -> None:
+        if isinstance(cmd, SendTask):
+            self._open(cmd, now)
+        elif isinstance(cmd, CancelTask):
+            s = self._sessions.get(cmd.task_id)
+            if s is not None:
+                self._close(s, cmd.reason, now)
+        elif isinstance(cmd, WakeAt):
+            if math.isfinite(cmd.at):
+                heapq.heappush(self._timers, cmd.at)
+
+    def _open(self, cmd: SendTask, now: float) -> None:
+        task = cmd.task
+        selected = [self.devices[int(c)] for c in cmd.client_ids]
+        ids = [int(c) for c in cmd.client_ids]
+        common = dict(client_ids=ids, pace_spread_s=self.settings.checkin_interval_s,
+                      retry_spread_s=self.settings.idle_retry_s)
+        if self.secure is None:
+            s: DeviceTask | SecAggDeviceRound = DeviceTask(
+                task.task_id, task.round, task.version, selected, deadline=task.deadline,
+                **common)
+        else:
+            policy = self.coordinator.policy
+            target = min(getattr(policy, "target", None) or len(selected), len(selected))
+            least = policy.min_accepted() if hasattr(policy, "min_accepted") else 1
+            s = SecAggDeviceRound(
+                task.task_id, task.round, task.version, selected, target=target,
+                min_accepted=max(1, min(least, target)), opened_at=now,
+                input_deadline=task.deadline - self.settings.stage_timeout_s, dim=self.dim,
+                config_for=self.secure.config_for, roster_wait_s=self.settings.roster_wait_s,
+                stage_timeout_s=self.settings.stage_timeout_s, **common)
+        self._sessions[task.task_id] = s
+        self._settings[task.task_id] = {k: float(v) for k, v in task.settings.items()}
+        if self.on_publish is not None and task.version not in self._params:
+            self.on_publish(task.version, task.params)
+        self._params[task.version] = task.params
+        for d in selected:
+            self._task_of[d] = task.task_id
+        self._prune()
+
+    def _close(self, s: DeviceTask | SecAggDeviceRound, reason: str, now: float) -> None:
+        if isinstance(s, SecAggDeviceRound):
+            s.close(reason)
+            self._fed.add(s.task_id)
+            return
+        for d in s.devices_with("tasked"):
+            self._outcome(d, s, "late", now)
+        s.close(reason)
+
+    def _prune(self) -> None:
+        """Forget the oldest closed sessions and the versions no open task trains from."""
+        closed = [tid for tid, s in self._sessions.items() if _is_closed(s)]
+        for tid in closed[:max(0, len(closed) - _KEEP_CLOSED)]:
+            s = self._sessions.pop(tid)
+            self._settings.pop(tid, None)
+            for d in s.selected:
+                if self._task_of.get(d) == tid:
+                    del self._task_of[d]
+        needed = {s.model_version for s in self._sessions.values() if not _is_closed(s)}
+        newest = max(self._params) if self._params else None
+        for v in list(self._params):
+            if v not in needed and v != newest:
+                del self._params[v]
+
+    def _finish(self, reason: str) -> None:
+        self.finished = reason
+        for s in self._sessions.values():
+            if not _is_closed(s):
+                s.close(f"run finished: {reason}")
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _outcome(self, device_id: str, s: DeviceTask | SecAggDeviceRound, outcome: str,
+                 now: float) -> None:
+        self._outcomes.append(Outcome(device_id, s.task_id, s.round, outcome, now))
+
+    def _count(self, exc: UpdateRejected, task_id: int, now: float) -> UpdateRejected:
+        self.rejections[exc.reason] += 1
+        self.observer.update_rejected(task_id, exc.reason, 1, exc.detail, now)
+        return exc
+
+
+def _is_closed(s: DeviceTask | SecAggDeviceRound) -> bool:
+    if isinstance(s, SecAggDeviceRound):
+        return s.status().done
+    return bool(s.closed)

@@ -1,0 +1,83 @@
+"""Devices behind the gRPC aggregator as the coordinator's carrier.
+
+:class:`GrpcCarrier` is what :func:`~shoal.runner.drive` (and so
+:class:`~shoal.experiment.Experiment`) runs a deployment over: a
+:class:`~shoal.runner.PushCarrier` that attaches a :class:`~shoal.gateway.DeviceGateway` to a
+running :class:`~shoal.transport.server.AggregatorService` and serves the coordinator on the
+service's clock (the one the devices' deadlines are on) until the run finishes. Round rules
+(target, over-selection, deadline, minimum fraction, abandon-and-retry, FedBuff) are the
+coordinator's policy; this module only wires.
+
+With ``secure`` (the run's :class:`~shoal.privacy.secagg_rounds.SecAggAggregation`) every task
+is a secure-aggregation round run by the devices: the server never sees one device's update,
+only the unmasked sum, which reaches the coordinator as one
+:class:`~shoal.events.PartialAggregate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from shoal.coordinator import Coordinator
+from shoal.gateway import DeviceGateway, GatewaySettings
+from shoal.strategy import ServerState
+from shoal.transport.server import AggregatorService
+
+__all__ = ["GrpcCarrier"]
+
+
+class GrpcCarrier:
+    """The coordinator's carrier for the devices of ``service``.
+
+    Args:
+        service: the running service.
+        devices: the enrolled device ids clients are sampled from (client id ``i`` is the
+            ``i``-th in sorted order).
+        secure: secure-aggregation parameters (k, t and the encoding per roster size).
+        poll_s: the longest the driving loop sleeps between checks of the clock.
+        rng: come-back jitter (default: a fresh OS-seeded generator).
+    """
+
+    def __init__(self, service: AggregatorService, devices: Sequence[str], *,
+                 secure: object | None = None, poll_s: float = 0.2,
+                 rng: np.random.Generator | None = None) -> None:
+        self.service = service
+        st = service.settings
+        self.gateway = DeviceGateway(
+            devices, service.dim,
+            GatewaySettings(idle_retry_s=st.idle_retry_s,
+                            checkin_interval_s=st.checkin_interval_s,
+                            roster_wait_s=st.roster_wait_s, stage_timeout_s=st.stage_timeout_s),
+            secure=secure, rng=rng, observer=service.metrics, on_progress=service.wake,
+            on_publish=service.publish)
+        self.poll_s = poll_s
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.gateway.devices
+
+    @property
+    def num_clients(self) -> int:
+        return self.gateway.num_clients
+
+    @property
+    def aggregates_securely(self) -> bool:
+        """The coordinator must not simulate secure aggregation on top: the devices run it."""
+        return self.gateway.aggregates_securely
+
+    def run(self, coordinator: Coordinator, state: ServerState, *,
+            stage_states: tuple | None = None,
+            on_commit: Callable[[ServerState, object], None] | None = None,
+            on_abort: Callable[[object, str, bool], None] | None = None) -> str:
+        """Serve ``coordinator`` to the devices until it finishes; returns why."""
+        svc = self.service
+        svc.gateway = self.gateway
+        try:
+            return self.gateway.run(coordinator, state, svc.clock, stage_states=stage_states,
+                                    on_commit=on_commit, on_abort=on_abort,
+                                    poll_s=self.poll_s, after_each=svc.flush_outcomes)
+        finally:
+            svc.flush_outcomes()
+            svc.wake()

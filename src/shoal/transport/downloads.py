@@ -1,0 +1,171 @@
+"""The aggregator's side of model downloads and update uploads, without gRPC.
+
+:class:`ModelPublisher` holds the current model version and the last few before it, and answers
+a device's ``DownloadRequest(version, base_version)`` with a :class:`ModelPayload`: the full
+model, or an exact delta against the version the device holds when the publisher still has it
+and the delta is smaller (:func:`shoal.codec.smallest_download`, the rule whose bytes the
+simulator counts). A delta decodes on the device to the server's float32 bytes
+(:mod:`shoal.codec.delta`). Payloads are the codec wire format with the versions in its
+checksummed context; each ``(version, base)`` payload is encoded once and cached.
+
+:func:`decode_upload` is the upload side: parse and decode an update, refusing one whose
+codec chain is not the one the task announced.
+
+The gRPC handlers (:mod:`shoal.transport.server`) only move these bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.codec import (Chain, Download, ModelHistory, download_to_bytes, parse,
+                         require_lossless, smallest_download)
+from shoal.codec.chain import chain_of
+from shoal.codec.encoded import as_update
+from shoal.errors import CodecError, ConfigError
+
+__all__ = ["ModelPayload", "ModelPublisher", "decode_upload"]
+
+
+@dataclass(frozen=True)
+class ModelPayload:
+    """A model version as it goes on the wire (codec wire format).
+
+    ``base_version`` is 0 for a full model (``ModelChunk.base_version``), else the version the
+    delta is against.
+    """
+
+    version: int
+    blob: bytes
+    sha256: bytes
+    base_version: int = 0
+
+    @classmethod
+    def of(cls, version: int, params: np.ndarray) -> ModelPayload:
+        """The full model ``params`` as version ``version`` (raw float32)."""
+        encoded = Chain([]).encode(np.asarray(params, np.float32), np.random.default_rng(0))
+        return cls._from(Download(version, None, encoded))
+
+    @classmethod
+    def _from(cls, download: Download, blob: bytes | None = None) -> ModelPayload:
+        blob = download_to_bytes(download) if blob is None else blob
+        base = 0 if download.base_version is None else download.base_version
+        return cls(download.version, blob, hashlib.sha256(blob).digest(), base)
+
+
+class ModelPublisher:
+    """The versions a server can send, and their payloads (thread-safe).
+
+    Args:
+        codec: lossless chain for what is sent (``compression.download_codec``: ``none`` or
+            ``zstd``); deltas only pay off with ``zstd``, or when few parameters changed.
+        keep_versions: versions kept besides the current one, as delta bases and for tasks
+            still naming them (``compression.keep_versions``).
+        deltas: ``False`` sends every device the full model (``compression.download = "full"``).
+
+    Memory: ``keep_versions + 1`` float32 models, plus the cached payloads of the kept
+    versions (each a model's size or less).
+
+    Raises:
+        ConfigError: a lossy codec, or ``keep_versions`` below 0.
+    """
+
+    def __init__(self, codec: Chain | None = None, keep_versions: int = 4, *,
+                 deltas: bool = True) -> None:
+        if type(keep_versions) is not int or keep_versions < 0:
+            raise ConfigError(f"compression.keep_versions must be an integer >= 0, got "
+                              f"{keep_versions!r}", key="compression.keep_versions")
+        self.codec = require_lossless(codec if codec is not None else Chain([]))
+        self.deltas = deltas
+        self._history = ModelHistory(keep_versions + 1)
+        self._cache: dict[tuple[int, int], ModelPayload] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> int | None:
+        """The current version (``None`` before the first :meth:`publish`)."""
+        versions = self._history.versions
+        return versions[-1][0] if versions else None
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The versions held, oldest first."""
+        return tuple(v for v, _ in self._history.versions)
+
+    def publish(self, version: int, params: np.ndarray) -> None:
+        """Make ``params`` (copied) the current model as ``version``; the oldest kept version
+        beyond ``keep_versions`` is dropped, with its cached payloads.
+
+        Raises:
+            ConfigError: ``version`` is not newer than the current one.
+            CodecError: ``params`` is not a finite 1-D float vector.
+        """
+        params = as_update(params)
+        with self._lock:
+            self._history = self._history.push(version, params)
+            held = set(self.versions)
+            self._cache = {k: p for k, p in self._cache.items()
+                           if k[0] in held and (k[1] == 0 or k[1] in held)}
+
+    def payload(self, version: int, base_version: int = 0) -> ModelPayload:
+        """What a device asking for ``version`` while holding ``base_version`` downloads.
+
+        Args:
+            version: a version this publisher holds (the task's ``model_version``).
+            base_version: ``DownloadRequest.base_version``, the version the device holds
+                (0 = none: the proto's 0 means no base, so version 0 is never a delta base).
+
+        Returns:
+            The exact delta against ``base_version`` when it is held, older than ``version``
+            and its payload is smaller; otherwise the full model.
+
+        Raises:
+            KeyError: ``version`` is not held (never published, or dropped); the gRPC handler
+                answers NOT_FOUND.
+        """
+        with self._lock:
+            key = (version, base_version if self.deltas else 0)
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
+            new = self._history.get(version)
+            if new is None:
+                raise KeyError(f"model version {version} is not available (held: "
+                               f"{list(self.versions)})")
+            base = self._history.get(key[1]) if key[1] and key[1] < version else None
+            # lossless chains draw nothing: the generator is a formality
+            dl, blob = smallest_download(new[1], version, base, self.codec, version,
+                                         rng=np.random.default_rng(0))
+            payload = ModelPayload._from(dl, blob)
+            self._cache[key] = payload
+            return payload
+
+
+def decode_upload(buf: bytes | bytearray | memoryview, dim: int, expected_chain: str
+                  ) -> np.ndarray:
+    """Parse and decode an uploaded update, made with the chain the task announced.
+
+    Args:
+        buf: the upload's bytes (codec wire format).
+        dim: the model length (the largest element count accepted; the round checks the
+            exact shape).
+        expected_chain: ``Task.upload_codec`` as sent, in the config's spelling ("" = raw).
+
+    Raises:
+        CodecError: reason ``"wrong_codec"`` when the payload's chain is another one;
+            otherwise anything :func:`shoal.codec.from_bytes` refuses (reasons
+            ``"malformed"``, ``"non_finite"``).
+        ConfigError: ``expected_chain`` itself does not parse (the server's configuration).
+    """
+    expected = Chain.parse(expected_chain, key="task.upload_codec")
+    encoded = parse(buf, max_elements=dim).encoded
+    got = chain_of(encoded.spec)
+    if got != expected:
+        raise CodecError(f"update was encoded with chain {list(encoded.spec)}, the task "
+                         f"announced {expected_chain or 'none'!r} ({list(expected.spec)})",
+                         reason="wrong_codec")
+    return got.decode(encoded)
