@@ -220,7 +220,8 @@ class Coordinator:
         self._next_task += 1
         task = TrainTask(task_id=task_id, version=self.state.version, params=self.state.params,
                          round=key, settings=self.strategy.client_config(self.state),
-                         deadline=deadline)
+                         deadline=deadline,
+                         clip_norm=self.pipeline.client_clip_norm(self.stage_states))
         ids = np.asarray(clients, dtype=np.int64)
         self._tasks[task_id] = _Task(task, ids, set(ids.tolist()))
         self._tally.sampled += len(ids)
@@ -448,7 +449,12 @@ class Coordinator:
             return
         if factor != 1.0:
             row = row * np.asarray(factor, dtype=row.dtype)
-        self._run.fold(row, np.array([float(item.num_examples)]))
+        try:
+            self._run.fold_partial(row[0], float(item.num_examples), int(item.clients),
+                                   item.clip_norm)
+        except UpdateRejected as exc:
+            self._refuse(t.task.task_id, exc.reason, 1, exc.detail)
+            return
         tally.accepted += int(item.clients)
         tally.examples += int(item.num_examples)
         tally.staleness_sum += staleness * int(item.clients)

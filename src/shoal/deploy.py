@@ -222,8 +222,10 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
 
     Raises:
         ConfigError: insecure serving on a non-loopback address, mutual TLS without TLS,
-            local DP or compression (which devices do not apply), or central DP whose
-            cohorts the accountant would describe wrongly.
+            local DP (which devices do not apply yet), compression with secure aggregation,
+            or central DP whose cohorts the accountant would describe wrongly. Central DP
+            with secure aggregation is deployable: tasks ask devices to clip before masking
+            and the noise is added to the unmasked sum.
     """
     d = cfg["deploy"]
     if not tls and d["host"] not in ("127.0.0.1", "localhost", "::1"):
@@ -240,10 +242,6 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
         raise ConfigError("secure aggregation encodes updates itself (fixed point in a ring): "
                           "compression.upload must be 'none' with it",
                           key="compression.upload")
-    if cfg["privacy"]["placement"] == "central" and cfg["secure_aggregation"]["enabled"]:
-        raise ConfigError("central DP with secure aggregation runs in simulation only for "
-                          "now: over gRPC the devices would have to clip before masking",
-                          key="secure_aggregation.enabled")
     _check_central_dp_accounting(cfg)
 
 

@@ -130,6 +130,8 @@ class SecAggDeviceRound:
         stage_timeout_s: length of the AdvertiseKeys, ShareKeys and Unmasking stages (> 0);
             input collection runs to ``input_deadline`` (at least this long).
         pace_spread_s, retry_spread_s: ComeBack jitter, as for ``DeviceTask``.
+        clip_norm: devices clip their update to this L2 norm and weigh it 1 before masking
+            (central DP: the server only sees the sum), as for ``DeviceTask``.
 
     Raises:
         ConfigError: an argument out of range (the message names it).
@@ -140,10 +142,11 @@ class SecAggDeviceRound:
                  dim: int, config_for: Callable[[int], SecAggConfig],
                  roster_wait_s: float, stage_timeout_s: float,
                  client_ids: Sequence[int] | None = None, pace_spread_s: float = 10.0,
-                 retry_spread_s: float = 10.0) -> None:
+                 retry_spread_s: float = 10.0, clip_norm: float | None = None) -> None:
         self._devices = DeviceTask(task_id, round, model_version, selected,
                                    client_ids=client_ids, pace_spread_s=pace_spread_s,
-                                   retry_spread_s=retry_spread_s)
+                                   retry_spread_s=retry_spread_s, clip_norm=clip_norm)
+        self.clip_norm = self._devices.clip_norm
         for name, value in (("target", target), ("min_accepted", min_accepted), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}", key=name)

@@ -60,16 +60,19 @@ class Task:
         model_version: the global model version to download and train from.
         upload_key: a one-time 128-bit hex token (from :mod:`secrets`) the upload must carry.
         deadline: uploads at or after it are ``"late"`` (seconds, same clock as ``now``).
+        clip_norm: clip the update to this L2 norm and weigh it as one example before it
+            leaves the device (``None``: not asked); see :class:`~shoal.events.TrainTask`.
     """
 
     round: int
     model_version: int
     upload_key: str
     deadline: float
+    clip_norm: float | None = None
 
     def __repr__(self) -> str:  # keep the credential out of logs
         return (f"Task(round={self.round}, model_version={self.model_version}, "
-                f"upload_key='…', deadline={self.deadline})")
+                f"upload_key='…', deadline={self.deadline}, clip_norm={self.clip_norm})")
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class DeviceTask:
             uniform jitter in ``[0, pace_spread_s]``.
         retry_spread_s: devices that find the task closed come back within
             ``[now, now + retry_spread_s]``, when the next task may be open.
+        clip_norm: what every :class:`Task` of this session asks devices to clip to
+            (``None``, or a finite number > 0).
 
     Raises:
         ConfigError: an argument is out of range; the message and ``key`` name it. Every
@@ -160,8 +165,13 @@ class DeviceTask:
 
     def __init__(self, task_id: int, round: int, model_version: int, selected: Sequence[str],
                  *, client_ids: Sequence[int] | None = None, deadline: float = math.inf,
-                 pace_spread_s: float = 10.0, retry_spread_s: float = 10.0) -> None:
+                 pace_spread_s: float = 10.0, retry_spread_s: float = 10.0,
+                 clip_norm: float | None = None) -> None:
         self.task_id = _int_at_least(task_id, "task_id", 0)
+        if clip_norm is not None and not (_time(clip_norm, "clip_norm") > 0):
+            raise ConfigError(f"clip_norm must be a finite number > 0, got {clip_norm!r}",
+                              key="clip_norm")
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.round = _int_at_least(round, "round", 0)
         self.model_version = _int_at_least(model_version, "model_version", 0)
         self.deadline = _time(deadline, "deadline", allow_inf=True)
@@ -260,7 +270,8 @@ class DeviceTask:
         if state == _TASKED:
             return self._task[device_id]
         task = Task(round=self.round, model_version=self.model_version,
-                    upload_key=secrets.token_hex(16), deadline=self.deadline)
+                    upload_key=secrets.token_hex(16), deadline=self.deadline,
+                    clip_norm=self.clip_norm)
         self._task[device_id] = task
         self._state[device_id] = _TASKED
         return task

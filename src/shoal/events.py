@@ -41,6 +41,10 @@ class TrainTask:
             (so wave-1 runs stay bit-identical), the task id in buffered aggregation.
         settings: the strategy's client settings (e.g. FedProx ``mu``).
         deadline: when the coordinator stops waiting (seconds, the run's clock), or ``inf``.
+        clip_norm: clients clip their update to this L2 norm and weigh it as one example
+            before it leaves them (central DP's sensitivity bound, which the server cannot
+            enforce on updates it only sees summed under secure aggregation); ``None``: no
+            clipping asked.
     """
 
     task_id: int
@@ -49,6 +53,7 @@ class TrainTask:
     round: int
     settings: Mapping[str, float] = field(default_factory=dict)
     deadline: float = float("inf")
+    clip_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,9 @@ class PartialAggregate:
         metrics: values to record with the round (e.g. ``secagg_dropped``), and
             ``upload_bytes`` / ``download_bytes`` for the whole group.
         base_version: the version the group trained from; ``None`` means the task's.
+        clip_norm: every client update inside was clipped to this L2 norm and weighed 1 by
+            its client (the task's ``clip_norm``), so ``num_examples == clients``; ``None``:
+            no such promise. Central DP folds a group only with this promise.
     """
 
     delta: np.ndarray
@@ -117,6 +125,7 @@ class PartialAggregate:
     clients: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     base_version: int | None = None
+    clip_norm: float | None = None
 
 
 Arrival: TypeAlias = ClientUpdate | UpdateBatch | PartialAggregate

@@ -374,7 +374,7 @@ class DeviceGateway:
                             for stage, n in s.dropped_at.items()},
                          "upload_bytes": float(self._received.pop(tid, 0)),
                          "download_bytes": float(served)},
-                base_version=s.model_version)
+                base_version=s.model_version, clip_norm=s.clip_norm)
             self._carry(self.coordinator.handle(UpdatesArrived(tid, part, now)), now)
         else:
             log.warning("secure round %d abandoned: %s", s.round, status.error,
@@ -470,7 +470,7 @@ class DeviceGateway:
         selected = [self.devices[int(c)] for c in cmd.client_ids]
         ids = [int(c) for c in cmd.client_ids]
         common = dict(client_ids=ids, pace_spread_s=self.settings.checkin_interval_s,
-                      retry_spread_s=self.settings.idle_retry_s)
+                      retry_spread_s=self.settings.idle_retry_s, clip_norm=task.clip_norm)
         if self.secure is None:
             s: DeviceTask | SecAggDeviceRound = DeviceTask(
                 task.task_id, task.round, task.version, selected, deadline=task.deadline,

@@ -258,6 +258,26 @@ class PipelineRun:
             rows, weights = run.rows(rows, weights)
         self.sum_run.add(rows, weights)
 
+    def fold_partial(self, mean: np.ndarray, weight: float, clients: int,
+                     clip_norm: float | None) -> None:
+        """Fold a group's already-aggregated mean (``weight`` behind it, ``clients`` updates
+        inside, each clipped to ``clip_norm`` by its client when not ``None``).
+
+        A stage with a ``partial`` method judges the group as a whole (central DP checks the
+        clipping promise instead of clipping the mean); other stages see it as one row.
+
+        Raises:
+            UpdateRejected: a stage or the sum refused the group; nothing was folded.
+        """
+        rows, weights = mean[np.newaxis], np.array([float(weight)])
+        for run in self.stage_runs:
+            partial = getattr(run, "partial", None)
+            if partial is not None:
+                rows, weights = partial(rows, weights, clients, clip_norm)
+            else:
+                rows, weights = run.rows(rows, weights)
+        self.sum_run.add(rows, weights)
+
     def finish(self) -> tuple[np.ndarray | None, tuple, StepInfo]:
         """The mean delta (float64; ``None`` when nothing was folded and no stage releases
         anything), the stages' next states, and what to record.
@@ -313,6 +333,16 @@ class Pipeline:
 
     def begin(self, states: tuple, step: int, dim: int) -> PipelineRun:
         return PipelineRun(self, states, step, dim)
+
+    def client_clip_norm(self, states: tuple) -> float | None:
+        """The L2 norm clients must clip their updates to before they leave them, or
+        ``None``: the smallest a stage asks for (``stage.client_clip_norm(state)``), e.g.
+        central DP's current clip norm, which the server cannot apply to updates it only
+        sees summed under secure aggregation."""
+        norms = [s.client_clip_norm(st) for s, st in zip(self.stages, states)
+                 if hasattr(s, "client_clip_norm")]
+        norms = [n for n in norms if n is not None]
+        return min(norms) if norms else None
 
     def allows_step(self, states: tuple) -> str:
         for stage, st in zip(self.stages, states):

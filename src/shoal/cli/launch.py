@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     add_run_options(p)
     p.add_argument("--dir", help="state directory (default: a new temporary one)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only errors (and the summary with --json)")
     p.add_argument("--log-json", dest="log_json", metavar="FILE",
                    help="append the aggregator's structured log (JSON lines) to FILE")
     p.add_argument("--mtls", action="store_true",

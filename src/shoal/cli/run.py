@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
                    help="print the summary as one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print the partition summary and engine details")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or banner")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only errors (and the summary with --json)")
     p.add_argument("--log-json", dest="log_json", metavar="FILE",
                    help="append a structured log of the run (JSON lines: versions, "
                         "rejections by reason, privacy) to FILE")

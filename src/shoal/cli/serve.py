@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--log-json", dest="log_json", metavar="FILE",
                    help="append structured logs (one JSON object per line) to FILE")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only errors (and the summary with --json)")
     p.set_defaults(func=run)
 
 

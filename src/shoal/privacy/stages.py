@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from shoal.errors import BudgetExhausted, PrivacyError
+from shoal.errors import BudgetExhausted, PrivacyError, UpdateRejected
 from shoal.pipeline import Sum
 from shoal.privacy.accountant import PrivacyLedger, RoundEvent
 from shoal.privacy.central import CentralDP, CentralDPState
@@ -132,6 +132,28 @@ class _CentralRun:
         self.clipped += int((norms > c).sum())
         return rows.astype(np.float64) * scale[:, None], np.ones(len(rows))
 
+    def partial(self, rows: np.ndarray, weights: np.ndarray, clients: int,
+                clip_norm: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """A group's mean (secure aggregation's sum, an edge's partial): its clients clipped
+        their updates and weighed them 1, so it adds ``clients`` unit contributions of norm
+        at most C. Clipping the mean instead would bound the group, not each client.
+
+        Raises:
+            UpdateRejected: ``not_clipped`` -- the group does not promise clipping to at most
+                this step's C with unit weights (its sum's sensitivity would be unknown).
+        """
+        c = self.state.clip_norm
+        weight = float(weights[0])
+        if clip_norm is None or not clip_norm <= c * (1 + 1e-9):
+            raise UpdateRejected("not_clipped", f"central DP needs every client update in a "
+                                 f"group clipped to at most C = {c:g} by its client; the "
+                                 f"group promises {clip_norm!r}")
+        if abs(weight - clients) > 1e-6 * max(1, clients):
+            raise UpdateRejected("not_clipped", f"central DP weighs every client 1: a group "
+                                 f"of {clients} clients must weigh {clients}, got {weight:g}")
+        self.count += int(clients)
+        return rows.astype(np.float64), np.array([float(clients)])
+
     def finish(self, total: Sum) -> tuple[Sum, DPState]:
         stage, dp, c = self.stage, self.stage.central, self.state.clip_norm
         noised, nxt, fraction, sum_std = dp.release(
@@ -170,6 +192,11 @@ class CentralDPStage(_Accounting):
     def init(self) -> DPState:
         return DPState(ledger=PrivacyLedger(self.accountant),
                        clip_norm=float(self.central.clip_norm))
+
+    def client_clip_norm(self, state: DPState) -> float | None:
+        """Clients clip to this step's C before their update leaves them (the server clips
+        again what it sees; under secure aggregation it sees only the sum)."""
+        return state.clip_norm
 
     def begin(self, state: DPState, step: int) -> _CentralRun:
         return _CentralRun(self, state, step)

@@ -15,7 +15,9 @@ a delta against it (:mod:`shoal.codec.delta`; exact, so it holds the server's fl
 It encodes its update with the chain the task names (``Task.upload_codec``, the config's
 spelling of ``compression.upload``) through the simulator's :class:`~shoal.uplink.Uplink`, and
 with ``Task.error_feedback`` keeps the residual of what compression dropped across rounds (in
-memory: a restarted runtime starts from no residual, and a change of chain drops it).
+memory: a restarted runtime starts from no residual, and a change of chain drops it). A task
+with ``clip_norm`` > 0 (central DP) has the update clipped to that L2 norm and weighed as one
+example before it is encoded or masked.
 
 Resilience: an RPC that fails with a transient status is retried after an exponential backoff
 with full jitter (:mod:`shoal.transport.channel`): ``uniform(0, min(max_backoff_s, 0.5 · 2**n))``
@@ -50,7 +52,8 @@ import grpc  # type: ignore[import-untyped]
 import numpy as np
 
 from shoal.codec import STAGES, Chain, decode_download, download_from_bytes
-from shoal.errors import CodecError, ConfigError, SpecError
+from shoal.errors import CodecError, ConfigError, SpecError, UpdateRejected
+from shoal.privacy.dp import clip_to_norm
 from shoal.transport.channel import (MAX_CHUNK_BYTES, backoff_delay, is_transient, make_channel,
                                      refuses_credentials)
 from shoal.transport.device_api import (ClientStats, CredentialsRejected, DownloadRefused,
@@ -63,9 +66,11 @@ from shoal.uplink import Uplink
 
 __all__ = ["RUNTIME_VERSION", "DeviceClient"]
 
-#: Sent in Hello. ``shoal-client/2`` honours ``Task.upload_codec``/``error_feedback`` and
-#: decodes delta downloads; ``shoal-client/1`` uploads raw float32 and downloads full models.
-RUNTIME_VERSION = "shoal-client/2"
+#: Sent in Hello. ``shoal-client/3`` clips to ``Task.clip_norm`` with unit weight (central
+#: DP); ``/2`` honours ``Task.upload_codec``/``error_feedback`` and decodes delta downloads;
+#: ``/1`` uploads raw float32 and downloads full models. The aggregator does not yet refuse
+#: older runtimes: serve a DP run only to current ones.
+RUNTIME_VERSION = "shoal-client/3"
 _T = TypeVar("_T")
 _WEEK = 7 * 24 * 60
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
@@ -327,6 +332,16 @@ class DeviceClient:
         if delta.shape != params.shape:
             raise SpecError(f"train returned a delta of shape {delta.shape}, the model has "
                             f"shape {params.shape}")
+        if task.clip_norm > 0:
+            # central DP: this device's influence is bounded here, before encoding or
+            # masking (under secure aggregation the server never sees the update to clip it)
+            try:
+                clipped, _, _ = clip_to_norm(delta.astype(np.float32, copy=False),
+                                             float(task.clip_norm))
+            except UpdateRejected as exc:
+                raise TaskAbandoned(f"update cannot be clipped: {exc}") from None
+            result = replace(result, delta=clipped,
+                             num_examples=1 if result.num_examples > 0 else 0)
         return result
 
     # ----------------------------------------------------------------- transfers

@@ -272,7 +272,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 upload_key=decision.upload_key, deadline=decision.deadline, settings=settings,
                 spec_fingerprint=self.spec_fingerprint, kind=kind,
                 upload_codec=self.upload_codec if kind == "train" else "",
-                error_feedback=self.settings.error_feedback and kind == "train"))
+                error_feedback=self.settings.error_feedback and kind == "train",
+                clip_norm=decision.clip_norm or 0.0))
         self.metrics.checked_in(decision.reason)
         return pb.CheckInReply(come_back=pb.ComeBack(at=decision.at, reason=decision.reason))
 

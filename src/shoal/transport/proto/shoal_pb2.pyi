@@ -61,7 +61,7 @@ class CheckInRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., held_version: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind", "upload_codec", "error_feedback")
+    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind", "upload_codec", "error_feedback", "clip_norm")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class Task(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_CODEC_FIELD_NUMBER: _ClassVar[int]
     ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     upload_key: str
@@ -87,7 +88,8 @@ class Task(_message.Message):
     kind: str
     upload_codec: str
     error_feedback: bool
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ..., upload_codec: _Optional[str] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
+    clip_norm: float
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ..., upload_codec: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., clip_norm: _Optional[float] = ...) -> None: ...
 
 class ComeBack(_message.Message):
     __slots__ = ("at", "reason")
