@@ -138,8 +138,9 @@ def test_outcomes_count_participation_and_replays_are_idempotent(reg):
     assert reg.record_outcome("a", 5, "accepted", now=50.0) is True
     assert reg.record_outcome("a", 5, "accepted", now=55.0) is False  # replayed report
     assert reg.get("a").participation == 2
-    with pytest.raises(RegistryError, match="already has outcome 'accepted' for round 5"):
-        reg.record_outcome("a", 5, "late", now=60.0)
+    # accepted is final for its round: a later task of the same round (a retry) changes
+    # nothing, and participation counts the round once
+    assert reg.record_outcome("a", 5, "late", now=60.0) is False
     got = reg.outcomes("a")
     assert [(o.round, o.outcome, o.ts) for o in got] == [
         (1, "accepted", 10.0), (2, "rejected:non_finite", 20.0), (3, "dropped", 30.0),
@@ -150,6 +151,82 @@ def test_outcomes_count_participation_and_replays_are_idempotent(reg):
         reg.record_outcome("ghost", 1, "accepted", now=1.0)
     with pytest.raises(UnknownDevice):
         reg.outcomes("ghost")
+
+
+def test_a_later_outcome_replaces_one_that_was_not_accepted(reg):
+    # a device refused once may upload again in the same round; a retried round may ask a
+    # device that timed out in the abandoned attempt: the round's outcome is the later one
+    reg.enroll("a", now=0.0)
+    assert reg.record_outcome("a", 3, "rejected:non_finite", now=1.0) is True
+    assert reg.record_outcome("a", 3, "late", now=2.0) is True
+    assert [(o.outcome, o.ts) for o in reg.outcomes("a")] == [("late", 2.0)]
+    assert reg.get("a").participation == 0
+    assert reg.record_outcome("a", 3, "accepted", now=3.0) is True
+    assert reg.record_outcome("a", 3, "dropped", now=4.0) is False
+    assert [(o.outcome, o.ts) for o in reg.outcomes("a")] == [("accepted", 3.0)]
+    assert reg.get("a").participation == 1
+
+
+def test_record_outcomes_records_a_cohort_at_once(reg):
+    reg.enroll_many(["a", "b", "c", "d"], now=0.0)
+    reg.record_outcome("b", 1, "accepted", now=1.0)
+    reg.record_outcome("c", 1, "late", now=1.0)
+    # b: a replay; c: replaced; a, d: new
+    assert reg.record_outcomes(["d", "c", "b", "a"], 1, "accepted", now=2.0) == 3
+    assert [reg.get(i).participation for i in "abcd"] == [1, 1, 1, 1]
+    assert [o.ts for o in reg.outcomes("b")] == [1.0]
+    assert reg.record_outcomes(np.array([b"a", b"d"]), 2, "dropped", now=3.0) == 2
+    assert [o.outcome for o in reg.outcomes("d")] == ["accepted", "dropped"]
+    assert reg.record_outcomes([], 3, "accepted", now=3.0) == 0
+    for ids, error, match in [(["a", "ghost"], UnknownDevice, "'ghost' is not enrolled"),
+                              (["a", "b", "a"], RegistryError, "'a' appears twice"),
+                              (["a", ""], RegistryError, "device_id must have 1 to 128")]:
+        with pytest.raises(error, match=match):
+            reg.record_outcomes(ids, 4, "accepted", now=4.0)
+    # a refused call recorded nothing
+    assert [reg.get(i).participation for i in "abcd"] == [1, 1, 1, 1]
+    assert all(o.round < 4 for i in "abcd" for o in reg.outcomes(i))
+    with pytest.raises(RegistryError, match="outcome must be"):
+        reg.record_outcomes(["a"], 4, "won", now=4.0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.sets(st.sampled_from("abcdef")),
+                          st.sampled_from(["accepted", "late", "dropped", "rejected:x"])),
+                max_size=25))
+@settings(max_examples=60, deadline=None)
+def test_record_outcomes_equals_recording_one_at_a_time(steps):
+    one, bulk = MemoryRegistry(history=3), MemoryRegistry(history=3)
+    sql = SQLiteRegistry(":memory:", history=3)
+    for r in (one, bulk, sql):
+        r.enroll_many(list("abcdef"), now=0.0)
+    for t, (rnd, who, outcome) in enumerate(steps):
+        singles = sum(one.record_outcome(d, rnd, outcome, now=float(t)) for d in sorted(who))
+        assert bulk.record_outcomes(sorted(who), rnd, outcome, now=float(t)) == singles
+        assert sql.record_outcomes(sorted(who), rnd, outcome, now=float(t)) == singles
+    for d in "abcdef":
+        want = (one.get(d).participation, one.outcomes(d))
+        assert (bulk.get(d).participation, bulk.outcomes(d)) == want
+        assert (sql.get(d).participation, sql.outcomes(d)) == want
+    sql.close()
+
+
+def test_memory_outcomes_cost_nothing_for_idle_devices_and_follow_removals():
+    reg = MemoryRegistry(history=4)
+    reg.enroll_many(sequential_ids(100_000), now=0.0)
+    idle = reg.nbytes
+    cohort = sequential_ids(100_000)[::1000]
+    for rnd in range(10):
+        reg.record_outcomes(cohort, rnd, "accepted", now=float(rnd))
+    # 100 blocks of 4 slots (round, code, ts) at most double-allocated: no per-device cost
+    assert reg.nbytes - idle <= 2 * 100 * 4 * (8 + 4 + 8) + 16 * 4 * 20
+    assert reg.get("client-00000").participation == 10
+    assert [o.round for o in reg.outcomes("client-01000")] == [6, 7, 8, 9]
+    reg.remove("client-00000")  # its block is freed and reused, rows shift under the log
+    reg.enroll("client-00000b", now=1.0)
+    reg.record_outcome("client-00000b", 3, "late", now=1.0)
+    assert [o.round for o in reg.outcomes("client-00000b")] == [3]
+    assert [o.round for o in reg.outcomes("client-01000")] == [6, 7, 8, 9]
+    assert reg.get("client-99000").participation == 10
 
 
 def test_outcome_history_is_trimmed_to_the_last_rounds(make):

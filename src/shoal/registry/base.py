@@ -427,10 +427,20 @@ class Registry(Protocol):
     def record_outcome(self, device_id: str, round: int, outcome: str, *, now: float) -> bool:
         """Record the device's outcome in ``round``; ``"accepted"`` increments participation.
 
-        Returns ``False`` (and changes nothing) if the same outcome is already recorded for
-        that round -- a replayed report. A *different* outcome for a recorded round raises
-        :class:`RegistryError`. Does not touch ``last_seen``. Raises :class:`UnknownDevice`.
+        A device has one outcome per round. Returns ``False`` (and changes nothing) if the
+        same outcome is already recorded for that round -- a replayed report -- or if the
+        recorded one is ``"accepted"``, which is final: participation counts each round a
+        device contributed to once. Any other recorded outcome is replaced by a different
+        later one (a device refused once may upload again and be accepted; a retried round
+        may ask a device again). Does not touch ``last_seen``. Raises :class:`UnknownDevice`.
         """
+        ...
+
+    def record_outcomes(self, device_ids: Sequence[str], round: int, outcome: str, *,
+                        now: float) -> int:
+        """:meth:`record_outcome` for several devices at once (a cohort); returns how many
+        outcomes changed. Raises :class:`RegistryError` -- and records none -- if an id is
+        unknown (:class:`UnknownDevice`), invalid or repeated."""
         ...
 
     def outcomes(self, device_id: str) -> builtins.list[Outcome]:

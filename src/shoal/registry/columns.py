@@ -191,11 +191,14 @@ class Columns:
         """Rows whose windows cover ``now`` (rows without windows: always)."""
         m = minute_of_week(now)
         s, e = self.window_start, self.window_end
+        if s.size == 0:  # nobody declared a window (e.g. a simulated population)
+            return np.ones(self.size, dtype=bool)
         covers = np.where(s < e, (s <= m) & (m < e), (m >= s) | (m < e))
-        counts = np.diff(self.window_offsets)
-        owner = np.repeat(np.arange(self.size), counts)
-        hit = np.bincount(owner[covers], minlength=self.size) > 0
-        return hit | (counts == 0)
+        # the row owning window j: the last row whose windows start at or before j
+        owner = np.searchsorted(self.window_offsets, np.flatnonzero(covers), side="right") - 1
+        hit = np.zeros(self.size, dtype=bool)
+        hit[owner] = True
+        return hit | (self.window_offsets[1:] == self.window_offsets[:-1])
 
     def mask(self, *, where: Mapping[str, AttrValue] | None = None,
              seen_since: float | None = None, available_at: float | None = None

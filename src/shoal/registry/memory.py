@@ -5,14 +5,16 @@ bytes), enrolment time, last seen, participation, availability windows in compre
 each attribute and the capabilities document as categorical codes -- with rows kept in
 device-id order, so :meth:`MemoryRegistry.columns` hands selection zero-copy views. There is no
 Python object per device: an idle device costs its bytes in each column (about 40 bytes plus
-its id and 4 per attribute). Per-round outcomes live in one columnar log holding at most
-``history`` rounds per device that has reported, so they cost nothing for idle devices.
+its id and 4 per attribute). Per-round outcomes live in :class:`~shoal.registry.outcome_log.
+OutcomeLog`, a block of ``history`` slots per device that has reported, so they cost nothing
+for idle devices.
 
 Costs: reads, filters and field updates of a known device are O(log n) or vectorized O(n);
 adding or removing *one* device shifts the columns (O(n)) to keep them sorted, so enrol large
-populations with :meth:`MemoryRegistry.enroll_many` (one merge). Checking a report for
-replays scans the outcome log (O(devices that reported x history)). Attribute values are
-meant to be categories: each distinct value is stored once.
+populations with :meth:`MemoryRegistry.enroll_many` (one merge). Recording outcomes is
+O(log n + history) per device, and :meth:`MemoryRegistry.record_outcomes` records a whole
+cohort in one vectorized call. Attribute values are meant to be categories: each distinct
+value is stored once.
 
 Semantics, validation and error messages are those of :class:`~shoal.registry.Registry`;
 ``tests/test_registry.py`` runs one conformance suite over this and the SQLite registry.
@@ -43,6 +45,7 @@ from shoal.registry.base import (
     validate_windows,
 )
 from shoal.registry.columns import Attribute, Columns, check_bulk, encode_ids
+from shoal.registry.outcome_log import OutcomeLog
 
 __all__ = ["MemoryRegistry"]
 
@@ -76,50 +79,6 @@ class _Categories:
         return table[attr.codes]
 
 
-class _OutcomeLog:
-    """Recent outcomes of every device that reported: (row, round, outcome code, ts)."""
-
-    def __init__(self) -> None:
-        self.names = _Categories()
-        self.n = 0
-        self.row = np.zeros(16, dtype=np.int64)
-        self.round = np.zeros(16, dtype=np.int64)
-        self.code = np.zeros(16, dtype=np.int32)
-        self.ts = np.zeros(16, dtype=np.float64)
-
-    def of_row(self, row: int) -> np.ndarray:
-        return np.flatnonzero(self.row[:self.n] == row)
-
-    def append(self, row: int, round: int, outcome: str, ts: float) -> None:
-        if self.n == self.row.size:
-            for name in ("row", "round", "code", "ts"):
-                old = getattr(self, name)
-                setattr(self, name, np.concatenate((old, np.zeros_like(old))))
-        i = self.n
-        self.row[i], self.round[i], self.ts[i] = row, round, ts
-        self.code[i] = self.names.code(outcome)
-        self.n += 1
-
-    def delete(self, i: int) -> None:
-        last = self.n - 1  # order does not matter: readers sort by round
-        for a in (self.row, self.round, self.code, self.ts):
-            a[i] = a[last]
-        self.n = last
-
-    def remap(self, new_row_of_old: np.ndarray) -> None:
-        """Follow a change of row numbers; entries mapped to ``-1`` are dropped."""
-        rows = new_row_of_old[self.row[:self.n]]
-        keep = np.flatnonzero(rows >= 0)
-        self.row[:keep.size] = rows[keep]
-        for a in (self.round, self.code, self.ts):
-            a[:keep.size] = a[:self.n][keep]
-        self.n = int(keep.size)
-
-    @property
-    def nbytes(self) -> int:
-        return self.row.nbytes + self.round.nbytes + self.code.nbytes + self.ts.nbytes
-
-
 class MemoryRegistry:
     """A :class:`~shoal.registry.Registry` held in numpy columns (see the module docstring).
 
@@ -147,7 +106,7 @@ class MemoryRegistry:
         self._attr_values: dict[str, _Categories] = {}
         self._caps = _Categories()
         self._caps_codes = np.zeros(0, dtype=np.int32)
-        self._log = _OutcomeLog()
+        self._log = OutcomeLog(history)
         self._caps.code(_NO_CAPABILITIES)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -220,20 +179,16 @@ class MemoryRegistry:
             self._wend = np.insert(self._wend, at, flat[:, 1])
         all_counts = np.insert(np.diff(self._woff), pos, counts)
         self._woff = np.concatenate(([0], np.cumsum(all_counts))).astype(np.int64)
-        old = np.arange(old_n)
-        self._log.remap(old + np.searchsorted(pos, old, side="right"))
+        self._log.insert_rows(pos)
 
     def _delete(self, row: int) -> None:
-        n = self._ids.size
         for name in ("_ids", "_enrolled", "_seen", "_part", "_caps_codes"):
             setattr(self, name, np.delete(getattr(self, name), row))
         for name, codes in self._attr_codes.items():
             self._attr_codes[name] = np.delete(codes, row)
         self._set_windows(row, ())
         self._woff = np.delete(self._woff, row + 1)
-        mapping = np.arange(n) - (np.arange(n) > row)
-        mapping[row] = -1
-        self._log.remap(mapping)
+        self._log.delete_row(row)
 
     def _set_windows(self, row: int, windows: tuple[tuple[int, int], ...]) -> None:
         a, b = int(self._woff[row]), int(self._woff[row + 1])
@@ -367,40 +322,52 @@ class MemoryRegistry:
         """Record ``outcome`` for ``round`` (see :meth:`Registry.record_outcome`); only the
         last ``history`` rounds are kept per device, as in the SQLite registry."""
         device_id = validate_device_id(device_id)
+        return self.record_outcomes(encode_ids([device_id], check=False), round, outcome,
+                                    now=now) == 1
+
+    def record_outcomes(self, device_ids: Sequence[str] | np.ndarray, round: int,
+                        outcome: str, *, now: float) -> int:
+        """Record one outcome for several devices in ``round`` (see
+        :meth:`Registry.record_outcomes`): O(devices x history), vectorized, whatever the
+        population -- the simulator records each cohort with one call.
+
+        ``device_ids`` may be a numpy ``S`` array (rows of :meth:`columns` ``.ids``).
+        """
+        ids = encode_ids(device_ids)
         round = _validate_round(round)
-        outcome = validate_outcome(outcome, device_id=device_id)
+        outcome = validate_outcome(outcome)
         now = _check_time(now, "now")
+        ordered = np.sort(ids)
+        dup = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if dup.size:
+            raise RegistryError(f"device {bytes(ordered[dup[0]]).decode()!r} appears twice "
+                                "among the ids", field="device_ids")
         with self._lock:
             self._check_open()
-            row = self._known_row(device_id)
-            log = self._log
-            mine = log.of_row(row)
-            same = mine[log.round[mine] == round]
-            if same.size:
-                prev = log.names.values[int(log.code[same[0]])]
-                if prev == outcome:
-                    return False
-                raise RegistryError(f"device {device_id!r} already has outcome {prev!r} "
-                                    f"for round {round}; refusing {outcome!r}",
-                                    device_id=device_id, field="outcome")
-            log.append(row, round, outcome, now)
-            if outcome == "accepted":
-                self._part[row] += 1
-            if mine.size >= self.history:
-                kept = np.append(mine, log.n - 1)
-                log.delete(int(kept[np.argmin(log.round[kept])]))
-            return True
+            rows = self._rows(ids)
+            done = self._log.record(rows, round, outcome, now)
+            self._part[rows[done.counts]] += 1
+            return int(done.changed.sum())
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of ``ids``; the caller holds the lock. Raises :class:`UnknownDevice`."""
+        if ids.size and not self._ids.size:
+            raise UnknownDevice(bytes(ids[0]).decode())
+        width = max(self._ids.dtype.itemsize, ids.dtype.itemsize)
+        have, want = self._ids.astype(f"S{width}"), ids.astype(f"S{width}")
+        rows = np.minimum(np.searchsorted(have, want), have.size - 1).astype(np.int64)
+        missing = np.flatnonzero(have[rows] != want)
+        if missing.size:
+            raise UnknownDevice(bytes(ids[missing[0]]).decode())
+        return rows
 
     def outcomes(self, device_id: str) -> builtins.list[Outcome]:
         """The device's last ``history`` outcomes, oldest round first."""
         device_id = validate_device_id(device_id)
         with self._lock:
             self._check_open()
-            log = self._log
-            mine = log.of_row(self._known_row(device_id))
-            mine = mine[np.argsort(log.round[mine])]
-            return [Outcome(round=int(log.round[i]), outcome=log.names.values[int(log.code[i])],
-                            ts=float(log.ts[i])) for i in mine.tolist()]
+            return [Outcome(round=r, outcome=o, ts=t)
+                    for r, o, t in self._log.of_row(self._known_row(device_id))]
 
     # -- queries ----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ alphabet by :func:`~shoal.registry.base.validate_attributes`, so JSON paths are 
 from __future__ import annotations
 
 import builtins
+import collections
 import itertools
 import json
 import sqlite3
@@ -286,32 +287,56 @@ class SQLiteRegistry:
         Only the last ``history`` rounds are kept per device, so a replay of a round older
         than those is not recognised as one.
         """
-        device_id = validate_device_id(device_id)
+        return self.record_outcomes([validate_device_id(device_id)], round, outcome,
+                                    now=now) == 1
+
+    def record_outcomes(self, device_ids: Sequence[str], round: int, outcome: str, *,
+                        now: float) -> int:
+        """Record one outcome for several devices in ``round``, in one transaction (see
+        :meth:`Registry.record_outcomes`)."""
+        raw = device_ids.tolist() if hasattr(device_ids, "tolist") else device_ids
+        ids = [validate_device_id(i.decode() if isinstance(i, bytes) else i) for i in raw]
         round = _validate_round(round)
-        outcome = validate_outcome(outcome, device_id=device_id)
+        outcome = validate_outcome(outcome)
         now = _check_time(now, "now")
+        if len(set(ids)) != len(ids):
+            twice = next(i for i, c in collections.Counter(ids).items() if c > 1)
+            raise RegistryError(f"device {twice!r} appears twice among the ids",
+                                field="device_ids")
         with self._write():
-            if self._conn.execute("SELECT 1 FROM devices WHERE device_id = ?",
-                                  (device_id,)).fetchone() is None:
-                raise UnknownDevice(device_id)
-            prev = self._conn.execute("SELECT outcome FROM outcomes WHERE device_id = ? AND "
-                                      "round = ?", (device_id, round)).fetchone()
-            if prev is not None:
-                if prev[0] == outcome:
-                    return False
-                raise RegistryError(f"device {device_id!r} already has outcome {prev[0]!r} "
-                                    f"for round {round}; refusing {outcome!r}",
-                                    device_id=device_id, field="outcome")
-            self._conn.execute("INSERT INTO outcomes (device_id, round, outcome, ts) "
-                               "VALUES (?, ?, ?, ?)", (device_id, round, outcome, now))
-            if outcome == "accepted":
-                self._conn.execute("UPDATE devices SET participation = participation + 1 "
-                                   "WHERE device_id = ?", (device_id,))
-            self._conn.execute(
-                "DELETE FROM outcomes WHERE device_id = ? AND round < ("
-                "SELECT min(round) FROM (SELECT round FROM outcomes WHERE device_id = ? "
-                "ORDER BY round DESC LIMIT ?))", (device_id, device_id, self.history))
-            return True
+            known = self._known(ids)
+            missing = next((i for i in ids if i not in known), None)
+            if missing is not None:
+                raise UnknownDevice(missing)
+            return sum(self._record(i, round, outcome, now) for i in ids)
+
+    def _known(self, ids: builtins.list[str]) -> set[str]:
+        out: set[str] = set()
+        for start in range(0, len(ids), 500):  # SQLite's bound on parameters per statement
+            chunk = ids[start:start + 500]
+            out.update(r[0] for r in self._conn.execute(
+                "SELECT device_id FROM devices WHERE device_id IN ("
+                + ",".join("?" * len(chunk)) + ")", chunk))
+        return out
+
+    def _record(self, device_id: str, round: int, outcome: str, now: float) -> bool:
+        """One outcome of an enrolled device, inside a write transaction."""
+        prev = self._conn.execute("SELECT outcome FROM outcomes WHERE device_id = ? AND "
+                                  "round = ?", (device_id, round)).fetchone()
+        if prev is not None and prev[0] in (outcome, "accepted"):
+            return False  # a replay, or a round the device already contributed to
+        self._conn.execute("INSERT INTO outcomes (device_id, round, outcome, ts) "
+                           "VALUES (?, ?, ?, ?) ON CONFLICT (device_id, round) DO UPDATE SET "
+                           "outcome = excluded.outcome, ts = excluded.ts",
+                           (device_id, round, outcome, now))
+        if outcome == "accepted":
+            self._conn.execute("UPDATE devices SET participation = participation + 1 "
+                               "WHERE device_id = ?", (device_id,))
+        self._conn.execute(
+            "DELETE FROM outcomes WHERE device_id = ? AND round < ("
+            "SELECT min(round) FROM (SELECT round FROM outcomes WHERE device_id = ? "
+            "ORDER BY round DESC LIMIT ?))", (device_id, device_id, self.history))
+        return True
 
     def outcomes(self, device_id: str) -> builtins.list[Outcome]:
         """The device's last ``history`` outcomes, oldest round first."""
