@@ -274,11 +274,13 @@ class DeviceGateway:
                 self._outcome(device_id, s, "late" if refusal.reason == "late"
                               else f"rejected:{refusal.reason}", now)
                 self._carry(cmds, now)
+                self._settle(now, [s])
                 self.rejections[error.reason] += 1  # the coordinator told its observers
                 raise error
             receipt = s.accept(device_id, admitted, now)
             self._outcome(device_id, s, "accepted", now)
             self._carry(cmds, now)
+            self._settle(now, [s])
             self.changed.notify_all()
             return receipt
 
@@ -341,6 +343,7 @@ class DeviceGateway:
                 due = True
             if due:
                 self._carry(self.coordinator.handle(Tick(now)), now)
+                self._settle(now)
             if progressed or due:
                 self.changed.notify_all()
             if progressed and self.on_progress is not None:
@@ -502,6 +505,21 @@ class DeviceGateway:
         for d in s.devices_with("tasked"):
             self._outcome(d, s, "late", now)
         s.close(reason)
+
+    def _settle(self, now: float, sessions: Sequence[DeviceTask] | None = None) -> None:
+        """Close the plain sessions (of ``sessions``, default all) whose task the
+        coordinator no longer waits for.
+
+        The coordinator sends ``CancelTask`` only for a task with clients still pending;
+        one whose clients all reported, failed or timed out (a round closed by its
+        deadline or with everyone in, a FedBuff task) simply ends. Its session must end
+        too: otherwise it counts as open forever, keeps its model version in memory, and
+        its dropouts are never recorded.
+        """
+        for s in list(self._sessions.values()) if sessions is None else sessions:
+            if isinstance(s, DeviceTask) and not s.closed \
+                    and not self.coordinator.outstanding(s.task_id):
+                self._close(s, "task over", now)
 
     def _prune(self) -> None:
         """Forget the oldest closed sessions and the versions no open task trains from."""
