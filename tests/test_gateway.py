@@ -279,6 +279,38 @@ def test_a_refused_update_changes_nothing(reason, devices):
     assert record.rejected == ({reason: 1} if reason in VALIDATION_REASONS else {})
 
 
+@pytest.mark.parametrize("over, reason", [
+    (dict(delta=[0.0] * DIM), "wrong_dtype"),                    # not an array
+    (dict(delta=np.zeros(DIM, np.complex64)), "wrong_dtype"),
+    (dict(delta=np.zeros((), np.float32)), "wrong_shape"),
+    (dict(delta=np.array([0, np.nan, 0, 0], np.float64)), "non_finite"),
+    # 1e20 ** 2 overflows float32: the norm is computed in float64 and still refused
+    (dict(delta=np.array([1e20, 1e20, 0, 0], np.float32)), "norm_too_large"),
+    (dict(n=0), "no_data"), (dict(n=np.int64(0)), "no_data"), (dict(n=-3), "bad_weight"),
+    (dict(n=1.5), "bad_weight"), (dict(n=True), "bad_weight"), (dict(n="7"), "bad_weight"),
+    (dict(n=None), "bad_weight"), (dict(n=10_000_001), "bad_weight"),
+])
+def test_what_the_pipeline_refuses_reaches_the_device(over, reason, devices):
+    run = devices(sync(target=2, asked=2), ScriptedSampler([[0, 1]]), steps=1, max_norm=5.0)
+    tasks = run.tasks(DEVICES[:2], at=0.0)
+    assert run.reason("dev-0", tasks["dev-0"], at=1.0, **over) == reason
+    assert run.coordinator.accepted == 0
+    # the bounds themselves are allowed: a norm of exactly max_norm, the largest weight
+    assert run.upload("dev-0", tasks["dev-0"], n=np.int64(10_000_000), at=2.0,
+                      delta=np.array([3, 4, 0, 0], np.float32)).num_examples == 10_000_000
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Coordinator._fold_rows reads a ClientUpdate whose delta is 2-D as rows: a (1, D) delta "
+    "is accepted, a (k, D) one raises IndexError instead of a wrong_shape refusal"))
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_delta_with_rows_is_refused_as_wrong_shape(rows, devices):
+    run = devices(sync(target=2, asked=2), ScriptedSampler([[0, 1]]), steps=1)
+    tasks = run.tasks(DEVICES[:2], at=0.0)
+    delta = np.ones((rows, DIM), np.float32)
+    assert run.reason("dev-0", tasks["dev-0"], delta=delta, at=1.0) == "wrong_shape"
+
+
 def test_a_retry_gets_the_original_acceptance_and_counts_once(devices):
     run = devices(sync(target=2, asked=3), ScriptedSampler([[0, 1, 2]]), steps=1)
     tasks = run.tasks(DEVICES[:3], at=0.0)
