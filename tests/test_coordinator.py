@@ -10,6 +10,7 @@ import pytest
 
 from shoal.clock import SimClock
 from shoal.coordinator import Coordinator
+from shoal.errors import ConfigError
 from shoal.events import (AbortRound, CancelTask, ClientUpdate, CommitVersion, Finished,
                           SendTask, TaskEnded, Tick, UpdateBatch, UpdateRefused, UpdatesArrived,
                           WakeAt)
@@ -125,15 +126,24 @@ def test_a_replayed_update_is_refused_as_duplicate():
 
 
 def test_staleness_weights_equal_hand_computed_values():
+    # the paper's raw weights 1 / (1 + s)^a
     assert staleness_weight(0, 0.5) == 1.0
     assert staleness_weight(3, 0.5) == 0.5  # 1 / sqrt(4)
     assert math.isclose(staleness_weight(1, 1.0), 0.5)
     assert math.isclose(staleness_weight(2, 2.0), 1 / 9)
+    # normalised at a reference staleness r: ((1 + r) / (1 + s))^a
+    assert staleness_weight(1, 0.5, 1.0) == 1.0
+    assert math.isclose(staleness_weight(0, 0.5, 1.0), math.sqrt(2))
+    assert math.isclose(staleness_weight(3, 0.5, 1.0), math.sqrt(0.5))
+    assert math.isclose(staleness_weight(4, 1.0, 2.0), 3 / 5)
+    assert BufferedPolicy().staleness_weight(3) == staleness_weight(3, 0.5, 1.0)
+    with pytest.raises(ConfigError, match="round.staleness_reference"):
+        BufferedPolicy(staleness_reference=-1.0)
 
 
 def test_buffered_policy_weights_stale_updates_and_refuses_past_max_staleness():
     policy = BufferedPolicy(concurrency=3, buffer_size=1, staleness_exponent=1.0,
-                            max_staleness=1)
+                            staleness_reference=0.0, max_staleness=1)
     coord = Coordinator(FedAvg(), 10, UniformSampler(1), seed=0, policy=policy, steps=5)
     sends = of(coord.start(FedAvg().init(np.zeros(DIM, np.float32)), 0.0), SendTask)
     assert len(sends) == 3 and {s.task.version for s in sends} == {0}

@@ -85,6 +85,7 @@ def policy_from_config(cfg: Config, *, deployed: bool = False) -> RoundPolicy:
                               "per synchronous round)", key="round.policy")
         return BufferedPolicy(concurrency=r["concurrency"], buffer_size=r["buffer_size"],
                               staleness_exponent=r["staleness_exponent"],
+                              staleness_reference=r["staleness_reference"],
                               max_staleness=r["max_staleness"],
                               # a device that never reports frees its slot at the deadline
                               deadline_s=cfg["deploy"]["deadline_s"] if deployed else math.inf)

@@ -447,11 +447,12 @@ class Coordinator:
             self._refuse(t.task.task_id, r.reason, 1, r.detail)
         if not keep.all():
             return
+        clip = item.clip_norm
         if factor != 1.0:
             row = row * np.asarray(factor, dtype=row.dtype)
+            clip = None if clip is None else clip * factor  # what the scaled group promises
         try:
-            self._run.fold_partial(row[0], float(item.num_examples), int(item.clients),
-                                   item.clip_norm)
+            self._run.fold_partial(row[0], float(item.num_examples), int(item.clients), clip)
         except UpdateRejected as exc:
             self._refuse(t.task.task_id, exc.reason, 1, exc.detail)
             return

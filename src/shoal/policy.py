@@ -91,9 +91,16 @@ class RoundPolicy(Protocol):
         ...
 
 
-def staleness_weight(staleness: int, exponent: float) -> float:
-    """FedBuff's polynomial staleness weight ``1 / (1 + s)^a`` (1 for a fresh update)."""
-    return 1.0 / (1.0 + staleness) ** exponent
+def staleness_weight(staleness: int, exponent: float, reference: float = 0.0) -> float:
+    """FedBuff's polynomial staleness weight, normalised at ``reference``:
+    ``((1 + reference) / (1 + s))^a``.
+
+    ``reference = 0`` is the paper's ``1 / (1 + s)^a`` (1 for a fresh update; every stale
+    update shrinks the step). FLSim, the paper's reference implementation, divides by the
+    weight at an expected staleness (default 1), so an update as stale as usual keeps its full
+    size and only the relative weights change.
+    """
+    return ((1.0 + reference) / (1.0 + staleness)) ** exponent
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -225,6 +232,8 @@ class BufferedPolicy:
         buffer_size: K, updates per server step (>= 1).
         staleness_exponent: a in ``1 / (1 + s)^a`` (0 = no down-weighting; the paper's
             ``1 / sqrt(1 + s)`` is 0.5).
+        staleness_reference: the staleness whose weight is 1 (:func:`staleness_weight`;
+            0 = the paper's raw weights, 1 = FLSim's default normalisation).
         max_staleness: updates more versions old than this are refused (``"stale"``).
         deadline_s: a task not reported within this is given up (its client is free again).
     """
@@ -232,6 +241,7 @@ class BufferedPolicy:
     concurrency: int = 20
     buffer_size: int = 10
     staleness_exponent: float = 0.5
+    staleness_reference: float = 1.0
     max_staleness: int = 10
     deadline_s: float = math.inf
     name: str = "buffered"
@@ -245,6 +255,9 @@ class BufferedPolicy:
         _check(math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0,
                "round.staleness_exponent", f"round.staleness_exponent must be >= 0, got "
                f"{self.staleness_exponent!r}")
+        _check(math.isfinite(self.staleness_reference) and self.staleness_reference >= 0,
+               "round.staleness_reference", f"round.staleness_reference must be >= 0, got "
+               f"{self.staleness_reference!r}")
         _check(self.max_staleness >= 0, "round.max_staleness",
                f"round.max_staleness must be >= 0, got {self.max_staleness!r}")
         _check(self.deadline_s > 0, "round.deadline_s",
@@ -289,4 +302,4 @@ class BufferedPolicy:
         if staleness > self.max_staleness:
             raise UpdateRejected("stale", f"trained from a model {staleness} versions old; "
                                  f"round.max_staleness = {self.max_staleness}")
-        return staleness_weight(staleness, self.staleness_exponent)
+        return staleness_weight(staleness, self.staleness_exponent, self.staleness_reference)

@@ -102,6 +102,11 @@ class RoundConfig(Section):
     staleness_exponent: float = option(0.5, "buffered: an update s versions old is scaled by "
                                        "1 / (1 + s)^a (0.5: the FedBuff paper's 1 / sqrt(1 + "
                                        "s))", min=0.0, max=10.0)
+    staleness_reference: float = option(1.0, "buffered: the staleness whose weight is 1: "
+                                        "weights are ((1 + r) / (1 + s))^a (0: the paper's "
+                                        "raw weights; 1: FLSim's normalisation, so an update "
+                                        "as stale as usual keeps its full size)", min=0.0,
+                                        max=1000.0)
     max_staleness: int = option(10, "buffered: refuse updates more versions old than this",
                                 min=0)
 
