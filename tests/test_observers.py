@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -211,9 +212,9 @@ def test_prometheus_observer_counts_coordinator_and_carrier_hooks():
     obs.update_rejected(2, "stale", 2, "too old", 2.0)
     obs.update_rejected(2, "non_finite", 1, "NaN", 2.0)
     obs.clients_failed(1, 1, "timed_out", 3.0)
-    obs.version_committed(ROUND1)
-    obs.round_abandoned(ABANDONED, "deadline")
-    obs.version_committed(ROUND2)
+    obs.version_committed(replace(ROUND1, seconds=3.0))
+    obs.round_abandoned(replace(ABANDONED, seconds=40.0), "deadline")
+    obs.version_committed(replace(ROUND2, seconds=0.5))
     obs.privacy_spent(2, {"epsilon": 1.5, "clip_norm": 1.0})
     obs.secagg_dropouts(2, "share_keys", 2)
     obs.call_refused("revoked")
@@ -225,8 +226,6 @@ def test_prometheus_observer_counts_coordinator_and_carrier_hooks():
     obs.uploads_active(1)
     obs.uploads_active(1)
     obs.uploads_active(-1)
-    obs.round_seconds(3.0)
-    obs.round_seconds(40.0)
     s = _samples(obs)
 
     def v(name: str, **labels: str) -> float:
@@ -250,8 +249,8 @@ def test_prometheus_observer_counts_coordinator_and_carrier_hooks():
     assert v("shoal_bytes_total", direction="down") == 1000
     assert v("shoal_bytes_total", direction="up") == 250
     assert v("shoal_active_uploads") == 1
-    assert v("shoal_round_seconds_count") == 2 and v("shoal_round_seconds_sum") == 43
-    assert v("shoal_round_seconds_bucket", le="5.0") == 1
+    assert v("shoal_round_seconds_count") == 3 and v("shoal_round_seconds_sum") == 43.5
+    assert v("shoal_round_seconds_bucket", le="5.0") == 2
     assert obs.value("shoal_updates_total", result="rejected", reason="stale") == 2
     assert obs.value("shoal_updates_total", result="rejected", reason="never") == 0
 

@@ -3,7 +3,7 @@
 The progress bar, the run directory, Prometheus metrics, logs, traces and (later) the
 dashboard each subclass :class:`Observer` and override what they need (they live in
 :mod:`shoal.telemetry`); core code never imports them. A carrier with traffic of its own (the
-gRPC server: refused calls, check-ins, bytes) also calls the hooks of
+gRPC server: refused calls, check-ins, bytes, active uploads) also calls the hooks of
 :class:`CarrierObserver`. An observer must not raise: :class:`Observers` fans a call out to
 every observer and logs (never propagates) what one of them raises, so a broken dashboard
 cannot stop a round.
@@ -74,9 +74,6 @@ class CarrierObserver(Observer):
     def uploads_active(self, delta: int) -> None:
         """The number of uploads being received changed by ``delta`` (+1 on start, -1 when
         one ends however it ends)."""
-
-    def round_seconds(self, seconds: float) -> None:
-        """A carrier round took ``seconds`` of wall time."""
 
 
 class Observers(CarrierObserver):

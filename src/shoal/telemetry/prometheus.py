@@ -16,9 +16,10 @@ Metrics:
 * ``shoal_update_staleness`` -- versions between an accepted update's base and the model;
 * ``shoal_model_version``, ``shoal_privacy_epsilon`` -- gauges;
 * ``shoal_secagg_dropouts_total{stage}``;
+* ``shoal_round_seconds`` -- how long each round (or buffered server step) took on the
+  run's clock, committed or abandoned;
 * ``shoal_refused_calls_total{reason}``, ``shoal_checkins_total{answer}``,
-  ``shoal_bytes_total{direction}``, ``shoal_active_uploads``, ``shoal_round_seconds`` -- the
-  carrier's.
+  ``shoal_bytes_total{direction}``, ``shoal_active_uploads`` -- the carrier's.
 """
 
 from __future__ import annotations
@@ -130,9 +131,11 @@ class PrometheusObserver(CarrierObserver):
     def version_committed(self, record: RoundRecord) -> None:
         self.rounds.labels("committed").inc()
         self.version.set(record.version)
+        self.duration.observe(record.seconds)
 
     def round_abandoned(self, record: RoundRecord, reason: str) -> None:
         self.rounds.labels("abandoned").inc()
+        self.duration.observe(record.seconds)
 
     def privacy_spent(self, version: int, values: Mapping[str, float]) -> None:
         if "epsilon" in values:
@@ -154,6 +157,3 @@ class PrometheusObserver(CarrierObserver):
 
     def uploads_active(self, delta: int) -> None:
         self.active.inc(delta)
-
-    def round_seconds(self, seconds: float) -> None:
-        self.duration.observe(seconds)
