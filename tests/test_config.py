@@ -53,6 +53,13 @@ def test_file_and_overrides(tmp_path):
     ("[data]\nalpha = 0\n", "data.alpha", "> 0.0"),
     ("[data]\nsynthetic_iid = 1\n", "data.synthetic_iid", "true or false"),
     ("learning_rate = 0.1\n", "learning_rate", "unknown config key"),
+    ("[sampling]\nselection = \"stratified\"\n", "sampling.stratify_by",
+     "needs sampling.stratify_by"),
+    ("[sampling]\nmethod = \"poisson\"\nselection = \"fairness\"\n", "sampling.selection",
+     "use it with sampling.method = 'uniform'"),
+    # selection is a setting of both modes now: the [deploy] keys are gone
+    ("[deploy]\nselection = \"fairness\"\n", "deploy.selection", "unknown config key"),
+    ("[deploy]\nstratify_by = \"os\"\n", "deploy.stratify_by", "unknown config key"),
 ])
 def test_bad_configs_name_the_key_and_the_allowed_range(tmp_path, text, key, phrase):
     p = tmp_path / "bad.toml"

@@ -22,10 +22,13 @@ from shoal.errors import ConfigError
 from shoal.events import TrainTask
 from shoal.pipeline import Pipeline, PlainSum, Validation
 from shoal.policy import BufferedPolicy, RoundPolicy, SyncPolicy
-from shoal.sampling import PoissonSampler, Sampler, UniformSampler
+from shoal.registry import MemoryRegistry, sequential_ids
+from shoal.sampling import PoissonSampler, RegistrySampler, Sampler, UniformSampler
+from shoal.selection import AvailabilityAware, FairnessAware, Selector, Stratified, Uniform
 from shoal.strategy import Strategy, make_strategy
 
-__all__ = ["load_data", "strategy_from_config", "sampler_from_config", "expected_cohort",
+__all__ = ["load_data", "strategy_from_config", "selector_from_config", "sampler_from_config",
+           "simulated_registry", "majority_labels", "expected_cohort",
            "policy_from_config", "pipeline_from_config", "local_dp_from_config",
            "secagg_from_config", "unpredictable", "LogNormalTime", "time_model_from_config"]
 
@@ -63,9 +66,93 @@ def strategy_from_config(cfg: Config) -> Strategy:
                          tau=s["tau"])
 
 
-def sampler_from_config(cfg: Config) -> Sampler:
+def selector_from_config(cfg: Config) -> Selector:
+    """The selector named by ``sampling.selection`` (both modes).
+
+    Raises:
+        ConfigError: a selection other than uniform with buffered rounds, whose coordinator
+            gives each task an idle client drawn uniformly (no sampler is asked).
+    """
     s = cfg["sampling"]
-    return PoissonSampler(s["q"]) if s["method"] == "poisson" else UniformSampler(s["per_round"])
+    name = s["selection"]
+    if name != "uniform" and cfg["round"]["policy"] == "buffered":
+        raise ConfigError(f"sampling.selection = {name!r} does not apply to round.policy = "
+                          f"'buffered', which gives each task an idle client drawn uniformly; "
+                          f"use sampling.selection = 'uniform' or round.policy = 'sync'",
+                          key="sampling.selection")
+    if name == "stratified":
+        return Stratified(s["stratify_by"])
+    if name == "availability":
+        return AvailabilityAware()
+    if name == "fairness":
+        return FairnessAware()
+    return Uniform()
+
+
+def sampler_from_config(cfg: Config, data: FederatedData | None = None) -> Sampler:
+    """The simulation's sampler: Poisson, the uniform sampler of wave 1, or a
+    :class:`~shoal.sampling.RegistrySampler` over :func:`simulated_registry` (whose cohorts
+    the run records, see :func:`~shoal.sampling.recording`) for any other selection.
+
+    Raises:
+        ConfigError: stratification by an attribute simulated clients do not carry.
+    """
+    s = cfg["sampling"]
+    if s["method"] == "poisson":
+        return PoissonSampler(s["q"])
+    if s["selection"] == "uniform":
+        return UniformSampler(s["per_round"])
+    registry = simulated_registry(cfg, data)
+    # simulated clients declare no availability window: the time does not matter
+    return RegistrySampler(selector_from_config(cfg), s["per_round"],
+                           registry=lambda: registry, clock=lambda: 0.0)
+
+
+def simulated_registry(cfg: Config, data: FederatedData | None = None) -> MemoryRegistry:
+    """The simulated population as a registry: ``data.clients`` clients named
+    ``client-0..`` in client order (row ``i`` is client ``i``), enrolled at time 0, no
+    availability windows, and -- when ``sampling.stratify_by = 'label'`` -- the attribute
+    ``label``: each client's most frequent training label (ties to the smaller label; a
+    client without examples lacks it). It keeps one outcome per client (participation is
+    counted in full regardless).
+
+    Raises:
+        ConfigError: ``sampling.stratify_by`` names another attribute, or ``label`` without
+            ``data``.
+    """
+    s = cfg["sampling"]
+    n = cfg["data"]["clients"]
+    attributes: dict[str, np.ndarray] = {}
+    if s["selection"] == "stratified":
+        if s["stratify_by"] != "label":
+            raise ConfigError(f"sampling.stratify_by = {s['stratify_by']!r}: simulated "
+                              f"clients carry one attribute, 'label' (their most frequent "
+                              f"training label); device attributes exist in a deployment",
+                              key="sampling.stratify_by")
+        if data is None:
+            raise ConfigError("stratifying simulated clients by 'label' needs their data",
+                              key="sampling.stratify_by")
+        attributes["label"] = majority_labels(data)
+    registry = MemoryRegistry(history=1)
+    registry.enroll_many(sequential_ids(n), now=0.0, attributes=attributes)
+    return registry
+
+
+def majority_labels(data: FederatedData) -> np.ma.MaskedArray:
+    """Each client's most frequent training label (ties to the smaller one), masked for
+    clients without examples: one sort of the (client, label) pairs, no loop per client."""
+    sizes = np.fromiter((len(i) for i in data.client_indices), np.int64,
+                        len(data.client_indices))
+    owner = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
+    labels = np.asarray(data.train.y, dtype=np.int64)[np.concatenate(
+        [np.zeros(0, np.int64), *data.client_indices])]
+    pairs, counts = np.unique(np.stack([owner, labels], axis=1), axis=0, return_counts=True)
+    # per client: the largest count, then the smallest label; its first row wins
+    order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))
+    first = order[np.flatnonzero(np.diff(pairs[order, 0], prepend=-1) != 0)]
+    out = np.ma.masked_all(sizes.size, dtype=np.int64)
+    out[pairs[first, 0]] = pairs[first, 1]
+    return out
 
 
 def expected_cohort(cfg: Config) -> float:

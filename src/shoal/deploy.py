@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from shoal.config import Config
-from shoal.build import load_data, secagg_from_config
+from shoal.build import load_data, secagg_from_config, selector_from_config
 from shoal.records import RoundRecord
-from shoal.sampling import UniformSampler
+from shoal.sampling import RegistrySampler, UniformSampler
 from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
 from shoal.models import build_model
@@ -138,10 +138,12 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
                                     cfg["data"]["clients"], d["wait_timeout_s"])
         carrier = GrpcCarrier(service, devices, secure=secagg_from_config(cfg))
-        # the policy asks ceil(deploy.target x deploy.over_selection) devices a round
-        sampler = (UniformSampler(cfg["sampling"]["per_round"]) if d["selection"] == "uniform"
-                   else RegistrySampler(selector_from_config(cfg), cfg["sampling"]["per_round"],
-                                        carrier.devices, registry_factory))
+        # the policy asks ceil(deploy.target x deploy.over_selection) devices a round; a
+        # selection other than uniform reads the service's registry at each round
+        s = cfg["sampling"]
+        sampler = (UniformSampler(s["per_round"]) if s["selection"] == "uniform"
+                   else RegistrySampler(selector_from_config(cfg), s["per_round"],
+                                        carrier.devices, lambda: service.registry))
         exp = Experiment(cfg, data, pool=carrier, sampler=sampler)
         state = None
         latest = store.latest()
@@ -174,47 +176,6 @@ def _metrics() -> CarrierObserver:
         return PrometheusObserver()
     except ImportError:  # pragma: no cover - the deploy extra installs it
         return CarrierObserver()
-
-
-@dataclass(frozen=True)
-class RegistrySampler:
-    """The coordinator's :class:`~shoal.coordinator.Sampler` for devices: a
-    :mod:`shoal.selection` strategy over the registry's current records.
-
-    ``num_clients`` positions map to the pool's sorted device ids; the registry is read at
-    each round (participation counts and availability change), and the cohort may be short
-    when fewer devices are eligible -- the round's ``min_fraction`` then decides.
-    """
-
-    selector: object
-    count: int
-    devices: tuple[str, ...]
-    registry_factory: Callable[[], SQLiteRegistry]
-    clock: Callable[[], float] = time.time
-
-    def sample(self, num_clients: int, rng, count: int | None = None) -> np.ndarray:
-        position = {d: i for i, d in enumerate(self.devices)}
-        records = [dev for dev in self.registry_factory().list() if dev.device_id in position]
-        chosen = self.selector.select(records, count or self.count, rng, self.clock())
-        return np.array(sorted(position[d] for d in chosen), dtype=np.int64)
-
-
-def selector_from_config(cfg: Config):
-    """The selection strategy named by ``deploy.selection``."""
-    from shoal.selection import AvailabilityAware, FairnessAware, Stratified, Uniform
-
-    d = cfg["deploy"]
-    name = d["selection"]
-    if name == "uniform":
-        return Uniform()
-    if name == "stratified":
-        if not d["stratify_by"]:
-            raise ConfigError("deploy.selection = 'stratified' needs deploy.stratify_by (a "
-                              "device attribute such as 'os')", key="deploy.stratify_by")
-        return Stratified(d["stratify_by"])
-    if name == "availability":
-        return AvailabilityAware()
-    return FairnessAware()
 
 
 def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> None:
@@ -250,7 +211,7 @@ def _check_central_dp_accounting(cfg: Config) -> None:
 
     The ledger accounts for each round as a fixed-size uniform sample of
     ``sampling.per_round`` out of ``data.clients`` (or a Poisson sample). A deployment asks
-    ``ceil(target x over_selection)`` devices, chosen by ``deploy.selection``: unless that is
+    ``ceil(target x over_selection)`` devices, chosen by ``sampling.selection``: unless that is
     exactly a uniform sample of ``per_round``, epsilon would be reported for a sampling that
     did not happen (over-selection in particular invites more clients than accounted for).
     The cohorts themselves are drawn from ``os.urandom`` (an ``Experiment`` with a device
@@ -262,7 +223,7 @@ def _check_central_dp_accounting(cfg: Config) -> None:
     d, s = cfg["deploy"], cfg["sampling"]
     target = d["target"] or s["per_round"]
     wanted = {"sampling.method": (s["method"], "uniform"),
-              "deploy.selection": (d["selection"], "uniform"),
+              "sampling.selection": (s["selection"], "uniform"),
               "deploy.over_selection": (d["over_selection"], 1.0),
               "deploy.target": (target, s["per_round"]),
               # the pool is the devices enrolled when the run starts: at least data.clients of

@@ -41,7 +41,7 @@ from shoal.params import ParamSpec
 from shoal.pipeline import stage_states_from_dict, stage_states_to_dict
 from shoal.records import RoundRecord
 from shoal.runner import ClientPool, drive
-from shoal.sampling import Sampler
+from shoal.sampling import Sampler, recording
 from shoal.store import Checkpoint
 from shoal.strategy import ServerState
 from shoal.training import evaluate
@@ -194,7 +194,7 @@ class Experiment:
         self.pool = pool
         self.strategy = strategy_from_config(cfg)
         self.policy_name = cfg["round"]["policy"]
-        self.sampler = sampler or sampler_from_config(cfg)
+        self.sampler = sampler or sampler_from_config(cfg, self.data)
         self.pipeline = pipeline_from_config(
             cfg, deployed=self.deployed,
             secure_in_transport=getattr(pool, "aggregates_securely", False))
@@ -350,7 +350,10 @@ class Experiment:
                 final["state"] = state
                 submit(RoundRecord(round=0), state.params)
             clock = SimClock() if self.time_model is not None else WallClock()
-            reason = drive(coordinator, self.pool, state, clock,
+            # in simulation, the registry a sampler reads learns who took part (a deployment's
+            # gateway records that itself)
+            driven = coordinator if self.deployed else recording(coordinator, self.sampler)
+            reason = drive(driven, self.pool, state, clock,
                            stage_states=self._stage_states, task_seconds=self.time_model,
                            on_commit=committed, on_abort=abandoned)
             stopped = "" if reason == "done" else reason

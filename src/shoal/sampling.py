@@ -1,21 +1,43 @@
-"""Who trains: samplers of a cohort from a population of ``num_clients`` clients.
+"""Who trains: the coordinator's samplers, and the record of who took part.
 
-A sampler draws from the generator it is given, so cohorts are reproducible from (run seed,
-round, attempt) in simulation and unpredictable (``os.urandom``) where differential privacy
-needs them to be. Selection over a registry of devices (attributes, availability,
-participation) lives in :mod:`shoal.selection` and plugs in through the same protocol.
+A :class:`Sampler` draws a cohort -- sorted int64 client positions in ``range(num_clients)``
+-- from the generator it is given, so cohorts are reproducible from (run seed, round,
+attempt) in simulation and unpredictable (``os.urandom``) where differential privacy needs
+them to be.
+
+:class:`RegistrySampler` is the one sampler of both modes: a :mod:`shoal.selection` selector
+picks rows of a registry's :class:`~shoal.registry.Columns` (attributes, availability
+windows, participation), and the sampler maps them to the pool's client positions. In a
+deployment the registry is the SQLite file of enrolled devices and position ``i`` is the
+pool's ``i``-th device; in simulation it is an in-memory registry of virtual clients whose
+row ``i`` is client ``i``, and :func:`recording` writes each cohort's outcomes back into it
+(who was accepted, refused, dropped), which is what fairness-aware selection reads.
+:class:`UniformSampler` is the registry sampler with the :class:`~shoal.selection.Uniform`
+selector over an anonymous population (``Columns.of_size``, O(1) memory): its cohort is
+``np.sort(rng.choice(num_clients, size=per_round, replace=False))``, the simulator's cohorts
+since its first release. :class:`PoissonSampler` is the sampling differential-privacy
+accounting assumes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
 from shoal.errors import ConfigError
+from shoal.events import (ClientsFailed, ClientUpdate, Command, SendTask, TaskEnded,
+                          UpdateBatch, UpdateRefused, UpdatesArrived)
+from shoal.registry.base import Registry
+from shoal.registry.columns import Columns, encode_ids
+from shoal.selection import Selector, Uniform
 
-__all__ = ["Sampler", "UniformSampler", "PoissonSampler"]
+__all__ = ["OutcomeTap", "PoissonSampler", "RegistrySampler", "Sampler", "UniformSampler",
+           "recording"]
 
 
 class Sampler(Protocol):
@@ -27,18 +49,130 @@ class Sampler(Protocol):
 
 
 @dataclass(frozen=True)
-class UniformSampler:
-    """``per_round`` clients uniformly at random without replacement (sorted ids)."""
+class RegistrySampler:
+    """The coordinator's :class:`Sampler` over a registry (see the module docstring).
 
+    The registry is read at each round (participation and availability change). The cohort
+    may be short when fewer clients are eligible -- in a deployment the round's
+    ``min_fraction`` then decides.
+
+    Attributes:
+        selector: chooses rows of the registry's columns.
+        per_round: the cohort size when the coordinator asks for none.
+        devices: the pool's device ids, position ``i`` being ``devices[i]``; pool devices
+            missing from the registry are never chosen. ``None``: position ``i`` is the
+            registry's row ``i`` (the simulator's ``sequential_ids``).
+        registry: returns the registry to read each round; ``None``: an anonymous
+            population of ``num_clients`` clients (``Columns.of_size``: no attributes, no
+            windows, no participation).
+        clock: ``now`` for availability windows (seconds since the epoch).
+
+    Raises:
+        ConfigError: ``per_round`` is not an int >= 1; ``devices`` without a registry.
+    """
+
+    selector: Selector
     per_round: int
+    devices: Sequence[str] | None = None
+    registry: Callable[[], Registry] | None = None
+    clock: Callable[[], float] = time.time
+    #: the pool's ids (position order), sorted, and the position of each sorted one
+    _pool: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False)
+    #: clients whose updates the coordinator is judging (set by :class:`OutcomeTap`)
+    _judged: _Judged = field(default_factory=lambda: _Judged(), init=False, repr=False,
+                             compare=False)
+
+    def __post_init__(self) -> None:
+        k = self.per_round
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"sampling.per_round = {k!r} must be an int >= 1",
+                              key="sampling.per_round")
+        if self.devices is not None:
+            if self.registry is None:
+                raise ConfigError("a sampler over named devices needs their registry",
+                                  key="sampling.selection")
+            ids = encode_ids(self.devices)
+            order = np.argsort(ids, kind="stable")
+            object.__setattr__(self, "_pool", (ids, ids[order], order))
 
     def sample(self, num_clients: int, rng: np.random.Generator,
                count: int | None = None) -> np.ndarray:
+        """Up to ``count`` (default ``per_round``) client positions, sorted int64.
+
+        Raises:
+            ConfigError: the registry does not hold the pool's clients.
+        """
         k = self.per_round if count is None else count
-        if not 1 <= k <= num_clients:
-            raise ConfigError(f"sampling.per_round = {k} must be between 1 and the number "
-                              f"of clients ({num_clients})", key="sampling.per_round")
-        return np.sort(rng.choice(num_clients, size=k, replace=False))
+        cols = self.registry().columns() if self.registry is not None \
+            else Columns.of_size(num_clients)
+        if self._pool is None:
+            if cols.size != num_clients:
+                raise ConfigError(f"the registry holds {cols.size} clients, the pool "
+                                  f"{num_clients}: client i must be the registry's row i",
+                                  key="data.clients")
+            return self.selector.select(self._counting_judged(cols), k, rng, self.clock())
+        among, position = self._rows_of_pool(cols)
+        chosen = self.selector.select(cols, k, rng, self.clock(), among)
+        return np.sort(position[np.searchsorted(among, chosen)])
+
+    def _counting_judged(self, cols: Columns) -> Columns:
+        """``cols`` with one more participation for the clients being judged.
+
+        The coordinator draws the next cohort inside the event that completes a round, so
+        the outcomes of that event's updates are recorded only after the draw: counting
+        them as taken part (they nearly always are) keeps fairness-aware selection from
+        seeing a round late. Positions are rows here (a pool without named devices).
+        """
+        judged = self._judged.positions
+        if judged.size == 0:
+            return cols
+        part = np.array(cols.participation, dtype=np.int64)
+        part[judged] += 1
+        return dataclasses.replace(cols, participation=part)
+
+    def _rows_of_pool(self, cols: Columns) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, positions)``: the registry rows of the pool's devices that it holds
+        (sorted) and each one's position in the pool."""
+        assert self._pool is not None
+        _, ids, order = self._pool
+        if cols.ids is None or cols.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        width = max(cols.ids.dtype.itemsize, ids.dtype.itemsize)
+        have, want = cols.ids.astype(f"S{width}"), ids.astype(f"S{width}")
+        rows = np.minimum(np.searchsorted(have, want), cols.size - 1)
+        held = have[rows] == want
+        return rows[held].astype(np.int64), order[held].astype(np.int64)
+
+    def record(self, positions: np.ndarray, round: int, outcome: str, now: float) -> None:
+        """Record ``outcome`` in ``round`` for the clients at ``positions`` (one call to
+        the registry's :meth:`~shoal.registry.Registry.record_outcomes`)."""
+        if self.registry is None or len(positions) == 0:
+            return
+        registry = self.registry()
+        positions = np.asarray(positions, dtype=np.int64)
+        if self._pool is not None:
+            named = self._pool[0][positions]
+        else:
+            named = registry.columns().ids[positions]
+        registry.record_outcomes(named, round, outcome, now=now)
+
+
+class _Judged:
+    """A mutable slot in a frozen sampler: the positions of the clients whose updates the
+    coordinator is judging while it may draw the next cohort."""
+
+    def __init__(self) -> None:
+        self.positions = np.zeros(0, dtype=np.int64)
+
+
+class UniformSampler(RegistrySampler):
+    """``per_round`` clients uniformly at random without replacement (sorted ids): the
+    :class:`~shoal.selection.Uniform` selector over an anonymous population, exactly
+    ``np.sort(rng.choice(num_clients, size=per_round, replace=False))``."""
+
+    def __init__(self, per_round: int) -> None:
+        super().__init__(Uniform(), per_round)
 
 
 @dataclass(frozen=True)
@@ -57,3 +191,84 @@ class PoissonSampler:
                               "use sampling.method = 'uniform' with round.over_selection",
                               key="round.over_selection")
         return np.flatnonzero(rng.random(num_clients) < self.q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Who took part
+# ---------------------------------------------------------------------------------------------
+
+
+class OutcomeTap:
+    """A coordinator seen through: events and commands pass unchanged, and each client's
+    outcome goes to ``sampler``'s registry -- ``accepted`` for an arrival's clients that no
+    :class:`~shoal.events.UpdateRefused` of the answer names, ``late`` or
+    ``rejected:<reason>`` for those it names, ``dropped`` for failed clients. One vectorized
+    registry call per outcome and event: O(clients of the event), nothing per idle client.
+
+    The simulator's carrier (:func:`~shoal.runner.drive`) drives the tap in place of the
+    coordinator; a deployment records outcomes in its gateway instead.
+    """
+
+    def __init__(self, coordinator: Any, sampler: RegistrySampler) -> None:
+        self.coordinator = coordinator
+        self.sampler = sampler
+        self._round: dict[int, int] = {}  # open task -> its round
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.coordinator, name)
+
+    def start(self, state: object, now: float, stage_states: tuple | None = None
+              ) -> list[Command]:
+        return self._sent(self.coordinator.start(state, now, stage_states))
+
+    def handle(self, event: Any) -> list[Command]:
+        rnd = self._round.get(getattr(event, "task_id", -1))
+        clients = _clients(event.arrival) if isinstance(event, UpdatesArrived) else None
+        if clients is not None and rnd is not None and self.sampler.devices is None:
+            self.sampler._judged.positions = clients
+        try:
+            cmds = self._sent(self.coordinator.handle(event))
+        finally:
+            self.sampler._judged.positions = np.zeros(0, dtype=np.int64)
+        if clients is not None and rnd is not None:
+            self._arrived(event, clients, rnd, cmds)
+        elif isinstance(event, ClientsFailed) and rnd is not None:
+            self.sampler.record(np.asarray(event.client_ids), rnd, "dropped", event.now)
+        elif isinstance(event, TaskEnded):
+            self._round.pop(event.task_id, None)
+        return cmds
+
+    def _sent(self, cmds: list[Command]) -> list[Command]:
+        for c in cmds:
+            if isinstance(c, SendTask):
+                self._round[c.task.task_id] = c.task.round
+        return cmds
+
+    def _arrived(self, event: UpdatesArrived, clients: np.ndarray, rnd: int,
+                 cmds: list[Command]) -> None:
+        refused = np.zeros(0, np.int64)
+        for c in cmds:
+            if isinstance(c, UpdateRefused) and c.task_id == event.task_id and c.client_ids:
+                ids = np.intersect1d(np.asarray(c.client_ids, np.int64), clients)
+                ids = np.setdiff1d(ids, refused)  # a client's first refusal is its outcome
+                outcome = "late" if c.reason == "late" else f"rejected:{c.reason}"
+                self.sampler.record(ids, rnd, outcome, event.now)
+                refused = np.union1d(refused, ids)
+        self.sampler.record(np.setdiff1d(clients, refused), rnd, "accepted", event.now)
+
+
+def _clients(item: object) -> np.ndarray | None:
+    """The clients of an arrival; ``None`` for a group's aggregate, which names none."""
+    if isinstance(item, ClientUpdate):
+        return np.array([item.client_id], dtype=np.int64)
+    if isinstance(item, UpdateBatch):
+        return np.asarray(item.client_ids, dtype=np.int64)
+    return None
+
+
+def recording(coordinator: Any, sampler: Sampler) -> Any:
+    """``coordinator`` behind an :class:`OutcomeTap` when ``sampler`` reads a registry (so
+    the registry learns who took part), else ``coordinator`` itself."""
+    if isinstance(sampler, RegistrySampler) and sampler.registry is not None:
+        return OutcomeTap(coordinator, sampler)
+    return coordinator

@@ -1,22 +1,30 @@
-"""Client selection over registry records: uniform, stratified, availability- and fairness-aware.
+"""Client selection over the registry's columns: uniform, stratified, availability- and
+fairness-aware.
 
-A selector answers *with whom* a round runs: given candidate :class:`~shoal.registry.Device`
-records, a cohort size, a ``numpy.random.Generator`` and the current time, it returns the chosen
-device ids. Selectors are small frozen dataclasses with no I/O; the caller fetches candidates
-from the registry (e.g. ``registry.list(seen_since=now - 3600)``) and derives ``rng`` from the
-run seed and the round (``shoal.seeds.generator(seed, "select", round)``), so a resumed
-aggregator picks the same cohort.
+A selector answers *with whom* a round runs: given a :class:`~shoal.registry.Columns` view of
+the registry (one array per field, rows in device-id order), a cohort size, a
+``numpy.random.Generator`` and the current time, it returns the chosen rows. Selectors are
+small frozen dataclasses with no I/O, and every one is a few vector operations over the
+columns: choosing 100 devices out of a million builds no Python object per device. The
+coordinator reaches them through :class:`~shoal.sampling.RegistrySampler`, the one sampler of
+both simulation (an in-memory registry of virtual clients) and deployment (the SQLite
+registry of enrolled devices); ``rng`` is the coordinator's sampling stream
+(``shoal.seeds.generator(seed, "sample", round)``), so a resumed run picks the same cohort.
 
 Conventions shared by every selector here:
 
-* **Deterministic and order-independent.** Candidates are sorted by ``device_id`` before any
-  random draw, so the same candidates and the same generator state give the same cohort
-  whatever order the registry returned them in. Duplicate ids are refused.
+* **Deterministic and order-independent.** Rows are in device-id order whatever order the
+  registry learnt of the devices, and every draw is made over rows, so the same registry
+  and the same generator state give the same cohort. Duplicate ids cannot occur: a
+  ``Columns`` view holds each id once by construction.
 * **Shortfall returns everyone eligible.** Asking for more devices than are eligible returns
-  all eligible devices rather than raising: in deployment the population that is online
+  all eligible rows rather than raising: in deployment the population that is online
   fluctuates, and whether a short cohort is still worth a round is the round engine's call
-  (compare ``len(cohort)`` with its minimum), not the sampler's.
-* **Output** is the chosen ids sorted, like the simulator's ``UniformSampler``.
+  (compare ``len(cohort)`` with its minimum), not the selector's.
+* **Output** is the chosen rows as a sorted int64 array. ``among`` (sorted rows) restricts
+  the draw to a subset -- the devices of the run's pool, or those a wrapping selector kept.
+* :class:`Uniform` over every row draws exactly ``np.sort(rng.choice(n, size=count,
+  replace=False))``: the cohorts of the simulator since its first release.
 
 Over-selection follows K. Bonawitz et al., "Towards Federated Learning at Scale: System
 Design", MLSys 2019: ask ``ceil(factor * target)`` devices (they use 130%) so that the round
@@ -37,7 +45,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from shoal.errors import ConfigError
-from shoal.registry.base import AttrValue, Device, RegistryError
+from shoal.registry.columns import Columns
 
 __all__ = [
     "AvailabilityAware",
@@ -52,13 +60,14 @@ __all__ = [
 
 @runtime_checkable
 class Selector(Protocol):
-    """Chooses up to ``count`` device ids from ``candidates``.
+    """Chooses up to ``count`` rows of ``columns`` (of ``among``, if given).
 
-    Returns every eligible id (sorted) when fewer than ``count`` are eligible.
+    Returns the chosen rows, sorted int64; every eligible row when fewer than ``count``
+    are eligible.
     """
 
-    def select(self, candidates: Sequence[Device], count: int, rng: np.random.Generator,
-               now: float) -> list[str]: ...
+    def select(self, columns: Columns, count: int, rng: np.random.Generator, now: float,
+               among: np.ndarray | None = None) -> np.ndarray: ...
 
 
 def _check_count(count: object, name: str = "count") -> int:
@@ -67,18 +76,25 @@ def _check_count(count: object, name: str = "count") -> int:
     return int(count)
 
 
-def _sorted_unique(candidates: Sequence[Device]) -> list[Device]:
-    """Candidates in device-id order; the canonical order every draw is made in."""
-    ordered = sorted(candidates, key=lambda d: d.device_id)
-    for a, b in zip(ordered, ordered[1:]):
-        if a.device_id == b.device_id:
-            raise RegistryError(f"device {a.device_id!r} appears twice among the candidates",
-                                device_id=a.device_id)
-    return ordered
+def _eligible(columns: Columns, among: np.ndarray | None) -> int:
+    """How many rows the draw is over."""
+    return columns.size if among is None else len(among)
 
 
-def _ids(devices: Sequence[Device], chosen: np.ndarray) -> list[str]:
-    return sorted(devices[i].device_id for i in chosen.tolist())
+def _rows(picked: np.ndarray, among: np.ndarray | None) -> np.ndarray:
+    """Positions among the eligible rows (sorted) -> registry rows (sorted int64)."""
+    picked = np.asarray(picked, dtype=np.int64)
+    return picked if among is None else np.asarray(among, dtype=np.int64)[picked]
+
+
+def _everyone(columns: Columns, among: np.ndarray | None) -> np.ndarray:
+    return _rows(np.arange(_eligible(columns, among), dtype=np.int64), among)
+
+
+def _uniform(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` of ``range(n)`` uniformly without replacement, sorted: the one uniform draw
+    (numpy's ``choice`` is O(count) for a small fraction of a large ``n``)."""
+    return np.sort(rng.choice(n, size=count, replace=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,15 +104,15 @@ def _ids(devices: Sequence[Device], chosen: np.ndarray) -> list[str]:
 
 @dataclass(frozen=True)
 class Uniform:
-    """``count`` devices uniformly at random without replacement."""
+    """``count`` rows uniformly at random without replacement."""
 
-    def select(self, candidates: Sequence[Device], count: int, rng: np.random.Generator,
-               now: float) -> list[str]:
+    def select(self, columns: Columns, count: int, rng: np.random.Generator, now: float,
+               among: np.ndarray | None = None) -> np.ndarray:
         count = _check_count(count)
-        devices = _sorted_unique(candidates)
-        if count >= len(devices):
-            return [d.device_id for d in devices]
-        return _ids(devices, rng.choice(len(devices), size=count, replace=False))
+        n = _eligible(columns, among)
+        if count >= n:
+            return _everyone(columns, among)
+        return _rows(_uniform(n, count, rng), among)
 
 
 def proportional_allocation(sizes: Sequence[int] | np.ndarray, count: int,
@@ -131,21 +147,12 @@ def proportional_allocation(sizes: Sequence[int] | np.ndarray, count: int,
     return alloc
 
 
-def _stratum_key(value: AttrValue | None) -> tuple[int, float | str]:
-    # Missing < numbers < strings, so mixed-type strata still sort deterministically.
-    if value is None:
-        return (0, 0.0)
-    if isinstance(value, str):
-        return (2, value)
-    return (1, float(value))
-
-
 @dataclass(frozen=True)
 class Stratified:
     """Proportional stratified sampling on one attribute, uniform within each stratum.
 
     Devices without the attribute form a stratum of their own. Stratum sizes are counted among
-    the candidates given, so filter first (e.g. wrap in :class:`AvailabilityAware`) if only
+    the eligible rows, so filter first (e.g. wrap in :class:`AvailabilityAware`) if only
     the available population should set the proportions.
 
     Attributes:
@@ -154,50 +161,56 @@ class Stratified:
 
     attribute: str
 
-    def select(self, candidates: Sequence[Device], count: int, rng: np.random.Generator,
-               now: float) -> list[str]:
+    def select(self, columns: Columns, count: int, rng: np.random.Generator, now: float,
+               among: np.ndarray | None = None) -> np.ndarray:
         count = _check_count(count)
-        devices = _sorted_unique(candidates)
-        if count >= len(devices):
-            return [d.device_id for d in devices]
-        values = [d.attributes.get(self.attribute) for d in devices]
-        keys = sorted({_stratum_key(v) for v in values})
-        index = {k: i for i, k in enumerate(keys)}
-        stratum = np.fromiter((index[_stratum_key(v)] for v in values), dtype=np.int64,
-                              count=len(values))
-        sizes = np.bincount(stratum, minlength=len(keys))
+        n = _eligible(columns, among)
+        if count >= n:
+            return _everyone(columns, among)
+        stratum, num = columns.strata(self.attribute)
+        if among is not None:
+            stratum = stratum[among]
+        sizes = np.bincount(stratum, minlength=num)
         alloc = proportional_allocation(sizes, count, rng)
-        # Uniform within each stratum, all strata at once: order devices by (stratum, random
-        # key) and keep the first alloc[h] of stratum h.
-        order = np.lexsort((rng.random(len(devices)), stratum))
+        # Rows grouped by stratum, in row order within each (a stable sort of small ints is
+        # a radix sort: O(n)); then a uniform draw inside each stratum that gets any.
+        narrow = np.uint16 if num <= np.iinfo(np.uint16).max else np.int64
+        by_stratum = np.argsort(stratum.astype(narrow), kind="stable")
         starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-        rank = np.arange(len(devices)) - starts[stratum[order]]
-        return _ids(devices, order[rank < alloc[stratum[order]]])
+        picked = [by_stratum[starts[h] + _uniform(int(sizes[h]), int(alloc[h]), rng)]
+                  for h in np.flatnonzero(alloc).tolist()]
+        return _rows(np.sort(np.concatenate([np.zeros(0, np.int64), *picked])), among)
 
 
 @dataclass(frozen=True)
 class AvailabilityAware:
     """Only devices whose availability window covers ``now``, then ``inner`` (uniform).
 
-    A device that declared no window counts as always available.
+    A device that declared no window counts as always available, so over a population
+    without windows (the simulator's) this selects exactly as ``inner`` does.
     """
 
     inner: Selector = field(default_factory=Uniform)
 
-    def select(self, candidates: Sequence[Device], count: int, rng: np.random.Generator,
-               now: float) -> list[str]:
+    def select(self, columns: Columns, count: int, rng: np.random.Generator, now: float,
+               among: np.ndarray | None = None) -> np.ndarray:
         count = _check_count(count)
-        return self.inner.select([d for d in candidates if d.available_at(now)], count, rng,
-                                 now)
+        up = columns.available(now)
+        if among is not None:
+            up = up[among]
+        if up.all():
+            return self.inner.select(columns, count, rng, now, among)
+        return self.inner.select(columns, count, rng, now, _rows(np.flatnonzero(up), among))
 
 
 @dataclass(frozen=True)
 class FairnessAware:
-    """Prefer devices that participated least (fewest accepted updates).
+    """Prefer devices that participated least (fewest accepted updates, the registry's
+    ``participation`` column).
 
     Attributes:
-        mode: ``"least"`` -- deterministic preference: sort by participation count, ties in
-            random order, take the first ``count`` (a device with more participations is
+        mode: ``"least"`` -- deterministic preference: the ``count`` least-used devices, ties
+            at the boundary broken uniformly at random (a device with more participations is
             chosen only when every less-used device already is). ``"weighted"`` -- sample
             without replacement with weights ``1 / (1 + participation)`` (Efraimidis-Spirakis
             keys ``u ** (1 / w)``), so busy devices keep a chance and the cohort stays random.
@@ -210,22 +223,29 @@ class FairnessAware:
             raise ConfigError(f"FairnessAware.mode must be 'least' or 'weighted', got "
                               f"{self.mode!r}", key="mode")
 
-    def select(self, candidates: Sequence[Device], count: int, rng: np.random.Generator,
-               now: float) -> list[str]:
+    def select(self, columns: Columns, count: int, rng: np.random.Generator, now: float,
+               among: np.ndarray | None = None) -> np.ndarray:
         count = _check_count(count)
-        devices = _sorted_unique(candidates)
-        if count >= len(devices):
-            return [d.device_id for d in devices]
-        used = np.fromiter((d.participation for d in devices), dtype=np.float64,
-                           count=len(devices))
+        n = _eligible(columns, among)
+        if count >= n:
+            return _everyone(columns, among)
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        used = columns.participation if among is None else columns.participation[among]
         if self.mode == "least":
-            chosen = np.lexsort((rng.random(len(devices)), used))[:count]
+            # the count-th smallest participation splits the population: everyone below it,
+            # and a uniform draw among those at it for the places left (O(n), no sort)
+            bound = np.partition(used, count - 1)[count - 1]
+            below = np.flatnonzero(used < bound)
+            tied = np.flatnonzero(used == bound)
+            picked = np.concatenate((below, tied[_uniform(tied.size, count - below.size,
+                                                          rng)]))
         else:
             # log(u ** (1 / w)) = log(u) * (1 + participation); the largest keys win.
             # 1 - random() lies in (0, 1], so the log is finite.
-            keys = np.log1p(-rng.random(len(devices))) * (1.0 + used)
-            chosen = np.argpartition(-keys, count - 1)[:count] if count else keys[:0]
-        return _ids(devices, np.asarray(chosen, dtype=np.int64))
+            keys = np.log1p(-rng.random(n)) * (1.0 + used)
+            picked = np.argpartition(-keys, count - 1)[:count]
+        return _rows(np.sort(picked), among)
 
 
 # ---------------------------------------------------------------------------------------------

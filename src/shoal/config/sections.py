@@ -10,6 +10,7 @@ breaks old configs.
 from __future__ import annotations
 
 from shoal.config.schema import Section, option, section
+from shoal.errors import ConfigError
 
 __all__ = ["DataConfig", "ModelConfig", "ClientConfig", "StrategyConfig", "SamplingConfig",
            "RoundConfig", "CompressionConfig", "SecureAggregationConfig", "PrivacyConfig",
@@ -87,6 +88,27 @@ class SamplingConfig(Section):
                             "exceed data.clients", min=1)
     q: float = option(0.1, "per-client sampling probability (method 'poisson')", min=0.0,
                       max=1.0, min_exclusive=True)
+    selection: str = option("uniform", "which clients (method 'uniform'), in simulation and "
+                            "deployment alike: 'uniform' (the wave-1 cohorts), 'stratified' "
+                            "(proportional to the strata of sampling.stratify_by), "
+                            "'availability' (clients whose declared window covers now), "
+                            "'fairness' (least-participated first)",
+                            choices=("uniform", "stratified", "availability", "fairness"))
+    stratify_by: str = option("", "client attribute for selection = 'stratified': a device "
+                              "attribute (shoal client --attr, e.g. 'os'); in simulation only "
+                              "'label' (a client's most frequent training label)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method == "poisson" and self.selection != "uniform":
+            raise ConfigError(f"sampling.selection = {self.selection!r} needs a fixed cohort "
+                              f"size: use it with sampling.method = 'uniform' (Poisson "
+                              f"sampling picks each client independently)",
+                              key="sampling.selection")
+        if self.selection == "stratified" and not self.stratify_by:
+            raise ConfigError("sampling.selection = 'stratified' needs sampling.stratify_by "
+                              "(an attribute such as 'os', or 'label' in simulation)",
+                              key="sampling.stratify_by")
 
 
 @section("round")
@@ -246,12 +268,6 @@ class DeployConfig(Section):
     checkin_interval_s: float = option(5.0, "devices not needed by the current round come "
                                        "back within 0.5-1.5 x this (pace steering)", min=0.0,
                                        min_exclusive=True)
-    selection: str = option("uniform", "who is asked each round: 'uniform' (the same cohorts "
-                            "as the simulator), 'stratified' (proportional to "
-                            "deploy.stratify_by), 'availability' (devices whose declared "
-                            "window covers now), 'fairness' (least-participated first)",
-                            choices=("uniform", "stratified", "availability", "fairness"))
-    stratify_by: str = option("", "device attribute for selection = 'stratified'")
     max_active_uploads: int = option(64, "uploads the aggregator reads at once (the rest wait "
                                      "under flow control: flat memory)", min=1)
     metrics_port: int = option(-1, "Prometheus /metrics port; -1 = off, 0 = any free port",

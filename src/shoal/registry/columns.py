@@ -78,20 +78,25 @@ class Attribute:
     def encode(cls, values: Sequence[AttrValue | None] | np.ndarray, name: str) -> Attribute:
         """Code a column of values (``None`` = missing), validating each distinct value.
 
-        A numeric or string numpy array is coded in one ``np.unique`` pass.
+        A numeric or string numpy array is coded in one ``np.unique`` pass; a masked array
+        (``np.ma``) is too, its masked entries being missing.
 
         Raises:
             RegistryError: a value is not a str, int or finite float (naming the attribute).
         """
         validate_attributes({name: 0})  # the name's alphabet and length
         where = f"attributes.{name}"
-        arr = np.asarray(values) if isinstance(values, np.ndarray) else None
+        arr = np.asanyarray(values) if isinstance(values, np.ndarray) else None
         if arr is not None and arr.dtype.kind in "iufU":
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            present = ~np.ma.getmaskarray(arr).reshape(-1)
+            data = np.ma.getdata(arr).reshape(-1)[present]
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
                 raise RegistryError(f"{where} must be finite", field=where)
-            uniq, codes = np.unique(arr, return_inverse=True)
+            uniq, inverse = np.unique(data, return_inverse=True)
             cats = tuple(_attr_value(v, where, None) for v in uniq.tolist())
-            return cls(codes.astype(np.int32).reshape(-1), cats)
+            codes = np.full(present.size, -1, dtype=np.int32)
+            codes[present] = inverse.reshape(-1)
+            return cls(codes, cats)
         index: dict[tuple[str, AttrValue], int] = {}
         out = np.empty(len(values), dtype=np.int32)
         for i, v in enumerate(values.tolist() if arr is not None else values):

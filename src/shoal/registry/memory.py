@@ -259,7 +259,7 @@ class MemoryRegistry:
         """Enrol new devices in one merge (see :meth:`Registry.enroll_many`).
 
         ``device_ids`` may be a numpy ``S``/``U`` array (``sequential_ids``) and each attribute
-        a numpy array: then nothing is built per device.
+        a numpy array (a masked one for missing values): then nothing is built per device.
         """
         now = _check_time(now, "now")
         ids = encode_ids(device_ids)
@@ -270,7 +270,7 @@ class MemoryRegistry:
         if dup.size:
             raise RegistryError(f"device {bytes(ids[dup[0]]).decode()!r} appears twice "
                                 "among the ids", field="device_ids")
-        attrs = {name: Attribute.encode(np.asarray(values)[order] if isinstance(
+        attrs = {name: Attribute.encode(np.asanyarray(values)[order] if isinstance(
                      values, np.ndarray) else [values[i] for i in order.tolist()], name)
                  for name, values in (attributes or {}).items()}
         wins = None if windows is None else [
