@@ -205,8 +205,9 @@ class SecAggDeviceRound:
         return self._devices.client_id(device_id)
 
     def status(self, now: float | None = None) -> SecAggStatus:
-        """Where the round stands (``now`` is accepted for symmetry with ``DeviceRound``;
-        the state changes only in :meth:`tick`)."""
+        """Where the round stands (``now`` is accepted for symmetry with
+        :meth:`DeviceTask.is_open <shoal.device_task.DeviceTask.is_open>`; the state changes
+        only in :meth:`tick`)."""
         included = len(self.server.included) if self.server is not None else 0
         return SecAggStatus(
             phase=self.phase,
@@ -239,7 +240,7 @@ class SecAggDeviceRound:
 
         Raises:
             UpdateRejected: ``not_selected``, ``wrong_round``, ``stale``, ``bad_key`` (see
-                :meth:`DeviceRound.authenticate`), ``wrong_sender`` (the message names
+                :meth:`DeviceTask.authenticate`), ``wrong_sender`` (the message names
                 another client), ``late`` (its stage has closed), ``wrong_stage`` (a message
                 for a stage the round has not reached), ``dropped`` (the device missed an earlier stage) or
                 ``protocol`` (the server machine refused it: malformed, wrong session,
