@@ -36,7 +36,6 @@ errors) is :mod:`shoal.transport.device_api`. Time comes from the injected ``clo
 from __future__ import annotations
 
 import hashlib
-import hmac
 import itertools
 import logging
 import random
@@ -51,11 +50,12 @@ from typing import TypeVar
 import grpc  # type: ignore[import-untyped]
 import numpy as np
 
-from shoal.codec import STAGES, Chain, decode_download, download_from_bytes
+from shoal.codec import STAGES, Chain
 from shoal.errors import CodecError, ConfigError, SpecError, UpdateRejected
 from shoal.privacy.dp import clip_to_norm
 from shoal.transport.channel import (MAX_CHUNK_BYTES, backoff_delay, is_transient, make_channel,
                                      refuses_credentials)
+from shoal.transport.download_stream import assemble_download, decode_model
 from shoal.transport.device_api import (ClientStats, CredentialsRejected, DownloadRefused,
                                         EvaluateFn, TaskAbandoned, TrainFn, TrainResult,
                                         TransportError)
@@ -406,7 +406,8 @@ class DeviceClient:
             base = self.held_version if attempt == 0 else 0
             try:
                 blob, got_base = self._download(version, base)
-                params = self._decode_model(blob, version, got_base)
+                params = decode_model(blob, version, got_base, self._model,
+                                      max_elements=self.max_elements)
             except (DownloadRefused, CodecError) as exc:
                 self._stats.download_errors += 1
                 self._log.warning("model version %d refused (attempt %d of %d): %s", version,
@@ -423,20 +424,6 @@ class DeviceClient:
             return params
         raise TaskAbandoned(f"model version {version} refused {self.max_download_attempts} times")
 
-    def _decode_model(self, blob: bytearray, version: int, base: int) -> np.ndarray:
-        """The model a verified payload carries: full, or a delta against the held model.
-
-        A payload without a versions context is a full model (servers before delta downloads
-        sent bare models); one with a context must name the stream's versions.
-        """
-        dl = download_from_bytes(blob, max_elements=self.max_elements,
-                                 bare_version=version if base == 0 else None)
-        if dl.version != version or dl.base_version != (base or None):
-            raise DownloadRefused(f"payload is version {dl.version} against base "
-                                  f"{dl.base_version}, the stream said {version} against "
-                                  f"{base or None}")
-        return decode_download(dl, self._model)
-
     def _download(self, version: int, base_version: int) -> tuple[bytearray, int]:
         request = pb.DownloadRequest(version=version, base_version=base_version,
                                      chunk_size=self.chunk_size)
@@ -446,54 +433,13 @@ class DeviceClient:
         call = self._stub.Download(request, timeout=self.transfer_timeout_s,
                                    metadata=self._metadata)
         try:
-            return self._assemble(request, call)
+            return assemble_download(request, call, max_bytes=self.max_model_bytes,
+                                     on_bytes=self._count_down)
         finally:
             call.cancel()  # stop the server streaming a refused download; no-op once done
 
-    def _assemble(self, request: pb.DownloadRequest, stream: Iterator[pb.ModelChunk]
-                  ) -> tuple[bytearray, int]:
-        """Reassemble a Download stream into one verified payload (the checks are the point);
-        returns it and its base version (0 = full model)."""
-        version = request.version
-        buf: bytearray | None = None
-        digest, expected, total, received, base = hashlib.sha256(), b"", 0, 0, 0
-        for chunk in stream:
-            n = len(chunk.data)
-            self._stats.bytes_down += n
-            if buf is None:
-                total, expected, base = chunk.total_size, chunk.sha256, chunk.base_version
-                if chunk.version != version or base not in (0, request.base_version):
-                    raise DownloadRefused(f"asked for model version {version} (holding "
-                                          f"{request.base_version}), got version "
-                                          f"{chunk.version} against base {base}")
-                if not 0 < total <= self.max_model_bytes:
-                    raise DownloadRefused(f"declared total_size {total} is outside "
-                                          f"[1, max_model_bytes={self.max_model_bytes}]")
-                if len(expected) != 32:
-                    raise DownloadRefused(f"first chunk carries a {len(expected)}-byte sha256, "
-                                          f"expected 32")
-                buf = bytearray(total)
-            elif ((chunk.version and chunk.version != version)
-                  or (chunk.base_version and chunk.base_version != base)
-                  or (chunk.total_size and chunk.total_size != total)
-                  or (chunk.sha256 and chunk.sha256 != expected)):
-                raise DownloadRefused(f"chunk at offset {chunk.offset} changes the version, "
-                                      f"base_version, total_size or sha256 of the download")
-            if chunk.offset != received:
-                raise DownloadRefused(f"chunk offset {chunk.offset}, expected {received} "
-                                      f"(chunks must be contiguous and in order)")
-            if received + n > total:
-                raise DownloadRefused(f"chunks carry more than the declared total_size {total}")
-            buf[received:received + n] = chunk.data
-            digest.update(chunk.data)
-            received += n
-        if buf is None:
-            raise DownloadRefused("the download stream was empty")
-        if received != total:
-            raise DownloadRefused(f"download truncated: {received} of {total} bytes")
-        if not hmac.compare_digest(digest.digest(), expected):
-            raise DownloadRefused("sha256 of the downloaded model does not match")
-        return buf, base
+    def _count_down(self, n: int) -> None:
+        self._stats.bytes_down += n
 
     def _task_rpc(self, method: str, call: Callable[[], _T]) -> _T:
         """:meth:`_rpc` within a task: an unexpected status (e.g. the version is gone, the
