@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 from shoal.cli.options import add_run_options, config_from_args
 from shoal.errors import ConfigError
+from shoal.registry.base import (MAX_WINDOWS, MINUTES_PER_WEEK, RegistryError,
+                                 validate_attributes)
 
 # the stages of a secure-aggregation round after which --die-after kills the process
 SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmasking")
@@ -37,6 +40,16 @@ def add_parser(sub) -> None:
                    help="stop after this many tasks (default: run until stopped)")
     p.add_argument("--max-retries", type=int, dest="max_retries", default=None,
                    help="give up after this many failed reconnections in a row")
+    p.add_argument("--attr", action="append", default=[], metavar="KEY=VALUE",
+                   help="a device attribute sent when enrolling, for stratified selection "
+                        "(sampling.stratify_by); repeatable, e.g. --attr os=android "
+                        "--attr region=eu. The attribute 'index' is --index unless given")
+    p.add_argument("--window", action="append", default=[], metavar="[DAYS/]HH:MM-HH:MM",
+                   help="when the device is available, in UTC, for availability-aware "
+                        "selection; repeatable. DAYS: Mon..Sun, a range (Mon-Fri, Fri-Mon) "
+                        "or a list (Sat,Sun); default every day. An end at or before the "
+                        "start runs past midnight: Mon-Fri/22:00-06:00 is five nights, "
+                        "24:00 ends a day. No --window: always available")
     p.add_argument("--die-after", dest="die_after", choices=SECAGG_STAGES,
                    help="fault injection for resilience tests: the process kills "
                         "itself (SIGKILL) right after the aggregator took its message "
@@ -61,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
                           "TLS and its private key)", key="cert")
     if args.cert is not None and args.ca is None:
         raise ConfigError("a client certificate needs TLS: give --ca too", key="cert")
+    attributes = {"index": str(args.index), **parse_attributes(args.attr)}
+    windows = parse_windows(args.window)
     device = args.device_id or f"device-{args.index:04d}"
     client_cert = None
     if args.cert is not None:
@@ -92,13 +107,97 @@ def run(args: argparse.Namespace) -> int:
 
     with DeviceClient(args.server, token, device, root_certificates=ca,
                       client_cert=client_cert, train=train,
-                      evaluate=evaluate, attributes={"index": str(args.index)},
+                      evaluate=evaluate, attributes=attributes, windows=windows,
                       max_retries=args.max_retries,
                       after_stage=die_after if args.die_after else None) as client:
         stats = client.run(max_rounds=args.max_tasks, stop=stop)
     if not args.quiet:
         print(json.dumps({"device": device, **stats.__dict__}), file=sys.stderr)
     return 0
+
+
+def parse_attributes(specs: Sequence[str]) -> dict[str, str]:
+    """``["os=android", "region=eu"]`` -> ``{"os": "android", "region": "eu"}``.
+
+    Raises:
+        ConfigError: (key ``attr``) a spec without ``=``, a repeated name, or a name or
+            value the registry would refuse (naming it and the rule).
+    """
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, eq, value = spec.partition("=")
+        if not eq:
+            raise ConfigError(f"--attr {spec!r}: expected KEY=VALUE, e.g. os=android",
+                              key="attr")
+        if name in out:
+            raise ConfigError(f"--attr {name} is given twice", key="attr")
+        out[name] = value
+    try:
+        validate_attributes(out)
+    except RegistryError as exc:
+        raise ConfigError(f"--attr: {exc}", key="attr") from None
+    return out
+
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def parse_windows(specs: Sequence[str]) -> list[tuple[int, int]]:
+    """Availability windows ``[DAYS/]HH:MM-HH:MM`` (UTC) as ``(start, end)`` minutes of the
+    week (Monday 00:00 = 0), one per day: ``"Mon-Fri/22:00-06:00"`` is five windows, each
+    running past midnight; ``"Sun/22:00-02:00"`` wraps around the end of the week.
+
+    Raises:
+        ConfigError: (key ``window``) naming the part of the spec that is wrong and what
+            it must be, or more windows than a device may declare.
+    """
+    out: list[tuple[int, int]] = []
+    for spec in specs:
+        days_part, slash, times = spec.rpartition("/")
+        days = _parse_days(days_part, spec) if slash else list(range(7))
+        first, dash, last = times.partition("-")
+        if not dash:
+            raise ConfigError(f"--window {spec!r}: expected [DAYS/]HH:MM-HH:MM, e.g. "
+                              f"Mon-Fri/22:00-06:00", key="window")
+        start, end = _minute(first, spec, "start"), _minute(last, spec, "end")
+        if start == 24 * 60:
+            raise ConfigError(f"--window {spec!r}: the start must be before 24:00",
+                              key="window")
+        if start == end:
+            raise ConfigError(f"--window {spec!r}: start and end are the same time; use "
+                              f"00:00-24:00 for a whole day", key="window")
+        length = end - start if end > start else end + 24 * 60 - start
+        for day in days:
+            begin = day * 24 * 60 + start
+            out.append((begin, (begin + length) % MINUTES_PER_WEEK))
+    if len(out) > MAX_WINDOWS:
+        raise ConfigError(f"--window: {len(out)} daily windows, a device may declare at most "
+                          f"{MAX_WINDOWS}", key="window")
+    return out
+
+
+def _parse_days(text: str, spec: str) -> list[int]:
+    days: set[int] = set()
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        try:
+            a = _DAYS.index(lo.strip().lower())
+            b = _DAYS.index(hi.strip().lower()) if dash else a
+        except ValueError:
+            raise ConfigError(f"--window {spec!r}: {part!r} is not a day or a range of days "
+                              f"(Mon, Tue, Wed, Thu, Fri, Sat, Sun; e.g. Mon-Fri)",
+                              key="window") from None
+        days.update((a + i) % 7 for i in range((b - a) % 7 + 1))  # Fri-Mon wraps
+    return sorted(days)
+
+
+def _minute(text: str, spec: str, which: str) -> int:
+    hh, colon, mm = text.strip().partition(":")
+    if not (colon and hh.isdigit() and mm.isdigit() and len(mm) == 2
+            and (int(hh), int(mm)) <= (24, 0) and int(mm) < 60):
+        raise ConfigError(f"--window {spec!r}: the {which} {text!r} must be a time HH:MM "
+                          f"from 00:00 to 24:00", key="window")
+    return int(hh) * 60 + int(mm)
 
 
 def _client_certificate(cert: str, key: str, device: str) -> tuple[bytes, bytes]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shoal.cli.client import SECAGG_STAGES
+from shoal.cli.client import SECAGG_STAGES, parse_attributes
 from shoal.cli.options import add_run_options, config_from_args
 from shoal.cli.report import banner, report
 from shoal.telemetry import ProgressBar
@@ -34,6 +34,11 @@ def add_parser(sub) -> None:
     p.add_argument("--mtls", action="store_true",
                    help="mutual TLS: every client process presents its own client "
                         "certificate (common name = its device id), as silos would")
+    p.add_argument("--attr", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="give the client processes an attribute, its values dealt round-"
+                        "robin (device-0000 gets V1, device-0001 V2, ...), so that "
+                        "sampling.selection = 'stratified' has strata to draw from: e.g. "
+                        "--attr os=android,ios,linux; repeatable")
     p.add_argument("--die-after", dest="die_after", action="append", default=[],
                    metavar="STAGE:N",
                    help="fault injection (repeatable): the next N client processes, "
@@ -60,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     deaths = _parse_die_after(args.die_after, cfg["data"]["clients"])
+    attrs = _deal_attributes(args.attr, cfg["data"]["clients"])
     check_deployable(cfg, tls=True, mutual_tls=args.mtls)  # before writing certs and tokens
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-launch-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -101,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
                 cmd += ["--cert", str(client_certs[i].cert), "--key", str(client_certs[i].key)]
             if i < len(deaths):
                 cmd += ["--die-after", deaths[i]]
+            for pair in attrs[i]:
+                cmd += ["--attr", pair]
             with open(logs / f"device-{i:04d}.log", "w") as log_file:
                 procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                               env=env))
@@ -123,6 +131,24 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
     return report(cfg, args, exp, result, {"client_processes": n, "work_dir": str(work)})
+
+
+def _deal_attributes(specs: Sequence[str], clients: int) -> list[list[str]]:
+    """``["os=android,ios"]`` -> each client's ``KEY=VALUE`` pairs, values round-robin:
+    ``[["os=android"], ["os=ios"], ["os=android"], ...]`` (checked like ``shoal client``
+    checks them, before anything is written)."""
+    dealt: list[list[str]] = [[] for _ in range(clients)]
+    for spec in specs:
+        name, eq, values = spec.partition("=")
+        if not eq or not values:
+            raise ConfigError(f"--attr {spec!r}: expected KEY=V1,V2,..., e.g. "
+                              f"os=android,ios", key="attr")
+        choices = values.split(",")
+        for i, pairs in enumerate(dealt):
+            pairs.append(f"{name}={choices[i % len(choices)]}")
+    for pairs in dealt:
+        parse_attributes(pairs)  # the same refusals as the client processes would make
+    return dealt
 
 
 def _parse_die_after(specs: Sequence[str], clients: int) -> list[str]:

@@ -38,7 +38,7 @@ from shoal.device_task import ComeBack, Task
 from shoal.errors import CodecError, ConfigError, ProtocolError, UpdateRejected
 from shoal.observers import CarrierObserver
 from shoal.privacy.secagg_encoding import unpack_ring
-from shoal.registry.base import UnknownDevice
+from shoal.registry.base import RegistryError, UnknownDevice
 from shoal.transport.auth import AuthError, Keyring, RateLimiter
 from shoal.transport.certs import client_identity
 from shoal.transport.downloads import ModelPublisher, decode_upload
@@ -191,16 +191,27 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 self.publisher.publish(version, params)
 
     def flush_outcomes(self) -> None:
-        """Write the gateway's device outcomes to the registry (participation, fairness)."""
+        """Write the gateway's device outcomes to the registry (participation, fairness).
+
+        An outcome the registry refuses (the device was removed, the file cannot be
+        written) is lost, never silently: it is logged at ERROR as ``registry_error`` with
+        the device, the round, the task, the outcome and the reason (with a traceback when
+        the error is not the registry's own), and the other outcomes are still written. A
+        device's call never fails on this bookkeeping.
+        """
         gateway = self.gateway
         if gateway is None:
             return
         for o in gateway.take_outcomes():
             try:
                 self.registry.record_outcome(o.device_id, o.round, o.outcome, now=o.now)
-            except Exception as exc:  # bookkeeping: never fail a device call on it
-                log.warning("registry: could not record %s for %s in round %d: %s",
-                            o.outcome, o.device_id, o.round, exc)
+            except Exception as exc:
+                log.error("registry: could not record %s for device %s in round %d: %s",
+                          o.outcome, o.device_id, o.round, exc,
+                          exc_info=not isinstance(exc, RegistryError),
+                          extra={"fields": {"event": "registry_error", "device": o.device_id,
+                                            "round": o.round, "task": o.task_id,
+                                            "outcome": o.outcome, "error": str(exc)}})
 
     # -- helpers ---------------------------------------------------------------------------
 
