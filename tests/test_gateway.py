@@ -300,9 +300,6 @@ def test_what_the_pipeline_refuses_reaches_the_device(over, reason, devices):
                       delta=np.array([3, 4, 0, 0], np.float32)).num_examples == 10_000_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Coordinator._fold_rows reads a ClientUpdate whose delta is 2-D as rows: a (1, D) delta "
-    "is accepted, a (k, D) one raises IndexError instead of a wrong_shape refusal"))
 @pytest.mark.parametrize("rows", [1, 2])
 def test_a_delta_with_rows_is_refused_as_wrong_shape(rows, devices):
     run = devices(sync(target=2, asked=2), ScriptedSampler([[0, 1]]), steps=1)

@@ -378,8 +378,8 @@ class Coordinator:
         if isinstance(item, ClientUpdate):
             ids = np.array([item.client_id], dtype=np.int64)
             delta = item.delta
-            rows = delta[np.newaxis] if isinstance(delta, np.ndarray) and delta.ndim == 1 \
-                else delta
+            # one update is one row, whatever its shape: a 2-D delta is wrong_shape, not rows
+            rows = delta[np.newaxis] if isinstance(delta, np.ndarray) else delta
             examples = np.array([item.num_examples])
             metrics = {k: np.array([v]) for k, v in item.metrics.items()}
         else:
