@@ -1,7 +1,7 @@
 """Secure aggregation over real gRPC: what SecAgg+ adds to a deployed round.
 
 One process: the aggregator (``AggregatorService`` on loopback, the coordinator's
-``GrpcClientPool``) and N ``DeviceClient`` runtimes in threads. Rounds alternate between plain
+``GrpcCarrier``) and N ``DeviceClient`` runtimes in threads. Rounds alternate between plain
 FedAvg uploads and SecAgg+ (same devices, same model size, same round engine), so both see the
 same machine state; every device takes part in every round. Local training is a fixed
 precomputed update, so the difference between the two is the protocol's own cost: key
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shoal.policy import SyncPolicy
 from shoal.runner import run_round
 from shoal.sampling import UniformSampler
 from shoal.privacy.secagg_rounds import SecAggAggregation
@@ -41,15 +42,15 @@ from shoal.transport.auth import Keyring
 from shoal.transport.tokens import issue_token
 from shoal.transport.client import DeviceClient
 from shoal.transport.device_api import TrainResult
-from shoal.transport.server import AggregatorService, AggregatorSettings, GrpcClientPool, serve
+from shoal.transport.carrier import GrpcCarrier
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
 SECRET = b"b" * 32
 
 
 def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits: int,
         max_weight: int) -> dict:
-    settings = AggregatorSettings(target=n, deadline_s=120.0, min_fraction=1.0,
-                                  roster_wait_s=30.0, stage_timeout_s=30.0, long_poll_s=2.0,
+    settings = AggregatorSettings(roster_wait_s=30.0, stage_timeout_s=30.0, long_poll_s=2.0,
                                   checkin_interval_s=0.02, idle_retry_s=0.02,
                                   rate_per_s=1000.0, burst=1000.0)
     service = AggregatorService(settings, Keyring.single(SECRET), d, "bench",
@@ -63,8 +64,10 @@ def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits
                                neighbours=k,
                                threshold=t, dropout=0.0, corrupt_rate=0.05,
                                rng_for_round=np.random.default_rng)
-    plain_pool = GrpcClientPool(service, devices, poll_s=0.01)
-    secure_pool = GrpcClientPool(service, devices, poll_s=0.01, secure=secure)
+    plain_pool = GrpcCarrier(service, devices, poll_s=0.01)
+    secure_pool = GrpcCarrier(service, devices, poll_s=0.01, secure=secure)
+    # every device, every round: target n, no over-selection, nothing may be missing
+    policy = SyncPolicy(target=n, deadline_s=120.0, min_fraction=1.0, max_attempts=1)
     stop = threading.Event()
     clients: list[DeviceClient] = []
 
@@ -87,7 +90,8 @@ def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits
     times: dict[str, list[float]] = {"plain": [], "secure": []}
     bytes_per_device: dict[str, list[float]] = {"plain": [], "secure": []}
     state = FedAvg().init(np.zeros(d, np.float32))
-    coords = {kind: functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0)
+    coords = {kind: functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0,
+                                      policy=policy)
               for kind, pool in (("plain", plain_pool), ("secure", secure_pool))}
     try:
         # one warm-up round of each kind (connections, first downloads), then the pairs

@@ -44,15 +44,19 @@ class GrpcCarrier:
                  secure: object | None = None, poll_s: float = 0.2,
                  rng: np.random.Generator | None = None) -> None:
         self.service = service
-        st = service.settings
-        self.gateway = DeviceGateway(
-            devices, service.dim,
+        self._devices, self._secure, self._rng = list(devices), secure, rng
+        self.gateway = self._new_gateway()
+        self.poll_s = poll_s
+
+    def _new_gateway(self) -> DeviceGateway:
+        svc, st = self.service, self.service.settings
+        return DeviceGateway(
+            self._devices, svc.dim,
             GatewaySettings(idle_retry_s=st.idle_retry_s,
                             checkin_interval_s=st.checkin_interval_s,
                             roster_wait_s=st.roster_wait_s, stage_timeout_s=st.stage_timeout_s),
-            secure=secure, rng=rng, observer=service.metrics, on_progress=service.wake,
-            on_publish=service.publish)
-        self.poll_s = poll_s
+            secure=self._secure, rng=self._rng, observer=svc.metrics, on_progress=svc.wake,
+            on_publish=svc.publish)
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -71,8 +75,12 @@ class GrpcCarrier:
             stage_states: tuple | None = None,
             on_commit: Callable[[ServerState, object], None] | None = None,
             on_abort: Callable[[object, str, bool], None] | None = None) -> str:
-        """Serve ``coordinator`` to the devices until it finishes; returns why."""
+        """Serve ``coordinator`` to the devices until it finishes; returns why. Each run
+        gets a fresh :attr:`gateway` (sessions belong to one coordinator), so one carrier
+        may serve several runs one after another."""
         svc = self.service
+        if self.gateway.coordinator is not None:
+            self.gateway = self._new_gateway()
         svc.gateway = self.gateway
         try:
             return self.gateway.run(coordinator, state, svc.clock, stage_states=stage_states,
