@@ -179,6 +179,7 @@ def test_record_outcomes_records_a_cohort_at_once(reg):
     assert [o.outcome for o in reg.outcomes("d")] == ["accepted", "dropped"]
     assert reg.record_outcomes([], 3, "accepted", now=3.0) == 0
     for ids, error, match in [(["a", "ghost"], UnknownDevice, "'ghost' is not enrolled"),
+                              (["ab"], UnknownDevice, "'ab' is not enrolled"),  # not "a"
                               (["a", "b", "a"], RegistryError, "'a' appears twice"),
                               (["a", ""], RegistryError, "device_id must have 1 to 128")]:
         with pytest.raises(error, match=match):

@@ -377,12 +377,14 @@ def test_registry_sampler_maps_rows_to_the_pools_positions(tmp_path):
             reg.record_outcome(d, r, "accepted", now=2.0)
     # the pool: in any order, one device the registry does not know, one it knows but the
     # pool does not hold (enrolled after the run started)
-    pool = ("dev-d", "dev-b", "ghost", "dev-a", "dev-c")
+    pool = ("dev-d", "dev-b", "ghost", "dev-a", "dev-c", "dev-aa")  # dev-aa: not dev-a
     sampler = RegistrySampler(FairnessAware("least"), 2, pool, lambda: reg, clock=lambda: 3.0)
     assert [pool[i] for i in sampler.sample(len(pool), rng())] == ["dev-b", "dev-a"]
     for seed in range(10):
         picked = sampler.sample(len(pool), rng(seed), count=5)
         assert picked.tolist() == [0, 1, 3, 4]  # every known pool device, never "ghost"
+    with pytest.raises(ConfigError, match="anonymous population"):
+        RegistrySampler(Uniform(), 2, pool, lambda: _Anonymous()).sample(6, rng())
     sampler.record(np.array([4, 3]), 7, "accepted", now=4.0)  # dev-c, dev-a
     assert [reg.get(d).participation for d in ("dev-a", "dev-c")] == [1, 3]
     with pytest.raises(ConfigError, match="sampling.per_round"):
@@ -390,6 +392,11 @@ def test_registry_sampler_maps_rows_to_the_pools_positions(tmp_path):
     with pytest.raises(ConfigError, match="needs their registry"):
         RegistrySampler(Uniform(), 2, ("a", "b"))
     reg.close()
+
+
+class _Anonymous:
+    def columns(self) -> Columns:
+        return Columns.of_size(6)
 
 
 def test_registry_sampler_refuses_a_registry_that_is_not_the_pool():

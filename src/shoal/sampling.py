@@ -33,7 +33,7 @@ from shoal.errors import ConfigError
 from shoal.events import (ClientsFailed, ClientUpdate, Command, SendTask, TaskEnded,
                           UpdateBatch, UpdateRefused, UpdatesArrived)
 from shoal.registry.base import Registry
-from shoal.registry.columns import Columns, encode_ids
+from shoal.registry.columns import Columns, encode_ids, find_ids
 from shoal.selection import Selector, Uniform
 
 __all__ = ["OutcomeTap", "PoissonSampler", "RegistrySampler", "Sampler", "UniformSampler",
@@ -136,13 +136,11 @@ class RegistrySampler:
         (sorted) and each one's position in the pool."""
         assert self._pool is not None
         _, ids, order = self._pool
-        if cols.ids is None or cols.size == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        width = max(cols.ids.dtype.itemsize, ids.dtype.itemsize)
-        have, want = cols.ids.astype(f"S{width}"), ids.astype(f"S{width}")
-        rows = np.minimum(np.searchsorted(have, want), cols.size - 1)
-        held = have[rows] == want
-        return rows[held].astype(np.int64), order[held].astype(np.int64)
+        if cols.ids is None:
+            raise ConfigError("an anonymous population (Columns.of_size) has no device ids "
+                              "to find the pool's devices by", key="sampling.selection")
+        rows, held = find_ids(cols.ids, ids)
+        return rows[held], order[held].astype(np.int64)
 
     def record(self, positions: np.ndarray, round: int, outcome: str, now: float) -> None:
         """Record ``outcome`` in ``round`` for the clients at ``positions`` (one call to

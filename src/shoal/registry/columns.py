@@ -35,7 +35,8 @@ from shoal.registry.base import (
     validate_device_id,
 )
 
-__all__ = ["Attribute", "Columns", "check_bulk", "encode_ids", "sequential_ids", "stratum_key"]
+__all__ = ["Attribute", "Columns", "check_bulk", "encode_ids", "find_ids", "sequential_ids",
+           "stratum_key"]
 
 
 def stratum_key(value: AttrValue | None) -> tuple[int, float | str]:
@@ -275,6 +276,21 @@ def encode_ids(ids: Iterable[str] | np.ndarray, *, check: bool = True) -> np.nda
     if check and arr.size:
         _check_byte_ids(arr)
     return arr
+
+
+def find_ids(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, found)``: where each of ``ids`` sits in the sorted ``S`` array
+    ``sorted_ids``, and whether it is there. O(len(ids) x log n): the large array is never
+    copied, only the few ids are cast to its width (an id wider than it cannot be in it).
+    """
+    if sorted_ids.size == 0 or ids.size == 0:
+        return np.zeros(ids.size, np.int64), np.zeros(ids.size, bool)
+    width = sorted_ids.dtype.itemsize
+    fits = np.char.str_len(ids) <= width if ids.dtype.itemsize > width \
+        else np.ones(ids.size, bool)
+    want = ids.astype(sorted_ids.dtype)  # only ids that do not fit lose bytes here
+    rows = np.minimum(np.searchsorted(sorted_ids, want), sorted_ids.size - 1)
+    return rows.astype(np.int64), fits & (sorted_ids[rows] == want)
 
 
 def _check_byte_ids(arr: np.ndarray) -> None:

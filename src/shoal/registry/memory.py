@@ -44,7 +44,7 @@ from shoal.registry.base import (
     validate_outcome,
     validate_windows,
 )
-from shoal.registry.columns import Attribute, Columns, check_bulk, encode_ids
+from shoal.registry.columns import Attribute, Columns, check_bulk, encode_ids, find_ids
 from shoal.registry.outcome_log import OutcomeLog
 
 __all__ = ["MemoryRegistry"]
@@ -351,14 +351,9 @@ class MemoryRegistry:
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ``ids``; the caller holds the lock. Raises :class:`UnknownDevice`."""
-        if ids.size and not self._ids.size:
-            raise UnknownDevice(bytes(ids[0]).decode())
-        width = max(self._ids.dtype.itemsize, ids.dtype.itemsize)
-        have, want = self._ids.astype(f"S{width}"), ids.astype(f"S{width}")
-        rows = np.minimum(np.searchsorted(have, want), have.size - 1).astype(np.int64)
-        missing = np.flatnonzero(have[rows] != want)
-        if missing.size:
-            raise UnknownDevice(bytes(ids[missing[0]]).decode())
+        rows, found = find_ids(self._ids, ids)
+        if not found.all():
+            raise UnknownDevice(bytes(ids[np.argmin(found)]).decode())
         return rows
 
     def outcomes(self, device_id: str) -> builtins.list[Outcome]:
