@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from shoal.device_task import CheckInDecision, DeviceTask
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
+from shoal.events import PartialAggregate
 from shoal.privacy.secagg_driver import SecAggConfig
 from shoal.privacy.secagg_messages import (
     ClientMessage,
@@ -225,6 +226,29 @@ class SecAggDeviceRound:
         if self.phase != "done" or self.server is None:
             raise ProtocolError(f"no result: the round is {self.phase}")
         return self.server.aggregate, self.server.included
+
+    def partial(self, metrics: Mapping[str, float] | None = None) -> PartialAggregate:
+        """The finished round as the coordinator's arrival: the decoded weighted mean of the
+        included devices' updates, its weight, and what to record (included, dropped by
+        stage, the SecAgg+ parameters; plus ``metrics``, e.g. the bytes moved).
+
+        Raises:
+            ProtocolError: the round has not finished successfully.
+        """
+        total, included = self.result()
+        assert self.config is not None and self.params is not None
+        mean, weight = self.config.encoding.decode(total)
+        return PartialAggregate(
+            delta=mean.astype(np.float32), num_examples=weight, clients=len(included),
+            metrics={"secagg_included": float(len(included)),
+                     "secagg_dropped": float(len(self.roster) - len(included)),
+                     "secagg_neighbours": float(self.params.neighbours),
+                     "secagg_threshold": float(self.params.threshold),
+                     "secagg_ring_bits": float(self.params.bits),
+                     **{f"secagg_dropped_at_{stage}": float(n)
+                        for stage, n in self.dropped_at.items()},
+                     **(metrics or {})},
+            base_version=self.model_version, clip_norm=self.clip_norm)
 
     # -- device calls -------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from shoal.device_task import ComeBack, DeviceTask, Task, UploadResult
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.observers import Observer
 from shoal.events import (AbortRound, CancelTask, ClientUpdate, Command, CommitVersion,
-                          Finished, PartialAggregate, SendTask, TaskEnded, Tick,
+                          Finished, SendTask, TaskEnded, Tick,
                           UpdateRefused, UpdatesArrived, WakeAt)
 
 __all__ = ["DeviceGateway", "GatewaySettings", "Outcome"]
@@ -352,40 +352,24 @@ class DeviceGateway:
     def _secure_done(self, tid: int, s: SecAggDeviceRound, now: float) -> None:
         self._fed.add(tid)
         status = s.status()
-        roster = {s.device_id(c) for c in s.roster}
+        roster = sorted(s.device_id(c) for c in s.roster)
+        fields = {"event": "secure_round_closed", "task": tid, "round": s.round,
+                  "commit": status.commit, "roster": len(roster),
+                  "dropped_at": dict(s.dropped_at)}
         if status.commit:
-            total, included = s.result()
-            assert s.config is not None and s.params is not None
-            mean, weight = s.config.encoding.decode(total)
-            inside = {s.device_id(c) for c in included}
-            for d in sorted(roster):
-                self._outcome(d, s, "accepted" if d in inside else "dropped", now)
             served, self._served = self._served, 0
+            part = s.partial({"upload_bytes": float(self._received.pop(tid, 0)),
+                              "download_bytes": float(served)})
+            inside = sorted(s.device_id(c) for c in s.result()[1])
+            for d in roster:
+                self._outcome(d, s, "accepted" if d in inside else "dropped", now)
             log.info("secure round %d committed: %d of %d devices included", s.round,
-                     len(inside), len(roster), extra={"fields": {
-                         "event": "secure_round_closed", "task": tid, "round": s.round,
-                         "commit": True, "roster": len(roster), "included": sorted(inside),
-                         "dropped_at": dict(s.dropped_at)}})
-            part = PartialAggregate(
-                delta=mean.astype(np.float32), num_examples=weight, clients=len(included),
-                metrics={"secagg_included": float(len(included)),
-                         "secagg_dropped": float(status.roster - len(included)),
-                         "secagg_neighbours": float(s.params.neighbours),
-                         "secagg_threshold": float(s.params.threshold),
-                         "secagg_ring_bits": float(s.params.bits),
-                         **{f"secagg_dropped_at_{stage}": float(n)
-                            for stage, n in s.dropped_at.items()},
-                         "upload_bytes": float(self._received.pop(tid, 0)),
-                         "download_bytes": float(served)},
-                base_version=s.model_version, clip_norm=s.clip_norm)
+                     len(inside), len(roster), extra={"fields": {**fields, "included": inside}})
             self._carry(self.coordinator.handle(UpdatesArrived(tid, part, now)), now)
         else:
             log.warning("secure round %d abandoned: %s", s.round, status.error,
-                        extra={"fields": {"event": "secure_round_closed", "task": tid,
-                                          "round": s.round, "commit": False,
-                                          "roster": len(roster), "error": status.error,
-                                          "dropped_at": dict(s.dropped_at)}})
-            for d in sorted(roster):
+                        extra={"fields": {**fields, "error": status.error}})
+            for d in roster:
                 self._outcome(d, s, "dropped", now)
             self._carry(self.coordinator.handle(
                 TaskEnded(tid, now, abandoned=True,
