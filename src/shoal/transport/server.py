@@ -22,7 +22,6 @@ generated protobuf code.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import math
@@ -39,18 +38,21 @@ from shoal.errors import CodecError, ConfigError, ProtocolError, UpdateRejected
 from shoal.observers import CarrierObserver
 from shoal.privacy.secagg_encoding import unpack_ring
 from shoal.registry.base import RegistryError, UnknownDevice
-from shoal.transport.auth import AuthError, Keyring, RateLimiter
-from shoal.transport.certs import client_identity
+from shoal.transport.auth import Keyring, RateLimiter
 from shoal.transport.downloads import ModelPublisher, decode_upload
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.revocation import RevocationFile
+from shoal.transport.gate import CallGate, CallRefused
 from shoal.transport.secagg_wire import message_from_header, reply_to_pb
-from shoal.transport.tokens import verify_token
 
 __all__ = ["AggregatorService", "AggregatorSettings", "serve"]
 
 log = logging.getLogger("shoal.aggregator")
+
+_STATUS = {"unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+           "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+           "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass(frozen=True)
@@ -112,18 +114,6 @@ class _Refusal(Exception):
         self.reason, self.detail = reason, detail
 
 
-@functools.lru_cache(maxsize=1024)
-def _certified_device(cert_pem: bytes) -> str | None:
-    """The device id a peer's client certificate names (parsed once per certificate)."""
-    return client_identity(cert_pem)
-
-
-@functools.lru_cache(maxsize=1024)
-def _certified_device(cert_pem: bytes) -> str | None:
-    """The device id a peer's client certificate names (parsed once per certificate)."""
-    return client_identity(cert_pem)
-
-
 class AggregatorService(pb_grpc.AggregatorServicer):
     """The gRPC handlers. Thread model: handlers run on the server's event loop; the run's
     :attr:`gateway` serialises them under its lock.
@@ -165,16 +155,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             "" if settings.download_codec == "none" else settings.download_codec,
             key="compression.download_codec"), settings.keep_versions,
             deltas=settings.delta_downloads)
-        self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
+        self.gate = CallGate(keyring, RateLimiter(settings.rate_per_s, settings.burst),
+                             revocations=revocations, metrics=self.metrics)
         self.evaluations: list[tuple[str, int, dict[str, float]]] = []
         self.lock = threading.Lock()  # guards evaluations and the publisher's versions
         self._upload_slots: asyncio.Semaphore | None = None
         # secure-aggregation long polls wait on this; wake() swaps it for a fresh one
         self._loop: asyncio.AbstractEventLoop | None = None
         self._progress: asyncio.Event | None = None
-        #: set by :func:`serve` with ``client_ca``: every call's token must name the device
-        #: that the call's client certificate names (its common name)
-        self.bind_tokens_to_certificates = False
         self.revocations = revocations
 
     @property
@@ -217,43 +205,15 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
     async def _authorize(self, context: grpc.aio.ServicerContext, device_id: str | None,
                          scope: str) -> str:
-        """Verify the call's token (bound to ``device_id`` when given) and the device's rate
-        limit; abort the call otherwise. Returns the token's device."""
-        token = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and value.startswith("Bearer "):
-                token = value[len("Bearer "):]
-        now = self.clock()
+        """The gate's checks (:class:`~shoal.transport.gate.CallGate`) on this call; abort it
+        with the gate's status otherwise. Returns the token's device."""
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
         try:
-            revoked = self.revocations.current() if self.revocations is not None else None
-            claims = verify_token(self.keyring, token, now=now, expected_device=device_id,
-                                  required_scope=scope, revoked=revoked)
-        except AuthError as exc:
-            self.metrics.call_refused(exc.reason)
-            log.warning("call refused: %s", exc.reason,
-                        extra={"fields": {"event": "auth_refused", "reason": exc.reason,
-                                          "device": device_id or ""}})
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc.reason}: {exc}")
-        device_id = claims.sub
-        if self.bind_tokens_to_certificates:
-            pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
-            certified = _certified_device(pems[0])
-            if certified != device_id:
-                # a stolen token is useless without the private key of its owner's certificate
-                self.metrics.call_refused("identity")
-                shown = repr(certified) if certified else "no single valid device name"
-                log.warning("call refused: identity", extra={"fields": {
-                    "event": "auth_refused", "reason": "identity", "device": device_id,
-                    "certificate": shown}})
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"identity: the token is for {device_id!r} but the "
-                                    f"client certificate names {shown}")
-        if not self.limiter.allow(device_id, now):
-            self.metrics.call_refused("rate_limited")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"rate limited: retry in "
-                                f"{self.limiter.retry_after(device_id, now):.1f} s")
-        return device_id
+            return self.gate.check(context.invocation_metadata() or (), pems[0], device_id,
+                                   scope, self.clock())
+        except CallRefused as exc:
+            await context.abort(_STATUS[exc.status], str(exc))
+            raise  # abort raises; this line is never reached
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -532,7 +492,8 @@ def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
     if client_ca is not None and tls is None:
         raise ConfigError("mutual TLS (a client CA) needs the server's own certificate and "
                           "key", key="client_ca")
-    service.bind_tokens_to_certificates = client_ca is not None
+    # every call's token must name the device its client certificate names (common name)
+    service.gate.bind_to_certificates = client_ca is not None
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     state: dict = {}
