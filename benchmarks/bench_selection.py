@@ -16,6 +16,8 @@ median of ``--repeats`` calls after one warm-up, each in its own JSON line:
   read columns -- ``registry.list()`` builds one ``Device`` per enrolled device, then ids are
   sorted and drawn from -- reported per million devices by linear scaling (its cost is one
   Python object per device), against the column sampler at the same size.
+* ``sqlite_columns`` (same size): a deployment's per-round read, ``SQLiteRegistry.columns()``,
+  against building the same view from ``Device`` records (``Columns.from_devices(list())``).
 
     .venv/bin/python benchmarks/bench_selection.py
     .venv/bin/python benchmarks/bench_selection.py --clients 100000 --repeats 11
@@ -27,12 +29,14 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from shoal.registry import MemoryRegistry, sequential_ids
+from shoal.registry import Columns, MemoryRegistry, SQLiteRegistry, sequential_ids
 from shoal.sampling import RegistrySampler, UniformSampler
 from shoal.selection import AvailabilityAware, FairnessAware, Selector, Stratified, Uniform
 
@@ -131,6 +135,19 @@ def main(argv: list[str] | None = None) -> int:
                           "baseline_ms": round(legacy, 1),
                           "ratio": round(ours / legacy, 5),
                           "device_list_ms_per_million": round(legacy * 1e6 / m)}), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            sql = SQLiteRegistry(Path(tmp) / "registry.db")
+            cols = small.columns()
+            os_ = cols.attributes["os"]
+            sql.enroll_many([i.decode() for i in cols.ids.tolist()], now=0.0,
+                            attributes={"os": np.array(os_.values)[os_.codes].tolist()})
+            view = median_ms(lambda r: sql.columns(), 3)
+            records = median_ms(lambda r: Columns.from_devices(sql.list()), 3)
+            sql.close()
+        print(json.dumps({"bench": "selection", "case": "sqlite_columns", "clients": m,
+                          "ms": round(view, 1), "baseline": "from_device_records",
+                          "baseline_ms": round(records, 1),
+                          "ratio": round(view / records, 2)}), flush=True)
     return 0
 
 

@@ -230,6 +230,39 @@ def test_memory_outcomes_cost_nothing_for_idle_devices_and_follow_removals():
     assert reg.get("client-99000").participation == 10
 
 
+def _same_columns(a: Columns, b: Columns) -> None:
+    for name in ("size", "ids", "last_seen", "enrolled_at", "participation", "window_offsets",
+                 "window_start", "window_end"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert sorted(a.attributes) == sorted(b.attributes)
+    for name in a.attributes:
+        got = [a.attributes[name].value_at(i) for i in range(a.size)]
+        want = [b.attributes[name].value_at(i) for i in range(b.size)]
+        assert got == want and [type(v) for v in got] == [type(v) for v in want], name
+
+
+@given(st.lists(st.tuples(
+    st.text("abcxyz-", min_size=1, max_size=4),
+    st.dictionaries(st.sampled_from(["os", "tier", "zone"]),
+                    st.one_of(st.integers(-3, 3), st.sampled_from([0.5, 2.0, -1.25]),
+                              st.text("ab", max_size=2)), max_size=3),
+    st.lists(st.tuples(st.integers(0, 10079), st.integers(0, 10080))
+             .filter(lambda w: w[0] != w[1]), max_size=3),
+    st.integers(0, 3)), max_size=12, unique_by=lambda t: t[0]))
+@settings(max_examples=60, deadline=None)
+def test_columns_hold_what_the_records_hold(devices):
+    regs = [SQLiteRegistry(":memory:"), MemoryRegistry()]
+    for reg in regs:
+        for i, (name, attrs, windows, used) in enumerate(devices):
+            reg.enroll(name, now=float(i), attributes=attrs, windows=windows)
+            for rnd in range(used):
+                reg.record_outcome(name, rnd, "accepted", now=1.0)
+            reg.touch(name, now=10.0 + used)
+        _same_columns(reg.columns(), Columns.from_devices(reg.list()))
+    _same_columns(regs[0].columns(), regs[1].columns())
+    regs[0].close()
+
+
 def test_outcome_history_is_trimmed_to_the_last_rounds(make):
     with make(history=3) as reg:
         reg.enroll("a", now=0.0)
