@@ -40,9 +40,12 @@ DIM = 40
 SECRET = b"o" * 32
 
 
+def token(device: str) -> str:
+    return issue_token(SECRET, device, now=time.time(), ttl_seconds=600)
+
+
 def md(device: str):
-    return (("authorization",
-             f"Bearer {issue_token(SECRET, device, now=time.time(), ttl_seconds=600)}"),)
+    return (("authorization", f"Bearer {token(device)}"),)
 
 
 @pytest.fixture()
@@ -62,7 +65,7 @@ def server(tmp_path):
 
 def hello(port: int, device: str, **kw) -> None:
     """The device runtime's Hello (its attributes and windows), and nothing else."""
-    with DeviceClient(f"127.0.0.1:{port}", md(device)[0][1][len("Bearer "):], device,
+    with DeviceClient(f"127.0.0.1:{port}", token(device), device,
                       root_certificates=None, train=lambda *a: None, **kw) as client:
         client.run(max_rounds=0)
 
@@ -74,7 +77,7 @@ def run_in_thread(fn) -> tuple[threading.Thread, dict]:
     return t, out
 
 
-def wait_for_task(carrier: GrpcCarrier, version: int = 0) -> None:
+def wait_for_task(carrier: GrpcCarrier) -> None:
     deadline = time.time() + 10
     while carrier.gateway.latest_version is None and time.time() < deadline:
         time.sleep(0.01)
@@ -238,7 +241,7 @@ def test_a_secure_round_records_included_and_dropped_devices(server):
             if d == "dev-3" and stage == "advertise_keys":
                 raise Vanish(d)
 
-        with DeviceClient(f"127.0.0.1:{port}", md(d)[0][1][len("Bearer "):], d,
+        with DeviceClient(f"127.0.0.1:{port}", token(d), d,
                           root_certificates=None, after_stage=hook, min_wait_s=0.05,
                           max_backoff_s=0.2,
                           train=lambda *a: TrainResult(np.full(DIM, 0.5, np.float32), 5,

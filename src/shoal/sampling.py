@@ -152,7 +152,11 @@ class RegistrySampler:
         if self._pool is not None:
             named = self._pool[0][positions]
         else:
-            named = registry.columns().ids[positions]
+            ids = registry.columns().ids
+            if ids is None:
+                raise ConfigError("an anonymous population has no device ids to record "
+                                  "outcomes under", key="sampling.selection")
+            named = ids[positions]
         registry.record_outcomes(named, round, outcome, now=now)
 
 

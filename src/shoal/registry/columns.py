@@ -100,7 +100,7 @@ class Attribute:
             return cls(codes, cats)
         index: dict[tuple[str, AttrValue], int] = {}
         out = np.empty(len(values), dtype=np.int32)
-        for i, v in enumerate(values.tolist() if arr is not None else values):
+        for i, v in enumerate(values.tolist() if isinstance(values, np.ndarray) else values):
             if v is None:
                 out[i] = -1
                 continue

@@ -90,7 +90,7 @@ def _json(value: object) -> str:
 def _row_to_device(row: Sequence[Any]) -> Device:
     return Device(device_id=row[0], attributes=json.loads(row[1]),
                   capabilities=json.loads(row[2]),
-                  windows=[tuple(w) for w in json.loads(row[3])],
+                  windows=tuple((int(a), int(b)) for a, b in json.loads(row[3])),
                   enrolled_at=row[4], last_seen=row[5], participation=row[6])
 
 
@@ -232,22 +232,14 @@ class SQLiteRegistry:
                                     device_id=device_id)
             rows.append((device_id, _json(attrs), "{}", _json(wins), now, now))
         with self._write():
-            taken = self._first_enrolled(ids)
-            if taken is not None:
-                raise RegistryError(f"device {taken!r} is already enrolled", device_id=taken,
+            taken = self._known(ids)
+            if taken:
+                first = min(taken)
+                raise RegistryError(f"device {first!r} is already enrolled", device_id=first,
                                     field="device_ids")
             self._conn.executemany("INSERT INTO devices (" + _COLUMNS + ") VALUES "
                                    "(?, ?, ?, ?, ?, ?, 0)", rows)
         return len(rows)
-
-    def _first_enrolled(self, ids: builtins.list[str]) -> str | None:
-        for start in range(0, len(ids), 500):  # SQLite's bound on parameters per statement
-            chunk = ids[start:start + 500]
-            row = self._conn.execute("SELECT min(device_id) FROM devices WHERE device_id IN ("
-                                     + ",".join("?" * len(chunk)) + ")", chunk).fetchone()
-            if row[0] is not None:
-                return row[0]
-        return None
 
     def columns(self) -> Columns:
         """Every device as columns, rows in device-id order, from one read transaction.
@@ -355,6 +347,7 @@ class SQLiteRegistry:
             return sum(self._record(i, round, outcome, now) for i in ids)
 
     def _known(self, ids: builtins.list[str]) -> set[str]:
+        """Which of ``ids`` are enrolled (inside a transaction)."""
         out: set[str] = set()
         for start in range(0, len(ids), 500):  # SQLite's bound on parameters per statement
             chunk = ids[start:start + 500]
