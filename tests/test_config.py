@@ -159,6 +159,9 @@ def test_overrides_apply_before_the_checks_across_sections(tmp_path):
      "did you mean 'sampling.per_round'?"),
     ("[rond]\nbuffer_size = 3\n", "rond.buffer_size=3", "rond", "did you mean [round]?"),
     ("sead = 3\n", "sead=3", "sead", "did you mean 'seed'?"),
+    # a key that moved says where to (not the closest spelling, deploy.over_selection)
+    ("[deploy]\nselection = \"fairness\"\n", "deploy.selection=\"fairness\"",
+     "deploy.selection", "it moved to 'sampling.selection'"),
 ])
 def test_a_misspelt_key_is_refused_with_the_closest_one(tmp_path, capsys, text, override, key,
                                                         suggestion):

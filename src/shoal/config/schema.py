@@ -289,8 +289,17 @@ class Section(Mapping[str, Any]):
                           f"({_listing(cls)})", key=where)
 
 
+#: Keys that moved, old -> new: a config using the old name is told where it went.
+MOVED = {"deploy.selection": "sampling.selection",
+         "deploy.stratify_by": "sampling.stratify_by"}
+
+
 def _suggest(cls: type[Section], key: str) -> str:
-    """`` — did you mean 'x.y'?``: the closest key in the same section, else in any."""
+    """`` — did you mean 'x.y'?``: where a moved key went, else the closest key in the same
+    section, else in any."""
+    moved = MOVED.get(_dotted(cls._table, key))
+    if moved is not None:
+        return f" — it moved to {moved!r}"
     guess = _closest(key, list(options_of(cls)))
     if guess is not None:
         return f" — did you mean {_dotted(cls._table, guess)!r}?"
