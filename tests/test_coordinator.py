@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shoal.clock import SimClock
 from shoal.coordinator import Coordinator
@@ -221,3 +223,19 @@ def test_buffered_aggregation_with_a_time_model_delivers_in_completion_order():
     assert [r.version for r in records] == [1, 2, 3, 4, 5, 6]
     assert clock.now() > 0 and all(r.accepted == 2 for r in records)
     assert max(r.staleness_max for r in records) >= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([np.float16, np.float32, np.float64]))
+def test_validation_refuses_exactly_the_rows_with_a_non_finite_value(data, dtype):
+    from shoal.pipeline import validate_rows
+
+    k, d = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 40))
+    big = float(np.finfo(dtype).max)
+    values = st.sampled_from([0.0, 1.5, -2.0, big, -big, np.inf, -np.inf, np.nan])
+    rows = np.array(data.draw(st.lists(st.lists(values, min_size=d, max_size=d),
+                                       min_size=k, max_size=k)), dtype=dtype)
+    keep, refused = validate_rows(rows, np.ones(k, np.int64), d, Validation())
+    bad = ~np.isfinite(rows).all(axis=1)  # the oracle: element by element
+    np.testing.assert_array_equal(keep, ~bad)
+    assert {r.reason for r in refused} == ({"non_finite"} if bad.any() else set())

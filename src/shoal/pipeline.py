@@ -202,7 +202,7 @@ def validate_rows(rows: object, weights: object, dim: int, bounds: Validation
            | (wf != np.floor(wf)), "bad_weight",
            lambda i: f"row {i}: num_examples must be an integer in [1, "
                      f"{bounds.max_examples}], got {w[i]!r}")
-    finite = np.isfinite(rows).all(axis=1)
+    finite = _finite_rows(rows)
     refuse(~finite, "non_finite", lambda i: f"row {i}: element "
            f"{int(np.argmin(np.isfinite(rows[i])))} is not finite")
     if bounds.max_norm is not None and keep.any():
@@ -212,6 +212,21 @@ def validate_rows(rows: object, weights: object, dim: int, bounds: Validation
                lambda i: f"row {i}: L2 norm {norms[i]:.6g} exceeds max_norm = "
                          f"{bounds.max_norm}")
     return keep, refused
+
+
+def _finite_rows(rows: np.ndarray) -> np.ndarray:
+    """Which rows hold only finite values. A row's sum is finite only if every element is
+    (inf and NaN propagate; inf - inf is NaN), so one BLAS pass (a matrix-vector product,
+    ~2x faster than ``isfinite(rows).all(1)``) clears most rows; the rows it flags (a
+    non-finite element, or finite values whose sum overflowed) get the exact check."""
+    if rows.dtype == np.float16 or rows.shape[1] == 0:
+        return np.isfinite(rows).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(rows @ np.ones(rows.shape[1], rows.dtype))
+    if not finite.all():
+        suspect = np.flatnonzero(~finite)
+        finite[suspect] = np.isfinite(rows[suspect]).all(axis=1)
+    return finite
 
 
 @dataclass(frozen=True)
