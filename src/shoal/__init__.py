@@ -6,9 +6,11 @@ to open, close and commit; an aggregation :class:`Pipeline` validates, clips, su
 with secure aggregation) and adds noise; a :class:`Strategy` (the server optimizer) steps the
 model to a new version. Carriers turn what happens to clients into events and carry out the
 coordinator's commands: :func:`drive` runs it over any :class:`ClientPool` -- virtual clients
-in this process for simulation (:class:`Experiment`), devices behind the gRPC aggregator
-(:func:`run_aggregator`, :class:`DeviceClient` on the device). Updates travel and aggregate as
-flat float32 vectors described by a :class:`ParamSpec`.
+in this process for simulation (:class:`Experiment`), or devices behind the gRPC aggregator
+(:func:`run_aggregator`; its gateway turns each device call into an event, and
+:class:`DeviceClient` is the device's runtime). Both carriers select clients from a registry,
+encode updates with the same codecs and record the same rounds. Updates travel and aggregate
+as flat float32 vectors described by a :class:`ParamSpec`.
 
 Names are imported lazily, so ``import shoal.config`` (and ``shoal --help``) does not pay for
 importing PyTorch.
