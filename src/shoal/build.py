@@ -10,6 +10,7 @@ other.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,11 @@ from shoal.registry import MemoryRegistry, sequential_ids
 from shoal.sampling import PoissonSampler, RegistrySampler, Sampler, UniformSampler
 from shoal.selection import AvailabilityAware, FairnessAware, Selector, Stratified, Uniform
 from shoal.strategy import Strategy, make_strategy
+
+if TYPE_CHECKING:  # privacy loads only when a run asks for it
+    from shoal.privacy import LocalDP
+    from shoal.privacy.secagg_rounds import SecAggAggregation
+    from shoal.privacy.stages import CentralDPStage, LocalDPStage
 
 __all__ = ["load_data", "strategy_from_config", "selector_from_config", "sampler_from_config",
            "simulated_registry", "majority_labels", "expected_cohort",
@@ -184,7 +190,7 @@ def policy_from_config(cfg: Config, *, deployed: bool = False) -> RoundPolicy:
     return SyncPolicy()
 
 
-def local_dp_from_config(cfg: Config):
+def local_dp_from_config(cfg: Config) -> LocalDP | None:
     """The clients' local-DP mechanism, or ``None`` unless ``privacy.placement = 'local'``."""
     p = cfg["privacy"]
     if p["placement"] != "local":
@@ -194,7 +200,7 @@ def local_dp_from_config(cfg: Config):
     return LocalDP(noise_multiplier=p["noise_multiplier"], clip_norm=p["clip_norm"])
 
 
-def _dp_stage(cfg: Config, deployed: bool):
+def _dp_stage(cfg: Config, deployed: bool) -> CentralDPStage | LocalDPStage | None:
     p = cfg["privacy"]
     if p["placement"] == "none":
         return None
@@ -226,7 +232,7 @@ def _dp_stage(cfg: Config, deployed: bool):
     return CentralDPStage(central, event, budget, rng, p["accountant"])
 
 
-def secagg_from_config(cfg: Config):
+def secagg_from_config(cfg: Config) -> SecAggAggregation | None:
     """The secure-aggregation sum rule for ``cfg["secure_aggregation"]``, or None."""
     s = cfg["secure_aggregation"]
     if not s["enabled"]:

@@ -74,7 +74,8 @@ class StageRun(Protocol):
 class Stage(Protocol):
     """A pipeline stage with state carried across rounds (``None`` if stateless)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def init(self) -> Any: ...
 
@@ -86,7 +87,12 @@ class Stage(Protocol):
 
 
 class SumRun(Protocol):
-    count: int
+    """One round of a sum rule."""
+
+    @property
+    def count(self) -> int:
+        """Contributions added so far."""
+        ...
 
     def add(self, rows: np.ndarray, weights: np.ndarray) -> None: ...
 
@@ -96,8 +102,13 @@ class SumRun(Protocol):
 class SumRule(Protocol):
     """How rows are added up."""
 
-    name: str
-    holds_updates: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def holds_updates(self) -> bool:
+        """Whether the rule keeps every update until it finishes (O(updates x model))."""
+        ...
 
     def begin(self, dim: int, step: int) -> SumRun: ...
 
