@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -278,7 +278,7 @@ class Coordinator:
             reason = (f"{closed_by}: {tally.accepted} updates, fewer than the round's "
                       f"minimum")
         committed = mean is not None
-        if committed:
+        if mean is not None:
             self.state = self.strategy.apply(self.state, mean)
             self.stage_states = states
         for task_id, t in list(self._tasks.items()):
@@ -375,6 +375,7 @@ class Coordinator:
     def _fold_rows(self, t: _Task, item: ClientUpdate | UpdateBatch, factor: float,
                    staleness: int) -> None:
         tally = self._tally
+        metrics: Mapping[str, np.ndarray]
         if isinstance(item, ClientUpdate):
             ids = np.array([item.client_id], dtype=np.int64)
             delta = item.delta

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
+
+if TYPE_CHECKING:  # for annotations only: events stay a leaf module (numpy alone at run time)
+    from shoal.records import RoundRecord
+    from shoal.strategy import ServerState
 
 __all__ = [
     "TrainTask", "ClientUpdate", "UpdateBatch", "PartialAggregate", "Arrival",
@@ -210,8 +214,8 @@ class CommitVersion:
     what produced it.
     """
 
-    state: object  # ServerState (typed loosely: strategy imports this module)
-    record: object  # StepRecord
+    state: ServerState
+    record: RoundRecord
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,7 @@ class AbortRound:
     """A round was abandoned (too few updates, secure aggregation aborted); the model is
     unchanged. ``retry`` is false when the policy gives up (the run cannot continue)."""
 
-    record: object  # StepRecord
+    record: RoundRecord
     reason: str
     retry: bool
 

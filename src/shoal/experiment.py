@@ -69,7 +69,7 @@ def auto_threads(cfg: Config) -> int:
 class _InLine:
     """The part of an executor :meth:`Experiment.run` uses, running each call at once."""
 
-    def submit(self, fn: Callable, *args) -> Future:
+    def submit(self, fn: Callable[..., object], *args: object) -> Future:
         fut: Future = Future()
         try:
             fut.set_result(fn(*args))
@@ -325,7 +325,7 @@ class Experiment:
             emit(block_all=False)
 
         coordinator = self.make_coordinator(observers.observers)
-        final = {"state": state}
+        final: dict[str, ServerState] = {}  # the last committed state
 
         def committed(st: ServerState, rec: RoundRecord) -> None:
             final["state"] = st
@@ -347,8 +347,8 @@ class Experiment:
         try:
             if state is None:
                 state = self.strategy.init(self.initial_params)
-                final["state"] = state
                 submit(RoundRecord(round=0), state.params)
+            final["state"] = state
             clock = SimClock() if self.time_model is not None else WallClock()
             # in simulation, the registry a sampler reads learns who took part (a deployment's
             # gateway records that itself)

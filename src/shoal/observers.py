@@ -12,7 +12,8 @@ cannot stop a round.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 __all__ = ["CarrierObserver", "Observer", "Observers"]
 
@@ -89,8 +90,9 @@ class Observers(CarrierObserver):
         return bool(self.observers)
 
 
-def _fan_out(name: str):
-    def call(self: Observers, *args, **kwargs) -> None:
+def _fan_out(name: str) -> Callable[..., None]:
+    # the hook's own signature is the one its Observer method declares
+    def call(self: Observers, *args: Any, **kwargs: Any) -> None:
         for obs in self.observers:
             hook = getattr(obs, name, None)
             if hook is None:

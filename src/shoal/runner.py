@@ -19,18 +19,23 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol, TypeAlias, runtime_checkable
 
 import numpy as np
 
 from shoal.clock import Clock, SimClock
 from shoal.coordinator import Coordinator
 from shoal.errors import ProtocolError
-from shoal.events import (AbortRound, Arrival, CancelTask, CommitVersion, Finished,
+from shoal.events import (AbortRound, Arrival, CancelTask, CommitVersion, Event, Finished,
                           SendTask, TaskEnded, Tick, TrainTask, UpdateBatch, UpdatesArrived,
                           WakeAt)
-from shoal.strategy import ServerState
+from shoal.observers import Observer
+from shoal.pipeline import Pipeline
+from shoal.policy import RoundPolicy
+from shoal.records import RoundRecord
+from shoal.sampling import Sampler
+from shoal.strategy import ServerState, Strategy
 
 __all__ = ["ClientPool", "PushCarrier", "TaskSeconds", "drive", "run_round"]
 
@@ -58,8 +63,12 @@ class PushCarrier(Protocol):
 
     def run(self, coordinator: Coordinator, state: ServerState, *,
             stage_states: tuple | None = None,
-            on_commit: Callable[[ServerState, object], None] | None = None,
-            on_abort: Callable[[object, str, bool], None] | None = None) -> str: ...
+            on_commit: Callable[[ServerState, RoundRecord], None] | None = None,
+            on_abort: Callable[[RoundRecord, str, bool], None] | None = None) -> str: ...
+
+
+#: what the timed queue holds: arrivals and task ends at their simulated times, deadlines
+_Timed: TypeAlias = UpdatesArrived | TaskEnded | Tick
 
 
 class TaskSeconds(Protocol):
@@ -73,7 +82,7 @@ def _split(item: Arrival, seconds: np.ndarray) -> list[tuple[float, Arrival]]:
     """A batch's rows as single-client batches with their own completion offsets."""
     if not isinstance(item, UpdateBatch) or len(item.client_ids) <= 1:
         return [(float(np.max(seconds)) if len(seconds) else 0.0, item)]
-    out = []
+    out: list[tuple[float, Arrival]] = []
     for i in range(len(item.client_ids)):
         keep = np.zeros(len(item.client_ids), bool)
         keep[i] = True
@@ -81,10 +90,11 @@ def _split(item: Arrival, seconds: np.ndarray) -> list[tuple[float, Arrival]]:
     return out
 
 
-def drive(coordinator: Coordinator, pool: ClientPool, state: ServerState, clock: Clock, *,
-          stage_states: tuple | None = None, task_seconds: TaskSeconds | None = None,
-          on_commit: Callable[[ServerState, object], None] | None = None,
-          on_abort: Callable[[object, str, bool], None] | None = None) -> str:
+def drive(coordinator: Coordinator, pool: ClientPool | PushCarrier, state: ServerState,
+          clock: Clock, *, stage_states: tuple | None = None,
+          task_seconds: TaskSeconds | None = None,
+          on_commit: Callable[[ServerState, RoundRecord], None] | None = None,
+          on_abort: Callable[[RoundRecord, str, bool], None] | None = None) -> str:
     """Run ``coordinator`` over ``pool`` from ``state`` until it finishes.
 
     Args:
@@ -111,10 +121,10 @@ def drive(coordinator: Coordinator, pool: ClientPool, state: ServerState, clock:
     if task_seconds is not None and not isinstance(clock, SimClock):
         raise ProtocolError("a time model needs a simulated clock (SimClock)")
     seq = itertools.count()
-    timed: list[tuple[float, int, object]] = []  # (time, seq, event)
+    timed: list[tuple[float, int, _Timed]] = []  # (time, seq, event)
     todo = deque(coordinator.start(state, clock.now(), stage_states))
 
-    def feed(event) -> None:
+    def feed(event: Event) -> None:
         todo.extend(coordinator.handle(event))
 
     while True:
@@ -147,7 +157,7 @@ def drive(coordinator: Coordinator, pool: ClientPool, state: ServerState, clock:
         feed(_at(event, clock.now()))
 
 
-def _at(event, now: float):
+def _at(event: _Timed, now: float) -> _Timed:
     if isinstance(event, Tick):
         return Tick(now)
     if isinstance(event, UpdatesArrived):
@@ -156,7 +166,8 @@ def _at(event, now: float):
 
 
 def _send(cmd: SendTask, pool: ClientPool, clock: Clock, task_seconds: TaskSeconds | None,
-          feed: Callable, timed: list, seq) -> None:
+          feed: Callable[[Event], None], timed: list[tuple[float, int, _Timed]],
+          seq: Iterator[int]) -> None:
     task_id = cmd.task.task_id
     start = clock.now()
     last = start
@@ -185,12 +196,16 @@ def _ids_and_examples(item: Arrival) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(1, np.int64), np.array([item.num_examples])
 
 
-def run_round(strategy, pool: ClientPool, sampler, state: ServerState, *, seed: int,
-              pipeline=None, policy=None, clock: Clock | None = None, observers=()):
+def run_round(strategy: Strategy, pool: ClientPool | PushCarrier, sampler: Sampler,
+              state: ServerState, *, seed: int, pipeline: Pipeline | None = None,
+              policy: RoundPolicy | None = None, clock: Clock | None = None,
+              observers: Iterable[Observer] = ()
+              ) -> tuple[ServerState, RoundRecord | None]:
     """Run one synchronous round (the next version after ``state``) over ``pool``.
 
     Returns ``(new_state, record)``; a round that could not commit returns ``state``
-    unchanged and its record (one attempt unless ``policy`` says otherwise). A convenience for
+    unchanged and its record (one attempt unless ``policy`` says otherwise), and a run that
+    could not even start a round (e.g. a spent privacy budget) no record. A convenience for
     scripts and tests; :class:`~shoal.experiment.Experiment` runs whole trainings.
     """
     from shoal.clock import WallClock
@@ -200,14 +215,17 @@ def run_round(strategy, pool: ClientPool, sampler, state: ServerState, *, seed: 
     coordinator = Coordinator(strategy, pool.num_clients, sampler, seed=seed, policy=policy,
                               pipeline=pipeline, steps=state.version + 1,
                               observers=observers)
-    out: dict = {"state": state, "record": None}
+    new_state = state
+    record: RoundRecord | None = None
 
-    def committed(st, rec) -> None:
-        out["state"], out["record"] = st, rec
+    def committed(st: ServerState, rec: RoundRecord) -> None:
+        nonlocal new_state, record
+        new_state, record = st, rec
 
-    def abandoned(rec, reason, retry) -> None:
-        out["record"] = rec
+    def abandoned(rec: RoundRecord, reason: str, retry: bool) -> None:
+        nonlocal record
+        record = rec
 
     drive(coordinator, pool, state, clock or WallClock(), on_commit=committed,
           on_abort=abandoned)
-    return out["state"], out["record"]
+    return new_state, record
