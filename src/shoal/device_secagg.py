@@ -151,10 +151,11 @@ class SecAggDeviceRound:
         for name, value in (("target", target), ("min_accepted", min_accepted), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}", key=name)
-        for name, value in (("roster_wait_s", roster_wait_s),
-                            ("stage_timeout_s", stage_timeout_s)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}",
+        for name, seconds in (("roster_wait_s", roster_wait_s),
+                              ("stage_timeout_s", stage_timeout_s)):
+            if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)
+                    and seconds > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {seconds!r}",
                                   key=name)
         if not (isinstance(opened_at, (int, float)) and math.isfinite(opened_at)):
             raise ConfigError(f"opened_at must be a finite number, got {opened_at!r}",

@@ -310,7 +310,7 @@ class DeviceTask:
         return self._client_id[device_id]
 
     def admit(self, device_id: str, round: int, base_version: int, upload_key: str,
-              num_examples: int, delta: object, now: float, *,
+              num_examples: int, delta: np.ndarray, now: float, *,
               metrics: Mapping[str, float] | None = None) -> ClientUpdate | UploadResult:
         """Authenticate an upload and turn it into the :class:`ClientUpdate` the coordinator
         judges -- or, for an idempotent retry, return the original :class:`UploadResult`.

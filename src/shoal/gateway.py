@@ -38,17 +38,24 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shoal.coordinator import Coordinator
-from shoal.device_secagg import SecAggDeviceRound
+from shoal.device_secagg import End, SecAggDeviceRound, Wait
 from shoal.device_task import ComeBack, DeviceTask, Task, UploadResult
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.observers import Observer
 from shoal.events import (AbortRound, CancelTask, ClientUpdate, Command, CommitVersion,
                           Finished, SendTask, TaskEnded, Tick,
                           UpdateRefused, UpdatesArrived, WakeAt)
+from shoal.privacy.secagg_messages import ClientMessage, ServerMessage
+from shoal.records import RoundRecord
+from shoal.strategy import ServerState
+
+if TYPE_CHECKING:  # annotation only: the caller builds the secure rule (and loads its module)
+    from shoal.privacy.secagg_rounds import SecAggAggregation
 
 __all__ = ["DeviceGateway", "GatewaySettings", "Outcome"]
 
@@ -109,7 +116,8 @@ class DeviceGateway:
 
     def __init__(self, devices: Sequence[str], dim: int,
                  settings: GatewaySettings = GatewaySettings(), *,
-                 secure: object | None = None, rng: np.random.Generator | None = None,
+                 secure: SecAggAggregation | None = None,
+                 rng: np.random.Generator | None = None,
                  observer: Observer | None = None,
                  on_progress: Callable[[], None] | None = None,
                  on_publish: Callable[[int, np.ndarray], None] | None = None) -> None:
@@ -148,7 +156,7 @@ class DeviceGateway:
 
     # -- starting and queries ------------------------------------------------------------------
 
-    def start(self, coordinator: Coordinator, state: object, now: float,
+    def start(self, coordinator: Coordinator, state: ServerState, now: float,
               stage_states: tuple | None = None) -> None:
         """Start ``coordinator`` from ``state``; its first task opens (or is queued behind
         the backlog)."""
@@ -157,6 +165,16 @@ class DeviceGateway:
                 raise ProtocolError("the gateway already serves a coordinator")
             self.coordinator = coordinator
             self._carry(coordinator.start(state, now, stage_states), now)
+
+    def _running(self) -> Coordinator:
+        """The coordinator being served.
+
+        Raises:
+            ProtocolError: the gateway was not started.
+        """
+        if self.coordinator is None:
+            raise ProtocolError("the gateway serves no coordinator yet: start it first")
+        return self.coordinator
 
     def params(self, version: int) -> np.ndarray | None:
         """The model ``version`` while a task trains from it (else ``None``)."""
@@ -202,7 +220,8 @@ class DeviceGateway:
 
     # -- device calls --------------------------------------------------------------------------
 
-    def check_in(self, device_id: str, now: float) -> tuple[Task | ComeBack, str, dict]:
+    def check_in(self, device_id: str, now: float
+                 ) -> tuple[Task | ComeBack, str, dict[str, float]]:
         """A device asks for work: ``(decision, kind, settings)``; kind ``"train"`` or
         ``"secagg"``, settings the task's client settings."""
         with self.lock:
@@ -223,7 +242,7 @@ class DeviceGateway:
             elif isinstance(decision, ComeBack):
                 decision = ComeBack(min(decision.at, soon), decision.reason)
             kind = "secagg" if isinstance(s, SecAggDeviceRound) else "train"
-            return decision, kind, dict(self._settings.get(tid, {}))
+            return decision, kind, dict(self._settings.get(s.task_id, {}))
 
     def upload(self, device_id: str, round: int, base_version: int, upload_key: str,
                num_examples: int, delta: np.ndarray, now: float, *,
@@ -265,7 +284,7 @@ class DeviceGateway:
                 measured["download_bytes"], self._served = float(self._served), 0
             update = ClientUpdate(admitted.client_id, admitted.delta, admitted.num_examples,
                                   measured, admitted.base_version)
-            cmds = self.coordinator.handle(UpdatesArrived(s.task_id, update, now))
+            cmds = self._running().handle(UpdatesArrived(s.task_id, update, now))
             refusal = next((c for c in cmds if isinstance(c, UpdateRefused)
                             and c.task_id == s.task_id and update.client_id in c.client_ids),
                            None)
@@ -285,7 +304,8 @@ class DeviceGateway:
             return receipt
 
     def secure_step(self, session: SecAggDeviceRound, device_id: str, round: int,
-                    base_version: int, upload_key: str, message: object, now: float):
+                    base_version: int, upload_key: str, message: ClientMessage | None,
+                    now: float) -> ServerMessage | Wait | End:
         """Hand one secure-aggregation message (or poll: ``None``) to its session; returns
         the device's next server message, a ``Wait`` or an ``End``.
 
@@ -365,13 +385,13 @@ class DeviceGateway:
                 self._outcome(d, s, "accepted" if d in inside else "dropped", now)
             log.info("secure round %d committed: %d of %d devices included", s.round,
                      len(inside), len(roster), extra={"fields": {**fields, "included": inside}})
-            self._carry(self.coordinator.handle(UpdatesArrived(tid, part, now)), now)
+            self._carry(self._running().handle(UpdatesArrived(tid, part, now)), now)
         else:
             log.warning("secure round %d abandoned: %s", s.round, status.error,
                         extra={"fields": {**fields, "error": status.error}})
             for d in roster:
                 self._outcome(d, s, "dropped", now)
-            self._carry(self.coordinator.handle(
+            self._carry(self._running().handle(
                 TaskEnded(tid, now, abandoned=True,
                           detail=f"secure aggregation: {status.error}")), now)
 
@@ -387,8 +407,8 @@ class DeviceGateway:
             self.changed.notify_all()
 
     def carry_out(self, now: Callable[[], float],
-                  on_commit: Callable[[object, object], None] | None = None,
-                  on_abort: Callable[[object, str, bool], None] | None = None) -> str:
+                  on_commit: Callable[[ServerState, RoundRecord], None] | None = None,
+                  on_abort: Callable[[RoundRecord, str, bool], None] | None = None) -> str:
         """Carry out the backlog in order -- the I/O commands outside the lock -- until it is
         empty; returns why the run finished, or ``""`` while it runs. One thread only (the
         driver)."""
@@ -413,10 +433,10 @@ class DeviceGateway:
                         self._finish(cmd.reason)
                     self.changed.notify_all()
 
-    def run(self, coordinator: Coordinator, state: object, now: Callable[[], float], *,
+    def run(self, coordinator: Coordinator, state: ServerState, now: Callable[[], float], *,
             stage_states: tuple | None = None,
-            on_commit: Callable[[object, object], None] | None = None,
-            on_abort: Callable[[object, str, bool], None] | None = None,
+            on_commit: Callable[[ServerState, RoundRecord], None] | None = None,
+            on_abort: Callable[[RoundRecord, str, bool], None] | None = None,
             poll_s: float = 0.2, after_each: Callable[[], None] | None = None) -> str:
         """Serve ``coordinator`` from ``state`` until it finishes (the driving thread's loop:
         carry out the backlog, wait for device calls or the next timer, tick). ``now`` is the
@@ -456,14 +476,14 @@ class DeviceGateway:
         task = cmd.task
         selected = [self.devices[int(c)] for c in cmd.client_ids]
         ids = [int(c) for c in cmd.client_ids]
-        common = dict(client_ids=ids, pace_spread_s=self.settings.checkin_interval_s,
-                      retry_spread_s=self.settings.idle_retry_s, clip_norm=task.clip_norm)
+        pace, retry = self.settings.checkin_interval_s, self.settings.idle_retry_s
         if self.secure is None:
             s: DeviceTask | SecAggDeviceRound = DeviceTask(
                 task.task_id, task.round, task.version, selected, deadline=task.deadline,
-                **common)
+                client_ids=ids, pace_spread_s=pace, retry_spread_s=retry,
+                clip_norm=task.clip_norm)
         else:
-            policy = self.coordinator.policy
+            policy = self._running().policy
             target = min(getattr(policy, "target", None) or len(selected), len(selected))
             least = policy.min_accepted() if hasattr(policy, "min_accepted") else 1
             s = SecAggDeviceRound(
@@ -471,7 +491,8 @@ class DeviceGateway:
                 min_accepted=max(1, min(least, target)), opened_at=now,
                 input_deadline=task.deadline - self.settings.stage_timeout_s, dim=self.dim,
                 config_for=self.secure.config_for, roster_wait_s=self.settings.roster_wait_s,
-                stage_timeout_s=self.settings.stage_timeout_s, **common)
+                stage_timeout_s=self.settings.stage_timeout_s, client_ids=ids,
+                pace_spread_s=pace, retry_spread_s=retry, clip_norm=task.clip_norm)
         self._sessions[task.task_id] = s
         self._settings[task.task_id] = {k: float(v) for k, v in task.settings.items()}
         if self.on_publish is not None and task.version not in self._params:
@@ -500,9 +521,10 @@ class DeviceGateway:
         too: otherwise it counts as open forever, keeps its model version in memory, and
         its dropouts are never recorded.
         """
+        coordinator = self._running()
         for s in list(self._sessions.values()) if sessions is None else sessions:
             if isinstance(s, DeviceTask) and not s.closed \
-                    and not self.coordinator.outstanding(s.task_id):
+                    and not coordinator.outstanding(s.task_id):
                 self._close(s, "task over", now)
 
     def _prune(self) -> None:
