@@ -91,7 +91,9 @@ def _expect_array(arr: np.ndarray, dtype: str, length: int, stage: str, name: st
 def _check_amount(fraction: object, k: object, stage: str) -> None:
     if (fraction is None) == (k is None):
         raise ConfigError(f"{stage}: give exactly one of fraction and k", key=f"{stage}.fraction")
-    if fraction is not None and (type(fraction) not in (int, float) or not 0 < fraction <= 1):
+    # exact types: bool and numpy scalars are refused
+    if fraction is not None and (type(fraction) is not int and type(fraction) is not float
+                                 or not 0 < fraction <= 1):
         raise ConfigError(f"{stage}.fraction must be in (0, 1], got {fraction!r}", key=f"{stage}.fraction")
     if k is not None and (type(k) is not int or k < 1):
         raise ConfigError(f"{stage}.k must be an integer ≥ 1, got {k!r}", key=f"{stage}.k")

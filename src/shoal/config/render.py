@@ -77,7 +77,7 @@ def config_markdown(sections: Sequence[str] | None = None) -> str:
            "`--set section.key=value` overrides any key, and `--rounds`, `--clients`, "
            "`--per-round` and `--seed` are shortcuts; `shoal config` prints every key with "
            "its value and these notes as comments.", ""]
-    classes = {"": Config, **sections_of(Config)}
+    classes: dict[str, type[Section]] = {"": Config, **sections_of(Config)}
     for name in sections or SCHEMA:
         out += [f"## `[{name}]`" if name else "## top level", ""]
         if name:

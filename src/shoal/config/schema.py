@@ -158,6 +158,9 @@ class Section(Mapping[str, Any]):
 
     #: the TOML table it is read from ("" = the top level); set by :func:`section`
     _table: ClassVar[str]
+    #: every subclass is a dataclass (:func:`section` makes it one); declared (not set) so
+    #: type checkers accept sections wherever ``dataclasses`` functions take a dataclass
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self) -> None:
         for key, opt in options_of(type(self)).items():

@@ -204,7 +204,7 @@ def keystream_into(seed: bytes, out: np.ndarray) -> np.ndarray:
     # CTR keystream = encryption of zeros; reading a shared zero buffer is cheaper than
     # zeroing ``out`` and encrypting in place
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_CTR_IV)).encryptor()
-    encryptor.update_into(_zeros(out.nbytes), memoryview(out).cast("B"))
+    encryptor.update_into(_zeros(out.nbytes), out.data.cast("B"))
     return out
 
 

@@ -329,7 +329,8 @@ class SecAggServer:
                     sk,
                     {v: self._keys[v][1] for v in sorted(self._live(u, u3))},
                     salt=self._session,
-                    info=lambda v, u=u: MASK_INFO + pair_bytes(u, v),
+                    # agree_many calls info before the next u: no default to bind u
+                    info=lambda v: MASK_INFO + pair_bytes(u, v),
                 )
                 for u, sk in mask_keys.items()
             }

@@ -120,12 +120,16 @@ class _Accounting:
 
 class _CentralRun:
     def __init__(self, stage: CentralDPStage, state: DPState, step: int) -> None:
+        if state.clip_norm is None:
+            raise PrivacyError("central DP needs a clip norm in its state; this state has "
+                               "none (a local-DP state?)")
         self.stage, self.state, self.step = stage, state, step
+        self.clip_norm: float = state.clip_norm  # C of this step
         self.count = 0
         self.clipped = 0
 
     def rows(self, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        c = self.state.clip_norm
+        c = self.clip_norm
         norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
         scale = np.where(norms > c, c / np.maximum(norms, 1e-300), 1.0)
         self.count += len(rows)
@@ -142,7 +146,7 @@ class _CentralRun:
             UpdateRejected: ``not_clipped`` -- the group does not promise clipping to at most
                 this step's C with unit weights (its sum's sensitivity would be unknown).
         """
-        c = self.state.clip_norm
+        c = self.clip_norm
         weight = float(weights[0])
         if clip_norm is None or not clip_norm <= c * (1 + 1e-9):
             raise UpdateRejected("not_clipped", f"central DP needs every client update in a "
@@ -155,7 +159,7 @@ class _CentralRun:
         return rows.astype(np.float64), np.array([float(clients)])
 
     def finish(self, total: Sum) -> tuple[Sum, DPState]:
-        stage, dp, c = self.stage, self.stage.central, self.state.clip_norm
+        stage, dp, c = self.stage, self.stage.central, self.clip_norm
         noised, nxt, fraction, sum_std = dp.release(
             total.vector.astype(np.float64, copy=True), self.count, self.clipped,
             CentralDPState(clip_norm=c, round=self.state.releases), stage.rng_for_step(self.step))

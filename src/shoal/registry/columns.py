@@ -19,7 +19,7 @@ always available, no attributes".
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -309,7 +309,7 @@ def _check_byte_ids(arr: np.ndarray) -> None:
             raise RegistryError(f"device_id {b!r} is not UTF-8", field="device_id") from None
 
 
-def check_bulk(n: int, attributes: Mapping[str, object] | None,
+def check_bulk(n: int, attributes: Mapping[str, Sized] | None,
                windows: Sequence[object] | None) -> None:
     """Refuse bulk-enrolment columns whose length is not the number of ids ``n``.
 
@@ -317,7 +317,7 @@ def check_bulk(n: int, attributes: Mapping[str, object] | None,
         RegistryError: naming the attribute (``attributes.<name>``) or ``windows``.
     """
     for name, values in (attributes or {}).items():
-        if isinstance(values, (str, bytes)) or len(values) != n:  # type: ignore[arg-type]
+        if isinstance(values, (str, bytes)) or len(values) != n:
             raise RegistryError(f"attributes.{name} must give one value per device id ({n}), "
                                 f"got {len(values) if hasattr(values, '__len__') else values!r}",
                                 field=f"attributes.{name}")

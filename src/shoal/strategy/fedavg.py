@@ -79,8 +79,10 @@ def check_hyperparameter(
     """
     left, right = ("(" if low_open else "["), (")" if high_open else "]")
     interval = f"{left}{low:g}, {high:g}{right}"
-    bad = isinstance(value, (bool, np.bool_)) or not isinstance(value, _REAL_TYPES)
-    number = math.nan if bad else float(value)  # type: ignore[arg-type]
+    if isinstance(value, _REAL_TYPES) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+    else:
+        number = math.nan
     inside = (
         math.isfinite(number)
         and (number > low if low_open else number >= low)
