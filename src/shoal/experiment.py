@@ -40,7 +40,7 @@ from shoal.observers import Observer, Observers
 from shoal.params import ParamSpec
 from shoal.pipeline import stage_states_from_dict, stage_states_to_dict
 from shoal.records import RoundRecord
-from shoal.runner import ClientPool, drive
+from shoal.runner import ClientPool, PushCarrier, drive
 from shoal.sampling import Sampler, recording
 from shoal.store import Checkpoint
 from shoal.strategy import ServerState
@@ -169,7 +169,8 @@ class Experiment:
     """
 
     def __init__(self, cfg: Config, data: FederatedData | None = None, *,
-                 pool: ClientPool | None = None, sampler: Sampler | None = None) -> None:
+                 pool: ClientPool | PushCarrier | None = None,
+                 sampler: Sampler | None = None) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
         #: PyTorch intra-op threads of this run. The setting is per OS thread (OpenMP): a
