@@ -23,6 +23,7 @@ import numpy as np
 from shoal.config import Config
 from shoal.build import load_data, secagg_from_config, selector_from_config
 from shoal.records import RoundRecord
+from shoal.strategy import ServerState
 from shoal.sampling import RegistrySampler, UniformSampler
 from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
@@ -151,7 +152,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             state = exp.restore(store.load(latest.id))
             log.info("resuming from model version %d (round %d)", latest.id, state.version)
 
-        def commit(st, rec) -> None:
+        def commit(st: ServerState, rec: RoundRecord) -> None:
             parent = store.latest()
             store.commit(exp.checkpoint(st), round=st.version,
                          metrics={"accepted": float(rec.accepted)},

@@ -22,6 +22,8 @@ import numpy as np
 
 from shoal.coordinator import Coordinator
 from shoal.gateway import DeviceGateway, GatewaySettings
+from shoal.privacy.secagg_rounds import SecAggAggregation
+from shoal.records import RoundRecord
 from shoal.strategy import ServerState
 from shoal.transport.server import AggregatorService
 
@@ -41,7 +43,7 @@ class GrpcCarrier:
     """
 
     def __init__(self, service: AggregatorService, devices: Sequence[str], *,
-                 secure: object | None = None, poll_s: float = 0.2,
+                 secure: SecAggAggregation | None = None, poll_s: float = 0.2,
                  rng: np.random.Generator | None = None) -> None:
         self.service = service
         self._devices, self._secure, self._rng = list(devices), secure, rng
@@ -73,8 +75,8 @@ class GrpcCarrier:
 
     def run(self, coordinator: Coordinator, state: ServerState, *,
             stage_states: tuple | None = None,
-            on_commit: Callable[[ServerState, object], None] | None = None,
-            on_abort: Callable[[object, str, bool], None] | None = None) -> str:
+            on_commit: Callable[[ServerState, RoundRecord], None] | None = None,
+            on_abort: Callable[[RoundRecord, str, bool], None] | None = None) -> str:
         """Serve ``coordinator`` to the devices until it finishes; returns why. Each run
         gets a fresh :attr:`gateway` (sessions belong to one coordinator), so one carrier
         may serve several runs one after another."""

@@ -34,6 +34,7 @@ import grpc
 
 from shoal.device_secagg import SecAggDeviceRound, Wait
 from shoal.device_task import ComeBack, Task
+from shoal.gateway import DeviceGateway
 from shoal.errors import CodecError, ConfigError, ProtocolError, UpdateRejected
 from shoal.observers import CarrierObserver
 from shoal.privacy.secagg_encoding import unpack_ring
@@ -147,7 +148,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.clock = clock
         self.server_id = server_id
         self.metrics = metrics if metrics is not None else CarrierObserver()
-        self.gateway = None  # the run's DeviceGateway (GrpcCarrier attaches it)
+        self.gateway: DeviceGateway | None = None  # the run's gateway (GrpcCarrier attaches it)
         self.upload_codec = "" if settings.upload_codec in ("", "none") \
             else settings.upload_codec
         Chain.parse(self.upload_codec, key="compression.upload")  # refuse a bad chain now
