@@ -17,6 +17,7 @@ from shoal.config.schema import Option, Section, option, options_of, section, se
 from shoal.config.sections import (
     ClientConfig,
     CompressionConfig,
+    DashboardConfig,
     DataConfig,
     DeployConfig,
     EvalConfig,
@@ -28,6 +29,7 @@ from shoal.config.sections import (
     SecureAggregationConfig,
     SimConfig,
     StrategyConfig,
+    TracingConfig,
 )
 from shoal.errors import ConfigError
 
@@ -67,6 +69,8 @@ class Config(Section):
     sim: SimConfig = _table(SimConfig)
     deploy: DeployConfig = _table(DeployConfig)
     output: OutputConfig = _table(OutputConfig)
+    dashboard: DashboardConfig = _table(DashboardConfig)
+    tracing: TracingConfig = _table(TracingConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,7 +14,8 @@ from shoal.errors import ConfigError
 
 __all__ = ["DataConfig", "ModelConfig", "ClientConfig", "StrategyConfig", "SamplingConfig",
            "RoundConfig", "CompressionConfig", "SecureAggregationConfig", "PrivacyConfig",
-           "EvalConfig", "SimConfig", "DeployConfig", "OutputConfig"]
+           "EvalConfig", "SimConfig", "DeployConfig", "OutputConfig", "DashboardConfig",
+           "TracingConfig"]
 
 @section("data")
 class DataConfig(Section):
@@ -282,3 +283,65 @@ class OutputConfig(Section):
     name: str = option("", "run directory name; empty = timestamp and seed")
     store: str = option("", "model store directory: commit the final model there as a new "
                         "candidate version (see `shoal models`); empty = none")
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@section("dashboard")
+class DashboardConfig(Section):
+    """The web dashboard of a deployment (docs/dashboard.md)."""
+
+    address: str = option("", "HOST:PORT where `shoal serve` serves the dashboard (port 0 = "
+                          "any free one; [::1]:PORT for IPv6); empty = none. `shoal launch` "
+                          "serves it on 127.0.0.1:0 when this is empty (--no-dashboard: never)")
+    allow_remote: bool = option(False, "allow an address other than loopback (the dashboard "
+                                "speaks plain HTTP: put a TLS proxy in front of it)")
+    token_file: str = option("", "file with the operator token that promote and rollback "
+                             "need; empty = dashboard-token in the state directory, created "
+                             "(mode 0600) with a fresh random token if missing")
+    push_interval_s: float = option(1.0, "how often an open page is sent what changed "
+                                    "(server-sent events), in seconds", min=0.05, max=60.0)
+    history: int = option(100_000, "rounds kept in memory for the charts (the oldest are "
+                          "dropped first)", min=10)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.address:
+            host, _ = self.host_port
+            if host not in _LOOPBACK and not self.allow_remote:
+                raise ConfigError(f"dashboard.address = {self.address!r} is not loopback: the "
+                                  "dashboard speaks plain HTTP; listen on 127.0.0.1 or set "
+                                  "dashboard.allow_remote = true behind a TLS proxy",
+                                  key="dashboard.address")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """``address`` split into host and port (``"[::1]:80"`` -> ``("::1", 80)``).
+
+        Raises:
+            ConfigError: not ``HOST:PORT`` with a port in 0..65535.
+        """
+        host, sep, port = self.address.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or int(port) > 65_535:
+            raise ConfigError(f"dashboard.address = {self.address!r}: expected HOST:PORT "
+                              "(e.g. 127.0.0.1:8080; port 0 = any free one)",
+                              key="dashboard.address")
+        return host, int(port)
+
+
+@section("tracing")
+class TracingConfig(Section):
+    """OpenTelemetry traces of rounds and tasks (docs/dashboard.md#tracing)."""
+
+    exporter: str = option("none", "where spans go: 'none', 'console' (stderr), 'file' (one "
+                           "JSON object per span and line, tracing.file) or 'otlp' (a "
+                           "collector, tracing.endpoint; needs the dashboard extra)",
+                           choices=("none", "console", "file", "otlp"))
+    file: str = option("", "exporter 'file': the JSON-lines file spans are appended to; empty "
+                       "= traces.jsonl in the state directory")
+    endpoint: str = option("http://127.0.0.1:4318/v1/traces", "exporter 'otlp': the "
+                           "collector's OTLP/HTTP traces endpoint")
+    service_name: str = option("shoal", "the service.name resource attribute of every span")
