@@ -8,8 +8,8 @@ server optimizer applies. It is built from small parts behind two protocols:
   noise and fix the denominator); it carries its own state across rounds (the clip norm, the
   privacy ledger) explicitly: ``begin(state)`` in, ``finish(...) -> (sum, new state)`` out;
 * a :class:`SumRule` adds the rows up: the plain streaming weighted sum
-  (:class:`PlainSum`), secure aggregation, or later a robust rule. A rule that must hold
-  every update (memory O(updates x model)) says so in ``holds_updates``.
+  (:class:`PlainSum`), secure aggregation, or a robust rule (:mod:`shoal.robust`). A rule
+  that must hold every update (memory O(updates x model)) says so in ``holds_updates``.
 
 Validation is one path for every carrier (:func:`validate_rows`): wrong dtype, wrong shape,
 non-finite values, a norm above the bound and an implausible weight are refused per row with
@@ -290,11 +290,16 @@ class PipelineRun:
         inside, each clipped to ``clip_norm`` by its client when not ``None``).
 
         A stage with a ``partial`` method judges the group as a whole (central DP checks the
-        clipping promise instead of clipping the mean); other stages see it as one row.
+        clipping promise instead of clipping the mean); other stages see it as one row. A
+        sum run with a ``refuse_partial(clients)`` method may refuse the group first (it
+        raises), before any stage has counted it.
 
         Raises:
             UpdateRejected: a stage or the sum refused the group; nothing was folded.
         """
+        refuse = getattr(self.sum_run, "refuse_partial", None)
+        if refuse is not None:  # e.g. a robust rule, which must weigh every client itself
+            refuse(clients)
         rows, weights = mean[np.newaxis], np.array([float(weight)])
         for run in self.stage_runs:
             partial = getattr(run, "partial", None)
