@@ -25,7 +25,6 @@ from shoal.privacy.dp import (
     gaussian_noise,
     next_clip_norm,
     noised_unclipped_fraction,
-    secure_generator,
     update_noise_multiplier,
 )
 
@@ -158,36 +157,6 @@ def numpy_global_state():
 
 
 @pytest.mark.usefixtures("numpy_global_state")
-def test_secure_generator_is_seeded_from_256_bits_of_os_urandom_alone(monkeypatch) -> None:
-    entropy, asked = [bytes(range(32))], []
-
-    def fixed_urandom(n: int) -> bytes:
-        asked.append(n)
-        return entropy[0][:n]
-
-    monkeypatch.setattr(dp.os, "urandom", fixed_urandom)
-
-    def draw(global_seed: int) -> np.ndarray:
-        np.random.seed(global_seed)  # as a run that seeds numpy globally from its config
-        before = np.random.get_state()[1].copy()
-        out = secure_generator().standard_normal(8)
-        np.testing.assert_array_equal(np.random.get_state()[1], before)  # left untouched
-        return out
-
-    first = draw(0)
-    assert asked == [32]
-    np.testing.assert_array_equal(draw(12345), first)
-    # the stream is that of the urandom bytes and nothing else
-    seed = np.random.SeedSequence(int.from_bytes(entropy[0], "big"))
-    np.testing.assert_array_equal(
-        first, np.random.Generator(np.random.PCG64(seed)).standard_normal(8))
-    entropy[0] = bytes(range(1, 33))
-    assert not np.array_equal(draw(0), first)
-
-
-# --------------------------------------------------------------------------- central DP
-
-
 def test_central_round_hand_example() -> None:
     # updates of norm 5 and 0.5 with C = 1, m = 4: clipped sum [0.9, 1.2], mean [0.225, 0.3]
     central = CentralDP(noise_multiplier=1e-9, clip_norm=1.0, expected_clients=4)
@@ -383,3 +352,25 @@ def test_public_api_is_reexported() -> None:
         assert getattr(privacy, name) is getattr(dp, name)
         assert name in privacy.__all__
     assert {p.value for p in privacy.Placement} == {"central", "local"}
+
+
+def test_a_finite_but_huge_update_is_clipped_for_its_norm_not_refused_as_non_finite():
+    huge = np.full(4, 1e200)  # squares overflow float64; the values are finite
+    clipped, norm, was_clipped = clip_to_norm(huge, 1.0)
+    assert was_clipped and norm == pytest.approx(2e200, rel=1e-12)
+    assert np.linalg.norm(clipped) <= 1.0 and np.all(clipped > 0)
+    with pytest.raises(UpdateRejected) as info:
+        clip_to_norm(np.array([1e200, np.nan]), 1.0)
+    assert info.value.reason == "non_finite"
+
+
+def test_an_accumulator_refuses_itself_and_finished_ones():
+    dp_ = CentralDP(noise_multiplier=1.0, clip_norm=1.0, expected_clients=2)
+    a = dp_.begin_round(dp_.init(), 3)
+    b = dp_.begin_round(dp_.init(), 3)
+    with pytest.raises(PrivacyError, match="itself"):
+        a.merge(a)
+    b.add(np.ones(3), client_id=1)
+    b.finish(np.random.default_rng(0))
+    with pytest.raises(PrivacyError, match="finished"):
+        a.merge(b)

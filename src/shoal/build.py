@@ -10,6 +10,7 @@ other.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,11 +41,14 @@ __all__ = ["load_data", "strategy_from_config", "selector_from_config", "sampler
 
 
 def unpredictable(*_: int) -> np.random.Generator:
-    """A fresh generator from ``os.urandom``, whatever the round: deployed DP noise and
-    cohorts, which nobody holding the config may recompute."""
-    from shoal.privacy.dp import secure_generator
+    """A fresh generator seeded with 256 bits of ``os.urandom``, whatever the round: deployed
+    cohorts under DP, which nobody holding the config may recompute. (PCG64: unpredictable
+    from the config, but not a cryptographically secure generator; the noise itself comes from
+    :func:`~shoal.privacy.dp.secure_generator`.)"""
+    import os
 
-    return secure_generator()
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+        int.from_bytes(os.urandom(32), "big"))))
 
 
 def load_data(cfg: Config) -> FederatedData:
@@ -205,6 +209,8 @@ def _dp_stage(cfg: Config, deployed: bool) -> CentralDPStage | LocalDPStage | No
     if p["placement"] == "none":
         return None
     from shoal.privacy import AdaptiveClipping, CentralDP, RoundEvent
+    from shoal.privacy.csprng import RandomSource
+    from shoal.privacy.dp import secure_generator
     from shoal.privacy.stages import BudgetPolicy, CentralDPStage, LocalDPStage
 
     s = cfg["sampling"]
@@ -225,10 +231,14 @@ def _dp_stage(cfg: Config, deployed: bool) -> CentralDPStage | LocalDPStage | No
         adaptive = AdaptiveClipping(target_quantile=p["target_quantile"],
                                     learning_rate=p["clip_learning_rate"],
                                     count_noise_std=p["count_noise_std"] or None)
+    # deployed: CSPRNG noise on an exact grid (discrete Gaussian); simulated: seeded floats
     central = CentralDP(noise_multiplier=z, clip_norm=p["clip_norm"],
-                        expected_clients=expected_cohort(cfg), adaptive=adaptive)
+                        expected_clients=expected_cohort(cfg), adaptive=adaptive,
+                        discrete=deployed)
     seed = cfg.seed
-    rng = unpredictable if deployed else (lambda step: seeds.generator(seed, "dp", step))
+    rng: Callable[[int], RandomSource] = \
+        (lambda step: secure_generator()) if deployed \
+        else (lambda step: seeds.generator(seed, "dp", step))
     return CentralDPStage(central, event, budget, rng, p["accountant"])
 
 

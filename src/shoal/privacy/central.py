@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal.errors import PrivacyError, UpdateRejected
+from shoal.privacy.csprng import RandomSource
+from shoal.privacy.discrete_gaussian import gridded_release
 from shoal.privacy.dp import (AdaptiveClipping, ClipResult, _check_vector, _clip_scale, _norm,
                               _positive, gaussian_noise, next_clip_norm,
                               noised_unclipped_fraction, update_noise_multiplier)
@@ -67,6 +69,9 @@ class CentralDP:
         expected_clients: m = qN, the fixed denominator; must match the sampling rate given to
             the accountant.
         adaptive: learn C as a quantile of update norms, or ``None`` for a fixed C.
+        discrete: release the noised sum on an exact grid with discrete Gaussian noise
+            (:func:`~shoal.privacy.discrete_gaussian.gridded_release`, for deployment: no
+            floating-point structure in the output) instead of adding float noise.
 
     Use::
 
@@ -84,6 +89,7 @@ class CentralDP:
     clip_norm: float
     expected_clients: float
     adaptive: AdaptiveClipping | None = None
+    discrete: bool = False
 
     def __post_init__(self) -> None:
         _positive("noise_multiplier", self.noise_multiplier)
@@ -112,7 +118,7 @@ class CentralDP:
         return CentralDPState(clip_norm=float(self.clip_norm), round=0)
 
     def release(self, total: np.ndarray, count: int, clipped: int, state: CentralDPState,
-                rng: np.random.Generator
+                rng: RandomSource
                 ) -> tuple[np.ndarray, CentralDPState, float | None, float]:
         """The one noised release of a round's clipped sum: the mechanism itself, shared by
         :class:`RoundAccumulator` and the pipeline stage (which sums elsewhere, e.g. under
@@ -125,7 +131,10 @@ class CentralDP:
         """
         c = state.clip_norm
         sum_std = self.update_noise_multiplier * c
-        total += gaussian_noise(total.shape[0], sum_std, rng)
+        if self.discrete:
+            total[:] = gridded_release(total, sum_std, c, rng)
+        else:
+            total += gaussian_noise(total.shape[0], sum_std, rng)
         fraction: float | None = None
         next_c = c
         if self.adaptive is not None:
@@ -191,15 +200,27 @@ class RoundAccumulator:
         return ClipResult(norm=norm, was_clipped=was_clipped)
 
     def merge(self, other: RoundAccumulator) -> None:
-        """Fold in another accumulator of the same round (an edge aggregator's partial sum)."""
+        """Fold in another accumulator of the same round (an edge aggregator's partial sum).
+
+        Raises:
+            PrivacyError: ``other`` is this accumulator (its clients would count twice), either
+                one is finished (a finished sum was already released), or they belong to
+                different mechanisms, states or dimensions; nothing changes.
+        """
         self._check_open()
+        if other is self:
+            raise PrivacyError("an accumulator cannot be merged into itself (its clients "
+                               "would count twice)")
+        if other._finished:
+            raise PrivacyError("cannot merge a finished accumulator: its sum was already "
+                               "released with noise")
         if other.dp != self.dp or other.state != self.state or other.dim != self.dim:
             raise PrivacyError("can only merge accumulators of the same CentralDP, state and dim")
         self._sum += other._sum
         self._count += other._count
         self._clipped += other._clipped
 
-    def finish(self, rng: np.random.Generator) -> RoundResult:
+    def finish(self, rng: RandomSource) -> RoundResult:
         """Add noise once and return the noised mean and the next state.
 
         Draws the update noise (dim values) and then, with adaptive clipping, one count-noise

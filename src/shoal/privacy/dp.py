@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal.errors import PrivacyError, UpdateRejected
+from shoal.privacy.csprng import CryptoRandom, RandomSource
 
 __all__ = [
     "DEFAULT_INITIAL_CLIP_NORM",
@@ -102,13 +103,23 @@ def _check_vector(x: np.ndarray, *, client_id: object = None, round: int | None 
 
 
 def _norm(x: np.ndarray, *, client_id: object = None, round: int | None = None) -> float:
-    """L2 norm accumulated in float64 (float32 squares of values near 3.4e38 would overflow)."""
+    """L2 norm accumulated in float64 (float32 squares of values near 3.4e38 would overflow).
+
+    A float64 update whose squares overflow is finite, not ``non_finite``: its norm is then
+    computed from the vector scaled by its largest magnitude (``inf`` only if even that
+    overflows), so it is clipped or refused for its size.
+    """
     sq = float(np.einsum("i,i->", x, x, dtype=np.float64))
-    if not math.isfinite(sq):
+    if math.isfinite(sq):
+        return math.sqrt(sq)
+    if not np.isfinite(x).all():
         raise UpdateRejected(
             "non_finite", "update contains NaN or infinite values", client_id=client_id, round=round
         )
-    return math.sqrt(sq)
+    peak = float(np.max(np.abs(x)))
+    scaled = x / peak
+    with np.errstate(over="ignore"):
+        return peak * math.sqrt(float(np.einsum("i,i->", scaled, scaled, dtype=np.float64)))
 
 
 def _clip_scale(norm: float, clip_norm: float) -> float:
@@ -159,7 +170,7 @@ def clip_to_norm(x: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float, bo
     )
 
 
-def gaussian_noise(dim: int, std: float, rng: np.random.Generator) -> np.ndarray:
+def gaussian_noise(dim: int, std: float, rng: RandomSource) -> np.ndarray:
     """Draw ``dim`` i.i.d. N(0, std²) values as float32.
 
     ``std = 0`` returns zeros without consuming randomness.
@@ -174,25 +185,24 @@ def gaussian_noise(dim: int, std: float, rng: np.random.Generator) -> np.ndarray
     return noise
 
 
-def add_gaussian_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+def add_gaussian_noise(x: np.ndarray, std: float, rng: RandomSource) -> np.ndarray:
     """Return ``x + N(0, std² I)`` as a new array of x's dtype; x is not modified."""
     _check_vector(x)
     return (x + gaussian_noise(x.shape[0], std, rng)).astype(x.dtype, copy=False)
 
 
-def secure_generator() -> np.random.Generator:
-    """A numpy Generator seeded with 256 bits from ``os.urandom``, for deployment noise.
+def secure_generator() -> CryptoRandom:
+    """A cryptographically secure random source for deployment noise: AES-256-CTR keyed with
+    32 bytes of ``os.urandom``, ratcheting (:class:`~shoal.privacy.csprng.CryptoRandom`).
 
-    Use one per round on the server (or per upload on a device) so that noise is not
-    reproducible from a configuration seed. PCG64 is *not* a cryptographically secure generator:
-    its state could in principle be reconstructed from enough outputs. A hardened deployment
-    should draw noise from a CSPRNG stream (ChaCha20 or AES-CTR through the ``cryptography``
-    package) and sample a discrete Gaussian with exact integer arithmetic (Canonne, Kamath and
-    Steinke, 2020), which also closes the floating-point attacks on textbook samplers
-    (Mironov, "On Significance of the Least Significant Bits for Differential Privacy", 2012).
+    Use one per round on the server (or per upload on a device): noise cannot be recomputed
+    from a configuration seed, nor predicted from earlier outputs. Central DP in deployment
+    also releases on an exact grid with discrete Gaussian noise
+    (:mod:`shoal.privacy.discrete_gaussian`), which closes the floating-point attacks on
+    textbook samplers (Mironov, "On Significance of the Least Significant Bits for
+    Differential Privacy", 2012).
     """
-    seed = np.random.SeedSequence(int.from_bytes(os.urandom(32), "big"))
-    return np.random.Generator(np.random.PCG64(seed))
+    return CryptoRandom(os.urandom(32))
 
 
 # --------------------------------------------------------------------------- adaptive clipping
@@ -236,7 +246,7 @@ def noised_unclipped_fraction(
     num_updates: int,
     expected_clients: float,
     count_noise_std: float,
-    rng: np.random.Generator,
+    rng: RandomSource,
 ) -> float:
     """DP estimate b̄ of the fraction of updates that were not clipped (TF-Privacy convention).
 

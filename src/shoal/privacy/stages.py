@@ -16,7 +16,9 @@ through the coordinator and checkpointed, never mutated in place), reports the Î
 refuses a step the Îµ budget cannot afford.
 
 Noise comes from ``rng_for_step(step)``: the run's seeded stream in simulation
-(reproducible), :func:`~shoal.privacy.dp.secure_generator` in deployment.
+(reproducible), :func:`~shoal.privacy.dp.secure_generator` (a CSPRNG) in deployment, where
+the mechanism also releases on an exact grid with discrete Gaussian noise
+(``CentralDP(discrete=True)``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from shoal.errors import BudgetExhausted, PrivacyError, UpdateRejected
 from shoal.pipeline import Sum
 from shoal.privacy.accountant import PrivacyLedger, RoundEvent
 from shoal.privacy.central import CentralDP, CentralDPState
+from shoal.privacy.csprng import RandomSource
 
 __all__ = ["BudgetPolicy", "DPState", "CentralDPStage", "LocalDPStage"]
 
@@ -187,7 +190,7 @@ class CentralDPStage(_Accounting):
     central: CentralDP
     event: RoundEvent
     budget: BudgetPolicy
-    rng_for_step: Callable[[int], np.random.Generator]
+    rng_for_step: Callable[[int], RandomSource]
     accountant: str = "rdp"
     name: str = "central_dp"
     #: a release happens (noise alone) even when nobody reported
