@@ -17,7 +17,8 @@ LAYERS = [
     ("driving", {"runner", "build"}),
     ("engine", {"coordinator", "policy", "events", "clock", "sampling", "selection",
                 "registry", "store", "observers", "records", "config"}),
-    ("stages", {"pipeline", "strategy", "privacy", "codec", "summation", "uplink"}),
+    ("stages", {"pipeline", "strategy", "privacy", "robust", "codec", "summation",
+                "uplink"}),
     ("foundations", {"params", "data", "models", "frameworks", "training", "seeds",
                      "errors"}),
 ]

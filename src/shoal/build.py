@@ -33,11 +33,12 @@ if TYPE_CHECKING:  # privacy loads only when a run asks for it
     from shoal.privacy import LocalDP
     from shoal.privacy.secagg_rounds import SecAggAggregation
     from shoal.privacy.stages import CentralDPStage, LocalDPStage
+    from shoal.robust import CenteredClipping, HeldRule, NormBound
 
 __all__ = ["load_data", "strategy_from_config", "selector_from_config", "sampler_from_config",
            "simulated_registry", "majority_labels", "expected_cohort",
-           "policy_from_config", "pipeline_from_config", "local_dp_from_config",
-           "secagg_from_config", "unpredictable", "LogNormalTime", "time_model_from_config"]
+           "policy_from_config", "pipeline_from_config", "robust_from_config",
+           "local_dp_from_config", "secagg_from_config", "unpredictable", "LogNormalTime", "time_model_from_config"]
 
 
 def unpredictable(*_: int) -> np.random.Generator:
@@ -269,10 +270,46 @@ def pipeline_from_config(cfg: Config, *, deployed: bool = False,
     d = cfg["deploy"]
     validation = Validation(max_norm=d["max_norm"] or None) if deployed else Validation()
     dp = _dp_stage(cfg, deployed)
+    robust_stages, robust_rule = robust_from_config(cfg)
     secure = None if secure_in_transport else secagg_from_config(cfg)
-    return Pipeline(stages=() if dp is None else (dp,),
-                    sum_rule=secure if secure is not None else PlainSum(),
+    # robust stages first: they refuse a group's mean before a DP stage has counted it
+    return Pipeline(stages=(*robust_stages, *(() if dp is None else (dp,))),
+                    sum_rule=secure if secure is not None else
+                    robust_rule if robust_rule is not None else PlainSum(),
                     validation=validation)
+
+
+def robust_from_config(cfg: Config) -> tuple[tuple[NormBound | CenteredClipping, ...],
+                                             HeldRule | None]:
+    """The robust stages (norm bound, centered clipping) and the robust sum rule of
+    ``cfg["robust"]`` (docs/robustness.md).
+
+    Raises:
+        ConfigError: a robust rule with secure aggregation (the server sees only the sum) or
+            with differential privacy (its noise is calibrated to a sum, not to a median).
+    """
+    r = cfg["robust"]
+    if r["rule"] == "none" and not r["norm_bound"]:
+        return (), None
+    from shoal.robust import CenteredClipping, HeldRule, NormBound
+
+    if cfg["secure_aggregation"]["enabled"]:
+        raise ConfigError("robust aggregation needs every update, and secure aggregation "
+                          "shows the server only their sum: turn one of them off",
+                          key="robust.rule")
+    if r["rule"] != "none" and cfg["privacy"]["placement"] != "none":
+        raise ConfigError(f"robust.rule = {r['rule']!r} does not compose with differential "
+                          f"privacy (its noise is calibrated to a clipped sum); "
+                          f"robust.norm_bound does", key="robust.rule")
+    stages: list[NormBound | CenteredClipping] = []
+    if r["norm_bound"]:
+        stages.append(NormBound(r["norm_bound"], adaptive=r["norm_adaptive"],
+                                factor=r["norm_factor"]))
+    if r["rule"] == "centered_clip":
+        return (*stages, CenteredClipping(r["cc_tau"])), None
+    rule = None if r["rule"] == "none" else HeldRule(
+        r["rule"], r["byzantine_fraction"], beta=r["trim"] or None, m=r["krum_m"])
+    return tuple(stages), rule
 
 
 class LogNormalTime:

@@ -15,6 +15,7 @@ from typing import Any
 
 from shoal.config.schema import Option, Section, option, options_of, section, sections_of
 from shoal.config.sections import (
+    AttackConfig,
     ClientConfig,
     CompressionConfig,
     DashboardConfig,
@@ -24,6 +25,7 @@ from shoal.config.sections import (
     ModelConfig,
     OutputConfig,
     PrivacyConfig,
+    RobustConfig,
     RoundConfig,
     SamplingConfig,
     SecureAggregationConfig,
@@ -71,6 +73,8 @@ class Config(Section):
     output: OutputConfig = _table(OutputConfig)
     dashboard: DashboardConfig = _table(DashboardConfig)
     tracing: TracingConfig = _table(TracingConfig)
+    robust: RobustConfig = _table(RobustConfig)
+    attack: AttackConfig = _table(AttackConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -15,7 +15,7 @@ from shoal.errors import ConfigError
 __all__ = ["DataConfig", "ModelConfig", "ClientConfig", "StrategyConfig", "SamplingConfig",
            "RoundConfig", "CompressionConfig", "SecureAggregationConfig", "PrivacyConfig",
            "EvalConfig", "SimConfig", "DeployConfig", "OutputConfig", "DashboardConfig",
-           "TracingConfig"]
+           "TracingConfig", "RobustConfig", "AttackConfig"]
 
 @section("data")
 class DataConfig(Section):
@@ -345,3 +345,70 @@ class TracingConfig(Section):
     endpoint: str = option("http://127.0.0.1:4318/v1/traces", "exporter 'otlp': the "
                            "collector's OTLP/HTTP traces endpoint")
     service_name: str = option("shoal", "the service.name resource attribute of every span")
+
+
+@section("robust")
+class RobustConfig(Section):
+    """Byzantine-robust aggregation (docs/robustness.md)."""
+
+    rule: str = option("none", "robust aggregation rule: 'none' (the weighted mean), "
+                       "'median' (coordinate-wise), 'trimmed_mean', 'krum', 'multi_krum', "
+                       "'bulyan' (these hold the round's updates: memory O(updates x model)), "
+                       "'centered_clip' (streams)",
+                       choices=("none", "median", "trimmed_mean", "krum", "multi_krum",
+                                "bulyan", "centered_clip"))
+    byzantine_fraction: float = option(0.2, "at most this fraction of a round's updates is "
+                                       "assumed Byzantine: f = ceil(fraction x n); a round "
+                                       "that breaks the rule's assumption is refused",
+                                       min=0.0, max=0.5, max_exclusive=True)
+    trim: float = option(0.0, "trimmed_mean: fraction trimmed at each end of a coordinate; "
+                         "0 = byzantine_fraction", min=0.0, max=0.5, max_exclusive=True)
+    krum_m: int = option(0, "multi_krum: updates averaged; 0 = n - f", min=0)
+    cc_tau: float = option(1.0, "centered_clip: clipping radius around the previous "
+                           "aggregate", min=0.0, min_exclusive=True)
+    norm_bound: float = option(0.0, "clip every update to this L2 norm before the rule (the "
+                               "first round's bound with norm_adaptive); 0 = off", min=0.0)
+    norm_adaptive: bool = option(False, "norm bound = norm_factor x the median norm of the "
+                                 "previous round's updates")
+    norm_factor: float = option(1.0, "norm_adaptive: the multiple of the median norm", min=0.0,
+                                min_exclusive=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.norm_adaptive and self.norm_bound <= 0:
+            raise ConfigError("robust.norm_adaptive needs robust.norm_bound > 0 (the first "
+                              "round's bound)", key="robust.norm_adaptive")
+        if self.trim and self.trim < self.byzantine_fraction:
+            raise ConfigError(f"robust.trim = {self.trim:g} trims fewer values than the "
+                              f"robust.byzantine_fraction = {self.byzantine_fraction:g} "
+                              f"attackers send; use at least that (or 0)", key="robust.trim")
+
+
+@section("attack")
+class AttackConfig(Section):
+    """Simulated attackers: some clients misbehave (simulation only; docs/robustness.md)."""
+
+    kind: str = option("none", "what the malicious clients do: 'none', 'label_flip', "
+                       "'sign_flip', 'gaussian', 'backdoor' (pixel pattern + model "
+                       "replacement), 'alie' (a little is enough), 'ipm' (inner-product "
+                       "manipulation), 'min_max', 'min_sum', 'sybil'",
+                       choices=("none", "label_flip", "sign_flip", "gaussian", "backdoor",
+                                "alie", "ipm", "min_max", "min_sum", "sybil"))
+    fraction: float = option(0.1, "fraction of the population that is malicious (a fixed "
+                             "set drawn from attack.seed)", min=0.0, max=1.0,
+                             max_exclusive=True)
+    knowledge: str = option("omniscient", "alie, ipm, min_max, min_sum: statistics from every "
+                            "honest update of the cohort ('omniscient') or from the attackers' "
+                            "own honest updates ('own')", choices=("omniscient", "own"))
+    scale: float = option(0.0, "backdoor: boost of the malicious update (model "
+                          "replacement); 0 = clients per round / server_lr; sign_flip: "
+                          "multiple of the flipped update (0 = 1)", min=0.0)
+    noise_std: float = option(1.0, "gaussian: standard deviation of the noise sent", min=0.0,
+                              min_exclusive=True)
+    ipm_epsilon: float = option(0.5, "ipm: the update sent is -epsilon x the honest mean",
+                                min=0.0, min_exclusive=True)
+    target_label: int = option(0, "backdoor: the label the pixel pattern maps to", min=0)
+    poison_fraction: float = option(0.5, "backdoor: fraction of an attacker's examples that "
+                                    "carry the pattern", min=0.0, max=1.0,
+                                    min_exclusive=True)
+    seed: int = option(0, "which clients are malicious (independent of the run seed)", min=0)
