@@ -186,10 +186,10 @@ class Experiment:
         self.spec = self.eval_model.spec
         self.deployed = pool is not None
         if pool is None:
-            from shoal.sim.pool import in_process_pool
+            from shoal.sim.attacks import attacked_pool  # the plain pool without [attack]
 
-            pool, self.engine = in_process_pool(cfg, build(), self.data, self.spec.size,
-                                                local_dp_from_config(cfg))
+            pool, self.engine = attacked_pool(cfg, build(), self.data, self.spec.size,
+                                              local_dp_from_config(cfg))
         else:
             self.engine = "devices"
         self.pool = pool
