@@ -22,7 +22,7 @@ from shoal.data.partition import partition
 from shoal.data.synthetic import make_synthetic
 from shoal.errors import ConfigError
 from shoal.events import TrainTask
-from shoal.pipeline import Pipeline, PlainSum, Validation
+from shoal.pipeline import Pipeline, PlainSum, SumRule, Validation
 from shoal.policy import BufferedPolicy, RoundPolicy, SyncPolicy
 from shoal.registry import MemoryRegistry, sequential_ids
 from shoal.sampling import PoissonSampler, RegistrySampler, Sampler, UniformSampler
@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # privacy loads only when a run asks for it
 __all__ = ["load_data", "strategy_from_config", "selector_from_config", "sampler_from_config",
            "simulated_registry", "majority_labels", "expected_cohort",
            "policy_from_config", "pipeline_from_config", "robust_from_config",
-           "local_dp_from_config", "secagg_from_config", "unpredictable", "LogNormalTime", "time_model_from_config"]
+           "local_dp_from_config", "secagg_from_config", "secure_sum_from_config",
+           "unpredictable", "LogNormalTime", "time_model_from_config"]
 
 
 def unpredictable(*_: int) -> np.random.Generator:
@@ -258,6 +259,26 @@ def secagg_from_config(cfg: Config) -> SecAggAggregation | None:
                              rng_for_round=lambda r: seeds.generator(seed, "secagg", r))
 
 
+def secure_sum_from_config(cfg: Config) -> SumRule | None:
+    """The pipeline's secure sum for ``cfg["secure_aggregation"]``: SecAgg+
+    (:func:`secagg_from_config`), CKKS homomorphic aggregation, or None (plain).
+
+    Raises:
+        ConfigError: a CKKS ring degree other than 4096 or 8192.
+    """
+    s = cfg["secure_aggregation"]
+    if not s["enabled"] or s["protocol"] == "secagg":
+        return secagg_from_config(cfg)
+    if s["ckks_degree"] not in (4096, 8192):
+        raise ConfigError(f"secure_aggregation.ckks_degree must be 4096 or 8192, got "
+                          f"{s['ckks_degree']}", key="secure_aggregation.ckks_degree")
+    from shoal.privacy.he import CkksParams
+    from shoal.privacy.he_rounds import HEAggregation
+
+    return HEAggregation(CkksParams(poly_modulus_degree=s["ckks_degree"]), clip=s["clip"],
+                         max_weight=s["max_weight"])
+
+
 def pipeline_from_config(cfg: Config, *, deployed: bool = False,
                          secure_in_transport: bool = False) -> Pipeline:
     """validate -> [privacy stage] -> sum (plain or SecAgg+) for ``cfg``.
@@ -271,7 +292,7 @@ def pipeline_from_config(cfg: Config, *, deployed: bool = False,
     validation = Validation(max_norm=d["max_norm"] or None) if deployed else Validation()
     dp = _dp_stage(cfg, deployed)
     robust_stages, robust_rule = robust_from_config(cfg)
-    secure = None if secure_in_transport else secagg_from_config(cfg)
+    secure = None if secure_in_transport else secure_sum_from_config(cfg)
     # robust stages first: they refuse a group's mean before a DP stage has counted it
     return Pipeline(stages=(*robust_stages, *(() if dp is None else (dp,))),
                     sum_rule=secure if secure is not None else

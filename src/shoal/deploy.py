@@ -200,6 +200,10 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
         raise ConfigError("the device runtime does not yet apply local DP; run it in "
                           "simulation (shoal run) or use privacy.placement = 'central'",
                           key="privacy.placement")
+    if cfg["secure_aggregation"]["enabled"] and cfg["secure_aggregation"]["protocol"] != "secagg":
+        raise ConfigError("secure_aggregation.protocol = 'ckks' runs in simulation only for now "
+                          "(devices do not encrypt with CKKS yet); use 'secagg' over gRPC",
+                          key="secure_aggregation.protocol")
     if cfg["secure_aggregation"]["enabled"] and cfg["compression"]["upload"] != "none":
         raise ConfigError("secure aggregation encodes updates itself (fixed point in a ring): "
                           "compression.upload must be 'none' with it",

@@ -155,8 +155,13 @@ class CompressionConfig(Section):
 class SecureAggregationConfig(Section):
     """SecAgg+, so the server sees only the sum of the updates."""
 
-    enabled: bool = option(False, "aggregate with SecAgg+ (pairwise masks from X25519, Shamir "
-                           "shares, dropout recovery): the server sees only the sum")
+    enabled: bool = option(False, "aggregate securely: the server sees only the sum")
+    protocol: str = option("secagg", "'secagg': SecAgg+ (pairwise masks from X25519, Shamir "
+                           "shares, dropout recovery); 'ckks': homomorphic encryption "
+                           "(TenSEAL CKKS; a key holder decrypts only the sum; simulation "
+                           "only for now)", choices=("secagg", "ckks"))
+    ckks_degree: int = option(4096, "protocol 'ckks': ring degree N, 4096 (128-bit security) "
+                              "or 8192 (256-bit, twice the bytes)", min=4096, max=8192)
     clip: float = option(0.5, "per-coordinate range [-clip, clip] of the fixed-point encoding "
                          "(larger values are clipped)", min=0.0, min_exclusive=True)
     value_bits: int = option(20, "quantization bits per coordinate (stochastic rounding)",
