@@ -249,6 +249,7 @@ def secagg_from_config(cfg: Config) -> SecAggAggregation | None:
     s = cfg["secure_aggregation"]
     if not s["enabled"]:
         return None
+    from shoal.privacy.secagg_messages import Stage
     from shoal.privacy.secagg_rounds import SecAggAggregation
 
     seed = cfg.seed
@@ -256,7 +257,9 @@ def secagg_from_config(cfg: Config) -> SecAggAggregation | None:
                              max_weight=s["max_weight"], neighbours=s["neighbours"],
                              threshold=s["threshold"], dropout=s["dropout"],
                              corrupt_rate=s["corrupt_rate"],
-                             rng_for_round=lambda r: seeds.generator(seed, "secagg", r))
+                             rng_for_round=lambda r: seeds.generator(seed, "secagg", r),
+                             dropout_stage=None if s["dropout_stage"] == "any"
+                             else Stage(s["dropout_stage"]))
 
 
 def secure_sum_from_config(cfg: Config) -> SumRule | None:

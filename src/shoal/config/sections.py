@@ -177,6 +177,13 @@ class SecureAggregationConfig(Section):
                             "more); in simulation also the fraction of each cohort that "
                             "vanishes after sharing keys (their masks are recovered)", min=0.0,
                             max=0.5)
+    dropout_stage: str = option("share_keys", "simulation: the last stage the dropouts "
+                                "complete ('setup': they never advertise keys; "
+                                "'advertise_keys'; 'share_keys'; 'masked_input': their input "
+                                "counts but they never help unmask), or 'any' (each at a "
+                                "random one)",
+                                choices=("setup", "advertise_keys", "share_keys",
+                                         "masked_input", "any"))
     corrupt_rate: float = option(0.05, "assumed fraction of clients colluding with the server "
                                  "(sets k and t)", min=0.0, max=0.45)
     roster_wait_s: float = option(15.0, "deployments: longest wait for the selected devices "

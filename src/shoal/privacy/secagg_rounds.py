@@ -5,8 +5,9 @@ updates, ``holds_updates = True``), so stages compose around it: central DP clip
 in and adds noise to the unmasked sum on the way out. It collects a
 round's updates, then runs the real SecAgg / SecAgg+ state machines of
 :mod:`shoal.privacy.secagg` in process (X25519, AES-GCM, AES-CTR masks, Shamir shares), with
-the configured fraction of clients vanishing after ShareKeys -- the case that forces the
-server to reconstruct their pairwise masks -- and returns the weighted mean the server learns
+the configured fraction of clients vanishing mid-protocol (after ShareKeys by default, the
+case that forces the server to reconstruct their pairwise masks; or at any stage) -- and
+returns the weighted mean the server learns
 from the unmasked sum. The server side never sees an individual update; in simulation the
 collector holds the cohort's updates only because it also plays every client (memory
 O(cohort x model), unlike the streaming aggregators).
@@ -33,6 +34,10 @@ __all__ = ["SecAggAggregation", "SPARSE_FROM"]
 
 #: Cohorts at least this large use SecAgg+ neighbourhoods when k is chosen automatically.
 SPARSE_FROM = 100
+
+# where a client can vanish: after the setup (it never advertises keys), after its keys, after
+# its shares, after its masked input (in the sum, but it never helps unmask)
+_STAGES = (Stage.SETUP, Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT)
 
 
 class _Collector:
@@ -72,7 +77,12 @@ class SecAggAggregation:
         neighbours, threshold: k and t; 0 picks them from the cohort size, ``dropout`` and
             ``corrupt_rate`` (Bell et al. 2020 via Google's parameter search); use
             ``neighbours = -1`` for the complete graph (plain SecAgg).
-        dropout: fraction of each cohort that vanishes after ShareKeys (simulated).
+        dropout: fraction of each cohort that vanishes mid-protocol (simulated).
+        dropout_stage: the last stage they complete before vanishing (``Stage.SHARE_KEYS``,
+            the case that forces mask reconstruction, by default); ``None``: each at a point
+            drawn uniformly from the four (``SETUP``: never advertises keys;
+            ``ADVERTISE_KEYS``; ``SHARE_KEYS``; ``MASKED_INPUT``: its input is in the sum but
+            it never helps unmask).
         corrupt_rate: fraction of clients assumed to collude with the server (for k and t).
         rng_for_round: stochastic rounding and the choice of who drops out.
     """
@@ -82,8 +92,10 @@ class SecAggAggregation:
 
     def __init__(self, *, clip: float, value_bits: int, max_weight: int, neighbours: int,
                  threshold: int, dropout: float, corrupt_rate: float,
-                 rng_for_round: Callable[[int], np.random.Generator]) -> None:
+                 rng_for_round: Callable[[int], np.random.Generator],
+                 dropout_stage: Stage | None = Stage.SHARE_KEYS) -> None:
         self.encoding = FixedPoint(clip=clip, value_bits=value_bits, max_weight=max_weight)
+        self.dropout_stage = dropout_stage
         self.neighbours = neighbours
         self.threshold = threshold
         self.dropout = dropout
@@ -123,16 +135,22 @@ class SecAggAggregation:
         ids = list(range(n))
         weights = {i: int(min(max(1, round_half(w)), self.encoding.max_weight))
                    for i, w in zip(ids, acc.weights)}
-        drops = {i for i in ids if rng.random() < self.dropout}
+        drops = [i for i in ids if rng.random() < self.dropout]
+        after: dict[Stage, set[int]] = {}
+        for i in drops:
+            stage = self.dropout_stage if self.dropout_stage is not None \
+                else _STAGES[int(rng.integers(len(_STAGES)))]
+            after.setdefault(stage, set()).add(i)
         config = self.config_for(n)
-        result = run_secagg_round(dict(zip(ids, acc.rows)), weights, config,
-                                  {Stage.SHARE_KEYS: drops} if drops else None, rng)
+        result = run_secagg_round(dict(zip(ids, acc.rows)), weights, config, after or None,
+                                  rng)
         params = config.params_for(n, acc.dim)
         total = float(result.total_weight)
         return Sum(result.mean.astype(np.float64) * total, total, len(result.included), {
             "secagg_included": float(len(result.included)),
             "secagg_dropped": float(len(drops)),
-            "secagg_dropped_at_share_keys": float(len(drops)),
+            **{f"secagg_dropped_at_{stage.value}": float(len(who))
+               for stage, who in after.items()},
             "secagg_neighbours": float(params.neighbours),
             "secagg_threshold": float(params.threshold),
             "secagg_ring_bits": float(params.bits),
