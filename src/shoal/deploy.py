@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from shoal.sampling import RegistrySampler, UniformSampler
 from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
 from shoal.models import build_model
-from shoal.observers import CarrierObserver, Observer
+from shoal.observers import CarrierObserver, Observer, Observers
 from shoal.registry import SQLiteRegistry
 from shoal.experiment import Experiment, RunResult
 from shoal.store import ModelStore
@@ -88,10 +89,15 @@ def settings_from_config(cfg: Config) -> AggregatorSettings:
 def run_aggregator(cfg: Config, paths: AggregatorPaths,
                    on_round: Callable[[RoundRecord], None] | None = None,
                    on_ready: Callable[[int], None] | None = None, *,
-                   observers: Iterable[Observer] = ()) -> tuple[Experiment, RunResult]:
+                   observers: Iterable[Observer] = (),
+                   on_store: Callable[[ModelStore, threading.Lock], None] | None = None
+                   ) -> tuple[Experiment, RunResult]:
     """Serve devices until ``cfg.rounds`` rounds are committed (resuming from the store),
-    telling ``observers`` (a progress bar, a run directory, logs) what happens; Prometheus
-    metrics are always collected and served on ``deploy.metrics_port`` when it is >= 0.
+    telling ``observers`` (a progress bar, a run directory, logs, the dashboard) what happens;
+    those that are :class:`~shoal.observers.CarrierObserver` also hear the gRPC service's
+    traffic. Prometheus metrics are always collected and served on ``deploy.metrics_port``
+    when it is >= 0. ``on_store(store, lock)`` gets the model store once it is open and the
+    lock every write to it holds (the dashboard's promote and rollback take it too).
 
     Raises:
         ConfigError: what :func:`check_deployable` refuses, or not enough devices enrolled
@@ -109,6 +115,8 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     settings = settings_from_config(cfg)
     keyring = Keyring.single(load_or_create_secret(paths.secret))
     store = ModelStore(paths.store)
+    store_lock = threading.Lock()  # the aggregator's commits and the dashboard's moves
+    observers = list(observers)
 
     def registry_factory() -> SQLiteRegistry:
         return SQLiteRegistry(paths.registry)
@@ -123,7 +131,8 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                                data.train.num_classes, cfg.seed))
     metrics = _metrics()
     service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
-                                registry_factory, revocations=revocations, metrics=metrics)
+                                registry_factory, revocations=revocations,
+                                metrics=Observers([metrics, *observers]))
     port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
     try:
         if paths.port_file is not None:
@@ -134,6 +143,8 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                                   "shoal[deploy])", key="deploy.metrics_port")
             mport = metrics.serve_http(d["metrics_port"], d["host"])
             log.info("metrics on http://%s:%d/metrics", d["host"], mport)
+        if on_store:
+            on_store(store, store_lock)
         if on_ready:
             on_ready(port)
         devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
@@ -153,17 +164,19 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             log.info("resuming from model version %d (round %d)", latest.id, state.version)
 
         def commit(st: ServerState, rec: RoundRecord) -> None:
-            parent = store.latest()
-            store.commit(exp.checkpoint(st), round=st.version,
-                         metrics={"accepted": float(rec.accepted)},
-                         parent=parent.id if parent else None, now=time.time())
+            with store_lock:
+                parent = store.latest()
+                store.commit(exp.checkpoint(st), round=st.version,
+                             metrics={"accepted": float(rec.accepted)},
+                             parent=parent.id if parent else None, now=time.time())
 
         result = exp.run(on_round, state=state, on_commit=commit,
                          observers=[metrics, *observers])
         return exp, result
     finally:
         stop()
-        store.close()
+        with store_lock:
+            store.close()
         if hasattr(metrics, "close"):
             metrics.close()
 
