@@ -22,6 +22,7 @@ from shoal.config.sections import (
     DataConfig,
     DeployConfig,
     EvalConfig,
+    GossipConfig,
     ModelConfig,
     OutputConfig,
     PrivacyConfig,
@@ -75,6 +76,7 @@ class Config(Section):
     tracing: TracingConfig = _table(TracingConfig)
     robust: RobustConfig = _table(RobustConfig)
     attack: AttackConfig = _table(AttackConfig)
+    gossip: GossipConfig = _table(GossipConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()

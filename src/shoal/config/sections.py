@@ -15,7 +15,7 @@ from shoal.errors import ConfigError
 __all__ = ["DataConfig", "ModelConfig", "ClientConfig", "StrategyConfig", "SamplingConfig",
            "RoundConfig", "CompressionConfig", "SecureAggregationConfig", "PrivacyConfig",
            "EvalConfig", "SimConfig", "DeployConfig", "OutputConfig", "DashboardConfig",
-           "TracingConfig", "RobustConfig", "AttackConfig"]
+           "TracingConfig", "RobustConfig", "AttackConfig", "GossipConfig"]
 
 @section("data")
 class DataConfig(Section):
@@ -424,3 +424,51 @@ class AttackConfig(Section):
                                     "carry the pattern", min=0.0, max=1.0,
                                     min_exclusive=True)
     seed: int = option(0, "which clients are malicious (independent of the run seed)", min=0)
+
+
+@section("gossip")
+class GossipConfig(Section):
+    """Peer-to-peer training with no server (`shoal gossip`, `shoal launch --gossip N`):
+    data.clients peers, peer i trains on client i's data; rounds = gossip steps."""
+
+    topology: str = option("ring", "who talks to whom: 'ring', 'torus' (2-D, wrap-around), "
+                           "'regular' (random, gossip.degree), 'erdos_renyi' "
+                           "(gossip.edge_probability), 'complete', 'exponential' (one peer "
+                           "per step, time-varying), 'd_cliques' (cliques that each hold "
+                           "every label, for label skew)",
+                           choices=("ring", "torus", "regular", "erdos_renyi", "complete",
+                                    "exponential", "d_cliques"))
+    weights: str = option("metropolis", "mixing weights: 'metropolis' (Metropolis-Hastings, "
+                          "1/(1 + max degree of the two ends)) or 'max_degree' (1/(1 + the "
+                          "largest degree)); 'exponential' always mixes half-half",
+                          choices=("metropolis", "max_degree"))
+    degree: int = option(4, "topology 'regular': neighbours per peer", min=2)
+    edge_probability: float = option(0.1, "topology 'erdos_renyi': probability of each "
+                                     "edge (redrawn until connected)", min=0.0, max=1.0,
+                                     min_exclusive=True)
+    clique_size: int = option(10, "topology 'd_cliques': peers per clique (the paper uses "
+                              "the number of classes)", min=2)
+    interclique: str = option("full", "topology 'd_cliques': one edge between every pair "
+                              "of cliques ('full') or cliques in a ring ('ring')",
+                              choices=("full", "ring"))
+    topology_seed: int = option(0, "seed of the random topologies and of D-Cliques' swaps",
+                                min=0)
+    rule: str = option("weighted", "how a peer mixes: 'weighted' (the weights of W) or "
+                       "'trimmed_mean' (per coordinate, drop the gossip.trim largest and "
+                       "smallest of its own and its neighbours' values: contains up to trim "
+                       "Byzantine neighbours)", choices=("weighted", "trimmed_mean"))
+    trim: int = option(1, "rule 'trimmed_mean': values dropped at each end", min=1)
+    local_training: bool = option(True, "train locally each step; false = pure averaging "
+                                  "(a consensus check)")
+    init: str = option("same", "starting models: 'same' (every peer from the model of "
+                       "`seed`, as D-PSGD) or 'independent' (peer i from its own "
+                       "initialisation)", choices=("same", "independent"))
+    peer_eval_examples: int = option(1000, "test examples each peer's own model is "
+                                     "evaluated on (0 = all; the average model always "
+                                     "uses all)", min=0)
+    step_timeout_s: float = option(30.0, "deployed: a neighbour whose model has not come "
+                                   "this long after a peer offered its own is passed over "
+                                   "(down) until it is heard from again", min=0.0,
+                                   min_exclusive=True)
+    min_step_s: float = option(0.0, "deployed: each peer takes at least this long per step "
+                               "(pacing)", min=0.0)
