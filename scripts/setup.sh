@@ -46,3 +46,14 @@ setup: Fashion-MNIST was not found in $data.
 MSG
     exit 1
 fi
+
+# The browser tests (tests/test_dashboard_browser.py) drive Debian's Chromium with its WebDriver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Chromium for the browser tests (apt-get install chromium chromium-driver)" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "setup: chromium and chromium-driver are missing: the browser tests will be skipped (as root: apt-get install chromium chromium-driver)" >&2
+    fi
+fi

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 
 # top to bottom; a module may import its own layer and the layers below
 LAYERS = [
-    ("edges", {"cli", "deploy", "telemetry"}),
+    ("edges", {"cli", "deploy", "telemetry", "dashboard"}),
     ("assembling", {"experiment"}),
     ("carriers", {"sim", "transport", "gateway", "device_task", "device_secagg"}),
     ("driving", {"runner", "build"}),

@@ -16,7 +16,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shoal.cli import certs, client, config, launch, models, privacy, run, serve, tokens
+from shoal.cli import (certs, client, config, dashboard, html_report, launch, models, privacy,
+                       run, serve, tokens)
 from shoal.errors import BudgetExhausted, ConfigError, DataError, ShoalError
 
 __all__ = ["build_parser", "main"]
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (run.add_parser, privacy.add_parser, serve.add_parser,
                        client.add_parser, launch.add_parser, models.add_parser,
                        tokens.add_revoke_parser, certs.add_parser, tokens.add_enroll_parser,
-                       config.add_parser):
+                       config.add_parser, dashboard.add_parser, html_report.add_parser):
         add_parser(sub)
     return parser
 

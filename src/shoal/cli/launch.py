@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from shoal.cli.client import SECAGG_STAGES, parse_attributes
+from shoal.cli.dashboard import Operations
 from shoal.cli.options import add_run_options, config_from_args
 from shoal.cli.report import banner, report
 from shoal.telemetry import ProgressBar
@@ -31,6 +32,11 @@ def add_parser(sub) -> None:
                    help="print only errors (and the summary with --json)")
     p.add_argument("--log-json", dest="log_json", metavar="FILE",
                    help="append the aggregator's structured log (JSON lines) to FILE")
+    p.add_argument("--dashboard", metavar="HOST:PORT",
+                   help="where to serve the web dashboard (default: dashboard.address, or "
+                        "127.0.0.1 on any free port); the URL is printed")
+    p.add_argument("--no-dashboard", dest="no_dashboard", action="store_true",
+                   help="serve no dashboard")
     p.add_argument("--mtls", action="store_true",
                    help="mutual TLS: every client process presents its own client "
                         "certificate (common name = its device id), as silos would")
@@ -118,11 +124,20 @@ def run(args: argparse.Namespace) -> int:
 
         configure_json_logging(open(args.log_json, "a", buffering=1))
     progress = ProgressBar(cfg.rounds, quiet=args.quiet)
+    asked = args.dashboard or cfg["dashboard"]["address"]
+    ops = Operations(cfg, work, paths.registry, quiet=args.quiet, optional=not asked,
+                     address="" if args.no_dashboard else asked or "127.0.0.1:0")
+    error = None
     try:
         exp, result = run_aggregator(cfg, paths, on_round=progress.version_evaluated,
-                                     on_ready=start_clients)
+                                     on_ready=start_clients, observers=ops.observers,
+                                     on_store=ops.on_store)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         progress.close()
+        ops.close(error)
         for p in procs:
             p.terminate()
         for p in procs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shoal.cli.dashboard import Operations
 from shoal.cli.options import add_run_options, config_from_args
 from shoal.cli.report import banner, report
 from shoal.telemetry import ProgressBar
@@ -33,6 +34,9 @@ def add_parser(sub) -> None:
                    help="append structured logs (one JSON object per line) to FILE")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print only errors (and the summary with --json)")
+    p.add_argument("--dashboard", metavar="HOST:PORT",
+                   help="serve the web dashboard there, e.g. 127.0.0.1:8080 (config key "
+                        "dashboard.address; docs/dashboard.md)")
     p.set_defaults(func=run)
 
 
@@ -65,9 +69,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"aggregator listening on {cfg['deploy']['host']}:{port} ({security}); "
                   f"waiting for devices", file=sys.stderr)
 
+    ops = Operations(cfg, work, paths.registry, quiet=args.quiet,
+                     address=args.dashboard or cfg["dashboard"]["address"])
+    error = None
     try:
         exp, result = run_aggregator(cfg, paths, on_round=progress.version_evaluated,
-                                     on_ready=ready)
+                                     on_ready=ready, observers=ops.observers,
+                                     on_store=ops.on_store)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         progress.close()
+        ops.close(error)
     return report(cfg, args, exp, result)

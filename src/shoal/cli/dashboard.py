@@ -1,0 +1,179 @@
+"""``shoal dashboard``: the web dashboard of a run directory (followed while ``shoal run``
+writes it), and :class:`Operations`, the dashboard and tracer that ``shoal serve`` and
+``shoal launch`` run beside their aggregator."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from shoal.config import Config
+from shoal.config.sections import DashboardConfig
+from shoal.errors import ConfigError
+from shoal.observers import Observer
+
+EPILOG = """\
+examples:
+  shoal dashboard runs/20261207-120451-seed0            # http://127.0.0.1:8080/
+  shoal dashboard runs/X --address 127.0.0.1:0          # any free port (the URL is printed)
+  shoal dashboard runs/X --store models                 # versions page: promote, roll back
+
+`shoal serve --dashboard 127.0.0.1:8080` and `shoal launch` (on by default) serve the live
+dashboard of a deployment. Details: docs/dashboard.md.
+"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "dashboard", help="serve the web dashboard of a run directory",
+        description="Serve the web dashboard of a run directory: accuracy and loss, time per "
+                    "round, clients, traffic, privacy. A run that `shoal run` is still "
+                    "writing is followed live. Runs until interrupted.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="the run directory (runs/<name>)")
+    p.add_argument("--address", default="127.0.0.1:8080",
+                   help="HOST:PORT to listen on (port 0 = any free one; default %(default)s)")
+    p.add_argument("--allow-remote", dest="allow_remote", action="store_true",
+                   help="allow an address other than loopback (plain HTTP: use a TLS proxy)")
+    p.add_argument("--store", help="a model store to list, promote and roll back (opened "
+                                   "read-only when an aggregator holds it)")
+    p.add_argument("--token-file", dest="token_file",
+                   help="the operator token promote and rollback need (default: "
+                        "dashboard-token in the store directory, created if missing)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+
+    from shoal.dashboard import Dashboard, RunDirFollower, load_or_create_token
+    from shoal.store import ModelStore
+    from shoal.store.model_versions import StoreLocked
+
+    host, port = DashboardConfig(address=args.address, allow_remote=args.allow_remote
+                                 ).host_port
+    follower = RunDirFollower(args.run_dir)
+    store = None
+    token = secrets.token_urlsafe(32)  # nothing to protect without a store
+    if args.store:
+        try:
+            store = ModelStore(args.store)
+        except StoreLocked as exc:
+            print(f"shoal dashboard: {exc}; showing it read-only", file=sys.stderr)
+            store = ModelStore(args.store, readonly=True)
+        token_file = Path(args.token_file) if args.token_file \
+            else Path(args.store) / "dashboard-token"
+        token = load_or_create_token(token_file)
+    dash = Dashboard(follower.state, token)
+    if store is not None:
+        dash.attach_store(store)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = dash.start(host, port, allow_remote=args.allow_remote)
+        follower.start()
+        print(url, flush=True)
+        print(f"shoal dashboard: {url} ({follower.run_dir}"
+              + (f"; operator token in {token_file}" if store is not None else "")
+              + "); Ctrl-C stops", file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        follower.stop()
+        dash.stop()
+        if store is not None:
+            store.close()
+    return 0
+
+
+class Operations:
+    """The dashboard and the tracer beside an aggregator, by ``cfg`` and the flags.
+
+    Args:
+        cfg: the run's configuration (``[dashboard]``, ``[tracing]``).
+        work: the aggregator's state directory (token file and trace file default there).
+        registry: the aggregator's registry file, for the devices page.
+        address: where to serve the dashboard (``HOST:PORT``), or ``""`` for none.
+        optional: the address is a default, not asked for: without the dashboard extra,
+            say so and go on without a dashboard.
+        quiet: print nothing.
+
+    Raises:
+        ConfigError: a bad address or token file, or one that cannot be bound or written.
+    """
+
+    def __init__(self, cfg: Config, work: Path, registry: Path, *, address: str,
+                 optional: bool = False, quiet: bool = False) -> None:
+        self.tracer = None
+        if cfg["tracing"]["exporter"] != "none":
+            try:
+                from shoal.telemetry.tracing import tracing_from_config
+            except ImportError:
+                raise ConfigError("tracing needs opentelemetry-sdk (pip install "
+                                  "shoal[dashboard])", key="tracing.exporter") from None
+            self.tracer = tracing_from_config(cfg, work, run={
+                "name": work.name, "strategy": cfg["strategy"]["name"],
+                "policy": cfg["round"]["policy"], "clients": cfg["data"]["clients"]})
+        self.dashboard: Any = None
+        self.url = ""
+        if address:
+            try:
+                self._start_dashboard(cfg, work, registry, address, optional, quiet)
+            except BaseException:
+                if self.tracer is not None:
+                    self.tracer.close()
+                raise
+
+    def _start_dashboard(self, cfg: Config, work: Path, registry: Path, address: str,
+                         optional: bool, quiet: bool) -> None:
+        try:
+            import starlette  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError:
+            if not optional:
+                raise ConfigError("the dashboard needs starlette and uvicorn (pip install "
+                                  "shoal[dashboard])", key="dashboard.address") from None
+            if not quiet:
+                print("no dashboard: starlette and uvicorn are not installed (pip install "
+                      "shoal[dashboard])", file=sys.stderr)
+            return
+        from shoal.dashboard import Dashboard, RunInfo, RunState, load_or_create_token
+
+        d = cfg["dashboard"]
+        host, port = DashboardConfig(address=address, allow_remote=d["allow_remote"]
+                                     ).host_port
+        token_file = Path(d["token_file"]) if d["token_file"] else work / "dashboard-token"
+        state = RunState(RunInfo.of(cfg, work.name, "deployment"), history=d["history"])
+        state.set_status("waiting", "for devices to enrol")
+        self.dashboard = Dashboard(state, load_or_create_token(token_file),
+                                   registry_path=registry,
+                                   push_interval_s=d["push_interval_s"],
+                                   span=self.tracer.span if self.tracer else None)
+        self.url = self.dashboard.start(host, port, allow_remote=d["allow_remote"])
+        if not quiet:
+            print(f"dashboard: {self.url} (operator token in {token_file})", file=sys.stderr,
+                  flush=True)
+
+    @property
+    def observers(self) -> list[Observer]:
+        """What to hand the aggregator (``run_aggregator(observers=...)``)."""
+        return [o for o in (self.dashboard.observer if self.dashboard else None,
+                            self.tracer) if o is not None]
+
+    def on_store(self, store: Any, lock: threading.Lock) -> None:
+        """Give the dashboard the aggregator's model store and the lock its commits hold."""
+        if self.dashboard is not None:
+            self.dashboard.attach_store(store, lock)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Say how the run ended, stop serving, flush the traces."""
+        if self.dashboard is not None:
+            self.dashboard.state.set_status("failed" if error else "finished",
+                                            str(error) if error else "")
+            self.dashboard.stop()
+        if self.tracer is not None:
+            self.tracer.close()
