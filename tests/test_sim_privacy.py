@@ -103,8 +103,9 @@ def test_deployed_dp_cohorts_are_not_predictable_from_the_config():
 def test_budget_refuses_a_plan_that_would_exceed_it():
     cfg = load_config(None, {**SYNTH, "rounds": 50, "privacy.placement": "central",
                              "privacy.noise_multiplier": 1.0, "privacy.epsilon_budget": 2.0})
+    exp = Experiment(cfg)
     with pytest.raises(BudgetExhausted) as info:
-        Experiment(cfg)
+        exp.run()  # before the first round
     assert info.value.budget == 2.0 and info.value.epsilon > 2.0
 
 
@@ -186,3 +187,38 @@ def test_run_refused_by_budget_exits_2_with_reason(capsys):
                  "--rounds", "100", "-q"])
     assert code == 2
     assert "over the budget 0.5" in capsys.readouterr().err
+
+
+def test_a_resume_whose_new_settings_the_budget_cannot_afford_is_refused(tmp_path, capsys):
+    """Resume prices the remaining rounds on top of the restored ledger at the new settings:
+    refused before any round (exit 2) with what was spent and what is still affordable."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    q, budget = 0.25, 6.0
+    sets = [a for k, v in {**SYNTH, "privacy.placement": "central",
+                           "privacy.epsilon_budget": budget}.items()
+            for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["run", "--rounds", "3", *sets, "--set", "privacy.noise_multiplier=3.0",
+                 "--out", str(tmp_path), "--json", "-q"]) == 0
+    run_dir = json.loads(capsys.readouterr().out)["run_dir"]
+
+    def eps(low_noise_rounds: int) -> float:  # 3 rounds at z = 3, then some at z = 0.9
+        acc = RdpAccountant()
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(3.0)), 3)
+        if low_noise_rounds:
+            acc.compose(dp_accounting.PoissonSampledDpEvent(
+                q, dp_accounting.GaussianDpEvent(0.9)), low_noise_rounds)
+        return acc.get_epsilon(1e-5)
+
+    assert eps(27) > budget  # the resumed plan does not fit...
+    affords = max(m for m in range(0, 28) if eps(m) <= budget)
+    assert 0 < affords < 27  # ...though some of it would
+    code = main(["run", "--rounds", "30", *sets, "--set", "privacy.noise_multiplier=0.9",
+                 "--resume", f"{run_dir}/model.npz", "--out", str(tmp_path), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "already spent in 3 rounds" in err and f"affords {affords} more rounds" in err
+    # at the old settings the same resume fits and runs
+    assert main(["run", "--rounds", "5", *sets, "--set", "privacy.noise_multiplier=3.0",
+                 "--resume", f"{run_dir}/model.npz", "--out", str(tmp_path), "-q"]) == 0

@@ -207,8 +207,6 @@ class Experiment:
         self.evaluate: Callable[[np.ndarray], dict] = \
             lambda params: evaluate(self.eval_model, params, x_test, y_test)
         self._stage_states: tuple | None = None
-        if self.privacy is not None and cfg["privacy"]["on_budget"] == "refuse":
-            self.privacy.check_plan(self.privacy.init(), cfg.rounds)
         self.initial_params = self.eval_model.get()
         self.startup_seconds = time.perf_counter() - t0
 
@@ -248,6 +246,8 @@ class Experiment:
             ConfigError: the checkpoint belongs to another model or seed, or the run keeps
                 client-side state a checkpoint does not hold (error-feedback residuals), or
                 it runs DP and the checkpoint has no privacy ledger.
+            BudgetExhausted: with ``privacy.on_budget = "refuse"``, the remaining rounds at
+                this config's settings would take the restored ledger past the budget.
         """
         if ckpt.spec != self.spec:
             raise ConfigError("the checkpoint's model does not match this config's model "
@@ -267,7 +267,23 @@ class Experiment:
                               "already spent is unknown; refusing to resume with DP",
                               key="privacy.placement")
         self._stage_states = stage_states_from_dict(self.pipeline, saved)
+        self.check_budget(ckpt.state.version)
         return ckpt.state
+
+    def check_budget(self, version: int = 0) -> None:
+        """With ``privacy.on_budget = "refuse"``, refuse a plan the ε budget cannot afford:
+        the rounds from ``version`` to ``cfg.rounds``, priced on top of the ledger this run
+        starts from (a resumed run's spent budget, at this config's possibly changed
+        settings). :meth:`run` calls it before the first round; :meth:`restore` at once.
+
+        Raises:
+            BudgetExhausted: the message says what was spent and what is still affordable.
+        """
+        if self.privacy is None or self.cfg["privacy"]["on_budget"] != "refuse":
+            return
+        states = self._stage_states if self._stage_states is not None else self.pipeline.init()
+        spent = states[list(self.pipeline.stages).index(self.privacy)]
+        self.privacy.check_plan(spent, self.cfg.rounds - version)
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None,
             state: ServerState | None = None,
@@ -296,6 +312,7 @@ class Experiment:
     def _run(self, on_round: Callable[[RoundRecord], None] | None, state: ServerState | None,
              on_commit: Callable[[ServerState, RoundRecord], None] | None,
              observers: Observers) -> RunResult:
+        self.check_budget(state.version if state is not None else 0)
         t0 = time.perf_counter()
         every = self.cfg["eval"]["every"]
         records: list[RoundRecord] = []

@@ -38,8 +38,7 @@ from starlette.staticfiles import StaticFiles
 
 from shoal.dashboard.control import check_token
 from shoal.dashboard.state import finite
-from shoal.errors import ConfigError
-from shoal.store.model_versions import ModelStoreError
+from shoal.errors import ConfigError, ShoalError
 
 if TYPE_CHECKING:
     from shoal.dashboard.server import Dashboard
@@ -203,10 +202,10 @@ def build_app(dash: Dashboard) -> ASGI:
         try:
             listing = await run_in_threadpool(control.act, request.path_params["action"],
                                               int(text))
-        except ModelStoreError as exc:
-            return _error(409, str(exc))
         except ConfigError as exc:
             return _error(400, str(exc))
+        except ShoalError as exc:  # the store refused (ModelStoreError) or its disk did
+            return _error(409, str(exc))
         return _json(listing)
 
     app = Starlette(routes=[

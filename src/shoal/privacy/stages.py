@@ -78,9 +78,13 @@ class _Accounting:
         return ""
 
     def check_plan(self, state: DPState, rounds: int) -> float:
-        """ε after ``rounds`` more releases; raises :class:`BudgetExhausted` if over budget
-        (the message says how many rounds the budget affords)."""
+        """ε after ``rounds`` more releases on top of ``state``'s ledger (a resumed run's
+        spent budget included, priced at this stage's possibly changed settings); raises
+        :class:`BudgetExhausted` if over budget (the message says what was already spent
+        and how many more rounds the budget affords)."""
         ledger, delta = state.ledger, self.budget.delta
+        if rounds <= 0:
+            return ledger.epsilon(delta)
         eps = ledger.record(self.event, rounds).epsilon(delta)
         if self.budget.enforced and eps > self.budget.epsilon:
             lo, hi = 0, rounds  # eps(lo) <= budget < eps(hi); bisect on the round count
@@ -90,11 +94,15 @@ class _Accounting:
                     lo = mid
                 else:
                     hi = mid
+            spent = (f" on top of the epsilon={ledger.epsilon(delta):.4g} already spent in "
+                     f"{ledger.rounds} rounds" if ledger.rounds else "")
+            more = " more" if ledger.rounds else ""
             raise BudgetExhausted(
-                f"the plan of {rounds} rounds would spend epsilon={eps:.4g} at delta="
-                f"{delta:g}, over the budget {self.budget.epsilon:g}; the budget affords "
-                f"{lo} rounds (lower rounds or sampling.q, raise privacy.noise_multiplier, "
-                f"or set privacy.on_budget = 'stop')", epsilon=eps, budget=self.budget.epsilon)
+                f"the plan of {rounds}{more} rounds{spent} would spend epsilon={eps:.4g} at "
+                f"delta={delta:g}, over the budget {self.budget.epsilon:g}; the budget affords "
+                f"{lo}{more} rounds (lower rounds or sampling.q, raise "
+                f"privacy.noise_multiplier, or set privacy.on_budget = 'stop')",
+                epsilon=eps, budget=self.budget.epsilon)
         return eps
 
     def state_dict(self, state: DPState) -> dict:

@@ -58,13 +58,15 @@ class RunDirWriter(Observer):
 
     Args:
         cfg: the run's resolved configuration.
-        path: the directory (default: a fresh one from :func:`make_run_dir`).
+        path: the directory, created if missing (default: a fresh one from
+            :func:`make_run_dir`).
     """
 
     def __init__(self, cfg: Config, path: Path | None = None) -> None:
         self.cfg = cfg
         self.path = path if path is not None else make_run_dir(cfg)
         self.records: list[RoundRecord] = []
+        self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.toml").write_text(to_toml(cfg))
         (self.path / "metrics.jsonl").write_text("")
 

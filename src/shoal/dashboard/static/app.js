@@ -1,6 +1,6 @@
 // shoal dashboard: renders a run's state (GET /api/state, then server-sent events from
 // /api/events) with uPlot. The HTML report embeds the same script with the state inlined in
-// <script type="application/json" id="shoal-data"> and no server behind it.
+// a JSON script element (id "shoal-data") and no server behind it.
 // Everything from the server is put on the page with textContent, never parsed as HTML:
 // device attributes and rejection reasons come from devices.
 "use strict";
