@@ -16,8 +16,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shoal.cli import (certs, client, config, dashboard, html_report, launch, models, privacy,
-                       run, serve, tokens)
+from shoal.cli import (certs, client, config, dashboard, gossip, html_report, launch, models,
+                       privacy, run, serve, tokens)
 from shoal.errors import BudgetExhausted, ConfigError, DataError, ShoalError
 
 __all__ = ["build_parser", "main"]
@@ -31,7 +31,8 @@ with no config file it runs the reference workload "config S": Fashion-MNIST spl
 clients by a Dirichlet(0.5) label skew, 10 clients per round, 30 rounds of FedAvg on a
 784-200-200-10 MLP. `shoal launch` runs the same round engine as a real deployment on this
 machine (a gRPC aggregator and one process per device, TLS on loopback); `shoal serve` and
-`shoal client` run the two sides separately.
+`shoal client` run the two sides separately. `shoal gossip` trains with no server at all:
+peers that average with their neighbours (simulated, or deployed with `shoal launch --gossip`).
 """
 
 
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add_parser in (run.add_parser, privacy.add_parser, serve.add_parser,
                        client.add_parser, launch.add_parser, models.add_parser,
                        tokens.add_revoke_parser, certs.add_parser, tokens.add_enroll_parser,
-                       config.add_parser, dashboard.add_parser, html_report.add_parser):
+                       config.add_parser, dashboard.add_parser, html_report.add_parser,
+                       gossip.add_parser):
         add_parser(sub)
     return parser
 

@@ -51,10 +51,18 @@ def add_parser(sub) -> None:
                         "from device-0000 on, kill themselves (SIGKILL) right after "
                         "STAGE of their first secure-aggregation round; STAGE is one of "
                         + ", ".join(SECAGG_STAGES))
+    p.add_argument("--gossip", type=int, metavar="N",
+                   help="peer-to-peer instead: N gossip peers and no aggregator, each a "
+                        "process with mutual TLS and its neighbours' addresses (the [gossip] "
+                        "config; docs/gossip.md)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gossip is not None:
+        from shoal.cli.gossip import launch_peers
+
+        return launch_peers(args)
     import datetime as dt
     import os
     import subprocess
