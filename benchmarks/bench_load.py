@@ -9,6 +9,11 @@ ingested, p50/p99 upload latency (from the first upload byte to the reply), erro
 aggregation streams and uploads beyond `deploy.max_active_uploads` wait under flow control.
 
     .venv/bin/python benchmarks/bench_load.py --devices 100 1000 --rounds 5
+
+Each line also gives the aggregator's CPU time (user + system, from the reaped process's
+rusage). ``--dashboard`` runs every N without and then with ``shoal serve --dashboard``, an
+open page's traffic included (one event stream read to the end, the devices page fetched
+every 2 s), ``--repeats`` times, and adds a ``load_dashboard`` line with the CPU ratio.
 """
 
 from __future__ import annotations
@@ -120,8 +125,40 @@ async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subproces
     return stats
 
 
-def run(n: int, rounds: int) -> dict:
+def _open_page(url: str, server: subprocess.Popen) -> None:
+    """What an open dashboard costs the aggregator: its event stream and devices page."""
+    import threading
+    import urllib.request
+
+    def stream() -> None:
+        try:
+            with urllib.request.urlopen(url + "api/events", timeout=600) as r:
+                for _ in r:
+                    pass
+        except OSError:
+            pass  # the aggregator finished and closed it
+
+    threading.Thread(target=stream, daemon=True).start()
+    while server.poll() is None:
+        try:
+            urllib.request.urlopen(url + "api/devices", timeout=10).read()
+        except OSError:
+            pass
+        time.sleep(2.0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(n: int, rounds: int, dashboard: bool = False) -> dict:
     import datetime as dt
+    import resource
+    import threading
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from shoal.transport.auth import load_or_create_secret
@@ -138,10 +175,16 @@ def run(n: int, rounds: int) -> dict:
     _config(cfg, n, rounds)
     env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="1073741824",
                MALLOC_MMAP_THRESHOLD_="1073741824")
+    port = _free_port()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     server = subprocess.Popen([sys.executable, "-m", "shoal.cli", "serve", str(cfg), "--dir",
                                str(work / "agg"), "--certs", str(work / "certs"), "-q",
-                               "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=env)
+                               "--json", *(["--dashboard", f"127.0.0.1:{port}"]
+                                           if dashboard else [])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    if dashboard:
+        threading.Thread(target=_open_page, args=(f"http://127.0.0.1:{port}/", server),
+                         daemon=True).start()
     port_file = work / "agg" / "port"
     while not port_file.exists():
         if server.poll() is not None:
@@ -172,8 +215,11 @@ def run(n: int, rounds: int) -> dict:
     out, err = server.communicate(timeout=60)
     if server.returncode != 0:
         raise RuntimeError(err.decode()[-2000:])
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lat = sorted(stats["latency"])
-    return {"bench": "load", "devices": n, "rounds": rounds,
+    return {"bench": "load", "devices": n, "rounds": rounds, "dashboard": dashboard,
+            "aggregator_cpu_s": round(cpu, 2),
             "updates": stats["accepted"],
             "updates_per_s": round(stats["accepted"] / stats["seconds"], 1),
             "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),
@@ -194,9 +240,26 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", nargs="+", type=int, default=[100, 1000])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dashboard", action="store_true",
+                    help="run each N without and with the dashboard (an open page), "
+                         "alternating, and compare the aggregator's CPU per update")
+    ap.add_argument("--repeats", type=int, default=1, help="pairs per N with --dashboard")
     args = ap.parse_args(argv)
     for n in args.devices:
-        print(json.dumps(run(n, args.rounds)), flush=True)
+        if not args.dashboard:
+            print(json.dumps(run(n, args.rounds)), flush=True)
+            continue
+        per_update: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for with_it in (False, True):
+                res = run(n, args.rounds, dashboard=with_it)
+                print(json.dumps(res), flush=True)
+                per_update[with_it].append(res["aggregator_cpu_s"] / res["updates"])
+        base, dash = statistics.mean(per_update[False]), statistics.mean(per_update[True])
+        print(json.dumps({"bench": "load_dashboard", "devices": n, "pairs": args.repeats,
+                          "cpu_ms_per_update_without": round(1e3 * base, 3),
+                          "cpu_ms_per_update_with": round(1e3 * dash, 3),
+                          "overhead": round(dash / base - 1, 4)}), flush=True)
     return 0
 
 

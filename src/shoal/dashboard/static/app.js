@@ -141,10 +141,12 @@
       { label: "accepted", values: tc("accepted") },
       { label: "rejected or lost", values: tc("rejected") },
     ], [{ scale: "y", label: "clients" }]);
+    const most = t.reduce((m, r) => Math.max(m, r.bytes_up || 0, r.bytes_down || 0), 0);
+    const [unit, scale] = most >= 1e6 ? ["MB", 1e6] : ["kB", 1e3];
     chart("chart-bytes", tr, [
-      { label: "MB up", values: t.map((r) => r.bytes_up / 1e6) },
-      { label: "MB down", values: t.map((r) => r.bytes_down / 1e6) },
-    ], [{ scale: "y", label: "MB" }]);
+      { label: `${unit} up`, values: t.map((r) => r.bytes_up / scale) },
+      { label: `${unit} down`, values: t.map((r) => r.bytes_down / scale) },
+    ], [{ scale: "y", label: unit }]);
     const params = model.info.num_params;
     chart("chart-ratio", tr, [{ label: "compression ratio", values: t.map((r) =>
       (params && r.accepted && r.bytes_up ? r.bytes_up / (r.accepted * 4 * params) : null)) }],
