@@ -196,3 +196,27 @@ def test_a_deployment_traces_its_rounds_with_the_carriers_traffic(tmp_path):
         assert task["attributes"]["clients"] == 3
         assert sum(e["attributes"]["clients"] for e in task["events"]
                    if e["name"] == "accepted") == 3
+
+
+def test_structured_logs_name_the_round_and_version_of_every_event():
+    import io
+    import logging
+
+    from shoal.telemetry import JsonFormatter, LogObserver
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("shoal.test_tracing.logs")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    cfg = load_config(None, SYNTH)
+    Experiment(cfg).run(observers=[LogObserver(logger)])
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    sent = [e for e in events if e["event"] == "task_sent"]
+    committed = [e for e in events if e["event"] == "version_committed"]
+    # each round's task carries the round it trains for, and the version it starts from
+    assert [(e["round"], e["version"]) for e in sent] == [(1, 0), (2, 1), (3, 2)]
+    assert [(e["round"], e["version"]) for e in committed] == [(1, 1), (2, 2), (3, 3)]
+    assert all("round" in e for e in events if e["event"] == "update_accepted")

@@ -5,6 +5,7 @@ writes it), and :class:`Operations`, the dashboard and tracer that ``shoal serve
 from __future__ import annotations
 
 import argparse
+import logging
 import secrets
 import sys
 import threading
@@ -100,6 +101,8 @@ class Operations:
         address: where to serve the dashboard (``HOST:PORT``), or ``""`` for none.
         optional: the address is a default, not asked for: without the dashboard extra,
             say so and go on without a dashboard.
+        log_events: also log the run's events (rounds, versions, rejections) as structured
+            records (``--log-json``).
         quiet: print nothing.
 
     Raises:
@@ -107,7 +110,11 @@ class Operations:
     """
 
     def __init__(self, cfg: Config, work: Path, registry: Path, *, address: str,
-                 optional: bool = False, quiet: bool = False) -> None:
+                 optional: bool = False, log_events: bool = False, quiet: bool = False
+                 ) -> None:
+        from shoal.telemetry.logs import LogObserver
+
+        self.logs = LogObserver(logging.getLogger("shoal.aggregator")) if log_events else None
         self.tracer = None
         if cfg["tracing"]["exporter"] != "none":
             try:
@@ -162,7 +169,7 @@ class Operations:
     def observers(self) -> list[Observer]:
         """What to hand the aggregator (``run_aggregator(observers=...)``)."""
         return [o for o in (self.dashboard.observer if self.dashboard else None,
-                            self.tracer) if o is not None]
+                            self.tracer, self.logs) if o is not None]
 
     def on_store(self, store: Any, lock: threading.Lock) -> None:
         """Give the dashboard the aggregator's model store and the lock its commits hold."""

@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         configure_json_logging(open(args.log_json, "a", buffering=1))
     progress = ProgressBar(cfg.rounds, quiet=args.quiet)
     asked = args.dashboard or cfg["dashboard"]["address"]
-    ops = Operations(cfg, work, paths.registry, quiet=args.quiet, optional=not asked,
+    ops = Operations(cfg, work, paths.registry, quiet=args.quiet,
+                     log_events=bool(args.log_json), optional=not asked,
                      address="" if args.no_dashboard else asked or "127.0.0.1:0")
     error = None
     try:

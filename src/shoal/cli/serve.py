@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                   f"waiting for devices", file=sys.stderr)
 
     ops = Operations(cfg, work, paths.registry, quiet=args.quiet,
+                     log_events=bool(args.log_json),
                      address=args.dashboard or cfg["dashboard"]["address"])
     error = None
     try:

@@ -4,7 +4,9 @@ Every record carries ``ts`` (UNIX seconds), ``level``, ``logger`` and ``msg``; e
 passed as ``logger.info("...", extra={"fields": {...}})`` are merged in, so events such as a
 refused upload are machine-readable (device, round, reason) as well as readable.
 :class:`LogObserver` logs what the coordinator reports this way, each record with an
-``event`` field naming its hook.
+``event`` field naming its hook, the ``round`` (or server step) it belongs to and the model
+``version`` where the hook names one. Device ids appear in the carrier's own records (refused
+uploads, registry errors, secure rounds); the hooks carry counts, not devices.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class LogObserver(Observer):
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.log = logger or logging.getLogger("shoal.run")
+        # the round (or server step) being collected: task events carry it
+        self.round = 1
 
     def _emit(self, level: int, msg: str, event: str, **fields: object) -> None:
         if self.log.isEnabledFor(level):
@@ -66,26 +70,27 @@ class LogObserver(Observer):
 
     def task_sent(self, task_id: int, version: int, clients: int, now: float) -> None:
         self._emit(logging.DEBUG, f"task {task_id} (version {version}) sent to {clients} "
-                   "clients", "task_sent", task=task_id, version=version, clients=clients,
-                   now=now)
+                   "clients", "task_sent", round=self.round, task=task_id, version=version,
+                   clients=clients, now=now)
 
     def update_accepted(self, task_id: int, clients: int, staleness: int, now: float) -> None:
         self._emit(logging.DEBUG, f"task {task_id}: {clients} updates accepted",
-                   "update_accepted", task=task_id, clients=clients, staleness=staleness,
-                   now=now)
+                   "update_accepted", round=self.round, task=task_id, clients=clients,
+                   staleness=staleness, now=now)
 
     def update_rejected(self, task_id: int, reason: str, count: int, detail: str,
                         now: float) -> None:
         self._emit(logging.INFO, f"task {task_id}: {count} updates rejected: {reason} "
-                   f"({detail})", "update_rejected", task=task_id, reason=reason,
-                   count=count, detail=detail, now=now)
+                   f"({detail})", "update_rejected", round=self.round, task=task_id,
+                   reason=reason, count=count, detail=detail, now=now)
 
     def clients_failed(self, task_id: int, clients: int, reason: str, now: float) -> None:
         level = logging.DEBUG if reason == "cancelled" else logging.INFO
         self._emit(level, f"task {task_id}: {clients} clients {reason}", "clients_failed",
-                   task=task_id, clients=clients, reason=reason, now=now)
+                   round=self.round, task=task_id, clients=clients, reason=reason, now=now)
 
     def version_committed(self, record: RoundRecord) -> None:
+        self.round = record.round + 1
         self._emit(logging.INFO, f"version {record.version} committed: {record.accepted} "
                    f"updates of {record.sampled} asked ({record.closed_by})",
                    "version_committed", **_record_fields(record))
