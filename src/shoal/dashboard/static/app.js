@@ -141,6 +141,10 @@
       { label: "accepted", values: tc("accepted") },
       { label: "rejected or lost", values: tc("rejected") },
     ], [{ scale: "y", label: "clients" }]);
+    chart("chart-staleness", tr, [
+      { label: "max staleness", values: tc("staleness_max") },
+      { label: "mean staleness", values: tc("staleness_mean") },
+    ], [{ scale: "y", label: "versions" }]);
     const most = t.reduce((m, r) => Math.max(m, r.bytes_up || 0, r.bytes_down || 0), 0);
     const [unit, scale] = most >= 1e6 ? ["MB", 1e6] : ["kB", 1e3];
     chart("chart-bytes", tr, [
