@@ -21,9 +21,11 @@ pytest.importorskip("uvicorn")
 
 from shoal.cli import main  # noqa: E402
 from shoal.config import load_config  # noqa: E402
-from shoal.dashboard import (Dashboard, DashboardObserver, RunDirFollower, RunInfo,  # noqa: E402
-                             RunState, load_or_create_token)
 from shoal.dashboard.app import STATIC  # noqa: E402
+from shoal.dashboard.control import load_or_create_token  # noqa: E402
+from shoal.dashboard.replay import RunDirFollower  # noqa: E402
+from shoal.dashboard.server import Dashboard  # noqa: E402
+from shoal.dashboard.state import DashboardObserver, RunInfo, RunState  # noqa: E402
 from shoal.dashboard.report import render_report  # noqa: E402
 from shoal.errors import ConfigError, DataError  # noqa: E402
 from shoal.experiment import Experiment  # noqa: E402

@@ -51,7 +51,9 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import signal
 
-    from shoal.dashboard import Dashboard, RunDirFollower, load_or_create_token
+    from shoal.dashboard.control import load_or_create_token
+    from shoal.dashboard.replay import RunDirFollower
+    from shoal.dashboard.server import Dashboard
     from shoal.store import ModelStore
     from shoal.store.model_versions import StoreLocked
 
@@ -148,7 +150,9 @@ class Operations:
                 print("no dashboard: starlette and uvicorn are not installed (pip install "
                       "shoal[dashboard])", file=sys.stderr)
             return
-        from shoal.dashboard import Dashboard, RunInfo, RunState, load_or_create_token
+        from shoal.dashboard.control import load_or_create_token
+        from shoal.dashboard.server import Dashboard
+        from shoal.dashboard.state import RunInfo, RunState
 
         d = cfg["dashboard"]
         host, port = DashboardConfig(address=address, allow_remote=d["allow_remote"]
@@ -175,6 +179,12 @@ class Operations:
         """Give the dashboard the aggregator's model store and the lock its commits hold."""
         if self.dashboard is not None:
             self.dashboard.attach_store(store, lock)
+
+    def __enter__(self) -> Operations:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        self.close(error)
 
     def close(self, error: BaseException | None = None) -> None:
         """Say how the run ended, stop serving, flush the traces."""

@@ -133,27 +133,22 @@ def run(args: argparse.Namespace) -> int:
         configure_json_logging(open(args.log_json, "a", buffering=1))
     progress = ProgressBar(cfg.rounds, quiet=args.quiet)
     asked = args.dashboard or cfg["dashboard"]["address"]
-    ops = Operations(cfg, work, paths.registry, quiet=args.quiet,
-                     log_events=bool(args.log_json), optional=not asked,
-                     address="" if args.no_dashboard else asked or "127.0.0.1:0")
-    error = None
-    try:
-        exp, result = run_aggregator(cfg, paths, on_round=progress.version_evaluated,
-                                     on_ready=start_clients, observers=ops.observers,
-                                     on_store=ops.on_store)
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        progress.close()
-        ops.close(error)
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    with Operations(cfg, work, paths.registry, quiet=args.quiet,
+                    log_events=bool(args.log_json), optional=not asked,
+                    address="" if args.no_dashboard else asked or "127.0.0.1:0") as ops:
+        try:
+            exp, result = run_aggregator(cfg, paths, on_round=progress.version_evaluated,
+                                         on_ready=start_clients, observers=ops.observers,
+                                         on_store=ops.on_store)
+        finally:
+            progress.close()
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
     return report(cfg, args, exp, result, {"client_processes": n, "work_dir": str(work)})
 
 

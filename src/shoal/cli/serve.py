@@ -69,18 +69,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"aggregator listening on {cfg['deploy']['host']}:{port} ({security}); "
                   f"waiting for devices", file=sys.stderr)
 
-    ops = Operations(cfg, work, paths.registry, quiet=args.quiet,
-                     log_events=bool(args.log_json),
-                     address=args.dashboard or cfg["dashboard"]["address"])
-    error = None
-    try:
-        exp, result = run_aggregator(cfg, paths, on_round=progress.version_evaluated,
-                                     on_ready=ready, observers=ops.observers,
-                                     on_store=ops.on_store)
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        progress.close()
-        ops.close(error)
+    with Operations(cfg, work, paths.registry, quiet=args.quiet,
+                    log_events=bool(args.log_json),
+                    address=args.dashboard or cfg["dashboard"]["address"]) as ops:
+        try:
+            exp, result = run_aggregator(cfg, paths, on_round=progress.version_evaluated,
+                                         on_ready=ready, observers=ops.observers,
+                                         on_store=ops.on_store)
+        finally:
+            progress.close()
     return report(cfg, args, exp, result)
