@@ -7,11 +7,8 @@ while the round and the model stay intact.
 
 from __future__ import annotations
 
-import functools
-
 import hashlib
 import struct
-import threading
 import time
 import zlib
 
@@ -20,108 +17,22 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
-from shoal.pipeline import Pipeline, Validation  # noqa: E402
-from shoal.policy import SyncPolicy  # noqa: E402
-from shoal.runner import run_round  # noqa: E402
-from shoal.sampling import UniformSampler  # noqa: E402
-from shoal.telemetry import PrometheusObserver  # noqa: E402
+from aggregator_harness import (DEVICES, DIM, SECRET, download, get_task, md,  # noqa: E402
+                                running_aggregator, start_round, upload)
+from shoal.codec import Chain, to_bytes  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
-from shoal.strategy import FedAvg  # noqa: E402
+from shoal.telemetry import PrometheusObserver  # noqa: E402
 from shoal.transport.auth import Keyring  # noqa: E402
-from shoal.transport.tokens import issue_token  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
-from shoal.transport.carrier import GrpcCarrier  # noqa: E402
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
-
-DIM = 50
-SECRET = b"k" * 32
-DEVICES = ["dev-a", "dev-b", "dev-c", "dev-d"]
-
-
-def token(device: str, secret: bytes = SECRET, ttl: int = 3600, now: float | None = None):
-    return issue_token(secret, device, now=time.time() if now is None else now,
-                       ttl_seconds=ttl)
-
-
-def md(device: str, **kw):
-    return (("authorization", f"Bearer {token(device, **kw)}"),)
 
 
 @pytest.fixture()
 def aggregator(tmp_path):
-    settings = AggregatorSettings(max_update_bytes=1 << 16, chunk_size=64)
-    service = AggregatorService(settings, Keyring.single(SECRET), DIM, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "registry.db"),
-                                metrics=PrometheusObserver())
-    service.registry_path = tmp_path / "registry.db"
-    port, stop = serve(service)
-    service.port = port
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.AggregatorStub(channel)
-    for d in DEVICES:
-        stub.Hello(pb.HelloRequest(device_id=d, attributes={"os": "test"}), metadata=md(d),
-                   timeout=5)
-    yield service, stub
-    channel.close()
-    stop()
-
-
-def start_round(service, n_sampled=4, seed=0, *, target=3, deadline_s=20.0,
-                min_fraction=0.6, observers=()):
-    """Run one coordinator round (the deployment's sync policy: target, over-selection,
-    deadline, minimum fraction) in a thread; returns (thread, result holder)."""
-    carrier = GrpcCarrier(service, DEVICES, poll_s=0.05)
-    policy = SyncPolicy(target=target, over_selection=n_sampled / target,
-                        deadline_s=deadline_s, min_fraction=min_fraction, max_attempts=1)
-    coord = functools.partial(run_round, FedAvg(), carrier, UniformSampler(n_sampled),
-                              seed=seed, policy=policy,
-                              pipeline=Pipeline(validation=Validation(max_norm=100.0)),
-                              observers=[service.metrics, *observers])
-    out: dict = {}
-
-    def run():
-        out["state"], out["record"] = coord(FedAvg().init(np.zeros(DIM, np.float32)))
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.time() + 10
-    while carrier.gateway.latest_version is None and time.time() < deadline:
-        time.sleep(0.01)
-    return t, out
-
-
-def get_task(stub, device):
-    reply = stub.CheckIn(pb.CheckInRequest(device_id=device), metadata=md(device), timeout=5)
-    assert reply.WhichOneof("reply") == "task", reply
-    return reply.task
-
-
-def download(stub, device, version):
-    chunks = list(stub.Download(pb.DownloadRequest(version=version), metadata=md(device),
-                                timeout=5))
-    blob = b"".join(c.data for c in chunks)
-    assert hashlib.sha256(blob).digest() == chunks[0].sha256 and len(chunks) > 1
-    return from_bytes(blob, max_elements=DIM)
-
-
-def upload(stub, device, task, delta, *, num_examples=10, blob=None, sha=None, total=None,
-           header_overrides=None, metadata=None):
-    if blob is None:
-        blob = to_bytes(Chain([]).encode(np.asarray(delta), np.random.default_rng(0)))
-    header = dict(device_id=device, round=task.round, base_version=task.model_version,
-                  upload_key=task.upload_key, idempotency_key="i", num_examples=num_examples,
-                  metrics={"loss": 0.5}, total_size=len(blob) if total is None else total,
-                  sha256=hashlib.sha256(blob).digest() if sha is None else sha)
-    header.update(header_overrides or {})
-
-    def parts():
-        yield pb.UploadChunk(header=pb.UploadHeader(**header))
-        for off in range(0, len(blob), 100):
-            yield pb.UploadChunk(data=blob[off:off + 100])
-
-    return stub.Upload(parts(), metadata=metadata or md(device), timeout=5)
+    # no upload limit given: it derives from the model (a DIM-value float32 payload)
+    with running_aggregator(tmp_path, AggregatorSettings(chunk_size=64)) as running:
+        yield running
 
 
 def test_a_round_over_grpc_commits_the_weighted_mean(aggregator):
@@ -150,7 +61,7 @@ def test_a_round_over_grpc_commits_the_weighted_mean(aggregator):
 
 
 @pytest.mark.parametrize("fault, reason", [
-    ("nan", "non_finite"), ("short", "wrong_shape"), ("long", "malformed"),
+    ("nan", "non_finite"), ("short", "wrong_shape"), ("long", "too_large"),
     ("checksum", "checksum"), ("truncated", "truncated"), ("stale", "stale"),
     ("past_round", "wrong_round"), ("bad_key", "bad_key"), ("huge_norm", "norm_too_large"),
     ("too_large", "too_large"), ("garbage", "malformed"),
@@ -243,13 +154,7 @@ def test_unauthenticated_calls_are_refused_and_counted(aggregator, case):
 
 
 def test_a_round_without_enough_reports_is_abandoned(tmp_path):
-    service = AggregatorService(AggregatorSettings(), Keyring.single(SECRET), DIM, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "r.db"),
-                                metrics=PrometheusObserver())
-    port, stop = serve(service)
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = pb_grpc.AggregatorStub(channel)
+    with running_aggregator(tmp_path, AggregatorSettings(), hello=False) as (service, stub):
         t, out = start_round(service, deadline_s=0.5, min_fraction=1.0)
         task = get_task(stub, "dev-a")
         assert upload(stub, "dev-a", task, np.ones(DIM, np.float32)).accepted
@@ -259,9 +164,6 @@ def test_a_round_without_enough_reports_is_abandoned(tmp_path):
         assert not rec.committed and rec.closed_by == "deadline" and rec.accepted == 1
         assert rec.rejected.get("timed_out") == 3
         assert np.all(out["state"].params == 0)  # the model did not move
-        channel.close()
-    finally:
-        stop()
 
 
 def test_tls_and_metrics_endpoint(tmp_path):

@@ -36,16 +36,20 @@ from typing import TypeAlias
 
 import numpy as np
 
-from shoal.errors import ConfigError, UpdateRejected
+from shoal.errors import ConfigError, ShoalError, UpdateRejected
 from shoal.events import ClientUpdate
 
-__all__ = ["CheckInDecision", "ComeBack", "DeviceTask", "SESSION_REASONS", "Task",
-           "UploadResult"]
+__all__ = ["CheckInDecision", "ComeBack", "DeviceTask", "MAX_METRICS", "MAX_METRIC_VALUE",
+           "SESSION_REASONS", "Task", "TaskRefused", "UploadResult", "WeightCap"]
 
 #: Every ``UpdateRejected.reason`` :meth:`DeviceTask.admit` can raise, in checking order
 #: (the coordinator's pipeline adds its own: ``wrong_shape``, ``non_finite``, ...).
 SESSION_REASONS = ("not_selected", "wrong_round", "stale", "bad_key", "duplicate", "late",
                    "bad_metrics")
+#: Most metrics one update may carry, and the largest magnitude of one (device-reported
+#: numbers such as the local loss reach the round's record: they must stay finite and sane).
+MAX_METRICS = 32
+MAX_METRIC_VALUE = 1e9
 
 _REAL = (int, float, np.integer, np.floating)
 
@@ -316,8 +320,9 @@ class DeviceTask:
         judges -- or, for an idempotent retry, return the original :class:`UploadResult`.
 
         Checks :meth:`authenticate`, then the retry rule, then ``late`` (task closed or
-        ``now >= deadline``), then ``bad_metrics`` (not str -> finite number). Retry rule: a
-        device whose update was accepted and that resends the same payload (same examples
+        ``now >= deadline``), then ``bad_metrics`` (at most :data:`MAX_METRICS` names of 1-64
+        printable characters, each a finite number within :data:`MAX_METRIC_VALUE`). Retry
+        rule: a device whose update was accepted and that resends the same payload (same examples
         and delta bytes) gets its original acceptance back -- *even after the task closed*,
         which is why this rule comes before ``late`` -- and nothing is counted twice; a
         different payload is ``"duplicate"``. A refused update changes nothing: the device
@@ -364,14 +369,28 @@ class DeviceTask:
 
     def _check_metrics(self, metrics: Mapping[str, float] | None, device_id: str
                        ) -> Mapping[str, float]:
+        """The device's metrics (device-reported: the server cannot check them), bounded:
+        at most :data:`MAX_METRICS` names of 1-64 printable characters, each a finite
+        number of magnitude at most :data:`MAX_METRIC_VALUE`."""
         if metrics is None:
             return MappingProxyType({})
-        ok = isinstance(metrics, Mapping) and all(
-            isinstance(k, str) and not isinstance(v, (bool, np.bool_))
-            and isinstance(v, _REAL) and math.isfinite(v) for k, v in metrics.items())
-        if not ok:
-            raise self._reject("bad_metrics", "metrics must map names to finite numbers",
-                               device_id)
+        why = ""
+        if not isinstance(metrics, Mapping):
+            why = "metrics must map names to finite numbers"
+        elif len(metrics) > MAX_METRICS:
+            why = f"at most {MAX_METRICS} metrics, got {len(metrics)}"
+        for k, v in metrics.items() if not why else ():
+            if not (isinstance(k, str) and 1 <= len(k) <= 64 and k.isprintable()):
+                why = f"metric name {str(k)[:70]!r} must be 1-64 printable characters"
+            elif isinstance(v, (bool, np.bool_)) or not isinstance(v, _REAL) \
+                    or not math.isfinite(v):
+                why = f"metric {k!r} must be a finite number, got {v!r}"
+            elif abs(v) > MAX_METRIC_VALUE:
+                why = f"metric {k!r} = {v:g} is beyond the bound +-{MAX_METRIC_VALUE:g}"
+            if why:
+                break
+        if why:
+            raise self._reject("bad_metrics", why, device_id)
         return MappingProxyType({k: float(v) for k, v in metrics.items()})
 
     def close(self, reason: str) -> None:
@@ -379,6 +398,82 @@ class DeviceTask:
         are ``"late"`` and check-ins ``"round_closed"``; authentication still works."""
         if not self._closed:
             self._closed = reason or "closed"
+
+
+class TaskRefused(ShoalError):
+    """A selected device may not take its task (nothing about the task changed).
+
+    Attributes:
+        reason: machine-readable (``"runtime_too_old"``: the task asks for clipping the
+            device's runtime does not do).
+        detail: for people.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class WeightCap:
+    """How much weight one device's update may carry: ``min(claimed examples, cap)``.
+
+    FedAvg weighs each update by the example count its device claims, which the server
+    cannot check: one device claiming 10^7 examples would take nearly all of the mean. The
+    cap bounds every device's share:
+
+    * ``max_weight > 0``: that, for everyone;
+    * otherwise ``multiple`` x the median of the devices' sizes -- each device counted once,
+      with what it declared when it said Hello (``capabilities["examples"]``) or, once it
+      had an update accepted, the example count it claimed last -- when at least
+      ``min_devices`` devices have a size; with fewer, no cap (only the validation's bound).
+
+    A lying minority cannot move the median (half the devices would have to lie), so it
+    cannot raise the cap; each liar's weight is at most ``multiple`` x a typical device's.
+    The price is paid by honest devices above the cap, which count as if they had that many
+    examples (see ``docs/security.md``). Devices without examples do not count towards the
+    median. The cap changes only at :meth:`refresh` (the gateway calls it as a task opens),
+    so every update of a task faces the same one.
+
+    Sans-I/O and not thread-safe (the gateway calls it under its lock). Memory: one int per
+    device with a size.
+
+    Raises:
+        ConfigError: ``max_weight`` < 0, ``multiple`` < 1 or not finite, ``min_devices`` < 1.
+    """
+
+    def __init__(self, max_weight: int = 0, multiple: float = 4.0, *,
+                 min_devices: int = 3) -> None:
+        self.max_weight = _int_at_least(max_weight, "deploy.max_weight", 0)
+        if isinstance(multiple, bool) or not isinstance(multiple, _REAL) \
+                or not (math.isfinite(multiple) and multiple >= 1):
+            raise ConfigError(f"deploy.weight_cap_multiple must be a finite number >= 1, got "
+                              f"{multiple!r}", key="deploy.weight_cap_multiple")
+        self.multiple = float(multiple)
+        self.min_devices = _int_at_least(min_devices, "min_devices", 1)
+        self._sizes: dict[str, int] = {}
+        self._cap: int | None = self.max_weight or None
+
+    @property
+    def cap(self) -> int | None:
+        """The weight no update exceeds now (``None``: not capped yet)."""
+        return self._cap
+
+    def note(self, device_id: str, examples: int) -> None:
+        """Record ``device_id``'s size (declared, or claimed by an accepted update); it
+        counts from the next :meth:`refresh`."""
+        self._sizes[device_id] = int(examples)
+
+    def refresh(self) -> int | None:
+        """Recompute the derived cap from the sizes noted so far; returns :attr:`cap`."""
+        if not self.max_weight:
+            sizes = [n for n in self._sizes.values() if n > 0]
+            self._cap = None if len(sizes) < self.min_devices else \
+                max(1, math.floor(self.multiple * float(np.median(sizes))))
+        return self._cap
+
+    def weigh(self, claimed: int) -> int:
+        """The weight an update claiming ``claimed`` examples carries."""
+        return claimed if self._cap is None else min(int(claimed), self._cap)
 
 
 def _digest(num_examples: object, delta: object) -> bytes:

@@ -44,12 +44,12 @@ import numpy as np
 
 from shoal.coordinator import Coordinator
 from shoal.device_secagg import End, SecAggDeviceRound, Wait
-from shoal.device_task import ComeBack, DeviceTask, Task, UploadResult
+from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, WeightCap
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.observers import Observer
-from shoal.events import (AbortRound, CancelTask, ClientUpdate, Command, CommitVersion,
-                          Finished, SendTask, TaskEnded, Tick,
-                          UpdateRefused, UpdatesArrived, WakeAt)
+from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
+                          CommitVersion, Finished, SendTask, TaskEnded, Tick, UpdateRefused,
+                          UpdatesArrived, WakeAt)
 from shoal.privacy.secagg_messages import ClientMessage, ServerMessage
 from shoal.records import RoundRecord
 from shoal.strategy import ServerState
@@ -112,6 +112,9 @@ class DeviceGateway:
             the carrier can wake devices waiting on a long poll.
         on_publish: called with ``(version, params)`` (under the lock) when a task trains
             from a version no earlier task did: make it downloadable.
+        weights: bounds the weight of each device's update (its claimed example count);
+            ``None``: claims are weighed as they are (the pipeline's validation still
+            refuses absurd ones).
     """
 
     def __init__(self, devices: Sequence[str], dim: int,
@@ -120,7 +123,9 @@ class DeviceGateway:
                  rng: np.random.Generator | None = None,
                  observer: Observer | None = None,
                  on_progress: Callable[[], None] | None = None,
-                 on_publish: Callable[[int, np.ndarray], None] | None = None) -> None:
+                 on_publish: Callable[[int, np.ndarray], None] | None = None,
+                 weights: WeightCap | None = None) -> None:
+        self.weights = weights
         self.observer = observer if observer is not None else Observer()
         self.on_progress = on_progress
         self.on_publish = on_publish
@@ -143,6 +148,7 @@ class DeviceGateway:
         self._served = 0  # download bytes not yet reported to the coordinator
         self._fed: set[int] = set()  # secure tasks whose result reached the coordinator
         self._received: Counter[int] = Counter()  # secure task -> bytes received
+        self._unfit: set[tuple[int, str]] = set()  # (task, device) refused for its runtime
         self.finished = ""
         self.rejections: Counter[str] = Counter()
 
@@ -220,11 +226,19 @@ class DeviceGateway:
 
     # -- device calls --------------------------------------------------------------------------
 
-    def check_in(self, device_id: str, now: float
+    def check_in(self, device_id: str, now: float, *, clips: bool = True
                  ) -> tuple[Task | ComeBack, str, dict[str, float]]:
         """A device asks for work: ``(decision, kind, settings)``; kind ``"train"`` or
-        ``"secagg"``, settings the task's client settings."""
-        with self.lock:
+        ``"secagg"``, settings the task's client settings.
+
+        ``clips``: whether the device's runtime clips its update to ``Task.clip_norm``.
+
+        Raises:
+            TaskRefused: ``runtime_too_old``: the device was selected for a task that asks
+                for clipping and ``clips`` is false. The coordinator is told the client
+                failed (the round does not wait for it); nothing else changes.
+        """
+        with self.changed:
             soon = now + self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
             tid = self._task_of.get(device_id)
             s = self._sessions.get(tid) if tid is not None else None
@@ -235,6 +249,9 @@ class DeviceGateway:
                 idle = ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
                                 "no_round")
                 return idle, "train", {}
+            if s.clip_norm is not None and not clips and device_id in s.selected \
+                    and not _is_closed(s):
+                self._refuse_runtime(s, device_id, now)
             decision = s.check_in(device_id, now, rng=self._rng)
             if isinstance(decision, ComeBack) and decision.reason == "round_closed":
                 decision = ComeBack(min(decision.at, now + self.settings.idle_retry_s),
@@ -252,14 +269,16 @@ class DeviceGateway:
         (validation, staleness, whether the round still takes it), answered at once.
 
         ``upload_bytes`` is what the carrier measured on the wire (a device's own claims
-        are never trusted for accounting).
+        are never trusted for accounting). The update's weight is its claimed example count
+        bounded by :attr:`weights`. An upload for an earlier round than the device's
+        current task (a retry after a lost reply) is answered by that round's session while
+        it is kept (the last few tasks): its original acceptance, or its refusal.
 
         Raises:
             UpdateRejected: with the session's or the coordinator's reason; nothing changed.
         """
         with self.changed:
-            tid = self._task_of.get(device_id)
-            s = self._sessions.get(tid) if tid is not None else None
+            s = self._session_of(device_id, round)
             if s is None:
                 raise self._count(UpdateRejected("not_selected", "the device has no task",
                                                  client_id=device_id, round=round), -1, now)
@@ -282,8 +301,13 @@ class DeviceGateway:
             measured["upload_bytes"] = float(upload_bytes)
             if self._served:
                 measured["download_bytes"], self._served = float(self._served), 0
-            update = ClientUpdate(admitted.client_id, admitted.delta, admitted.num_examples,
-                                  measured, admitted.base_version)
+            claimed = admitted.num_examples
+            weight = claimed  # anything but a count is the pipeline's to refuse (bad_weight)
+            if self.weights is not None and isinstance(claimed, int | np.integer) \
+                    and not isinstance(claimed, bool):
+                weight = self.weights.weigh(int(claimed))
+            update = ClientUpdate(admitted.client_id, admitted.delta, weight, measured,
+                                  admitted.base_version)
             cmds = self._running().handle(UpdatesArrived(s.task_id, update, now))
             refusal = next((c for c in cmds if isinstance(c, UpdateRefused)
                             and c.task_id == s.task_id and update.client_id in c.client_ids),
@@ -296,12 +320,52 @@ class DeviceGateway:
                 self._settle(now, [s])
                 self.rejections[error.reason] += 1  # the coordinator told its observers
                 raise error
-            receipt = s.accept(device_id, admitted, now)
+            receipt = s.accept(device_id, admitted, now)  # the claim, for retries
+            if self.weights is not None:
+                self.weights.note(device_id, int(claimed))
             self._outcome(device_id, s, "accepted", now)
             self._carry(cmds, now)
             self._settle(now, [s])
             self.changed.notify_all()
             return receipt
+
+    def _session_of(self, device_id: str, round: int) -> DeviceTask | SecAggDeviceRound | None:
+        """The session an upload from ``device_id`` for ``round`` answers to: its latest
+        task, or a kept earlier one of that round which selected it (a late retry)."""
+        tid = self._task_of.get(device_id)
+        latest = self._sessions.get(tid) if tid is not None else None
+        if latest is None or latest.round == round:
+            return latest
+        earlier = [s for s in self._sessions.values()
+                   if s.round == round and device_id in s.selected]
+        return earlier[-1] if earlier else latest
+
+    def _refuse_runtime(self, s: DeviceTask | SecAggDeviceRound, device_id: str,
+                        now: float) -> None:
+        """Refuse ``device_id`` the clipping task ``s`` (its runtime does not clip); the
+        coordinator stops waiting for it (once)."""
+        if (s.task_id, device_id) not in self._unfit:
+            self._unfit.add((s.task_id, device_id))
+            self._outcome(device_id, s, "rejected:runtime_too_old", now)
+            if isinstance(s, DeviceTask):
+                cid = s.client_id(device_id)
+                self._carry(self._running().handle(
+                    ClientsFailed(s.task_id, (cid,), "runtime_too_old", now)), now)
+                self._settle(now, [s])
+        raise TaskRefused("runtime_too_old", f"this task asks devices to clip their update "
+                          f"to an L2 norm of {s.clip_norm:g} before sending it (central "
+                          f"differential privacy), which this device's runtime does not "
+                          f"declare it does: update it to shoal-client/3 or later")
+
+    def stop(self, reason: str) -> None:
+        """End the run now (thread-safe): the driving thread's :meth:`run` returns
+        ``reason`` once the command it is carrying out (if any) is done; the backlog is
+        dropped, sessions close, devices are told to come back later."""
+        with self.changed:
+            self._backlog.clear()
+            if not self.finished:
+                self._finish(reason)
+            self.changed.notify_all()
 
     def secure_step(self, session: SecAggDeviceRound, device_id: str, round: int,
                     base_version: int, upload_key: str, message: ClientMessage | None,
@@ -474,6 +538,8 @@ class DeviceGateway:
 
     def _open(self, cmd: SendTask, now: float) -> None:
         task = cmd.task
+        if self.weights is not None:
+            self.weights.refresh()  # one cap for every update of the task
         selected = [self.devices[int(c)] for c in cmd.client_ids]
         ids = [int(c) for c in cmd.client_ids]
         pace, retry = self.settings.checkin_interval_s, self.settings.idle_retry_s
@@ -536,6 +602,7 @@ class DeviceGateway:
             for d in s.selected:
                 if self._task_of.get(d) == tid:
                     del self._task_of[d]
+        self._unfit = {k for k in self._unfit if k[0] in self._sessions}
         needed = {s.model_version for s in self._sessions.values() if not _is_closed(s)}
         newest = max(self._params) if self._params else None
         for v in list(self._params):

@@ -17,7 +17,9 @@ may be shared by the threads of a server. Several objects (or processes) may ope
 file: the database runs in WAL mode (readers never block the writer), writes are short
 ``BEGIN IMMEDIATE`` transactions, and a busy database is retried for ``busy_timeout`` seconds.
 ``synchronous=NORMAL``: a committed write survives a process crash; a power loss may lose the
-last few writes but never corrupts the file (the documented WAL trade-off).
+last few writes but never corrupts the file (the documented WAL trade-off). A write the disk
+refuses (full, read-only, failing) is rolled back and raised as
+:class:`~shoal.store.disk.StorageError` naming the file, whichever method wrote.
 
 Every statement is parameterized; attribute names are additionally restricted to a plain
 alphabet by :func:`~shoal.registry.base.validate_attributes`, so JSON paths are safe.
@@ -52,6 +54,7 @@ from shoal.registry.base import (
     validate_windows,
 )
 from shoal.registry.columns import Attribute, Columns, check_bulk, encode_ids
+from shoal.store.disk import disk_failure
 
 __all__ = ["SCHEMA_VERSION", "SQLiteRegistry"]
 
@@ -106,6 +109,8 @@ class SQLiteRegistry:
     Raises:
         RegistryError: the file is not a SQLite database, was written by a newer shoal
             (higher schema version), or an argument is out of range.
+        StorageError: the disk refused to create or write it (here and in every method
+            that writes).
     """
 
     def __init__(self, path: str | Path, *, history: int = 20, busy_timeout: float = 5.0
@@ -124,7 +129,8 @@ class SQLiteRegistry:
             self._conn = sqlite3.connect(self.path, timeout=busy_timeout,
                                          isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise RegistryError(f"cannot open registry {self.path}: {exc}") from None
+            raise disk_failure(exc, self.path, "opening the registry") or RegistryError(
+                f"cannot open registry {self.path}: {exc}") from None
         try:
             self._conn.execute("PRAGMA foreign_keys = ON")
             mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -135,8 +141,8 @@ class SQLiteRegistry:
             self._init_schema()
         except sqlite3.Error as exc:
             self._conn.close()
-            raise RegistryError(f"registry {self.path} is not a usable SQLite database: "
-                                f"{exc}") from None
+            raise disk_failure(exc, self.path, "opening the registry") or RegistryError(
+                f"registry {self.path} is not a usable SQLite database: {exc}") from None
         except BaseException:
             self._conn.close()
             raise
@@ -480,8 +486,8 @@ class _Transaction:
             self._r._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._r._lock.release()
-            raise RegistryError(f"registry {self._r.path}: cannot start a write: {exc}"
-                                ) from None
+            raise disk_failure(exc, self._r.path, "writing the registry") or RegistryError(
+                f"registry {self._r.path}: cannot start a write: {exc}") from None
         except BaseException:
             self._r._lock.release()
             raise
@@ -500,5 +506,6 @@ class _Transaction:
         finally:
             self._r._lock.release()
         if isinstance(exc, sqlite3.Error):
-            raise RegistryError(f"registry {self._r.path}: write failed and was rolled back: "
-                                f"{exc}") from exc
+            raise disk_failure(exc, self._r.path, "writing the registry; the write was "
+                               "rolled back") or RegistryError(
+                f"registry {self._r.path}: write failed and was rolled back: {exc}") from exc

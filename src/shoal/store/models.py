@@ -53,6 +53,7 @@ import numpy as np
 from shoal.errors import ConfigError, DataError
 from shoal.store.atomic import fsync_dir
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from shoal.store.disk import disk_failure
 from shoal.store.model_index import (INDEX_FILE, MODEL_FILE, TEMP_FILE, ModelIndex,
                                      file_sha256, model_file_name)
 from shoal.store.model_versions import (STATUSES, ModelEvent, ModelStoreError, ModelVersion,
@@ -104,6 +105,7 @@ class ModelStore:
 
     Raises:
         StoreLocked: another writer holds the store.
+        StorageError: the disk refused to create or write it (full, read-only, failing).
         DataError: the index is unreadable or inconsistent, or is missing while model files
             exist; a read-only store does not exist.
     """
@@ -122,13 +124,19 @@ class ModelStore:
                 raise DataError(f"no model store at {self.dir}", path=str(self.dir))
             self._read()
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._acquire_lock()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._acquire_lock()
+        except OSError as exc:
+            raise disk_failure(exc, str(self.dir), "opening the model store") or exc
         try:
             self._cache = self._read_disk(create=True)
             self.recovered = self._clean_orphans(self._cache)
-        except BaseException:
+        except BaseException as exc:
             self.close()
+            failure = disk_failure(exc, str(self.dir), "opening the model store")
+            if failure is not None:
+                raise failure from exc
             raise
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -342,8 +350,10 @@ class ModelStore:
         Raises:
             ConfigError: an argument is invalid (nothing is written).
             UnknownVersion: ``parent`` does not exist.
-            OSError: writing failed; the partial model file is removed and the store is
-                unchanged. After a hard crash the next writer cleans up instead.
+            StorageError: the disk is full, read-only or failing (naming the store); the
+                partial model file is removed and the store is unchanged.
+            OSError: writing failed otherwise; the same holds. After a hard crash the next
+                writer cleans up instead.
         """
         if not isinstance(checkpoint, Checkpoint):
             raise ConfigError(f"checkpoint must be a shoal.store.Checkpoint, got "
@@ -368,9 +378,15 @@ class ModelStore:
             if status == "production":
                 self._move_production(index, vid, "promote", now)
             self._write(index)
-        except BaseException:
+        except BaseException as exc:
             if self._cache is not index:  # the index never listed it: remove the file
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # e.g. a read-only file system: the next writer cleans up
+                    pass
+            failure = disk_failure(exc, str(self.dir), f"committing version {vid}")
+            if failure is not None:
+                raise failure from exc
             raise
         return self._version(index.versions[vid])
 

@@ -47,6 +47,11 @@ class GrpcCarrier:
                  rng: np.random.Generator | None = None) -> None:
         self.service = service
         self._devices, self._secure, self._rng = list(devices), secure, rng
+        for device in service.registry.list():
+            # the sizes devices declared in an earlier Hello (the weight cap's median)
+            examples = device.capabilities.get("examples")
+            if isinstance(examples, str) and examples.isdigit():
+                service.weights.note(device.device_id, int(examples))
         self.gateway = self._new_gateway()
         self.poll_s = poll_s
 
@@ -58,7 +63,7 @@ class GrpcCarrier:
                             checkin_interval_s=st.checkin_interval_s,
                             roster_wait_s=st.roster_wait_s, stage_timeout_s=st.stage_timeout_s),
             secure=self._secure, rng=self._rng, observer=svc.metrics, on_progress=svc.wake,
-            on_publish=svc.publish)
+            on_publish=svc.publish, weights=svc.weights)
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -79,15 +84,27 @@ class GrpcCarrier:
             on_abort: Callable[[RoundRecord, str, bool], None] | None = None) -> str:
         """Serve ``coordinator`` to the devices until it finishes; returns why. Each run
         gets a fresh :attr:`gateway` (sessions belong to one coordinator), so one carrier
-        may serve several runs one after another."""
+        may serve several runs one after another.
+
+        Raises:
+            StorageError: the aggregator's state could not be written (the service's
+                :attr:`~shoal.transport.server.AggregatorService.failure`); the versions
+                committed before it are intact.
+        """
         svc = self.service
         if self.gateway.coordinator is not None:
             self.gateway = self._new_gateway()
         svc.gateway = self.gateway
+        if svc.failure is not None:
+            raise svc.failure
         try:
-            return self.gateway.run(coordinator, state, svc.clock, stage_states=stage_states,
-                                    on_commit=on_commit, on_abort=on_abort,
-                                    poll_s=self.poll_s, after_each=svc.flush_outcomes)
+            reason = self.gateway.run(coordinator, state, svc.clock,
+                                      stage_states=stage_states, on_commit=on_commit,
+                                      on_abort=on_abort, poll_s=self.poll_s,
+                                      after_each=svc.flush_outcomes)
         finally:
             svc.flush_outcomes()
             svc.wake()
+        if svc.failure is not None:  # the registry's disk failed mid-run: nothing to resume
+            raise svc.failure
+        return reason

@@ -9,7 +9,8 @@ simulator counts). A delta decodes on the device to the server's float32 bytes
 checksummed context; each ``(version, base)`` payload is encoded once and cached.
 
 :func:`decode_upload` is the upload side: parse and decode an update, refusing one whose
-codec chain is not the one the task announced.
+codec chain is not the one the task announced; :func:`upload_limit` is the largest payload a
+well-formed update can be, which the server refuses anything above before reading it.
 
 The gRPC handlers (:mod:`shoal.transport.server`) only move these bytes.
 """
@@ -17,6 +18,7 @@ The gRPC handlers (:mod:`shoal.transport.server`) only move these bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from dataclasses import dataclass
 
@@ -25,10 +27,14 @@ import numpy as np
 from shoal.codec import (Chain, Download, ModelHistory, download_to_bytes, parse,
                          require_lossless, smallest_download)
 from shoal.codec.chain import chain_of
-from shoal.codec.encoded import as_update
+from shoal.codec.encoded import MAX_SIZE, as_update
+from shoal.codec.entropy import raw_bound
 from shoal.errors import CodecError, ConfigError
+from shoal.uplink import raw_wire_size
 
-__all__ = ["ModelPayload", "ModelPublisher", "decode_upload"]
+__all__ = ["ModelPayload", "ModelPublisher", "decode_upload", "upload_limit"]
+
+_FRAME = 24 + 4  # the wire format's fixed header and its CRC-32 (shoal.codec.wire)
 
 
 @dataclass(frozen=True)
@@ -169,3 +175,30 @@ def decode_upload(buf: bytes | bytearray | memoryview, dim: int, expected_chain:
                          f"announced {expected_chain or 'none'!r} ({list(expected.spec)})",
                          reason="wrong_codec")
     return got.decode(encoded)
+
+
+def upload_limit(dim: int, chain: Chain) -> int:
+    """The largest payload a well-formed update of ``dim`` values encoded with ``chain`` can
+    be: anything larger is refused at its header, before a byte of it is read.
+
+    The raw float32 chain has one exact size (:func:`~shoal.uplink.raw_wire_size`). Any
+    other is bounded by the wire format's frame, its descriptor (the chain's spec, the count
+    and every meta value at their largest) and the packed fields: at most
+    :func:`~shoal.codec.entropy.raw_bound` bytes before zstd (8 per value and 1 KiB), which
+    zstd can only grow by its worst case for incompressible input (``ZSTD_compressBound``:
+    1/256 and a small frame, plus the field table around the frame).
+    """
+    if not chain.stages:
+        return raw_wire_size(dim)
+    descriptor = json.dumps({"chain": [[n, dict(p)] for n, p in chain.spec], "count": MAX_SIZE,
+                             "meta": dict.fromkeys(chain.expected_meta(), 2**63 - 1)},
+                            separators=(",", ":"))
+    fields = raw_bound(dim)
+    if any(s.role == "entropy" for s in chain.stages):
+        fields = _zstd_bound(fields) + 1024
+    return _FRAME + len(descriptor.encode()) + fields
+
+
+def _zstd_bound(n: int) -> int:
+    """``ZSTD_COMPRESSBOUND(n)`` of zstd.h: the largest frame ``n`` bytes compress to."""
+    return n + (n >> 8) + (((128 << 10) - n) >> 11 if n < 128 << 10 else 0)

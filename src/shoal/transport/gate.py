@@ -69,19 +69,15 @@ class CallGate:
         self.metrics = metrics if metrics is not None else CarrierObserver()
         self.bind_to_certificates = bind_to_certificates
 
-    def check(self, metadata: Iterable[tuple[str, str]], peer_certificate: bytes,
-              device_id: str | None, scope: str, now: float) -> str:
-        """The device a call comes from, if it may proceed.
-
-        Args:
-            metadata: the call's ``(key, value)`` metadata (``authorization: Bearer ...``).
-            peer_certificate: the client certificate's PEM (``b""`` without mutual TLS).
-            device_id: the device the call's message claims to be (``None``: any).
-            scope: what the call does (``"checkin"``, ``"upload"``).
-            now: seconds since the epoch.
+    def authenticate(self, metadata: Iterable[tuple[str, str]], now: float,
+                     device_id: str | None = None, scope: str | None = None) -> str:
+        """The device whose valid token the call carries: signature, expiry, revocation and,
+        when given, the device the call claims to be and the scope. What a transport checks
+        before it reads a call's first message (:class:`~shoal.transport.admission.Admission`);
+        no rate limit is spent.
 
         Raises:
-            CallRefused: with its status and reason; the refusal is counted and logged.
+            CallRefused: ``"unauthenticated"`` with the token's reason; counted and logged.
         """
         token = None
         for key, value in metadata:
@@ -97,7 +93,24 @@ class CallGate:
                         extra={"fields": {"event": "auth_refused", "reason": exc.reason,
                                           "device": device_id or ""}})
             raise CallRefused("unauthenticated", exc.reason, f"{exc.reason}: {exc}") from None
-        device = claims.sub
+        return claims.sub
+
+    def check(self, metadata: Iterable[tuple[str, str]], peer_certificate: bytes,
+              device_id: str | None, scope: str, now: float) -> str:
+        """The device a call comes from, if it may proceed: :meth:`authenticate`, then the
+        mutual-TLS identity and the device's rate limit.
+
+        Args:
+            metadata: the call's ``(key, value)`` metadata (``authorization: Bearer ...``).
+            peer_certificate: the client certificate's PEM (``b""`` without mutual TLS).
+            device_id: the device the call's message claims to be (``None``: any).
+            scope: what the call does (``"checkin"``, ``"upload"``).
+            now: seconds since the epoch.
+
+        Raises:
+            CallRefused: with its status and reason; the refusal is counted and logged.
+        """
+        device = self.authenticate(metadata, now, device_id, scope)
         if self.bind_to_certificates:
             certified = _certified_device(peer_certificate)
             if certified != device:

@@ -2,58 +2,72 @@
 
 Devices pull (see ``proto/shoal.proto``): they say Hello, check in, download the model in
 chunks, train and upload in chunks. :class:`AggregatorService` answers them on a ``grpc.aio``
-server running in a background thread. It holds no round rule: every check-in, upload and
-secure-aggregation message goes to the run's :class:`~shoal.gateway.DeviceGateway`, whose
-coordinator (policy and pipeline) decides -- the same engine the simulator drives.
-:class:`~shoal.transport.carrier.GrpcCarrier` attaches a gateway for a run.
+server running in a background thread (:func:`~shoal.transport.listener.serve`). It holds no
+round rule: every check-in, upload and secure-aggregation message goes to the run's
+:class:`~shoal.gateway.DeviceGateway`, whose coordinator (policy and pipeline) decides -- the
+same engine the simulator drives. :class:`~shoal.transport.carrier.GrpcCarrier` attaches a
+gateway for a run.
 
-This module does what only a network server must: TLS (``shoal certs``) and a device token
-on every call (``shoal enroll``) whose subject is the device the call claims to be; per-device
-rate limits; a cap on upload size checked before the upload is read; reassembly of chunked
-streams with their length and SHA-256 checked; decoding with the codec chain the task
-announced (:func:`~shoal.transport.downloads.decode_upload`); serving downloads (full or
-delta, :class:`~shoal.transport.downloads.ModelPublisher`); and metrics through a
+This module does what only a network server must, refusing as early as it can:
+
+* every call: a valid device token before any message is read, and idle callers cut
+  (:class:`~shoal.transport.admission.Admission`); then the token's device must be the one
+  the message names, with mutual TLS the certificate's, within its rate limit
+  (:class:`~shoal.transport.gate.CallGate`);
+* Hello: every field checked before anything is stored (``INVALID_ARGUMENT`` naming it,
+  :mod:`shoal.transport.hello`); the runtime version decides whether the device gets tasks
+  that ask it to clip;
+* uploads: a declared size above :func:`~shoal.transport.downloads.upload_limit` (what an
+  update of this model in the task's codec can be) refused at the header, one stream per
+  device, a bounded number read at once (:mod:`shoal.transport.inbound`), length and SHA-256
+  checked, decoded with the codec chain the task announced; the update's weight bounded
+  (:class:`~shoal.device_task.WeightCap`); byte counts measured here, never taken from the
+  device;
+* evaluation reports: refused, since this aggregator issues no evaluation task;
+* a disk that refuses the registry's writes stops the run (:meth:`AggregatorService.fail`)
+  with a :class:`~shoal.store.disk.StorageError` naming the file; devices are told
+  ``UNAVAILABLE`` and retry.
+
+Downloads are served full or as deltas (:class:`~shoal.transport.downloads.ModelPublisher`),
+secure aggregation by :class:`~shoal.transport.secagg_calls.SecAggCalls`, metrics through a
 :class:`~shoal.observers.CarrierObserver`. Refused calls are answered with their reason.
 
-Only this module, ``shoal.transport.carrier`` and ``shoal.transport.client`` import the
-generated protobuf code.
+Only the transport's server side (this module, ``listener``, ``secagg_calls``, ``carrier``)
+and ``client`` import the generated protobuf code.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 
-from shoal.device_secagg import SecAggDeviceRound, Wait
-from shoal.device_task import ComeBack, Task
+from shoal.device_task import ComeBack, Task, TaskRefused, WeightCap
+from shoal.errors import CodecError, UpdateRejected
 from shoal.gateway import DeviceGateway
-from shoal.errors import CodecError, ConfigError, ProtocolError, UpdateRejected
 from shoal.observers import CarrierObserver
-from shoal.privacy.secagg_encoding import unpack_ring
-from shoal.registry.base import RegistryError, UnknownDevice
+from shoal.registry.base import UnknownDevice
+from shoal.store.disk import StorageError
+from shoal.transport.admission import STATUS
 from shoal.transport.auth import Keyring, RateLimiter
-from shoal.transport.downloads import ModelPublisher, decode_upload
+from shoal.transport.downloads import ModelPublisher, decode_upload, upload_limit
+from shoal.transport.gate import CallGate, CallRefused
+from shoal.transport.hello import InvalidHello, clips_updates, read_hello
+from shoal.transport.inbound import Busy, Inbound, Refusal, read_payload
+from shoal.transport.listener import serve
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.revocation import RevocationFile
-from shoal.transport.gate import CallGate, CallRefused
-from shoal.transport.secagg_wire import message_from_header, reply_to_pb
+from shoal.transport.secagg_calls import SecAggCalls
 
 __all__ = ["AggregatorService", "AggregatorSettings", "serve"]
 
 log = logging.getLogger("shoal.aggregator")
-
-_STATUS = {"unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-           "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-           "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,9 @@ class AggregatorSettings:
     """How the aggregator treats devices (the round rules are the coordinator's policy).
 
     Attributes:
-        max_update_bytes: uploads larger than this are refused before they are read.
+        max_update_bytes: refuse uploads larger than this; 0 = the largest an update of the
+            model can be in the task's codec (:func:`~shoal.transport.downloads.
+            upload_limit`), which also bounds any value given here.
         chunk_size: bytes per download chunk.
         rate_per_s, burst: per-device token bucket over all calls.
         idle_retry_s: how far ahead a device is told to come back when no task is open
@@ -72,6 +88,13 @@ class AggregatorSettings:
         max_active_uploads: uploads read at once; the rest wait (HTTP/2 flow control holds
             their bytes on the devices), so the server's memory stays flat however many
             devices upload together.
+        idle_timeout_s: longest wait for a caller's next message (a unary request, a
+            stream's header, each chunk), and for a connection to finish its handshake or
+            make a call; an idle call ends ``DEADLINE_EXCEEDED``, an idle connection closes.
+        max_weight: the largest weight (example count) one update carries, larger claims
+            count as this; 0 = ``weight_cap_multiple`` x the median size of the devices
+            (:class:`~shoal.device_task.WeightCap`).
+        weight_cap_multiple: see ``max_weight``.
         roster_wait_s: secure aggregation: longest wait for the selected devices to check in
             before the roster closes.
         stage_timeout_s: secure aggregation: length of the key and unmasking stages (input
@@ -90,13 +113,16 @@ class AggregatorSettings:
             still naming them.
     """
 
-    max_update_bytes: int = 64 << 20
+    max_update_bytes: int = 0
     chunk_size: int = 256 << 10
     rate_per_s: float = 20.0
     burst: float = 40.0
     idle_retry_s: float = 2.0
     checkin_interval_s: float = 5.0
     max_active_uploads: int = 64
+    idle_timeout_s: float = 20.0
+    max_weight: int = 0
+    weight_cap_multiple: float = 4.0
     roster_wait_s: float = 15.0
     stage_timeout_s: float = 10.0
     long_poll_s: float = 2.0
@@ -107,15 +133,7 @@ class AggregatorSettings:
     keep_versions: int = 4
 
 
-class _Refusal(Exception):
-    """A call refused before it reached a round: a machine-readable reason and a detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-class AggregatorService(pb_grpc.AggregatorServicer):
+class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
     """The gRPC handlers. Thread model: handlers run on the server's event loop; the run's
     :attr:`gateway` serialises them under its lock.
 
@@ -130,10 +148,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             changes).
         metrics: told about refused calls, check-ins, bytes and active uploads (e.g. a
             :class:`~shoal.telemetry.PrometheusObserver`, also given to the coordinator).
+
+    Raises:
+        ConfigError: an upload or download codec chain that does not parse, or a weight cap
+            out of range.
     """
 
     def __init__(self, settings: AggregatorSettings, keyring: Keyring, dim: int,
-                 spec_fingerprint: str, registry_factory: Callable[[], object],
+                 spec_fingerprint: str, registry_factory: Callable[[], Any],
                  clock: Callable[[], float] = time.time, server_id: str = "shoal",
                  revocations: RevocationFile | None = None,
                  metrics: CarrierObserver | None = None) -> None:
@@ -144,49 +166,65 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.dim = dim
         self.spec_fingerprint = spec_fingerprint
         self.registry_factory = registry_factory
-        self._registry = None
+        self._registry: Any = None
         self.clock = clock
         self.server_id = server_id
         self.metrics = metrics if metrics is not None else CarrierObserver()
         self.gateway: DeviceGateway | None = None  # the run's gateway (GrpcCarrier attaches it)
         self.upload_codec = "" if settings.upload_codec in ("", "none") \
             else settings.upload_codec
-        Chain.parse(self.upload_codec, key="compression.upload")  # refuse a bad chain now
+        derived = upload_limit(dim, Chain.parse(self.upload_codec, key="compression.upload"))
+        #: the largest upload read: what an update of this model can be in the task's codec
+        self.upload_limit = min(derived, settings.max_update_bytes or derived)
         self.publisher = ModelPublisher(Chain.parse(
             "" if settings.download_codec == "none" else settings.download_codec,
             key="compression.download_codec"), settings.keep_versions,
             deltas=settings.delta_downloads)
         self.gate = CallGate(keyring, RateLimiter(settings.rate_per_s, settings.burst),
                              revocations=revocations, metrics=self.metrics)
-        self.evaluations: list[tuple[str, int, dict[str, float]]] = []
-        self.lock = threading.Lock()  # guards evaluations and the publisher's versions
-        self._upload_slots: asyncio.Semaphore | None = None
-        # secure-aggregation long polls wait on this; wake() swaps it for a fresh one
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._progress: asyncio.Event | None = None
+        self.inbound = Inbound(settings.max_active_uploads, self.metrics.uploads_active)
+        #: bounds each update's weight; the devices' sizes outlive a run (GrpcCarrier)
+        self.weights = WeightCap(settings.max_weight, settings.weight_cap_multiple)
+        self.runtimes: dict[str, str] = {}  # device -> its runtime version ("" = unknown)
+        #: why the aggregator stopped serving (its state cannot be written), or None
+        self.failure: StorageError | None = None
+        self.lock = threading.Lock()  # guards the publisher's versions
         self.revocations = revocations
 
     @property
-    def registry(self):
+    def registry(self) -> Any:
         if self._registry is None:
             self._registry = self.registry_factory()
         return self._registry
 
-    def publish(self, version: int, params) -> None:
+    def publish(self, version: int, params: Any) -> None:
         """Make ``params`` downloadable as ``version`` (the gateway calls it when a task
         trains from a version newer than any published)."""
         with self.lock:
             if self.publisher.version is None or version > self.publisher.version:
                 self.publisher.publish(version, params)
 
+    def fail(self, error: StorageError) -> None:
+        """Stop serving rounds (thread-safe): the aggregator's state cannot be written. The
+        run's gateway stops (its carrier then raises ``error``), every later call is
+        answered ``UNAVAILABLE``, and the error is logged at ERROR as ``storage_error``
+        with its path."""
+        if self.failure is None:
+            self.failure = error
+            log.error("aggregator stopping: %s", error, extra={"fields": {
+                "event": "storage_error", "path": error.path, "error": error.cause}})
+        gateway = self.gateway
+        if gateway is not None:
+            gateway.stop(f"storage failed: {error.path}: {error.cause}")
+
     def flush_outcomes(self) -> None:
         """Write the gateway's device outcomes to the registry (participation, fairness).
 
-        An outcome the registry refuses (the device was removed, the file cannot be
-        written) is lost, never silently: it is logged at ERROR as ``registry_error`` with
-        the device, the round, the task, the outcome and the reason (with a traceback when
-        the error is not the registry's own), and the other outcomes are still written. A
-        device's call never fails on this bookkeeping.
+        An outcome the registry refuses (the device was removed) is lost, never silently:
+        it is logged at ERROR as ``registry_error`` with the device, the round, the task,
+        the outcome and the reason, and the other outcomes are still written. A disk that
+        refuses the write stops the aggregator (:meth:`fail`). A device's call never fails
+        on this bookkeeping.
         """
         gateway = self.gateway
         if gateway is None:
@@ -194,49 +232,123 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         for o in gateway.take_outcomes():
             try:
                 self.registry.record_outcome(o.device_id, o.round, o.outcome, now=o.now)
+            except StorageError as exc:
+                self.fail(exc)
+                return
             except Exception as exc:
                 log.error("registry: could not record %s for device %s in round %d: %s",
                           o.outcome, o.device_id, o.round, exc,
-                          exc_info=not isinstance(exc, RegistryError),
                           extra={"fields": {"event": "registry_error", "device": o.device_id,
                                             "round": o.round, "task": o.task_id,
                                             "outcome": o.outcome, "error": str(exc)}})
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _authorize(self, context: grpc.aio.ServicerContext, device_id: str | None,
-                         scope: str) -> str:
+    async def _authorize(self, context: Any, device_id: str | None, scope: str) -> str:
         """The gate's checks (:class:`~shoal.transport.gate.CallGate`) on this call; abort it
-        with the gate's status otherwise. Returns the token's device."""
+        with the gate's status otherwise (``UNAVAILABLE`` once the aggregator is stopping).
+        Returns the token's device."""
+        if self.failure is not None:
+            await self._unavailable(context)
         pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
         try:
             return self.gate.check(context.invocation_metadata() or (), pems[0], device_id,
                                    scope, self.clock())
         except CallRefused as exc:
-            await context.abort(_STATUS[exc.status], str(exc))
+            await context.abort(STATUS[exc.status], str(exc))
             raise  # abort raises; this line is never reached
+
+    async def _unavailable(self, context: Any) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                            f"the aggregator is stopping: {self.failure}")
+        raise AssertionError("unreachable")  # abort raises
+
+    async def _stored(self, context: Any, write: Callable[..., Any], *args: Any,
+                      **kwargs: Any) -> Any:
+        """``write(*args, **kwargs)`` to the registry; a disk failure stops the aggregator
+        and answers this call ``UNAVAILABLE`` (the device retries later)."""
+        try:
+            return write(*args, **kwargs)
+        except StorageError as exc:
+            self.fail(exc)
+            await self._unavailable(context)
+
+    def _clips(self, device: str) -> bool:
+        """Whether ``device``'s runtime clips to ``Task.clip_norm``: from its Hello, or
+        (after a restart, if it did not say Hello again) what the registry kept of it."""
+        runtime = self.runtimes.get(device)
+        if runtime is None:
+            try:
+                runtime = str(self.registry.get(device).capabilities.get("runtime_version", ""))
+            except UnknownDevice:
+                runtime = ""
+            self.runtimes[device] = runtime
+        return clips_updates(runtime)
+
+    async def _stream_in(self, requests: Any, context: Any, limit: int,
+                         declared: Callable[[Any], tuple[int, bytes | None]]
+                         ) -> tuple[Any, bytearray, int]:
+        """Take a header-then-data stream (``Upload``, ``SecAgg``; see
+        :mod:`~shoal.transport.inbound`): its header's device authorized, a declared size
+        (``declared(header)`` = ``(bytes, sha256 or None)``) above ``limit`` refused before
+        a byte of data is read, one stream per device (``RESOURCE_EXHAUSTED`` otherwise),
+        then the data read in one of the bounded slots. Returns ``(header, payload, bytes on
+        the wire)``; raises :class:`~shoal.transport.inbound.Refusal`."""
+        chunks = requests.__aiter__()
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            raise Refusal("malformed", "empty call") from None
+        if first.WhichOneof("part") != "header":
+            raise Refusal("malformed", "the first chunk must be the header")
+        header = first.header
+        device = await self._authorize(context, header.device_id, "upload")
+        total, sha256 = declared(header)
+        if total > limit:
+            raise Refusal("too_large", f"{total} bytes > limit {limit}")
+        try:
+            with self.inbound.stream_of(device):
+                async with self.inbound.slot():
+                    payload, wire = await read_payload(chunks, total, sha256)
+        except Busy as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return header, payload, wire + first.ByteSize()
 
     # -- handlers --------------------------------------------------------------------------
 
-    async def Hello(self, request, context):
-        await self._authorize(context, request.device_id, "checkin")
+    async def Hello(self, request: Any, context: Any) -> pb.HelloReply:
+        device = await self._authorize(context, request.device_id, "checkin")
         now = self.clock()
-        self.registry.enroll(request.device_id, now=now, attributes=dict(request.attributes),
-                             capabilities=dict(request.capabilities),
-                             windows=[(w.start_minute, w.end_minute) for w in request.windows])
+        try:
+            hello = read_hello(device, dict(request.attributes), dict(request.capabilities),
+                               [(w.start_minute, w.end_minute) for w in request.windows],
+                               request.runtime_version)
+        except InvalidHello as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._stored(context, self.registry.enroll, device, now=now,
+                           attributes=hello.attributes, capabilities=hello.capabilities,
+                           windows=hello.windows)
+        self.runtimes[device] = hello.runtime_version
+        if hello.examples is not None:
+            self.weights.note(device, hello.examples)
         return pb.HelloReply(server_id=self.server_id,
                              model_version=self.publisher.version or 0, server_time=now)
 
-    async def CheckIn(self, request, context):
-        await self._authorize(context, request.device_id, "checkin")
+    async def CheckIn(self, request: Any, context: Any) -> pb.CheckInReply:
+        device = await self._authorize(context, request.device_id, "checkin")
         now = self.clock()
-        self._seen(request.device_id, now)
+        await self._stored(context, self._seen, device, now)
         gateway = self.gateway
         if gateway is None:
             decision: Task | ComeBack = ComeBack(now + self.settings.idle_retry_s, "no_round")
             kind, settings = "train", {}
         else:
-            decision, kind, settings = gateway.check_in(request.device_id, now)
+            try:
+                decision, kind, settings = gateway.check_in(device, now,
+                                                            clips=self._clips(device))
+            except TaskRefused as exc:
+                self.flush_outcomes()
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if isinstance(decision, Task):
             self.metrics.checked_in("task")
             return pb.CheckInReply(task=pb.Task(
@@ -249,7 +361,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.metrics.checked_in(decision.reason)
         return pb.CheckInReply(come_back=pb.ComeBack(at=decision.at, reason=decision.reason))
 
-    async def Download(self, request, context):
+    async def Download(self, request: Any, context: Any) -> Any:
         # the model is public to enrolled devices: any valid token may download it
         await self._authorize(context, None, "checkin")
         try:
@@ -268,22 +380,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if self.gateway is not None:
             self.gateway.served(total)
 
-    async def Upload(self, request_iterator, context):
-        if self._upload_slots is None:  # created on the server's event loop
-            self._upload_slots = asyncio.Semaphore(self.settings.max_active_uploads)
-        async with self._upload_slots:
-            return await self._upload(request_iterator, context)
-
-    async def _upload(self, request_iterator, context):
-        self.metrics.uploads_active(1)
+    async def Upload(self, request_iterator: Any, context: Any) -> pb.UploadReply:
         try:
-            header, buf, _ = await self._receive(
-                request_iterator, context, self.settings.max_update_bytes,
-                lambda h: (h.total_size, h.sha256))
-        except _Refusal as exc:
+            header, buf, _ = await self._stream_in(request_iterator, context,
+                                                   self.upload_limit,
+                                                   lambda h: (h.total_size, h.sha256))
+        except Refusal as exc:
             return self._refuse(exc.reason, exc.detail)
-        finally:
-            self.metrics.uploads_active(-1)
         try:
             delta = decode_upload(buf, self.dim, self.upload_codec)
         except CodecError as exc:
@@ -304,151 +407,20 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.metrics.bytes_moved("up", len(buf))
         return pb.UploadReply(accepted=True)
 
-    async def Heartbeat(self, request, context):
+    async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
         await self._authorize(context, request.device_id, "checkin")
         gateway = self.gateway
         keep = gateway is not None and gateway.heartbeat(request.device_id,
                                                           int(request.round), self.clock())
         return pb.HeartbeatReply(keep_going=keep)
 
-    async def SecAgg(self, request_iterator, context):
-        """One step of a secure-aggregation round (see :mod:`shoal.device_secagg`)."""
-        def declared(h):  # only a masked input carries data
-            if h.WhichOneof("body") == "masked":
-                return h.masked.total_size, h.masked.sha256
-            return 0, None
-        try:
-            header, buf, size = await self._receive(request_iterator, context,
-                                                    (self.dim + 1) * 8, declared)
-        except _Refusal as exc:
-            return self._secagg_refuse(exc.reason, exc.detail)
-        return await self._secagg(header, buf, size)
-
-    async def SecAggStep(self, request, context):
-        """:meth:`SecAgg` for a message without a payload (unary)."""
+    async def ReportEvaluation(self, request: Any, context: Any) -> pb.Ack:
+        # a report is accepted only as the answer to an evaluation task issued to its device,
+        # and this aggregator issues none: nothing a device sends here is kept
         await self._authorize(context, request.device_id, "upload")
-        if request.WhichOneof("body") == "masked":
-            return self._secagg_refuse("malformed", "a masked input needs the SecAgg stream")
-        return await self._secagg(request, b"", request.ByteSize())
-
-    async def _receive(self, request_iterator, context, limit: int, declared):
-        """Read a header-then-data stream (``Upload``, ``SecAgg``): authorize the header's
-        device, refuse a declared size above ``limit`` before reading on, reassemble the data
-        and check its length and SHA-256. ``declared(header)`` gives ``(total size, sha256 or
-        None)``. Returns ``(header, payload, bytes on the wire)``; raises :class:`_Refusal`."""
-        header, buf, size = None, bytearray(), 0
-        async for chunk in request_iterator:
-            part = chunk.WhichOneof("part")
-            size += chunk.ByteSize()
-            if header is None:
-                if part != "header":
-                    raise _Refusal("malformed", "the first chunk must be the header")
-                header = chunk.header
-                await self._authorize(context, header.device_id, "upload")
-                total = declared(header)[0]
-                if total > limit:
-                    raise _Refusal("too_large", f"{total} bytes > limit {limit}")
-            elif part != "data":
-                raise _Refusal("malformed", "a second header")
-            elif len(buf) + len(chunk.data) > declared(header)[0]:
-                raise _Refusal("malformed", "more data than total_size")
-            else:
-                buf += chunk.data
-        if header is None:
-            raise _Refusal("malformed", "empty call")
-        total, sha256 = declared(header)
-        if len(buf) != total:
-            raise _Refusal("truncated", f"{len(buf)} of {total} bytes")
-        if sha256 is not None and hashlib.sha256(buf).digest() != sha256:
-            raise _Refusal("checksum", "SHA-256 of the payload does not match")
-        return header, bytes(buf), size
-
-    async def _secagg(self, header, buf: bytes, size: int):
-        gateway = self.gateway
-        rnd = gateway.secure_session(header.device_id, int(header.round)) if gateway else None
-        if rnd is None:
-            return self._secagg_refuse("late", "no secure-aggregation round is open")
-        gateway.received(rnd, size)
-        masked = None
-        if header.WhichOneof("body") == "masked":
-            params = rnd.params
-            if params is None:
-                return self._secagg_refuse("wrong_stage", "the protocol has not started")
-            try:
-                masked = unpack_ring(buf, params.bits, params.length)
-            except ProtocolError as exc:
-                return self._secagg_refuse("wrong_shape", str(exc))
-        reply, cid = self._secagg_step(rnd, header, masked)
-        # The reply is held until there is something for the device (long poll, woken by
-        # the round's progress), saving the device a poll per stage -- except the reply to
-        # its encrypted shares, which returns at once so that it trains while the stage
-        # closes.
-        if header.WhichOneof("body") != "shares":
-            loop = asyncio.get_running_loop()
-            until = loop.time() + max(self.settings.long_poll_s, 0.05)
-            poll = pb.SecAggHeader(device_id=header.device_id, round=header.round,
-                                   base_version=header.base_version,
-                                   upload_key=header.upload_key, poll=True)
-            while isinstance(reply, Wait) and loop.time() < until:
-                if self._progress is None:
-                    self._loop, self._progress = loop, asyncio.Event()
-                try:
-                    await asyncio.wait_for(self._progress.wait(),
-                                           timeout=min(0.25, until - loop.time()))
-                except asyncio.TimeoutError:
-                    pass
-                reply, cid = self._secagg_step(rnd, poll, None)
-        if isinstance(reply, pb.SecAggReply):
-            return reply
-        out = reply_to_pb(reply, client_id=cid,
-                          encoding=rnd.config.encoding if rnd.config else None)
-        gateway.served(out.ByteSize())
-        self.metrics.bytes_moved("down", out.ByteSize())
-        return out
-
-    def _secagg_step(self, rnd: SecAggDeviceRound, header, masked):
-        """Hand one device message (or poll) to its session; returns ``(reply, the
-        device's client id)`` or ``(refusal, -1)``."""
-        rnd_no = int(header.round)
-        # the sender is the authenticated device itself: messages on the wire name no one
-        try:
-            cid = rnd.client_id(header.device_id)
-        except KeyError:  # not selected: the session refuses it with its reason
-            cid = -1
-        try:
-            session = rnd.server.session if rnd.server is not None else b""
-            message = message_from_header(header, cid, session, masked)
-            reply = self.gateway.secure_step(rnd, header.device_id, rnd_no,
-                                             int(header.base_version), header.upload_key,
-                                             message, self.clock())
-        except UpdateRejected as exc:
-            return self._secagg_refuse(exc.reason, str(exc), header.device_id, rnd_no,
-                                       counted=True), -1
-        except ProtocolError as exc:
-            return self._secagg_refuse("malformed", str(exc), header.device_id, rnd_no), -1
-        return reply, cid
-
-    def wake(self) -> None:
-        """Wake the held secure-aggregation polls (thread-safe; the round made progress)."""
-        loop, event = self._loop, self._progress
-        if loop is not None and event is not None and not loop.is_closed():
-            def swap() -> None:
-                event.set()
-                if self._progress is event:
-                    self._progress = asyncio.Event()
-            loop.call_soon_threadsafe(swap)
-
-    def _secagg_refuse(self, reason: str, detail: str, device: str = "", rnd: int = -1, *,
-                       counted: bool = False) -> pb.SecAggReply:
-        return pb.SecAggReply(refused=self._refuse(reason, detail, device, rnd,
-                                                   counted=counted))
-
-    async def ReportEvaluation(self, request, context):
-        await self._authorize(context, request.device_id, "upload")
-        metrics = {k: float(v) for k, v in request.metrics.items() if math.isfinite(v)}
-        with self.lock:
-            self.evaluations.append((request.device_id, int(request.round), metrics))
-        return pb.Ack()
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            "no evaluation task was issued to this device (this aggregator "
+                            "issues none): the report is refused and nothing is kept")
 
     def _seen(self, device_id: str, now: float) -> None:
         """Mark the device as seen; a device with a valid token that skipped Hello (e.g. after
@@ -468,77 +440,3 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                  extra={"fields": {"event": "upload_refused", "reason": reason,
                                    "device": device, "round": rnd}})
         return pb.UploadReply(accepted=False, reason=reason, detail=detail)
-
-
-def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
-          tls: tuple[bytes, bytes] | None = None,
-          client_ca: bytes | None = None) -> tuple[int, Callable[[], None]]:
-    """Start ``service`` on a ``grpc.aio`` server in a background thread.
-
-    Args:
-        tls: ``(certificate chain PEM, private key PEM)``; ``None`` serves without TLS (tests
-            on loopback only).
-        client_ca: PEM CA certificate(s) for mutual TLS (cross-silo): a connection without a
-            client certificate signed by one of them fails its TLS handshake, and every call's
-            token must be for the device the certificate names (its common name), else the
-            call is refused with ``PERMISSION_DENIED`` ("identity"). Needs ``tls``.
-
-    Returns:
-        ``(port, stop)``: the bound port and a function that stops the server and its thread.
-
-    Raises:
-        ConfigError: ``client_ca`` without ``tls``, or the server could not bind ``host:port``
-            (``key="deploy.port"``; e.g. the port is in use).
-    """
-    if client_ca is not None and tls is None:
-        raise ConfigError("mutual TLS (a client CA) needs the server's own certificate and "
-                          "key", key="client_ca")
-    # every call's token must name the device its client certificate names (common name)
-    service.gate.bind_to_certificates = client_ca is not None
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    state: dict = {}
-
-    async def main() -> None:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 << 20),
-                                          ("grpc.max_send_message_length", 4 << 20)])
-        pb_grpc.add_AggregatorServicer_to_server(service, server)
-        address = f"{host}:{port}"
-        if tls is None:
-            state["port"] = server.add_insecure_port(address)
-        else:
-            creds = grpc.ssl_server_credentials([(tls[1], tls[0])],
-                                                root_certificates=client_ca,
-                                                require_client_auth=client_ca is not None)
-            state["port"] = server.add_secure_port(address, creds)
-        await server.start()
-        stopping = asyncio.Event()
-        state["stopping"] = stopping
-        ready.set()
-        await stopping.wait()
-        await server.stop(grace=1.0)
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(main())
-        except Exception as exc:  # surface bind errors to the caller
-            state["error"] = exc
-            ready.set()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="shoal-grpc", daemon=True)
-    thread.start()
-    ready.wait(timeout=30)
-    if "error" in state or "port" not in state:
-        raise ConfigError(f"could not start the aggregator on {host}:{port} (deploy.host, "
-                          f"deploy.port): {state.get('error') or 'timed out'}",
-                          key="deploy.port")
-
-    def stop() -> None:
-        if thread.is_alive():
-            loop.call_soon_threadsafe(state["stopping"].set)
-        thread.join(timeout=10)
-
-    return state["port"], stop
