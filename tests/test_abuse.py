@@ -323,3 +323,58 @@ def test_a_replay_after_its_round_closed_gets_the_original_acceptance(tmp_path):
         t.join(timeout=20)
     assert [r.accepted for r in out["records"]] == [4, 4]
     np.testing.assert_allclose(out["state"].params, ONE * 4)
+
+
+# -- device runtimes ---------------------------------------------------------------------------
+
+
+def _central_dp(clip: float):
+    from shoal.pipeline import Pipeline
+    from shoal.privacy import CentralDP, RoundEvent
+    from shoal.privacy.stages import BudgetPolicy, CentralDPStage
+
+    stage = CentralDPStage(CentralDP(noise_multiplier=0.5, clip_norm=clip, expected_clients=3),
+                           RoundEvent.fixed_size(3, 4, 0.5), BudgetPolicy(0.0, 1e-5),
+                           rng_for_step=np.random.default_rng)
+    return Pipeline(stages=(stage,))
+
+
+def test_tasks_that_ask_for_clipping_go_only_to_runtimes_that_clip(tmp_path):
+    # dev-a runs shoal-client/2, which does not clip to Task.clip_norm: it is refused the
+    # task with the reason, and the round does not wait for it
+    with running_aggregator(tmp_path, AggregatorSettings()) as (service, stub):
+        stub.Hello(pb.HelloRequest(device_id="dev-a", runtime_version="shoal-client/2"),
+                   metadata=md("dev-a"), timeout=5)
+        t, out = start_round(service, n_sampled=4, target=3, min_fraction=1.0,
+                             deadline_s=30.0, pipeline=_central_dp(2.0))
+        for _ in range(2):  # asked again, refused again (and counted once)
+            with pytest.raises(grpc.RpcError) as info:
+                get_task(stub, "dev-a")
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert info.value.details().startswith("runtime_too_old:")
+            assert "shoal-client/3" in info.value.details()
+        t0 = time.monotonic()
+        for d in DEVICES[1:]:
+            task = get_task(stub, d)
+            assert task.clip_norm == 2.0
+            assert upload(stub, d, task, ONE, num_examples=1).accepted
+        t.join(timeout=20)
+        assert time.monotonic() - t0 < 10  # committed at its target, not at the deadline
+        rec = out["record"]
+        assert rec.committed and rec.accepted == 3 and rec.rejected == {"runtime_too_old": 1}
+
+
+def test_a_restarted_aggregator_knows_the_runtimes_from_its_registry(tmp_path):
+    # devices said Hello to an earlier aggregator (shoal-client/3, kept in the registry) and
+    # do not say it again: they get clipping tasks; a device never heard of does not
+    with running_aggregator(tmp_path, AggregatorSettings(), devices=DEVICES[:3]):
+        pass
+    with running_aggregator(tmp_path, AggregatorSettings(), hello=False) as (service, stub):
+        t, out = start_round(service, n_sampled=4, target=3, pipeline=_central_dp(2.0))
+        with pytest.raises(grpc.RpcError) as info:
+            get_task(stub, "dev-d")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        for d in DEVICES[:3]:
+            assert upload(stub, d, get_task(stub, d), ONE, num_examples=1).accepted
+        t.join(timeout=20)
+        assert out["record"].committed
