@@ -53,10 +53,11 @@ class FakeAggregator(pb_grpc.AggregatorServicer):
     """Scripted replies, recorded requests, injected failures (per-method counters)."""
 
     def __init__(self, replies, *, fail=None, bad=(), fail_code=None, upload_replies=(),
-                 abort=None):
+                 abort=None, fail_with=grpc.StatusCode.UNAVAILABLE):
         self.replies = list(replies)
         self.abort = dict(abort or {})         # method -> status code it always answers
-        self.fail = dict(fail or {})           # method -> remaining UNAVAILABLE answers
+        self.fail = dict(fail or {})           # method -> remaining `fail_with` answers
+        self.fail_with = fail_with             # a status code, or "crash" (an exception)
         self.fail_code = fail_code             # abort every call with this code
         self.bad = list(bad)                   # how the next downloads are spoiled
         self.upload_replies = list(upload_replies)
@@ -73,7 +74,9 @@ class FakeAggregator(pb_grpc.AggregatorServicer):
                 context.abort(self.abort[method], f"{method} refused")
             if self.fail.get(method, 0) > 0:
                 self.fail[method] -= 1
-                context.abort(grpc.StatusCode.UNAVAILABLE, "injected outage")
+                if self.fail_with == "crash":  # gRPC answers an uncaught exception UNKNOWN
+                    raise RuntimeError("injected server bug")
+                context.abort(self.fail_with, "injected outage")
 
     def Hello(self, request, context):
         self._enter("Hello", context)
@@ -176,12 +179,13 @@ def _client(target, train, sleep, *, seed=7, **kw):
 def test_round_trip_downloads_trains_and_uploads_exactly(serve):
     agg = FakeAggregator([_task()])
     train, sleep = ToyTrain(), Recorder()
-    with _client(serve(agg), train, sleep, attributes={"os": "linux"},
+    with _client(serve(agg), train, sleep, attributes={"os": "linux"}, examples=42,
                  windows=[(60, 120)]) as client:
         stats = client.run(max_rounds=1)
-    # Hello carried attributes and windows
+    # Hello carried attributes, windows, the declared size and the runtime version
     (hello,) = agg.hellos
     assert hello.device_id == "dev-1" and dict(hello.attributes) == {"os": "linux"}
+    assert hello.capabilities["examples"] == "42" and hello.runtime_version == "shoal-client/3"
     assert [(w.start_minute, w.end_minute) for w in hello.windows] == [(60, 120)]
     assert agg.check_ins[0].held_version == 0
     # trained once on exactly the served model, read-only, with the task's settings and round
@@ -262,6 +266,23 @@ def test_unavailable_twice_then_backoff_and_same_idempotency_key(serve):
     expected = [ref.uniform(0, 0.5), ref.uniform(0, 1.0)]
     assert sleep.waits == pytest.approx(expected)
     assert 0 <= sleep.waits[0] <= 0.5 and 0 <= sleep.waits[1] <= 1.0
+
+
+@pytest.mark.parametrize("fault", [grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+                                   grpc.StatusCode.UNAVAILABLE,
+                                   grpc.StatusCode.RESOURCE_EXHAUSTED, "crash"])
+def test_transient_server_faults_are_retried_with_backoff_not_fatal(serve, fault):
+    # what a busy, restarting or buggy aggregator answers: the device keeps going (a check-in
+    # outside any task, and an upload within one), waiting full-jitter backoffs in between
+    agg = FakeAggregator([_task()], fail={"CheckIn": 2, "Upload": 1}, fail_with=fault)
+    sleep = Recorder()
+    with _client(serve(agg), ToyTrain(), sleep, seed=13) as client:
+        stats = client.run(max_rounds=1)
+    assert stats.reconnects == 3 and stats.uploads_accepted == 1 and len(agg.uploads) == 1
+    assert len(set(agg.upload_attempts)) == 1  # the retried upload kept its key
+    ref = random.Random(13)
+    assert sleep.waits == pytest.approx([ref.uniform(0, 0.5), ref.uniform(0, 1.0),
+                                         ref.uniform(0, 0.5)])
 
 
 def test_rejection_is_counted_not_retried_but_empty_reason_is_retried(serve):

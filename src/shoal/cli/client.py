@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             os.kill(os.getpid(), signal.SIGKILL)
 
     with DeviceClient(args.server, token, device, root_certificates=ca,
-                      client_cert=client_cert, train=train,
+                      client_cert=client_cert, train=train, examples=len(idx),
                       evaluate=evaluate, attributes=attributes, windows=windows,
                       max_retries=args.max_retries,
                       after_stage=die_after if args.die_after else None) as client:

@@ -2,10 +2,12 @@
 
 :func:`make_channel` opens the channel (TLS, optionally mutual TLS; plaintext for loopback
 tests only). A call that fails with a transient status (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
-``RESOURCE_EXHAUSTED``, ``ABORTED``, a reset stream: :func:`is_transient`) is worth retrying
-after :func:`backoff_delay`, an exponential backoff with full jitter (M. Brooker, "Exponential
-Backoff And Jitter", AWS Architecture Blog, 2015). Refused credentials
-(:func:`refuses_credentials`) are not: retrying with the same token cannot help.
+``RESOURCE_EXHAUSTED``, ``ABORTED``, ``CANCELLED``, ``UNKNOWN``, a reset stream:
+:func:`is_transient`) is worth retrying after :func:`backoff_delay`, an exponential backoff
+with full jitter (M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015):
+an aggregator that is busy, cuts an idle call, restarts, stops on a full disk or hits a bug
+of its own must not make its devices leave. Refused credentials (:func:`refuses_credentials`)
+are not: retrying with the same token cannot help.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ _BACKOFF_BASE_S = 0.5
 _CHANNEL_MESSAGE_BYTES = 4 << 20  # chunks are small (default 256 KiB); gRPC's own default
 MAX_CHUNK_BYTES = _CHANNEL_MESSAGE_BYTES - 1024
 """Largest chunk a message on the channel can carry (room left for the chunk's other fields)."""
+# CANCELLED: the server cancelled the call (shutting down, cut an idle stream); UNKNOWN: an
+# error the server did not map to a status (a bug there, or a proxy's)
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                        grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN})
 _AUTH = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
-# gRPC reports a connection reset mid-call as INTERNAL/UNKNOWN with one of these details.
+# gRPC reports a connection reset mid-call as INTERNAL (or UNKNOWN) with one of these details.
 _RESET_HINTS = ("rst_stream", "stream removed", "connection reset", "socket closed",
                 "broken pipe", "goaway")
 
@@ -81,9 +86,8 @@ def refuses_credentials(code: grpc.StatusCode | None) -> bool:
 
 def is_transient(code: grpc.StatusCode | None, detail: str) -> bool:
     """Whether a call that failed with ``code`` and ``detail`` may succeed if retried: a
-    transient status, or ``INTERNAL``/``UNKNOWN`` reporting a reset connection."""
+    transient status, or ``INTERNAL`` reporting a reset connection."""
     if code in _TRANSIENT:
         return True
     lowered = detail.lower()
-    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(
-        hint in lowered for hint in _RESET_HINTS)
+    return code == grpc.StatusCode.INTERNAL and any(hint in lowered for hint in _RESET_HINTS)

@@ -19,8 +19,9 @@ memory: a restarted runtime starts from no residual, and a change of chain drops
 with ``clip_norm`` > 0 (central DP) has the update clipped to that L2 norm and weighed as one
 example before it is encoded or masked.
 
-Resilience: an RPC that fails with a transient status is retried after an exponential backoff
-with full jitter (:mod:`shoal.transport.channel`): ``uniform(0, min(max_backoff_s, 0.5 · 2**n))``
+Resilience: an RPC that fails with a transient status (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
+``RESOURCE_EXHAUSTED``, ``ABORTED``, ``CANCELLED``, ``UNKNOWN``: a busy, restarting or failing
+aggregator) is retried after an exponential backoff with full jitter (:mod:`shoal.transport.channel`): ``uniform(0, min(max_backoff_s, 0.5 · 2**n))``
 for the n-th consecutive failure, reset by any success. A retried upload repeats its
 idempotency key, so the server answers it with the original result instead of counting the
 update twice. Refused credentials (``UNAUTHENTICATED``/``PERMISSION_DENIED``) raise
@@ -68,8 +69,8 @@ __all__ = ["RUNTIME_VERSION", "DeviceClient"]
 
 #: Sent in Hello. ``shoal-client/3`` clips to ``Task.clip_norm`` with unit weight (central
 #: DP); ``/2`` honours ``Task.upload_codec``/``error_feedback`` and decodes delta downloads;
-#: ``/1`` uploads raw float32 and downloads full models. The aggregator does not yet refuse
-#: older runtimes: serve a DP run only to current ones.
+#: ``/1`` uploads raw float32 and downloads full models. The aggregator gives tasks that ask
+#: for clipping only to ``/3`` or later (older ones are refused ``runtime_too_old``).
 RUNTIME_VERSION = "shoal-client/3"
 _T = TypeVar("_T")
 _WEEK = 7 * 24 * 60
@@ -101,6 +102,9 @@ class DeviceClient:
         train: the local training function.
         evaluate: the local evaluation function; without it evaluate tasks are abandoned.
         attributes: sent in Hello (e.g. ``{"os": "android"}``) for stratified selection.
+        examples: the device's number of training examples, declared in Hello
+            (``capabilities["examples"]``): the aggregator bounds every device's update
+            weight by a multiple of the median declared size (``None``: not declared).
         windows: weekly availability windows ``(start_minute, end_minute)`` in UTC.
         chunk_size: upload chunk bytes, also the preferred download chunk size.
         clock: Unix seconds; corrected by the server time from Hello for ComeBack waits.
@@ -132,6 +136,7 @@ class DeviceClient:
                  client_cert: tuple[bytes, bytes] | None = None,
                  evaluate: EvaluateFn | None = None,
                  attributes: Mapping[str, str] = _NO_ATTRIBUTES,
+                 examples: int | None = None,
                  windows: Sequence[tuple[int, int]] = (), chunk_size: int = 256 * 1024,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] | None = None,
@@ -152,6 +157,8 @@ class DeviceClient:
         _check(max_model_bytes >= 1, "max_model_bytes", ">= 1", max_model_bytes)
         _check(max_download_attempts >= 1, "max_download_attempts", ">= 1",
                max_download_attempts)
+        _check(examples is None or (isinstance(examples, int) and examples >= 0),
+               "examples", "None or an int >= 0", examples)
         for start, end in windows:
             _check(0 <= start < _WEEK and 0 <= end < _WEEK, "windows",
                    f"minutes in [0, {_WEEK})", (start, end))
@@ -161,6 +168,7 @@ class DeviceClient:
         self._stub = pb_grpc.AggregatorStub(self._channel)
         self._train, self._evaluate = train, evaluate
         self._attributes = dict(attributes)
+        self._examples = examples
         self._windows = tuple((int(s), int(e)) for s, e in windows)
         self.chunk_size = chunk_size
         self._clock, self._sleep = clock, sleep
@@ -256,10 +264,12 @@ class DeviceClient:
     # ----------------------------------------------------------------- steps
 
     def _hello(self) -> None:
+        capabilities = {"codecs": ",".join(sorted(STAGES)),
+                        "tasks": "train,evaluate" if self._evaluate else "train"}
+        if self._examples is not None:
+            capabilities["examples"] = str(self._examples)
         request = pb.HelloRequest(
-            device_id=self.device_id, attributes=self._attributes,
-            capabilities={"codecs": ",".join(sorted(STAGES)),
-                          "tasks": "train,evaluate" if self._evaluate else "train"},
+            device_id=self.device_id, attributes=self._attributes, capabilities=capabilities,
             windows=[pb.Window(start_minute=s, end_minute=e) for s, e in self._windows],
             runtime_version=RUNTIME_VERSION)
         before = self._clock()
