@@ -219,8 +219,7 @@ def run_peer(args: argparse.Namespace) -> int:
     from shoal.gossip.node import GossipNode, MixResult
     from shoal.gossip.state import append_trace, load_state, save_state
     from shoal.store.atomic import replace_atomically
-    from shoal.transport.gossip_peer import (GossipPeer, GossipService, PeerLinks,
-                                             PeerTraffic, peer_name, serve_peer)
+    from shoal.transport.gossip_peer import GossipPeer, PeerTLS, peer_name
 
     cfg = config_from_args(args)
     n, g = cfg["data"]["clients"], cfg["gossip"]
@@ -242,51 +241,16 @@ def run_peer(args: argparse.Namespace) -> int:
         step, params = resumed
     node = GossipNode(args.index, net.schedule, params, rule=net.rule, step=step,
                       step_timeout_s=g["step_timeout_s"])
-    cond = threading.Condition()
-    traffic = PeerTraffic()
     shift = args.byzantine
 
     def tamper(p: np.ndarray) -> np.ndarray:
         return (p + np.float32(shift)).astype(np.float32)
-
-    certs = files.certs
-    service = GossipService(node, cond, names, tamper=tamper if shift else None,
-                            traffic=traffic)
-    port, stop_server = serve_peer(service, "127.0.0.1", 0, tls=(
-        (certs / "server.pem").read_bytes(), (certs / "server.key").read_bytes()),
-        client_ca=(certs / "ca.pem").read_bytes())
-    replace_atomically(files.port_file(name), f"localhost:{port}".encode())
 
     def resolve(i: int) -> str | None:
         try:
             return files.port_file(names[i]).read_text().strip() or None
         except FileNotFoundError:
             return None
-
-    links = PeerLinks(names, resolve, root_certificates=(certs / "ca.pem").read_bytes(),
-                      client_cert=((certs / f"client-{name}.pem").read_bytes(),
-                                   (certs / f"client-{name}.key").read_bytes()),
-                      tamper=tamper if shift else None, traffic=traffic)
-    deadline = time.monotonic() + 120
-    while any(resolve(i) is None for i in range(n)):  # every peer up before step 0
-        if time.monotonic() > deadline:
-            raise ConfigError("not every peer wrote its port file within 120 s", key="dir")
-        time.sleep(0.05)
-
-    train = None
-    if g["local_training"]:
-        from shoal.training import LocalTrainConfig
-        from shoal.transport.reference import fmnist_train_fn
-
-        idx = data.client_indices[args.index]
-        c = cfg["client"]
-        fit = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx], data.train.y[idx],
-                              LocalTrainConfig(epochs=c["epochs"], batch_size=c["batch_size"],
-                                               lr=c["lr"]), cfg.seed, args.index,
-                              num_classes=data.train.num_classes)
-
-        def train(p: np.ndarray, t: int) -> np.ndarray:
-            return p + fit(p, {}, t).delta
 
     def on_mix(res: MixResult) -> None:
         save_state(home / "state.shc", res.step + 1, res.params)
@@ -295,18 +259,27 @@ def run_peer(args: argparse.Namespace) -> int:
         if args.die_at_step is not None and res.step == args.die_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    peer = GossipPeer(node, names, resolve, tls=PeerTLS.from_dir(files.certs, name),
+                      train=_peer_training(cfg, data, args.index), on_mix=on_mix,
+                      min_step_s=g["min_step_s"], tamper=tamper if shift else None)
+    port = peer.start()
+    replace_atomically(files.port_file(name), f"localhost:{port}".encode())
+    deadline = time.monotonic() + 120
+    while any(resolve(i) is None for i in range(n)):  # every peer up before step 0
+        if time.monotonic() > deadline:
+            raise ConfigError("not every peer wrote its port file within 120 s", key="dir")
+        time.sleep(0.05)
+
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    peer = GossipPeer(node, cond, links, train=train, on_mix=on_mix,
-                      min_step_s=g["min_step_s"])
     try:
         peer.run(cfg.rounds, stop)
         stop.wait(args.linger)  # neighbours finishing the last step may still pull from us
         peer.leave()
     finally:
         peer.close()
-        stop_server()
-    with cond:
+    traffic = peer.traffic
+    with peer.cond:
         stats = {"peer": name, "step": node.step, "down": sorted(node.down),
                  "models_sent": node.stats.models_sent,
                  "models_received": node.stats.models_received,
@@ -316,6 +289,30 @@ def run_peer(args: argparse.Namespace) -> int:
                  "failed_calls": traffic.failed_calls, "resumed_at": step}
     replace_atomically(home / "stats.json", json.dumps(stats).encode())
     return 0
+
+
+def _peer_training(cfg: Config, data: Any, index: int) -> Any:
+    """Peer ``index``'s local training, ``train(params, step) -> trained``, or ``None`` for
+    pure averaging: :func:`shoal.training.train_local` on its client's examples with the
+    stream ``seeds.generator(seed, "train", step, index)`` -- the simulator's."""
+    if not cfg["gossip"]["local_training"]:
+        return None
+    import numpy as np
+
+    from shoal.training import LocalTrainConfig
+    from shoal.transport.reference import fmnist_train_fn
+
+    idx = data.client_indices[index]
+    c = cfg["client"]
+    fit = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx], data.train.y[idx],
+                          LocalTrainConfig(epochs=c["epochs"], batch_size=c["batch_size"],
+                                           lr=c["lr"]), cfg.seed, index,
+                          num_classes=data.train.num_classes)
+
+    def train(params: np.ndarray, step: int) -> np.ndarray:
+        return params + fit(params, {}, step).delta
+
+    return train
 
 
 def launch_peers(args: argparse.Namespace) -> int:

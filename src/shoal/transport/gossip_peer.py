@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc  # type: ignore[import-untyped]
@@ -45,7 +46,7 @@ from shoal.transport.channel import backoff_delay, make_channel
 from shoal.transport.proto import gossip_pb2 as pb
 from shoal.transport.proto import gossip_pb2_grpc as pb_grpc
 
-__all__ = ["peer_name", "GossipService", "serve_peer", "PeerLinks", "GossipPeer",
+__all__ = ["peer_name", "GossipService", "serve_peer", "PeerLinks", "PeerTLS", "GossipPeer",
            "PeerTraffic", "encode_model"]
 
 CHUNK_BYTES = 1 << 20
@@ -308,31 +309,84 @@ class PeerLinks:
             self._channels.clear()
 
 
+@dataclass(frozen=True)
+class PeerTLS:
+    """A peer's credentials: the host's server certificate, the network's CA (which signed
+    it and every peer's client certificate), and the peer's own client certificate."""
+
+    server_cert: bytes
+    server_key: bytes
+    ca: bytes
+    client_cert: bytes
+    client_key: bytes
+
+    @classmethod
+    def from_dir(cls, certs: Path, name: str) -> PeerTLS:
+        """From the files :func:`~shoal.transport.certs.make_local_pki` and
+        :func:`~shoal.transport.certs.make_client_cert` write (``ca.pem``, ``server.pem``,
+        ``server.key``, ``client-NAME.pem``, ``client-NAME.key``)."""
+        def read(f: str) -> bytes:
+            return (certs / f).read_bytes()
+
+        return cls(read("server.pem"), read("server.key"), read("ca.pem"),
+                   read(f"client-{name}.pem"), read(f"client-{name}.key"))
+
+
 class GossipPeer:
-    """One peer's steps: train, offer, wait, mix.
+    """One deployed peer: its node served over gRPC, calls to its neighbours, its steps
+    (train, offer, wait, mix).
 
     Args:
         node: the peer's node.
-        cond: the condition guarding ``node`` (the service's).
-        links: calls to the neighbours.
+        names: every peer's name, by index (:func:`peer_name`).
+        resolve: ``index -> "host:port"`` of a peer, or ``None`` (not known yet).
+        tls: mutual TLS credentials; ``None`` serves and calls in plaintext (loopback
+            tests only).
         train: ``train(params, step) -> trained params`` (``None``: pure averaging).
         clock: seconds (the node's deadlines, the pacing).
         on_mix: called with each :class:`~shoal.gossip.node.MixResult` (checkpoint, trace).
         min_step_s: each step lasts at least this long.
+        tamper: applied to every model this peer sends (fault injection: a Byzantine peer).
+        timeout_s: longest call to a neighbour.
         rng: jitter of retry backoffs.
     """
 
-    def __init__(self, node: GossipNode, cond: threading.Condition, links: PeerLinks, *,
+    def __init__(self, node: GossipNode, names: Sequence[str],
+                 resolve: Callable[[int], str | None], *, tls: PeerTLS | None,
                  train: Callable[[np.ndarray, int], np.ndarray] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  on_mix: Callable[[MixResult], None] | None = None,
-                 min_step_s: float = 0.0, rng: random.Random | None = None) -> None:
-        self.node, self.cond, self.links, self.train = node, cond, links, train
+                 min_step_s: float = 0.0,
+                 tamper: Callable[[np.ndarray], np.ndarray] | None = None,
+                 timeout_s: float = 10.0, rng: random.Random | None = None) -> None:
+        self.node, self.train, self.tls = node, train, tls
         self.clock, self.on_mix, self.min_step_s = clock, on_mix, min_step_s
-        self.name = links.names[node.peer]
+        self.name = names[node.peer]
+        self.cond = threading.Condition()
+        self.traffic = PeerTraffic()
+        self.service = GossipService(node, self.cond, names, clock=clock,
+                                     mutual_tls=tls is not None, tamper=tamper,
+                                     traffic=self.traffic)
+        self.links = PeerLinks(names, resolve, root_certificates=tls.ca if tls else None,
+                               client_cert=(tls.client_cert, tls.client_key) if tls else None,
+                               timeout_s=timeout_s, tamper=tamper, traffic=self.traffic)
         self.rng = rng if rng is not None else random.Random()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gossip-push")
         self._inflight = 0
+        self._stop_server: Callable[[], None] | None = None
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve the node; returns the bound port.
+
+        Raises:
+            ConfigError: the address cannot be bound.
+        """
+        tls = self.tls
+        port, self._stop_server = serve_peer(
+            self.service, host, port,
+            tls=(tls.server_cert, tls.server_key) if tls else None,
+            client_ca=tls.ca if tls else None)
+        return port
 
     def _dispatch(self, sends: list[Send]) -> None:
         with self.cond:
@@ -412,5 +466,9 @@ class GossipPeer:
             self.cond.wait_for(lambda: self._inflight == 0, timeout=self.links.timeout_s)
 
     def close(self) -> None:
+        """Stop calling and serving."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.links.close()
+        if self._stop_server is not None:
+            self._stop_server()
+            self._stop_server = None
