@@ -378,3 +378,38 @@ def test_a_restarted_aggregator_knows_the_runtimes_from_its_registry(tmp_path):
             assert upload(stub, d, get_task(stub, d), ONE, num_examples=1).accepted
         t.join(timeout=20)
         assert out["record"].committed
+
+
+# -- the metrics endpoint ------------------------------------------------------------------------
+
+
+def test_metrics_are_served_without_a_thread_per_connection(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from shoal.telemetry import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    metrics.call_refused("missing")
+    port = metrics.serve_http(0, idle_timeout_s=1.0, max_connections=400)
+    try:
+        threads = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET /metr")  # half a request line, never finished
+        assert threading.active_count() == threads  # one thread serves them all
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b'shoal_refused_calls_total{reason="missing"} 1.0' in text
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+        assert info.value.code == 404
+        t0 = time.monotonic()
+        for s in idle + [slow]:  # closed by the server after the idle timeout
+            s.settimeout(5.0)
+            assert s.recv(1024) == b""
+            s.close()
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        metrics.close()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

@@ -6,6 +6,11 @@ round wall time) and serves them on ``/metrics``
 (:meth:`~PrometheusObserver.serve_http`).
 Needs ``prometheus_client`` (``pip install shoal[deploy]``).
 
+``/metrics`` is served by one thread running an event loop, whatever the number of
+connections (the client library's own server starts a thread per connection): each
+connection sends one request within the idle timeout, gets the exposition and is closed;
+at most ``max_connections`` are open at once, later ones are closed at once.
+
 Metrics:
 
 * ``shoal_rounds_total{outcome}`` -- ``committed`` or ``abandoned``;
@@ -24,7 +29,9 @@ Metrics:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import threading
+from collections.abc import Callable, Mapping
 
 import prometheus_client as prom
 
@@ -77,7 +84,7 @@ class PrometheusObserver(CarrierObserver):
                                  registry=r)
         self.duration = prom.Histogram("shoal_round_seconds", "round duration",
                                        buckets=_ROUND_BUCKETS, registry=r)
-        self._servers: list = []
+        self._servers: list[_MetricsHTTP] = []
 
     def value(self, name: str, **labels: str) -> float:
         """The current value of one sample (``shoal_updates_total``, ``result="accepted"``,
@@ -88,27 +95,28 @@ class PrometheusObserver(CarrierObserver):
         """The metrics in Prometheus' text format (what ``/metrics`` serves)."""
         return prom.generate_latest(self.registry)
 
-    def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``addr:port`` (0 = any free port) from a daemon thread until
-        :meth:`close`; returns the bound port.
+    def serve_http(self, port: int, addr: str = "127.0.0.1", *, idle_timeout_s: float = 10.0,
+                   max_connections: int = 256) -> int:
+        """Serve ``/metrics`` on ``addr:port`` (0 = any free port) from one daemon thread
+        until :meth:`close`; returns the bound port. A connection that has not sent its
+        request within ``idle_timeout_s`` is closed, as is any beyond ``max_connections``.
 
         Raises:
             ConfigError: (key ``deploy.metrics_port``) the address cannot be bound.
         """
+        server = _MetricsHTTP(self.exposition, idle_timeout_s, max_connections)
         try:
-            server, _ = prom.start_http_server(port, addr=addr, registry=self.registry)
+            bound = server.start(addr, port)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}",
                               key="deploy.metrics_port") from exc
         self._servers.append(server)
-        return int(server.server_address[1])
+        return bound
 
     def close(self) -> None:
         """Stop serving ``/metrics`` (every server :meth:`serve_http` started)."""
         while self._servers:
-            server = self._servers.pop()
-            server.shutdown()
-            server.server_close()
+            self._servers.pop().close()
 
     # -- the coordinator's hooks --------------------------------------------------------------
 
@@ -157,3 +165,74 @@ class PrometheusObserver(CarrierObserver):
 
     def uploads_active(self, delta: int) -> None:
         self.active.inc(delta)
+
+
+class _MetricsHTTP:
+    """``GET /metrics`` over HTTP/1.1 from one thread's event loop: one request per
+    connection (``Connection: close``), read within ``idle_timeout_s``, at most
+    ``max_connections`` connections at once."""
+
+    _MAX_REQUEST = 8192  # bytes of request line and headers
+
+    def __init__(self, render: Callable[[], bytes], idle_timeout_s: float,
+                 max_connections: int) -> None:
+        self.render, self.idle_timeout_s = render, idle_timeout_s
+        self.max_connections = max_connections
+        self._open = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+
+    def start(self, addr: str, port: int) -> int:
+        """Bind and start serving; returns the port. Raises ``OSError`` if it cannot bind."""
+        self._server = self._loop.run_until_complete(asyncio.start_server(
+            self._serve, addr, port, limit=self._MAX_REQUEST, backlog=1024))
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="shoal-metrics")
+        self._thread.start()
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+
+        async def stop() -> None:
+            server.close()
+            await server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        thread.join(timeout=10)
+        self._loop.close()
+        self._server = self._thread = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                     ) -> None:
+        self._open += 1
+        try:
+            if self._open <= self.max_connections:
+                await asyncio.wait_for(self._answer(reader, writer), self.idle_timeout_s)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass  # idle, cut short or oversized: closed without an answer
+        finally:
+            self._open -= 1
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+        path = rest.partition(" ")[0].partition("?")[0]
+        kind = "text/plain; charset=utf-8"
+        if method not in ("GET", "HEAD"):
+            status, body = "405 Method Not Allowed", b"only GET and HEAD\n"
+        elif path not in ("/", "/metrics"):
+            status, body = "404 Not Found", b"see /metrics\n"
+        else:
+            status, body, kind = "200 OK", self.render(), prom.CONTENT_TYPE_LATEST
+        writer.write((f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
+                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                      ).encode("latin-1") + (body if method != "HEAD" else b""))
+        await writer.drain()
