@@ -109,6 +109,9 @@ def test_a_live_run_shows_exactly_what_the_run_directory_records(tmp_path):
     shown = [{k: v for k, v in row.items() if k in lines[i]}
              for i, row in enumerate(state.rows())]
     assert shown == lines and len(lines) == cfg.rounds + 1
+    # the commit phase: from a version's commit to the next task, for every round but the last
+    assert [r["round"] for r in state.rows() if "phase_commit_s" in r] == [1, 2, 3]
+    assert all(r["phase_commit_s"] >= 0 for r in state.rows()[1:-1])
     snap = state.snapshot()
     assert snap["version"] == cfg.rounds == result.state.version
     assert snap["totals"]["asked"] == sum(r.sampled for r in result.records)

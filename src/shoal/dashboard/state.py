@@ -14,6 +14,7 @@ device token, a key or an update: hooks carry counts and reasons only.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -223,12 +224,15 @@ class RunState:
             self._changed += 1
 
     def _phase(self, version: int, name: str, seconds: float) -> None:
-        # a phase known after the row was added goes into the row itself
-        for row in reversed(self._rows):
+        # a phase known after the row was added goes into the row itself (rows arrive in
+        # version order and lag a commit by one evaluation at most: look at the last few)
+        for row in itertools.islice(reversed(self._rows), 4):
             if row.get("version") == version and row.get("round") == version:
                 row[name] = seconds
                 return
         self._phases.setdefault(version, {})[name] = seconds
+        for old in [v for v in self._phases if v < version - 8]:
+            del self._phases[old]  # versions whose row will not come (none kept)
 
     def _accepted(self, clients: int) -> None:
         with self._lock:
