@@ -78,7 +78,8 @@ def settings_from_config(cfg: Config) -> AggregatorSettings:
     return AggregatorSettings(
         max_update_bytes=int(d["max_update_mb"] * (1 << 20)),
         checkin_interval_s=d["checkin_interval_s"],
-        max_active_uploads=d["max_active_uploads"],
+        max_active_uploads=d["max_active_uploads"], idle_timeout_s=d["idle_timeout_s"],
+        max_weight=d["max_weight"], weight_cap_multiple=d["weight_cap_multiple"],
         roster_wait_s=cfg["secure_aggregation"]["roster_wait_s"],
         stage_timeout_s=cfg["secure_aggregation"]["stage_timeout_s"],
         upload_codec="" if c["upload"] == "none" else c["upload"],
@@ -141,7 +142,8 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             if not hasattr(metrics, "serve_http"):
                 raise ConfigError("a metrics port needs prometheus_client (pip install "
                                   "shoal[deploy])", key="deploy.metrics_port")
-            mport = metrics.serve_http(d["metrics_port"], d["host"])
+            mport = metrics.serve_http(d["metrics_port"], d["host"],
+                                       idle_timeout_s=d["idle_timeout_s"])
             log.info("metrics on http://%s:%d/metrics", d["host"], mport)
         if on_store:
             on_store(store, store_lock)

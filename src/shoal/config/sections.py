@@ -273,8 +273,10 @@ class DeployConfig(Section):
                                  min_exclusive=True)
     max_norm: float = option(0.0, "refuse updates with a larger L2 norm; 0 = no bound",
                              min=0.0)
-    max_update_mb: float = option(64.0, "refuse uploads larger than this", min=0.0,
-                                  min_exclusive=True)
+    max_update_mb: float = option(0.0, "refuse uploads larger than this (at the header, "
+                                  "before reading them); 0 = the largest an update of the "
+                                  "model can be in compression.upload's codec, which also "
+                                  "bounds any value given", min=0.0)
     wait_devices: int = option(0, "enrolled devices to wait for before round 1; 0 = "
                                "data.clients", min=0)
     wait_timeout_s: float = option(300.0, "give up waiting for devices after this", min=0.0)
@@ -283,6 +285,18 @@ class DeployConfig(Section):
                                        min_exclusive=True)
     max_active_uploads: int = option(64, "uploads the aggregator reads at once (the rest wait "
                                      "under flow control: flat memory)", min=1)
+    idle_timeout_s: float = option(20.0, "a caller's next message (a request, an upload's "
+                                   "header or chunk) must arrive within this, else the call "
+                                   "is cut; connections that make no call, or do not finish "
+                                   "their handshake, are closed after it too", min=0.0,
+                                   min_exclusive=True, max=3600.0)
+    max_weight: int = option(0, "the largest weight (example count) one device's update "
+                             "carries; larger claims count as this. 0 = weight_cap_multiple "
+                             "x the median size devices declared or claimed", min=0)
+    weight_cap_multiple: float = option(4.0, "with max_weight = 0: the cap as a multiple of "
+                                        "the median device size (lower bounds a lying device "
+                                        "more tightly, and weighs down more honest large "
+                                        "ones)", min=1.0, max=1e6)
     metrics_port: int = option(-1, "Prometheus /metrics port; -1 = off, 0 = any free port",
                                min=-1, max=65_535)
 
