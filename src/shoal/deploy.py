@@ -103,6 +103,9 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     Raises:
         ConfigError: what :func:`check_deployable` refuses, or not enough devices enrolled
             within ``deploy.wait_timeout_s``.
+        StorageError: the disk under the registry or the model store is full, read-only
+            or failing (naming the path); every version committed before is intact and a
+            restart resumes from the last one.
         CredentialFileError: the client-CA file is missing, not PEM, not a CA, or expired
             (checked before anything is written).
     """
@@ -150,7 +153,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         if on_ready:
             on_ready(port)
         devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
-                                    cfg["data"]["clients"], d["wait_timeout_s"])
+                                    cfg["data"]["clients"], d["wait_timeout_s"], service)
         carrier = GrpcCarrier(service, devices, secure=secagg_from_config(cfg))
         # the policy asks ceil(deploy.target x deploy.over_selection) devices a round; a
         # selection other than uniform reads the service's registry at each round
@@ -258,9 +261,12 @@ def _check_central_dp_accounting(cfg: Config) -> None:
                               key=key)
 
 
-def _wait_for_devices(registry: SQLiteRegistry, want: int, timeout_s: float) -> list[str]:
+def _wait_for_devices(registry: SQLiteRegistry, want: int, timeout_s: float,
+                      service: AggregatorService) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while True:
+        if service.failure is not None:  # the registry's disk failed while devices enrolled
+            raise service.failure
         devices = [dev.device_id for dev in registry.list()]
         if len(devices) >= want:
             return devices
