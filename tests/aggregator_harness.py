@@ -116,7 +116,7 @@ def wait_for_round(out: dict, number: int, timeout: float = 10.0) -> None:
     gateway = out["carrier"].gateway
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(s.round == number for s in list(gateway._sessions.values())):
+        if any(s.round == number for s in gateway.sessions.all()):
             return
         time.sleep(0.01)
     raise AssertionError(f"round {number} did not open")

@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 LAYERS = [
     ("edges", {"cli", "deploy", "telemetry", "dashboard"}),
     ("assembling", {"experiment"}),
-    ("carriers", {"sim", "transport", "gateway", "device_task", "device_secagg", "gossip"}),
+    ("carriers", {"sim", "transport", "gateway", "device_task", "device_secagg",
+                  "device_sessions", "gossip"}),
     ("driving", {"runner", "build"}),
     ("engine", {"coordinator", "policy", "events", "clock", "sampling", "selection",
                 "registry", "store", "observers", "records", "config"}),

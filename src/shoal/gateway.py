@@ -13,7 +13,9 @@
 :class:`DeviceGateway` has no round rule of its own: the coordinator's policy decides when a
 task opens and closes and whether it commits, its pipeline judges every update. The gateway
 keeps one session per task (:class:`~shoal.device_task.DeviceTask`: who was asked, their
-keys, their answers), turns an authenticated upload into an ``UpdatesArrived`` event and
+keys, their answers; kept in a :class:`~shoal.device_sessions.SessionBook`), bounds each
+update's weight (:class:`~shoal.device_task.WeightCap`), turns an authenticated upload
+into an ``UpdatesArrived`` event and
 answers the device with the coordinator's verdict, at once. Secure-aggregation tasks run the
 SecAgg+ machine (:class:`~shoal.device_secagg.SecAggDeviceRound`) as their session; its
 unmasked sum reaches the coordinator as one :class:`~shoal.events.PartialAggregate`.
@@ -37,13 +39,13 @@ import math
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shoal.coordinator import Coordinator
 from shoal.device_secagg import End, SecAggDeviceRound, Wait
+from shoal.device_sessions import GatewaySettings, Outcome, Session, SessionBook, is_closed
 from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, WeightCap
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.observers import Observer
@@ -62,38 +64,6 @@ __all__ = ["DeviceGateway", "GatewaySettings", "Outcome"]
 log = logging.getLogger("shoal.aggregator")
 
 _IO = (CommitVersion, AbortRound, Finished)
-_KEEP_CLOSED = 8  # closed sessions kept to answer late uploads and retries
-
-
-@dataclass(frozen=True)
-class GatewaySettings:
-    """How the gateway paces devices and runs secure aggregation.
-
-    Attributes:
-        idle_retry_s: devices that find no task come back within this (jittered).
-        checkin_interval_s: devices a task does not need come back within
-            [0.5, 1.5] x this (pace steering spreads their check-ins).
-        roster_wait_s: secure aggregation: longest wait for the selected devices to check
-            in before the roster closes.
-        stage_timeout_s: secure aggregation: length of the key and unmasking stages; input
-            collection ends this long before the task's deadline, so that unmasking fits.
-    """
-
-    idle_retry_s: float = 2.0
-    checkin_interval_s: float = 5.0
-    roster_wait_s: float = 15.0
-    stage_timeout_s: float = 10.0
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one device did for one task, for the registry (participation, fairness)."""
-
-    device_id: str
-    task_id: int
-    round: int
-    outcome: str  # "accepted", "late", "dropped" or "rejected:<reason>"
-    now: float
 
 
 class DeviceGateway:
@@ -137,18 +107,13 @@ class DeviceGateway:
         self.changed = threading.Condition(self.lock)
         self.coordinator: Coordinator | None = None
         self._rng = rng if rng is not None else np.random.default_rng()
-        self._sessions: dict[int, DeviceTask | SecAggDeviceRound] = {}
-        self._task_of: dict[str, int] = {}  # device -> its latest task
-        self._params: dict[int, np.ndarray] = {}  # version -> params, while a task needs it
-        self._settings: dict[int, dict[str, float]] = {}
+        self.sessions = SessionBook()  # one per task: open, and the last few closed
         self._timers: list[float] = []
         self._backlog: deque[Command] = deque()
         self._io_busy = False
-        self._outcomes: list[Outcome] = []
         self._served = 0  # download bytes not yet reported to the coordinator
         self._fed: set[int] = set()  # secure tasks whose result reached the coordinator
         self._received: Counter[int] = Counter()  # secure task -> bytes received
-        self._unfit: set[tuple[int, str]] = set()  # (task, device) refused for its runtime
         self.finished = ""
         self.rejections: Counter[str] = Counter()
 
@@ -185,44 +150,38 @@ class DeviceGateway:
     def params(self, version: int) -> np.ndarray | None:
         """The model ``version`` while a task trains from it (else ``None``)."""
         with self.lock:
-            return self._params.get(version)
+            return self.sessions.params(version)
 
     @property
     def latest_version(self) -> int | None:
         with self.lock:
-            return max(self._params) if self._params else None
+            return self.sessions.latest_version
 
-    def session(self, task_id: int) -> DeviceTask | SecAggDeviceRound | None:
+    def session(self, task_id: int) -> Session | None:
         with self.lock:
-            return self._sessions.get(task_id)
+            return self.sessions.get(task_id)
 
     def secure_session(self, device_id: str, round: int) -> SecAggDeviceRound | None:
         """The secure-aggregation session ``device_id`` takes part in for ``round`` (open or
         recently finished), if any."""
         with self.lock:
-            tid = self._task_of.get(device_id)
-            s = self._sessions.get(tid) if tid is not None else None
-            return s if isinstance(s, SecAggDeviceRound) and s.round == round else None
+            return self.sessions.secure(device_id, round)
 
     def take_outcomes(self) -> list[Outcome]:
         """The outcomes recorded since the last call (write them to the registry outside the
         gateway's lock)."""
         with self.lock:
-            out, self._outcomes = self._outcomes, []
-            return out
+            return self.sessions.take_outcomes()
 
     def next_wake(self) -> float | None:
         """When :meth:`tick` next has something to do (a coordinator timer or a secure
         stage's deadline), or ``None``."""
         with self.lock:
             times = list(self._timers[:1])
-            for s in self._sessions.values():
+            for s in self.sessions.all():
                 if isinstance(s, SecAggDeviceRound) and not s.status().done:
                     times.append(s.roster_deadline if s.phase == "roster" else s.stage_deadline)
             return min(times) if times else None
-
-    def _any_open(self) -> bool:
-        return any(not _is_closed(s) for s in self._sessions.values())
 
     # -- device calls --------------------------------------------------------------------------
 
@@ -240,17 +199,16 @@ class DeviceGateway:
         """
         with self.changed:
             soon = now + self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
-            tid = self._task_of.get(device_id)
-            s = self._sessions.get(tid) if tid is not None else None
-            if self.finished or s is None or (_is_closed(s) and self._any_open()):
-                if not self.finished and self._any_open():
+            s = self.sessions.current(device_id)
+            if self.finished or s is None or (is_closed(s) and self.sessions.any_open()):
+                if not self.finished and self.sessions.any_open():
                     # an open task does not need this device: pace it out
                     return ComeBack(soon, "not_selected"), "train", {}
                 idle = ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
                                 "no_round")
                 return idle, "train", {}
             if s.clip_norm is not None and not clips and device_id in s.selected \
-                    and not _is_closed(s):
+                    and not is_closed(s):
                 self._refuse_runtime(s, device_id, now)
             decision = s.check_in(device_id, now, rng=self._rng)
             if isinstance(decision, ComeBack) and decision.reason == "round_closed":
@@ -259,7 +217,7 @@ class DeviceGateway:
             elif isinstance(decision, ComeBack):
                 decision = ComeBack(min(decision.at, soon), decision.reason)
             kind = "secagg" if isinstance(s, SecAggDeviceRound) else "train"
-            return decision, kind, dict(self._settings.get(s.task_id, {}))
+            return decision, kind, self.sessions.settings(s.task_id)
 
     def upload(self, device_id: str, round: int, base_version: int, upload_key: str,
                num_examples: int, delta: np.ndarray, now: float, *,
@@ -278,7 +236,7 @@ class DeviceGateway:
             UpdateRejected: with the session's or the coordinator's reason; nothing changed.
         """
         with self.changed:
-            s = self._session_of(device_id, round)
+            s = self.sessions.answering(device_id, round)
             if s is None:
                 raise self._count(UpdateRejected("not_selected", "the device has no task",
                                                  client_id=device_id, round=round), -1, now)
@@ -329,24 +287,11 @@ class DeviceGateway:
             self.changed.notify_all()
             return receipt
 
-    def _session_of(self, device_id: str, round: int) -> DeviceTask | SecAggDeviceRound | None:
-        """The session an upload from ``device_id`` for ``round`` answers to: its latest
-        task, or a kept earlier one of that round which selected it (a late retry)."""
-        tid = self._task_of.get(device_id)
-        latest = self._sessions.get(tid) if tid is not None else None
-        if latest is None or latest.round == round:
-            return latest
-        earlier = [s for s in self._sessions.values()
-                   if s.round == round and device_id in s.selected]
-        return earlier[-1] if earlier else latest
-
-    def _refuse_runtime(self, s: DeviceTask | SecAggDeviceRound, device_id: str,
-                        now: float) -> None:
+    def _refuse_runtime(self, s: Session, device_id: str, now: float) -> None:
         """Refuse ``device_id`` the clipping task ``s`` (its runtime does not clip); the
         coordinator stops waiting for it (once)."""
-        if (s.task_id, device_id) not in self._unfit:
-            self._unfit.add((s.task_id, device_id))
-            self._outcome(device_id, s, "rejected:runtime_too_old", now)
+        if self.sessions.unfit(s, device_id):
+            self.sessions.record(device_id, s, "rejected:runtime_too_old", now)
             if isinstance(s, DeviceTask):
                 cid = s.client_id(device_id)
                 self._carry(self._running().handle(
@@ -389,8 +334,7 @@ class DeviceGateway:
     def heartbeat(self, device_id: str, round: int, now: float) -> bool:
         """Whether the device's task is still open (a device may stop training if not)."""
         with self.lock:
-            tid = self._task_of.get(device_id)
-            s = self._sessions.get(tid) if tid is not None else None
+            s = self.sessions.current(device_id)
             if s is None or s.round != round:
                 return False
             if isinstance(s, SecAggDeviceRound):
@@ -416,11 +360,11 @@ class DeviceGateway:
             if self.coordinator is None:
                 return
             progressed = False
-            for tid, s in list(self._sessions.items()):
-                if isinstance(s, SecAggDeviceRound) and tid not in self._fed:
+            for s in self.sessions.all():
+                if isinstance(s, SecAggDeviceRound) and s.task_id not in self._fed:
                     progressed |= s.tick(now)
                     if s.status().done:
-                        self._secure_done(tid, s, now)
+                        self._secure_done(s.task_id, s, now)
             due = False
             while self._timers and self._timers[0] <= now:
                 heapq.heappop(self._timers)
@@ -529,7 +473,7 @@ class DeviceGateway:
         if isinstance(cmd, SendTask):
             self._open(cmd, now)
         elif isinstance(cmd, CancelTask):
-            s = self._sessions.get(cmd.task_id)
+            s = self.sessions.get(cmd.task_id)
             if s is not None:
                 self._close(s, cmd.reason, now)
         elif isinstance(cmd, WakeAt):
@@ -537,38 +481,19 @@ class DeviceGateway:
                 heapq.heappush(self._timers, cmd.at)
 
     def _open(self, cmd: SendTask, now: float) -> None:
-        task = cmd.task
         if self.weights is not None:
             self.weights.refresh()  # one cap for every update of the task
         selected = [self.devices[int(c)] for c in cmd.client_ids]
-        ids = [int(c) for c in cmd.client_ids]
-        pace, retry = self.settings.checkin_interval_s, self.settings.idle_retry_s
-        if self.secure is None:
-            s: DeviceTask | SecAggDeviceRound = DeviceTask(
-                task.task_id, task.round, task.version, selected, deadline=task.deadline,
-                client_ids=ids, pace_spread_s=pace, retry_spread_s=retry,
-                clip_norm=task.clip_norm)
-        else:
-            policy = self._running().policy
-            target = min(getattr(policy, "target", None) or len(selected), len(selected))
-            least = policy.min_accepted() if hasattr(policy, "min_accepted") else 1
-            s = SecAggDeviceRound(
-                task.task_id, task.round, task.version, selected, target=target,
-                min_accepted=max(1, min(least, target)), opened_at=now,
-                input_deadline=task.deadline - self.settings.stage_timeout_s, dim=self.dim,
-                config_for=self.secure.config_for, roster_wait_s=self.settings.roster_wait_s,
-                stage_timeout_s=self.settings.stage_timeout_s, client_ids=ids,
-                pace_spread_s=pace, retry_spread_s=retry, clip_norm=task.clip_norm)
-        self._sessions[task.task_id] = s
-        self._settings[task.task_id] = {k: float(v) for k, v in task.settings.items()}
-        if self.on_publish is not None and task.version not in self._params:
-            self.on_publish(task.version, task.params)
-        self._params[task.version] = task.params
-        for d in selected:
-            self._task_of[d] = task.task_id
-        self._prune()
+        policy = self._running().policy
+        target = min(getattr(policy, "target", None) or len(selected), len(selected))
+        least = policy.min_accepted() if hasattr(policy, "min_accepted") else 1
+        if self.sessions.open(cmd.task, selected, [int(c) for c in cmd.client_ids], now,
+                              self.settings, secure=self.secure, dim=self.dim, target=target,
+                              min_accepted=max(1, min(least, target))) \
+                and self.on_publish is not None:
+            self.on_publish(cmd.task.version, cmd.task.params)
 
-    def _close(self, s: DeviceTask | SecAggDeviceRound, reason: str, now: float) -> None:
+    def _close(self, s: Session, reason: str, now: float) -> None:
         if isinstance(s, SecAggDeviceRound):
             s.close(reason)
             self._fed.add(s.task_id)
@@ -588,46 +513,24 @@ class DeviceGateway:
         its dropouts are never recorded.
         """
         coordinator = self._running()
-        for s in list(self._sessions.values()) if sessions is None else sessions:
+        for s in self.sessions.all() if sessions is None else sessions:
             if isinstance(s, DeviceTask) and not s.closed \
                     and not coordinator.outstanding(s.task_id):
                 self._close(s, "task over", now)
 
-    def _prune(self) -> None:
-        """Forget the oldest closed sessions and the versions no open task trains from."""
-        closed = [tid for tid, s in self._sessions.items() if _is_closed(s)]
-        for tid in closed[:max(0, len(closed) - _KEEP_CLOSED)]:
-            s = self._sessions.pop(tid)
-            self._settings.pop(tid, None)
-            for d in s.selected:
-                if self._task_of.get(d) == tid:
-                    del self._task_of[d]
-        self._unfit = {k for k in self._unfit if k[0] in self._sessions}
-        needed = {s.model_version for s in self._sessions.values() if not _is_closed(s)}
-        newest = max(self._params) if self._params else None
-        for v in list(self._params):
-            if v not in needed and v != newest:
-                del self._params[v]
-
     def _finish(self, reason: str) -> None:
         self.finished = reason
-        for s in self._sessions.values():
-            if not _is_closed(s):
+        for s in self.sessions.all():
+            if not is_closed(s):
                 s.close(f"run finished: {reason}")
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def _outcome(self, device_id: str, s: DeviceTask | SecAggDeviceRound, outcome: str,
-                 now: float) -> None:
-        self._outcomes.append(Outcome(device_id, s.task_id, s.round, outcome, now))
+    def _outcome(self, device_id: str, s: Session, outcome: str, now: float) -> None:
+        self.sessions.record(device_id, s, outcome, now)
 
     def _count(self, exc: UpdateRejected, task_id: int, now: float) -> UpdateRejected:
         self.rejections[exc.reason] += 1
         self.observer.update_rejected(task_id, exc.reason, 1, exc.detail, now)
         return exc
 
-
-def _is_closed(s: DeviceTask | SecAggDeviceRound) -> bool:
-    if isinstance(s, SecAggDeviceRound):
-        return s.status().done
-    return bool(s.closed)
