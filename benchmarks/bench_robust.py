@@ -94,10 +94,47 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.text(j, i, f"{v:+.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(defenses)), defenses, rotation=40, ha="right")
         ax.set_yticks(range(len(attacks)), attacks)
-        ax.set_title(f"{int(frac * 100)}% malicious: clean accuracy - FedAvg without "
-                     f"attack ({100 * base:.1f}%), points", fontsize=9)
+        ax.set_title(f"{int(frac * 100)} % malicious\nclean accuracy minus no-attack FedAvg "
+                     f"({100 * base:.1f} %), points", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per fraction, a table: attacks down, defenses across, clean accuracy in points
+    relative to no-attack FedAvg (backdoor accuracy in brackets for the backdoor row), and
+    the best defense of each attack."""
+    base = next(r["clean_accuracy"] for r in rows
+                if r["attack"] == "none" and r["defense"] == "fedavg")
+    defenses = [d for d in DEFENSES if any(r["defense"] == d for r in rows)]
+    out = [f"No-attack FedAvg: {100 * base:.1f} %.", ""]
+    for frac in sorted({r["fraction"] for r in rows if r["attack"] != "none"}):
+        out += [f"**{int(100 * frac)} % malicious** (points vs. no-attack FedAvg; "
+                f"backdoor accuracy in brackets)", "",
+                "| attack | " + " | ".join(defenses) + " | best |",
+                "|---" * (len(defenses) + 2) + "|"]
+        for attack in ["none", *ATTACKS]:
+            cells, best = [], None
+            for d in defenses:
+                r = next((r for r in rows if r["attack"] == attack and r["defense"] == d
+                          and (r["fraction"] == frac or attack == "none")), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                diff = 100 * (r["clean_accuracy"] - base)
+                cell = f"{diff:+.1f}"
+                if attack == "backdoor":
+                    cell += f" [{100 * r['backdoor_accuracy']:.0f}]"
+                if r.get("aborted_rounds"):
+                    cell += f" ({r['aborted_rounds']} refused)"
+                cells.append(cell)
+                if best is None or diff > best[0]:
+                    best = (diff, d)
+            if any(cells):
+                label = "" if best is None else f"{best[1]} ({best[0]:+.1f})"
+                out.append(f"| {attack} | " + " | ".join(cells) + f" | {label} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,11 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="write the heat map PNG here from --out and stop")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the tables for the docs from --out and stop")
     args = p.parse_args(argv)
     out = Path(args.out)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if args.plot:
         plot(done, Path(args.plot))
+        return 0
+    if args.markdown:
+        print(markdown(done))
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     have = {(r["attack"], r["defense"], r["fraction"], r["seed"]) for r in done}
