@@ -234,3 +234,12 @@ def mutated_payloads():
                   st.sampled_from([True, True, True, False])),
         st.binary(max_size=600),
     )
+
+
+def fuzz_settings():
+    """The Hypothesis settings of every fuzz test: :func:`examples` cases, a 5 s deadline
+    per case (a hang fails), no health check about slow or large inputs."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=examples(), deadline=5000,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -5,12 +5,11 @@ beyond the bound (see tests/fuzz_targets.py)."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 import fuzz_targets as ft
 
-SETTINGS = settings(max_examples=ft.examples(), deadline=5000,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = ft.fuzz_settings()
 
 
 @SETTINGS

@@ -5,13 +5,12 @@ ShoalError -- never another exception, a hang or an allocation beyond the bound.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fuzz_targets as ft
 
-SETTINGS = settings(max_examples=ft.examples(), deadline=5000,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = ft.fuzz_settings()
 
 
 @SETTINGS
