@@ -8,9 +8,12 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
-from shoal.device_task import SESSION_REASONS, ComeBack, DeviceTask, Task, UploadResult
+from shoal.device_task import (SESSION_REASONS, ComeBack, DeviceTask, Task, UploadResult,
+                               WeightCap)
 from shoal.errors import ConfigError, UpdateRejected
 from shoal.events import ClientUpdate
 
@@ -320,3 +323,62 @@ def test_an_endless_task_has_no_deadline(rng):
     task = t.check_in("dev-03", OPEN, rng=rng)
     assert task.deadline == math.inf
     assert submit(t, "dev-03", task, now=1e12).position == 1
+
+
+# -- the weight cap ----------------------------------------------------------------------------
+
+
+def test_a_fixed_max_weight_caps_every_claim_at_once():
+    cap = WeightCap(max_weight=15)
+    assert cap.cap == 15 and [cap.weigh(n) for n in (0, 3, 15, 16, 10**7)] == [0, 3, 15, 15, 15]
+
+
+def test_the_derived_cap_is_a_multiple_of_the_median_size_each_device_counted_once():
+    cap = WeightCap(multiple=4.0, min_devices=3)
+    cap.note("a", 10)
+    cap.note("b", 20)
+    assert cap.refresh() is None and cap.weigh(10**7) == 10**7  # too few sizes yet
+    cap.note("c", 30)
+    cap.note("z", 0)  # a device without examples does not pull the median down
+    assert cap.cap is None  # sizes count from the next refresh (a task opening)
+    assert cap.refresh() == 80 and cap.weigh(10**7) == 80 and cap.weigh(79) == 79
+    for _ in range(50):  # a device repeating a huge claim is still one vote
+        cap.note("c", 10**7)
+    assert cap.refresh() == 80  # median of 10, 20, 10**7
+
+
+@settings(max_examples=60, deadline=None)
+@given(honest=st.lists(st.integers(1, 10_000), min_size=3, max_size=40),
+       lies=st.lists(st.integers(1, 10**9), max_size=40), multiple=st.floats(1.0, 10.0))
+def test_a_lying_minority_cannot_raise_the_cap_above_the_honest_sizes(honest, lies,
+                                                                      multiple):
+    lies = lies[:(len(honest) - 1) // 2]  # strictly fewer liars than honest devices
+    cap = WeightCap(multiple=multiple, min_devices=1)
+    for i, n in enumerate(honest):
+        cap.note(f"h{i}", n)
+    for i, n in enumerate(lies):
+        cap.note(f"l{i}", n)
+    # the median of all sizes lies between the honest devices' smallest and largest
+    assert multiple * min(honest) - 1 <= cap.refresh() <= multiple * max(honest)
+    share = cap.weigh(10**9) / (cap.weigh(10**9) + sum(honest))
+    assert share <= multiple * max(honest) / (multiple * max(honest) + sum(honest))
+
+
+def test_weight_cap_arguments_are_checked():
+    for kw in (dict(max_weight=-1), dict(multiple=0.5), dict(multiple=float("nan")),
+               dict(min_devices=0)):
+        with pytest.raises(ConfigError):
+            WeightCap(**kw)
+
+
+def test_device_metrics_are_bounded_in_number_name_and_value():
+    task = make_task()
+    t = task.check_in("dev-01", OPEN, rng=np.random.default_rng(0))
+    for metrics, why in (({"loss": 2e9}, "bound"), ({f"m{i}": 1.0 for i in range(33)},
+                                                    "at most 32"),
+                         ({"": 1.0}, "name"), ({"loss": float("inf")}, "finite")):
+        with pytest.raises(UpdateRejected, match=why) as info:
+            task.admit(**upload_args("dev-01", t), metrics=metrics)
+        assert info.value.reason == "bad_metrics"
+    admitted = task.admit(**upload_args("dev-01", t), metrics={"loss": -1e9, "acc": 0.5})
+    assert dict(admitted.metrics) == {"loss": -1e9, "acc": 0.5}

@@ -21,7 +21,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
-from shoal.errors import ConfigError  # noqa: E402
+from shoal.errors import CodecError, ConfigError  # noqa: E402
 from shoal.policy import SyncPolicy  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.transport.auth import Keyring  # noqa: E402
@@ -206,3 +206,29 @@ def test_an_update_streamed_in_chunks_reaches_the_round_only_if_it_matches_its_c
     assert record.bytes_up == len(blob)
     assert state.version == ROUND
     np.testing.assert_array_equal(state.params, PARAMS + delta)
+
+
+@pytest.mark.parametrize("chain", ["", "fp16", "q8", "q2", "sign", "zstd", "topk(0.3)",
+                                   "randk(1.0)+q4", "topk(0.01)+q8+zstd", "fp16+zstd"])
+def test_the_upload_limit_bounds_every_update_of_the_model_in_its_codec(chain):
+    # the oracle is the encoder itself: no update the chain makes, however its values fall
+    # (smooth, heavy-tailed, sparse, incompressible), may exceed the limit the server
+    # enforces -- and the limit stays within a small multiple of the raw model
+    from shoal.transport.downloads import upload_limit
+
+    codec = Chain.parse(chain, key="compression.upload")
+    rng = np.random.default_rng(0)
+    for dim in (1, 7, 1000, 40_000):
+        limit = upload_limit(dim, codec)
+        raw = len(encode(np.zeros(dim, np.float32)))
+        for x in (rng.standard_normal(dim), rng.standard_cauchy(dim),
+                  np.where(rng.random(dim) < 0.01, rng.standard_normal(dim), 0.0),
+                  rng.uniform(-1e30, 1e30, dim), np.arange(dim) - dim / 2):
+            try:
+                size = len(to_bytes(codec.encode(x.astype(np.float32), rng)))
+            except CodecError:  # e.g. fp16 cannot carry 1e30: nothing is sent
+                continue
+            assert size <= limit, (chain, dim, size, limit)
+        # raw float32 has one exact size; any other chain at most twice it (a value and an
+        # index per coordinate) plus its frame
+        assert limit == raw if not chain else limit <= 2.05 * raw + 4096
