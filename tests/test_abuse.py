@@ -271,6 +271,8 @@ def test_device_metrics_out_of_bounds_are_refused(tmp_path, metrics, why):
             assert upload(stub, d, task if d == "dev-a" else get_task(stub, d), ONE).accepted
         t.join(timeout=20)
         assert out["record"].train_loss == pytest.approx(0.5)
+        # the one device-reported number in the metrics says so in its name
+        assert service.metrics.value("shoal_device_reported_train_loss") == 0.5
 
 
 # -- Hello ----------------------------------------------------------------------------------------

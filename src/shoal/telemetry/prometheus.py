@@ -24,12 +24,16 @@ Metrics:
 * ``shoal_round_seconds`` -- how long each round (or buffered server step) took on the
   run's clock, committed or abandoned;
 * ``shoal_refused_calls_total{reason}``, ``shoal_checkins_total{answer}``,
-  ``shoal_bytes_total{direction}``, ``shoal_active_uploads`` -- the carrier's.
+  ``shoal_bytes_total{direction}``, ``shoal_active_uploads`` -- the carrier's;
+* ``shoal_device_reported_train_loss`` -- the last version's example-weighted mean local
+  training loss *as its devices reported it*: the server cannot check it (it only bounds
+  it, finite and within +-1e9). Every other metric is counted or measured by the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import Callable, Mapping
 
@@ -84,6 +88,9 @@ class PrometheusObserver(CarrierObserver):
                                  registry=r)
         self.duration = prom.Histogram("shoal_round_seconds", "round duration",
                                        buckets=_ROUND_BUCKETS, registry=r)
+        self.device_loss = prom.Gauge("shoal_device_reported_train_loss", "mean local "
+                                      "training loss of the last version, as its devices "
+                                      "reported it (unverified)", registry=r)
         self._servers: list[_MetricsHTTP] = []
 
     def value(self, name: str, **labels: str) -> float:
@@ -140,6 +147,8 @@ class PrometheusObserver(CarrierObserver):
         self.rounds.labels("committed").inc()
         self.version.set(record.version)
         self.duration.observe(record.seconds)
+        if math.isfinite(record.train_loss):
+            self.device_loss.set(record.train_loss)
 
     def round_abandoned(self, record: RoundRecord, reason: str) -> None:
         self.rounds.labels("abandoned").inc()
