@@ -4,32 +4,33 @@ asynchronous: fast clients report often, slow ones late and stale."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from shoal.config import load_config
 from shoal.experiment import Experiment
+from shoal.sim.timeline import time_to_accuracy
 
 
 @pytest.mark.slow
-def test_buffered_reaches_sync_accuracy_at_the_same_number_of_client_updates(fmnist):
+def test_buffered_reaches_sync_accuracy_in_less_than_half_the_simulated_time(fmnist):
+    """FedBuff's claim (Nguyen et al., AISTATS 2022), on log-normal device speeds: a sync
+    round waits for its slowest client, buffered aggregation does not, so buffered reaches
+    the accuracy sync ends its 30 rounds with several times sooner on the simulated clock
+    (measured: 3.2-4x; asserted: 2x, for each of seeds 0-2)."""
     from shoal.data import FederatedData
     from shoal.data.partition import partition
 
     train, test = fmnist
     parts = tuple(partition(train.y, 100, "dirichlet", alpha=0.5, seed=0))
     data = FederatedData(train, test, parts)
-    final: dict[str, list[float]] = {"sync": [], "buffered": []}
     for seed in (0, 1, 2):
-        for policy in final:
-            # 30 sync rounds of 10 clients, or 30 buffered steps of 10 updates: 300 updates
-            cfg = load_config(None, {"seed": seed, "round.policy": policy,
-                                     "sim.time_model": "lognormal"})
-            result = Experiment(cfg, data).run()
-            committed = [r for r in result.records if r.round > 0]
-            assert len(committed) == 30 and sum(r.accepted for r in committed) == 300
-            if policy == "buffered":  # it really ran asynchronously
-                assert max(r.staleness_max for r in committed) >= 1
-            final[policy].append(result.summary()["final_accuracy"])
-    gap = np.mean(final["sync"]) - np.mean(final["buffered"])
-    assert gap < 0.01, final
+        sync = Experiment(load_config(None, {"seed": seed, "sim.time_model": "lognormal"}),
+                          data).run()
+        committed = [r for r in sync.records if r.round > 0]
+        assert len(committed) == 30 and sum(r.accepted for r in committed) == 300
+        target, sync_seconds = sync.summary()["final_accuracy"], sync.timeline[-1].sim_seconds
+        buffered = Experiment(load_config(None, {"seed": seed, "round.policy": "buffered",
+                                                 "sim.time_model": "lognormal",
+                                                 "rounds": 60}), data).run()
+        assert max(r.staleness_max for r in buffered.records) >= 1  # really asynchronous
+        assert time_to_accuracy(buffered.timeline, target) < sync_seconds / 2, seed

@@ -17,7 +17,8 @@ import numpy as np
 
 from shoal import seeds
 from shoal.config import Config
-from shoal.data import FederatedData, load_fashion_mnist
+from shoal.data import (FederatedData, GeneratedClients, ResampledClients, SyntheticClients,
+                        load_fashion_mnist)
 from shoal.data.partition import partition
 from shoal.data.synthetic import make_synthetic
 from shoal.errors import ConfigError
@@ -53,9 +54,19 @@ def unpredictable(*_: int) -> np.random.Generator:
         int.from_bytes(os.urandom(32), "big"))))
 
 
-def load_data(cfg: Config) -> FederatedData:
-    """The training set split into clients, and the central test set, per ``cfg["data"]``."""
+def load_data(cfg: Config) -> FederatedData | GeneratedClients:
+    """The training set split into clients, and the central test set, per ``cfg["data"]``;
+    with ``data.population = "generated"``, a population whose clients' data is made on
+    demand (:mod:`shoal.data.population`)."""
     d = cfg["data"]
+    if d["population"] == "generated":
+        size_law = {"median": d["client_examples"], "sigma": d["client_examples_sigma"],
+                    "seed": d["partition_seed"]}
+        if d["dataset"] == "synthetic":
+            return SyntheticClients(d["synthetic_alpha"], d["synthetic_beta"], d["clients"],
+                                    iid=d["synthetic_iid"], **size_law)
+        pool, test = load_fashion_mnist(d["path"] or None, flatten=True)
+        return ResampledClients(pool, test, d["clients"], alpha=d["alpha"], **size_law)
     if d["dataset"] == "synthetic":
         return make_synthetic(d["synthetic_alpha"], d["synthetic_beta"],
                               num_clients=d["clients"],
@@ -101,7 +112,8 @@ def selector_from_config(cfg: Config) -> Selector:
     return Uniform()
 
 
-def sampler_from_config(cfg: Config, data: FederatedData | None = None) -> Sampler:
+def sampler_from_config(cfg: Config, data: FederatedData | GeneratedClients | None = None
+                        ) -> Sampler:
     """The simulation's sampler: Poisson, the uniform sampler of wave 1, or a
     :class:`~shoal.sampling.RegistrySampler` over :func:`simulated_registry` (whose cohorts
     the run records, see :func:`~shoal.sampling.recording`) for any other selection.
@@ -114,6 +126,11 @@ def sampler_from_config(cfg: Config, data: FederatedData | None = None) -> Sampl
         return PoissonSampler(s["q"])
     if s["selection"] == "uniform":
         return UniformSampler(s["per_round"])
+    if isinstance(data, GeneratedClients):
+        raise ConfigError(f"sampling.selection = {s['selection']!r} reads a registry of the "
+                          f"clients, which a generated population (data.population = "
+                          f"'generated') does not build; use 'uniform'",
+                          key="sampling.selection")
     registry = simulated_registry(cfg, data)
     # simulated clients declare no availability window: the time does not matter
     return RegistrySampler(selector_from_config(cfg), s["per_round"],
@@ -174,9 +191,14 @@ def expected_cohort(cfg: Config) -> float:
 
 def policy_from_config(cfg: Config, *, deployed: bool = False) -> RoundPolicy:
     """The round policy of ``cfg["round"]``. Synchronous rounds in simulation await every
-    sampled client (the wave-1 semantics); a deployment's rules (target, over-selection,
-    deadline, minimum fraction) come from ``cfg["deploy"]``."""
+    sampled client (the wave-1 semantics) unless ``sim.round_rules = "deploy"``; a
+    deployment's rules (target, over-selection, deadline, minimum fraction) come from
+    ``cfg["deploy"]``."""
     r = cfg["round"]
+    rules = deployed or cfg["sim"]["round_rules"] == "deploy"
+    # in simulated time, nobody online now means: ask again later
+    idle = cfg["sim"]["idle_wait_s"] if not deployed and cfg["sim"]["time_model"] != "none" \
+        else 0.0
     if r["policy"] == "buffered":
         if cfg["privacy"]["placement"] != "none" or cfg["secure_aggregation"]["enabled"]:
             raise ConfigError("round.policy = 'buffered' does not compose with privacy or "
@@ -187,13 +209,14 @@ def policy_from_config(cfg: Config, *, deployed: bool = False) -> RoundPolicy:
                               staleness_reference=r["staleness_reference"],
                               max_staleness=r["max_staleness"],
                               # a device that never reports frees its slot at the deadline
-                              deadline_s=cfg["deploy"]["deadline_s"] if deployed else math.inf)
-    if deployed:
+                              deadline_s=cfg["deploy"]["deadline_s"] if rules else math.inf,
+                              idle_wait_s=idle)
+    if rules:
         d = cfg["deploy"]
         return SyncPolicy(target=d["target"] or cfg["sampling"]["per_round"],
                           over_selection=d["over_selection"], deadline_s=d["deadline_s"],
-                          min_fraction=d["min_fraction"])
-    return SyncPolicy()
+                          min_fraction=d["min_fraction"], idle_wait_s=idle)
+    return SyncPolicy(idle_wait_s=idle)
 
 
 def local_dp_from_config(cfg: Config) -> LocalDP | None:
@@ -356,7 +379,17 @@ class LogNormalTime:
 
 
 def time_model_from_config(cfg: Config) -> LogNormalTime | None:
+    """The ``lognormal`` time model, or ``None`` for ``none``. A device trace
+    (``time_model = "trace"``) is built by the simulator's own factory,
+    :func:`shoal.sim.devices.trace_from_config`.
+
+    Raises:
+        ConfigError: ``time_model = "trace"`` asked of this factory.
+    """
     s = cfg["sim"]
+    if s["time_model"] == "trace":
+        raise ConfigError("sim.time_model = 'trace' is built by "
+                          "shoal.sim.devices.trace_from_config", key="sim.time_model")
     if s["time_model"] == "none":
         return None
     return LogNormalTime(cfg.seed, cfg["client"]["epochs"], s["ms_per_example"],

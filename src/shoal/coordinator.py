@@ -41,7 +41,7 @@ from shoal.observers import Observer, Observers
 from shoal.pipeline import Pipeline, PipelineRun, validate_rows
 from shoal.policy import RoundPolicy, SyncPolicy
 from shoal.records import RoundRecord
-from shoal.sampling import Sampler
+from shoal.sampling import IdleSampler, Sampler
 from shoal.strategy import ServerState, Strategy
 
 __all__ = ["Coordinator"]
@@ -231,6 +231,9 @@ class Coordinator:
 
     def _idle_clients(self, count: int, rng: np.random.Generator) -> np.ndarray:
         busy = set().union(*(t.pending for t in self._tasks.values() if not t.cancelled))
+        if isinstance(self.sampler, IdleSampler):  # e.g. only the clients online now
+            picked_ids = self.sampler.idle(self.num_clients, count, rng, busy)
+            return picked_ids if len(picked_ids) == count else np.zeros(0, np.int64)
         if self.num_clients - len(busy) < count:
             return np.zeros(0, np.int64)
         picked: list[int] = []

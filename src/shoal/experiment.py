@@ -32,7 +32,7 @@ from shoal.build import (expected_cohort, load_data, local_dp_from_config,
 from shoal.clock import SimClock, WallClock
 from shoal.config import Config
 from shoal.coordinator import Coordinator
-from shoal.data import FederatedData
+from shoal.data import FederatedData, GeneratedClients
 from shoal.errors import ConfigError, ShoalError
 from shoal.frameworks.torch import FlatModule
 from shoal.models import build_model
@@ -41,7 +41,7 @@ from shoal.params import ParamSpec
 from shoal.pipeline import stage_states_from_dict, stage_states_to_dict
 from shoal.records import RoundRecord
 from shoal.runner import ClientPool, PushCarrier, drive
-from shoal.sampling import Sampler, recording
+from shoal.sampling import OnlineSampler, ParticipationCounts, Sampler, recording
 from shoal.store import Checkpoint
 from shoal.strategy import ServerState
 from shoal.training import evaluate
@@ -117,6 +117,11 @@ class RunResult:
     stopped: str = ""
     extra: dict = field(default_factory=dict)
     stage_states: tuple = ()
+    #: with simulated device time: per committed version, simulated and wall time, accuracy,
+    #: participants, dropouts, staleness (:class:`~shoal.sim.timeline.TimelineRow`)
+    timeline: list = field(default_factory=list)
+    #: with simulated device time: accepted updates per client (who got to train)
+    participation: np.ndarray | None = None
 
     def evaluated(self) -> list[RoundRecord]:
         return [r for r in self.records if "accuracy" in r.eval]
@@ -168,7 +173,7 @@ class Experiment:
             per ``cfg``.
     """
 
-    def __init__(self, cfg: Config, data: FederatedData | None = None, *,
+    def __init__(self, cfg: Config, data: FederatedData | GeneratedClients | None = None, *,
                  pool: ClientPool | PushCarrier | None = None,
                  sampler: Sampler | None = None) -> None:
         t0 = time.perf_counter()
@@ -201,7 +206,11 @@ class Experiment:
             secure_in_transport=getattr(pool, "aggregates_securely", False))
         self.privacy = next((s for s in self.pipeline.stages if hasattr(s, "check_plan")),
                             None)
-        self.time_model = None if self.deployed else time_model_from_config(cfg)
+        #: the simulated clock of the current run (a fresh one each :meth:`run`)
+        self.clock = SimClock()
+        #: the device trace of ``sim.time_model = "trace"`` (None otherwise)
+        self.trace = None
+        self.time_model = None if self.deployed else self._time_model(sampler is None)
         x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
         #: central evaluation of a flat model -> metrics (replaceable, e.g. by a spy)
         self.evaluate: Callable[[np.ndarray], dict] = \
@@ -209,6 +218,32 @@ class Experiment:
         self._stage_states: tuple | None = None
         self.initial_params = self.eval_model.get()
         self.startup_seconds = time.perf_counter() - t0
+
+    def _time_model(self, own_sampler: bool):
+        """The simulated device time of ``cfg``; with a trace that has online windows, the
+        sampler becomes uniform among the clients online at the simulated time.
+
+        Raises:
+            ConfigError: a trace with windows and a selection or sampling method that cannot
+                follow them.
+        """
+        cfg = self.cfg
+        if cfg["sim"]["time_model"] != "trace":
+            return time_model_from_config(cfg)
+        from shoal.sim.devices import TracedDevices, trace_from_config
+
+        self.trace = trace_from_config(cfg)
+        if self.trace.availability.rows and own_sampler:
+            s = cfg["sampling"]
+            if s["method"] != "uniform" or s["selection"] != "uniform":
+                raise ConfigError("a trace with online windows samples uniformly among the "
+                                  "clients online at the simulated time: use "
+                                  "sampling.method = 'uniform' and sampling.selection = "
+                                  "'uniform' (or a trace without windows)",
+                                  key="sampling.selection")
+            self.sampler = OnlineSampler(self.trace.availability, s["per_round"],
+                                         lambda: self.clock.now())
+        return TracedDevices(self.trace, cfg["client"]["epochs"])
 
     @property
     def coordinator(self) -> Coordinator:
@@ -342,6 +377,13 @@ class Experiment:
             pending.append((rec, fut))
             emit(block_all=False)
 
+        timeline = None
+        participation: ParticipationCounts | None = None
+        if self.time_model is not None:
+            from shoal.sim.timeline import Timeline
+
+            timeline = Timeline(lambda: self.clock.now())
+            observers = Observers([*observers.observers, timeline])
         coordinator = self.make_coordinator(observers.observers)
         final: dict[str, ServerState] = {}  # the last committed state
 
@@ -367,10 +409,14 @@ class Experiment:
                 state = self.strategy.init(self.initial_params)
                 submit(RoundRecord(round=0), state.params)
             final["state"] = state
-            clock = SimClock() if self.time_model is not None else WallClock()
+            self.clock = SimClock()
+            clock = self.clock if self.time_model is not None else WallClock()
             # in simulation, the registry a sampler reads learns who took part (a deployment's
-            # gateway records that itself)
-            driven = coordinator if self.deployed else recording(coordinator, self.sampler)
+            # gateway records that itself); with device time, so does a participation count
+            if self.time_model is not None:
+                participation = ParticipationCounts.of_size(self.pool.num_clients)
+            driven = coordinator if self.deployed else recording(
+                coordinator, self.sampler, [participation] if participation is not None else [])
             reason = drive(driven, self.pool, state, clock,
                            stage_states=self._stage_states, task_seconds=self.time_model,
                            on_commit=committed, on_abort=abandoned)
@@ -384,7 +430,15 @@ class Experiment:
         finally:
             evaluator.shutdown(wait=True, cancel_futures=True)
         wall = time.perf_counter() - t0
+        extra: dict = {}
+        if participation is not None:
+            extra["sim_hours"] = self.clock.now() / 3600.0
+            extra["sim_hours_per_wall_hour"] = self.clock.now() / wall if wall else math.nan
+            extra["clients_trained"] = int((participation.counts > 0).sum())
+            extra["dropouts"] = sum(r.rejected.get("offline", 0) for r in records)
         return RunResult(records=records, state=state, spec=self.spec,
                          startup_seconds=self.startup_seconds, wall_seconds=wall,
-                         engine=self.engine, stopped=stopped,
-                         stage_states=coordinator.stage_states)
+                         engine=self.engine, stopped=stopped, extra=extra,
+                         stage_states=coordinator.stage_states,
+                         timeline=timeline.rows if timeline is not None else [],
+                         participation=participation.counts if participation is not None else None)

@@ -119,6 +119,8 @@ class SyncPolicy:
         min_fraction: a round commits with at least ``ceil(min_fraction x target)``
             updates (at least one); below that it is abandoned and retried.
         max_attempts: fresh cohorts tried per round before the run gives up.
+        idle_wait_s: when nobody can be asked (no device online in a simulated trace), wait
+            this long and ask again, without counting an attempt; 0 = abandon the attempt.
     """
 
     target: int | None = None
@@ -126,11 +128,13 @@ class SyncPolicy:
     deadline_s: float = math.inf
     min_fraction: float = 0.0
     max_attempts: int = 5
+    idle_wait_s: float = 0.0
     name: str = "sync"
     _task: int | None = field(default=None, init=False, repr=False)
     _asked: int = field(default=0, init=False, repr=False)
     _deadline: float = field(default=math.inf, init=False, repr=False)
     _attempt: int = field(default=0, init=False, repr=False)
+    _idle_until: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check(self.target is None or self.target >= 1, "round.target",
@@ -144,6 +148,8 @@ class SyncPolicy:
                f"round.min_fraction must be in [0, 1], got {self.min_fraction!r}")
         _check(self.max_attempts >= 1, "round.max_attempts",
                f"round.max_attempts must be >= 1, got {self.max_attempts!r}")
+        _check(math.isfinite(self.idle_wait_s) and self.idle_wait_s >= 0, "sim.idle_wait_s",
+               f"idle_wait_s must be a finite number >= 0, got {self.idle_wait_s!r}")
 
     @property
     def attempt(self) -> int:
@@ -169,7 +175,10 @@ class SyncPolicy:
         self._deadline = engine.now + self.deadline_s
         self._task = engine.send(count, self._deadline)
         self._asked = 0 if self._task is None else engine.outstanding(self._task)
-        if self._task is None:
+        if self._task is None and self.idle_wait_s > 0:
+            self._idle_until = engine.now + self.idle_wait_s
+            engine.wake_at(self._idle_until)
+        elif self._task is None:
             self._close(engine, "no_clients")
         elif math.isfinite(self._deadline):
             engine.wake_at(self._deadline)
@@ -210,7 +219,10 @@ class SyncPolicy:
             self._close(engine, "all_reported")
 
     def on_tick(self, engine: Engine, now: float) -> None:
-        if self._task is not None and now >= self._deadline:
+        if self._task is None and self._idle_until is not None and now >= self._idle_until:
+            self._idle_until = None
+            self._open(engine)
+        elif self._task is not None and now >= self._deadline:
             self._close(engine, "deadline")
         elif self._task is not None and engine.outstanding(self._task) == 0:
             self._close(engine, "all_reported")
@@ -236,6 +248,9 @@ class BufferedPolicy:
             0 = the paper's raw weights, 1 = FLSim's default normalisation).
         max_staleness: updates more versions old than this are refused (``"stale"``).
         deadline_s: a task not reported within this is given up (its client is free again).
+        idle_wait_s: when no task is in flight and nobody can be asked (no device online in a
+            simulated trace), ask again after this long; 0 = wait for an event that never
+            comes (the carrier reports a stall).
     """
 
     concurrency: int = 20
@@ -244,6 +259,7 @@ class BufferedPolicy:
     staleness_reference: float = 1.0
     max_staleness: int = 10
     deadline_s: float = math.inf
+    idle_wait_s: float = 0.0
     name: str = "buffered"
     _live: set[int] = field(default_factory=set, init=False, repr=False)
 
@@ -262,6 +278,8 @@ class BufferedPolicy:
                f"round.max_staleness must be >= 0, got {self.max_staleness!r}")
         _check(self.deadline_s > 0, "round.deadline_s",
                f"round.deadline_s must be > 0, got {self.deadline_s!r}")
+        _check(math.isfinite(self.idle_wait_s) and self.idle_wait_s >= 0, "sim.idle_wait_s",
+               f"idle_wait_s must be a finite number >= 0, got {self.idle_wait_s!r}")
 
     def _fill(self, engine: Engine) -> None:
         """Top the tasks in flight up to ``concurrency`` clients (one task per client, so
@@ -271,6 +289,8 @@ class BufferedPolicy:
             deadline = engine.now + self.deadline_s
             task = engine.send(1, deadline)
             if task is None:
+                if not self._live and self.idle_wait_s > 0:
+                    engine.wake_at(engine.now + self.idle_wait_s)
                 return
             self._live.add(task)
             busy += engine.outstanding(task)

@@ -16,7 +16,9 @@ row ``i`` is client ``i``, and :func:`recording` writes each cohort's outcomes b
 selector over an anonymous population (``Columns.of_size``, O(1) memory): its cohort is
 ``np.sort(rng.choice(num_clients, size=per_round, replace=False))``, the simulator's cohorts
 since its first release. :class:`PoissonSampler` is the sampling differential-privacy
-accounting assumes.
+accounting assumes. :class:`OnlineSampler` draws uniformly among the clients a device trace
+says are online at the simulated time, for sync cohorts and buffered tasks alike, without
+scanning the population.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,8 +39,9 @@ from shoal.registry.base import Registry
 from shoal.registry.columns import Columns, encode_ids, find_ids
 from shoal.selection import Selector, Uniform
 
-__all__ = ["OutcomeTap", "PoissonSampler", "RegistrySampler", "Sampler", "UniformSampler",
-           "recording"]
+__all__ = ["Availability", "IdleSampler", "OnlineSampler", "OutcomeRecorder", "OutcomeTap",
+           "ParticipationCounts", "PoissonSampler", "RegistrySampler", "Sampler",
+           "UniformSampler", "online_draw", "recording"]
 
 
 class Sampler(Protocol):
@@ -168,6 +172,131 @@ class _Judged:
         self.positions = np.zeros(0, dtype=np.int64)
 
 
+class Availability(Protocol):
+    """Who is online when: a device trace (:class:`~shoal.sim.traces.DeviceTrace`)."""
+
+    def online(self, client_ids: np.ndarray, t: float) -> np.ndarray:
+        """Whether each client is online at ``t`` (bool)."""
+        ...
+
+
+@runtime_checkable
+class IdleSampler(Protocol):
+    """A sampler that also picks clients for buffered tasks (the coordinator asks it, with
+    the clients already busy, instead of drawing uniformly itself)."""
+
+    def sample(self, num_clients: int, rng: np.random.Generator,
+               count: int | None = None) -> np.ndarray: ...
+
+    def idle(self, num_clients: int, count: int, rng: np.random.Generator,
+             busy: AbstractSet[int]) -> np.ndarray:
+        """``count`` clients (sorted int64), none of ``busy``; fewer, or none, when fewer
+        are eligible."""
+        ...
+
+
+@dataclass(frozen=True)
+class OnlineSampler:
+    """Uniform among the clients online at the simulated time: the sampler of a run on a
+    device trace, for sync cohorts and buffered tasks alike.
+
+    A candidate is drawn uniformly from the whole population and kept if it is online (and
+    not busy, not yet drawn): rejection sampling, which yields a uniformly random subset of
+    the eligible clients and costs ``O(count / online fraction)`` availability look-ups of
+    ``O(log windows)`` each -- selecting 1,300 clients out of ten million asks about a few
+    thousand, never all. When few clients are eligible (under 1 in 64 of those drawn so far)
+    the rest of the cohort is drawn from a full scan instead, which keeps the draw uniform.
+
+    Attributes:
+        availability: who is online when.
+        per_round: the cohort size when the coordinator asks for none.
+        clock: the simulated time (the run's :class:`~shoal.clock.SimClock` ``now``).
+
+    Raises:
+        ConfigError: ``per_round`` is not an int >= 1.
+    """
+
+    availability: Availability
+    per_round: int
+    clock: Callable[[], float]
+
+    def __post_init__(self) -> None:
+        k = self.per_round
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"sampling.per_round = {k!r} must be an int >= 1",
+                              key="sampling.per_round")
+
+    def sample(self, num_clients: int, rng: np.random.Generator,
+               count: int | None = None) -> np.ndarray:
+        k = self.per_round if count is None else count
+        return online_draw(num_clients, k, rng, self.availability, self.clock())
+
+    def idle(self, num_clients: int, count: int, rng: np.random.Generator,
+             busy: AbstractSet[int]) -> np.ndarray:
+        return online_draw(num_clients, count, rng, self.availability, self.clock(),
+                           np.fromiter(busy, np.int64, len(busy)))
+
+
+def online_draw(n: int, count: int, rng: np.random.Generator, availability: Availability,
+                now: float, exclude: np.ndarray | None = None) -> np.ndarray:
+    """``count`` clients of ``range(n)`` uniformly without replacement among those online at
+    ``now`` and not in ``exclude``; all of them (sorted) if fewer are eligible. See
+    :class:`OnlineSampler` for the method."""
+    count = max(0, int(count))
+    barred = np.unique(np.asarray(exclude if exclude is not None else (), np.int64))
+    picked: list[np.ndarray] = []
+    got = drawn = kept = 0
+    seen = np.zeros(0, np.int64)  # sorted: every candidate looked at
+    while got < count and seen.size + barred.size < n:
+        rate = (kept + 1) / (drawn + 1)
+        if drawn >= 64 and rate < 1 / 64:
+            break  # few are eligible: scan them all
+        m = min(int(1.25 * (count - got) / rate) + 32, 4 * n)
+        cand = rng.integers(n, size=m)
+        _, first = np.unique(cand, return_index=True)
+        cand = cand[np.sort(first)]  # draw order, each once
+        cand = cand[~np.isin(cand, seen, assume_unique=True)]
+        seen = np.union1d(seen, cand)
+        ok = cand[~np.isin(cand, barred) & availability.online(cand, now)]
+        drawn += cand.size
+        kept += ok.size
+        take = ok[:count - got]
+        picked.append(take)
+        got += take.size
+    out = np.concatenate([np.zeros(0, np.int64), *picked])
+    if got < count and seen.size + barred.size < n:
+        # the rest from the eligible clients not drawn yet: still a uniform subset
+        rest = np.setdiff1d(np.arange(n, dtype=np.int64), np.union1d(seen, barred),
+                            assume_unique=True)
+        rest = rest[availability.online(rest, now)]
+        more = rest if rest.size <= count - got else rng.choice(rest, count - got,
+                                                                 replace=False)
+        out = np.concatenate((out, more))
+    return np.sort(out)
+
+
+@dataclass
+class ParticipationCounts:
+    """Accepted updates per client, as one int32 column (4 bytes a client): who gets to
+    train. An :class:`OutcomeTap` records into it."""
+
+    counts: np.ndarray
+
+    @classmethod
+    def of_size(cls, n: int) -> ParticipationCounts:
+        return cls(np.zeros(n, np.int32))
+
+    def record(self, positions: np.ndarray, round: int, outcome: str, now: float) -> None:
+        if outcome == "accepted" and len(positions):
+            np.add.at(self.counts, np.asarray(positions, np.int64), 1)
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(times, clients)``: how many clients trained exactly ``times`` times."""
+        hist = np.bincount(self.counts)
+        times = np.flatnonzero(hist)
+        return times, hist[times]
+
+
 class UniformSampler(RegistrySampler):
     """``per_round`` clients uniformly at random without replacement (sorted ids): the
     :class:`~shoal.selection.Uniform` selector over an anonymous population, exactly
@@ -211,10 +340,17 @@ class OutcomeTap:
     coordinator; a deployment records outcomes in its gateway instead.
     """
 
-    def __init__(self, coordinator: Any, sampler: RegistrySampler) -> None:
+    def __init__(self, coordinator: Any, sampler: RegistrySampler | None,
+                 also: Sequence[OutcomeRecorder] = ()) -> None:
         self.coordinator = coordinator
         self.sampler = sampler
+        self.recorders: list[OutcomeRecorder] = ([sampler] if sampler is not None else []) \
+            + list(also)
         self._round: dict[int, int] = {}  # open task -> its round
+
+    def _record(self, positions: np.ndarray, round: int, outcome: str, now: float) -> None:
+        for r in self.recorders:
+            r.record(positions, round, outcome, now)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.coordinator, name)
@@ -226,16 +362,19 @@ class OutcomeTap:
     def handle(self, event: Any) -> list[Command]:
         rnd = self._round.get(getattr(event, "task_id", -1))
         clients = _clients(event.arrival) if isinstance(event, UpdatesArrived) else None
-        if clients is not None and rnd is not None and self.sampler.devices is None:
-            self.sampler._judged.positions = clients
+        judging = clients is not None and rnd is not None and self.sampler is not None \
+            and self.sampler.devices is None
+        if judging:
+            self.sampler._judged.positions = clients  # type: ignore[union-attr]
         try:
             cmds = self._sent(self.coordinator.handle(event))
         finally:
-            self.sampler._judged.positions = np.zeros(0, dtype=np.int64)
+            if judging:
+                self.sampler._judged.positions = np.zeros(0, dtype=np.int64)  # type: ignore
         if clients is not None and rnd is not None:
             self._arrived(event, clients, rnd, cmds)
         elif isinstance(event, ClientsFailed) and rnd is not None:
-            self.sampler.record(np.asarray(event.client_ids), rnd, "dropped", event.now)
+            self._record(np.asarray(event.client_ids), rnd, "dropped", event.now)
         elif isinstance(event, TaskEnded):
             self._round.pop(event.task_id, None)
         return cmds
@@ -254,9 +393,9 @@ class OutcomeTap:
                 ids = np.intersect1d(np.asarray(c.client_ids, np.int64), clients)
                 ids = np.setdiff1d(ids, refused)  # a client's first refusal is its outcome
                 outcome = "late" if c.reason == "late" else f"rejected:{c.reason}"
-                self.sampler.record(ids, rnd, outcome, event.now)
+                self._record(ids, rnd, outcome, event.now)
                 refused = np.union1d(refused, ids)
-        self.sampler.record(np.setdiff1d(clients, refused), rnd, "accepted", event.now)
+        self._record(np.setdiff1d(clients, refused), rnd, "accepted", event.now)
 
 
 def _clients(item: object) -> np.ndarray | None:
@@ -268,9 +407,18 @@ def _clients(item: object) -> np.ndarray | None:
     return None
 
 
-def recording(coordinator: Any, sampler: Sampler) -> Any:
+class OutcomeRecorder(Protocol):
+    """Where an :class:`OutcomeTap` writes each client's outcome."""
+
+    def record(self, positions: np.ndarray, round: int, outcome: str, now: float) -> None: ...
+
+
+def recording(coordinator: Any, sampler: Sampler, also: Sequence[OutcomeRecorder] = ()
+              ) -> Any:
     """``coordinator`` behind an :class:`OutcomeTap` when ``sampler`` reads a registry (so
-    the registry learns who took part), else ``coordinator`` itself."""
-    if isinstance(sampler, RegistrySampler) and sampler.registry is not None:
-        return OutcomeTap(coordinator, sampler)
+    the registry learns who took part) or other recorders (``also``, e.g.
+    :class:`ParticipationCounts`) want the outcomes, else ``coordinator`` itself."""
+    reads = isinstance(sampler, RegistrySampler) and sampler.registry is not None
+    if reads or also:
+        return OutcomeTap(coordinator, sampler if reads else None, also)  # type: ignore
     return coordinator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shoal.cli.options import add_run_options, config_from_args, overrides_from_args
+from shoal.cli.options import add_run_options, overrides_from_args
 from shoal.cli.report import banner, report
 
 EPILOG = """\
@@ -15,9 +15,15 @@ examples:
   shoal run my.toml --seed 2 --json       # one JSON summary object on stdout
   shoal run --set strategy.name=fedadam --set strategy.server_lr=0.03
   shoal config > my.toml                  # every option with its default, to edit
+  shoal run --population 1000000 --per-round 1000 --trace mobile --rounds 20
+                                          # a million phones that come and go, in
+                                          # simulated time (data generated per client)
 
 The run directory holds config.toml (resolved), metrics.jsonl and metrics.csv (one row per
-round), summary.json, model.npz (final checkpoint) and curves.png (accuracy and loss).
+round), summary.json, model.npz (final checkpoint) and curves.png (accuracy and loss). With
+simulated device time (--trace, sim.time_model) also timeline.csv (per version: simulated and
+wall time, accuracy, participants, dropouts, staleness), time_to_accuracy.png and
+participation.png (how often each client trained).
 """
 
 
@@ -31,6 +37,14 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue from a run directory's model.npz (with its config unless "
                         "CONFIG is given); e.g. --resume runs/X/model.npz --rounds 60")
+    p.add_argument("--population", type=int, metavar="N",
+                   help="simulate N clients whose data is generated on demand (data.clients "
+                        "= N, data.population = 'generated'): for populations too large to "
+                        "split a dataset among")
+    p.add_argument("--trace", metavar="NAME|FILE",
+                   help="simulate device time from a trace (sim.time_model = 'trace', "
+                        "sim.trace): built-in 'mobile' or 'uniform', a .npz trace, or "
+                        "FedScale's capacity pickle; see `shoal traces summary`")
     p.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -43,7 +57,18 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """The shared flags and ``--set``, plus ``--population`` and ``--trace``."""
+    overrides = overrides_from_args(args)
+    if args.population is not None:
+        overrides.update({"data.clients": args.population, "data.population": "generated"})
+    if args.trace is not None:
+        overrides.update({"sim.time_model": "trace", "sim.trace": args.trace})
+    return overrides
+
+
 def run(args: argparse.Namespace) -> int:
+    from shoal.config import load_config
     from shoal.experiment import Experiment
     from shoal.telemetry import LogObserver, ProgressBar, RunDirWriter
 
@@ -56,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
         if args.config is None and "config" in resume.meta:
             # continue with the checkpoint's own config; flags and --set still override
             base = parse_config(resume.meta["config"])
-            cfg = base.with_overrides(overrides_from_args(args))
+            cfg = base.with_overrides(_overrides(args))
         else:
-            cfg = config_from_args(args)
+            cfg = load_config(args.config, _overrides(args))
     else:
-        cfg = config_from_args(args)
+        cfg = load_config(args.config, _overrides(args))
     banner(cfg, args)
     exp = Experiment(cfg)
     if args.verbose:
@@ -74,10 +99,27 @@ def run(args: argparse.Namespace) -> int:
 
         configure_json_logging(open(args.log_json, "a", buffering=1))
         observers.append(LogObserver())
+    timed = exp.time_model is not None
     progress = ProgressBar(cfg.rounds, quiet=args.quiet,
-                           start=state.version if state is not None else 0)
+                           start=state.version if state is not None else 0,
+                           clock=(lambda: exp.clock.now()) if timed else None)
     try:
         result = exp.run(state=state, observers=[progress, *observers])
     finally:
         progress.close()
+    if result.timeline:
+        _write_timeline(observers[0].path, cfg, result)
     return report(cfg, args, exp, result, run_dir=observers[0])
+
+
+def _write_timeline(path, cfg, result) -> None:
+    """timeline.csv, time_to_accuracy.png and participation.png in the run directory."""
+    from shoal.sim.timeline import plot_participation, plot_time_to_accuracy, write_timeline
+
+    write_timeline(path / "timeline.csv", result.timeline)
+    label = f"{cfg['round']['policy']} · {cfg['sim']['time_model']}" + (
+        f" {cfg['sim']['trace']}" if cfg["sim"]["time_model"] == "trace" else "")
+    plot_time_to_accuracy(path / "time_to_accuracy.png", {label: result.timeline},
+                          title=f"{cfg['data']['clients']:,} clients · seed {cfg.seed}")
+    if result.participation is not None:
+        plot_participation(path / "participation.png", result.participation)

@@ -40,6 +40,17 @@ class DataConfig(Section):
     synthetic_beta: float = option(1.0, "Synthetic(alpha, beta): data heterogeneity (a "
                                    "standard deviation)", min=0.0)
     synthetic_iid: bool = option(False, "use the IID variant of Synthetic")
+    population: str = option("partition", "'partition': split the dataset among the clients; "
+                             "'generated': each client's data made on demand from "
+                             "(partition_seed, client id), for populations too large to split "
+                             "(Fashion-MNIST: examples drawn with replacement from a "
+                             "per-client Dirichlet(alpha) class mix; Synthetic: one FedProx "
+                             "user per client)", choices=("partition", "generated"))
+    client_examples: int = option(60, "population 'generated': median examples per client",
+                                  min=1, max=100_000)
+    client_examples_sigma: float = option(0.5, "population 'generated': sigma of the "
+                                          "log-normal spread of client sizes (0 = all equal; "
+                                          "capped at 20 x the median)", min=0.0, max=5.0)
 
 
 @section("model")
@@ -246,13 +257,36 @@ class SimConfig(Section):
                           "core evaluates the previous round's model; all cores otherwise, "
                           "and evaluation then runs between rounds)", min=0, max=1024)
     time_model: str = option("none", "simulated device time: 'none' (updates arrive as a "
-                             "cohort finishes training) or 'lognormal' (each client takes "
+                             "cohort finishes training), 'lognormal' (each client takes "
                              "examples x ms_per_example x a log-normal speed factor, on a "
-                             "simulated clock)", choices=("none", "lognormal"))
-    ms_per_example: float = option(2.0, "time_model 'lognormal': median milliseconds per "
-                                   "training example and epoch", min=0.0, min_exclusive=True)
-    speed_sigma: float = option(0.5, "time_model 'lognormal': sigma of the per-client "
-                                "log-normal speed factor (0 = all alike)", min=0.0)
+                             "simulated clock) or 'trace' (download, compute and upload "
+                             "times and online windows from sim.trace; devices that go "
+                             "offline mid-task drop out)",
+                             choices=("none", "lognormal", "trace"))
+    ms_per_example: float = option(2.0, "time_model 'lognormal' and the built-in traces: "
+                                   "median milliseconds per training example and epoch",
+                                   min=0.0, min_exclusive=True)
+    speed_sigma: float = option(0.5, "time_model 'lognormal' and trace 'mobile': sigma of the "
+                                "per-client log-normal speed factor (0 = all alike)", min=0.0)
+    trace: str = option("mobile", "time_model 'trace': a built-in trace ('mobile': log-normal "
+                        "compute, 3G/4G/Wi-Fi bandwidth classes, one night-time session a day "
+                        "by time zone; 'uniform': always online, equal speed, instant "
+                        "transfers) or a trace file (shoal's .npz, or FedScale's "
+                        "client_device_capacity pickle)")
+    trace_availability: str = option("", "FedScale's client_behave_trace pickle (online "
+                                     "windows) to go with a FedScale capacity file in "
+                                     "sim.trace; empty = always online")
+    trace_seed: int = option(0, "seed of a built-in trace, independent of the run seed so "
+                             "runs with different seeds share the same devices", min=0)
+    online_hours: float = option(8.0, "trace 'mobile': mean length of a device's daily "
+                                 "session, in hours", min=1.0, max=20.0)
+    idle_wait_s: float = option(60.0, "simulated device time: when no device can be asked "
+                                "(none online), wait this many simulated seconds and ask "
+                                "again", min=0.0, min_exclusive=True)
+    round_rules: str = option("all", "synchronous rounds in simulation: 'all' (await every "
+                              "sampled client, as in wave 1) or 'deploy' (deploy.target, "
+                              "over_selection, deadline_s and min_fraction, in simulated time)",
+                              choices=("all", "deploy"))
 
 
 @section("deploy")

@@ -8,6 +8,9 @@ small index arrays and nothing more.
 Sources: :func:`load_fashion_mnist` (the reference workload's real data, read from IDX files)
 and :func:`make_synthetic` (Synthetic(α, β) of the FedProx paper). Divisions:
 :func:`partition` and the three methods behind it (IID, Dirichlet label skew, shards).
+Populations too large to divide a dataset among (a million clients) generate each client's
+data on demand instead: :class:`ResampledClients` and :class:`SyntheticClients`
+(:mod:`shoal.data.population`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ __all__ = [
     "PARTITION_METHODS",
     "Dataset",
     "FederatedData",
+    "GeneratedClients",
     "PartitionSummary",
+    "ResampledClients",
+    "SyntheticClients",
     "default_fashion_mnist_path",
     "load_fashion_mnist",
     "make_synthetic",
@@ -140,6 +146,17 @@ class FederatedData:
         """Sizes and label histograms of the clients (see :func:`summarize_partition`)."""
         return summarize_partition(self.client_indices, self.train.y, self.train.num_classes)
 
+    def sizes_of(self, client_ids: np.ndarray) -> np.ndarray:
+        """Training examples of each of ``client_ids`` (int64)."""
+        parts = self.client_indices
+        return np.fromiter((len(parts[c]) for c in np.asarray(client_ids).tolist()), np.int64,
+                           len(client_ids))
+
+    def examples_of(self, client_ids: np.ndarray) -> tuple[None, list[np.ndarray]]:
+        """The clients' index arrays into :attr:`train` (the ``None``: no dataset of their
+        own), as a generated population (:mod:`shoal.data.population`) answers."""
+        return None, [self.client_indices[c] for c in np.asarray(client_ids).tolist()]
+
 
 def _describe(a: object) -> str:
     if isinstance(a, np.ndarray):
@@ -180,3 +197,8 @@ from shoal.data.partition import (  # noqa: E402
     summarize_partition,
 )
 from shoal.data.synthetic import make_synthetic  # noqa: E402
+from shoal.data.population import (  # noqa: E402
+    GeneratedClients,
+    ResampledClients,
+    SyntheticClients,
+)

@@ -140,27 +140,32 @@ class CohortTrainer:
         self.engine = choose_engine(module, engine)
         self.flat_module = FlatModule(module)
         self.spec = self.flat_module.spec
-        self.x = x.reshape(x.shape[0], -1) if self.engine == "fused" else x
+        self.x = self._shaped(x)
         self.y = y
         self._buffers: dict[str, torch.Tensor] = {}
         if self.engine == "fused":
             self._linears = [m for m in module if isinstance(m, nn.Linear)]
 
     def train(self, global_params: np.ndarray, client_indices: Sequence[np.ndarray],
-              config: LocalTrainConfig, rngs: Sequence[np.random.Generator]) -> CohortResult:
+              config: LocalTrainConfig, rngs: Sequence[np.random.Generator], *,
+              source: tuple[torch.Tensor, torch.Tensor] | None = None) -> CohortResult:
         """Run local training for every client of the cohort from ``global_params``.
 
         Args:
             global_params: flat float32 global model (not modified).
-            client_indices: per client, its example ids in the shared training set.
+            client_indices: per client, its example ids in the shared training set (or in
+                ``source``).
             config: local training settings (FedProx ``mu`` included).
             rngs: per client, its generator for this round (drives its batch order).
+            source: ``(x, y)`` the indices point into instead of the shared training set
+                (clients whose data is generated for this call).
         """
         self.spec.check_vector(global_params, "global model")
         if len(rngs) != len(client_indices):
             raise ValueError("one generator per client is required")
+        x, y = (self.x, self.y) if source is None else (self._shaped(source[0]), source[1])
         if self.engine == "sequential":
-            return self._train_sequential(global_params, client_indices, config, rngs)
+            return self._train_sequential(global_params, client_indices, config, rngs, x, y)
         plan = _plan(client_indices, config, rngs)
         k = len(client_indices)
         g = torch.tensor(global_params, dtype=torch.float32)  # a copy: the input may be read-only
@@ -175,9 +180,9 @@ class CohortTrainer:
             stacked[t.name][first:].copy_(
                 g[t.offset:t.stop].view(t.shape).expand(k - first, *t.shape))
         if self.engine == "fused":
-            loss = self._run_fused(stacked, g, plan, config)
+            loss = self._run_fused(stacked, g, plan, config, x, y)
         else:
-            loss = self._run_vmap(stacked, g, plan, config)
+            loss = self._run_vmap(stacked, g, plan, config, x, y)
         flat = self._buffer("deltas", (k, self.spec.size))
         for t in self.spec.tensors:
             torch.sub(stacked[t.name].reshape(k, -1), g[t.offset:t.stop],
@@ -186,6 +191,10 @@ class CohortTrainer:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_loss = loss / np.where(sizes > 0, sizes * config.epochs, 0)
         return CohortResult(flat.numpy(), sizes, mean_loss, plan.order)
+
+    def _shaped(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs as the engine reads them (the fused engine: one flat row per example)."""
+        return x.reshape(x.shape[0], -1) if self.engine == "fused" else x
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reusable float32 buffer of at least ``shape[0]`` rows, viewed as ``shape``.
@@ -205,20 +214,21 @@ class CohortTrainer:
 
     # -- engines ---------------------------------------------------------------------------
 
-    def _batch_x(self, plan: _Plan, s: int, a: int) -> torch.Tensor:
+    @staticmethod
+    def _batch_x(x: torch.Tensor, plan: _Plan, s: int, a: int) -> torch.Tensor:
         """The inputs of step ``s`` for its ``a`` active clients, ``(a, B, *features)``."""
         ids = plan.index[s, :a]
-        return self.x.index_select(0, ids.reshape(-1)).reshape(a, ids.shape[1],
-                                                              *self.x.shape[1:])
+        return x.index_select(0, ids.reshape(-1)).reshape(a, ids.shape[1], *x.shape[1:])
 
-    def _batch(self, plan: _Plan, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _batch(self, x: torch.Tensor, y: torch.Tensor, plan: _Plan, s: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs, labels and loss weights of step ``s`` for its active clients."""
         a = int(plan.active[s])
         ids = plan.index[s, :a]
-        return self._batch_x(plan, s, a), self.y[ids], plan.weight[s, :a]
+        return self._batch_x(x, plan, s, a), y[ids], plan.weight[s, :a]
 
     def _run_fused(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,
-                   config: LocalTrainConfig) -> np.ndarray:
+                   config: LocalTrainConfig, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         names = [t.name for t in self.spec.tensors]
         layers = [(stacked[names[2 * i]], stacked[names[2 * i + 1]])
                   for i in range(len(names) // 2)]
@@ -231,14 +241,14 @@ class CohortTrainer:
         # as the small matmuls themselves, so everything that does not depend on the model
         # is prepared once per cohort: labels, the loss weights, and a buffer that collects
         # each example's log-likelihood (summed once at the end, in float64).
-        labels = self.y[plan.index].unsqueeze(3)                    # (S, k, B, 1)
+        labels = y[plan.index].unsqueeze(3)                         # (S, k, B, 1)
         weight = plan.weight.unsqueeze(3)                           # (S, k, B, 1)
         neg_weight = -weight
         picked = torch.zeros(s_max, k, b, 1, dtype=torch.float32)
         relu_grad = torch.ops.aten.threshold_backward.grad_input
         for s in range(s_max):
             a = int(plan.active[s])
-            xb = self._batch_x(plan, s, a)
+            xb = self._batch_x(x, plan, s, a)
             # step 0: every stepping client still holds the global model; read it as a
             # broadcast view (no copy) and let the update write the buffers (see train())
             source = [(gw.expand(a, *gw.shape), gb.expand(a, *gb.shape))
@@ -288,7 +298,7 @@ class CohortTrainer:
         return nll.numpy()
 
     def _run_vmap(self, stacked: dict[str, torch.Tensor], g: torch.Tensor, plan: _Plan,
-                  config: LocalTrainConfig) -> np.ndarray:
+                  config: LocalTrainConfig, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         from torch.func import functional_call, grad, vmap
 
         module = self.flat_module.module
@@ -308,7 +318,7 @@ class CohortTrainer:
         lr, mu = config.lr, config.mu
         for s in range(len(plan.active)):
             a = int(plan.active[s])
-            xb, yb, w = self._batch(plan, s)
+            xb, yb, w = self._batch(x, y, plan, s)
             prefix = {n: stacked[n][:a] for n in names}
             grads, nll_sum = step(prefix, xb, yb, w)
             loss_sum[:a] += nll_sum.to(torch.float64)
@@ -322,14 +332,15 @@ class CohortTrainer:
 
     def _train_sequential(self, global_params: np.ndarray,
                           client_indices: Sequence[np.ndarray], config: LocalTrainConfig,
-                          rngs: Sequence[np.random.Generator]) -> CohortResult:
+                          rngs: Sequence[np.random.Generator], x: torch.Tensor,
+                          y: torch.Tensor) -> CohortResult:
         k = len(client_indices)
         deltas = np.empty((k, self.spec.size), dtype=np.float32)
         sizes = np.empty(k, dtype=np.int64)
         loss = np.empty(k)
         for i, (ix, rng) in enumerate(zip(client_indices, rngs)):
             idx = torch.from_numpy(np.asarray(ix, dtype=np.int64))
-            res = train_local(self.flat_module, global_params, self.x[idx], self.y[idx],
+            res = train_local(self.flat_module, global_params, x[idx], y[idx],
                               config, rng)
             deltas[i] = res.delta
             sizes[i] = res.num_examples

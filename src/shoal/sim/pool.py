@@ -9,21 +9,22 @@ padding waste stays small, and yields each chunk's updates as one
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
-
 import torch
 
 from shoal import seeds
 from shoal.codec import Chain
 from shoal.config import Config
-from shoal.data import FederatedData
+from shoal.data import Dataset, FederatedData, GeneratedClients
+from shoal.errors import ProtocolError
 from shoal.events import TrainTask, UpdateBatch
 from shoal.sim.cohort import CohortTrainer
 from shoal.training import LocalTrainConfig
 from shoal.uplink import Downlink, Uplink
 
-__all__ = ["InProcessPool", "auto_chunk", "in_process_pool"]
+__all__ = ["ClientData", "InProcessPool", "auto_chunk", "in_process_pool"]
 
 
 def auto_chunk(model_size: int, budget_bytes: int = 96 << 20) -> int:
@@ -37,25 +38,64 @@ def auto_chunk(model_size: int, budget_bytes: int = 96 << 20) -> int:
     return max(4, budget_bytes // max(1, 4 * model_size))
 
 
+class ClientData(Protocol):
+    """Where the pool finds a client's examples: a partitioned dataset
+    (:class:`~shoal.data.FederatedData`) or a generated population
+    (:class:`~shoal.data.GeneratedClients`)."""
+
+    @property
+    def num_clients(self) -> int: ...
+
+    def sizes_of(self, client_ids: np.ndarray) -> np.ndarray: ...
+
+    def examples_of(self, client_ids: np.ndarray) -> tuple[Dataset | None,
+                                                           Sequence[np.ndarray]]: ...
+
+
+class _IndexLists:
+    """Plain index arrays into the trainer's dataset, one per client."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = list(parts)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.parts)
+
+    def sizes_of(self, client_ids: np.ndarray) -> np.ndarray:
+        return np.fromiter((len(self.parts[c]) for c in np.asarray(client_ids).tolist()),
+                           np.int64, len(client_ids))
+
+    def examples_of(self, client_ids: np.ndarray) -> tuple[None, list[np.ndarray]]:
+        return None, [self.parts[c] for c in np.asarray(client_ids).tolist()]
+
+
 class InProcessPool:
     """Virtual clients trained in this process.
 
     Args:
         trainer: the cohort trainer (model + shared training set).
-        client_indices: per client id, its example ids in the shared training set.
+        clients: per client id, its example ids in the shared training set; or a
+            :class:`ClientData` (a partitioned or a generated population).
         config: local training settings; a task's ``settings`` override them per round.
-        seed: the run seed; client ``c`` in round ``r`` uses stream ``(seed, "train", r, c)``.
+        seed: the run seed; client ``c`` of a task keyed ``r`` (the round of a sync task,
+            the task id of a buffered one) uses stream ``(seed, "train", r, c)``.
         chunk: clients trained together at most; 0 = :func:`auto_chunk`.
         uplink: what clients do to updates before upload (local DP, compression); by
             default raw float32.
         downlink: how models reach clients (full or delta); by default full float32.
+
+    It is a :class:`~shoal.runner.LazyPool`: under simulated time the carrier loop asks for
+    a client's update only when it is due, and has clients of one version trained together
+    (:meth:`train_group`).
     """
 
-    def __init__(self, trainer: CohortTrainer, client_indices: Sequence[np.ndarray],
+    def __init__(self, trainer: CohortTrainer, clients: Sequence[np.ndarray] | ClientData,
                  config: LocalTrainConfig, seed: int, chunk: int = 0,
                  uplink: Uplink | None = None, downlink: Downlink | None = None) -> None:
         self.trainer = trainer
-        self.client_indices = list(client_indices)
+        self.clients: ClientData = clients if hasattr(clients, "examples_of") \
+            else _IndexLists(clients)  # type: ignore[arg-type]
         self.config = config
         self.seed = seed
         self.chunk = chunk or auto_chunk(trainer.spec.size)
@@ -64,23 +104,52 @@ class InProcessPool:
 
     @property
     def num_clients(self) -> int:
-        return len(self.client_indices)
+        return self.clients.num_clients
+
+    def example_counts(self, client_ids: np.ndarray) -> np.ndarray:
+        """Training examples of each client (int64)."""
+        return self.clients.sizes_of(np.asarray(client_ids, np.int64))
+
+    def download(self, task: TrainTask, client_ids: np.ndarray) -> np.ndarray:
+        """Bytes each client downloads to get ``task``'s model; records that they synced."""
+        return self.downlink.send(task.version, task.params, np.asarray(client_ids, np.int64))
 
     def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[UpdateBatch]:
-        config = self.config.with_overrides(task.settings)
         ids = np.asarray(client_ids, dtype=np.int64)
-        sizes = np.array([len(self.client_indices[c]) for c in ids], dtype=np.int64)
+        return self.train_group([task] * len(ids), ids, self.download(task, ids))
+
+    def train_group(self, tasks: Sequence[TrainTask], client_ids: np.ndarray,
+                    download_bytes: np.ndarray) -> Iterator[UpdateBatch]:
+        """Train client ``client_ids[i]`` for ``tasks[i]``; all tasks share one version
+        (the same model and settings). Yields the updates chunk by chunk, with
+        ``download_bytes`` (per client, as given) among their metrics.
+
+        Raises:
+            ProtocolError: the tasks are of different versions.
+        """
+        ids = np.asarray(client_ids, dtype=np.int64)
+        if not len(ids):
+            return
+        task = tasks[0]
+        if any(t.version != task.version for t in tasks):
+            raise ProtocolError("clients trained together must share one model version")
+        config = self.config.with_overrides(task.settings)
+        keys = np.array([t.round for t in tasks], np.int64)
+        down = np.asarray(download_bytes, np.int64)
         # Longest first, so each chunk holds clients with similar step counts.
-        ids = ids[np.argsort(-sizes, kind="stable")]
-        down = self.downlink.send(task.version, task.params, ids)
+        order = np.argsort(-self.clients.sizes_of(ids), kind="stable")
+        ids, keys, down = ids[order], keys[order], down[order]
         for start in range(0, len(ids), self.chunk):
-            part = ids[start:start + self.chunk]
-            rngs = [seeds.generator(self.seed, "train", task.round, int(c)) for c in part]
-            res = self.trainer.train(task.params, [self.client_indices[c] for c in part],
-                                     config, rngs)
-            rows = part[res.positions]
+            part, key = ids[start:start + self.chunk], keys[start:start + self.chunk]
+            rngs = [seeds.generator(self.seed, "train", int(r), int(c))
+                    for r, c in zip(key, part)]
+            own, indices = self.clients.examples_of(part)
+            source = None if own is None else (torch.from_numpy(own.x), torch.from_numpy(own.y))
+            res = self.trainer.train(task.params, indices, config, rngs, source=source)
+            rows, row_keys = part[res.positions], key[res.positions]
             rngs_up = [] if self.uplink.identity else [
-                seeds.generator(self.seed, "uplink", task.round, int(c)) for c in rows]
+                seeds.generator(self.seed, "uplink", int(r), int(c))
+                for r, c in zip(row_keys, rows)]
             deltas, up = self.uplink.process_rows(rows, res.deltas, rngs_up)
             yield UpdateBatch(client_ids=rows, deltas=deltas, num_examples=res.num_examples,
                               metrics={"loss": res.loss, "upload_bytes": up,
@@ -88,8 +157,9 @@ class InProcessPool:
                                        [res.positions]}, base_version=task.version)
 
 
-def in_process_pool(cfg: Config, model: torch.nn.Module, data: FederatedData, dim: int,
-                    local_dp=None) -> tuple[InProcessPool, str]:
+def in_process_pool(cfg: Config, model: torch.nn.Module,
+                    data: FederatedData | GeneratedClients, dim: int, local_dp=None
+                    ) -> tuple[InProcessPool, str]:
     """The virtual clients of ``cfg`` (training, compression, local DP) and the name of the
     cohort engine they train with."""
     train = data.train
@@ -102,6 +172,6 @@ def in_process_pool(cfg: Config, model: torch.nn.Module, data: FederatedData, di
     downlink = Downlink(dim, comp["download"],
                         Chain.parse(comp["download_codec"], "compression.download_codec"),
                         comp["max_staleness"])
-    pool = InProcessPool(trainer, data.client_indices, local, seed=cfg.seed, uplink=uplink,
+    pool = InProcessPool(trainer, data, local, seed=cfg.seed, uplink=uplink,
                          downlink=downlink)
     return pool, trainer.engine
