@@ -13,7 +13,11 @@ aggregation streams and uploads beyond `deploy.max_active_uploads` wait under fl
 Each line also gives the aggregator's CPU time (user + system, from the reaped process's
 rusage). ``--dashboard`` runs every N without and then with ``shoal serve --dashboard``, an
 open page's traffic included (one event stream read to the end, the devices page fetched
-every 2 s), ``--repeats`` times, and adds a ``load_dashboard`` line with the CPU ratio.
+every 2 s), ``--repeats`` times, and adds a ``load_dashboard`` line with the CPU ratio. As
+that ratio is at the mercy of whatever else the machine runs, the runs with the dashboard
+also measure its own share directly: the CPU time of its threads (named ``shoal-dashboard``
+at the OS level) plus its hook calls (the state's change count) times their cost measured
+here.
 """
 
 from __future__ import annotations
@@ -125,18 +129,21 @@ async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subproces
     return stats
 
 
-def _open_page(url: str, server: subprocess.Popen) -> None:
-    """What an open dashboard costs the aggregator: its event stream and devices page."""
+def _open_page(url: str, server: subprocess.Popen, last: dict) -> None:
+    """What an open dashboard costs the aggregator: its event stream and devices page.
+    ``last["changes"]`` is the state's change count in the last event received."""
     import threading
     import urllib.request
 
     def stream() -> None:
-        try:
-            with urllib.request.urlopen(url + "api/events", timeout=600) as r:
-                for _ in r:
-                    pass
-        except OSError:
-            pass  # the aggregator finished and closed it
+        while server.poll() is None:  # connect once the aggregator serves, like a browser
+            try:
+                with urllib.request.urlopen(url + "api/events", timeout=600) as r:
+                    for line in r:
+                        if line.startswith(b"data: "):
+                            last["changes"] = json.loads(line[6:])["changes"]
+            except OSError:
+                time.sleep(0.5)  # not up yet, or finished and closed the stream
 
     threading.Thread(target=stream, daemon=True).start()
     while server.poll() is None:
@@ -145,6 +152,35 @@ def _open_page(url: str, server: subprocess.Popen) -> None:
         except OSError:
             pass
         time.sleep(2.0)
+
+
+def _hook_seconds() -> float:
+    """CPU seconds of one dashboard hook call (a mix of the calls an upload makes)."""
+    from shoal.dashboard.state import DashboardObserver, RunInfo, RunState
+
+    obs = DashboardObserver(RunState(RunInfo(name="bench", mode="deployment")))
+    n = 50_000
+    t0 = time.thread_time()
+    for _ in range(n):
+        obs.checked_in("task")
+        obs.uploads_active(1)
+        obs.bytes_moved("up", 800_000)
+        obs.uploads_active(-1)
+        obs.update_accepted(1, 1, 0, 0.0)
+    return (time.thread_time() - t0) / (5 * n)
+
+
+def _thread_cpu_s(pid: int, name: str) -> float:
+    """CPU seconds (user + system) of the threads of ``pid`` whose OS name is ``name``."""
+    ticks = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == name:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass  # the thread ended
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -182,21 +218,25 @@ def run(n: int, rounds: int, dashboard: bool = False) -> dict:
                                "--json", *(["--dashboard", f"127.0.0.1:{port}"]
                                            if dashboard else [])],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    last: dict = {"changes": 0}
     if dashboard:
-        threading.Thread(target=_open_page, args=(f"http://127.0.0.1:{port}/", server),
+        threading.Thread(target=_open_page, args=(f"http://127.0.0.1:{port}/", server, last),
                          daemon=True).start()
     port_file = work / "agg" / "port"
     while not port_file.exists():
         if server.poll() is not None:
             raise RuntimeError(server.stderr.read().decode())
         time.sleep(0.1)
-    peak = {"kb": 0}
+    peak = {"kb": 0, "dashboard_cpu_s": 0.0}
 
     def rss() -> None:
         try:
             for line in open(f"/proc/{server.pid}/status"):
                 if line.startswith("VmHWM:"):
                     peak["kb"] = max(peak["kb"], int(line.split()[1]))
+            if dashboard:
+                peak["dashboard_cpu_s"] = max(peak["dashboard_cpu_s"],
+                                              _thread_cpu_s(server.pid, "shoal-dashboard"))
         except OSError:
             pass
 
@@ -218,8 +258,15 @@ def run(n: int, rounds: int, dashboard: bool = False) -> dict:
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lat = sorted(stats["latency"])
+    extra = {}
+    if dashboard:
+        hooks = last["changes"] * _hook_seconds()
+        extra = {"dashboard_threads_cpu_s": round(peak["dashboard_cpu_s"], 2),
+                 "dashboard_hook_calls": last["changes"],
+                 "dashboard_hooks_cpu_s": round(hooks, 3),
+                 "dashboard_share": round((peak["dashboard_cpu_s"] + hooks) / cpu, 4)}
     return {"bench": "load", "devices": n, "rounds": rounds, "dashboard": dashboard,
-            "aggregator_cpu_s": round(cpu, 2),
+            "aggregator_cpu_s": round(cpu, 2), **extra,
             "updates": stats["accepted"],
             "updates_per_s": round(stats["accepted"] / stats["seconds"], 1),
             "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),
@@ -250,16 +297,21 @@ def main(argv=None) -> int:
             print(json.dumps(run(n, args.rounds)), flush=True)
             continue
         per_update: dict[bool, list[float]] = {False: [], True: []}
+        shares = []
         for _ in range(args.repeats):
             for with_it in (False, True):
                 res = run(n, args.rounds, dashboard=with_it)
                 print(json.dumps(res), flush=True)
                 per_update[with_it].append(res["aggregator_cpu_s"] / res["updates"])
+                if with_it:
+                    shares.append(res["dashboard_share"])
         base, dash = statistics.mean(per_update[False]), statistics.mean(per_update[True])
         print(json.dumps({"bench": "load_dashboard", "devices": n, "pairs": args.repeats,
                           "cpu_ms_per_update_without": round(1e3 * base, 3),
                           "cpu_ms_per_update_with": round(1e3 * dash, 3),
-                          "overhead": round(dash / base - 1, 4)}), flush=True)
+                          "overhead": round(dash / base - 1, 4),
+                          "dashboard_share_of_cpu": round(statistics.mean(shares), 4)}),
+              flush=True)
     return 0
 
 
