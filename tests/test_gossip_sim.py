@@ -3,6 +3,7 @@ models as a network of sans-I/O nodes (with training, churn and the trimmed mean
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -144,3 +145,30 @@ def test_decentralized_sgd_learns_the_tiny_task(tiny_task):
     after = evaluate(flat, sim.params.mean(0), test_x, test_y)["accuracy"]
     assert after > before + 0.3
     assert consensus_distance(sim.params) < 0.1 * np.linalg.norm(sim.params.mean(0))
+
+
+def test_gossip_sim_command_reports_consensus_accuracy_and_bytes(capsys):
+    from shoal.cli import main
+
+    code = main(["gossip", "sim", "--clients", "10", "--rounds", "3", "--json", "-q",
+                 "--set", 'model.name="logreg"', "--set", "eval.every=3",
+                 "--set", "gossip.peer_eval_examples=200"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peers"] == 10 and out["edges"] == 10 and out["steps"] == 3
+    assert out["lambda2"] == pytest.approx(1 / 3 + 2 / 3 * math.cos(2 * math.pi / 10))
+    assert len(out["consensus_per_step"]) == 4 and out["consensus_per_step"][0] == 0.0
+    assert [h["step"] for h in out["history"]] == [0, 3]
+    assert out["accuracy_average"] > out["history"][0]["accuracy_average"]
+    wire = len(to_bytes(Chain([]).encode(np.zeros(7850, np.float32),
+                                         np.random.default_rng(0))))
+    assert out["bytes_sent_per_peer_per_step"] == 2 * wire  # a ring: two neighbours
+
+
+def test_gossip_sim_refuses_a_trim_the_topology_cannot_give(capsys):
+    from shoal.cli import main
+
+    code = main(["gossip", "sim", "--clients", "10", "--rounds", "1", "--set",
+                 'gossip.rule="trimmed_mean"', "--set", "gossip.trim=2"])
+    assert code == 2
+    assert "gossip.trim = 2 needs every peer to have at least 4" in capsys.readouterr().err

@@ -71,72 +71,26 @@ def gossip_config(cfg: Config, peers: int | None = None) -> Config:
 # -- simulation ----------------------------------------------------------------------------
 
 def run_sim(args: argparse.Namespace) -> int:
-    import numpy as np
+    import resource
+
     import torch
 
-    from shoal.build import load_data
-    from shoal.experiment import peak_rss_mb
-    from shoal.frameworks.torch import FlatModule
-    from shoal.gossip.build import initial_models, network_from_config
-    from shoal.gossip.metrics import consensus_distance, evaluate_models
-    from shoal.gossip.mixing import MAX_DENSE_PEERS, spectrum
-    from shoal.gossip.simulator import GossipSimulator, cohort_training
-    from shoal.models import build_model
-    from shoal.sim.cohort import CohortTrainer
-    from shoal.training import LocalTrainConfig
+    from shoal.gossip.run import simulate
 
     cfg = gossip_config(config_from_args(args))
     torch.set_num_threads(cfg["sim"]["threads"] or 1)  # per-peer steps are small matmuls
-    started = time.perf_counter()
-    data = load_data(cfg)
-    net = network_from_config(cfg, data)
-    n, classes = cfg["data"]["clients"], data.train.num_classes
-    features = int(np.prod(data.train.feature_shape))
-    x0 = initial_models(cfg, features, classes, list(range(n)))
-    train = None
-    if cfg["gossip"]["local_training"]:
-        c = cfg["client"]
-        trainer = CohortTrainer(build_model(cfg["model"]["name"], features, classes, cfg.seed),
-                                torch.from_numpy(data.train.x), torch.from_numpy(data.train.y),
-                                engine=cfg["sim"]["engine"])
-        train = cohort_training(trainer, data.client_indices, LocalTrainConfig(
-            epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"]), cfg.seed)
-    sim = GossipSimulator(net.schedule, x0, rule=net.rule, train=train)
-    evaluator = FlatModule(build_model(cfg["model"]["name"], features, classes, cfg.seed))
-    spec = spectrum(net.schedule) if n <= MAX_DENSE_PEERS else None
-    every = cfg["eval"]["every"]
-    history: list[dict[str, Any]] = []
 
-    def record(step: int, consensus: float) -> None:
-        acc = evaluate_models(evaluator, sim.params, data.test.x, data.test.y, range(n),
-                              peer_examples=cfg["gossip"]["peer_eval_examples"])
-        row = {"step": step, "consensus": consensus, **acc.summary()}
-        history.append(row)
+    def show(row: dict[str, Any]) -> None:
         if not args.quiet and not args.json:
-            print(f"step {step:5d}  consensus {consensus:.4g}  accuracy: average "
-                  f"{row['accuracy_average']:.4f}, peers {row['accuracy_peers_mean']:.4f} "
-                  f"(min {row['accuracy_peers_min']:.4f}, max "
-                  f"{row['accuracy_peers_max']:.4f})", file=sys.stderr)
+            print(f"step {row['step']:5d}  consensus {row['consensus']:.4g}  accuracy: "
+                  f"average {row['accuracy_average']:.4f}, peers "
+                  f"{row['accuracy_peers_mean']:.4f} (min {row['accuracy_peers_min']:.4f}, "
+                  f"max {row['accuracy_peers_max']:.4f})", file=sys.stderr)
 
-    record(0, consensus_distance(sim.params))
-    sent = np.zeros(n)
-    consensus = []
-    for step in range(1, cfg.rounds + 1):
-        report = sim.run_step()
-        sent += report.bytes_sent
-        consensus.append(report.consensus)
-        if step % every == 0 or step == cfg.rounds:
-            record(step, float(report.consensus or 0.0))
-    summary = {
-        "mode": "simulation", "topology": cfg["gossip"]["topology"], "peers": n,
-        "edges": net.num_edges, "rule": net.rule.name,
-        "lambda2": spec.lambda2 if spec else None, "spectral_gap": spec.gap if spec else None,
-        "steps": cfg.rounds, "final_consensus": consensus[-1] if consensus else None,
-        **{k: v for k, v in history[-1].items() if k != "step"},
-        "bytes_sent_per_peer_per_step": float(sent.mean() / max(cfg.rounds, 1)),
-        "wall_seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
-        "consensus_per_step": consensus, "history": history,
-    }
+    run = simulate(cfg, on_record=show)
+    summary = {**run.summary(cfg),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "consensus_per_step": run.consensus, "history": run.history}
     _print_summary(summary, args)
     return 0
 
@@ -214,8 +168,7 @@ def run_peer(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from shoal.build import load_data
-    from shoal.gossip.build import initial_models, network_from_config
+    from shoal.gossip.build import initial_models, network_from_config, peer_data
     from shoal.gossip.node import GossipNode, MixResult
     from shoal.gossip.state import append_trace, load_state, save_state
     from shoal.store.atomic import replace_atomically
@@ -231,7 +184,7 @@ def run_peer(args: argparse.Namespace) -> int:
     files = PeerFiles(Path(args.dir), Path(args.config or ""), Path(args.certs))
     home = files.peer_dir(name)
     home.mkdir(parents=True, exist_ok=True)
-    data = load_data(cfg)
+    data = peer_data(cfg)
     net = network_from_config(cfg, data)
     features = int(np.prod(data.train.feature_shape))
     params = initial_models(cfg, features, data.train.num_classes, [args.index])[0]
@@ -323,10 +276,9 @@ def launch_peers(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from shoal.build import load_data
     from shoal.experiment import peak_rss_mb
     from shoal.frameworks.torch import FlatModule
-    from shoal.gossip.build import network_from_config
+    from shoal.gossip.build import network_from_config, peer_data
     from shoal.gossip.metrics import consensus_distance, evaluate_models
     from shoal.gossip.state import load_state
     from shoal.models import build_model
@@ -339,7 +291,7 @@ def launch_peers(args: argparse.Namespace) -> int:
         raise ConfigError("--die-after and --attr are for client processes; a gossip network "
                           "has none", key="gossip")
     cfg = gossip_config(config_from_args(args), n)
-    data = load_data(cfg)
+    data = peer_data(cfg)
     net = network_from_config(cfg, data)  # refuse a bad topology before starting anything
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-gossip-"))
     files = prepare_network(work, cfg, n)

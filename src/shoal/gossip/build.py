@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal import seeds
+from shoal.build import load_data
 from shoal.config import Config
 from shoal.data import FederatedData
 from shoal.errors import ConfigError
@@ -21,7 +22,7 @@ from shoal.gossip.rules import MixingRule, rule_from_name
 from shoal.gossip.topology import (Topology, complete, d_cliques, erdos_renyi,
                                    random_regular, ring, torus)
 
-__all__ = ["Network", "network_from_config", "label_counts", "initial_models"]
+__all__ = ["Network", "network_from_config", "label_counts", "initial_models", "peer_data"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +43,21 @@ class Network:
     def num_edges(self) -> int:
         """Undirected edges (for the exponential graph: the peers one step talks to)."""
         return self.topology.num_edges if self.topology is not None else self.schedule.n
+
+
+def peer_data(cfg: Config) -> FederatedData:
+    """The training set split among the peers, and the test set (:func:`shoal.build.load_data`).
+
+    Raises:
+        ConfigError: the config asks for a population whose data is generated on demand
+            (peers hold index arrays into one dataset here).
+    """
+    data = load_data(cfg)
+    if not isinstance(data, FederatedData):
+        raise ConfigError("gossip peers train on a dataset split among them (data.population "
+                          "= 'partition'); a generated population is not supported",
+                          key="data.population")
+    return data
 
 
 def label_counts(data: FederatedData) -> np.ndarray:
