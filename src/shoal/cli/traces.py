@@ -96,8 +96,8 @@ def _summary(args: argparse.Namespace) -> int:
     model_bytes = args.model_bytes or raw_wire_size(784 * 200 + 200 + 200 * 200 + 200
                                                     + 200 * 10 + 10)
     out = summarize(trace, args.clients, model_bytes=model_bytes)
-    if args.json:
-        print(json.dumps(out))
+    if args.json:  # strict JSON: an infinite bandwidth (instant transfers) becomes null
+        print(json.dumps(out, default=None).replace("Infinity", "null"))
         return 0
     print("\n".join(format_summary(out)))
     return 0

@@ -213,7 +213,8 @@ def summarize(trace: DeviceTrace, num_clients: int, *, model_bytes: int,
     kbps = trace.capacity.bandwidth_kbps[rows]
 
     def q(x: np.ndarray) -> list[float]:
-        return [float(v) for v in np.quantile(x, QUANTILES)]
+        # "nearest": no interpolation, so an infinite bandwidth stays inf, not nan
+        return [float(v) for v in np.quantile(x, QUANTILES, method="nearest")]
 
     out: dict = {
         "name": trace.name, "clients": int(num_clients),
