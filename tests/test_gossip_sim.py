@@ -106,12 +106,19 @@ def test_the_simulator_computes_what_a_network_of_nodes_computes(rule, schedule,
                                           for i, r in enumerate(receivers)]
 
 
+LOCAL = LocalTrainConfig(epochs=1, batch_size=16, lr=0.1)
+
+
+def _tiny_trainer(data):
+    """A cohort trainer of logistic regression on the tiny task (it owns its module: evaluate
+    with another one)."""
+    return CohortTrainer(build_model("logreg", 20, 4, seed=0), torch.from_numpy(data.train.x),
+                         torch.from_numpy(data.train.y))
+
+
 def test_cohort_training_trains_each_peer_from_its_own_model_like_the_reference(tiny_task):
-    data = tiny_task
-    module = build_model("logreg", 20, 4, seed=0)
-    trainer = CohortTrainer(module, torch.from_numpy(data.train.x),
-                            torch.from_numpy(data.train.y))
-    config = LocalTrainConfig(epochs=1, batch_size=16, lr=0.1)
+    data, config = tiny_task, LOCAL
+    trainer = _tiny_trainer(data)
     train = cohort_training(trainer, data.client_indices, config, seed=5)
     rng = np.random.default_rng(0)
     x = rng.normal(scale=0.1, size=(6, trainer.spec.size)).astype(np.float32)
@@ -131,12 +138,8 @@ def test_cohort_training_trains_each_peer_from_its_own_model_like_the_reference(
 
 def test_decentralized_sgd_learns_the_tiny_task(tiny_task):
     data = tiny_task
-    module = build_model("logreg", 20, 4, seed=0)
-    trainer = CohortTrainer(module, torch.from_numpy(data.train.x),
-                            torch.from_numpy(data.train.y))
-    flat = FlatModule(build_model("logreg", 20, 4, seed=0))  # the trainer owns `module`
-    train = cohort_training(trainer, data.client_indices,
-                            LocalTrainConfig(epochs=1, batch_size=16, lr=0.1), seed=0)
+    train = cohort_training(_tiny_trainer(data), data.client_indices, LOCAL, seed=0)
+    flat = FlatModule(build_model("logreg", 20, 4, seed=0))
     start = np.tile(flat.get(), (6, 1))
     sim = GossipSimulator(StaticSchedule(metropolis_hastings(ring(6))), start, train=train)
     test_x, test_y = torch.from_numpy(data.test.x), torch.from_numpy(data.test.y)
@@ -172,3 +175,27 @@ def test_gossip_sim_refuses_a_trim_the_topology_cannot_give(capsys):
                  'gossip.rule="trimmed_mean"', "--set", "gossip.trim=2"])
     assert code == 2
     assert "gossip.trim = 2 needs every peer to have at least 4" in capsys.readouterr().err
+
+
+def test_a_deployed_peer_trains_as_its_simulated_twin(fmnist):
+    """``shoal gossip peer``'s local training (the reference ``train_local``) and the
+    simulator's (the cohort engine) take the same steps from the same model and stream."""
+    from shoal.cli.gossip import _peer_training
+    from shoal.config import load_config
+    from shoal.data import FederatedData
+    from shoal.data.partition import partition
+
+    train_set, test_set = fmnist
+    cfg = load_config(None, {"data.clients": 50, "model.name": "logreg", "seed": 3})
+    data = FederatedData(train_set, test_set,
+                         tuple(partition(train_set.y, 50, "dirichlet", alpha=0.5)))
+    x = np.random.default_rng(0).normal(scale=0.05, size=(50, 7850)).astype(np.float32)
+    trainer = CohortTrainer(build_model("logreg", 784, 10, 3), torch.from_numpy(train_set.x),
+                            torch.from_numpy(train_set.y))
+    simulated = x.copy()
+    cohort_training(trainer, data.client_indices, LocalTrainConfig(), seed=3)(
+        simulated, 4, np.array([7, 31]))
+    for peer in (7, 31):
+        deployed = _peer_training(cfg, data, peer)(x[peer].copy(), 4)
+        assert np.abs(deployed - simulated[peer]).max() < 1e-5
+        assert np.abs(deployed - x[peer]).max() > 1e-3  # it did train
