@@ -24,7 +24,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 
 from shoal.cli import main  # noqa: E402
-from shoal.cli.gossip import PeerFiles, gossip_config, peer_command, prepare_network  # noqa: E402
+from shoal.cli.gossip import PeerFiles, peer_command, prepare_network  # noqa: E402
 from shoal.config import load_config  # noqa: E402
 from shoal.gossip.build import initial_models  # noqa: E402
 from shoal.gossip.metrics import consensus_distance  # noqa: E402
@@ -159,9 +159,10 @@ def test_links_find_a_peer_that_moved_to_another_port(peer0, tmp_path):
 # -- networks of peer processes ------------------------------------------------------------
 
 def _network(tmp_path, n=6, **overrides) -> PeerFiles:
-    cfg = gossip_config(load_config(None, {
-        "model.name": "logreg", "gossip.local_training": False,
-        "gossip.init": "independent", "gossip.step_timeout_s": 10.0, **overrides}), n)
+    cfg = load_config(None, {
+        "data.clients": n, "sampling.per_round": 1, "model.name": "logreg",
+        "gossip.local_training": False, "gossip.init": "independent",
+        "gossip.step_timeout_s": 10.0, **overrides})
     return prepare_network(tmp_path / "net", cfg, n)
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.cli.options import add_run_options, config_from_args
-from shoal.config import Config
+from shoal.cli.options import add_run_options, overrides_from_args
+from shoal.config import Config, load_config
 from shoal.errors import ConfigError
 
 __all__ = ["add_parser", "launch_peers", "PeerFiles", "prepare_network", "peer_command",
@@ -60,12 +60,15 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def gossip_config(cfg: Config, peers: int | None = None) -> Config:
-    """``cfg`` with ``data.clients = peers`` (when given); every peer trains every step, so
-    ``sampling.per_round`` is only capped to the peers (it does not apply)."""
-    n = peers if peers is not None else cfg["data"]["clients"]
-    return cfg.with_overrides({"data.clients": n,
-                               "sampling.per_round": min(cfg["sampling"]["per_round"], n)})
+def gossip_config(args: argparse.Namespace, peers: int | None = None) -> Config:
+    """The config of the command line, with ``data.clients = peers`` when given. Every peer
+    trains every step, so ``sampling.per_round`` does not apply: unless set explicitly it is
+    1, which any number of peers satisfies."""
+    overrides = overrides_from_args(args)
+    if peers is not None:
+        overrides["data.clients"] = peers
+    overrides.setdefault("sampling.per_round", 1)
+    return load_config(args.config, overrides)
 
 
 # -- simulation ----------------------------------------------------------------------------
@@ -77,7 +80,7 @@ def run_sim(args: argparse.Namespace) -> int:
 
     from shoal.gossip.run import simulate
 
-    cfg = gossip_config(config_from_args(args))
+    cfg = gossip_config(args)
     torch.set_num_threads(cfg["sim"]["threads"] or 1)  # per-peer steps are small matmuls
 
     def show(row: dict[str, Any]) -> None:
@@ -174,7 +177,7 @@ def run_peer(args: argparse.Namespace) -> int:
     from shoal.store.atomic import replace_atomically
     from shoal.transport.gossip_peer import GossipPeer, PeerTLS, peer_name
 
-    cfg = config_from_args(args)
+    cfg = gossip_config(args)
     n, g = cfg["data"]["clients"], cfg["gossip"]
     if not 0 <= args.index < n:
         raise ConfigError(f"--index {args.index} is not a peer of this network (0 .. {n - 1})",
@@ -290,7 +293,7 @@ def launch_peers(args: argparse.Namespace) -> int:
     if args.die_after or args.attr:
         raise ConfigError("--die-after and --attr are for client processes; a gossip network "
                           "has none", key="gossip")
-    cfg = gossip_config(config_from_args(args), n)
+    cfg = gossip_config(args, n)
     data = peer_data(cfg)
     net = network_from_config(cfg, data)  # refuse a bad topology before starting anything
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-gossip-"))
