@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 EPILOG = """\
@@ -97,10 +98,21 @@ def _summary(args: argparse.Namespace) -> int:
                                                     + 200 * 10 + 10)
     out = summarize(trace, args.clients, model_bytes=model_bytes)
     if args.json:  # strict JSON: an infinite bandwidth (instant transfers) becomes null
-        print(json.dumps(out, default=None).replace("Infinity", "null"))
+        print(json.dumps(_strict(out)))
         return 0
     print("\n".join(format_summary(out)))
     return 0
+
+
+def _strict(value):
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no inf)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def format_summary(out: dict) -> list[str]:
