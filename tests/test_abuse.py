@@ -96,7 +96,7 @@ def test_idle_and_stalled_calls_are_cut_after_the_idle_timeout(tmp_path):
                                     timeout=30)
             codes = {_ends_with(f) for f in (silent, stalled, unary)}
             assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}
-            assert time.monotonic() - t0 < 4.0
+            assert time.monotonic() - t0 < 10.0  # the calls' own deadline is 30 s
             # the slot the stalled upload held is free again
             assert upload(stub, "dev-a", task, ONE).accepted
             raw.close()
@@ -118,7 +118,7 @@ def test_silent_connections_are_closed_after_the_idle_timeout(tmp_path):
             while s.recv(4096):  # the server's HTTP/2 settings, then its close
                 pass             # (a socket.timeout here fails the test)
             s.close()
-        assert time.monotonic() - t0 < 4.0
+        assert time.monotonic() - t0 < 10.0
 
 
 def test_one_upload_stream_per_device(tmp_path):
@@ -361,7 +361,7 @@ def test_tasks_that_ask_for_clipping_go_only_to_runtimes_that_clip(tmp_path):
             assert task.clip_norm == 2.0
             assert upload(stub, d, task, ONE, num_examples=1).accepted
         t.join(timeout=20)
-        assert time.monotonic() - t0 < 10  # committed at its target, not at the deadline
+        assert time.monotonic() - t0 < 20  # committed at its target, not at the deadline
         rec = out["record"]
         assert rec.committed and rec.accepted == 3 and rec.rejected == {"runtime_too_old": 1}
 
@@ -399,7 +399,8 @@ def test_metrics_are_served_without_a_thread_per_connection(tmp_path):
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(b"GET /metr")  # half a request line, never finished
-        assert threading.active_count() == threads  # one thread serves them all
+        # one thread serves them all (a thread per connection would add 301)
+        assert threading.active_count() <= threads + 2
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         assert b'shoal_refused_calls_total{reason="missing"} 1.0' in text
         with pytest.raises(urllib.error.HTTPError) as info:
@@ -410,8 +411,29 @@ def test_metrics_are_served_without_a_thread_per_connection(tmp_path):
             s.settimeout(5.0)
             assert s.recv(1024) == b""
             s.close()
-        assert time.monotonic() - t0 < 3.0
+        assert time.monotonic() - t0 < 8.0
     finally:
         metrics.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_oversized_small_calls_are_refused_before_they_are_parsed(tmp_path):
+    # a 3 MB evaluation report (a map of 150,000 metrics) would parse into hundreds of MB
+    # of objects: refused on its size; so is a Hello beyond what the registry could keep
+    with running_aggregator(tmp_path, AggregatorSettings()) as (service, stub):
+        report = pb.EvaluationResult(device_id="dev-a", round=1, model_version=1,
+                                     metrics={f"m{i:07d}": 1.0 for i in range(150_000)})
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ReportEvaluation(report, metadata=md("dev-a"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ReportEvaluation request of" in info.value.details()
+        hello = pb.HelloRequest(device_id="dev-a",
+                                capabilities={f"k{i}": "v" * 100 for i in range(1000)})
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Hello(hello, metadata=md("dev-a"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "larger than the 65536 bytes" in info.value.details()
+        # a check-in is a few bytes; an honest one goes through
+        assert stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"),
+                            timeout=5).WhichOneof("reply") == "come_back"

@@ -193,6 +193,7 @@ def test_tls_and_metrics_endpoint(tmp_path):
         channel.close()
         plain.close()
     finally:
+        service.metrics.close()
         stop()
 
 

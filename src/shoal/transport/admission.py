@@ -11,7 +11,11 @@ its method and metadata in hand, and
 * cuts every admitted call whose caller goes quiet: each request message (a unary call's
   request, a stream's header and every chunk after it) must arrive within ``idle_timeout_s``
   of the previous one, or the call ends with ``DEADLINE_EXCEEDED`` (a device's runtime
-  retries that with backoff).
+  retries that with backoff);
+* bounds each method's request by its own limit (``max_request_bytes``, e.g. a few KiB for
+  a check-in) *before* it is parsed: a larger one is refused ``INVALID_ARGUMENT`` having cost
+  its bytes, never the memory of parsing it (a 3 MB map of metrics parses into hundreds of
+  MB of Python objects).
 
 To do both, every method is served as a request-streaming one: the interceptor reads the
 request itself, with a timeout, and hands it to the servicer's handler unchanged (on the
@@ -28,7 +32,7 @@ finish, or a connection with no call in flight, is closed after the same ``idle_
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc  # type: ignore[import-untyped]
@@ -42,18 +46,24 @@ STATUS = {"unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
           "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 """The gRPC status of each :attr:`CallRefused.status <shoal.transport.gate.CallRefused>`."""
 
+
 class Admission(grpc.aio.ServerInterceptor):
-    """Token first, then idle timeouts, for every call (see the module docstring).
+    """Token first, then idle timeouts and request size limits, for every call (see the
+    module docstring).
 
     Args:
         gate: verifies the call's token (and counts and logs a refusal).
         idle_timeout_s: longest wait for a caller's next request message.
         clock: seconds since the epoch (tokens' expiry is on it).
+        max_request_bytes: method name (``"Hello"``) -> largest request message it takes;
+            a method not named takes what the server's message size allows.
     """
 
     def __init__(self, gate: CallGate, idle_timeout_s: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 max_request_bytes: Mapping[str, int] | None = None) -> None:
         self.gate, self.idle_timeout_s, self.clock = gate, float(idle_timeout_s), clock
+        self.max_request_bytes = dict(max_request_bytes or {})
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -67,7 +77,9 @@ class Admission(grpc.aio.ServerInterceptor):
                                    self.clock())
         except CallRefused as exc:
             return _refusing(handler, exc)
-        return _timed(handler, self.idle_timeout_s)
+        method = handler_call_details.method.rpartition("/")[2]
+        return _timed(handler, self.idle_timeout_s, method,
+                      self.max_request_bytes.get(method))
 
 
 def _refusing(handler: grpc.RpcMethodHandler, refused: CallRefused) -> grpc.RpcMethodHandler:
@@ -78,70 +90,95 @@ def _refusing(handler: grpc.RpcMethodHandler, refused: CallRefused) -> grpc.RpcM
     return _streaming(handler, refuse)
 
 
-def _timed(handler: grpc.RpcMethodHandler, timeout: float) -> grpc.RpcMethodHandler:
-    """``handler`` with its request(s) read under ``timeout`` per message."""
+def _timed(handler: grpc.RpcMethodHandler, timeout: float, method: str,
+           limit: int | None) -> grpc.RpcMethodHandler:
+    """``handler`` with its request(s) read under ``timeout`` per message, each at most
+    ``limit`` bytes (``None``: any) before it is parsed."""
+    deserialize = handler.request_deserializer if limit is None \
+        else _bounded(handler.request_deserializer, limit)
+
+    def paced(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        return _paced(requests, context, timeout, method, limit)
+
     if handler.request_streaming and handler.response_streaming:
         inner = handler.stream_stream
 
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async for response in inner(_paced(requests, context, timeout), context):
+            async for response in inner(paced(requests, context), context):
                 yield response
-        return _streaming(handler, stream_stream)
+        return _streaming(handler, stream_stream, deserialize)
     if handler.request_streaming:
         inner = handler.stream_unary
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await inner(_paced(requests, context, timeout), context)
-        return _streaming(handler, stream_unary)
+            return await inner(paced(requests, context), context)
+        return _streaming(handler, stream_unary, deserialize)
     if handler.response_streaming:
         inner = handler.unary_stream
 
         async def unary_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            request = await _one(requests, context, timeout)
+            request = await _one(paced(requests, context), context)
             async for response in inner(request, context):
                 yield response
-        return _streaming(handler, unary_stream)
+        return _streaming(handler, unary_stream, deserialize)
     inner = handler.unary_unary
 
     async def unary_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await inner(await _one(requests, context, timeout), context)
-    return _streaming(handler, unary_unary)
+        return await inner(await _one(paced(requests, context), context), context)
+    return _streaming(handler, unary_unary, deserialize)
 
 
-def _streaming(handler: grpc.RpcMethodHandler, behavior: Any) -> grpc.RpcMethodHandler:
-    """``behavior`` as a request-streaming handler with ``handler``'s (de)serializers."""
+def _streaming(handler: grpc.RpcMethodHandler, behavior: Any,
+               deserialize: Any = None) -> grpc.RpcMethodHandler:
+    """``behavior`` as a request-streaming handler with ``handler``'s serializer and
+    ``deserialize`` (default ``handler``'s)."""
     make = grpc.stream_stream_rpc_method_handler if handler.response_streaming \
         else grpc.stream_unary_rpc_method_handler
-    return make(behavior, request_deserializer=handler.request_deserializer,
+    return make(behavior, request_deserializer=deserialize or handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
 
-async def _next(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                timeout: float) -> Any:
-    """The next request message; ``StopAsyncIteration`` at the end of the stream; the call
-    is aborted with ``DEADLINE_EXCEEDED`` if none comes within ``timeout``."""
-    try:
-        return await asyncio.wait_for(requests.__anext__(), timeout)
-    except asyncio.TimeoutError:
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"idle: no message from the caller for {timeout:g} s")
+class _TooLarge:
+    """What a request above its method's limit deserializes to (it is never parsed)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
 
 
-async def _one(requests: Any, context: grpc.aio.ServicerContext, timeout: float) -> Any:
+def _bounded(parse: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any]:
+    """``parse`` for requests of at most ``limit`` bytes; larger ones become
+    :class:`_TooLarge` unparsed."""
+    def deserialize(raw: bytes) -> Any:
+        if len(raw) > limit:
+            return _TooLarge(len(raw))
+        return parse(raw) if parse is not None else raw
+    return deserialize
+
+
+async def _one(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
     """A unary call's request (not waiting for the caller's end of stream after it)."""
     try:
-        return await _next(requests.__aiter__(), context, timeout)
+        return await requests.__anext__()
     except StopAsyncIteration:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
 
 
-async def _paced(requests: Any, context: grpc.aio.ServicerContext, timeout: float
-                 ) -> AsyncIterator[Any]:
-    """The request stream, each message within ``timeout`` of the previous one."""
+async def _paced(requests: Any, context: grpc.aio.ServicerContext, timeout: float,
+                 method: str, limit: int | None) -> AsyncIterator[Any]:
+    """The request stream, each message within ``timeout`` of the previous one (else the
+    call is aborted ``DEADLINE_EXCEEDED``) and at most ``limit`` bytes (else
+    ``INVALID_ARGUMENT``)."""
     iterator = requests.__aiter__()
     while True:
         try:
-            message = await _next(iterator, context, timeout)
+            message = await asyncio.wait_for(iterator.__anext__(), timeout)
         except StopAsyncIteration:
             return
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"idle: no message from the caller for {timeout:g} s")
+        if isinstance(message, _TooLarge):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a {method} request of {message.size} bytes is larger than "
+                                f"the {limit} bytes it may take")
         yield message

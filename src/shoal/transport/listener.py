@@ -70,8 +70,8 @@ def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
     state: dict = {}
 
     async def main() -> None:
-        server = grpc.aio.server(options=server_options(idle),
-                                 interceptors=[Admission(service.gate, idle, service.clock)])
+        server = grpc.aio.server(options=server_options(idle), interceptors=[Admission(
+            service.gate, idle, service.clock, service.REQUEST_BYTES)])
         pb_grpc.add_AggregatorServicer_to_server(service, server)
         address = f"{host}:{port}"
         if tls is None:

@@ -137,6 +137,11 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
     """The gRPC handlers. Thread model: handlers run on the server's event loop; the run's
     :attr:`gateway` serialises them under its lock.
 
+    :attr:`REQUEST_BYTES` bounds the request of each small call before it is parsed (a Hello
+    within the registry's own limits, a check-in, an evaluation report of at most
+    ``MAX_METRICS`` metrics); streamed chunks and secure-aggregation steps take what the
+    server's message size allows.
+
     Args:
         settings: device-facing limits.
         keyring: token keys (``Keyring.single(load_or_create_secret(path))``).
@@ -153,6 +158,9 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
         ConfigError: an upload or download codec chain that does not parse, or a weight cap
             out of range.
     """
+
+    REQUEST_BYTES = {"Hello": 64 << 10, "CheckIn": 1 << 10, "Download": 1 << 10,
+                     "Heartbeat": 1 << 10, "ReportEvaluation": 16 << 10}
 
     def __init__(self, settings: AggregatorSettings, keyring: Keyring, dim: int,
                  spec_fingerprint: str, registry_factory: Callable[[], Any],
