@@ -196,8 +196,8 @@ def cohort_training(trainer: CohortTrainer, client_indices: Sequence[np.ndarray]
     Peer ``i`` trains at step ``t`` with the stream ``seeds.generator(seed, "train", t, i)``
     -- the one a deployed peer uses -- from its own model. The cohort engine batches clients
     that start from one model; gossip peers each start from their own, so every peer is a
-    cohort of one (measured on the 2NN: within 5-15 % of batched training per client, see
-    docs/gossip.md).
+    cohort of one (1.33x the time of batched training for 1,000 2NN peers:
+    docs/benchmarks.md, "Gossip").
     """
     indices = list(client_indices)
 
