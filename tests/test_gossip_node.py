@@ -231,3 +231,34 @@ def test_trimmed_mean_keeps_honest_peers_inside_the_honest_range():
 def test_plain_averaging_is_dragged_away_by_the_same_byzantine_peer():
     start, honest = _byzantine_run(None)
     assert honest.max() > start.max() + 100
+
+
+def test_a_peers_checkpoint_and_trace_survive_a_kill_mid_write(tmp_path):
+    from shoal.errors import DataError
+    from shoal.gossip.state import append_trace, load_state, read_trace, save_state
+
+    models = [np.full(5, k, np.float32) for k in range(3)]
+    assert load_state(tmp_path / "state.shc", 5) is None
+    save_state(tmp_path / "state.shc", 7, models[1])
+    step, params = load_state(tmp_path / "state.shc", 5)
+    assert step == 7 and np.array_equal(params, models[1])
+    with pytest.raises(DataError, match="another size|parameters"):
+        load_state(tmp_path / "state.shc", 6)
+    trace = tmp_path / "trace.shc"
+    for k, m in enumerate(models):
+        append_trace(trace, k, m)
+    whole = trace.read_bytes()
+    assert [(s, p.tolist()) for s, p in read_trace(trace, 5)] == \
+        [(k, m.tolist()) for k, m in enumerate(models)]
+    frame = len(whole) // 3
+    for cut in (len(whole) - 3, 2 * frame + 10):  # torn in the last frame, in its header
+        trace.write_bytes(whole[:cut])
+        assert [s for s, _ in read_trace(trace, 5)] == [0, 1]
+    corrupt = bytearray(whole)
+    corrupt[frame + frame // 2] ^= 0xFF  # a bit flipped inside the second frame
+    trace.write_bytes(bytes(corrupt))
+    with pytest.raises(DataError, match="corrupt trace frame 1"):
+        read_trace(trace, 5)
+    (tmp_path / "state.shc").write_bytes(whole[:frame - 1])
+    with pytest.raises(DataError, match="corrupt checkpoint"):
+        load_state(tmp_path / "state.shc", 5)
