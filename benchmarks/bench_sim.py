@@ -140,13 +140,22 @@ def matmul_peak_gflops(threads: int = 2) -> float:
 
 def _child(conn, fn_name: str, args: tuple) -> None:
     try:
-        conn.send(globals()[fn_name](*args))
+        if ":" in fn_name:  # "module:function" of another benchmark script
+            import importlib
+
+            module, name = fn_name.split(":")
+            fn = getattr(importlib.import_module(module), name)
+        else:
+            fn = globals()[fn_name]
+        conn.send(fn(*args))
     except BaseException as exc:  # report, don't hang the parent
         conn.send({"error": repr(exc)})
     conn.close()
 
 
 def in_child(fn_name: str, *args) -> dict:
+    """``fn_name(*args)`` (a function of this script, or ``"module:function"`` of another
+    script in benchmarks/) in a fresh spawned process, so its peak RSS is its own."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(child, fn_name, args))

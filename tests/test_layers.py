@@ -15,7 +15,7 @@ LAYERS = [
     ("assembling", {"experiment"}),
     ("carriers", {"sim", "transport", "gateway", "device_task", "device_secagg",
                   "device_sessions", "gossip"}),
-    ("driving", {"runner", "build"}),
+    ("driving", {"runner", "discrete_event", "build"}),
     ("engine", {"coordinator", "policy", "events", "clock", "sampling", "selection",
                 "registry", "store", "observers", "records", "config"}),
     ("stages", {"pipeline", "strategy", "privacy", "robust", "codec", "summation",

@@ -63,8 +63,9 @@ def _run(pool, trace, policy, steps, sampler=None, seed=0):
 
     def spy(event):
         out = handle(event)
-        if isinstance(event, UpdatesArrived):
-            log.append(("arrived", event.task_id, int(event.arrival.client_ids[0]), event.now))
+        if isinstance(event, UpdatesArrived):  # a run of arrivals may come as one batch
+            log.extend(("arrived", event.task_id, int(c), event.now)
+                       for c in event.arrival.client_ids)
         if isinstance(event, ClientsFailed):
             log.append(("failed", event.task_id, event.client_ids[0], event.now, event.reason))
         for c in out:
@@ -163,16 +164,20 @@ def _random_windows(n: int, rng: np.random.Generator, period: float = 100.0) -> 
 @pytest.mark.parametrize("policy", ["sync", "buffered"])
 def test_no_device_trains_outside_its_window_and_dropouts_happen_when_it_leaves(policy):
     """Random windows (period 100 s), tasks of 2-8 s plus transfers: every accepted update's
-    download-to-upload interval lies inside one window of its device; every dropout happens
-    exactly when the device's window ends, while its task was still running."""
+    download-to-upload interval (computed here from the trace: compute + 2 x bytes / rate)
+    lies inside one window of its device and reached the coordinator no earlier than its
+    end; every dropout happens exactly when the device's window ends, while its task was
+    still running."""
     n = 60
     rng = np.random.default_rng(1)
     av = _random_windows(n, rng)
-    trace = _trace(rng.uniform(2.0, 8.0, n), rng.uniform(200.0, 2000.0, n), av)
+    compute, kbps = rng.uniform(2.0, 8.0, n), rng.uniform(200.0, 2000.0, n)
+    trace = _trace(compute, kbps, av)
+    pool = _pool(n)
+    wire = pool.uplink._raw_size
     pol = SyncPolicy(idle_wait_s=5.0) if policy == "sync" else \
         BufferedPolicy(concurrency=8, buffer_size=4, idle_wait_s=5.0)
-    commits, log = _run(_pool(n), trace, pol, steps=25,
-                        sampler=OnlineSampler(av, 8, lambda: 0.0))
+    commits, log = _run(pool, trace, pol, steps=25, sampler=OnlineSampler(av, 8, lambda: 0.0))
     sent = {}
     for e in log:
         if e[0] == "sent":
@@ -182,7 +187,8 @@ def test_no_device_trains_outside_its_window_and_dropouts_happen_when_it_leaves(
     failed = [e for e in log if e[0] == "failed"]
     assert len(arrived) >= 25 * 4 and failed, "the scenario must produce both"
     for _, task, c, now in arrived:
-        assert _windows_oracle(av, c, sent[(task, c)], now), (task, c, sent[(task, c)], now)
+        done = sent[(task, c)] + compute[c] + 2 * wire * 8 / 1000 / kbps[c]
+        assert done <= now + 1e-9 and _windows_oracle(av, c, sent[(task, c)], done)
     for _, task, c, now, reason in failed:
         start = sent[(task, c)]
         assert reason == "offline" and now >= start
@@ -262,3 +268,22 @@ def test_same_seed_same_timeline_and_same_model():
     a, b = once(), once()
     assert a[0] == b[0] and a[1] == b[1]
     np.testing.assert_array_equal(a[2], b[2])
+
+
+def test_runs_of_arrivals_delivered_together_change_nothing_but_the_cost():
+    """Arrivals of one task that the coordinator can take before its policy acts reach it as
+    one batch: the same commits at the same simulated times, the same model up to float
+    summation order, as delivering them one by one."""
+    n = 60
+    rng = np.random.default_rng(3)
+    trace = _trace(rng.uniform(1.0, 9.0, n), rng.uniform(300.0, 3000.0, n))
+    batched, _ = _run(_pool(n), trace, SyncPolicy(target=8, over_selection=1.5), steps=5)
+    original = Coordinator.room
+    Coordinator.room = lambda self, task_id: 1  # type: ignore[method-assign]
+    try:
+        single, _ = _run(_pool(n), trace, SyncPolicy(target=8, over_selection=1.5), steps=5)
+    finally:
+        Coordinator.room = original  # type: ignore[method-assign]
+    assert [c[0] for c in batched] == [c[0] for c in single]
+    assert [c[2].accepted for c in batched] == [8] * 5
+    np.testing.assert_allclose(batched[-1][1].params, single[-1][1].params, atol=1e-6)

@@ -243,6 +243,17 @@ class Coordinator:
                 picked.append(c)
         return np.sort(np.array(picked, dtype=np.int64))
 
+    def room(self, task_id: int) -> int:
+        """How many more updates of ``task_id`` the open aggregation can fold before its
+        policy may act on one (close the round): a carrier may hand over that many arrivals
+        of the task as one event with the same outcome (the simulator does, see
+        :mod:`shoal.runner`). At least 1."""
+        t = self._tasks.get(task_id)
+        room = getattr(self.policy, "room", None)
+        if t is None or t.cancelled or self._done or room is None:
+            return 1
+        return max(1, int(room(self, task_id)))
+
     def outstanding(self, task_id: int) -> int:
         t = self._tasks.get(task_id)
         return 0 if t is None or t.cancelled else len(t.pending)

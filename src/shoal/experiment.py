@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,11 +41,14 @@ from shoal.observers import Observer, Observers
 from shoal.params import ParamSpec
 from shoal.pipeline import stage_states_from_dict, stage_states_to_dict
 from shoal.records import RoundRecord
-from shoal.runner import ClientPool, PushCarrier, drive
+from shoal.runner import ClientPool, PushCarrier, TaskSeconds, drive
 from shoal.sampling import OnlineSampler, ParticipationCounts, Sampler, recording
 from shoal.store import Checkpoint
 from shoal.strategy import ServerState
 from shoal.training import evaluate
+
+if TYPE_CHECKING:  # the simulator's trace, for annotations only
+    from shoal.sim.traces import DeviceTrace
 
 __all__ = ["Experiment", "RunResult", "peak_rss_mb", "auto_threads", "expected_cohort"]
 
@@ -190,13 +194,15 @@ class Experiment:
         self.eval_model = FlatModule(build())
         self.spec = self.eval_model.spec
         self.deployed = pool is not None
-        if pool is None:
+        if pool is not None:
+            self.engine = "devices"
+        elif isinstance(self.data, GeneratedClients):
+            pool, self.engine = self._generated_pool(build())
+        else:
             from shoal.sim.attacks import attacked_pool  # the plain pool without [attack]
 
             pool, self.engine = attacked_pool(cfg, build(), self.data, self.spec.size,
                                               local_dp_from_config(cfg))
-        else:
-            self.engine = "devices"
         self.pool = pool
         self.strategy = strategy_from_config(cfg)
         self.policy_name = cfg["round"]["policy"]
@@ -209,7 +215,7 @@ class Experiment:
         #: the simulated clock of the current run (a fresh one each :meth:`run`)
         self.clock = SimClock()
         #: the device trace of ``sim.time_model = "trace"`` (None otherwise)
-        self.trace = None
+        self.trace: DeviceTrace | None = None
         self.time_model = None if self.deployed else self._time_model(sampler is None)
         x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
         #: central evaluation of a flat model -> metrics (replaceable, e.g. by a spy)
@@ -219,7 +225,21 @@ class Experiment:
         self.initial_params = self.eval_model.get()
         self.startup_seconds = time.perf_counter() - t0
 
-    def _time_model(self, own_sampler: bool):
+    def _generated_pool(self, model: torch.nn.Module) -> tuple[ClientPool, str]:
+        """The in-process pool of a generated population (no per-client data to poison).
+
+        Raises:
+            ConfigError: an attack, whose poisoning needs a partitioned dataset.
+        """
+        from shoal.sim.pool import in_process_pool
+
+        if self.cfg["attack"]["kind"] != "none":
+            raise ConfigError("attacks poison a partitioned dataset; use data.population = "
+                              "'partition' with [attack]", key="data.population")
+        return in_process_pool(self.cfg, model, self.data, self.spec.size,
+                               local_dp_from_config(self.cfg))
+
+    def _time_model(self, own_sampler: bool) -> TaskSeconds | None:
         """The simulated device time of ``cfg``; with a trace that has online windows, the
         sampler becomes uniform among the clients online at the simulated time.
 
@@ -232,8 +252,8 @@ class Experiment:
             return time_model_from_config(cfg)
         from shoal.sim.devices import TracedDevices, trace_from_config
 
-        self.trace = trace_from_config(cfg)
-        if self.trace.availability.rows and own_sampler:
+        trace = self.trace = trace_from_config(cfg)
+        if trace.availability.rows and own_sampler:
             s = cfg["sampling"]
             if s["method"] != "uniform" or s["selection"] != "uniform":
                 raise ConfigError("a trace with online windows samples uniformly among the "
@@ -241,9 +261,9 @@ class Experiment:
                                   "sampling.method = 'uniform' and sampling.selection = "
                                   "'uniform' (or a trace without windows)",
                                   key="sampling.selection")
-            self.sampler = OnlineSampler(self.trace.availability, s["per_round"],
+            self.sampler = OnlineSampler(trace.availability, s["per_round"],
                                          lambda: self.clock.now())
-        return TracedDevices(self.trace, cfg["client"]["epochs"])
+        return TracedDevices(trace, cfg["client"]["epochs"])
 
     @property
     def coordinator(self) -> Coordinator:

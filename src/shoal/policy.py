@@ -218,6 +218,15 @@ class SyncPolicy:
         elif engine.outstanding(task_id) == 0:
             self._close(engine, "all_reported")
 
+    def room(self, engine: Engine, task_id: int) -> int:
+        """Updates of ``task_id`` that can be folded before :meth:`on_update` closes the
+        round: up to the target, or every outstanding client without one."""
+        if task_id != self._task:
+            return 1
+        if self.target is not None:
+            return self.target - engine.accepted
+        return engine.outstanding(task_id)
+
     def on_tick(self, engine: Engine, now: float) -> None:
         if self._task is None and self._idle_until is not None and now >= self._idle_until:
             self._idle_until = None

@@ -194,7 +194,9 @@ class CohortTrainer:
 
     def _shaped(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs as the engine reads them (the fused engine: one flat row per example)."""
-        return x.reshape(x.shape[0], -1) if self.engine == "fused" else x
+        # the width spelt out: an empty pool (clients with their own data) has no -1 to infer
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))) if self.engine == "fused" \
+            else x
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A reusable float32 buffer of at least ``shape[0]`` rows, viewed as ``shape``.

@@ -19,10 +19,11 @@ from shoal.codec import Chain
 from shoal.config import Config
 from shoal.data import Dataset, FederatedData, GeneratedClients
 from shoal.errors import ProtocolError
+from shoal.privacy.dp import LocalDP
 from shoal.events import TrainTask, UpdateBatch
 from shoal.sim.cohort import CohortTrainer
 from shoal.training import LocalTrainConfig
-from shoal.uplink import Downlink, Uplink
+from shoal.uplink import Downlink, Uplink, raw_wire_size
 
 __all__ = ["ClientData", "InProcessPool", "auto_chunk", "in_process_pool"]
 
@@ -94,13 +95,14 @@ class InProcessPool:
                  config: LocalTrainConfig, seed: int, chunk: int = 0,
                  uplink: Uplink | None = None, downlink: Downlink | None = None) -> None:
         self.trainer = trainer
-        self.clients: ClientData = clients if hasattr(clients, "examples_of") \
-            else _IndexLists(clients)  # type: ignore[arg-type]
+        self.clients: ClientData = _IndexLists(clients) if isinstance(clients, Sequence) \
+            else clients
         self.config = config
         self.seed = seed
         self.chunk = chunk or auto_chunk(trainer.spec.size)
         self.uplink = uplink or Uplink(trainer.spec.size)
         self.downlink = downlink or Downlink(trainer.spec.size)
+        self._raw_up = raw_wire_size(trainer.spec.size)
 
     @property
     def num_clients(self) -> int:
@@ -113,6 +115,13 @@ class InProcessPool:
     def download(self, task: TrainTask, client_ids: np.ndarray) -> np.ndarray:
         """Bytes each client downloads to get ``task``'s model; records that they synced."""
         return self.downlink.send(task.version, task.params, np.asarray(client_ids, np.int64))
+
+    def upload_bytes(self, client_ids: np.ndarray) -> np.ndarray | None:
+        """Raw float32 updates have one size, known before training; an encoding chain (or
+        local DP) makes it depend on the update: ``None``."""
+        if not self.uplink.identity:
+            return None
+        return np.full(len(client_ids), self._raw_up, np.int64)
 
     def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[UpdateBatch]:
         ids = np.asarray(client_ids, dtype=np.int64)
@@ -158,8 +167,8 @@ class InProcessPool:
 
 
 def in_process_pool(cfg: Config, model: torch.nn.Module,
-                    data: FederatedData | GeneratedClients, dim: int, local_dp=None
-                    ) -> tuple[InProcessPool, str]:
+                    data: FederatedData | GeneratedClients, dim: int,
+                    local_dp: LocalDP | None = None) -> tuple[InProcessPool, str]:
     """The virtual clients of ``cfg`` (training, compression, local DP) and the name of the
     cohort engine they train with."""
     train = data.train
