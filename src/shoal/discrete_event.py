@@ -19,10 +19,12 @@ version train as one cohort. A run of arrivals of one task that the coordinator 
 before its policy acts (``Coordinator.room``) reaches it as one event. Training does not
 depend on time, so neither changes anything but the cost.
 
-Trained updates wait for their arrival in one reused float32 matrix (:class:`_Rows`): no
+Trained updates wait for their arrival in reused float32 blocks (:class:`_Rows`): no
 allocation per client, and a run of arrivals is gathered into a reused buffer that the
 coordinator folds before the next delivery (every sum rule copies or accumulates what it
-folds).
+folds). They take memory for the updates trained and not yet delivered: about a cohort in
+sync rounds, up to the clients in flight in buffered aggregation (one model version's
+refills train together).
 """
 
 from __future__ import annotations
@@ -105,39 +107,43 @@ class LazyPool(Protocol):
 
 
 _TICK, _TRAINED, _ARRIVE, _FAIL, _LAPSE = range(5)
+#: rows per block of stored updates (the 2NN: 51 MB a block)
+_BLOCK = 64
 
 
 class _Rows:
-    """Update rows waiting for delivery, in one float32 matrix reused across the run (grown
-    by doubling), and a reused buffer to gather a delivery into."""
+    """Update rows waiting for delivery, in float32 blocks of :data:`_BLOCK` rows reused
+    across the run (a new block only when every row is taken: no copy as it grows), and a
+    reused buffer to gather a delivery into. Slot ``s`` is row ``s % _BLOCK`` of block
+    ``s // _BLOCK``."""
 
     def __init__(self) -> None:
-        self.buf = np.empty((0, 0), np.float32)
+        self.blocks: list[np.ndarray] = []
         self.free: list[int] = []
         self.out = np.empty((0, 0), np.float32)
 
     def store(self, rows: np.ndarray) -> list[int]:
         k, dim = rows.shape
-        if self.buf.shape[1] != dim:
-            if self.buf.shape[0] > len(self.free):
-                raise ProtocolError("updates of different lengths in one run")
-            self.buf, self.free = np.empty((0, dim), np.float32), []
-        if len(self.free) < k:
-            old = self.buf.shape[0]
-            grown = np.empty((max(2 * old, old + k - len(self.free)), dim), np.float32)
-            grown[:old] = self.buf
-            self.free.extend(range(grown.shape[0] - 1, old - 1, -1))
-            self.buf = grown
+        if self.blocks and self.blocks[0].shape[1] != dim:
+            raise ProtocolError("updates of different lengths in one run")
+        while len(self.free) < k:
+            first = len(self.blocks) * _BLOCK
+            self.blocks.append(np.empty((_BLOCK, dim), np.float32))
+            self.free.extend(range(first + _BLOCK - 1, first - 1, -1))
         slots = [self.free.pop() for _ in range(k)]
-        self.buf[slots] = rows
+        for i, slot in enumerate(slots):
+            self.blocks[slot // _BLOCK][slot % _BLOCK] = rows[i]
         return slots
 
     def gather(self, slots: list[int]) -> np.ndarray:
         """The rows at ``slots`` as one matrix, valid until the next call."""
-        if self.out.shape[0] < len(slots) or self.out.shape[1] != self.buf.shape[1]:
-            self.out = np.empty((max(len(slots), 2 * self.out.shape[0]), self.buf.shape[1]),
-                                np.float32)
-        return np.take(self.buf, slots, axis=0, out=self.out[:len(slots)])
+        dim = self.blocks[0].shape[1]
+        if self.out.shape[0] < len(slots) or self.out.shape[1] != dim:
+            self.out = np.empty((max(len(slots), 2 * self.out.shape[0]), dim), np.float32)
+        out = self.out[:len(slots)]
+        for i, slot in enumerate(slots):
+            out[i] = self.blocks[slot // _BLOCK][slot % _BLOCK]
+        return out
 
     def release(self, slots: Iterable[int]) -> None:
         self.free.extend(slots)

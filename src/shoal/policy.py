@@ -293,7 +293,9 @@ class BufferedPolicy:
     def _fill(self, engine: Engine) -> None:
         """Top the tasks in flight up to ``concurrency`` clients (one task per client, so
         each carries the version current when its client was asked)."""
-        busy = sum(engine.outstanding(t) for t in self._live)
+        # every live task has its one client outstanding (tasks are dropped from the set as
+        # their client is done: _settle, on_tick), so the busy clients are counted in O(1)
+        busy = len(self._live)
         while busy < self.concurrency and engine.can_step():
             deadline = engine.now + self.deadline_s
             task = engine.send(1, deadline)
@@ -324,7 +326,8 @@ class BufferedPolicy:
         self._settle(engine, task_id)
 
     def on_tick(self, engine: Engine, now: float) -> None:
-        # the coordinator has already timed out tasks past their deadline (on_end)
+        # the coordinator has already timed out tasks past their deadline
+        self._live = {t for t in self._live if engine.outstanding(t)}
         self._fill(engine)
 
     def staleness_weight(self, staleness: int) -> float:
