@@ -136,7 +136,9 @@ class RunResult:
         last = evals[-1].eval if evals else {}
         tail = [r.eval["accuracy"] for r in evals if r.round > 0][-5:]
         updates = sum(r.accepted for r in self.records)
-        train_seconds = sum(r.seconds for r in self.records if r.round > 0)
+        # records time rounds on the run's clock: simulated seconds under device time
+        train_seconds = self.wall_seconds if "sim_hours" in self.extra else \
+            sum(r.seconds for r in self.records if r.round > 0)
         trained = [r for r in self.records if r.round > 0]
         privacy = [r.privacy for r in trained if "epsilon" in r.privacy]
         extra = dict(self.extra)

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.config import load_config
     from shoal.experiment import Experiment
     from shoal.telemetry import LogObserver, ProgressBar, RunDirWriter
+    from shoal.telemetry.progress import sim_time
 
     resume = None
     if args.resume:
@@ -109,7 +110,15 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     if result.timeline:
         _write_timeline(observers[0].path, cfg, result)
-    return report(cfg, args, exp, result, run_dir=observers[0])
+    code = report(cfg, args, exp, result, run_dir=observers[0])
+    if result.timeline and not (args.json or args.quiet):
+        x = result.extra
+        print(f"  simulated time          {sim_time(3600 * x['sim_hours'])} "
+              f"({x['sim_hours_per_wall_hour']:.3g} simulated hours per wall hour)\n"
+              f"  clients trained         {x['clients_trained']:,} of "
+              f"{exp.pool.num_clients:,} ({x['dropouts']:,} dropped out mid-task); "
+              f"timeline.csv, time_to_accuracy.png, participation.png")
+    return code
 
 
 def _write_timeline(path, cfg, result) -> None:
