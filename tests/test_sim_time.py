@@ -287,3 +287,17 @@ def test_runs_of_arrivals_delivered_together_change_nothing_but_the_cost():
     assert [c[0] for c in batched] == [c[0] for c in single]
     assert [c[2].accepted for c in batched] == [8] * 5
     np.testing.assert_allclose(batched[-1][1].params, single[-1][1].params, atol=1e-6)
+
+
+def test_buffered_clients_past_their_deadline_free_their_slots():
+    """Six devices always busy (concurrency 6), four taking 1 s and two 100 s, a 10 s
+    deadline: the fast ones commit two versions a second; at t = 10 the slow pair times out
+    (counted in the open aggregation), their slots are refilled -- by themselves, the only
+    idle devices -- and the run goes on."""
+    commits, log = _run(_pool(6), _trace(np.array([1.0] * 4 + [100.0] * 2)),
+                        BufferedPolicy(concurrency=6, buffer_size=2, deadline_s=10.0),
+                        steps=20)
+    assert [c[0] for c in commits] == [float(t) for t in range(1, 11) for _ in (0, 1)]
+    assert sum(c[2].rejected.get("timed_out", 0) for c in commits) == 2
+    sends = [(e[2][0], e[3]) for e in log if e[0] == "sent"]
+    assert sorted(t for c, t in sends if c in (4, 5)) == [0.0, 0.0, 10.0, 10.0]
