@@ -90,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
     banner(cfg, args)
     exp = Experiment(cfg)
     if args.verbose:
-        print(exp.data.summary().format(), file=sys.stderr)
+        summary = exp.data.summary()
+        if summary.num_clients < exp.data.num_clients:  # a generated population: a sample
+            print(f"the first {summary.num_clients:,} of {exp.data.num_clients:,} clients "
+                  f"(their data is generated on demand):", file=sys.stderr)
+        print(summary.format(), file=sys.stderr)
         print(f"engine: {exp.engine}; {exp.spec.size:,} parameters; start-up "
               f"{exp.startup_seconds:.2f} s", file=sys.stderr)
     state = exp.restore(resume) if resume is not None else None
