@@ -301,3 +301,30 @@ def test_buffered_clients_past_their_deadline_free_their_slots():
     assert sum(c[2].rejected.get("timed_out", 0) for c in commits) == 2
     sends = [(e[2][0], e[3]) for e in log if e[0] == "sent"]
     assert sorted(t for c, t in sends if c in (4, 5)) == [0.0, 0.0, 10.0, 10.0]
+
+
+def test_nothing_of_a_closed_round_stays_behind():
+    """After rounds that closed without their stragglers, the timeline holds no trained
+    update and no training still due for them (memory does not grow with the rounds)."""
+    from shoal.discrete_event import DeviceTimeline
+
+    made: list[DeviceTimeline] = []
+    real = DeviceTimeline.__init__
+
+    def keep(self, *a, **k):
+        real(self, *a, **k)
+        made.append(self)
+
+    DeviceTimeline.__init__ = keep  # type: ignore[method-assign]
+    try:
+        n = 50
+        times = np.random.default_rng(5).permutation(np.arange(1, n + 1, dtype=np.float64))
+        _run(_pool(n, chunk=4), _trace(times), SyncPolicy(target=10, over_selection=1.5),
+             steps=6)
+    finally:
+        DeviceTimeline.__init__ = real  # type: ignore[method-assign]
+    timeline = made[0]
+    assert not timeline.due  # nothing still to train
+    # only the last round's cancelled stragglers, holding nothing, await their events
+    assert all(f.cancelled and not f.ready for f in timeline.flights.values())
+    assert len(timeline.rows.free) == sum(len(b) for b in timeline.rows.blocks)

@@ -224,6 +224,12 @@ class DeviceTimeline:
             flight.cancelled = True
             self.rows.release(r.slot for r in flight.ready.values())
             flight.ready.clear()
+            version = flight.task.version  # its clients will never be trained
+            due = [d for d in self.due.get(version, ()) if d.task_id != task_id]
+            if due:
+                self.due[version] = due
+            else:
+                self.due.pop(version, None)
 
     # -- sending ----------------------------------------------------------------------------
 
