@@ -91,3 +91,20 @@ def test_with_mutual_tls_a_token_works_only_with_its_devices_certificate(tmp_pat
         exc = refused(g, bearer("dev-1"), pem, "dev-1", "upload", NOW)
         assert (exc.status, exc.reason) == ("permission_denied", "identity")
     assert seen.reasons == ["identity", "identity"]
+
+
+def test_a_flood_of_refused_calls_is_counted_in_full_but_logged_within_a_budget(caplog):
+    g, seen = gate()
+    with caplog.at_level("WARNING", logger="shoal.aggregator"):
+        for i in range(1000):  # forged calls, all in the same second
+            with pytest.raises(CallRefused):
+                g.authenticate([("authorization", "Bearer forged.token.x")], NOW)
+        assert len(seen.reasons) == 1000  # every refusal is counted
+        assert len(caplog.records) == 10  # the burst, then at most one a second
+        with pytest.raises(CallRefused):
+            g.authenticate([], NOW + 5)  # another reason: its own budget
+        with pytest.raises(CallRefused):
+            g.authenticate([("authorization", "Bearer forged.token.x")], NOW + 5)
+    fields = [r.fields for r in caplog.records]
+    assert [f["reason"] for f in fields[-2:]] == ["missing", "malformed"]
+    assert fields[-1]["suppressed"] == 990  # the lines left out, accounted for

@@ -68,6 +68,21 @@ class CallGate:
         self.keyring, self.limiter, self.revocations = keyring, limiter, revocations
         self.metrics = metrics if metrics is not None else CarrierObserver()
         self.bind_to_certificates = bind_to_certificates
+        # refusals are all counted, but logged at most 10 at once and then 1 a second per
+        # reason: a flood of forged calls must not become a flood of log lines
+        self._log_budget = RateLimiter(1.0, 10.0, max_keys=64)
+        self._unlogged: dict[str, int] = {}
+
+    def _log(self, reason: str, device: str, now: float, **fields: str) -> None:
+        """Log a refusal (``auth_refused``) within the log budget; the refusals of the same
+        reason left out since the last line are counted in its ``suppressed`` field."""
+        if not self._log_budget.allow(reason, now):
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        suppressed = self._unlogged.pop(reason, 0)
+        log.warning("call refused: %s", reason, extra={"fields": {
+            "event": "auth_refused", "reason": reason, "device": device,
+            "suppressed": suppressed, **fields}})
 
     def authenticate(self, metadata: Iterable[tuple[str, str]], now: float,
                      device_id: str | None = None, scope: str | None = None) -> str:
@@ -89,9 +104,7 @@ class CallGate:
                                   required_scope=scope, revoked=revoked)
         except AuthError as exc:
             self.metrics.call_refused(exc.reason)
-            log.warning("call refused: %s", exc.reason,
-                        extra={"fields": {"event": "auth_refused", "reason": exc.reason,
-                                          "device": device_id or ""}})
+            self._log(exc.reason, device_id or "", now)
             raise CallRefused("unauthenticated", exc.reason, f"{exc.reason}: {exc}") from None
         return claims.sub
 
@@ -117,9 +130,7 @@ class CallGate:
                 # a stolen token is useless without the private key of its owner's certificate
                 self.metrics.call_refused("identity")
                 shown = repr(certified) if certified else "no single valid device name"
-                log.warning("call refused: identity", extra={"fields": {
-                    "event": "auth_refused", "reason": "identity", "device": device,
-                    "certificate": shown}})
+                self._log("identity", device, now, certificate=shown)
                 raise CallRefused("permission_denied", "identity",
                                   f"identity: the token is for {device!r} but the client "
                                   f"certificate names {shown}")
