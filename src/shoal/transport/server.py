@@ -32,8 +32,9 @@ Downloads are served full or as deltas (:class:`~shoal.transport.downloads.Model
 secure aggregation by :class:`~shoal.transport.secagg_calls.SecAggCalls`, metrics through a
 :class:`~shoal.observers.CarrierObserver`. Refused calls are answered with their reason.
 
-Only the transport's server side (this module, ``listener``, ``secagg_calls``, ``carrier``)
-and ``client`` import the generated protobuf code.
+Only ``shoal.transport`` imports the generated protobuf code (here, ``listener``,
+``secagg_calls`` and ``secagg_wire`` on the server's side; ``client`` and its helpers on the
+device's).
 """
 
 from __future__ import annotations
