@@ -262,7 +262,7 @@ class BufferedPolicy:
             comes (the carrier reports a stall).
     """
 
-    concurrency: int = 20
+    concurrency: int = 10
     buffer_size: int = 10
     staleness_exponent: float = 0.5
     staleness_reference: float = 1.0
