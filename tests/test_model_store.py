@@ -68,7 +68,8 @@ def test_commit_get_load_and_the_directory_layout(store, tmp_path):
     assert index["format"] == "shoal-models/1" and index["production"] is None
     assert [e["file"] for e in index["versions"]] == ["v000001.npz", "v000002.npz"]
     assert v2.to_dict() == {"id": 2, "parent": 1, "round": 2, "created": 20.0, "metrics": {},
-                            "status": "candidate", "sha256": v2.sha256, "file": "v000002.npz"}
+                            "status": "candidate", "sha256": v2.sha256, "file": "v000002.npz",
+                            "rounds": [2, 2], "config_hash": None, "plan": None}
 
 
 def test_versions_survive_reopening_and_readers_see_new_commits(tmp_path):

@@ -1,4 +1,4 @@
-"""``shoal models``: list, show, promote or roll back versions in a model store."""
+"""``shoal models``: list, show, diff, promote or roll back versions in a model store."""
 
 from __future__ import annotations
 
@@ -11,17 +11,26 @@ from shoal.errors import ConfigError
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "models", help="list, show, promote or roll back model versions in a model store",
-        description="Every committed global model is a version with its parent, round, "
-                    "metrics and status (candidate / production / rolled_back). `shoal run` "
-                    "commits its final model when output.store is set.",
+        "models", help="list, show, diff, promote or roll back model versions in a store",
+        description="Every committed global model is a version with its lineage (parent, "
+                    "rounds, config hash, training plan), metrics and status (candidate / "
+                    "production / rolled_back). `shoal run` commits its final model when "
+                    "output.store is set. `history` prints every move of the production "
+                    "pointer with its reason (the audit trail).",
         epilog="examples:\n  shoal models --store models list\n"
-               "  shoal models --store models promote v3\n"
-               "  shoal models --store models rollback v2",
+               "  shoal models --store models show v3\n"
+               "  shoal models --store models diff v2 v3\n"
+               "  shoal models --store models promote v3 --reason 'canary passed'\n"
+               "  shoal models --store models rollback v2\n"
+               "  shoal models --store models history",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="model store directory")
-    p.add_argument("action", choices=("list", "show", "promote", "rollback"))
-    p.add_argument("version", nargs="?", help="version for show / promote / rollback")
+    p.add_argument("action", choices=("list", "show", "diff", "promote", "rollback",
+                                      "history"))
+    p.add_argument("version", nargs="?", help="version for show / promote / rollback; the "
+                                              "first of diff")
+    p.add_argument("other", nargs="?", help="the second version of diff")
+    p.add_argument("--reason", default="", help="why (promote / rollback), kept in history")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -30,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from shoal.store import ModelStore
+    from shoal.store.lineage import diff_versions
 
-    readonly = args.action in ("list", "show")
+    readonly = args.action in ("list", "show", "diff", "history")
     with ModelStore(args.store, readonly=readonly) as store:
         if args.action == "list":
             versions = store.list()
@@ -41,21 +51,40 @@ def run(args: argparse.Namespace) -> int:
             if not versions:
                 print(f"no model versions in {args.store}")
             for v in versions:
-                acc = v.metrics.get("final_accuracy")
-                print(f"v{v.id:<5} {v.status:<12} round {v.round:<6} parent "
+                acc = v.metrics.get("final_accuracy", v.metrics.get("accuracy"))
+                first, last = v.rounds
+                span = str(last) if first == last else f"{first}-{last}"
+                print(f"v{v.id:<5} {v.status:<12} rounds {span:<9} parent "
                       f"{'-' if v.parent is None else 'v' + str(v.parent):<6} "
+                      f"config {(v.config_hash or '-')[:12]:<12} "
                       f"accuracy {fmt(acc) if acc is not None else 'n/a'}  "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}")
             return 0
+        if args.action == "history":
+            events = [vars(e) for e in store.history()]
+            if args.json:
+                print(json.dumps(events))
+                return 0
+            for e in events:
+                prev = "-" if e["previous"] is None else f"v{e['previous']}"
+                print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at']))}  "
+                      f"{e['action']:<8} v{e['version']:<5} (was {prev})  {e['reason']}")
+            return 0
         version = _parse_version(args.version)
+        if args.action == "diff":
+            diff = diff_versions(store, version, _parse_version(args.other))
+            print(json.dumps(diff, indent=None if args.json else 2))
+            return 0
+        if args.other is not None:
+            raise ConfigError(f"{args.action} takes one version, got a second: {args.other!r}")
         if args.action == "show":
             v = store.get(version)
             info = v.to_dict() | {"lineage": [x.id for x in store.lineage(version)]}
             print(json.dumps(info, indent=None if args.json else 2))
             return 0
         now = time.time()
-        v = store.promote(version, now=now) if args.action == "promote" \
-            else store.rollback(version, now=now)
+        v = store.promote(version, now=now, reason=args.reason) if args.action == "promote" \
+            else store.rollback(version, now=now, reason=args.reason)
         print(f"v{v.id} is now {v.status}")
         return 0
 

@@ -70,6 +70,11 @@ class ModelVersion:
         status: ``"candidate"``, ``"production"`` or ``"rolled_back"``.
         sha256: SHA-256 of the model file's bytes.
         path: the model file.
+        rounds: ``(first, last)`` training rounds that produced it.
+        config_hash: SHA-256 of the configuration it was trained under, or ``None`` (a
+            checkpoint without one, or a store written before lineage was recorded).
+        plan: the training plan (:func:`~shoal.store.lineage.plan_from_config`), or
+            ``None`` likewise.
     """
 
     id: int
@@ -80,6 +85,9 @@ class ModelVersion:
     status: str
     sha256: str
     path: Path
+    rounds: tuple[int, int] = (0, 0)
+    config_hash: str | None = None
+    plan: Mapping[str, Any] | None = None
 
     def __hash__(self) -> int:
         return hash(self.id)  # metrics is unhashable; equal versions share an id
@@ -88,7 +96,9 @@ class ModelVersion:
         """Plain JSON-ready form (``shoal models show --json``)."""
         return {"id": self.id, "parent": self.parent, "round": self.round,
                 "created": self.created, "metrics": dict(self.metrics),
-                "status": self.status, "sha256": self.sha256, "file": self.path.name}
+                "status": self.status, "sha256": self.sha256, "file": self.path.name,
+                "rounds": list(self.rounds), "config_hash": self.config_hash,
+                "plan": None if self.plan is None else dict(self.plan)}
 
 
 @dataclass(frozen=True)
@@ -100,9 +110,11 @@ class ModelEvent:
         action: ``"promote"`` or ``"rollback"``.
         version: the version that became production.
         previous: the production version before, or ``None``.
+        reason: why, as the mover said (an operator's note, a canary's verdict), or ``""``.
     """
 
     at: float
     action: str
     version: int
     previous: int | None
+    reason: str = ""

@@ -54,6 +54,7 @@ from shoal.errors import ConfigError, DataError
 from shoal.store.atomic import fsync_dir
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shoal.store.disk import disk_failure
+from shoal.store.lineage import config_hash, plan_from_config
 from shoal.store.model_index import (INDEX_FILE, MODEL_FILE, TEMP_FILE, ModelIndex,
                                      file_sha256, model_file_name)
 from shoal.store.model_versions import (STATUSES, ModelEvent, ModelStoreError, ModelVersion,
@@ -68,6 +69,24 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}", key=name)
     return value
+
+
+def _check_rounds(rounds: object, round: int) -> tuple[int, int]:
+    if rounds is None:
+        return (round, round)
+    if not isinstance(rounds, (tuple, list)) or len(rounds) != 2:
+        raise ConfigError(f"rounds must be (first, last), got {rounds!r}", key="rounds")
+    first = _check_int(rounds[0], "rounds[0]", 0)
+    last = _check_int(rounds[1], "rounds[1]", first)
+    if last != round:
+        raise ConfigError(f"rounds must end at round {round}, got {rounds!r}", key="rounds")
+    return (first, last)
+
+
+def _check_reason(reason: object) -> str:
+    if not isinstance(reason, str):
+        raise ConfigError(f"reason must be a string, got {reason!r}", key="reason")
+    return reason
 
 
 def _check_now(now: object) -> float:
@@ -243,11 +262,17 @@ class ModelStore:
                       production=self._cache.production, events=list(self._cache.events))
 
     def _version(self, entry: Mapping[str, Any]) -> ModelVersion:
+        # lineage fields are absent from stores written before they were recorded
+        rounds = entry.get("rounds") or (entry["round"], entry["round"])
+        plan = entry.get("plan")
         return ModelVersion(id=entry["id"], parent=entry["parent"], round=entry["round"],
                             created=entry["created"],
                             metrics=MappingProxyType(dict(entry["metrics"])),
                             status=entry["status"], sha256=entry["sha256"],
-                            path=self.dir / entry["file"])
+                            path=self.dir / entry["file"],
+                            rounds=(int(rounds[0]), int(rounds[1])),
+                            config_hash=entry.get("config_hash"),
+                            plan=None if plan is None else MappingProxyType(plan))
 
     @staticmethod
     def _entry(index: ModelIndex, version: object) -> dict[str, Any]:
@@ -298,7 +323,8 @@ class ModelStore:
     def history(self) -> builtins.list[ModelEvent]:
         """Every promotion and rollback, oldest first."""
         return [ModelEvent(at=e["at"], action=e["action"], version=e["version"],
-                           previous=e["previous"]) for e in self._read().events]
+                           previous=e["previous"], reason=e.get("reason", ""))
+                for e in self._read().events]
 
     def _verified_path(self, entry: Mapping[str, Any]) -> Path:
         path = self.dir / entry["file"]
@@ -336,12 +362,18 @@ class ModelStore:
 
     def commit(self, checkpoint: Checkpoint, *, round: int, metrics: Mapping[str, float],
                now: float, parent: int | None = None,
-               status: Literal["candidate", "production"] = "candidate") -> ModelVersion:
-        """Store ``checkpoint`` as the next version.
+               status: Literal["candidate", "production"] = "candidate",
+               rounds: tuple[int, int] | None = None) -> ModelVersion:
+        """Store ``checkpoint`` as the next version, with its lineage.
+
+        The configuration hash and the training plan come from ``checkpoint.meta["config"]``
+        when it has one (:mod:`shoal.store.lineage`).
 
         Args:
             checkpoint: the model (and server state) to keep.
             round: the training round that produced it.
+            rounds: ``(first, last)`` rounds that trained it since ``parent`` (default
+                ``(round, round)``: only the last is known).
             metrics: name -> finite number, stored with the version.
             now: the commit time.
             parent: the version it was trained from (must exist), or ``None``.
@@ -364,6 +396,15 @@ class ModelStore:
         if status not in ("candidate", "production"):
             raise ConfigError(f"a new version's status must be 'candidate' or 'production', "
                               f"got {status!r}", key="status")
+        span = _check_rounds(rounds, round)
+        config = checkpoint.meta.get("config") if isinstance(checkpoint.meta, Mapping) \
+            else None
+        try:
+            lineage = {"config_hash": None, "plan": None} if not isinstance(config, Mapping) \
+                else {"config_hash": config_hash(config), "plan": plan_from_config(config)}
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"the checkpoint's config cannot be hashed: {exc}",
+                              key="checkpoint.meta") from None
         index = self._writable()
         if parent is not None:
             self._entry(index, parent)
@@ -374,7 +415,8 @@ class ModelStore:
             fsync_dir(self.dir)  # the file's name is durable before the index points at it
             index.versions[vid] = {"id": vid, "parent": parent, "round": round,
                                    "created": now, "metrics": metrics, "status": "candidate",
-                                   "sha256": file_sha256(path), "file": path.name}
+                                   "sha256": file_sha256(path), "file": path.name,
+                                   "rounds": list(span), **lineage}
             if status == "production":
                 self._move_production(index, vid, "promote", now)
             self._write(index)
@@ -391,27 +433,31 @@ class ModelStore:
         return self._version(index.versions[vid])
 
     @staticmethod
-    def _move_production(index: ModelIndex, vid: int, action: str, now: float) -> None:
+    def _move_production(index: ModelIndex, vid: int, action: str, now: float,
+                         reason: str = "") -> None:
         previous = index.production
         if previous is not None:
             index.versions[previous]["status"] = "rolled_back" if action == "rollback" \
                 else "candidate"
         index.versions[vid]["status"] = "production"
         index.production = vid
-        index.events.append({"at": now, "action": action, "version": vid,
-                             "previous": previous})
+        event = {"at": now, "action": action, "version": vid, "previous": previous}
+        if reason:
+            event["reason"] = reason
+        index.events.append(event)
 
-    def promote(self, version: int, *, now: float) -> ModelVersion:
+    def promote(self, version: int, *, now: float, reason: str = "") -> ModelVersion:
         """Make ``version`` the production model; the previous one returns to ``candidate``.
 
-        Promoting the current production version changes nothing.
+        Promoting the current production version changes nothing. ``reason`` is kept with
+        the event in :meth:`history` (the audit trail).
 
         Raises:
             UnknownVersion: no such version.
             ModelStoreError: the version was rolled back, or the store is read-only.
             DataError: its file is missing or corrupt (production never points at one).
         """
-        now = _check_now(now)
+        now, reason = _check_now(now), _check_reason(reason)
         index = self._writable()
         entry = self._entry(index, version)
         if entry["status"] == "production":
@@ -421,12 +467,13 @@ class ModelStore:
                                   "commit it again as a new version if it is really good",
                                   version=version)
         self._verified_path(entry)
-        self._move_production(index, version, "promote", now)
+        self._move_production(index, version, "promote", now, reason)
         self._write(index)
         return self._version(index.versions[version])
 
-    def rollback(self, version: int, *, now: float) -> ModelVersion:
-        """Mark the current production ``rolled_back`` and make ``version`` production.
+    def rollback(self, version: int, *, now: float, reason: str = "") -> ModelVersion:
+        """Mark the current production ``rolled_back`` and make ``version`` production
+        (``reason`` as for :meth:`promote`).
 
         Raises:
             UnknownVersion: no such version.
@@ -434,7 +481,7 @@ class ModelStore:
                 production or was rolled back itself, or the store is read-only.
             DataError: its file is missing or corrupt.
         """
-        now = _check_now(now)
+        now, reason = _check_now(now), _check_reason(reason)
         index = self._writable()
         entry = self._entry(index, version)
         current = index.production
@@ -448,6 +495,6 @@ class ModelStore:
             raise ModelStoreError(f"version {version} was itself rolled back; choose a "
                                   "version that is not", version=version)
         self._verified_path(entry)
-        self._move_production(index, version, "rollback", now)
+        self._move_production(index, version, "rollback", now, reason)
         self._write(index)
         return self._version(index.versions[version])
