@@ -17,7 +17,7 @@ LAYERS = [
                   "device_sessions", "gossip"}),
     ("driving", {"runner", "discrete_event", "build"}),
     ("engine", {"coordinator", "policy", "events", "clock", "sampling", "selection",
-                "registry", "store", "observers", "records", "config"}),
+                "registry", "store", "observers", "records", "config", "lifecycle"}),
     ("stages", {"pipeline", "strategy", "privacy", "robust", "codec", "summation",
                 "uplink"}),
     ("foundations", {"params", "data", "models", "frameworks", "training", "seeds",

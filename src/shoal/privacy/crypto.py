@@ -18,6 +18,14 @@ validation to get wrong):
   state is small and predictable (Flower's SecAgg+ seeds ``RandomState`` with 32 bits).
 
 Private keys travel as raw 32-byte strings because the masking private key is Shamir-shared.
+
+Signatures (signed models and training plans, :mod:`shoal.lifecycle.signing`): Ed25519
+(RFC 8032), ML-DSA-65 (FIPS 204, "Module-Lattice-Based Digital Signature Standard", 2024) and
+a hybrid of both (both signatures must verify: it stays secure while either scheme does). With
+a non-empty ``context`` the signed message is ``context || 0x00 || message`` for both schemes
+(pure Ed25519 has no context string of its own) and ML-DSA also gets ``context`` as its FIPS 204
+context string; with an empty one both are the standard schemes on ``message`` itself (so
+published test vectors apply). shoal always signs with a non-empty context.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
+                                                               Ed25519PublicKey)
+from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey, MLDSA65PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -52,6 +63,12 @@ __all__ = [
     "random_bytes",
     "keystream_into",
     "prg_uint",
+    "SIGNATURE_SCHEMES",
+    "SigningKeyPair",
+    "generate_signing_key",
+    "signing_key_from_private",
+    "sign",
+    "verify_signature",
 ]
 
 KEY_BYTES = 32
@@ -243,3 +260,122 @@ def prg_uint(seed: bytes, length: int, bits: int) -> np.ndarray:
 def _check_len(what: str, value: bytes, expected: int) -> None:
     if len(value) != expected:
         raise ProtocolError(f"{what} must be {expected} bytes, got {len(value)}")
+
+
+# --------------------------------------------------------------------------- signatures
+
+#: scheme -> (private key bytes, public key bytes, signature bytes)
+SIGNATURE_SCHEMES = {
+    "ed25519": (32, 32, 64),
+    "ml-dsa-65": (32, 1952, 3309),  # the private key is FIPS 204's 32-byte seed
+    "hybrid": (64, 32 + 1952, 64 + 3309),  # Ed25519 first, then ML-DSA-65
+}
+
+
+@dataclass(frozen=True)
+class SigningKeyPair:
+    """A signing key pair of one scheme as raw bytes. ``private`` is hidden from ``repr``."""
+
+    scheme: str
+    private: bytes = field(repr=False)
+    public: bytes
+
+
+def _scheme(scheme: str) -> tuple[int, int, int]:
+    try:
+        return SIGNATURE_SCHEMES[scheme]
+    except (KeyError, TypeError):
+        raise ProtocolError(f"unknown signature scheme {scheme!r}; known: "
+                            f"{sorted(SIGNATURE_SCHEMES)}") from None
+
+
+def generate_signing_key(scheme: str) -> SigningKeyPair:
+    """A fresh key pair of ``scheme`` from the operating system's CSPRNG.
+
+    Raises:
+        ProtocolError: unknown scheme.
+    """
+    _scheme(scheme)
+    if scheme == "ed25519":
+        private = Ed25519PrivateKey.generate().private_bytes_raw()
+    elif scheme == "ml-dsa-65":
+        private = os.urandom(32)
+    else:
+        private = Ed25519PrivateKey.generate().private_bytes_raw() + os.urandom(32)
+    return signing_key_from_private(scheme, private)
+
+
+def signing_key_from_private(scheme: str, private: bytes) -> SigningKeyPair:
+    """The key pair of a raw private key (an Ed25519 key, an ML-DSA-65 seed, or both
+    concatenated for ``hybrid``).
+
+    Raises:
+        ProtocolError: unknown scheme, or ``private`` has the wrong length.
+    """
+    sk_len, _, _ = _scheme(scheme)
+    _check_len(f"{scheme} private key", private, sk_len)
+    if scheme == "ed25519":
+        public = Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    elif scheme == "ml-dsa-65":
+        public = MLDSA65PrivateKey.from_seed_bytes(private).public_key().public_bytes_raw()
+    else:
+        public = (signing_key_from_private("ed25519", private[:32]).public
+                  + signing_key_from_private("ml-dsa-65", private[32:]).public)
+    return SigningKeyPair(scheme, private, public)
+
+
+def sign(scheme: str, private: bytes, message: bytes, context: bytes) -> bytes:
+    """Sign ``message`` under ``context`` (a domain separator, at most 255 bytes).
+
+    ML-DSA-65 signing is hedged (fresh randomness per signature, FIPS 204's default), so
+    two signatures of one message differ; both verify.
+
+    Raises:
+        ProtocolError: unknown scheme, a private key of the wrong length, or a context
+            longer than 255 bytes.
+    """
+    sk_len, _, _ = _scheme(scheme)
+    _check_len(f"{scheme} private key", private, sk_len)
+    if len(context) > 255:
+        raise ProtocolError(f"a signature context is at most 255 bytes, got {len(context)}")
+    signed = _framed(message, context)
+    if scheme == "ed25519":
+        return Ed25519PrivateKey.from_private_bytes(private).sign(signed)
+    if scheme == "ml-dsa-65":
+        return MLDSA65PrivateKey.from_seed_bytes(private).sign(signed, context)
+    return (sign("ed25519", private[:32], message, context)
+            + sign("ml-dsa-65", private[32:], message, context))
+
+
+def _framed(message: bytes, context: bytes) -> bytes:
+    return context + b"\0" + message if context else message
+
+
+def verify_signature(scheme: str, public: bytes, message: bytes, signature: bytes,
+                     context: bytes) -> bool:
+    """True when ``signature`` is ``scheme``'s valid signature of ``message`` under
+    ``context`` by the holder of ``public``; false for any other signature, including one of
+    the wrong length. A ``hybrid`` signature is valid only if both halves are.
+
+    Raises:
+        ProtocolError: unknown scheme, or ``public`` has the wrong length.
+    """
+    _, pk_len, sig_len = _scheme(scheme)
+    _check_len(f"{scheme} public key", public, pk_len)
+    if len(signature) != sig_len or len(context) > 255:
+        return False
+    signed = _framed(message, context)
+    try:
+        if scheme == "ed25519":
+            Ed25519PublicKey.from_public_bytes(public).verify(signature, signed)
+        elif scheme == "ml-dsa-65":
+            MLDSA65PublicKey.from_public_bytes(public).verify(signature, signed, context)
+        else:
+            return (verify_signature("ed25519", public[:32], message, signature[:64], context)
+                    and verify_signature("ml-dsa-65", public[32:], message, signature[64:],
+                                         context))
+    except InvalidSignature:
+        return False
+    except ValueError:  # a public key the library cannot decode
+        raise ProtocolError(f"{scheme} public key is malformed") from None
+    return True

@@ -1,0 +1,206 @@
+"""Signed models and training plans: the operator signs, devices verify before installing.
+
+What is signed is a small canonical header (:func:`~shoal.store.lineage.canonical_json`):
+the artifact's kind (``"model"`` or ``"plan"``), its version, the SHA-256 and length of its
+bytes (a model's float32 vector, a plan's canonical JSON), the scheme and the signer's key id.
+The header travels with the signature, so a device checks, in order: the scheme is the one it
+trusts (no downgrade from hybrid to Ed25519), the key id is its operator's, the signature is
+valid for the header, and the bytes it received hash to the header's digest. Any failure is a
+:class:`SignatureRejected` naming the reason, and :class:`VerifiedSlot` then keeps the model
+or plan it had.
+
+Schemes: Ed25519, ML-DSA-65 (post-quantum, FIPS 204) and their hybrid; the primitives are in
+:mod:`shoal.privacy.crypto`, the one module that wraps ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from shoal.errors import ProtocolError
+from shoal.privacy import crypto
+from shoal.store.lineage import canonical_json
+
+__all__ = ["KINDS", "SignatureRejected", "SignedArtifact", "Signer", "TrustedKey",
+           "VerifiedSlot", "key_id", "model_bytes", "plan_bytes", "verify_artifact"]
+
+KINDS = ("model", "plan")
+_CONTEXT = b"shoal-artifact/1"
+
+T = TypeVar("T")
+
+
+class SignatureRejected(ProtocolError):
+    """A device refused a model or plan; what it had is unchanged.
+
+    Attributes:
+        reason: ``unsigned``, ``scheme``, ``wrong_key``, ``bad_signature``, ``tampered``,
+            ``wrong_kind`` or ``malformed``.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def key_id(public: bytes) -> str:
+    """The first 16 hex digits of the public key's SHA-256: names a key in headers."""
+    return hashlib.sha256(public).hexdigest()[:16]
+
+
+def model_bytes(params: np.ndarray) -> bytes:
+    """The bytes a model's signature covers: its flat float32 vector, little-endian."""
+    return np.ascontiguousarray(params, dtype="<f4").tobytes()
+
+
+def plan_bytes(plan: Mapping[str, Any]) -> bytes:
+    """The bytes a training plan's signature covers: its canonical JSON."""
+    return canonical_json(dict(plan))
+
+
+@dataclass(frozen=True)
+class SignedArtifact:
+    """A signature over one model or plan, as it travels beside the artifact.
+
+    Attributes:
+        header: the canonical JSON of ``{kind, version, sha256, size, scheme, key_id}``.
+        signature: the scheme's signature of ``header``.
+    """
+
+    header: bytes
+    signature: bytes
+
+    def fields(self) -> dict[str, Any]:
+        """The header's fields.
+
+        Raises:
+            SignatureRejected: the header is not a well-formed header (``malformed``).
+        """
+        try:
+            doc = json.loads(self.header)
+            if not isinstance(doc, dict) or set(doc) != {"kind", "version", "sha256", "size",
+                                                          "scheme", "key_id"}:
+                raise ValueError("unexpected fields")
+        except ValueError as exc:
+            raise SignatureRejected(f"the signature header is malformed: {exc}",
+                                    "malformed") from None
+        return doc
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """What a device trusts: one operator public key of one scheme."""
+
+    scheme: str
+    public: bytes
+
+    @property
+    def id(self) -> str:
+        return key_id(self.public)
+
+
+@dataclass(frozen=True)
+class Signer:
+    """The operator's side: signs models and plans with one private key.
+
+    Args:
+        key: a :class:`~shoal.privacy.crypto.SigningKeyPair` (see
+            :func:`~shoal.privacy.crypto.generate_signing_key`).
+    """
+
+    key: crypto.SigningKeyPair = field(repr=False)
+
+    @property
+    def trusted(self) -> TrustedKey:
+        """The public half, to provision on devices."""
+        return TrustedKey(self.key.scheme, self.key.public)
+
+    def sign(self, kind: str, version: int, payload: bytes) -> SignedArtifact:
+        """Sign ``payload`` (:func:`model_bytes` or :func:`plan_bytes`) as ``kind`` version
+        ``version``.
+
+        Raises:
+            ProtocolError: unknown kind.
+        """
+        if kind not in KINDS:
+            raise ProtocolError(f"kind must be one of {KINDS}, got {kind!r}")
+        header = canonical_json({"kind": kind, "version": int(version),
+                                 "sha256": hashlib.sha256(payload).hexdigest(),
+                                 "size": len(payload), "scheme": self.key.scheme,
+                                 "key_id": key_id(self.key.public)})
+        return SignedArtifact(header, crypto.sign(self.key.scheme, self.key.private, header,
+                                                  _CONTEXT))
+
+    def sign_model(self, params: np.ndarray, version: int) -> SignedArtifact:
+        return self.sign("model", version, model_bytes(params))
+
+    def sign_plan(self, plan: Mapping[str, Any], version: int) -> SignedArtifact:
+        return self.sign("plan", version, plan_bytes(plan))
+
+
+def verify_artifact(trusted: TrustedKey, kind: str, payload: bytes,
+                    signed: SignedArtifact | None) -> int:
+    """The device's check before it installs a model or plan; returns the signed version.
+
+    Args:
+        trusted: the operator key the device was provisioned with.
+        kind: what the device expects (``"model"`` or ``"plan"``).
+        payload: the bytes it received (:func:`model_bytes` / :func:`plan_bytes`).
+        signed: the signature that came with them, or ``None``.
+
+    Raises:
+        SignatureRejected: unsigned, another scheme, another key, an invalid signature, a
+            payload that does not match the signed digest, or another kind of artifact.
+    """
+    if signed is None or not signed.signature:
+        raise SignatureRejected(f"refusing an unsigned {kind}", "unsigned")
+    doc = signed.fields()
+    if doc["scheme"] != trusted.scheme:
+        raise SignatureRejected(f"the {kind} is signed with {doc['scheme']!r}; this device "
+                                f"accepts only {trusted.scheme!r}", "scheme")
+    if doc["key_id"] != trusted.id:
+        raise SignatureRejected(f"the {kind} is signed by key {doc['key_id']}, not by this "
+                                f"device's operator key {trusted.id}", "wrong_key")
+    if not crypto.verify_signature(trusted.scheme, trusted.public, signed.header,
+                                   signed.signature, _CONTEXT):
+        raise SignatureRejected(f"the {kind}'s signature does not verify", "bad_signature")
+    if doc["kind"] != kind:
+        raise SignatureRejected(f"expected a signed {kind}, got a signed {doc['kind']}",
+                                "wrong_kind")
+    if doc["size"] != len(payload) or doc["sha256"] != hashlib.sha256(payload).hexdigest():
+        raise SignatureRejected(f"the {kind}'s bytes do not match what was signed "
+                                f"(version {doc['version']})", "tampered")
+    return int(doc["version"])
+
+
+class VerifiedSlot(Generic[T]):
+    """What a device holds of one kind (its model, or its plan): replaced only by a value
+    whose signature verifies.
+
+    Args:
+        trusted: the operator key.
+        kind: ``"model"`` or ``"plan"``.
+        encode: the value's signed bytes (:func:`model_bytes` or :func:`plan_bytes`).
+    """
+
+    def __init__(self, trusted: TrustedKey, kind: str, encode: Any) -> None:
+        self.trusted, self.kind, self._encode = trusted, kind, encode
+        self.value: T | None = None
+        self.version: int | None = None
+
+    def install(self, value: T, signed: SignedArtifact | None) -> int:
+        """Verify ``value`` and make it current; returns its version.
+
+        Raises:
+            SignatureRejected: verification failed; :attr:`value` and :attr:`version` are
+                what they were.
+        """
+        version = verify_artifact(self.trusted, self.kind, self._encode(value), signed)
+        self.value, self.version = value, version
+        return version
