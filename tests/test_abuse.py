@@ -419,15 +419,19 @@ def test_metrics_are_served_without_a_thread_per_connection(tmp_path):
 
 
 def test_oversized_small_calls_are_refused_before_they_are_parsed(tmp_path):
-    # a 3 MB evaluation report (a map of 150,000 metrics) would parse into hundreds of MB
-    # of objects: refused on its size; so is a Hello beyond what the registry could keep
+    # a 0.2 MB evaluation report (a map of 10,000 metrics) would parse into tens of MB of
+    # objects: refused on its size; so is a Hello beyond what the registry could keep (and
+    # anything above the largest message, by gRPC, from its length)
     with running_aggregator(tmp_path, AggregatorSettings()) as (service, stub):
-        report = pb.EvaluationResult(device_id="dev-a", round=1, model_version=1,
-                                     metrics={f"m{i:07d}": 1.0 for i in range(150_000)})
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ReportEvaluation(report, metadata=md("dev-a"), timeout=10)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "ReportEvaluation request of" in info.value.details()
+        for entries, code in ((10_000, grpc.StatusCode.INVALID_ARGUMENT),
+                              (150_000, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+            report = pb.EvaluationResult(device_id="dev-a", round=1, model_version=1,
+                                         metrics={f"m{i:07d}": 1.0 for i in range(entries)})
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ReportEvaluation(report, metadata=md("dev-a"), timeout=10)
+            assert info.value.code() == code
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                assert "ReportEvaluation request of" in info.value.details()
         hello = pb.HelloRequest(device_id="dev-a",
                                 capabilities={f"k{i}": "v" * 100 for i in range(1000)})
         with pytest.raises(grpc.RpcError) as info:
@@ -437,3 +441,23 @@ def test_oversized_small_calls_are_refused_before_they_are_parsed(tmp_path):
         # a check-in is a few bytes; an honest one goes through
         assert stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"),
                             timeout=5).WhichOneof("reply") == "come_back"
+
+
+def test_a_message_above_the_chunk_limit_is_refused_before_it_is_buffered(tmp_path):
+    # gRPC reads a message's length first: a 3 MiB chunk is refused from it, so its bytes
+    # are never held (a 1 MiB chunk, the runtime's largest, is read)
+    from shoal.transport.channel import MAX_CHUNK_BYTES
+    from shoal.transport.listener import MAX_RECEIVE_BYTES
+
+    assert MAX_CHUNK_BYTES < MAX_RECEIVE_BYTES < MAX_CHUNK_BYTES + (128 << 10)
+    with running_aggregator(tmp_path, AggregatorSettings()) as (service, stub):
+        task = pb.Task(round=1, model_version=0, upload_key="k")
+        header = pb.UploadChunk(header=upload_header("dev-a", task, encode(ONE)))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Upload(iter([header, pb.UploadChunk(data=b"\0" * (3 << 20))]),
+                        metadata=md("dev-a"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # read in full, then refused for what it is: more than the header declared
+        reply = stub.Upload(iter([header, pb.UploadChunk(data=b"\0" * MAX_CHUNK_BYTES)]),
+                            metadata=md("dev-a"), timeout=10)
+        assert (reply.accepted, reply.reason) == (False, "malformed")

@@ -31,6 +31,7 @@ from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
 from shoal.runner import run_round  # noqa: E402
 from shoal.strategy import FedProx, ServerState  # noqa: E402
 from shoal.transport.carrier import GrpcCarrier  # noqa: E402
+from shoal.transport.channel import MAX_CHUNK_BYTES  # noqa: E402
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
 
 DIM = 1_600_000  # 6.4 MB of float32: more than gRPC carries in one message (4 MB)
@@ -189,8 +190,8 @@ def test_an_update_streamed_in_chunks_reaches_the_round_only_if_it_matches_its_c
                                  base_version=task.model_version, upload_key=task.upload_key,
                                  idempotency_key="once", num_examples=10,
                                  metrics={"loss": 0.5}, total_size=len(blob), sha256=sha256)
-        parts = [pb.UploadChunk(data=blob[off:off + CHUNK])
-                 for off in range(0, len(blob), CHUNK)]
+        parts = [pb.UploadChunk(data=blob[off:off + MAX_CHUNK_BYTES])
+                 for off in range(0, len(blob), MAX_CHUNK_BYTES)]
         parts.insert(0 if header_first else 1, pb.UploadChunk(header=header))
         return stub.Upload(iter(parts), metadata=md("dev-a"), timeout=10)
 

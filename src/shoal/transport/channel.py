@@ -23,8 +23,9 @@ __all__ = ["MAX_CHUNK_BYTES", "make_channel", "backoff_delay", "is_transient",
 
 _BACKOFF_BASE_S = 0.5
 _CHANNEL_MESSAGE_BYTES = 4 << 20  # chunks are small (default 256 KiB); gRPC's own default
-MAX_CHUNK_BYTES = _CHANNEL_MESSAGE_BYTES - 1024
-"""Largest chunk a message on the channel can carry (room left for the chunk's other fields)."""
+MAX_CHUNK_BYTES = 256 << 10
+"""Largest data chunk a runtime sends, and its default: the aggregator refuses a larger
+message, so what gRPC holds of a stream in flight stays a fraction of a MB."""
 # CANCELLED: the server cancelled the call (shutting down, cut an idle stream); UNKNOWN: an
 # error the server did not map to a status (a bug there, or a proxy's)
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,

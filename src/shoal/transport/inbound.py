@@ -118,9 +118,11 @@ async def read_payload(chunks: AsyncIterator[Any], total: int, sha256: bytes | N
         wire += chunk.ByteSize()
         if chunk.WhichOneof("part") != "data":
             raise Refusal("malformed", "a second header")
-        if len(buf) + len(chunk.data) > total:
+        data = chunk.data  # each read of the field is a copy
+        if len(buf) + len(data) > total:
             raise Refusal("malformed", "more data than total_size")
-        buf += chunk.data
+        buf += data
+        del data
     if len(buf) != total:
         raise Refusal("truncated", f"{len(buf)} of {total} bytes")
     if sha256 is not None and hashlib.sha256(buf).digest() != sha256:

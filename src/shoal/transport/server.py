@@ -138,10 +138,11 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
     """The gRPC handlers. Thread model: handlers run on the server's event loop; the run's
     :attr:`gateway` serialises them under its lock.
 
-    :attr:`REQUEST_BYTES` bounds the request of each small call before it is parsed (a Hello
-    within the registry's own limits, a check-in, an evaluation report of at most
-    ``MAX_METRICS`` metrics); streamed chunks and secure-aggregation steps take what the
-    server's message size allows.
+    :attr:`REQUEST_BYTES` bounds a small call's request before it is parsed: a Hello within
+    the registry's own limits, a check-in, an evaluation report of at most ``MAX_METRICS``
+    metrics. Any message, a streamed chunk included, is at most
+    :data:`~shoal.transport.listener.MAX_RECEIVE_BYTES` (a 1 MiB chunk and its framing),
+    refused by gRPC before it is buffered.
 
     Args:
         settings: device-facing limits.
