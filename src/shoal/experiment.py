@@ -267,6 +267,13 @@ class Experiment:
                                          lambda: self.clock.now())
         return TracedDevices(trace, cfg["client"]["epochs"])
 
+    def close(self) -> None:
+        """Release what the client pool holds (Ray actors, with ``sim.backend = "ray"``);
+        results already returned stay valid."""
+        close = getattr(self.pool, "close", None)
+        if close is not None:
+            close()
+
     @property
     def coordinator(self) -> Coordinator:
         """A fresh coordinator for this run's settings, without observers."""

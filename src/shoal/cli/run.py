@@ -1,4 +1,4 @@
-"""``shoal run``: simulate a federated training run in this process."""
+"""``shoal run``: simulate a federated training run (in this process, or on Ray)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ examples:
   shoal run my.toml --seed 2 --json       # one JSON summary object on stdout
   shoal run --set strategy.name=fedadam --set strategy.server_lr=0.03
   shoal config > my.toml                  # every option with its default, to edit
+  shoal run --backend ray                 # cohorts trained by Ray actors on this machine
+  shoal run --backend ray --address auto  # ... on the Ray cluster this machine is part of
   shoal run --population 1000000 --per-round 1000 --trace mobile --rounds 20
                                           # a million phones that come and go, in
                                           # simulated time (data generated per client)
@@ -45,6 +47,12 @@ def add_parser(sub) -> None:
                    help="simulate device time from a trace (sim.time_model = 'trace', "
                         "sim.trace): built-in 'mobile' or 'uniform', a .npz trace, or "
                         "FedScale's capacity pickle; see `shoal traces summary`")
+    p.add_argument("--backend", choices=("local", "ray"),
+                   help="who trains the cohorts (sim.backend): this process, or Ray actors "
+                        "(docs/scaling.md)")
+    p.add_argument("--address", metavar="auto|ray://HOST:PORT",
+                   help="the Ray cluster to join (sim.ray_address; implies --backend ray); "
+                        "without it a Ray is started on this machine")
     p.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -58,12 +66,17 @@ def add_parser(sub) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    """The shared flags and ``--set``, plus ``--population`` and ``--trace``."""
+    """The shared flags and ``--set``, plus ``--population``, ``--trace``, ``--backend``
+    and ``--address``."""
     overrides = overrides_from_args(args)
     if args.population is not None:
         overrides.update({"data.clients": args.population, "data.population": "generated"})
     if args.trace is not None:
         overrides.update({"sim.time_model": "trace", "sim.trace": args.trace})
+    if args.backend is not None:
+        overrides["sim.backend"] = args.backend
+    if args.address is not None:
+        overrides.update({"sim.backend": "ray", "sim.ray_address": args.address})
     return overrides
 
 
@@ -112,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         result = exp.run(state=state, observers=[progress, *observers])
     finally:
         progress.close()
+        exp.close()
     if result.timeline:
         _write_timeline(observers[0].path, cfg, result)
     code = report(cfg, args, exp, result, run_dir=observers[0])

@@ -254,6 +254,17 @@ class SimConfig(Section):
     engine: str = option("auto", "how cohorts train: 'fused' (batched matmuls, MLPs), 'vmap' "
                          "(torch.func), 'sequential', or 'auto' = fastest exact one",
                          choices=("auto", "fused", "vmap", "sequential"))
+    backend: str = option("local", "who trains the cohorts: 'local' (this process) or 'ray' "
+                          "(Ray actors, each training a slice of the cohort with the same "
+                          "engine; pip install 'shoal[ray]'; see docs/scaling.md)",
+                          choices=("local", "ray"))
+    ray_address: str = option("", "backend 'ray': the cluster to join: '' = start a Ray on "
+                              "this machine, 'auto' = the cluster this machine belongs to "
+                              "(`ray start`), 'ray://host:10001' = a remote cluster's client "
+                              "server")
+    ray_actors: int = option(0, "backend 'ray': actors that train (one CPU and one PyTorch "
+                             "thread each); 0 = one per CPU of the cluster", min=0,
+                             max=100_000)
     threads: int = option(0, "PyTorch threads for training; 0 = automatic (1 for cohorts "
                           "under 32 clients, whose small matmuls do not scale, while another "
                           "core evaluates the previous round's model; all cores otherwise, "
@@ -289,6 +300,13 @@ class SimConfig(Section):
                               "sampled client, as in wave 1) or 'deploy' (deploy.target, "
                               "over_selection, deadline_s and min_fraction, in simulated time)",
                               choices=("all", "deploy"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend != "ray" and (self.ray_address or self.ray_actors):
+            raise ConfigError("sim.ray_address and sim.ray_actors apply to sim.backend = "
+                              "'ray' (this config trains in this process)",
+                              key="sim.backend")
 
 
 @section("deploy")

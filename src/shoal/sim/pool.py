@@ -4,11 +4,19 @@ It trains a round's cohort with :class:`~shoal.sim.cohort.CohortTrainer`, in chu
 clients with similar numbers of local steps so the stacked models stay cache-sized and the
 padding waste stays small, and yields each chunk's updates as one
 :class:`~shoal.events.UpdateBatch`.
+
+Who trains the chunks is the pool's :class:`Workers`: :class:`LocalWorkers` in this process
+(the default), or Ray actors (:class:`~shoal.sim.ray_backend.RayWorkers`,
+``sim.backend = "ray"``), which train slices of the cohort with the same
+:func:`train_chunk` and hand the rows back. Everything else -- which clients, their random
+streams, downloads, what the uplink does to an update -- stays here, so both give the same
+updates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -21,11 +29,12 @@ from shoal.data import Dataset, FederatedData, GeneratedClients
 from shoal.errors import ProtocolError
 from shoal.privacy.dp import LocalDP
 from shoal.events import TrainTask, UpdateBatch
-from shoal.sim.cohort import CohortTrainer
+from shoal.sim.cohort import CohortResult, CohortTrainer
 from shoal.training import LocalTrainConfig
 from shoal.uplink import Downlink, Uplink, raw_wire_size
 
-__all__ = ["ClientData", "InProcessPool", "auto_chunk", "in_process_pool"]
+__all__ = ["ClientData", "InProcessPool", "LocalWorkers", "Trained", "Workers", "auto_chunk",
+           "in_process_pool", "train_chunk"]
 
 
 def auto_chunk(model_size: int, budget_bytes: int = 96 << 20) -> int:
@@ -71,6 +80,67 @@ class _IndexLists:
         return None, [self.parts[c] for c in np.asarray(client_ids).tolist()]
 
 
+@dataclass(frozen=True)
+class Trained:
+    """The updates of some of the clients a :class:`Workers` was asked to train.
+
+    Attributes:
+        index: int64 ``(k,)``, per row the client's position in the ids given to
+            :meth:`Workers.train`.
+        deltas: float32 ``(k, D)`` (possibly a buffer reused by the next chunk: fold or copy
+            it first).
+        num_examples: int64 ``(k,)``.
+        loss: float64 ``(k,)`` mean local training loss.
+    """
+
+    index: np.ndarray
+    deltas: np.ndarray
+    num_examples: np.ndarray
+    loss: np.ndarray
+
+
+class Workers(Protocol):
+    """Who trains a pool's clients: this process (:class:`LocalWorkers`) or Ray actors."""
+
+    @property
+    def chunk(self) -> int:
+        """Clients worth handing over at once (the carrier loop groups due clients by it)."""
+        ...
+
+    def train(self, params: np.ndarray, config: LocalTrainConfig, client_ids: np.ndarray,
+              keys: np.ndarray) -> Iterator[Trained]:
+        """Train client ``client_ids[i]`` from ``params`` with stream key ``keys[i]``
+        (clients sorted by size, longest first); yields every client's row once."""
+        ...
+
+
+def train_chunk(trainer: CohortTrainer, clients: ClientData, seed: int, params: np.ndarray,
+                config: LocalTrainConfig, client_ids: np.ndarray, keys: np.ndarray
+                ) -> CohortResult:
+    """Train one chunk of clients together: client ``c`` of key ``r`` draws its batches from
+    stream ``(seed, "train", r, c)``, wherever it is trained."""
+    rngs = [seeds.generator(seed, "train", int(r), int(c)) for r, c in zip(keys, client_ids)]
+    own, indices = clients.examples_of(client_ids)
+    source = None if own is None else (torch.from_numpy(own.x), torch.from_numpy(own.y))
+    return trainer.train(params, indices, config, rngs, source=source)
+
+
+class LocalWorkers:
+    """Trains in this process, ``chunk`` clients at a time (:func:`train_chunk`)."""
+
+    def __init__(self, trainer: CohortTrainer, clients: ClientData, seed: int,
+                 chunk: int) -> None:
+        self.trainer, self.clients, self.seed, self.chunk = trainer, clients, seed, chunk
+
+    def train(self, params: np.ndarray, config: LocalTrainConfig, client_ids: np.ndarray,
+              keys: np.ndarray) -> Iterator[Trained]:
+        for start in range(0, len(client_ids), self.chunk):
+            part = slice(start, start + self.chunk)
+            res = train_chunk(self.trainer, self.clients, self.seed, params, config,
+                              client_ids[part], keys[part])
+            yield Trained(start + res.positions, res.deltas, res.num_examples, res.loss)
+
+
 class InProcessPool:
     """Virtual clients trained in this process.
 
@@ -85,6 +155,7 @@ class InProcessPool:
         uplink: what clients do to updates before upload (local DP, compression); by
             default raw float32.
         downlink: how models reach clients (full or delta); by default full float32.
+        workers: who trains the chunks; by default this process (:class:`LocalWorkers`).
 
     It is a :class:`~shoal.runner.LazyPool`: under simulated time the carrier loop asks for
     a client's update only when it is due, and has clients of one version trained together
@@ -93,13 +164,15 @@ class InProcessPool:
 
     def __init__(self, trainer: CohortTrainer, clients: Sequence[np.ndarray] | ClientData,
                  config: LocalTrainConfig, seed: int, chunk: int = 0,
-                 uplink: Uplink | None = None, downlink: Downlink | None = None) -> None:
+                 uplink: Uplink | None = None, downlink: Downlink | None = None,
+                 workers: Workers | None = None) -> None:
         self.trainer = trainer
         self.clients: ClientData = _IndexLists(clients) if isinstance(clients, Sequence) \
             else clients
         self.config = config
         self.seed = seed
-        self.chunk = chunk or auto_chunk(trainer.spec.size)
+        self.workers: Workers = workers or LocalWorkers(
+            trainer, self.clients, seed, chunk or auto_chunk(trainer.spec.size))
         self.uplink = uplink or Uplink(trainer.spec.size)
         self.downlink = downlink or Downlink(trainer.spec.size)
         self._raw_up = raw_wire_size(trainer.spec.size)
@@ -107,6 +180,17 @@ class InProcessPool:
     @property
     def num_clients(self) -> int:
         return self.clients.num_clients
+
+    @property
+    def chunk(self) -> int:
+        """Clients trained together at most (what the workers take at once)."""
+        return self.workers.chunk
+
+    def close(self) -> None:
+        """Release the workers (Ray actors); in-process workers hold nothing."""
+        close = getattr(self.workers, "close", None)
+        if close is not None:
+            close()
 
     def example_counts(self, client_ids: np.ndarray) -> np.ndarray:
         """Training examples of each client (int64)."""
@@ -148,29 +232,23 @@ class InProcessPool:
         # Longest first, so each chunk holds clients with similar step counts.
         order = np.argsort(-self.clients.sizes_of(ids), kind="stable")
         ids, keys, down = ids[order], keys[order], down[order]
-        for start in range(0, len(ids), self.chunk):
-            part, key = ids[start:start + self.chunk], keys[start:start + self.chunk]
-            rngs = [seeds.generator(self.seed, "train", int(r), int(c))
-                    for r, c in zip(key, part)]
-            own, indices = self.clients.examples_of(part)
-            source = None if own is None else (torch.from_numpy(own.x), torch.from_numpy(own.y))
-            res = self.trainer.train(task.params, indices, config, rngs, source=source)
-            rows, row_keys = part[res.positions], key[res.positions]
+        for t in self.workers.train(task.params, config, ids, keys):
+            rows, row_keys = ids[t.index], keys[t.index]
             rngs_up = [] if self.uplink.identity else [
                 seeds.generator(self.seed, "uplink", int(r), int(c))
                 for r, c in zip(row_keys, rows)]
-            deltas, up = self.uplink.process_rows(rows, res.deltas, rngs_up)
-            yield UpdateBatch(client_ids=rows, deltas=deltas, num_examples=res.num_examples,
-                              metrics={"loss": res.loss, "upload_bytes": up,
-                                       "download_bytes": down[start:start + self.chunk]
-                                       [res.positions]}, base_version=task.version)
+            deltas, up = self.uplink.process_rows(rows, t.deltas, rngs_up)
+            yield UpdateBatch(client_ids=rows, deltas=deltas, num_examples=t.num_examples,
+                              metrics={"loss": t.loss, "upload_bytes": up,
+                                       "download_bytes": down[t.index]},
+                              base_version=task.version)
 
 
 def in_process_pool(cfg: Config, model: torch.nn.Module,
                     data: FederatedData | GeneratedClients, dim: int,
                     local_dp: LocalDP | None = None) -> tuple[InProcessPool, str]:
-    """The virtual clients of ``cfg`` (training, compression, local DP) and the name of the
-    cohort engine they train with."""
+    """The virtual clients of ``cfg`` (training, compression, local DP, trained in this
+    process or by Ray actors) and the name of the cohort engine they train with."""
     train = data.train
     trainer = CohortTrainer(model, torch.from_numpy(train.x), torch.from_numpy(train.y),
                             engine=cfg["sim"]["engine"])
@@ -181,6 +259,11 @@ def in_process_pool(cfg: Config, model: torch.nn.Module,
     downlink = Downlink(dim, comp["download"],
                         Chain.parse(comp["download_codec"], "compression.download_codec"),
                         comp["max_staleness"])
+    workers = None
+    if cfg["sim"]["backend"] == "ray":
+        from shoal.sim.ray_backend import RayWorkers
+
+        workers = RayWorkers.from_config(cfg, trainer, data)
     pool = InProcessPool(trainer, data, local, seed=cfg.seed, uplink=uplink,
-                         downlink=downlink)
+                         downlink=downlink, workers=workers)
     return pool, trainer.engine
