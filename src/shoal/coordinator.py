@@ -14,6 +14,13 @@ validates and aggregates; the strategy (server optimizer) steps the model; obser
 about it. Every task names the version it was built from and every update carries its base
 version, so staleness is ``current version - base version``.
 
+Evaluation tasks (federated evaluation) are a second task kind beside training: a caller
+asks :meth:`Coordinator.evaluate` for one, the coordinator sends it (:class:`SendEval`),
+folds the :class:`EvalReported` events of its cohort (:mod:`shoal.evaluation`) and closes it
+with an :class:`EvalDone` once every client reported, failed or its deadline passed. They
+never touch the open aggregation, the policy or the model, and work before :meth:`start` and
+after the run finished (a canary evaluates without training).
+
 Randomness: the cohort of sync round ``r`` (retry ``a``) comes from the stream
 ``(seed, "sample", r[, a])`` and a buffered task's client from ``(seed, "sample", task)``,
 so a resumed run picks the same clients; a deployment with differential privacy passes an
@@ -33,10 +40,11 @@ import numpy as np
 
 from shoal import seeds
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
+from shoal.evaluation import EvalTally
 from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
-                          CommitVersion, Event, Finished, PartialAggregate, SendTask,
-                          TaskEnded, Tick, TrainTask, UpdateBatch, UpdateRefused,
-                          UpdatesArrived, WakeAt)
+                          CommitVersion, EvalDone, EvalReported, EvalTask, Event, Finished,
+                          PartialAggregate, SendEval, SendTask, TaskEnded, Tick, TrainTask,
+                          UpdateBatch, UpdateRefused, UpdatesArrived, WakeAt)
 from shoal.observers import Observer, Observers
 from shoal.pipeline import Pipeline, PipelineRun, validate_rows
 from shoal.policy import RoundPolicy, SyncPolicy
@@ -110,6 +118,8 @@ class Coordinator:
         self.sample_rng = sample_rng or self._seeded_sample_rng
         self._out: list[Command] = []
         self._tasks: dict[int, _Task] = {}
+        self._evals: dict[int, tuple[EvalTask, EvalTally]] = {}
+        self._eval_ids: set[int] = set()  # every evaluation task ever opened
         self._next_task = 1
         self._now = 0.0
         self._done = ""
@@ -167,6 +177,16 @@ class Coordinator:
 
     def handle(self, event: Event) -> list[Command]:
         """Take one event; return the commands it leads to (possibly none)."""
+        if isinstance(event, EvalReported) or (
+                isinstance(event, (ClientsFailed, TaskEnded)) and event.task_id in self._eval_ids):
+            self._now = max(self._now, float(event.now))
+            self._eval_event(event)
+            return self._flush()
+        if isinstance(event, Tick) and self._evals:
+            self._now = max(self._now, float(event.now))
+            self._close_due_evals()
+            if not self._started:
+                return self._flush()
         if not self._started:
             raise ProtocolError("start the coordinator before sending it events")
         self._now = max(self._now, float(event.now))
@@ -191,6 +211,79 @@ class Coordinator:
     def _flush(self) -> list[Command]:
         out, self._out = self._out, []
         return out
+
+    # -- evaluation tasks -------------------------------------------------------------------
+
+    def evaluate(self, params: np.ndarray, version: int, now: float, *,
+                 clients: np.ndarray | None = None, count: int | None = None,
+                 deadline: float = math.inf, purpose: str = "",
+                 rng: np.random.Generator | None = None) -> list[Command]:
+        """Open an evaluation task of ``params`` (model ``version``); returns its commands
+        (:class:`SendEval`, and :class:`WakeAt` for a finite deadline).
+
+        Args:
+            clients: who evaluates (sorted, unique); or else ``count`` clients drawn by the
+                sampler (all of the sampler's cohort when ``count`` is ``None``) from ``rng``,
+                by default the stream ``(seed, "evaluate", task id)``.
+            deadline: when to stop waiting (the run's clock).
+            purpose: a label returned with the result.
+
+        Raises:
+            ConfigError: an empty cohort, or a client id outside the population.
+        """
+        self._now = max(self._now, float(now))
+        task_id = self._next_task
+        if clients is None:
+            rng = rng if rng is not None else seeds.generator(self.seed, "evaluate", task_id)
+            clients = self.sampler.sample(self.num_clients, rng, count)
+        ids = np.unique(np.asarray(clients, dtype=np.int64))
+        if len(ids) == 0:
+            raise ConfigError("an evaluation task needs at least one client", key="clients")
+        if ids[0] < 0 or ids[-1] >= self.num_clients:
+            raise ConfigError(f"evaluation clients must be in 0..{self.num_clients - 1}",
+                              key="clients")
+        self._next_task += 1
+        task = EvalTask(task_id, int(version), params, float(deadline), purpose)
+        self._evals[task_id] = (task, EvalTally(task_id, int(version), purpose, ids))
+        self._eval_ids.add(task_id)
+        self._out.append(SendEval(task, ids))
+        if math.isfinite(deadline):
+            self._out.append(WakeAt(float(deadline)))
+        return self._flush()
+
+    def _eval_event(self, event: EvalReported | ClientsFailed | TaskEnded) -> None:
+        entry = self._evals.get(event.task_id)
+        if isinstance(event, EvalReported):
+            ids = tuple(int(c) for c in np.asarray(event.reports.client_ids).tolist())
+            if entry is None:
+                self._out.append(UpdateRefused(event.task_id, ids, "unknown_task",
+                                               f"no evaluation task {event.task_id} is open"))
+                return
+            refused, reason = entry[1].fold(event.reports)
+            if len(refused):
+                self._out.append(UpdateRefused(event.task_id,
+                                               tuple(int(c) for c in refused), reason,
+                                               "evaluation report refused"))
+        elif entry is None:  # the task already closed: nothing to do
+            return
+        elif isinstance(event, ClientsFailed):
+            entry[1].drop(np.asarray(event.client_ids, np.int64))
+        else:
+            entry[1].drop(None)
+        if entry is not None and entry[1].done:
+            self._close_eval(event.task_id,
+                             "ended" if isinstance(event, TaskEnded) else "complete")
+
+    def _close_eval(self, task_id: int, closed_by: str) -> None:
+        _, tally = self._evals.pop(task_id)
+        self._out.append(EvalDone(task_id, tally.close(closed_by)))
+
+    def _close_due_evals(self) -> None:
+        for task_id, (task, tally) in list(self._evals.items()):
+            if self._now >= task.deadline:
+                if tally.pending:
+                    self._out.append(CancelTask(task_id, "evaluation deadline"))
+                self._close_eval(task_id, "deadline")
 
     # -- the Engine interface the policy uses -------------------------------------------------
 

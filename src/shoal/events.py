@@ -8,6 +8,10 @@ recorded, replayed and compared across carriers.
 Versions, not rounds: every task names the model version it was built from and every update
 carries that ``base_version``; staleness (buffered aggregation) and delta downloads come from
 it. A round (sync) or a server step (buffered) is only what produced a version.
+
+Two kinds of task: a :class:`TrainTask` (train and upload an update) and an
+:class:`EvalTask` (evaluate a model on local held-out data and report metrics, nothing else:
+federated evaluation, :mod:`shoal.evaluation`). Both draw their ids from one counter.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import numpy as np
 
 if TYPE_CHECKING:  # for annotations only: events stay a leaf module (numpy alone at run time)
+    from shoal.evaluation import EvalResult
     from shoal.records import RoundRecord
     from shoal.strategy import ServerState
 
@@ -26,7 +31,8 @@ __all__ = [
     "TrainTask", "ClientUpdate", "UpdateBatch", "PartialAggregate", "Arrival",
     "UpdatesArrived", "ClientsFailed", "TaskEnded", "Tick", "Event",
     "SendTask", "CancelTask", "WakeAt", "CommitVersion", "AbortRound", "UpdateRefused",
-    "Finished", "Command",
+    "Finished", "Command", "EvalTask", "EvalReports", "EvalReported", "SendEval",
+    "EvalDone",
 ]
 
 
@@ -135,6 +141,61 @@ class PartialAggregate:
 Arrival: TypeAlias = ClientUpdate | UpdateBatch | PartialAggregate
 
 
+@dataclass(frozen=True)
+class EvalTask:
+    """Evaluate ``params`` on local held-out data and report metrics; no training, no
+    upload of a model.
+
+    Attributes:
+        task_id: unique within a run (shared with training tasks).
+        version: the model version ``params`` is.
+        params: the model to evaluate, flat float32 (read-only).
+        deadline: when the coordinator stops waiting, or ``inf``.
+        purpose: the requester's label, returned with the result (e.g. ``"canary"``).
+    """
+
+    task_id: int
+    version: int
+    params: np.ndarray
+    deadline: float = float("inf")
+    purpose: str = ""
+
+
+@dataclass(frozen=True)
+class EvalReports:
+    """Evaluation reports of several clients, as rows.
+
+    Attributes:
+        client_ids: int64 ``(k,)``.
+        num_examples: int64 ``(k,)`` held-out examples each client evaluated (its weight).
+        metrics: name -> float ``(k,)`` per-client values (e.g. ``loss``, ``accuracy``).
+        segments: ``(k,)`` each client's segment (a device attribute), or empty for none.
+    """
+
+    client_ids: np.ndarray
+    num_examples: np.ndarray
+    metrics: Mapping[str, np.ndarray]
+    segments: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Raises :class:`~shoal.errors.ProtocolError` when rows disagree in length, a
+        weight is negative or a metric is not a 1-D array of the rows' length."""
+        from shoal.errors import ProtocolError
+
+        k = len(self.client_ids)
+        if len(self.num_examples) != k or (self.segments and len(self.segments) != k):
+            raise ProtocolError("evaluation reports: rows disagree in length")
+        if k and int(np.min(self.num_examples)) < 0:
+            raise ProtocolError("evaluation reports: a negative example count")
+        for name, v in self.metrics.items():
+            if np.ndim(v) != 1 or len(v) != k:
+                raise ProtocolError(f"evaluation reports: metric {name!r} is not one value "
+                                    "per client")
+
+    def segments_or_blank(self) -> tuple[str, ...]:
+        return self.segments if self.segments else ("",) * len(self.client_ids)
+
+
 # --------------------------------------------------------------------------- events (in)
 
 
@@ -177,7 +238,16 @@ class Tick:
     now: float
 
 
-Event: TypeAlias = UpdatesArrived | ClientsFailed | TaskEnded | Tick
+@dataclass(frozen=True)
+class EvalReported:
+    """Evaluation reports for evaluation task ``task_id`` reached the server at ``now``."""
+
+    task_id: int
+    reports: EvalReports
+    now: float
+
+
+Event: TypeAlias = UpdatesArrived | ClientsFailed | TaskEnded | Tick | EvalReported
 
 
 # --------------------------------------------------------------------------- commands (out)
@@ -251,5 +321,21 @@ class Finished:
     reason: str
 
 
+@dataclass(frozen=True)
+class SendEval:
+    """Evaluate ``task`` on ``client_ids`` (int64, sorted) and report metrics."""
+
+    task: EvalTask
+    client_ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class EvalDone:
+    """Evaluation task ``task_id`` closed; ``result`` is what its cohort reported."""
+
+    task_id: int
+    result: EvalResult
+
+
 Command: TypeAlias = (SendTask | CancelTask | WakeAt | CommitVersion | AbortRound
-                      | UpdateRefused | Finished)
+                      | UpdateRefused | Finished | SendEval | EvalDone)
