@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -15,8 +17,9 @@ import shoal.store.model_versions as versions_mod
 import shoal.store.models as models_mod
 from shoal.errors import ConfigError, DataError, ShoalError
 from shoal.params import ParamSpec
-from shoal.store import Checkpoint
-from shoal.store.model_versions import ModelEvent, ModelStoreError, StoreLocked, UnknownVersion
+from shoal.store import Checkpoint, Store
+from shoal.store.model_versions import (ModelEvent, ModelStoreError, PointerMoved, StoreLocked,
+                                        UnknownVersion)
 from shoal.store.models import ModelStore
 from shoal.strategy import ServerState
 
@@ -212,7 +215,7 @@ def test_hard_crash_between_model_file_and_index(tmp_path):
     script = textwrap.dedent(f"""
         import os, numpy as np
         from shoal.params import ParamSpec
-        from shoal.store import Checkpoint
+        from shoal.store import Checkpoint, Store
         from shoal.store.models import ModelStore
         from shoal.strategy import ServerState
         ModelStore._write = lambda self, index: os._exit(17)
@@ -277,17 +280,20 @@ def test_missing_or_damaged_index_is_refused(tmp_path):
     assert [v.id for v in ModelStore(tmp_path, readonly=True).list()] == [1, 2]
 
 
-# --- single writer -------------------------------------------------------------------------
+# --- several writers ------------------------------------------------------------------------
 
 
-def test_second_writer_is_refused_while_readers_are_welcome(tmp_path):
-    first = ModelStore(tmp_path)
+def test_writers_share_a_store_while_readers_only_read(tmp_path):
+    first, second = ModelStore(tmp_path), ModelStore(tmp_path)
     fill(first, 1)
-    with pytest.raises(StoreLocked, match="locked by another writer") as exc:
-        ModelStore(tmp_path)
-    assert exc.value.pid == os.getpid()
+    # each change starts from the index the other left: ids continue, nothing is lost
+    assert second.commit(ckpt(2), round=2, metrics={}, parent=1, now=2.0).id == 2
+    assert first.commit(ckpt(3), round=3, metrics={}, parent=2, now=3.0).id == 3
+    assert [v.id for v in first.list()] == [v.id for v in second.list()] == [1, 2, 3]
+    second.promote(3, now=4.0)
+    assert first.production().id == 3  # a query sees the other writer's change at once
     reader = ModelStore(tmp_path, readonly=True)
-    assert [v.id for v in reader.list()] == [1]
+    assert [v.id for v in reader.list()] == [1, 2, 3]
     with pytest.raises(ModelStoreError, match="read-only"):
         reader.commit(ckpt(), round=2, metrics={}, now=1.0)
     with pytest.raises(ModelStoreError, match="read-only"):
@@ -295,8 +301,100 @@ def test_second_writer_is_refused_while_readers_are_welcome(tmp_path):
     first.close()
     with pytest.raises(ModelStoreError, match="read-only"):
         first.commit(ckpt(), round=2, metrics={}, now=1.0)
-    with ModelStore(tmp_path) as second:
-        assert second.commit(ckpt(2), round=2, metrics={}, now=2.0).id == 2
+    assert first.get(3).status == "production"  # a closed writer still answers queries
+    second.close()
+
+
+def test_production_pointer_moves_by_compare_and_set(store):
+    fill(store, 3)
+    with pytest.raises(PointerMoved, match="at None, not 1") as exc:
+        store.promote(2, now=1.0, expected=1)
+    assert (exc.value.expected, exc.value.actual) == (1, None)
+    store.promote(1, now=2.0, expected=None)
+    store.promote(2, now=3.0, expected=1)
+    before = (statuses(store), store.history())
+    with pytest.raises(PointerMoved, match="at 2, not 1"):
+        store.promote(3, now=4.0, expected=1)  # a stale read: someone promoted 2 since
+    with pytest.raises(PointerMoved, match="at 2, not 3"):
+        store.rollback(1, now=4.0, expected=3)
+    assert (statuses(store), store.history()) == before  # a refused swap changes nothing
+    store.rollback(1, now=5.0, expected=2)
+    assert statuses(store) == {1: "production", 2: "rolled_back", 3: "candidate"}
+
+
+def test_a_writer_stuck_holding_the_lock_is_reported(store, tmp_path):
+    fill(store, 1)
+    fd = os.open(tmp_path / "models" / ".lock", os.O_RDWR)  # another open file: another
+    fcntl.flock(fd, fcntl.LOCK_EX)                          # writer's lock
+    try:
+        slow = ModelStore(tmp_path, readonly=True)
+        with pytest.raises(StoreLocked, match=r"stayed locked by another writer \(pid "
+                                              rf"{os.getpid()}\) for 0.2 s") as exc:
+            ModelStore(tmp_path, lock_timeout=0.2)
+        assert exc.value.pid == os.getpid()
+        assert [v.id for v in slow.list()] == [1]  # queries take no lock
+    finally:
+        os.close(fd)
+    assert store.commit(ckpt(2), round=2, metrics={}, now=2.0).id == 2
+
+
+_WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from shoal.params import ParamSpec
+    from shoal.store import Checkpoint, ModelStore
+    from shoal.store.model_versions import PointerMoved
+    from shoal.strategy import ServerState
+
+    root, me, n, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    store = ModelStore(root)
+    while time.time() < start:  # both writers begin together
+        time.sleep(0.001)
+    for i in range(n):
+        params = np.full(6, 1000 * me + i, np.float32)
+        ck = Checkpoint(ServerState(params, version=i), ParamSpec.from_shapes({"w": (2, 3)}),
+                        seed=me)
+        v = store.commit(ck, round=i, metrics={"writer": me, "i": i}, now=time.time())
+        while True:  # promote it unless a newer version is production: compare-and-set
+            current = store.production()
+            if current is not None and current.id > v.id:
+                break
+            try:
+                store.promote(v.id, now=time.time(), reason=f"writer {me}",
+                              expected=None if current is None else current.id)
+                break
+            except PointerMoved:
+                continue
+    store.close()
+""")
+
+
+def test_two_processes_commit_and_promote_concurrently(tmp_path):
+    n = 25
+    start = time.time() + 1.5  # time for both interpreters to start
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(me), str(n),
+                               str(start)], stderr=subprocess.PIPE) for me in (1, 2)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    store = ModelStore(tmp_path, readonly=True)
+    versions = store.list()
+    assert [v.id for v in versions] == list(range(1, 2 * n + 1))  # none lost, none reused
+    assert store.verify() == {}
+    for v in versions:  # every version holds what its writer committed, whole
+        me, i = int(v.metrics["writer"]), int(v.metrics["i"])
+        ck = store.load(v.id)
+        np.testing.assert_array_equal(ck.state.params, np.full(6, 1000 * me + i, np.float32))
+        assert (ck.seed, ck.state.version) == (me, i)
+    for me in (1, 2):  # each writer's commits in its own order
+        mine = [int(v.metrics["i"]) for v in versions if v.metrics["writer"] == me]
+        assert mine == list(range(n))
+    # every pointer move started from where the previous one left it (no lost update), and
+    # production only ever moved forward, ending at the newest version
+    events = store.history()
+    assert [e.previous for e in events] == [None] + [e.version for e in events[:-1]]
+    assert all(a.version < b.version for a, b in zip(events, events[1:]))
+    assert store.production().id == 2 * n
+    assert len(ModelStore(tmp_path).recovered) == 0
 
 
 def test_readonly_store_must_exist(tmp_path):
@@ -304,9 +402,10 @@ def test_readonly_store_must_exist(tmp_path):
         ModelStore(tmp_path / "nowhere", readonly=True)
 
 
-def test_public_api():
+def test_public_api(store):
+    assert isinstance(store, Store) and not isinstance(object(), Store)
     for mod in (models_mod, versions_mod, index_mod):
         assert all(hasattr(mod, name) for name in mod.__all__)
-    for cls in (ModelStoreError, StoreLocked, UnknownVersion):
+    for cls in (ModelStoreError, StoreLocked, UnknownVersion, PointerMoved):
         assert issubclass(cls, ShoalError)
     assert issubclass(UnknownVersion, LookupError)

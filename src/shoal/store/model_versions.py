@@ -19,6 +19,7 @@ __all__ = [
     "ModelEvent",
     "ModelStoreError",
     "ModelVersion",
+    "PointerMoved",
     "StoreLocked",
     "UnknownVersion",
 ]
@@ -41,6 +42,20 @@ class ModelStoreError(ShoalError):
 
 class UnknownVersion(ModelStoreError, LookupError):
     """No committed version has this id."""
+
+
+class PointerMoved(ModelStoreError):
+    """A compare-and-set of the production pointer found it elsewhere (another writer moved
+    it); nothing was changed.
+
+    Attributes:
+        expected: where the caller believed it was (``None``: no production version).
+        actual: where it is.
+    """
+
+    def __init__(self, message: str, *, expected: int | None, actual: int | None) -> None:
+        super().__init__(message, version=actual)
+        self.expected, self.actual = expected, actual
 
 
 class StoreLocked(ModelStoreError):
@@ -107,8 +122,9 @@ class ModelEvent:
 
     Attributes:
         at: when (UNIX seconds, as passed in).
-        action: ``"promote"`` or ``"rollback"``.
-        version: the version that became production.
+        action: ``"promote"``, ``"rollback"`` or ``"reject"`` (a candidate refused, e.g. by
+            a canary; production did not move).
+        version: the version that became production (the refused one for ``"reject"``).
         previous: the production version before, or ``None``.
         reason: why, as the mover said (an operator's note, a canary's verdict), or ``""``.
     """

@@ -5,7 +5,7 @@ Layout under ``<root>/models/``::
     index.json      the metadata of every version and the production pointer (the truth)
     v000001.npz     one checkpoint per version (``shoal.store.checkpoint`` format)
     v000002.npz
-    .lock           held (``fcntl.flock``) by the one writer
+    .lock           held (``fcntl.flock``) by a writer while it changes the store
 
 A version is committed in two atomic steps: the checkpoint file is written (temporary file,
 fsync, rename -- :func:`~shoal.store.checkpoint.save_checkpoint`) and the directory fsync'ed,
@@ -14,7 +14,7 @@ version exists once the index lists it. A crash between the two steps leaves a m
 index does not know; the next writer to open the store deletes it (and stray temporary files)
 and reports them in :attr:`ModelStore.recovered`. Readers never look at unlisted files.
 
-Why a JSON index and not SQLite: the store has one writer and a few records per version, the
+Why a JSON index and not SQLite: the store has few writers and a few records per version, the
 index must be readable by an operator with ``cat`` or ``jq`` during an incident, and writing it
 with the same rename protocol as the model files keeps one crash-safety mechanism for the whole
 directory, which stays a plain set of files to back up or rsync (no WAL side files). Rewriting
@@ -27,10 +27,18 @@ served); :meth:`ModelStore.promote` moves the pointer and returns the previous p
 current production ``"rolled_back"`` (a bad model, never promoted again) and points production
 at an earlier good version. Every pointer move is logged in :meth:`ModelStore.history`.
 
-Single writer: one aggregator process per store. The writer holds an exclusive ``flock`` on
-``.lock`` for the lifetime of the :class:`ModelStore`; a second writer is refused with
-:class:`StoreLocked`. Readers (``readonly=True``) take no lock and may run alongside the writer:
-each query re-reads the index, which is always either the old or the new complete file.
+Several writers (threads or processes, e.g. an aggregator and the dashboard moving the
+production pointer) may share a store: every change -- a commit, a promotion, a rollback --
+holds the exclusive ``flock`` on ``.lock`` (:class:`~shoal.store.writer_lock.WriterLock`)
+while it re-reads the index, writes and renames, so the changes are serialised and none is
+lost. Versions are immutable: an id is allocated under the lock, its file is written once and
+never rewritten. The production pointer moves by compare-and-set: ``promote(v,
+expected=p)`` and ``rollback(v, expected=p)`` move it only if it still points at ``p``, and
+raise :class:`PointerMoved` (changing nothing) if another writer moved it first. A writer
+that cannot get the lock within ``lock_timeout`` seconds raises :class:`StoreLocked`. Queries
+take no lock: each reads the current index (cached until the file is replaced), which is
+always either the old or the new complete file. Readers (``readonly=True``) cannot change
+the store.
 
 The index's format and the file names are :mod:`shoal.store.model_index`; the records the store
 returns (:class:`ModelVersion`, :class:`ModelEvent`) and its errors are
@@ -40,78 +48,28 @@ returns (:class:`ModelVersion`, :class:`ModelEvent`) and its errors are
 from __future__ import annotations
 
 import builtins
-import fcntl
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
+from types import EllipsisType, MappingProxyType
 from typing import Any, Literal
-
-import numpy as np
 
 from shoal.errors import ConfigError, DataError
 from shoal.store.atomic import fsync_dir
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shoal.store.disk import disk_failure
 from shoal.store.lineage import config_hash, plan_from_config
+from shoal.store.model_checks import (check_int, check_metrics, check_now, check_reason,
+                                      check_rounds)
 from shoal.store.model_index import (INDEX_FILE, MODEL_FILE, TEMP_FILE, ModelIndex,
                                      file_sha256, model_file_name)
 from shoal.store.model_versions import (STATUSES, ModelEvent, ModelStoreError, ModelVersion,
-                                        StoreLocked, UnknownVersion)
+                                        PointerMoved, UnknownVersion)
+from shoal.store.writer_lock import WriterLock
 
 __all__ = ["ModelStore"]
 
 _LOCK = ".lock"
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}", key=name)
-    return value
-
-
-def _check_rounds(rounds: object, round: int) -> tuple[int, int]:
-    if rounds is None:
-        return (round, round)
-    if not isinstance(rounds, (tuple, list)) or len(rounds) != 2:
-        raise ConfigError(f"rounds must be (first, last), got {rounds!r}", key="rounds")
-    first = _check_int(rounds[0], "rounds[0]", 0)
-    last = _check_int(rounds[1], "rounds[1]", first)
-    if last != round:
-        raise ConfigError(f"rounds must end at round {round}, got {rounds!r}", key="rounds")
-    return (first, last)
-
-
-def _check_reason(reason: object) -> str:
-    if not isinstance(reason, str):
-        raise ConfigError(f"reason must be a string, got {reason!r}", key="reason")
-    return reason
-
-
-def _check_now(now: object) -> float:
-    if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
-        raise ConfigError(f"now must be a finite number of seconds, got {now!r}", key="now")
-    return float(now)
-
-
-def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    if not isinstance(metrics, Mapping):
-        raise ConfigError(f"metrics must be a mapping, got {type(metrics).__name__}",
-                          key="metrics")
-    out: dict[str, float] = {}
-    for name, value in metrics.items():
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"metric names must be non-empty strings, got {name!r}",
-                              key="metrics")
-        if isinstance(value, (np.integer, np.floating)):
-            value = value.item()  # evaluation code often hands back numpy scalars
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
-            raise ConfigError(f"metric {name!r} must be a finite number, got {value!r}",
-                              key=f"metrics.{name}")
-        out[name] = value
-    return out
 
 
 class ModelStore:
@@ -119,25 +77,28 @@ class ModelStore:
 
     Args:
         root: the store's root directory (``<root>/models`` is created by a writer).
-        readonly: open without the writer lock (inspection, ``shoal models list``); mutating
+        readonly: open for queries only (inspection, ``shoal models list``); mutating
             methods then raise :class:`ModelStoreError`.
+        lock_timeout: seconds a change waits for another writer's change to finish.
 
     Raises:
-        StoreLocked: another writer holds the store.
+        StoreLocked: another writer held the lock for ``lock_timeout`` (opening a writer
+            takes it once, to clean up after a crash).
         StorageError: the disk refused to create or write it (full, read-only, failing).
         DataError: the index is unreadable or inconsistent, or is missing while model files
             exist; a read-only store does not exist.
     """
 
-    def __init__(self, root: str | Path, *, readonly: bool = False) -> None:
+    def __init__(self, root: str | Path, *, readonly: bool = False,
+                 lock_timeout: float = 60.0) -> None:
         self.root = Path(root)
         self.dir = self.root / "models"
         self.readonly = readonly
         #: Files the opening writer deleted: uncommitted models and temporary files left by
         #: a crash (names relative to :attr:`dir`).
         self.recovered: tuple[str, ...] = ()
-        self._lock_fd: int | None = None
-        self._cache: ModelIndex | None = None
+        self._lock: WriterLock | None = None
+        self._cache: tuple[tuple[int, int, int], ModelIndex] | None = None
         if readonly:
             if not self.dir.is_dir():
                 raise DataError(f"no model store at {self.dir}", path=str(self.dir))
@@ -145,12 +106,14 @@ class ModelStore:
             return
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._acquire_lock()
+            self._lock = WriterLock(self.dir / _LOCK, lock_timeout)
         except OSError as exc:
             raise disk_failure(exc, str(self.dir), "opening the model store") or exc
         try:
-            self._cache = self._read_disk(create=True)
-            self.recovered = self._clean_orphans(self._cache)
+            # under the lock, a model file the index does not list is no other writer's
+            # commit in progress: it is a crashed one's
+            with self._lock.held():
+                self.recovered = self._clean_orphans(self._read_disk(create=True))
         except BaseException as exc:
             self.close()
             failure = disk_failure(exc, str(self.dir), "opening the model store")
@@ -160,37 +123,12 @@ class ModelStore:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _acquire_lock(self) -> None:
-        path = self.dir / _LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                pid: int | None = int(os.pread(fd, 32, 0).decode().strip() or "x")
-            except ValueError:
-                pid = None
-            os.close(fd)
-            holder = f"pid {pid}" if pid is not None else "another process"
-            raise StoreLocked(
-                f"model store {self.dir} is locked by another writer ({holder}); shoal runs "
-                "one aggregator process per store. Open it with readonly=True to inspect it.",
-                path=str(path), pid=pid) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
-
     def close(self) -> None:
-        """Release the writer lock (a crashed process releases it automatically)."""
-        if self._lock_fd is not None:
-            fd, self._lock_fd = self._lock_fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        self._cache = None
-        self.readonly = True  # a closed writer can still answer queries, read-only
+        """Stop writing through this object (it still answers queries, read-only)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        self.readonly = True
 
     def __enter__(self) -> ModelStore:
         return self
@@ -205,9 +143,16 @@ class ModelStore:
     # -- the index --------------------------------------------------------------------------
 
     def _read(self) -> ModelIndex:
-        if self._cache is not None:  # the writer's copy is authoritative (single writer)
-            return self._cache
-        return self._read_disk(create=False)
+        """The current index: cached while ``index.json`` is the same file (every change
+        renames a new one in, which changes its inode)."""
+        try:
+            st = os.stat(self.dir / INDEX_FILE)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return self._read_disk(create=False)  # refused unless the store is empty
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._read_disk(create=False))
+        return self._cache[1]
 
     def _model_files(self) -> builtins.list[str]:
         return [p.name for p in self.dir.iterdir() if MODEL_FILE.match(p.name)]
@@ -250,16 +195,18 @@ class ModelStore:
 
     def _write(self, index: ModelIndex) -> None:
         index.write(self.dir / INDEX_FILE)
-        self._cache = index  # on disk from here on, whatever happens next
+        self._written = index  # on disk from here on, whatever happens next
         fsync_dir(self.dir)
 
-    def _writable(self) -> ModelIndex:
-        if self.readonly:
+    def _writer(self) -> WriterLock:
+        if self.readonly or self._lock is None:
             raise ModelStoreError(f"model store {self.dir} is open read-only (or closed)")
-        assert self._cache is not None
-        # Work on a copy: the cached index changes only once the new one is on disk.
-        return ModelIndex(versions={k: dict(v) for k, v in self._cache.versions.items()},
-                      production=self._cache.production, events=list(self._cache.events))
+        return self._lock
+
+    def _writable(self) -> ModelIndex:
+        """A private copy of the index as another writer may have left it (under the lock);
+        the cached index is never changed in place."""
+        return self._read_disk(create=False)
 
     def _version(self, entry: Mapping[str, Any]) -> ModelVersion:
         # lineage fields are absent from stores written before they were recorded
@@ -390,13 +337,13 @@ class ModelStore:
         if not isinstance(checkpoint, Checkpoint):
             raise ConfigError(f"checkpoint must be a shoal.store.Checkpoint, got "
                               f"{type(checkpoint).__name__}", key="checkpoint")
-        round = _check_int(round, "round", 0)
-        metrics = _check_metrics(metrics)
-        now = _check_now(now)
+        round = check_int(round, "round", 0)
+        metrics = check_metrics(metrics)
+        now = check_now(now)
         if status not in ("candidate", "production"):
             raise ConfigError(f"a new version's status must be 'candidate' or 'production', "
                               f"got {status!r}", key="status")
-        span = _check_rounds(rounds, round)
+        span = check_rounds(rounds, round)
         config = checkpoint.meta.get("config") if isinstance(checkpoint.meta, Mapping) \
             else None
         try:
@@ -405,11 +352,19 @@ class ModelStore:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"the checkpoint's config cannot be hashed: {exc}",
                               key="checkpoint.meta") from None
+        with self._writer().held():
+            return self._commit(checkpoint, round, metrics, now, parent, status, span,
+                                lineage)
+
+    def _commit(self, checkpoint: Checkpoint, round: int, metrics: dict[str, float],
+                now: float, parent: int | None, status: str, span: tuple[int, int],
+                lineage: dict[str, Any]) -> ModelVersion:
         index = self._writable()
         if parent is not None:
             self._entry(index, parent)
         vid = max(index.versions, default=0) + 1
         path = self.dir / model_file_name(vid)
+        self._written: ModelIndex | None = None
         try:
             save_checkpoint(path, checkpoint)
             fsync_dir(self.dir)  # the file's name is durable before the index points at it
@@ -421,7 +376,7 @@ class ModelStore:
                 self._move_production(index, vid, "promote", now)
             self._write(index)
         except BaseException as exc:
-            if self._cache is not index:  # the index never listed it: remove the file
+            if self._written is not index:  # the index never listed it: remove the file
                 try:
                     path.unlink(missing_ok=True)
                 except OSError:  # e.g. a read-only file system: the next writer cleans up
@@ -446,19 +401,28 @@ class ModelStore:
             event["reason"] = reason
         index.events.append(event)
 
-    def promote(self, version: int, *, now: float, reason: str = "") -> ModelVersion:
+    def promote(self, version: int, *, now: float, reason: str = "",
+                expected: int | None | EllipsisType = ...) -> ModelVersion:
         """Make ``version`` the production model; the previous one returns to ``candidate``.
 
         Promoting the current production version changes nothing. ``reason`` is kept with
-        the event in :meth:`history` (the audit trail).
+        the event in :meth:`history` (the audit trail). With ``expected`` (a version, or
+        ``None`` for "no production yet") the pointer moves only if it still points there.
 
         Raises:
             UnknownVersion: no such version.
+            PointerMoved: the production pointer is not at ``expected`` (nothing changed).
             ModelStoreError: the version was rolled back, or the store is read-only.
             DataError: its file is missing or corrupt (production never points at one).
         """
-        now, reason = _check_now(now), _check_reason(reason)
-        index = self._writable()
+        now, reason = check_now(now), check_reason(reason)
+        with self._writer().held():
+            index = self._writable()
+            _compare(index, expected)
+            return self._promote(index, version, now, reason)
+
+    def _promote(self, index: ModelIndex, version: int, now: float, reason: str
+                 ) -> ModelVersion:
         entry = self._entry(index, version)
         if entry["status"] == "production":
             return self._version(entry)
@@ -471,18 +435,51 @@ class ModelStore:
         self._write(index)
         return self._version(index.versions[version])
 
-    def rollback(self, version: int, *, now: float, reason: str = "") -> ModelVersion:
-        """Mark the current production ``rolled_back`` and make ``version`` production
-        (``reason`` as for :meth:`promote`).
+    def reject(self, version: int, *, now: float, reason: str = "") -> ModelVersion:
+        """Mark candidate ``version`` ``rolled_back`` without moving production: a canary
+        that failed (it was only ever served to the canary's devices). Logged in
+        :meth:`history` as ``"reject"`` with production unchanged in ``previous``.
 
         Raises:
             UnknownVersion: no such version.
+            ModelStoreError: the version is production (use :meth:`rollback`) or already
+                rolled back, or the store is read-only.
+        """
+        now, reason = check_now(now), check_reason(reason)
+        index = self._writable()
+        entry = self._entry(index, version)
+        if entry["status"] != "candidate":
+            raise ModelStoreError(f"version {version} is {entry['status']}, not a candidate; "
+                                  "only a candidate can be rejected", version=version)
+        entry["status"] = "rolled_back"
+        event = {"at": now, "action": "reject", "version": version,
+                 "previous": index.production}
+        if reason:
+            event["reason"] = reason
+        index.events.append(event)
+        self._write(index)
+        return self._version(entry)
+
+    def rollback(self, version: int, *, now: float, reason: str = "",
+                 expected: int | None | EllipsisType = ...) -> ModelVersion:
+        """Mark the current production ``rolled_back`` and make ``version`` production
+        (``reason`` and ``expected`` as for :meth:`promote`).
+
+        Raises:
+            UnknownVersion: no such version.
+            PointerMoved: the production pointer is not at ``expected`` (nothing changed).
             ModelStoreError: there is no production version, ``version`` is the current
                 production or was rolled back itself, or the store is read-only.
             DataError: its file is missing or corrupt.
         """
-        now, reason = _check_now(now), _check_reason(reason)
-        index = self._writable()
+        now, reason = check_now(now), check_reason(reason)
+        with self._writer().held():
+            index = self._writable()
+            _compare(index, expected)
+            return self._rollback(index, version, now, reason)
+
+    def _rollback(self, index: ModelIndex, version: int, now: float, reason: str
+                  ) -> ModelVersion:
         entry = self._entry(index, version)
         current = index.production
         if current is None:
@@ -498,3 +495,15 @@ class ModelStore:
         self._move_production(index, version, "rollback", now, reason)
         self._write(index)
         return self._version(index.versions[version])
+
+
+def _compare(index: ModelIndex, expected: int | None | EllipsisType) -> None:
+    """The compare of compare-and-set: refuse unless production is at ``expected``.
+
+    Raises:
+        PointerMoved: it is elsewhere.
+    """
+    if expected is not ... and index.production != expected:
+        raise PointerMoved(f"the production pointer is at {index.production}, not "
+                           f"{expected} as expected: another writer moved it; read it again "
+                           "and decide anew", expected=expected, actual=index.production)
