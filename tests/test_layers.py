@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 # top to bottom; a module may import its own layer and the layers below
 LAYERS = [
     ("edges", {"cli", "deploy", "telemetry", "dashboard"}),
-    ("assembling", {"experiment"}),
+    ("assembling", {"experiment", "scenarios"}),
     ("carriers", {"sim", "transport", "gateway", "device_task", "device_secagg",
                   "device_sessions", "gossip"}),
     ("driving", {"runner", "discrete_event", "build"}),

@@ -1,0 +1,272 @@
+"""Canary rollout: a candidate model served to a stable fraction of devices, compared with
+production by a stated statistical rule, then promoted or rolled back automatically.
+
+* **Who is in the canary**: :func:`canary_bucket` maps a device id to ``[0, 1)`` by SHA-256
+  of ``salt:id``; a device is in the canary of fraction ``f`` when its bucket is below ``f``.
+  The same device is always in (or out), whichever server asks, and raising ``f`` only adds
+  devices. A new salt per rollout keeps the same devices from always going first.
+* **The rule** (:class:`CanaryRule`): the canary's devices evaluate the candidate, a
+  comparable cohort of devices outside the canary evaluates production, both on their own
+  held-out data (federated evaluation, :mod:`shoal.evaluation`). Per-client mean losses are
+  the samples (one per client, its latest: a client evaluated twice is not two samples); with ``d = mean_candidate - mean_production`` and Welch's standard error
+  ``se = sqrt(s_c^2/n_c + s_p^2/n_p)``, two one-sided tests at level ``alpha`` (normal
+  approximation of Welch's t, sound at the minimum sample of ``min_clients`` per arm):
+  *worse* if ``d / se > z_(1-alpha)`` -> roll back; else *not worse* (non-inferior within
+  ``margin``) if ``(d - margin) / se < -z_(1-alpha)`` -> promote; else wait for more
+  evaluations, and after ``max_rounds`` without a verdict roll back (production is the safe
+  default). The test that rolls back comes first, so a candidate significantly worse is
+  never promoted.
+* **Acting**: :class:`Canary` moves the real :class:`~shoal.store.models.ModelStore`
+  (``promote`` with the verdict as its reason, or ``reject``: the candidate is marked
+  rolled back and production never moved) and appends every step to an
+  :class:`~shoal.lifecycle.audit.AuditLog`.
+
+Sans-I/O: :class:`Canary` takes evaluation results and time, and says which version a
+device is served; the simulator (:mod:`shoal.sim.rollout`) and, later, the gRPC transport
+carry that out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shoal.errors import ConfigError
+from shoal.evaluation import EvalResult
+from shoal.lifecycle.audit import AuditLog
+
+__all__ = ["Canary", "CanaryRule", "Verdict", "canary_bucket", "in_canary", "normal_cdf"]
+
+
+def canary_bucket(device_id: str | int, salt: str) -> float:
+    """The device's stable position in ``[0, 1)``: SHA-256 of ``salt:device_id``, first
+    8 bytes as an unsigned integer over 2**64."""
+    digest = hashlib.sha256(f"{salt}:{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def in_canary(device_ids: Iterable[str | int], fraction: float, salt: str) -> np.ndarray:
+    """Boolean mask: which of ``device_ids`` are in the canary of ``fraction``."""
+    return np.fromiter((canary_bucket(d, salt) < fraction for d in device_ids), bool)
+
+
+def normal_cdf(z: float) -> float:
+    """The standard normal distribution function."""
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the rule concluded from the evaluations so far.
+
+    Attributes:
+        decision: ``"promote"``, ``"rollback"`` or ``"wait"``.
+        reason: one line, with the figures (kept in the store's history and the audit log).
+        n_candidate, n_production: clients behind each arm.
+        mean_candidate, mean_production: their mean per-client metric.
+        z: Welch's statistic of ``mean_candidate - mean_production`` (NaN while waiting for
+            the minimum sample).
+        p_worse: one-sided p-value of "the candidate is worse".
+        p_not_worse: one-sided p-value of "the candidate is not worse by ``margin``".
+    """
+
+    decision: str
+    reason: str
+    n_candidate: int
+    n_production: int
+    mean_candidate: float = math.nan
+    mean_production: float = math.nan
+    z: float = math.nan
+    p_worse: float = math.nan
+    p_not_worse: float = math.nan
+
+
+@dataclass(frozen=True)
+class CanaryRule:
+    """The statistical rule of a canary (see the module docstring).
+
+    Attributes:
+        metric: the per-client metric compared; lower is better (``loss``).
+        min_clients: clients per arm before any verdict.
+        alpha: level of each one-sided test.
+        margin: how much worse (in ``metric``) the candidate may be and still count as not
+            worse.
+        max_rounds: evaluations of each arm before an undecided canary is rolled back.
+    """
+
+    metric: str = "loss"
+    min_clients: int = 30
+    alpha: float = 0.05
+    margin: float = 0.0
+    max_rounds: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) \
+                or self.min_clients < 2:
+            raise ConfigError(f"min_clients must be an int >= 2, got {self.min_clients!r}",
+                              key="canary.min_clients")
+        if not 0 < self.alpha < 0.5:
+            raise ConfigError(f"alpha must be in (0, 0.5), got {self.alpha!r}",
+                              key="canary.alpha")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ConfigError(f"margin must be a finite number >= 0, got {self.margin!r}",
+                              key="canary.margin")
+        if not isinstance(self.max_rounds, int) or self.max_rounds < 1:
+            raise ConfigError(f"max_rounds must be an int >= 1, got {self.max_rounds!r}",
+                              key="canary.max_rounds")
+
+    def judge(self, candidate: np.ndarray, production: np.ndarray, rounds: int) -> Verdict:
+        """The verdict on per-client values of each arm after ``rounds`` evaluations."""
+        c = np.asarray(candidate, np.float64)
+        p = np.asarray(production, np.float64)
+        c, p = c[np.isfinite(c)], p[np.isfinite(p)]
+        n_c, n_p = len(c), len(p)
+        if min(n_c, n_p) < self.min_clients:
+            decision = "rollback" if rounds >= self.max_rounds else "wait"
+            return Verdict(decision, f"{n_c} candidate / {n_p} production clients, fewer "
+                           f"than the minimum {self.min_clients} per arm"
+                           + (f" after {rounds} evaluations" if decision != "wait" else ""),
+                           n_c, n_p)
+        mc, mp = float(c.mean()), float(p.mean())
+        se = math.sqrt(c.var(ddof=1) / n_c + p.var(ddof=1) / n_p)
+        d = mc - mp
+        if se == 0:
+            z = 0.0 if d == 0 else math.copysign(math.inf, d)
+            z_ni = -math.inf if d < self.margin else (0.0 if d == self.margin else math.inf)
+        else:
+            z, z_ni = d / se, (d - self.margin) / se
+        p_worse, p_not_worse = 1.0 - normal_cdf(z), normal_cdf(z_ni)
+        figures = (f"{self.metric} {mc:.4f} (candidate, {n_c} clients) vs {mp:.4f} "
+                   f"(production, {n_p}); z = {z:.2f}")
+        if p_worse < self.alpha:
+            return Verdict("rollback", f"worse: {figures}, p = {p_worse:.2g} < {self.alpha}",
+                           n_c, n_p, mc, mp, z, p_worse, p_not_worse)
+        if p_not_worse < self.alpha:
+            return Verdict("promote", f"not worse (margin {self.margin}): {figures}, p = "
+                           f"{p_not_worse:.2g} < {self.alpha}", n_c, n_p, mc, mp, z,
+                           p_worse, p_not_worse)
+        if rounds >= self.max_rounds:
+            return Verdict("rollback", f"undecided after {rounds} evaluations, keeping "
+                           f"production: {figures}", n_c, n_p, mc, mp, z, p_worse,
+                           p_not_worse)
+        return Verdict("wait", f"undecided: {figures}", n_c, n_p, mc, mp, z, p_worse,
+                       p_not_worse)
+
+
+@dataclass
+class Canary:
+    """One canary rollout of ``candidate`` against the store's production version.
+
+    Args:
+        store: the real model store (a writer).
+        candidate: the candidate version (status ``candidate``).
+        fraction: the share of devices served the candidate, in (0, 1).
+        salt: the rollout's bucket salt (default: ``"canary-v<candidate>"``).
+        rule: the statistical rule.
+        audit: where every step is appended.
+        now: when the rollout starts.
+
+    Raises:
+        ConfigError: no production version, a candidate that is not a candidate, or a
+            fraction outside (0, 1).
+    """
+
+    store: object
+    candidate: int
+    fraction: float
+    now: float
+    rule: CanaryRule = field(default_factory=CanaryRule)
+    audit: AuditLog = field(default_factory=AuditLog)
+    salt: str = ""
+    production: int = field(init=False)
+    verdict: Verdict | None = field(init=False, default=None)
+    _values: dict[str, dict[int, float]] = field(init=False, default_factory=dict)
+    _rounds: dict[str, int] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ConfigError(f"the canary fraction must be in (0, 1), got {self.fraction!r}",
+                              key="canary.fraction")
+        prod = self.store.production()  # type: ignore[attr-defined]
+        if prod is None:
+            raise ConfigError("a canary needs a production version to compare with; promote "
+                              "one first", key="canary")
+        if self.store.get(self.candidate).status != "candidate":  # type: ignore[attr-defined]
+            raise ConfigError(f"version {self.candidate} is not a candidate", key="canary")
+        self.production = prod.id
+        self.salt = self.salt or f"canary-v{self.candidate}"
+        self._values = {"candidate": {}, "production": {}}
+        self._rounds = {"candidate": 0, "production": 0}
+        self.audit.append(self.now, "canary_start", candidate=self.candidate,
+                          production=self.production, fraction=self.fraction, salt=self.salt,
+                          rule=vars(self.rule))
+
+    @property
+    def decided(self) -> bool:
+        return self.verdict is not None and self.verdict.decision != "wait"
+
+    def in_canary(self, device_ids: Iterable[str | int]) -> np.ndarray:
+        """Which devices are in this canary (always false once it is decided)."""
+        ids = list(device_ids)
+        if self.decided:
+            return np.zeros(len(ids), bool)
+        return in_canary(ids, self.fraction, self.salt)
+
+    def serves(self, device_id: str | int) -> int:
+        """The version ``device_id`` is served now: the candidate inside the canary while it
+        runs; afterwards the store's production (the candidate if it was promoted)."""
+        if self.decided:
+            prod = self.store.production()  # type: ignore[attr-defined]
+            return prod.id
+        return self.candidate if canary_bucket(device_id, self.salt) < self.fraction \
+            else self.production
+
+    def record(self, result: EvalResult) -> None:
+        """Add a federated evaluation of the candidate or of production.
+
+        Raises:
+            ConfigError: the result is of another version, or lacks the rule's metric.
+        """
+        arm = {self.candidate: "candidate", self.production: "production"}.get(result.version)
+        if arm is None:
+            raise ConfigError(f"evaluation of version {result.version}: this canary compares "
+                              f"{self.candidate} with {self.production}", key="version")
+        if self.rule.metric not in result.values:
+            raise ConfigError(f"the evaluation has no {self.rule.metric!r}",
+                              key="canary.metric")
+        # one sample per client (its latest value): a client evaluated twice is not two
+        # independent samples
+        values = np.asarray(result.values[self.rule.metric], np.float64)
+        self._values[arm].update(zip(result.client_ids.tolist(), values.tolist()))
+        self._rounds[arm] += 1
+        self.audit.append(self.now, "canary_evaluated", arm=arm, version=result.version,
+                          task_id=result.task_id, clients=result.clients,
+                          examples=result.examples, metrics=dict(result.metrics))
+
+    def decide(self, now: float) -> Verdict:
+        """Judge the evaluations so far; on a verdict move the store and stop the canary.
+        Deciding again after a verdict returns it unchanged."""
+        if self.decided:
+            assert self.verdict is not None
+            return self.verdict
+        self.now = now
+        c = np.fromiter(self._values["candidate"].values(), np.float64)
+        p = np.fromiter(self._values["production"].values(), np.float64)
+        verdict = self.rule.judge(c, p, min(self._rounds.values()))
+        self.verdict = verdict
+        self.audit.append(now, f"canary_{verdict.decision}", candidate=self.candidate,
+                          production=self.production, reason=verdict.reason,
+                          n_candidate=verdict.n_candidate, n_production=verdict.n_production,
+                          z=verdict.z, p_worse=verdict.p_worse,
+                          p_not_worse=verdict.p_not_worse)
+        if verdict.decision == "promote":
+            self.store.promote(self.candidate, now=now,  # type: ignore[attr-defined]
+                               reason=f"canary: {verdict.reason}")
+        elif verdict.decision == "rollback":
+            self.store.reject(self.candidate, now=now,  # type: ignore[attr-defined]
+                              reason=f"canary: {verdict.reason}")
+        return verdict
