@@ -57,3 +57,15 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
         echo "setup: chromium and chromium-driver are missing: the browser tests will be skipped (as root: apt-get install chromium chromium-driver)" >&2
     fi
 fi
+
+# The Redis registry's tests (tests/test_registry.py) start Debian's redis-server on a free
+# loopback port.
+if ! command -v redis-server >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Redis for the registry tests (apt-get install redis-server)" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "setup: redis-server is missing: the Redis registry tests will be skipped (as root: apt-get install redis-server)" >&2
+    fi
+fi

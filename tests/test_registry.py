@@ -1,10 +1,12 @@
-"""One conformance suite for every Registry (SQLite file and numpy columns), then what is
-particular to each."""
+"""One conformance suite for every Registry (SQLite file, numpy columns, a real Redis), then
+what is particular to each."""
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -27,6 +29,8 @@ from shoal.registry import (
     minute_of_week,
     sequential_ids,
 )
+from shoal.registry.redis import RedisRegistry, RegistryUnavailable
+from redis_server import RedisServer
 
 UTC = timezone.utc
 # 2026-11-30 is a Monday.
@@ -38,14 +42,32 @@ def at(days: float = 0, hours: float = 0, minutes: float = 0) -> float:
     return (MONDAY + timedelta(days=days, hours=hours, minutes=minutes)).timestamp()
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """One redis-server for the module; each registry on it has a prefix of its own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+_prefixes = itertools.count()
+
+
+def redis_registry(server: RedisServer, **kw) -> RedisRegistry:
+    """An empty registry on ``server`` (a fresh key prefix)."""
+    return RedisRegistry(server.url, prefix=f"test{next(_prefixes)}", **kw)
+
+
+@pytest.fixture(params=["sqlite", "memory", "redis"])
 def make(request, tmp_path):
     """A factory of empty registries of the parametrized kind (closed after the test)."""
     made = []
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
 
     def new(**kw):
         r = (SQLiteRegistry(tmp_path / f"registry{len(made)}.db", **kw)
-             if request.param == "sqlite" else MemoryRegistry(**kw))
+             if request.param == "sqlite" else redis_registry(server, **kw)
+             if request.param == "redis" else MemoryRegistry(**kw))
         made.append(r)
         return r
 
@@ -195,20 +217,22 @@ def test_record_outcomes_records_a_cohort_at_once(reg):
                           st.sampled_from(["accepted", "late", "dropped", "rejected:x"])),
                 max_size=25))
 @settings(max_examples=60, deadline=None)
-def test_record_outcomes_equals_recording_one_at_a_time(steps):
+def test_record_outcomes_equals_recording_one_at_a_time(redis_server, steps):
     one, bulk = MemoryRegistry(history=3), MemoryRegistry(history=3)
     sql = SQLiteRegistry(":memory:", history=3)
-    for r in (one, bulk, sql):
+    red = redis_registry(redis_server, history=3)
+    for r in (one, bulk, sql, red):
         r.enroll_many(list("abcdef"), now=0.0)
     for t, (rnd, who, outcome) in enumerate(steps):
         singles = sum(one.record_outcome(d, rnd, outcome, now=float(t)) for d in sorted(who))
-        assert bulk.record_outcomes(sorted(who), rnd, outcome, now=float(t)) == singles
-        assert sql.record_outcomes(sorted(who), rnd, outcome, now=float(t)) == singles
+        for r in (bulk, sql, red):
+            assert r.record_outcomes(sorted(who), rnd, outcome, now=float(t)) == singles
     for d in "abcdef":
         want = (one.get(d).participation, one.outcomes(d))
-        assert (bulk.get(d).participation, bulk.outcomes(d)) == want
-        assert (sql.get(d).participation, sql.outcomes(d)) == want
+        for r in (bulk, sql, red):
+            assert (r.get(d).participation, r.outcomes(d)) == want
     sql.close()
+    red.close()
 
 
 def test_memory_outcomes_cost_nothing_for_idle_devices_and_follow_removals():
@@ -250,8 +274,8 @@ def _same_columns(a: Columns, b: Columns) -> None:
              .filter(lambda w: w[0] != w[1]), max_size=3),
     st.integers(0, 3)), max_size=12, unique_by=lambda t: t[0]))
 @settings(max_examples=60, deadline=None)
-def test_columns_hold_what_the_records_hold(devices):
-    regs = [SQLiteRegistry(":memory:"), MemoryRegistry()]
+def test_columns_hold_what_the_records_hold(redis_server, devices):
+    regs = [SQLiteRegistry(":memory:"), MemoryRegistry(), redis_registry(redis_server)]
     for reg in regs:
         for i, (name, attrs, windows, used) in enumerate(devices):
             reg.enroll(name, now=float(i), attributes=attrs, windows=windows)
@@ -260,7 +284,9 @@ def test_columns_hold_what_the_records_hold(devices):
             reg.touch(name, now=10.0 + used)
         _same_columns(reg.columns(), Columns.from_devices(reg.list()))
     _same_columns(regs[0].columns(), regs[1].columns())
+    _same_columns(regs[0].columns(), regs[2].columns())
     regs[0].close()
+    regs[2].close()
 
 
 def test_outcome_history_is_trimmed_to_the_last_rounds(make):
@@ -508,12 +534,69 @@ def test_one_registry_can_be_shared_by_threads(reg):
     assert reg.get("dev").participation == 60
 
 
-def test_public_api():
+def test_public_api(redis_server):
     assert isinstance(SQLiteRegistry(":memory:"), Registry)
     assert isinstance(MemoryRegistry(), Registry)
+    assert isinstance(redis_registry(redis_server), Registry)
+    assert issubclass(RegistryUnavailable, RegistryError)
     assert all(hasattr(registry_pkg, name) for name in registry_pkg.__all__)
     assert issubclass(RegistryError, ShoalError) and issubclass(UnknownDevice, RegistryError)
     with pytest.raises(RegistryError, match="history"):
         SQLiteRegistry(":memory:", history=0)
     with pytest.raises(RegistryError, match="history"):
         MemoryRegistry(history=0)
+
+
+# --- Redis: a server that goes away ----------------------------------------------------------
+
+
+def test_redis_going_away_is_a_clear_error_and_the_registry_recovers(tmp_path):
+    server = RedisServer(tmp_path)
+    try:
+        reg = RedisRegistry(server.url, prefix="outage", timeout=1.0)
+        reg.enroll("a", now=1.0, attributes={"os": "android"})
+        reg.record_outcome("a", 1, "accepted", now=2.0)
+        server.stop()
+        for call in (lambda: reg.get("a"), lambda: reg.enroll("b", now=3.0),
+                     lambda: reg.record_outcomes(["a"], 2, "accepted", now=3.0),
+                     lambda: reg.columns(), lambda: reg.list()):
+            t0 = time.monotonic()
+            with pytest.raises(RegistryUnavailable, match=rf"Redis is unreachable") as exc:
+                call()
+            assert time.monotonic() - t0 < 5  # within its timeout, not a hang
+            assert exc.value.address == f"127.0.0.1:{server.port}"
+            assert f"127.0.0.1:{server.port}" in str(exc.value)
+        server.start()  # same port, same append-only file
+        # the same object carries on: reconnected, the scripts loaded again on the new server
+        assert reg.get("a").participation == 1 and dict(reg.get("a").attributes) == {
+            "os": "android"}
+        assert reg.record_outcome("a", 2, "accepted", now=4.0) is True
+        reg.enroll("b", now=5.0)
+        assert [d.device_id for d in reg.list()] == ["a", "b"]
+        assert reg.columns().participation.tolist() == [2, 0]
+        reg.close()
+    finally:
+        server.stop()
+    with pytest.raises(RegistryUnavailable, match="unreachable"):
+        RedisRegistry(server.url, timeout=0.5)  # nothing listens there any more
+
+
+def test_redis_registries_share_one_server_under_prefixes(redis_server):
+    a, b = redis_registry(redis_server), redis_registry(redis_server)
+    a.enroll("dev", now=1.0)
+    assert b.count() == 0 and a.count() == 1
+    again = RedisRegistry(redis_server.url, prefix=a.prefix)  # another process, same data
+    assert again.get("dev").enrolled_at == 1.0
+    for r in (a, b, again):
+        r.close()
+
+
+def test_redis_refuses_a_newer_schema(redis_server):
+    import redis
+
+    reg = redis_registry(redis_server)
+    redis.Redis.from_url(redis_server.url).set(f"{reg.prefix}:schema", 99)
+    with pytest.raises(RegistryError, match="schema version 99; this shoal reads version 1"):
+        RedisRegistry(redis_server.url, prefix=reg.prefix)
+    with pytest.raises(RegistryError, match="not a Redis URL"):
+        RedisRegistry("http://example.invalid/")

@@ -2,7 +2,9 @@
 
 :class:`Registry` is the interface; :class:`SQLiteRegistry` the embedded default (see
 ``docs/operations.md`` for the schema), :class:`MemoryRegistry` the columnar one for
-simulation. Both hand selection a :class:`Columns` view.
+simulation, and :class:`shoal.registry.redis.RedisRegistry` one shared by several processes
+(imported from its module: it needs the ``redis`` extra). All hand selection a
+:class:`Columns` view.
 """
 
 from shoal.registry.base import (
