@@ -109,6 +109,9 @@ def train_local(
     y: torch.Tensor,
     config: LocalTrainConfig,
     rng: np.random.Generator,
+    *,
+    frozen: frozenset[str] = frozenset(),
+    anchor: np.ndarray | None = None,
 ) -> LocalResult:
     """Train ``model`` from ``global_params`` on one client's data with plain SGD.
 
@@ -118,17 +121,33 @@ def train_local(
         x, y: the client's examples and integer labels.
         config: local training settings.
         rng: the client's generator for this round (drives the batch order).
+        frozen: names of tensors that do not move (personalization trains a head or a body
+            alone: FedRep); their delta is zero.
+        anchor: the centre of the proximal term ``(mu/2)||w - anchor||²`` when it is not the
+            starting point (Ditto pulls a personal model towards the global one); default
+            ``global_params``.
 
     Returns:
         The update ``trained - received``, the example count and the mean training loss.
+
+    Raises:
+        ConfigError: ``frozen`` names a tensor the model does not have.
     """
     n = int(y.shape[0])
+    unknown = set(frozen) - {t.name for t in model.spec.tensors}
+    if unknown:
+        raise ConfigError(f"frozen names unknown tensors {sorted(unknown)}", key="frozen")
     model.set(global_params)
     if n == 0:
         return LocalResult(np.zeros_like(global_params), 0, {"loss": float("nan")})
     start = model.flat.detach().clone()
-    params = list(model.module.parameters())
-    anchors = [start[t.offset:t.stop].view(t.shape) for t in model.spec.tensors]
+    centre = start if anchor is None else torch.as_tensor(
+        np.asarray(anchor, dtype=np.float32))
+    moving = [i for i, t in enumerate(model.spec.tensors) if t.name not in frozen]
+    every = list(model.module.parameters())
+    params = [every[i] for i in moving]
+    anchors = [centre[t.offset:t.stop].view(t.shape)
+               for i, t in enumerate(model.spec.tensors) if i in moving]
     loss_fn = nn.CrossEntropyLoss()
     total_loss = 0.0
     seen = 0
@@ -136,7 +155,7 @@ def train_local(
     for batch in batch_plan(n, config, rng):
         idx = torch.from_numpy(batch[batch >= 0])
         xb, yb = x[idx], y[idx]
-        for p in params:
+        for p in every:
             p.grad = None
         loss = loss_fn(model.module(xb), yb)
         loss.backward()
