@@ -141,8 +141,8 @@ def train_local(
     if n == 0:
         return LocalResult(np.zeros_like(global_params), 0, {"loss": float("nan")})
     start = model.flat.detach().clone()
-    centre = start if anchor is None else torch.as_tensor(
-        np.asarray(anchor, dtype=np.float32))
+    centre = start if anchor is None else torch.from_numpy(
+        np.array(anchor, dtype=np.float32))  # a copy: the anchor may be read-only
     moving = [i for i, t in enumerate(model.spec.tensors) if t.name not in frozen]
     every = list(model.module.parameters())
     params = [every[i] for i in moving]
