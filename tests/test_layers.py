@@ -20,7 +20,7 @@ LAYERS = [
                 "registry", "store", "observers", "records", "config", "lifecycle",
                 "evaluation"}),
     ("stages", {"pipeline", "strategy", "privacy", "robust", "codec", "summation",
-                "uplink"}),
+                "uplink", "personalization"}),
     ("foundations", {"params", "data", "models", "frameworks", "training", "seeds",
                      "errors"}),
 ]
