@@ -82,6 +82,11 @@ class Store(Protocol):
         :meth:`promote`)."""
         ...
 
+    def reject(self, version: int, *, now: float, reason: str = "") -> ModelVersion:
+        """Mark candidate ``version`` rolled back without moving production (a failed
+        canary)."""
+        ...
+
     def close(self) -> None:
         """Stop writing through this object."""
         ...

@@ -446,19 +446,21 @@ class ModelStore:
                 rolled back, or the store is read-only.
         """
         now, reason = check_now(now), check_reason(reason)
-        index = self._writable()
-        entry = self._entry(index, version)
-        if entry["status"] != "candidate":
-            raise ModelStoreError(f"version {version} is {entry['status']}, not a candidate; "
-                                  "only a candidate can be rejected", version=version)
-        entry["status"] = "rolled_back"
-        event = {"at": now, "action": "reject", "version": version,
-                 "previous": index.production}
-        if reason:
-            event["reason"] = reason
-        index.events.append(event)
-        self._write(index)
-        return self._version(entry)
+        with self._writer().held():  # re-read under the lock: another writer may have acted
+            index = self._writable()
+            entry = self._entry(index, version)
+            if entry["status"] != "candidate":
+                raise ModelStoreError(f"version {version} is {entry['status']}, not a "
+                                      "candidate; only a candidate can be rejected",
+                                      version=version)
+            entry["status"] = "rolled_back"
+            event = {"at": now, "action": "reject", "version": version,
+                     "previous": index.production}
+            if reason:
+                event["reason"] = reason
+            index.events.append(event)
+            self._write(index)
+            return self._version(entry)
 
     def rollback(self, version: int, *, now: float, reason: str = "",
                  expected: int | None | EllipsisType = ...) -> ModelVersion:
