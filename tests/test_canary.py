@@ -153,3 +153,21 @@ def test_simulated_canary_rolls_back_a_corrupted_candidate_and_promotes_a_better
         assert run.accuracy[2] < run.accuracy[1] - 0.3
     assert math.isfinite(run.verdict.z)
     assert [e["action"] for e in audit.entries][-1] == f"canary_{run.verdict.decision}"
+
+
+def test_a_canary_does_not_promote_over_a_production_moved_meanwhile(tmp_path):
+    from shoal.store.model_versions import PointerMoved
+
+    store = _store(tmp_path)
+    ck = Checkpoint(ServerState(np.full(3, 3, np.float32), version=3),
+                    ParamSpec.from_shapes({"w": (3,)}), seed=0)
+    store.commit(ck, round=3, metrics={}, now=3.0, parent=1)
+    canary = Canary(store, 2, 0.1, now=10.0, rule=CanaryRule(min_clients=20))
+    rng = np.random.default_rng(0)
+    canary.record(_result(1, range(100, 130), rng.normal(1.0, 0.1, 30)))
+    canary.record(_result(2, range(30), rng.normal(0.5, 0.1, 30)))
+    store.promote(3, now=11.0, reason="by hand")  # an operator moved production
+    with pytest.raises(PointerMoved):
+        canary.decide(12.0)
+    assert store.production().id == 3 and store.get(2).status == "candidate"
+    store.close()

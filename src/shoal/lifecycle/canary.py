@@ -249,7 +249,12 @@ class Canary:
 
     def decide(self, now: float) -> Verdict:
         """Judge the evaluations so far; on a verdict move the store and stop the canary.
-        Deciding again after a verdict returns it unchanged."""
+        Deciding again after a verdict returns it unchanged.
+
+        Raises:
+            PointerMoved: the verdict is to promote but production is no longer the
+                version the candidate was compared with (nothing changed in the store).
+        """
         if self.decided:
             assert self.verdict is not None
             return self.verdict
@@ -264,8 +269,10 @@ class Canary:
                           z=verdict.z, p_worse=verdict.p_worse,
                           p_not_worse=verdict.p_not_worse)
         if verdict.decision == "promote":
+            # compare-and-set: if someone moved production during the canary, the
+            # comparison no longer holds and the store refuses (PointerMoved)
             self.store.promote(self.candidate, now=now,  # type: ignore[attr-defined]
-                               reason=f"canary: {verdict.reason}")
+                               reason=f"canary: {verdict.reason}", expected=self.production)
         elif verdict.decision == "rollback":
             self.store.reject(self.candidate, now=now,  # type: ignore[attr-defined]
                               reason=f"canary: {verdict.reason}")
