@@ -24,6 +24,7 @@ declared no constraint and counts as always available.
 from __future__ import annotations
 
 import builtins
+import collections
 import json
 import math
 import re
@@ -53,9 +54,12 @@ __all__ = [
     "UnknownDevice",
     "minute_of_week",
     "outcome_kind",
+    "check_batch_size",
+    "check_limit",
     "validate_attributes",
     "validate_capabilities",
     "validate_device_id",
+    "validate_device_ids",
     "validate_outcome",
     "validate_windows",
 ]
@@ -142,6 +146,42 @@ def validate_device_id(device_id: object) -> str:
         raise RegistryError(f"device_id {device_id!r} contains non-printable characters",
                             field="device_id")
     return device_id
+
+
+def validate_device_ids(device_ids: Sequence[str] | Sequence[bytes] | np.ndarray
+                        ) -> builtins.list[str]:
+    """The ids of a bulk call as strings (UTF-8 bytes and numpy arrays accepted), each
+    checked by :func:`validate_device_id`.
+
+    Raises:
+        RegistryError: an id is invalid, or appears twice.
+    """
+    raw = device_ids.tolist() if isinstance(device_ids, np.ndarray) else device_ids
+    ids = [validate_device_id(i.decode() if isinstance(i, bytes) else i) for i in raw]
+    if len(set(ids)) != len(ids):
+        twice = next(i for i, c in collections.Counter(ids).items() if c > 1)
+        raise RegistryError(f"device {twice!r} appears twice among the ids",
+                            field="device_ids")
+    return ids
+
+
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` of :meth:`Registry.scan`. Raises :class:`RegistryError` unless an
+    int >= 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RegistryError(f"batch_size must be an int >= 1, got {batch_size!r}",
+                            field="batch_size")
+    return batch_size
+
+
+def check_limit(limit: object) -> int | None:
+    """``limit`` of :meth:`Registry.list`. Raises :class:`RegistryError` unless ``None`` or
+    an int >= 0."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 0):
+        raise RegistryError(f"limit must be an int >= 0 or None, got {limit!r}",
+                            field="limit")
+    return limit
 
 
 def _attr_value(value: object, where: str, device_id: str | None) -> AttrValue:

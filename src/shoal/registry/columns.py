@@ -33,9 +33,11 @@ from shoal.registry.base import (
     minute_of_week,
     validate_attributes,
     validate_device_id,
+    validate_windows,
 )
 
-__all__ = ["Attribute", "Columns", "check_bulk", "encode_ids", "find_ids", "sequential_ids",
+__all__ = ["Attribute", "Columns", "bulk_rows", "check_bulk", "encode_ids", "find_ids",
+           "sequential_ids",
            "stratum_key"]
 
 
@@ -324,3 +326,24 @@ def check_bulk(n: int, attributes: Mapping[str, Sized] | None,
     if windows is not None and len(windows) != n:
         raise RegistryError(f"windows must give one list per device id ({n}), got "
                             f"{len(windows)}", field="windows")
+
+
+def bulk_rows(ids: Sequence[str], attributes: Mapping[str, Sequence[AttrValue | None]] | None,
+              windows: Sequence[Sequence[Sequence[int]]] | None
+              ) -> builtins.list[tuple[str, dict[str, AttrValue], tuple[tuple[int, int], ...]]]:
+    """Per device of a bulk enrolment, ``(id, attributes, windows)`` validated (attribute
+    columns give one value per id, ``None`` where a device lacks it).
+
+    Raises:
+        RegistryError: a column has the wrong length, or a value is invalid (naming the
+            device and the field).
+    """
+    check_bulk(len(ids), attributes, windows)
+    columns = {name: (v.tolist() if hasattr(v, "tolist") else builtins.list(v))
+               for name, v in (attributes or {}).items()}
+    return [(device_id,
+             validate_attributes({n: col[k] for n, col in columns.items()
+                                  if col[k] is not None}, device_id=device_id),
+             validate_windows(windows[k] if windows is not None else None,
+                              device_id=device_id))
+            for k, device_id in enumerate(ids)]

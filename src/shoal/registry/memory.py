@@ -38,6 +38,8 @@ from shoal.registry.base import (
     UnknownDevice,
     _check_time,
     _validate_round,
+    check_batch_size,
+    check_limit,
     validate_attributes,
     validate_capabilities,
     validate_device_id,
@@ -405,9 +407,7 @@ class MemoryRegistry:
         Which devices match is decided when the scan starts; a device removed meanwhile is
         skipped, and a field changed meanwhile may or may not be seen.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise RegistryError(f"batch_size must be an int >= 1, got {batch_size!r}",
-                                field="batch_size")
+        check_batch_size(batch_size)
         filters = self._filters(where, seen_since, available_at)
         with self._lock:
             ids = self._ids[self._matching(*filters)]  # a copy: the snapshot of who matched
@@ -425,10 +425,7 @@ class MemoryRegistry:
              seen_since: float | None = None, available_at: float | None = None,
              limit: int | None = None) -> builtins.list[Device]:
         """Matching devices in device-id order, at most ``limit`` (all if ``None``)."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 0):
-            raise RegistryError(f"limit must be an int >= 0 or None, got {limit!r}",
-                                field="limit")
+        check_limit(limit)
         filters = self._filters(where, seen_since, available_at)
         with self._lock:
             rows = np.flatnonzero(self._matching(*filters))[:limit]

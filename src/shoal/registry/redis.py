@@ -24,7 +24,6 @@ compute from the prefix.
 from __future__ import annotations
 
 import builtins
-import collections
 import contextlib
 import itertools
 import json
@@ -42,13 +41,16 @@ from shoal.registry.base import (
     UnknownDevice,
     _check_time,
     _validate_round,
+    check_batch_size,
+    check_limit,
     validate_attributes,
     validate_capabilities,
     validate_device_id,
+    validate_device_ids,
     validate_outcome,
     validate_windows,
 )
-from shoal.registry.columns import Columns, check_bulk
+from shoal.registry.columns import Columns, bulk_rows
 
 __all__ = ["SCHEMA_VERSION", "RedisRegistry", "RegistryUnavailable"]
 
@@ -215,21 +217,9 @@ class RedisRegistry:
                     windows: Sequence[Sequence[Sequence[int]]] | None = None) -> int:
         """Enrol new devices in one script (see :meth:`Registry.enroll_many`)."""
         now = _check_time(now, "now")
-        raw = device_ids.tolist() if hasattr(device_ids, "tolist") else device_ids
-        ids = [validate_device_id(i.decode() if isinstance(i, bytes) else i) for i in raw]
-        check_bulk(len(ids), attributes, windows)
-        if len(set(ids)) != len(ids):
-            twice = next(i for i, c in collections.Counter(ids).items() if c > 1)
-            raise RegistryError(f"device {twice!r} appears twice among the ids",
-                                field="device_ids")
-        columns = {name: (v.tolist() if hasattr(v, "tolist") else builtins.list(v))
-                   for name, v in (attributes or {}).items()}
+        ids = validate_device_ids(device_ids)
         args: builtins.list[str | int] = [self._dev, repr(now)]
-        for k, device_id in enumerate(ids):
-            attrs = validate_attributes({n: col[k] for n, col in columns.items()
-                                         if col[k] is not None}, device_id=device_id)
-            wins = validate_windows(windows[k] if windows is not None else None,
-                                    device_id=device_id)
+        for device_id, attrs, wins in bulk_rows(ids, attributes, windows):
             args += [device_id, _json(attrs), _json(wins)]
         taken = self._run("ENROLL_MANY", [self._ids], args)
         if taken:
@@ -277,15 +267,10 @@ class RedisRegistry:
                         now: float) -> int:
         """Record one outcome for several devices in ``round``, in one script (see
         :meth:`Registry.record_outcomes`)."""
-        raw = device_ids.tolist() if hasattr(device_ids, "tolist") else device_ids
-        ids = [validate_device_id(i.decode() if isinstance(i, bytes) else i) for i in raw]
+        ids = validate_device_ids(device_ids)
         round = _validate_round(round)
         outcome = validate_outcome(outcome)
         now = _check_time(now, "now")
-        if len(set(ids)) != len(ids):
-            twice = next(i for i, c in collections.Counter(ids).items() if c > 1)
-            raise RegistryError(f"device {twice!r} appears twice among the ids",
-                                field="device_ids")
         if not ids:
             return 0
         changed, unknown = self._run("RECORD", [], [self._dev, self._out, round, outcome,
@@ -314,9 +299,7 @@ class RedisRegistry:
              batch_size: int = 1000) -> Iterator[Device]:
         """Matching devices in device-id order, fetched ``batch_size`` at a time (one round
         trip each); rows changed during the scan may or may not be seen, but none twice."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise RegistryError(f"batch_size must be an int >= 1, got {batch_size!r}",
-                                field="batch_size")
+        check_batch_size(batch_size)
         filters = (validate_attributes(where),
                    None if seen_since is None else _check_time(seen_since, "seen_since"),
                    None if available_at is None else _check_time(available_at,
@@ -348,10 +331,7 @@ class RedisRegistry:
              seen_since: float | None = None, available_at: float | None = None,
              limit: int | None = None) -> builtins.list[Device]:
         """Matching devices in device-id order, at most ``limit`` (all if ``None``)."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 0):
-            raise RegistryError(f"limit must be an int >= 0 or None, got {limit!r}",
-                                field="limit")
+        check_limit(limit)
         it = self.scan(where=where, seen_since=seen_since, available_at=available_at)
         return builtins.list(itertools.islice(it, limit))
 

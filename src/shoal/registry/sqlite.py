@@ -28,7 +28,6 @@ alphabet by :func:`~shoal.registry.base.validate_attributes`, so JSON paths are 
 from __future__ import annotations
 
 import builtins
-import collections
 import itertools
 import json
 import sqlite3
@@ -47,13 +46,16 @@ from shoal.registry.base import (
     UnknownDevice,
     _check_time,
     _validate_round,
+    check_batch_size,
+    check_limit,
     validate_attributes,
     validate_capabilities,
     validate_device_id,
+    validate_device_ids,
     validate_outcome,
     validate_windows,
 )
-from shoal.registry.columns import Attribute, Columns, check_bulk, encode_ids
+from shoal.registry.columns import Attribute, Columns, bulk_rows, encode_ids
 from shoal.store.disk import disk_failure
 
 __all__ = ["SCHEMA_VERSION", "SQLiteRegistry"]
@@ -219,24 +221,9 @@ class SQLiteRegistry:
                     windows: Sequence[Sequence[Sequence[int]]] | None = None) -> int:
         """Enrol new devices in one transaction (see :meth:`Registry.enroll_many`)."""
         now = _check_time(now, "now")
-        raw = device_ids.tolist() if hasattr(device_ids, "tolist") else device_ids
-        ids = [validate_device_id(i.decode() if isinstance(i, bytes) else i) for i in raw]
-        check_bulk(len(ids), attributes, windows)
-        seen: set[str] = set()
-        for i in ids:
-            if i in seen:
-                raise RegistryError(f"device {i!r} appears twice among the ids",
-                                    field="device_ids")
-            seen.add(i)
-        columns = {name: (v.tolist() if hasattr(v, "tolist") else builtins.list(v))
-                   for name, v in (attributes or {}).items()}
-        rows = []
-        for k, device_id in enumerate(ids):
-            attrs = validate_attributes({n: col[k] for n, col in columns.items()
-                                         if col[k] is not None}, device_id=device_id)
-            wins = validate_windows(windows[k] if windows is not None else None,
-                                    device_id=device_id)
-            rows.append((device_id, _json(attrs), "{}", _json(wins), now, now))
+        ids = validate_device_ids(device_ids)
+        rows = [(device_id, _json(attrs), "{}", _json(wins), now, now)
+                for device_id, attrs, wins in bulk_rows(ids, attributes, windows)]
         with self._write():
             taken = self._known(ids)
             if taken:
@@ -336,15 +323,10 @@ class SQLiteRegistry:
                         now: float) -> int:
         """Record one outcome for several devices in ``round``, in one transaction (see
         :meth:`Registry.record_outcomes`)."""
-        raw = device_ids.tolist() if hasattr(device_ids, "tolist") else device_ids
-        ids = [validate_device_id(i.decode() if isinstance(i, bytes) else i) for i in raw]
+        ids = validate_device_ids(device_ids)
         round = _validate_round(round)
         outcome = validate_outcome(outcome)
         now = _check_time(now, "now")
-        if len(set(ids)) != len(ids):
-            twice = next(i for i, c in collections.Counter(ids).items() if c > 1)
-            raise RegistryError(f"device {twice!r} appears twice among the ids",
-                                field="device_ids")
         with self._write():
             known = self._known(ids)
             missing = next((i for i in ids if i not in known), None)
@@ -418,9 +400,7 @@ class SQLiteRegistry:
         The lock is held only while a batch is fetched, so a long scan does not stall
         writers; rows changed during the scan may or may not be seen, but none twice.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise RegistryError(f"batch_size must be an int >= 1, got {batch_size!r}",
-                                field="batch_size")
+        check_batch_size(batch_size)
         clauses, params = self._filters(where, seen_since)
         if available_at is not None:
             _check_time(available_at, "available_at")
@@ -448,10 +428,7 @@ class SQLiteRegistry:
              seen_since: float | None = None, available_at: float | None = None,
              limit: int | None = None) -> builtins.list[Device]:
         """Matching devices in device-id order, at most ``limit`` (all if ``None``)."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 0):
-            raise RegistryError(f"limit must be an int >= 0 or None, got {limit!r}",
-                                field="limit")
+        check_limit(limit)
         it = self.scan(where=where, seen_since=seen_since, available_at=available_at)
         return builtins.list(itertools.islice(it, limit))
 
