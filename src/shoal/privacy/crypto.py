@@ -26,6 +26,11 @@ a non-empty ``context`` the signed message is ``context || 0x00 || message`` for
 (pure Ed25519 has no context string of its own) and ML-DSA also gets ``context`` as its FIPS 204
 context string; with an empty one both are the standard schemes on ``message`` itself (so
 published test vectors apply). shoal always signs with a non-empty context.
+
+Post-quantum hybrid key agreement (optional, SecAgg+): ML-KEM-768 (FIPS 203, "Module-Lattice-
+Based Key-Encapsulation Mechanism Standard", 2024) alongside X25519. A hybrid key is HKDF-SHA256
+over the classical secret *and* the KEM's shared secret, so it stays secret as long as either
+X25519 or ML-KEM holds (the concatenation combiner of hybrid key exchange).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
                                                                Ed25519PublicKey)
 from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey, MLDSA65PublicKey
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -69,6 +75,13 @@ __all__ = [
     "signing_key_from_private",
     "sign",
     "verify_signature",
+    "KEM_PUBLIC_BYTES",
+    "KEM_CIPHERTEXT_BYTES",
+    "KemKeyPair",
+    "kem_keypair",
+    "kem_encapsulate",
+    "kem_decapsulate",
+    "hybrid_key",
 ]
 
 KEY_BYTES = 32
@@ -379,3 +392,62 @@ def verify_signature(scheme: str, public: bytes, message: bytes, signature: byte
     except ValueError:  # a public key the library cannot decode
         raise ProtocolError(f"{scheme} public key is malformed") from None
     return True
+
+
+# --------------------------------------------------------------------------- ML-KEM (hybrid)
+
+KEM_PUBLIC_BYTES = 1184
+"""ML-KEM-768 encapsulation key length."""
+KEM_CIPHERTEXT_BYTES = 1088
+"""ML-KEM-768 ciphertext length."""
+_KEM_SEED_BYTES = 64
+
+
+@dataclass(frozen=True)
+class KemKeyPair:
+    """An ML-KEM-768 key pair: ``private`` is the 64-byte seed (hidden from ``repr``)."""
+
+    private: bytes = field(repr=False)
+    public: bytes
+
+
+def kem_keypair() -> KemKeyPair:
+    """A fresh ML-KEM-768 key pair from the operating system's CSPRNG."""
+    seed = os.urandom(_KEM_SEED_BYTES)
+    sk = MLKEM768PrivateKey.from_seed_bytes(seed)
+    return KemKeyPair(private=seed, public=sk.public_key().public_bytes_raw())
+
+
+def kem_encapsulate(public: bytes) -> tuple[bytes, bytes]:
+    """Encapsulate to ``public``: ``(32-byte shared secret, ciphertext)``.
+
+    Raises:
+        ProtocolError: ``public`` is not a valid ML-KEM-768 encapsulation key.
+    """
+    _check_len("ML-KEM public key", public, KEM_PUBLIC_BYTES)
+    try:
+        shared, ciphertext = MLKEM768PublicKey.from_public_bytes(public).encapsulate()
+    except ValueError as exc:
+        raise ProtocolError(f"invalid ML-KEM-768 public key: {exc}") from exc
+    return shared, ciphertext
+
+
+def kem_decapsulate(private: bytes, ciphertext: bytes) -> bytes:
+    """The shared secret of ``ciphertext`` under the key pair of seed ``private``.
+
+    ML-KEM rejects implicitly: a tampered ciphertext yields an unrelated secret, not an error,
+    so tampering shows up as a failed authentication of what the key protects.
+
+    Raises:
+        ProtocolError: a seed or ciphertext of the wrong length.
+    """
+    _check_len("ML-KEM private seed", private, _KEM_SEED_BYTES)
+    _check_len("ML-KEM ciphertext", ciphertext, KEM_CIPHERTEXT_BYTES)
+    return MLKEM768PrivateKey.from_seed_bytes(private).decapsulate(ciphertext)
+
+
+def hybrid_key(classical: bytes, post_quantum: bytes, *, salt: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 over ``classical || post_quantum``: secret while either input is."""
+    _check_len("classical secret", classical, KEY_BYTES)
+    _check_len("post-quantum secret", post_quantum, KEY_BYTES)
+    return derive_key(classical + post_quantum, salt=salt, info=info)
