@@ -20,9 +20,9 @@ from shoal.sim.ray_backend import RayError, RayWorkers  # noqa: E402
 # one PyTorch thread per trainer on both sides: in-process training itself depends on its
 # thread count at float rounding (see docs/scaling.md), which training then amplifies
 S = {"sim.threads": 1}
-L = {"sim.threads": 1, "data.clients": 1000, "sampling.per_round": 100, "rounds": 10}
+L = {"sim.threads": 1, "data.clients": 1000, "sampling.per_round": 100, "rounds": 5}
 
-pytestmark = pytest.mark.slow  # a Ray start-up and actors importing PyTorch: ~40 s in all
+pytestmark = pytest.mark.slow  # a Ray start-up and actors importing PyTorch: ~30 s in all
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def _both(overrides: dict, data=None):
     return local, remote
 
 
-@pytest.mark.parametrize("overrides", [S, L], ids=["config S", "config L (10 rounds)"])
+@pytest.mark.parametrize("overrides", [S, L], ids=["config S", "config L (5 rounds)"])
 def test_ray_trains_the_same_model_as_in_process(local_ray, overrides):
     local, remote = _both(overrides)
     assert remote.state.version == local.state.version == load_config(None, overrides).rounds
@@ -57,7 +57,8 @@ def test_ray_trains_the_same_model_as_in_process(local_ray, overrides):
         [(r.accepted, r.examples) for r in local.records]
     np.testing.assert_allclose([r.train_loss for r in remote.records[1:]],
                                [r.train_loss for r in local.records[1:]], rtol=1e-12)
-    assert remote.summary()["final_accuracy"] == local.summary()["final_accuracy"] > 0.45
+    final, initial = remote.summary()["final_accuracy"], remote.records[0].eval["accuracy"]
+    assert final == local.summary()["final_accuracy"] > initial + 0.1  # and it learned
 
 
 def test_ray_keeps_device_time_buffering_and_the_uplink_state(local_ray):

@@ -10,14 +10,15 @@ train. :class:`RayWorkers` is a :class:`~shoal.sim.pool.Workers` for the in-proc
   :class:`~shoal.sim.cohort.CohortTrainer` on them -- on the actor's machine the arrays are
   read from shared memory, not copied per actor;
 * per call, the global model is put once and the cohort (sorted by size, longest first) is
-  dealt round-robin into one slice per actor, so every slice holds long and short clients
-  alike; each actor trains its slice with :func:`~shoal.sim.pool.train_chunk` -- the
-  vectorized engine and the random streams ``(seed, "train", key, client)`` of in-process
-  training -- and returns its rows;
-* the rows come back in slice order (not completion order), so a run is deterministic, and
-  the pool carries on exactly as in process: the uplink (compression, local DP, error
-  feedback, whose per-client state lives in the driver) and then the coordinator, which
-  validates, clips, aggregates and records each client as usual.
+  dealt round-robin to the actors, up to ``chunk`` clients each at a time, so every slice
+  holds long and short clients alike; each actor trains its slice with
+  :func:`~shoal.sim.pool.train_chunk` -- the vectorized engine and the random streams
+  ``(seed, "train", key, client)`` of in-process training -- and returns its rows;
+* the driver regroups the rows into the chunks, in the row order, that in-process training
+  yields (the coordinator's float32 fold depends on how rows are batched), and the pool
+  carries on exactly as in process: the uplink (compression, local DP, error feedback, whose
+  per-client state lives in the driver) and then the coordinator, which validates, clips,
+  aggregates and records each client as usual.
 
 Why rows and not a partial weighted sum per actor: the coordinator's semantics are per
 client -- a non-finite or oversized update is refused on its own, DP clips each client,
@@ -26,8 +27,9 @@ loss. A sum computed in the actor would lose all of that or move the pipeline in
 carrier. The price is ``k x D`` floats per round through the object store (config L: 100 x
 0.8 MB); ``benchmarks/bench_ray.py`` measures what it costs against in-process training.
 
-Ray and in-process training give the same model up to float summation order
-(``tests/test_ray_backend.py``: max abs difference <= 1e-6 on configs S and L).
+Ray and in-process training with the same PyTorch threads per trainer (one, the actors'
+default) give bit-identical models (``tests/test_ray_backend.py``, configs S and L; in-process
+training itself changes in the last bits with its thread count, see ``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -80,8 +82,11 @@ class _SliceTrainer:
 
     def train(self, params: np.ndarray, config: LocalTrainConfig, client_ids: np.ndarray,
               keys: np.ndarray) -> list[Trained]:
-        # the trainer reuses its buffers between chunks: each returned chunk is a copy
-        return [Trained(t.index, np.array(t.deltas, copy=True), t.num_examples, t.loss)
+        # The trainer reuses its buffers between chunks, so rows of several chunks are
+        # copies; one chunk (what the driver sends) is serialised as it is on return.
+        one = len(client_ids) <= self.local.chunk
+        return [t if one else Trained(t.index, np.array(t.deltas, copy=True), t.num_examples,
+                                      t.loss)
                 for t in self.local.train(params, config, client_ids, keys)]
 
     def ready(self) -> bool:
