@@ -282,7 +282,8 @@ def secagg_from_config(cfg: Config) -> SecAggAggregation | None:
                              corrupt_rate=s["corrupt_rate"],
                              rng_for_round=lambda r: seeds.generator(seed, "secagg", r),
                              dropout_stage=None if s["dropout_stage"] == "any"
-                             else Stage(s["dropout_stage"]))
+                             else Stage(s["dropout_stage"]),
+                             post_quantum=s["post_quantum"])
 
 
 def secure_sum_from_config(cfg: Config) -> SumRule | None:

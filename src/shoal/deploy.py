@@ -218,6 +218,10 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
         raise ConfigError("the device runtime does not yet apply local DP; run it in "
                           "simulation (shoal run) or use privacy.placement = 'central'",
                           key="privacy.placement")
+    if cfg["secure_aggregation"]["enabled"] and cfg["secure_aggregation"]["post_quantum"]:
+        raise ConfigError("secure_aggregation.post_quantum runs in simulation only for now (the "
+                          "device protocol does not carry ML-KEM keys yet)",
+                          key="secure_aggregation.post_quantum")
     if cfg["secure_aggregation"]["enabled"] and cfg["secure_aggregation"]["protocol"] != "secagg":
         raise ConfigError("secure_aggregation.protocol = 'ckks' runs in simulation only for now "
                           "(devices do not encrypt with CKKS yet); use 'secagg' over gRPC",

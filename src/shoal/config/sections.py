@@ -190,6 +190,9 @@ class SecureAggregationConfig(Section):
                             "more); in simulation also the fraction of each cohort that "
                             "vanishes after sharing keys (their masks are recovered)", min=0.0,
                             max=0.5)
+    post_quantum: bool = option(False, "protocol 'secagg': hybrid X25519 + ML-KEM-768 "
+                                "pairwise keys, so masks stay secret if either holds "
+                                "(simulation only for now)")
     dropout_stage: str = option("share_keys", "simulation: the last stage the dropouts "
                                 "complete ('setup': they never advertise keys; "
                                 "'advertise_keys'; 'share_keys'; 'masked_input': their input "

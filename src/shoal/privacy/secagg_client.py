@@ -24,6 +24,15 @@ A client never lets the server hold both kinds of share of one peer: it refuses 
 request naming a peer in both lists, and answers one request per round only.
 
 Cost: a client expands k + 1 AES-CTR masks of length d (O(k d)).
+
+Post-quantum rounds (``params.post_quantum``): each client also advertises an ML-KEM-768 key
+and, when sharing keys, encapsulates to each neighbour; the shares it sends v are sealed under
+HKDF(X25519 secret || its KEM secret to v), and the pair's mask seed is HKDF(X25519 mask secret
+|| K_uv), K_uv derived from both directions' KEM secrets. Shamir shares rebuild the X25519
+half of a dropped client's pair keys but not K_uv, so in Unmasking each survivor also reveals
+K_uv for its dropped neighbours (never for one whose self-mask share it reveals): a survivor
+that vanishes during unmasking can then leave a dropped neighbour's masks unremovable, and the
+round aborts -- the price of hybrid keys.
 """
 
 from __future__ import annotations
@@ -50,9 +59,13 @@ from shoal.privacy.secagg_messages import (
 )
 from shoal.privacy.secagg_session import (
     ENC_INFO,
+    ENC_PQ_INFO,
+    KEM_PAIR_INFO,
     MASK_INFO,
+    MASK_PQ_INFO,
     SESSION_BYTES,
     Roster,
+    directed_bytes,
     pair_bytes,
     share_ad,
 )
@@ -148,7 +161,8 @@ class SecAggClient:
         """Forget every secret; the client answers nothing more this round."""
         self._stage = Stage.ABORTED
         self._vector = None
-        for name in ("_enc", "_mask_key", "_self_seed", "_held", "_pair_enc_keys"):
+        for name in ("_enc", "_mask_key", "_self_seed", "_held", "_pair_enc_keys", "_kem",
+                     "_kem_out", "_pair_kem"):
             self.__dict__.pop(name, None)
 
     def _abort(self, reason: str, stage: Stage) -> SecAggAborted:
@@ -168,9 +182,13 @@ class SecAggClient:
         self._params, self._roster, self._session = p, roster, msg.session
         self._neighbours = roster.neighbours(self.client_id)
         self._enc, self._mask_key = crypto.generate_keypair(), crypto.generate_keypair()
+        kem_public = b""
+        if p.post_quantum:
+            self._kem = crypto.kem_keypair()
+            kem_public = self._kem.public
         self._stage = Stage.ADVERTISE_KEYS
         return KeyAdvertisement(
-            self._session, self.client_id, self._enc.public, self._mask_key.public
+            self._session, self.client_id, self._enc.public, self._mask_key.public, kem_public
         )
 
     # ShareKeys -----------------------------------------------------------------------------
@@ -181,8 +199,11 @@ class SecAggClient:
             raise ProtocolError(
                 f"key directory lists non-neighbours {sorted(stray)}", party="server"
             )
+        pq = self._params.post_quantum
         for v, keys in peers.items():
-            if len(keys) != 2 or any(len(k) != crypto.KEY_BYTES for k in keys):
+            if len(keys) != (3 if pq else 2) \
+                    or any(len(k) != crypto.KEY_BYTES for k in keys[:2]) \
+                    or (pq and len(keys[2]) != crypto.KEM_PUBLIC_BYTES):
                 raise ProtocolError(f"malformed public keys for client {v}", party="server")
         if len(peers) < self._params.threshold:
             raise self._abort(
@@ -192,7 +213,7 @@ class SecAggClient:
             )
         pair_keys = crypto.agree_many(
             self._enc.private,
-            {v: enc_pk for v, (enc_pk, _) in peers.items()},
+            {v: keys[0] for v, keys in peers.items()},
             salt=self._session,
             info=lambda v: ENC_INFO + pair_bytes(self.client_id, v),
         )
@@ -202,9 +223,17 @@ class SecAggClient:
         t = self._params.threshold
         b_shares = shamir.split_secret(self_seed, t, xs)
         s_shares = shamir.split_secret(self._mask_key.private, t, xs)
+        seal_keys, kem_cts, self._kem_out = pair_keys, {v: b"" for v in order}, {}
+        if pq:  # one encapsulation to each neighbour: half of the key that seals its shares
+            seal_keys = {}
+            for v in order:
+                self._kem_out[v], kem_cts[v] = crypto.kem_encapsulate(peers[v][2])
+                seal_keys[v] = crypto.hybrid_key(
+                    pair_keys[v], self._kem_out[v], salt=self._session,
+                    info=ENC_PQ_INFO + directed_bytes(self.client_id, v))
         ciphertexts = {
-            v: crypto.encrypt(
-                pair_keys[v], b.y_bytes() + s.y_bytes(), share_ad(self._session, self.client_id, v)
+            v: kem_cts[v] + crypto.encrypt(
+                seal_keys[v], b.y_bytes() + s.y_bytes(), share_ad(self._session, self.client_id, v)
             )
             for v, b, s in zip(order, b_shares, s_shares, strict=True)
         }
@@ -220,10 +249,19 @@ class SecAggClient:
             raise ProtocolError(f"shares from clients without keys {sorted(stray)}", party="server")
         held: dict[int, tuple[bytes, bytes]] = {}
         n = shamir.SHARE_BYTES
+        pq, u = self._params.post_quantum, self.client_id
+        pair_kem: dict[int, bytes] = {}  # kept only if the whole message checks out
         for v, ct in msg.ciphertexts.items():
-            plain = crypto.decrypt(
-                self._pair_enc_keys[v], ct, share_ad(self._session, v, self.client_id)
-            )
+            key = self._pair_enc_keys[v]
+            if pq:  # v's encapsulation to us, then the shares it sealed under it
+                kem_ct, ct = ct[:crypto.KEM_CIPHERTEXT_BYTES], ct[crypto.KEM_CIPHERTEXT_BYTES:]
+                kem_in = crypto.kem_decapsulate(self._kem.private, kem_ct)
+                key = crypto.hybrid_key(key, kem_in, salt=self._session,
+                                        info=ENC_PQ_INFO + directed_bytes(v, u))
+                low, high = (self._kem_out[v], kem_in) if u < v else (kem_in, self._kem_out[v])
+                pair_kem[v] = crypto.derive_key(
+                    low + high, salt=self._session, info=KEM_PAIR_INFO + pair_bytes(u, v))
+            plain = crypto.decrypt(key, ct, share_ad(self._session, v, u))
             if len(plain) != 2 * n:
                 raise ProtocolError(f"share plaintext from client {v} is malformed", party=v)
             held[v] = (plain[:n], plain[n:])
@@ -238,7 +276,6 @@ class SecAggClient:
         out = self._vector.astype(ring_dtype(p.bits), copy=True)
         scratch = np.empty_like(out)
         out += crypto.keystream_into(self._self_seed, scratch)
-        u = self.client_id
         seeds = crypto.agree_many(
             self._mask_key.private,
             {v: self._peer_keys[v][1] for v in sorted(held)},
@@ -246,16 +283,21 @@ class SecAggClient:
             info=lambda v: MASK_INFO + pair_bytes(u, v),
         )
         for v, seed in seeds.items():
+            if pq:
+                seed = crypto.hybrid_key(seed, pair_kem[v], salt=self._session,
+                                         info=MASK_PQ_INFO + pair_bytes(u, v))
             crypto.keystream_into(seed, scratch)
             if u > v:
                 out += scratch
             else:
                 out -= scratch
         out &= ring_mask(p.bits)
-        self._held = held
+        self._held, self._pair_kem = held, pair_kem
         # The client's own secrets are not needed any more; drop them and the input.
         self._vector = None
         del self._self_seed, self._mask_key, self._pair_enc_keys
+        self.__dict__.pop("_kem", None)
+        self.__dict__.pop("_kem_out", None)
         self._stage = Stage.MASKED_INPUT
         return MaskedInput(self._session, u, out)
 
@@ -276,7 +318,10 @@ class SecAggClient:
             self.client_id,
             self_mask_shares={v: self._held[v][0] for v in sorted(msg.survivors)},
             mask_key_shares={v: self._held[v][1] for v in sorted(msg.dropped)},
+            pair_kem_keys={v: self._pair_kem[v] for v in sorted(msg.dropped)}
+            if self._params.post_quantum else {},
         )
         del self._held
+        self.__dict__.pop("_pair_kem", None)
         self._stage = Stage.DONE
         return reply

@@ -39,11 +39,13 @@ class SecAggConfig:
         encoding: clipping, quantization and weight range.
         neighbours: k; ``None`` means the complete graph (plain SecAgg, k = n - 1).
         threshold: t; ``None`` means floor(k / 2) + 1 (a majority of the neighbours).
+        post_quantum: hybrid X25519 + ML-KEM-768 pairwise keys (see ``SecAggParams``).
     """
 
     encoding: FixedPoint
     neighbours: int | None = None
     threshold: int | None = None
+    post_quantum: bool = False
 
     @classmethod
     def for_population(
@@ -60,7 +62,8 @@ class SecAggConfig:
         if k > n - 1:
             raise ConfigError(f"neighbours k={k} exceeds n-1={n - 1}", key="neighbours")
         bits = self.encoding.ring_bits(n)
-        return SecAggParams(neighbours=k, threshold=t, bits=bits, length=d + 1)
+        return SecAggParams(neighbours=k, threshold=t, bits=bits, length=d + 1,
+                            post_quantum=self.post_quantum)
 
 
 @dataclass(frozen=True)

@@ -85,12 +85,16 @@ class SecAggParams:
         threshold: t, Shamir shares needed to reconstruct a client's secrets (2 <= t <= k).
         bits: b, the ring is Z_{2^b} (1 <= b <= 64).
         length: number of ring elements per client vector (the update plus the weight).
+        post_quantum: hybrid key agreement: every pairwise key (share encryption and masks)
+            also mixes in ML-KEM-768 shared secrets, so it stays secret while X25519 or
+            ML-KEM holds.
     """
 
     neighbours: int
     threshold: int
     bits: int
     length: int
+    post_quantum: bool = False
 
     def __post_init__(self) -> None:
         if self.neighbours < 1:
@@ -122,25 +126,30 @@ class RoundSetup:
 
 @dataclass(frozen=True)
 class KeyAdvertisement:
-    """Client -> server (AdvertiseKeys): the client's two fresh X25519 public keys."""
+    """Client -> server (AdvertiseKeys): the client's two fresh X25519 public keys, and with
+    ``post_quantum`` its fresh ML-KEM-768 encapsulation key (else empty)."""
 
     session: bytes
     sender: int
     enc_public: bytes
     mask_public: bytes
+    kem_public: bytes = b""
 
 
 @dataclass(frozen=True)
 class KeyDirectory:
-    """Server -> client: public keys ``(enc, mask)`` of its neighbours that advertised (U1)."""
+    """Server -> client: public keys ``(enc, mask)`` of its neighbours that advertised (U1),
+    ``(enc, mask, kem)`` in a post-quantum round."""
 
     session: bytes
-    keys: Mapping[int, tuple[bytes, bytes]]
+    keys: Mapping[int, tuple[bytes, ...]]
 
 
 @dataclass(frozen=True)
 class EncryptedShares:
-    """Client -> server (ShareKeys): per neighbour, AES-GCM(shares of b_u and s_u^SK)."""
+    """Client -> server (ShareKeys): per neighbour, AES-GCM(shares of b_u and s_u^SK); in a
+    post-quantum round preceded by the ML-KEM ciphertext the sender encapsulated to that
+    neighbour (its secret is half of the key that seals the shares)."""
 
     session: bytes
     sender: int
@@ -177,12 +186,15 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class UnmaskingShares:
-    """Client -> server (Unmasking): Shamir share values (33-byte big-endian), by owner."""
+    """Client -> server (Unmasking): Shamir share values (33-byte big-endian), by owner; in a
+    post-quantum round also, for each dropped neighbour, the ML-KEM half of the pair's mask
+    key (which no share can rebuild)."""
 
     session: bytes
     sender: int
     self_mask_shares: Mapping[int, bytes] = field(repr=False)
     mask_key_shares: Mapping[int, bytes] = field(repr=False)
+    pair_kem_keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
 
 
 ClientMessage = KeyAdvertisement | EncryptedShares | MaskedInput | UnmaskingShares

@@ -83,6 +83,7 @@ class SecAggAggregation:
             drawn uniformly from the four (``SETUP``: never advertises keys;
             ``ADVERTISE_KEYS``; ``SHARE_KEYS``; ``MASKED_INPUT``: its input is in the sum but
             it never helps unmask).
+        post_quantum: hybrid X25519 + ML-KEM-768 pairwise keys.
         corrupt_rate: fraction of clients assumed to collude with the server (for k and t).
         rng_for_round: stochastic rounding and the choice of who drops out.
     """
@@ -93,9 +94,11 @@ class SecAggAggregation:
     def __init__(self, *, clip: float, value_bits: int, max_weight: int, neighbours: int,
                  threshold: int, dropout: float, corrupt_rate: float,
                  rng_for_round: Callable[[int], np.random.Generator],
-                 dropout_stage: Stage | None = Stage.SHARE_KEYS) -> None:
+                 dropout_stage: Stage | None = Stage.SHARE_KEYS,
+                 post_quantum: bool = False) -> None:
         self.encoding = FixedPoint(clip=clip, value_bits=value_bits, max_weight=max_weight)
         self.dropout_stage = dropout_stage
+        self.post_quantum = post_quantum
         self.neighbours = neighbours
         self.threshold = threshold
         self.dropout = dropout
@@ -113,13 +116,15 @@ class SecAggAggregation:
         """
         if self.neighbours == -1 or (self.neighbours == 0 and n < SPARSE_FROM):
             t = self.threshold or (n - 1) // 2 + 1
-            return SecAggConfig(self.encoding, None, max(1, min(t, n - 1)))
+            return SecAggConfig(self.encoding, None, max(1, min(t, n - 1)),
+                                post_quantum=self.post_quantum)
         if self.neighbours == 0:
             k, t = secagg_parameters(n, max(self.dropout, 1e-3), max(self.corrupt_rate, 1e-3))
         else:
             k = min(self.neighbours, n - 1)
             t = self.threshold or k // 2 + 1
-        return SecAggConfig(self.encoding, k, self.threshold or t)
+        return SecAggConfig(self.encoding, k, self.threshold or t,
+                            post_quantum=self.post_quantum)
 
     def begin(self, dim: int, step: int) -> _Collector:
         return _Collector(self, dim, step)

@@ -54,11 +54,12 @@ from shoal.privacy.secagg_messages import (
     UnmaskRequest,
 )
 from shoal.privacy.secagg_session import (
-    CIPHERTEXT_BYTES,
     MASK_INFO,
+    MASK_PQ_INFO,
     SESSION_BYTES,
     Roster,
     pair_bytes,
+    share_ciphertext_bytes,
 )
 
 __all__ = ["SecAggServer"]
@@ -94,13 +95,14 @@ class SecAggServer:
             raise ConfigError(str(exc), key="roster") from exc
         self._nbrs: dict[int, frozenset[int]] = {}
         self._stage = Stage.ADVERTISE_KEYS
-        self._keys: dict[int, tuple[bytes, bytes]] = {}  # U1
+        self._keys: dict[int, tuple[bytes, ...]] = {}  # U1: (enc, mask[, kem])
         self._ciphertexts: dict[int, Mapping[int, bytes]] = {}  # U2
         self._inputs: set[int] = set()  # U3
         self._sum = np.zeros(params.length, dtype=ring_dtype(params.bits))
         self._requests: dict[int, UnmaskRequest] = {}
         self._b_shares: dict[int, list[shamir.Share]] = {}
         self._s_shares: dict[int, list[shamir.Share]] = {}
+        self._pair_kem: dict[tuple[int, int], bytes] = {}  # (dropped, survivor) -> K
         self._needed_keys: set[int] = set()  # dropped after sharing, with live neighbours
         self._responded: set[int] = set()  # U5
         self._result: np.ndarray | None = None
@@ -190,7 +192,16 @@ class SecAggServer:
             raise ProtocolError(f"public keys must be {crypto.KEY_BYTES} bytes", party=msg.sender)
         if msg.enc_public == msg.mask_public:
             raise ProtocolError("encryption and masking keys must differ", party=msg.sender)
-        self._keys[msg.sender] = (msg.enc_public, msg.mask_public)
+        if self.params.post_quantum:
+            if len(msg.kem_public) != crypto.KEM_PUBLIC_BYTES:
+                raise ProtocolError(f"a post-quantum round needs a {crypto.KEM_PUBLIC_BYTES}-"
+                                    f"byte ML-KEM-768 key", party=msg.sender)
+            self._keys[msg.sender] = (msg.enc_public, msg.mask_public, msg.kem_public)
+        elif msg.kem_public:
+            raise ProtocolError("an ML-KEM key in a round that is not post-quantum",
+                                party=msg.sender)
+        else:
+            self._keys[msg.sender] = (msg.enc_public, msg.mask_public)
 
     def _receive_shares(self, msg: EncryptedShares) -> None:
         self._check_fresh(msg.sender, self._keys, self._ciphertexts, "encrypted shares")
@@ -201,8 +212,9 @@ class SecAggServer:
                 f"neighbours with keys, got {len(msg.ciphertexts)} with a different recipient set",
                 party=msg.sender,
             )
-        if any(len(ct) != CIPHERTEXT_BYTES for ct in msg.ciphertexts.values()):
-            raise ProtocolError(f"ciphertexts must be {CIPHERTEXT_BYTES} bytes", party=msg.sender)
+        size = share_ciphertext_bytes(self.params)
+        if any(len(ct) != size for ct in msg.ciphertexts.values()):
+            raise ProtocolError(f"ciphertexts must be {size} bytes", party=msg.sender)
         self._ciphertexts[msg.sender] = dict(msg.ciphertexts)
 
     def _receive_input(self, msg: MaskedInput) -> None:
@@ -225,6 +237,11 @@ class SecAggServer:
         req = self._requests[msg.sender]
         if set(msg.self_mask_shares) != req.survivors or set(msg.mask_key_shares) != req.dropped:
             raise ProtocolError("unmasking shares do not match the request", party=msg.sender)
+        kem_keys = dict(msg.pair_kem_keys)
+        if set(kem_keys) != (req.dropped if self.params.post_quantum else set()) \
+                or any(len(k) != crypto.KEY_BYTES for k in kem_keys.values()):
+            raise ProtocolError("post-quantum pair keys do not match the request",
+                                party=msg.sender)
         x = self._roster.x(msg.sender)
         b = {v: shamir.Share.from_y_bytes(x, y) for v, y in msg.self_mask_shares.items()}
         s = {v: shamir.Share.from_y_bytes(x, y) for v, y in msg.mask_key_shares.items()}
@@ -232,6 +249,8 @@ class SecAggServer:
             self._b_shares.setdefault(v, []).append(share)
         for v, share in s.items():
             self._s_shares.setdefault(v, []).append(share)
+        for v, key in kem_keys.items():
+            self._pair_kem[(v, msg.sender)] = key
         self._responded.add(msg.sender)
 
     # stage transitions ---------------------------------------------------------------------
@@ -297,7 +316,7 @@ class SecAggServer:
     def _abort(self) -> None:
         self._stage = Stage.ABORTED
         self._sum = np.zeros(0, dtype=self._sum.dtype)
-        self._b_shares, self._s_shares, self._ciphertexts = {}, {}, {}
+        self._b_shares, self._s_shares, self._ciphertexts, self._pair_kem = {}, {}, {}, {}
 
     def _finish(self) -> None:
         t, p = self.params.threshold, self.params
@@ -313,6 +332,18 @@ class SecAggServer:
                 stage=Stage.UNMASKING,
                 clients=short,
             )
+        if p.post_quantum:  # K_uv of a dropped u comes from v alone: no share rebuilds it
+            missing = sorted((u, v) for u in dropped for v in self._live(u, u3)
+                             if (u, v) not in self._pair_kem)
+            if missing:
+                self._abort()
+                raise SecAggAborted(
+                    f"round aborted at unmasking: {len(missing)} post-quantum pair key(s) "
+                    f"missing, e.g. client {missing[0][1]} vanished holding the one it shares "
+                    f"with dropped client {missing[0][0]}",
+                    stage=Stage.UNMASKING,
+                    clients=frozenset(v for _, v in missing),
+                )
         # Reconstruct and check every secret before touching the sum, so a bad share aborts
         # the round cleanly instead of leaving a half-unmasked vector behind.
         try:
@@ -344,6 +375,10 @@ class SecAggServer:
             total -= crypto.keystream_into(seed, scratch)
         for u, seeds in pair_seeds.items():
             for v, seed in seeds.items():
+                if p.post_quantum:
+                    seed = crypto.hybrid_key(seed, self._pair_kem[(u, v)],
+                                             salt=self._session,
+                                             info=MASK_PQ_INFO + pair_bytes(u, v))
                 crypto.keystream_into(seed, scratch)
                 # v added Delta_{v,u} PRG(s_{v,u}); take it back out
                 if v > u:
@@ -352,5 +387,5 @@ class SecAggServer:
                     total += scratch
         total &= ring_mask(p.bits)
         self._result = total
-        self._b_shares, self._s_shares = {}, {}
+        self._b_shares, self._s_shares, self._pair_kem = {}, {}, {}
         self._stage = Stage.DONE

@@ -24,7 +24,12 @@ from shoal.privacy.secagg_messages import SecAggParams
 __all__ = [
     "CIPHERTEXT_BYTES",
     "ENC_INFO",
+    "ENC_PQ_INFO",
+    "KEM_PAIR_INFO",
     "MASK_INFO",
+    "MASK_PQ_INFO",
+    "directed_bytes",
+    "share_ciphertext_bytes",
     "SESSION_BYTES",
     "Roster",
     "pair_bytes",
@@ -34,6 +39,9 @@ __all__ = [
 SESSION_BYTES = 16
 ENC_INFO = b"shoal secagg v1 enc"
 MASK_INFO = b"shoal secagg v1 mask"
+ENC_PQ_INFO = b"shoal secagg v1 enc pq"
+MASK_PQ_INFO = b"shoal secagg v1 mask pq"
+KEM_PAIR_INFO = b"shoal secagg v1 kem pair"
 _SHARE_AD = b"shoal secagg v1 share"
 _MAX_ID = 2**63 - 1
 CIPHERTEXT_BYTES = crypto.NONCE_BYTES + 2 * shamir.SHARE_BYTES + crypto.TAG_BYTES
@@ -43,6 +51,17 @@ CIPHERTEXT_BYTES = crypto.NONCE_BYTES + 2 * shamir.SHARE_BYTES + crypto.TAG_BYTE
 def pair_bytes(u: int, v: int) -> bytes:
     """The unordered pair {u, v}, as the key-derivation label of its pairwise keys."""
     return struct.pack(">qq", min(u, v), max(u, v))
+
+
+def directed_bytes(sender: int, recipient: int) -> bytes:
+    """The ordered pair (sender, recipient): the label of a one-way key."""
+    return struct.pack(">qq", sender, recipient)
+
+
+def share_ciphertext_bytes(params: SecAggParams) -> int:
+    """Size of one encrypted pair of shares in a round of ``params`` (the ML-KEM ciphertext
+    comes first in a post-quantum round)."""
+    return CIPHERTEXT_BYTES + (crypto.KEM_CIPHERTEXT_BYTES if params.post_quantum else 0)
 
 
 def share_ad(session: bytes, sender: int, recipient: int) -> bytes:
