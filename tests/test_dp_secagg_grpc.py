@@ -190,6 +190,7 @@ def test_a_group_that_does_not_promise_clipping_is_refused_and_changes_nothing()
         assert commit.record.accepted == 0 and commit.record.rejected == {"not_clipped": 1}
 
 
+@pytest.mark.slow
 def test_launch_with_central_dp_and_secure_aggregation_reports_epsilon(tmp_path):
     """`shoal launch` with both on: 10 device processes clip before masking, the aggregator
     noises the unmasked sum and its accountant reports epsilon -- the same epsilon the
