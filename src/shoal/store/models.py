@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import EllipsisType, MappingProxyType
 from typing import Any, Literal
@@ -415,11 +415,18 @@ class ModelStore:
             ModelStoreError: the version was rolled back, or the store is read-only.
             DataError: its file is missing or corrupt (production never points at one).
         """
+        return self._move(self._promote, version, now, reason, expected)
+
+    def _move(self, apply: Callable[[ModelIndex, int, float, str], ModelVersion],
+              version: int, now: float, reason: str,
+              expected: int | None | EllipsisType) -> ModelVersion:
+        """A move of the production pointer: ``apply`` to the index as it is under the lock,
+        if the pointer is at ``expected``."""
         now, reason = check_now(now), check_reason(reason)
         with self._writer().held():
             index = self._writable()
             _compare(index, expected)
-            return self._promote(index, version, now, reason)
+            return apply(index, version, now, reason)
 
     def _promote(self, index: ModelIndex, version: int, now: float, reason: str
                  ) -> ModelVersion:
@@ -474,11 +481,7 @@ class ModelStore:
                 production or was rolled back itself, or the store is read-only.
             DataError: its file is missing or corrupt.
         """
-        now, reason = check_now(now), check_reason(reason)
-        with self._writer().held():
-            index = self._writable()
-            _compare(index, expected)
-            return self._rollback(index, version, now, reason)
+        return self._move(self._rollback, version, now, reason, expected)
 
     def _rollback(self, index: ModelIndex, version: int, now: float, reason: str
                   ) -> ModelVersion:
