@@ -149,6 +149,38 @@ class Columns:
                    window_start=empty, window_end=empty)
 
     @classmethod
+    def from_rows(cls, ids: Sequence[str], enrolled_at: Sequence[float],
+                  last_seen: Sequence[float], participation: Sequence[int],
+                  attributes: Iterable[tuple[int, str, AttrValue]],
+                  windows: Iterable[tuple[int, int, int]]) -> Columns:
+        """Columns of a store's rows, already in device-id order and valid (what a registry
+        read back), without building a :class:`~shoal.registry.Device` per row.
+
+        Args:
+            ids, enrolled_at, last_seen, participation: one entry per row.
+            attributes: ``(row, name, value)`` for every attribute a row carries.
+            windows: ``(row, start, end)`` for every window, rows ascending.
+        """
+        n = len(ids)
+        by_name: dict[str, builtins.list[AttrValue | None]] = {}
+        for row, name, value in attributes:
+            column = by_name.get(name)
+            if column is None:
+                column = by_name[name] = [None] * n
+            column[row] = value
+        win = np.array(builtins.list(windows), dtype=np.int64).reshape(-1, 3)
+        counts = np.bincount(win[:, 0], minlength=n)
+        return cls(
+            size=n, ids=encode_ids(ids, check=False),
+            last_seen=np.array(last_seen, dtype=np.float64),
+            enrolled_at=np.array(enrolled_at, dtype=np.float64),
+            participation=np.array(participation, dtype=np.int64),
+            window_offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+            window_start=win[:, 1].astype(np.int32), window_end=win[:, 2].astype(np.int32),
+            attributes={name: Attribute.encode(values, name)
+                        for name, values in sorted(by_name.items())})
+
+    @classmethod
     def from_devices(cls, devices: Iterable[Device]) -> Columns:
         """Columns of :class:`~shoal.registry.Device` records (any order).
 

@@ -7,7 +7,8 @@ write is one Lua script (:mod:`shoal.registry.redis_scripts`, which also gives t
 layout), so Redis applies it atomically and a refused call -- an unknown id in a cohort, an
 id already enrolled -- changes nothing. Reads of one device are one round trip;
 :meth:`RedisRegistry.columns` is one script that returns every device (a consistent snapshot,
-which blocks the server for its duration: about a second per 500,000 devices).
+which blocks the server while it runs: 0.9 s for 100,000 devices here, 1.3 s in all
+with building the columns, against 0.4 s for SQLite's).
 
 When Redis goes away (stopped, restarted, unreachable) a call raises
 :class:`RegistryUnavailable` within ``timeout`` seconds, naming the address; the registry
@@ -251,10 +252,16 @@ class RedisRegistry:
                                          self._out + device_id], [device_id]))
 
     def columns(self) -> Columns:
-        """Every device as columns, rows in device-id order, from one snapshot."""
+        """Every device as columns, rows in device-id order, from one snapshot (built from
+        the stored JSON directly, with no record per device)."""
         flat = self._run("SNAPSHOT", [self._ids], [self._dev])
-        return Columns.from_devices(
-            _device(flat[i].decode(), flat[i + 1:i + 7]) for i in range(0, len(flat), 7))
+        ids = [_text(i) for i in flat[0::7]]
+        attrs = ((row, name, value) for row, text in enumerate(flat[1::7])
+                 for name, value in json.loads(text).items())
+        wins = ((row, a, b) for row, text in enumerate(flat[3::7]) for a, b in json.loads(text))
+        return Columns.from_rows(ids, [float(v) for v in flat[4::7]],
+                                 [float(v) for v in flat[5::7]],
+                                 [int(v) for v in flat[6::7]], attrs, wins)
 
     # -- outcomes ---------------------------------------------------------------------------
 

@@ -36,8 +36,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shoal.registry.base import (
     AttrValue,
     Device,
@@ -55,7 +53,7 @@ from shoal.registry.base import (
     validate_outcome,
     validate_windows,
 )
-from shoal.registry.columns import Attribute, Columns, bulk_rows, encode_ids
+from shoal.registry.columns import Columns, bulk_rows
 from shoal.store.disk import disk_failure
 
 __all__ = ["SCHEMA_VERSION", "SQLiteRegistry"]
@@ -257,25 +255,8 @@ class SQLiteRegistry:
                     "ORDER BY d.row, w.key").fetchall()
             finally:
                 self._conn.execute("COMMIT")
-        n = len(base)
-        ids, enrolled, seen, part = zip(*base) if n else ((), (), (), ())
-        by_name: dict[str, builtins.list[AttrValue | None]] = {}
-        for row, name, value in attrs:
-            column = by_name.get(name)
-            if column is None:
-                column = by_name[name] = [None] * n
-            column[row] = value
-        win = np.array(wins, dtype=np.int64).reshape(-1, 3)
-        counts = np.bincount(win[:, 0], minlength=n)
-        return Columns(
-            size=n, ids=encode_ids(ids, check=False),
-            last_seen=np.array(seen, dtype=np.float64),
-            enrolled_at=np.array(enrolled, dtype=np.float64),
-            participation=np.array(part, dtype=np.int64),
-            window_offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
-            window_start=win[:, 1].astype(np.int32), window_end=win[:, 2].astype(np.int32),
-            attributes={name: Attribute.encode(values, name)
-                        for name, values in sorted(by_name.items())})
+        ids, enrolled, seen, part = zip(*base) if base else ((), (), (), ())
+        return Columns.from_rows(ids, enrolled, seen, part, attrs, wins)
 
     def get(self, device_id: str) -> Device:
         """The device's record. Raises :class:`UnknownDevice`."""
