@@ -61,7 +61,7 @@ class CheckInRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., held_version: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind", "upload_codec", "error_feedback", "clip_norm")
+    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind", "upload_codec", "error_feedback", "clip_norm", "task_id", "served_model")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class Task(_message.Message):
     UPLOAD_CODEC_FIELD_NUMBER: _ClassVar[int]
     ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     upload_key: str
@@ -89,7 +91,9 @@ class Task(_message.Message):
     upload_codec: str
     error_feedback: bool
     clip_norm: float
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ..., upload_codec: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., clip_norm: _Optional[float] = ...) -> None: ...
+    task_id: int
+    served_model: bool
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ..., upload_codec: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., task_id: _Optional[int] = ..., served_model: _Optional[bool] = ...) -> None: ...
 
 class ComeBack(_message.Message):
     __slots__ = ("at", "reason")
@@ -118,20 +122,76 @@ class DownloadRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
-    __slots__ = ("version", "base_version", "total_size", "sha256", "offset", "data")
+    __slots__ = ("version", "base_version", "total_size", "sha256", "offset", "data", "signed_header", "signature", "not_modified")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_HEADER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
     version: int
     base_version: int
     total_size: int
     sha256: bytes
     offset: int
     data: bytes
-    def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    signed_header: bytes
+    signature: bytes
+    not_modified: bool
+    def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., signed_header: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., not_modified: _Optional[bool] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("device_id", "have_version", "chunk_size")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    have_version: int
+    chunk_size: int
+    def __init__(self, device_id: _Optional[str] = ..., have_version: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class GetPlanRequest(_message.Message):
+    __slots__ = ("device_id", "have_version")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    have_version: int
+    def __init__(self, device_id: _Optional[str] = ..., have_version: _Optional[int] = ...) -> None: ...
+
+class PlanReply(_message.Message):
+    __slots__ = ("version", "plan", "signed_header", "signature", "not_modified")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_HEADER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    NOT_MODIFIED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    plan: bytes
+    signed_header: bytes
+    signature: bytes
+    not_modified: bool
+    def __init__(self, version: _Optional[int] = ..., plan: _Optional[bytes] = ..., signed_header: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., not_modified: _Optional[bool] = ...) -> None: ...
+
+class Declined(_message.Message):
+    __slots__ = ("device_id", "task_id", "round", "upload_key", "reason", "detail", "model_version")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_KEY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    task_id: int
+    round: int
+    upload_key: str
+    reason: str
+    detail: str
+    model_version: int
+    def __init__(self, device_id: _Optional[str] = ..., task_id: _Optional[int] = ..., round: _Optional[int] = ..., upload_key: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
     __slots__ = ("device_id", "round", "base_version", "upload_key", "idempotency_key", "num_examples", "metrics", "total_size", "sha256")
@@ -197,7 +257,7 @@ class HeartbeatReply(_message.Message):
     def __init__(self, keep_going: _Optional[bool] = ...) -> None: ...
 
 class EvaluationResult(_message.Message):
-    __slots__ = ("device_id", "round", "model_version", "num_examples", "metrics")
+    __slots__ = ("device_id", "round", "model_version", "num_examples", "metrics", "task_id", "upload_key")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,12 +270,16 @@ class EvaluationResult(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_KEY_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     round: int
     model_version: int
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    task_id: int
+    upload_key: str
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., task_id: _Optional[int] = ..., upload_key: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()

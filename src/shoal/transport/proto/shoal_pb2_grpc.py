@@ -74,6 +74,21 @@ class AggregatorStub:
                 request_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggHeader.SerializeToString,
                 response_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggReply.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_stream(
+                '/shoal.v1.Aggregator/GetModel',
+                request_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.ModelChunk.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/shoal.v1.Aggregator/GetPlan',
+                request_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.PlanReply.FromString,
+                _registered_method=True)
+        self.Decline = channel.unary_unary(
+                '/shoal.v1.Aggregator/Decline',
+                request_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Declined.SerializeToString,
+                response_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -132,6 +147,31 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """Serving, task-free and separate from training: the model version the device is served
+        (production, or a canary's candidate when the device is in the canary), full or as an
+        exact delta against the served version it holds, with its signature; "not modified"
+        when it already holds it. Version numbers here are the model store's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """The training plan of the served version (canonical JSON), signed; "not modified" likewise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Decline(self, request, context):
+        """The device will not carry out its task, or refused what it was sent (e.g. a model whose
+        signature does not verify: reason "signature_rejected"); the server stops waiting for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +214,21 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.SecAggStep,
                     request_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggHeader.FromString,
                     response_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggReply.SerializeToString,
+            ),
+            'GetModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.GetModelRequest.FromString,
+                    response_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.ModelChunk.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.GetPlanRequest.FromString,
+                    response_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.PlanReply.SerializeToString,
+            ),
+            'Decline': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decline,
+                    request_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Declined.FromString,
+                    response_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +447,87 @@ class Aggregator:
             '/shoal.v1.Aggregator/SecAggStep',
             shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggHeader.SerializeToString,
             shoal_dot_transport_dot_proto_dot_shoal__pb2.SecAggReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Aggregator/GetModel',
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.GetModelRequest.SerializeToString,
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Aggregator/GetPlan',
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.GetPlanRequest.SerializeToString,
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.PlanReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Aggregator/Decline',
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.Declined.SerializeToString,
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
