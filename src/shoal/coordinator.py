@@ -32,9 +32,8 @@ Not thread-safe: a carrier serialises calls (one lock or one event loop).
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,9 +47,9 @@ from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, C
 from shoal.observers import Observer, Observers
 from shoal.pipeline import Pipeline, PipelineRun, validate_rows
 from shoal.policy import RoundPolicy, SyncPolicy
-from shoal.records import RoundRecord
 from shoal.sampling import IdleSampler, Sampler
 from shoal.strategy import ServerState, Strategy
+from shoal.tally import Tally
 
 __all__ = ["Coordinator"]
 
@@ -63,24 +62,6 @@ class _Task:
     asked: np.ndarray
     pending: set[int]
     cancelled: bool = False
-
-
-@dataclass
-class _Tally:
-    """What the open aggregation's arrivals add up to, besides the aggregate itself."""
-
-    started: float
-    sampled: int = 0
-    accepted: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    examples: int = 0
-    loss_sum: float = 0.0
-    loss_weight: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    staleness_sum: int = 0
-    staleness_max: int = 0
-    group_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -98,12 +79,16 @@ class Coordinator:
         observers: hooks told about tasks, updates, rejections and versions.
         sample_rng: the generator of a cohort, ``sample_rng(key, attempt)``; by default the
             run's seeded stream.
+        round_offset: a sync round that makes version ``v`` is keyed ``v + round_offset``
+            (its cohort's and its clients' random streams): an edge aggregator starts from
+            its own version numbers and keys its rounds by its parent's.
     """
 
     def __init__(self, strategy: Strategy, num_clients: int, sampler: Sampler, *, seed: int,
                  policy: RoundPolicy | None = None, pipeline: Pipeline | None = None,
                  steps: int | None = None, observers: Iterable[Observer] = (),
-                 sample_rng: Callable[[int, int], np.random.Generator] | None = None) -> None:
+                 sample_rng: Callable[[int, int], np.random.Generator] | None = None,
+                 round_offset: int = 0) -> None:
         if num_clients < 1:
             raise ConfigError(f"the population must have at least one client, got "
                               f"{num_clients}", key="data.clients")
@@ -116,6 +101,7 @@ class Coordinator:
         self.steps = steps
         self.observers = Observers(observers)
         self.sample_rng = sample_rng or self._seeded_sample_rng
+        self.round_offset = int(round_offset)
         self._out: list[Command] = []
         self._tasks: dict[int, _Task] = {}
         self._evals: dict[int, tuple[EvalTask, EvalTally]] = {}
@@ -302,7 +288,7 @@ class Coordinator:
     def send(self, count: int | None, deadline: float) -> int | None:
         task_id = self._next_task
         if isinstance(self.policy, SyncPolicy):
-            key = self.state.version + 1
+            key = self.state.version + 1 + self.round_offset
             count = count if count is None else min(count, self.num_clients)
             clients = self.cohort(key, self.policy.attempt, count)
         else:
@@ -391,16 +377,10 @@ class Coordinator:
         for task_id, t in list(self._tasks.items()):
             if t.cancelled or not t.pending:
                 del self._tasks[task_id]
-        accepted_staleness = tally.staleness_sum / tally.accepted if tally.accepted else 0.0
-        record = RoundRecord(
+        record = tally.record(
             round=self.state.version if committed else self.state.version + 1,
-            version=self.state.version, sampled=tally.sampled, accepted=tally.accepted,
-            rejected=dict(tally.rejected), examples=tally.examples,
-            train_loss=tally.loss_sum / tally.loss_weight if tally.loss_weight else math.nan,
-            committed=committed, seconds=self._now - tally.started, bytes_up=tally.bytes_up,
-            bytes_down=tally.bytes_down, privacy=info, closed_by=closed_by,
-            attempt=getattr(self.policy, "attempt", 0), staleness_max=tally.staleness_max,
-            staleness_mean=accepted_staleness)
+            version=self.state.version, committed=committed, seconds=self._now - tally.started,
+            info=info, closed_by=closed_by, attempt=getattr(self.policy, "attempt", 0))
         self._begin_aggregation()
         if committed:
             self._out.append(CommitVersion(self.state, record))
@@ -424,7 +404,7 @@ class Coordinator:
     def _begin_aggregation(self) -> None:
         self._run: PipelineRun = self.pipeline.begin(self.stage_states, self.state.version + 1,
                                                      self.state.params.size)
-        self._tally = _Tally(started=self._now)
+        self._tally = Tally(started=self._now)
 
     def _finish(self, reason: str) -> None:
         if self._done:
@@ -481,7 +461,6 @@ class Coordinator:
 
     def _fold_rows(self, t: _Task, item: ClientUpdate | UpdateBatch, factor: float,
                    staleness: int) -> None:
-        tally = self._tally
         metrics: Mapping[str, np.ndarray]
         if isinstance(item, ClientUpdate):
             ids = np.array([item.client_id], dtype=np.int64)
@@ -525,34 +504,31 @@ class Coordinator:
             self._refuse(t.task.task_id, exc.reason, int(keep.sum()), exc.detail, ids[keep])
             return
         self._done_clients(t, ids[keep])
-        k = int(keep.sum())
-        tally.accepted += k
-        tally.examples += int(weights.sum())
-        tally.staleness_sum += staleness * k
-        tally.staleness_max = max(tally.staleness_max, staleness)
-        if "upload_bytes" in metrics:
-            up = np.asarray(metrics["upload_bytes"])
-            tally.bytes_up += int(up.sum() if every else up[keep].sum())
-        if "loss" in metrics:
-            loss = np.asarray(metrics["loss"], dtype=np.float64)
-            ok = keep & np.isfinite(loss)
-            tally.loss_sum += float((loss[ok] * examples[ok]).sum())
-            tally.loss_weight += int(examples[ok].sum())
-        self.observers.update_accepted(t.task.task_id, k, staleness, self._now)
+        self._tally.rows_folded(keep, examples, weights, metrics, staleness)
+        self.observers.update_accepted(t.task.task_id, int(keep.sum()), staleness, self._now)
 
     def _fold_partial(self, t: _Task, item: PartialAggregate, factor: float,
                       staleness: int) -> None:
-        tally = self._tally
-        self._done_clients(t, None)
+        task_id, covered = t.task.task_id, _clients_of(item)
+        if covered is not None and not all(int(c) in t.pending for c in covered):
+            # a group answers once for clients the task still waits for: never counted twice
+            asked = set(t.asked.tolist())
+            again = any(int(c) in asked and int(c) not in t.pending for c in covered)
+            self._refuse(task_id, "duplicate" if again else "not_selected", 1,
+                         "the group answers for clients that already reported or failed"
+                         if again else "the group answers for clients not asked this task",
+                         covered)
+            return
+        self._done_clients(t, covered)
         if item.num_examples <= 0 or item.clients < 1:
-            self._refuse(t.task.task_id, "no_data", 1, "the group had no examples")
+            self._refuse(task_id, "no_data", 1, "the group had no examples", covered)
             return
         row = np.asarray(item.delta)[np.newaxis] if isinstance(item.delta, np.ndarray) \
             else item.delta
         keep, refused = validate_rows(row, np.array([item.num_examples]),
                                       self.state.params.size, self.pipeline.validation)
         for r in refused:
-            self._refuse(t.task.task_id, r.reason, 1, r.detail)
+            self._refuse(task_id, r.reason, 1, r.detail, covered)
         if not keep.all():
             return
         clip = item.clip_norm
@@ -562,17 +538,11 @@ class Coordinator:
         try:
             self._run.fold_partial(row[0], float(item.num_examples), int(item.clients), clip)
         except UpdateRejected as exc:
-            self._refuse(t.task.task_id, exc.reason, 1, exc.detail)
+            self._refuse(task_id, exc.reason, 1, exc.detail, covered)
             return
-        tally.accepted += int(item.clients)
-        tally.examples += int(item.num_examples)
-        tally.staleness_sum += staleness * int(item.clients)
-        tally.staleness_max = max(tally.staleness_max, staleness)
-        tally.bytes_up += int(item.metrics.get("upload_bytes", 0))
-        for key, value in item.metrics.items():
-            if key not in ("upload_bytes", "download_bytes"):
-                tally.group_metrics[key] = tally.group_metrics.get(key, 0.0) + value
-        self.observers.update_accepted(t.task.task_id, int(item.clients), staleness, self._now)
+        self._tally.group_folded(int(item.clients), int(item.num_examples), item.metrics,
+                                 staleness)
+        self.observers.update_accepted(task_id, int(item.clients), staleness, self._now)
 
     def _failed(self, task_id: int, client_ids: tuple[int, ...], reason: str) -> None:
         t = self._tasks.get(task_id)
@@ -617,4 +587,6 @@ def _clients_of(item: object) -> np.ndarray | None:
         return np.asarray(item.client_ids, np.int64)
     if isinstance(item, ClientUpdate):
         return np.array([item.client_id], np.int64)
+    if isinstance(item, PartialAggregate) and item.client_ids is not None:
+        return np.asarray(item.client_ids, np.int64)
     return None

@@ -128,6 +128,12 @@ class PartialAggregate:
         clip_norm: every client update inside was clipped to this L2 norm and weighed 1 by
             its client (the task's ``clip_norm``), so ``num_examples == clients``; ``None``:
             no such promise. Central DP folds a group only with this promise.
+        client_ids: int64, the task's clients this group answers for (those inside it and
+            those that dropped out on the way): an edge aggregator answers for its part of
+            a cohort, and the task still waits for the others. A client is answered for
+            once: a group naming one that already reported or failed is refused
+            (``duplicate``). ``None``: every client of the task (secure aggregation's one
+            group per task).
     """
 
     delta: np.ndarray
@@ -136,6 +142,7 @@ class PartialAggregate:
     metrics: Mapping[str, float] = field(default_factory=dict)
     base_version: int | None = None
     clip_norm: float | None = None
+    client_ids: np.ndarray | None = None
 
 
 Arrival: TypeAlias = ClientUpdate | UpdateBatch | PartialAggregate
