@@ -32,14 +32,16 @@ from shoal.strategy import Strategy, make_strategy
 
 if TYPE_CHECKING:  # privacy loads only when a run asks for it
     from shoal.privacy import LocalDP
+    from shoal.privacy.ddg import DistributedDiscreteGaussian
     from shoal.privacy.secagg_rounds import SecAggAggregation
-    from shoal.privacy.stages import CentralDPStage, LocalDPStage
+    from shoal.privacy.stages import CentralDPStage, DistributedDPStage, LocalDPStage
     from shoal.robust import CenteredClipping, HeldRule, NormBound
 
 __all__ = ["load_data", "strategy_from_config", "selector_from_config", "sampler_from_config",
            "simulated_registry", "majority_labels", "expected_cohort",
            "policy_from_config", "pipeline_from_config", "robust_from_config",
-           "local_dp_from_config", "secagg_from_config", "secure_sum_from_config",
+           "local_dp_from_config", "distributed_dp_from_config", "secagg_from_config",
+           "secure_sum_from_config",
            "unpredictable", "LogNormalTime", "time_model_from_config"]
 
 
@@ -229,10 +231,59 @@ def local_dp_from_config(cfg: Config) -> LocalDP | None:
     return LocalDP(noise_multiplier=p["noise_multiplier"], clip_norm=p["clip_norm"])
 
 
-def _dp_stage(cfg: Config, deployed: bool) -> CentralDPStage | LocalDPStage | None:
+def distributed_dp_from_config(cfg: Config) -> DistributedDiscreteGaussian | None:
+    """The distributed discrete Gaussian of ``privacy.placement = 'distributed'``, or None.
+
+    Raises:
+        ConfigError: a combination it cannot run with: no secure aggregation, CKKS or the
+            fixed-point encoding (the noise lives in SecAgg+'s rotated ring), Poisson
+            sampling (a cohort that is too small would be aborted and redrawn, which the
+            fixed-size accountant does not describe), or a cohort smaller than h + f.
+    """
+    p, s = cfg["privacy"], cfg["secure_aggregation"]
+    if p["placement"] != "distributed":
+        return None
+    if not s["enabled"] or s["protocol"] != "secagg" or s["encoding"] != "rotated":
+        raise ConfigError("privacy.placement = 'distributed' adds each client's noise inside "
+                          "SecAgg+'s ring: set secure_aggregation.enabled = true, "
+                          "secure_aggregation.protocol = 'secagg' and "
+                          "secure_aggregation.encoding = 'rotated'", key="privacy.placement")
+    if cfg["sampling"]["method"] != "uniform":
+        raise ConfigError("privacy.placement = 'distributed' is accounted for a fixed cohort: "
+                          "use sampling.method = 'uniform' (with Poisson sampling a cohort "
+                          "below h + f clients would be aborted and redrawn, which the "
+                          "accountant does not describe)", key="sampling.method")
+    from shoal.privacy.ddg import DistributedDiscreteGaussian
+
+    cohort = cfg["sampling"]["per_round"]
+    honest = p["honest_clients"] or cohort
+    if honest + p["colluding_clients"] > cohort:
+        raise ConfigError(f"privacy.honest_clients + privacy.colluding_clients = "
+                          f"{honest + p['colluding_clients']} exceeds the cohort of {cohort} "
+                          f"(sampling.per_round): no round could release",
+                          key="privacy.honest_clients")
+    return DistributedDiscreteGaussian(p["noise_multiplier"], p["clip_norm"], honest,
+                                       p["colluding_clients"])
+
+
+def _dp_stage(cfg: Config, deployed: bool
+              ) -> CentralDPStage | LocalDPStage | DistributedDPStage | None:
     p = cfg["privacy"]
     if p["placement"] == "none":
         return None
+    if p["placement"] == "distributed":
+        if deployed:
+            raise ConfigError("privacy.placement = 'distributed' runs in simulation only for "
+                              "now (devices do not add noise shares yet); use 'central' over "
+                              "gRPC", key="privacy.placement")
+        from shoal.privacy.stages import BudgetPolicy, DistributedDPStage
+
+        mechanism = distributed_dp_from_config(cfg)
+        assert mechanism is not None
+        cohort, population = cfg["sampling"]["per_round"], cfg["data"]["clients"]
+        return DistributedDPStage(mechanism, float(cohort),
+                                  mechanism.event(cohort, population),
+                                  BudgetPolicy(p["epsilon_budget"], p["delta"]), p["accountant"])
     from shoal.privacy import AdaptiveClipping, CentralDP, RoundEvent
     from shoal.privacy.csprng import RandomSource
     from shoal.privacy.dp import secure_generator
@@ -268,14 +319,38 @@ def _dp_stage(cfg: Config, deployed: bool) -> CentralDPStage | LocalDPStage | No
 
 
 def secagg_from_config(cfg: Config) -> SecAggAggregation | None:
-    """The secure-aggregation sum rule for ``cfg["secure_aggregation"]``, or None."""
+    """The secure-aggregation sum rule that devices run over gRPC, or None.
+
+    Raises:
+        ConfigError: the rotated encoding or distributed DP, which devices do not run yet.
+    """
+    s = cfg["secure_aggregation"]
+    if s["enabled"] and (s["encoding"] != "fixed_point"
+                         or cfg["privacy"]["placement"] == "distributed"):
+        raise ConfigError("secure_aggregation.encoding = 'rotated' (and distributed DP) run in "
+                          "simulation only for now: devices encode the fixed point; use "
+                          "'fixed_point' over gRPC", key="secure_aggregation.encoding")
+    return _secagg(cfg)
+
+
+def _secagg(cfg: Config) -> SecAggAggregation | None:
+    """The simulated SecAgg+ sum rule for ``cfg["secure_aggregation"]`` (fixed point, or the
+    rotated encoding with distributed DP's noise when the run asks for it), or None."""
     s = cfg["secure_aggregation"]
     if not s["enabled"]:
         return None
+    from shoal.privacy.rotated_encoding import RotatedPlan
     from shoal.privacy.secagg_messages import Stage
     from shoal.privacy.secagg_rounds import SecAggAggregation
 
     seed = cfg.seed
+    rotated, min_inputs = None, 1
+    if s["encoding"] == "rotated":
+        ddg = distributed_dp_from_config(cfg)
+        if ddg is None:
+            rotated = RotatedPlan(bits=s["ring_bits"] or 8, clip=s["norm_clip"])
+        else:
+            rotated, min_inputs = ddg.plan(s["ring_bits"] or 16), ddg.min_inputs
     return SecAggAggregation(clip=s["clip"], value_bits=s["value_bits"],
                              max_weight=s["max_weight"], neighbours=s["neighbours"],
                              threshold=s["threshold"], dropout=s["dropout"],
@@ -283,7 +358,10 @@ def secagg_from_config(cfg: Config) -> SecAggAggregation | None:
                              rng_for_round=lambda r: seeds.generator(seed, "secagg", r),
                              dropout_stage=None if s["dropout_stage"] == "any"
                              else Stage(s["dropout_stage"]),
-                             post_quantum=s["post_quantum"])
+                             post_quantum=s["post_quantum"], rotated=rotated,
+                             rotation_seed=lambda r: seeds.generator(seed, "rotation",
+                                                                     r).bytes(32),
+                             min_inputs=min_inputs)
 
 
 def secure_sum_from_config(cfg: Config) -> SumRule | None:
@@ -291,11 +369,16 @@ def secure_sum_from_config(cfg: Config) -> SumRule | None:
     (:func:`secagg_from_config`), CKKS homomorphic aggregation, or None (plain).
 
     Raises:
-        ConfigError: a CKKS ring degree other than 4096 or 8192.
+        ConfigError: a CKKS ring degree other than 4096 or 8192, or the rotated encoding
+            with CKKS (it is SecAgg+'s ring encoding).
     """
     s = cfg["secure_aggregation"]
     if not s["enabled"] or s["protocol"] == "secagg":
-        return secagg_from_config(cfg)
+        return _secagg(cfg)
+    if s["encoding"] != "fixed_point":
+        raise ConfigError("secure_aggregation.encoding = 'rotated' encodes into SecAgg+'s "
+                          "ring; CKKS encrypts the clipped floats: use protocol 'secagg'",
+                          key="secure_aggregation.encoding")
     if s["ckks_degree"] not in (4096, 8192):
         raise ConfigError(f"secure_aggregation.ckks_degree must be 4096 or 8192, got "
                           f"{s['ckks_degree']}", key="secure_aggregation.ckks_degree")

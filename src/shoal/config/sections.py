@@ -181,6 +181,18 @@ class SecureAggregationConfig(Section):
                              min=2, max=40)
     max_weight: int = option(4096, "largest per-client weight (example count) that is masked; "
                              "larger counts are capped", min=1, max=1_000_000)
+    encoding: str = option("fixed_point", "protocol 'secagg': how updates enter the ring: "
+                           "'fixed_point' (clip, value_bits, example weights) or 'rotated' "
+                           "(L2 clip to norm_clip, a random rotation shared per round, a "
+                           "ring of ring_bits, every client weighing 1: ~5x fewer bytes at 8 "
+                           "bits; needed by privacy.placement = 'distributed'; simulation "
+                           "only for now)", choices=("fixed_point", "rotated"))
+    ring_bits: int = option(0, "encoding 'rotated': bits per ring element (8: one byte per "
+                            "parameter); 0 = 8, or 16 with privacy.placement = 'distributed'",
+                            min=0, max=32)
+    norm_clip: float = option(1.0, "encoding 'rotated' without distributed DP: the L2 norm "
+                              "every client clips its update to (distributed DP clips to "
+                              "privacy.clip_norm)", min=0.0, min_exclusive=True)
     neighbours: int = option(0, "SecAgg+ neighbours k; 0 = automatic (complete graph with a "
                              "majority threshold below 100 clients, else the SecAgg+ "
                              "parameter search from dropout and corrupt_rate); -1 = complete "
@@ -210,14 +222,24 @@ class SecureAggregationConfig(Section):
                                     "input collection runs to deploy.deadline_s)", min=0.0,
                                     min_exclusive=True)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ring_bits and self.ring_bits < 4:
+            raise ConfigError(f"secure_aggregation.ring_bits = {self.ring_bits} is not "
+                              f"allowed: use 0 (automatic) or 4 to 32",
+                              key="secure_aggregation.ring_bits")
+
 
 @section("privacy")
 class PrivacyConfig(Section):
     """Differential privacy and its accounting."""
 
     placement: str = option("none", "differential privacy: 'central' (server clips and adds "
-                            "noise), 'local' (each client does), or 'none'",
-                            choices=("none", "central", "local"))
+                            "noise), 'local' (each client does), 'distributed' (each client "
+                            "adds a discrete Gaussian share inside secure aggregation, so "
+                            "the server never sees a noiseless sum; needs "
+                            "secure_aggregation.encoding = 'rotated'), or 'none'",
+                            choices=("none", "central", "local", "distributed"))
     noise_multiplier: float = option(1.0, "z: noise std = z * clip_norm", min=0.0,
                                      min_exclusive=True)
     clip_norm: float = option(1.0, "C: L2 bound on each client update (the initial value with "
@@ -240,6 +262,14 @@ class PrivacyConfig(Section):
                             "would exceed it", choices=("refuse", "stop"))
     accountant: str = option("rdp", "privacy accountant from dp-accounting",
                              choices=("rdp", "pld"))
+    honest_clients: int = option(0, "placement 'distributed': h, the fewest honest clients "
+                                 "whose noise must be in a released sum; each client adds "
+                                 "1/h of the noise variance, and a round with fewer than h + "
+                                 "colluding_clients masked inputs releases nothing (dropouts "
+                                 "count against h); 0 = sampling.per_round", min=0)
+    colluding_clients: int = option(0, "placement 'distributed': f, included clients that "
+                                    "may collude with the server (their noise does not "
+                                    "count)", min=0)
 
 
 @section("eval")

@@ -22,6 +22,11 @@ the neighbouring relation:
   composed over every round (worst case: the client takes part in all of them). ``q`` is
   ignored.
 
+A fourth kind of round, the distributed discrete Gaussian of distributed DP, is a
+:class:`~shoal.privacy.ddg_accounting.DistributedEvent`: its Rényi curve comes from the bound
+of Kairouz, Liu and Steinke (2021), composed and converted in :mod:`.ddg_accounting` (RDP
+only; a ledger holds either kind, not both).
+
 ε is non-increasing in the noise multiplier (every RDP order's bound and the PLD are monotone in
 σ) and non-decreasing in rounds, which the searches of :mod:`shoal.privacy.planning` rely on.
 :class:`PrivacyLedger` records the rounds a run has actually released. All functions are pure;
@@ -43,6 +48,8 @@ from shoal.errors import BudgetExhausted, PrivacyError
 if TYPE_CHECKING:
     from dp_accounting import dp_event as dp_event_types
     from dp_accounting.privacy_accountant import PrivacyAccountant
+
+    from shoal.privacy.ddg_accounting import DistributedEvent
 
 __all__ = [
     "ACCOUNTANTS",
@@ -192,27 +199,46 @@ def _make_accountant(accountant: str, relation: str) -> PrivacyAccountant:
     return PLDAccountant(neighboring_relation=rel)
 
 
-def _canonical(entries: tuple[tuple[RoundEvent, int], ...]) -> tuple[tuple[RoundEvent, int], ...]:
+#: a ledger's entry: a round's event and how many rounds of it
+Entry = tuple["RoundEvent | DistributedEvent", int]
+
+
+def _canonical(entries: tuple[Entry, ...]) -> tuple[Entry, ...]:
     """Merge equal events wherever they occur: composition is commutative, so the cost of an
     ε evaluation grows with the number of *distinct* round settings, not with rounds."""
-    counts: dict[RoundEvent, int] = {}
+    counts: dict[RoundEvent | DistributedEvent, int] = {}
     for event, n in entries:
         counts[event] = counts.get(event, 0) + n
 
-    def key(item: tuple[RoundEvent, int]) -> tuple[str, float, float, int, int]:
+    def key(item: Entry) -> tuple[str, float, float, int, int, str]:
         e = item[0]
-        return (e.sampling, e.q, e.noise_multiplier, e.sample_size or 0, e.population or 0)
+        return (e.sampling, e.q, e.noise_multiplier, e.sample_size or 0, e.population or 0,
+                type(e).__name__)
 
     return tuple(sorted(counts.items(), key=key))
 
 
+def _distributed(entries: tuple[Entry, ...]) -> bool:
+    """Whether ``entries`` are distributed-DP rounds (raises if they mix both kinds)."""
+    kinds = {isinstance(e, RoundEvent) for e, _ in entries}
+    if len(kinds) > 1:
+        raise PrivacyError("cannot compose distributed-DP rounds with central or local "
+                           "Gaussian rounds in one ledger")
+    return kinds == {False}
+
+
 @functools.lru_cache(maxsize=512)
-def _composed_epsilon(
-    accountant: str, entries: tuple[tuple[RoundEvent, int], ...], delta: float
-) -> float:
+def _composed_epsilon(accountant: str, entries: tuple[Entry, ...], delta: float) -> float:
     """ε of the run-length-encoded sequence of rounds ``entries`` (events of one relation)."""
     if not entries:
         return 0.0
+    if _distributed(entries):
+        if accountant != "rdp":
+            raise PrivacyError("distributed DP is accounted with Rényi DP only; use "
+                               "accountant='rdp'")
+        from shoal.privacy.ddg_accounting import distributed_epsilon
+
+        return distributed_epsilon(entries, delta)  # type: ignore[arg-type]
     relations = {e.neighboring_relation for e, _ in entries}
     if len(relations) != 1:
         raise PrivacyError(
@@ -227,7 +253,8 @@ def _composed_epsilon(
     acc = _make_accountant(accountant, relations.pop())
     dp_event = _dp_event()
     event = dp_event.ComposedDpEvent(
-        [dp_event.SelfComposedDpEvent(e.dp_event(), n) for e, n in entries]
+        [dp_event.SelfComposedDpEvent(e.dp_event(), n) for e, n in entries
+         if isinstance(e, RoundEvent)]
     )
     if not acc.supports(event):
         raise PrivacyError(f"the {accountant} accountant cannot account for {event}")
@@ -308,11 +335,12 @@ class PrivacyLedger:
 
     Attributes:
         accountant: ``"rdp"`` or ``"pld"``.
-        entries: ``((event, count), ...)`` in order.
+        entries: ``((event, count), ...)`` in order (:class:`RoundEvent` or, for distributed
+            DP, :class:`~shoal.privacy.ddg_accounting.DistributedEvent`).
     """
 
     accountant: str = "rdp"
-    entries: tuple[tuple[RoundEvent, int], ...] = field(default=())
+    entries: tuple[Entry, ...] = field(default=())
 
     def __post_init__(self) -> None:
         _check_accountant(self.accountant)
@@ -321,15 +349,20 @@ class PrivacyLedger:
     def rounds(self) -> int:
         return sum(n for _, n in self.entries)
 
-    def record(self, event: RoundEvent, count: int = 1) -> PrivacyLedger:
+    def record(self, event: RoundEvent | DistributedEvent, count: int = 1) -> PrivacyLedger:
         """A ledger with ``count`` more rounds of ``event``.
 
         Raises:
             PrivacyError: the event cannot be composed with what is already recorded
-                (another neighbouring relation, or fixed-size sampling under PLD).
+                (another neighbouring relation, the other kind of event, or fixed-size
+                sampling or distributed DP under PLD).
         """
         if count < 1:
             raise PrivacyError(f"count must be >= 1, got {count}")
+        _distributed((*self.entries[:1], (event, count)))
+        if self.accountant == "pld" and not isinstance(event, RoundEvent):
+            raise PrivacyError("distributed DP is accounted with Rényi DP only; use "
+                               "accountant='rdp'")
         if self.entries and self.entries[0][0].neighboring_relation != event.neighboring_relation:
             raise PrivacyError(
                 f"round sampled as {event.sampling!r} cannot join a ledger of "
@@ -351,13 +384,13 @@ class PrivacyLedger:
         return _composed_epsilon(self.accountant, _canonical(self.entries), _check_delta(delta))
 
     def would_exceed(
-        self, budget_epsilon: float, delta: float, next_round_event: RoundEvent
+        self, budget_epsilon: float, delta: float, next_round_event: RoundEvent | DistributedEvent
     ) -> bool:
         """Whether running one more round of ``next_round_event`` would push ε past the budget."""
         return self.record(next_round_event).epsilon(delta) > budget_epsilon
 
     def check_next_round(
-        self, budget_epsilon: float, delta: float, next_round_event: RoundEvent
+        self, budget_epsilon: float, delta: float, next_round_event: RoundEvent | DistributedEvent
     ) -> float:
         """Return ε after the next round; raise :class:`BudgetExhausted` if over budget."""
         eps = self.record(next_round_event).epsilon(delta)
@@ -378,5 +411,11 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PrivacyLedger:
-        entries = tuple((RoundEvent.from_dict(x["event"]), int(x["count"])) for x in d["entries"])
+        from shoal.privacy.ddg_accounting import KIND, DistributedEvent
+
+        def event(x: Mapping[str, Any]) -> RoundEvent | DistributedEvent:
+            return DistributedEvent.from_dict(x) if x.get("kind") == KIND \
+                else RoundEvent.from_dict(x)
+
+        entries = tuple((event(x["event"]), int(x["count"])) for x in d["entries"])
         return cls(str(d["accountant"]), entries)

@@ -15,7 +15,7 @@ import numpy as np
 
 from shoal.errors import ConfigError, UpdateRejected
 from shoal.privacy.secagg_client import SecAggClient
-from shoal.privacy.secagg_encoding import FixedPoint
+from shoal.privacy.secagg_encoding import FixedPoint, RingEncoding
 from shoal.privacy.secagg_graph import secagg_parameters
 from shoal.privacy.secagg_messages import ClientMessage, SecAggParams, ServerMessage, Stage
 from shoal.privacy.secagg_server import SecAggServer
@@ -36,16 +36,20 @@ class SecAggConfig:
     """How a round encodes and protects updates.
 
     Attributes:
-        encoding: clipping, quantization and weight range.
+        encoding: clipping, quantization and weight range (:class:`FixedPoint`, or one
+            round of the rotated encoding).
         neighbours: k; ``None`` means the complete graph (plain SecAgg, k = n - 1).
         threshold: t; ``None`` means floor(k / 2) + 1 (a majority of the neighbours).
         post_quantum: hybrid X25519 + ML-KEM-768 pairwise keys (see ``SecAggParams``).
+        min_inputs: the server unmasks nothing with fewer masked inputs (distributed DP's
+            h + f); 1 for any.
     """
 
-    encoding: FixedPoint
+    encoding: RingEncoding
     neighbours: int | None = None
     threshold: int | None = None
     post_quantum: bool = False
+    min_inputs: int = 1
 
     @classmethod
     def for_population(
@@ -62,8 +66,8 @@ class SecAggConfig:
         if k > n - 1:
             raise ConfigError(f"neighbours k={k} exceeds n-1={n - 1}", key="neighbours")
         bits = self.encoding.ring_bits(n)
-        return SecAggParams(neighbours=k, threshold=t, bits=bits, length=d + 1,
-                            post_quantum=self.post_quantum)
+        return SecAggParams(neighbours=k, threshold=t, bits=bits,
+                            length=self.encoding.length(d), post_quantum=self.post_quantum)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ def run_secagg_ring(
     server_inbox: list[ClientMessage] | None = None,
     session: bytes | None = None,
     graph_seed: bytes | None = None,
+    min_inputs: int = 1,
 ) -> tuple[np.ndarray, frozenset[int]]:
     """Drive one round over already-encoded ring vectors.
 
@@ -100,6 +105,7 @@ def run_secagg_ring(
             input but never help unmask).
         server_inbox: if given, every message the server receives is appended to it.
         session, graph_seed: fixed values instead of fresh random ones.
+        min_inputs: fewer masked inputs abort the round before unmasking.
 
     Returns:
         ``(sum of the included vectors mod 2^b, included client ids)``.
@@ -111,7 +117,8 @@ def run_secagg_ring(
     unknown = set(drop_after) - set(_PREVIOUS.values())
     if unknown:
         raise ConfigError(f"cannot drop after {sorted(s.value for s in unknown)}", key="drop_after")
-    server = SecAggServer(params, vectors, session=session, graph_seed=graph_seed)
+    server = SecAggServer(params, vectors, session=session, graph_seed=graph_seed,
+                          min_inputs=min_inputs)
     clients = {cid: SecAggClient(cid, vec) for cid, vec in vectors.items()}
     setup = server.setup()
     outgoing: dict[int, ServerMessage] = {cid: setup for cid in clients}
@@ -164,6 +171,7 @@ def run_secagg_round(
         cid: config.encoding.encode(x, 1 if weights is None else weights[cid], params.bits, rng)
         for cid, x in sorted(inputs.items())
     }
-    total, included = run_secagg_ring(vectors, params, drop_after, server_inbox=server_inbox)
+    total, included = run_secagg_ring(vectors, params, drop_after, server_inbox=server_inbox,
+                                      min_inputs=config.min_inputs)
     mean, weight = config.encoding.decode(total)
     return SecAggResult(mean=mean, total_weight=weight, included=included)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
 
-__all__ = ["FixedPoint", "pack_ring", "ring_bytes", "ring_dtype", "ring_mask", "unpack_ring"]
+__all__ = ["FixedPoint", "RingEncoding", "pack_ring", "ring_bytes", "ring_dtype", "ring_mask",
+           "unpack_ring"]
 
 
 def ring_dtype(bits: int) -> type[np.unsignedinteger]:
@@ -81,6 +83,24 @@ def unpack_ring(data: bytes, bits: int, length: int) -> np.ndarray:
     return out
 
 
+class RingEncoding(Protocol):
+    """How a client's float update becomes a ring vector and the unmasked sum a mean:
+    :class:`FixedPoint`, or a round of the rotated encoding
+    (:class:`~shoal.privacy.rotated_encoding.RoundEncoding`)."""
+
+    @property
+    def max_weight(self) -> int: ...
+
+    def ring_bits(self, n_clients: int) -> int: ...
+
+    def length(self, dim: int) -> int: ...
+
+    def encode(self, x: np.ndarray, weight: int, bits: int, rng: np.random.Generator
+               ) -> np.ndarray: ...
+
+    def decode(self, total: np.ndarray) -> tuple[np.ndarray, int]: ...
+
+
 @dataclass(frozen=True)
 class FixedPoint:
     """Clip, quantize and weight float vectors into Z_{2^b}, and decode the masked sum.
@@ -114,6 +134,10 @@ class FixedPoint:
     def step(self) -> float:
         """Grid spacing 2c / L; also the bound on |decoded mean - clipped weighted mean|."""
         return 2.0 * self.clip / self.levels
+
+    def length(self, dim: int) -> int:
+        """Ring elements per client: the d values, then the weight."""
+        return dim + 1
 
     def ring_bits(self, n_clients: int) -> int:
         """Smallest b with n * max_weight * L < 2^b, so the sum of n inputs cannot wrap.

@@ -15,6 +15,12 @@ O(cohort x model), unlike the streaming aggregators).
 Weighting: each client masks ``w * x`` and ``w`` with ``w = min(examples, max_weight)``, so
 the unmasked sum yields the example-weighted FedAvg mean, clipped to ``[-clip, clip]`` per
 coordinate and quantized to ``value_bits`` (stochastic rounding, unbiased).
+
+With a :class:`~shoal.privacy.rotated_encoding.RotatedPlan` instead (``rotated``), every
+client weighs 1 and enters a ring of a few bits after the round's shared random rotation
+(compression); when the plan carries noise, each client also adds its share of the
+distributed discrete Gaussian (:mod:`shoal.privacy.ddg`), and a round with fewer than
+``min_inputs`` masked inputs aborts before unmasking.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shoal.errors import UpdateRejected
+from shoal.errors import ConfigError, UpdateRejected
 from shoal.pipeline import Sum
 from shoal.privacy.secagg_driver import SecAggConfig, run_secagg_round
-from shoal.privacy.secagg_encoding import FixedPoint
+from shoal.privacy.rotated_encoding import RotatedPlan
+from shoal.privacy.secagg_encoding import FixedPoint, RingEncoding, ring_bytes
 from shoal.privacy.secagg_graph import secagg_parameters
 from shoal.privacy.secagg_messages import Stage
 
@@ -85,7 +92,12 @@ class SecAggAggregation:
             it never helps unmask).
         post_quantum: hybrid X25519 + ML-KEM-768 pairwise keys.
         corrupt_rate: fraction of clients assumed to collude with the server (for k and t).
-        rng_for_round: stochastic rounding and the choice of who drops out.
+        rng_for_round: stochastic rounding (and noise) and the choice of who drops out.
+        rotated: encode with this plan (unit weights, a few-bit ring after a random
+            rotation, noise when the plan has some) instead of the fixed point of ``clip``,
+            ``value_bits`` and ``max_weight``.
+        rotation_seed: the 32-byte rotation seed of a round (needed with ``rotated``).
+        min_inputs: fewer masked inputs abort a round before unmasking.
     """
 
     name = "secagg"
@@ -95,8 +107,16 @@ class SecAggAggregation:
                  threshold: int, dropout: float, corrupt_rate: float,
                  rng_for_round: Callable[[int], np.random.Generator],
                  dropout_stage: Stage | None = Stage.SHARE_KEYS,
-                 post_quantum: bool = False) -> None:
+                 post_quantum: bool = False, rotated: RotatedPlan | None = None,
+                 rotation_seed: Callable[[int], bytes] | None = None,
+                 min_inputs: int = 1) -> None:
+        if rotated is not None and rotation_seed is None:
+            raise ConfigError("a rotated encoding needs each round's rotation seed",
+                              key="rotation_seed")
         self.encoding = FixedPoint(clip=clip, value_bits=value_bits, max_weight=max_weight)
+        self.rotated = rotated
+        self.rotation_seed = rotation_seed
+        self.min_inputs = min_inputs
         self.dropout_stage = dropout_stage
         self.post_quantum = post_quantum
         self.neighbours = neighbours
@@ -105,8 +125,8 @@ class SecAggAggregation:
         self.corrupt_rate = corrupt_rate
         self.rng_for_round = rng_for_round
 
-    def config_for(self, n: int) -> SecAggConfig:
-        """k and t for a cohort of ``n``.
+    def config_for(self, n: int, encoding: RingEncoding | None = None) -> SecAggConfig:
+        """k and t for a cohort of ``n`` (with the fixed-point encoding, or ``encoding``).
 
         Automatic choice (``neighbours = 0``): below :data:`SPARSE_FROM` clients the complete
         graph with a majority threshold t = floor((n - 1) / 2) + 1 (tolerates nearly half of
@@ -114,17 +134,18 @@ class SecAggAggregation:
         the SecAgg+ parameter search, whose small-n answers (k = 2, t = 2 at n = 10) cannot
         survive a single dropout in a neighbourhood.
         """
+        enc = self.encoding if encoding is None else encoding
         if self.neighbours == -1 or (self.neighbours == 0 and n < SPARSE_FROM):
             t = self.threshold or (n - 1) // 2 + 1
-            return SecAggConfig(self.encoding, None, max(1, min(t, n - 1)),
-                                post_quantum=self.post_quantum)
+            return SecAggConfig(enc, None, max(1, min(t, n - 1)),
+                                post_quantum=self.post_quantum, min_inputs=self.min_inputs)
         if self.neighbours == 0:
             k, t = secagg_parameters(n, max(self.dropout, 1e-3), max(self.corrupt_rate, 1e-3))
         else:
             k = min(self.neighbours, n - 1)
             t = self.threshold or k // 2 + 1
-        return SecAggConfig(self.encoding, k, self.threshold or t,
-                            post_quantum=self.post_quantum)
+        return SecAggConfig(enc, k, self.threshold or t, post_quantum=self.post_quantum,
+                            min_inputs=self.min_inputs)
 
     def begin(self, dim: int, step: int) -> _Collector:
         return _Collector(self, dim, step)
@@ -138,7 +159,11 @@ class SecAggAggregation:
         rng = self.rng_for_round(round)
         n = acc.count
         ids = list(range(n))
-        weights = {i: int(min(max(1, round_half(w)), self.encoding.max_weight))
+        encoding: RingEncoding = self.encoding
+        if self.rotated is not None:
+            assert self.rotation_seed is not None
+            encoding = self.rotated.for_round(acc.dim, n, self.rotation_seed(round))
+        weights = {i: int(min(max(1, round_half(w)), encoding.max_weight))
                    for i, w in zip(ids, acc.weights)}
         drops = [i for i in ids if rng.random() < self.dropout]
         after: dict[Stage, set[int]] = {}
@@ -146,12 +171,18 @@ class SecAggAggregation:
             stage = self.dropout_stage if self.dropout_stage is not None \
                 else _STAGES[int(rng.integers(len(_STAGES)))]
             after.setdefault(stage, set()).add(i)
-        config = self.config_for(n)
+        config = self.config_for(n, encoding)
         result = run_secagg_round(dict(zip(ids, acc.rows)), weights, config, after or None,
                                   rng)
         params = config.params_for(n, acc.dim)
         total = float(result.total_weight)
+        extra = {}
+        if self.rotated is not None and self.rotated.noise_std > 0:
+            # every included client's noise share is in the sum (the DP stage checks it)
+            extra["ddg_noise_shares"] = float(len(result.included))
         return Sum(result.mean.astype(np.float64) * total, total, len(result.included), {
+            **extra,
+            "secagg_upload_bytes": float(ring_bytes(params.bits) * params.length),
             "secagg_included": float(len(result.included)),
             "secagg_dropped": float(len(drops)),
             **{f"secagg_dropped_at_{stage.value}": float(len(who))

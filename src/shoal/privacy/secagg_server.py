@@ -73,6 +73,8 @@ class SecAggServer:
         roster: ids of the clients invited to the round.
         session: the round's nonce (fresh random 16 bytes when omitted).
         graph_seed: 32-byte seed of the neighbourhood permutation (fresh random when omitted).
+        min_inputs: with fewer masked inputs the round aborts before unmasking (distributed
+            DP: a sum must hold the noise of at least h + f clients); 1 for any.
     """
 
     def __init__(
@@ -82,8 +84,12 @@ class SecAggServer:
         *,
         session: bytes | None = None,
         graph_seed: bytes | None = None,
+        min_inputs: int = 1,
     ) -> None:
         self.params = params
+        if min_inputs < 1:
+            raise ConfigError(f"min_inputs must be >= 1, got {min_inputs}", key="min_inputs")
+        self._min_inputs = min_inputs
         self._session = crypto.random_bytes(SESSION_BYTES) if session is None else session
         if len(self._session) < SESSION_BYTES:
             raise ConfigError(f"session nonce must be >= {SESSION_BYTES} bytes", key="session")
@@ -287,6 +293,13 @@ class SecAggServer:
             return out
         if stage is Stage.MASKED_INPUT:
             u3, dropped = self._inputs, set(self._ciphertexts) - self._inputs
+            if len(u3) < self._min_inputs:
+                self._abort()
+                raise SecAggAborted(
+                    f"round aborted at {stage.value}: {len(u3)} masked inputs, fewer than the "
+                    f"{self._min_inputs} a release needs; nothing is unmasked",
+                    stage=stage,
+                )
             self._needed_keys = {u for u in dropped if self._live(u, u3)}
             self._require_threshold(u3 | self._needed_keys, u3, stage)
             self._ciphertexts = {}

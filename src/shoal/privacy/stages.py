@@ -9,6 +9,12 @@
   "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021).
 * :class:`LocalDPStage` -- clients clipped and noised their own updates; the server takes
   their unweighted mean and accounts each upload as a Gaussian release.
+* :class:`DistributedDPStage` -- the distributed discrete Gaussian (P. Kairouz, Z. Liu and
+  T. Steinke, "The Distributed Discrete Gaussian Mechanism for Federated Learning with
+  Secure Aggregation", ICML 2021): clients clip, round and noise their own updates inside
+  the secure sum (:mod:`shoal.privacy.ddg`); this stage weighs every client 1, refuses a sum
+  that does not carry enough noise shares, divides by the expected cohort and accounts the
+  release with that paper's bound.
 
 Either stage records every release in an immutable
 :class:`~shoal.privacy.accountant.PrivacyLedger` that is part of the stage's state (threaded
@@ -33,8 +39,10 @@ from shoal.pipeline import Sum
 from shoal.privacy.accountant import PrivacyLedger, RoundEvent
 from shoal.privacy.central import CentralDP, CentralDPState
 from shoal.privacy.csprng import RandomSource
+from shoal.privacy.ddg import DistributedDiscreteGaussian
+from shoal.privacy.ddg_accounting import DistributedEvent
 
-__all__ = ["BudgetPolicy", "DPState", "CentralDPStage", "LocalDPStage"]
+__all__ = ["BudgetPolicy", "DPState", "CentralDPStage", "DistributedDPStage", "LocalDPStage"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class _Accounting:
     """The ledger and budget, shared by both placements."""
 
     name: str
-    event: RoundEvent
+    event: RoundEvent | DistributedEvent
     budget: BudgetPolicy
     accountant: str
 
@@ -248,3 +256,72 @@ class LocalDPStage(_Accounting):
 
     def begin(self, state: DPState, step: int) -> _LocalRun:
         return _LocalRun(self, state)
+
+
+class _DistributedRun:
+    def __init__(self, stage: DistributedDPStage, state: DPState) -> None:
+        self.stage, self.state = stage, state
+
+    def rows(self, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # the clients clip inside the secure sum; every client counts once
+        return rows, np.ones(len(rows))
+
+    def partial(self, rows: np.ndarray, weights: np.ndarray, clients: int,
+                clip_norm: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """Refused: a pre-aggregated group carries no per-client noise shares.
+
+        Raises:
+            UpdateRejected: ``not_noised``, always.
+        """
+        raise UpdateRejected("not_noised", "distributed DP needs each client's own noise "
+                             "share inside the secure sum; a pre-aggregated group has none")
+
+    def finish(self, total: Sum) -> tuple[Sum, DPState]:
+        """The noised sum over the expected cohort, and the ledger with this release.
+
+        Raises:
+            PrivacyError: the sum does not say it holds at least h + f noise shares (a sum
+                rule that does not add them); nothing is released or accounted.
+        """
+        stage, mech = self.stage, self.stage.mechanism
+        shares = total.info.get("ddg_noise_shares")
+        if shares is None or shares < mech.min_inputs:
+            raise PrivacyError(f"distributed DP releases only a sum holding at least "
+                               f"{mech.min_inputs} clients' noise shares; this one claims "
+                               f"{shares!r}")
+        ledger, eps = stage._account(self.state)
+        info = {"clip_norm": mech.clip_norm, "epsilon": eps,
+                "noise_std": mech.sum_noise_std(int(shares)) / stage.expected_clients}
+        state = replace(self.state, ledger=ledger, releases=self.state.releases + 1)
+        return Sum(total.vector, stage.expected_clients, total.count,
+                   {**total.info, **info}), state
+
+
+@dataclass(frozen=True)
+class DistributedDPStage(_Accounting):
+    """The server's half of distributed DP (see the module docstring): the noise is in the
+    secure sum already; this stage checks that it is, fixes the denominator to the expected
+    cohort and keeps the ledger.
+
+    Args:
+        mechanism: z, C, h, f of the distributed discrete Gaussian.
+        expected_clients: the fixed denominator (the cohort size).
+        event: one round for the accountant (:meth:`DistributedDiscreteGaussian.event`).
+        budget: the ε budget and the δ at which ε is reported.
+    """
+
+    mechanism: DistributedDiscreteGaussian
+    expected_clients: float
+    event: DistributedEvent
+    budget: BudgetPolicy
+    accountant: str = "rdp"
+    name: str = "distributed_dp"
+    #: a round that aborts (too few noise shares) or has no update releases nothing
+    releases_empty: bool = False
+
+    def init(self) -> DPState:
+        return DPState(ledger=PrivacyLedger(self.accountant),
+                       clip_norm=float(self.mechanism.clip_norm))
+
+    def begin(self, state: DPState, step: int) -> _DistributedRun:
+        return _DistributedRun(self, state)
