@@ -41,6 +41,7 @@ from typing import ClassVar
 import numpy as np
 
 from shoal.errors import ConfigError, PrivacyError, ProtocolError, UpdateRejected
+from shoal.privacy.csprng import RandomSource
 from shoal.privacy.discrete_gaussian import discrete_gaussian
 from shoal.privacy.rotation import BLOCK, Rotation, padded_dim
 from shoal.privacy.secagg_encoding import ring_bytes, ring_dtype
@@ -180,7 +181,7 @@ def _rotation(dim: int, seed: bytes, block: int) -> Rotation:
     return Rotation(dim, seed, block)
 
 
-def _round(scaled: np.ndarray, bound: float | None, rng: np.random.Generator) -> np.ndarray:
+def _round(scaled: np.ndarray, bound: float | None, rng: RandomSource) -> np.ndarray:
     floor = np.floor(scaled)
     frac = scaled - floor
     # a small relative margin: the norm is summed in float64, the bound must hold exactly
@@ -195,7 +196,7 @@ def _round(scaled: np.ndarray, bound: float | None, rng: np.random.Generator) ->
 
 
 def privatize_and_encode(delta: np.ndarray, round_seed: bytes, params: RotatedQuantization,
-                         rng: np.random.Generator) -> np.ndarray:
+                         rng: RandomSource) -> np.ndarray:
     """A client's update as its ring vector (before masking): steps 1-6 of the module.
 
     Args:
