@@ -8,6 +8,7 @@ import gzip
 import http.server
 import json
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -220,3 +221,84 @@ def test_structured_logs_name_the_round_and_version_of_every_event():
     assert [(e["round"], e["version"]) for e in sent] == [(1, 0), (2, 1), (3, 2)]
     assert [(e["round"], e["version"]) for e in committed] == [(1, 1), (2, 2), (3, 3)]
     assert all("round" in e for e in events if e["event"] == "update_accepted")
+
+
+def _in_memory_tracer():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    return exporter, TracingObserver(exporter, run={"name": "deployed"}, batch=False)
+
+
+def _by_name(spans, name):
+    return [s for s in spans if s.name == name]
+
+
+def step(tracer, device, task, name, seconds, outcome=""):
+    """A step that took ``seconds`` of real time, reported as the carrier does: at its end."""
+    time.sleep(seconds)
+    tracer.device_step(device, task, name, seconds, outcome)
+
+
+def test_each_devices_path_is_a_span_under_its_task_and_round():
+    exporter, tracer = _in_memory_tracer()
+    tracer.task_sent(1, 0, 3, 0.0)
+    for device in ("a", "b", "c"):
+        step(tracer, device, 1, "checkin", 0.001)
+        step(tracer, device, 1, "download", 0.002)
+    for device in ("a", "b"):
+        step(tracer, device, 1, "upload", 0.001)
+        step(tracer, device, 1, "validate", 0.0005)
+        step(tracer, device, 1, "fold", 0.0001)
+        tracer.device_done(device, 1, "accepted")
+        tracer.update_accepted(1, 1, 0, 1.0)
+    step(tracer, "c", 1, "upload", 0.001)
+    step(tracer, "c", 1, "validate", 0.0005, outcome="non_finite")
+    tracer.update_rejected(1, "non_finite", 1, "NaN in update", 1.0)
+    tracer.device_done("c", 1, "timed_out")
+    tracer.clients_failed(1, 1, "timed_out", 2.0)
+    tracer.version_committed(RoundRecord(round=1, version=1, sampled=3, accepted=2))
+    tracer.close()
+    spans = exporter.get_finished_spans()
+    (rnd,) = _by_name(spans, "round")
+    (task,) = _by_name(spans, "task")
+    assert task.parent.span_id == rnd.context.span_id
+    devices = {s.attributes["device.id"]: s for s in _by_name(spans, "device")}
+    assert sorted(devices) == ["a", "b", "c"]
+    for device, span in devices.items():
+        assert span.parent.span_id == task.context.span_id
+        assert span.context.trace_id == rnd.context.trace_id
+        steps = sorted((s for s in spans if s.parent is not None
+                        and s.parent.span_id == span.context.span_id),
+                       key=lambda s: s.start_time)
+        names = [s.name for s in steps]
+        assert names[:4] == ["checkin", "download", "train", "upload"]
+        for before, after in zip(steps, steps[1:]):  # a path, one step after the other
+            assert before.end_time <= after.start_time + 1_000_000
+        assert span.start_time <= steps[0].start_time
+        assert steps[-1].end_time <= span.end_time
+    for device in ("a", "b"):
+        assert [s.name for s in spans if s.parent is not None
+                and s.parent.span_id == devices[device].context.span_id][-2:] == [
+                    "validate", "fold"]
+        assert devices[device].attributes["outcome"] == "committed"
+        assert [e.attributes["model.version"] for e in devices[device].events
+                if e.name == "commit"] == [1]
+        assert devices[device].end_time >= rnd.end_time - 1_000_000
+    c = devices["c"]
+    assert c.attributes["outcome"] == "timed_out" and not c.status.is_ok
+    (bad,) = [s for s in spans if s.name == "validate"
+              and s.parent.span_id == c.context.span_id]
+    assert bad.attributes["outcome"] == "non_finite" and not bad.status.is_ok
+
+
+def test_an_abandoned_round_ends_its_accepted_devices_in_error():
+    exporter, tracer = _in_memory_tracer()
+    tracer.task_sent(1, 0, 1, 0.0)
+    step(tracer, "a", 1, "checkin", 0.0)
+    tracer.device_done("a", 1, "accepted")
+    tracer.round_abandoned(RoundRecord(round=1, version=0, sampled=1, accepted=1),
+                           "below_min_clients")
+    tracer.close()
+    (device,) = _by_name(exporter.get_finished_spans(), "device")
+    assert device.status.description == "abandoned: below_min_clients"

@@ -76,6 +76,16 @@ class CarrierObserver(Observer):
         """The number of uploads being received changed by ``delta`` (+1 on start, -1 when
         one ends however it ends)."""
 
+    def device_step(self, device_id: str, task_id: int, step: str, seconds: float,
+                    outcome: str = "") -> None:
+        """Device ``device_id`` finished ``step`` of task ``task_id`` just now, after
+        ``seconds`` (``checkin``, ``download``, ``upload``, ``validate``, ``fold``);
+        ``outcome`` is empty when the step went through, else why not (a refusal reason)."""
+
+    def device_done(self, device_id: str, task_id: int, outcome: str) -> None:
+        """Device ``device_id``'s part in task ``task_id`` ended with ``outcome``
+        (``accepted``: its update waits for the commit; else why it left the round)."""
+
 
 class Observers(CarrierObserver):
     """Several observers as one; a call reaches each in order.

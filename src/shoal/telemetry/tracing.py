@@ -11,15 +11,22 @@ One trace per run. Its spans, from the coordinator's and the carrier's hooks:
 * ``task`` -- one per task sent (a cohort, or one client in buffered runs), child of the
   round it was sent in, from sending to its last client's answer (or the round's commit);
   ``accepted``, ``rejected`` (reason, detail) and ``clients_failed`` (reason) events;
+* ``device`` -- one per device and task in a deployment, child of its task, from the
+  device's check-in to the commit that used its update (an ``accepted`` device) or to the
+  moment it left the round (``outcome``: ``timed_out``, ``dropped``, a refusal reason, ...);
+  children, timed by the carrier: ``checkin``, ``download``, ``train`` (from the end of the
+  download to the start of the upload, as the server sees it: the device's training and its
+  idle time), ``upload``, ``validate`` and ``fold`` (ERROR status and an ``outcome`` when a
+  step refused the device); a ``commit`` event with the version when its round commits;
 * an ``evaluated`` event on ``run`` per evaluated version (its metrics): the hook tells when
   the run reports an evaluation, not how long it took (it runs on its own thread and is
   reported in version order), so it is no span;
 * ``store.promote`` / ``store.rollback`` -- the dashboard's moves of the production pointer
   (:meth:`TracingObserver.span`).
 
-What the hooks do not say is not traced: which device did what (the hooks carry counts, not
-device ids), the phases inside a device's task (download, train, upload) and the timing of the
-SecAgg+ stages. docs/dashboard.md says what it would take.
+What the hooks do not say is not traced: the timing of the SecAgg+ stages (their dropouts
+are events) and the aggregator's store writes; simulated clients have no device spans (a
+cohort is one matrix). docs/dashboard.md says what it would take.
 
 Exporters (``[tracing]``): ``console`` (stderr), ``file`` (one JSON object per span and line,
 OpenTelemetry's own span JSON), ``otlp`` (OTLP over HTTP to a collector). Spans are exported in
@@ -34,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -67,6 +75,16 @@ class _Task:
         self.span, self.round, self.pending = span, round, pending
 
 
+class _Device:
+    __slots__ = ("span", "context", "round", "task_id", "downloaded", "done")
+
+    def __init__(self, span: Span, round: int, task_id: int) -> None:
+        self.span, self.round, self.task_id = span, round, task_id
+        self.context = trace.set_span_in_context(span)
+        self.downloaded: int | None = None
+        self.done = False
+
+
 class TracingObserver(CarrierObserver):
     """Turns the run's hooks into OpenTelemetry spans (see the module docstring).
 
@@ -97,6 +115,7 @@ class TracingObserver(CarrierObserver):
         self._round_no = 1
         self._carrier: Counter[str] = Counter()
         self._tasks: dict[int, _Task] = {}
+        self._devices: dict[tuple[int, str], _Device] = {}
         self._closed = False
         self._owned = owned
 
@@ -110,6 +129,10 @@ class TracingObserver(CarrierObserver):
         return self._round
 
     def _end_task(self, task_id: int, error: str = "") -> None:
+        for key in [k for k in self._devices if k[0] == task_id]:
+            d = self._devices[key]
+            if not d.done or error:  # an accepted device's span waits for the commit
+                self._end_device(key, error or "task ended")
         t = self._tasks.pop(task_id, None)
         if t is not None:
             if error:
@@ -154,6 +177,60 @@ class TracingObserver(CarrierObserver):
                 t.span.add_event("clients_failed", {"clients": clients, "reason": reason})
             self._answered(task_id, clients)
 
+    # -- a device's path through its task -----------------------------------------------------
+
+    def _device(self, device_id: str, task_id: int, start: int) -> _Device:
+        key = (task_id, device_id)
+        d = self._devices.get(key)
+        if d is None:
+            t = self._tasks.get(task_id)
+            parent = t.span if t is not None else self._open_round()
+            span = self.tracer.start_span("device", context=trace.set_span_in_context(parent),
+                                          start_time=start, attributes={
+                                              "device.id": device_id, "task.id": task_id})
+            d = self._devices[key] = _Device(span, t.round if t else self._round_no, task_id)
+        return d
+
+    def _end_device(self, key: tuple[int, str], outcome: str, end: int | None = None) -> None:
+        d = self._devices.pop(key, None)
+        if d is not None:
+            d.span.set_attribute("outcome", outcome)
+            if outcome not in ("accepted", "committed"):
+                d.span.set_status(Status(StatusCode.ERROR, outcome))
+            d.span.end(end_time=end)
+
+    def device_step(self, device_id: str, task_id: int, step: str, seconds: float,
+                    outcome: str = "") -> None:
+        end = time.time_ns()
+        start = end - max(0, int(seconds * 1e9))
+        with self._lock:
+            if self._closed:
+                return
+            d = self._device(device_id, task_id, start)
+            if step == "upload" and d.downloaded is not None and d.downloaded <= start:
+                self.tracer.start_span("train", context=d.context, start_time=d.downloaded,
+                                       attributes={"measured": "between download and upload"}
+                                       ).end(end_time=start)
+                d.downloaded = None
+            span = self.tracer.start_span(step, context=d.context, start_time=start)
+            if outcome:
+                span.set_attribute("outcome", outcome)
+                span.set_status(Status(StatusCode.ERROR, outcome))
+            span.end(end_time=end)
+            if step == "download":
+                d.downloaded = end
+
+    def device_done(self, device_id: str, task_id: int, outcome: str) -> None:
+        with self._lock:
+            key = (task_id, device_id)
+            d = self._devices.get(key)
+            if d is None:
+                return
+            if outcome == "accepted":
+                d.done = True  # ends at its round's commit
+            else:
+                self._end_device(key, outcome)
+
     def _round_attributes(self, span: Span, record: RoundRecord) -> None:
         span.set_attributes({
             "round": record.round, "model.version": record.version,
@@ -175,6 +252,9 @@ class TracingObserver(CarrierObserver):
         with self._lock:
             span = self._open_round()
             self._round_attributes(span, record)
+            for key in [k for k, d in self._devices.items() if d.done]:
+                self._devices[key].span.add_event("commit", {"model.version": record.version})
+                self._end_device(key, "committed")
             for task_id in [k for k, t in self._tasks.items() if t.round == self._round_no
                             and self.unit == "round"]:
                 self._end_task(task_id)  # a synchronous round's stragglers are cancelled
@@ -228,6 +308,8 @@ class TracingObserver(CarrierObserver):
             self._closed = True
             for task_id in list(self._tasks):
                 self._end_task(task_id, "run ended")
+            for key in list(self._devices):
+                self._end_device(key, "run ended")
             if self._round is not None:
                 self._round.end()
                 self._round = None
