@@ -294,7 +294,7 @@ class SecAggKeys(_message.Message):
     def __init__(self, enc_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
 
 class SecAggSetup(_message.Message):
-    __slots__ = ("session", "roster", "graph_seed", "neighbours", "threshold", "bits", "length", "client_id", "clip", "value_bits", "max_weight")
+    __slots__ = ("session", "roster", "graph_seed", "neighbours", "threshold", "bits", "length", "client_id", "clip", "value_bits", "max_weight", "rotation")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ROSTER_FIELD_NUMBER: _ClassVar[int]
     GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +306,7 @@ class SecAggSetup(_message.Message):
     CLIP_FIELD_NUMBER: _ClassVar[int]
     VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     roster: _containers.RepeatedScalarFieldContainer[int]
     graph_seed: bytes
@@ -317,7 +318,24 @@ class SecAggSetup(_message.Message):
     clip: float
     value_bits: int
     max_weight: int
-    def __init__(self, session: _Optional[bytes] = ..., roster: _Optional[_Iterable[int]] = ..., graph_seed: _Optional[bytes] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., length: _Optional[int] = ..., client_id: _Optional[int] = ..., clip: _Optional[float] = ..., value_bits: _Optional[int] = ..., max_weight: _Optional[int] = ...) -> None: ...
+    rotation: SecAggRotation
+    def __init__(self, session: _Optional[bytes] = ..., roster: _Optional[_Iterable[int]] = ..., graph_seed: _Optional[bytes] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., length: _Optional[int] = ..., client_id: _Optional[int] = ..., clip: _Optional[float] = ..., value_bits: _Optional[int] = ..., max_weight: _Optional[int] = ..., rotation: _Optional[_Union[SecAggRotation, _Mapping]] = ...) -> None: ...
+
+class SecAggRotation(_message.Message):
+    __slots__ = ("dim", "clip", "gamma", "noise_std", "norm_bound", "block")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    NORM_BOUND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    clip: float
+    gamma: float
+    noise_std: float
+    norm_bound: float
+    block: int
+    def __init__(self, dim: _Optional[int] = ..., clip: _Optional[float] = ..., gamma: _Optional[float] = ..., noise_std: _Optional[float] = ..., norm_bound: _Optional[float] = ..., block: _Optional[int] = ...) -> None: ...
 
 class SecAggKeyDirectory(_message.Message):
     __slots__ = ("session", "keys")
