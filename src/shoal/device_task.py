@@ -66,6 +66,7 @@ class Task:
         deadline: uploads at or after it are ``"late"`` (seconds, same clock as ``now``).
         clip_norm: clip the update to this L2 norm and weigh it as one example before it
             leaves the device (``None``: not asked); see :class:`~shoal.events.TrainTask`.
+        task_id: the coordinator's task (evaluation reports and declines name it).
     """
 
     round: int
@@ -73,10 +74,12 @@ class Task:
     upload_key: str
     deadline: float
     clip_norm: float | None = None
+    task_id: int = 0
 
     def __repr__(self) -> str:  # keep the credential out of logs
         return (f"Task(round={self.round}, model_version={self.model_version}, "
-                f"upload_key='…', deadline={self.deadline}, clip_norm={self.clip_norm})")
+                f"upload_key='…', deadline={self.deadline}, clip_norm={self.clip_norm}, "
+                f"task_id={self.task_id})")
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,7 @@ class DeviceTask:
             return self._task[device_id]
         task = Task(round=self.round, model_version=self.model_version,
                     upload_key=secrets.token_hex(16), deadline=self.deadline,
-                    clip_norm=self.clip_norm)
+                    clip_norm=self.clip_norm, task_id=self.task_id)
         self._task[device_id] = task
         self._state[device_id] = _TASKED
         return task
@@ -337,7 +340,7 @@ class DeviceTask:
         self.authenticate(device_id, round, base_version, upload_key)
         state = self._state[device_id]
         if state == _ACCEPTED:
-            if _digest(num_examples, delta) != self._digest[device_id]:
+            if _digest(num_examples, delta) != self._digest.get(device_id):
                 raise self._reject("duplicate", "an update from this device was already "
                                    "accepted for this task; this one differs", device_id)
             self.replays += 1
@@ -361,6 +364,11 @@ class DeviceTask:
         self._digest[device_id] = _digest(update.num_examples, update.delta)
         self._receipt[device_id] = receipt
         return receipt
+
+    def answered(self, device_id: str) -> None:
+        """Count ``device_id`` as done with the task without an update (it declined it, or
+        reported an evaluation): its check-ins are answered ``already_reported``."""
+        self._state[device_id] = _ACCEPTED
 
     def refuse(self, device_id: str, reason: str, detail: str) -> UpdateRejected:
         """Count the coordinator's refusal of the device's update (nothing else changes: the

@@ -9,6 +9,7 @@
         CancelTask → close it (later uploads are "late") · WakeAt → a timer for tick()
         UpdateRefused → the refused device's answer
         CommitVersion · AbortRound · Finished → the backlog, carried out by carry_out()
+        SendEval → open an EvalSession · EvalDone → the results, for take_evaluations()
 
 :class:`DeviceGateway` has no round rule of its own: the coordinator's policy decides when a
 task opens and closes and whether it commits, its pipeline judges every update. The gateway
@@ -19,6 +20,15 @@ into an ``UpdatesArrived`` event and
 answers the device with the coordinator's verdict, at once. Secure-aggregation tasks run the
 SecAgg+ machine (:class:`~shoal.device_secagg.SecAggDeviceRound`) as their session; its
 unmasked sum reaches the coordinator as one :class:`~shoal.events.PartialAggregate`.
+
+Evaluation tasks (:meth:`DeviceGateway.evaluate`, the coordinator's second task kind) run as
+:class:`~shoal.device_sessions.EvalSession`: a device is offered one only if it can evaluate
+and is served the version to evaluate (else the coordinator hears ``ClientsFailed``); its
+report becomes an ``EvalReported`` whose segment is what the carrier says (the attribute the
+device declared at Hello, never the report's), and a device that declines its task
+(:meth:`DeviceGateway.decline`, e.g. a model whose signature failed) becomes
+``ClientsFailed``. :meth:`DeviceGateway.serve` serves evaluation tasks alone, for a
+coordinator that does not train (a canary after training).
 
 The gRPC aggregator (:mod:`shoal.transport.server`) calls it from its handlers, and tests
 call it directly with scripted devices (the in-memory transport): the same code commits the
@@ -45,13 +55,15 @@ import numpy as np
 
 from shoal.coordinator import Coordinator
 from shoal.device_secagg import End, SecAggDeviceRound, Wait
-from shoal.device_sessions import GatewaySettings, Outcome, Session, SessionBook, is_closed
+from shoal.device_sessions import (EvalDesk, EvalSession, GatewaySettings, Outcome, Session,
+                                   SessionBook, is_closed)
 from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, WeightCap
 from shoal.errors import ProtocolError, UpdateRejected
+from shoal.evaluation import EvalResult
 from shoal.observers import Observer
 from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
-                          CommitVersion, Finished, SendTask, TaskEnded, Tick, UpdateRefused,
-                          UpdatesArrived, WakeAt)
+                          CommitVersion, EvalDone, Finished, SendEval, SendTask, TaskEnded,
+                          Tick, UpdateRefused, UpdatesArrived, WakeAt)
 from shoal.privacy.secagg_messages import ClientMessage, ServerMessage
 from shoal.records import RoundRecord
 from shoal.strategy import ServerState
@@ -66,7 +78,7 @@ log = logging.getLogger("shoal.aggregator")
 _IO = (CommitVersion, AbortRound, Finished)
 
 
-class DeviceGateway:
+class DeviceGateway(EvalDesk):
     """Devices behind a coordinator (see the module docstring).
 
     Args:
@@ -85,6 +97,9 @@ class DeviceGateway:
         weights: bounds the weight of each device's update (its claimed example count);
             ``None``: claims are weighed as they are (the pipeline's validation still
             refuses absurd ones).
+        serves: ``serves(device)`` -> the model-store version the device is served
+            (``None``: nothing); an evaluation task is offered only to devices served its
+            version. Without it no device is offered one.
     """
 
     def __init__(self, devices: Sequence[str], dim: int,
@@ -94,8 +109,12 @@ class DeviceGateway:
                  observer: Observer | None = None,
                  on_progress: Callable[[], None] | None = None,
                  on_publish: Callable[[int, np.ndarray], None] | None = None,
-                 weights: WeightCap | None = None) -> None:
+                 weights: WeightCap | None = None,
+                 serves: Callable[[str], int | None] | None = None) -> None:
         self.weights = weights
+        self.serves = serves
+        self._evaluated: list[EvalResult] = []
+        self._trains = False  # started (training), not only serving evaluations
         self.observer = observer if observer is not None else Observer()
         self.on_progress = on_progress
         self.on_publish = on_publish
@@ -134,7 +153,7 @@ class DeviceGateway:
         with self.changed:
             if self.coordinator is not None:
                 raise ProtocolError("the gateway already serves a coordinator")
-            self.coordinator = coordinator
+            self.coordinator, self._trains = coordinator, True
             self._carry(coordinator.start(state, now, stage_states), now)
 
     def _running(self) -> Coordinator:
@@ -185,12 +204,16 @@ class DeviceGateway:
 
     # -- device calls --------------------------------------------------------------------------
 
-    def check_in(self, device_id: str, now: float, *, clips: bool = True
-                 ) -> tuple[Task | ComeBack, str, dict[str, float]]:
-        """A device asks for work: ``(decision, kind, settings)``; kind ``"train"`` or
-        ``"secagg"``, settings the task's client settings.
+    def check_in(self, device_id: str, now: float, *, clips: bool = True,
+                 evaluates: bool = False) -> tuple[Task | ComeBack, str, dict[str, float]]:
+        """A device asks for work: ``(decision, kind, settings)``; kind ``"train"``,
+        ``"secagg"`` or ``"evaluate"``, settings the task's client settings.
 
-        ``clips``: whether the device's runtime clips its update to ``Task.clip_norm``.
+        ``clips``: whether the device's runtime clips its update to ``Task.clip_norm``;
+        ``evaluates``: whether it answers evaluation tasks. A device selected for an
+        evaluation task it cannot do (it does not evaluate, or is not served the version)
+        is told to come back with that reason (``cannot_evaluate``, ``not_served``) and the
+        coordinator stops waiting for it.
 
         Raises:
             TaskRefused: ``runtime_too_old``: the device was selected for a task that asks
@@ -210,13 +233,18 @@ class DeviceGateway:
             if s.clip_norm is not None and not clips and device_id in s.selected \
                     and not is_closed(s):
                 self._refuse_runtime(s, device_id, now)
+            if isinstance(s, EvalSession):
+                unfit = self._unfit_for_evaluation(s, device_id, evaluates, soon, now)
+                if unfit is not None:
+                    return unfit, "evaluate", {}
             decision = s.check_in(device_id, now, rng=self._rng)
             if isinstance(decision, ComeBack) and decision.reason == "round_closed":
                 decision = ComeBack(min(decision.at, now + self.settings.idle_retry_s),
                                     "round_closed")
             elif isinstance(decision, ComeBack):
                 decision = ComeBack(min(decision.at, soon), decision.reason)
-            kind = "secagg" if isinstance(s, SecAggDeviceRound) else "train"
+            kind = "secagg" if isinstance(s, SecAggDeviceRound) else \
+                "evaluate" if isinstance(s, EvalSession) else "train"
             return decision, kind, self.sessions.settings(s.task_id)
 
     def upload(self, device_id: str, round: int, base_version: int, upload_key: str,
@@ -369,7 +397,9 @@ class DeviceGateway:
             while self._timers and self._timers[0] <= now:
                 heapq.heappop(self._timers)
                 due = True
-            if due:
+            # a coordinator served only for evaluation takes time while an evaluation is open
+            if due and (self._trains or any(isinstance(x, EvalSession) and not x.closed
+                                            for x in self.sessions.all())):
                 self._carry(self.coordinator.handle(Tick(now)), now)
                 self._settle(now)
             if progressed or due:
@@ -451,6 +481,25 @@ class DeviceGateway:
         clock the devices' deadlines are on; ``after_each`` runs after every pass (outside
         the lock: e.g. write outcomes to the registry). Returns why the run finished."""
         self.start(coordinator, state, now(), stage_states)
+        return self._drive(now, lambda: False, on_commit, on_abort, poll_s, after_each)
+
+    def serve(self, coordinator: Coordinator, now: Callable[[], float], *,
+              until: Callable[[], bool], poll_s: float = 0.2,
+              after_each: Callable[[], None] | None = None) -> str:
+        """Serve the evaluation tasks of ``coordinator``, which is not started (it does not
+        train: a canary after training), until ``until()`` (checked after every pass, like
+        ``after_each``, which is where the caller asks for evaluations and takes their
+        results). Returns why it stopped (``"done"`` when ``until()`` held)."""
+        with self.changed:
+            if self.coordinator is not None:
+                raise ProtocolError("the gateway already serves a coordinator")
+            self.coordinator = coordinator
+        return self._drive(now, until, None, None, poll_s, after_each)
+
+    def _drive(self, now: Callable[[], float], until: Callable[[], bool],
+               on_commit: Callable[[ServerState, RoundRecord], None] | None,
+               on_abort: Callable[[RoundRecord, str, bool], None] | None,
+               poll_s: float, after_each: Callable[[], None] | None) -> str:
         try:
             while True:
                 reason = self.carry_out(now, on_commit, on_abort)
@@ -464,6 +513,8 @@ class DeviceGateway:
                 self.tick(now())
                 if after_each is not None:
                     after_each()
+                if until():
+                    return "done"
         finally:
             with self.changed:
                 if not self.finished:
@@ -479,6 +530,14 @@ class DeviceGateway:
         elif isinstance(cmd, WakeAt):
             if math.isfinite(cmd.at):
                 heapq.heappush(self._timers, cmd.at)
+        elif isinstance(cmd, SendEval):
+            self.sessions.open_eval(cmd.task, [self.devices[int(c)] for c in cmd.client_ids],
+                                    [int(c) for c in cmd.client_ids], self.settings)
+        elif isinstance(cmd, EvalDone):
+            s = self.sessions.get(cmd.task_id)
+            if s is not None and not is_closed(s):
+                s.close("evaluation done")
+            self._evaluated.append(cmd.result)
 
     def _open(self, cmd: SendTask, now: float) -> None:
         if self.weights is not None:
@@ -498,8 +557,9 @@ class DeviceGateway:
             s.close(reason)
             self._fed.add(s.task_id)
             return
-        for d in s.devices_with("tasked"):
-            self._outcome(d, s, "late", now)
+        if not isinstance(s, EvalSession):  # evaluation is not participation
+            for d in s.devices_with("tasked"):
+                self._outcome(d, s, "late", now)
         s.close(reason)
 
     def _settle(self, now: float, sessions: Sequence[DeviceTask] | None = None) -> None:
@@ -514,7 +574,7 @@ class DeviceGateway:
         """
         coordinator = self._running()
         for s in self.sessions.all() if sessions is None else sessions:
-            if isinstance(s, DeviceTask) and not s.closed \
+            if isinstance(s, DeviceTask) and not isinstance(s, EvalSession) and not s.closed \
                     and not coordinator.outstanding(s.task_id):
                 self._close(s, "task over", now)
 

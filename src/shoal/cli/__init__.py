@@ -16,8 +16,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shoal.cli import (certs, client, config, dashboard, gossip, html_report, launch, models,
-                       privacy, run, serve, tokens, traces)
+from shoal.cli import (certs, client, config, dashboard, gossip, html_report, keys, launch,
+                       models, privacy, run, serve, tokens, traces)
 from shoal.errors import BudgetExhausted, ConfigError, DataError, ShoalError
 
 __all__ = ["build_parser", "main"]
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add_parser in (run.add_parser, traces.add_parser, privacy.add_parser, serve.add_parser,
                        client.add_parser, launch.add_parser, models.add_parser,
-                       tokens.add_revoke_parser, certs.add_parser, tokens.add_enroll_parser,
+                       tokens.add_revoke_parser, certs.add_parser, keys.add_parser,
+                       tokens.add_enroll_parser,
                        config.add_parser, dashboard.add_parser, html_report.add_parser,
                        gossip.add_parser):
         add_parser(sub)

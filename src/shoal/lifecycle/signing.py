@@ -28,7 +28,8 @@ from shoal.privacy import crypto
 from shoal.store.lineage import canonical_json
 
 __all__ = ["KINDS", "SignatureRejected", "SignedArtifact", "Signer", "TrustedKey",
-           "VerifiedSlot", "key_id", "model_bytes", "plan_bytes", "verify_artifact"]
+           "VerifiedSlot", "key_id", "model_bytes", "plan_bytes", "verify_artifact",
+           "version_signatures"]
 
 KINDS = ("model", "plan")
 _CONTEXT = b"shoal-artifact/1"
@@ -41,7 +42,7 @@ class SignatureRejected(ProtocolError):
 
     Attributes:
         reason: ``unsigned``, ``scheme``, ``wrong_key``, ``bad_signature``, ``tampered``,
-            ``wrong_kind`` or ``malformed``.
+            ``wrong_kind``, ``wrong_version`` or ``malformed``.
     """
 
     def __init__(self, message: str, reason: str) -> None:
@@ -91,6 +92,23 @@ class SignedArtifact:
             raise SignatureRejected(f"the signature header is malformed: {exc}",
                                     "malformed") from None
         return doc
+
+    def to_json(self) -> dict[str, str]:
+        """The JSON form kept beside a model-store version (the header is ASCII JSON)."""
+        return {"header": self.header.decode("ascii"), "signature": self.signature.hex()}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> SignedArtifact:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            SignatureRejected: not that form (``malformed``).
+        """
+        try:
+            return cls(str(doc["header"]).encode("ascii"), bytes.fromhex(doc["signature"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SignatureRejected(f"a stored signature is malformed: {exc}",
+                                    "malformed") from None
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,17 @@ class Signer:
         return self.sign("plan", version, plan_bytes(plan))
 
 
+def version_signatures(signer: Signer, version: int, params: np.ndarray,
+                       plan: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
+    """The operator's signatures of one model-store version, in the form the store keeps
+    beside it (:meth:`ModelStore.sign <shoal.store.models.ModelStore.sign>`): ``model``, and
+    ``plan`` when the version has one."""
+    out = {"model": signer.sign_model(params, version).to_json()}
+    if plan is not None:
+        out["plan"] = signer.sign_plan(plan, version).to_json()
+    return out
+
+
 def verify_artifact(trusted: TrustedKey, kind: str, payload: bytes,
                     signed: SignedArtifact | None) -> int:
     """The device's check before it installs a model or plan; returns the signed version.
@@ -194,13 +223,21 @@ class VerifiedSlot(Generic[T]):
         self.value: T | None = None
         self.version: int | None = None
 
-    def install(self, value: T, signed: SignedArtifact | None) -> int:
+    def install(self, value: T, signed: SignedArtifact | None, *,
+                version: int | None = None) -> int:
         """Verify ``value`` and make it current; returns its version.
+
+        Args:
+            version: the version the device asked for; a validly signed artifact of another
+                version (an old model replayed) is refused as ``wrong_version``.
 
         Raises:
             SignatureRejected: verification failed; :attr:`value` and :attr:`version` are
                 what they were.
         """
-        version = verify_artifact(self.trusted, self.kind, self._encode(value), signed)
-        self.value, self.version = value, version
-        return version
+        signed_version = verify_artifact(self.trusted, self.kind, self._encode(value), signed)
+        if version is not None and signed_version != version:
+            raise SignatureRejected(f"the {self.kind} is signed as version {signed_version}, "
+                                    f"version {version} was asked for", "wrong_version")
+        self.value, self.version = value, signed_version
+        return signed_version

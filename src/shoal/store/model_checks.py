@@ -4,13 +4,21 @@ touches the disk (a :class:`~shoal.errors.ConfigError` naming the argument)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from shoal.errors import ConfigError
 
-__all__ = ["check_int", "check_metrics", "check_now", "check_reason", "check_rounds"]
+__all__ = ["Signatures", "check_int", "check_metrics", "check_now", "check_reason",
+           "check_rounds", "check_signatures"]
+
+#: ``sign(version id, plan)`` -> kind -> ``{"header": ..., "signature": ...}``: what a commit
+#: calls to sign the version it is writing (the store does not know keys or schemes).
+Signatures: TypeAlias = Callable[[int, Mapping[str, Any] | None],
+                                 Mapping[str, Mapping[str, str]]]
+_KINDS = ("model", "plan")
 
 
 def check_int(value: object, name: str, minimum: int) -> int:
@@ -59,4 +67,31 @@ def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
             raise ConfigError(f"metric {name!r} must be a finite number, got {value!r}",
                               key=f"metrics.{name}")
         out[name] = value
+    return out
+
+
+def check_signatures(signatures: object) -> dict[str, dict[str, str]]:
+    """Signatures as the index keeps them: kind (``model`` or ``plan``) -> ``{"header": an
+    ASCII JSON text, "signature": hex}``. Their cryptographic validity is the receiver's to
+    check; here only their form."""
+    if not isinstance(signatures, Mapping):
+        raise ConfigError(f"signatures must map a kind to a signature, got "
+                          f"{type(signatures).__name__}", key="signatures")
+    out: dict[str, dict[str, str]] = {}
+    for kind, sig in signatures.items():
+        ok = kind in _KINDS and isinstance(sig, Mapping) and set(sig) == {"header",
+                                                                          "signature"}
+        if ok:
+            header, hexsig = sig["header"], sig["signature"]
+            ok = (isinstance(header, str) and header.isascii() and 0 < len(header) <= 4096
+                  and isinstance(hexsig, str) and 0 < len(hexsig) <= 16384)
+            try:
+                bytes.fromhex(hexsig if ok else "")
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ConfigError(f"signature of {kind!r} must be a kind in {_KINDS} mapped to "
+                              f"{{'header': ASCII text, 'signature': hex}}",
+                              key="signatures")
+        out[kind] = {"header": header, "signature": hexsig}
     return out

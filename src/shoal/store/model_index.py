@@ -13,10 +13,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 from shoal.store.atomic import replace_atomically
-from shoal.store.model_versions import STATUSES
+from shoal.store.model_versions import STATUSES, PointerMoved
 
 __all__ = ["FORMAT", "INDEX_FILE", "MODEL_FILE", "TEMP_FILE", "ModelIndex", "file_sha256",
            "model_file_name"]
@@ -56,6 +57,33 @@ class ModelIndex:
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
     production: int | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+
+    def move_production(self, vid: int, action: str, now: float, reason: str = "") -> None:
+        """Point production at ``vid`` (``action`` ``"promote"`` or ``"rollback"``: the
+        previous production becomes ``candidate`` or ``rolled_back``) and log the event."""
+        previous = self.production
+        if previous is not None:
+            self.versions[previous]["status"] = "rolled_back" if action == "rollback" \
+                else "candidate"
+        self.versions[vid]["status"] = "production"
+        self.production = vid
+        event = {"at": now, "action": action, "version": vid, "previous": previous}
+        if reason:
+            event["reason"] = reason
+        self.events.append(event)
+
+    def compare(self, expected: int | None | EllipsisType) -> None:
+        """The compare of compare-and-set: refuse unless production is at ``expected``
+        (``...``: anywhere).
+
+        Raises:
+            PointerMoved: it is elsewhere.
+        """
+        if expected is not ... and self.production != expected:
+            raise PointerMoved(f"the production pointer is at {self.production}, not "
+                               f"{expected} as expected: another writer moved it; read it "
+                               "again and decide anew", expected=expected,
+                               actual=self.production)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "production": self.production,

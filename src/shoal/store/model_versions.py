@@ -8,8 +8,9 @@ move of the production pointer. Both are read-only values built from the index b
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from shoal.errors import ShoalError
@@ -90,6 +91,10 @@ class ModelVersion:
             checkpoint without one, or a store written before lineage was recorded).
         plan: the training plan (:func:`~shoal.store.lineage.plan_from_config`), or
             ``None`` likewise.
+        signatures: kind (``"model"``, ``"plan"``) -> the operator's signature of the
+            version's model or plan, as ``{"header": ..., "signature": ...}``
+            (:meth:`SignedArtifact.to_json <shoal.lifecycle.signing.SignedArtifact.to_json>`);
+            empty when the version was never signed.
     """
 
     id: int
@@ -103,17 +108,39 @@ class ModelVersion:
     rounds: tuple[int, int] = (0, 0)
     config_hash: str | None = None
     plan: Mapping[str, Any] | None = None
+    signatures: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any], directory: Path) -> ModelVersion:
+        """The version an index entry describes (its file under ``directory``)."""
+        # lineage and signature fields are absent from stores written before they existed
+        rounds = entry.get("rounds") or (entry["round"], entry["round"])
+        plan = entry.get("plan")
+        signatures = {k: MappingProxyType(dict(v))
+                      for k, v in (entry.get("signatures") or {}).items()}
+        return cls(id=entry["id"], parent=entry["parent"], round=entry["round"],
+                   created=entry["created"], metrics=MappingProxyType(dict(entry["metrics"])),
+                   status=entry["status"], sha256=entry["sha256"],
+                   path=directory / entry["file"], rounds=(int(rounds[0]), int(rounds[1])),
+                   config_hash=entry.get("config_hash"),
+                   plan=None if plan is None else MappingProxyType(plan),
+                   signatures=MappingProxyType(signatures))
 
     def __hash__(self) -> int:
         return hash(self.id)  # metrics is unhashable; equal versions share an id
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready form (``shoal models show --json``)."""
-        return {"id": self.id, "parent": self.parent, "round": self.round,
-                "created": self.created, "metrics": dict(self.metrics),
-                "status": self.status, "sha256": self.sha256, "file": self.path.name,
-                "rounds": list(self.rounds), "config_hash": self.config_hash,
-                "plan": None if self.plan is None else dict(self.plan)}
+        """Plain JSON-ready form (``shoal models show --json``); ``signatures`` only for a
+        signed version."""
+        out = {"id": self.id, "parent": self.parent, "round": self.round,
+               "created": self.created, "metrics": dict(self.metrics),
+               "status": self.status, "sha256": self.sha256, "file": self.path.name,
+               "rounds": list(self.rounds), "config_hash": self.config_hash,
+               "plan": None if self.plan is None else dict(self.plan)}
+        if self.signatures:
+            out["signatures"] = {k: dict(v) for k, v in self.signatures.items()}
+        return out
 
 
 @dataclass(frozen=True)

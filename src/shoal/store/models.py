@@ -51,7 +51,7 @@ import builtins
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import EllipsisType, MappingProxyType
+from types import EllipsisType
 from typing import Any, Literal
 
 from shoal.errors import ConfigError, DataError
@@ -59,8 +59,8 @@ from shoal.store.atomic import fsync_dir
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shoal.store.disk import disk_failure
 from shoal.store.lineage import config_hash, plan_from_config
-from shoal.store.model_checks import (check_int, check_metrics, check_now, check_reason,
-                                      check_rounds)
+from shoal.store.model_checks import (Signatures, check_int, check_metrics, check_now,
+                                      check_reason, check_rounds, check_signatures)
 from shoal.store.model_index import (INDEX_FILE, MODEL_FILE, TEMP_FILE, ModelIndex,
                                      file_sha256, model_file_name)
 from shoal.store.model_versions import (STATUSES, ModelEvent, ModelStoreError, ModelVersion,
@@ -209,17 +209,7 @@ class ModelStore:
         return self._read_disk(create=False)
 
     def _version(self, entry: Mapping[str, Any]) -> ModelVersion:
-        # lineage fields are absent from stores written before they were recorded
-        rounds = entry.get("rounds") or (entry["round"], entry["round"])
-        plan = entry.get("plan")
-        return ModelVersion(id=entry["id"], parent=entry["parent"], round=entry["round"],
-                            created=entry["created"],
-                            metrics=MappingProxyType(dict(entry["metrics"])),
-                            status=entry["status"], sha256=entry["sha256"],
-                            path=self.dir / entry["file"],
-                            rounds=(int(rounds[0]), int(rounds[1])),
-                            config_hash=entry.get("config_hash"),
-                            plan=None if plan is None else MappingProxyType(plan))
+        return ModelVersion.from_entry(entry, self.dir)
 
     @staticmethod
     def _entry(index: ModelIndex, version: object) -> dict[str, Any]:
@@ -310,7 +300,8 @@ class ModelStore:
     def commit(self, checkpoint: Checkpoint, *, round: int, metrics: Mapping[str, float],
                now: float, parent: int | None = None,
                status: Literal["candidate", "production"] = "candidate",
-               rounds: tuple[int, int] | None = None) -> ModelVersion:
+               rounds: tuple[int, int] | None = None,
+               sign: Signatures | None = None) -> ModelVersion:
         """Store ``checkpoint`` as the next version, with its lineage.
 
         The configuration hash and the training plan come from ``checkpoint.meta["config"]``
@@ -325,6 +316,9 @@ class ModelStore:
             now: the commit time.
             parent: the version it was trained from (must exist), or ``None``.
             status: ``"candidate"``, or ``"production"`` to commit and promote in one step.
+            sign: ``sign(version id, plan)`` -> kind -> ``{"header", "signature"}``, called
+                under the writer lock once the id is allocated: the operator's signatures
+                of the version's model and plan, kept beside it (:meth:`sign`).
 
         Raises:
             ConfigError: an argument is invalid (nothing is written).
@@ -354,15 +348,17 @@ class ModelStore:
                               key="checkpoint.meta") from None
         with self._writer().held():
             return self._commit(checkpoint, round, metrics, now, parent, status, span,
-                                lineage)
+                                lineage, sign)
 
     def _commit(self, checkpoint: Checkpoint, round: int, metrics: dict[str, float],
                 now: float, parent: int | None, status: str, span: tuple[int, int],
-                lineage: dict[str, Any]) -> ModelVersion:
+                lineage: dict[str, Any], sign: Signatures | None) -> ModelVersion:
         index = self._writable()
         if parent is not None:
             self._entry(index, parent)
         vid = max(index.versions, default=0) + 1
+        if sign is not None:  # before any file is written: a failing signer leaves nothing
+            lineage = {**lineage, "signatures": check_signatures(sign(vid, lineage["plan"]))}
         path = self.dir / model_file_name(vid)
         self._written: ModelIndex | None = None
         try:
@@ -373,7 +369,7 @@ class ModelStore:
                                    "sha256": file_sha256(path), "file": path.name,
                                    "rounds": list(span), **lineage}
             if status == "production":
-                self._move_production(index, vid, "promote", now)
+                index.move_production(vid, "promote", now)
             self._write(index)
         except BaseException as exc:
             if self._written is not index:  # the index never listed it: remove the file
@@ -386,20 +382,6 @@ class ModelStore:
                 raise failure from exc
             raise
         return self._version(index.versions[vid])
-
-    @staticmethod
-    def _move_production(index: ModelIndex, vid: int, action: str, now: float,
-                         reason: str = "") -> None:
-        previous = index.production
-        if previous is not None:
-            index.versions[previous]["status"] = "rolled_back" if action == "rollback" \
-                else "candidate"
-        index.versions[vid]["status"] = "production"
-        index.production = vid
-        event = {"at": now, "action": action, "version": vid, "previous": previous}
-        if reason:
-            event["reason"] = reason
-        index.events.append(event)
 
     def promote(self, version: int, *, now: float, reason: str = "",
                 expected: int | None | EllipsisType = ...) -> ModelVersion:
@@ -425,7 +407,7 @@ class ModelStore:
         now, reason = check_now(now), check_reason(reason)
         with self._writer().held():
             index = self._writable()
-            _compare(index, expected)
+            index.compare(expected)
             return apply(index, version, now, reason)
 
     def _promote(self, index: ModelIndex, version: int, now: float, reason: str
@@ -438,7 +420,7 @@ class ModelStore:
                                   "commit it again as a new version if it is really good",
                                   version=version)
         self._verified_path(entry)
-        self._move_production(index, version, "promote", now, reason)
+        index.move_production(version, "promote", now, reason)
         self._write(index)
         return self._version(index.versions[version])
 
@@ -466,6 +448,26 @@ class ModelStore:
             if reason:
                 event["reason"] = reason
             index.events.append(event)
+            self._write(index)
+            return self._version(entry)
+
+    def sign(self, version: int, signatures: Mapping[str, Mapping[str, str]]
+             ) -> ModelVersion:
+        """Keep the operator's ``signatures`` (kind -> ``{"header", "signature"}``) beside
+        ``version``, replacing those of the same kinds (a version committed before the
+        operator had a key, or signed with a key since replaced). The version itself is
+        unchanged: a signature is a statement about it, checked by whoever receives it.
+
+        Raises:
+            UnknownVersion: no such version.
+            ConfigError: malformed signatures (nothing changes).
+            ModelStoreError: the store is read-only.
+        """
+        signatures = check_signatures(signatures)
+        with self._writer().held():
+            index = self._writable()
+            entry = self._entry(index, version)
+            entry["signatures"] = {**(entry.get("signatures") or {}), **signatures}
             self._write(index)
             return self._version(entry)
 
@@ -497,18 +499,6 @@ class ModelStore:
             raise ModelStoreError(f"version {version} was itself rolled back; choose a "
                                   "version that is not", version=version)
         self._verified_path(entry)
-        self._move_production(index, version, "rollback", now, reason)
+        index.move_production(version, "rollback", now, reason)
         self._write(index)
         return self._version(index.versions[version])
-
-
-def _compare(index: ModelIndex, expected: int | None | EllipsisType) -> None:
-    """The compare of compare-and-set: refuse unless production is at ``expected``.
-
-    Raises:
-        PointerMoved: it is elsewhere.
-    """
-    if expected is not ... and index.production != expected:
-        raise PointerMoved(f"the production pointer is at {index.production}, not "
-                           f"{expected} as expected: another writer moved it; read it again "
-                           "and decide anew", expected=expected, actual=index.production)

@@ -30,6 +30,7 @@ from shoal.codec.chain import chain_of
 from shoal.codec.encoded import MAX_SIZE, as_update
 from shoal.codec.entropy import raw_bound
 from shoal.errors import CodecError, ConfigError
+from shoal.lifecycle.signing import SignedArtifact
 from shoal.uplink import raw_wire_size
 
 __all__ = ["ModelPayload", "ModelPublisher", "decode_upload", "upload_limit"]
@@ -42,13 +43,15 @@ class ModelPayload:
     """A model version as it goes on the wire (codec wire format).
 
     ``base_version`` is 0 for a full model (``ModelChunk.base_version``), else the version the
-    delta is against.
+    delta is against. ``signed`` is the operator's signature of the version's full float32
+    model (the same for a delta: the device verifies what it rebuilt), or ``None``.
     """
 
     version: int
     blob: bytes
     sha256: bytes
     base_version: int = 0
+    signed: SignedArtifact | None = None
 
     @classmethod
     def of(cls, version: int, params: np.ndarray) -> ModelPayload:
@@ -57,10 +60,11 @@ class ModelPayload:
         return cls._from(Download(version, None, encoded))
 
     @classmethod
-    def _from(cls, download: Download, blob: bytes | None = None) -> ModelPayload:
+    def _from(cls, download: Download, blob: bytes | None = None,
+              signed: SignedArtifact | None = None) -> ModelPayload:
         blob = download_to_bytes(download) if blob is None else blob
         base = 0 if download.base_version is None else download.base_version
-        return cls(download.version, blob, hashlib.sha256(blob).digest(), base)
+        return cls(download.version, blob, hashlib.sha256(blob).digest(), base, signed)
 
 
 class ModelPublisher:
@@ -89,6 +93,7 @@ class ModelPublisher:
         self.deltas = deltas
         self._history = ModelHistory(keep_versions + 1)
         self._cache: dict[tuple[int, int], ModelPayload] = {}
+        self._signed: dict[int, SignedArtifact] = {}
         self._lock = threading.Lock()
 
     @property
@@ -102,9 +107,11 @@ class ModelPublisher:
         """The versions held, oldest first."""
         return tuple(v for v, _ in self._history.versions)
 
-    def publish(self, version: int, params: np.ndarray) -> None:
-        """Make ``params`` (copied) the current model as ``version``; the oldest kept version
-        beyond ``keep_versions`` is dropped, with its cached payloads.
+    def publish(self, version: int, params: np.ndarray,
+                signed: SignedArtifact | None = None) -> None:
+        """Make ``params`` (copied) the current model as ``version``, with its signature
+        ``signed`` (sent with every payload of the version); the oldest kept version beyond
+        ``keep_versions`` is dropped, with its cached payloads.
 
         Raises:
             ConfigError: ``version`` is not newer than the current one.
@@ -116,6 +123,15 @@ class ModelPublisher:
             held = set(self.versions)
             self._cache = {k: p for k, p in self._cache.items()
                            if k[0] in held and (k[1] == 0 or k[1] in held)}
+            self._signed = {v: a for v, a in self._signed.items() if v in held}
+            if signed is not None:
+                self._signed[version] = signed
+
+    def params(self, version: int) -> np.ndarray | None:
+        """The model ``version`` if it is held (read-only), else ``None``."""
+        with self._lock:
+            held = self._history.get(version)
+            return None if held is None else held[1]
 
     def payload(self, version: int, base_version: int = 0) -> ModelPayload:
         """What a device asking for ``version`` while holding ``base_version`` downloads.
@@ -134,7 +150,11 @@ class ModelPublisher:
                 answers NOT_FOUND.
         """
         with self._lock:
-            key = (version, base_version if self.deltas else 0)
+            # a base that cannot serve as one is a full download, cached once (a key per
+            # claimed base would let a device fill memory with copies of the full model)
+            base = self._history.get(base_version) \
+                if self.deltas and 0 < base_version < version else None
+            key = (version, base_version if base is not None else 0)
             cached = self._cache.get(key)
             if cached is not None:
                 return cached
@@ -142,11 +162,10 @@ class ModelPublisher:
             if new is None:
                 raise KeyError(f"model version {version} is not available (held: "
                                f"{list(self.versions)})")
-            base = self._history.get(key[1]) if key[1] and key[1] < version else None
             # lossless chains draw nothing: the generator is a formality
             dl, blob = smallest_download(new[1], version, base, self.codec, version,
                                          rng=np.random.default_rng(0))
-            payload = ModelPayload._from(dl, blob)
+            payload = ModelPayload._from(dl, blob, self._signed.get(version))
             self._cache[key] = payload
             return payload
 

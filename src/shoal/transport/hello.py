@@ -12,6 +12,10 @@ itself:
 * ``capabilities["examples"]``: the device's number of training examples (a decimal
   integer), the size the per-device weight cap is derived from
   (:class:`~shoal.device_task.WeightCap`).
+* ``capabilities["tasks"]``: the task kinds the device does (``"train,evaluate"``). Only a
+  runtime that fetches the served model, verifies it and reports with the task's id and key
+  (:func:`evaluates`: ``shoal-client/4`` or later, declaring ``evaluate``) is given
+  evaluation tasks.
 
 An invalid field raises :class:`InvalidHello` naming it; the server answers
 ``INVALID_ARGUMENT`` with ``"<field>: <what is wrong>"`` and stores nothing.
@@ -28,10 +32,14 @@ from shoal.errors import ShoalError
 from shoal.registry.base import (AttrValue, RegistryError, validate_attributes,
                                  validate_capabilities, validate_windows)
 
-__all__ = ["CLIPPING_RUNTIME", "Hello", "InvalidHello", "clips_updates", "read_hello"]
+__all__ = ["CLIPPING_RUNTIME", "EVALUATING_RUNTIME", "Hello", "InvalidHello", "clips_updates",
+           "evaluates", "read_hello"]
 
 CLIPPING_RUNTIME = ("shoal-client", 3)
 """The first runtime that clips to ``Task.clip_norm`` and weighs the update 1."""
+EVALUATING_RUNTIME = ("shoal-client", 4)
+"""The first runtime that answers evaluation tasks of the served model (``ReportEvaluation``
+with the task's id and key) and verifies signed models."""
 
 _RUNTIME = re.compile(r"([A-Za-z0-9._-]{1,64})/([0-9]{1,9})")
 _MAX_EXAMPLES = 10**12
@@ -95,11 +103,23 @@ def read_hello(device_id: str, attributes: Mapping[str, str],
         raise InvalidHello(exc.field or "request", str(exc)) from None
 
 
-def clips_updates(runtime_version: str | None) -> bool:
-    """Whether a device running ``runtime_version`` clips its update to ``Task.clip_norm``
-    (``None`` or ``""``: unknown, so no)."""
+def _at_least(runtime_version: str | None, first: tuple[str, int]) -> bool:
     match = _RUNTIME.fullmatch(runtime_version or "")
     if match is None:
         return False
     name, major = match.group(1), int(match.group(2))
-    return name == CLIPPING_RUNTIME[0] and major >= CLIPPING_RUNTIME[1]
+    return name == first[0] and major >= first[1]
+
+
+def clips_updates(runtime_version: str | None) -> bool:
+    """Whether a device running ``runtime_version`` clips its update to ``Task.clip_norm``
+    (``None`` or ``""``: unknown, so no)."""
+    return _at_least(runtime_version, CLIPPING_RUNTIME)
+
+
+def evaluates(capabilities: Mapping[str, Any]) -> bool:
+    """Whether a device with these (stored) capabilities answers evaluation tasks: its
+    runtime is :data:`EVALUATING_RUNTIME` or later and its ``tasks`` include ``evaluate``."""
+    tasks = str(capabilities.get("tasks", "")).split(",")
+    return "evaluate" in tasks and _at_least(str(capabilities.get("runtime_version", "")),
+                                              EVALUATING_RUNTIME)

@@ -23,13 +23,18 @@ This module does what only a network server must, refusing as early as it can:
   checked, decoded with the codec chain the task announced; the update's weight bounded
   (:class:`~shoal.device_task.WeightCap`); byte counts measured here, never taken from the
   device;
-* evaluation reports: refused, since this aggregator issues no evaluation task;
+* evaluation reports, serving and declines (:mod:`shoal.transport.lifecycle_calls`): a report
+  only as the answer to an evaluation task issued to its device; ``GetModel`` and
+  ``GetPlan`` for the device the credentials name;
 * a disk that refuses the registry's writes stops the run (:meth:`AggregatorService.fail`)
   with a :class:`~shoal.store.disk.StorageError` naming the file; devices are told
   ``UNAVAILABLE`` and retry.
 
 Downloads are served full or as deltas (:class:`~shoal.transport.downloads.ModelPublisher`),
-secure aggregation by :class:`~shoal.transport.secagg_calls.SecAggCalls`, metrics through a
+each training version signed once when it is published (with a ``signer``), secure
+aggregation by :class:`~shoal.transport.secagg_calls.SecAggCalls`, the model's life after
+training (serving, evaluation, declines) by
+:class:`~shoal.transport.lifecycle_calls.LifecycleCalls`, metrics through a
 :class:`~shoal.observers.CarrierObserver`. Refused calls are answered with their reason.
 
 Only ``shoal.transport`` imports the generated protobuf code (here, ``listener``,
@@ -58,13 +63,16 @@ from shoal.transport.admission import STATUS
 from shoal.transport.auth import Keyring, RateLimiter
 from shoal.transport.downloads import ModelPublisher, decode_upload, upload_limit
 from shoal.transport.gate import CallGate, CallRefused
-from shoal.transport.hello import InvalidHello, clips_updates, read_hello
+from shoal.lifecycle.signing import Signer
+from shoal.transport.hello import InvalidHello, clips_updates, evaluates, read_hello
 from shoal.transport.inbound import Busy, Inbound, Refusal, read_payload
+from shoal.transport.lifecycle_calls import LifecycleCalls, model_chunks
 from shoal.transport.listener import serve
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.revocation import RevocationFile
 from shoal.transport.secagg_calls import SecAggCalls
+from shoal.transport.serving import ModelServing
 
 __all__ = ["AggregatorService", "AggregatorSettings", "serve"]
 
@@ -134,13 +142,13 @@ class AggregatorSettings:
     keep_versions: int = 4
 
 
-class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
+class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer):
     """The gRPC handlers. Thread model: handlers run on the server's event loop; the run's
     :attr:`gateway` serialises them under its lock.
 
     :attr:`REQUEST_BYTES` bounds a small call's request before it is parsed: a Hello within
     the registry's own limits, a check-in, an evaluation report of at most ``MAX_METRICS``
-    metrics. Any message, a streamed chunk included, is at most
+    metrics, a decline with its bounded detail. Any message, a streamed chunk included, is at most
     :data:`~shoal.transport.listener.MAX_RECEIVE_BYTES` (a 1 MiB chunk and its framing),
     refused by gRPC before it is buffered.
 
@@ -155,6 +163,12 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
             changes).
         metrics: told about refused calls, check-ins, bytes and active uploads (e.g. a
             :class:`~shoal.telemetry.PrometheusObserver`, also given to the coordinator).
+        serving: what ``GetModel`` and ``GetPlan`` serve (``None``: ``NOT_FOUND``), and who
+            is served which version (evaluation tasks go only to devices served theirs).
+        signer: the operator's key: every training version is signed once, when published,
+            and downloads carry the signature (``None``: unsigned).
+        segment_by: the device attribute (declared at Hello) evaluation reports are broken
+            down by (``""``: none).
 
     Raises:
         ConfigError: an upload or download codec chain that does not parse, or a weight cap
@@ -162,13 +176,16 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
     """
 
     REQUEST_BYTES = {"Hello": 64 << 10, "CheckIn": 1 << 10, "Download": 1 << 10,
-                     "Heartbeat": 1 << 10, "ReportEvaluation": 16 << 10}
+                     "Heartbeat": 1 << 10, "ReportEvaluation": 16 << 10,
+                     "GetModel": 1 << 10, "GetPlan": 1 << 10, "Decline": 2 << 10}
 
     def __init__(self, settings: AggregatorSettings, keyring: Keyring, dim: int,
                  spec_fingerprint: str, registry_factory: Callable[[], Any],
                  clock: Callable[[], float] = time.time, server_id: str = "shoal",
                  revocations: RevocationFile | None = None,
-                 metrics: CarrierObserver | None = None) -> None:
+                 metrics: CarrierObserver | None = None,
+                 serving: ModelServing | None = None, signer: Signer | None = None,
+                 segment_by: str = "") -> None:
         from shoal.codec import Chain
 
         self.settings = settings
@@ -200,6 +217,8 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
         self.failure: StorageError | None = None
         self.lock = threading.Lock()  # guards the publisher's versions
         self.revocations = revocations
+        self.serving, self.signer, self.segment_by = serving, signer, segment_by
+        self._evaluators: dict[str, bool] = {}  # device -> whether it answers evaluations
 
     @property
     def registry(self) -> Any:
@@ -212,7 +231,9 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
         trains from a version newer than any published)."""
         with self.lock:
             if self.publisher.version is None or version > self.publisher.version:
-                self.publisher.publish(version, params)
+                signed = None if self.signer is None else self.signer.sign_model(params,
+                                                                                 version)
+                self.publisher.publish(version, params, signed)
 
     def fail(self, error: StorageError) -> None:
         """Stop serving rounds (thread-safe): the aggregator's state cannot be written. The
@@ -295,6 +316,28 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
             self.runtimes[device] = runtime
         return clips_updates(runtime)
 
+    def _evaluates(self, device: str) -> bool:
+        """Whether ``device`` answers evaluation tasks: what it declared at Hello (its
+        runtime and ``capabilities["tasks"]``), as the registry keeps it."""
+        known = self._evaluators.get(device)
+        if known is None:
+            try:
+                known = evaluates(self.registry.get(device).capabilities)
+            except UnknownDevice:
+                known = False
+            self._evaluators[device] = known
+        return known
+
+    def _segment(self, device: str) -> str:
+        """The device's evaluation segment: the attribute ``segment_by`` it declared at
+        Hello (``""`` without one)."""
+        if not self.segment_by:
+            return ""
+        try:
+            return str(self.registry.get(device).attributes.get(self.segment_by, ""))
+        except UnknownDevice:
+            return ""
+
     async def _stream_in(self, requests: Any, context: Any, limit: int,
                          declared: Callable[[Any], tuple[int, bytes | None]]
                          ) -> tuple[Any, bytearray, int]:
@@ -339,6 +382,7 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
                            attributes=hello.attributes, capabilities=hello.capabilities,
                            windows=hello.windows)
         self.runtimes[device] = hello.runtime_version
+        self._evaluators[device] = evaluates(hello.capabilities)
         if hello.examples is not None:
             self.weights.note(device, hello.examples)
         return pb.HelloReply(server_id=self.server_id,
@@ -354,8 +398,9 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
             kind, settings = "train", {}
         else:
             try:
-                decision, kind, settings = gateway.check_in(device, now,
-                                                            clips=self._clips(device))
+                decision, kind, settings = gateway.check_in(
+                    device, now, clips=self._clips(device),
+                    evaluates=self._evaluates(device))
             except TaskRefused as exc:
                 self.flush_outcomes()
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -367,7 +412,8 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
                 spec_fingerprint=self.spec_fingerprint, kind=kind,
                 upload_codec=self.upload_codec if kind == "train" else "",
                 error_feedback=self.settings.error_feedback and kind == "train",
-                clip_norm=decision.clip_norm or 0.0))
+                clip_norm=decision.clip_norm or 0.0, task_id=decision.task_id,
+                served_model=kind == "evaluate"))
         self.metrics.checked_in(decision.reason)
         return pb.CheckInReply(come_back=pb.ComeBack(at=decision.at, reason=decision.reason))
 
@@ -382,10 +428,8 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
         size = max(1, min(int(request.chunk_size or self.settings.chunk_size),
                           self.settings.chunk_size))
         total = len(model.blob)
-        for off in range(0, total, size):
-            yield pb.ModelChunk(version=model.version, base_version=model.base_version,
-                                total_size=total, sha256=model.sha256 if off == 0 else b"",
-                                offset=off, data=model.blob[off:off + size])
+        for chunk in model_chunks(model, size):
+            yield chunk
         self.metrics.bytes_moved("down", total)
         if self.gateway is not None:
             self.gateway.served(total)
@@ -423,14 +467,6 @@ class AggregatorService(SecAggCalls, pb_grpc.AggregatorServicer):
         keep = gateway is not None and gateway.heartbeat(request.device_id,
                                                           int(request.round), self.clock())
         return pb.HeartbeatReply(keep_going=keep)
-
-    async def ReportEvaluation(self, request: Any, context: Any) -> pb.Ack:
-        # a report is accepted only as the answer to an evaluation task issued to its device,
-        # and this aggregator issues none: nothing a device sends here is kept
-        await self._authorize(context, request.device_id, "upload")
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            "no evaluation task was issued to this device (this aggregator "
-                            "issues none): the report is refused and nothing is kept")
 
     def _seen(self, device_id: str, now: float) -> None:
         """Mark the device as seen; a device with a valid token that skipped Hello (e.g. after

@@ -1,0 +1,144 @@
+"""The aggregator's calls for the model's life after training: serving, evaluation, declines.
+
+:class:`LifecycleCalls` is the part of :class:`~shoal.transport.server.AggregatorService` that
+
+* serves the model and its training plan for inference, task-free (``GetModel``,
+  ``GetPlan``; :class:`~shoal.transport.serving.ModelServing` decides what): the version is
+  chosen for the device the call's *credentials* name -- the token's subject, which with
+  mutual TLS is also the certificate's common name -- never for a field the device sends;
+* takes evaluation reports (``ReportEvaluation``): accepted only as the answer to an
+  evaluation task issued to the device (its task id and key), within the task's deadline,
+  with bounded metrics and weight; the report's segment is the attribute the device declared
+  at Hello (``segment_by``), read from the registry, never from the report. A refused report
+  changes nothing and is answered ``FAILED_PRECONDITION`` (not the device's task, late,
+  duplicate, stale, bad key) or ``INVALID_ARGUMENT`` (bad metrics or weight), its details
+  ``"<reason>: <detail>"``;
+* takes a device's refusal of its task or of what it was sent (``Decline``, e.g.
+  ``signature_rejected``): the coordinator stops waiting for it. A decline that names no task
+  (a served model or plan) is counted and logged.
+
+The call bounds (request sizes, idle timeouts, the token) are the service's, as for every
+call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc  # type: ignore[import-untyped]
+
+from shoal.device_sessions import DECLINE_REASONS
+from shoal.errors import UpdateRejected
+from shoal.transport.downloads import ModelPayload
+from shoal.transport.proto import shoal_pb2 as pb
+from shoal.transport.serving import NotServing
+
+if TYPE_CHECKING:
+    from shoal.transport.server import AggregatorService
+
+__all__ = ["LifecycleCalls"]
+
+log = logging.getLogger("shoal.aggregator")
+
+_INVALID = ("bad_metrics", "bad_weight", "malformed")
+_MAX_DETAIL = 256
+
+
+def model_chunks(model: ModelPayload, size: int) -> Any:
+    """``model`` as ``ModelChunk`` messages of at most ``size`` bytes; the first carries the
+    digest and the signature."""
+    total = len(model.blob)
+    signed = model.signed
+    for off in range(0, total, size):
+        first = off == 0
+        yield pb.ModelChunk(version=model.version, base_version=model.base_version,
+                            total_size=total, sha256=model.sha256 if first else b"",
+                            offset=off, data=model.blob[off:off + size],
+                            signed_header=signed.header if first and signed else b"",
+                            signature=signed.signature if first and signed else b"")
+
+
+class LifecycleCalls:
+    """Serving, evaluation reports and declines (a mixin of
+    :class:`~shoal.transport.server.AggregatorService`)."""
+
+    async def GetModel(self: AggregatorService, request: Any, context: Any) -> Any:
+        device = await self._authorize(context, request.device_id, "checkin")
+        if self.serving is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "this aggregator serves no model")
+        try:
+            version, model = self.serving.model(device, int(request.have_version))
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if model is None:
+            yield pb.ModelChunk(version=version, not_modified=True)
+            return
+        size = max(1, min(int(request.chunk_size or self.settings.chunk_size),
+                          self.settings.chunk_size))
+        for chunk in model_chunks(model, size):
+            yield chunk
+        self.metrics.bytes_moved("down", len(model.blob))
+
+    async def GetPlan(self: AggregatorService, request: Any, context: Any) -> pb.PlanReply:
+        device = await self._authorize(context, request.device_id, "checkin")
+        if self.serving is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "this aggregator serves no plan")
+        try:
+            version, plan = self.serving.plan(device, int(request.have_version))
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if plan is None:
+            return pb.PlanReply(version=version, not_modified=True)
+        signed = plan.signed
+        return pb.PlanReply(version=version, plan=plan.plan,
+                            signed_header=signed.header if signed else b"",
+                            signature=signed.signature if signed else b"")
+
+    async def ReportEvaluation(self: AggregatorService, request: Any, context: Any) -> pb.Ack:
+        device = await self._authorize(context, request.device_id, "upload")
+        gateway = self.gateway
+        try:
+            if gateway is None or not request.task_id:
+                raise UpdateRejected("not_selected", "no evaluation task was issued to this "
+                                     "device: the report is refused and nothing is kept",
+                                     client_id=device)
+            gateway.report_eval(device, int(request.task_id), int(request.model_version),
+                                request.upload_key, int(request.num_examples),
+                                dict(request.metrics), self.clock(),
+                                segment=self._segment(device))
+        except UpdateRejected as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT if exc.reason in _INVALID \
+                else grpc.StatusCode.FAILED_PRECONDITION
+            log.info("evaluation report refused: %s (%s)", exc.reason, exc.detail,
+                     extra={"fields": {"event": "evaluation_refused", "reason": exc.reason,
+                                       "device": device, "task": int(request.task_id)}})
+            await context.abort(code, f"{exc.reason}: {exc.detail}")
+        return pb.Ack()
+
+    async def Decline(self: AggregatorService, request: Any, context: Any) -> pb.Ack:
+        device = await self._authorize(context, request.device_id, "upload")
+        reason, detail = request.reason, request.detail[:_MAX_DETAIL]
+        if reason not in DECLINE_REASONS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"malformed: a decline's reason is one of {DECLINE_REASONS}")
+        fields = {"event": "declined", "reason": reason, "device": device,
+                  "task": int(request.task_id), "version": int(request.model_version),
+                  "detail": detail}
+        log.warning("device %s declined %s: %s (%s)", device,
+                    f"task {request.task_id}" if request.task_id else "what it was served",
+                    reason, detail, extra={"fields": fields})
+        if request.task_id:
+            gateway = self.gateway
+            try:
+                if gateway is None:
+                    raise UpdateRejected("not_selected", "no task is open")
+                gateway.decline(device, int(request.task_id), int(request.round),
+                                request.upload_key, int(request.model_version), reason,
+                                self.clock())
+            except UpdateRejected as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"{exc.reason}: {exc.detail}")
+            finally:
+                self.flush_outcomes()
+        return pb.Ack()
