@@ -22,7 +22,7 @@ grpc = pytest.importorskip("grpc")
 from shoal.codec import Chain, from_bytes, to_bytes  # noqa: E402
 from shoal.errors import ConfigError  # noqa: E402
 from shoal.transport.channel import backoff_delay  # noqa: E402
-from shoal.transport.client import DeviceClient  # noqa: E402
+from shoal.transport.client import RUNTIME_VERSION, DeviceClient  # noqa: E402
 from shoal.transport.device_api import (  # noqa: E402
     ClientStats,
     CredentialsRejected,
@@ -185,7 +185,7 @@ def test_round_trip_downloads_trains_and_uploads_exactly(serve):
     # Hello carried attributes, windows, the declared size and the runtime version
     (hello,) = agg.hellos
     assert hello.device_id == "dev-1" and dict(hello.attributes) == {"os": "linux"}
-    assert hello.capabilities["examples"] == "42" and hello.runtime_version == "shoal-client/3"
+    assert hello.capabilities["examples"] == "42" and hello.runtime_version == RUNTIME_VERSION
     assert [(w.start_minute, w.end_minute) for w in hello.windows] == [(60, 120)]
     assert agg.check_ins[0].held_version == 0
     # trained once on exactly the served model, read-only, with the task's settings and round

@@ -54,6 +54,18 @@ def add_parser(sub) -> None:
                    help="fault injection for resilience tests: the process kills "
                         "itself (SIGKILL) right after the aggregator took its message "
                         "for this stage of a secure-aggregation round")
+    p.add_argument("--trusted-key", dest="trusted_key", metavar="FILE",
+                   help="the operator's public key (operator.pub from `shoal keys`): every "
+                        "model and training plan must be signed by it; anything unsigned, "
+                        "signed by another key or tampered with is refused (the server is "
+                        "told, the device keeps the model it had)")
+    p.add_argument("--served-every", dest="served_every", type=float, metavar="SECONDS",
+                   help="fetch the served (production) model at start and then at most "
+                        "this often between tasks, as an app would for inference")
+    p.add_argument("--holdout", type=float, metavar="FRACTION",
+                   help="evaluate on a held-out FRACTION of this client's examples (the "
+                        "simulator's split, shoal.sim.evaluation.holdout_split) and train "
+                        "on the rest; default: train and evaluate on all of them")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
 
@@ -85,13 +97,27 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.index < data.num_clients:
         raise ConfigError(f"--index {args.index} is not a client of this config (0 .. "
                           f"{data.num_clients - 1})", key="index")
-    idx = data.client_indices[args.index]
+    idx = held = data.client_indices[args.index]
+    if args.holdout is not None:
+        if not 0 < args.holdout < 1:
+            raise ConfigError(f"--holdout must be in (0, 1), got {args.holdout}",
+                              key="holdout")
+        from shoal.sim.evaluation import holdout_split
+
+        parts, held_parts = holdout_split(data.client_indices, args.holdout, cfg.seed)
+        idx, held = parts[args.index], held_parts[args.index]
+    trusted = None
+    if args.trusted_key is not None:
+        from shoal.lifecycle.keys import load_trusted_key
+
+        trusted = load_trusted_key(args.trusted_key)
     local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
                              batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
     train = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx], data.train.y[idx], local,
                             cfg.seed, args.index, num_classes=data.train.num_classes)
-    evaluate = fmnist_evaluate_fn(cfg["model"]["name"], data.train.x[idx], data.train.y[idx],
-                                  seed=cfg.seed, num_classes=data.train.num_classes)
+    evaluate = fmnist_evaluate_fn(cfg["model"]["name"], data.train.x[held],
+                                  data.train.y[held], seed=cfg.seed,
+                                  num_classes=data.train.num_classes)
     token = Path(args.token).read_text().strip()
     ca = Path(args.ca).read_bytes() if args.ca else None
     if ca is None and not args.server.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
@@ -108,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     with DeviceClient(args.server, token, device, root_certificates=ca,
                       client_cert=client_cert, train=train, examples=len(idx),
                       evaluate=evaluate, attributes=attributes, windows=windows,
-                      max_retries=args.max_retries,
+                      max_retries=args.max_retries, trusted_key=trusted,
+                      served_every_s=args.served_every,
                       after_stage=die_after if args.die_after else None) as client:
         stats = client.run(max_rounds=args.max_tasks, stop=stop)
     if not args.quiet:

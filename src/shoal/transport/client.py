@@ -10,6 +10,16 @@ SHA-256 of the whole payload must match, and the codec parser then validates the
 any vector is built. A refused download is counted and retried (asking for the full model);
 it is never trained on.
 
+Signed models (issue 19): with the operator's public key (``trusted_key``) every model the
+device installs -- a training download, the served model (``GetModel``), the training plan
+(``GetPlan``) -- must carry the operator's valid signature of exactly those bytes and that
+version; anything unsigned, signed by another key or tampered with is refused
+(:class:`~shoal.lifecycle.signing.SignatureRejected`), the server told with a ``Decline``
+(``signature_rejected``), and the device keeps the model it had
+(:mod:`shoal.transport.served`). An evaluation task with ``served_model`` evaluates the
+model the device is served (a canary's candidate inside the canary, production outside) and
+reports with the task's id and key.
+
 Codecs, as in simulation: the device asks for a model with the version it holds, and decodes
 a delta against it (:mod:`shoal.codec.delta`; exact, so it holds the server's float32 bytes).
 It encodes its update with the chain the task names (``Task.upload_codec``, the config's
@@ -53,25 +63,28 @@ import numpy as np
 
 from shoal.codec import STAGES, Chain
 from shoal.errors import CodecError, ConfigError, SpecError, UpdateRejected
+from shoal.lifecycle.signing import SignatureRejected, TrustedKey, model_bytes
 from shoal.privacy.dp import clip_to_norm
 from shoal.transport.channel import (MAX_CHUNK_BYTES, backoff_delay, is_transient, make_channel,
                                      refuses_credentials)
-from shoal.transport.download_stream import assemble_download, decode_model
+from shoal.transport.download_stream import Received, decode_model, receive_model
 from shoal.transport.device_api import (ClientStats, CredentialsRejected, DownloadRefused,
                                         EvaluateFn, TaskAbandoned, TrainFn, TrainResult,
                                         TransportError)
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.secure_round import SecAggParticipant
+from shoal.transport.served import ServedModel, check_signed
 from shoal.uplink import Uplink
 
 __all__ = ["RUNTIME_VERSION", "DeviceClient"]
 
-#: Sent in Hello. ``shoal-client/3`` clips to ``Task.clip_norm`` with unit weight (central
+#: Sent in Hello. ``shoal-client/4`` evaluates the served model (``Task.served_model``),
+#: reports with the task's id and key, and verifies signed models; ``/3`` clips to ``Task.clip_norm`` with unit weight (central
 #: DP); ``/2`` honours ``Task.upload_codec``/``error_feedback`` and decodes delta downloads;
 #: ``/1`` uploads raw float32 and downloads full models. The aggregator gives tasks that ask
 #: for clipping only to ``/3`` or later (older ones are refused ``runtime_too_old``).
-RUNTIME_VERSION = "shoal-client/3"
+RUNTIME_VERSION = "shoal-client/4"
 _T = TypeVar("_T")
 _WEEK = 7 * 24 * 60
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
@@ -129,6 +142,11 @@ class DeviceClient:
             device's message for a secure-aggregation stage (``"advertise_keys"``,
             ``"share_keys"``, ``"masked_input"``, ``"unmasking"``); for progress reporting
             and fault injection (``shoal client --die-after``).
+        trusted_key: the operator's public key: models and plans are installed only when it
+            signed them (``None``: nothing is verified).
+        served_every_s: fetch the served model (:meth:`fetch_served_model`) when the run
+            starts and then at most this often between tasks (``None``: only when a task
+            asks for it).
     """
 
     def __init__(self, target: str, token: str, device_id: str, *,
@@ -148,7 +166,9 @@ class DeviceClient:
                  max_download_attempts: int = 3, max_retries: int | None = None,
                  timeout_s: float = 30.0, transfer_timeout_s: float = 600.0,
                  log: logging.Logger | None = None,
-                 after_stage: Callable[[str, int], None] | None = None) -> None:
+                 after_stage: Callable[[str, int], None] | None = None,
+                 trusted_key: TrustedKey | None = None,
+                 served_every_s: float | None = None) -> None:
         _check(1 <= chunk_size <= MAX_CHUNK_BYTES, "chunk_size",
                f"in [1, {MAX_CHUNK_BYTES}] bytes", chunk_size)
         _check(0 < max_backoff_s < float("inf"), "max_backoff_s", "finite and > 0",
@@ -189,6 +209,14 @@ class DeviceClient:
         self._clock_offset = 0.0  # server time − local clock, from Hello
         self._said_hello = False
         self._stop: threading.Event | None = None
+        self._trusted, self.served_every_s = trusted_key, served_every_s
+        self._next_served = -float("inf")
+        self._served = ServedModel(device_id, self._stub, self._metadata, self._rpc,
+                                   trusted=trusted_key, stats=self._stats,
+                                   max_model_bytes=max_model_bytes,
+                                   max_elements=self.max_elements, chunk_size=chunk_size,
+                                   timeout_s=timeout_s, transfer_timeout_s=transfer_timeout_s,
+                                   log=self._log)
         self._secagg = SecAggParticipant(device_id, send=self._secagg_send,
                                          train=self._train_checked, stats=self._stats,
                                          log=self._log, after_stage=after_stage)
@@ -199,7 +227,8 @@ class DeviceClient:
     def stats(self) -> ClientStats:
         """A snapshot of the counters."""
         return replace(self._stats, rejections=dict(self._stats.rejections),
-                       secagg=dict(self._stats.secagg))
+                       secagg=dict(self._stats.secagg),
+                       served_versions=list(self._stats.served_versions))
 
     @property
     def residual(self) -> np.ndarray | None:
@@ -212,6 +241,31 @@ class DeviceClient:
     def held_version(self) -> int:
         """The cached model version (0 = none)."""
         return 0 if self._model is None else self._model[0]
+
+    @property
+    def served_model(self) -> tuple[int, np.ndarray] | None:
+        """The served ``(model-store version, read-only params)`` held for inference."""
+        return self._served.model
+
+    @property
+    def served_plan(self) -> tuple[int, Mapping] | None:
+        """The training plan held ``(version, plan)``, verified when it was fetched."""
+        return self._served.plan
+
+    def fetch_served_model(self) -> tuple[int, np.ndarray]:
+        """The model the aggregator serves this device for inference, verified (see
+        :meth:`ServedModel.fetch_model <shoal.transport.served.ServedModel.fetch_model>`).
+
+        Raises:
+            SignatureRejected: refused (the held model is kept, the server told).
+            DownloadRefused, CodecError, TransportError: as a training download.
+        """
+        return self._served.fetch_model()
+
+    def fetch_plan(self) -> tuple[int, Mapping]:
+        """The training plan of the served version, verified (see
+        :meth:`ServedModel.fetch_plan <shoal.transport.served.ServedModel.fetch_plan>`)."""
+        return self._served.fetch_plan()
 
     def close(self) -> None:
         """Close the channel; the client cannot be used afterwards."""
@@ -244,6 +298,7 @@ class DeviceClient:
                 self._hello()
             while max_rounds is None or done < max_rounds:
                 self._check_stop()
+                self._refresh_served()
                 reply = self._rpc("CheckIn", lambda: self._stub.CheckIn(
                     pb.CheckInRequest(device_id=self.device_id, held_version=self.held_version),
                     timeout=self.timeout_s, metadata=self._metadata))
@@ -281,6 +336,17 @@ class DeviceClient:
         self._log.info("hello: server %s, model version %d, clock offset %.3f s",
                        reply.server_id, reply.model_version, self._clock_offset)
 
+    def _refresh_served(self) -> None:
+        """With ``served_every_s``: fetch the served model when it is due. A refusal or a
+        failure is logged and leaves the held model; the loop goes on."""
+        if self.served_every_s is None or self._clock() < self._next_served:
+            return
+        self._next_served = self._clock() + self.served_every_s
+        try:
+            self._served.fetch_model()
+        except (SignatureRejected, DownloadRefused, CodecError, TransportError) as exc:
+            self._log.warning("served model not updated: %s", exc)
+
     def _come_back(self, cb: pb.ComeBack) -> None:
         self._stats.come_backs += 1
         now = self._clock() + self._clock_offset
@@ -300,13 +366,17 @@ class DeviceClient:
             raise TaskAbandoned(f"unknown task kind {task.kind!r}")
         if task.kind == "evaluate" and self._evaluate is None:
             raise TaskAbandoned("evaluate task but no evaluate function")
-        params = self._model_for(task.model_version)
+        if task.kind == "evaluate" and task.served_model:
+            params = self._served_for(task)
+        else:
+            params = self._model_for(task.model_version, task)
         if task.kind == "evaluate":
             assert self._evaluate is not None
             n, metrics = self._evaluate(params)
             report = pb.EvaluationResult(
                 device_id=self.device_id, round=task.round, model_version=task.model_version,
-                num_examples=int(n), metrics={k: float(v) for k, v in metrics.items()})
+                num_examples=int(n), metrics={k: float(v) for k, v in metrics.items()},
+                task_id=task.task_id, upload_key=task.upload_key)
             self._task_rpc("ReportEvaluation", lambda: self._stub.ReportEvaluation(
                 report, timeout=self.timeout_s, metadata=self._metadata))
             self._stats.evaluations += 1
@@ -407,7 +477,23 @@ class DeviceClient:
             self._log.warning("round %d: update rejected (%s): %s", task.round, reply.reason,
                               reply.detail)
 
-    def _model_for(self, version: int) -> np.ndarray:
+    def _served_for(self, task: pb.Task) -> np.ndarray:
+        """The served model an evaluation task names, verified; a refusal declines it."""
+        try:
+            version, params = self._served.fetch_model(task)
+        except SignatureRejected as exc:
+            raise TaskAbandoned(f"the served model was refused: {exc}") from None
+        except (DownloadRefused, CodecError) as exc:
+            self._served.decline("download_failed", str(exc), task.model_version, task)
+            raise TaskAbandoned(f"the served model could not be downloaded: {exc}") from None
+        if version != task.model_version:  # the canary decided meanwhile: not this task's
+            self._served.decline("not_served", f"served version {version}",
+                                 task.model_version, task)
+            raise TaskAbandoned(f"asked to evaluate version {task.model_version}, served "
+                                f"{version}")
+        return params
+
+    def _model_for(self, version: int, task: pb.Task) -> np.ndarray:
         if self._model is not None and self._model[0] == version:
             self._stats.cache_hits += 1
             return self._model[1]
@@ -415,9 +501,17 @@ class DeviceClient:
             # a delta against the held model first; after a refusal, the full model
             base = self.held_version if attempt == 0 else 0
             try:
-                blob, got_base = self._download(version, base)
+                got = self._download(version, base)
+                blob, got_base = got.payload, got.base
                 params = decode_model(blob, version, got_base, self._model,
                                       max_elements=self.max_elements)
+                check_signed(self._trusted, "model", model_bytes(params), version, got.signed)
+            except SignatureRejected as exc:  # the operator did not sign it: never retried
+                self._stats.signature_rejections += 1
+                self._log.error("REFUSED model version %d: %s (%s)", version, exc, exc.reason)
+                self._served.decline("signature_rejected", f"{exc.reason}: {exc}", version,
+                                     task)
+                raise TaskAbandoned(f"model version {version} refused: {exc}") from None
             except (DownloadRefused, CodecError) as exc:
                 self._stats.download_errors += 1
                 self._log.warning("model version %d refused (attempt %d of %d): %s", version,
@@ -434,17 +528,17 @@ class DeviceClient:
             return params
         raise TaskAbandoned(f"model version {version} refused {self.max_download_attempts} times")
 
-    def _download(self, version: int, base_version: int) -> tuple[bytearray, int]:
+    def _download(self, version: int, base_version: int) -> Received:
         request = pb.DownloadRequest(version=version, base_version=base_version,
                                      chunk_size=self.chunk_size)
         return self._task_rpc("Download", lambda: self._fetch(request))
 
-    def _fetch(self, request: pb.DownloadRequest) -> tuple[bytearray, int]:
+    def _fetch(self, request: pb.DownloadRequest) -> Received:
         call = self._stub.Download(request, timeout=self.transfer_timeout_s,
                                    metadata=self._metadata)
         try:
-            return assemble_download(request, call, max_bytes=self.max_model_bytes,
-                                     on_bytes=self._count_down)
+            return receive_model(call, version=request.version, have=request.base_version,
+                                 max_bytes=self.max_model_bytes, on_bytes=self._count_down)
         finally:
             call.cancel()  # stop the server streaming a refused download; no-op once done
 

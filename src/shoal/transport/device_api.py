@@ -77,6 +77,10 @@ class ClientStats:
             function, unknown kind, or an update that could not be encoded).
         secagg: secure-aggregation rounds by how they ended for this device (``"done"``,
             ``"dropped"``, ``"excluded"``, ``"aborted"``, ``"refused:<reason>"``).
+        served_versions: the served (model-store) versions installed, in order: every
+            version this device ever held for inference or evaluation.
+        signature_rejections: models or plans refused because their signature did not
+            verify (unsigned, another key, tampered, ...).
     """
 
     rounds_trained: int = 0
@@ -93,6 +97,8 @@ class ClientStats:
     evaluations: int = 0
     tasks_abandoned: int = 0
     secagg: dict[str, int] = field(default_factory=dict)
+    served_versions: list[int] = field(default_factory=list)
+    signature_rejections: int = 0
 
 
 class CredentialsRejected(ShoalError):

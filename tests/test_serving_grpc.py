@@ -1,0 +1,153 @@
+"""Serving over real gRPC on loopback: a device fetches the production model and its training
+plan (GetModel, GetPlan), verifies them with the operator's public key, and refuses -- with a
+Decline the server hears, and keeping the model it had -- a model that was tampered with,
+one signed by another key, and one that is unsigned. Oracles: the store's own checkpoint and
+plan, and the key pair written by `shoal keys`."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from aggregator_harness import DIM, SECRET, token  # noqa: E402
+from shoal.config import load_config  # noqa: E402
+from shoal.lifecycle.keys import load_signer, load_trusted_key, write_operator_key  # noqa: E402
+from shoal.lifecycle.signing import SignatureRejected, version_signatures  # noqa: E402
+from shoal.params import ParamSpec  # noqa: E402
+from shoal.registry import SQLiteRegistry  # noqa: E402
+from shoal.store import Checkpoint  # noqa: E402
+from shoal.store.models import ModelStore  # noqa: E402
+from shoal.strategy import ServerState  # noqa: E402
+from shoal.transport.auth import Keyring  # noqa: E402
+from shoal.transport.client import DeviceClient  # noqa: E402
+from shoal.transport.device_api import TrainResult, TransportError  # noqa: E402
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
+from shoal.transport.serving import ModelServing  # noqa: E402
+
+DEVICE = "dev-a"
+
+
+def params(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+
+
+def commit(store: ModelStore, p: np.ndarray, *, production: bool, plan: bool = True):
+    meta = {"config": load_config(None, {}).to_dict()} if plan else {}
+    ckpt = Checkpoint(ServerState(params=p, version=1), ParamSpec.from_shapes({"w": (DIM,)}),
+                      seed=0, meta=meta)
+    parent = store.latest()
+    return store.commit(ckpt, round=1, metrics={}, now=1.0,
+                        parent=parent.id if parent else None,
+                        status="production" if production else "candidate")
+
+
+class Aggregator:
+    """A real aggregator on a free loopback port serving ``store`` signed by ``signer``."""
+
+    def __init__(self, tmp_path, store, signer):
+        self.service = AggregatorService(
+            AggregatorSettings(), Keyring.single(SECRET), DIM, "fp",
+            lambda: SQLiteRegistry(tmp_path / "registry.db"),
+            serving=ModelServing(store, signer=signer))
+        self.port, self.stop = serve(self.service)
+
+    def client(self, trusted) -> DeviceClient:
+        def train(p, settings, round):  # never asked to train here
+            return TrainResult(np.zeros_like(p), 1)
+
+        return DeviceClient(f"127.0.0.1:{self.port}", token(DEVICE), DEVICE,
+                            root_certificates=None, train=train, trusted_key=trusted,
+                            max_retries=2, sleep=lambda s: None)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    operator = write_operator_key(tmp_path / "operator", "hybrid")
+    other = write_operator_key(tmp_path / "other", "hybrid")
+    return (load_signer(operator[0]), load_trusted_key(operator[1]),
+            load_signer(other[0]))
+
+
+def test_a_device_fetches_verifies_and_keeps_the_served_model_and_plan(tmp_path, keys):
+    signer, trusted, _ = keys
+    with ModelStore(tmp_path / "models") as store:
+        v1 = commit(store, params(1), production=True)
+        agg = Aggregator(tmp_path, store, signer)
+        try:
+            with agg.client(trusted) as device:
+                version, got = device.fetch_served_model()
+                assert version == v1.id
+                np.testing.assert_array_equal(got, store.load(v1.id).state.params)
+                plan_version, plan = device.fetch_plan()
+                assert plan_version == v1.id and plan == dict(store.get(v1.id).plan)
+                down = device.stats.bytes_down
+                assert device.fetch_served_model()[0] == v1.id  # not modified: no model bytes
+                assert device.stats.bytes_down - down < 100
+                # a new production: the device moves to it (full or delta), verified
+                v2 = commit(store, params(2), production=True)
+                version, got = device.fetch_served_model()
+                assert version == v2.id
+                np.testing.assert_array_equal(got, store.load(v2.id).state.params)
+                assert device.stats.served_versions == [v1.id, v2.id]
+                assert device.stats.signature_rejections == 0
+            # the signatures were made once and kept beside the versions in the store
+            assert set(store.get(v2.id).signatures) == {"model", "plan"}
+        finally:
+            agg.stop()
+
+
+@pytest.mark.parametrize("attack", ["tampered", "other_key", "unsigned"])
+def test_a_device_refuses_a_bad_signature_declines_and_keeps_its_model(tmp_path, keys, caplog,
+                                                                        attack):
+    signer, trusted, other = keys
+    with ModelStore(tmp_path / "models") as store:
+        good = commit(store, params(1), production=True)
+        agg = Aggregator(tmp_path, store, signer)
+        try:
+            with agg.client(trusted) as device:
+                assert device.fetch_served_model()[0] == good.id
+                bad = commit(store, params(2), production=True, plan=False)
+                if attack == "tampered":  # the operator's signature of other bytes
+                    store.sign(bad.id, version_signatures(signer, bad.id, params(3), None))
+                else:  # the same server now signs with another key, or not at all
+                    agg.service.serving = ModelServing(
+                        store, signer=other if attack == "other_key" else None)
+                caplog.set_level(logging.WARNING, logger="shoal.aggregator")
+                with pytest.raises(SignatureRejected) as exc:
+                    device.fetch_served_model()
+                want = {"tampered": "tampered", "other_key": "wrong_key",
+                        "unsigned": "unsigned"}[attack]
+                assert exc.value.reason == want
+                # the device keeps the model it had, and says so to the server
+                held_version, held = device.served_model
+                assert held_version == good.id
+                np.testing.assert_array_equal(held, store.load(good.id).state.params)
+                assert device.stats.signature_rejections == 1
+                assert bad.id not in device.stats.served_versions
+                declines = [r for r in caplog.records if "declined" in r.getMessage()]
+                assert declines and "signature_rejected" in declines[-1].getMessage()
+        finally:
+            agg.stop()
+
+
+def test_a_plan_signed_by_another_key_is_refused_and_without_a_plan_none_is_served(
+        tmp_path, keys):
+    signer, trusted, other = keys
+    with ModelStore(tmp_path / "models") as store:
+        commit(store, params(1), production=True)
+        agg = Aggregator(tmp_path, store, other)
+        try:
+            with agg.client(trusted) as device:
+                with pytest.raises(SignatureRejected) as exc:
+                    device.fetch_plan()
+                assert exc.value.reason == "wrong_key" and device.served_plan is None
+            commit(store, params(2), production=True, plan=False)
+            with agg.client(trusted) as device:
+                with pytest.raises(TransportError, match="NOT_FOUND"):
+                    device.fetch_plan()
+        finally:
+            agg.stop()
