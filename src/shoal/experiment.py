@@ -29,7 +29,8 @@ from threadpoolctl import ThreadpoolController
 
 from shoal.build import (expected_cohort, load_data, local_dp_from_config,
                          pipeline_from_config, policy_from_config, sampler_from_config,
-                         strategy_from_config, time_model_from_config, unpredictable)
+                         secure_sum_from_config, strategy_from_config, time_model_from_config,
+                         unpredictable)
 from shoal.clock import SimClock, WallClock
 from shoal.config import Config
 from shoal.coordinator import Coordinator
@@ -205,6 +206,10 @@ class Experiment:
 
             pool, self.engine = attacked_pool(cfg, build(), self.data, self.spec.size,
                                               local_dp_from_config(cfg))
+        if cfg["hierarchy"]["edges"] and not self.deployed:  # edges between devices and us
+            from shoal.hierarchy.tiers import hierarchy_from_config
+
+            pool = hierarchy_from_config(cfg, pool, secure_sum_from_config(cfg))
         self.pool = pool
         self.strategy = strategy_from_config(cfg)
         self.policy_name = cfg["round"]["policy"]

@@ -23,6 +23,7 @@ from shoal.config.sections import (
     DeployConfig,
     EvalConfig,
     GossipConfig,
+    HierarchyConfig,
     ModelConfig,
     OutputConfig,
     PrivacyConfig,
@@ -77,6 +78,7 @@ class Config(Section):
     robust: RobustConfig = _table(RobustConfig)
     attack: AttackConfig = _table(AttackConfig)
     gossip: GossipConfig = _table(GossipConfig)
+    hierarchy: HierarchyConfig = _table(HierarchyConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()

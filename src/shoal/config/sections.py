@@ -15,7 +15,8 @@ from shoal.errors import ConfigError
 __all__ = ["DataConfig", "ModelConfig", "ClientConfig", "StrategyConfig", "SamplingConfig",
            "RoundConfig", "CompressionConfig", "SecureAggregationConfig", "PrivacyConfig",
            "EvalConfig", "SimConfig", "DeployConfig", "OutputConfig", "DashboardConfig",
-           "TracingConfig", "RobustConfig", "AttackConfig", "GossipConfig"]
+           "TracingConfig", "RobustConfig", "AttackConfig", "GossipConfig",
+           "HierarchyConfig"]
 
 @section("data")
 class DataConfig(Section):
@@ -573,3 +574,31 @@ class GossipConfig(Section):
                                    min_exclusive=True)
     min_step_s: float = option(0.0, "deployed: each peer takes at least this long per step "
                                "(pacing)", min=0.0)
+
+
+@section("hierarchy")
+class HierarchyConfig(Section):
+    """Hierarchical federated learning: edge aggregators between the devices and the global
+    server, in simulation (docs/hierarchy.md)."""
+
+    edges: int = option(0, "edge aggregators between the devices and the global server; "
+                        "0 = flat (no hierarchy)", min=0, max=100_000)
+    regions: int = option(0, "region aggregators between the edges and the global server "
+                          "(a third tier); 0 = none", min=0, max=10_000)
+    edge_rounds: int = option(1, "rounds each edge (and region) runs per round of its "
+                              "parent: 1 = the edges only fold their groups' updates (the "
+                              "same model as a flat run); > 1 = HierFAVG, each edge averaging "
+                              "its devices that many times before its upload", min=1,
+                              max=1000)
+    assignment: str = option("ring", "which edge serves a device: 'ring' (consistent hashing "
+                             "with bounded loads) or 'region' (edge i is in region i mod "
+                             "hierarchy.regions and serves only that region's devices; a "
+                             "simulated device c is in region c mod hierarchy.regions)",
+                             choices=("ring", "region"))
+    load_factor: float = option(0.25, "eps of the bounded loads: no edge serves more than "
+                                "ceil((1 + eps) x devices / live edges)", min=0.0,
+                                min_exclusive=True, max=100.0)
+    vnodes: int = option(64, "points per edge on the hashing ring", min=1, max=10_000)
+    failures: str = option("", "simulated edge failures, 'EDGE@ROUND,...' (e.g. "
+                           "'edge-3@2'): the edge trains its group in that round and dies "
+                           "before its upload; its devices move to other edges")

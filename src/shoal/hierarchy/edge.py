@@ -1,0 +1,299 @@
+"""An edge aggregator: the run's coordinator downstream, one client upstream.
+
+An edge answers its parent's training task for its group of the task's clients (those the
+ring gives it) by running a :class:`~shoal.coordinator.Coordinator` over them: the same
+policy, pipeline (validation, SecAgg+, clipping) and carrier loop as any aggregator, with a
+cohort that is the group itself. What it uploads is one
+:class:`~shoal.events.PartialAggregate`: the group's mean delta, the weight behind it, the
+clients inside and the task's clients it answers for (``client_ids``), so the parent folds
+it like ``clients`` updates and counts none of them twice.
+
+With ``rounds = 1`` the edge only folds: the mean of its group's updates is the upload, and
+a flat run and a hierarchical one with the same clients and seed commit the same model. With
+``rounds > 1`` the edge runs its own server steps, each from the model of the step before,
+and uploads the sum of its steps (its model minus the parent's): HierFAVG (L. Liu, J. Zhang,
+S. H. Song, K. B. Letaief, "Client-Edge-Cloud Hierarchical Federated Learning", ICC 2020),
+whose edges average their clients ``rounds`` times per cloud aggregation. Its edge round
+``j`` of a parent round keyed ``r`` is keyed ``(r - 1) x rounds + j``, so no two edge rounds
+of a run share their clients' random streams, and ``rounds = 1`` keys the parent's.
+
+Privacy per tier: the group's sum rule may be SecAgg+ (the edge learns only its group's
+sum; one SecAgg instance per group, as in K. Bonawitz et al., "Towards Federated Learning at
+Scale: System Design", SysML 2019); a parent task that asks clients to clip (central DP
+above) has every device update clipped to that norm and weighed 1 before the group's sum
+(:class:`ClientClip`), and the upload promises it, so the parent's DP stage can fold it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from shoal.clock import SimClock
+from shoal.codec import Chain, from_bytes, to_bytes
+from shoal.coordinator import Coordinator
+from shoal.errors import ConfigError, UpdateRejected
+from shoal.events import PartialAggregate, TrainTask
+from shoal.observers import Observer
+from shoal.pipeline import Pipeline, PlainSum, Sum, SumRule, SumRun
+from shoal.policy import SyncPolicy
+from shoal.records import RoundRecord
+from shoal.robust.clipping import clip_rows
+from shoal.runner import ClientPool, drive
+from shoal.strategy import ServerState
+from shoal.strategy.fedavg import check_delta
+from shoal.strategy.state import initial_params
+
+__all__ = ["ClientClip", "Edge", "EdgeStep", "GroupSampler", "UploadTap"]
+
+_STEPS = "delta"  # EdgeStep's slot: the sum of the steps taken
+#: what an edge's own records pass up with its upload (summed by the parent's tally)
+_PASS_UP = ("secagg_dropped", "secagg_included")
+
+
+@dataclass(frozen=True)
+class GroupSampler:
+    """The edge's cohort: its group of the parent's task, whatever it is asked."""
+
+    ids: np.ndarray
+
+    def sample(self, num_clients: int, rng: np.random.Generator,
+               count: int | None = None) -> np.ndarray:
+        return self.ids
+
+
+@dataclass(frozen=True)
+class EdgeStep:
+    """An edge's server step: FedAvg with step size 1 (HierFAVG's edge average) that also
+    keeps the sum of the mean deltas it applied in the slot ``"delta"``, the upload (exact in
+    float64 arithmetic, not a difference of two rounded models).
+
+    Args:
+        settings: the parent task's client settings (e.g. FedProx ``mu``), passed on.
+    """
+
+    settings: Mapping[str, float] = field(default_factory=dict)
+    name: ClassVar[str] = "edge"
+
+    def init(self, params: np.ndarray) -> ServerState:
+        p = initial_params(params)
+        return ServerState(params=p, version=0, slots={_STEPS: np.zeros_like(p)})
+
+    def client_config(self, state: ServerState) -> dict[str, float]:
+        return dict(self.settings)
+
+    def apply(self, state: ServerState, delta: np.ndarray) -> ServerState:
+        step = check_delta(state, delta)
+        steps = (step + state.slots[_STEPS]).astype(np.float32)
+        step += state.params
+        return ServerState(params=step.astype(np.float32), version=state.version + 1,
+                           slots={_STEPS: steps})
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _TapRun:
+    def __init__(self) -> None:
+        self.rows_in = 0  # rows folded (a group's mean is one)
+        self.clients = 0  # client updates inside them
+
+    def rows(self, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.rows_in += len(rows)
+        self.clients += len(rows)
+        return rows, weights
+
+    def partial(self, rows: np.ndarray, weights: np.ndarray, clients: int,
+                clip_norm: float | None) -> tuple[np.ndarray, np.ndarray]:
+        self.rows_in += 1
+        self.clients += clients
+        return rows, weights
+
+    def finish(self, total: Sum) -> tuple[Sum, tuple[float, int]]:
+        # rows the sum left out (secure aggregation's dropouts) take their clients with them
+        lost = self.rows_in - total.count
+        return total, (float(total.weight), self.clients - lost)
+
+
+@dataclass(frozen=True)
+class UploadTap:
+    """A pass-through stage whose state is the last released sum's ``(weight, clients)``:
+    what the edge's upload weighs and how many client updates it holds (under SecAgg+ only
+    the survivors'; a group from a tier below counts its own clients). Put first, it sees
+    the sum last, as released."""
+
+    name: ClassVar[str] = "upload_tap"
+
+    def init(self) -> tuple[float, int]:
+        return 0.0, 0
+
+    def begin(self, state: Any, step: int) -> _TapRun:
+        return _TapRun()
+
+    def allows_step(self, state: Any) -> str:
+        return ""
+
+
+class _ClipRun:
+    def __init__(self, clip_norm: float) -> None:
+        self.clip_norm = clip_norm
+
+    def rows(self, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        clipped, _ = clip_rows(rows, self.clip_norm)
+        return clipped, np.ones(len(rows))
+
+    def partial(self, rows: np.ndarray, weights: np.ndarray, clients: int,
+                clip_norm: float | None) -> tuple[np.ndarray, np.ndarray]:
+        if clip_norm is None or not clip_norm <= self.clip_norm * (1 + 1e-9):
+            raise UpdateRejected("not_clipped", f"a tier below central DP must clip every "
+                                 f"client to at most {self.clip_norm:g}; the group promises "
+                                 f"{clip_norm!r}")
+        return rows, weights
+
+    def finish(self, total: Sum) -> tuple[Sum, None]:
+        return total, None
+
+
+@dataclass(frozen=True)
+class ClientClip:
+    """Clip every device update to the parent task's ``clip_norm`` and weigh it 1 (central
+    DP above this tier cannot clip inside a group's sum); a group from a tier below must
+    promise the same. Its tasks ask devices to clip too (``client_clip_norm``)."""
+
+    clip_norm: float
+    name: ClassVar[str] = "client_clip"
+
+    def init(self) -> None:
+        return None
+
+    def begin(self, state: Any, step: int) -> _ClipRun:
+        return _ClipRun(self.clip_norm)
+
+    def allows_step(self, state: Any) -> str:
+        return ""
+
+    def client_clip_norm(self, state: Any) -> float:
+        return self.clip_norm
+
+
+@dataclass(frozen=True)
+class _Keyed:
+    """``rule`` with its steps renumbered by ``step_of`` (an edge's own random streams)."""
+
+    rule: SumRule
+    step_of: Callable[[int], int]
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def holds_updates(self) -> bool:
+        return self.rule.holds_updates
+
+    def begin(self, dim: int, step: int) -> SumRun:
+        return self.rule.begin(dim, self.step_of(step))
+
+
+# --------------------------------------------------------------------------- the edge
+
+
+@dataclass
+class Edge:
+    """One edge aggregator of a tier (see the module docstring).
+
+    Args:
+        name: the edge's id (on the ring).
+        seed: the run seed (the edge's coordinator derives nothing else from it: its cohort
+            is its group).
+        rounds: edge rounds per parent task (1: fold only; > 1: HierFAVG).
+        sum_rule: how the group's rows are added (e.g. SecAgg+); ``None``: the plain sum.
+            Its step (what keys its random streams) is unique to this edge and edge round:
+            ``((r - 1) x rounds + j - 1) x peers + index + 1`` for edge round ``j`` of a
+            parent round keyed ``r``.
+        index, peers: this edge's place in its tier and the tier's size.
+        observers: told what happens at this edge.
+
+    Raises:
+        ConfigError: ``rounds < 1``.
+    """
+
+    name: str
+    seed: int
+    rounds: int = 1
+    sum_rule: SumRule | None = None
+    index: int = 0
+    peers: int = 1
+    observers: Iterable[Observer] = ()
+    #: the records of the edge's rounds in the last task it answered
+    records: list[RoundRecord] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"hierarchy.edge_rounds must be >= 1, got {self.rounds}",
+                              key="hierarchy.edge_rounds")
+
+    def pipeline(self, task: TrainTask) -> Pipeline:
+        """The group's pipeline for ``task``: the upload tap, per-client clipping when the
+        task asks for it, the sum rule."""
+        clip = () if task.clip_norm is None else (ClientClip(task.clip_norm),)
+        rule: SumRule = PlainSum()
+        if self.sum_rule is not None:
+            first = (task.round - 1) * self.rounds
+            rule = _Keyed(self.sum_rule,
+                          lambda j: (first + j - 1) * self.peers + self.index + 1)
+        return Pipeline(stages=(UploadTap(), *clip), sum_rule=rule)
+
+    def answer(self, task: TrainTask, client_ids: np.ndarray, child: ClientPool
+               ) -> PartialAggregate | None:
+        """Run ``rounds`` edge rounds of ``client_ids`` (this edge's part of ``task``'s
+        cohort) over ``child`` and return the upload, or ``None`` when no round committed
+        (the parent then hears nothing for these clients).
+
+        The upload went through the wire format: its ``upload_bytes`` are the encoded
+        payload's length, and its delta the decoded vector.
+        """
+        ids = np.unique(np.asarray(client_ids, np.int64))
+        strategy = EdgeStep(task.settings)
+        pipeline = self.pipeline(task)
+        coordinator = Coordinator(
+            strategy, child.num_clients, GroupSampler(ids), seed=self.seed,
+            policy=SyncPolicy(max_attempts=1), pipeline=pipeline, steps=self.rounds,
+            observers=self.observers, round_offset=(task.round - 1) * self.rounds)
+        self.records = []
+        final: dict[str, ServerState] = {}
+
+        def committed(state: ServerState, record: RoundRecord) -> None:
+            final["state"] = state
+            self.records.append(record)
+
+        def abandoned(record: RoundRecord, reason: str, retry: bool) -> None:
+            self.records.append(record)
+
+        drive(coordinator, child, strategy.init(task.params), SimClock(),
+              on_commit=committed, on_abort=abandoned)
+        if "state" not in final:
+            return None
+        weight, count = coordinator.stage_states[0]
+        if count < 1 or weight <= 0:
+            return None
+        blob = to_bytes(Chain([]).encode(np.asarray(final["state"].slots[_STEPS]),
+                                         np.random.default_rng(0)))  # raw: draws nothing
+        delta = from_bytes(blob, max_elements=task.params.size)
+        # what moved into this edge, and (from tiers below) into theirs
+        ingress = sum(r.bytes_up + r.privacy.get("edge_ingress_bytes", 0.0)
+                      for r in self.records)
+        metrics: dict[str, float] = {"upload_bytes": float(len(blob)),
+                                     "download_bytes": float(len(blob)),
+                                     "edge_ingress_bytes": float(ingress)}
+        last = self.records[-1].privacy
+        for key, value in last.items():
+            if key.startswith(_PASS_UP):
+                metrics[key] = float(value)
+        clip = task.clip_norm
+        return PartialAggregate(
+            delta=delta, num_examples=int(round(weight)), clients=int(count),
+            metrics=metrics, base_version=task.version, clip_norm=clip, client_ids=ids)

@@ -1,0 +1,200 @@
+"""A tier of edge aggregators as one client pool for the tier above, and the tiers of a run.
+
+:class:`Tier` is a :class:`~shoal.runner.ClientPool`: the tier above (the global
+coordinator, or a region's) sends it a task for some clients; it splits them by edge (the
+:class:`~shoal.hierarchy.ring.Ring`'s assignment), lets each edge answer for its group over
+the tier below (:meth:`Edge.answer <shoal.hierarchy.edge.Edge.answer>`) and yields one
+:class:`~shoal.events.PartialAggregate` per edge. Stacking tiers gives any depth: device ->
+edge -> region -> global is a region tier whose pool is an edge tier whose pool is the
+devices.
+
+Failure (simulated): an edge scheduled to fail in a parent round keyed ``r`` trains its group
+(its devices upload to it) and dies before its upload: the parent hears nothing for those
+clients, its policy decides (commit with the rest, or abandon and retry), and the ring moves
+the dead edge's devices to the next live edges, where their next task finds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from shoal.config import Config
+from shoal.errors import ConfigError
+from shoal.events import PartialAggregate, TrainTask
+from shoal.hierarchy.edge import Edge
+from shoal.hierarchy.ring import Ring
+from shoal.pipeline import SumRule
+from shoal.runner import ClientPool
+
+__all__ = ["Tier", "Route", "hierarchy_from_config", "parse_failures"]
+
+
+class Route:
+    """Which edge of a tier serves a device: its edge on ``ring``, or (a tier above edges)
+    the node that the ring above assigns to the device's edge below.
+
+    Args:
+        ring: this tier's ring (its edges).
+        below: the route of the tier below (``None``: this tier's ring places devices).
+        region_of: the region a device (or an edge below) declares, or ``None``.
+    """
+
+    def __init__(self, ring: Ring, below: Route | None = None,
+                 region_of: Callable[[str], str | None] | None = None) -> None:
+        self.ring = ring
+        self.below = below
+        self.region_of = region_of or (lambda name: None)
+
+    def node_of(self, device: int) -> str:
+        """The node serving ``device`` (placing it, or its edge, on first sight)."""
+        name = str(device) if self.below is None else self.below.node_of(device)
+        return self.ring.assign(name, self.region_of(name))
+
+    def groups(self, client_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """``client_ids`` split by node (each group sorted)."""
+        out: dict[str, list[int]] = {}
+        for c in np.asarray(client_ids, np.int64).tolist():
+            out.setdefault(self.node_of(c), []).append(c)
+        return {k: np.array(sorted(v), np.int64) for k, v in out.items()}
+
+
+class Tier:
+    """Edges of one tier as a client pool (see the module docstring).
+
+    Args:
+        edges: the tier's edges (their names are the ring's).
+        route: device -> edge.
+        below: the pool the edges' tasks go to (the devices, or the tier below).
+        failures: parent round key -> names of edges that fail during that round.
+
+    Raises:
+        ConfigError: an edge unknown to the ring, or a failure naming an unknown edge.
+    """
+
+    def __init__(self, edges: Sequence[Edge], route: Route, below: ClientPool,
+                 failures: Mapping[int, Sequence[str]] | None = None) -> None:
+        self.edges = {e.name: e for e in edges}
+        if set(self.edges) != set(route.ring.edges):
+            raise ConfigError("a tier's edges and its ring's must be the same",
+                              key="hierarchy.edges")
+        self.route = route
+        self.below = below
+        self.failures = {int(k): tuple(v) for k, v in (failures or {}).items()}
+        for names in self.failures.values():
+            unknown = set(names) - set(self.edges)
+            if unknown:
+                raise ConfigError(f"hierarchy.failures names unknown edges {sorted(unknown)}",
+                                  key="hierarchy.failures")
+        #: edges that failed, in order (each also taken off the ring)
+        self.failed: list[str] = []
+
+    @property
+    def num_clients(self) -> int:
+        return self.below.num_clients
+
+    def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[PartialAggregate]:
+        """Each live edge's upload for its group of ``client_ids`` (edges in ring order)."""
+        groups = self.route.groups(client_ids)
+        dying = [e for e in self.failures.get(task.round, ()) if e not in self.failed]
+        for name in self.route.ring.edges:
+            ids = groups.get(name)
+            if ids is None:
+                continue
+            upload = self.edges[name].answer(task, ids, self.below)
+            if name not in dying and upload is not None:
+                yield upload
+        for name in dying:  # each trained its group (if any), then died before its upload
+            self.failed.append(name)
+            self.route.ring.fail(name)
+
+    @property
+    def aggregates_securely(self) -> bool:
+        """Whether the edges sum their groups securely (the parent then sums plainly)."""
+        return any(e.sum_rule is not None for e in self.edges.values())
+
+    def cancel(self, task_id: int) -> None:
+        """The parent closed the round: nothing of it is in flight here (edges answer
+        within :meth:`train`)."""
+
+
+def parse_failures(text: str) -> dict[int, list[str]]:
+    """``'edge-3@2,edge-5@4'`` -> ``{2: ['edge-3'], 4: ['edge-5']}``.
+
+    Raises:
+        ConfigError: an entry that is not ``NAME@ROUND`` with a round >= 1.
+    """
+    out: dict[int, list[str]] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, sep, round_ = entry.rpartition("@")
+        if not sep or not name or not round_.isdigit() or int(round_) < 1:
+            raise ConfigError(f"hierarchy.failures: {entry!r} is not EDGE@ROUND (round >= 1)",
+                              key="hierarchy.failures")
+        out.setdefault(int(round_), []).append(name)
+    return out
+
+
+def hierarchy_from_config(cfg: Config, devices: ClientPool,
+                          sum_rule: SumRule | None = None) -> Tier:
+    """The tiers of ``cfg["hierarchy"]`` over ``devices``: an edge tier (and a region tier
+    above it with ``regions > 0``), the top tier being the pool the global coordinator
+    drives. ``sum_rule`` is the edges' (SecAgg+ per edge group); regions sum plainly.
+
+    Raises:
+        ConfigError: a combination hierarchy cannot run: simulated device time (its
+            timeline carries per-client arrivals), a robust rule (it needs every update,
+            the global sees groups), distributed DP (its noise shares are per client), an
+            assignment by region without regions, a failure naming an unknown edge.
+    """
+    h = cfg["hierarchy"]
+    if cfg["sim"]["time_model"] != "none":
+        raise ConfigError("hierarchy runs without simulated device time for now (the "
+                          "device timeline carries per-client arrivals, not an edge's "
+                          "upload): set sim.time_model = 'none'", key="hierarchy.edges")
+    if cfg["robust"]["rule"] != "none" or cfg["robust"]["norm_bound"]:
+        raise ConfigError("robust aggregation needs every update; with hierarchy the global "
+                          "server sees the edges' sums", key="robust.rule")
+    if cfg["privacy"]["placement"] == "distributed":
+        raise ConfigError("distributed DP needs every client's noise share in one secure "
+                          "sum; with hierarchy use privacy.placement = 'central' (noise at "
+                          "the global tier) and SecAgg+ per edge group",
+                          key="privacy.placement")
+    if cfg["privacy"]["placement"] == "central" and h["edge_rounds"] > 1:
+        raise ConfigError("central DP bounds each client's contribution to one clipped "
+                          "update; with hierarchy.edge_rounds > 1 a client moves its edge's "
+                          "model several times: use edge_rounds = 1", key="hierarchy.edge_rounds")
+    regions = h["regions"]
+    if h["assignment"] == "region" and regions < 1:
+        raise ConfigError("hierarchy.assignment = 'region' needs hierarchy.regions >= 1",
+                          key="hierarchy.assignment")
+    by_region = h["assignment"] == "region"
+    region_names = [f"region-{r}" for r in range(regions)]
+    names = [f"edge-{i}" for i in range(h["edges"])]
+    failures = parse_failures(h["failures"])
+    unknown = {e for v in failures.values() for e in v} - {*names, *region_names}
+    if unknown:
+        raise ConfigError(f"hierarchy.failures names unknown edges {sorted(unknown)} (edges "
+                          f"are edge-0..edge-{len(names) - 1}, regions region-0..)",
+                          key="hierarchy.failures")
+    edge_region = {e: region_names[i % regions] for i, e in enumerate(names)} \
+        if by_region else {}
+    ring = Ring(names, vnodes=h["vnodes"], load_factor=h["load_factor"],
+                edge_regions=edge_region)
+    device_region = (lambda name: region_names[int(name) % regions]) if by_region else None
+    route = Route(ring, region_of=device_region)
+    n = len(names)
+    edges = [Edge(e, cfg.seed, h["edge_rounds"], sum_rule, i, n) for i, e in enumerate(names)]
+    tier = Tier(edges, route, devices, failures if not regions else
+                {r: [e for e in v if e in ring.edges] for r, v in failures.items()})
+    if not regions:
+        return tier
+    upper = Ring(region_names, vnodes=h["vnodes"], load_factor=h["load_factor"],
+                 edge_regions={r: r for r in region_names} if by_region else None)
+    region_route = Route(upper, route, region_of=edge_region.get if by_region else None)
+    tops = [Edge(r, cfg.seed, h["edge_rounds"], None, i, regions)
+            for i, r in enumerate(region_names)]
+    return Tier(tops, region_route, tier,
+                {r: [e for e in v if e in upper.edges] for r, v in failures.items()})
