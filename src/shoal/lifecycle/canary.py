@@ -39,7 +39,8 @@ from shoal.errors import ConfigError
 from shoal.evaluation import EvalResult
 from shoal.lifecycle.audit import AuditLog
 
-__all__ = ["Canary", "CanaryRule", "Verdict", "canary_bucket", "in_canary", "normal_cdf"]
+__all__ = ["Canary", "CanaryRule", "Verdict", "arm_cohorts", "canary_bucket", "in_canary",
+           "normal_cdf"]
 
 
 def canary_bucket(device_id: str | int, salt: str) -> float:
@@ -52,6 +53,25 @@ def canary_bucket(device_id: str | int, salt: str) -> float:
 def in_canary(device_ids: Iterable[str | int], fraction: float, salt: str) -> np.ndarray:
     """Boolean mask: which of ``device_ids`` are in the canary of ``fraction``."""
     return np.fromiter((canary_bucket(d, salt) < fraction for d in device_ids), bool)
+
+
+def arm_cohorts(inside: np.ndarray, outside: np.ndarray, cohort: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``(candidate's clients, production's clients)``: equally many uniform draws without
+    replacement from the clients ``inside`` the canary and those ``outside`` it (``cohort``
+    each, fewer when an arm has fewer), sorted. The split is a hash independent of the data,
+    so the two cohorts are comparable.
+
+    Raises:
+        ConfigError: an arm has no client (the canary's fraction is too small or too large
+            for this population).
+    """
+    k = min(cohort, len(inside), len(outside))
+    if k < 1:
+        raise ConfigError(f"a canary needs clients on both sides: {len(inside)} inside, "
+                          f"{len(outside)} outside; change its fraction", key="canary.fraction")
+    return (np.sort(rng.choice(inside, k, replace=False)),
+            np.sort(rng.choice(outside, k, replace=False)))
 
 
 def normal_cdf(z: float) -> float:
@@ -216,6 +236,13 @@ class Canary:
             return np.zeros(len(ids), bool)
         return in_canary(ids, self.fraction, self.salt)
 
+    def cohorts(self, device_ids: Iterable[str | int], cohort: int, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """One evaluation round's comparable cohorts: :func:`arm_cohorts` of this canary's
+        split of ``device_ids`` (client ids are positions in ``device_ids``)."""
+        inside = self.in_canary(device_ids)
+        return arm_cohorts(np.flatnonzero(inside), np.flatnonzero(~inside), cohort, rng)
+
     def serves(self, device_id: str | int) -> int:
         """The version ``device_id`` is served now: the candidate inside the canary while it
         runs; afterwards the store's production (the candidate if it was promoted)."""
@@ -226,7 +253,8 @@ class Canary:
             else self.production
 
     def record(self, result: EvalResult) -> None:
-        """Add a federated evaluation of the candidate or of production.
+        """Add a federated evaluation of the candidate or of production (one with no
+        report still counts towards ``max_rounds``).
 
         Raises:
             ConfigError: the result is of another version, or lacks the rule's metric.
@@ -235,6 +263,11 @@ class Canary:
         if arm is None:
             raise ConfigError(f"evaluation of version {result.version}: this canary compares "
                               f"{self.candidate} with {self.production}", key="version")
+        if result.clients == 0:  # nobody reported in time: a round without samples
+            self._rounds[arm] += 1
+            self.audit.append(self.now, "canary_evaluated", arm=arm, version=result.version,
+                              task_id=result.task_id, clients=0, missing=result.missing)
+            return
         if self.rule.metric not in result.values:
             raise ConfigError(f"the evaluation has no {self.rule.metric!r}",
                               key="canary.metric")

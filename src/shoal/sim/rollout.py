@@ -68,18 +68,14 @@ def run_canary(canary: Canary, evaluator: LocalEvaluator,
     n = len(device_ids)
     coordinator = Coordinator(FedAvg(), n, UniformSampler(cohort), seed=seed)
     inside = np.flatnonzero(canary.in_canary(device_ids))
-    outside = np.setdiff1d(np.arange(n), inside)
     sent: dict[int, set[int]] = {canary.candidate: set(), canary.production: set()}
     rounds = 0
     verdict = canary.verdict
     while not canary.decided:
-        rng = seeds.generator(seed, "canary", rounds)
-        k = min(cohort, len(inside), len(outside))
-        arms = ((canary.candidate, rng.choice(inside, k, replace=False)),
-                (canary.production, rng.choice(outside, k, replace=False)))
-        for version, clients in arms:
+        cand, prod = canary.cohorts(device_ids, cohort, seeds.generator(seed, "canary", rounds))
+        for version, clients in ((canary.candidate, cand), (canary.production, prod)):
             for cmd in coordinator.evaluate(params_of(version), version, now,
-                                            clients=np.sort(clients),
+                                            clients=clients,
                                             purpose=f"canary:{version}"):
                 if isinstance(cmd, SendEval):
                     sent[version].update(cmd.client_ids.tolist())
