@@ -47,9 +47,12 @@ from shoal.strategy import ServerState
 from shoal.strategy.fedavg import check_delta
 from shoal.strategy.state import initial_params
 
-__all__ = ["ClientClip", "Edge", "EdgeStep", "GroupSampler", "UploadTap"]
+__all__ = ["ClientClip", "Edge", "EdgeStep", "GroupSampler", "MIN_SECURE_GROUP", "UploadTap"]
 
 _STEPS = "delta"  # EdgeStep's slot: the sum of the steps taken
+#: the smallest group an edge sums securely: SecAgg+ needs a threshold t >= 2 of k >= 2
+#: neighbours, and a sum of one or two clients would reveal them to each other or the edge
+MIN_SECURE_GROUP = 3
 #: what an edge's own records pass up with its upload (summed by the parent's tally)
 _PASS_UP = ("secagg_dropped", "secagg_included")
 
@@ -251,12 +254,16 @@ class Edge:
                ) -> PartialAggregate | None:
         """Run ``rounds`` edge rounds of ``client_ids`` (this edge's part of ``task``'s
         cohort) over ``child`` and return the upload, or ``None`` when no round committed
-        (the parent then hears nothing for these clients).
+        (the parent then hears nothing for these clients). A group smaller than
+        :data:`MIN_SECURE_GROUP` under a secure sum rule is not aggregated (``None``).
 
         The upload went through the wire format: its ``upload_bytes`` are the encoded
         payload's length, and its delta the decoded vector.
         """
         ids = np.unique(np.asarray(client_ids, np.int64))
+        if self.sum_rule is not None and len(ids) < MIN_SECURE_GROUP:
+            self.records = []
+            return None  # a secure sum of one or two clients would reveal them
         strategy = EdgeStep(task.settings)
         pipeline = self.pipeline(task)
         coordinator = Coordinator(

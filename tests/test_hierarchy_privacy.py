@@ -1,0 +1,110 @@
+"""Privacy per tier: SecAgg+ within each edge group, central DP at the global tier."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from shoal.build import load_data
+from shoal.config import load_config
+from shoal.events import TrainTask
+from shoal.experiment import Experiment
+from shoal.hierarchy.tiers import Tier
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(load_config())
+
+
+def _client_updates(devices, params: np.ndarray, ids: np.ndarray
+                    ) -> dict[int, tuple[np.ndarray, float]]:
+    """Each client's own delta (float64) and example count, trained here."""
+    out = {}
+    task = TrainTask(task_id=1, version=0, params=params, round=1)
+    for batch in devices.train(task, ids):
+        for c, d, n in zip(batch.client_ids.tolist(), batch.deltas, batch.num_examples):
+            out[c] = (np.asarray(d, np.float64), float(n))
+    return out
+
+
+def _survivors(updates: dict[int, tuple[np.ndarray, float]], weight: float, mean: np.ndarray,
+               included: int) -> tuple[int, ...]:
+    """The one subset of ``included`` clients whose plain weighted mean is ``mean``."""
+    found = []
+    for subset in itertools.combinations(sorted(updates), included):
+        w = sum(updates[c][1] for c in subset)
+        if w != weight:
+            continue
+        plain = sum(updates[c][1] * updates[c][0] for c in subset) / w
+        if np.abs(plain - mean).max() < 1e-4:
+            found.append(subset)
+    assert len(found) == 1, f"{len(found)} subsets match the edge's sum"
+    return found[0]
+
+
+def test_secagg_per_edge_group_with_dropouts_equals_the_plain_sum_of_survivors(data) -> None:
+    overrides = {"rounds": 1, "sampling.per_round": 45, "hierarchy.edges": 3,
+                 "secure_aggregation.enabled": True, "secure_aggregation.dropout": 0.1,
+                 "secure_aggregation.dropout_stage": "share_keys"}
+    exp = Experiment(load_config(None, overrides), data)
+    tier = exp.pool
+    assert isinstance(tier, Tier) and tier.aggregates_securely
+    assert exp.pipeline.sum_rule.name == "plain"  # the global sees only the edges' sums
+    result = exp.run()
+    base = exp.initial_params.astype(np.float32)
+    cohort = exp.coordinator.cohort(1)
+    groups = tier.route.groups(cohort)
+    task = TrainTask(task_id=1, version=0, params=base, round=1)
+    total, weight, dropped = np.zeros(base.size), 0.0, 0
+    for name, ids in groups.items():
+        updates = _client_updates(tier.below, base, ids)
+        upload = tier.edges[name].answer(task, ids, tier.below)  # the same, replayed
+        assert upload is not None and list(upload.client_ids) == sorted(ids.tolist())
+        dropped += len(ids) - upload.clients
+        assert upload.metrics["secagg_dropped"] == len(ids) - upload.clients
+        keep = _survivors(updates, float(upload.num_examples), np.asarray(upload.delta),
+                          upload.clients)
+        total += sum(updates[c][1] * updates[c][0] for c in keep)
+        weight += sum(updates[c][1] for c in keep)
+    assert dropped >= 2  # 10% of 45: the protocol really recovered from dropouts
+    oracle = base + total / weight
+    assert np.abs(result.state.params - oracle).max() < 1e-5  # fixed point, 20 bits
+    assert result.records[1].accepted == len(cohort) - dropped
+    assert result.records[1].privacy["secagg_dropped"] == dropped
+
+
+def test_central_dp_at_the_global_tier_accounts_as_flat_and_commits_the_same_model(
+        data) -> None:
+    dp = {"rounds": 3, "privacy.placement": "central", "privacy.noise_multiplier": 1.0,
+          "privacy.clip_norm": 0.5}
+    flat = Experiment(load_config(None, dp), data).run()
+    two = Experiment(load_config(None, {**dp, "hierarchy.edges": 4}), data).run()
+    eps = [r.privacy["epsilon"] for r in flat.records[1:]]
+    assert eps == [r.privacy["epsilon"] for r in two.records[1:]]
+    assert eps[0] < eps[-1]  # composed over the rounds
+    assert np.abs(flat.state.params - two.state.params).max() <= 1e-6
+    # clipped where it matters: the edges clip each device, the global checks the promise
+    assert two.records[1].rejected == {}
+    # with SecAgg+ in each group too: the same accounting; the sum up to its fixed point
+    bigger = {**dp, "rounds": 2, "sampling.per_round": 24, "hierarchy.edges": 4}
+    plain = Experiment(load_config(None, bigger), data).run()
+    secure = Experiment(load_config(None, {**bigger, "secure_aggregation.enabled": True}),
+                        data).run()
+    assert [r.privacy["epsilon"] for r in secure.records[1:]] == \
+        [r.privacy["epsilon"] for r in plain.records[1:]]
+    assert np.abs(secure.state.params - plain.state.params).max() < 1e-4
+
+
+def test_a_group_too_small_to_sum_securely_is_not_revealed(data) -> None:
+    cfg = load_config(None, {"rounds": 1, "sampling.per_round": 9, "hierarchy.edges": 4,
+                             "secure_aggregation.enabled": True})
+    exp = Experiment(cfg, data)
+    groups = exp.pool.route.groups(exp.coordinator.cohort(1))
+    small = sum(len(ids) for ids in groups.values() if len(ids) < 3)
+    assert small  # nine clients over four edges: some group has fewer than three
+    result = exp.run()
+    big = sum(len(ids) for ids in groups.values() if len(ids) >= 3)
+    assert result.records[-1].accepted == big
