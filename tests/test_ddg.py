@@ -282,10 +282,24 @@ def test_combinations_distributed_dp_cannot_run_are_refused(change, key):
     assert exc.value.key == key
 
 
-def test_a_deployment_refuses_distributed_dp():
+def test_a_deployment_folds_only_the_devices_noised_secure_sums():
+    """Deployed, the devices run SecAgg+ and the stage receives each round's unmasked sum as
+    a group: it folds a group of at least h + f clients clipped to C and weighing 1, and
+    counts its noise shares; without a secure carrier the configuration is refused."""
     cfg = load_config(None, {**SYNTH, **DDG})
-    with pytest.raises(ConfigError, match="simulation only"):
-        pipeline_from_config(cfg, deployed=True, secure_in_transport=True)
-    with pytest.raises(ConfigError, match="simulation only"):
-        secagg_from_config(cfg)
-    assert secure_sum_from_config(cfg).min_inputs == 8  # simulation builds it
+    with pytest.raises(ConfigError, match="secure aggregation"):
+        pipeline_from_config(cfg, deployed=True, secure_in_transport=False)
+    stage = pipeline_from_config(cfg, deployed=True, secure_in_transport=True).stages[0]
+    assert stage.noised_groups and stage.client_clip_norm(stage.init()) == 1.0
+    assert secagg_from_config(cfg).rotated.noise_std > 0  # what devices are told to add
+    mean = np.full((1, 3), 0.25)
+    for clients, weight, clip in ((7, 7.0, 1.0),  # fewer than h + f = 8
+                                  (8, 8.0, None), (8, 8.0, 2.0),  # no or a looser clip
+                                  (8, 20.0, 1.0)):  # weighed by examples
+        with pytest.raises(UpdateRejected, match="not_noised|at least"):
+            stage.begin(stage.init(), 1).partial(mean, np.array([weight]), clients, clip)
+    run = stage.begin(stage.init(), 1)
+    rows, weights = run.partial(mean, np.array([8.0]), 8, 1.0)
+    total, state = run.finish(Sum(rows[0] * weights[0], weights[0], 8, {}))
+    np.testing.assert_allclose(total.mean(), mean[0])  # over the cohort of 8
+    assert total.info["epsilon"] == state.ledger.epsilon(1e-5) > 0

@@ -266,16 +266,16 @@ def distributed_dp_from_config(cfg: Config) -> DistributedDiscreteGaussian | Non
                                        p["colluding_clients"])
 
 
-def _dp_stage(cfg: Config, deployed: bool
+def _dp_stage(cfg: Config, deployed: bool, secure_in_transport: bool = False
               ) -> CentralDPStage | LocalDPStage | DistributedDPStage | None:
     p = cfg["privacy"]
     if p["placement"] == "none":
         return None
     if p["placement"] == "distributed":
-        if deployed:
-            raise ConfigError("privacy.placement = 'distributed' runs in simulation only for "
-                              "now (devices do not add noise shares yet); use 'central' over "
-                              "gRPC", key="privacy.placement")
+        if deployed and not secure_in_transport:
+            raise ConfigError("privacy.placement = 'distributed' in a deployment needs the "
+                              "devices to run secure aggregation (the gRPC carrier)",
+                              key="privacy.placement")
         from shoal.privacy.stages import BudgetPolicy, DistributedDPStage
 
         mechanism = distributed_dp_from_config(cfg)
@@ -283,7 +283,8 @@ def _dp_stage(cfg: Config, deployed: bool
         cohort, population = cfg["sampling"]["per_round"], cfg["data"]["clients"]
         return DistributedDPStage(mechanism, float(cohort),
                                   mechanism.event(cohort, population),
-                                  BudgetPolicy(p["epsilon_budget"], p["delta"]), p["accountant"])
+                                  BudgetPolicy(p["epsilon_budget"], p["delta"]), p["accountant"],
+                                  noised_groups=secure_in_transport)
     from shoal.privacy import AdaptiveClipping, CentralDP, RoundEvent
     from shoal.privacy.csprng import RandomSource
     from shoal.privacy.dp import secure_generator
@@ -319,23 +320,10 @@ def _dp_stage(cfg: Config, deployed: bool
 
 
 def secagg_from_config(cfg: Config) -> SecAggAggregation | None:
-    """The secure-aggregation sum rule that devices run over gRPC, or None.
-
-    Raises:
-        ConfigError: the rotated encoding or distributed DP, which devices do not run yet.
-    """
-    s = cfg["secure_aggregation"]
-    if s["enabled"] and (s["encoding"] != "fixed_point"
-                         or cfg["privacy"]["placement"] == "distributed"):
-        raise ConfigError("secure_aggregation.encoding = 'rotated' (and distributed DP) run in "
-                          "simulation only for now: devices encode the fixed point; use "
-                          "'fixed_point' over gRPC", key="secure_aggregation.encoding")
-    return _secagg(cfg)
-
-
-def _secagg(cfg: Config) -> SecAggAggregation | None:
-    """The simulated SecAgg+ sum rule for ``cfg["secure_aggregation"]`` (fixed point, or the
-    rotated encoding with distributed DP's noise when the run asks for it), or None."""
+    """The SecAgg+ sum rule for ``cfg["secure_aggregation"]`` (fixed point, or the rotated
+    encoding with distributed DP's noise when the run asks for it), or None: simulated in
+    process, or run by devices over gRPC (a deployment's sessions bind the rotated plan to
+    each round's session)."""
     s = cfg["secure_aggregation"]
     if not s["enabled"]:
         return None
@@ -374,7 +362,7 @@ def secure_sum_from_config(cfg: Config) -> SumRule | None:
     """
     s = cfg["secure_aggregation"]
     if not s["enabled"] or s["protocol"] == "secagg":
-        return _secagg(cfg)
+        return secagg_from_config(cfg)
     if s["encoding"] != "fixed_point":
         raise ConfigError("secure_aggregation.encoding = 'rotated' encodes into SecAgg+'s "
                           "ring; CKKS encrypts the clipped floats: use protocol 'secagg'",
@@ -400,7 +388,7 @@ def pipeline_from_config(cfg: Config, *, deployed: bool = False,
     """
     d = cfg["deploy"]
     validation = Validation(max_norm=d["max_norm"] or None) if deployed else Validation()
-    dp = _dp_stage(cfg, deployed)
+    dp = _dp_stage(cfg, deployed, secure_in_transport)
     robust_stages, robust_rule = robust_from_config(cfg)
     secure = None if secure_in_transport else secure_sum_from_config(cfg)
     # robust stages first: they refuse a group's mean before a DP stage has counted it

@@ -202,10 +202,14 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
 
     Raises:
         ConfigError: insecure serving on a non-loopback address, mutual TLS without TLS,
-            local DP (which devices do not apply yet), compression with secure aggregation,
-            or central DP whose cohorts the accountant would describe wrongly. Central DP
-            with secure aggregation is deployable: tasks ask devices to clip before masking
-            and the noise is added to the unmasked sum.
+            local DP (which devices do not apply yet), post-quantum or CKKS secure
+            aggregation (simulation only), an upload codec with secure aggregation (its
+            compression is ``secure_aggregation.encoding = 'rotated'``), or central or
+            distributed DP whose cohorts the accountant would describe wrongly. Deployable
+            with secure aggregation: central DP (devices clip before masking, the noise is
+            added to the unmasked sum), the rotated ring, and distributed DP (devices add
+            their discrete Gaussian shares before masking; the server unmasks only a noised
+            sum).
     """
     d = cfg["deploy"]
     if not tls and d["host"] not in ("127.0.0.1", "localhost", "::1"):
@@ -227,14 +231,16 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
                           "(devices do not encrypt with CKKS yet); use 'secagg' over gRPC",
                           key="secure_aggregation.protocol")
     if cfg["secure_aggregation"]["enabled"] and cfg["compression"]["upload"] != "none":
-        raise ConfigError("secure aggregation encodes updates itself (fixed point in a ring): "
+        raise ConfigError("secure aggregation encodes updates itself (fixed point in a ring, "
+                          "or secure_aggregation.encoding = 'rotated' for a few-bit ring): "
                           "compression.upload must be 'none' with it",
                           key="compression.upload")
     _check_central_dp_accounting(cfg)
 
 
 def _check_central_dp_accounting(cfg: Config) -> None:
-    """Refuse a deployment whose cohorts the privacy accountant would describe wrongly.
+    """Refuse a deployment whose cohorts the privacy accountant would describe wrongly
+    (central DP, and distributed DP, whose accountant assumes the same sampling).
 
     The ledger accounts for each round as a fixed-size uniform sample of
     ``sampling.per_round`` out of ``data.clients`` (or a Poisson sample). A deployment asks
@@ -245,7 +251,8 @@ def _check_central_dp_accounting(cfg: Config) -> None:
     pool): amplification by sampling assumes nobody can tell who was sampled, and the seeded
     cohorts of a simulation can be recomputed from the config.
     """
-    if cfg["privacy"]["placement"] != "central":
+    placement = cfg["privacy"]["placement"]
+    if placement not in ("central", "distributed"):
         return
     d, s = cfg["deploy"], cfg["sampling"]
     target = d["target"] or s["per_round"]
@@ -259,7 +266,7 @@ def _check_central_dp_accounting(cfg: Config) -> None:
                                       cfg["data"]["clients"])}
     for key, (got, need) in wanted.items():
         if got != need:
-            raise ConfigError(f"central DP in a deployment needs cohorts the accountant "
+            raise ConfigError(f"{placement} DP in a deployment needs cohorts the accountant "
                               f"describes (a uniform sample of sampling.per_round out of "
                               f"data.clients devices): {key} must be {need!r}, got {got!r}",
                               key=key)

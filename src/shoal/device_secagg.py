@@ -43,7 +43,10 @@ import numpy as np
 from shoal.device_task import CheckInDecision, DeviceTask
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
 from shoal.events import PartialAggregate
+from shoal.privacy import crypto
+from shoal.privacy.rotation import rotation_seed
 from shoal.privacy.secagg_driver import SecAggConfig
+from shoal.privacy.secagg_encoding import ring_bytes
 from shoal.privacy.secagg_messages import (
     ClientMessage,
     EncryptedShares,
@@ -56,6 +59,7 @@ from shoal.privacy.secagg_messages import (
     UnmaskingShares,
 )
 from shoal.privacy.secagg_server import SecAggServer
+from shoal.privacy.secagg_session import SESSION_BYTES
 
 __all__ = ["End", "SecAggDeviceRound", "SecAggStatus", "Wait"]
 
@@ -239,6 +243,10 @@ class SecAggDeviceRound:
         total, included = self.result()
         assert self.config is not None and self.params is not None
         mean, weight = self.config.encoding.decode(total)
+        extra = {}
+        if self.config.encoding.noised:
+            # each included device added its noise share before masking (distributed DP)
+            extra["ddg_noise_shares"] = float(len(included))
         return PartialAggregate(
             delta=mean.astype(np.float32), num_examples=weight, clients=len(included),
             metrics={"secagg_included": float(len(included)),
@@ -246,6 +254,9 @@ class SecAggDeviceRound:
                      "secagg_neighbours": float(self.params.neighbours),
                      "secagg_threshold": float(self.params.threshold),
                      "secagg_ring_bits": float(self.params.bits),
+                     "secagg_upload_bytes": float(ring_bytes(self.params.bits)
+                                                  * self.params.length),
+                     **extra,
                      **{f"secagg_dropped_at_{stage}": float(n)
                         for stage, n in self.dropped_at.items()},
                      **(metrics or {})},
@@ -381,10 +392,14 @@ class SecAggDeviceRound:
             self._abort(f"only {n} of {len(self.selected)} selected devices checked in; the "
                         f"round needs {max(self.min_accepted, 3)}")
             return
+        # the session nonce is drawn here so that a rotated encoding's seed can follow it:
+        # every device derives the same rotation from the setup, with no extra message
+        session = crypto.random_bytes(SESSION_BYTES)
         try:
-            self.config = self.config_for(n)
+            self.config = self.config_for(n).bind(self.dim, n, rotation_seed(session))
             self.params = self.config.params_for(n, self.dim)
-            self.server = SecAggServer(self.params, self.roster)
+            self.server = SecAggServer(self.params, self.roster, session=session,
+                                       min_inputs=self.config.min_inputs)
         except ConfigError as exc:
             self._abort(f"no secure-aggregation parameters for {n} devices: {exc}")
             return

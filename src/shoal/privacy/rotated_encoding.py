@@ -287,7 +287,7 @@ class RoundEncoding:
                               f"{dim}", key="dim")
         return self.params.length
 
-    def encode(self, x: np.ndarray, weight: int, bits: int, rng: np.random.Generator
+    def encode(self, x: np.ndarray, weight: int, bits: int, rng: RandomSource
                ) -> np.ndarray:
         """:func:`privatize_and_encode` (``weight`` must be 1, ``bits`` the plan's)."""
         if weight != 1 or bits != self.params.bits:
@@ -300,6 +300,11 @@ class RoundEncoding:
         """(mean of the included clients' contributions, their count)."""
         vector, count = decode_sum(total, self.seed, self.params)
         return vector / count, count
+
+    @property
+    def noised(self) -> bool:
+        """Whether every client adds a discrete Gaussian share (distributed DP)."""
+        return self.params.noise_std > 0
 
 
 @dataclass(frozen=True)

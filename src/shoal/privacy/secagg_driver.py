@@ -9,11 +9,12 @@ messages across in process, with chosen clients vanishing after chosen stages. A
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from shoal.errors import ConfigError, UpdateRejected
+from shoal.privacy.rotated_encoding import RotatedPlan
 from shoal.privacy.secagg_client import SecAggClient
 from shoal.privacy.secagg_encoding import FixedPoint, RingEncoding
 from shoal.privacy.secagg_graph import secagg_parameters
@@ -43,6 +44,8 @@ class SecAggConfig:
         post_quantum: hybrid X25519 + ML-KEM-768 pairwise keys (see ``SecAggParams``).
         min_inputs: the server unmasks nothing with fewer masked inputs (distributed DP's
             h + f); 1 for any.
+        rotated: a run's rotated encoding not yet bound to a round (:meth:`bind` replaces
+            ``encoding`` with the round's); ``None`` once bound or with the fixed point.
     """
 
     encoding: RingEncoding
@@ -50,6 +53,21 @@ class SecAggConfig:
     threshold: int | None = None
     post_quantum: bool = False
     min_inputs: int = 1
+    rotated: RotatedPlan | None = None
+
+    def bind(self, dim: int, n: int, rotation_seed: bytes) -> SecAggConfig:
+        """This config for one round of ``n`` clients and ``dim``-long updates: with a
+        rotated plan, its encoding (γ for the roster, the round's 32-byte rotation seed, e.g.
+        :func:`~shoal.privacy.rotation.rotation_seed` of the session); else itself.
+
+        Raises:
+            ConfigError: the plan cannot serve the roster (see
+                :func:`~shoal.privacy.rotated_encoding.plan_quantization`).
+        """
+        if self.rotated is None:
+            return self
+        return replace(self, encoding=self.rotated.for_round(dim, n, rotation_seed),
+                       rotated=None)
 
     @classmethod
     def for_population(
@@ -61,6 +79,9 @@ class SecAggConfig:
 
     def params_for(self, n: int, d: int) -> SecAggParams:
         """Round parameters for n clients and d-dimensional updates (d + 1 ring entries)."""
+        if self.rotated is not None:
+            raise ConfigError("a rotated encoding must be bound to its round first "
+                              "(SecAggConfig.bind)", key="encoding")
         k = n - 1 if self.neighbours is None else self.neighbours
         t = k // 2 + 1 if self.threshold is None else self.threshold
         if k > n - 1:

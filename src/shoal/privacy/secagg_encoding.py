@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from shoal.errors import ConfigError, ProtocolError, UpdateRejected
+from shoal.privacy.csprng import RandomSource
 
 __all__ = ["FixedPoint", "RingEncoding", "pack_ring", "ring_bytes", "ring_dtype", "ring_mask",
            "unpack_ring"]
@@ -91,11 +92,16 @@ class RingEncoding(Protocol):
     @property
     def max_weight(self) -> int: ...
 
+    @property
+    def noised(self) -> bool:
+        """Whether every client adds its own noise share (distributed DP) before masking."""
+        ...
+
     def ring_bits(self, n_clients: int) -> int: ...
 
     def length(self, dim: int) -> int: ...
 
-    def encode(self, x: np.ndarray, weight: int, bits: int, rng: np.random.Generator
+    def encode(self, x: np.ndarray, weight: int, bits: int, rng: RandomSource
                ) -> np.ndarray: ...
 
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, int]: ...
@@ -114,6 +120,8 @@ class FixedPoint:
     clip: float
     value_bits: int = 16
     max_weight: int = 1
+    #: clients add no noise of their own
+    noised: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip > 0):
@@ -158,7 +166,7 @@ class FixedPoint:
         return bits
 
     def encode(
-        self, x: np.ndarray, weight: int, bits: int, rng: np.random.Generator
+        self, x: np.ndarray, weight: int, bits: int, rng: RandomSource
     ) -> np.ndarray:
         """Quantize ``x`` (length d) into a ring vector of length d + 1: ``w*q`` then ``w``.
 

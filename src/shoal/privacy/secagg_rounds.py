@@ -126,7 +126,8 @@ class SecAggAggregation:
         self.rng_for_round = rng_for_round
 
     def config_for(self, n: int, encoding: RingEncoding | None = None) -> SecAggConfig:
-        """k and t for a cohort of ``n`` (with the fixed-point encoding, or ``encoding``).
+        """k and t for a cohort of ``n`` (with the fixed-point encoding, ``encoding``, or
+        the rotated plan, which :meth:`SecAggConfig.bind` binds to a round).
 
         Automatic choice (``neighbours = 0``): below :data:`SPARSE_FROM` clients the complete
         graph with a majority threshold t = floor((n - 1) / 2) + 1 (tolerates nearly half of
@@ -135,17 +136,19 @@ class SecAggAggregation:
         survive a single dropout in a neighbourhood.
         """
         enc = self.encoding if encoding is None else encoding
+        plan = self.rotated if encoding is None else None
         if self.neighbours == -1 or (self.neighbours == 0 and n < SPARSE_FROM):
             t = self.threshold or (n - 1) // 2 + 1
             return SecAggConfig(enc, None, max(1, min(t, n - 1)),
-                                post_quantum=self.post_quantum, min_inputs=self.min_inputs)
+                                post_quantum=self.post_quantum, min_inputs=self.min_inputs,
+                                rotated=plan)
         if self.neighbours == 0:
             k, t = secagg_parameters(n, max(self.dropout, 1e-3), max(self.corrupt_rate, 1e-3))
         else:
             k = min(self.neighbours, n - 1)
             t = self.threshold or k // 2 + 1
         return SecAggConfig(enc, k, self.threshold or t, post_quantum=self.post_quantum,
-                            min_inputs=self.min_inputs)
+                            min_inputs=self.min_inputs, rotated=plan)
 
     def begin(self, dim: int, step: int) -> _Collector:
         return _Collector(self, dim, step)
@@ -159,11 +162,11 @@ class SecAggAggregation:
         rng = self.rng_for_round(round)
         n = acc.count
         ids = list(range(n))
-        encoding: RingEncoding = self.encoding
+        config = self.config_for(n)
         if self.rotated is not None:
             assert self.rotation_seed is not None
-            encoding = self.rotated.for_round(acc.dim, n, self.rotation_seed(round))
-        weights = {i: int(min(max(1, round_half(w)), encoding.max_weight))
+            config = config.bind(acc.dim, n, self.rotation_seed(round))
+        weights = {i: int(min(max(1, round_half(w)), config.encoding.max_weight))
                    for i, w in zip(ids, acc.weights)}
         drops = [i for i in ids if rng.random() < self.dropout]
         after: dict[Stage, set[int]] = {}
@@ -171,7 +174,6 @@ class SecAggAggregation:
             stage = self.dropout_stage if self.dropout_stage is not None \
                 else _STAGES[int(rng.integers(len(_STAGES)))]
             after.setdefault(stage, set()).add(i)
-        config = self.config_for(n, encoding)
         result = run_secagg_round(dict(zip(ids, acc.rows)), weights, config, after or None,
                                   rng)
         params = config.params_for(n, acc.dim)

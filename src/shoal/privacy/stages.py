@@ -261,6 +261,7 @@ class LocalDPStage(_Accounting):
 class _DistributedRun:
     def __init__(self, stage: DistributedDPStage, state: DPState) -> None:
         self.stage, self.state = stage, state
+        self.shares = 0  # noise shares in the groups folded (deployed secure rounds)
 
     def rows(self, rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # the clients clip inside the secure sum; every client counts once
@@ -268,13 +269,31 @@ class _DistributedRun:
 
     def partial(self, rows: np.ndarray, weights: np.ndarray, clients: int,
                 clip_norm: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """Refused: a pre-aggregated group carries no per-client noise shares.
+        """A group: with ``noised_groups`` (the carrier runs the secure sum itself, and its
+        sessions unmask only sums of at least h + f noised inputs), the mean of a secure
+        round whose ``clients`` devices clipped to C, weighed 1 and added their shares;
+        otherwise refused (a pre-aggregated group carries no per-client noise shares).
 
         Raises:
-            UpdateRejected: ``not_noised``, always.
+            UpdateRejected: ``not_noised`` -- no ``noised_groups``, or a group of fewer
+                than h + f clients, that does not promise clipping to C, or whose weight is
+                not its client count.
         """
-        raise UpdateRejected("not_noised", "distributed DP needs each client's own noise "
-                             "share inside the secure sum; a pre-aggregated group has none")
+        mech = self.stage.mechanism
+        weight = float(weights[0])
+        if not self.stage.noised_groups:
+            raise UpdateRejected("not_noised", "distributed DP needs each client's own noise "
+                                 "share inside the secure sum; a pre-aggregated group has none")
+        if clients < mech.min_inputs or clip_norm is None \
+                or not clip_norm <= mech.clip_norm * (1 + 1e-9) \
+                or abs(weight - clients) > 1e-6 * max(1, clients):
+            raise UpdateRejected("not_noised", f"distributed DP folds a secure round of at "
+                                 f"least {mech.min_inputs} clients, each clipped to C = "
+                                 f"{mech.clip_norm:g} and weighing 1; this group has "
+                                 f"{clients} clients weighing {weight:g}, clipped to "
+                                 f"{clip_norm!r}")
+        self.shares += int(clients)
+        return rows.astype(np.float64), np.array([float(clients)])
 
     def finish(self, total: Sum) -> tuple[Sum, DPState]:
         """The noised sum over the expected cohort, and the ledger with this release.
@@ -284,7 +303,7 @@ class _DistributedRun:
                 rule that does not add them); nothing is released or accounted.
         """
         stage, mech = self.stage, self.stage.mechanism
-        shares = total.info.get("ddg_noise_shares")
+        shares = total.info.get("ddg_noise_shares") or self.shares or None
         if shares is None or shares < mech.min_inputs:
             raise PrivacyError(f"distributed DP releases only a sum holding at least "
                                f"{mech.min_inputs} clients' noise shares; this one claims "
@@ -308,6 +327,10 @@ class DistributedDPStage(_Accounting):
         expected_clients: the fixed denominator (the cohort size).
         event: one round for the accountant (:meth:`DistributedDiscreteGaussian.event`).
         budget: the ε budget and the δ at which ε is reported.
+        noised_groups: the carrier runs the secure sum (devices over gRPC) and hands the
+            coordinator each round's unmasked sum as a group; its sessions unmask nothing
+            below h + f inputs, so a group of at least h + f clients clipped to C holds
+            that many noise shares. Without it groups are refused.
     """
 
     mechanism: DistributedDiscreteGaussian
@@ -315,6 +338,7 @@ class DistributedDPStage(_Accounting):
     event: DistributedEvent
     budget: BudgetPolicy
     accountant: str = "rdp"
+    noised_groups: bool = False
     name: str = "distributed_dp"
     #: a round that aborts (too few noise shares) or has no update releases nothing
     releases_empty: bool = False
@@ -322,6 +346,11 @@ class DistributedDPStage(_Accounting):
     def init(self) -> DPState:
         return DPState(ledger=PrivacyLedger(self.accountant),
                        clip_norm=float(self.mechanism.clip_norm))
+
+    def client_clip_norm(self, state: DPState) -> float | None:
+        """C: tasks ask devices to clip to it and weigh their update 1 (their encoding
+        clips again inside the ring)."""
+        return float(self.mechanism.clip_norm)
 
     def begin(self, state: DPState, step: int) -> _DistributedRun:
         return _DistributedRun(self, state)

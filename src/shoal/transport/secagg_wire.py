@@ -7,7 +7,9 @@ dataclasses; the ``SecAgg`` RPC carries them as the ``SecAgg*`` messages of
 before it becomes a dataclass; the machines then check the protocol (sessions, senders,
 recipients, ciphertexts). A masked input travels as ``ceil(bits/8)`` little-endian bytes per
 ring element (:func:`~shoal.privacy.secagg_encoding.pack_ring`), after a header with its size
-and SHA-256.
+and SHA-256. The setup names the round's encoding: the fixed point, or the rotated ring of
+:mod:`shoal.privacy.rotated_encoding` (compression, and distributed DP's noise shares) whose
+rotation every device derives from the session nonce.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from collections.abc import Mapping
 
 from shoal.device_secagg import End, Wait
 from shoal.errors import ConfigError, ProtocolError
-from shoal.privacy.secagg_encoding import FixedPoint
+from shoal.privacy.ddg import MAX_DIM
+from shoal.privacy.rotated_encoding import RotatedQuantization, RoundEncoding
+from shoal.privacy.rotation import BLOCK, block_size, rotation_seed
+from shoal.privacy.secagg_encoding import FixedPoint, RingEncoding
 from shoal.privacy.secagg_messages import (
     ClientMessage,
     EncryptedShares,
@@ -53,8 +58,45 @@ def _bytes_map(m: Mapping[int, bytes], what: str) -> dict[int, bytes]:
 
 # -- server -> device -------------------------------------------------------------------------
 
-def reply_to_pb(reply: ServerMessage | Wait | End, *, client_id: int, encoding: FixedPoint,
-                retry_after: float = 0.0) -> pb.SecAggReply:
+def _encoding_fields(encoding: RingEncoding) -> dict:
+    """``SecAggSetup`` fields of a round's encoding: the fixed point's range, or the rotated
+    ring's parameters (its seed is not sent: devices derive it from the session)."""
+    if isinstance(encoding, RoundEncoding):
+        p = encoding.params
+        return {"max_weight": 1, "rotation": pb.SecAggRotation(
+            dim=p.dim, clip=p.clip, gamma=p.gamma, noise_std=p.noise_std,
+            norm_bound=p.norm_bound or 0.0, block=p.block)}
+    assert isinstance(encoding, FixedPoint)
+    return {"clip": encoding.clip, "value_bits": encoding.value_bits,
+            "max_weight": encoding.max_weight}
+
+
+def _encoding_of(s: pb.SecAggSetup) -> RingEncoding:
+    """A setup's encoding: the fixed point, or the rotated ring with the rotation seed of its
+    session (:func:`~shoal.privacy.rotation.rotation_seed`).
+
+    Raises:
+        ConfigError: parameters out of range, or a rotated ring whose length is not the
+            setup's.
+    """
+    if not s.HasField("rotation"):
+        return FixedPoint(clip=s.clip, value_bits=s.value_bits, max_weight=s.max_weight)
+    r = s.rotation
+    if r.dim > MAX_DIM or r.block > BLOCK:
+        raise ConfigError(f"a rotated ring of {r.dim} values in blocks of {r.block} is out of "
+                          f"range", key="rotation")
+    params = RotatedQuantization(dim=int(r.dim), clip=r.clip, bits=s.bits, gamma=r.gamma,
+                                 noise_std=r.noise_std, norm_bound=r.norm_bound or None,
+                                 block=int(r.block))
+    block_size(params.dim, params.block)  # a power of two
+    if params.length != s.length:
+        raise ConfigError(f"the rotated ring has {params.length} elements, the setup says "
+                          f"{s.length}", key="length")
+    return RoundEncoding(params, rotation_seed(bytes(s.session)))
+
+
+def reply_to_pb(reply: ServerMessage | Wait | End, *, client_id: int,
+                encoding: RingEncoding | None, retry_after: float = 0.0) -> pb.SecAggReply:
     """The protobuf reply for a device (``client_id`` and ``encoding`` go with the setup)."""
     if isinstance(reply, Wait):
         return pb.SecAggReply(wait=pb.SecAggWait(stage=reply.stage, retry_after=retry_after))
@@ -62,11 +104,11 @@ def reply_to_pb(reply: ServerMessage | Wait | End, *, client_id: int, encoding: 
         return pb.SecAggReply(end=pb.SecAggEnd(outcome=reply.outcome, detail=reply.detail))
     if isinstance(reply, RoundSetup):
         p = reply.params
+        assert encoding is not None
         return pb.SecAggReply(setup=pb.SecAggSetup(
             session=reply.session, roster=list(reply.roster), graph_seed=reply.graph_seed,
             neighbours=p.neighbours, threshold=p.threshold, bits=p.bits, length=p.length,
-            client_id=client_id, clip=encoding.clip, value_bits=encoding.value_bits,
-            max_weight=encoding.max_weight))
+            client_id=client_id, **_encoding_fields(encoding)))
     if isinstance(reply, KeyDirectory):
         return pb.SecAggReply(key_directory=pb.SecAggKeyDirectory(
             session=reply.session,
@@ -83,7 +125,8 @@ def reply_to_pb(reply: ServerMessage | Wait | End, *, client_id: int, encoding: 
 
 
 def reply_from_pb(reply: pb.SecAggReply
-                  ) -> tuple[ServerMessage | Wait | End | pb.UploadReply, int, FixedPoint | None]:
+                  ) -> tuple[ServerMessage | Wait | End | pb.UploadReply, int,
+                             RingEncoding | None]:
     """``(message, client id, encoding)`` from a reply; the id and the encoding come with a
     setup only (``-1`` and ``None`` otherwise). A refusal comes back as its ``UploadReply``.
 
@@ -102,8 +145,7 @@ def reply_from_pb(reply: pb.SecAggReply
         try:
             params = SecAggParams(neighbours=s.neighbours, threshold=s.threshold, bits=s.bits,
                                   length=s.length)
-            encoding = FixedPoint(clip=s.clip, value_bits=s.value_bits,
-                                  max_weight=s.max_weight)
+            encoding = _encoding_of(s)
         except ConfigError as exc:
             raise ProtocolError(f"malformed secure-aggregation setup: {exc}",
                                 party="aggregator") from None

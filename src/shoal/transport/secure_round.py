@@ -6,6 +6,12 @@ advertise keys, share keys, *train while the stage closes*, send the masked inpu
 requested shares. The protocol is the :class:`~shoal.privacy.secagg_client.SecAggClient` state
 machine; this module turns its messages into ``SecAgg``/``SecAggStep`` requests and the replies
 back (:mod:`shoal.transport.secagg_wire`). The update never leaves the device unmasked.
+
+The setup names the encoding: the fixed point, or the rotated ring
+(:func:`~shoal.privacy.rotated_encoding.privatize_and_encode`: clip, rotate with the seed of
+the session, round, and under distributed DP add this device's discrete Gaussian share). Its
+random coins come from a :class:`~shoal.privacy.csprng.CryptoRandom` keyed from
+``os.urandom``, never from a seeded generator.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import numpy as np
 from shoal.device_secagg import End, Wait
 from shoal.errors import ProtocolError, ShoalError
 from shoal.privacy.secagg_client import SecAggClient
-from shoal.privacy.secagg_encoding import FixedPoint, pack_ring
+from shoal.privacy.csprng import CryptoRandom
+from shoal.privacy.secagg_encoding import RingEncoding, pack_ring
 from shoal.privacy.secagg_messages import (ClientMessage, EncryptedShares, KeyAdvertisement,
                                            MaskedInput, RoundSetup, SecAggAborted,
                                            UnmaskingShares)
@@ -72,7 +79,7 @@ class SecAggParticipant:
                 failed, or the update cannot be contributed (no examples, not encodable).
         """
         client: SecAggClient | None = None
-        encoding: FixedPoint | None = None
+        encoding: RingEncoding | None = None
         message = None
         while True:
             sent = message
@@ -108,7 +115,7 @@ class SecAggParticipant:
                 raise TaskAbandoned(f"secure aggregation: refused the server's message: {exc}"
                                     ) from None
 
-    def _train_into(self, client: SecAggClient, encoding: FixedPoint, params: np.ndarray,
+    def _train_into(self, client: SecAggClient, encoding: RingEncoding, params: np.ndarray,
                     task: pb.Task) -> None:
         """Train, encode the update into the round's ring, hand it to the client machine."""
         result = self._train(params, task)
@@ -117,8 +124,10 @@ class SecAggParticipant:
             raise TaskAbandoned("no training examples: nothing to contribute")
         weight = min(int(result.num_examples), encoding.max_weight)
         try:
+            # rounding coins and (distributed DP) the noise share from a CSPRNG keyed by
+            # os.urandom: whoever could predict them could strip the noise from the sum
             vector = encoding.encode(np.asarray(result.delta), weight, client.params.bits,
-                                     np.random.default_rng())
+                                     CryptoRandom())
         except ShoalError as exc:  # e.g. a diverged (non-finite) update: never send it
             client.abort()
             raise TaskAbandoned(f"update cannot be encoded: {exc}") from None

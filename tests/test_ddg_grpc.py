@@ -1,0 +1,233 @@
+"""Distributed DP and the rotated SecAgg+ ring over real loopback gRPC, with 10 devices.
+
+Each device clips its update, rotates it with the seed of the round's session, rounds it
+into a 16-bit ring, adds its own discrete Gaussian share (from a CSPRNG) and masks it; the
+server unmasks only the noised sum of the survivors and decodes it. Oracles, independent of
+the server's code: the ring vectors the devices actually encoded (recorded on their side),
+summed and decoded here; the devices' own updates clipped here by hand; epsilon from
+``dp-accounting``'s Gaussian directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import numpy as np
+import pytest
+
+grpc = pytest.importorskip("grpc")
+dp_accounting = pytest.importorskip("dp_accounting")
+
+from dp_accounting import dp_event  # noqa: E402
+from dp_accounting.privacy_accountant import NeighboringRelation  # noqa: E402
+from dp_accounting.rdp import RdpAccountant  # noqa: E402
+
+from shoal.build import pipeline_from_config, secagg_from_config  # noqa: E402
+from shoal.config import load_config  # noqa: E402
+from shoal.policy import SyncPolicy  # noqa: E402
+from shoal.privacy.csprng import CryptoRandom  # noqa: E402
+from shoal.privacy.ddg_accounting import ORDERS  # noqa: E402
+from shoal.privacy.rotated_encoding import RoundEncoding, decode_sum  # noqa: E402
+from shoal.privacy.rotation import rotation_seed  # noqa: E402
+from shoal.registry import SQLiteRegistry  # noqa: E402
+from shoal.runner import run_round  # noqa: E402
+from shoal.sampling import UniformSampler  # noqa: E402
+from shoal.strategy import FedAvg  # noqa: E402
+from shoal.transport.auth import Keyring  # noqa: E402
+from shoal.transport.carrier import GrpcCarrier  # noqa: E402
+from shoal.transport.client import DeviceClient  # noqa: E402
+from shoal.transport.device_api import TrainResult  # noqa: E402
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
+from shoal.transport.tokens import issue_token  # noqa: E402
+
+DIM = 300
+N = 10
+SECRET = b"g" * 32
+C = 2.0  # L2 clip norm
+Z = 0.8  # noise multiplier
+H = 8  # honest clients whose noise a release must hold
+DELTA = 1e-5
+
+
+class Vanish(Exception):
+    """Raised from the after_stage hook: the device's thread ends there, mid-round."""
+
+
+def delta_of(i: int) -> np.ndarray:
+    scale = 0.005 if i % 4 == 0 else 1.5  # some below C, most above (scaled down)
+    return (np.random.default_rng(300 + i).uniform(-1, 1, DIM) * scale).astype(np.float32)
+
+
+def clipped(i: int) -> np.ndarray:
+    d = delta_of(i).astype(np.float64)
+    return d * min(1.0, C / np.linalg.norm(d))
+
+
+def config(**extra):
+    return load_config(None, {
+        "data.dataset": "synthetic", "data.clients": N, "model.name": "logreg",
+        "sampling.per_round": N, "secure_aggregation.enabled": True,
+        "secure_aggregation.encoding": "rotated", "privacy.placement": "distributed",
+        "privacy.noise_multiplier": Z, "privacy.clip_norm": C, "privacy.honest_clients": H,
+        "privacy.delta": DELTA, "deploy.over_selection": 1.0, **extra})
+
+
+@pytest.fixture()
+def recorded(monkeypatch):
+    """What each device encoded: device -> ``(encoding, ring vector, rng type)``, recorded
+    on the device side of the wire."""
+    calls: dict[str, tuple[RoundEncoding, np.ndarray, type]] = {}
+    lock = threading.Lock()
+    original = RoundEncoding.encode
+
+    def encode(self, x, weight, bits, rng):
+        out = original(self, x, weight, bits, rng)
+        with lock:  # each device runs in a thread named after it
+            calls[threading.current_thread().name] = (self, out.copy(), type(rng))
+        return out
+
+    monkeypatch.setattr(RoundEncoding, "encode", encode)
+    return calls
+
+
+def serve_carrier(tmp_path, cfg):
+    settings = AggregatorSettings(roster_wait_s=10.0, stage_timeout_s=3.0, long_poll_s=0.5,
+                                  checkin_interval_s=0.2, idle_retry_s=0.2, rate_per_s=200,
+                                  burst=400)
+    service = AggregatorService(settings, Keyring.single(SECRET), DIM, "fp",
+                                lambda: SQLiteRegistry(tmp_path / "registry.db"))
+    port, stop = serve(service)
+    devices = [f"dev-{i}" for i in range(N)]
+    for d in devices:
+        SQLiteRegistry(tmp_path / "registry.db").enroll(d, now=time.time())
+    carrier = GrpcCarrier(service, devices, poll_s=0.05, secure=secagg_from_config(cfg))
+    return port, stop, carrier, devices
+
+
+def run_devices(port, devices, vanish_after: dict[str, str], stop: threading.Event,
+                stats: dict | None = None):
+    threads = []
+
+    def device(i, d):
+        def train(params, settings, rnd):
+            return TrainResult(delta_of(i), 7 + i, {"loss": 0.1})
+
+        def hook(stage, rnd):
+            if vanish_after.get(d) == stage:
+                raise Vanish(d)
+
+        token = issue_token(SECRET, d, now=time.time(), ttl_seconds=600)
+        with DeviceClient(f"127.0.0.1:{port}", token, d, root_certificates=None, train=train,
+                          after_stage=hook, min_wait_s=0.05, max_backoff_s=0.2) as client:
+            try:
+                client.run(max_rounds=1, stop=stop)
+            except Vanish:
+                pass
+            if stats is not None:
+                stats[d] = client.stats
+
+    for i, d in enumerate(devices):
+        t = threading.Thread(target=device, args=(i, d), name=d, daemon=True)
+        t.start()
+        threads.append(t)
+    return threads
+
+
+def one_round(port, carrier, devices, pipeline, vanish, stats=None):
+    stop = threading.Event()
+    try:
+        threads = run_devices(port, devices, vanish, stop, stats)
+        # target N - 1: input collection closes once the nine who can send have
+        policy = SyncPolicy(target=N - 1, over_selection=N / (N - 1), deadline_s=60.0,
+                            min_fraction=0.5, max_attempts=1)
+        coord = functools.partial(run_round, FedAvg(), carrier, UniformSampler(N), seed=0,
+                                  policy=policy, pipeline=pipeline)
+        state, rec = coord(FedAvg().init(np.zeros(DIM, np.float32)))
+        for t in threads:
+            t.join(timeout=20)
+    finally:
+        stop.set()
+    return state, rec
+
+
+def oracle_epsilon() -> float:
+    acc = RdpAccountant(list(ORDERS), NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_event.SampledWithoutReplacementDpEvent(N, N, dp_event.GaussianDpEvent(Z / 2)))
+    return acc.get_epsilon(DELTA)
+
+
+def test_the_committed_model_is_the_decoded_noised_sum_the_devices_encoded(tmp_path, recorded):
+    cfg = config()
+    port, stop, carrier, devices = serve_carrier(tmp_path, cfg)
+    pipeline = pipeline_from_config(cfg, deployed=True, secure_in_transport=True)
+    try:
+        # dev-3 leaves before its input (excluded; its pairwise masks are reconstructed),
+        # dev-5 after sending it (included: its noise share is in the sum)
+        state, rec = one_round(port, carrier, devices, pipeline,
+                               {"dev-3": "share_keys", "dev-5": "masked_input"})
+    finally:
+        stop()
+    assert rec.committed, rec
+    included = [i for i in range(N) if i != 3]
+    assert rec.accepted == len(included) and rec.privacy["ddg_noise_shares"] == len(included)
+    # every device that trained (not dev-3) encoded into the round's encoding, with a CSPRNG
+    assert set(recorded) == {f"dev-{i}" for i in included}
+    encoding = recorded["dev-0"][0]
+    assert all(e == encoding for e, _, _ in recorded.values())
+    assert {rng for *_, rng in recorded.values()} == {CryptoRandom}
+    p = encoding.params
+    assert p.noise_std > 0 and p.bits == 16 and p.dim == DIM
+    # the oracle: the ring vectors of the devices that were included, summed mod 2^b
+    vectors = [recorded[f"dev-{i}"][1] for i in included]
+    total = np.sum([v.astype(np.int64) for v in vectors], axis=0) % (1 << p.bits)
+    decoded, count = decode_sum(total, encoding.seed, p)
+    assert count == len(included)
+    np.testing.assert_allclose(state.params, decoded / N, rtol=1e-5, atol=1e-6)
+    # it is noised: the clipped updates' plain mean is far from it, by about the noise of
+    # nine shares (their sum's std is 3 shares' noise; rounding adds a little)
+    residual = state.params * N - np.sum([clipped(i) for i in included], axis=0)
+    share = Z * (1 + 1 / 64) * C / np.sqrt(H)
+    assert np.std(residual) == pytest.approx(np.sqrt(len(included)) * share, rel=0.2)
+    assert rec.privacy["noise_std"] == pytest.approx(np.sqrt(len(included)) * share / N)
+    # epsilon: the distributed accountant's, which here is dp-accounting's Gaussian at z
+    assert rec.privacy["epsilon"] == pytest.approx(oracle_epsilon(), rel=1e-9)
+
+
+def test_a_deployment_checks_distributed_dp_cohorts_like_central_ones():
+    from shoal.deploy import check_deployable
+    from shoal.errors import ConfigError
+
+    check_deployable(config(), tls=False)  # deployable now
+    check_deployable(config(**{"privacy.placement": "none"}), tls=False)  # compression only
+    with pytest.raises(ConfigError) as exc:
+        check_deployable(config(**{"deploy.over_selection": 1.3}), tls=False)
+    assert exc.value.key == "deploy.over_selection" and "distributed DP" in str(exc.value)
+    for refused, key in (({"secure_aggregation.post_quantum": True},
+                          "secure_aggregation.post_quantum"),
+                         ({"compression.upload": "q8"}, "compression.upload")):
+        with pytest.raises(ConfigError) as exc:
+            check_deployable(config(**refused), tls=False)
+        assert exc.value.key == key
+
+
+def test_a_device_refuses_a_rotated_setup_that_does_not_add_up():
+    from shoal.errors import ProtocolError
+    from shoal.transport.proto import shoal_pb2 as pb
+    from shoal.transport.secagg_wire import reply_from_pb, reply_to_pb
+    from shoal.privacy.secagg_messages import RoundSetup, SecAggParams
+
+    enc = secagg_from_config(config()).rotated.for_round(DIM, N, rotation_seed(b"s" * 16))
+    setup = RoundSetup(b"s" * 16, tuple(range(N)), b"g" * 32,
+                       SecAggParams(neighbours=N - 1, threshold=6, bits=16,
+                                    length=enc.params.length))
+    wire = reply_to_pb(setup, client_id=4, encoding=enc)
+    message, cid, got = reply_from_pb(pb.SecAggReply.FromString(wire.SerializeToString()))
+    assert (message, cid, got) == (setup, 4, enc)  # the seed is derived, not sent
+    for field, value in (("block", 3), ("gamma", -1.0), ("dim", 2 * DIM)):  # 2d: another ring length
+        bad = pb.SecAggReply()
+        bad.CopyFrom(wire)
+        setattr(bad.setup.rotation, field, value)
+        with pytest.raises(ProtocolError, match="malformed"):
+            reply_from_pb(bad)
