@@ -121,3 +121,20 @@ def test_combinations_hierarchy_cannot_run_are_refused(data, overrides, key) -> 
     with pytest.raises(ConfigError) as err:
         Experiment(cfg, data)
     assert err.value.key == key
+
+
+def test_buffered_global_over_edges_measures_staleness_against_the_global_version(data
+                                                                               ) -> None:
+    """FedBuff at the global tier: each task's device answers through its edge (whose own
+    versions restart at 0 every task); the upload names the global version it trained from,
+    so staleness, its weight and the max_staleness refusal are the flat run's."""
+    buffered = {"rounds": 4, "round.policy": "buffered", "round.concurrency": 10,
+                "round.buffer_size": 5, "round.max_staleness": 1}
+    flat = _run(data, **buffered)
+    two = _run(data, **buffered, **{"hierarchy.edges": 4})
+    assert np.abs(flat.state.params - two.state.params).max() <= 1e-6
+    assert max(r.staleness_max for r in two.records) == 1
+    assert sum(r.rejected.get("stale", 0) for r in two.records) > 0
+    for f, t in zip(flat.records, two.records):
+        assert (t.staleness_max, t.staleness_mean, t.rejected) == \
+            (f.staleness_max, f.staleness_mean, f.rejected)
