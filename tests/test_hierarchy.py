@@ -138,3 +138,26 @@ def test_buffered_global_over_edges_measures_staleness_against_the_global_versio
     for f, t in zip(flat.records, two.records):
         assert (t.staleness_max, t.staleness_mean, t.rejected) == \
             (f.staleness_max, f.staleness_mean, f.rejected)
+
+
+def test_buffered_edges_make_their_own_steps_with_edge_staleness(data) -> None:
+    cfg = load_config(None, {"rounds": 2, "sampling.per_round": 24, "hierarchy.edges": 3,
+                             "hierarchy.edge_policy": "buffered", "hierarchy.edge_rounds": 2,
+                             "round.concurrency": 4, "round.buffer_size": 3})
+    exp = Experiment(cfg, data)
+    result = exp.run()
+    assert result.state.version == 2
+    groups = exp.pool.route.groups(exp.coordinator.cohort(2))
+    stale = 0
+    for name, ids in groups.items():
+        records = exp.pool.edges[name].records  # the edge's steps in the last global round
+        assert [r.version for r in records] == [1, 2]
+        assert all(r.accepted == min(3, len(ids)) for r in records)
+        assert all(set(r.rejected) <= {"stale", "cancelled"} for r in records)
+        stale += sum(r.staleness_max for r in records)
+    assert stale > 0  # devices asked at edge step 0 reported after step 1
+    assert all(r.staleness_max == 0 for r in result.records)  # the global is synchronous
+    # each upload counts the updates of the edge's last step, and answers for its group
+    assert result.records[2].accepted == sum(min(3, len(ids)) for ids in groups.values())
+    assert not result.records[2].rejected
+    assert result.summary()["final_accuracy"] > result.records[0].eval["accuracy"]

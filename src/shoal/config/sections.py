@@ -590,6 +590,11 @@ class HierarchyConfig(Section):
                               "same model as a flat run); > 1 = HierFAVG, each edge averaging "
                               "its devices that many times before its upload", min=1,
                               max=1000)
+    edge_policy: str = option("sync", "how an edge runs its rounds: 'sync' (each edge round "
+                              "awaits its whole group) or 'buffered' (FedBuff at the edge: "
+                              "round.concurrency, buffer_size and the staleness settings, "
+                              "capped by the group's size; edge_rounds server steps per "
+                              "parent round)", choices=("sync", "buffered"))
     assignment: str = option("ring", "which edge serves a device: 'ring' (consistent hashing "
                              "with bounded loads) or 'region' (edge i is in region i mod "
                              "hierarchy.regions and serves only that region's devices; a "

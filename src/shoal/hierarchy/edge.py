@@ -27,6 +27,7 @@ above) has every device update clipped to that norm and weighed 1 before the gro
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,7 +40,7 @@ from shoal.errors import ConfigError, UpdateRejected
 from shoal.events import PartialAggregate, TrainTask
 from shoal.observers import Observer
 from shoal.pipeline import Pipeline, PlainSum, Sum, SumRule, SumRun
-from shoal.policy import SyncPolicy
+from shoal.policy import RoundPolicy, SyncPolicy
 from shoal.records import RoundRecord
 from shoal.robust.clipping import clip_rows
 from shoal.runner import ClientPool, drive
@@ -59,13 +60,21 @@ _PASS_UP = ("secagg_dropped", "secagg_included")
 
 @dataclass(frozen=True)
 class GroupSampler:
-    """The edge's cohort: its group of the parent's task, whatever it is asked."""
+    """The edge's cohort: its group of the parent's task, whatever it is asked; a buffered
+    edge's tasks draw from the group's idle clients."""
 
     ids: np.ndarray
 
     def sample(self, num_clients: int, rng: np.random.Generator,
                count: int | None = None) -> np.ndarray:
         return self.ids
+
+    def idle(self, num_clients: int, count: int, rng: np.random.Generator,
+             busy: AbstractSet[int]) -> np.ndarray:
+        free = np.array([c for c in self.ids.tolist() if c not in busy], np.int64)
+        if len(free) < count:
+            return np.zeros(0, np.int64)
+        return np.sort(rng.choice(free, size=count, replace=False))
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,11 @@ class Edge:
             ``((r - 1) x rounds + j - 1) x peers + index + 1`` for edge round ``j`` of a
             parent round keyed ``r``.
         index, peers: this edge's place in its tier and the tier's size.
+        policy: the edge's round policy for a group of ``n`` clients (``policy(n)``); by
+            default one synchronous round per step awaiting the whole group. A buffered
+            policy (FedBuff at the edge) makes ``rounds`` server steps from the group's
+            updates as they come, staleness counted in the edge's own steps; the upload's
+            staleness at the parent is counted in the parent's versions.
         observers: told what happens at this edge.
 
     Raises:
@@ -230,6 +244,7 @@ class Edge:
     sum_rule: SumRule | None = None
     index: int = 0
     peers: int = 1
+    policy: Callable[[int], RoundPolicy] | None = None
     observers: Iterable[Observer] = ()
     #: the records of the edge's rounds in the last task it answered
     records: list[RoundRecord] = field(default_factory=list, init=False)
@@ -268,7 +283,8 @@ class Edge:
         pipeline = self.pipeline(task)
         coordinator = Coordinator(
             strategy, child.num_clients, GroupSampler(ids), seed=self.seed,
-            policy=SyncPolicy(max_attempts=1), pipeline=pipeline, steps=self.rounds,
+            policy=self.policy(len(ids)) if self.policy is not None
+            else SyncPolicy(max_attempts=1), pipeline=pipeline, steps=self.rounds,
             observers=self.observers, round_offset=(task.round - 1) * self.rounds)
         self.records = []
         final: dict[str, ServerState] = {}

@@ -26,6 +26,7 @@ from shoal.events import PartialAggregate, TrainTask
 from shoal.hierarchy.edge import Edge
 from shoal.hierarchy.ring import Ring
 from shoal.pipeline import SumRule
+from shoal.policy import BufferedPolicy, RoundPolicy
 from shoal.runner import ClientPool
 
 __all__ = ["Tier", "Route", "hierarchy_from_config", "parse_failures"]
@@ -166,6 +167,20 @@ def hierarchy_from_config(cfg: Config, devices: ClientPool,
         raise ConfigError("central DP bounds each client's contribution to one clipped "
                           "update; with hierarchy.edge_rounds > 1 a client moves its edge's "
                           "model several times: use edge_rounds = 1", key="hierarchy.edge_rounds")
+    edge_policy = None
+    if h["edge_policy"] == "buffered":
+        if cfg["privacy"]["placement"] != "none" or cfg["secure_aggregation"]["enabled"]:
+            raise ConfigError("hierarchy.edge_policy = 'buffered' does not compose with "
+                              "privacy or secure aggregation yet (their accounting and "
+                              "protocol are per synchronous round)", key="hierarchy.edge_policy")
+        r = cfg["round"]
+
+        def edge_policy(n: int) -> RoundPolicy:
+            return BufferedPolicy(concurrency=min(r["concurrency"], n),
+                                  buffer_size=min(r["buffer_size"], n),
+                                  staleness_exponent=r["staleness_exponent"],
+                                  staleness_reference=r["staleness_reference"],
+                                  max_staleness=r["max_staleness"])
     regions = h["regions"]
     if h["assignment"] == "region" and regions < 1:
         raise ConfigError("hierarchy.assignment = 'region' needs hierarchy.regions >= 1",
@@ -186,7 +201,8 @@ def hierarchy_from_config(cfg: Config, devices: ClientPool,
     device_region = (lambda name: region_names[int(name) % regions]) if by_region else None
     route = Route(ring, region_of=device_region)
     n = len(names)
-    edges = [Edge(e, cfg.seed, h["edge_rounds"], sum_rule, i, n) for i, e in enumerate(names)]
+    edges = [Edge(e, cfg.seed, h["edge_rounds"], sum_rule, i, n, edge_policy)
+             for i, e in enumerate(names)]
     tier = Tier(edges, route, devices, failures if not regions else
                 {r: [e for e in v if e in ring.edges] for r, v in failures.items()})
     if not regions:
