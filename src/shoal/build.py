@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -46,14 +46,19 @@ __all__ = ["load_data", "strategy_from_config", "selector_from_config", "sampler
 
 
 def unpredictable(*_: int) -> np.random.Generator:
-    """A fresh generator seeded with 256 bits of ``os.urandom``, whatever the round: deployed
-    cohorts under DP, which nobody holding the config may recompute. (PCG64: unpredictable
-    from the config, but not a cryptographically secure generator; the noise itself comes from
-    :func:`~shoal.privacy.dp.secure_generator`.)"""
-    import os
+    """A fresh cryptographically secure generator keyed with 32 bytes of ``os.urandom``,
+    whatever the round: deployed cohorts under DP, which nobody holding the config -- or
+    earlier cohorts -- may recompute (amplification by sampling assumes who was sampled is
+    secret; a PCG64 stream can be recovered from its outputs).
 
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-        int.from_bytes(os.urandom(32), "big"))))
+    Returns:
+        A :class:`~shoal.privacy.csprng.CryptoRandom` (AES-256-CTR); it answers the
+        ``Generator`` methods the samplers draw with (``choice`` without ``p``,
+        ``integers``, ``random``), which is what the annotation promises the coordinator.
+    """
+    from shoal.privacy.dp import secure_generator
+
+    return cast(np.random.Generator, secure_generator())
 
 
 def load_data(cfg: Config) -> FederatedData | GeneratedClients:
