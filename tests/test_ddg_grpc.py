@@ -33,6 +33,7 @@ from shoal.privacy.csprng import CryptoRandom  # noqa: E402
 from shoal.privacy.ddg_accounting import ORDERS  # noqa: E402
 from shoal.privacy.rotated_encoding import RoundEncoding, decode_sum  # noqa: E402
 from shoal.privacy.rotation import rotation_seed  # noqa: E402
+from shoal.privacy.secagg_encoding import FixedPoint, RingEncoding  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.runner import run_round  # noqa: E402
 from shoal.sampling import UniformSampler  # noqa: E402
@@ -80,17 +81,19 @@ def config(**extra):
 def recorded(monkeypatch):
     """What each device encoded: device -> ``(encoding, ring vector, rng type)``, recorded
     on the device side of the wire."""
-    calls: dict[str, tuple[RoundEncoding, np.ndarray, type]] = {}
+    calls: dict[str, tuple[RingEncoding, np.ndarray, type]] = {}
     lock = threading.Lock()
-    original = RoundEncoding.encode
 
-    def encode(self, x, weight, bits, rng):
-        out = original(self, x, weight, bits, rng)
-        with lock:  # each device runs in a thread named after it
-            calls[threading.current_thread().name] = (self, out.copy(), type(rng))
-        return out
+    def recording(original):
+        def encode(self, x, weight, bits, rng):
+            out = original(self, x, weight, bits, rng)
+            with lock:  # each device runs in a thread named after it
+                calls[threading.current_thread().name] = (self, out.copy(), type(rng))
+            return out
+        return encode
 
-    monkeypatch.setattr(RoundEncoding, "encode", encode)
+    for kind in (RoundEncoding, FixedPoint):
+        monkeypatch.setattr(kind, "encode", recording(kind.encode))
     return calls
 
 
@@ -258,7 +261,7 @@ def test_a_round_with_fewer_than_h_plus_f_masked_inputs_unmasks_nothing(tmp_path
 TWO_NN = 199_210  # the reference 2NN's parameter count
 
 
-def test_a_rotated_upload_is_at_least_four_times_smaller_on_the_wire(tmp_path):
+def test_a_rotated_upload_is_at_least_four_times_smaller_on_the_wire(tmp_path, recorded):
     """Today's SecAgg+ (fixed point) against the 8-bit rotated ring, one round each of the
     same ten 2NN-sized updates: bytes the server received per device (every SecAgg message:
     keys, shares, masked input, unmasking), and the rotated mean within its grid of the
@@ -274,6 +277,9 @@ def test_a_rotated_upload_is_at_least_four_times_smaller_on_the_wire(tmp_path):
         finally:
             stop()
         assert rec.committed and rec.accepted == N, rec
+        # either encoding's rounding coins come from the devices' CSPRNG
+        assert {rng for *_, rng in recorded.values()} == {CryptoRandom}
+        recorded.clear()
         per_device[encoding] = rec.bytes_up / N
         sent = [s.bytes_up for s in stats.values()]  # what each device put on the wire
         assert max(sent) <= 1.01 * min(sent)
