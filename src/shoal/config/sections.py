@@ -186,8 +186,8 @@ class SecureAggregationConfig(Section):
                            "'fixed_point' (clip, value_bits, example weights) or 'rotated' "
                            "(L2 clip to norm_clip, a random rotation shared per round, a "
                            "ring of ring_bits, every client weighing 1: ~5x fewer bytes at 8 "
-                           "bits; needed by privacy.placement = 'distributed'; simulation "
-                           "only for now)", choices=("fixed_point", "rotated"))
+                           "bits; needed by privacy.placement = 'distributed'; in "
+                           "simulation and over gRPC)", choices=("fixed_point", "rotated"))
     ring_bits: int = option(0, "encoding 'rotated': bits per ring element (8: one byte per "
                             "parameter); 0 = 8, or 16 with privacy.placement = 'distributed'",
                             min=0, max=32)
