@@ -220,7 +220,7 @@ def test_a_deployment_checks_distributed_dp_cohorts_like_central_ones():
 
 
 def test_a_device_refuses_a_rotated_setup_that_does_not_add_up():
-    from shoal.errors import ProtocolError
+    from shoal.errors import ConfigError, ProtocolError
     from shoal.transport.proto import shoal_pb2 as pb
     from shoal.transport.secagg_wire import reply_from_pb, reply_to_pb
     from shoal.privacy.secagg_messages import RoundSetup, SecAggParams
@@ -232,6 +232,11 @@ def test_a_device_refuses_a_rotated_setup_that_does_not_add_up():
     wire = reply_to_pb(setup, client_id=4, encoding=enc)
     message, cid, got = reply_from_pb(pb.SecAggReply.FromString(wire.SerializeToString()))
     assert (message, cid, got) == (setup, 4, enc)  # the seed is derived, not sent
+    # an older runtime reads only the fixed-point fields: it cannot build an encoding, so
+    # it abandons the task instead of masking an input without a noise share
+    with pytest.raises(ConfigError):
+        FixedPoint(clip=wire.setup.clip, value_bits=wire.setup.value_bits,
+                   max_weight=wire.setup.max_weight)
     for field, value in (("block", 3), ("gamma", -1.0), ("dim", 2 * DIM)):  # 2d: another ring length
         bad = pb.SecAggReply()
         bad.CopyFrom(wire)
