@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
 from shoal.cli.client import SECAGG_STAGES, parse_attributes
 from shoal.cli.dashboard import Operations
+from shoal.cli.launch_canary import add_canary_options
 from shoal.cli.options import add_run_options, config_from_args
 from shoal.cli.report import banner, report
 from shoal.telemetry import ProgressBar
@@ -22,8 +24,11 @@ def add_parser(sub) -> None:
                     "(real processes, real sockets, TLS on), run to the end and report like "
                     "`shoal run`. With deploy.over_selection = 1 and deploy.min_fraction = 1 "
                     "the devices train exactly the clients and batches `shoal run` would.",
-        epilog="example:\n  shoal launch --clients 20 --rounds 10 --per-round 10 "
-               "--set deploy.over_selection=1.0",
+        epilog="examples:\n  shoal launch --clients 20 --rounds 10 --per-round 10 "
+               "--set deploy.over_selection=1.0\n"
+               "  shoal launch --clients 20 --dir run1 --canary 4 --canary-fraction 0.2 "
+               "--keys keys   (a canary of model version 4 against production in "
+               "run1/models)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(p)
     p.add_argument("--dir", help="state directory (default: a new temporary one)")
@@ -55,6 +60,7 @@ def add_parser(sub) -> None:
                    help="peer-to-peer instead: N gossip peers and no aggregator, each a "
                         "process with mutual TLS and its neighbours' addresses (the [gossip] "
                         "config; docs/gossip.md)")
+    add_canary_options(p)
     p.set_defaults(func=run)
 
 
@@ -78,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     from shoal.transport.certs import make_client_cert, make_local_pki
 
     cfg = config_from_args(args)
+    if args.canary is not None and not args.dir:
+        raise ConfigError("--canary needs --dir: the state directory whose model store holds "
+                          "production and the candidate", key="dir")
     deaths = _parse_die_after(args.die_after, cfg["data"]["clients"])
     attrs = _deal_attributes(args.attr, cfg["data"]["clients"])
     check_deployable(cfg, tls=True, mutual_tls=args.mtls)  # before writing certs and tokens
@@ -111,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    extra: list[str] = []
+    if args.canary is not None:
+        from shoal.cli.launch_canary import client_args, operator_keys
+
+        keys = operator_keys(args, work)
+        extra = client_args(args, keys)
 
     def start_clients(port: int) -> None:
         for i in range(n):
@@ -123,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                 cmd += ["--die-after", deaths[i]]
             for pair in attrs[i]:
                 cmd += ["--attr", pair]
+            cmd += extra
             with open(logs / f"device-{i:04d}.log", "w") as log_file:
                 procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                               env=env))
@@ -131,6 +147,20 @@ def run(args: argparse.Namespace) -> int:
         from shoal.telemetry import configure_json_logging
 
         configure_json_logging(open(args.log_json, "a", buffering=1))
+    if args.canary is not None:
+        from shoal.cli.launch_canary import run_canary_phase
+
+        try:
+            summary = run_canary_phase(cfg, args, paths, keys, start_clients)
+        finally:
+            _stop(procs)
+        summary |= {"client_processes": n, "work_dir": str(work)}
+        if args.json:
+            print(json.dumps(summary))
+        elif not args.quiet:
+            print(f"canary of v{summary['canary']['candidate']}: {summary['decision']} -- "
+                  f"{summary['reason']}\naudit log: {summary['audit']}")
+        return 0
     progress = ProgressBar(cfg.rounds, quiet=args.quiet)
     asked = args.dashboard or cfg["dashboard"]["address"]
     with Operations(cfg, work, paths.registry, quiet=args.quiet,
@@ -142,14 +172,22 @@ def run(args: argparse.Namespace) -> int:
                                          on_store=ops.on_store)
         finally:
             progress.close()
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            _stop(procs)
     return report(cfg, args, exp, result, {"client_processes": n, "work_dir": str(work)})
+
+
+def _stop(procs: Sequence) -> None:
+    """Terminate the device processes (SIGTERM: each prints its counters and exits), killing
+    any still running after 10 s."""
+    import subprocess
+
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def _deal_attributes(specs: Sequence[str], clients: int) -> list[list[str]]:

@@ -1,0 +1,168 @@
+"""``shoal launch --canary VERSION``: a canary rollout over gRPC instead of training.
+
+The aggregator serves the model store in ``--dir`` signed with the operator's key
+(:class:`~shoal.transport.serving.ModelServing`): the candidate to the devices inside the
+canary (stable hash of the device id), production to the rest. Each evaluation round the
+candidate is evaluated by a cohort inside the canary and production by an equally large
+cohort outside it (:func:`~shoal.transport.evaluation_carrier.run_canary_deployed`), on the
+devices' held-out splits, until the rule (:class:`~shoal.lifecycle.canary.CanaryRule`)
+promotes or rolls back; every step goes to ``--dir``'s ``audit.jsonl``. The device processes
+verify every model with the operator's public key and fetch their served model between tasks
+(``shoal client --trusted-key --served-every --holdout``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shoal.config import Config
+from shoal.errors import ConfigError
+
+__all__ = ["add_canary_options", "client_args", "run_canary_phase"]
+
+log = logging.getLogger("shoal.aggregator")
+
+
+def add_canary_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("canary rollout (instead of training)")
+    g.add_argument("--canary", type=int, metavar="VERSION",
+                   help="serve candidate VERSION of the model store in --dir to a fraction "
+                        "of the devices, compare it with production by federated evaluation "
+                        "and promote or roll back automatically (docs/lifecycle.md)")
+    g.add_argument("--canary-fraction", dest="canary_fraction", type=float, default=0.1,
+                   help="share of devices served the candidate (default 0.1)")
+    g.add_argument("--keys", metavar="DIR",
+                   help="the operator's keys (`shoal keys --out DIR`); default DIR/keys in "
+                        "--dir, made (ed25519) if missing")
+    g.add_argument("--canary-cohort", dest="canary_cohort", type=int, default=30,
+                   help="devices per arm per evaluation round (default 30)")
+    g.add_argument("--min-clients", dest="min_clients", type=int, default=30,
+                   help="the rule's minimum sample per arm (default 30)")
+    g.add_argument("--alpha", type=float, default=0.05,
+                   help="level of each one-sided test (default 0.05)")
+    g.add_argument("--margin", type=float, default=0.0,
+                   help="how much worse in loss the candidate may be and still count as not "
+                        "worse (default 0)")
+    g.add_argument("--max-evaluations", dest="max_evaluations", type=int, default=10,
+                   help="evaluation rounds before an undecided canary is rolled back")
+    g.add_argument("--evaluation-timeout", dest="evaluation_timeout", type=float,
+                   default=60.0, help="seconds each evaluation round waits for reports")
+    g.add_argument("--holdout", type=float, default=0.2,
+                   help="share of each device's examples it evaluates on (default 0.2)")
+    g.add_argument("--segment-by", dest="segment_by", default="", metavar="ATTR",
+                   help="break evaluations down by this device attribute (e.g. with "
+                        "--attr os=android,ios)")
+
+
+def client_args(args: argparse.Namespace, keys: Path) -> list[str]:
+    """What every device process of a canary is started with."""
+    return ["--trusted-key", str(keys / "operator.pub"), "--served-every", "2",
+            "--holdout", str(args.holdout)]
+
+
+def operator_keys(args: argparse.Namespace, work: Path) -> Path:
+    """The keys directory of a canary (made, ed25519, when it is ``--dir``'s default and
+    missing)."""
+    from shoal.lifecycle.keys import write_operator_key
+
+    if args.keys:
+        return Path(args.keys)
+    keys = work / "keys"
+    if not (keys / "operator.key").exists():
+        keys.mkdir(parents=True, exist_ok=True)
+        write_operator_key(keys, "ed25519")
+    return keys
+
+
+def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Path,
+                     on_ready: Callable[[int], None]) -> dict[str, Any]:
+    """Serve the canary of ``args.canary`` until its rule decides; returns the summary.
+
+    Raises:
+        ConfigError: no production version, a candidate that is not one, bad rule
+            settings, or too few devices within ``deploy.wait_timeout_s``.
+        KeyFileError: the signing key is missing or unusable.
+    """
+    from shoal.deploy import settings_from_config
+    from shoal.lifecycle.audit import AuditLog
+    from shoal.lifecycle.canary import Canary, CanaryRule
+    from shoal.lifecycle.keys import load_signer
+    from shoal.registry import SQLiteRegistry
+    from shoal.store import ModelStore
+    from shoal.transport.auth import Keyring, load_or_create_secret
+    from shoal.transport.certs import load_client_ca
+    from shoal.transport.evaluation_carrier import EvaluationCarrier, run_canary_deployed
+    from shoal.transport.revocation import RevocationFile
+    from shoal.transport.server import AggregatorService, serve
+    from shoal.transport.serving import ModelServing
+
+    d = cfg["deploy"]
+    rule = CanaryRule(min_clients=args.min_clients, alpha=args.alpha, margin=args.margin,
+                      max_rounds=args.max_evaluations)
+    signer = load_signer(keys / "operator.key")
+    audit_path = Path(paths.store).parent / "audit.jsonl"
+    with ModelStore(paths.store) as store:
+        prod = store.production()
+        if prod is None:
+            raise ConfigError(f"the model store {paths.store} has no production version to "
+                              f"compare the candidate with (shoal models promote)",
+                              key="canary")
+        spec = store.load(prod.id).spec
+        serving = ModelServing(store, signer=signer)
+        tls = client_ca = None
+        if paths.tls_dir is not None:
+            tls = ((paths.tls_dir / "server.pem").read_bytes(),
+                   (paths.tls_dir / "server.key").read_bytes())
+        if paths.client_ca is not None:
+            client_ca = load_client_ca(paths.client_ca, now=dt.datetime.now(dt.timezone.utc))
+        service = AggregatorService(
+            settings_from_config(cfg), Keyring.single(load_or_create_secret(paths.secret)),
+            spec.size, spec.fingerprint, lambda: SQLiteRegistry(paths.registry),
+            revocations=RevocationFile(paths.revoked) if paths.revoked else None,
+            serving=serving, signer=signer, segment_by=args.segment_by)
+        canary = Canary(store, args.canary, args.canary_fraction, now=time.time(),
+                        rule=rule, audit=AuditLog(audit_path))
+        serving.canary = canary
+        port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
+        try:
+            on_ready(port)
+            devices = _wait_for_devices(service, d["wait_devices"] or cfg["data"]["clients"],
+                                        d["wait_timeout_s"])
+            with EvaluationCarrier(service, devices, seed=cfg.seed) as carrier:
+                outcome = run_canary_deployed(canary, carrier, cohort=args.canary_cohort,
+                                              seed=cfg.seed, timeout_s=args.evaluation_timeout)
+        finally:
+            stop()
+        v = outcome.verdict
+        return {"canary": {"candidate": canary.candidate, "production": canary.production,
+                           "fraction": canary.fraction, "salt": canary.salt},
+                "decision": v.decision, "reason": v.reason, "evaluations": outcome.rounds,
+                "n_candidate": v.n_candidate, "n_production": v.n_production,
+                "mean_candidate": v.mean_candidate, "mean_production": v.mean_production,
+                "production_now": store.production().id,
+                "canary_devices": sorted(outcome.canary_devices),
+                "reached": {str(k): sorted(x) for k, x in outcome.reached.items()},
+                "audit": str(audit_path)}
+
+
+def _wait_for_devices(service: Any, want: int, timeout_s: float) -> list[str]:
+    """The enrolled devices once ``want`` have said Hello.
+
+    Raises:
+        ConfigError: fewer within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        devices = sorted(x.device_id for x in service.registry.list())
+        if len(devices) >= want:
+            return devices
+        if time.monotonic() > deadline:
+            raise ConfigError(f"only {len(devices)} of {want} devices said Hello within "
+                              f"deploy.wait_timeout_s = {timeout_s} s", key="deploy.wait_devices")
+        time.sleep(0.2)

@@ -1,0 +1,90 @@
+"""`shoal launch --canary` end to end: real device processes on TLS loopback, signed models,
+federated evaluation on each device's held-out split, the canary rule acting on the model
+store. A candidate trained on corrupted labels is rolled back and no device outside the
+canary ever installed it -- read from the devices' own counters, which each process prints
+when it stops -- then a candidate trained further on the true labels is promoted. Every step
+is in the audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("grpc")
+
+from shoal.build import load_data  # noqa: E402
+from shoal.config import load_config  # noqa: E402
+from shoal.lifecycle.audit import read_audit  # noqa: E402
+from shoal.lifecycle.canary import in_canary  # noqa: E402
+from shoal.scenarios.canary import train_pair  # noqa: E402
+from shoal.store.models import ModelStore  # noqa: E402
+
+N = 8
+OVERRIDES = {"data.dataset": "synthetic", "data.synthetic_iid": True, "data.clients": N,
+             "model.name": "logreg",
+             "sampling.per_round": N, "rounds": 6, "deploy.checkin_interval_s": 0.3}
+DEVICES = [f"device-{i:04d}" for i in range(N)]
+
+
+def launch(work, candidate: int, *extra: str) -> dict:
+    sets = [a for k, v in OVERRIDES.items()
+            for a in ("--set", f"{k}={json.dumps(v)}")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "launch", *sets, "--dir", str(work),
+         "--canary", str(candidate), "--canary-fraction", "0.6", "--canary-cohort", "3",
+         "--min-clients", "3", "--max-evaluations", "3", "--evaluation-timeout", "40",
+         "--json", "-q", *extra],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def installed(work) -> dict[str, set[int]]:
+    """Every served version each device process installed, from its own final counters."""
+    out = {}
+    for d in DEVICES:
+        text = (work / "logs" / f"{d}.log").read_text()
+        stats = [json.loads(m) for m in re.findall(r"^(\{\"device\".*\})$", text, re.M)]
+        assert stats, f"{d} printed no counters:\n{text[-2000:]}"
+        out[d] = set(stats[-1]["served_versions"])
+    return out
+
+
+@pytest.mark.slow
+def test_shoal_launch_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one(tmp_path):
+    cfg = load_config(None, OVERRIDES)
+    data = load_data(cfg)
+    work = tmp_path / "work"
+    with ModelStore(work / "models") as store:
+        prod, bad, _, _ = train_pair(cfg, data, store, corrupt=True, candidate_rounds=3)
+    inside = {d for d, m in zip(DEVICES, in_canary(DEVICES, 0.6, f"canary-v{bad}")) if m}
+    assert 3 <= len(inside) <= N - 3  # both arms can reach the minimum sample
+
+    summary = launch(work, bad)
+    assert summary["decision"] == "rollback", summary
+    assert summary["production_now"] == prod
+    assert set(summary["canary_devices"]) == inside
+    held = installed(work)
+    assert not any(bad in held[d] for d in set(DEVICES) - inside)  # the devices' own word
+    assert any(bad in held[d] for d in inside)
+    assert all(prod in held[d] for d in set(DEVICES) - inside)  # served production
+    with ModelStore(work / "models", readonly=True) as store:
+        assert store.get(bad).status == "rolled_back" and store.production().id == prod
+
+    with ModelStore(work / "models") as store:
+        _, good, _, _ = train_pair(cfg, data, store, corrupt=False, candidate_rounds=6,
+                                   production=prod)
+    summary = launch(work, good, "--margin", "0.1")
+    assert summary["decision"] == "promote", summary
+    with ModelStore(work / "models", readonly=True) as store:
+        assert store.production().id == good
+
+    actions = [(e["action"], e.get("candidate")) for e in read_audit(work / "audit.jsonl")]
+    assert actions[0] == ("canary_start", bad) and ("canary_rollback", bad) in actions
+    assert ("canary_start", good) in actions and actions[-1] == ("canary_promote", good)
+    assert sum(a == "canary_evaluated" for a, _ in actions) >= 4  # both arms, both canaries
