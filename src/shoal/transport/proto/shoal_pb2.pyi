@@ -286,15 +286,17 @@ class Ack(_message.Message):
     def __init__(self) -> None: ...
 
 class SecAggKeys(_message.Message):
-    __slots__ = ("enc_public", "mask_public")
+    __slots__ = ("enc_public", "mask_public", "kem_public")
     ENC_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    KEM_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     enc_public: bytes
     mask_public: bytes
-    def __init__(self, enc_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ...) -> None: ...
+    kem_public: bytes
+    def __init__(self, enc_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., kem_public: _Optional[bytes] = ...) -> None: ...
 
 class SecAggSetup(_message.Message):
-    __slots__ = ("session", "roster", "graph_seed", "neighbours", "threshold", "bits", "length", "client_id", "clip", "value_bits", "max_weight", "rotation")
+    __slots__ = ("session", "roster", "graph_seed", "neighbours", "threshold", "bits", "length", "client_id", "clip", "value_bits", "max_weight", "rotation", "post_quantum")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ROSTER_FIELD_NUMBER: _ClassVar[int]
     GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +309,7 @@ class SecAggSetup(_message.Message):
     VALUE_BITS_FIELD_NUMBER: _ClassVar[int]
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ROTATION_FIELD_NUMBER: _ClassVar[int]
+    POST_QUANTUM_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     roster: _containers.RepeatedScalarFieldContainer[int]
     graph_seed: bytes
@@ -319,7 +322,8 @@ class SecAggSetup(_message.Message):
     value_bits: int
     max_weight: int
     rotation: SecAggRotation
-    def __init__(self, session: _Optional[bytes] = ..., roster: _Optional[_Iterable[int]] = ..., graph_seed: _Optional[bytes] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., length: _Optional[int] = ..., client_id: _Optional[int] = ..., clip: _Optional[float] = ..., value_bits: _Optional[int] = ..., max_weight: _Optional[int] = ..., rotation: _Optional[_Union[SecAggRotation, _Mapping]] = ...) -> None: ...
+    post_quantum: bool
+    def __init__(self, session: _Optional[bytes] = ..., roster: _Optional[_Iterable[int]] = ..., graph_seed: _Optional[bytes] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., length: _Optional[int] = ..., client_id: _Optional[int] = ..., clip: _Optional[float] = ..., value_bits: _Optional[int] = ..., max_weight: _Optional[int] = ..., rotation: _Optional[_Union[SecAggRotation, _Mapping]] = ..., post_quantum: _Optional[bool] = ...) -> None: ...
 
 class SecAggRotation(_message.Message):
     __slots__ = ("dim", "clip", "gamma", "noise_std", "norm_bound", "block")
@@ -388,7 +392,7 @@ class SecAggUnmaskRequest(_message.Message):
     def __init__(self, session: _Optional[bytes] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SecAggUnmasking(_message.Message):
-    __slots__ = ("session", "self_mask_shares", "mask_key_shares")
+    __slots__ = ("session", "self_mask_shares", "mask_key_shares", "pair_kem_keys")
     class SelfMaskSharesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -403,13 +407,22 @@ class SecAggUnmasking(_message.Message):
         key: int
         value: bytes
         def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class PairKemKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
     MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    PAIR_KEM_KEYS_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     self_mask_shares: _containers.ScalarMap[int, bytes]
     mask_key_shares: _containers.ScalarMap[int, bytes]
-    def __init__(self, session: _Optional[bytes] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., mask_key_shares: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+    pair_kem_keys: _containers.ScalarMap[int, bytes]
+    def __init__(self, session: _Optional[bytes] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., mask_key_shares: _Optional[_Mapping[int, bytes]] = ..., pair_kem_keys: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
 
 class SecAggHeader(_message.Message):
     __slots__ = ("device_id", "round", "base_version", "upload_key", "poll", "keys", "shares", "masked", "unmasking")
