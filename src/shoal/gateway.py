@@ -22,7 +22,8 @@ SecAgg+ machine (:class:`~shoal.device_secagg.SecAggDeviceRound`) as their sessi
 unmasked sum reaches the coordinator as one :class:`~shoal.events.PartialAggregate`.
 
 Evaluation tasks (:meth:`DeviceGateway.evaluate`, the coordinator's second task kind) run as
-:class:`~shoal.device_sessions.EvalSession`: a device is offered one only if it can evaluate
+:class:`~shoal.device_eval.EvalSession` (the gateway's evaluation calls are
+:class:`~shoal.device_eval.EvalDesk`): a device is offered one only if it can evaluate
 and is served the version to evaluate (else the coordinator hears ``ClientsFailed``); its
 report becomes an ``EvalReported`` whose segment is what the carrier says (the attribute the
 device declared at Hello, never the report's), and a device that declines its task
@@ -55,15 +56,15 @@ import numpy as np
 
 from shoal.coordinator import Coordinator
 from shoal.device_secagg import End, SecAggDeviceRound, Wait
-from shoal.device_sessions import (EvalDesk, EvalSession, GatewaySettings, Outcome, Session,
-                                   SessionBook, is_closed)
+from shoal.device_eval import EvalDesk, EvalSession
+from shoal.device_sessions import GatewaySettings, Outcome, Session, SessionBook, is_closed
 from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, WeightCap
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.evaluation import EvalResult
 from shoal.observers import Observer
 from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
-                          CommitVersion, EvalDone, Finished, SendEval, SendTask, TaskEnded,
-                          Tick, UpdateRefused, UpdatesArrived, WakeAt)
+                          CommitVersion, Finished, SendTask, TaskEnded, Tick, UpdateRefused,
+                          UpdatesArrived, WakeAt)
 from shoal.privacy.secagg_messages import ClientMessage, ServerMessage
 from shoal.records import RoundRecord
 from shoal.strategy import ServerState
@@ -398,8 +399,7 @@ class DeviceGateway(EvalDesk):
                 heapq.heappop(self._timers)
                 due = True
             # a coordinator served only for evaluation takes time while an evaluation is open
-            if due and (self._trains or any(isinstance(x, EvalSession) and not x.closed
-                                            for x in self.sessions.all())):
+            if due and (self._trains or self._evaluating()):
                 self._carry(self.coordinator.handle(Tick(now)), now)
                 self._settle(now)
             if progressed or due:
@@ -483,19 +483,6 @@ class DeviceGateway(EvalDesk):
         self.start(coordinator, state, now(), stage_states)
         return self._drive(now, lambda: False, on_commit, on_abort, poll_s, after_each)
 
-    def serve(self, coordinator: Coordinator, now: Callable[[], float], *,
-              until: Callable[[], bool], poll_s: float = 0.2,
-              after_each: Callable[[], None] | None = None) -> str:
-        """Serve the evaluation tasks of ``coordinator``, which is not started (it does not
-        train: a canary after training), until ``until()`` (checked after every pass, like
-        ``after_each``, which is where the caller asks for evaluations and takes their
-        results). Returns why it stopped (``"done"`` when ``until()`` held)."""
-        with self.changed:
-            if self.coordinator is not None:
-                raise ProtocolError("the gateway already serves a coordinator")
-            self.coordinator = coordinator
-        return self._drive(now, until, None, None, poll_s, after_each)
-
     def _drive(self, now: Callable[[], float], until: Callable[[], bool],
                on_commit: Callable[[ServerState, RoundRecord], None] | None,
                on_abort: Callable[[RoundRecord, str, bool], None] | None,
@@ -530,14 +517,8 @@ class DeviceGateway(EvalDesk):
         elif isinstance(cmd, WakeAt):
             if math.isfinite(cmd.at):
                 heapq.heappush(self._timers, cmd.at)
-        elif isinstance(cmd, SendEval):
-            self.sessions.open_eval(cmd.task, [self.devices[int(c)] for c in cmd.client_ids],
-                                    [int(c) for c in cmd.client_ids], self.settings)
-        elif isinstance(cmd, EvalDone):
-            s = self.sessions.get(cmd.task_id)
-            if s is not None and not is_closed(s):
-                s.close("evaluation done")
-            self._evaluated.append(cmd.result)
+        else:
+            self._execute_eval(cmd)
 
     def _open(self, cmd: SendTask, now: float) -> None:
         if self.weights is not None:

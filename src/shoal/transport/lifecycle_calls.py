@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc  # type: ignore[import-untyped]
 
-from shoal.device_sessions import DECLINE_REASONS
+from shoal.device_eval import DECLINE_REASONS
 from shoal.errors import UpdateRejected
 from shoal.transport.downloads import ModelPayload
 from shoal.transport.proto import shoal_pb2 as pb
