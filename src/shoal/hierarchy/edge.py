@@ -14,8 +14,9 @@ a flat run and a hierarchical one with the same clients and seed commit the same
 and uploads the sum of its steps (its model minus the parent's): HierFAVG (L. Liu, J. Zhang,
 S. H. Song, K. B. Letaief, "Client-Edge-Cloud Hierarchical Federated Learning", ICC 2020),
 whose edges average their clients ``rounds`` times per cloud aggregation. Its edge round
-``j`` of a parent round keyed ``r`` is keyed ``(r - 1) x rounds + j``, so no two edge rounds
-of a run share their clients' random streams, and ``rounds = 1`` keys the parent's.
+``j`` of a parent round keyed ``r`` makes the edge's version ``(r - 1) x rounds + j`` and is
+keyed by it, so no two edge rounds of a run share their clients' random streams or a model
+version (devices cache models by version), and ``rounds = 1`` keys the parent's.
 
 Privacy per tier: the group's sum rule may be SecAgg+ (the edge learns only its group's
 sum; one SecAgg instance per group, as in K. Bonawitz et al., "Towards Federated Learning at
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -43,7 +44,7 @@ from shoal.pipeline import Pipeline, PlainSum, Sum, SumRule, SumRun
 from shoal.policy import RoundPolicy, SyncPolicy
 from shoal.records import RoundRecord
 from shoal.robust.clipping import clip_rows
-from shoal.runner import ClientPool, drive
+from shoal.runner import ClientPool, PushCarrier, drive
 from shoal.strategy import ServerState
 from shoal.strategy.fedavg import check_delta
 from shoal.strategy.state import initial_params
@@ -259,16 +260,15 @@ class Edge:
         task asks for it, the sum rule."""
         clip = () if task.clip_norm is None else (ClientClip(task.clip_norm),)
         rule: SumRule = PlainSum()
-        if self.sum_rule is not None:
-            first = (task.round - 1) * self.rounds
-            rule = _Keyed(self.sum_rule,
-                          lambda j: (first + j - 1) * self.peers + self.index + 1)
+        if self.sum_rule is not None:  # the pipeline's step is the edge's next version
+            rule = _Keyed(self.sum_rule, lambda v: (v - 1) * self.peers + self.index + 1)
         return Pipeline(stages=(UploadTap(), *clip), sum_rule=rule)
 
-    def answer(self, task: TrainTask, client_ids: np.ndarray, child: ClientPool
-               ) -> PartialAggregate | None:
+    def answer(self, task: TrainTask, client_ids: np.ndarray,
+               child: ClientPool | PushCarrier) -> PartialAggregate | None:
         """Run ``rounds`` edge rounds of ``client_ids`` (this edge's part of ``task``'s
-        cohort) over ``child`` and return the upload, or ``None`` when no round committed
+        cohort) over ``child`` (the devices in this process, a tier below, or a deployed
+        edge's gRPC carrier) and return the upload, or ``None`` when no round committed
         (the parent then hears nothing for these clients). A group smaller than
         :data:`MIN_SECURE_GROUP` under a secure sum rule is not aggregated (``None``).
 
@@ -280,12 +280,16 @@ class Edge:
             self.records = []
             return None  # a secure sum of one or two clients would reveal them
         strategy = EdgeStep(task.settings)
+        # the edge's versions go on from task to task (devices cache models by version):
+        # its rounds of a parent round keyed r make versions (r - 1) x rounds + 1 .. + rounds,
+        # and a version's round key is the version, as in any run
+        first = (task.round - 1) * self.rounds
         pipeline = self.pipeline(task)
         coordinator = Coordinator(
             strategy, child.num_clients, GroupSampler(ids), seed=self.seed,
             policy=self.policy(len(ids)) if self.policy is not None
-            else SyncPolicy(max_attempts=1), pipeline=pipeline, steps=self.rounds,
-            observers=self.observers, round_offset=(task.round - 1) * self.rounds)
+            else SyncPolicy(max_attempts=1), pipeline=pipeline, steps=first + self.rounds,
+            observers=self.observers)
         self.records = []
         final: dict[str, ServerState] = {}
 
@@ -296,7 +300,8 @@ class Edge:
         def abandoned(record: RoundRecord, reason: str, retry: bool) -> None:
             self.records.append(record)
 
-        drive(coordinator, child, strategy.init(task.params), SimClock(),
+        start = replace(strategy.init(task.params), version=first)
+        drive(coordinator, child, start, SimClock(),
               on_commit=committed, on_abort=abandoned)
         if "state" not in final:
             return None

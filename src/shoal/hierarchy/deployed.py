@@ -1,0 +1,164 @@
+"""A deployed edge aggregator: a gRPC aggregator for its devices, one device of its parent.
+
+Downstream the edge serves its devices exactly as a global aggregator does (an
+:class:`~shoal.transport.server.AggregatorService` on TLS, a
+:class:`~shoal.transport.carrier.GrpcCarrier` running the coordinator, SecAgg+ among its
+devices when the carrier is secure). Upstream it is a
+:class:`~shoal.transport.client.DeviceClient` of its parent whose training function is
+:meth:`Edge.answer <shoal.hierarchy.edge.Edge.answer>` over that carrier: the parent's task
+becomes one edge round (or ``rounds`` of them, HierFAVG) of the edge's devices, and the upload
+is the edge's mean delta weighed by the examples behind it. Nothing here has round logic of
+its own: the edge's rounds are a :class:`~shoal.coordinator.Coordinator` with the run's
+policy, and the parent sees an ordinary device.
+
+The parent keys its task's random streams by its round; the edge keys its devices' tasks
+``(r - 1) x rounds + j`` (as in simulation), so with one edge round every device trains
+exactly what it would under a flat aggregator.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.errors import ConfigError
+from shoal.events import TrainTask
+from shoal.hierarchy.edge import Edge
+from shoal.policy import RoundPolicy, SyncPolicy
+from shoal.privacy.secagg_rounds import SecAggAggregation
+from shoal.registry import SQLiteRegistry
+from shoal.transport.auth import Keyring
+from shoal.transport.carrier import GrpcCarrier
+from shoal.transport.client import ClientStats, DeviceClient
+from shoal.transport.device_api import TaskAbandoned, TrainResult
+from shoal.transport.server import AggregatorService, AggregatorSettings, serve
+
+__all__ = ["EdgeUplink", "Upstream", "edge_policy", "run_edge", "wait_for_devices"]
+
+
+class EdgeUplink:
+    """The edge's training function as its parent's device: one parent task -> the edge's
+    rounds over every device of ``carrier`` -> the upload.
+
+    Raises (from a call):
+        TaskAbandoned: no edge round committed (too few devices reported); the device
+            runtime abandons the parent's task and checks in again.
+    """
+
+    def __init__(self, edge: Edge, carrier: GrpcCarrier) -> None:
+        self.edge = edge
+        self.carrier = carrier
+
+    def __call__(self, params: np.ndarray, settings: Mapping[str, float], round: int
+                 ) -> TrainResult:
+        task = TrainTask(task_id=int(round), version=0,
+                         params=np.asarray(params, np.float32), round=int(round),
+                         settings=dict(settings))
+        ids = np.arange(self.carrier.num_clients, dtype=np.int64)
+        upload = self.edge.answer(task, ids, self.carrier)
+        if upload is None:
+            raise TaskAbandoned(f"edge {self.edge.name}: no edge round committed")
+        metrics = {"edge_clients": float(upload.clients),
+                   "edge_ingress_bytes": float(upload.metrics.get("edge_ingress_bytes", 0))}
+        return TrainResult(np.asarray(upload.delta, np.float32), int(upload.num_examples),
+                           metrics)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """How an edge reaches its parent.
+
+    Attributes:
+        target: the parent's ``host:port``.
+        token: the edge's device token at the parent (never logged).
+        root_certificates: the parent's CA (PEM) for TLS; ``None``: plaintext, loopback only.
+    """
+
+    target: str
+    token: str
+    root_certificates: bytes | None
+
+    def __post_init__(self) -> None:
+        host = self.target.rpartition(":")[0]
+        if self.root_certificates is None and host not in ("127.0.0.1", "localhost", "[::1]"):
+            raise ConfigError(f"an edge's parent {self.target!r} is not on this machine: "
+                              f"give its CA certificate (TLS)", key="upstream")
+
+
+def wait_for_devices(service: AggregatorService, devices: Collection[str],
+                     timeout_s: float, stop: threading.Event | None = None) -> list[str]:
+    """Wait until every device of ``devices`` said Hello to ``service``; their ids sorted.
+
+    Raises:
+        ConfigError: not all of them within ``timeout_s`` (naming how many did).
+    """
+    want = set(devices)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if service.failure is not None:
+            raise service.failure
+        seen = {d.device_id for d in service.registry.list()} & want
+        if seen == want:
+            return sorted(want)
+        if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+            raise ConfigError(f"only {len(seen)} of the edge's {len(want)} devices said "
+                              f"Hello within {timeout_s:g} s", key="deploy.wait_timeout_s")
+        time.sleep(0.05)
+
+
+def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
+             settings: AggregatorSettings, keyring: Keyring, dim: int, fingerprint: str,
+             registry_path: str, tls: tuple[bytes, bytes] | None,
+             stop: threading.Event, host: str = "127.0.0.1", port: int = 0,
+             secure: SecAggAggregation | None = None, wait_timeout_s: float = 300.0,
+             on_ready: Callable[[int], None] | None = None) -> ClientStats:
+    """Serve ``devices`` and answer the parent's tasks until ``stop`` is set.
+
+    Args:
+        edge: the edge (its name is its device id at the parent; its ``policy`` the rule
+            of its rounds).
+        devices: the device ids this edge serves (the ring's assignment).
+        settings, keyring, dim, fingerprint: the downstream aggregator's, as a global one's.
+        registry_path: the edge's own SQLite registry.
+        tls: ``(certificate chain, key)`` PEM for its devices; ``None`` only on loopback.
+        secure: SecAgg+ among the edge's devices (the carrier runs it).
+        on_ready: called with the bound port once it serves (start the devices here).
+
+    Returns:
+        The upstream device runtime's counters.
+
+    Raises:
+        ConfigError: serving without TLS off loopback, or its devices did not all say Hello
+            in time.
+    """
+    if tls is None and host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"edge {edge.name} on {host!r} without TLS", key="deploy.host")
+    service = AggregatorService(settings, keyring, dim, fingerprint,
+                                lambda: SQLiteRegistry(registry_path),
+                                server_id=edge.name)
+    bound, stop_server = serve(service, host, port, tls=tls)
+    try:
+        if on_ready is not None:
+            on_ready(bound)
+        ids = wait_for_devices(service, devices, wait_timeout_s, stop)
+        carrier = GrpcCarrier(service, ids, secure=secure)
+        examples = sum(int(d.capabilities.get("examples", "0") or 0)
+                       for d in service.registry.list() if d.device_id in set(ids))
+        with DeviceClient(upstream.target, upstream.token, edge.name,
+                          root_certificates=upstream.root_certificates,
+                          train=EdgeUplink(edge, carrier), examples=examples) as client:
+            return client.run(stop=stop)
+    finally:
+        stop_server()
+
+
+def edge_policy(deadline_s: float, min_fraction: float) -> Callable[[int], RoundPolicy]:
+    """A deployed edge's rule: each edge round asks its whole group, waits until
+    ``deadline_s`` and commits with at least ``min_fraction`` of it (one attempt: the
+    parent's policy retries)."""
+    return lambda n: SyncPolicy(deadline_s=deadline_s, min_fraction=min_fraction,
+                                max_attempts=1)

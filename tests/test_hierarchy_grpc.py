@@ -1,0 +1,146 @@
+"""Hierarchy over gRPC on loopback: a global aggregator, edge processes' code (an aggregator
+for their devices, a device of the global) and device runtimes, TLS between every tier.
+Flat and 2-tier deployments with the same devices and seed commit the same model."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("grpc")
+
+from shoal.build import load_data  # noqa: E402
+from shoal.config import load_config  # noqa: E402
+from shoal.deploy import AggregatorPaths, run_aggregator, settings_from_config  # noqa: E402
+from shoal.frameworks.torch import spec_of  # noqa: E402
+from shoal.hierarchy.deployed import Upstream, edge_policy, run_edge  # noqa: E402
+from shoal.hierarchy.edge import Edge  # noqa: E402
+from shoal.hierarchy.ring import Ring  # noqa: E402
+from shoal.models import build_model  # noqa: E402
+from shoal.training import LocalTrainConfig  # noqa: E402
+from shoal.transport.auth import Keyring, load_or_create_secret  # noqa: E402
+from shoal.transport.certs import make_local_pki  # noqa: E402
+from shoal.transport.client import DeviceClient  # noqa: E402
+from shoal.transport.reference import fmnist_train_fn  # noqa: E402
+from shoal.transport.tokens import issue_token  # noqa: E402
+
+CLIENTS, EDGES, ROUNDS = 6, 2, 2
+BASE = {"rounds": ROUNDS, "data.clients": CLIENTS, "sampling.per_round": CLIENTS,
+        "deploy.over_selection": 1.0, "deploy.min_fraction": 1.0, "deploy.deadline_s": 60.0,
+        "deploy.checkin_interval_s": 0.5, "deploy.wait_timeout_s": 60.0}
+
+
+class _Devices:
+    """Device runtimes in threads: device-000c trains client c of the config's partition."""
+
+    def __init__(self, cfg, data, pki) -> None:
+        self.cfg, self.data, self.pki = cfg, data, pki
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self, port: int, secret: bytes, indices) -> None:
+        cfg, data = self.cfg, self.data
+        local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
+                                 batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
+        for c in indices:
+            idx = data.client_indices[c]
+            name = f"device-{c:04d}"
+            train = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx],
+                                    data.train.y[idx], local, cfg.seed, c)
+            client = DeviceClient(f"localhost:{port}", _token(secret, name), name,
+                                  root_certificates=self.pki.ca_cert.read_bytes(),
+                                  train=train, examples=len(idx), min_wait_s=0.1,
+                                  max_wait_s=1.0)
+            t = threading.Thread(target=self._run, args=(client,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _run(self, client: DeviceClient) -> None:
+        with client:
+            client.run(stop=self.stop)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def _token(secret: bytes, name: str) -> str:
+    return issue_token(secret, name, now=time.time(), ttl_seconds=3600)
+
+
+def _paths(root: Path, pki) -> AggregatorPaths:
+    root.mkdir(parents=True, exist_ok=True)
+    return AggregatorPaths(secret=root / "secret", registry=root / "registry.db",
+                           store=root / "models", tls_dir=pki.ca_cert.parent)
+
+
+@pytest.mark.slow
+def test_flat_and_two_tier_over_grpc_commit_the_same_model(tmp_path) -> None:
+    cfg = load_config(None, BASE)
+    data = load_data(cfg)
+    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
+    tls = (pki.server_cert.read_bytes(), pki.server_key.read_bytes())
+
+    # flat: six devices against the global aggregator
+    flat_paths = _paths(tmp_path / "flat", pki)
+    devices = _Devices(cfg, data, pki)
+    try:
+        _, flat = run_aggregator(cfg, flat_paths, on_ready=lambda port: devices.start(
+            port, load_or_create_secret(flat_paths.secret), range(CLIENTS)))
+    finally:
+        devices.close()
+
+    # two tiers: the global's devices are two edges, each serving its ring's devices
+    gcfg = cfg.with_overrides({"data.clients": EDGES, "sampling.per_round": EDGES})
+    global_paths = _paths(tmp_path / "global", pki)
+    ring = Ring([f"edge-{i}" for i in range(EDGES)])
+    ring.assign_all([f"device-{c:04d}" for c in range(CLIENTS)])
+    spec = spec_of(build_model(cfg["model"]["name"], 784, 10, cfg.seed))
+    devices = _Devices(cfg, data, pki)
+    stop = threading.Event()
+    edges: list[threading.Thread] = []
+    answered: dict[str, object] = {}
+
+    def start_edges(port: int) -> None:
+        for i in range(EDGES):
+            name = f"edge-{i}"
+            root = tmp_path / name
+            root.mkdir()
+            secret = load_or_create_secret(root / "secret")
+            mine = ring.devices_of(name)
+            edge = Edge(name, cfg.seed, 1, policy=edge_policy(60.0, 1.0))
+            up = Upstream(f"localhost:{port}", _token(load_or_create_secret(
+                global_paths.secret), name), pki.ca_cert.read_bytes())
+
+            def serve_edge(edge=edge, mine=mine, up=up, secret=secret, root=root) -> None:
+                answered[edge.name] = run_edge(
+                    edge, mine, up, settings=settings_from_config(cfg),
+                    keyring=Keyring.single(secret), dim=spec.size,
+                    fingerprint=spec.fingerprint, registry_path=str(root / "registry.db"),
+                    tls=tls, stop=stop, wait_timeout_s=60.0,
+                    on_ready=lambda p: devices.start(p, secret, [int(d[-4:]) for d in mine]))
+
+            t = threading.Thread(target=serve_edge, daemon=True)
+            t.start()
+            edges.append(t)
+
+    try:
+        _, tiered = run_aggregator(gcfg, global_paths, on_ready=start_edges)
+    finally:
+        stop.set()
+        devices.close()
+        for t in edges:
+            t.join(timeout=30)
+
+    assert tiered.state.version == flat.state.version == ROUNDS
+    assert np.abs(tiered.state.params - flat.state.params).max() <= 1e-6
+    for f, t in zip(flat.records[1:], tiered.records[1:]):
+        assert f.accepted == CLIENTS and t.accepted == EDGES  # K uploads, then E
+        assert t.bytes_up < f.bytes_up
+    assert all(stats.uploads_accepted == ROUNDS for stats in answered.values())
