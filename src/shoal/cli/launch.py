@@ -60,6 +60,9 @@ def add_parser(sub) -> None:
                    help="peer-to-peer instead: N gossip peers and no aggregator, each a "
                         "process with mutual TLS and its neighbours' addresses (the [gossip] "
                         "config; docs/gossip.md)")
+    p.add_argument("--edges", type=int, metavar="E",
+                   help="hierarchical: E edge aggregator processes between the devices and "
+                        "the global aggregator, TLS between every tier (docs/hierarchy.md)")
     add_canary_options(p)
     p.set_defaults(func=run)
 
@@ -69,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         from shoal.cli.gossip import launch_peers
 
         return launch_peers(args)
+    if args.edges is not None:
+        from shoal.cli.edges import launch_edges
+
+        return launch_edges(args)
     import datetime as dt
     import os
     import subprocess
