@@ -144,3 +144,33 @@ def test_flat_and_two_tier_over_grpc_commit_the_same_model(tmp_path) -> None:
         assert f.accepted == CLIENTS and t.accepted == EDGES  # K uploads, then E
         assert t.bytes_up < f.bytes_up
     assert all(stats.uploads_accepted == ROUNDS for stats in answered.values())
+
+
+@pytest.mark.slow
+def test_shoal_launch_edges_runs_processes_and_commits_the_simulated_flat_model(tmp_path,
+                                                                               capsys) -> None:
+    """``shoal launch --edges 2``: the global, two edge processes and six device processes,
+    TLS between every tier; its last model is the one ``shoal run`` computes flat."""
+    import json
+
+    from shoal.cli import main
+    from shoal.experiment import Experiment
+    from shoal.store import ModelStore
+
+    work = tmp_path / "launch"
+    code = main(["launch", "--edges", str(EDGES), "--clients", str(CLIENTS), "--rounds",
+                 str(ROUNDS), "--per-round", str(CLIENTS), "--set",
+                 "deploy.over_selection=1.0", "--set", "deploy.min_fraction=1.0", "--set",
+                 "deploy.checkin_interval_s=1.0", "--json", "-q", "--no-dashboard",
+                 "--dir", str(work), "--out", str(tmp_path / "runs")])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rounds"] == ROUNDS and summary["client_updates"] == EDGES * ROUNDS
+    store = ModelStore(work / "models")
+    deployed = store.load(store.latest().id).state.params
+    store.close()
+    flat = Experiment(load_config(None, BASE)).run()
+    assert np.abs(deployed - flat.state.params).max() <= 1e-6
+    for i in range(EDGES):
+        last = (work / "logs" / f"edge-{i}.log").read_text().strip().splitlines()[-1]
+        assert json.loads(last)["uploads_accepted"] == ROUNDS
