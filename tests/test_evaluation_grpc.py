@@ -165,6 +165,7 @@ def test_a_canary_over_grpc_rolls_back_a_bad_candidate_and_promotes_a_good_one(t
         finally:
             dep.close()
         assert outcome.verdict.decision == ("promote" if better else "rollback")
+        assert outcome.verdict.reason.startswith("not worse" if better else "worse")
         assert outcome.canary_devices == inside
         assert store.production().id == (cand_v if better else prod_v)
         assert store.get(cand_v).status == ("production" if better else "rolled_back")

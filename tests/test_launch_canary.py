@@ -61,12 +61,15 @@ def test_shoal_launch_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one(
     data = load_data(cfg)
     work = tmp_path / "work"
     with ModelStore(work / "models") as store:
-        prod, bad, _, _ = train_pair(cfg, data, store, corrupt=True, candidate_rounds=3)
+        prod, bad, _, accuracy = train_pair(cfg, data, store, corrupt=True,
+                                            candidate_rounds=20)
+    assert accuracy[bad] < accuracy[prod] - 0.3  # really a worse model
     inside = {d for d, m in zip(DEVICES, in_canary(DEVICES, 0.6, f"canary-v{bad}")) if m}
     assert 3 <= len(inside) <= N - 3  # both arms can reach the minimum sample
 
     summary = launch(work, bad)
     assert summary["decision"] == "rollback", summary
+    assert summary["reason"].startswith("worse"), summary  # the test, not the time limit
     assert summary["production_now"] == prod
     assert set(summary["canary_devices"]) == inside
     held = installed(work)
@@ -81,6 +84,7 @@ def test_shoal_launch_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one(
                                    production=prod)
     summary = launch(work, good, "--margin", "0.1")
     assert summary["decision"] == "promote", summary
+    assert summary["reason"].startswith("not worse"), summary
     with ModelStore(work / "models", readonly=True) as store:
         assert store.production().id == good
 
