@@ -11,10 +11,6 @@ summed and decoded here; the devices' own updates clipped here by hand; epsilon 
 
 from __future__ import annotations
 
-import functools
-import threading
-import time
-
 import numpy as np
 import pytest
 
@@ -25,47 +21,20 @@ from dp_accounting import dp_event  # noqa: E402
 from dp_accounting.privacy_accountant import NeighboringRelation  # noqa: E402
 from dp_accounting.rdp import RdpAccountant  # noqa: E402
 
+from secure_devices import (C, DIM, N, clipped, one_round, recorded,  # noqa: E402, F401
+                            serve_carrier)
 from shoal.build import pipeline_from_config, secagg_from_config  # noqa: E402
 from shoal.config import load_config  # noqa: E402
 from shoal.pipeline import Pipeline  # noqa: E402
-from shoal.policy import SyncPolicy  # noqa: E402
 from shoal.privacy.csprng import CryptoRandom  # noqa: E402
 from shoal.privacy.ddg_accounting import ORDERS  # noqa: E402
-from shoal.privacy.rotated_encoding import RoundEncoding, decode_sum  # noqa: E402
+from shoal.privacy.rotated_encoding import decode_sum  # noqa: E402
 from shoal.privacy.rotation import rotation_seed  # noqa: E402
-from shoal.privacy.secagg_encoding import FixedPoint, RingEncoding  # noqa: E402
-from shoal.registry import SQLiteRegistry  # noqa: E402
-from shoal.runner import run_round  # noqa: E402
-from shoal.sampling import UniformSampler  # noqa: E402
-from shoal.strategy import FedAvg  # noqa: E402
-from shoal.transport.auth import Keyring  # noqa: E402
-from shoal.transport.carrier import GrpcCarrier  # noqa: E402
-from shoal.transport.client import DeviceClient  # noqa: E402
-from shoal.transport.device_api import TrainResult  # noqa: E402
-from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
-from shoal.transport.tokens import issue_token  # noqa: E402
+from shoal.privacy.secagg_encoding import FixedPoint  # noqa: E402
 
-DIM = 300
-N = 10
-SECRET = b"g" * 32
-C = 2.0  # L2 clip norm
 Z = 0.8  # noise multiplier
 H = 8  # honest clients whose noise a release must hold
 DELTA = 1e-5
-
-
-class Vanish(Exception):
-    """Raised from the after_stage hook: the device's thread ends there, mid-round."""
-
-
-def delta_of(i: int, dim: int = DIM) -> np.ndarray:
-    scale = 0.005 if i % 4 == 0 else 1.5  # some below C, most above (scaled down)
-    return (np.random.default_rng(300 + i).uniform(-1, 1, dim) * scale).astype(np.float32)
-
-
-def clipped(i: int, dim: int = DIM, clip: float = C) -> np.ndarray:
-    d = delta_of(i, dim).astype(np.float64)
-    return d * min(1.0, clip / np.linalg.norm(d))
 
 
 def config(**extra):
@@ -77,88 +46,6 @@ def config(**extra):
         "privacy.delta": DELTA, "deploy.over_selection": 1.0, **extra})
 
 
-@pytest.fixture()
-def recorded(monkeypatch):
-    """What each device encoded: device -> ``(encoding, ring vector, rng type)``, recorded
-    on the device side of the wire."""
-    calls: dict[str, tuple[RingEncoding, np.ndarray, type]] = {}
-    lock = threading.Lock()
-
-    def recording(original):
-        def encode(self, x, weight, bits, rng):
-            out = original(self, x, weight, bits, rng)
-            with lock:  # each device runs in a thread named after it
-                calls[threading.current_thread().name] = (self, out.copy(), type(rng))
-            return out
-        return encode
-
-    for kind in (RoundEncoding, FixedPoint):
-        monkeypatch.setattr(kind, "encode", recording(kind.encode))
-    return calls
-
-
-def serve_carrier(tmp_path, cfg, dim=DIM):
-    settings = AggregatorSettings(roster_wait_s=10.0, stage_timeout_s=3.0, long_poll_s=0.5,
-                                  checkin_interval_s=0.2, idle_retry_s=0.2, rate_per_s=200,
-                                  burst=400)
-    service = AggregatorService(settings, Keyring.single(SECRET), dim, "fp",
-                                lambda: SQLiteRegistry(tmp_path / "registry.db"))
-    port, stop = serve(service)
-    devices = [f"dev-{i}" for i in range(N)]
-    for d in devices:
-        SQLiteRegistry(tmp_path / "registry.db").enroll(d, now=time.time())
-    carrier = GrpcCarrier(service, devices, poll_s=0.05, secure=secagg_from_config(cfg))
-    return port, stop, carrier, devices
-
-
-def run_devices(port, devices, vanish_after: dict[str, str], stop: threading.Event,
-                stats: dict, dim: int):
-    threads = []
-
-    def device(i, d):
-        def train(params, settings, rnd):
-            return TrainResult(delta_of(i, dim), 7 + i, {"loss": 0.1})
-
-        def hook(stage, rnd):
-            if vanish_after.get(d) == stage:
-                raise Vanish(d)
-
-        token = issue_token(SECRET, d, now=time.time(), ttl_seconds=600)
-        with DeviceClient(f"127.0.0.1:{port}", token, d, root_certificates=None, train=train,
-                          after_stage=hook, min_wait_s=0.05, max_backoff_s=0.2) as client:
-            try:
-                client.run(max_rounds=1, stop=stop)
-            except Vanish:
-                pass
-            stats[d] = client.stats
-
-    for i, d in enumerate(devices):
-        t = threading.Thread(target=device, args=(i, d), name=d, daemon=True)
-        t.start()
-        threads.append(t)
-    return threads
-
-
-def one_round(port, carrier, devices, pipeline, vanish, *, dim=DIM, target=N - 1,
-              deadline_s=60.0):
-    """One round with every device; returns ``(state, record, device -> its counters)``."""
-    stop = threading.Event()
-    stats: dict = {}
-    try:
-        threads = run_devices(port, devices, vanish, stop, stats, dim)
-        # target N - 1 by default: input collection closes once the nine who can send have
-        policy = SyncPolicy(target=target, over_selection=N / target, deadline_s=deadline_s,
-                            min_fraction=0.5, max_attempts=1)
-        coord = functools.partial(run_round, FedAvg(), carrier, UniformSampler(N), seed=0,
-                                  policy=policy, pipeline=pipeline)
-        state, rec = coord(FedAvg().init(np.zeros(dim, np.float32)))
-        for t in threads:
-            t.join(timeout=20)
-    finally:
-        stop.set()
-    return state, rec, stats
-
-
 def oracle_epsilon() -> float:
     acc = RdpAccountant(list(ORDERS), NeighboringRelation.REPLACE_ONE)
     acc.compose(dp_event.SampledWithoutReplacementDpEvent(N, N, dp_event.GaussianDpEvent(Z / 2)))
@@ -167,7 +54,7 @@ def oracle_epsilon() -> float:
 
 def test_the_committed_model_is_the_decoded_noised_sum_the_devices_encoded(tmp_path, recorded):
     cfg = config()
-    port, stop, carrier, devices = serve_carrier(tmp_path, cfg)
+    port, stop, carrier, devices = serve_carrier(tmp_path, secagg_from_config(cfg))
     pipeline = pipeline_from_config(cfg, deployed=True, secure_in_transport=True)
     try:
         # dev-3 leaves before its input (excluded; its pairwise masks are reconstructed),
@@ -211,8 +98,8 @@ def test_a_deployment_checks_distributed_dp_cohorts_like_central_ones():
     with pytest.raises(ConfigError) as exc:
         check_deployable(config(**{"deploy.over_selection": 1.3}), tls=False)
     assert exc.value.key == "deploy.over_selection" and "distributed DP" in str(exc.value)
-    for refused, key in (({"secure_aggregation.post_quantum": True},
-                          "secure_aggregation.post_quantum"),
+    for refused, key in (({"secure_aggregation.protocol": "ckks"},
+                          "secure_aggregation.protocol"),
                          ({"compression.upload": "q8"}, "compression.upload")):
         with pytest.raises(ConfigError) as exc:
             check_deployable(config(**refused), tls=False)
@@ -237,7 +124,8 @@ def test_a_device_refuses_a_rotated_setup_that_does_not_add_up():
     with pytest.raises(ConfigError):
         FixedPoint(clip=wire.setup.clip, value_bits=wire.setup.value_bits,
                    max_weight=wire.setup.max_weight)
-    for field, value in (("block", 3), ("gamma", -1.0), ("dim", 2 * DIM)):  # 2d: another ring length
+    # a block that is not a power of two, a negative grid, a length that is not the ring's
+    for field, value in (("block", 3), ("gamma", -1.0), ("dim", 2 * DIM)):
         bad = pb.SecAggReply()
         bad.CopyFrom(wire)
         setattr(bad.setup.rotation, field, value)
@@ -249,7 +137,7 @@ def test_a_round_with_fewer_than_h_plus_f_masked_inputs_unmasks_nothing(tmp_path
     """h = 9 of 10: two devices leave before their input, the eight inputs are never
     unmasked, nothing is committed or accounted, and the devices hear the round abort."""
     cfg = config(**{"privacy.honest_clients": 9})
-    port, stop, carrier, devices = serve_carrier(tmp_path, cfg)
+    port, stop, carrier, devices = serve_carrier(tmp_path, secagg_from_config(cfg))
     pipeline = pipeline_from_config(cfg, deployed=True, secure_in_transport=True)
     try:
         state, rec, stats = one_round(port, carrier, devices, pipeline,
@@ -275,7 +163,8 @@ def test_a_rotated_upload_is_at_least_four_times_smaller_on_the_wire(tmp_path, r
     for encoding in ("fixed_point", "rotated"):
         cfg = config(**{"privacy.placement": "none", "secure_aggregation.encoding": encoding})
         (tmp_path / encoding).mkdir()
-        port, stop, carrier, devices = serve_carrier(tmp_path / encoding, cfg, TWO_NN)
+        port, stop, carrier, devices = serve_carrier(tmp_path / encoding,
+                                                     secagg_from_config(cfg), TWO_NN)
         try:
             state, rec, stats = one_round(port, carrier, devices, Pipeline(), {}, dim=TWO_NN,
                                           target=N)

@@ -202,14 +202,14 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
 
     Raises:
         ConfigError: insecure serving on a non-loopback address, mutual TLS without TLS,
-            local DP (which devices do not apply yet), post-quantum or CKKS secure
-            aggregation (simulation only), an upload codec with secure aggregation (its
+            local DP (which devices do not apply yet), CKKS secure aggregation
+            (simulation only), an upload codec with secure aggregation (its
             compression is ``secure_aggregation.encoding = 'rotated'``), or central or
             distributed DP whose cohorts the accountant would describe wrongly. Deployable
             with secure aggregation: central DP (devices clip before masking, the noise is
-            added to the unmasked sum), the rotated ring, and distributed DP (devices add
+            added to the unmasked sum), the rotated ring, distributed DP (devices add
             their discrete Gaussian shares before masking; the server unmasks only a noised
-            sum).
+            sum) and post-quantum hybrid key agreement.
     """
     d = cfg["deploy"]
     if not tls and d["host"] not in ("127.0.0.1", "localhost", "::1"):
@@ -222,10 +222,6 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
         raise ConfigError("the device runtime does not yet apply local DP; run it in "
                           "simulation (shoal run) or use privacy.placement = 'central'",
                           key="privacy.placement")
-    if cfg["secure_aggregation"]["enabled"] and cfg["secure_aggregation"]["post_quantum"]:
-        raise ConfigError("secure_aggregation.post_quantum runs in simulation only for now (the "
-                          "device protocol does not carry ML-KEM keys yet)",
-                          key="secure_aggregation.post_quantum")
     if cfg["secure_aggregation"]["enabled"] and cfg["secure_aggregation"]["protocol"] != "secagg":
         raise ConfigError("secure_aggregation.protocol = 'ckks' runs in simulation only for now "
                           "(devices do not encrypt with CKKS yet); use 'secagg' over gRPC",

@@ -205,7 +205,7 @@ class SecureAggregationConfig(Section):
                             max=0.5)
     post_quantum: bool = option(False, "protocol 'secagg': hybrid X25519 + ML-KEM-768 "
                                 "pairwise keys, so masks stay secret if either holds "
-                                "(simulation only for now)")
+                                "(in simulation and over gRPC)")
     dropout_stage: str = option("share_keys", "simulation: the last stage the dropouts "
                                 "complete ('setup': they never advertise keys; "
                                 "'advertise_keys'; 'share_keys'; 'masked_input': their input "

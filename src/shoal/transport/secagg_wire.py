@@ -108,12 +108,13 @@ def reply_to_pb(reply: ServerMessage | Wait | End, *, client_id: int,
         return pb.SecAggReply(setup=pb.SecAggSetup(
             session=reply.session, roster=list(reply.roster), graph_seed=reply.graph_seed,
             neighbours=p.neighbours, threshold=p.threshold, bits=p.bits, length=p.length,
-            client_id=client_id, **_encoding_fields(encoding)))
+            client_id=client_id, post_quantum=p.post_quantum, **_encoding_fields(encoding)))
     if isinstance(reply, KeyDirectory):
         return pb.SecAggReply(key_directory=pb.SecAggKeyDirectory(
             session=reply.session,
-            keys={v: pb.SecAggKeys(enc_public=e, mask_public=m)
-                  for v, (e, m) in reply.keys.items()}))
+            keys={v: pb.SecAggKeys(enc_public=k[0], mask_public=k[1],
+                                   kem_public=k[2] if len(k) > 2 else b"")
+                  for v, k in reply.keys.items()}))
     if isinstance(reply, ShareDelivery):
         return pb.SecAggReply(share_delivery=pb.SecAggShares(
             session=reply.session, ciphertexts=dict(reply.ciphertexts)))
@@ -144,7 +145,7 @@ def reply_from_pb(reply: pb.SecAggReply
         s = reply.setup
         try:
             params = SecAggParams(neighbours=s.neighbours, threshold=s.threshold, bits=s.bits,
-                                  length=s.length)
+                                  length=s.length, post_quantum=s.post_quantum)
             encoding = _encoding_of(s)
         except ConfigError as exc:
             raise ProtocolError(f"malformed secure-aggregation setup: {exc}",
@@ -154,7 +155,10 @@ def reply_from_pb(reply: pb.SecAggReply
                 int(s.client_id), encoding)
     if kind == "key_directory":
         k = reply.key_directory
-        keys = {int(v): (bytes(pk.enc_public), bytes(pk.mask_public))
+        # a post-quantum round's directory also carries each neighbour's ML-KEM key; the
+        # client machine checks that every entry has the shape its round expects
+        keys = {int(v): (bytes(pk.enc_public), bytes(pk.mask_public),
+                         *((bytes(pk.kem_public),) if pk.kem_public else ()))
                 for v, pk in k.keys.items()}
         _ids(keys, "key directory")
         return KeyDirectory(bytes(k.session), keys), -1, None
@@ -179,7 +183,8 @@ def client_body(message: ClientMessage | None, masked: bytes = b"", sha256: byte
         return {"poll": True}
     if isinstance(message, KeyAdvertisement):
         return {"keys": pb.SecAggKeys(enc_public=message.enc_public,
-                                      mask_public=message.mask_public)}
+                                      mask_public=message.mask_public,
+                                      kem_public=message.kem_public)}
     if isinstance(message, EncryptedShares):
         return {"shares": pb.SecAggShares(session=message.session,
                                           ciphertexts=dict(message.ciphertexts))}
@@ -189,7 +194,8 @@ def client_body(message: ClientMessage | None, masked: bytes = b"", sha256: byte
     if isinstance(message, UnmaskingShares):
         return {"unmasking": pb.SecAggUnmasking(
             session=message.session, self_mask_shares=dict(message.self_mask_shares),
-            mask_key_shares=dict(message.mask_key_shares))}
+            mask_key_shares=dict(message.mask_key_shares),
+            pair_kem_keys=dict(message.pair_kem_keys))}
     raise TypeError(f"not a client message: {type(message).__name__}")
 
 
@@ -207,7 +213,7 @@ def message_from_header(header: pb.SecAggHeader, sender: int, session: bytes,
         return None
     if kind == "keys":
         return KeyAdvertisement(session, sender, bytes(header.keys.enc_public),
-                                bytes(header.keys.mask_public))
+                                bytes(header.keys.mask_public), bytes(header.keys.kem_public))
     if kind == "shares":
         return EncryptedShares(bytes(header.shares.session), sender,
                                _bytes_map(header.shares.ciphertexts, "shares"))
@@ -219,5 +225,6 @@ def message_from_header(header: pb.SecAggHeader, sender: int, session: bytes,
         u = header.unmasking
         return UnmaskingShares(bytes(u.session), sender,
                                _bytes_map(u.self_mask_shares, "unmasking"),
-                               _bytes_map(u.mask_key_shares, "unmasking"))
+                               _bytes_map(u.mask_key_shares, "unmasking"),
+                               _bytes_map(u.pair_kem_keys, "unmasking"))
     raise ProtocolError("secure-aggregation header without a body", party=sender)
