@@ -89,7 +89,7 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
             settings, or too few devices within ``deploy.wait_timeout_s``.
         KeyFileError: the signing key is missing or unusable.
     """
-    from shoal.deploy import settings_from_config
+    from shoal.deploy import _wait_for_devices, settings_from_config
     from shoal.lifecycle.audit import AuditLog
     from shoal.lifecycle.canary import Canary, CanaryRule
     from shoal.lifecycle.keys import load_signer
@@ -132,8 +132,9 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
         port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
         try:
             on_ready(port)
-            devices = _wait_for_devices(service, d["wait_devices"] or cfg["data"]["clients"],
-                                        d["wait_timeout_s"])
+            devices = _wait_for_devices(service.registry,
+                                        d["wait_devices"] or cfg["data"]["clients"],
+                                        d["wait_timeout_s"], service)
             with EvaluationCarrier(service, devices, seed=cfg.seed) as carrier:
                 outcome = run_canary_deployed(canary, carrier, cohort=args.canary_cohort,
                                               seed=cfg.seed, timeout_s=args.evaluation_timeout)
@@ -149,20 +150,3 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
                 "canary_devices": sorted(outcome.canary_devices),
                 "reached": {str(k): sorted(x) for k, x in outcome.reached.items()},
                 "audit": str(audit_path)}
-
-
-def _wait_for_devices(service: Any, want: int, timeout_s: float) -> list[str]:
-    """The enrolled devices once ``want`` have said Hello.
-
-    Raises:
-        ConfigError: fewer within ``timeout_s``.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        devices = sorted(x.device_id for x in service.registry.list())
-        if len(devices) >= want:
-            return devices
-        if time.monotonic() > deadline:
-            raise ConfigError(f"only {len(devices)} of {want} devices said Hello within "
-                              f"deploy.wait_timeout_s = {timeout_s} s", key="deploy.wait_devices")
-        time.sleep(0.2)

@@ -63,14 +63,21 @@ class LifecycleCalls:
     """Serving, evaluation reports and declines (a mixin of
     :class:`~shoal.transport.server.AggregatorService`)."""
 
-    async def GetModel(self: AggregatorService, request: Any, context: Any) -> Any:
+    async def _serve(self: AggregatorService, request: Any, context: Any, what: str
+                     ) -> tuple[int, Any]:
+        """``ModelServing.model`` or ``.plan`` (``what``) for the authenticated caller,
+        holding ``request.have_version``; ``NOT_FOUND`` when nothing is served."""
         device = await self._authorize(context, request.device_id, "checkin")
         if self.serving is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "this aggregator serves no model")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this aggregator serves no {what}")
         try:
-            version, model = self.serving.model(device, int(request.have_version))
+            return getattr(self.serving, what)(device, int(request.have_version))
         except NotServing as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise  # abort raises; for the type checker
+
+    async def GetModel(self: AggregatorService, request: Any, context: Any) -> Any:
+        version, model = await self._serve(request, context, "model")
         if model is None:
             yield pb.ModelChunk(version=version, not_modified=True)
             return
@@ -81,13 +88,7 @@ class LifecycleCalls:
         self.metrics.bytes_moved("down", len(model.blob))
 
     async def GetPlan(self: AggregatorService, request: Any, context: Any) -> pb.PlanReply:
-        device = await self._authorize(context, request.device_id, "checkin")
-        if self.serving is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "this aggregator serves no plan")
-        try:
-            version, plan = self.serving.plan(device, int(request.have_version))
-        except NotServing as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        version, plan = await self._serve(request, context, "plan")
         if plan is None:
             return pb.PlanReply(version=version, not_modified=True)
         signed = plan.signed

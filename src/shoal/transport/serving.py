@@ -114,9 +114,7 @@ class ModelServing:
             NotServing: there is no production version yet.
         """
         with self._lock:
-            version = self.version_for(device_id)
-            if version is None:
-                raise NotServing("no model is in production yet")
+            version = self._serves(device_id)
             if version == have:
                 return version, None
             self._hold(version)
@@ -132,9 +130,7 @@ class ModelServing:
             NotServing: no production version yet, or the version has no plan.
         """
         with self._lock:
-            version = self.version_for(device_id)
-            if version is None:
-                raise NotServing("no model is in production yet")
+            version = self._serves(device_id)
             if version == have:
                 return version, None
             plan = self.store.get(version).plan
@@ -145,6 +141,12 @@ class ModelServing:
                                         self._signature(version, "plan"))
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _serves(self, device_id: str) -> int:
+        version = self.version_for(device_id)
+        if version is None:
+            raise NotServing("no model is in production yet")
+        return version
 
     def _hold(self, version: int) -> None:
         """Make ``version`` and the other versions served now (production, a canary's
