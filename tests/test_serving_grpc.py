@@ -151,3 +151,40 @@ def test_a_plan_signed_by_another_key_is_refused_and_without_a_plan_none_is_serv
                     device.fetch_plan()
         finally:
             agg.stop()
+
+
+@pytest.mark.parametrize("signed_by", ["operator", "other"])
+def test_a_training_download_is_verified_too(tmp_path, keys, caplog, signed_by):
+    """A trusted device trains from a training model its operator signed; one signed by
+    another key is refused before training, and the task declined (the round does not wait
+    for it)."""
+    from aggregator_harness import start_round
+
+    signer, trusted, other = keys
+    with ModelStore(tmp_path / "models") as store:
+        agg = Aggregator(tmp_path, store, signer)
+        agg.service.signer = signer if signed_by == "operator" else other
+        trained = []
+
+        def train(p, settings, round):
+            trained.append(round)
+            return TrainResult(np.full_like(p, 0.5), 3)
+
+        try:
+            t, out = start_round(agg.service, n_sampled=1, target=1, min_fraction=1.0,
+                                 deadline_s=10.0, devices=[DEVICE])
+            caplog.set_level(logging.WARNING, logger="shoal.aggregator")
+            with DeviceClient(f"127.0.0.1:{agg.port}", token(DEVICE), DEVICE,
+                              root_certificates=None, train=train, trusted_key=trusted,
+                              max_retries=2, min_wait_s=0.05) as device:
+                stats = device.run(max_rounds=1)
+            t.join(timeout=20)
+        finally:
+            agg.stop()
+    if signed_by == "operator":
+        assert trained and stats.uploads_accepted == 1 and stats.signature_rejections == 0
+        assert out["record"].committed
+    else:
+        assert not trained and stats.tasks_abandoned == 1 and stats.signature_rejections == 1
+        assert any("signature_rejected" in r.getMessage() for r in caplog.records)
+        assert not out["record"].committed  # the only device declined: nothing to commit

@@ -16,7 +16,7 @@ device installs -- a training download, the served model (``GetModel``), the tra
 version; anything unsigned, signed by another key or tampered with is refused
 (:class:`~shoal.lifecycle.signing.SignatureRejected`), the server told with a ``Decline``
 (``signature_rejected``), and the device keeps the model it had
-(:mod:`shoal.transport.served`). An evaluation task with ``served_model`` evaluates the
+(:mod:`shoal.transport.device_models`). An evaluation task with ``served_model`` evaluates the
 model the device is served (a canary's candidate inside the canary, production outside) and
 reports with the task's id and key.
 
@@ -63,18 +63,17 @@ import numpy as np
 
 from shoal.codec import STAGES, Chain
 from shoal.errors import CodecError, ConfigError, SpecError, UpdateRejected
-from shoal.lifecycle.signing import SignatureRejected, TrustedKey, model_bytes
+from shoal.lifecycle.signing import SignatureRejected, TrustedKey
 from shoal.privacy.dp import clip_to_norm
 from shoal.transport.channel import (MAX_CHUNK_BYTES, backoff_delay, is_transient, make_channel,
                                      refuses_credentials)
-from shoal.transport.download_stream import Received, decode_model, receive_model
 from shoal.transport.device_api import (ClientStats, CredentialsRejected, DownloadRefused,
                                         EvaluateFn, TaskAbandoned, TrainFn, TrainResult,
                                         TransportError)
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.secure_round import SecAggParticipant
-from shoal.transport.served import ServedModel, check_signed
+from shoal.transport.device_models import DeviceModels
 from shoal.uplink import Uplink
 
 __all__ = ["RUNTIME_VERSION", "DeviceClient"]
@@ -200,23 +199,22 @@ class DeviceClient:
         self.max_backoff_s, self.max_wait_s, self.min_wait_s = max_backoff_s, max_wait_s, min_wait_s
         self.max_model_bytes = max_model_bytes
         self.max_elements = max_model_bytes // 4 if max_elements is None else max_elements
-        self.max_download_attempts, self.max_retries = max_download_attempts, max_retries
+        self.max_retries = max_retries
         self.timeout_s, self.transfer_timeout_s = timeout_s, transfer_timeout_s
         self._log = log or logging.getLogger("shoal.client")
         self._stats = ClientStats()
-        self._model: tuple[int, np.ndarray] | None = None  # (version, read-only params)
         self._failures = 0
         self._clock_offset = 0.0  # server time − local clock, from Hello
         self._said_hello = False
         self._stop: threading.Event | None = None
-        self._trusted, self.served_every_s = trusted_key, served_every_s
+        self.served_every_s = served_every_s
         self._next_served = -float("inf")
-        self._served = ServedModel(device_id, self._stub, self._metadata, self._rpc,
-                                   trusted=trusted_key, stats=self._stats,
-                                   max_model_bytes=max_model_bytes,
-                                   max_elements=self.max_elements, chunk_size=chunk_size,
-                                   timeout_s=timeout_s, transfer_timeout_s=transfer_timeout_s,
-                                   log=self._log)
+        self._models = DeviceModels(
+            device_id, self._stub, self._metadata, self._rpc, self._task_rpc,
+            lambda attempt: self._wait(self._backoff(attempt)), trusted=trusted_key,
+            stats=self._stats, max_model_bytes=max_model_bytes, max_elements=self.max_elements,
+            chunk_size=chunk_size, timeout_s=timeout_s, transfer_timeout_s=transfer_timeout_s,
+            max_download_attempts=max_download_attempts, log=self._log)
         self._secagg = SecAggParticipant(device_id, send=self._secagg_send,
                                          train=self._train_checked, stats=self._stats,
                                          log=self._log, after_stage=after_stage)
@@ -240,32 +238,32 @@ class DeviceClient:
     @property
     def held_version(self) -> int:
         """The cached model version (0 = none)."""
-        return 0 if self._model is None else self._model[0]
+        return self._models.training_version
 
     @property
     def served_model(self) -> tuple[int, np.ndarray] | None:
         """The served ``(model-store version, read-only params)`` held for inference."""
-        return self._served.model
+        return self._models.model
 
     @property
     def served_plan(self) -> tuple[int, Mapping] | None:
         """The training plan held ``(version, plan)``, verified when it was fetched."""
-        return self._served.plan
+        return self._models.plan
 
     def fetch_served_model(self) -> tuple[int, np.ndarray]:
         """The model the aggregator serves this device for inference, verified (see
-        :meth:`ServedModel.fetch_model <shoal.transport.served.ServedModel.fetch_model>`).
+        :meth:`DeviceModels.fetch_model <shoal.transport.device_models.DeviceModels.fetch_model>`).
 
         Raises:
             SignatureRejected: refused (the held model is kept, the server told).
             DownloadRefused, CodecError, TransportError: as a training download.
         """
-        return self._served.fetch_model()
+        return self._models.fetch_model()
 
     def fetch_plan(self) -> tuple[int, Mapping]:
         """The training plan of the served version, verified (see
-        :meth:`ServedModel.fetch_plan <shoal.transport.served.ServedModel.fetch_plan>`)."""
-        return self._served.fetch_plan()
+        :meth:`DeviceModels.fetch_plan <shoal.transport.device_models.DeviceModels.fetch_plan>`)."""
+        return self._models.fetch_plan()
 
     def close(self) -> None:
         """Close the channel; the client cannot be used afterwards."""
@@ -343,7 +341,7 @@ class DeviceClient:
             return
         self._next_served = self._clock() + self.served_every_s
         try:
-            self._served.fetch_model()
+            self._models.fetch_model()
         except (SignatureRejected, DownloadRefused, CodecError, TransportError) as exc:
             self._log.warning("served model not updated: %s", exc)
 
@@ -367,9 +365,9 @@ class DeviceClient:
         if task.kind == "evaluate" and self._evaluate is None:
             raise TaskAbandoned("evaluate task but no evaluate function")
         if task.kind == "evaluate" and task.served_model:
-            params = self._served_for(task)
+            params = self._models.for_evaluation(task)
         else:
-            params = self._model_for(task.model_version, task)
+            params = self._models.for_task(task.model_version, task)
         if task.kind == "evaluate":
             assert self._evaluate is not None
             n, metrics = self._evaluate(params)
@@ -476,74 +474,6 @@ class DeviceClient:
             self._stats.rejections[reply.reason] = self._stats.rejections.get(reply.reason, 0) + 1
             self._log.warning("round %d: update rejected (%s): %s", task.round, reply.reason,
                               reply.detail)
-
-    def _served_for(self, task: pb.Task) -> np.ndarray:
-        """The served model an evaluation task names, verified; a refusal declines it."""
-        try:
-            version, params = self._served.fetch_model(task)
-        except SignatureRejected as exc:
-            raise TaskAbandoned(f"the served model was refused: {exc}") from None
-        except (DownloadRefused, CodecError) as exc:
-            self._served.decline("download_failed", str(exc), task.model_version, task)
-            raise TaskAbandoned(f"the served model could not be downloaded: {exc}") from None
-        if version != task.model_version:  # the canary decided meanwhile: not this task's
-            self._served.decline("not_served", f"served version {version}",
-                                 task.model_version, task)
-            raise TaskAbandoned(f"asked to evaluate version {task.model_version}, served "
-                                f"{version}")
-        return params
-
-    def _model_for(self, version: int, task: pb.Task) -> np.ndarray:
-        if self._model is not None and self._model[0] == version:
-            self._stats.cache_hits += 1
-            return self._model[1]
-        for attempt in range(self.max_download_attempts):
-            # a delta against the held model first; after a refusal, the full model
-            base = self.held_version if attempt == 0 else 0
-            try:
-                got = self._download(version, base)
-                blob, got_base = got.payload, got.base
-                params = decode_model(blob, version, got_base, self._model,
-                                      max_elements=self.max_elements)
-                check_signed(self._trusted, "model", model_bytes(params), version, got.signed)
-            except SignatureRejected as exc:  # the operator did not sign it: never retried
-                self._stats.signature_rejections += 1
-                self._log.error("REFUSED model version %d: %s (%s)", version, exc, exc.reason)
-                self._served.decline("signature_rejected", f"{exc.reason}: {exc}", version,
-                                     task)
-                raise TaskAbandoned(f"model version {version} refused: {exc}") from None
-            except (DownloadRefused, CodecError) as exc:
-                self._stats.download_errors += 1
-                self._log.warning("model version %d refused (attempt %d of %d): %s", version,
-                                  attempt + 1, self.max_download_attempts, exc)
-                if attempt + 1 < self.max_download_attempts:
-                    self._wait(self._backoff(attempt))
-                continue
-            params.setflags(write=False)
-            self._model = (version, params)
-            self._stats.downloads += 1
-            if got_base:
-                self._log.info("model version %d: delta against %d (%d bytes)", version,
-                               got_base, len(blob))
-            return params
-        raise TaskAbandoned(f"model version {version} refused {self.max_download_attempts} times")
-
-    def _download(self, version: int, base_version: int) -> Received:
-        request = pb.DownloadRequest(version=version, base_version=base_version,
-                                     chunk_size=self.chunk_size)
-        return self._task_rpc("Download", lambda: self._fetch(request))
-
-    def _fetch(self, request: pb.DownloadRequest) -> Received:
-        call = self._stub.Download(request, timeout=self.transfer_timeout_s,
-                                   metadata=self._metadata)
-        try:
-            return receive_model(call, version=request.version, have=request.base_version,
-                                 max_bytes=self.max_model_bytes, on_bytes=self._count_down)
-        finally:
-            call.cancel()  # stop the server streaming a refused download; no-op once done
-
-    def _count_down(self, n: int) -> None:
-        self._stats.bytes_down += n
 
     def _task_rpc(self, method: str, call: Callable[[], _T]) -> _T:
         """:meth:`_rpc` within a task: an unexpected status (e.g. the version is gone, the
