@@ -174,3 +174,37 @@ def test_shoal_launch_edges_runs_processes_and_commits_the_simulated_flat_model(
     for i in range(EDGES):
         last = (work / "logs" / f"edge-{i}.log").read_text().strip().splitlines()[-1]
         assert json.loads(last)["uploads_accepted"] == ROUNDS
+
+
+@pytest.mark.slow
+def test_killing_an_edge_mid_round_commits_with_the_survivors_and_moves_its_devices(
+        tmp_path, capsys) -> None:
+    """``hierarchy.failures = "edge-1@2"``: edge-1's process is SIGKILLed in round 2 once it
+    has its devices' aggregate, before its upload. Round 2 commits with the other edges'
+    uploads at its deadline (min_fraction 0.6 of 3 edges), its devices' next check-in fails
+    and they move to the edge the ring gives them, which serves them in round 3."""
+    import json
+
+    from shoal.cli import main
+
+    work, out = tmp_path / "kill", tmp_path / "runs"
+    clients = 9
+    code = main(["launch", "--edges", "3", "--clients", str(clients), "--rounds", "3",
+                 "--per-round", str(clients), "--set", "deploy.over_selection=1.0",
+                 "--set", "deploy.min_fraction=0.6", "--set", "deploy.deadline_s=6.0",
+                 "--set", "deploy.checkin_interval_s=1.0",
+                 "--set", 'hierarchy.failures="edge-1@2"', "--json", "-q", "--no-dashboard",
+                 "--dir", str(work), "--out", str(out), "--set", 'output.name="k"'])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rounds"] == 3
+    rows = [json.loads(line) for line in (out / "k" / "metrics.jsonl").read_text().splitlines()]
+    accepted = [r["accepted"] for r in rows[1:]]
+    assert accepted == [3, 2, 2]  # edge-1's upload never came, and never came twice
+    data = load_data(load_config(None, {"data.clients": clients,
+                                        "sampling.per_round": clients}))
+    everyone = sum(len(ix) for ix in data.client_indices)
+    assert rows[1]["examples"] == everyone
+    assert rows[2]["examples"] < everyone  # edge-1's devices trained, their sum was lost
+    assert rows[3]["examples"] == everyone  # round 3: its devices served by the others
+    assert "killing myself in round 2" in (work / "logs" / "edge-1.log").read_text()

@@ -94,3 +94,16 @@ def test_bad_rings_are_refused() -> None:
         ring.fail("b")
     with pytest.raises(ProtocolError):
         ring.fail("nope")
+
+
+def test_successors_are_where_a_device_goes_as_its_edges_fail() -> None:
+    ring = Ring(EDGES[:4])
+    ring.assign_all(DEVICES[:400])
+    order = ring.successors("device-7")
+    assert len(order) == 4 and sorted(order) == sorted(EDGES[:4])
+    assert ring.edge_of("device-7") == order[0] and ring.live == tuple(EDGES[:4])  # untouched
+    for i, edge in enumerate(order[:-1]):  # failing them for real moves it just so
+        ring.fail(edge)
+        assert ring.edge_of("device-7") == order[i + 1]
+    with pytest.raises(ProtocolError):
+        Ring(EDGES).successors("never-seen")

@@ -3,11 +3,16 @@ devices, TLS on loopback between every tier (docs/hierarchy.md).
 
 The global aggregator runs in this process (:func:`~shoal.deploy.run_aggregator`, with the
 E edges as its devices: every edge every round). Each edge is a process
-(``python -m shoal.cli.edges``, :func:`edge_main`): an aggregator for its devices
-(:func:`~shoal.hierarchy.deployed.run_edge`) and one device of the global; it starts its own
-device processes (``shoal client``), which the ring (``hierarchy.load_factor``,
-``hierarchy.vnodes``) assigned to it. The edge's rounds follow ``deploy.deadline_s`` and
-``deploy.min_fraction``; ``hierarchy.edge_rounds`` > 1 is HierFAVG.
+(``python -m shoal.cli.edges edge``): an aggregator for its devices
+(:func:`~shoal.hierarchy.deployed.run_edge`) and one device of the global. Each device is a
+process (``python -m shoal.cli.edges device``) that trains its client of the partition as
+``shoal client`` does and calls the edge the ring (``hierarchy.load_factor``,
+``hierarchy.vnodes``) gave it; when that edge stops answering it moves to the edge the ring
+moves it to (:func:`~shoal.hierarchy.deployed.follow_edges`). Device tokens are signed by one
+edge-tier secret, so any edge admits any device. The edges' rounds follow
+``deploy.deadline_s`` and ``deploy.min_fraction``; ``hierarchy.edge_rounds`` > 1 is
+HierFAVG; ``hierarchy.failures`` (``EDGE@ROUND``) kills an edge process (SIGKILL) once it has
+its group's aggregate of that round, before its upload.
 """
 
 from __future__ import annotations
@@ -74,44 +79,76 @@ def launch_edges(args: argparse.Namespace) -> int:
     pki = make_local_pki(work / "certs", days=2, now=dt.datetime.now(dt.timezone.utc),
                          overwrite=True)
     secret = load_or_create_secret(work / "secret")
+    edge_secret = load_or_create_secret(work / "edge-secret")
     names = [f"edge-{i}" for i in range(edges)]
+    clients = cfg["data"]["clients"]
     h = cfg["hierarchy"]
     ring = Ring(names, vnodes=h["vnodes"], load_factor=h["load_factor"])
-    ring.assign_all([str(c) for c in range(cfg["data"]["clients"])])
-    (work / "tokens").mkdir(exist_ok=True)
-    for name in names:
-        replace_atomically(work / "tokens" / name, issue_token(
-            secret, name, now=time.time(), ttl_seconds=2 * 86400).encode(), mode=0o600)
+    ring.assign_all([str(c) for c in range(clients)])
+    tokens = work / "tokens"
+    tokens.mkdir(exist_ok=True)
+    for name, key in [*((n, secret) for n in names),
+                      *((f"device-{c:04d}", edge_secret) for c in range(clients))]:
+        replace_atomically(tokens / name, issue_token(
+            key, name, now=time.time(), ttl_seconds=2 * 86400).encode(), mode=0o600)
     paths = AggregatorPaths(secret=work / "secret", registry=work / "registry.db",
                             store=work / "models", tls_dir=work / "certs",
                             port_file=work / "port")
-    banner(cfg, args, f" launch ({edges} edge processes, {cfg['data']['clients']} client "
-                      f"processes, TLS between every tier, state in {work})")
+    banner(cfg, args, f" launch ({edges} edge processes, {clients} client processes, TLS "
+                      f"between every tier, state in {work})")
     procs: list[subprocess.Popen] = []
     (work / "logs").mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
-    def start_edges(port: int) -> None:
+    def spawn(cmd: list[str], log: str) -> None:
+        with open(work / "logs" / log, "w") as log_file:
+            procs.append(subprocess.Popen([sys.executable, "-m", "shoal.cli.edges", *cmd],
+                                          stdout=log_file, stderr=subprocess.STDOUT,
+                                          env=env))
+
+    def start(port: int) -> None:
         for name in names:
-            mine = ",".join(ring.devices_of(name)) or "-"
-            cmd = [sys.executable, "-m", "shoal.cli.edges", str(cfg_path), "--name", name,
-                   "--devices", mine, "--upstream", f"localhost:{port}",
-                   "--token", str(work / "tokens" / name), "--certs", str(work / "certs"),
-                   "--dir", str(work / name)]
-            with open(work / "logs" / f"{name}.log", "w") as log_file:
-                procs.append(subprocess.Popen(cmd, stdout=log_file,
-                                              stderr=subprocess.STDOUT, env=env))
+            spawn(["edge", str(cfg_path), "--name", name,
+                   "--devices", ",".join(ring.devices_of(name)) or "-",
+                   "--upstream", f"localhost:{port}", "--token", str(tokens / name),
+                   "--secret", str(work / "edge-secret"), "--certs", str(work / "certs"),
+                   "--dir", str(work / name)], f"{name}.log")
+        ports = {name: _read_port(work / name / "port", procs) for name in names}
+        for c in range(clients):
+            order = ring.successors(str(c))
+            spawn(["device", str(cfg_path), "--index", str(c),
+                   "--servers", ",".join(f"localhost:{ports[e]}" for e in order),
+                   "--token", str(tokens / f"device-{c:04d}"),
+                   "--ca", str(work / "certs" / "ca.pem")], f"device-{c:04d}.log")
 
     progress = ProgressBar(cfg.rounds, quiet=args.quiet)
     try:
-        exp, result = run_aggregator(gcfg, paths, on_ready=start_edges,
+        exp, result = run_aggregator(gcfg, paths, on_ready=start,
                                      on_round=progress.version_evaluated)
     finally:
         progress.close()
         _stop(procs)
     return report(gcfg, args, exp, result, {"edge_processes": edges,
-                                            "client_processes": cfg["data"]["clients"],
+                                            "client_processes": clients,
                                             "work_dir": str(work)})
+
+
+def _read_port(path: Path, procs: Sequence[subprocess.Popen], timeout_s: float = 120.0
+               ) -> int:
+    """The port an edge process wrote, waiting for it.
+
+    Raises:
+        ConfigError: an edge process exited or wrote nothing in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip().isdigit():
+            return int(path.read_text())
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    raise ConfigError(f"an edge process did not start serving (no port in {path}); see the "
+                      f"logs next to it", key="edges")
 
 
 def _stop(procs: Sequence[subprocess.Popen]) -> None:
@@ -125,20 +162,38 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
 
 
 def edge_main(argv: Sequence[str] | None = None) -> int:
-    """One edge process: serve its devices (started here) and answer the global's tasks
-    until SIGTERM."""
+    """``python -m shoal.cli.edges edge|device ...``: one edge or one device process of
+    :func:`launch_edges` (until SIGTERM)."""
     ap = argparse.ArgumentParser(prog="python -m shoal.cli.edges",
-                                 description="one edge aggregator of `shoal launch --edges`")
-    ap.add_argument("config")
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--devices", required=True, help="client indices, comma-separated")
-    ap.add_argument("--upstream", required=True, help="the global aggregator HOST:PORT")
-    ap.add_argument("--token", required=True, help="file with this edge's token")
-    ap.add_argument("--certs", required=True, help="directory with ca.pem, server.pem, "
-                                                   "server.key")
-    ap.add_argument("--dir", required=True, help="this edge's state directory")
+                                 description="a process of `shoal launch --edges`")
+    sub = ap.add_subparsers(dest="role", required=True)
+    e = sub.add_parser("edge", help="one edge aggregator")
+    e.add_argument("config")
+    e.add_argument("--name", required=True)
+    e.add_argument("--devices", required=True, help="client indices, comma-separated")
+    e.add_argument("--upstream", required=True, help="the global aggregator HOST:PORT")
+    e.add_argument("--token", required=True, help="file with this edge's token")
+    e.add_argument("--secret", required=True, help="the edge tier's device-token secret")
+    e.add_argument("--certs", required=True, help="directory with ca.pem, server.pem, "
+                                                  "server.key")
+    e.add_argument("--dir", required=True, help="this edge's state directory (its port "
+                                                "is written to port)")
+    d = sub.add_parser("device", help="one device, following its edges")
+    d.add_argument("config")
+    d.add_argument("--index", type=int, required=True)
+    d.add_argument("--servers", required=True, help="its edges HOST:PORT in failover order")
+    d.add_argument("--token", required=True)
+    d.add_argument("--ca", required=True)
     args = ap.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stats = _edge(args, stop) if args.role == "edge" else _device(args, stop)
+    print(json.dumps({"role": args.role, **(stats.__dict__ if stats else {})}),
+          file=sys.stderr)
+    return 0
 
+
+def _edge(args: argparse.Namespace, stop: threading.Event):
     import numpy as np
 
     from shoal.build import load_data, secagg_from_config
@@ -147,55 +202,66 @@ def edge_main(argv: Sequence[str] | None = None) -> int:
     from shoal.frameworks.torch import spec_of
     from shoal.hierarchy.deployed import Upstream, edge_policy, run_edge
     from shoal.hierarchy.edge import Edge
+    from shoal.hierarchy.tiers import parse_failures
     from shoal.models import build_model
-    from shoal.store.atomic import replace_atomically
     from shoal.transport.auth import Keyring, load_or_create_secret
-    from shoal.transport.tokens import issue_token
 
     cfg = load_config(args.config)
     indices = [] if args.devices == "-" else [int(c) for c in args.devices.split(",")]
     work, certs = Path(args.dir), Path(args.certs)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "tokens").mkdir(exist_ok=True)
-    secret = load_or_create_secret(work / "secret")
-    devices = [f"device-{c:04d}" for c in indices]
-    for name in devices:
-        replace_atomically(work / "tokens" / name, issue_token(
-            secret, name, now=time.time(), ttl_seconds=2 * 86400).encode(), mode=0o600)
     data = load_data(cfg)
     spec = spec_of(build_model(cfg["model"]["name"], int(np.prod(data.train.x.shape[1:])),
                                data.train.num_classes, cfg.seed))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    procs: list[subprocess.Popen] = []
+    dying = {r for r, names in parse_failures(cfg["hierarchy"]["failures"]).items()
+             if args.name in names}
 
-    def start_devices(port: int) -> None:
-        for c, name in zip(indices, devices):
-            cmd = [sys.executable, "-m", "shoal.cli", "client", args.config, "--server",
-                   f"localhost:{port}", "--token", str(work / "tokens" / name),
-                   "--ca", str(certs / "ca.pem"), "--index", str(c)]
-            with open(work / f"{name}.log", "w") as log_file:
-                procs.append(subprocess.Popen(cmd, stdout=log_file,
-                                              stderr=subprocess.STDOUT))
+    def die(round_: int) -> None:  # fault injection: the upload never leaves
+        if round_ in dying:
+            print(f"{args.name}: hierarchy.failures: killing myself in round {round_}",
+                  file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
-    d = cfg["deploy"]
+    dc = cfg["deploy"]
     edge = Edge(args.name, cfg.seed, cfg["hierarchy"]["edge_rounds"],
-                policy=edge_policy(d["deadline_s"], d["min_fraction"]))
+                policy=edge_policy(dc["deadline_s"], dc["min_fraction"]))
     upstream = Upstream(args.upstream, Path(args.token).read_text().strip(),
                         (certs / "ca.pem").read_bytes())
-    try:
-        stats = run_edge(edge, devices, upstream, settings=settings_from_config(cfg),
-                         keyring=Keyring.single(secret), dim=spec.size,
-                         fingerprint=spec.fingerprint,
-                         registry_path=str(work / "registry.db"),
-                         tls=((certs / "server.pem").read_bytes(),
-                              (certs / "server.key").read_bytes()),
-                         stop=stop, secure=secagg_from_config(cfg),
-                         wait_timeout_s=d["wait_timeout_s"], on_ready=start_devices)
-    finally:
-        _stop(procs)
-    print(json.dumps({"edge": args.name, **stats.__dict__}), file=sys.stderr)
-    return 0
+    return run_edge(edge, [f"device-{c:04d}" for c in indices], upstream,
+                    settings=settings_from_config(cfg),
+                    keyring=Keyring.single(load_or_create_secret(Path(args.secret))),
+                    dim=spec.size, fingerprint=spec.fingerprint,
+                    registry_path=str(work / "registry.db"),
+                    tls=((certs / "server.pem").read_bytes(),
+                         (certs / "server.key").read_bytes()),
+                    stop=stop, secure=secagg_from_config(cfg),
+                    wait_timeout_s=dc["wait_timeout_s"],
+                    on_ready=lambda port: (work / "port").write_text(f"{port}\n"),
+                    after_answer=die if dying else None)
+
+
+def _device(args: argparse.Namespace, stop: threading.Event):
+    from shoal.build import load_data
+    from shoal.config import load_config
+    from shoal.hierarchy.deployed import follow_edges
+    from shoal.training import LocalTrainConfig
+    from shoal.transport.client import DeviceClient
+    from shoal.transport.reference import fmnist_train_fn
+
+    cfg = load_config(args.config)
+    data = load_data(cfg)
+    c = args.index
+    idx = data.client_indices[c]
+    local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
+                             batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
+    train = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx], data.train.y[idx], local,
+                            cfg.seed, c, num_classes=data.train.num_classes)
+    token = Path(args.token).read_text().strip()
+    ca = Path(args.ca).read_bytes()
+    name = f"device-{c:04d}"
+    return follow_edges(args.servers.split(","), lambda target: DeviceClient(
+        target, token, name, root_certificates=ca, train=train, examples=len(idx),
+        attributes={"index": str(c)}, max_retries=3, max_backoff_s=1.0), stop)
 
 
 if __name__ == "__main__":

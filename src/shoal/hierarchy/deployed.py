@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,32 +34,53 @@ from shoal.registry import SQLiteRegistry
 from shoal.transport.auth import Keyring
 from shoal.transport.carrier import GrpcCarrier
 from shoal.transport.client import ClientStats, DeviceClient
-from shoal.transport.device_api import TaskAbandoned, TrainResult
+from shoal.transport.device_api import TaskAbandoned, TrainResult, TransportError
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
-__all__ = ["EdgeUplink", "Upstream", "edge_policy", "run_edge", "wait_for_devices"]
+__all__ = ["EdgeUplink", "Upstream", "edge_policy", "follow_edges", "run_edge",
+           "wait_for_devices"]
 
 
 class EdgeUplink:
     """The edge's training function as its parent's device: one parent task -> the edge's
-    rounds over every device of ``carrier`` -> the upload.
+    rounds over every device that has said Hello to ``service`` (those the ring gave it and
+    those that moved to it from a failed edge) -> the upload.
+
+    Args:
+        edge: the edge.
+        service: its running downstream aggregator.
+        secure: SecAgg+ among its devices (the carrier runs it).
+        after_answer: called with the parent's round once the edge has its upload, before
+            it is sent (fault injection: ``hierarchy.failures`` in ``shoal launch --edges``).
 
     Raises (from a call):
         TaskAbandoned: no edge round committed (too few devices reported); the device
             runtime abandons the parent's task and checks in again.
     """
 
-    def __init__(self, edge: Edge, carrier: GrpcCarrier) -> None:
+    def __init__(self, edge: Edge, service: AggregatorService,
+                 secure: SecAggAggregation | None = None,
+                 after_answer: Callable[[int], None] | None = None) -> None:
         self.edge = edge
-        self.carrier = carrier
+        self.service = service
+        self.secure = secure
+        self.after_answer = after_answer
+
+    def carrier(self) -> GrpcCarrier:
+        """A carrier over the devices known now (a fresh gateway, as every run gets)."""
+        ids = sorted(d.device_id for d in self.service.registry.list())
+        return GrpcCarrier(self.service, ids, secure=self.secure)
 
     def __call__(self, params: np.ndarray, settings: Mapping[str, float], round: int
                  ) -> TrainResult:
         task = TrainTask(task_id=int(round), version=0,
                          params=np.asarray(params, np.float32), round=int(round),
                          settings=dict(settings))
-        ids = np.arange(self.carrier.num_clients, dtype=np.int64)
-        upload = self.edge.answer(task, ids, self.carrier)
+        carrier = self.carrier()
+        ids = np.arange(carrier.num_clients, dtype=np.int64)
+        upload = self.edge.answer(task, ids, carrier)
+        if self.after_answer is not None:
+            self.after_answer(int(round))
         if upload is None:
             raise TaskAbandoned(f"edge {self.edge.name}: no edge round committed")
         metrics = {"edge_clients": float(upload.clients),
@@ -115,7 +136,8 @@ def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
              registry_path: str, tls: tuple[bytes, bytes] | None,
              stop: threading.Event, host: str = "127.0.0.1", port: int = 0,
              secure: SecAggAggregation | None = None, wait_timeout_s: float = 300.0,
-             on_ready: Callable[[int], None] | None = None) -> ClientStats:
+             on_ready: Callable[[int], None] | None = None,
+             after_answer: Callable[[int], None] | None = None) -> ClientStats:
     """Serve ``devices`` and answer the parent's tasks until ``stop`` is set.
 
     Args:
@@ -127,6 +149,7 @@ def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
         tls: ``(certificate chain, key)`` PEM for its devices; ``None`` only on loopback.
         secure: SecAgg+ among the edge's devices (the carrier runs it).
         on_ready: called with the bound port once it serves (start the devices here).
+        after_answer: see :class:`EdgeUplink`.
 
     Returns:
         The upstream device runtime's counters.
@@ -144,16 +167,38 @@ def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
     try:
         if on_ready is not None:
             on_ready(bound)
-        ids = wait_for_devices(service, devices, wait_timeout_s, stop)
-        carrier = GrpcCarrier(service, ids, secure=secure)
+        ids = set(wait_for_devices(service, devices, wait_timeout_s, stop))
         examples = sum(int(d.capabilities.get("examples", "0") or 0)
-                       for d in service.registry.list() if d.device_id in set(ids))
+                       for d in service.registry.list() if d.device_id in ids)
+        uplink = EdgeUplink(edge, service, secure, after_answer)
         with DeviceClient(upstream.target, upstream.token, edge.name,
                           root_certificates=upstream.root_certificates,
-                          train=EdgeUplink(edge, carrier), examples=examples) as client:
+                          train=uplink, examples=examples) as client:
             return client.run(stop=stop)
     finally:
         stop_server()
+
+
+def follow_edges(targets: Sequence[str], client_for: Callable[[str], DeviceClient],
+                 stop: threading.Event) -> ClientStats | None:
+    """Run a device against its edge, and when that edge stops answering (its runtime's
+    retries are exhausted) against the next of ``targets``: the ring's order for this
+    device (its edge, then the one the ring moves it to if that edge fails, ...). Its next
+    check-in then reaches a live edge, which serves it from the following task on.
+
+    Returns:
+        The counters of the last runtime, or ``None`` when every target failed.
+    """
+    stats = None
+    for target in targets:
+        client = client_for(target)
+        try:
+            with client:
+                return client.run(stop=stop)
+        except TransportError:
+            stats = client.stats
+            continue
+    return stats
 
 
 def edge_policy(deadline_s: float, min_fraction: float) -> Callable[[int], RoundPolicy]:

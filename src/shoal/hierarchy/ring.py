@@ -22,6 +22,7 @@ names: the same everywhere, with no randomness. Not thread-safe: a carrier seria
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import math
 from collections import Counter
@@ -101,6 +102,24 @@ class Ring:
     def edge_of(self, device: str) -> str | None:
         """The edge serving ``device``, or ``None`` if it was never assigned."""
         return self._edge_of.get(device)
+
+    def successors(self, device: str) -> list[str]:
+        """The edges ``device`` is served by as they fail one after another: its edge, the
+        one the ring moves it to when that edge fails, and so on to the last live edge
+        (worked out on a copy: nothing here changes). A deployed device keeps this list to
+        find its next edge when its own stops answering.
+
+        Raises:
+            ProtocolError: ``device`` was never assigned.
+        """
+        if device not in self._edge_of:
+            raise ProtocolError(f"device {device!r} has no edge on the ring")
+        trial = copy.deepcopy(self)
+        order = [trial._edge_of[device]]
+        while len(trial.live) > 1:
+            trial.fail(order[-1])
+            order.append(trial._edge_of[device])
+        return order
 
     # -- changes ------------------------------------------------------------------------------
 
