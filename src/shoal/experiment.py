@@ -206,7 +206,8 @@ class Experiment:
 
             pool, self.engine = attacked_pool(cfg, build(), self.data, self.spec.size,
                                               local_dp_from_config(cfg))
-        if cfg["hierarchy"]["edges"] and not self.deployed:  # edges between devices and us
+        if cfg["hierarchy"]["edges"] and isinstance(pool, ClientPool) and not self.deployed:
+            # simulated edges between the devices and this run's coordinator
             from shoal.hierarchy.tiers import hierarchy_from_config
 
             pool = hierarchy_from_config(cfg, pool, secure_sum_from_config(cfg))

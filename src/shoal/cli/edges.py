@@ -51,6 +51,7 @@ def _check(cfg, edges: int) -> None:
 
 def launch_edges(args: argparse.Namespace) -> int:
     """The ``shoal launch --edges E`` command (see the module docstring)."""
+    from shoal.cli.launch import _stop  # SIGTERM, then SIGKILL after a grace period
     from shoal.cli.options import config_from_args
     from shoal.cli.report import banner, report
     from shoal.config import to_toml
@@ -149,16 +150,6 @@ def _read_port(path: Path, procs: Sequence[subprocess.Popen], timeout_s: float =
         time.sleep(0.05)
     raise ConfigError(f"an edge process did not start serving (no port in {path}); see the "
                       f"logs next to it", key="edges")
-
-
-def _stop(procs: Sequence[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def edge_main(argv: Sequence[str] | None = None) -> int:
