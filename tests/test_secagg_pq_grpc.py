@@ -32,6 +32,18 @@ def config(post_quantum: bool):
         "secure_aggregation.clip": RANGE, "secure_aggregation.post_quantum": post_quantum})
 
 
+def secure_round(tmp_path, post_quantum: bool, vanish: dict[str, str], *, target: int):
+    """One round of the N devices on a fresh aggregator: ``(state, record, device stats)``."""
+    where = tmp_path / ("hybrid" if post_quantum else "classical")
+    where.mkdir()
+    port, stop, carrier, devices = serve_carrier(where, secagg_from_config(config(post_quantum)),
+                                                 DIM)
+    try:
+        return one_round(port, carrier, devices, Pipeline(), vanish, dim=DIM, target=target)
+    finally:
+        stop()
+
+
 def test_a_hybrid_round_over_grpc_sums_like_a_classical_one(tmp_path):
     cfg = config(True)
     check_deployable(cfg, tls=False)  # deployable now
@@ -39,14 +51,7 @@ def test_a_hybrid_round_over_grpc_sums_like_a_classical_one(tmp_path):
               "dev-6": "advertise_keys"}  # excluded before any key was shared
     models, sent = {}, {}
     for pq in (True, False):
-        (tmp_path / str(pq)).mkdir()
-        port, stop, carrier, devices = serve_carrier(tmp_path / str(pq),
-                                                     secagg_from_config(config(pq)), DIM)
-        try:
-            state, rec, stats = one_round(port, carrier, devices, Pipeline(), vanish,
-                                          dim=DIM, target=N - 2)
-        finally:
-            stop()
+        state, rec, stats = secure_round(tmp_path, pq, vanish, target=N - 2)
         assert rec.committed and rec.accepted == N - 2, rec
         models[pq] = state.params
         sent[pq] = np.mean([stats[f"dev-{i}"].bytes_up for i in (0, 1, 2, 4, 5, 7, 8, 9)])
@@ -75,14 +80,7 @@ def test_a_survivor_vanishing_in_unmasking_next_to_a_dropout_aborts_a_hybrid_rou
     vanish = {"dev-3": "share_keys", "dev-5": "masked_input"}
     outcomes = {}
     for pq in (True, False):
-        (tmp_path / str(pq)).mkdir()
-        port, stop, carrier, devices = serve_carrier(tmp_path / str(pq),
-                                                     secagg_from_config(config(pq)), DIM)
-        try:
-            state, rec, stats = one_round(port, carrier, devices, Pipeline(), vanish,
-                                          dim=DIM)
-        finally:
-            stop()
+        state, rec, stats = secure_round(tmp_path, pq, vanish, target=N - 1)
         outcomes[pq] = rec.committed
         if pq:
             assert not state.params.any()
