@@ -92,3 +92,22 @@ def test_shoal_launch_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one(
     assert actions[0] == ("canary_start", bad) and ("canary_rollback", bad) in actions
     assert ("canary_start", good) in actions and actions[-1] == ("canary_promote", good)
     assert sum(a == "canary_evaluated" for a, _ in actions) >= 4  # both arms, both canaries
+
+
+def test_a_canary_launch_refuses_what_it_cannot_run_before_starting_devices(tmp_path, capsys):
+    from shoal.cli import main
+
+    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["launch", *sets, "--canary", "2", "-q"]) == 2
+    assert "--canary needs --dir" in capsys.readouterr().err
+    work = tmp_path / "work"
+    cfg = load_config(None, OVERRIDES)
+    with ModelStore(work / "models") as store:
+        prod, cand, _, _ = train_pair(cfg, load_data(cfg), store, corrupt=False,
+                                      candidate_rounds=1)
+        store.reject(cand, now=5.0, reason="test")
+    assert main(["launch", *sets, "--dir", str(work), "--canary", str(cand), "-q"]) == 2
+    assert f"version {cand} is not a candidate" in capsys.readouterr().err
+    assert not (work / "logs" / "device-0000.log").exists()  # no device was started
+    with ModelStore(work / "models", readonly=True) as store:
+        assert store.production().id == prod
