@@ -174,6 +174,9 @@ def test_a_canary_over_grpc_rolls_back_a_bad_candidate_and_promotes_a_good_one(t
     assert not any(cand_v in held[d] for d in set(dep.devices) - inside)
     assert any(cand_v in held[d] for d in inside)
     assert outcome.reached[cand_v] <= inside  # and the server agrees
+    evaluated = [e for e in audit.entries if e["action"] == "canary_evaluated"]
+    assert evaluated and all(e["by_segment"] and set(e["by_segment"]) <= {"android", "ios"}
+                             for e in evaluated)  # each arm's breakdown by declared segment
     actions = [e["action"] for e in audit.entries]
     assert actions[0] == "canary_start" and "canary_evaluated" in actions
     assert actions[-1] == ("canary_promote" if better else "canary_rollback")

@@ -278,7 +278,8 @@ class Canary:
         self._rounds[arm] += 1
         self.audit.append(self.now, "canary_evaluated", arm=arm, version=result.version,
                           task_id=result.task_id, clients=result.clients,
-                          examples=result.examples, metrics=dict(result.metrics))
+                          examples=result.examples, metrics=dict(result.metrics),
+                          by_segment={k: dict(v) for k, v in result.by_segment.items()})
 
     def decide(self, now: float) -> Verdict:
         """Judge the evaluations so far; on a verdict move the store and stop the canary.
