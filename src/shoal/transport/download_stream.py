@@ -5,8 +5,9 @@ Sans-I/O: :func:`receive_model` (``Download`` and ``GetModel`` streams) takes an
 of ``ModelChunk`` messages (the gRPC stream, or a list in tests) and trusts none of them. The
 payload buffer is allocated once, from a declared size checked against a bound; chunks must
 keep the first chunk's version, base, size, digest and signature, arrive contiguously and in
-order, and add up to exactly the declared size whose SHA-256 must match. Only then does :func:`decode_model` parse the codec wire format
-(which validates again before building a vector) and apply a delta to the held model.
+order, and add up to exactly the declared size whose SHA-256 must match. Only then does
+:func:`decode_model` parse the codec wire format (which validates again before building a
+vector) and apply a delta to the held model.
 """
 
 from __future__ import annotations
