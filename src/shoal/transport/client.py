@@ -80,9 +80,10 @@ __all__ = ["RUNTIME_VERSION", "DeviceClient"]
 
 #: Sent in Hello. ``shoal-client/4`` evaluates the served model (``Task.served_model``),
 #: reports with the task's id and key, and verifies signed models; ``/3`` clips to
-#: ``Task.clip_norm`` with unit weight (central DP); ``/2`` honours ``Task.upload_codec``/``error_feedback`` and decodes delta downloads;
-#: ``/1`` uploads raw float32 and downloads full models. The aggregator gives tasks that ask
-#: for clipping only to ``/3`` or later (older ones are refused ``runtime_too_old``).
+#: ``Task.clip_norm`` with unit weight (central DP); ``/2`` honours
+#: ``Task.upload_codec``/``error_feedback`` and decodes delta downloads; ``/1`` uploads raw
+#: float32 and downloads full models. The aggregator gives tasks that ask for clipping only
+#: to ``/3`` or later (older ones are refused ``runtime_too_old``).
 RUNTIME_VERSION = "shoal-client/4"
 _T = TypeVar("_T")
 _WEEK = 7 * 24 * 60
