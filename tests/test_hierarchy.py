@@ -115,6 +115,8 @@ def test_shoal_run_takes_hierarchy_from_set(tmp_path, capsys) -> None:
     ({"hierarchy.assignment": "region"}, "hierarchy.assignment"),
     ({"privacy.placement": "central", "privacy.clip_norm": 1.0,
       "hierarchy.edge_rounds": 2}, "hierarchy.edge_rounds"),
+    ({"compression.download": "delta", "hierarchy.edge_rounds": 2},
+     "compression.download"),
 ])
 def test_combinations_hierarchy_cannot_run_are_refused(data, overrides, key) -> None:
     cfg = load_config(None, {"rounds": 1, "hierarchy.edges": 4, **overrides})

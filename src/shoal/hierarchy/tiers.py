@@ -22,7 +22,7 @@ import numpy as np
 
 from shoal.config import Config
 from shoal.errors import ConfigError
-from shoal.events import PartialAggregate, TrainTask
+from shoal.events import PartialAggregate, TrainTask, UpdateBatch
 from shoal.hierarchy.edge import Edge
 from shoal.hierarchy.ring import Ring
 from shoal.pipeline import SumRule
@@ -99,11 +99,17 @@ class Tier:
         """Each live edge's upload for its group of ``client_ids`` (edges in ring order)."""
         groups = self.route.groups(client_ids)
         dying = [e for e in self.failures.get(task.round, ()) if e not in self.failed]
+        below: ClientPool = self.below
+        if not isinstance(below, Tier) and self.edges:
+            # every edge's first round trains the parent's model with one key: train the
+            # whole cohort as one batch (what a flat run does) instead of one per edge
+            rounds = next(iter(self.edges.values())).rounds
+            below = _FirstRound(below, task, (task.round - 1) * rounds + 1, client_ids)
         for name in self.route.ring.edges:
             ids = groups.get(name)
             if ids is None:
                 continue
-            upload = self.edges[name].answer(task, ids, self.below)
+            upload = self.edges[name].answer(task, ids, below)
             if name not in dying and upload is not None:
                 yield upload
         for name in dying:  # each trained its group (if any), then died before its upload
@@ -118,6 +124,61 @@ class Tier:
     def cancel(self, task_id: int) -> None:
         """The parent closed the round: nothing of it is in flight here (edges answer
         within :meth:`train`)."""
+
+
+class _FirstRound:
+    """The devices, with the updates of one model, settings and round key trained for a
+    whole cohort at once and handed out per group; anything else is trained as asked.
+
+    A client's update is a function of (model, settings, round key, client) alone, so this
+    changes only the cost: a tier's edges all begin a parent task from its model with the
+    same key, and training their groups as one cohort is what a flat round does (config L:
+    one batch of 100 instead of ten of 10). Holds the cohort's rows until the task is
+    answered (memory O(cohort x model), as a flat round's updates in flight)."""
+
+    def __init__(self, below: ClientPool, parent: TrainTask, key: int,
+                 client_ids: np.ndarray) -> None:
+        self.below = below
+        self.parent, self.key = parent, key
+        self.cohort = np.unique(np.asarray(client_ids, np.int64))
+        self.rows: dict[int, tuple[np.ndarray, int, dict[str, float]]] | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return self.below.num_clients
+
+    def _same(self, task: TrainTask) -> bool:
+        return (task.round == self.key and dict(task.settings) == dict(self.parent.settings)
+                and task.clip_norm == self.parent.clip_norm
+                and np.array_equal(task.params, self.parent.params))
+
+    def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[UpdateBatch]:
+        ids = np.asarray(client_ids, np.int64)
+        if not self._same(task) or not np.isin(ids, self.cohort).all():
+            yield from self.below.train(task, ids)
+            return
+        if self.rows is None:
+            self.rows = {}
+            for batch in self.below.train(task, self.cohort):
+                keys = list(batch.metrics)
+                for i, c in enumerate(np.asarray(batch.client_ids).tolist()):
+                    self.rows[c] = (np.array(batch.deltas[i], copy=True),
+                                    int(batch.num_examples[i]),
+                                    {k: float(np.asarray(batch.metrics[k])[i]) for k in keys})
+        got = [c for c in ids.tolist() if c in self.rows]  # a client may yield nothing
+        if not got:
+            return
+        first = self.rows[got[0]]
+        yield UpdateBatch(np.array(got, np.int64),
+                          np.stack([self.rows[c][0] for c in got]),
+                          np.array([self.rows[c][1] for c in got], np.int64),
+                          {k: np.array([self.rows[c][2][k] for c in got]) for k in first[2]},
+                          task.version)
+
+    def cancel(self, task_id: int) -> None:
+        cancel = getattr(self.below, "cancel", None)
+        if cancel is not None:
+            cancel(task_id)
 
 
 def parse_failures(text: str) -> dict[int, list[str]]:
@@ -147,8 +208,10 @@ def hierarchy_from_config(cfg: Config, devices: ClientPool,
     Raises:
         ConfigError: a combination hierarchy cannot run: simulated device time (its
             timeline carries per-client arrivals), a robust rule (it needs every update,
-            the global sees groups), distributed DP (its noise shares are per client), an
-            assignment by region without regions, a failure naming an unknown edge.
+            the global sees groups), distributed DP (its noise shares are per client),
+            central DP with several edge rounds, delta downloads with edges that step on
+            their own, an assignment by region without regions, a failure naming an unknown
+            edge.
     """
     h = cfg["hierarchy"]
     if cfg["sim"]["time_model"] != "none":
@@ -167,6 +230,12 @@ def hierarchy_from_config(cfg: Config, devices: ClientPool,
         raise ConfigError("central DP bounds each client's contribution to one clipped "
                           "update; with hierarchy.edge_rounds > 1 a client moves its edge's "
                           "model several times: use edge_rounds = 1", key="hierarchy.edge_rounds")
+    if cfg["compression"]["download"] == "delta" and (h["edge_rounds"] > 1
+                                                       or h["edge_policy"] == "buffered"):
+        raise ConfigError("delta downloads name the model a client holds by its version; "
+                          "edges that make their own steps number different models alike: "
+                          "use compression.download = 'full' with hierarchy.edge_rounds > 1 "
+                          "or a buffered edge policy", key="compression.download")
     edge_policy = None
     if h["edge_policy"] == "buffered":
         if cfg["privacy"]["placement"] != "none" or cfg["secure_aggregation"]["enabled"]:
