@@ -18,6 +18,13 @@ that ratio is at the mercy of whatever else the machine runs, the runs with the 
 also measure its own share directly: the CPU time of its threads (named ``shoal-dashboard``
 at the OS level) plus its hook calls (the state's change count) times their cost measured
 here.
+
+``--bare`` runs every N against shoal and then against a bare ``grpc.aio`` server
+(``bare_aggregator.py``: the same protocol and TLS, no auth, validation or bookkeeping, only
+``np.add``) driven by the same load generator, ``--repeats`` times, and adds a
+``load_vs_bare`` line: shoal's uploads per second as a fraction of the bare server's, both
+counted from the first accepted upload to the last (``updates_per_s_uploading``: the servers'
+start-up, shoal's final evaluation and its exit are not ingestion).
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
                 stats["accepted"] += 1
                 stats["bytes_up"] += len(payload)
                 stats["last_accept"] = time.perf_counter()
+                stats["first_accept"] = stats["first_accept"] or stats["last_accept"]
             elif res.reason != "late":
                 stats["errors"] += 1
                 stats["reasons"][res.reason] = stats["reasons"].get(res.reason, 0) + 1
@@ -113,7 +121,8 @@ async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subproces
                 for _ in range(8)]
     stubs = [pb_grpc.AggregatorStub(c) for c in channels]
     stats = {"accepted": 0, "errors": 0, "bytes_up": 0, "bytes_down": 0, "latency": [],
-             "reasons": {}, "rpc_error_times": [], "last_accept": 0.0}
+             "reasons": {}, "rpc_error_times": [], "last_accept": 0.0,
+             "first_accept": 0.0}
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_device(stubs[i % len(stubs)], pb, dev, tok, payload, sha,
                                          stats, stop, lambda: server.poll() is None))
@@ -191,7 +200,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(n: int, rounds: int, dashboard: bool = False) -> dict:
+def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False) -> dict:
     import datetime as dt
     import resource
     import threading
@@ -213,17 +222,19 @@ def run(n: int, rounds: int, dashboard: bool = False) -> dict:
                MALLOC_MMAP_THRESHOLD_="1073741824")
     port = _free_port()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server = subprocess.Popen([sys.executable, "-m", "shoal.cli", "serve", str(cfg), "--dir",
-                               str(work / "agg"), "--certs", str(work / "certs"), "-q",
-                               "--json", *(["--dashboard", f"127.0.0.1:{port}"]
-                                           if dashboard else [])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    port_file = work / "agg" / "port"
+    command = ([sys.executable, str(Path(__file__).with_name("bare_aggregator.py")),
+                "--port-file", str(port_file), "--certs", str(work / "certs"),
+                "--devices", str(n), "--rounds", str(rounds)] if bare else
+               [sys.executable, "-m", "shoal.cli", "serve", str(cfg), "--dir",
+                str(work / "agg"), "--certs", str(work / "certs"), "-q", "--json",
+                *(["--dashboard", f"127.0.0.1:{port}"] if dashboard else [])])
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     last: dict = {"changes": 0}
     if dashboard:
         threading.Thread(target=_open_page, args=(f"http://127.0.0.1:{port}/", server, last),
                          daemon=True).start()
-    port_file = work / "agg" / "port"
-    while not port_file.exists():
+    while not port_file.exists() or not port_file.read_text():
         if server.poll() is not None:
             raise RuntimeError(server.stderr.read().decode())
         time.sleep(0.1)
@@ -265,10 +276,14 @@ def run(n: int, rounds: int, dashboard: bool = False) -> dict:
                  "dashboard_hook_calls": last["changes"],
                  "dashboard_hooks_cpu_s": round(hooks, 3),
                  "dashboard_share": round((peak["dashboard_cpu_s"] + hooks) / cpu, 4)}
-    return {"bench": "load", "devices": n, "rounds": rounds, "dashboard": dashboard,
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    return {"bench": "load_bare" if bare else "load", "devices": n, "rounds": rounds, "dashboard": dashboard,
             "aggregator_cpu_s": round(cpu, 2), **extra,
             "updates": stats["accepted"],
             "updates_per_s": round(stats["accepted"] / stats["seconds"], 1),
+            # from the first accepted upload to the last: without start-up and final evaluation
+            "updates_per_s_uploading": round((stats["accepted"] - 1) / max(
+                stats["last_accept"] - stats["first_accept"], 1e-9), 1),
             "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),
             "upload_p50_s": round(statistics.median(lat), 3) if lat else None,
             "upload_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
@@ -279,7 +294,7 @@ def run(n: int, rounds: int, dashboard: bool = False) -> dict:
             "refusals": stats["reasons"],
             "aggregator_peak_rss_mb": round(peak["kb"] / 1024),
             "seconds": round(stats["seconds"], 1),
-            "summary": json.loads(out.decode().strip().splitlines()[-1])["final_accuracy"]}
+            "summary": summary.get("final_accuracy", summary.get("model_sum"))}
 
 
 def main(argv=None) -> int:
@@ -290,9 +305,26 @@ def main(argv=None) -> int:
     ap.add_argument("--dashboard", action="store_true",
                     help="run each N without and with the dashboard (an open page), "
                          "alternating, and compare the aggregator's CPU per update")
-    ap.add_argument("--repeats", type=int, default=1, help="pairs per N with --dashboard")
+    ap.add_argument("--bare", action="store_true",
+                    help="run each N against shoal and a bare grpc.aio server, alternating, "
+                         "and compare uploads per second")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="pairs per N with --dashboard or --bare")
     args = ap.parse_args(argv)
     for n in args.devices:
+        if args.bare:
+            rates: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.repeats):
+                for bare in (True, False):
+                    res = run(n, args.rounds, bare=bare)
+                    print(json.dumps(res), flush=True)
+                    rates[bare].append(res["updates_per_s_uploading"])
+            ratio = statistics.mean(rates[False]) / statistics.mean(rates[True])
+            print(json.dumps({"bench": "load_vs_bare", "devices": n, "pairs": args.repeats,
+                              "shoal_updates_per_s": round(statistics.mean(rates[False]), 1),
+                              "bare_updates_per_s": round(statistics.mean(rates[True]), 1),
+                              "shoal_over_bare": round(ratio, 3)}), flush=True)
+            continue
         if not args.dashboard:
             print(json.dumps(run(n, args.rounds)), flush=True)
             continue

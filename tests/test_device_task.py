@@ -184,6 +184,22 @@ def test_an_accepted_device_sending_another_payload_late_is_a_duplicate(session)
     assert exc.value.reason == "duplicate"
 
 
+def test_a_verified_payload_digest_stands_for_the_delta_in_the_retry_rule(rng):
+    t = make_task()
+    task = t.check_in("dev-01", OPEN, rng=rng)
+    args = upload_args("dev-01", task)
+    first = t.accept("dev-01", t.admit(**args, fingerprint=b"A" * 32), args["now"],
+                     fingerprint=b"A" * 32)
+    # the same bytes again: the original answer, whatever the delta object is
+    again = t.admit(**{**args, "delta": delta_of(1).copy()}, fingerprint=b"A" * 32)
+    assert again == first and t.replays == 1 and t.accepted == 1
+    for over, fp in [({}, b"B" * 32), ({"num_examples": 99}, b"A" * 32), ({}, None)]:
+        with pytest.raises(UpdateRejected) as exc:  # other bytes, weight, or no digest
+            t.admit(**{**args, **over}, fingerprint=fp)
+        assert exc.value.reason == "duplicate"
+    assert t.accepted == 1 and t.replays == 1
+
+
 def test_selected_device_without_a_task_has_no_valid_key(rng):
     t = make_task()
     task = t.check_in("dev-01", OPEN, rng=rng)

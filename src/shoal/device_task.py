@@ -318,7 +318,8 @@ class DeviceTask:
 
     def admit(self, device_id: str, round: int, base_version: int, upload_key: str,
               num_examples: int, delta: np.ndarray, now: float, *,
-              metrics: Mapping[str, float] | None = None) -> ClientUpdate | UploadResult:
+              metrics: Mapping[str, float] | None = None,
+              fingerprint: bytes | None = None) -> ClientUpdate | UploadResult:
         """Authenticate an upload and turn it into the :class:`ClientUpdate` the coordinator
         judges -- or, for an idempotent retry, return the original :class:`UploadResult`.
 
@@ -331,7 +332,10 @@ class DeviceTask:
         different payload is ``"duplicate"``. A refused update changes nothing: the device
         may send a corrected one. The shape, values and weight of the delta are the coordinator's to
         judge (one validation path for every carrier): pass its verdict to :meth:`accept` or
-        :meth:`refuse`.
+        :meth:`refuse`. ``fingerprint`` is a digest of the payload the delta was decoded from
+        that the carrier has verified (the upload's SHA-256): the retry rule compares it
+        instead of hashing the decoded delta again (a retry resends the same bytes). A
+        retry without one, of an update accepted with one, is ``"duplicate"``.
 
         Raises:
             UpdateRejected: with ``reason`` as above; the session is unchanged.
@@ -340,7 +344,7 @@ class DeviceTask:
         self.authenticate(device_id, round, base_version, upload_key)
         state = self._state[device_id]
         if state == _ACCEPTED:
-            if _digest(num_examples, delta) != self._digest.get(device_id):
+            if _digest(num_examples, delta, fingerprint) != self._digest.get(device_id):
                 raise self._reject("duplicate", "an update from this device was already "
                                    "accepted for this task; this one differs", device_id)
             self.replays += 1
@@ -354,14 +358,16 @@ class DeviceTask:
                             num_examples=num_examples, metrics=clean,
                             base_version=self.model_version)
 
-    def accept(self, device_id: str, update: ClientUpdate, now: float) -> UploadResult:
-        """Record the coordinator's acceptance of ``update`` (from :meth:`admit`)."""
+    def accept(self, device_id: str, update: ClientUpdate, now: float, *,
+               fingerprint: bytes | None = None) -> UploadResult:
+        """Record the coordinator's acceptance of ``update`` (from :meth:`admit`, with the
+        same ``fingerprint``)."""
         self._accepted += 1
         receipt = UploadResult(device_id=device_id, client_id=update.client_id,
                                round=self.round, num_examples=int(update.num_examples),
                                accepted_at=_time(now, "now"), position=self._accepted)
         self._state[device_id] = _ACCEPTED
-        self._digest[device_id] = _digest(update.num_examples, update.delta)
+        self._digest[device_id] = _digest(update.num_examples, update.delta, fingerprint)
         self._receipt[device_id] = receipt
         return receipt
 
@@ -484,13 +490,16 @@ class WeightCap:
         return claimed if self._cap is None else min(int(claimed), self._cap)
 
 
-def _digest(num_examples: object, delta: object) -> bytes:
-    """A fingerprint of an upload's payload, to tell an idempotent retry from a new update."""
+def _digest(num_examples: object, delta: object, fingerprint: bytes | None = None) -> bytes:
+    """A fingerprint of an upload, to tell an idempotent retry from a new update: its weight
+    and the carrier's verified digest of its payload, else (none given) its decoded delta."""
     h = hashlib.blake2b(digest_size=16)
     # np.int64(5) and 5 are the same weight: normalise before hashing.
     weight = int(num_examples) if isinstance(num_examples, (int, np.integer)) else num_examples
     h.update(repr(weight).encode())
-    if isinstance(delta, np.ndarray):
+    if fingerprint is not None:
+        h.update(b"payload:" + fingerprint)
+    elif isinstance(delta, np.ndarray):
         h.update(f"{delta.dtype.str}{delta.shape}".encode())
         h.update(np.ascontiguousarray(delta).data)
     else:

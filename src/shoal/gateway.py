@@ -250,13 +250,14 @@ class DeviceGateway(EvalDesk):
 
     def upload(self, device_id: str, round: int, base_version: int, upload_key: str,
                num_examples: int, delta: np.ndarray, now: float, *,
-               metrics: dict[str, float] | None = None, upload_bytes: int = 0
-               ) -> UploadResult:
+               metrics: dict[str, float] | None = None, upload_bytes: int = 0,
+               fingerprint: bytes | None = None) -> UploadResult:
         """A device's update: authenticated by its task's session, judged by the coordinator
         (validation, staleness, whether the round still takes it), answered at once.
 
         ``upload_bytes`` is what the carrier measured on the wire (a device's own claims
-        are never trusted for accounting). The update's weight is its claimed example count
+        are never trusted for accounting); ``fingerprint`` the payload's digest the carrier
+        verified (see :meth:`DeviceTask.admit`). The update's weight is its claimed example count
         bounded by :attr:`weights`. An upload for an earlier round than the device's
         current task (a retry after a lost reply) is answered by that round's session while
         it is kept (the last few tasks): its original acceptance, or its refusal.
@@ -275,7 +276,7 @@ class DeviceGateway(EvalDesk):
                     "with the SecAgg call", client_id=device_id, round=round), s.task_id, now)
             try:
                 admitted = s.admit(device_id, round, base_version, upload_key, num_examples,
-                                   delta, now, metrics=metrics)
+                                   delta, now, metrics=metrics, fingerprint=fingerprint)
             except UpdateRejected as exc:
                 if exc.reason != "duplicate":  # a duplicate's first answer is on record
                     self._outcome(device_id, s, "late" if exc.reason == "late"
@@ -307,13 +308,13 @@ class DeviceGateway(EvalDesk):
                 self._settle(now, [s])
                 self.rejections[error.reason] += 1  # the coordinator told its observers
                 raise error
-            receipt = s.accept(device_id, admitted, now)  # the claim, for retries
+            receipt = s.accept(device_id, admitted, now,  # the claim, for retries
+                               fingerprint=fingerprint)
             if self.weights is not None:
                 self.weights.note(device_id, int(claimed))
             self._outcome(device_id, s, "accepted", now)
-            self._carry(cmds, now)
+            self._carry(cmds, now)  # wakes the driver when there is work for it
             self._settle(now, [s])
-            self.changed.notify_all()
             return receipt
 
     def _refuse_runtime(self, s: Session, device_id: str, now: float) -> None:

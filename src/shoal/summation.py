@@ -120,7 +120,9 @@ class WeightedMean:
             self._scratch = np.empty(self._dim, dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):  # reported below as "non_finite"
             scaled = np.multiply(vector, w, out=self._scratch, dtype=np.float64)
-        if not np.isfinite(scaled).all():
+        # a sum is finite unless an element is not (or finite elements overflowed it): one
+        # pass without a temporary clears the common case; the exact check settles the rest
+        if not np.isfinite(scaled.sum()) and not np.isfinite(scaled).all():
             raise UpdateRejected("non_finite", _describe_non_finite(vector[np.newaxis], w))
         self._sum += scaled
         self._count += 1

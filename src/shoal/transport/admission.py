@@ -171,7 +171,9 @@ async def _paced(requests: Any, context: grpc.aio.ServicerContext, timeout: floa
     iterator = requests.__aiter__()
     while True:
         try:
-            message = await asyncio.wait_for(iterator.__anext__(), timeout)
+            # asyncio.timeout arms a timer on this task; wait_for would start a task per message
+            async with asyncio.timeout(timeout):
+                message = await iterator.__anext__()
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:

@@ -452,7 +452,9 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
         try:
             gateway.upload(header.device_id, int(header.round), int(header.base_version),
                            header.upload_key, int(header.num_examples), delta, self.clock(),
-                           metrics=dict(header.metrics), upload_bytes=len(buf))
+                           metrics=dict(header.metrics), upload_bytes=len(buf),
+                           # read_payload checked it: the retry rule need not hash again
+                           fingerprint=bytes(header.sha256) or None)
         except UpdateRejected as exc:
             return self._refuse(exc.reason, str(exc), header.device_id, int(header.round),
                                 counted=True)
