@@ -197,6 +197,18 @@ def test_a_deployment_traces_its_rounds_with_the_carriers_traffic(tmp_path):
         assert task["attributes"]["clients"] == 3
         assert sum(e["attributes"]["clients"] for e in task["events"]
                    if e["name"] == "accepted") == 3
+        # every device's path under its task: one span per device, its steps in order
+        devices = [d for d in children[task["context"]["span_id"]] if d["name"] == "device"]
+        assert sorted(d["attributes"]["device.id"] for d in devices) == \
+            sorted({d["attributes"]["device.id"] for d in devices}) and len(devices) == 3
+        for d in devices:
+            assert d["attributes"]["outcome"] == "committed"
+            assert [e["attributes"]["model.version"] for e in d["events"]
+                    if e["name"] == "commit"] == [r["attributes"]["model.version"]]
+            steps = sorted(children[d["context"]["span_id"]], key=lambda s: s["start_time"])
+            assert [s["name"] for s in steps] == ["checkin", "download", "train", "upload",
+                                                  "validate", "fold"]
+            assert all(s["status"]["status_code"] == "UNSET" for s in steps)
 
 
 def test_structured_logs_name_the_round_and_version_of_every_event():

@@ -48,6 +48,7 @@ import heapq
 import logging
 import math
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -61,7 +62,7 @@ from shoal.device_sessions import GatewaySettings, Outcome, Session, SessionBook
 from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, WeightCap
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.evaluation import EvalResult
-from shoal.observers import Observer
+from shoal.observers import CarrierObserver, Observer
 from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
                           CommitVersion, Finished, SendTask, TaskEnded, Tick, UpdateRefused,
                           UpdatesArrived, WakeAt)
@@ -274,16 +275,19 @@ class DeviceGateway(EvalDesk):
                 raise self._count(UpdateRejected(
                     "wrong_task", "this round aggregates securely: send the masked input "
                     "with the SecAgg call", client_id=device_id, round=round), s.task_id, now)
+            started = time.perf_counter()
             try:
                 admitted = s.admit(device_id, round, base_version, upload_key, num_examples,
                                    delta, now, metrics=metrics, fingerprint=fingerprint)
             except UpdateRejected as exc:
+                self._step(device_id, s.task_id, "validate", started, exc.reason)
                 if exc.reason != "duplicate":  # a duplicate's first answer is on record
                     self._outcome(device_id, s, "late" if exc.reason == "late"
                                   else f"rejected:{exc.reason}", now)
                 raise self._count(exc, s.task_id, now)
             if isinstance(admitted, UploadResult):
                 return admitted  # an idempotent retry: answered as before, counted once
+            started = self._step(device_id, s.task_id, "validate", started)
             measured = dict(admitted.metrics)
             measured.pop("download_bytes", None)
             measured["upload_bytes"] = float(upload_bytes)
@@ -300,6 +304,9 @@ class DeviceGateway(EvalDesk):
             refusal = next((c for c in cmds if isinstance(c, UpdateRefused)
                             and c.task_id == s.task_id and update.client_id in c.client_ids),
                            None)
+            # the coordinator's pipeline judges the update's values and folds it
+            self._step(device_id, s.task_id, "fold", started,
+                       refusal.reason if refusal is not None else "")
             if refusal is not None:
                 error = s.refuse(device_id, refusal.reason, refusal.detail)
                 self._outcome(device_id, s, "late" if refusal.reason == "late"
@@ -570,6 +577,25 @@ class DeviceGateway(EvalDesk):
 
     def _outcome(self, device_id: str, s: Session, outcome: str, now: float) -> None:
         self.sessions.record(device_id, s, outcome, now)
+        if isinstance(self.observer, CarrierObserver):
+            self.observer.device_done(device_id, s.task_id, outcome)
+
+    def _step(self, device_id: str, task_id: int, step: str, started: float,
+              outcome: str = "") -> float:
+        """Tell a carrier observer that ``device_id`` finished ``step`` (begun at
+        ``started``, a ``time.perf_counter()``); returns the time it ended."""
+        ended = time.perf_counter()
+        if isinstance(self.observer, CarrierObserver):
+            self.observer.device_step(device_id, task_id, step, ended - started, outcome)
+        return ended
+
+    def task_of(self, device_id: str, round: int | None = None) -> int | None:
+        """The task a message from ``device_id`` (for ``round``: an upload's) belongs to,
+        if it has one: for tracing a device's calls."""
+        with self.changed:
+            s = self.sessions.current(device_id) if round is None else \
+                self.sessions.answering(device_id, round)
+            return None if s is None else s.task_id
 
     def _count(self, exc: UpdateRejected, task_id: int, now: float) -> UpdateRejected:
         self.rejections[exc.reason] += 1

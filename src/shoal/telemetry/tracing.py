@@ -13,7 +13,8 @@ One trace per run. Its spans, from the coordinator's and the carrier's hooks:
   ``accepted``, ``rejected`` (reason, detail) and ``clients_failed`` (reason) events;
 * ``device`` -- one per device and task in a deployment, child of its task, from the
   device's check-in to the commit that used its update (an ``accepted`` device) or to the
-  moment it left the round (``outcome``: ``timed_out``, ``dropped``, a refusal reason, ...);
+  moment it left the round (``outcome``: ``late``, ``dropped``, ...; a refused update is a
+  ``refused`` event, as the device may send a corrected one);
   children, timed by the carrier: ``checkin``, ``download``, ``train`` (from the end of the
   download to the start of the upload, as the server sees it: the device's training and its
   idle time), ``upload``, ``validate`` and ``fold`` (ERROR status and an ``outcome`` when a
@@ -76,13 +77,19 @@ class _Task:
 
 
 class _Device:
-    __slots__ = ("span", "context", "round", "task_id", "downloaded", "done")
+    """A device's span in a task. ``accepted``: its update was folded, the span waits for
+    the commit; ``folding``: its update is with the coordinator (validated, no answer yet);
+    ``committed``: a commit came while it was folding (the coordinator tells of the commit
+    before the carrier tells of the acceptance that caused it)."""
 
-    def __init__(self, span: Span, round: int, task_id: int) -> None:
-        self.span, self.round, self.task_id = span, round, task_id
+    __slots__ = ("span", "context", "downloaded", "accepted", "folding", "committed")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
         self.context = trace.set_span_in_context(span)
         self.downloaded: int | None = None
-        self.done = False
+        self.accepted = self.folding = False
+        self.committed: int | None = None
 
 
 class TracingObserver(CarrierObserver):
@@ -129,10 +136,10 @@ class TracingObserver(CarrierObserver):
         return self._round
 
     def _end_task(self, task_id: int, error: str = "") -> None:
-        for key in [k for k in self._devices if k[0] == task_id]:
-            d = self._devices[key]
-            if not d.done or error:  # an accepted device's span waits for the commit
-                self._end_device(key, error or "task ended")
+        # a device's span ends when the carrier says how it left (device_done), at the
+        # commit its update was in, or here when its task's updates were thrown away
+        for key in [k for k in self._devices if k[0] == task_id and error]:
+            self._end_device(key, error)
         t = self._tasks.pop(task_id, None)
         if t is not None:
             if error:
@@ -184,18 +191,18 @@ class TracingObserver(CarrierObserver):
         d = self._devices.get(key)
         if d is None:
             t = self._tasks.get(task_id)
-            parent = t.span if t is not None else self._open_round()
+            parent = t.span if t is not None else self._round or self._run
             span = self.tracer.start_span("device", context=trace.set_span_in_context(parent),
                                           start_time=start, attributes={
                                               "device.id": device_id, "task.id": task_id})
-            d = self._devices[key] = _Device(span, t.round if t else self._round_no, task_id)
+            d = self._devices[key] = _Device(span)
         return d
 
     def _end_device(self, key: tuple[int, str], outcome: str, end: int | None = None) -> None:
         d = self._devices.pop(key, None)
         if d is not None:
             d.span.set_attribute("outcome", outcome)
-            if outcome not in ("accepted", "committed"):
+            if outcome != "committed":
                 d.span.set_status(Status(StatusCode.ERROR, outcome))
             d.span.end(end_time=end)
 
@@ -219,6 +226,11 @@ class TracingObserver(CarrierObserver):
             span.end(end_time=end)
             if step == "download":
                 d.downloaded = end
+            d.folding = step == "validate" and not outcome
+
+    def _commit_device(self, key: tuple[int, str], version: int) -> None:
+        self._devices[key].span.add_event("commit", {"model.version": version})
+        self._end_device(key, "committed")
 
     def device_done(self, device_id: str, task_id: int, outcome: str) -> None:
         with self._lock:
@@ -226,8 +238,13 @@ class TracingObserver(CarrierObserver):
             d = self._devices.get(key)
             if d is None:
                 return
-            if outcome == "accepted":
-                d.done = True  # ends at its round's commit
+            d.folding = False
+            if outcome == "accepted" and d.committed is not None:
+                self._commit_device(key, d.committed)
+            elif outcome == "accepted":
+                d.accepted = True  # ends at the commit its update goes into
+            elif outcome.startswith("rejected:"):  # the device may send a corrected update
+                d.span.add_event("refused", {"reason": outcome.split(":", 1)[1]})
             else:
                 self._end_device(key, outcome)
 
@@ -252,9 +269,11 @@ class TracingObserver(CarrierObserver):
         with self._lock:
             span = self._open_round()
             self._round_attributes(span, record)
-            for key in [k for k, d in self._devices.items() if d.done]:
-                self._devices[key].span.add_event("commit", {"model.version": record.version})
-                self._end_device(key, "committed")
+            for key, d in list(self._devices.items()):
+                if d.accepted:
+                    self._commit_device(key, record.version)
+                elif d.folding:  # the update that closed the round: its answer follows
+                    d.committed = record.version
             for task_id in [k for k, t in self._tasks.items() if t.round == self._round_no
                             and self.unit == "round"]:
                 self._end_task(task_id)  # a synchronous round's stragglers are cancelled

@@ -389,6 +389,7 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
                              model_version=self.publisher.version or 0, server_time=now)
 
     async def CheckIn(self, request: Any, context: Any) -> pb.CheckInReply:
+        started = time.perf_counter()
         device = await self._authorize(context, request.device_id, "checkin")
         now = self.clock()
         await self._stored(context, self._seen, device, now)
@@ -406,6 +407,8 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if isinstance(decision, Task):
             self.metrics.checked_in("task")
+            self.metrics.device_step(device, decision.task_id, "checkin",
+                                     time.perf_counter() - started)
             return pb.CheckInReply(task=pb.Task(
                 round=decision.round, model_version=decision.model_version,
                 upload_key=decision.upload_key, deadline=decision.deadline, settings=settings,
@@ -419,7 +422,8 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
 
     async def Download(self, request: Any, context: Any) -> Any:
         # the model is public to enrolled devices: any valid token may download it
-        await self._authorize(context, None, "checkin")
+        started = time.perf_counter()
+        device = await self._authorize(context, None, "checkin")
         try:
             with self.lock:
                 model = self.publisher.payload(int(request.version), int(request.base_version))
@@ -433,19 +437,32 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
         self.metrics.bytes_moved("down", total)
         if self.gateway is not None:
             self.gateway.served(total)
+            task = self.gateway.task_of(device)
+            if task is not None:
+                self.metrics.device_step(device, task, "download",
+                                         time.perf_counter() - started)
 
     async def Upload(self, request_iterator: Any, context: Any) -> pb.UploadReply:
+        started = time.perf_counter()
         try:
             header, buf, _ = await self._stream_in(request_iterator, context,
                                                    self.upload_limit,
                                                    lambda h: (h.total_size, h.sha256))
         except Refusal as exc:
             return self._refuse(exc.reason, exc.detail)
+        gateway = self.gateway
+        task = None if gateway is None else gateway.task_of(header.device_id,
+                                                            int(header.round))
         try:
             delta = decode_upload(buf, self.dim, self.upload_codec)
         except CodecError as exc:
+            if task is not None:
+                self.metrics.device_step(header.device_id, task, "upload",
+                                         time.perf_counter() - started, exc.reason)
             return self._refuse(exc.reason, str(exc), header.device_id, int(header.round))
-        gateway = self.gateway
+        if task is not None:  # received and decoded
+            self.metrics.device_step(header.device_id, task, "upload",
+                                     time.perf_counter() - started)
         if gateway is None:
             return self._refuse("late", "no round is open", header.device_id,
                                 int(header.round))
