@@ -1,7 +1,7 @@
 """The baseline `bench_load.py` compares shoal's aggregator with: a bare `grpc.aio` server.
 
 It speaks the same protocol to the same load generator over the same TLS, and does only what
-any aggregator must: hand every device a task once per round, stream the model down in 1 MiB
+any aggregator must: hand every device a task once per round, stream the model down in 256 KiB
 chunks (a device that already reported is told to come back in 1 s, as `bench_load.py`'s
 `deploy.checkin_interval_s` tells shoal's), read the uploaded chunks into one buffer, parse shoal's payload framing (the load
 generator sends shoal's wire format: `shoal.codec.from_bytes`, a CRC and a float32 view for an
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 DIM = 199_210
-CHUNK = 1 << 20
+CHUNK = 256 << 10  # shoal's default download chunk (AggregatorSettings.chunk_size)
 
 
 def main(argv: list[str] | None = None) -> int:
