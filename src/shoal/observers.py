@@ -54,6 +54,10 @@ class Observer:
     def secagg_dropouts(self, version: int, stage: str, count: int) -> None:
         """Secure aggregation lost ``count`` clients at ``stage``."""
 
+    def edge_reported(self, report: object) -> None:
+        """An edge aggregator's part in one task of its tier (``report`` is a
+        :class:`~shoal.hierarchy.tiers.EdgeReport`: its devices, upload, failure)."""
+
 
 class CarrierObserver(Observer):
     """An observer that also hears about a carrier's own traffic, below the rounds.

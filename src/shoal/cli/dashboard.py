@@ -1,6 +1,7 @@
 """``shoal dashboard``: the web dashboard of a run directory (followed while ``shoal run``
-writes it), and :class:`Operations`, the dashboard and tracer that ``shoal serve`` and
-``shoal launch`` run beside their aggregator."""
+writes it); :class:`Operations`, the dashboard and tracer that ``shoal serve`` and
+``shoal launch`` run beside their aggregator; :func:`serve_simulation`, the live dashboard of
+``shoal run --dashboard``."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ examples:
   shoal dashboard runs/20261207-120451-seed0            # http://127.0.0.1:8080/
   shoal dashboard runs/X --address 127.0.0.1:0          # any free port (the URL is printed)
   shoal dashboard runs/X --store models                 # versions page: promote, roll back
+  shoal dashboard work --store work/models              # a `shoal launch --canary --dir work`:
+                                                        # the canary page from work/audit.jsonl
 
 `shoal serve --dashboard 127.0.0.1:8080` and `shoal launch` (on by default) serve the live
-dashboard of a deployment. Details: docs/dashboard.md.
+dashboard of a deployment, `shoal run --dashboard 127.0.0.1:0` that of a simulation while it
+runs. Details: docs/dashboard.md.
 """
 
 
@@ -42,6 +46,9 @@ def add_parser(sub: Any) -> None:
                    help="allow an address other than loopback (plain HTTP: use a TLS proxy)")
     p.add_argument("--store", help="a model store to list, promote and roll back (opened "
                                    "read-only when an aggregator holds it)")
+    p.add_argument("--audit", metavar="FILE",
+                   help="the audit log whose canary rollouts the canary page shows "
+                        "(default: audit.jsonl in the run directory, followed as it grows)")
     p.add_argument("--token-file", dest="token_file",
                    help="the operator token promote and rollback need (default: "
                         "dashboard-token in the store directory, created if missing)")
@@ -59,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     host, port = DashboardConfig(address=args.address, allow_remote=args.allow_remote
                                  ).host_port
-    follower = RunDirFollower(args.run_dir)
+    follower = RunDirFollower(args.run_dir, audit=args.audit)
     store = None
     token = secrets.token_urlsafe(32)  # nothing to protect without a store
     if args.store:
@@ -139,16 +146,7 @@ class Operations:
 
     def _start_dashboard(self, cfg: Config, work: Path, registry: Path, address: str,
                          optional: bool, quiet: bool) -> None:
-        try:
-            import starlette  # noqa: F401
-            import uvicorn  # noqa: F401
-        except ImportError:
-            if not optional:
-                raise ConfigError("the dashboard needs starlette and uvicorn (pip install "
-                                  "shoal[dashboard])", key="dashboard.address") from None
-            if not quiet:
-                print("no dashboard: starlette and uvicorn are not installed (pip install "
-                      "shoal[dashboard])", file=sys.stderr)
+        if not _can_serve(optional, quiet):
             return
         from shoal.dashboard.control import load_or_create_token
         from shoal.dashboard.server import Dashboard
@@ -194,3 +192,66 @@ class Operations:
             self.dashboard.stop()
         if self.tracer is not None:
             self.tracer.close()
+
+
+def _can_serve(optional: bool, quiet: bool) -> bool:
+    """Whether the dashboard extra is installed (if not, and the dashboard is only a
+    default, say so unless ``quiet``).
+
+    Raises:
+        ConfigError: it is not installed and the dashboard was asked for.
+    """
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        if not optional:
+            raise ConfigError("the dashboard needs starlette and uvicorn (pip install "
+                              "shoal[dashboard])", key="dashboard.address") from None
+        if not quiet:
+            print("no dashboard: starlette and uvicorn are not installed (pip install "
+                  "shoal[dashboard])", file=sys.stderr)
+        return False
+    return True
+
+
+def simulation_address(cfg: Config, address: str) -> tuple[str, int]:
+    """``(host, port)`` of ``shoal run --dashboard ADDRESS``, checked before the run writes
+    anything.
+
+    Raises:
+        ConfigError: the dashboard extra is missing, or a bad address (off loopback without
+            ``dashboard.allow_remote``).
+    """
+    _can_serve(False, True)
+    return DashboardConfig(address=address,
+                           allow_remote=cfg["dashboard"]["allow_remote"]).host_port
+
+
+def serve_simulation(cfg: Config, run_dir: Path, address: str, num_params: int, *,
+                     quiet: bool = False) -> Any:
+    """Serve the live dashboard of a simulation on ``address`` (``HOST:PORT``); its
+    :attr:`~shoal.dashboard.server.Dashboard.observer` is to be handed to the run. Nothing
+    on it changes state (no store), so its operator token is a fresh random one, never
+    shown.
+
+    Returns:
+        The started :class:`~shoal.dashboard.server.Dashboard` (its URL printed unless
+        ``quiet``).
+
+    Raises:
+        ConfigError: the dashboard extra is missing, or a bad or busy address.
+    """
+    host, port = simulation_address(cfg, address)
+    from shoal.dashboard.server import Dashboard
+    from shoal.dashboard.state import RunInfo, RunState
+
+    d = cfg["dashboard"]
+    state = RunState(RunInfo.of(cfg, run_dir.name, "simulation", num_params),
+                     history=d["history"])
+    dash = Dashboard(state, secrets.token_urlsafe(32), push_interval_s=d["push_interval_s"])
+    url = dash.start(host, port, allow_remote=d["allow_remote"])
+    if not quiet:
+        print(f"dashboard: {url} (live while the run runs; afterwards: shoal dashboard "
+              f"{run_dir})", file=sys.stderr, flush=True)
+    return dash

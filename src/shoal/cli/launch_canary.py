@@ -8,7 +8,9 @@ cohort outside it (:func:`~shoal.transport.evaluation_carrier.run_canary_deploye
 devices' held-out splits, until the rule (:class:`~shoal.lifecycle.canary.CanaryRule`)
 promotes or rolls back; every step goes to ``--dir``'s ``audit.jsonl``. The device processes
 verify every model with the operator's public key and fetch their served model between tasks
-(``shoal client --trusted-key --served-every --holdout``).
+(``shoal client --trusted-key --served-every --holdout``). The dashboard (on unless
+``--no-dashboard``) shows the canary as the audit log records it, live, beside the store
+read-only: the canary alone moves the production pointer while it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,8 +92,10 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
             settings, or too few devices within ``deploy.wait_timeout_s``.
         KeyFileError: the signing key is missing or unusable.
     """
+    from shoal.cli.dashboard import Operations
     from shoal.deploy import _wait_for_devices, settings_from_config
-    from shoal.lifecycle.audit import AuditLog
+    from shoal.lifecycle.audit import AuditLog, read_audit
+    from shoal.observers import Observers
     from shoal.lifecycle.canary import Canary, CanaryRule
     from shoal.lifecycle.keys import load_signer
     from shoal.registry import SQLiteRegistry
@@ -107,7 +112,11 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
                       max_rounds=args.max_evaluations)
     signer = load_signer(keys / "operator.key")
     audit_path = Path(paths.store).parent / "audit.jsonl"
-    with ModelStore(paths.store) as store:
+    asked = args.dashboard or cfg["dashboard"]["address"]
+    with ModelStore(paths.store) as store, Operations(
+            cfg, audit_path.parent, paths.registry, quiet=args.quiet, optional=not asked,
+            log_events=bool(args.log_json),
+            address="" if args.no_dashboard else asked or "127.0.0.1:0") as ops:
         prod = store.production()
         if prod is None:
             raise ConfigError(f"the model store {paths.store} has no production version to "
@@ -125,9 +134,18 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
             settings_from_config(cfg), Keyring.single(load_or_create_secret(paths.secret)),
             spec.size, spec.fingerprint, lambda: SQLiteRegistry(paths.registry),
             revocations=RevocationFile(paths.revoked) if paths.revoked else None,
-            serving=serving, signer=signer, segment_by=args.segment_by)
+            serving=serving, signer=signer, segment_by=args.segment_by,
+            metrics=Observers(ops.observers))
+        state = ops.dashboard.state if ops.dashboard is not None else None
+        if state is not None:
+            ops.on_store(ModelStore(paths.store, readonly=True), threading.Lock())
+            if audit_path.exists():  # earlier canaries of this store
+                for entry in read_audit(audit_path):
+                    state.add_audit(entry)
+            state.set_status("waiting", f"for devices; then a canary of v{args.canary}")
         canary = Canary(store, args.canary, args.canary_fraction, now=time.time(),
-                        rule=rule, audit=AuditLog(audit_path))
+                        rule=rule, audit=AuditLog(audit_path, listener=state.add_audit
+                                                  if state is not None else None))
         serving.canary = canary
         port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
         try:
@@ -135,6 +153,8 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
             devices = _wait_for_devices(service.registry,
                                         d["wait_devices"] or cfg["data"]["clients"],
                                         d["wait_timeout_s"], service)
+            if state is not None:
+                state.set_status("running", f"canary of v{canary.candidate}")
             with EvaluationCarrier(service, devices, seed=cfg.seed) as carrier:
                 outcome = run_canary_deployed(canary, carrier, cohort=args.canary_cohort,
                                               seed=cfg.seed, timeout_s=args.evaluation_timeout)

@@ -20,6 +20,7 @@ examples:
   shoal run --population 1000000 --per-round 1000 --trace mobile --rounds 20
                                           # a million phones that come and go, in
                                           # simulated time (data generated per client)
+  shoal run --dashboard 127.0.0.1:8080    # the web dashboard, live while it runs
 
 The run directory holds config.toml (resolved), metrics.jsonl and metrics.csv (one row per
 round), summary.json, model.npz (final checkpoint) and curves.png (accuracy and loss). With
@@ -62,6 +63,10 @@ def add_parser(sub) -> None:
     p.add_argument("--log-json", dest="log_json", metavar="FILE",
                    help="append a structured log of the run (JSON lines: versions, "
                         "rejections by reason, privacy) to FILE")
+    p.add_argument("--dashboard", metavar="HOST:PORT",
+                   help="serve the web dashboard of this run while it runs (port 0: any "
+                        "free one; the URL is printed); `shoal dashboard RUN_DIR` shows it "
+                        "afterwards (docs/dashboard.md)")
     p.set_defaults(func=run)
 
 
@@ -100,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, _overrides(args))
     else:
         cfg = load_config(args.config, _overrides(args))
+    if args.dashboard:
+        from shoal.cli.dashboard import simulation_address
+
+        simulation_address(cfg, args.dashboard)  # a bad address is refused before anything
     banner(cfg, args)
     exp = Experiment(cfg)
     if args.verbose:
@@ -117,15 +126,37 @@ def run(args: argparse.Namespace) -> int:
 
         configure_json_logging(open(args.log_json, "a", buffering=1))
         observers.append(LogObserver())
+    dashboard = None
+    if args.dashboard:
+        from shoal.cli.dashboard import serve_simulation
+
+        dashboard = serve_simulation(cfg, observers[0].path, args.dashboard, exp.spec.size,
+                                     quiet=args.quiet)
+        observers.append(dashboard.observer)
+    if cfg["hierarchy"]["edges"]:  # each edge's part, for the dashboard (edges.jsonl)
+        from shoal.dashboard.edges import EdgeLog
+        from shoal.hierarchy.tiers import observe_tiers
+        from shoal.observers import Observers
+
+        observers.append(EdgeLog(observers[0].path))
+        observe_tiers(exp.pool, Observers(observers))
     timed = exp.time_model is not None
     progress = ProgressBar(cfg.rounds, quiet=args.quiet,
                            start=state.version if state is not None else 0,
                            clock=(lambda: exp.clock.now()) if timed else None)
     try:
         result = exp.run(state=state, observers=[progress, *observers])
+    except BaseException as exc:
+        if dashboard is not None:
+            dashboard.state.set_status("failed", str(exc))
+        raise
     finally:
         progress.close()
         exp.close()
+        if dashboard is not None:
+            if dashboard.state.status != "failed":
+                dashboard.state.set_status("finished")
+            dashboard.stop()
     if result.timeline:
         _write_timeline(observers[0].path, cfg, result)
     code = report(cfg, args, exp, result, run_dir=observers[0])

@@ -4,9 +4,10 @@ Routes:
 
 * ``GET /`` -- the page (``static/index.html``; scripts and styles from ``/static``, uPlot
   vendored there: nothing is fetched from elsewhere);
-* ``GET /api/state?since=N`` -- :meth:`~shoal.dashboard.state.RunState.snapshot`;
-* ``GET /api/events?since=N`` -- the same snapshot as server-sent events, sent when something
-  changed, at most every ``dashboard.push_interval_s``;
+* ``GET /api/state?since=N&audit_since=M`` -- :meth:`~shoal.dashboard.state.RunState.snapshot`
+  (rows from N on, audit entries from M on; the canary and edges panels' data);
+* ``GET /api/events?since=N&audit_since=M`` -- the same snapshot as server-sent events, sent
+  when something changed, at most every ``dashboard.push_interval_s``;
 * ``GET /api/devices?offset=&limit=`` -- the registry browser (attributes, windows, last seen,
   participation, recent outcomes; never a token or a key);
 * ``GET /api/versions`` -- the model store's versions, production pointer and history;
@@ -138,27 +139,29 @@ def build_app(dash: Dashboard) -> ASGI:
     async def state(request: Request) -> Response:
         try:
             since = _int(request, "since", 0, 0, 2**62)
+            audit_since = _int(request, "audit_since", 0, 0, 2**62)
         except ConfigError as exc:
             return _error(400, str(exc))
         await run_in_threadpool(dash.learn_num_params)
-        return _json(dash.state.snapshot(since))
+        return _json(dash.state.snapshot(since, audit_since))
 
     async def events(request: Request) -> Response:
         try:
             since = _int(request, "since", 0, 0, 2**62)
+            audit_since = _int(request, "audit_since", 0, 0, 2**62)
         except ConfigError as exc:
             return _error(400, str(exc))
 
         async def stream() -> Any:
-            nonlocal since
+            nonlocal since, audit_since
             last, quiet = -1, 0.0
             yield "retry: 2000\n\n"
             while not dash.closing:
                 if dash.state.changes != last:
                     await run_in_threadpool(dash.learn_num_params)
                     last = dash.state.changes
-                    snap = dash.state.snapshot(since)
-                    since = snap["next"]
+                    snap = dash.state.snapshot(since, audit_since)
+                    since, audit_since = snap["next"], snap["audit_next"]
                     yield f"event: state\ndata: {json.dumps(snap, allow_nan=False)}\n\n"
                     quiet = 0.0
                 elif quiet >= _KEEPALIVE_S:

@@ -4,7 +4,11 @@
 ``metrics.jsonl`` gains one line per final round (the run directory's writer appends and
 closes the file each time) and ``summary.json`` appears when the run ends, so following a run
 is reading the lines that are new since the last look, and calling it finished once the
-summary is there.
+summary is there. Two more JSON-lines files are followed the same way when they exist:
+``edges.jsonl`` (one line per edge and task of a run with edge aggregators,
+:class:`~shoal.dashboard.edges.EdgeLog`) and an audit log (``audit.jsonl``, what a canary
+rollout decided: :mod:`shoal.dashboard.canary`), in the directory or named apart -- a
+``shoal launch --canary`` state directory is followed while its canary runs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from shoal.config import Config, load_config
 from shoal.dashboard.state import RunInfo, RunState
 from shoal.errors import DataError
 
-__all__ = ["RunDirFollower"]
+__all__ = ["JsonLines", "RunDirFollower"]
 
 
 def _config_of(run_dir: Path) -> Config:
@@ -28,27 +32,87 @@ def _config_of(run_dir: Path) -> Config:
     return load_config(path)
 
 
+class JsonLines:
+    """The complete lines a JSON-lines file gained since the last look (a line still being
+    written is read next time; a missing file has none yet).
+
+    Args:
+        path: the file.
+        strict: a complete line that is not a JSON object is an error; else it is skipped
+            (an audit log's torn line, as :func:`~shoal.lifecycle.audit.read_audit` does).
+    """
+
+    def __init__(self, path: Path, *, strict: bool = True) -> None:
+        self.path = path
+        self.strict = strict
+        self._offset = 0
+        self._line = 0
+
+    @property
+    def started(self) -> bool:
+        """Whether anything was read yet."""
+        return self._offset > 0
+
+    def read(self) -> list[dict]:
+        """The new objects, oldest first.
+
+        Raises:
+            DataError: (strict) a complete line is not a JSON object.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        out = []
+        for raw in data[:end].splitlines():
+            self._line += 1
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                if not self.strict:
+                    continue
+                raise DataError(f"{self.path}:{self._line} is not JSON: {exc}",
+                                path=str(self.path)) from None
+            if not isinstance(row, dict):
+                if not self.strict:
+                    continue
+                raise DataError(f"{self.path}:{self._line} is not a JSON object",
+                                path=str(self.path))
+            out.append(row)
+        self._offset += end
+        return out
+
+
 class RunDirFollower:
     """Reads a run directory into a :class:`RunState`, and keeps reading as it grows.
 
     Args:
-        run_dir: the directory (``runs/<name>``).
+        run_dir: the directory (``runs/<name>``, or a ``shoal launch`` state directory).
         history: rows the state keeps.
+        audit: the audit log to follow (default: ``audit.jsonl`` in ``run_dir``).
 
     Raises:
         DataError: ``run_dir`` has no ``config.toml``.
         ConfigError: its ``config.toml`` does not load.
     """
 
-    def __init__(self, run_dir: str | Path, *, history: int = 100_000) -> None:
+    def __init__(self, run_dir: str | Path, *, history: int = 100_000,
+                 audit: str | Path | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = _config_of(self.run_dir)
         summary = self._summary()
         self.state = RunState(RunInfo.of(self.cfg, self.run_dir.name, "replay",
                                          int(summary.get("num_params", 0) or 0)),
                               history=history)
-        self._offset = 0
-        self._line = 0
+        self._metrics = JsonLines(self.run_dir / "metrics.jsonl")
+        self._edges = JsonLines(self.run_dir / "edges.jsonl")
+        self.audit_path = Path(audit) if audit is not None else self.run_dir / "audit.jsonl"
+        self._audit = JsonLines(self.audit_path, strict=False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.poll()
@@ -63,47 +127,30 @@ class RunDirFollower:
         """Read what is new; returns the number of rows added.
 
         Raises:
-            DataError: a complete line of ``metrics.jsonl`` is not a JSON object.
+            DataError: a complete line of ``metrics.jsonl`` or ``edges.jsonl`` is not a JSON
+                object.
         """
-        path = self.run_dir / "metrics.jsonl"
-        added = 0
-        try:
-            with open(path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        end = data.rfind(b"\n") + 1  # a line still being written is read next time
-        for raw in data[:end].splitlines():
-            self._line += 1
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{self._line} is not JSON: {exc}",
-                                path=str(path)) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{self._line} is not a JSON object", path=str(path))
+        for entry in self._audit.read():
+            self.state.add_audit(entry)
+        for report in self._edges.read():  # before the rows: a round's edges are older
+            self.state.add_edge_report(report)
+        rows = self._metrics.read()
+        for row in rows:
             self.state.add_row(row)
-            added += 1
-        self._offset += end
         if self.state.status != "finished":
             summary = self._summary()
             if summary:
                 stopped = summary.get("stopped") or ""
                 self.state.set_status("finished", f"stopped early: {stopped}" if stopped
                                       else "")
-            elif self.state.status == "starting" and self._offset:
+            elif self.state.status == "starting" and self._metrics.started:
                 self.state.set_status("running")
-        return added
+        return len(rows)
 
     def start(self, interval_s: float = 0.5) -> None:
         """Poll every ``interval_s`` seconds on a daemon thread until :meth:`stop`."""
         def loop() -> None:
             while not self._stop.wait(interval_s):
-                if self.state.status == "finished":
-                    return
                 try:
                     self.poll()
                 except DataError as exc:

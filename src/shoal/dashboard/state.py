@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shoal.config import Config
+from shoal.dashboard.canary import CanaryPanel
+from shoal.dashboard.edges import EdgesPanel
 from shoal.observers import CarrierObserver
 from shoal.records import RoundRecord
 
@@ -47,7 +49,8 @@ class RunInfo:
 
     Attributes:
         name: the run directory's or the state directory's name.
-        mode: ``"deployment"`` (a live aggregator) or ``"replay"`` (a run directory).
+        mode: ``"deployment"`` (a live aggregator), ``"simulation"`` (``shoal run
+            --dashboard``) or ``"replay"`` (a run directory).
         policy: ``"sync"`` (rounds) or ``"buffered"`` (server steps).
         rounds: the versions the run will commit.
         clients, per_round: population and cohort size.
@@ -133,6 +136,8 @@ class RunState:
         self._committed_at: dict[int, float] = {}
         self._phases: dict[int, dict[str, float]] = {}
         self._awaiting_first_task: int | None = None  # version whose next task ends "commit"
+        self._canary = CanaryPanel()
+        self._edges = EdgesPanel()
 
     # -- writers ----------------------------------------------------------------------------
 
@@ -154,12 +159,25 @@ class RunState:
         with self._lock:
             version = int(clean.get("version", 0) or 0)
             clean.update(self._phases.pop(version, {}))
+            clean.update(self._edges.columns(int(clean.get("round", 0) or 0)))
             if len(self._rows) == self._rows.maxlen:
                 self.dropped_rows += 1
             self._rows.append(clean)
             self.version = max(self.version, version)
             if self.status in ("starting", "waiting"):
                 self.status, self.detail = "running", ""
+            self._changed += 1
+
+    def add_audit(self, entry: Mapping[str, Any]) -> None:
+        """An audit log entry (a canary's step, a drift alarm): :mod:`.canary`."""
+        with self._lock:
+            self._canary.add(finite(dict(entry)))  # type: ignore[arg-type]
+            self._changed += 1
+
+    def add_edge_report(self, report: Mapping[str, Any]) -> None:
+        """An edge's part in one task (an ``EdgeReport`` as a dict): :mod:`.edges`."""
+        with self._lock:
+            self._edges.add(report)
             self._changed += 1
 
     def count(self, table: str, key: str, n: int = 1) -> None:
@@ -180,14 +198,16 @@ class RunState:
         with self._lock:
             return list(self._rows)
 
-    def snapshot(self, since: int = 0) -> dict[str, Any]:
-        """The state as JSON-ready data, with the rows from number ``since`` on.
+    def snapshot(self, since: int = 0, audit_since: int = 0) -> dict[str, Any]:
+        """The state as JSON-ready data, with the rows from number ``since`` on and the
+        audit entries from number ``audit_since`` on.
 
         Rows are numbered from 0 over the whole run (:attr:`dropped_rows` included), so a page
         that has rows ``0..n-1`` asks for ``since=n`` and gets only what is new; ``next`` is
-        the number to ask for next time.
+        the number to ask for next time (``audit_next`` for audit entries).
         """
         with self._lock:
+            audit, audit_first = self._canary.since(audit_since)
             first = self.dropped_rows
             start = max(since - first, 0)
             rows = list(self._rows)[start:] if start < len(self._rows) else []
@@ -203,6 +223,8 @@ class RunState:
                 "failed": dict(self.failed), "checkins": dict(self.checkins),
                 "refused": dict(self.refused), "dropouts": dict(self.dropouts),
                 "abandoned": dict(self.abandoned), "active_uploads": self.active_uploads,
+                "canary": self._canary.view(), "audit": audit, "audit_first": audit_first,
+                "audit_next": self._canary.total, "edges": self._edges.view(),
             }
 
     # -- what the observer reports ----------------------------------------------------------
@@ -334,4 +356,7 @@ class DashboardObserver(CarrierObserver):
 
     def uploads_active(self, delta: int) -> None:
         self.state._uploads(delta)
+
+    def edge_reported(self, report: object) -> None:
+        self.state.add_edge_report(report.to_dict())  # type: ignore[attr-defined]
 

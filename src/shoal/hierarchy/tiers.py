@@ -12,11 +12,17 @@ Failure (simulated): an edge scheduled to fail in a parent round keyed ``r`` tra
 (its devices upload to it) and dies before its upload: the parent hears nothing for those
 clients, its policy decides (commit with the rest, or abandon and retry), and the ring moves
 the dead edge's devices to the next live edges, where their next task finds them.
+
+A tier tells its :attr:`Tier.observer` (set by the run: the dashboard, the run directory's
+``edges.jsonl``) one :class:`EdgeReport` per edge and task: its devices, its upload, a
+failure and where the failed edge's devices went.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -25,11 +31,46 @@ from shoal.errors import ConfigError
 from shoal.events import PartialAggregate, TrainTask, UpdateBatch
 from shoal.hierarchy.edge import Edge
 from shoal.hierarchy.ring import Ring
+from shoal.observers import Observer
 from shoal.pipeline import SumRule
 from shoal.policy import BufferedPolicy, RoundPolicy
 from shoal.runner import ClientPool
 
-__all__ = ["Tier", "Route", "hierarchy_from_config", "parse_failures"]
+__all__ = ["EdgeReport", "Tier", "Route", "hierarchy_from_config", "observe_tiers",
+           "parse_failures"]
+
+
+@dataclass(frozen=True)
+class EdgeReport:
+    """One edge's part in one task of its tier (:meth:`Observer.edge_reported
+    <shoal.observers.Observer.edge_reported>`).
+
+    Attributes:
+        round: the parent's round key of the task.
+        edge: the edge's name.
+        assigned: devices the ring gives it now (edges, for a region tier).
+        asked: the task's clients in its group.
+        accepted: client updates inside its upload (0 without one).
+        device_bytes: bytes its devices' accepted updates took to it (and, from tiers
+            below, into theirs).
+        upload_bytes: its upload's bytes to the parent (0 without one).
+        outcome: ``uploaded``, ``failed`` (it died before its upload) or ``no_round`` (no
+            edge round committed, or a secure group too small to sum).
+        moved_to: a failed edge's devices, by the edge the ring moved them to.
+    """
+
+    round: int
+    edge: str
+    assigned: int
+    asked: int
+    accepted: int = 0
+    device_bytes: float = 0.0
+    upload_bytes: float = 0.0
+    outcome: str = "uploaded"
+    moved_to: Mapping[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"moved_to": dict(self.moved_to)}
 
 
 class Route:
@@ -90,6 +131,8 @@ class Tier:
                                   key="hierarchy.failures")
         #: edges that failed, in order (each also taken off the ring)
         self.failed: list[str] = []
+        #: told one :class:`EdgeReport` per edge and task (``None``: nobody listens)
+        self.observer: Observer | None = None
 
     @property
     def num_clients(self) -> int:
@@ -105,16 +148,32 @@ class Tier:
             # whole cohort as one batch (what a flat run does) instead of one per edge
             rounds = next(iter(self.edges.values())).rounds
             below = _FirstRound(below, task, (task.round - 1) * rounds + 1, client_ids)
+        reports: list[EdgeReport] = []
         for name in self.route.ring.edges:
             ids = groups.get(name)
             if ids is None:
                 continue
-            upload = self.edges[name].answer(task, ids, below)
+            edge = self.edges[name]
+            upload = edge.answer(task, ids, below)
             if name not in dying and upload is not None:
                 yield upload
+            if self.observer is not None:
+                reports.append(_report(task.round, name, ids, edge, upload, name in dying))
+        ring = self.route.ring
         for name in dying:  # each trained its group (if any), then died before its upload
             self.failed.append(name)
-            self.route.ring.fail(name)
+            moved = ring.fail(name)
+            if self.observer is not None:
+                to = dict(Counter(ring.edge_of(d) or "" for d in moved))
+                reports = [replace(r, moved_to=to) if r.edge == name else r
+                           for r in reports]
+                if not any(r.edge == name for r in reports):  # it had no group this task
+                    reports.append(EdgeReport(task.round, name, 0, 0, outcome="failed",
+                                              moved_to=to))
+        if self.observer is not None:
+            loads = ring.loads()
+            for r in reports:
+                self.observer.edge_reported(replace(r, assigned=loads.get(r.edge, 0)))
 
     @property
     def aggregates_securely(self) -> bool:
@@ -124,6 +183,27 @@ class Tier:
     def cancel(self, task_id: int) -> None:
         """The parent closed the round: nothing of it is in flight here (edges answer
         within :meth:`train`)."""
+
+
+def _report(round_: int, name: str, ids: np.ndarray, edge: Edge,
+            upload: PartialAggregate | None, dying: bool) -> EdgeReport:
+    """What ``edge`` did for its group ``ids`` of a task keyed ``round_``."""
+    if upload is None:
+        return EdgeReport(round_, name, 0, len(ids),
+                          device_bytes=float(sum(r.bytes_up for r in edge.records)),
+                          outcome="failed" if dying else "no_round")
+    return EdgeReport(round_, name, 0, len(ids), accepted=0 if dying else upload.clients,
+                      device_bytes=float(upload.metrics.get("edge_ingress_bytes", 0.0)),
+                      upload_bytes=0.0 if dying else float(upload.metrics.get("upload_bytes",
+                                                                              0.0)),
+                      outcome="failed" if dying else "uploaded")
+
+
+def observe_tiers(pool: object, observer: Observer) -> None:
+    """Let ``observer`` hear every tier of ``pool`` (nothing when it has none)."""
+    while isinstance(pool, Tier):
+        pool.observer = observer
+        pool = pool.below
 
 
 class _FirstRound:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,14 @@ class AuditLog:
 
     Args:
         path: a JSON-lines file to append to (created with its directory), or ``None``.
+        listener: called with every entry once it is written (the live dashboard); what it
+            raises is the caller's.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, *,
+                 listener: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = None if path is None else Path(path)
+        self.listener = listener
         self.entries: list[dict[str, Any]] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +66,8 @@ class AuditLog:
                 f.flush()
                 os.fsync(f.fileno())
         self.entries.append(entry)
+        if self.listener is not None:
+            self.listener(entry)
         return entry
 
 

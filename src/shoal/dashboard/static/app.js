@@ -7,7 +7,7 @@
 
 (function () {
   let REPORT = false;  // set by start(): the page carries its state (the HTML report)
-  const model = { info: {}, rows: [], base: 0, snap: null };
+  const model = { info: {}, rows: [], base: 0, snap: null, audit: [], auditBase: 0 };
   const charts = {};
   let registryOffset = 0;
   let lastVersionsFetch = -1;
@@ -91,7 +91,7 @@
 
   const COLORS = ["#2f6fdf", "#c0362c", "#888", "#1f8a4c", "#b7791f", "#7e3fbf"];
 
-  function chart(id, xs, series, axes) {
+  function chart(id, xs, series, axes, xLabel) {
     const target = document.getElementById(id);
     const present = series.filter((s) => s.values.some((v) => v !== null));
     if (!present.length || !xs.length) {
@@ -108,14 +108,15 @@
     if (charts[id]) charts[id].plot.destroy();
     target.replaceChildren();
     const width = Math.max(320, Math.min(1040, (document.querySelector("main").clientWidth || 900) - 40));
+    const xName = xLabel || (model.info.policy === "buffered" ? "server step" : "round");
     const opts = {
       width, height: 240,
       scales: { x: { time: false } },
-      series: [{ label: model.info.policy === "buffered" ? "server step" : "round" },
+      series: [{ label: xName },
         ...present.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length],
                                     width: 2, scale: s.scale || "y", spanGaps: true,
                                     dash: s.dash, points: { show: xs.length < 60 } }))],
-      axes: [{ label: model.info.policy === "buffered" ? "server step" : "round",
+      axes: [{ label: xName,
                 incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 1e5, 1e6] },
         ...(axes || [{ scale: "y" }])],
     };
@@ -162,6 +163,27 @@
     ], [{ scale: "y", label: "ε" }]);
     chart("chart-clip", tr, [{ label: "clip norm", values: tc("privacy_clip_norm") }],
           [{ scale: "y", label: "L2 norm" }]);
+    if (model.snap.edges) {
+      const big = t.reduce((m, r) => Math.max(m, r.privacy_edge_ingress_bytes || 0), most);
+      const [eu, es] = big >= 1e6 ? ["MB", 1e6] : ["kB", 1e3];
+      chart("chart-edge-bytes", tr, [
+        { label: `${eu} at the global server`, values: t.map((r) => r.bytes_up / es) },
+        { label: `${eu} devices to edges`, values: tc("privacy_edge_ingress_bytes").map((v) => (v === null ? null : v / es)) },
+      ], [{ scale: "y", label: eu }]);
+      chart("chart-edge-uploads", tr, [
+        { label: "edge uploads", values: tc("edge_uploads") },
+        { label: "edges failed", values: tc("edge_failed"), color: "#c0362c" },
+      ], [{ scale: "y", label: "edges" }]);
+    }
+    const c = model.snap.canary;
+    if (c) {
+      const evs = c.evaluations;
+      const arm = (e, a, k) => (e[a] && e[a].metrics && e[a].metrics[k] !== undefined ? e[a].metrics[k] : null);
+      chart("chart-canary", evs.map((e) => e.number), [
+        { label: `candidate v${c.candidate} loss`, values: evs.map((e) => arm(e, "candidate", "loss")), color: "#c0362c" },
+        { label: `production v${c.production} loss`, values: evs.map((e) => arm(e, "production", "loss")), color: "#2f6fdf" },
+      ], [{ scale: "y", label: "loss" }], "evaluation");
+    }
   }
 
   // -- pages ------------------------------------------------------------------------------------
@@ -252,6 +274,83 @@
     for (const [stage, n] of counterRows(model.snap.dropouts))
       if (!totals.some(([k]) => k === stage)) totals.push([stage, n]);
     table("dropouts-table", ["stage", "clients lost"], totals);
+  }
+
+  function auditDetail(e) {
+    const rest = Object.entries(e).filter(([k]) => k !== "at" && k !== "action");
+    return rest.map(([k, v]) => `${k}=${typeof v === "object" && v !== null ? JSON.stringify(v) : v}`).join(" ");
+  }
+
+  function renderCanary() {
+    const c = model.snap.canary;
+    table("audit-table", ["when", "action", "details"],
+          model.audit.slice(-200).reverse().map((e) => [when(e.at), e.action, auditDetail(e)]));
+    if (!c) {
+      fill("canary-note", REPORT || model.info.mode === "replay"
+        ? "No canary rollout in this run's audit log (audit.jsonl)."
+        : "No canary rollout: `shoal launch --canary VERSION` runs one and shows it here.");
+      fill("canary-cards");
+      fill("canary-reason");
+      table("canary-table", ["evaluation"], []);
+      return;
+    }
+    fill("canary-note", `salt ${c.salt} · started ${when(c.started)}` +
+         (c.decided ? ` · decided ${when(c.decided)}` : ""));
+    const r = c.rule || {};
+    fill("canary-cards",
+      card("candidate", `v${c.candidate}`, "canary-candidate"),
+      card("production", `v${c.production}`, "canary-production"),
+      card("canary fraction", num(c.fraction, 2), "canary-fraction"),
+      card("decision", c.decision, "canary-decision"),
+      card("evaluation rounds", num(c.evaluations.length), "canary-rounds"),
+      card("rule", `${r.metric || "loss"}: ≥ ${r.min_clients} clients per arm, α ${r.alpha}, ` +
+                   `margin ${r.margin}, ≤ ${r.max_rounds} rounds`));
+    document.getElementById("canary-decision").className = "value decision " + c.decision.replace(" ", "-");
+    fill("canary-reason", c.reason);
+    const arm = (e, a) => e[a] || {};
+    const m = (e, a, k) => (arm(e, a).metrics || {})[k];
+    table("canary-table", ["#", "candidate clients", "candidate loss", "candidate accuracy",
+                           "production clients", "production loss", "production accuracy",
+                           "clients so far (cand. / prod.)", "z", "p worse", "p not worse", "verdict"],
+          c.evaluations.map((e) => [e.number, arm(e, "candidate").clients, num(m(e, "candidate", "loss")),
+                                    num(m(e, "candidate", "accuracy")), arm(e, "production").clients,
+                                    num(m(e, "production", "loss")), num(m(e, "production", "accuracy")),
+                                    `${e.n_candidate} / ${e.n_production}`, num(e.z, 2),
+                                    e.p_worse === null ? "n/a" : e.p_worse.toPrecision(2),
+                                    e.p_not_worse === null ? "n/a" : e.p_not_worse.toPrecision(2),
+                                    e.verdict]));
+  }
+
+  function renderEdges() {
+    const v = model.snap.edges;
+    if (!v) {
+      fill("edges-note", "No edge aggregators in this run (hierarchy.edges = 0).");
+      fill("edge-cards");
+      table("edges-table", ["edge"], []);
+      table("edge-failures-table", ["round"], []);
+      return;
+    }
+    const t = trained();
+    const atGlobal = t.reduce((a, r) => a + (r.bytes_up || 0), 0);
+    const fromDevices = t.reduce((a, r) => a + (r.privacy_edge_ingress_bytes || 0), 0);
+    fill("edges-note", `${num(v.reports)} edge reports; the ring gives each device one edge ` +
+         "and moves a failed edge's devices to the next live edges.");
+    fill("edge-cards",
+      card("edges", num(v.edges.length), "edge-count"),
+      card("failed", num(v.failures.length), "edge-failed"),
+      card("bytes at the global server", mb(atGlobal), "edge-global-bytes"),
+      card("bytes from devices to edges", mb(fromDevices), "edge-device-bytes"),
+      card("global / device bytes", fromDevices ? num(atGlobal / fromDevices, 3) : "n/a", "edge-ratio"));
+    table("edges-table", ["edge", "devices", "tasks", "uploads", "clients asked",
+                          "updates uploaded", "MB from devices", "MB up", "failed in round",
+                          "devices moved out", "devices moved in"],
+          v.edges.map((e) => [e.edge, e.assigned, e.tasks, e.uploads, e.asked, e.accepted,
+                              num(e.device_bytes / 1e6, 3), num(e.upload_bytes / 1e6, 3),
+                              e.failed_round === null ? "-" : e.failed_round, e.moved_out, e.moved_in]),
+          (i) => (v.edges[i].failed_round === null ? "" : "failed"));
+    table("edge-failures-table", ["round", "edge", "devices moved", "moved to"],
+          v.failures.map((f) => [f.round, f.edge, f.moved,
+                                 Object.entries(f.moved_to).map(([k, n]) => `${k} ${n}`).join(", ") || "-"]));
   }
 
   // -- registry and versions (live only) --------------------------------------------------------
@@ -352,6 +451,12 @@
     });
     const keep = Math.max(0, snap.next - model.base);
     if (model.rows.length > keep) model.rows.length = keep;
+    if (!model.audit.length) model.auditBase = snap.audit_first;
+    snap.audit.forEach((entry, k) => {
+      const idx = snap.audit_first + k - model.auditBase;
+      if (idx < model.audit.length) model.audit[idx] = entry;
+      else model.audit.push(entry);
+    });
     render();
   }
 
@@ -361,13 +466,16 @@
     renderDevices();
     renderTraffic();
     renderPrivacy();
+    renderCanary();
+    renderEdges();
     renderCharts();
     if (!REPORT && model.snap.version !== lastVersionsFetch) refreshVersions();
   }
 
   function connect() {
     const since = model.base + model.rows.length;
-    const source = new EventSource(`/api/events?since=${since}`);
+    const auditSince = model.auditBase + model.audit.length;
+    const source = new EventSource(`/api/events?since=${since}&audit_since=${auditSince}`);
     source.addEventListener("state", (ev) => {
       fill("conn", "live");
       merge(JSON.parse(ev.data));
@@ -407,6 +515,7 @@
       registryOffset += 25; renderRegistry();
     });
     merge(await getJSON("/api/state"));
+    if (!location.hash && model.snap.canary && !model.rows.length) location.hash = "#canary";
     connect();
     setInterval(() => { if (location.hash === "#versions") refreshVersions(); }, 10000);
   }
