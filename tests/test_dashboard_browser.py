@@ -200,3 +200,127 @@ def test_a_running_launch_updates_live_and_rollback_needs_the_token(browser, tmp
             os.killpg(proc.pid, signal.SIGKILL)  # any client process left behind
         except ProcessLookupError:
             pass
+
+
+# -- the canary and edges panels ------------------------------------------------------------
+
+
+def _page(driver, name: str) -> None:
+    _click(driver, f'nav a[data-page="{name}"]')
+    WebDriverWait(driver, 5).until(
+        lambda d: "active" in d.find_element(By.ID, f"page-{name}").get_attribute("class"))
+
+
+def _rows(driver, table: str) -> list[list[str]]:
+    return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tr")[1:]]
+
+
+def test_the_canary_and_edges_panels_of_recorded_runs(browser, tmp_path):
+    from test_dashboard_panels import run_canary
+
+    from shoal.config import load_config, to_toml
+    from shoal.dashboard.replay import RunDirFollower
+    from shoal.dashboard.server import Dashboard
+
+    # a canary's state directory: the store and its audit log (a worse candidate, rolled
+    # back in the second evaluation round)
+    work = tmp_path / "work"
+    canary, verdicts, losses = run_canary(work)
+    (work / "config.toml").write_text(to_toml(load_config(None, {})))
+    # a run with three edges, edge-1 failing in round 2
+    out = tmp_path / "runs"
+    assert main(["run", *SMALL[:4], "--clients", "30", "--per-round", "12", "--rounds", "3",
+                 "--set", "hierarchy.edges=3", "--set", 'hierarchy.failures="edge-1@2"',
+                 "--out", str(out), "-q", "--json"]) == 0
+    (run,) = out.iterdir()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    served = []
+    try:
+        for where in (work, run):
+            dash = Dashboard(RunDirFollower(where).state, "t" * 43, push_interval_s=0.1)
+            served.append((dash, dash.start("127.0.0.1", 0)))
+        browser.get_log("browser")
+        # a directory with a canary and no rounds opens on the canary page
+        browser.get(served[0][1])
+        WebDriverWait(browser, 10).until(lambda d: _text(d, "canary-decision") == "rolled back")
+        assert "active" in browser.find_element(By.ID, "page-canary").get_attribute("class")
+        assert _text(browser, "canary-candidate") == "v2"
+        assert _text(browser, "canary-production") == "v1"
+        assert _text(browser, "canary-fraction") == "0.20"
+        assert _text(browser, "canary-reason") == verdicts[-1].reason
+        table = _rows(browser, "canary-table")
+        assert [r[0] for r in table] == ["1", "2"] and [r[-1] for r in table] == ["wait",
+                                                                                 "rollback"]
+        for r, (cand, prod) in zip(table, losses):
+            assert (r[1], r[2], r[4], r[5]) == ("5", f"{cand:.4f}", "5", f"{prod:.4f}")
+        assert table[0][8] == "n/a" and table[1][8] == f"{verdicts[1].z:.2f}"
+        assert table[1][7] == "10 / 10"
+        audit = _rows(browser, "audit-table")
+        assert [r[1] for r in audit] == [e["action"] for e in reversed(canary.audit.entries)]
+        assert browser.find_elements(By.CSS_SELECTOR, "#chart-canary .uplot canvas")
+        _page(browser, "edges")
+        assert "No edge aggregators" in _text(browser, "edges-note")
+        assert _errors(browser) == []
+
+        browser.get(served[1][1] + "#edges")
+        WebDriverWait(browser, 10).until(lambda d: _text(d, "edge-count") == "3")
+        assert _text(browser, "edge-failed") == "1"
+        up = sum(r["bytes_up"] for r in rows)
+        down = sum(r.get("privacy_edge_ingress_bytes", 0) for r in rows)
+        assert _text(browser, "edge-global-bytes") == f"{up / 1e6:.3f} MB"
+        assert _text(browser, "edge-device-bytes") == f"{down / 1e6:.3f} MB"
+        edges = _rows(browser, "edges-table")
+        assert [r[0] for r in edges] == ["edge-0", "edge-1", "edge-2"]
+        assert [r[3] for r in edges] == ["3", "1", "3"]  # uploads: edge-1 died in round 2
+        assert [r[8] for r in edges] == ["-", "2", "-"]
+        failed_row = browser.find_elements(By.CSS_SELECTOR, "#edges-table tr")[2]
+        assert failed_row.get_attribute("class") == "failed"
+        (failure,) = _rows(browser, "edge-failures-table")
+        assert failure[:2] == ["2", "edge-1"] and "edge-" in failure[3]
+        assert browser.find_elements(By.CSS_SELECTOR, "#chart-edge-bytes .uplot canvas")
+        assert browser.find_elements(By.CSS_SELECTOR, "#chart-edge-uploads .uplot canvas")
+        _page(browser, "canary")
+        assert "No canary rollout" in _text(browser, "canary-note")
+        assert _errors(browser) == []
+    finally:
+        for dash, _ in served:
+            dash.stop()
+
+
+def test_a_running_shoal_run_with_edges_is_shown_live(browser, tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "run", *SMALL[:4], "--clients", "30",
+         "--per-round", "12", "--rounds", "600", "--set", "hierarchy.edges=3",
+         "--out", str(tmp_path / "runs"), "-q", "--dashboard", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                state = json.loads(urllib.request.urlopen(url + "api/state", timeout=2).read())
+                if state["version"] >= 1:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no round within 30 s"
+            time.sleep(0.1)
+        assert state["info"]["mode"] == "simulation" and state["status"] == "running"
+        browser.get_log("browser")
+        browser.get(url + "#edges")
+        WebDriverWait(browser, 10).until(lambda d: _text(d, "edge-count") == "3")
+        browser.execute_script("window.__loaded_once = true;")
+        tasks = lambda d: sum(int(r[2]) for r in _rows(d, "edges-table"))  # noqa: E731
+        seen = tasks(browser)
+        WebDriverWait(browser, 15).until(lambda d: tasks(d) > seen)  # pushed, no reload
+        assert browser.execute_script("return window.__loaded_once === true;")
+        assert _errors(browser) == []
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
