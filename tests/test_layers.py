@@ -14,7 +14,7 @@ LAYERS = [
     ("edges", {"cli", "deploy", "telemetry", "dashboard"}),
     ("assembling", {"experiment", "scenarios"}),
     ("carriers", {"sim", "transport", "gateway", "device_task", "device_secagg",
-                  "device_sessions", "device_eval", "gossip", "hierarchy"}),
+                  "device_sessions", "device_eval", "gossip", "hierarchy", "cluster"}),
     ("driving", {"runner", "discrete_event", "build"}),
     ("engine", {"coordinator", "policy", "events", "clock", "sampling", "selection",
                 "registry", "store", "observers", "records", "config", "lifecycle",

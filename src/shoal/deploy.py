@@ -30,7 +30,7 @@ from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
 from shoal.models import build_model
 from shoal.observers import CarrierObserver, Observer, Observers
-from shoal.registry import SQLiteRegistry
+from shoal.registry import Registry, SQLiteRegistry
 from shoal.experiment import Experiment, RunResult
 from shoal.store import ModelStore
 from shoal.transport.auth import Keyring, load_or_create_secret
@@ -39,7 +39,8 @@ from shoal.transport.certs import load_client_ca
 from shoal.transport.carrier import GrpcCarrier
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
-__all__ = ["AggregatorPaths", "check_deployable", "run_aggregator"]
+__all__ = ["AggregatorPaths", "check_deployable", "registry_from_config", "run_aggregator",
+           "run_committing", "wait_for_devices"]
 
 log = logging.getLogger("shoal.aggregator")
 
@@ -50,7 +51,7 @@ class AggregatorPaths:
 
     Attributes:
         secret: token signing key (created with mode 0600 if missing).
-        registry: SQLite client registry.
+        registry: the SQLite client registry (with ``deploy.registry = "sqlite"``).
         store: model store (versions, crash recovery).
         tls_dir: directory with ``server.pem`` and ``server.key`` (``shoal certs``); ``None``
             serves without TLS, which is refused on anything but loopback.
@@ -122,8 +123,8 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     store_lock = threading.Lock()  # the aggregator's commits and the dashboard's moves
     observers = list(observers)
 
-    def registry_factory() -> SQLiteRegistry:
-        return SQLiteRegistry(paths.registry)
+    def registry_factory() -> Registry:
+        return registry_from_config(cfg, paths.registry)
 
     tls = None
     if paths.tls_dir is not None:
@@ -152,7 +153,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             on_store(store, store_lock)
         if on_ready:
             on_ready(port)
-        devices = _wait_for_devices(registry_factory(), d["wait_devices"] or
+        devices = wait_for_devices(registry_factory(), d["wait_devices"] or
                                     cfg["data"]["clients"], d["wait_timeout_s"], service)
         carrier = GrpcCarrier(service, devices, secure=secagg_from_config(cfg))
         # the policy asks ceil(deploy.target x deploy.over_selection) devices a round; a
@@ -162,28 +163,62 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                    else RegistrySampler(selector_from_config(cfg), s["per_round"],
                                         carrier.devices, lambda: service.registry))
         exp = Experiment(cfg, data, pool=carrier, sampler=sampler)
-        state = None
-        latest = store.latest()
-        if latest is not None:
-            state = exp.restore(store.load(latest.id))
-            log.info("resuming from model version %d (round %d)", latest.id, state.version)
-
-        def commit(st: ServerState, rec: RoundRecord) -> None:
-            with store_lock:
-                parent = store.latest()
-                store.commit(exp.checkpoint(st), round=st.version,
-                             metrics={"accepted": float(rec.accepted)},
-                             parent=parent.id if parent else None, now=time.time())
-
-        result = exp.run(on_round, state=state, on_commit=commit,
-                         observers=[metrics, *observers])
-        return exp, result
+        return exp, run_committing(exp, store, store_lock, on_round,
+                                   observers=[metrics, *observers])
     finally:
         stop()
         with store_lock:
             store.close()
         if hasattr(metrics, "close"):
             metrics.close()
+
+
+def run_committing(exp: Experiment, store: ModelStore, store_lock: threading.Lock,
+                   on_round: Callable[[RoundRecord], None] | None = None, *,
+                   observers: Iterable[Observer] = ()) -> RunResult:
+    """Run ``exp`` from the store's latest version (if any), committing every version to
+    ``store`` (under ``store_lock``) before the next round starts: what makes an aggregator
+    (or the aggregator cluster's committer) crash-safe.
+
+    Raises:
+        StorageError: the store could not be written; every version before is intact.
+    """
+    state = None
+    latest = store.latest()
+    if latest is not None:
+        state = exp.restore(store.load(latest.id))
+        log.info("resuming from model version %d (round %d)", latest.id, state.version)
+
+    def commit(st: ServerState, rec: RoundRecord) -> None:
+        with store_lock:
+            parent = store.latest()
+            store.commit(exp.checkpoint(st), round=st.version,
+                         metrics={"accepted": float(rec.accepted)},
+                         parent=parent.id if parent else None, now=time.time())
+
+    return exp.run(on_round, state=state, on_commit=commit, observers=observers)
+
+
+def registry_from_config(cfg: Config, path: Path | None = None) -> Registry:
+    """The device registry ``deploy.registry`` names: the SQLite file ``path``, or the
+    Redis registry at ``deploy.redis_url`` (keys under ``deploy.redis_prefix:registry``).
+
+    Raises:
+        ConfigError: ``sqlite`` without a path, or ``redis`` without the redis extra.
+        RegistryUnavailable: Redis cannot be reached.
+    """
+    d = cfg["deploy"]
+    if d["registry"] == "sqlite":
+        if path is None:
+            raise ConfigError("deploy.registry = 'sqlite' keeps the registry in a file of one "
+                              "process: several need 'redis'", key="deploy.registry")
+        return SQLiteRegistry(path)
+    try:
+        from shoal.registry.redis import RedisRegistry
+    except ImportError:
+        raise ConfigError("deploy.registry = 'redis' needs the redis package (pip install "
+                          "'shoal[redis]')", key="deploy.registry") from None
+    return RedisRegistry(d["redis_url"], prefix=f"{d['redis_prefix']}:registry")
 
 
 def _metrics() -> CarrierObserver:
@@ -268,11 +303,17 @@ def _check_central_dp_accounting(cfg: Config) -> None:
                               key=key)
 
 
-def _wait_for_devices(registry: SQLiteRegistry, want: int, timeout_s: float,
-                      service: AggregatorService) -> list[str]:
+def wait_for_devices(registry: Registry, want: int, timeout_s: float,
+                     service: AggregatorService | None = None) -> list[str]:
+    """The ids of the devices enrolled in ``registry`` once there are ``want`` of them.
+
+    Raises:
+        ConfigError: fewer within ``timeout_s``.
+        StorageError: ``service``'s registry disk failed meanwhile.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
-        if service.failure is not None:  # the registry's disk failed while devices enrolled
+        if service is not None and service.failure is not None:  # the registry's disk failed while devices enrolled
             raise service.failure
         devices = [dev.device_id for dev in registry.list()]
         if len(devices) >= want:
@@ -281,3 +322,6 @@ def _wait_for_devices(registry: SQLiteRegistry, want: int, timeout_s: float,
             raise ConfigError(f"only {len(devices)} of deploy.wait_devices = {want} devices "
                               f"said Hello within {timeout_s:g} s", key="deploy.wait_devices")
         time.sleep(0.2)
+
+
+_wait_for_devices = wait_for_devices  # the name cli/launch_canary.py imports

@@ -63,6 +63,13 @@ def add_parser(sub) -> None:
     p.add_argument("--edges", type=int, metavar="E",
                    help="hierarchical: E edge aggregator processes between the devices and "
                         "the global aggregator, TLS between every tier (docs/hierarchy.md)")
+    p.add_argument("--ingest", type=int, metavar="N",
+                   help="the aggregator cluster: N ingest processes and a committer sharing "
+                        "the registry and the round state through Redis (needs --redis; "
+                        "docs/scaling.md)")
+    p.add_argument("--redis", nargs="?", const="start", metavar="URL",
+                   help="with --ingest: the Redis to use (redis://HOST:PORT/0); alone, start "
+                        "a redis-server on a free loopback port for the run")
     add_canary_options(p)
     p.set_defaults(func=run)
 
@@ -76,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         from shoal.cli.edges import launch_edges
 
         return launch_edges(args)
+    if args.ingest is not None:
+        from shoal.cli.cluster import launch_cluster
+
+        return launch_cluster(args)
     import datetime as dt
     import os
     import subprocess

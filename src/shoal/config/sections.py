@@ -387,6 +387,18 @@ class DeployConfig(Section):
                                         "ones)", min=1.0, max=1e6)
     metrics_port: int = option(-1, "Prometheus /metrics port; -1 = off, 0 = any free port",
                                min=-1, max=65_535)
+    registry: str = option("sqlite", "the device registry: 'sqlite' (a file in the state "
+                           "directory, one aggregator process) or 'redis' (deploy.redis_url, "
+                           "shared by several processes: the aggregator cluster)",
+                           choices=("sqlite", "redis"))
+    redis_url: str = option("redis://127.0.0.1:6379/0", "the Redis of registry = 'redis' "
+                            "and of the aggregator cluster's round state (docs/scaling.md)")
+    redis_prefix: str = option("shoal", "prefix of every Redis key of this deployment "
+                               "(several deployments may share one Redis)")
+    ingest_grace_s: float = option(2.0, "aggregator cluster: ingest nodes stop folding this "
+                                   "long before a round's deadline, so their partial "
+                                   "aggregates reach the committer in time", min=0.0,
+                                   max=3600.0)
 
 
 @section("output")

@@ -40,7 +40,7 @@ from shoal.coordinator import Coordinator
 from shoal.errors import ConfigError
 from shoal.events import PartialAggregate, TrainTask
 from shoal.observers import Observer
-from shoal.pipeline import Pipeline, PlainSum, Sum, SumRule, SumRun
+from shoal.pipeline import Pipeline, PlainSum, Sum, SumRule, SumRun, Validation
 from shoal.policy import RoundPolicy, SyncPolicy
 from shoal.records import RoundRecord
 from shoal.robust.clipping import NormBound
@@ -234,6 +234,8 @@ class Edge:
             updates as they come, staleness counted in the edge's own steps; the upload's
             staleness at the parent is counted in the parent's versions.
         observers: told what happens at this edge.
+        validation: the bounds every device update is checked against (a deployment's
+            ``deploy.max_norm``).
 
     Raises:
         ConfigError: ``rounds < 1``.
@@ -247,6 +249,7 @@ class Edge:
     peers: int = 1
     policy: Callable[[int], RoundPolicy] | None = None
     observers: Iterable[Observer] = ()
+    validation: Validation = Validation()
     #: the records of the edge's rounds in the last task it answered
     records: list[RoundRecord] = field(default_factory=list, init=False)
 
@@ -262,7 +265,8 @@ class Edge:
         rule: SumRule = PlainSum()
         if self.sum_rule is not None:  # the pipeline's step is the edge's next version
             rule = _Keyed(self.sum_rule, lambda v: (v - 1) * self.peers + self.index + 1)
-        return Pipeline(stages=(UploadTap(), *clip), sum_rule=rule)
+        return Pipeline(stages=(UploadTap(), *clip), sum_rule=rule,
+                        validation=self.validation)
 
     def answer(self, task: TrainTask, client_ids: np.ndarray,
                child: ClientPool | PushCarrier) -> PartialAggregate | None:

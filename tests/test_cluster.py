@@ -1,0 +1,210 @@
+"""The aggregator cluster over gRPC on loopback: two ingest nodes (gRPC servers folding
+partial aggregates), the committer (the run's coordinator) and device runtimes, the registry
+and the round state in a real redis-server. The committed model is the one a single process
+computes for the same uploads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("grpc")
+pytest.importorskip("redis")
+
+from redis_server import RedisServer  # noqa: E402
+
+from shoal.build import load_data  # noqa: E402
+from shoal.cli.cluster import run_committer  # noqa: E402
+from shoal.cluster.ingest import run_ingest  # noqa: E402
+from shoal.cluster.rounds import Partial, RoundBoard  # noqa: E402
+from shoal.config import load_config  # noqa: E402
+from shoal.deploy import (AggregatorPaths, registry_from_config, run_aggregator,  # noqa: E402
+                          settings_from_config)
+from shoal.errors import ConfigError, ProtocolError  # noqa: E402
+from shoal.frameworks.torch import spec_of  # noqa: E402
+from shoal.hierarchy.deployed import follow_edges  # noqa: E402
+from shoal.models import build_model  # noqa: E402
+from shoal.store import ModelStore  # noqa: E402
+from shoal.training import LocalTrainConfig  # noqa: E402
+from shoal.transport.auth import Keyring, load_or_create_secret  # noqa: E402
+from shoal.transport.certs import make_local_pki  # noqa: E402
+from shoal.transport.client import DeviceClient  # noqa: E402
+from shoal.transport.reference import fmnist_train_fn  # noqa: E402
+from shoal.transport.tokens import issue_token  # noqa: E402
+
+CLIENTS, NODES, ROUNDS = 6, 2, 2
+BASE = {"rounds": ROUNDS, "data.clients": CLIENTS, "sampling.per_round": CLIENTS,
+        "deploy.over_selection": 1.0, "deploy.min_fraction": 1.0, "deploy.deadline_s": 60.0,
+        "deploy.checkin_interval_s": 0.5, "deploy.wait_timeout_s": 60.0}
+
+
+class Devices:
+    """Device runtimes in threads: device-000c trains client c and calls the ingest nodes
+    starting at node ``c mod N``, moving on when one stops answering."""
+
+    def __init__(self, cfg, data, ca: bytes, secret: bytes) -> None:
+        self.cfg, self.data, self.ca, self.secret = cfg, data, ca, secret
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self, ports: list[int], indices) -> None:
+        cfg, data = self.cfg, self.data
+        local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
+                                 batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
+        for c in indices:
+            idx = data.client_indices[c]
+            name = f"device-{c:04d}"
+            train = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx],
+                                    data.train.y[idx], local, cfg.seed, c)
+            token = issue_token(self.secret, name, now=time.time(), ttl_seconds=3600)
+            order = [f"localhost:{ports[(c + k) % len(ports)]}" for k in range(len(ports))]
+
+            def client_for(target, name=name, token=token, train=train, n=len(idx)):
+                return DeviceClient(target, token, name, root_certificates=self.ca,
+                                    train=train, examples=n, min_wait_s=0.1, max_wait_s=1.0,
+                                    max_retries=2, max_backoff_s=0.5)
+
+            t = threading.Thread(target=follow_edges, args=(order, client_for, self.stop),
+                                 daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+@pytest.fixture
+def redis(tmp_path: Path):
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+def cluster_config(redis: RedisServer, **extra):
+    return load_config(None, {**BASE, "deploy.registry": "redis",
+                              "deploy.redis_url": redis.url, **extra})
+
+
+def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis) -> None:
+    cfg = cluster_config(redis)
+    data = load_data(cfg)
+    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
+    tls = (pki.server_cert.read_bytes(), pki.server_key.read_bytes())
+    secret = load_or_create_secret(tmp_path / "secret")
+    spec = spec_of(build_model(cfg["model"]["name"], 784, 10, cfg.seed))
+    stop = threading.Event()
+    nodes: dict[str, object] = {}
+    ports: list[int] = []
+    ready = threading.Barrier(NODES + 1)
+
+    def serve_node(name: str) -> None:
+        board = RoundBoard(redis.url)
+        nodes[name] = run_ingest(
+            name, board, settings=settings_from_config(cfg),
+            keyring=Keyring.single(secret), dim=spec.size, fingerprint=spec.fingerprint,
+            registry_factory=lambda: registry_from_config(cfg), seed=cfg.seed,
+            grace_s=1.0, tls=tls, stop=stop,
+            on_ready=lambda port: (ports.append(port), ready.wait()))
+
+    threads = [threading.Thread(target=serve_node, args=(f"ingest-{i}",), daemon=True)
+               for i in range(NODES)]
+    for t in threads:
+        t.start()
+    ready.wait(timeout=30)
+    devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
+    devices.start(ports, range(CLIENTS))
+    try:
+        _, result = run_committer(cfg, tmp_path / "models")
+    finally:
+        stop.set()
+        devices.close()
+        for t in threads:
+            t.join(timeout=30)
+
+    assert result.state.version == ROUNDS
+    single = _single_process(tmp_path, cfg, data, pki)
+    assert np.abs(result.state.params - single.state.params).max() <= 1e-6
+    for rec, one in zip(result.records[1:], single.records[1:]):
+        assert rec.accepted == one.accepted == CLIENTS
+        assert rec.examples == one.examples  # every device's examples, once
+    # both nodes folded devices in every round (each device starts at node c mod 2)
+    assert all(node.answered == ROUNDS for node in nodes.values())
+    store = ModelStore(tmp_path / "models")
+    try:
+        assert [v.round for v in store.list()] == list(range(1, ROUNDS + 1))
+        last = store.load(store.latest().id).state.params
+    finally:
+        store.close()
+    assert np.array_equal(last, result.state.params)
+
+
+def _single_process(tmp_path: Path, cfg, data, pki):
+    """The same devices against one aggregator process (SQLite registry, no Redis)."""
+    root = tmp_path / "single"
+    root.mkdir()
+    paths = AggregatorPaths(secret=tmp_path / "secret", registry=root / "registry.db",
+                            store=root / "models", tls_dir=pki.ca_cert.parent)
+    devices = Devices(cfg, data, pki.ca_cert.read_bytes(), load_or_create_secret(paths.secret))
+    try:
+        _, result = run_aggregator(cfg.with_overrides({"deploy.registry": "sqlite"}), paths,
+                                   on_ready=lambda port: devices.start([port], range(CLIENTS)))
+    finally:
+        devices.close()
+    return result
+
+
+def test_a_device_is_folded_by_one_node_only(tmp_path: Path, redis) -> None:
+    """The claim script against an independent reading of the rules: one owner per device,
+    nothing past the target or after the committer closed the task."""
+    from shoal.events import TrainTask
+
+    board = RoundBoard(redis.url, prefix="t")
+    task = TrainTask(task_id=7, version=3, params=np.arange(4, dtype=np.float32), round=4,
+                     deadline=123.5)
+    board.open(task, ["a", "b", "c"], target=2)
+    ct = board.load(7)
+    assert ct is not None and ct.devices == ("a", "b", "c") and ct.target == 2
+    assert np.array_equal(ct.task.params, task.params) and ct.task.round == 4
+    assert board.claim(7, "a", "n1") == "ok"
+    assert board.claim(7, "a", "n1") == "ok"  # a retry at the same node
+    assert board.claim(7, "a", "n2") == "taken"
+    assert board.claim(7, "b", "n2") == "ok"
+    assert board.claim(7, "c", "n1") == "full"  # the target is reached
+    board.release(7, "b", "n1")  # not n1's: nothing changes
+    assert board.state(7)[2] == {"a": "n1", "b": "n2"}
+    board.release(7, "b", "n2")
+    board.close_task(7)
+    assert board.claim(7, "c", "n1") == "closed"
+    assert board.state(7) == (True, 2, {"a": "n1"})
+    assert board.claim(8, "a", "n1") == "closed"  # a task never opened
+    p = Partial(7, "n1", np.ones(4, np.float32), 12, ("a",), 3, {"download_bytes": 5.0})
+    board.push_partial(p)
+    got = board.pop_partial(1.0, 4)
+    assert got is not None and (got.task_id, got.node, got.devices, got.num_examples,
+                                got.base_version, got.metrics) == (7, "n1", ("a",), 12, 3,
+                                                                   {"download_bytes": 5.0})
+    assert np.array_equal(got.delta, p.delta)
+    assert board.pop_partial(0.0, 4) is None
+    with pytest.raises(ProtocolError, match="not 5 float32"):
+        Partial.from_bytes(p.to_bytes(), 5)
+
+
+def test_the_cluster_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    from shoal.cli.cluster import check_cluster
+
+    with pytest.raises(ConfigError, match="deploy.registry = 'redis'"):
+        check_cluster(load_config(None, BASE))
+    with pytest.raises(ConfigError) as e:
+        check_cluster(load_config(None, {**BASE, "deploy.registry": "redis",
+                                         "secure_aggregation.enabled": True}))
+    assert e.value.key == "secure_aggregation.enabled"
+    with pytest.raises(ConfigError, match="several need 'redis'"):
+        registry_from_config(load_config(None, BASE))
