@@ -324,3 +324,73 @@ def test_a_running_shoal_run_with_edges_is_shown_live(browser, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_a_running_canary_launch_is_shown_live_until_its_decision(browser, tmp_path):
+    pytest.importorskip("grpc")
+    from test_launch_canary import OVERRIDES
+
+    from shoal.build import load_data
+    from shoal.config import load_config
+    from shoal.lifecycle.audit import read_audit
+    from shoal.scenarios.canary import train_pair
+    from shoal.store.models import ModelStore
+
+    cfg = load_config(None, OVERRIDES)
+    work = tmp_path / "work"
+    with ModelStore(work / "models") as store:  # a candidate trained on corrupted labels
+        prod, bad, _, _ = train_pair(cfg, load_data(cfg), store, corrupt=True,
+                                     candidate_rounds=20)
+    port = _free_port()
+    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "launch", *sets, "--dir", str(work),
+         "--canary", str(bad), "--canary-fraction", "0.6", "--canary-cohort", "3",
+         "--min-clients", "3", "--max-evaluations", "3", "--evaluation-timeout", "40",
+         "--json", "-q", "--dashboard", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the dashboard is up before the devices are
+            try:
+                urllib.request.urlopen(url + "api/state", timeout=2).read()
+                break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no dashboard within 60 s"
+            time.sleep(0.2)
+        browser.get_log("browser")
+        browser.get(url + "#canary")
+        WebDriverWait(browser, 10).until(lambda d: _text(d, "canary-candidate") == f"v{bad}")
+        assert _text(browser, "canary-production") == f"v{prod}"
+        assert _text(browser, "canary-decision") == "pending"
+        browser.execute_script("window.__loaded_once = true;")
+        # the evaluations and the verdict arrive while the page is open
+        WebDriverWait(browser, 120).until(lambda d: _text(d, "canary-decision") != "pending")
+        assert browser.execute_script("return window.__loaded_once === true;")
+        assert _errors(browser) == []
+        shown = _text(browser, "canary-decision")
+        table = _rows(browser, "canary-table")
+        assert proc.wait(timeout=60) == 0
+        summary = json.loads(proc.stdout.read())
+        assert shown == {"rollback": "rolled back", "promote": "promoted"}[summary["decision"]]
+        assert len(table) == summary["evaluations"] and table[-1][-1] == summary["decision"]
+        assert _text(browser, "canary-reason") == summary["reason"]
+        audit = read_audit(work / "audit.jsonl")
+        assert len(_rows(browser, "audit-table")) == len(audit)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # any client process left behind
+        except ProcessLookupError:
+            pass

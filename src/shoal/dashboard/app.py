@@ -155,20 +155,25 @@ def build_app(dash: Dashboard) -> ASGI:
         async def stream() -> Any:
             nonlocal since, audit_since
             last, quiet = -1, 0.0
-            yield "retry: 2000\n\n"
-            while not dash.closing:
-                if dash.state.changes != last:
-                    await run_in_threadpool(dash.learn_num_params)
-                    last = dash.state.changes
-                    snap = dash.state.snapshot(since, audit_since)
-                    since, audit_since = snap["next"], snap["audit_next"]
-                    yield f"event: state\ndata: {json.dumps(snap, allow_nan=False)}\n\n"
-                    quiet = 0.0
-                elif quiet >= _KEEPALIVE_S:
-                    yield ": keep-alive\n\n"
-                    quiet = 0.0
-                await asyncio.sleep(dash.push_interval_s)
-                quiet += dash.push_interval_s
+            dash.streams += 1
+            try:
+                yield "retry: 2000\n\n"
+                while not dash.closing:
+                    if dash.state.changes != last:
+                        await run_in_threadpool(dash.learn_num_params)
+                        last = dash.state.changes
+                        snap = dash.state.snapshot(since, audit_since)
+                        since, audit_since = snap["next"], snap["audit_next"]
+                        yield f"event: state\ndata: {json.dumps(snap, allow_nan=False)}\n\n"
+                        dash.pushed = max(dash.pushed, last)
+                        quiet = 0.0
+                    elif quiet >= _KEEPALIVE_S:
+                        yield ": keep-alive\n\n"
+                        quiet = 0.0
+                    await asyncio.sleep(dash.push_interval_s)
+                    quiet += dash.push_interval_s
+            finally:
+                dash.streams -= 1
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"cache-control": "no-store"})

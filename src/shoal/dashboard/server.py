@@ -49,6 +49,8 @@ class Dashboard:
         self.observer = DashboardObserver(state)
         self.allowed_hosts: frozenset[str] | None = frozenset()
         self.closing = False
+        self.streams = 0  # open event streams
+        self.pushed = 0  # the newest state.changes an event stream has sent
         self.url = ""
         self._span = span
         self._registry: Any = None
@@ -149,7 +151,12 @@ class Dashboard:
         return self.url
 
     def stop(self) -> None:
-        """Stop serving (open event streams end within one push interval)."""
+        """Stop serving, once an open page has had the last change (how the run ended: at
+        most two push intervals); open event streams end within one push interval."""
+        deadline = time.monotonic() + 2 * self.push_interval_s + 0.2
+        while (self.streams and self.pushed < self.state.changes
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
         self.closing = True
         if self._server is not None:
             self._server.should_exit = True
