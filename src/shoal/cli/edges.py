@@ -51,6 +51,7 @@ def _check(cfg, edges: int) -> None:
 
 def launch_edges(args: argparse.Namespace) -> int:
     """The ``shoal launch --edges E`` command (see the module docstring)."""
+    from shoal.cli.dashboard import Operations
     from shoal.cli.launch import _stop  # SIGTERM, then SIGKILL after a grace period
     from shoal.cli.options import config_from_args
     from shoal.cli.report import banner, report
@@ -123,12 +124,16 @@ def launch_edges(args: argparse.Namespace) -> int:
                    "--ca", str(work / "certs" / "ca.pem")], f"device-{c:04d}.log")
 
     progress = ProgressBar(cfg.rounds, quiet=args.quiet)
-    try:
-        exp, result = run_aggregator(gcfg, paths, on_ready=start,
-                                     on_round=progress.version_evaluated)
-    finally:
-        progress.close()
-        _stop(procs)
+    asked = args.dashboard or cfg["dashboard"]["address"]
+    with Operations(gcfg, work, paths.registry, quiet=args.quiet, optional=not asked,
+                    address="" if args.no_dashboard else asked or "127.0.0.1:0") as ops:
+        try:  # the global's dashboard: its devices are the edges
+            exp, result = run_aggregator(gcfg, paths, on_ready=start,
+                                         on_round=progress.version_evaluated,
+                                         observers=ops.observers, on_store=ops.on_store)
+        finally:
+            progress.close()
+            _stop(procs)
     return report(gcfg, args, exp, result, {"edge_processes": edges,
                                             "client_processes": clients,
                                             "work_dir": str(work)})
