@@ -286,6 +286,14 @@ def test_the_canary_and_edges_panels_of_recorded_runs(browser, tmp_path):
     finally:
         for dash, _ in served:
             dash.stop()
+    # the static report has the edges page and leaves out the canary page it has no data for
+    assert main(["report", str(run)]) == 0
+    browser.get((run / "report.html").as_uri())
+    WebDriverWait(browser, 10).until(lambda d: _text(d, "edge-count") == "3")
+    assert browser.find_element(By.ID, "page-edges").is_displayed()
+    assert not browser.find_element(By.ID, "page-canary").is_displayed()
+    assert [r[3] for r in _rows(browser, "edges-table")] == ["3", "1", "3"]
+    assert _errors(browser) == []
 
 
 def test_a_running_shoal_run_with_edges_is_shown_live(browser, tmp_path):

@@ -468,6 +468,10 @@
     renderPrivacy();
     renderCanary();
     renderEdges();
+    if (REPORT) {  // a report leaves out the pages of features the run did not use
+      document.getElementById("page-canary").hidden = !model.snap.canary;
+      document.getElementById("page-edges").hidden = !model.snap.edges;
+    }
     renderCharts();
     if (!REPORT && model.snap.version !== lastVersionsFetch) refreshVersions();
   }
