@@ -187,3 +187,38 @@ def test_a_rotated_upload_is_at_least_four_times_smaller_on_the_wire(tmp_path, r
     err = np.linalg.norm(models["rotated"] - target)
     assert err < p.gamma * np.sqrt(p.padded)  # within one grid step per coordinate
     assert err > 0
+
+
+@pytest.mark.slow
+def test_launch_with_distributed_dp_reports_the_distributed_accountants_epsilon(tmp_path):
+    """`shoal launch` end to end: 10 device processes add their shares inside SecAgg+ over
+    TLS for 2 rounds, every round holds all 10 shares, and epsilon is dp-accounting's
+    Gaussian at z for 2 rounds of 10 of 10 (the distributed bound's tau is negligible)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    overrides = {"data.dataset": "synthetic", "data.clients": N, "model.name": "logreg",
+                 "sampling.per_round": N, "deploy.over_selection": 1.0,
+                 "deploy.min_fraction": 1.0, "deploy.checkin_interval_s": 0.3,
+                 "privacy.placement": "distributed", "privacy.clip_norm": 1.0,
+                 "privacy.noise_multiplier": Z, "secure_aggregation.enabled": True,
+                 "secure_aggregation.encoding": "rotated",
+                 "secure_aggregation.roster_wait_s": 10.0,
+                 "secure_aggregation.stage_timeout_s": 5.0, "rounds": 2}
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    proc = subprocess.run([sys.executable, "-m", "shoal.cli", "launch", *sets, "--dir",
+                           str(tmp_path / "work"), "--out", str(tmp_path / "runs"), "--json",
+                           "-q", "--no-dashboard"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["rounds"] == 2
+    acc = RdpAccountant(list(ORDERS), NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_event.SampledWithoutReplacementDpEvent(N, N, dp_event.GaussianDpEvent(Z / 2)),
+                2)
+    assert summary["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    (run,) = (tmp_path / "runs").iterdir()
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("privacy_ddg_noise_shares") for r in rounds[1:]] == [float(N)] * 2
