@@ -86,3 +86,24 @@ def test_a_survivor_vanishing_in_unmasking_next_to_a_dropout_aborts_a_hybrid_rou
             assert not state.params.any()
             assert sum(s.secagg.get("aborted", 0) for s in stats.values()) == N - 2
     assert outcomes == {True: False, False: True}
+
+
+def test_a_deployment_refuses_hybrid_shares_too_large_for_one_message():
+    """A device seals one ML-KEM ciphertext and its shares per neighbour into one ShareKeys
+    message, and the aggregator receives nothing above MAX_RECEIVE_BYTES: the complete graph
+    of 300 devices fits classically (~106 bytes a neighbour), not hybrid (~1.2 KB); SecAgg+
+    neighbourhoods of 1,000 devices fit either way."""
+    from shoal.errors import ConfigError
+
+    def cfg(pq: bool, n: int, k: int):
+        return load_config(None, {
+            "secure_aggregation.enabled": True, "secure_aggregation.post_quantum": pq,
+            "secure_aggregation.neighbours": k, "sampling.per_round": n, "data.clients": n,
+            "deploy.over_selection": 1.0})
+
+    check_deployable(cfg(False, 300, -1), tls=False)
+    check_deployable(cfg(True, 250, -1), tls=False)
+    check_deployable(cfg(True, 1000, 0), tls=False)
+    with pytest.raises(ConfigError, match="exceed") as exc:
+        check_deployable(cfg(True, 300, -1), tls=False)
+    assert exc.value.key == "secure_aggregation.neighbours"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -239,8 +240,10 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
         ConfigError: insecure serving on a non-loopback address, mutual TLS without TLS,
             local DP (which devices do not apply yet), CKKS secure aggregation
             (simulation only), an upload codec with secure aggregation (its
-            compression is ``secure_aggregation.encoding = 'rotated'``), or central or
-            distributed DP whose cohorts the accountant would describe wrongly. Deployable
+            compression is ``secure_aggregation.encoding = 'rotated'``), so many SecAgg
+            neighbours that a device's encrypted shares exceed the largest message the
+            aggregator receives, or central or distributed DP whose cohorts the
+            accountant would describe wrongly. Deployable
             with secure aggregation: central DP (devices clip before masking, the noise is
             added to the unmasked sum), the rotated ring, distributed DP (devices add
             their discrete Gaussian shares before masking; the server unmasks only a noised
@@ -267,6 +270,40 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
                           "compression.upload must be 'none' with it",
                           key="compression.upload")
     _check_central_dp_accounting(cfg)
+    _check_share_messages(cfg)
+
+
+def _check_share_messages(cfg: Config) -> None:
+    """Refuse a secure-aggregation round whose ShareKeys message could not reach the
+    aggregator: a device seals one ciphertext per neighbour into one message, and no message
+    above ``MAX_RECEIVE_BYTES`` is received (post-quantum ciphertexts carry 1,088 more bytes
+    each, so about 270 neighbours fit, against about 3,000 classical ones)."""
+    s, d = cfg["secure_aggregation"], cfg["deploy"]
+    if not s["enabled"] or s["protocol"] != "secagg":
+        return
+    from shoal.privacy.secagg_messages import SecAggParams
+    from shoal.privacy.secagg_session import share_ciphertext_bytes
+    from shoal.transport.listener import MAX_RECEIVE_BYTES
+    from shoal.transport.proto import shoal_pb2 as pb
+
+    secure = secagg_from_config(cfg)
+    assert secure is not None
+    roster = math.ceil((d["target"] or cfg["sampling"]["per_round"]) * d["over_selection"])
+    config = secure.config_for(roster)
+    k = roster - 1 if config.neighbours is None else config.neighbours
+    sealed = bytes(share_ciphertext_bytes(SecAggParams(
+        neighbours=max(k, 2), threshold=2, bits=32, length=1,
+        post_quantum=s["post_quantum"])))
+    message = pb.SecAggChunk(header=pb.SecAggHeader(
+        device_id="d" * 64, round=2**40, base_version=2**40, upload_key="k" * 32,
+        shares=pb.SecAggShares(session=bytes(16),
+                               ciphertexts={2**40 + v: sealed for v in range(k)})))
+    if message.ByteSize() > MAX_RECEIVE_BYTES:
+        raise ConfigError(f"a roster of {roster} devices gives each {k} neighbours, whose "
+                          f"encrypted shares ({message.ByteSize():,} bytes in one message) "
+                          f"exceed the {MAX_RECEIVE_BYTES:,} bytes the aggregator receives; "
+                          f"set secure_aggregation.neighbours (SecAgg+) below {k}",
+                          key="secure_aggregation.neighbours")
 
 
 def _check_central_dp_accounting(cfg: Config) -> None:
