@@ -90,6 +90,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _served_state(url: str, proc: subprocess.Popen, ready, within_s: float) -> dict:
+    """The process's ``/api/state`` once ``ready(state)`` holds (the dashboard is up before
+    the devices are), failing if the process exits or ``within_s`` passes."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            state = json.loads(urllib.request.urlopen(url + "api/state", timeout=2).read())
+            if ready(state):
+                return state
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"the dashboard was not ready within {within_s} s"
+        time.sleep(0.2)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Stop a ``shoal launch`` (SIGINT: it stops its device processes) and anything of its
+    process group left behind."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # any client process left behind
+    except ProcessLookupError:
+        pass
+
+
 def test_a_replayed_run_loads_with_no_console_errors(browser, tmp_path):
     out = tmp_path / "runs"
     assert main(["run", *SMALL[:4], "--clients", "20", "--per-round", "5", "--rounds", "3",
@@ -145,17 +177,7 @@ def test_a_running_launch_updates_live_and_rollback_needs_the_token(browser, tmp
         env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the dashboard is up before the devices are
-            try:
-                state = json.loads(urllib.request.urlopen(url + "api/state", timeout=2).read())
-                if state["version"] >= 2:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no round committed within 60 s"
-            time.sleep(0.3)
+        _served_state(url, proc, lambda state: state["version"] >= 2, 60)
         browser.get_log("browser")
         browser.get(url)
         WebDriverWait(browser, 10).until(lambda d: " of 60" in _text(d, "current-version"))
@@ -189,17 +211,7 @@ def test_a_running_launch_updates_live_and_rollback_needs_the_token(browser, tmp
         assert index["events"][-1]["action"] == "rollback"
         assert proc.poll() is None  # the deployment kept running throughout
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # launch stops its client processes
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # any client process left behind
-        except ProcessLookupError:
-            pass
+        _end(proc)
 
 
 # -- the canary and edges panels ------------------------------------------------------------
@@ -303,20 +315,10 @@ def test_a_running_shoal_run_with_edges_is_shown_live(browser, tmp_path):
          "--per-round", "12", "--rounds", "600", "--set", "hierarchy.edges=3",
          "--out", str(tmp_path / "runs"), "-q", "--dashboard", f"127.0.0.1:{port}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"))
+        env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                state = json.loads(urllib.request.urlopen(url + "api/state", timeout=2).read())
-                if state["version"] >= 1:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no round within 30 s"
-            time.sleep(0.1)
+        state = _served_state(url, proc, lambda state: state["version"] >= 1, 30)
         assert state["info"]["mode"] == "simulation" and state["status"] == "running"
         browser.get_log("browser")
         browser.get(url + "#edges")
@@ -329,9 +331,7 @@ def test_a_running_shoal_run_with_edges_is_shown_live(browser, tmp_path):
         assert _errors(browser) == []
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
 
 
 @pytest.mark.slow
@@ -361,16 +361,7 @@ def test_a_running_canary_launch_is_shown_live_until_its_decision(browser, tmp_p
         env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the dashboard is up before the devices are
-            try:
-                urllib.request.urlopen(url + "api/state", timeout=2).read()
-                break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no dashboard within 60 s"
-            time.sleep(0.2)
+        _served_state(url, proc, lambda state: True, 60)
         browser.get_log("browser")
         browser.get(url + "#canary")
         WebDriverWait(browser, 10).until(lambda d: _text(d, "canary-candidate") == f"v{bad}")
@@ -391,14 +382,4 @@ def test_a_running_canary_launch_is_shown_live_until_its_decision(browser, tmp_p
         audit = read_audit(work / "audit.jsonl")
         assert len(_rows(browser, "audit-table")) == len(audit)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # any client process left behind
-        except ProcessLookupError:
-            pass
+        _end(proc)
