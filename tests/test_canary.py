@@ -162,7 +162,8 @@ def test_a_canary_does_not_promote_over_a_production_moved_meanwhile(tmp_path):
     ck = Checkpoint(ServerState(np.full(3, 3, np.float32), version=3),
                     ParamSpec.from_shapes({"w": (3,)}), seed=0)
     store.commit(ck, round=3, metrics={}, now=3.0, parent=1)
-    canary = Canary(store, 2, 0.1, now=10.0, rule=CanaryRule(min_clients=20))
+    audit = AuditLog()
+    canary = Canary(store, 2, 0.1, now=10.0, rule=CanaryRule(min_clients=20), audit=audit)
     rng = np.random.default_rng(0)
     canary.record(_result(1, range(100, 130), rng.normal(1.0, 0.1, 30)))
     canary.record(_result(2, range(30), rng.normal(0.5, 0.1, 30)))
@@ -170,4 +171,12 @@ def test_a_canary_does_not_promote_over_a_production_moved_meanwhile(tmp_path):
     with pytest.raises(PointerMoved):
         canary.decide(12.0)
     assert store.production().id == 3 and store.get(2).status == "candidate"
+    # the audit log says the promotion was refused, never that it happened; the canary is
+    # still undecided (it keeps serving its arms)
+    actions = [e["action"] for e in audit.entries]
+    assert "canary_promote" not in actions and actions[-1] == "canary_promote_refused"
+    assert "PointerMoved" in audit.entries[-1]["error"]
+    assert canary.verdict is None and not canary.decided
+    assert [h.action for h in store.history()][-1] == "promote"
+    assert store.history()[-1].version == 3  # the operator's move, not the canary's
     store.close()

@@ -38,6 +38,8 @@ import numpy as np
 from shoal.errors import ConfigError
 from shoal.evaluation import EvalResult
 from shoal.lifecycle.audit import AuditLog
+from shoal.store.disk import StorageError
+from shoal.store.model_versions import ModelStoreError
 
 __all__ = ["Canary", "CanaryRule", "Verdict", "arm_cohorts", "canary_bucket", "in_canary",
            "normal_cdf"]
@@ -285,9 +287,17 @@ class Canary:
         """Judge the evaluations so far; on a verdict move the store and stop the canary.
         Deciding again after a verdict returns it unchanged.
 
+        The store is moved first and the verdict logged (``canary_promote``,
+        ``canary_rollback``) only once it has moved; a move the store refuses is logged as
+        ``canary_promote_refused`` / ``canary_rollback_refused`` and leaves the canary
+        undecided.
+
         Raises:
             PointerMoved: the verdict is to promote but production is no longer the
                 version the candidate was compared with (nothing changed in the store).
+            ModelStoreError: the store refused to reject the candidate (e.g. someone
+                promoted or rejected it meanwhile).
+            StorageError: the store's disk refused the change.
         """
         if self.decided:
             assert self.verdict is not None
@@ -296,18 +306,26 @@ class Canary:
         c = np.fromiter(self._values["candidate"].values(), np.float64)
         p = np.fromiter(self._values["production"].values(), np.float64)
         verdict = self.rule.judge(c, p, min(self._rounds.values()))
+        figures = dict(candidate=self.candidate, production=self.production,
+                       reason=verdict.reason, n_candidate=verdict.n_candidate,
+                       n_production=verdict.n_production, z=verdict.z,
+                       p_worse=verdict.p_worse, p_not_worse=verdict.p_not_worse)
+        try:
+            if verdict.decision == "promote":
+                # compare-and-set: if someone moved production during the canary, the
+                # comparison no longer holds and the store refuses (PointerMoved)
+                self.store.promote(self.candidate, now=now,  # type: ignore[attr-defined]
+                                   reason=f"canary: {verdict.reason}",
+                                   expected=self.production)
+            elif verdict.decision == "rollback":
+                self.store.reject(self.candidate, now=now,  # type: ignore[attr-defined]
+                                  reason=f"canary: {verdict.reason}")
+        except (ModelStoreError, StorageError) as exc:
+            # the store did not move: the log says so, and the canary stays undecided
+            self.audit.append(now, f"canary_{verdict.decision}_refused", **figures,
+                              error=f"{type(exc).__name__}: {exc}")
+            raise
+        # logged once the store has moved: the audit log never claims a move that failed
         self.verdict = verdict
-        self.audit.append(now, f"canary_{verdict.decision}", candidate=self.candidate,
-                          production=self.production, reason=verdict.reason,
-                          n_candidate=verdict.n_candidate, n_production=verdict.n_production,
-                          z=verdict.z, p_worse=verdict.p_worse,
-                          p_not_worse=verdict.p_not_worse)
-        if verdict.decision == "promote":
-            # compare-and-set: if someone moved production during the canary, the
-            # comparison no longer holds and the store refuses (PointerMoved)
-            self.store.promote(self.candidate, now=now,  # type: ignore[attr-defined]
-                               reason=f"canary: {verdict.reason}", expected=self.production)
-        elif verdict.decision == "rollback":
-            self.store.reject(self.candidate, now=now,  # type: ignore[attr-defined]
-                              reason=f"canary: {verdict.reason}")
+        self.audit.append(now, f"canary_{verdict.decision}", **figures)
         return verdict
