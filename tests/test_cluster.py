@@ -29,6 +29,7 @@ from shoal.errors import ConfigError, ProtocolError  # noqa: E402
 from shoal.frameworks.torch import spec_of  # noqa: E402
 from shoal.hierarchy.deployed import follow_edges  # noqa: E402
 from shoal.models import build_model  # noqa: E402
+from shoal.observers import Observer  # noqa: E402
 from shoal.store import ModelStore  # noqa: E402
 from shoal.training import LocalTrainConfig  # noqa: E402
 from shoal.transport.auth import Keyring, load_or_create_secret  # noqa: E402
@@ -52,7 +53,8 @@ class Devices:
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
 
-    def start(self, ports: list[int], indices) -> None:
+    def start(self, ports: list[int], indices, wrap=None) -> None:
+        """``wrap``: client index -> a wrapper of its training function."""
         cfg, data = self.cfg, self.data
         local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
                                  batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
@@ -61,6 +63,8 @@ class Devices:
             name = f"device-{c:04d}"
             train = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx],
                                     data.train.y[idx], local, cfg.seed, c)
+            if wrap and c in wrap:
+                train = wrap[c](train)
             token = issue_token(self.secret, name, now=time.time(), ttl_seconds=3600)
             order = [f"localhost:{ports[(c + k) % len(ports)]}" for k in range(len(ports))]
 
@@ -208,3 +212,134 @@ def test_the_cluster_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     assert e.value.key == "secure_aggregation.enabled"
     with pytest.raises(ConfigError, match="several need 'redis'"):
         registry_from_config(load_config(None, BASE))
+
+
+class _Slow:
+    """A device's training function that takes ``seconds`` longer in ``round`` (a
+    straggler: the ingest nodes' round stays open meanwhile)."""
+
+    def __init__(self, train, round: int, seconds: float) -> None:
+        self.train, self.round, self.seconds = train, round, seconds
+
+    def __call__(self, params, settings, round):
+        if round == self.round:
+            time.sleep(self.seconds)
+        return self.train(params, settings, round)
+
+
+class _Abandons(Observer):
+    def __init__(self) -> None:
+        self.records: list = []
+
+    def round_abandoned(self, record, reason: str) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("min_fraction", [0.5, 1.0])
+def test_killing_an_ingest_node_mid_round(tmp_path: Path, redis, min_fraction) -> None:
+    """Two ingest processes; in round 2, once ingest-1 has folded some of its devices (its
+    round still open: device 0, at ingest-0, is a straggler), ingest-1 is killed with
+    SIGKILL. With min_fraction 0.5 round 2 commits at its deadline from ingest-0's partial
+    alone, its examples exactly those of the devices ingest-0 folded; with 1.0 it is
+    abandoned at its deadline and retried with a fresh cohort, which ingest-0 serves whole.
+    ingest-1's devices move to ingest-0; round 3 has all six again; every version is in the
+    store, once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from shoal.config import to_toml
+
+    rounds = 3
+    cfg = cluster_config(redis, **{"rounds": rounds, "deploy.min_fraction": min_fraction,
+                                   "deploy.deadline_s": 12.0, "deploy.ingest_grace_s": 2.0})
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text(to_toml(cfg))
+    data = load_data(cfg)
+    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
+    secret = load_or_create_secret(tmp_path / "secret")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "shoal.cli.cluster", "ingest",
+                               str(cfg_path), "--name", f"ingest-{i}", "--secret",
+                               str(tmp_path / "secret"), "--certs", str(tmp_path / "certs"),
+                               "--dir", str(tmp_path / f"ingest-{i}")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(NODES)]
+    board = RoundBoard(redis.url)
+    killed = threading.Event()
+    abandons = _Abandons()
+    devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
+    try:
+        ports = []
+        for i in range(NODES):
+            port_file = tmp_path / f"ingest-{i}" / "port"
+            deadline = time.monotonic() + 60
+            while not (port_file.exists() and port_file.read_text().strip()):
+                assert time.monotonic() < deadline and procs[i].poll() is None
+                time.sleep(0.05)
+            ports.append(int(port_file.read_text()))
+        # device 0 (at ingest-0) straggles in round 2: the round stays open meanwhile
+        devices.start(ports, range(CLIENTS), wrap={0: lambda t: _Slow(t, 2, 5.0)})
+
+        def kill_mid_round_2() -> None:
+            while not killed.is_set():
+                task = board.current()
+                ct = board.load(task) if task else None
+                if ct is not None and ct.task.round == 2:
+                    folds = board.state(task)[2]
+                    if "ingest-1" in folds.values():
+                        procs[1].send_signal(signal.SIGKILL)
+                        killed.set()
+                        return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_mid_round_2, daemon=True)
+        killer.start()
+        _, result = run_committer(cfg, tmp_path / "models", observers=[abandons])
+    finally:
+        killed.set()
+        devices.close()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+    assert procs[1].returncode == -signal.SIGKILL
+
+    assert result.state.version == rounds
+    committed = [r for r in result.records[1:] if r.committed]
+    abandoned = abandons.records
+    sizes = {f"device-{c:04d}": len(ix) for c, ix in enumerate(data.client_indices)}
+    everyone = sum(sizes.values())
+    if min_fraction == 1.0:
+        assert [(r.round, r.closed_by) for r in abandoned] == [(2, "deadline")]
+        assert [r.accepted for r in committed] == [CLIENTS] * rounds
+        assert [r.examples for r in committed] == [everyone] * rounds
+        assert committed[1].attempt == 1
+    else:
+        assert not abandoned
+        assert [r.accepted for r in committed[::2]] == [CLIENTS, CLIENTS]
+        assert committed[0].examples == committed[2].examples == everyone
+    # round 2: exactly the devices ingest-0 folded (its own three, and those of ingest-1's
+    # whose upload failed and who came to it), each once; ingest-1's partial died with it
+    round2 = next(t for t in range(1, 10) if (ct := board.load(t)) and ct.task.round == 2)
+    folds = board.state(round2)[2]
+    survivors = sorted(d for d, node in folds.items() if node == "ingest-0")
+    lost = sorted(d for d, node in folds.items() if node == "ingest-1")
+    assert lost and len(survivors) + len(lost) <= CLIENTS
+    if min_fraction < 1.0:
+        assert committed[1].accepted == len(survivors) >= CLIENTS // 2
+        assert committed[1].examples == sum(sizes[d] for d in survivors)
+        assert committed[1].closed_by == "deadline"  # it waited for ingest-1's devices
+    else:  # the retry's cohort, all folded by the survivor
+        assert set(board.state(round2 + 1)[2].values()) == {"ingest-0"}
+    store = ModelStore(tmp_path / "models")
+    try:
+        versions = store.list()
+        assert [v.round for v in versions] == [1, 2, 3]
+        assert [v.parent for v in versions] == [None, versions[0].id, versions[1].id]
+        assert np.array_equal(store.load(versions[-1].id).state.params, result.state.params)
+    finally:
+        store.close()

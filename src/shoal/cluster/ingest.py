@@ -38,7 +38,7 @@ import numpy as np
 
 from shoal.cluster.rounds import ClusterTask, Partial, RoundBoard, remaining_s
 from shoal.device_eval import EvalSession
-from shoal.device_task import DeviceTask, UploadResult
+from shoal.device_task import ComeBack, DeviceTask, Task, UploadResult
 from shoal.errors import ConfigError, UpdateRejected
 from shoal.events import ClientsFailed
 from shoal.gateway import DeviceGateway
@@ -90,6 +90,7 @@ class IngestGateway(DeviceGateway):
         verdict = self.board.claim(self.cluster_task, device_id, self.node)
         if verdict != "ok":
             reason, detail = _VERDICT[verdict]
+            self.drop([device_id], "folded_elsewhere" if verdict == "taken" else reason, now)
             with self.lock:
                 raise self._count(UpdateRejected(reason, detail, client_id=device_id,
                                                  round=round), -1, now)
@@ -105,6 +106,18 @@ class IngestGateway(DeviceGateway):
         with self.lock:
             self.folded.add(device_id)
         return receipt
+
+    def check_in(self, device_id: str, now: float, **kwargs: Any
+                 ) -> tuple[Task | ComeBack, str, dict[str, float]]:
+        """The gateway's check-in, except that a device this node's round no longer waits
+        for (folded by another node, or the round is over) is paced out at once instead of
+        being given a task it would train for nothing."""
+        with self.lock:
+            done = device_id in self.dropped
+        if done:
+            spread = self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
+            return ComeBack(now + spread, "not_selected"), "train", {}
+        return super().check_in(device_id, now, **kwargs)
 
     def drop(self, device_ids: Iterable[str], reason: str, now: float) -> None:
         """Tell the coordinator that ``device_ids`` will not report here (folded by another
