@@ -52,9 +52,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc  # type: ignore[import-untyped]
+import numpy as np
 
+from shoal.codec.encoded import as_update
 from shoal.device_task import ComeBack, Task, TaskRefused, WeightCap
-from shoal.errors import CodecError, UpdateRejected
+from shoal.errors import CodecError, ProtocolError, UpdateRejected
 from shoal.gateway import DeviceGateway
 from shoal.observers import CarrierObserver
 from shoal.registry.base import UnknownDevice
@@ -228,12 +230,29 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
 
     def publish(self, version: int, params: Any) -> None:
         """Make ``params`` downloadable as ``version`` (the gateway calls it when a task
-        trains from a version newer than any published)."""
+        trains from a version no earlier task of its run did). Devices cache models by
+        version, so a version names one model: publishing one already held again with the
+        same parameters changes nothing, with other parameters (or one older than the newest
+        and no longer held) is refused.
+
+        Raises:
+            ProtocolError: ``version`` is held with other parameters, or is older than the
+                newest and no longer held; nothing changed.
+        """
         with self.lock:
             if self.publisher.version is None or version > self.publisher.version:
                 signed = None if self.signer is None else self.signer.sign_model(params,
                                                                                  version)
                 self.publisher.publish(version, params, signed)
+                return
+            held = self.publisher.params(version)
+            if held is None or not np.array_equal(held, as_update(params)):
+                raise ProtocolError(
+                    f"model version {version} cannot be published: "
+                    + ("it is older than the newest, "
+                       f"{self.publisher.version}, and no longer held" if held is None
+                       else "it is already published with other parameters (devices cache "
+                       "models by version)"))
 
     def fail(self, error: StorageError) -> None:
         """Stop serving rounds (thread-safe): the aggregator's state cannot be written. The
