@@ -22,7 +22,8 @@ never touch the open aggregation, the policy or the model, and work before :meth
 after the run finished (a canary evaluates without training).
 
 Randomness: the cohort of sync round ``r`` (retry ``a``) comes from the stream
-``(seed, "sample", r[, a])`` and a buffered task's client from ``(seed, "sample", task)``,
+``(seed, "sample", r[, a])`` and a buffered task's client from ``(seed, "sample", task)``
+(both keys shifted by ``round_offset``),
 so a resumed run picks the same clients; a deployment with differential privacy passes an
 unpredictable ``sample_rng`` instead.
 
@@ -80,8 +81,9 @@ class Coordinator:
         sample_rng: the generator of a cohort, ``sample_rng(key, attempt)``; by default the
             run's seeded stream.
         round_offset: a sync round that makes version ``v`` is keyed ``v + round_offset``
-            (its cohort's and its clients' random streams): an edge aggregator starts from
-            its own version numbers and keys its rounds by its parent's.
+            and a buffered task ``t`` is keyed ``t + round_offset`` (its cohort's and its
+            clients' random streams): an edge aggregator numbers its versions on its own
+            (devices cache models by version) and keys its rounds apart from them.
     """
 
     def __init__(self, strategy: Strategy, num_clients: int, sampler: Sampler, *, seed: int,
@@ -292,8 +294,8 @@ class Coordinator:
             count = count if count is None else min(count, self.num_clients)
             clients = self.cohort(key, self.policy.attempt, count)
         else:
-            key = task_id
-            clients = self._idle_clients(count or 1, self.sample_rng(task_id, 0))
+            key = task_id + self.round_offset
+            clients = self._idle_clients(count or 1, self.sample_rng(key, 0))
         if len(clients) == 0:
             return None
         self._next_task += 1
