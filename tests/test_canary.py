@@ -39,11 +39,13 @@ def test_buckets_are_a_stable_hash_and_fractions_nest():
 
 def test_the_rule_is_welchs_test_and_decides_as_stated():
     rng = np.random.default_rng(0)
-    rule = CanaryRule(min_clients=30, alpha=0.05, margin=0.0, max_rounds=5)
+    rule = CanaryRule(min_clients=30, alpha=0.05, margin=0.0, max_rounds=5, trim=0.0)
     prod = rng.normal(1.0, 0.3, 200)
     worse = rng.normal(1.2, 0.4, 150)
     v = rule.judge(worse, prod, rounds=1)
-    t = stats.ttest_ind(worse, prod, equal_var=False, alternative="greater")
+    # the rule bounds every value to [0, cap] first (a loss is never negative)
+    t = stats.ttest_ind(np.clip(worse, 0, 10), np.clip(prod, 0, 10), equal_var=False,
+                        alternative="greater")
     assert v.z == pytest.approx(t.statistic, rel=1e-9)
     assert v.p_worse == pytest.approx(t.pvalue, abs=0.002)  # normal vs t at ~300 dof
     assert v.decision == "rollback" and "worse" in v.reason
@@ -61,6 +63,57 @@ def test_the_rule_is_welchs_test_and_decides_as_stated():
         CanaryRule(min_clients=1)
     with pytest.raises(ConfigError):
         CanaryRule(alpha=0.7)
+
+
+def test_the_default_rule_is_yuens_trimmed_test_on_bounded_values():
+    """Oracle: SciPy's Yuen-Welch test (``ttest_ind(trim=...)``) on the values clipped to
+    [0, cap] by hand."""
+    rng = np.random.default_rng(3)
+    rule = CanaryRule(min_clients=30)
+    assert (rule.cap, rule.trim) == (10.0, 0.1)
+    cand = np.concatenate([rng.normal(1.3, 0.3, 57), [-5.0, 40.0, np.inf]])
+    prod = rng.normal(1.0, 0.4, 83)
+    v = rule.judge(cand, prod, rounds=1)
+    clipped = np.concatenate([cand[:57], [0.0, 10.0]])  # the infinite value is dropped
+    t = stats.ttest_ind(clipped, prod, equal_var=False, trim=0.1, alternative="greater")
+    assert v.z == pytest.approx(t.statistic, rel=1e-9)
+    assert v.mean_candidate == pytest.approx(stats.trim_mean(clipped, 0.1), rel=1e-12)
+    assert v.n_candidate == 59 and v.decision == "rollback"
+    for bad in ({"cap": 0.0}, {"cap": math.inf}, {"trim": 0.5}, {"trim": -0.1}):
+        with pytest.raises(ConfigError):
+            CanaryRule(**bad)
+
+
+@pytest.mark.parametrize("liars", [0, 1, 2, 3, 4])
+def test_colluding_devices_cannot_promote_a_worse_candidate(tmp_path, liars):
+    """The reviewer's scenario: a clearly worse candidate (loss 2.5 against 1.5, 30 clients
+    an arm); ``liars`` canary devices report a loss of -1e6 and as many production devices
+    report +1e6. The plain Welch rule promoted it from 3 liars on (z = -1.8); bounded,
+    trimmed values still roll it back, through the real store."""
+    rng = np.random.default_rng(0)
+    store = _store(tmp_path)
+    audit = AuditLog()
+    canary = Canary(store, 2, 0.1, now=10.0, rule=CanaryRule(min_clients=30), audit=audit)
+    prod = rng.normal(1.5, 0.1, 30)
+    cand = rng.normal(2.5, 0.1, 30)
+    honest = cand.copy()
+    cand[:liars], prod[:liars] = -1e6, 1e6
+    canary.record(_result(1, range(100, 130), prod))
+    canary.record(_result(2, range(30), cand))
+    verdict = canary.decide(11.0)
+    assert verdict.decision != "promote" and store.production().id == 1
+    if liars <= 3:  # up to floor(0.1 x 30) per arm and side are trimmed away
+        assert verdict.decision == "rollback" and verdict.z > 1.645
+        assert store.get(2).status == "rolled_back"
+    else:  # more only widen the standard error: no verdict yet (rolled back at max_rounds)
+        assert verdict.decision in ("rollback", "wait")
+    # what the devices claimed beyond [0, cap] is on record
+    assert [e["clipped"] for e in audit.entries if e["action"] == "canary_evaluated"] == \
+        [liars, liars]
+    # the bound the docs state: k liars move an arm's trimmed mean by at most k cap / h
+    h = 30 - 2 * 3
+    assert abs(verdict.mean_candidate - stats.trim_mean(honest, 0.1)) <= liars * 10.0 / h
+    store.close()
 
 
 def _result(version, ids, losses, task_id=1):

@@ -52,6 +52,11 @@ def add_canary_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--margin", type=float, default=0.0,
                    help="how much worse in loss the candidate may be and still count as not "
                         "worse (default 0)")
+    g.add_argument("--loss-cap", dest="loss_cap", type=float, default=10.0,
+                   help="reported losses are bounded to [0, CAP] (default 10)")
+    g.add_argument("--trim", type=float, default=0.1,
+                   help="share of each arm cut from either end before comparing "
+                        "(Yuen's trimmed test; default 0.1, 0 = Welch's test)")
     g.add_argument("--max-evaluations", dest="max_evaluations", type=int, default=10,
                    help="evaluation rounds before an undecided canary is rolled back")
     g.add_argument("--evaluation-timeout", dest="evaluation_timeout", type=float,
@@ -109,7 +114,7 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
 
     d = cfg["deploy"]
     rule = CanaryRule(min_clients=args.min_clients, alpha=args.alpha, margin=args.margin,
-                      max_rounds=args.max_evaluations)
+                      max_rounds=args.max_evaluations, cap=args.loss_cap, trim=args.trim)
     signer = load_signer(keys / "operator.key")
     audit_path = Path(paths.store).parent / "audit.jsonl"
     asked = args.dashboard or cfg["dashboard"]["address"]

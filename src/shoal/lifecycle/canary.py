@@ -8,9 +8,14 @@ production by a stated statistical rule, then promoted or rolled back automatica
 * **The rule** (:class:`CanaryRule`): the canary's devices evaluate the candidate, a
   comparable cohort of devices outside the canary evaluates production, both on their own
   held-out data (federated evaluation, :mod:`shoal.evaluation`). Per-client mean losses are
-  the samples (one per client, its latest: a client evaluated twice is not two samples); with ``d = mean_candidate - mean_production`` and Welch's standard error
-  ``se = sqrt(s_c^2/n_c + s_p^2/n_p)``, two one-sided tests at level ``alpha`` (normal
-  approximation of Welch's t, sound at the minimum sample of ``min_clients`` per arm):
+  the samples (one per client, its latest: a client evaluated twice is not two samples),
+  each bounded to ``[0, cap]`` (a device's report is its own claim). Each arm's mean is
+  ``trim``-trimmed, with the winsorised standard error of K. K. Yuen, "The two-sample
+  trimmed t for unequal population variances" (Biometrika, 1974) -- Welch's test (B. L.
+  Welch, Biometrika, 1947) at ``trim = 0``; with ``d = mean_candidate - mean_production``
+  and ``se`` the root of both arms' squared errors, two one-sided tests at level ``alpha``
+  (normal approximation of the t statistic, sound at the minimum sample of ``min_clients``
+  per arm):
   *worse* if ``d / se > z_(1-alpha)`` -> roll back; else *not worse* (non-inferior within
   ``margin``) if ``(d - margin) / se < -z_(1-alpha)`` -> promote; else wait for more
   evaluations, and after ``max_rounds`` without a verdict roll back (production is the safe
@@ -118,6 +123,13 @@ class CanaryRule:
         margin: how much worse (in ``metric``) the candidate may be and still count as not
             worse.
         max_rounds: evaluations of each arm before an undecided canary is rolled back.
+        cap: reported values are bounded to ``[0, cap]`` before anything else (a loss is
+            never negative; a device reporting ``-1e6`` counts as 0, one reporting ``1e6``
+            as ``cap``). Default 10: over four times the loss of a uniform guess among 10
+            classes (``ln 10 = 2.3``), so an honest device of a sane model is never cut.
+        trim: the share of each arm cut from either end before comparing (Yuen's trimmed
+            means with winsorised variances; 0 is Welch's test on plain means). Default
+            0.1: up to ``floor(0.1 n)`` colluding devices per arm and side are cut away.
     """
 
     metric: str = "loss"
@@ -125,6 +137,8 @@ class CanaryRule:
     alpha: float = 0.05
     margin: float = 0.0
     max_rounds: int = 10
+    cap: float = 10.0
+    trim: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) \
@@ -140,12 +154,35 @@ class CanaryRule:
         if not isinstance(self.max_rounds, int) or self.max_rounds < 1:
             raise ConfigError(f"max_rounds must be an int >= 1, got {self.max_rounds!r}",
                               key="canary.max_rounds")
+        if not (math.isfinite(self.cap) and self.cap > 0):
+            raise ConfigError(f"cap must be a finite number > 0, got {self.cap!r}",
+                              key="canary.cap")
+        if not 0 <= self.trim < 0.5:
+            raise ConfigError(f"trim must be in [0, 0.5), got {self.trim!r}",
+                              key="canary.trim")
+
+    def bounded(self, values: np.ndarray) -> np.ndarray:
+        """``values`` without non-finite entries, each bounded to ``[0, cap]``."""
+        v = np.asarray(values, np.float64)
+        return np.clip(v[np.isfinite(v)], 0.0, self.cap)
+
+    def _location(self, x: np.ndarray) -> tuple[float, float]:
+        """``(trimmed mean, squared standard error)`` of one arm: Yuen's estimator, the
+        mean of the values left after cutting ``g = floor(trim n)`` from each end, and
+        ``(n - 1) s_w^2 / (h (h - 1))`` with ``s_w^2`` the variance of the sample
+        winsorised at the same points and ``h = n - 2g`` (Welch's ``s^2 / n`` at
+        ``trim = 0``)."""
+        n = len(x)
+        g = int(math.floor(self.trim * n))
+        h = n - 2 * g
+        s = np.sort(x)
+        wins = np.clip(s, s[g], s[n - g - 1])
+        return float(s[g:n - g].mean()), float((n - 1) * wins.var(ddof=1) / (h * (h - 1)))
 
     def judge(self, candidate: np.ndarray, production: np.ndarray, rounds: int) -> Verdict:
-        """The verdict on per-client values of each arm after ``rounds`` evaluations."""
-        c = np.asarray(candidate, np.float64)
-        p = np.asarray(production, np.float64)
-        c, p = c[np.isfinite(c)], p[np.isfinite(p)]
+        """The verdict on per-client values of each arm after ``rounds`` evaluations (each
+        value first :meth:`bounded`; the means compared are ``trim``-trimmed)."""
+        c, p = self.bounded(candidate), self.bounded(production)
         n_c, n_p = len(c), len(p)
         if min(n_c, n_p) < self.min_clients:
             decision = "rollback" if rounds >= self.max_rounds else "wait"
@@ -153,8 +190,8 @@ class CanaryRule:
                            f"than the minimum {self.min_clients} per arm"
                            + (f" after {rounds} evaluations" if decision != "wait" else ""),
                            n_c, n_p)
-        mc, mp = float(c.mean()), float(p.mean())
-        se = math.sqrt(c.var(ddof=1) / n_c + p.var(ddof=1) / n_p)
+        (mc, vc), (mp, vp) = self._location(c), self._location(p)
+        se = math.sqrt(vc + vp)
         d = mc - mp
         if se == 0:
             z = 0.0 if d == 0 else math.copysign(math.inf, d)
@@ -275,11 +312,16 @@ class Canary:
                               key="canary.metric")
         # one sample per client (its latest value): a client evaluated twice is not two
         # independent samples
-        values = np.asarray(result.values[self.rule.metric], np.float64)
+        raw = np.asarray(result.values[self.rule.metric], np.float64)
+        # a device's report is its own claim: bounded to [0, cap] here, so no single
+        # device moves an arm by more than cap / n (a non-finite value counts as cap)
+        values = np.clip(np.nan_to_num(raw, nan=self.rule.cap, posinf=self.rule.cap,
+                                       neginf=0.0), 0.0, self.rule.cap)
+        clipped = int(np.count_nonzero(values != raw))
         self._values[arm].update(zip(result.client_ids.tolist(), values.tolist()))
         self._rounds[arm] += 1
         self.audit.append(self.now, "canary_evaluated", arm=arm, version=result.version,
-                          task_id=result.task_id, clients=result.clients,
+                          task_id=result.task_id, clients=result.clients, clipped=clipped,
                           examples=result.examples, metrics=dict(result.metrics),
                           by_segment={k: dict(v) for k, v in result.by_segment.items()})
 
