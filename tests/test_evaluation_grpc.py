@@ -22,6 +22,7 @@ from shoal.events import EvalDone, EvalReported, EvalReports  # noqa: E402
 from shoal.lifecycle.audit import AuditLog  # noqa: E402
 from shoal.lifecycle.canary import Canary, CanaryRule, in_canary  # noqa: E402
 from shoal.lifecycle.keys import load_signer, load_trusted_key, write_operator_key  # noqa: E402
+from shoal.lifecycle.store_signing import sign_version  # noqa: E402
 from shoal.params import ParamSpec  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.sampling import UniformSampler  # noqa: E402
@@ -72,7 +73,9 @@ class Deployment:
     def __init__(self, tmp_path, store, n: int, *, segments=("android", "ios")):
         paths = write_operator_key(tmp_path / "keys", "ed25519")
         signer, trusted = load_signer(paths[0]), load_trusted_key(paths[1])
-        self.serving = ModelServing(store, signer=signer)
+        for v in store.list():  # signed where the key is; serving only reads signatures
+            sign_version(store, signer, v.id)
+        self.serving = ModelServing(store, key=trusted)
         self.service = AggregatorService(
             AggregatorSettings(idle_retry_s=0.2, checkin_interval_s=0.3),
             Keyring.single(SECRET), DIM, "fp",

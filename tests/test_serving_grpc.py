@@ -17,6 +17,7 @@ from aggregator_harness import DIM, SECRET, token  # noqa: E402
 from shoal.config import load_config  # noqa: E402
 from shoal.lifecycle.keys import load_signer, load_trusted_key, write_operator_key  # noqa: E402
 from shoal.lifecycle.signing import SignatureRejected, version_signatures  # noqa: E402
+from shoal.lifecycle.store_signing import commit_signer, sign_version  # noqa: E402
 from shoal.params import ParamSpec  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.store import Checkpoint  # noqa: E402
@@ -35,24 +36,29 @@ def params(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
 
 
-def commit(store: ModelStore, p: np.ndarray, *, production: bool, plan: bool = True):
+def commit(store: ModelStore, p: np.ndarray, *, production: bool, plan: bool = True,
+           signer=None):
+    """Commit ``p``, signed at commit time by ``signer`` (as an aggregator holding the key
+    does), or unsigned."""
     meta = {"config": load_config(None, {}).to_dict()} if plan else {}
     ckpt = Checkpoint(ServerState(params=p, version=1), ParamSpec.from_shapes({"w": (DIM,)}),
                       seed=0, meta=meta)
     parent = store.latest()
     return store.commit(ckpt, round=1, metrics={}, now=1.0,
                         parent=parent.id if parent else None,
-                        status="production" if production else "candidate")
+                        status="production" if production else "candidate",
+                        sign=None if signer is None else commit_signer(signer, p))
 
 
 class Aggregator:
-    """A real aggregator on a free loopback port serving ``store`` signed by ``signer``."""
+    """A real aggregator on a free loopback port serving ``store``'s signatures by
+    ``signer``'s key (and signing training downloads with it)."""
 
     def __init__(self, tmp_path, store, signer):
         self.service = AggregatorService(
             AggregatorSettings(), Keyring.single(SECRET), DIM, "fp",
             lambda: SQLiteRegistry(tmp_path / "registry.db"),
-            serving=ModelServing(store, signer=signer))
+            serving=ModelServing(store, key=signer.trusted), signer=signer)
         self.port, self.stop = serve(self.service)
 
     def client(self, trusted) -> DeviceClient:
@@ -75,7 +81,7 @@ def keys(tmp_path):
 def test_a_device_fetches_verifies_and_keeps_the_served_model_and_plan(tmp_path, keys):
     signer, trusted, _ = keys
     with ModelStore(tmp_path / "models") as store:
-        v1 = commit(store, params(1), production=True)
+        v1 = commit(store, params(1), production=True, signer=signer)
         agg = Aggregator(tmp_path, store, signer)
         try:
             with agg.client(trusted) as device:
@@ -88,13 +94,13 @@ def test_a_device_fetches_verifies_and_keeps_the_served_model_and_plan(tmp_path,
                 assert device.fetch_served_model()[0] == v1.id  # not modified: no model bytes
                 assert device.stats.bytes_down - down < 100
                 # a new production: the device moves to it (full or delta), verified
-                v2 = commit(store, params(2), production=True)
+                v2 = commit(store, params(2), production=True, signer=signer)
                 version, got = device.fetch_served_model()
                 assert version == v2.id
                 np.testing.assert_array_equal(got, store.load(v2.id).state.params)
                 assert device.stats.served_versions == [v1.id, v2.id]
                 assert device.stats.signature_rejections == 0
-            # the signatures were made once and kept beside the versions in the store
+            # the signatures made at commit time are what was served
             assert set(store.get(v2.id).signatures) == {"model", "plan"}
         finally:
             agg.stop()
@@ -105,7 +111,7 @@ def test_a_device_refuses_a_bad_signature_declines_and_keeps_its_model(tmp_path,
                                                                         attack):
     signer, trusted, other = keys
     with ModelStore(tmp_path / "models") as store:
-        good = commit(store, params(1), production=True)
+        good = commit(store, params(1), production=True, signer=signer)
         agg = Aggregator(tmp_path, store, signer)
         try:
             with agg.client(trusted) as device:
@@ -113,9 +119,11 @@ def test_a_device_refuses_a_bad_signature_declines_and_keeps_its_model(tmp_path,
                 bad = commit(store, params(2), production=True, plan=False)
                 if attack == "tampered":  # the operator's signature of other bytes
                     store.sign(bad.id, version_signatures(signer, bad.id, params(3), None))
-                else:  # the same server now signs with another key, or not at all
+                else:  # the same server now serves another key's signatures, or none
+                    if attack == "other_key":
+                        sign_version(store, other, bad.id)
                     agg.service.serving = ModelServing(
-                        store, signer=other if attack == "other_key" else None)
+                        store, key=other.trusted if attack == "other_key" else None)
                 caplog.set_level(logging.WARNING, logger="shoal.aggregator")
                 with pytest.raises(SignatureRejected) as exc:
                     device.fetch_served_model()
@@ -138,14 +146,14 @@ def test_a_plan_signed_by_another_key_is_refused_and_without_a_plan_none_is_serv
         tmp_path, keys):
     signer, trusted, other = keys
     with ModelStore(tmp_path / "models") as store:
-        commit(store, params(1), production=True)
+        commit(store, params(1), production=True, signer=other)
         agg = Aggregator(tmp_path, store, other)
         try:
             with agg.client(trusted) as device:
                 with pytest.raises(SignatureRejected) as exc:
                     device.fetch_plan()
                 assert exc.value.reason == "wrong_key" and device.served_plan is None
-            commit(store, params(2), production=True, plan=False)
+            commit(store, params(2), production=True, plan=False, signer=other)
             with agg.client(trusted) as device:
                 with pytest.raises(TransportError, match="NOT_FOUND"):
                     device.fetch_plan()
@@ -188,3 +196,37 @@ def test_a_training_download_is_verified_too(tmp_path, keys, caplog, signed_by):
         assert not trained and stats.tasks_abandoned == 1 and stats.signature_rejections == 1
         assert any("signature_rejected" in r.getMessage() for r in caplog.records)
         assert not out["record"].committed  # the only device declined: nothing to commit
+
+
+def test_serving_never_signs_an_unsigned_version_is_not_served_until_the_operator_signs_it(
+        tmp_path, keys, capsys):
+    """The aggregator holds only the public key: a version committed without a signature is
+    answered NOT_FOUND (naming the command that signs it) and the store is left as it was;
+    `shoal models sign` with the operator's key makes it servable, and the device verifies
+    it against the key pair `shoal keys` wrote (the oracle)."""
+    from shoal.cli import main
+
+    signer, trusted, _ = keys
+    with ModelStore(tmp_path / "models") as store:
+        v1 = commit(store, params(1), production=True)  # committed unsigned
+        agg = Aggregator(tmp_path, store, signer)
+        try:
+            with agg.client(trusted) as device:
+                with pytest.raises(TransportError, match="NOT_FOUND") as exc:
+                    device.fetch_served_model()
+                assert "not signed by the operator's key" in str(exc.value)
+                assert f"sign {v1.id} --keys" in str(exc.value)
+                with pytest.raises(TransportError, match="NOT_FOUND"):
+                    device.fetch_plan()
+                assert store.get(v1.id).signatures == {}  # serving wrote nothing
+                assert device.served_model is None
+                assert main(["models", "--store", str(tmp_path / "models"), "sign",
+                             f"v{v1.id}", "--keys", str(tmp_path / "operator")]) == 0
+                assert "signed (model, plan)" in capsys.readouterr().out
+                version, got = device.fetch_served_model()
+                assert version == v1.id
+                np.testing.assert_array_equal(got, params(1))
+                assert device.fetch_plan()[0] == v1.id
+                assert device.stats.signature_rejections == 0
+        finally:
+            agg.stop()

@@ -103,6 +103,7 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
     from shoal.observers import Observers
     from shoal.lifecycle.canary import Canary, CanaryRule
     from shoal.lifecycle.keys import load_signer
+    from shoal.lifecycle.store_signing import sign_version
     from shoal.registry import SQLiteRegistry
     from shoal.store import ModelStore
     from shoal.transport.auth import Keyring, load_or_create_secret
@@ -128,7 +129,7 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
                               f"compare the candidate with (shoal models promote)",
                               key="canary")
         spec = store.load(prod.id).spec
-        serving = ModelServing(store, signer=signer)
+        serving = ModelServing(store, key=signer.trusted)
         tls = client_ca = None
         if paths.tls_dir is not None:
             tls = ((paths.tls_dir / "server.pem").read_bytes(),
@@ -151,6 +152,10 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
         canary = Canary(store, args.canary, args.canary_fraction, now=time.time(),
                         rule=rule, audit=AuditLog(audit_path, listener=state.add_audit
                                                   if state is not None else None))
+        # the two versions compared are signed here (once the canary has checked them),
+        # with the key the operator gave, before anything is served: serving never signs
+        for version in (canary.production, canary.candidate):
+            sign_version(store, signer, version)
         serving.canary = canary
         port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
         try:

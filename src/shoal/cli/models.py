@@ -1,4 +1,4 @@
-"""``shoal models``: list, show, diff, promote or roll back versions in a model store."""
+"""``shoal models``: list, show, diff, promote, roll back or sign versions in a model store."""
 
 from __future__ import annotations
 
@@ -22,15 +22,20 @@ def add_parser(sub) -> None:
                "  shoal models --store models diff v2 v3\n"
                "  shoal models --store models promote v3 --reason 'canary passed'\n"
                "  shoal models --store models rollback v2\n"
-               "  shoal models --store models history",
+               "  shoal models --store models history\n"
+               "  shoal models --store models sign v3 --keys keys",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="model store directory")
     p.add_argument("action", choices=("list", "show", "diff", "promote", "rollback",
-                                      "history"))
+                                      "history", "sign"))
     p.add_argument("version", nargs="?", help="version for show / promote / rollback; the "
                                               "first of diff")
     p.add_argument("other", nargs="?", help="the second version of diff")
     p.add_argument("--reason", default="", help="why (promote / rollback), kept in history")
+    p.add_argument("--keys", metavar="DIR",
+                   help="sign: the operator's keys (`shoal keys --out DIR`); the version's "
+                        "model and plan are signed with DIR/operator.key and the signatures "
+                        "kept in the store (an aggregator serves only signed versions)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -42,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from shoal.store.lineage import diff_versions
 
     readonly = args.action in ("list", "show", "diff", "history")
+    if args.action == "sign" and not args.keys:
+        raise ConfigError("sign needs the operator's keys: --keys DIR (`shoal keys --out DIR`)")
+    if args.action != "sign" and args.keys:
+        raise ConfigError("--keys is only for sign")
     with ModelStore(args.store, readonly=readonly) as store:
         if args.action == "list":
             versions = store.list()
@@ -81,6 +90,17 @@ def run(args: argparse.Namespace) -> int:
             v = store.get(version)
             info = v.to_dict() | {"lineage": [x.id for x in store.lineage(version)]}
             print(json.dumps(info, indent=None if args.json else 2))
+            return 0
+        if args.action == "sign":
+            from pathlib import Path
+
+            from shoal.lifecycle.keys import KEY_FILE, load_signer
+            from shoal.lifecycle.store_signing import sign_version
+
+            signer = load_signer(Path(args.keys) / KEY_FILE)
+            v = sign_version(store, signer, version)
+            print(f"v{v.id} signed ({', '.join(sorted(v.signatures))}) with "
+                  f"{signer.key.scheme} key {signer.trusted.id}")
             return 0
         now = time.time()
         v = store.promote(version, now=now, reason=args.reason) if args.action == "promote" \

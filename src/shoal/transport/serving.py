@@ -10,11 +10,14 @@ device that already holds its version is told "not modified"; otherwise it gets 
 model or the exact delta against the served version it holds (the training downloads' rule,
 :class:`~shoal.transport.downloads.ModelPublisher`), with the operator's signature.
 
-Signatures are made once per version and kept beside it in the store
-(:meth:`ModelStore.sign <shoal.store.models.ModelStore.sign>`): the aggregator signs what it
-commits at commit time; a version committed without a signature, or signed with a key since
-replaced (its ``key_id`` is not the signer's), is signed the first time it is served. Without
-a signer, models and plans are served unsigned (and devices that trust a key refuse them).
+Serving never signs. The operator's signatures are made where the key is -- at commit time
+by the aggregator that commits, by the canary launcher before it serves, or by hand with
+``shoal models sign VERSION --keys DIR`` (:mod:`shoal.lifecycle.store_signing`) -- and kept
+beside each version in the store; :class:`ModelServing` is given only the public key and
+serves a version's stored signature by that key. A version without one (committed unsigned,
+or signed with a key since replaced) is not served: ``GetModel`` / ``GetPlan`` answer
+``NOT_FOUND`` naming the command that signs it. Without a key, models and plans are served
+unsigned (and devices that trust a key refuse them).
 
 Every device a version's bytes were sent to is recorded (:meth:`ModelServing.reached`), so
 an operator -- and the canary's audit log -- can tell who ever held a candidate.
@@ -32,8 +35,7 @@ import numpy as np
 
 from shoal.codec import Chain
 from shoal.lifecycle.canary import Canary
-from shoal.lifecycle.signing import (SignatureRejected, SignedArtifact, Signer, plan_bytes,
-                                     version_signatures)
+from shoal.lifecycle.signing import SignatureRejected, SignedArtifact, TrustedKey, plan_bytes
 from shoal.store import ModelStore
 from shoal.transport.downloads import ModelPayload, ModelPublisher
 
@@ -41,8 +43,9 @@ __all__ = ["NotServing", "PlanPayload", "ModelServing"]
 
 
 class NotServing(LookupError):
-    """Nothing can be served to this device (no production version yet, or the served
-    version has no training plan); the gRPC handler answers ``NOT_FOUND``."""
+    """Nothing can be served to this device (no production version yet, the served version
+    has no training plan, or it is not signed by the operator's current key); the gRPC
+    handler answers ``NOT_FOUND`` with this message."""
 
 
 @dataclass(frozen=True)
@@ -58,15 +61,16 @@ class ModelServing:
     """Production (or a canary's arms) for devices (see the module docstring).
 
     Args:
-        store: the aggregator's model store (a writer: signatures are kept in it).
-        signer: the operator's key, or ``None`` to serve unsigned.
+        store: the aggregator's model store (read for versions and their signatures).
+        key: the operator's public key: the stored signatures by it are served, and a
+            version without one is not; ``None`` to serve unsigned.
         codec: lossless chain of what is sent (``compression.download_codec``).
         deltas: send a device holding an older served version the exact delta when smaller.
     """
 
-    def __init__(self, store: ModelStore, *, signer: Signer | None = None,
+    def __init__(self, store: ModelStore, *, key: TrustedKey | None = None,
                  codec: Chain | None = None, deltas: bool = True) -> None:
-        self.store, self.signer = store, signer
+        self.store, self.key = store, key
         self._codec, self._deltas = codec, deltas
         self._publisher = ModelPublisher(codec, 1, deltas=deltas)
         self._canary: Canary | None = None
@@ -167,19 +171,22 @@ class ModelServing:
         self._publisher = publisher
 
     def _signature(self, version: int, kind: str) -> SignedArtifact | None:
-        """The stored signature of ``version``'s ``kind`` by this signer's key; made and
-        kept in the store the first time it is missing. ``None`` without a signer."""
-        if self.signer is None:
+        """The stored signature of ``version``'s ``kind`` by the operator's key (``None``
+        without a key).
+
+        Raises:
+            NotServing: the version has none by this key (serving never signs).
+        """
+        if self.key is None:
             return None
         stored = self.store.get(version).signatures.get(kind)
         if stored is not None:
             try:
                 signed = SignedArtifact.from_json(stored)
-                if json.loads(signed.header).get("key_id") == self.signer.trusted.id:
+                if json.loads(signed.header).get("key_id") == self.key.id:
                     return signed
             except (SignatureRejected, ValueError):
-                pass  # malformed or another key's: sign anew
-        v = self.store.get(version)
-        fresh = version_signatures(self.signer, version, self.params(version), v.plan)
-        self.store.sign(version, fresh)
-        return SignedArtifact.from_json(fresh[kind])
+                pass  # malformed or another key's: not served
+        raise NotServing(f"model version {version}'s {kind} is not signed by the operator's "
+                         f"key {self.key.id}: sign it where the key is (`shoal models "
+                         f"--store STORE sign {version} --keys KEYDIR`)")
