@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shoal.lifecycle.signing import Signer
+from shoal.lifecycle.signing import SignedArtifact, Signer
+from shoal.lifecycle.store_signing import sign_version
 from shoal.params import ParamSpec
 from shoal.privacy import crypto
 from shoal.registry import SQLiteRegistry
@@ -55,9 +56,11 @@ def run(scheme: str, size: int, repeats: int, root: Path) -> dict:
                                        seed=0), round=1, metrics={}, now=1.0).id
                for _ in range(2)]
         store.promote(ids[0], now=2.0)
+        for v in ids:  # signed where the key is: serving only reads the signatures
+            sign_version(store, signer, v)
         service = AggregatorService(AggregatorSettings(), Keyring.single(SECRET), size, "fp",
                                     lambda: SQLiteRegistry(root / f"{scheme}.db"),
-                                    serving=ModelServing(store, signer=signer,
+                                    serving=ModelServing(store, key=signer.trusted,
                                                          deltas=False))
         port, stop = serve(service)
         clients = {}
@@ -80,7 +83,7 @@ def run(scheme: str, size: int, repeats: int, root: Path) -> dict:
                     assert version == ids[(i + 1) % 2]
                     if i >= 2:
                         times[name].append(elapsed)
-            signed = signer.sign_model(store.load(ids[0]).state.params, ids[0])
+            signed = SignedArtifact.from_json(store.get(ids[0]).signatures["model"])
         finally:
             for c in clients.values():
                 c.close()

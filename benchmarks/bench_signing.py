@@ -29,7 +29,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shoal.lifecycle.signing import Signer, model_bytes, verify_artifact
+from shoal.lifecycle.signing import Signer, model_bytes, served_namespace, verify_artifact
+
+NAMESPACE = served_namespace("0123456789abcdef0123456789abcdef")  # a store id's length
 from shoal.privacy import crypto
 
 
@@ -56,10 +58,11 @@ def main(argv: list[str] | None = None) -> None:
                             args.repeats)
         for scheme in crypto.SIGNATURE_SCHEMES:
             signer = Signer(crypto.generate_signing_key(scheme))
-            signed = signer.sign_model(params, 1)
-            sign_ms = median_ms(lambda: signer.sign_model(params, 1), args.repeats)
+            signed = signer.sign_model(params, 1, NAMESPACE)
+            sign_ms = median_ms(lambda: signer.sign_model(params, 1, NAMESPACE), args.repeats)
             verify_ms = median_ms(lambda: verify_artifact(signer.trusted, "model",
-                                                          model_bytes(params), signed),
+                                                          model_bytes(params), signed,
+                                                          namespace=NAMESPACE),
                                   args.repeats)
             print(json.dumps({"bench": "signing", "scheme": scheme, "params": size,
                               "model_bytes": len(payload), "sign_ms": round(sign_ms, 3),

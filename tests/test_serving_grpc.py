@@ -16,8 +16,9 @@ grpc = pytest.importorskip("grpc")
 from aggregator_harness import DIM, SECRET, token  # noqa: E402
 from shoal.config import load_config  # noqa: E402
 from shoal.lifecycle.keys import load_signer, load_trusted_key, write_operator_key  # noqa: E402
-from shoal.lifecycle.signing import SignatureRejected, version_signatures  # noqa: E402
-from shoal.lifecycle.store_signing import commit_signer, sign_version  # noqa: E402
+from shoal.lifecycle.signing import (SignatureRejected, served_namespace,  # noqa: E402
+                                     training_namespace, version_signatures)
+from shoal.lifecycle.store_signing import commit_signer, sign_version, store_id  # noqa: E402
 from shoal.params import ParamSpec  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.store import Checkpoint  # noqa: E402
@@ -47,7 +48,7 @@ def commit(store: ModelStore, p: np.ndarray, *, production: bool, plan: bool = T
     return store.commit(ckpt, round=1, metrics={}, now=1.0,
                         parent=parent.id if parent else None,
                         status="production" if production else "candidate",
-                        sign=None if signer is None else commit_signer(signer, p))
+                        sign=None if signer is None else commit_signer(signer, p, store))
 
 
 class Aggregator:
@@ -118,7 +119,8 @@ def test_a_device_refuses_a_bad_signature_declines_and_keeps_its_model(tmp_path,
                 assert device.fetch_served_model()[0] == good.id
                 bad = commit(store, params(2), production=True, plan=False)
                 if attack == "tampered":  # the operator's signature of other bytes
-                    store.sign(bad.id, version_signatures(signer, bad.id, params(3), None))
+                    store.sign(bad.id, version_signatures(
+                        signer, bad.id, params(3), None, served_namespace(store_id(store))))
                 else:  # the same server now serves another key's signatures, or none
                     if attack == "other_key":
                         sign_version(store, other, bad.id)
@@ -228,5 +230,98 @@ def test_serving_never_signs_an_unsigned_version_is_not_served_until_the_operato
                 np.testing.assert_array_equal(got, params(1))
                 assert device.fetch_plan()[0] == v1.id
                 assert device.stats.signature_rejections == 0
+        finally:
+            agg.stop()
+
+
+@pytest.mark.parametrize("replay", ["training_version", "other_store"])
+def test_a_signature_of_another_version_series_is_refused(tmp_path, keys, replay):
+    """Signatures bind the series: the operator's signature of a training run's version 2,
+    or of version 2 of another store, stored beside this store's version 2 and served, is
+    refused (``wrong_namespace``); the device keeps the model it had."""
+    signer, trusted, _ = keys
+    with ModelStore(tmp_path / "models") as store:
+        good = commit(store, params(1), production=True, signer=signer)
+        agg = Aggregator(tmp_path, store, signer)
+        try:
+            with agg.client(trusted) as device:
+                assert device.fetch_served_model()[0] == good.id
+                bad = commit(store, params(2), production=True, plan=False)
+                namespace = training_namespace(agg.service.run_id) \
+                    if replay == "training_version" else served_namespace("f" * 32)
+                store.sign(bad.id, {"model": signer.sign_model(params(2), bad.id,
+                                                               namespace).to_json()})
+                with pytest.raises(SignatureRejected) as exc:
+                    device.fetch_served_model()
+                assert exc.value.reason == "wrong_namespace"
+                assert device.served_model[0] == good.id
+                assert device.stats.signature_rejections == 1
+        finally:
+            agg.stop()
+
+
+def test_the_same_bytes_signed_as_another_version_are_refused_as_wrong_version(
+        tmp_path, keys):
+    """GetModel streams store version 2 whose bytes equal version 1's and whose stored
+    signature is version 1's (valid, same store, same bytes): only the number differs, and
+    the device refuses it (``wrong_version``) and installs nothing."""
+    signer, trusted, _ = keys
+    with ModelStore(tmp_path / "models") as store:
+        v1 = commit(store, params(1), production=True, signer=signer)
+        v2 = commit(store, params(1), production=True, plan=False)
+        store.sign(v2.id, {"model": store.get(v1.id).signatures["model"]})
+        agg = Aggregator(tmp_path, store, signer)
+        try:
+            with agg.client(trusted) as device:
+                with pytest.raises(SignatureRejected) as exc:
+                    device.fetch_served_model()
+                assert exc.value.reason == "wrong_version"
+                assert device.served_model is None and device.stats.served_versions == []
+        finally:
+            agg.stop()
+
+
+def test_a_training_download_older_than_the_held_version_of_the_run_is_refused(
+        tmp_path, keys):
+    """Over the real Download call: the device holds training version 2 of this run; the
+    server's genuine, signed version 1 of the same run is an old model replayed
+    (``downgrade``); the device keeps version 2."""
+    from shoal.transport.device_api import TaskAbandoned
+    from shoal.transport.proto import shoal_pb2 as pb
+
+    signer, trusted, _ = keys
+    with ModelStore(tmp_path / "models") as store:
+        agg = Aggregator(tmp_path, store, signer)
+        agg.service.publish(1, params(1))
+        agg.service.publish(2, params(2))  # the publisher keeps version 1 as well
+        try:
+            with agg.client(trusted) as device:
+                models = device._models
+                task = pb.Task(task_id=1, round=1, model_version=2)
+                np.testing.assert_array_equal(models.for_task(2, task), params(2))
+                with pytest.raises(TaskAbandoned, match="older than version 2 held"):
+                    models.for_task(1, pb.Task(task_id=2, round=2, model_version=1))
+                assert models.training_version == 2
+                assert models.training_namespace == training_namespace(agg.service.run_id)
+                assert device.stats.signature_rejections == 1
+        finally:
+            agg.stop()
+
+
+def test_a_lower_served_version_is_accepted_after_a_rollback(tmp_path, keys):
+    """What is *not* refused (docs/lifecycle.md): served versions may go down -- a rollback
+    serves an older version of the same store, and the device installs it."""
+    signer, trusted, _ = keys
+    with ModelStore(tmp_path / "models") as store:
+        v1 = commit(store, params(1), production=True, signer=signer)
+        v2 = commit(store, params(2), production=True, signer=signer)
+        agg = Aggregator(tmp_path, store, signer)
+        try:
+            with agg.client(trusted) as device:
+                assert device.fetch_served_model()[0] == v2.id
+                store.rollback(v1.id, now=2.0, reason="regression")
+                version, got = device.fetch_served_model()
+                assert version == v1.id
+                np.testing.assert_array_equal(got, params(1))
         finally:
             agg.stop()

@@ -16,9 +16,10 @@ from shoal.config import load_config
 from shoal.errors import ConfigError
 from shoal.lifecycle.keys import (KEY_FILE, PUBLIC_FILE, KeyFileError, load_signer,
                                   load_trusted_key, write_operator_key)
-from shoal.lifecycle.signing import (SignatureRejected, SignedArtifact, VerifiedSlot,
-                                     model_bytes, plan_bytes, verify_artifact,
-                                     version_signatures)
+from shoal.lifecycle.signing import (SignatureRejected, SignedArtifact, artifact_namespace,
+                                     model_bytes, plan_bytes, served_namespace,
+                                     training_namespace, verify_artifact, version_signatures)
+from shoal.lifecycle.store_signing import STORE_ID_FILE, commit_signer, store_id
 from shoal.params import ParamSpec
 from shoal.store import Checkpoint
 from shoal.store.models import ModelStore
@@ -44,7 +45,8 @@ def test_shoal_keys_writes_a_pair_that_signs_and_verifies(tmp_path, capsys, sche
     assert trusted == signer.trusted and trusted.scheme == scheme
     params = np.linspace(-1, 1, 50, dtype=np.float32)
     assert verify_artifact(trusted, "model", model_bytes(params),
-                           signer.sign_model(params, 7)) == 7
+                           signer.sign_model(params, 7, served_namespace("s")),
+                           namespace="served") == 7
     # a second run refuses to replace the pair (devices trust the old public key)
     assert main(["keys", "--out", str(tmp_path), "--scheme", scheme]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -82,19 +84,25 @@ def test_a_commit_keeps_the_signatures_of_its_model_and_plan(tmp_path):
     with ModelStore(tmp_path) as store:
         store.commit(ckpt(1.0), round=1, metrics={}, now=1.0)  # no signer: unsigned
         v = store.commit(c, round=2, metrics={}, now=2.0, parent=1,
-                         sign=lambda vid, plan: version_signatures(signer, vid,
-                                                                   c.state.params, plan))
+                         sign=commit_signer(signer, c.state.params, store))
         assert store.get(1).signatures == {}
+        sid = store_id(store)
     with ModelStore(tmp_path, readonly=True) as store:  # what another process reads back
         v = store.get(v.id)
         model = SignedArtifact.from_json(v.signatures["model"])
         plan = SignedArtifact.from_json(v.signatures["plan"])
+        # signed as this store's version 2: its id is kept beside the index
+        assert (tmp_path / "models" / STORE_ID_FILE).read_text().strip() == sid
+        assert store_id(store) == sid and len(sid) == 32
+        assert artifact_namespace(model) == artifact_namespace(plan) == f"served:{sid}"
         assert verify_artifact(trusted, "model", model_bytes(store.load(2).state.params),
-                               model) == 2
-        assert verify_artifact(trusted, "plan", plan_bytes(v.plan), plan) == 2
+                               model, namespace=f"served:{sid}") == 2
+        assert verify_artifact(trusted, "plan", plan_bytes(v.plan), plan,
+                               namespace="served") == 2
         # the model's signature does not pass for another version's bytes
         with pytest.raises(SignatureRejected) as exc:
-            verify_artifact(trusted, "model", model_bytes(store.load(1).state.params), model)
+            verify_artifact(trusted, "model", model_bytes(store.load(1).state.params), model,
+                            namespace="served")
         assert exc.value.reason == "tampered"
 
 
@@ -104,7 +112,7 @@ def test_signing_a_version_later_replaces_only_its_signatures(tmp_path):
         v = store.commit(ckpt(1.0), round=1, metrics={"a": 1.0}, now=1.0, status="production")
         before = store.get(v.id)
         signed = store.sign(v.id, version_signatures(signer, v.id, ckpt(1.0).state.params,
-                                                     None))
+                                                     None, served_namespace("s")))
         assert set(signed.signatures) == {"model"}
         assert (signed.sha256, signed.status, dict(signed.metrics)) == \
             (before.sha256, "production", {"a": 1.0})
@@ -115,16 +123,37 @@ def test_signing_a_version_later_replaces_only_its_signatures(tmp_path):
         assert store.get(v.id).signatures == signed.signatures  # nothing changed
 
 
-def test_a_validly_signed_model_of_another_version_is_refused_and_the_slot_unchanged():
-    signer = load_signer  # noqa: F841 -- keep the import used when reading the test
-    from shoal.privacy import crypto
+def test_the_device_check_binds_version_series_and_refuses_downgrades_of_a_run():
+    """check_signed, the device's whole check (the reviewer's repro): a training version
+    does not pass as a served one, a valid signature of another number is refused, and a
+    lower version of the run the device holds is an old model replayed."""
     from shoal.lifecycle.signing import Signer
+    from shoal.privacy import crypto
+    from shoal.transport.device_models import check_signed
 
     op = Signer(crypto.generate_signing_key("ed25519"))
-    slot = VerifiedSlot(op.trusted, "model", model_bytes)
-    old, new = np.zeros(4, np.float32), np.ones(4, np.float32)
-    assert slot.install(old, op.sign_model(old, 3), version=3) == 3
-    with pytest.raises(SignatureRejected) as exc:  # version 3's signature replayed for 4
-        slot.install(new, op.sign_model(new, 3), version=4)
-    assert exc.value.reason == "wrong_version"
-    assert slot.version == 3 and slot.value is old
+    run, served = training_namespace("run-a"), served_namespace("0" * 32)
+    train_v3 = np.ones(4, np.float32)
+    sig = op.sign_model(train_v3, 3, run)
+
+    def reason(*args, **kw):
+        with pytest.raises(SignatureRejected) as exc:
+            check_signed(op.trusted, "model", *args, **kw)
+        return exc.value.reason
+
+    payload = model_bytes(train_v3)
+    assert check_signed(op.trusted, "model", payload, 3, sig, namespace="train") == run
+    assert reason(payload, 3, sig, namespace="served") == "wrong_namespace"
+    assert reason(payload, 3, sig, namespace=served) == "wrong_namespace"
+    assert reason(payload, 4, sig, namespace="train") == "wrong_version"
+    old = np.zeros(4, np.float32)
+    assert reason(model_bytes(old), 2, op.sign_model(old, 2, run), namespace="train",
+                  held=(run, 5)) == "downgrade"
+    # another run starts again from low numbers; the same number is no downgrade
+    assert check_signed(op.trusted, "model", model_bytes(old), 2,
+                        op.sign_model(old, 2, training_namespace("run-b")),
+                        namespace="train", held=(run, 5)) == training_namespace("run-b")
+    assert check_signed(op.trusted, "model", payload, 3, sig, namespace="train",
+                        held=(run, 3)) == run
+    # without a trusted key nothing is checked
+    assert check_signed(None, "model", payload, 9, None, namespace="served") is None

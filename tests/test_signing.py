@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
 
 from shoal.errors import ProtocolError
 from shoal.lifecycle.signing import (SignatureRejected, SignedArtifact, Signer, TrustedKey,
-                                     VerifiedSlot, model_bytes, plan_bytes, verify_artifact)
+                                     model_bytes, plan_bytes, served_namespace,
+                                     training_namespace, verify_artifact)
 from shoal.privacy import crypto
 
 SCHEMES = ("ed25519", "ml-dsa-65", "hybrid")
@@ -82,36 +83,49 @@ def test_bad_keys_and_schemes_are_protocol_errors():
         crypto.verify_signature("ml-dsa-65", b"x" * 32, b"m", b"s", b"c")
 
 
+SERVED = served_namespace("s1")
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_a_device_installs_a_signed_model_and_refuses_everything_else(scheme):
+def test_a_device_accepts_a_signed_model_and_refuses_everything_else(scheme):
     operator = Signer(crypto.generate_signing_key(scheme))
     intruder = Signer(crypto.generate_signing_key(scheme))
-    slot: VerifiedSlot[np.ndarray] = VerifiedSlot(operator.trusted, "model", model_bytes)
     good = np.arange(10, dtype=np.float32)
-    assert slot.install(good, operator.sign_model(good, 3)) == 3
+
+    def check(value, signed, namespace=SERVED):
+        return verify_artifact(operator.trusted, "model", model_bytes(value), signed,
+                               namespace=namespace)
+
+    assert check(good, operator.sign_model(good, 3, SERVED)) == 3
     newer = good + 1
 
-    def refused(value, signed, reason):
+    def refused(value, signed, reason, namespace=SERVED):
         with pytest.raises(SignatureRejected) as info:
-            slot.install(value, signed)
+            check(value, signed, namespace)
         assert info.value.reason == reason
-        # the device keeps the model it had
-        assert slot.version == 3 and np.array_equal(slot.value, good)
 
     refused(newer, None, "unsigned")
-    refused(newer, intruder.sign_model(newer, 4), "wrong_key")
+    refused(newer, intruder.sign_model(newer, 4, SERVED), "wrong_key")
     tampered = newer.copy()
     tampered[5] += 1e-3
-    refused(tampered, operator.sign_model(newer, 4), "tampered")
-    sig = operator.sign_model(newer, 4)
+    refused(tampered, operator.sign_model(newer, 4, SERVED), "tampered")
+    sig = operator.sign_model(newer, 4, SERVED)
     refused(newer, SignedArtifact(sig.header, bytes(len(sig.signature))), "bad_signature")
-    # a header edited to claim another version breaks the signature
+    # a header edited to claim another version or series breaks the signature
     forged = sig.header.replace(b'"version":4', b'"version":9')
     refused(newer, SignedArtifact(forged, sig.signature), "bad_signature")
+    forged = sig.header.replace(b'"served:s1"', b'"train:s1"')
+    refused(newer, SignedArtifact(forged, sig.signature), "bad_signature")
     refused(newer, SignedArtifact(b"not json", sig.signature), "malformed")
-    plan_sig = operator.sign_plan({"lr": 0.1}, 4)
+    plan_sig = operator.sign_plan({"lr": 0.1}, 4, SERVED)
     refused(newer, plan_sig, "wrong_kind")
-    assert slot.install(newer, sig) == 4 and np.array_equal(slot.value, newer)
+    # the series and the namespace are part of what is signed
+    train = operator.sign_model(newer, 4, training_namespace("run7"))
+    refused(newer, train, "wrong_namespace", "served")
+    refused(newer, train, "wrong_namespace", SERVED)
+    refused(newer, sig, "wrong_namespace", served_namespace("another-store"))
+    assert check(newer, train, "train") == 4
+    assert check(newer, sig, "served") == 4 and check(newer, sig) == 4
 
 
 def test_no_downgrade_from_hybrid_and_plans_are_signed_as_canonical_json():
@@ -120,12 +134,14 @@ def test_no_downgrade_from_hybrid_and_plans_are_signed_as_canonical_json():
     plan = {"model": {"name": "mlp2nn"}, "client": {"lr": 0.05, "epochs": 1}}
     # the same Ed25519 key alone does not pass a device that trusts the hybrid key
     with pytest.raises(SignatureRejected) as info:
-        verify_artifact(hybrid.trusted, "plan", plan_bytes(plan), ed.sign_plan(plan, 1))
+        verify_artifact(hybrid.trusted, "plan", plan_bytes(plan), ed.sign_plan(plan, 1, SERVED),
+                       namespace="served")
     assert info.value.reason == "scheme"
-    signed = hybrid.sign_plan(plan, 2)
+    signed = hybrid.sign_plan(plan, 2, SERVED)
     reordered = json.loads(json.dumps({"client": plan["client"], "model": plan["model"]}))
-    assert verify_artifact(hybrid.trusted, "plan", plan_bytes(reordered), signed) == 2
+    assert verify_artifact(hybrid.trusted, "plan", plan_bytes(reordered), signed,
+                           namespace=SERVED) == 2
     changed = {**plan, "client": {"lr": 0.5, "epochs": 1}}
     with pytest.raises(SignatureRejected, match="do not match"):
-        verify_artifact(hybrid.trusted, "plan", plan_bytes(changed), signed)
+        verify_artifact(hybrid.trusted, "plan", plan_bytes(changed), signed, namespace=SERVED)
     assert TrustedKey("hybrid", hybrid.key.public).id == hybrid.trusted.id

@@ -13,10 +13,24 @@ version numbers are the model store's, a namespace of their own (a training task
 With the operator's public key (``trusted``, :func:`~shoal.lifecycle.keys.load_trusted_key`)
 nothing is installed before its signature verifies (:func:`~shoal.lifecycle.signing.
 verify_artifact`): the scheme and key id must be the operator's, the signature valid, the
-bytes the signed ones (a delta is checked once applied, on the float32 model it rebuilt), and
-the signed version the one the stream carries. A model or plan that fails is refused with
-:class:`~shoal.lifecycle.signing.SignatureRejected` naming the reason (``unsigned``,
-``wrong_key``, ``tampered``, ...), the server is told with a ``Decline``
+bytes the signed ones (a delta is checked once applied, on the float32 model it rebuilt), the
+signed version the one the stream carries, and the signed series the one asked for:
+
+* a training download must be signed as a training run's version (``train:<run id>``), and a
+  version lower than the training model held of the same run is refused (``downgrade``: an
+  old model replayed);
+* a served model or plan must be signed as a model store's version (``served:<store id>``),
+  and once the device holds one, of that same store (the first served install pins it).
+
+What is *not* checked for served models: a lower served version of the same store is
+accepted (a canary rolled back, or ``shoal models rollback``, legitimately serves an older
+version, and nothing signed says which version is production now), so a server that
+misbehaves can serve any older version the operator once signed for the store, including a
+candidate that was rolled back.
+
+A model or plan that fails is refused with :class:`~shoal.lifecycle.signing.
+SignatureRejected` naming the reason (``unsigned``, ``wrong_key``, ``tampered``,
+``wrong_namespace``, ``downgrade``, ...), the server is told with a ``Decline``
 (``signature_rejected``), and the device keeps the model and plan it had; a training model
 so refused is not retried and its task is declined. Without a trusted key nothing is verified
 (a device must be provisioned with the key to refuse anything).
@@ -35,7 +49,7 @@ import numpy as np
 
 from shoal.errors import CodecError
 from shoal.lifecycle.signing import (SignatureRejected, SignedArtifact, TrustedKey,
-                                     model_bytes, verify_artifact)
+                                     artifact_namespace, model_bytes, verify_artifact)
 from shoal.transport.device_api import ClientStats, DownloadRefused, TaskAbandoned
 from shoal.transport.download_stream import Received, decode_model, receive_model
 from shoal.transport.proto import shoal_pb2 as pb
@@ -46,21 +60,34 @@ _MAX_PLAN_BYTES = 1 << 20
 
 
 def check_signed(trusted: TrustedKey | None, kind: str, payload: bytes, version: int,
-                 signed: SignedArtifact | None) -> None:
+                 signed: SignedArtifact | None, *, namespace: str,
+                 held: tuple[str, int] | None = None) -> str | None:
     """Refuse ``payload`` (a model's :func:`~shoal.lifecycle.signing.model_bytes` or a plan's
-    JSON) unless the operator signed exactly it as ``version``; nothing to check without a
-    trusted key.
+    JSON) unless the operator signed exactly it as ``version`` of ``namespace`` (a series,
+    ``"served"`` / ``"train"``, or one exact namespace); returns the signed namespace
+    (``None``: nothing to check without a trusted key).
+
+    Args:
+        held: ``(namespace, version)`` the device holds: a lower version of the same
+            namespace is refused as a ``downgrade``.
 
     Raises:
-        SignatureRejected: the reason, e.g. ``unsigned``, ``wrong_key``, ``tampered`` or
-            ``wrong_version`` (a valid signature of another version replayed).
+        SignatureRejected: the reason, e.g. ``unsigned``, ``wrong_key``, ``tampered``,
+            ``wrong_namespace``, ``wrong_version`` (a valid signature of another version
+            replayed) or ``downgrade``.
     """
     if trusted is None:
-        return
-    signed_version = verify_artifact(trusted, kind, payload, signed)
+        return None
+    signed_version = verify_artifact(trusted, kind, payload, signed, namespace=namespace)
+    assert signed is not None  # verify_artifact refuses an unsigned payload
     if signed_version != version:
         raise SignatureRejected(f"the {kind} is signed as version {signed_version}, the "
                                 f"server sent it as version {version}", "wrong_version")
+    got = artifact_namespace(signed)
+    if held is not None and held[0] == got and version < held[1]:
+        raise SignatureRejected(f"the {kind} is version {version} of {got!r}, older than "
+                                f"version {held[1]} held", "downgrade")
+    return got
 
 
 class DeviceModels:
@@ -96,6 +123,10 @@ class DeviceModels:
         self.training: tuple[int, np.ndarray] | None = None  # (run version, read-only params)
         self.model: tuple[int, np.ndarray] | None = None  # (store version, read-only params)
         self.plan: tuple[int, Mapping[str, Any]] | None = None
+        #: the signed namespaces of what is held: the training run's, and the store that
+        #: serves this device (pinned by its first verified served model or plan)
+        self.training_namespace: str | None = None
+        self.served_namespace: str | None = None
 
     @property
     def training_version(self) -> int:
@@ -122,8 +153,11 @@ class DeviceModels:
                     self._stub.Download, request, version, base))
                 params = decode_model(got.payload, version, got.base, self.training,
                                       max_elements=self.max_elements)
-                self._verify("model", model_bytes(params), version, got.signed, task,
-                              keeping=self.training_version)
+                held = None if self.training_namespace is None else (
+                    self.training_namespace, self.training_version)
+                namespace = self._verify("model", model_bytes(params), version, got.signed,
+                                         task, keeping=self.training_version,
+                                         namespace="train", held=held)
             except SignatureRejected as exc:
                 raise TaskAbandoned(f"model version {version} refused: {exc}") from None
             except (DownloadRefused, CodecError) as exc:
@@ -134,7 +168,7 @@ class DeviceModels:
                     self._pause(attempt)
                 continue
             params.setflags(write=False)
-            self.training = (version, params)
+            self.training, self.training_namespace = (version, params), namespace
             self._stats.downloads += 1
             if got.base:
                 self._log.info("model version %d: delta against %d (%d bytes)", version,
@@ -197,10 +231,12 @@ class DeviceModels:
         except (DownloadRefused, CodecError):
             self._stats.download_errors += 1
             raise
-        self._verify("model", model_bytes(params), got.version, got.signed, task,
-                     keeping=self.version, served=True)
+        namespace = self._verify("model", model_bytes(params), got.version, got.signed, task,
+                                 keeping=self.version, namespace=self.served_namespace
+                                 or "served")
         params.setflags(write=False)
         self.model = (got.version, params)
+        self.served_namespace = self.served_namespace or namespace
         self._stats.downloads += 1
         self._stats.served_versions.append(got.version)
         self._log.info("served model version %d installed%s", got.version,
@@ -238,9 +274,11 @@ class DeviceModels:
                                   ) from None
         signed = SignedArtifact(bytes(reply.signed_header), bytes(reply.signature)) \
             if reply.signed_header or reply.signature else None
-        self._verify("plan", raw, int(reply.version), signed, None,
-                     keeping=0 if self.plan is None else self.plan[0], served=True)
+        namespace = self._verify("plan", raw, int(reply.version), signed, None,
+                                 keeping=0 if self.plan is None else self.plan[0],
+                                 namespace=self.served_namespace or "served")
         self.plan = (int(reply.version), plan)
+        self.served_namespace = self.served_namespace or namespace
         self._log.info("training plan version %d installed", reply.version)
         return self.plan
 
@@ -270,15 +308,16 @@ class DeviceModels:
 
     def _verify(self, kind: str, payload: bytes, version: int,
                 signed: SignedArtifact | None, task: pb.Task | None, *, keeping: int,
-                served: bool = False) -> None:
+                namespace: str, held: tuple[str, int] | None = None) -> str | None:
         """:func:`check_signed`; a refusal is counted, logged and declined to the server."""
         try:
-            check_signed(self.trusted, kind, payload, version, signed)
+            return check_signed(self.trusted, kind, payload, version, signed,
+                                namespace=namespace, held=held)
         except SignatureRejected as exc:
             self._stats.signature_rejections += 1
             self._log.error("REFUSED %s%s version %d: %s (%s); keeping version %d",
-                            "served " if served else "", kind, version, exc, exc.reason,
-                            keeping)
+                            "" if namespace == "train" else "served ", kind, version, exc,
+                            exc.reason, keeping)
             self.decline("signature_rejected", f"{exc.reason}: {exc}", version, task)
             raise
 

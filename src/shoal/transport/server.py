@@ -45,6 +45,7 @@ device's).
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -65,7 +66,7 @@ from shoal.transport.admission import STATUS
 from shoal.transport.auth import Keyring, RateLimiter
 from shoal.transport.downloads import ModelPublisher, decode_upload, upload_limit
 from shoal.transport.gate import CallGate, CallRefused
-from shoal.lifecycle.signing import Signer
+from shoal.lifecycle.signing import Signer, training_namespace
 from shoal.transport.hello import InvalidHello, clips_updates, evaluates, read_hello
 from shoal.transport.inbound import Busy, Inbound, Refusal, read_payload
 from shoal.transport.lifecycle_calls import LifecycleCalls, model_chunks
@@ -220,6 +221,8 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
         self.lock = threading.Lock()  # guards the publisher's versions
         self.revocations = revocations
         self.serving, self.signer, self.segment_by = serving, signer, segment_by
+        #: names this run's training versions in their signatures (``train:<run_id>``)
+        self.run_id = secrets.token_hex(8)
         self._evaluators: dict[str, bool] = {}  # device -> whether it answers evaluations
 
     @property
@@ -241,8 +244,8 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
         """
         with self.lock:
             if self.publisher.version is None or version > self.publisher.version:
-                signed = None if self.signer is None else self.signer.sign_model(params,
-                                                                                 version)
+                signed = None if self.signer is None else self.signer.sign_model(
+                    params, version, training_namespace(self.run_id))
                 self.publisher.publish(version, params, signed)
                 return
             held = self.publisher.params(version)
