@@ -130,7 +130,10 @@ class Dashboard:
                               if host in _LOOPBACK else None)
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}/"
-        config = uvicorn.Config(build_app(self), log_level="warning", access_log=False,
+        # log_config=None: uvicorn's default dictConfig would close every log handler
+        # already in the process (a library's handler closes its stream then)
+        config = uvicorn.Config(build_app(self), log_config=None, log_level="warning",
+                                access_log=False,
                                 lifespan="off", http="h11", ws="none", loop="asyncio",
                                 timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
