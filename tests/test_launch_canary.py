@@ -111,3 +111,46 @@ def test_a_canary_launch_refuses_what_it_cannot_run_before_starting_devices(tmp_
     assert not (work / "logs" / "device-0000.log").exists()  # no device was started
     with ModelStore(work / "models", readonly=True) as store:
         assert store.production().id == prod
+
+
+@pytest.mark.slow
+def test_shoal_launch_with_keys_trains_fully_signed(tmp_path):
+    """`shoal launch --keys DIR` (training, ~25 s): the device processes verify every
+    training download with DIR/operator.pub and none is refused, and every committed version
+    carries the operator's signatures of its model and plan as this store's version --
+    checked with the public key `shoal keys` wrote, over the bytes the store holds (the
+    oracle), not with anything the aggregator says."""
+    from shoal.lifecycle.keys import load_trusted_key
+    from shoal.lifecycle.signing import SignedArtifact, model_bytes, plan_bytes, verify_artifact
+    from shoal.lifecycle.store_signing import STORE_ID_FILE
+
+    keys, work = tmp_path / "keys", tmp_path / "work"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = [sys.executable, "-m", "shoal.cli"]
+    assert subprocess.run([*run, "keys", "--out", str(keys)], capture_output=True,
+                          env=env).returncode == 0
+    overrides = {**OVERRIDES, "data.clients": 4, "sampling.per_round": 4, "rounds": 2}
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    proc = subprocess.run([*run, "launch", *sets, "--dir", str(work), "--keys", str(keys),
+                           "--json", "-q", "--no-dashboard"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["rounds"] == 2
+    for d in DEVICES[:4]:
+        text = (work / "logs" / f"{d}.log").read_text()
+        stats = json.loads(re.findall(r"^(\{\"device\".*\})$", text, re.M)[-1])
+        assert stats["uploads_accepted"] >= 1 and stats["downloads"] >= 1, stats
+        assert stats["signature_rejections"] == 0 and stats["tasks_abandoned"] == 0, stats
+    trusted = load_trusted_key(keys / "operator.pub")
+    with ModelStore(work / "models", readonly=True) as store:
+        served = f"served:{(store.dir / STORE_ID_FILE).read_text().strip()}"
+        versions = store.list()
+        assert len(versions) == 2
+        for v in versions:
+            model = SignedArtifact.from_json(v.signatures["model"])
+            plan = SignedArtifact.from_json(v.signatures["plan"])
+            params = store.load(v.id).state.params
+            assert verify_artifact(trusted, "model", model_bytes(params), model,
+                                   namespace=served) == v.id
+            assert verify_artifact(trusted, "plan", plan_bytes(v.plan), plan,
+                                   namespace=served) == v.id

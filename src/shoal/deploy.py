@@ -29,6 +29,8 @@ from shoal.strategy import ServerState
 from shoal.sampling import RegistrySampler, UniformSampler
 from shoal.errors import ConfigError
 from shoal.frameworks.torch import spec_of
+from shoal.lifecycle.signing import Signer
+from shoal.lifecycle.store_signing import commit_signer
 from shoal.models import build_model
 from shoal.observers import CarrierObserver, Observer, Observers
 from shoal.registry import Registry, SQLiteRegistry
@@ -62,6 +64,9 @@ class AggregatorPaths:
             (``shoal certs --client NAME``). Needs ``tls_dir``.
         revoked: revoked tokens (``shoal revoke``), re-read while serving when it changes;
             a missing file revokes nothing.
+        keys: the operator's keys (``shoal keys --out DIR``): every training version is
+            signed when published (devices started with ``--trusted-key`` refuse anything
+            else) and every committed version at commit time; ``None`` signs nothing.
     """
 
     secret: Path
@@ -71,6 +76,7 @@ class AggregatorPaths:
     port_file: Path | None = None
     client_ca: Path | None = None
     revoked: Path | None = None
+    keys: Path | None = None
 
 
 def settings_from_config(cfg: Config) -> AggregatorSettings:
@@ -118,6 +124,11 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     if paths.client_ca is not None:
         client_ca = load_client_ca(paths.client_ca, now=dt.datetime.now(dt.timezone.utc))
     revocations = RevocationFile(paths.revoked) if paths.revoked is not None else None
+    signer = None
+    if paths.keys is not None:  # refused (KeyFileError) before anything is written
+        from shoal.lifecycle.keys import KEY_FILE, load_signer
+
+        signer = load_signer(paths.keys / KEY_FILE)
     settings = settings_from_config(cfg)
     keyring = Keyring.single(load_or_create_secret(paths.secret))
     store = ModelStore(paths.store)
@@ -138,7 +149,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     metrics = _metrics()
     service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
                                 registry_factory, revocations=revocations,
-                                metrics=Observers([metrics, *observers]))
+                                metrics=Observers([metrics, *observers]), signer=signer)
     port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
     try:
         if paths.port_file is not None:
@@ -165,7 +176,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                                         carrier.devices, lambda: service.registry))
         exp = Experiment(cfg, data, pool=carrier, sampler=sampler)
         return exp, run_committing(exp, store, store_lock, on_round,
-                                   observers=[metrics, *observers])
+                                   observers=[metrics, *observers], signer=signer)
     finally:
         stop()
         with store_lock:
@@ -176,10 +187,12 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
 
 def run_committing(exp: Experiment, store: ModelStore, store_lock: threading.Lock,
                    on_round: Callable[[RoundRecord], None] | None = None, *,
-                   observers: Iterable[Observer] = ()) -> RunResult:
+                   observers: Iterable[Observer] = (), signer: Signer | None = None
+                   ) -> RunResult:
     """Run ``exp`` from the store's latest version (if any), committing every version to
     ``store`` (under ``store_lock``) before the next round starts: what makes an aggregator
-    (or the aggregator cluster's committer) crash-safe.
+    (or the aggregator cluster's committer) crash-safe. With ``signer`` each version's model
+    and plan are signed as it is committed (served later without signing anew).
 
     Raises:
         StorageError: the store could not be written; every version before is intact.
@@ -195,7 +208,9 @@ def run_committing(exp: Experiment, store: ModelStore, store_lock: threading.Loc
             parent = store.latest()
             store.commit(exp.checkpoint(st), round=st.version,
                          metrics={"accepted": float(rec.accepted)},
-                         parent=parent.id if parent else None, now=time.time())
+                         parent=parent.id if parent else None, now=time.time(),
+                         sign=None if signer is None else commit_signer(signer, st.params,
+                                                                        store))
 
     return exp.run(on_round, state=state, on_commit=commit, observers=observers)
 

@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
                             store=work / "models", tls_dir=work / "certs",
                             port_file=work / "port",
                             client_ca=pki.ca_cert if args.mtls else None,
-                            revoked=work / "revoked.json")
+                            revoked=work / "revoked.json",
+                            keys=Path(args.keys) if args.keys else None)
     security = "mutual TLS" if args.mtls else "TLS"
     banner(cfg, args, f" launch ({n} client processes, {security} on loopback, state in "
                       f"{work})")
@@ -144,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
         keys = operator_keys(args, work)
         extra = client_args(args, keys)
+    elif args.keys:  # training signed end to end: every device verifies what it trains on
+        extra = ["--trusted-key", str(Path(args.keys) / "operator.pub")]
 
     def start_clients(port: int) -> None:
         for i in range(n):

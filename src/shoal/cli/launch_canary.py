@@ -41,8 +41,11 @@ def add_canary_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--canary-fraction", dest="canary_fraction", type=float, default=0.1,
                    help="share of devices served the candidate (default 0.1)")
     g.add_argument("--keys", metavar="DIR",
-                   help="the operator's keys (`shoal keys --out DIR`); default DIR/keys in "
-                        "--dir, made (ed25519) if missing")
+                   help="the operator's keys (`shoal keys --out DIR`). Training: every "
+                        "download and committed version is signed and every device process "
+                        "verifies with --trusted-key DIR/operator.pub. --canary: the served "
+                        "versions' key, default DIR/keys in --dir, made (ed25519) if "
+                        "missing")
     g.add_argument("--canary-cohort", dest="canary_cohort", type=int, default=30,
                    help="devices per arm per evaluation round (default 30)")
     g.add_argument("--min-clients", dest="min_clients", type=int, default=30,

@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
                         "certificate signed by this CA whose common name is the "
                         "device id (shoal certs --client NAME); needs --certs")
     p.add_argument("--secret", help="token secret file (default DIR/secret)")
+    p.add_argument("--keys", metavar="DIR",
+                   help="the operator's keys (`shoal keys --out DIR`): sign every training "
+                        "download and committed version with DIR/operator.key (devices "
+                        "verify with `shoal client --trusted-key DIR/operator.pub`)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--log-json", dest="log_json", metavar="FILE",
                    help="append structured logs (one JSON object per line) to FILE")
@@ -53,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                             tls_dir=Path(args.certs) if args.certs else None,
                             port_file=work / "port",
                             client_ca=Path(args.client_ca) if args.client_ca else None,
-                            revoked=work / "revoked.json")
+                            revoked=work / "revoked.json",
+                            keys=Path(args.keys) if args.keys else None)
     if args.log_json:
         from shoal.telemetry import configure_json_logging
 
