@@ -23,8 +23,7 @@ from shoal.cli.cluster import run_committer  # noqa: E402
 from shoal.cluster.ingest import run_ingest  # noqa: E402
 from shoal.cluster.rounds import Partial, RoundBoard  # noqa: E402
 from shoal.config import load_config  # noqa: E402
-from shoal.deploy import (AggregatorPaths, registry_from_config, run_aggregator,  # noqa: E402
-                          settings_from_config)
+from shoal.deploy import registry_from_config, settings_from_config  # noqa: E402
 from shoal.errors import ConfigError, ProtocolError  # noqa: E402
 from shoal.frameworks.torch import spec_of  # noqa: E402
 from shoal.hierarchy.deployed import follow_edges  # noqa: E402
@@ -97,6 +96,29 @@ def cluster_config(redis: RedisServer, **extra):
                               "deploy.redis_url": redis.url, **extra})
 
 
+class _Uploads:
+    """What every device trained from and uploaded, by round (the oracle's input)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: dict[int, dict[int, tuple[np.ndarray, object]]] = {}
+
+    def spy(self, train):
+        def spied(params, settings, round):
+            result = train(params, settings, round)
+            with self.lock:
+                self.seen.setdefault(round, {})[id(train)] = (np.array(params, np.float32),
+                                                              result)
+            return result
+        return spied
+
+    def of_round(self, round: int):
+        entries = list(self.seen[round].values())
+        bases = [p for p, _ in entries]
+        assert all(np.array_equal(b, bases[0]) for b in bases)  # one model per round
+        return bases[0].astype(np.float64), [r for _, r in entries]
+
+
 def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis) -> None:
     cfg = cluster_config(redis)
     data = load_data(cfg)
@@ -124,7 +146,9 @@ def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis)
         t.start()
     ready.wait(timeout=30)
     devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
-    devices.start(ports, range(CLIENTS))
+    uploads = _Uploads()
+    devices.start(ports, range(CLIENTS), wrap={c: uploads.spy for c in range(CLIENTS)})
+    committed: dict[int, np.ndarray] = {}
     try:
         _, result = run_committer(cfg, tmp_path / "models")
     finally:
@@ -134,35 +158,24 @@ def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis)
             t.join(timeout=30)
 
     assert result.state.version == ROUNDS
-    single = _single_process(tmp_path, cfg, data, pki)
-    assert np.abs(result.state.params - single.state.params).max() <= 1e-6
-    for rec, one in zip(result.records[1:], single.records[1:]):
-        assert rec.accepted == one.accepted == CLIENTS
-        assert rec.examples == one.examples  # every device's examples, once
+    # the oracle: what one process commits for these uploads, FedAvg over every device
+    for rec in result.records[1:]:
+        base, ups = uploads.of_round(rec.round)
+        weights = np.array([u.num_examples for u in ups], np.float64)
+        mean = (weights[:, None] * np.stack([u.delta for u in ups])).sum(0) / weights.sum()
+        committed[rec.round] = (base + mean).astype(np.float32)
+        assert rec.accepted == CLIENTS and rec.examples == weights.sum()  # each device once
     # both nodes folded devices in every round (each device starts at node c mod 2)
     assert all(node.answered == ROUNDS for node in nodes.values())
     store = ModelStore(tmp_path / "models")
     try:
         assert [v.round for v in store.list()] == list(range(1, ROUNDS + 1))
-        last = store.load(store.latest().id).state.params
+        for v in store.list():
+            got = store.load(v.id).state.params
+            assert np.abs(got - committed[v.round]).max() <= 1e-6
     finally:
         store.close()
-    assert np.array_equal(last, result.state.params)
-
-
-def _single_process(tmp_path: Path, cfg, data, pki):
-    """The same devices against one aggregator process (SQLite registry, no Redis)."""
-    root = tmp_path / "single"
-    root.mkdir()
-    paths = AggregatorPaths(secret=tmp_path / "secret", registry=root / "registry.db",
-                            store=root / "models", tls_dir=pki.ca_cert.parent)
-    devices = Devices(cfg, data, pki.ca_cert.read_bytes(), load_or_create_secret(paths.secret))
-    try:
-        _, result = run_aggregator(cfg.with_overrides({"deploy.registry": "sqlite"}), paths,
-                                   on_ready=lambda port: devices.start([port], range(CLIENTS)))
-    finally:
-        devices.close()
-    return result
+    assert np.array_equal(got, result.state.params)
 
 
 def test_a_device_is_folded_by_one_node_only(tmp_path: Path, redis) -> None:
