@@ -38,7 +38,10 @@ def ckpt(scale: float, config=None) -> Checkpoint:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_shoal_keys_writes_a_pair_that_signs_and_verifies(tmp_path, capsys, scheme):
     assert main(["keys", "--out", str(tmp_path), "--scheme", scheme]) == 0
-    assert "operator.pub" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "operator.pub" in out and "--signing-key" not in out
+    # the flags it tells the operator about exist
+    assert f"--keys {tmp_path}" in out and "--trusted-key" in out
     private, public = tmp_path / KEY_FILE, tmp_path / PUBLIC_FILE
     assert oct(os.stat(private).st_mode & 0o777) == "0o600"
     signer, trusted = load_signer(private), load_trusted_key(public)
@@ -51,6 +54,24 @@ def test_shoal_keys_writes_a_pair_that_signs_and_verifies(tmp_path, capsys, sche
     assert main(["keys", "--out", str(tmp_path), "--scheme", scheme]) == 2
     assert "already exists" in capsys.readouterr().err
     assert load_trusted_key(public) == trusted
+
+
+def test_the_flags_shoal_keys_names_exist(capsys):
+    """Every command and flag the help of `shoal keys` sends the operator to is accepted by
+    that command's own parser (the oracle: argparse of serve, launch, models, client)."""
+    import re
+
+    from shoal.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["keys", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    named = re.findall(r"`shoal (\w+) (?:\w+ )*?(--[\w-]+)", text)
+    assert {c for c, _ in named} == {"serve", "launch", "models", "client"}
+    for command, flag in named:
+        sub = parser._subparsers._group_actions[0].choices[command]
+        assert flag in sub._option_string_actions, (command, flag)
 
 
 def test_key_files_are_refused_when_exposed_or_malformed(tmp_path):
