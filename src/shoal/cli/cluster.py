@@ -238,7 +238,9 @@ def launch_cluster(args: argparse.Namespace) -> int:
 
 def ingest_main(argv: Sequence[str] | None = None) -> int:
     """``python -m shoal.cli.cluster ingest CONFIG ...``: one ingest node (until SIGTERM);
-    its bound port is written to ``DIR/port``, its counters to stderr at the end."""
+    its bound port is written to ``DIR/port``, its counters to stderr at the end.
+    ``python -m shoal.cli.cluster commit CONFIG --dir DIR``: the committer alone (another
+    machine's ingest nodes reach it through the config's Redis)."""
     ap = argparse.ArgumentParser(prog="python -m shoal.cli.cluster",
                                  description="a process of `shoal launch --ingest`")
     sub = ap.add_subparsers(dest="role", required=True)
@@ -249,7 +251,16 @@ def ingest_main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--certs", required=True, help="directory with server.pem, server.key")
     e.add_argument("--dir", required=True, help="this node's state directory")
     e.add_argument("--port", type=int, default=0, help="gRPC port (0: any free one)")
+    c = sub.add_parser("commit", help="the committer (prints the run's summary as JSON)")
+    c.add_argument("config")
+    c.add_argument("--dir", required=True, help="state directory (the model store: models/)")
     args = ap.parse_args(argv)
+    if args.role == "commit":
+        from shoal.config import load_config
+
+        _, result = run_committer(load_config(args.config), Path(args.dir) / "models")
+        print(json.dumps(result.summary()))
+        return 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     node = _ingest(args, stop)
