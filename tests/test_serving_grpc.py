@@ -325,3 +325,41 @@ def test_a_lower_served_version_is_accepted_after_a_rollback(tmp_path, keys):
                 np.testing.assert_array_equal(got, params(1))
         finally:
             agg.stop()
+
+
+def test_serving_runs_off_the_event_loop(tmp_path, keys):
+    """GetModel and GetPlan answer from a worker thread: no asyncio loop runs in the
+    thread that reads the store (the oracle: asyncio.get_running_loop raises there)."""
+    import asyncio
+
+    signer, trusted, _ = keys
+    on_loop = []
+
+    class Recording(ModelServing):
+        def model(self, device_id, have):
+            on_loop.append(_loop_running(asyncio))
+            return super().model(device_id, have)
+
+        def plan(self, device_id, have):
+            on_loop.append(_loop_running(asyncio))
+            return super().plan(device_id, have)
+
+    with ModelStore(tmp_path / "models") as store:
+        commit(store, params(1), production=True, signer=signer)
+        agg = Aggregator(tmp_path, store, signer)
+        agg.service.serving = Recording(store, key=signer.trusted)
+        try:
+            with agg.client(trusted) as device:
+                device.fetch_served_model()
+                device.fetch_plan()
+        finally:
+            agg.stop()
+    assert on_loop == [False, False]
+
+
+def _loop_running(asyncio) -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -23,6 +23,7 @@ call.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -66,12 +67,17 @@ class LifecycleCalls:
     async def _serve(self: AggregatorService, request: Any, context: Any, what: str
                      ) -> tuple[int, Any]:
         """``ModelServing.model`` or ``.plan`` (``what``) for the authenticated caller,
-        holding ``request.have_version``; ``NOT_FOUND`` when nothing is served."""
+        holding ``request.have_version``, in a worker thread (serving never signs; reading
+        a version from the store must not stall the event loop); ``NOT_FOUND`` when nothing
+        is served."""
         device = await self._authorize(context, request.device_id, "checkin")
         if self.serving is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this aggregator serves no {what}")
         try:
-            return getattr(self.serving, what)(device, int(request.have_version))
+            # off the event loop: a new set of served versions is read from the store
+            # (file I/O and SHA-256) and encoded once; other calls go on meanwhile
+            return await asyncio.to_thread(getattr(self.serving, what), device,
+                                           int(request.have_version))
         except NotServing as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             raise  # abort raises; for the type checker
