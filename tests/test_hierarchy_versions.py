@@ -30,3 +30,151 @@ def test_a_published_version_names_one_model(tmp_path) -> None:
     with pytest.raises(ProtocolError, match="no longer held"):
         service.publish(3, one)
     assert service.publisher.versions == (4, 5)
+
+
+class _Recording:
+    """The devices, recording each task's (version, model, round key) as it is trained."""
+
+    def __init__(self, below) -> None:
+        self.below = below
+        self.tasks: list[tuple[int, np.ndarray, int]] = []
+
+    @property
+    def num_clients(self) -> int:
+        return self.below.num_clients
+
+    def train(self, task, client_ids):
+        self.tasks.append((task.version, np.array(task.params, copy=True), task.round))
+        yield from self.below.train(task, client_ids)
+
+
+@pytest.fixture(scope="module")
+def exp():
+    from shoal.config import load_config
+    from shoal.experiment import Experiment
+
+    return Experiment(load_config(None, {"rounds": 1}))
+
+
+def test_a_retried_parent_round_never_gives_an_edge_version_a_second_model(exp) -> None:
+    """HierFAVG, two edge rounds: the parent retries its round keyed 1 with another group at
+    this edge. Edge round 2 trains another model than in the first attempt, so it must have
+    another version (devices cache models by version); its round keys are the first
+    attempt's, as a flat run's retry keeps its round's key."""
+    from shoal.events import TrainTask
+    from shoal.hierarchy.edge import Edge
+
+    devices = _Recording(exp.pool)
+    edge = Edge("edge-0", 0, rounds=2)
+    base = exp.initial_params.astype(np.float32)
+    task = TrainTask(task_id=1, version=0, params=base, round=1)
+    first = edge.answer(task, np.arange(0, 6), devices)
+    again = edge.answer(task, np.arange(3, 9), devices)  # the retry: another group
+    assert first is not None and again is not None
+    models: dict[int, np.ndarray] = {}
+    for version, params, _ in devices.tasks:
+        held = models.setdefault(version, params)
+        assert np.array_equal(held, params), f"version {version} names two models"
+    assert len(models) == 4  # two edge rounds per attempt, each its own model
+    assert [key for _, _, key in devices.tasks] == [1, 2, 1, 2]
+    # the edge's later tasks go on from its counter
+    later = edge.answer(TrainTask(task_id=2, version=1, params=base, round=2),
+                        np.arange(0, 6), devices)
+    assert later is not None
+    assert [v for v, _, _ in devices.tasks[-2:]] == [4, 5]
+    assert [key for _, _, key in devices.tasks[-2:]] == [3, 4]  # (r - 1) x 2 + j
+
+
+def test_delta_downloads_with_edges_that_step_on_their_own_are_refused_deployed_too(
+        tmp_path, capsys) -> None:
+    """shoal launch --edges refuses what simulation refuses (one check serves both), before
+    anything is started."""
+    from shoal.cli import main
+
+    work = tmp_path / "work"
+    code = main(["launch", "--edges", "2", "--clients", "4", "--per-round", "4", "-q",
+                 "--no-dashboard", "--dir", str(work), "--set", 'compression.download="delta"',
+                 "--set", "hierarchy.edge_rounds=2"])
+    assert code == 2
+    assert "delta downloads" in capsys.readouterr().err
+    assert not (work / "logs").exists()
+
+
+def _train_fn(c: int):
+    """Device ``c``'s training: a step towards its own target plus noise keyed by the
+    round (a deterministic function of model, round and device, as shoal's devices are)."""
+    from shoal.transport.device_api import TrainResult
+
+    target = np.random.default_rng([7, c]).standard_normal(DIM)
+
+    def train(params, settings, round):
+        noise = np.random.default_rng([c, int(round)]).standard_normal(DIM)
+        delta = 0.5 * (target - params) + 0.01 * noise
+        return TrainResult(delta.astype(np.float32), 10 * (c + 1), {})
+    return train
+
+
+def _hierfavg(base: np.ndarray, devices, rounds: int) -> np.ndarray:
+    """Oracle: ``rounds`` edge rounds of FedAvg over ``devices`` from ``base``, keyed
+    1..rounds; the sum of the means (the edge's upload)."""
+    params, moved = base.astype(np.float32), np.zeros(DIM)
+    for key in range(1, rounds + 1):
+        results = [_train_fn(c)(params, {}, key) for c in devices]
+        w = np.array([r.num_examples for r in results], np.float64)
+        mean = w @ np.array([r.delta for r in results], np.float64) / w.sum()
+        params = (params + mean).astype(np.float32)
+        moved += mean
+    return moved
+
+
+def test_a_deployed_edge_retrying_a_parent_round_serves_its_devices_the_new_model(
+        tmp_path) -> None:
+    """Over gRPC: the parent's round keyed 1 reaches the edge twice (a retry), the second
+    time with a third device. Its devices must train edge round 2 from the retry's model,
+    not the first attempt's that a reused version would name (the upload then equals the
+    oracle's HierFAVG of the three devices)."""
+    import threading
+    import time
+
+    from shoal.hierarchy.deployed import EdgeUplink, edge_policy, wait_for_devices
+    from shoal.hierarchy.edge import Edge
+    from shoal.transport.client import DeviceClient
+    from shoal.transport.server import serve
+    from shoal.transport.tokens import issue_token
+
+    secret = b"k" * 32
+    settings = AggregatorSettings(checkin_interval_s=0.2, rate_per_s=200.0, burst=400.0)
+    service = AggregatorService(settings, Keyring.single(secret), DIM, "fp",
+                                lambda: SQLiteRegistry(tmp_path / "r.db"), server_id="edge-0")
+    assert not service.registry.list()  # opened here, before any handler thread
+    port, stop_server = serve(service, "127.0.0.1", 0, tls=None)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def device(c: int) -> None:
+        name = f"device-{c:04d}"
+        client = DeviceClient(f"127.0.0.1:{port}",
+                              issue_token(secret, name, now=time.time(), ttl_seconds=600),
+                              name, root_certificates=None, train=_train_fn(c),
+                              examples=10 * (c + 1), min_wait_s=0.05, max_wait_s=0.3)
+        t = threading.Thread(target=lambda: client.__enter__().run(stop=stop), daemon=True)
+        t.start()
+        threads.append(t)
+        wait_for_devices(service, [name], 30.0)
+
+    uplink = EdgeUplink(Edge("edge-0", 0, rounds=2, policy=edge_policy(30.0, 1.0)), service)
+    base = np.linspace(-1, 1, DIM).astype(np.float32)
+    try:
+        device(0)
+        device(1)
+        first = uplink(base, {}, 1)
+        device(2)  # the retry finds another group
+        again = uplink(base, {}, 1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        stop_server()
+    assert np.abs(first.delta - _hierfavg(base, [0, 1], 2)).max() < 1e-5
+    assert np.abs(again.delta - _hierfavg(base, [0, 1, 2], 2)).max() < 1e-5
+    assert again.num_examples == 10 + 20 + 30

@@ -37,6 +37,8 @@ __all__ = ["launch_edges", "edge_main"]
 
 def _check(cfg, edges: int) -> None:
     """Refuse what deployed edges cannot run yet (before anything is written)."""
+    from shoal.hierarchy.tiers import check_edge_downloads
+
     if not 1 <= edges <= cfg["data"]["clients"]:
         raise ConfigError(f"--edges must be in 1..data.clients ({cfg['data']['clients']}), "
                           f"got {edges}", key="edges")
@@ -47,6 +49,7 @@ def _check(cfg, edges: int) -> None:
                           key="privacy.placement")
     if cfg["round"]["policy"] != "sync":
         raise ConfigError("deployed edges run synchronous rounds for now", key="round.policy")
+    check_edge_downloads(cfg)
 
 
 def launch_edges(args: argparse.Namespace) -> int:

@@ -13,7 +13,9 @@ policy, and the parent sees an ordinary device.
 
 The parent keys its task's random streams by its round; the edge keys its devices' tasks
 ``(r - 1) x rounds + j`` (as in simulation), so with one edge round every device trains
-exactly what it would under a flat aggregator.
+exactly what it would under a flat aggregator. The versions the edge publishes to its devices
+are :class:`~shoal.hierarchy.edge.Edge`'s: the parent's with one edge round, else its own
+counter, which only grows (a retried parent round never gets an old number for a new model).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from shoal.errors import ConfigError
 from shoal.events import TrainTask
 from shoal.hierarchy.edge import Edge
+from shoal.hierarchy.tiers import EdgeReport, edge_report
 from shoal.policy import RoundPolicy, SyncPolicy
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry import SQLiteRegistry
@@ -52,6 +55,9 @@ class EdgeUplink:
         secure: SecAgg+ among its devices (the carrier runs it).
         after_answer: called with the parent's round once the edge has its upload, before
             it is sent (fault injection: ``hierarchy.failures`` in ``shoal launch --edges``).
+        on_report: told the edge's :class:`~shoal.hierarchy.tiers.EdgeReport` of each
+            parent task once it answers (after ``after_answer``: an edge that dies there
+            reports nothing); ``assigned`` is the devices that have said Hello to it.
 
     Raises (from a call):
         TaskAbandoned: no edge round committed (too few devices reported); the device
@@ -60,11 +66,13 @@ class EdgeUplink:
 
     def __init__(self, edge: Edge, service: AggregatorService,
                  secure: SecAggAggregation | None = None,
-                 after_answer: Callable[[int], None] | None = None) -> None:
+                 after_answer: Callable[[int], None] | None = None,
+                 on_report: Callable[[EdgeReport], None] | None = None) -> None:
         self.edge = edge
         self.service = service
         self.secure = secure
         self.after_answer = after_answer
+        self.on_report = on_report
 
     def carrier(self) -> GrpcCarrier:
         """A carrier over the devices known now (a fresh gateway, as every run gets)."""
@@ -73,7 +81,10 @@ class EdgeUplink:
 
     def __call__(self, params: np.ndarray, settings: Mapping[str, float], round: int
                  ) -> TrainResult:
-        task = TrainTask(task_id=int(round), version=0,
+        # the parent is a synchronous coordinator (shoal launch --edges refuses others):
+        # its round keyed r trains its version r - 1, the number an edge with one edge
+        # round gives the parent's model (Edge.first_version)
+        task = TrainTask(task_id=int(round), version=int(round) - 1,
                          params=np.asarray(params, np.float32), round=int(round),
                          settings=dict(settings))
         carrier = self.carrier()
@@ -81,6 +92,9 @@ class EdgeUplink:
         upload = self.edge.answer(task, ids, carrier)
         if self.after_answer is not None:
             self.after_answer(int(round))
+        if self.on_report is not None:
+            self.on_report(replace(edge_report(int(round), self.edge.name, ids, self.edge,
+                                               upload), assigned=carrier.num_clients))
         if upload is None:
             raise TaskAbandoned(f"edge {self.edge.name}: no edge round committed")
         metrics = {"edge_clients": float(upload.clients),
@@ -137,7 +151,8 @@ def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
              stop: threading.Event, host: str = "127.0.0.1", port: int = 0,
              secure: SecAggAggregation | None = None, wait_timeout_s: float = 300.0,
              on_ready: Callable[[int], None] | None = None,
-             after_answer: Callable[[int], None] | None = None) -> ClientStats:
+             after_answer: Callable[[int], None] | None = None,
+             on_report: Callable[[EdgeReport], None] | None = None) -> ClientStats:
     """Serve ``devices`` and answer the parent's tasks until ``stop`` is set.
 
     Args:
@@ -149,7 +164,7 @@ def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
         tls: ``(certificate chain, key)`` PEM for its devices; ``None`` only on loopback.
         secure: SecAgg+ among the edge's devices (the carrier runs it).
         on_ready: called with the bound port once it serves (start the devices here).
-        after_answer: see :class:`EdgeUplink`.
+        after_answer, on_report: see :class:`EdgeUplink`.
 
     Returns:
         The upstream device runtime's counters.
@@ -170,7 +185,7 @@ def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
         ids = set(wait_for_devices(service, devices, wait_timeout_s, stop))
         examples = sum(int(d.capabilities.get("examples", "0") or 0)
                        for d in service.registry.list() if d.device_id in ids)
-        uplink = EdgeUplink(edge, service, secure, after_answer)
+        uplink = EdgeUplink(edge, service, secure, after_answer, on_report)
         with DeviceClient(upstream.target, upstream.token, edge.name,
                           root_certificates=upstream.root_certificates,
                           train=uplink, examples=examples) as client:

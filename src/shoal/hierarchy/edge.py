@@ -13,10 +13,17 @@ a flat run and a hierarchical one with the same clients and seed commit the same
 ``rounds > 1`` the edge runs its own server steps, each from the model of the step before,
 and uploads the sum of its steps (its model minus the parent's): HierFAVG (L. Liu, J. Zhang,
 S. H. Song, K. B. Letaief, "Client-Edge-Cloud Hierarchical Federated Learning", ICC 2020),
-whose edges average their clients ``rounds`` times per cloud aggregation. Its edge round
-``j`` of a parent round keyed ``r`` makes the edge's version ``(r - 1) x rounds + j`` and is
-keyed by it, so no two edge rounds of a run share their clients' random streams or a model
-version (devices cache models by version), and ``rounds = 1`` keys the parent's.
+whose edges average their clients ``rounds`` times per cloud aggregation.
+
+Versions and round keys are kept apart. A version names a model (devices cache models by
+version; a deployed edge publishes each task's model under its version): with ``rounds = 1``
+the edge trains only its parent's model and numbers it as the parent does; with
+``rounds > 1`` its versions come from its own counter (:attr:`Edge.next_version`), which only
+grows from task to task, so a parent round that is retried with another group never gives
+new parameters an old number. Round keys name random streams: edge round ``j`` of a parent
+round keyed ``r`` is keyed ``(r - 1) x rounds + j`` (``rounds = 1``: the parent's key, so a
+flat run and a hierarchical one train alike), passed to the edge's coordinator as its
+``round_offset``.
 
 Privacy per tier: the group's sum rule may be SecAgg+ (the edge learns only its group's
 sum; one SecAgg instance per group, as in K. Bonawitz et al., "Towards Federated Learning at
@@ -224,9 +231,8 @@ class Edge:
             is its group).
         rounds: edge rounds per parent task (1: fold only; > 1: HierFAVG).
         sum_rule: how the group's rows are added (e.g. SecAgg+); ``None``: the plain sum.
-            Its step (what keys its random streams) is unique to this edge and edge round:
-            ``((r - 1) x rounds + j - 1) x peers + index + 1`` for edge round ``j`` of a
-            parent round keyed ``r``.
+            Its step (what keys its random streams) is unique to this edge and edge round
+            key ``k``: ``(k - 1) x peers + index + 1``.
         index, peers: this edge's place in its tier and the tier's size.
         policy: the edge's round policy for a group of ``n`` clients (``policy(n)``); by
             default one synchronous round per step awaiting the whole group. A buffered
@@ -252,21 +258,37 @@ class Edge:
     validation: Validation = Validation()
     #: the records of the edge's rounds in the last task it answered
     records: list[RoundRecord] = field(default_factory=list, init=False)
+    #: with ``rounds > 1``: the version the edge's next task starts from; it only grows
+    #: (by ``rounds`` per task), so no version is given two models
+    next_version: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"hierarchy.edge_rounds must be >= 1, got {self.rounds}",
                               key="hierarchy.edge_rounds")
 
-    def pipeline(self, task: TrainTask) -> Pipeline:
+    def pipeline(self, task: TrainTask, round_offset: int = 0) -> Pipeline:
         """The group's pipeline for ``task``: the upload tap, per-client clipping when the
-        task asks for it, the sum rule."""
+        task asks for it, the sum rule (its step that makes version ``v`` keyed by the edge
+        round's key ``v + round_offset``, see the class docstring)."""
         clip = () if task.clip_norm is None else (ClientClip(task.clip_norm),)
         rule: SumRule = PlainSum()
         if self.sum_rule is not None:  # the pipeline's step is the edge's next version
-            rule = _Keyed(self.sum_rule, lambda v: (v - 1) * self.peers + self.index + 1)
+            rule = _Keyed(self.sum_rule, lambda v: (v + round_offset - 1) * self.peers
+                          + self.index + 1)
         return Pipeline(stages=(UploadTap(), *clip), sum_rule=rule,
                         validation=self.validation)
+
+    def first_key(self, task: TrainTask) -> int:
+        """The round key of the edge's first round of ``task``: ``(r - 1) x rounds + 1``
+        for a parent round keyed ``r``."""
+        return (task.round - 1) * self.rounds + 1
+
+    def first_version(self, task: TrainTask) -> int:
+        """The version the edge's first round of ``task`` trains from: the parent's with
+        one edge round (the edge trains only the parent's model), else
+        :attr:`next_version` (never given a model before)."""
+        return task.version if self.rounds == 1 else self.next_version
 
     def answer(self, task: TrainTask, client_ids: np.ndarray,
                child: ClientPool | PushCarrier) -> PartialAggregate | None:
@@ -284,16 +306,17 @@ class Edge:
             self.records = []
             return None  # a secure sum of one or two clients would reveal them
         strategy = EdgeStep(task.settings)
-        # the edge's versions go on from task to task (devices cache models by version):
-        # its rounds of a parent round keyed r make versions (r - 1) x rounds + 1 .. + rounds,
-        # and a version's round key is the version, as in any run
-        first = (task.round - 1) * self.rounds
-        pipeline = self.pipeline(task)
+        # versions name models, round keys random streams (the module docstring): the edge
+        # round that makes version first + j is keyed (r - 1) x rounds + j
+        first = self.first_version(task)
+        if self.rounds > 1:
+            self.next_version = first + self.rounds  # used or not, never given again
+        offset = self.first_key(task) - 1 - first
         coordinator = Coordinator(
             strategy, child.num_clients, GroupSampler(ids), seed=self.seed,
             policy=self.policy(len(ids)) if self.policy is not None
-            else SyncPolicy(max_attempts=1), pipeline=pipeline, steps=first + self.rounds,
-            observers=self.observers)
+            else SyncPolicy(max_attempts=1), pipeline=self.pipeline(task, offset),
+            steps=first + self.rounds, observers=self.observers, round_offset=offset)
         self.records = []
         final: dict[str, ServerState] = {}
 

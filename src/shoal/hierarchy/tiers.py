@@ -36,8 +36,8 @@ from shoal.pipeline import SumRule
 from shoal.policy import BufferedPolicy, RoundPolicy
 from shoal.runner import ClientPool
 
-__all__ = ["EdgeReport", "Tier", "Route", "hierarchy_from_config", "observe_tiers",
-           "parse_failures"]
+__all__ = ["EdgeReport", "Tier", "Route", "edge_report", "hierarchy_from_config",
+           "observe_tiers", "parse_failures"]
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,8 @@ class Tier:
         if not isinstance(below, Tier) and self.edges:
             # every edge's first round trains the parent's model with one key: train the
             # whole cohort as one batch (what a flat run does) instead of one per edge
-            rounds = next(iter(self.edges.values())).rounds
-            below = _FirstRound(below, task, (task.round - 1) * rounds + 1, client_ids)
+            first_key = next(iter(self.edges.values())).first_key(task)
+            below = _FirstRound(below, task, first_key, client_ids)
         reports: list[EdgeReport] = []
         for name in self.route.ring.edges:
             ids = groups.get(name)
@@ -158,7 +158,8 @@ class Tier:
             if name not in dying and upload is not None:
                 yield upload
             if self.observer is not None:
-                reports.append(_report(task.round, name, ids, edge, upload, name in dying))
+                reports.append(edge_report(task.round, name, ids, edge, upload,
+                                           name in dying))
         ring = self.route.ring
         for name in dying:  # each trained its group (if any), then died before its upload
             self.failed.append(name)
@@ -185,9 +186,10 @@ class Tier:
         within :meth:`train`)."""
 
 
-def _report(round_: int, name: str, ids: np.ndarray, edge: Edge,
-            upload: PartialAggregate | None, dying: bool) -> EdgeReport:
-    """What ``edge`` did for its group ``ids`` of a task keyed ``round_``."""
+def edge_report(round_: int, name: str, ids: np.ndarray, edge: Edge,
+                upload: PartialAggregate | None, dying: bool = False) -> EdgeReport:
+    """What ``edge`` did for its group ``ids`` of a task keyed ``round_`` (``assigned`` left
+    0 for the caller, who knows the ring)."""
     if upload is None:
         return EdgeReport(round_, name, 0, len(ids),
                           device_bytes=float(sum(r.bytes_up for r in edge.records)),
@@ -279,6 +281,29 @@ def parse_failures(text: str) -> dict[int, list[str]]:
     return out
 
 
+def check_edge_downloads(cfg: Config) -> None:
+    """Refuse delta downloads with edges that make their own steps (simulated or deployed).
+
+    A delta names the model a device holds by its version. An edge with one synchronous
+    edge round numbers its model as its parent does, so every edge's version ``v`` is the
+    same model; an edge that steps on its own numbers its models with its own counter, so a
+    device that moves from edge A to edge B holding A's ``v`` would get B's delta against
+    B's ``v`` and rebuild a model nobody sent.
+
+    Raises:
+        ConfigError: ``compression.download = "delta"`` with ``hierarchy.edge_rounds > 1``
+            or ``hierarchy.edge_policy = "buffered"``.
+    """
+    h = cfg["hierarchy"]
+    if cfg["compression"]["download"] == "delta" and (h["edge_rounds"] > 1
+                                                       or h["edge_policy"] == "buffered"):
+        raise ConfigError("delta downloads name the model a client holds by its version; "
+                          "edges that make their own steps number their models on their "
+                          "own, so edges would name different models alike: use "
+                          "compression.download = 'full' with hierarchy.edge_rounds > 1 "
+                          "or a buffered edge policy", key="compression.download")
+
+
 def hierarchy_from_config(cfg: Config, devices: ClientPool,
                           sum_rule: SumRule | None = None) -> Tier:
     """The tiers of ``cfg["hierarchy"]`` over ``devices``: an edge tier (and a region tier
@@ -310,12 +335,7 @@ def hierarchy_from_config(cfg: Config, devices: ClientPool,
         raise ConfigError("central DP bounds each client's contribution to one clipped "
                           "update; with hierarchy.edge_rounds > 1 a client moves its edge's "
                           "model several times: use edge_rounds = 1", key="hierarchy.edge_rounds")
-    if cfg["compression"]["download"] == "delta" and (h["edge_rounds"] > 1
-                                                       or h["edge_policy"] == "buffered"):
-        raise ConfigError("delta downloads name the model a client holds by its version; "
-                          "edges that make their own steps number different models alike: "
-                          "use compression.download = 'full' with hierarchy.edge_rounds > 1 "
-                          "or a buffered edge policy", key="compression.download")
+    check_edge_downloads(cfg)
     edge_policy = None
     if h["edge_policy"] == "buffered":
         if cfg["privacy"]["placement"] != "none" or cfg["secure_aggregation"]["enabled"]:
