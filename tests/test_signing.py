@@ -135,7 +135,7 @@ def test_no_downgrade_from_hybrid_and_plans_are_signed_as_canonical_json():
     # the same Ed25519 key alone does not pass a device that trusts the hybrid key
     with pytest.raises(SignatureRejected) as info:
         verify_artifact(hybrid.trusted, "plan", plan_bytes(plan), ed.sign_plan(plan, 1, SERVED),
-                       namespace="served")
+                        namespace="served")
     assert info.value.reason == "scheme"
     signed = hybrid.sign_plan(plan, 2, SERVED)
     reordered = json.loads(json.dumps({"client": plan["client"], "model": plan["model"]}))
