@@ -178,3 +178,28 @@ def test_a_deployed_edge_retrying_a_parent_round_serves_its_devices_the_new_mode
     assert np.abs(first.delta - _hierfavg(base, [0, 1], 2)).max() < 1e-5
     assert np.abs(again.delta - _hierfavg(base, [0, 1, 2], 2)).max() < 1e-5
     assert again.num_examples == 10 + 20 + 30
+
+
+def test_buffered_edges_key_every_parent_round_and_edge_apart(exp) -> None:
+    """FedBuff at the edge: each parent task runs a fresh coordinator whose task ids restart
+    at 1; the devices' round keys (their random streams) must still differ between parent
+    rounds and between edges, or every global round would repeat the same batches."""
+    from shoal.events import TrainTask
+    from shoal.hierarchy.edge import Edge
+    from shoal.policy import BufferedPolicy
+
+    base = exp.initial_params.astype(np.float32)
+    keys: dict[tuple[str, int], set[int]] = {}
+    for name, group in (("edge-0", np.arange(0, 6)), ("edge-1", np.arange(6, 12))):
+        edge = Edge(name, 0, rounds=2, policy=lambda n: BufferedPolicy(concurrency=3,
+                                                                       buffer_size=2))
+        for r in (1, 2):
+            devices = _Recording(exp.pool)
+            assert edge.answer(TrainTask(task_id=r, version=r - 1, params=base, round=r),
+                               group, devices) is not None
+            keys[name, r] = {key for _, _, key in devices.tasks}
+            assert len(keys[name, r]) == len(devices.tasks) >= 4  # one key per task
+    every = list(keys.values())
+    for i, a in enumerate(every):
+        for b in every[i + 1:]:
+            assert not a & b

@@ -23,7 +23,8 @@ grows from task to task, so a parent round that is retried with another group ne
 new parameters an old number. Round keys name random streams: edge round ``j`` of a parent
 round keyed ``r`` is keyed ``(r - 1) x rounds + j`` (``rounds = 1``: the parent's key, so a
 flat run and a hierarchical one train alike), passed to the edge's coordinator as its
-``round_offset``.
+``round_offset``; a buffered edge's tasks are keyed past a base drawn for the edge and the
+parent round (:meth:`Edge.round_offset`), so no two parent rounds or edges repeat them.
 
 Privacy per tier: the group's sum rule may be SecAgg+ (the edge learns only its group's
 sum; one SecAgg instance per group, as in K. Bonawitz et al., "Towards Federated Learning at
@@ -41,6 +42,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from shoal import seeds
 from shoal.clock import SimClock
 from shoal.codec import Chain, from_bytes, to_bytes
 from shoal.coordinator import Coordinator
@@ -284,6 +286,23 @@ class Edge:
         for a parent round keyed ``r``."""
         return (task.round - 1) * self.rounds + 1
 
+    def round_offset(self, task: TrainTask, policy: RoundPolicy, first: int) -> int:
+        """The ``round_offset`` of the edge's coordinator for ``task`` under ``policy``, its
+        first round training version ``first``.
+
+        Synchronous edge rounds: edge round ``j`` (making version ``first + j``) is keyed
+        ``(r - 1) x rounds + j``, as every edge of the tier keys it (their groups are
+        disjoint; one edge round keys the parent's round, as a flat run would). Buffered: the
+        coordinator numbers its tasks 1, 2, ... in every parent task, so task ``t`` is keyed
+        ``t`` past a base drawn from the run seed, the edge's name and the parent's key
+        (62 bits): no two edges or parent rounds share their devices' streams (the chance
+        that two ranges of ``n`` tasks overlap is about ``n / 2^62``).
+        """
+        if isinstance(policy, SyncPolicy):
+            return self.first_key(task) - 1 - first
+        state = seeds.seed_sequence(self.seed, "edge_tasks", self.name, task.round)
+        return int(state.generate_state(2, np.uint32).view(np.uint64)[0] >> np.uint64(2))
+
     def first_version(self, task: TrainTask) -> int:
         """The version the edge's first round of ``task`` trains from: the parent's with
         one edge round (the edge trains only the parent's model), else
@@ -311,12 +330,13 @@ class Edge:
         first = self.first_version(task)
         if self.rounds > 1:
             self.next_version = first + self.rounds  # used or not, never given again
-        offset = self.first_key(task) - 1 - first
+        policy = self.policy(len(ids)) if self.policy is not None \
+            else SyncPolicy(max_attempts=1)
+        offset = self.round_offset(task, policy, first)
         coordinator = Coordinator(
-            strategy, child.num_clients, GroupSampler(ids), seed=self.seed,
-            policy=self.policy(len(ids)) if self.policy is not None
-            else SyncPolicy(max_attempts=1), pipeline=self.pipeline(task, offset),
-            steps=first + self.rounds, observers=self.observers, round_offset=offset)
+            strategy, child.num_clients, GroupSampler(ids), seed=self.seed, policy=policy,
+            pipeline=self.pipeline(task, offset), steps=first + self.rounds,
+            observers=self.observers, round_offset=offset)
         self.records = []
         final: dict[str, ServerState] = {}
 

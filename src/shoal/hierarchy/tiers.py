@@ -36,8 +36,8 @@ from shoal.pipeline import SumRule
 from shoal.policy import BufferedPolicy, RoundPolicy
 from shoal.runner import ClientPool
 
-__all__ = ["EdgeReport", "Tier", "Route", "edge_report", "hierarchy_from_config",
-           "observe_tiers", "parse_failures"]
+__all__ = ["EdgeReport", "Tier", "Route", "check_edge_downloads", "edge_report",
+           "hierarchy_from_config", "observe_tiers", "parse_failures"]
 
 
 @dataclass(frozen=True)
