@@ -203,3 +203,45 @@ def test_buffered_edges_key_every_parent_round_and_edge_apart(exp) -> None:
     for i, a in enumerate(every):
         for b in every[i + 1:]:
             assert not a & b
+
+
+def test_a_device_that_moved_edges_never_trains_a_parent_round_twice() -> None:
+    """Deployed, the global cannot tell which devices are inside an edge's upload. A device
+    that gave up on a slow edge (paused, not dead) and moved on must not train the same
+    parent round at its new edge: the slow edge's upload may still arrive. Its edge rounds
+    keyed k belong to parent round (k - 1) // rounds + 1. The move happens in
+    follow_edges, here over real channels to edges that do not answer."""
+    import socket
+    import threading
+
+    from shoal.hierarchy.deployed import OncePerParentRound, follow_edges
+    from shoal.transport.client import DeviceClient
+    from shoal.transport.device_api import TaskAbandoned, TrainResult
+
+    trained: list[int] = []
+
+    def train(params, settings, round):
+        trained.append(int(round))
+        return TrainResult(np.zeros_like(params), 1, {})
+
+    once = OncePerParentRound(train, rounds=2)
+    params = np.zeros(DIM, np.float32)
+    for key in (1, 2, 3, 4):  # parent rounds 1 and 2 at its first edge
+        once(params, {}, key)
+    with socket.socket() as s:  # a port nobody serves: the edge stopped answering
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    stats = follow_edges([dead], lambda target: DeviceClient(
+        target, "t", "device-0000", root_certificates=None, train=once, max_retries=1,
+        max_backoff_s=0.05, timeout_s=1.0), threading.Event(), once)
+    assert stats is not None and stats.uploads_accepted == 0
+    for key in (3, 4):  # parent round 2 again, at the next edge: refused
+        with pytest.raises(TaskAbandoned, match="parent round 2"):
+            once(params, {}, key)
+    once(params, {}, 5)  # parent round 3: trained
+    assert trained == [1, 2, 3, 4, 5]
+    # without a move, an edge's several rounds of one parent round all train
+    stay = OncePerParentRound(train, rounds=3)
+    for key in (1, 2, 3):
+        stay(params, {}, key)
+    assert trained[-3:] == [1, 2, 3]

@@ -242,7 +242,7 @@ def _edge(args: argparse.Namespace, stop: threading.Event):
 def _device(args: argparse.Namespace, stop: threading.Event):
     from shoal.build import load_data
     from shoal.config import load_config
-    from shoal.hierarchy.deployed import follow_edges
+    from shoal.hierarchy.deployed import OncePerParentRound, follow_edges
     from shoal.training import LocalTrainConfig
     from shoal.transport.client import DeviceClient
     from shoal.transport.reference import fmnist_train_fn
@@ -253,14 +253,15 @@ def _device(args: argparse.Namespace, stop: threading.Event):
     idx = data.client_indices[c]
     local = LocalTrainConfig(epochs=cfg["client"]["epochs"],
                              batch_size=cfg["client"]["batch_size"], lr=cfg["client"]["lr"])
-    train = fmnist_train_fn(cfg["model"]["name"], data.train.x[idx], data.train.y[idx], local,
-                            cfg.seed, c, num_classes=data.train.num_classes)
+    train = OncePerParentRound(fmnist_train_fn(
+        cfg["model"]["name"], data.train.x[idx], data.train.y[idx], local, cfg.seed, c,
+        num_classes=data.train.num_classes), cfg["hierarchy"]["edge_rounds"])
     token = Path(args.token).read_text().strip()
     ca = Path(args.ca).read_bytes()
     name = f"device-{c:04d}"
     return follow_edges(args.servers.split(","), lambda target: DeviceClient(
         target, token, name, root_certificates=ca, train=train, examples=len(idx),
-        attributes={"index": str(c)}, max_retries=3, max_backoff_s=1.0), stop)
+        attributes={"index": str(c)}, max_retries=3, max_backoff_s=1.0), stop, train)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,11 @@ from shoal.registry import SQLiteRegistry
 from shoal.transport.auth import Keyring
 from shoal.transport.carrier import GrpcCarrier
 from shoal.transport.client import ClientStats, DeviceClient
-from shoal.transport.device_api import TaskAbandoned, TrainResult, TransportError
+from shoal.transport.device_api import TaskAbandoned, TrainFn, TrainResult, TransportError
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
-__all__ = ["EdgeUplink", "Upstream", "edge_policy", "follow_edges", "run_edge",
-           "wait_for_devices"]
+__all__ = ["EdgeUplink", "OncePerParentRound", "Upstream", "edge_policy", "follow_edges",
+           "run_edge", "wait_for_devices"]
 
 
 class EdgeUplink:
@@ -194,12 +194,63 @@ def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
         stop_server()
 
 
+class OncePerParentRound:
+    """A device's training function under edges that trains each parent round at one edge
+    only, so nothing it trained is counted twice at the global.
+
+    The global sees an edge as one device and cannot tell which devices are inside its
+    upload. A device whose edge stops answering moves on (:func:`follow_edges`); if that
+    edge was only slow (paused, partitioned) and comes back, its upload for the parent
+    round still arrives, and the device must not have trained the same parent round at its
+    new edge too. So once the device has moved (:meth:`moved`), a training task of a parent
+    round it trained at an edge it left is refused (:class:`TaskAbandoned`: the new edge
+    commits without it, or at its deadline). The parent round of an edge round keyed ``k``
+    is ``(k - 1) // rounds + 1`` (edge round ``j`` of parent round ``r`` is keyed
+    ``(r - 1) x rounds + j``, :meth:`Edge.first_key <shoal.hierarchy.edge.Edge.first_key>`).
+
+    Args:
+        train: the device's training function.
+        rounds: ``hierarchy.edge_rounds``.
+    """
+
+    def __init__(self, train: TrainFn, rounds: int) -> None:
+        if rounds < 1:
+            raise ConfigError(f"hierarchy.edge_rounds must be >= 1, got {rounds}",
+                              key="hierarchy.edge_rounds")
+        self.train, self.rounds = train, rounds
+        self.left = 0  # the last parent round trained at an edge this device left
+        self.here = 0  # the last parent round trained at its current edge
+
+    def parent_round(self, key: int) -> int:
+        """The parent round an edge round keyed ``key`` belongs to."""
+        return (int(key) - 1) // self.rounds + 1
+
+    def moved(self) -> None:
+        """The device leaves its edge for another."""
+        self.left, self.here = max(self.left, self.here), 0
+
+    def __call__(self, params: np.ndarray, settings: Mapping[str, float], round: int
+                 ) -> TrainResult:
+        parent = self.parent_round(round)
+        if parent <= self.left:
+            raise TaskAbandoned(f"parent round {parent} was trained at an edge this device "
+                                f"left; training it here could count it twice")
+        result = self.train(params, settings, round)
+        self.here = max(self.here, parent)
+        return result
+
+
 def follow_edges(targets: Sequence[str], client_for: Callable[[str], DeviceClient],
-                 stop: threading.Event) -> ClientStats | None:
+                 stop: threading.Event, once: OncePerParentRound | None = None
+                 ) -> ClientStats | None:
     """Run a device against its edge, and when that edge stops answering (its runtime's
     retries are exhausted) against the next of ``targets``: the ring's order for this
     device (its edge, then the one the ring moves it to if that edge fails, ...). Its next
     check-in then reaches a live edge, which serves it from the following task on.
+
+    Args:
+        once: the device's training function (give it to ``client_for``'s clients), told
+            when the device moves, so that it never trains a parent round at two edges.
 
     Returns:
         The counters of the last runtime, or ``None`` when every target failed.
@@ -212,6 +263,8 @@ def follow_edges(targets: Sequence[str], client_for: Callable[[str], DeviceClien
                 return client.run(stop=stop)
         except TransportError:
             stats = client.stats
+            if once is not None:
+                once.moved()
             continue
     return stats
 
