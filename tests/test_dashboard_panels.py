@@ -183,3 +183,75 @@ def test_shoal_run_refuses_a_dashboard_off_loopback_before_writing_anything(tmp_
                  "--out", str(out), "-q", "--dashboard", "0.0.0.0:0"]) != 0
     assert "dashboard.address" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_deployed_edges_report_their_devices_and_a_killed_edge_live(tmp_path):
+    """``shoal launch --edges 2`` with edge-1's process killed in round 2: while it runs, the
+    global's dashboard shows each edge's devices and uploads from the edges' own reports, and
+    edge-1 failed in round 2 with its devices moved where the ring moves them -- where the
+    surviving edges then find them (their round-3 reports)."""
+    pytest.importorskip("grpc")
+    pytest.importorskip("starlette")
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from shoal.hierarchy.ring import Ring
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work, clients = tmp_path / "work", 4
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "launch", "--edges", "2", "--clients",
+         str(clients), "--rounds", "4", "--per-round", str(clients),
+         "--set", "deploy.over_selection=1.0", "--set", "deploy.min_fraction=0.5",
+         "--set", "deploy.deadline_s=6.0", "--set", "deploy.checkin_interval_s=0.5",
+         "--set", 'hierarchy.failures="edge-1@2"', "--json", "-q", "--dir", str(work),
+         "--out", str(tmp_path / "runs"), "--dashboard", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    seen = None
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                snap = json.loads(urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/state", timeout=2).read())
+                if snap["edges"] and snap["edges"]["failures"]:
+                    seen = snap
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert seen is not None, "the dashboard never showed the failed edge"
+    # the devices' placement, worked out independently of the launch
+    ring = Ring(["edge-0", "edge-1"])
+    ring.assign_all([str(c) for c in range(clients)])
+    first = {e: len(ring.devices_of(e)) for e in ring.edges}
+    (failure,) = seen["edges"]["failures"]
+    assert (failure["edge"], failure["round"]) == ("edge-1", 2)
+    assert failure["moved"] == first["edge-1"] and failure["moved_to"]
+    shown = {e["edge"]: e for e in seen["edges"]["edges"]}
+    assert failure["moved_to"] == {"edge-0": first["edge-1"]}  # the only edge left
+    assert shown["edge-0"]["moved_in"] == first["edge-1"]
+    assert shown["edge-1"]["failed_round"] == 2
+    # the edges' own reports: round 1 every device through its first edge, then the moved
+    # devices at the edge the dashboard said they went to
+    reports = {n: [json.loads(x) for x in (work / n / "edges.jsonl").read_text().splitlines()]
+               for n in ("edge-0", "edge-1")}
+    assert {n: r[0]["assigned"] for n, r in reports.items()} == first
+    assert sum(r[0]["accepted"] for r in reports.values()) == clients
+    assert {r["round"] for r in reports["edge-1"]} == {1}  # (a retried round 1 twice)
+    assert shown["edge-1"]["uploads"] == len(reports["edge-1"])
+    later = [r for r in reports["edge-0"] if r["round"] >= 3]  # (a device fails over after
+    assert max(r["assigned"] for r in later) == clients  # its retries: by round 3 or 4)
+    assert max(r["accepted"] for r in later) == clients

@@ -18,6 +18,7 @@ its group's aggregate of that round, before its upload.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -102,22 +103,25 @@ def launch_edges(args: argparse.Namespace) -> int:
     banner(cfg, args, f" launch ({edges} edge processes, {clients} client processes, TLS "
                       f"between every tier, state in {work})")
     procs: list[subprocess.Popen] = []
+    edge_procs: dict[str, subprocess.Popen] = {}
     (work / "logs").mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
-    def spawn(cmd: list[str], log: str) -> None:
+    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
         with open(work / "logs" / log, "w") as log_file:
             procs.append(subprocess.Popen([sys.executable, "-m", "shoal.cli.edges", *cmd],
                                           stdout=log_file, stderr=subprocess.STDOUT,
                                           env=env))
+        return procs[-1]
 
     def start(port: int) -> None:
         for name in names:
-            spawn(["edge", str(cfg_path), "--name", name,
-                   "--devices", ",".join(ring.devices_of(name)) or "-",
-                   "--upstream", f"localhost:{port}", "--token", str(tokens / name),
-                   "--secret", str(work / "edge-secret"), "--certs", str(work / "certs"),
-                   "--dir", str(work / name)], f"{name}.log")
+            edge_procs[name] = spawn(
+                ["edge", str(cfg_path), "--name", name,
+                 "--devices", ",".join(ring.devices_of(name)) or "-",
+                 "--upstream", f"localhost:{port}", "--token", str(tokens / name),
+                 "--secret", str(work / "edge-secret"), "--certs", str(work / "certs"),
+                 "--dir", str(work / name)], f"{name}.log")
         ports = {name: _read_port(work / name / "port", procs) for name in names}
         for c in range(clients):
             order = ring.successors(str(c))
@@ -130,12 +134,24 @@ def launch_edges(args: argparse.Namespace) -> int:
     asked = args.dashboard or cfg["dashboard"]["address"]
     with Operations(gcfg, work, paths.registry, quiet=args.quiet, optional=not asked,
                     address="" if args.no_dashboard else asked or "127.0.0.1:0") as ops:
+        follower = None
+        if ops.dashboard is not None:  # the edges page: each edge's reports, dead edges
+            from shoal.dashboard.replay import EdgeProcesses
+
+            follower = EdgeProcesses(ops.dashboard.state, {n: work / n for n in names},
+                                     copy.deepcopy(ring),  # the devices' ring, its own copy
+                                     lambda n: edge_procs[n].poll() if n in edge_procs
+                                     else None)
+            follower.start()
         try:  # the global's dashboard: its devices are the edges
             exp, result = run_aggregator(gcfg, paths, on_ready=start,
                                          on_round=progress.version_evaluated,
                                          observers=ops.observers, on_store=ops.on_store)
         finally:
             progress.close()
+            if follower is not None:
+                follower.stop()  # before the processes: their ends are no failures
+                follower.poll()
             _stop(procs)
     return report(gcfg, args, exp, result, {"edge_processes": edges,
                                             "client_processes": clients,
@@ -197,6 +213,7 @@ def _edge(args: argparse.Namespace, stop: threading.Event):
 
     from shoal.build import load_data, secagg_from_config
     from shoal.config import load_config
+    from shoal.dashboard.edges import EdgeLog
     from shoal.deploy import settings_from_config
     from shoal.frameworks.torch import spec_of
     from shoal.hierarchy.deployed import Upstream, edge_policy, run_edge
@@ -236,7 +253,8 @@ def _edge(args: argparse.Namespace, stop: threading.Event):
                     stop=stop, secure=secagg_from_config(cfg),
                     wait_timeout_s=dc["wait_timeout_s"],
                     on_ready=lambda port: (work / "port").write_text(f"{port}\n"),
-                    after_answer=die if dying else None)
+                    after_answer=die if dying else None,
+                    on_report=EdgeLog(work).edge_reported)
 
 
 def _device(args: argparse.Namespace, stop: threading.Event):

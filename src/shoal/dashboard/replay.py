@@ -9,19 +9,27 @@ summary is there. Two more JSON-lines files are followed the same way when they 
 :class:`~shoal.dashboard.edges.EdgeLog`) and an audit log (``audit.jsonl``, what a canary
 rollout decided: :mod:`shoal.dashboard.canary`), in the directory or named apart -- a
 ``shoal launch --canary`` state directory is followed while its canary runs.
+
+:class:`EdgeProcesses` follows the edge processes of ``shoal launch --edges`` the same way:
+each edge writes its reports to ``edges.jsonl`` in its own directory, and an edge process
+that dies is reported failed, its devices moved where the ring the devices follow moves them.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from shoal.config import Config, load_config
+from shoal.dashboard.edges import EDGES_FILE
 from shoal.dashboard.state import RunInfo, RunState
-from shoal.errors import DataError
+from shoal.errors import DataError, ProtocolError
+from shoal.hierarchy.ring import Ring
 
-__all__ = ["JsonLines", "RunDirFollower"]
+__all__ = ["EdgeProcesses", "JsonLines", "RunDirFollower"]
 
 
 def _config_of(run_dir: Path) -> Config:
@@ -88,7 +96,40 @@ class JsonLines:
         return out
 
 
-class RunDirFollower:
+class _Poller:
+    """Calls :meth:`poll` every ``interval_s`` seconds on a daemon thread (:meth:`start`)
+    until :meth:`stop`; a :class:`DataError` marks the state failed and ends it."""
+
+    state: RunState
+    _thread: threading.Thread | None = None
+
+    def poll(self) -> int:
+        raise NotImplementedError
+
+    def start(self, interval_s: float = 0.5) -> None:
+        """Poll every ``interval_s`` seconds on a daemon thread until :meth:`stop`."""
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.poll()
+                except DataError as exc:
+                    self.state.set_status("failed", str(exc))
+                    return
+
+        self._thread = threading.Thread(target=loop, name="shoal-dashboard-follow",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling (waiting for a poll under way)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+
+
+class RunDirFollower(_Poller):
     """Reads a run directory into a :class:`RunState`, and keeps reading as it grows.
 
     Args:
@@ -113,8 +154,6 @@ class RunDirFollower:
         self._edges = JsonLines(self.run_dir / "edges.jsonl")
         self.audit_path = Path(audit) if audit is not None else self.run_dir / "audit.jsonl"
         self._audit = JsonLines(self.audit_path, strict=False)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.poll()
 
     def _summary(self) -> dict:
@@ -147,22 +186,55 @@ class RunDirFollower:
                 self.state.set_status("running")
         return len(rows)
 
-    def start(self, interval_s: float = 0.5) -> None:
-        """Poll every ``interval_s`` seconds on a daemon thread until :meth:`stop`."""
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.poll()
-                except DataError as exc:
-                    self.state.set_status("failed", str(exc))
-                    return
 
-        self._thread = threading.Thread(target=loop, name="shoal-dashboard-follow",
-                                        daemon=True)
-        self._thread.start()
+class EdgeProcesses(_Poller):
+    """The edge processes of ``shoal launch --edges`` on the dashboard of their global
+    aggregator.
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+    Args:
+        state: the global's dashboard state.
+        dirs: edge name -> its state directory (where it writes ``edges.jsonl``).
+        ring: the ring the devices were placed on and follow (failed edges are taken off
+            it here, as the devices move).
+        exit_code: edge name -> its process's exit code (``None`` while it runs).
 
+    A process that exits with a code other than 0 while followed is reported ``failed`` in
+    the round after its last report; :meth:`stop` before stopping the processes.
+    """
+
+    def __init__(self, state: RunState, dirs: Mapping[str, Path], ring: Ring,
+                 exit_code: Callable[[str], int | None]) -> None:
+        self.state = state
+        self.ring = ring
+        self.exit_code = exit_code
+        self._files = {name: JsonLines(Path(d) / EDGES_FILE) for name, d in dirs.items()}
+        self._last: dict[str, int] = {}
+        self.failed: list[str] = []
+
+    def poll(self) -> int:
+        """Read the edges' new reports and look for dead edges; returns the reports added.
+
+        Raises:
+            DataError: a complete line of an ``edges.jsonl`` is not a JSON object.
+        """
+        added = 0
+        for name, lines in self._files.items():
+            for report in lines.read():
+                self._last[name] = int(report.get("round", 0) or 0)
+                self.state.add_edge_report(report)
+                added += 1
+        for name in self._files:
+            code = self.exit_code(name)
+            if code in (None, 0) or name in self.failed:
+                continue
+            self.failed.append(name)
+            try:
+                moved = self.ring.fail(name)
+            except ProtocolError:  # the last live edge: its devices have nowhere to go
+                moved = []
+            to = Counter(self.ring.edge_of(d) or "" for d in moved)
+            self.state.add_edge_report({"round": self._last.get(name, 0) + 1, "edge": name,
+                                        "assigned": 0, "asked": 0, "outcome": "failed",
+                                        "moved_to": dict(to)})
+            added += 1
+        return added
