@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
+from shoal import seeds
 from shoal.build import load_data
 from shoal.config import load_config
 from shoal.events import TrainTask
@@ -30,45 +29,42 @@ def _client_updates(devices, params: np.ndarray, ids: np.ndarray
     return out
 
 
-def _survivors(updates: dict[int, tuple[np.ndarray, float]], weight: float, mean: np.ndarray,
-               included: int) -> tuple[int, ...]:
-    """The one subset of ``included`` clients whose plain weighted mean is ``mean``."""
-    found = []
-    for subset in itertools.combinations(sorted(updates), included):
-        w = sum(updates[c][1] for c in subset)
-        if w != weight:
-            continue
-        plain = sum(updates[c][1] * updates[c][0] for c in subset) / w
-        if np.abs(plain - mean).max() < 1e-4:
-            found.append(subset)
-    assert len(found) == 1, f"{len(found)} subsets match the edge's sum"
-    return found[0]
+def _dropped(seed: int, group: np.ndarray, step: int, dropout: float) -> set[int]:
+    """The clients of ``group`` the simulated SecAgg+ drops, from its seeded stream: the
+    stream ``(seed, "secagg", step)`` draws one uniform per row, in the rows' order (the
+    group's sorted ids), and a row drops when its draw is below ``dropout``."""
+    rng = seeds.generator(seed, "secagg", step)
+    return {int(c) for c in group if rng.random() < dropout}
 
 
 def test_secagg_per_edge_group_with_dropouts_equals_the_plain_sum_of_survivors(data) -> None:
-    overrides = {"rounds": 1, "sampling.per_round": 45, "hierarchy.edges": 3,
-                 "secure_aggregation.enabled": True, "secure_aggregation.dropout": 0.1,
+    """Oracle: who drops comes from the protocol's seeded dropout stream (edge ``i`` of
+    ``E`` in round key ``k`` sums with step ``(k - 1) x E + i + 1``), and the model is the
+    plain weighted mean of the survivors' own updates, trained here; a bug that drops other
+    clients (or keeps a dropped one) changes it."""
+    edges, dropout = 3, 0.1
+    overrides = {"rounds": 1, "sampling.per_round": 45, "hierarchy.edges": edges,
+                 "secure_aggregation.enabled": True, "secure_aggregation.dropout": dropout,
                  "secure_aggregation.dropout_stage": "share_keys"}
-    exp = Experiment(load_config(None, overrides), data)
+    cfg = load_config(None, overrides)
+    exp = Experiment(cfg, data)
     tier = exp.pool
     assert isinstance(tier, Tier) and tier.aggregates_securely
     assert exp.pipeline.sum_rule.name == "plain"  # the global sees only the edges' sums
-    result = exp.run()
     base = exp.initial_params.astype(np.float32)
     cohort = exp.coordinator.cohort(1)
-    groups = tier.route.groups(cohort)
-    task = TrainTask(task_id=1, version=0, params=base, round=1)
-    replayed = {tuple(u.client_ids.tolist()): u for u in tier.train(task, cohort)}  # the same
+    groups = tier.route.groups(cohort)  # placing the cohort as the run will
+    result = exp.run()
     total, weight, dropped = np.zeros(base.size), 0.0, 0
-    for ids in groups.values():
-        updates = _client_updates(tier.below, base, ids)
-        upload = replayed[tuple(sorted(ids.tolist()))]
-        dropped += len(ids) - upload.clients
-        assert upload.metrics["secagg_dropped"] == len(ids) - upload.clients
-        keep = _survivors(updates, float(upload.num_examples), np.asarray(upload.delta),
-                          upload.clients)
-        total += sum(updates[c][1] * updates[c][0] for c in keep)
-        weight += sum(updates[c][1] for c in keep)
+    for name, ids in groups.items():
+        gone = _dropped(cfg.seed, ids, int(name.split("-")[1]) + 1, dropout)
+        keep = np.array([c for c in ids.tolist() if c not in gone], np.int64)
+        updates = _client_updates(tier.below, base, keep)
+        total += sum(n * d for d, n in updates.values())
+        weight += sum(n for _, n in updates.values())
+        dropped += len(gone)
+        record = tier.edges[name].records[-1]
+        assert record.privacy["secagg_dropped"] == len(gone)
     assert dropped >= 2  # 10% of 45: the protocol really recovered from dropouts
     oracle = base + total / weight
     assert np.abs(result.state.params - oracle).max() < 1e-5  # fixed point, 20 bits
