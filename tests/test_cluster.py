@@ -356,3 +356,16 @@ def test_killing_an_ingest_node_mid_round(tmp_path: Path, redis, min_fraction) -
         assert np.array_equal(store.load(versions[-1].id).state.params, result.state.params)
     finally:
         store.close()
+
+
+def test_an_unreachable_redis_is_a_clear_error(tmp_path: Path, redis) -> None:
+    from shoal.registry.redis import RegistryUnavailable
+
+    board = RoundBoard(redis.url, timeout=0.5)
+    assert board.current() == 0
+    redis.stop()
+    with pytest.raises(RegistryUnavailable, match=f"127.0.0.1:{redis.port} is unreachable"):
+        board.claim(1, "a", "n1")
+    redis.start()  # the append-only file brings the state back; the next call reconnects
+    assert board.current() == 0 and board.claim(1, "a", "n1") == "closed"
+

@@ -304,9 +304,13 @@ def _ingest(args: argparse.Namespace, stop: threading.Event) -> Any:
             tls=((certs / "server.pem").read_bytes(), (certs / "server.key").read_bytes()),
             stop=stop, validation=Validation(max_norm=d["max_norm"] or None),
             host=d["host"], port=args.port,
-            on_ready=lambda port: (work / "port").write_text(f"{port}\n"))
+            on_ready=lambda port: _write_port(work / "port", port))
     finally:
         board.close()
+
+
+def _write_port(path: Path, port: int) -> None:
+    path.write_text(f"{port}\n")
 
 
 if __name__ == "__main__":

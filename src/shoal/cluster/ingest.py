@@ -84,10 +84,16 @@ class IngestGateway(DeviceGateway):
 
         Raises:
             UpdateRejected: ``duplicate`` (another node folded the device), ``late`` (the
-                task closed or is full), or the session's or pipeline's reason (the claim is
-                then given back); nothing changed.
+                task closed or is full), ``unavailable`` (Redis did not answer: the device
+                keeps its task and sends its update again), or the session's or pipeline's
+                reason (the claim is then given back); nothing changed.
         """
-        verdict = self.board.claim(self.cluster_task, device_id, self.node)
+        try:
+            verdict = self.board.claim(self.cluster_task, device_id, self.node)
+        except RegistryUnavailable as exc:  # nothing folded: the device sends it again
+            with self.lock:
+                raise self._count(UpdateRejected("unavailable", str(exc), client_id=device_id,
+                                                 round=round), -1, now) from None
         if verdict != "ok":
             reason, detail = _VERDICT[verdict]
             self.drop([device_id], "folded_elsewhere" if verdict == "taken" else reason, now)

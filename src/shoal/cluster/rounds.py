@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import redis as redis_py
@@ -146,7 +147,7 @@ class RoundBoard:
         self._claim = self._r.register_script(_CLAIM)
         self._release = self._r.register_script(_RELEASE)
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
@@ -162,15 +163,15 @@ class RoundBoard:
         """Publish ``task`` (deadline on the wall clock) for ``devices``; it becomes the
         open task."""
         key = f"{self.p}:t:{task.task_id}"
-        fields = {"round": task.round, "version": task.version,
-                  "deadline": repr(float(task.deadline)), "target": int(target),
-                  "closed": 0, "settings": json.dumps(dict(task.settings)),
-                  "clip_norm": "" if task.clip_norm is None else repr(float(task.clip_norm)),
-                  "devices": json.dumps(list(devices))}
+        clip = "" if task.clip_norm is None else repr(float(task.clip_norm))
+        fields: dict[str, str | int] = {
+            "round": task.round, "version": task.version, "deadline": repr(float(task.deadline)),
+            "target": int(target), "closed": 0, "settings": json.dumps(dict(task.settings)),
+            "clip_norm": clip, "devices": json.dumps(list(devices))}
         pipe = self._r.pipeline()
         pipe.set(f"{key}:params", np.ascontiguousarray(task.params, np.float32).tobytes(),
                  ex=_TTL_S)
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, items=[x for pair in fields.items() for x in pair])
         pipe.expire(key, _TTL_S)
         pipe.set(f"{self.p}:task", task.task_id, ex=_TTL_S)
         self._call(pipe.execute)
