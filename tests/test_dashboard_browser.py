@@ -240,6 +240,10 @@ def test_the_canary_and_edges_panels_of_recorded_runs(browser, tmp_path):
     work = tmp_path / "work"
     canary, verdicts, losses = run_canary(work)
     (work / "config.toml").write_text(to_toml(load_config(None, {})))
+    # whatever an audit entry holds reaches the page as text, never as HTML
+    hostile = '<img src="x" id="injected" onerror="window.__owned = 1">'
+    with open(work / "audit.jsonl", "a") as f:
+        f.write(json.dumps({"at": 300.0, "action": "drift_alarm", "detail": hostile}) + "\n")
     # a run with three edges, edge-1 failing in round 2
     out = tmp_path / "runs"
     assert main(["run", *SMALL[:4], "--clients", "30", "--per-round", "12", "--rounds", "3",
@@ -269,7 +273,11 @@ def test_the_canary_and_edges_panels_of_recorded_runs(browser, tmp_path):
         assert table[0][8] == "n/a" and table[1][8] == f"{verdicts[1].z:.2f}"
         assert table[1][7] == "10 / 10"
         audit = _rows(browser, "audit-table")
-        assert [r[1] for r in audit] == [e["action"] for e in reversed(canary.audit.entries)]
+        assert [r[1] for r in audit] == ["drift_alarm", *(e["action"] for e in
+                                                          reversed(canary.audit.entries))]
+        assert audit[0][2] == f"detail={hostile}"
+        assert not browser.find_elements(By.ID, "injected")
+        assert browser.execute_script("return window.__owned === undefined;")
         assert browser.find_elements(By.CSS_SELECTOR, "#chart-canary .uplot canvas")
         _page(browser, "edges")
         assert "No edge aggregators" in _text(browser, "edges-note")
