@@ -287,7 +287,9 @@ def test_the_canary_and_edges_panels_of_recorded_runs(browser, tmp_path):
         WebDriverWait(browser, 10).until(lambda d: _text(d, "edge-count") == "3")
         assert _text(browser, "edge-failed") == "1"
         up = sum(r["bytes_up"] for r in rows)
-        down = sum(r.get("privacy_edge_ingress_bytes", 0) for r in rows)
+        reports = [json.loads(x) for x in (run / "edges.jsonl").read_text().splitlines()]
+        down = sum(r["device_bytes"] for r in reports)  # the failed edge's group too
+        assert down > sum(r.get("privacy_edge_ingress_bytes", 0) for r in rows)
         assert _text(browser, "edge-global-bytes") == f"{up / 1e6:.3f} MB"
         assert _text(browser, "edge-device-bytes") == f"{down / 1e6:.3f} MB"
         edges = _rows(browser, "edges-table")

@@ -331,8 +331,10 @@
       return;
     }
     const t = trained();
+    // the global's own count of what reached it; the edges' count of what their devices
+    // sent them (failed edges' groups included: those bytes moved too)
     const atGlobal = t.reduce((a, r) => a + (r.bytes_up || 0), 0);
-    const fromDevices = t.reduce((a, r) => a + (r.privacy_edge_ingress_bytes || 0), 0);
+    const fromDevices = v.edges.reduce((a, e) => a + (e.device_bytes || 0), 0);
     fill("edges-note", `${num(v.reports)} edge reports; the ring gives each device one edge ` +
          "and moves a failed edge's devices to the next live edges.");
     fill("edge-cards",
