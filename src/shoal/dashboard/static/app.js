@@ -365,7 +365,7 @@
   async function renderRegistry() {
     const page = await getJSON(`/api/devices?offset=${registryOffset}&limit=25`);
     if (!page.available) {
-      fill("registry-note", "No registry here: a replayed run directory has virtual clients.");
+      fill("registry-note", "No registry here: a simulation (live or replayed) has virtual clients.");
       table("registry-table", ["device"], []);
       return;
     }
