@@ -2,8 +2,12 @@
 
 * :mod:`.state` -- :class:`~.state.RunState`, what the page shows, fed by
   :class:`~.state.DashboardObserver` from the run's hooks like every other observer;
+* :mod:`.canary` and :mod:`.edges` -- two of its pages: a canary rollout as its audit log
+  records it, and a hierarchy's edge aggregators from their reports (with
+  :class:`~.edges.EdgeLog`, a run directory's ``edges.jsonl``);
 * :mod:`.replay` -- :class:`~.replay.RunDirFollower`, the same from a run directory, followed
-  while ``shoal run`` writes it;
+  while ``shoal run`` writes it (its audit log and edge reports too), and
+  :class:`~.replay.EdgeProcesses`, the edge processes of ``shoal launch --edges``;
 * :mod:`.control` -- :class:`~.control.ModelControl`, promote and rollback on the real model
   store, behind the operator token;
 * :mod:`.server` -- :class:`~.server.Dashboard`, the Starlette app (:mod:`.app`) served by

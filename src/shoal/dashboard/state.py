@@ -3,9 +3,11 @@
 A :class:`RunState` is a small, thread-safe picture of one run: what it is (:class:`RunInfo`),
 its status, one row per final round (the same columns as the run directory's
 ``metrics.jsonl``, so a live run and a replayed one look alike), and counters of what happened
-since it started and in the round that is open. :class:`DashboardObserver` feeds it from the
-coordinator's and the carrier's hooks; :mod:`shoal.dashboard.replay` feeds it from a run
-directory. The web app (:mod:`shoal.dashboard.app`) reads :meth:`RunState.snapshot`.
+since it started and in the round that is open, plus the canary page's audit entries
+(:mod:`shoal.dashboard.canary`) and the edges page's reports (:mod:`shoal.dashboard.edges`).
+:class:`DashboardObserver` feeds it from the coordinator's and the carrier's hooks;
+:mod:`shoal.dashboard.replay` feeds it from a run directory. The web app
+(:mod:`shoal.dashboard.app`) reads :meth:`RunState.snapshot`.
 
 Every hook takes one lock for a few dictionary updates (about a microsecond): the dashboard
 must stay cheap at a thousand devices (docs/benchmarks.md measures it). Nothing here holds a
