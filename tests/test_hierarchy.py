@@ -163,3 +163,36 @@ def test_buffered_edges_make_their_own_steps_with_edge_staleness(data) -> None:
     assert result.records[2].accepted == sum(min(3, len(ids)) for ids in groups.values())
     assert not result.records[2].rejected
     assert result.summary()["final_accuracy"] > result.records[0].eval["accuracy"]
+
+
+class _Trained:
+    """The devices, counting how often each client trains under each round key."""
+
+    def __init__(self, below) -> None:
+        self.below = below
+        self.count: dict[tuple[int, int], int] = {}
+
+    @property
+    def num_clients(self) -> int:
+        return self.below.num_clients
+
+    def train(self, task, client_ids):
+        for c in np.asarray(client_ids).tolist():
+            self.count[task.round, c] = self.count.get((task.round, c), 0) + 1
+        yield from self.below.train(task, client_ids)
+
+
+def test_clients_of_a_secure_group_too_small_to_sum_never_train(data) -> None:
+    """An edge never asks a secure group of fewer than three clients (its sum would reveal
+    them); the tier's shared first round must not train them either."""
+    cfg = load_config(None, {"rounds": 1, "sampling.per_round": 9, "hierarchy.edges": 4,
+                             "secure_aggregation.enabled": True})
+    exp = Experiment(cfg, data)
+    devices = _Trained(exp.pool.below)
+    exp.pool.below = devices
+    groups = exp.pool.route.groups(exp.coordinator.cohort(1))
+    small = {c for ids in groups.values() if len(ids) < 3 for c in ids.tolist()}
+    assert small  # nine clients over four edges: some group has fewer than three
+    exp.run()
+    trained = {c for _, c in devices.count}
+    assert trained == {c for ids in groups.values() for c in ids.tolist()} - small

@@ -281,6 +281,11 @@ class Edge:
         return Pipeline(stages=(UploadTap(), *clip), sum_rule=rule,
                         validation=self.validation)
 
+    def sums(self, client_ids: np.ndarray) -> bool:
+        """Whether this edge aggregates a group of ``client_ids`` (a secure sum rule needs
+        :data:`MIN_SECURE_GROUP` distinct clients; a smaller group is never asked)."""
+        return self.sum_rule is None or len(np.unique(client_ids)) >= MIN_SECURE_GROUP
+
     def first_key(self, task: TrainTask) -> int:
         """The round key of the edge's first round of ``task``: ``(r - 1) x rounds + 1``
         for a parent round keyed ``r``."""
@@ -321,7 +326,7 @@ class Edge:
         payload's length, and its delta the decoded vector.
         """
         ids = np.unique(np.asarray(client_ids, np.int64))
-        if self.sum_rule is not None and len(ids) < MIN_SECURE_GROUP:
+        if not self.sums(ids):
             self.records = []
             return None  # a secure sum of one or two clients would reveal them
         strategy = EdgeStep(task.settings)

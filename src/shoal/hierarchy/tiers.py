@@ -146,8 +146,11 @@ class Tier:
         if not isinstance(below, Tier) and self.edges:
             # every edge's first round trains the parent's model with one key: train the
             # whole cohort as one batch (what a flat run does) instead of one per edge
+            # (only the groups their edges will ask: a secure group too small to sum is not)
             first_key = next(iter(self.edges.values())).first_key(task)
-            below = _FirstRound(below, task, first_key, client_ids)
+            asked = [ids for name, ids in groups.items() if self.edges[name].sums(ids)]
+            below = _FirstRound(below, task, first_key,
+                                np.concatenate(asked) if asked else np.zeros(0, np.int64))
         reports: list[EdgeReport] = []
         for name in self.route.ring.edges:
             ids = groups.get(name)
