@@ -182,6 +182,20 @@ class _Trained:
         yield from self.below.train(task, client_ids)
 
 
+def test_with_regions_devices_train_edge_rounds_times_a_global_round(data) -> None:
+    """HierFAVG's kappa2 is the edges': a region only folds its edges' uploads, so each
+    device trains edge_rounds times per global round (keys 1 and 2 of round 1), not
+    edge_rounds^2."""
+    cfg = load_config(None, {"rounds": 1, "hierarchy.edges": 6, "hierarchy.regions": 2,
+                             "hierarchy.edge_rounds": 2})
+    exp = Experiment(cfg, data)
+    devices = _Trained(exp.pool.below.below)
+    exp.pool.below.below = devices
+    cohort = exp.coordinator.cohort(1).tolist()
+    assert exp.run().state.version == 1
+    assert devices.count == {(key, c): 1 for key in (1, 2) for c in cohort}
+
+
 def test_clients_of_a_secure_group_too_small_to_sum_never_train(data) -> None:
     """An edge never asks a secure group of fewer than three clients (its sum would reveal
     them); the tier's shared first round must not train them either."""

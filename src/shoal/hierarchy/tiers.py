@@ -382,7 +382,8 @@ def hierarchy_from_config(cfg: Config, devices: ClientPool,
     upper = Ring(region_names, vnodes=h["vnodes"], load_factor=h["load_factor"],
                  edge_regions={r: r for r in region_names} if by_region else None)
     region_route = Route(upper, route, region_of=edge_region.get if by_region else None)
-    tops = [Edge(r, cfg.seed, h["edge_rounds"], None, i, regions)
-            for i, r in enumerate(region_names)]
+    # a region only folds its edges' uploads: edge_rounds is the edges' (HierFAVG's kappa2);
+    # regions stepping too would have every device train edge_rounds^2 times a global round
+    tops = [Edge(r, cfg.seed, 1, None, i, regions) for i, r in enumerate(region_names)]
     return Tier(tops, region_route, tier,
                 {r: [e for e in v if e in upper.edges] for r, v in failures.items()})
