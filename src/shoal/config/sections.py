@@ -597,8 +597,8 @@ class HierarchyConfig(Section):
                         "0 = flat (no hierarchy)", min=0, max=100_000)
     regions: int = option(0, "region aggregators between the edges and the global server "
                           "(a third tier); 0 = none", min=0, max=10_000)
-    edge_rounds: int = option(1, "rounds each edge (and region) runs per round of its "
-                              "parent: 1 = the edges only fold their groups' updates (the "
+    edge_rounds: int = option(1, "rounds each edge runs per round of its parent (regions "
+                              "only fold): 1 = the edges only fold their groups' updates (the "
                               "same model as a flat run); > 1 = HierFAVG, each edge averaging "
                               "its devices that many times before its upload", min=1,
                               max=1000)
