@@ -109,6 +109,8 @@ def test_the_canary_panel_replays_and_follows_the_audit_file(tmp_path):
     (work / "config.toml").write_text(to_toml(load_config(None, {})))
     follower = RunDirFollower(work)
     assert follower.state.snapshot()["canary"] == live.snapshot()["canary"]
+    assert (follower.state.status, follower.state.detail) == ("finished",
+                                                              "canary of v2: rolled back")
     # an entry appended later (a second canary starting) and a torn line are followed
     with open(work / "audit.jsonl", "a") as f:
         f.write('{"at": 200.0, "action": "canary_start", "candidate": 3, "production": 1, '
@@ -116,6 +118,7 @@ def test_the_canary_panel_replays_and_follows_the_audit_file(tmp_path):
     follower.poll()
     snap = follower.state.snapshot()
     assert snap["canary"]["candidate"] == 3 and snap["canary"]["decision"] == "pending"
+    assert snap["status"] == "running"  # a canary whose end is not in the log yet
     assert snap["canary"]["evaluations"] == []
     assert len(snap["audit"]) == len(read_audit(work / "audit.jsonl"))
     # another file named apart

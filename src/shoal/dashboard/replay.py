@@ -176,7 +176,13 @@ class RunDirFollower(_Poller):
         rows = self._metrics.read()
         for row in rows:
             self.state.add_row(row)
-        if self.state.status != "finished":
+        canary = None if self._metrics.started else self.state.canary()
+        if canary is not None:  # a canary's state directory: its latest canary's state
+            status = "running" if canary["decision"] == "pending" else "finished"
+            detail = f"canary of v{canary['candidate']}: {canary['decision']}"
+            if (self.state.status, self.state.detail) != (status, detail):
+                self.state.set_status(status, detail)
+        elif self.state.status != "finished":
             summary = self._summary()
             if summary:
                 stopped = summary.get("stopped") or ""

@@ -195,6 +195,11 @@ class RunState:
         """A number that grows with every change (cheap to poll)."""
         return self._changed
 
+    def canary(self) -> dict[str, Any] | None:
+        """The latest canary of the audit entries (:meth:`.canary.CanaryPanel.view`)."""
+        with self._lock:
+            return self._canary.view()
+
     def rows(self) -> list[dict[str, Any]]:
         """Every row kept, oldest first."""
         with self._lock:
