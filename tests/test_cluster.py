@@ -184,32 +184,42 @@ def test_a_device_is_folded_by_one_node_only(tmp_path: Path, redis) -> None:
     from shoal.events import TrainTask
 
     board = RoundBoard(redis.url, prefix="t")
+    board.reset()  # a committer's run
     task = TrainTask(task_id=7, version=3, params=np.arange(4, dtype=np.float32), round=4,
                      deadline=123.5)
     board.open(task, ["a", "b", "c"], target=2)
-    ct = board.load(7)
+    ref = board.current()
+    assert ref == board.ref(7)
+    ct = board.load(ref)
     assert ct is not None and ct.devices == ("a", "b", "c") and ct.target == 2
     assert np.array_equal(ct.task.params, task.params) and ct.task.round == 4
-    assert board.claim(7, "a", "n1") == "ok"
-    assert board.claim(7, "a", "n1") == "ok"  # a retry at the same node
-    assert board.claim(7, "a", "n2") == "taken"
-    assert board.claim(7, "b", "n2") == "ok"
-    assert board.claim(7, "c", "n1") == "full"  # the target is reached
-    board.release(7, "b", "n1")  # not n1's: nothing changes
-    assert board.state(7)[2] == {"a": "n1", "b": "n2"}
-    board.release(7, "b", "n2")
+    assert ct.task.task_id == 7 and ct.task.deadline == 123.5 and not ct.closed
+    assert board.claim(ref, "a", "n1") == "ok"
+    assert board.claim(ref, "a", "n1") == "ok"  # a retry at the same node
+    assert board.claim(ref, "a", "n2") == "taken"
+    assert board.claim(ref, "b", "n2") == "ok"
+    assert board.claim(ref, "c", "n1") == "full"  # the target is reached
+    board.release(ref, "b", "n1")  # not n1's: nothing changes
+    assert board.state(ref)[2] == {"a": "n1", "b": "n2"}
+    board.release(ref, "b", "n2")
     board.close_task(7)
-    assert board.claim(7, "c", "n1") == "closed"
-    assert board.state(7) == (True, 2, {"a": "n1"})
-    assert board.claim(8, "a", "n1") == "closed"  # a task never opened
-    p = Partial(7, "n1", np.ones(4, np.float32), 12, ("a",), 3, {"download_bytes": 5.0})
+    assert board.claim(ref, "c", "n1") == "closed"
+    assert board.state(ref) == (True, 2, {"a": "n1"})
+    assert board.claim(board.ref(8), "a", "n1") == "closed"  # a task never opened
+    p = Partial(ref, "n1", np.ones(4, np.float32), 12, ("a",), 3, {"download_bytes": 5.0})
     board.push_partial(p)
     got = board.pop_partial(1.0, 4)
-    assert got is not None and (got.task_id, got.node, got.devices, got.num_examples,
-                                got.base_version, got.metrics) == (7, "n1", ("a",), 12, 3,
+    assert got is not None and (got.task, got.node, got.devices, got.num_examples,
+                                got.base_version, got.metrics) == (ref, "n1", ("a",), 12, 3,
                                                                    {"download_bytes": 5.0})
     assert np.array_equal(got.delta, p.delta)
     assert board.pop_partial(0.0, 4) is None
+    # a restarted committer counts its tasks from 1 again: its task 7 is a new one
+    board.push_partial(p)
+    board.reset()
+    assert board.current() == "" and board.pop_partial(0.0, 4) is None
+    board.open(task, ["a", "b", "c"], target=2)
+    assert board.current() != ref and board.claim(board.current(), "a", "n2") == "ok"
     with pytest.raises(ProtocolError, match="not 5 float32"):
         Partial.from_bytes(p.to_bytes(), 5)
 
@@ -281,7 +291,8 @@ def test_killing_an_ingest_node_mid_round(tmp_path: Path, redis, min_fraction) -
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for i in range(NODES)]
     board = RoundBoard(redis.url)
-    killed = threading.Event()
+    killed, done = threading.Event(), threading.Event()
+    tasks: dict[str, int] = {}  # the committer's tasks on the board, in order -> round
     abandons = _Abandons()
     devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
     try:
@@ -297,22 +308,22 @@ def test_killing_an_ingest_node_mid_round(tmp_path: Path, redis, min_fraction) -
         devices.start(ports, range(CLIENTS), wrap={0: lambda t: _Slow(t, 2, 5.0)})
 
         def kill_mid_round_2() -> None:
-            while not killed.is_set():
-                task = board.current()
-                ct = board.load(task) if task else None
-                if ct is not None and ct.task.round == 2:
-                    folds = board.state(task)[2]
-                    if "ingest-1" in folds.values():
-                        procs[1].send_signal(signal.SIGKILL)
-                        killed.set()
-                        return
+            while not done.is_set():
+                ref = board.current()
+                ct = board.load(ref) if ref else None
+                if ct is not None:
+                    tasks.setdefault(ref, ct.task.round)
+                if ct is not None and ct.task.round == 2 and not killed.is_set() \
+                        and "ingest-1" in board.state(ref)[2].values():
+                    procs[1].send_signal(signal.SIGKILL)
+                    killed.set()
                 time.sleep(0.01)
 
         killer = threading.Thread(target=kill_mid_round_2, daemon=True)
         killer.start()
         _, result = run_committer(cfg, tmp_path / "models", observers=[abandons])
     finally:
-        killed.set()
+        done.set()
         devices.close()
         for p in procs:
             if p.poll() is None:
@@ -337,8 +348,8 @@ def test_killing_an_ingest_node_mid_round(tmp_path: Path, redis, min_fraction) -
         assert committed[0].examples == committed[2].examples == everyone
     # round 2: exactly the devices ingest-0 folded (its own three, and those of ingest-1's
     # whose upload failed and who came to it), each once; ingest-1's partial died with it
-    round2 = next(t for t in range(1, 10) if (ct := board.load(t)) and ct.task.round == 2)
-    folds = board.state(round2)[2]
+    round2 = [ref for ref, r in tasks.items() if r == 2]
+    folds = board.state(round2[0])[2]
     survivors = sorted(d for d, node in folds.items() if node == "ingest-0")
     lost = sorted(d for d, node in folds.items() if node == "ingest-1")
     assert lost and len(survivors) + len(lost) <= CLIENTS
@@ -347,7 +358,7 @@ def test_killing_an_ingest_node_mid_round(tmp_path: Path, redis, min_fraction) -
         assert committed[1].examples == sum(sizes[d] for d in survivors)
         assert committed[1].closed_by == "deadline"  # it waited for ingest-1's devices
     else:  # the retry's cohort, all folded by the survivor
-        assert set(board.state(round2 + 1)[2].values()) == {"ingest-0"}
+        assert len(round2) == 2 and set(board.state(round2[1])[2].values()) == {"ingest-0"}
     store = ModelStore(tmp_path / "models")
     try:
         versions = store.list()
@@ -362,10 +373,10 @@ def test_an_unreachable_redis_is_a_clear_error(tmp_path: Path, redis) -> None:
     from shoal.registry.redis import RegistryUnavailable
 
     board = RoundBoard(redis.url, timeout=0.5)
-    assert board.current() == 0
+    assert board.current() == ""
     redis.stop()
     with pytest.raises(RegistryUnavailable, match=f"127.0.0.1:{redis.port} is unreachable"):
-        board.claim(1, "a", "n1")
+        board.claim("x.1", "a", "n1")
     redis.start()  # the append-only file brings the state back; the next call reconnects
-    assert board.current() == 0 and board.claim(1, "a", "n1") == "closed"
+    assert board.current() == "" and board.claim("x.1", "a", "n1") == "closed"
 

@@ -56,7 +56,8 @@ class ClusterCarrier:
         self.dim = int(dim)
         self.poll_s = poll_s
         self.clock = clock
-        self.refused: list[tuple[int, str, str]] = []  # (task, node, reason) of partials
+        self.refused: list[tuple[str, str, str]] = []  # (task, node, reason) of partials
+        self._open = 0  # the task open on the board
 
     @property
     def num_clients(self) -> int:
@@ -73,6 +74,7 @@ class ClusterCarrier:
                 a restarted committer resumes from the store's latest).
         """
         self.board.reset()
+        self._open = 0
         todo: deque[Command] = deque(coordinator.start(state, self.clock(), stage_states))
         timers: list[float] = []
         try:
@@ -92,9 +94,8 @@ class ClusterCarrier:
                         heapq.heappop(timers)
                     todo.extend(coordinator.handle(Tick(self.clock())))
         finally:
-            task = self.board.current()
-            if task:
-                self.board.close_task(task)
+            if self._open:
+                self.board.close_task(self._open)
 
     def _carry(self, coordinator: Coordinator, cmd: Command, timers: list[float],
                on_commit: Callable[[ServerState, RoundRecord], None] | None,
@@ -104,6 +105,7 @@ class ClusterCarrier:
             asked = len(cmd.client_ids)
             target = min(getattr(policy, "target", None) or asked, asked)
             self.board.open(cmd.task, [self.devices[int(c)] for c in cmd.client_ids], target)
+            self._open = cmd.task.task_id
         elif isinstance(cmd, CancelTask):
             self.board.close_task(cmd.task_id)
         elif isinstance(cmd, WakeAt):
@@ -120,20 +122,24 @@ class ClusterCarrier:
                         cmd.reason, cmd.detail)
 
     def _arrived(self, coordinator: Coordinator, p: Partial) -> list[Command]:
+        run, _, task = p.task.rpartition(".")
         known = [self._index.get(d) for d in p.devices]
-        if not p.devices or None in known:
-            reason = "empty" if not p.devices else "unknown device"
-            self.refused.append((p.task_id, p.node, reason))
-            log.warning("task %d: node %s sent a partial aggregate with %s", p.task_id,
-                        p.node, reason)
+        reason = ("another run" if run != self.board.run or not task.isdigit() else
+                  "no device" if not p.devices else "an unknown device" if None in known
+                  else "")
+        if reason:
+            self.refused.append((p.task, p.node, reason))
+            log.warning("task %s: node %s sent a partial aggregate of %s", p.task, p.node,
+                        reason)
             return []
+        task_id = int(task)
         arrival = PartialAggregate(
             delta=p.delta, num_examples=int(p.num_examples), clients=len(p.devices),
             metrics=dict(p.metrics), base_version=p.base_version,
             client_ids=np.asarray(sorted(c for c in known if c is not None), np.int64))
-        cmds = coordinator.handle(UpdatesArrived(p.task_id, arrival, self.clock()))
+        cmds = coordinator.handle(UpdatesArrived(task_id, arrival, self.clock()))
         for c in cmds:
             if isinstance(c, UpdateRefused):
-                self.refused.append((p.task_id, p.node, c.reason))
+                self.refused.append((p.task, p.node, c.reason))
         return cmds
 

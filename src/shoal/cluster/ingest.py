@@ -65,12 +65,12 @@ class IngestGateway(DeviceGateway):
 
     Args:
         board: the cluster's round state.
-        cluster_task: the committer's task id this gateway's run answers.
+        cluster_task: the board's reference of the committer's task this run answers.
         node: this ingest node's name.
         *args, **kwargs: the gateway's.
     """
 
-    def __init__(self, board: RoundBoard, cluster_task: int, node: str,
+    def __init__(self, board: RoundBoard, cluster_task: str, node: str,
                  *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.board, self.cluster_task, self.node = board, cluster_task, node
@@ -150,7 +150,7 @@ class _IngestCarrier(GrpcCarrier):
     """The gRPC carrier with an :class:`IngestGateway` for one committer task."""
 
     def __init__(self, service: AggregatorService, devices: list[str], board: RoundBoard,
-                 cluster_task: int, node: str) -> None:
+                 cluster_task: str, node: str) -> None:
         self._claims = (board, cluster_task, node)
         super().__init__(service, devices, poll_s=0.05)
 
@@ -192,15 +192,14 @@ class IngestNode:
         ids = np.array([index[d] for d in ct.devices if d in index], np.int64)
         if len(ids) == 0:
             return None
-        tid = ct.task.task_id
-        carrier = _IngestCarrier(self.service, devices, self.board, tid, self.name)
+        carrier = _IngestCarrier(self.service, devices, self.board, ct.ref, self.name)
         deadline_s = remaining_s(ct.task.deadline, self.clock(), self.grace_s)
         edge = Edge(self.name, self.seed, 1, policy=lambda n: SyncPolicy(
             deadline_s=deadline_s, min_fraction=0.0, max_attempts=1),
                     validation=self.validation)
         done = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(ct, carrier, done), daemon=True,
-                                   name=f"{self.name}-watch-{tid}")
+                                   name=f"{self.name}-watch-{ct.task.task_id}")
         watcher.start()
         try:
             upload = edge.answer(ct.task, ids, carrier)
@@ -212,15 +211,15 @@ class IngestNode:
         folded = tuple(sorted(gateway.folded))
         if upload is None or not folded:
             return None
-        return Partial(tid, self.name, np.asarray(upload.delta, np.float32),
+        return Partial(ct.ref, self.name, np.asarray(upload.delta, np.float32),
                        int(upload.num_examples), folded, ct.task.version,
                        {"download_bytes": float(upload.metrics.get("edge_ingress_bytes", 0))})
 
     def _watch(self, ct: ClusterTask, carrier: GrpcCarrier, done: threading.Event) -> None:
-        tid, cohort = ct.task.task_id, set(ct.devices)
+        cohort = set(ct.devices)
         while not done.wait(0.05):
             try:
-                closed, target, folds = self.board.state(tid)
+                closed, target, folds = self.board.state(ct.ref)
             except RegistryUnavailable as exc:
                 log.warning("%s: %s", self.name, exc)
                 continue
@@ -234,13 +233,13 @@ class IngestNode:
     def serve(self, stop: threading.Event, poll_s: float = 0.05) -> None:
         """Answer every task the committer opens until ``stop`` is set; a Redis that goes
         away is waited for (logged), not fatal."""
-        answered: set[int] = set()
+        answered: set[str] = set()
         while not stop.is_set():
             try:
-                tid = self.board.current()
-                if tid and tid not in answered:
-                    answered.add(tid)
-                    ct = self.board.load(tid)
+                ref = self.board.current()
+                if ref and ref not in answered:
+                    answered.add(ref)
+                    ct = self.board.load(ref)
                     if ct is not None and not ct.closed:
                         partial = self.answer(ct)
                         if partial is not None:

@@ -4,12 +4,14 @@ and the partial aggregates on their way to the committer.
 One :class:`RoundBoard` per process talks to one Redis (``redis-server``; the same one the
 shared device registry lives in). Keys, under ``{prefix}:cluster``:
 
-* ``task`` -- the id of the committer's open training task (absent: none).
-* ``t:{id}`` -- a hash: ``round``, ``version``, ``deadline`` (wall-clock seconds),
+* ``task`` -- the open training task's reference ``RUN.ID`` (absent: none): ``RUN`` is a
+  random token each committer draws when it starts (a restarted committer counts its tasks
+  from 1 again, and must not meet its predecessor's claims), ``ID`` the coordinator's task id.
+* ``t:{RUN.ID}`` -- a hash: ``round``, ``version``, ``deadline`` (wall-clock seconds),
   ``target`` (folds the round takes), ``closed`` (``0``/``1``), ``settings`` and
   ``devices`` (JSON: the client settings; the cohort's device ids in the committer's order),
-  ``clip_norm`` (``""``: none); ``t:{id}:params`` the model (float32 bytes).
-* ``t:{id}:folds`` -- a hash device id -> ingest node: the one node that folds the device's
+  ``clip_norm`` (``""``: none); ``t:{RUN.ID}:params`` the model (float32 bytes).
+* ``t:{RUN.ID}:folds`` -- a hash device id -> ingest node: the one node that folds the device's
   update. :meth:`claim` is one Lua script (atomic in Redis): a device is folded by at most
   one node, never after the task closed or once ``target`` devices are claimed, which is why
   no update is ever counted twice however devices move between nodes.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,12 +76,14 @@ class ClusterTask:
     """The committer's training task as the ingest nodes read it.
 
     Attributes:
+        ref: its reference on the board (``RUN.ID``).
         task: the coordinator's task (its deadline on the wall clock, ``time.time()``).
         devices: the cohort's device ids.
         target: how many devices the round folds at most.
         closed: the committer closed it (late folds are refused).
     """
 
+    ref: str
     task: TrainTask
     devices: tuple[str, ...]
     target: int
@@ -87,10 +92,11 @@ class ClusterTask:
 
 @dataclass(frozen=True)
 class Partial:
-    """One ingest node's partial aggregate of a task: the weighted mean ``delta`` of the
-    updates of ``devices`` (those it folded), ``num_examples`` the weight behind it."""
+    """One ingest node's partial aggregate of the task ``task`` (its reference ``RUN.ID``):
+    the weighted mean ``delta`` of the updates of ``devices`` (those it folded),
+    ``num_examples`` the weight behind it."""
 
-    task_id: int
+    task: str
     node: str
     delta: np.ndarray
     num_examples: int
@@ -99,7 +105,7 @@ class Partial:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        head = {"task": self.task_id, "node": self.node, "examples": int(self.num_examples),
+        head = {"task": self.task, "node": self.node, "examples": int(self.num_examples),
                 "devices": list(self.devices), "base": int(self.base_version),
                 "metrics": {k: float(v) for k, v in self.metrics.items()}}
         return json.dumps(head).encode() + b"\n" + \
@@ -116,7 +122,7 @@ class Partial:
         try:
             head = json.loads(head_raw)
             devices = tuple(str(d) for d in head["devices"])
-            task_id, examples, base = int(head["task"]), int(head["examples"]), int(head["base"])
+            task, examples, base = str(head["task"]), int(head["examples"]), int(head["base"])
             node, metrics = str(head["node"]), {str(k): float(v)
                                                 for k, v in dict(head["metrics"]).items()}
         except (ValueError, KeyError, TypeError) as exc:
@@ -124,7 +130,7 @@ class Partial:
         if not sep or len(body) != 4 * dim:
             raise ProtocolError(f"a queued partial aggregate of node {node!r} holds "
                                 f"{len(body)} bytes, not {dim} float32 values")
-        return cls(task_id, node, np.frombuffer(body, np.float32).copy(), examples, devices,
+        return cls(task, node, np.frombuffer(body, np.float32).copy(), examples, devices,
                    base, metrics)
 
 
@@ -144,6 +150,7 @@ class RoundBoard:
         self.address = f"{kw.get('host', '?')}:{kw.get('port', '')}"
         self.timeout = timeout
         self.p = f"{prefix}:cluster"
+        self.run = ""  # the committer's run token (reset)
         self._claim = self._r.register_script(_CLAIM)
         self._release = self._r.register_script(_RELEASE)
 
@@ -162,7 +169,8 @@ class RoundBoard:
     def open(self, task: TrainTask, devices: Sequence[str], target: int) -> None:
         """Publish ``task`` (deadline on the wall clock) for ``devices``; it becomes the
         open task."""
-        key = f"{self.p}:t:{task.task_id}"
+        ref = self.ref(task.task_id)
+        key = f"{self.p}:t:{ref}"
         clip = "" if task.clip_norm is None else repr(float(task.clip_norm))
         fields: dict[str, str | int] = {
             "round": task.round, "version": task.version, "deadline": repr(float(task.deadline)),
@@ -173,12 +181,12 @@ class RoundBoard:
                  ex=_TTL_S)
         pipe.hset(key, items=[x for pair in fields.items() for x in pair])
         pipe.expire(key, _TTL_S)
-        pipe.set(f"{self.p}:task", task.task_id, ex=_TTL_S)
+        pipe.set(f"{self.p}:task", ref, ex=_TTL_S)
         self._call(pipe.execute)
 
     def close_task(self, task_id: int) -> None:
-        """Close ``task_id``: later folds are refused (``closed``)."""
-        key = f"{self.p}:t:{task_id}"
+        """Close ``task_id`` of this committer's run: later folds are refused."""
+        key = f"{self.p}:t:{self.ref(task_id)}"
         self._call(lambda: self._r.exists(key) and self._r.hset(key, "closed", 1))
 
     def pop_partial(self, timeout_s: float, dim: int) -> Partial | None:
@@ -194,19 +202,26 @@ class RoundBoard:
             return None
         return Partial.from_bytes(got[1] if isinstance(got, (list, tuple)) else got, dim)
 
+    def ref(self, task_id: int) -> str:
+        """The board's reference of this committer's task ``task_id``."""
+        return f"{self.run}.{task_id}"
+
     def reset(self) -> None:
-        """Forget a previous run's open task and queued partials (a committer starting)."""
+        """Start a committer's run: draw its token, forget a previous run's open task and
+        queued partials."""
+        self.run = secrets.token_hex(8)
         self._call(self._r.delete, f"{self.p}:task", f"{self.p}:partials")
 
     # -- the ingest nodes -------------------------------------------------------------------
 
-    def current(self) -> int:
-        """The open task's id (0: none)."""
-        return int(self._call(self._r.get, f"{self.p}:task") or 0)
+    def current(self) -> str:
+        """The open task's reference (``""``: none)."""
+        got = self._call(self._r.get, f"{self.p}:task")
+        return got.decode() if got else ""
 
-    def load(self, task_id: int) -> ClusterTask | None:
-        """Task ``task_id`` as published (``None`` once it expired or was never opened)."""
-        key = f"{self.p}:t:{task_id}"
+    def load(self, ref: str) -> ClusterTask | None:
+        """Task ``ref`` as published (``None`` once it expired or was never opened)."""
+        key = f"{self.p}:t:{ref}"
         pipe = self._r.pipeline()
         pipe.hgetall(key)
         pipe.get(f"{key}:params")
@@ -215,18 +230,18 @@ class RoundBoard:
             return None
         f = {k.decode(): v.decode() for k, v in h.items()}
         clip = f["clip_norm"]
-        task = TrainTask(task_id=task_id, version=int(f["version"]),
+        task = TrainTask(task_id=int(ref.rpartition(".")[2]), version=int(f["version"]),
                          params=np.frombuffer(params, np.float32).copy(),
                          round=int(f["round"]), settings=json.loads(f["settings"]),
                          deadline=float(f["deadline"]),
                          clip_norm=float(clip) if clip else None)
-        return ClusterTask(task, tuple(json.loads(f["devices"])), int(f["target"]),
+        return ClusterTask(ref, task, tuple(json.loads(f["devices"])), int(f["target"]),
                            f["closed"] != "0")
 
-    def state(self, task_id: int) -> tuple[bool, int, dict[str, str]]:
-        """``(closed, target, folds)`` of ``task_id`` (folds: device -> node); an expired
+    def state(self, ref: str) -> tuple[bool, int, dict[str, str]]:
+        """``(closed, target, folds)`` of task ``ref`` (folds: device -> node); an expired
         task reads as closed."""
-        key = f"{self.p}:t:{task_id}"
+        key = f"{self.p}:t:{ref}"
         pipe = self._r.pipeline()
         pipe.hmget(key, ["closed", "target"])
         pipe.hgetall(f"{key}:folds")
@@ -234,16 +249,16 @@ class RoundBoard:
         return (closed is None or closed != b"0", int(target or 0),
                 {k.decode(): v.decode() for k, v in folds.items()})
 
-    def claim(self, task_id: int, device: str, node: str) -> str:
-        """Let ``node`` fold ``device``'s update of ``task_id``: ``"ok"`` (it is this node's
+    def claim(self, ref: str, device: str, node: str) -> str:
+        """Let ``node`` fold ``device``'s update of task ``ref``: ``"ok"`` (it is this node's
         now, or already was), ``"taken"`` (another node's), ``"closed"`` or ``"full"``."""
-        key = f"{self.p}:t:{task_id}"
+        key = f"{self.p}:t:{ref}"
         got = self._call(self._claim, keys=[key, f"{key}:folds"], args=[device, node, _TTL_S])
         return got.decode() if isinstance(got, bytes) else str(got)
 
-    def release(self, task_id: int, device: str, node: str) -> None:
+    def release(self, ref: str, device: str, node: str) -> None:
         """Undo ``node``'s claim of ``device`` (its update was refused after all)."""
-        self._call(self._release, keys=[f"{self.p}:t:{task_id}:folds"], args=[device, node])
+        self._call(self._release, keys=[f"{self.p}:t:{ref}:folds"], args=[device, node])
 
     def push_partial(self, partial: Partial) -> None:
         self._call(self._r.rpush, f"{self.p}:partials", partial.to_bytes())
