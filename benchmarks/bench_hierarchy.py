@@ -63,13 +63,14 @@ def main(argv=None) -> int:
         edge_rounds = cfg["hierarchy"]["edge_rounds"] if cfg["hierarchy"]["edges"] else 1
         for rec in result.records:
             ingress += rec.bytes_up
+            # computed, not counted: each accepted device trained once per edge round
             updates += rec.accepted * edge_rounds
             acc = rec.eval.get("accuracy")
             if reached is None and acc is not None and acc >= args.target:
                 reached = rec.round
             print(json.dumps({"bench": "hierarchy", "variant": name, "round": rec.round,
                               "accuracy": acc, "global_ingress_bytes": ingress,
-                              "device_updates": updates}), flush=True)
+                              "device_updates_computed": updates}), flush=True)
         per_round = ingress / max(1, result.state.version)
         flat_ingress = per_round if name == "flat" else flat_ingress
         line = {"bench": "hierarchy", "variant": name, "summary": True,

@@ -127,9 +127,10 @@ def test_combinations_hierarchy_cannot_run_are_refused(data, overrides, key) -> 
 
 def test_buffered_global_over_edges_measures_staleness_against_the_global_version(data
                                                                                ) -> None:
-    """FedBuff at the global tier: each task's device answers through its edge (whose own
-    versions restart at 0 every task); the upload names the global version it trained from,
-    so staleness, its weight and the max_staleness refusal are the flat run's."""
+    """FedBuff at the global tier: each task's device answers through its edge (one edge
+    round: the edge trains the global's model under the global's version); the upload names
+    the global version it trained from, so staleness, its weight and the max_staleness
+    refusal are the flat run's."""
     buffered = {"rounds": 4, "round.policy": "buffered", "round.concurrency": 10,
                 "round.buffer_size": 5, "round.max_staleness": 1}
     flat = _run(data, **buffered)
