@@ -154,3 +154,15 @@ def test_shoal_launch_with_keys_trains_fully_signed(tmp_path):
                                    namespace=served) == v.id
             assert verify_artifact(trusted, "plan", plan_bytes(v.plan), plan,
                                    namespace=served) == v.id
+
+
+@pytest.mark.parametrize("mode", [["--edges", "2"], ["--gossip", "3"], ["--ingest", "2"]])
+def test_launch_modes_that_do_not_sign_refuse_keys(tmp_path, capsys, mode):
+    """--keys promises signed models: the launch modes that cannot keep it refuse it before
+    anything is written, instead of running unsigned."""
+    from shoal.cli import main
+
+    assert main(["launch", *mode, "--keys", str(tmp_path / "keys"), "--dir",
+                 str(tmp_path / "work"), "--no-dashboard"]) == 2
+    assert "does not sign yet" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

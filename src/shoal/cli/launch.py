@@ -75,6 +75,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    modes = [f"--{m}" for m in ("gossip", "edges", "ingest") if getattr(args, m) is not None]
+    if args.keys and modes:
+        raise ConfigError(f"--keys signs the aggregator's models; {modes[0]} does not sign "
+                          f"yet (docs/lifecycle.md)", key="keys")
     if args.gossip is not None:
         from shoal.cli.gossip import launch_peers
 
