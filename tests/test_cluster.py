@@ -237,6 +237,18 @@ def test_the_cluster_refuses_what_it_cannot_run(tmp_path: Path) -> None:
         registry_from_config(load_config(None, BASE))
 
 
+def test_shoal_launch_ingest_refuses_before_starting_anything(tmp_path: Path, capsys) -> None:
+    from shoal.cli import main
+
+    work = tmp_path / "never"
+    assert main(["launch", "--ingest", "2", "--clients", "4", "--dir", str(work)]) == 2
+    assert "--ingest needs --redis" in capsys.readouterr().err
+    assert main(["launch", "--ingest", "2", "--redis", "--clients", "4", "--per-round", "4",
+                 "--dir", str(work), "--set", "secure_aggregation.enabled=true"]) == 2
+    assert "does not run secure aggregation" in capsys.readouterr().err
+    assert not work.exists()
+
+
 class _Slow:
     """A device's training function that takes ``seconds`` longer in ``round`` (a
     straggler: the ingest nodes' round stays open meanwhile)."""

@@ -171,6 +171,9 @@ def launch_cluster(args: argparse.Namespace) -> int:
                           key="redis")
     if nodes < 1:
         raise ConfigError(f"--ingest must be >= 1, got {nodes}", key="ingest")
+    cfg = config_from_args(args).with_overrides({"deploy.registry": "redis"})
+    check_cluster(cfg)  # before anything is written or started
+    check_deployable(cfg, tls=True)
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="shoal-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
     redis_proc = None
@@ -178,10 +181,7 @@ def launch_cluster(args: argparse.Namespace) -> int:
     if url == "start":
         url, redis_proc = start_redis(work / "redis")
     try:
-        cfg = config_from_args(args).with_overrides(
-            {"deploy.registry": "redis", "deploy.redis_url": url})
-        check_cluster(cfg)
-        check_deployable(cfg, tls=True)
+        cfg = cfg.with_overrides({"deploy.redis_url": url})
         cfg_path = work / "config.toml"
         cfg_path.write_text(to_toml(cfg))
         make_local_pki(work / "certs", days=2, now=dt.datetime.now(dt.timezone.utc),
