@@ -101,7 +101,7 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
         KeyFileError: the signing key is missing or unusable.
     """
     from shoal.cli.dashboard import Operations
-    from shoal.deploy import _wait_for_devices, settings_from_config
+    from shoal.deploy import settings_from_config, wait_for_devices
     from shoal.lifecycle.audit import AuditLog, read_audit
     from shoal.observers import Observers
     from shoal.lifecycle.canary import Canary, CanaryRule
@@ -163,7 +163,7 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
         port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
         try:
             on_ready(port)
-            devices = _wait_for_devices(service.registry,
+            devices = wait_for_devices(service.registry,
                                         d["wait_devices"] or cfg["data"]["clients"],
                                         d["wait_timeout_s"], service)
             if state is not None:
