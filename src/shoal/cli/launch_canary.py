@@ -164,8 +164,8 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
         try:
             on_ready(port)
             devices = wait_for_devices(service.registry,
-                                        d["wait_devices"] or cfg["data"]["clients"],
-                                        d["wait_timeout_s"], service)
+                                       d["wait_devices"] or cfg["data"]["clients"],
+                                       d["wait_timeout_s"], service)
             if state is not None:
                 state.set_status("running", f"canary of v{canary.candidate}")
             with EvaluationCarrier(service, devices, seed=cfg.seed) as carrier:
