@@ -136,7 +136,8 @@ def test_a_deployed_edge_retrying_a_parent_round_serves_its_devices_the_new_mode
     import threading
     import time
 
-    from shoal.hierarchy.deployed import EdgeUplink, edge_policy, wait_for_devices
+    from shoal.hierarchy.deployed import EdgeUplink, edge_policy
+    from shoal.transport.carrier import wait_for_devices
     from shoal.hierarchy.edge import Edge
     from shoal.transport.client import DeviceClient
     from shoal.transport.server import serve
@@ -160,7 +161,7 @@ def test_a_deployed_edge_retrying_a_parent_round_serves_its_devices_the_new_mode
         t = threading.Thread(target=lambda: client.__enter__().run(stop=stop), daemon=True)
         t.start()
         threads.append(t)
-        wait_for_devices(service, [name], 30.0)
+        wait_for_devices(service.registry, [name], 30.0, service)
 
     uplink = EdgeUplink(Edge("edge-0", 0, rounds=2, policy=edge_policy(30.0, 1.0)), service)
     base = np.linspace(-1, 1, DIM).astype(np.float32)

@@ -39,7 +39,7 @@ from shoal.store import ModelStore
 from shoal.transport.auth import Keyring, load_or_create_secret
 from shoal.transport.revocation import RevocationFile
 from shoal.transport.certs import load_client_ca
-from shoal.transport.carrier import GrpcCarrier
+from shoal.transport.carrier import GrpcCarrier, wait_for_devices
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
 __all__ = ["AggregatorPaths", "check_deployable", "registry_from_config", "run_aggregator",
@@ -353,27 +353,6 @@ def _check_central_dp_accounting(cfg: Config) -> None:
                               f"describes (a uniform sample of sampling.per_round out of "
                               f"data.clients devices): {key} must be {need!r}, got {got!r}",
                               key=key)
-
-
-def wait_for_devices(registry: Registry, want: int, timeout_s: float,
-                     service: AggregatorService | None = None) -> list[str]:
-    """The ids of the devices enrolled in ``registry`` once there are ``want`` of them.
-
-    Raises:
-        ConfigError: fewer within ``timeout_s``.
-        StorageError: ``service``'s registry disk failed meanwhile.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if service is not None and service.failure is not None:  # the registry's disk failed while devices enrolled
-            raise service.failure
-        devices = [dev.device_id for dev in registry.list()]
-        if len(devices) >= want:
-            return devices
-        if time.monotonic() > deadline:
-            raise ConfigError(f"only {len(devices)} of deploy.wait_devices = {want} devices "
-                              f"said Hello within {timeout_s:g} s", key="deploy.wait_devices")
-        time.sleep(0.2)
 
 
 _wait_for_devices = wait_for_devices  # the name cli/launch_canary.py imports

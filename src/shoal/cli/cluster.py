@@ -153,7 +153,7 @@ def start_redis(directory: Path, timeout_s: float = 10.0) -> tuple[str, subproce
 def launch_cluster(args: argparse.Namespace) -> int:
     """The ``shoal launch --ingest N --redis [URL]`` command (see the module docstring)."""
     from shoal.cli.edges import _read_port
-    from shoal.cli.launch import _stop
+    from shoal.cli.launch import stop_processes
     from shoal.cli.options import config_from_args
     from shoal.cli.report import banner, report
     from shoal.config import to_toml
@@ -226,7 +226,7 @@ def launch_cluster(args: argparse.Namespace) -> int:
                                         on_round=progress.version_evaluated)
         finally:
             progress.close()
-            _stop(procs)
+            stop_processes(procs)
         return report(cfg, args, exp, result, {"ingest_processes": nodes,
                                                "client_processes": clients,
                                                "redis": url, "work_dir": str(work)})

@@ -56,7 +56,7 @@ def _check(cfg, edges: int) -> None:
 def launch_edges(args: argparse.Namespace) -> int:
     """The ``shoal launch --edges E`` command (see the module docstring)."""
     from shoal.cli.dashboard import Operations
-    from shoal.cli.launch import _stop  # SIGTERM, then SIGKILL after a grace period
+    from shoal.cli.launch import stop_processes  # SIGTERM, then SIGKILL after 10 s
     from shoal.cli.options import config_from_args
     from shoal.cli.report import banner, report
     from shoal.config import to_toml
@@ -152,7 +152,7 @@ def launch_edges(args: argparse.Namespace) -> int:
             if follower is not None:
                 follower.stop()  # before the processes: their ends are no failures
                 follower.poll()
-            _stop(procs)
+            stop_processes(procs)
     return report(gcfg, args, exp, result, {"edge_processes": edges,
                                             "client_processes": clients,
                                             "work_dir": str(work)})

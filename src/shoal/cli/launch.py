@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             summary = run_canary_phase(cfg, args, paths, keys, start_clients)
         finally:
-            _stop(procs)
+            stop_processes(procs)
         summary |= {"client_processes": n, "work_dir": str(work)}
         if args.json:
             print(json.dumps(summary))
@@ -197,11 +197,11 @@ def run(args: argparse.Namespace) -> int:
                                          on_store=ops.on_store)
         finally:
             progress.close()
-            _stop(procs)
+            stop_processes(procs)
     return report(cfg, args, exp, result, {"client_processes": n, "work_dir": str(work)})
 
 
-def _stop(procs: Sequence) -> None:
+def stop_processes(procs: Sequence) -> None:
     """Terminate the device processes (SIGTERM: each prints its counters and exits), killing
     any still running after 10 s."""
     import subprocess

@@ -21,7 +21,6 @@ counter, which only grows (a retried parent round never gets an old number for a
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -35,13 +34,13 @@ from shoal.policy import RoundPolicy, SyncPolicy
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.registry import SQLiteRegistry
 from shoal.transport.auth import Keyring
-from shoal.transport.carrier import GrpcCarrier
+from shoal.transport.carrier import GrpcCarrier, wait_for_devices
 from shoal.transport.client import ClientStats, DeviceClient
 from shoal.transport.device_api import TaskAbandoned, TrainFn, TrainResult, TransportError
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
 __all__ = ["EdgeUplink", "OncePerParentRound", "Upstream", "edge_policy", "follow_edges",
-           "run_edge", "wait_for_devices"]
+           "run_edge"]
 
 
 class EdgeUplink:
@@ -124,27 +123,6 @@ class Upstream:
                               f"give its CA certificate (TLS)", key="upstream")
 
 
-def wait_for_devices(service: AggregatorService, devices: Collection[str],
-                     timeout_s: float, stop: threading.Event | None = None) -> list[str]:
-    """Wait until every device of ``devices`` said Hello to ``service``; their ids sorted.
-
-    Raises:
-        ConfigError: not all of them within ``timeout_s`` (naming how many did).
-    """
-    want = set(devices)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if service.failure is not None:
-            raise service.failure
-        seen = {d.device_id for d in service.registry.list()} & want
-        if seen == want:
-            return sorted(want)
-        if time.monotonic() > deadline or (stop is not None and stop.is_set()):
-            raise ConfigError(f"only {len(seen)} of the edge's {len(want)} devices said "
-                              f"Hello within {timeout_s:g} s", key="deploy.wait_timeout_s")
-        time.sleep(0.05)
-
-
 def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
              settings: AggregatorSettings, keyring: Keyring, dim: int, fingerprint: str,
              registry_path: str, tls: tuple[bytes, bytes] | None,
@@ -182,7 +160,7 @@ def run_edge(edge: Edge, devices: Collection[str], upstream: Upstream, *,
     try:
         if on_ready is not None:
             on_ready(bound)
-        ids = set(wait_for_devices(service, devices, wait_timeout_s, stop))
+        ids = set(wait_for_devices(service.registry, devices, wait_timeout_s, service, stop))
         examples = sum(int(d.capabilities.get("examples", "0") or 0)
                        for d in service.registry.list() if d.device_id in ids)
         uplink = EdgeUplink(edge, service, secure, after_answer, on_report)

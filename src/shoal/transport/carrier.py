@@ -16,18 +16,59 @@ only the unmasked sum, which reaches the coordinator as one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import numpy as np
 
 from shoal.coordinator import Coordinator
+from shoal.errors import ConfigError
 from shoal.gateway import DeviceGateway, GatewaySettings
 from shoal.privacy.secagg_rounds import SecAggAggregation
 from shoal.records import RoundRecord
 from shoal.strategy import ServerState
 from shoal.transport.server import AggregatorService
 
-__all__ = ["GrpcCarrier"]
+__all__ = ["GrpcCarrier", "wait_for_devices"]
+
+
+def wait_for_devices(registry: Any, want: int | Collection[str], timeout_s: float,
+                     service: AggregatorService | None = None,
+                     stop: threading.Event | None = None) -> list[str]:
+    """Wait until the devices a run starts with have said Hello (enrolled in ``registry``).
+
+    Args:
+        registry: the device registry (``list()`` gives the enrolled devices).
+        want: how many devices (``deploy.wait_devices``), or exactly which ones (a deployed
+            edge's group).
+        service: its registry's disk failing meanwhile stops the wait.
+        stop: set: give up at once.
+
+    Returns:
+        With a count, the ids enrolled once there are that many; with ids, those ids sorted.
+
+    Raises:
+        ConfigError: not all of them within ``timeout_s`` (naming how many did), or
+            ``stop`` was set.
+        StorageError: ``service``'s registry disk failed meanwhile.
+    """
+    deadline = time.monotonic() + timeout_s
+    named = None if isinstance(want, int) else set(want)
+    need = want if isinstance(want, int) else len(named or ())
+    while True:
+        if service is not None and service.failure is not None:
+            raise service.failure
+        enrolled = [dev.device_id for dev in registry.list()]
+        seen = len(enrolled) if named is None else len(named.intersection(enrolled))
+        if seen >= need:
+            return enrolled if named is None else sorted(named)
+        if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+            raise ConfigError(f"only {seen} of the {need} devices awaited said Hello within "
+                              f"{timeout_s:g} s", key="deploy.wait_devices" if named is None
+                              else "deploy.wait_timeout_s")
+        time.sleep(0.05 if named is not None else 0.2)
 
 
 class GrpcCarrier:
