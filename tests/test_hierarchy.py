@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from hierarchy_harness import TrainedTasks
 
 from shoal.build import load_data
 from shoal.cli import main
@@ -166,23 +167,6 @@ def test_buffered_edges_make_their_own_steps_with_edge_staleness(data) -> None:
     assert result.summary()["final_accuracy"] > result.records[0].eval["accuracy"]
 
 
-class _Trained:
-    """The devices, counting how often each client trains under each round key."""
-
-    def __init__(self, below) -> None:
-        self.below = below
-        self.count: dict[tuple[int, int], int] = {}
-
-    @property
-    def num_clients(self) -> int:
-        return self.below.num_clients
-
-    def train(self, task, client_ids):
-        for c in np.asarray(client_ids).tolist():
-            self.count[task.round, c] = self.count.get((task.round, c), 0) + 1
-        yield from self.below.train(task, client_ids)
-
-
 def test_with_regions_devices_train_edge_rounds_times_a_global_round(data) -> None:
     """HierFAVG's kappa2 is the edges': a region only folds its edges' uploads, so each
     device trains edge_rounds times per global round (keys 1 and 2 of round 1), not
@@ -190,11 +174,11 @@ def test_with_regions_devices_train_edge_rounds_times_a_global_round(data) -> No
     cfg = load_config(None, {"rounds": 1, "hierarchy.edges": 6, "hierarchy.regions": 2,
                              "hierarchy.edge_rounds": 2})
     exp = Experiment(cfg, data)
-    devices = _Trained(exp.pool.below.below)
+    devices = TrainedTasks(exp.pool.below.below)
     exp.pool.below.below = devices
     cohort = exp.coordinator.cohort(1).tolist()
     assert exp.run().state.version == 1
-    assert devices.count == {(key, c): 1 for key in (1, 2) for c in cohort}
+    assert devices.count() == {(key, c): 1 for key in (1, 2) for c in cohort}
 
 
 def test_clients_of_a_secure_group_too_small_to_sum_never_train(data) -> None:
@@ -203,11 +187,11 @@ def test_clients_of_a_secure_group_too_small_to_sum_never_train(data) -> None:
     cfg = load_config(None, {"rounds": 1, "sampling.per_round": 9, "hierarchy.edges": 4,
                              "secure_aggregation.enabled": True})
     exp = Experiment(cfg, data)
-    devices = _Trained(exp.pool.below)
+    devices = TrainedTasks(exp.pool.below)
     exp.pool.below = devices
     groups = exp.pool.route.groups(exp.coordinator.cohort(1))
     small = {c for ids in groups.values() if len(ids) < 3 for c in ids.tolist()}
     assert small  # nine clients over four edges: some group has fewer than three
     exp.run()
-    trained = {c for _, c in devices.count}
+    trained = {c for _, c in devices.count()}
     assert trained == {c for ids in groups.values() for c in ids.tolist()} - small

@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("grpc")
 
+from hierarchy_harness import TrainedTasks  # noqa: E402
+
 from shoal.errors import ProtocolError  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.transport.auth import Keyring  # noqa: E402
@@ -32,22 +34,6 @@ def test_a_published_version_names_one_model(tmp_path) -> None:
     assert service.publisher.versions == (4, 5)
 
 
-class _Recording:
-    """The devices, recording each task's (version, model, round key) as it is trained."""
-
-    def __init__(self, below) -> None:
-        self.below = below
-        self.tasks: list[tuple[int, np.ndarray, int]] = []
-
-    @property
-    def num_clients(self) -> int:
-        return self.below.num_clients
-
-    def train(self, task, client_ids):
-        self.tasks.append((task.version, np.array(task.params, copy=True), task.round))
-        yield from self.below.train(task, client_ids)
-
-
 @pytest.fixture(scope="module")
 def exp():
     from shoal.config import load_config
@@ -64,7 +50,7 @@ def test_a_retried_parent_round_never_gives_an_edge_version_a_second_model(exp) 
     from shoal.events import TrainTask
     from shoal.hierarchy.edge import Edge
 
-    devices = _Recording(exp.pool)
+    devices = TrainedTasks(exp.pool)
     edge = Edge("edge-0", 0, rounds=2)
     base = exp.initial_params.astype(np.float32)
     task = TrainTask(task_id=1, version=0, params=base, round=1)
@@ -72,17 +58,17 @@ def test_a_retried_parent_round_never_gives_an_edge_version_a_second_model(exp) 
     again = edge.answer(task, np.arange(3, 9), devices)  # the retry: another group
     assert first is not None and again is not None
     models: dict[int, np.ndarray] = {}
-    for version, params, _ in devices.tasks:
+    for version, params, _, _ in devices.tasks:
         held = models.setdefault(version, params)
         assert np.array_equal(held, params), f"version {version} names two models"
     assert len(models) == 4  # two edge rounds per attempt, each its own model
-    assert [key for _, _, key in devices.tasks] == [1, 2, 1, 2]
+    assert [key for _, _, key, _ in devices.tasks] == [1, 2, 1, 2]
     # the edge's later tasks go on from its counter
     later = edge.answer(TrainTask(task_id=2, version=1, params=base, round=2),
                         np.arange(0, 6), devices)
     assert later is not None
-    assert [v for v, _, _ in devices.tasks[-2:]] == [4, 5]
-    assert [key for _, _, key in devices.tasks[-2:]] == [3, 4]  # (r - 1) x 2 + j
+    assert [v for v, _, _, _ in devices.tasks[-2:]] == [4, 5]
+    assert [key for _, _, key, _ in devices.tasks[-2:]] == [3, 4]  # (r - 1) x 2 + j
 
 
 def test_delta_downloads_with_edges_that_step_on_their_own_are_refused_deployed_too(
@@ -195,10 +181,10 @@ def test_buffered_edges_key_every_parent_round_and_edge_apart(exp) -> None:
         edge = Edge(name, 0, rounds=2, policy=lambda n: BufferedPolicy(concurrency=3,
                                                                        buffer_size=2))
         for r in (1, 2):
-            devices = _Recording(exp.pool)
+            devices = TrainedTasks(exp.pool)
             assert edge.answer(TrainTask(task_id=r, version=r - 1, params=base, round=r),
                                group, devices) is not None
-            keys[name, r] = {key for _, _, key in devices.tasks}
+            keys[name, r] = {key for _, _, key, _ in devices.tasks}
             assert len(keys[name, r]) == len(devices.tasks) >= 4  # one key per task
     every = list(keys.values())
     for i, a in enumerate(every):
