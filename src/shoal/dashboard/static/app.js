@@ -40,6 +40,10 @@
     return v.toFixed(digits);
   }
 
+  function prec(v) {  // a p-value: two significant digits
+    return typeof v === "number" && Number.isFinite(v) ? v.toPrecision(2) : "n/a";
+  }
+
   function mb(bytes) {
     return bytes === null || bytes === undefined ? "n/a" : (bytes / 1e6).toFixed(3) + " MB";
   }
@@ -303,8 +307,8 @@
       card("canary fraction", num(c.fraction, 2), "canary-fraction"),
       card("decision", c.decision, "canary-decision"),
       card("evaluation rounds", num(c.evaluations.length), "canary-rounds"),
-      card("rule", `${r.metric || "loss"}: ≥ ${r.min_clients} clients per arm, α ${r.alpha}, ` +
-                   `margin ${r.margin}, ≤ ${r.max_rounds} rounds`));
+      card("rule", `${r.metric ?? "loss"}: ≥ ${r.min_clients ?? "?"} clients per arm, ` +
+                   `α ${r.alpha ?? "?"}, margin ${r.margin ?? "?"}, ≤ ${r.max_rounds ?? "?"} rounds`));
     document.getElementById("canary-decision").className = "value decision " + c.decision.replace(" ", "-");
     fill("canary-reason", c.reason);
     const arm = (e, a) => e[a] || {};
@@ -316,8 +320,7 @@
                                     num(m(e, "candidate", "accuracy")), arm(e, "production").clients,
                                     num(m(e, "production", "loss")), num(m(e, "production", "accuracy")),
                                     `${e.n_candidate} / ${e.n_production}`, num(e.z, 2),
-                                    e.p_worse === null ? "n/a" : e.p_worse.toPrecision(2),
-                                    e.p_not_worse === null ? "n/a" : e.p_not_worse.toPrecision(2),
+                                    prec(e.p_worse), prec(e.p_not_worse),
                                     e.verdict]));
   }
 
