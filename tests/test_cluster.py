@@ -392,3 +392,82 @@ def test_an_unreachable_redis_is_a_clear_error(tmp_path: Path, redis) -> None:
     redis.start()  # the append-only file brings the state back; the next call reconnects
     assert board.current() == "" and board.claim("x.1", "a", "n1") == "closed"
 
+
+
+def test_a_committer_killed_after_a_version_resumes_from_the_store(tmp_path: Path,
+                                                                   redis) -> None:
+    """The committer (a process) is SIGKILLed once version 1 is in the store, mid-round 2;
+    a new committer resumes from version 1: the ingest nodes drop the dead run's round (its
+    partials would be refused as another run's) and serve the new one; every round has each
+    device once, and the store holds versions 1, 2, 3 in one chain."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from shoal.config import to_toml
+
+    rounds = 3
+    cfg = cluster_config(redis, **{"rounds": rounds, "deploy.deadline_s": 30.0})
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text(to_toml(cfg))
+    data = load_data(cfg)
+    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
+    tls = (pki.server_cert.read_bytes(), pki.server_key.read_bytes())
+    secret = load_or_create_secret(tmp_path / "secret")
+    spec = spec_of(build_model(cfg["model"]["name"], 784, 10, cfg.seed))
+    stop = threading.Event()
+    ports: list[int] = []
+    ready = threading.Barrier(NODES + 1)
+
+    def serve_node(name: str) -> None:
+        run_ingest(name, RoundBoard(redis.url), settings=settings_from_config(cfg),
+                   keyring=Keyring.single(secret), dim=spec.size, fingerprint=spec.fingerprint,
+                   registry_factory=lambda: registry_from_config(cfg), seed=cfg.seed,
+                   grace_s=1.0, tls=tls, stop=stop,
+                   on_ready=lambda port: (ports.append(port), ready.wait()))
+
+    threads = [threading.Thread(target=serve_node, args=(f"ingest-{i}",), daemon=True)
+               for i in range(NODES)]
+    for t in threads:
+        t.start()
+    ready.wait(timeout=30)
+    devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
+    devices.start(ports, range(CLIENTS))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "shoal.cli.cluster", "commit",
+                              str(cfg_path), "--dir", str(tmp_path)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    board = RoundBoard(redis.url)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # version 1 committed and round 2 open: kill the committer
+            assert first.poll() is None and time.monotonic() < deadline
+            ref = board.current()
+            ct = board.load(ref) if ref else None
+            if ct is not None and ct.task.round == 2:
+                first.send_signal(signal.SIGKILL)
+                first.wait(timeout=10)
+                break
+            time.sleep(0.01)
+        _, result = run_committer(cfg, tmp_path / "models")
+    finally:
+        stop.set()
+        devices.close()
+        if first.poll() is None:
+            first.kill()
+        for t in threads:
+            t.join(timeout=30)
+    assert first.returncode == -signal.SIGKILL
+    assert result.state.version == rounds
+    resumed = [r for r in result.records if r.round > 0 and r.committed]
+    assert [r.round for r in resumed] == [2, 3]  # the new run started from version 1
+    everyone = sum(len(ix) for ix in data.client_indices)
+    assert all(r.accepted == CLIENTS and r.examples == everyone for r in resumed)
+    store = ModelStore(tmp_path / "models")
+    try:
+        versions = store.list()
+        assert [v.round for v in versions] == [1, 2, 3]
+        assert [v.parent for v in versions] == [None, versions[0].id, versions[1].id]
+    finally:
+        store.close()

@@ -220,6 +220,9 @@ class IngestNode:
         while not done.wait(0.05):
             try:
                 closed, target, folds = self.board.state(ct.ref)
+                # another task open: a committer that died without closing this one was
+                # restarted (its partial would be refused as another run's)
+                closed = closed or self.board.current() != ct.ref
             except RegistryUnavailable as exc:
                 log.warning("%s: %s", self.name, exc)
                 continue
