@@ -8,7 +8,10 @@ E edges as its devices: every edge every round). Each edge is a process
 process (``python -m shoal.cli.edges device``) that trains its client of the partition as
 ``shoal client`` does and calls the edge the ring (``hierarchy.load_factor``,
 ``hierarchy.vnodes``) gave it; when that edge stops answering it moves to the edge the ring
-moves it to (:func:`~shoal.hierarchy.deployed.follow_edges`). Device tokens are signed by one
+moves it to (:func:`~shoal.hierarchy.deployed.follow_edges`), and never trains there a global
+round it trained at the edge it left
+(:class:`~shoal.hierarchy.deployed.OncePerParentRound`: that edge may only be slow, and its
+upload still arrive). Device tokens are signed by one
 edge-tier secret, so any edge admits any device. The edges' rounds follow
 ``deploy.deadline_s`` and ``deploy.min_fraction``; ``hierarchy.edge_rounds`` > 1 is
 HierFAVG; ``hierarchy.failures`` (``EDGE@ROUND``) kills an edge process (SIGKILL) once it has
