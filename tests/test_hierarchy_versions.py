@@ -71,18 +71,23 @@ def test_a_retried_parent_round_never_gives_an_edge_version_a_second_model(exp) 
     assert [key for _, _, key, _ in devices.tasks[-2:]] == [3, 4]  # (r - 1) x 2 + j
 
 
-def test_delta_downloads_with_edges_that_step_on_their_own_are_refused_deployed_too(
-        tmp_path, capsys) -> None:
-    """shoal launch --edges refuses what simulation refuses (one check serves both), before
-    anything is started."""
+@pytest.mark.parametrize("sets, says", [
+    (['compression.download="delta"', "hierarchy.edge_rounds=2"], "delta downloads"),
+    (['hierarchy.edge_policy="buffered"'], "synchronous edge rounds"),
+    (["hierarchy.regions=1"], "no region tier"),
+])
+def test_shoal_launch_edges_refuses_what_deployed_edges_cannot_run(tmp_path, capsys, sets,
+                                                                   says) -> None:
+    """shoal launch --edges refuses delta downloads with edges that step on their own (the
+    check simulation makes), and what it does not wire, before anything is started."""
     from shoal.cli import main
 
     work = tmp_path / "work"
     code = main(["launch", "--edges", "2", "--clients", "4", "--per-round", "4", "-q",
-                 "--no-dashboard", "--dir", str(work), "--set", 'compression.download="delta"',
-                 "--set", "hierarchy.edge_rounds=2"])
+                 "--no-dashboard", "--dir", str(work),
+                 *(a for s in sets for a in ("--set", s))])
     assert code == 2
-    assert "delta downloads" in capsys.readouterr().err
+    assert says in capsys.readouterr().err
     assert not (work / "logs").exists()
 
 

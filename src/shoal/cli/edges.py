@@ -53,6 +53,12 @@ def _check(cfg, edges: int) -> None:
                           key="privacy.placement")
     if cfg["round"]["policy"] != "sync":
         raise ConfigError("deployed edges run synchronous rounds for now", key="round.policy")
+    if cfg["hierarchy"]["edge_policy"] != "sync":
+        raise ConfigError("deployed edges run synchronous edge rounds for now",
+                          key="hierarchy.edge_policy")
+    if cfg["hierarchy"]["regions"]:
+        raise ConfigError("deployed edges have no region tier yet (use it in simulation)",
+                          key="hierarchy.regions")
     check_edge_downloads(cfg)
 
 
