@@ -101,6 +101,32 @@ def test_the_canary_panel_shows_each_evaluation_and_the_decision_live(tmp_path):
         assert store.get(2).status == "rolled_back"  # what the panel says happened
 
 
+def test_a_move_the_store_refused_leaves_the_canary_pending_on_the_page(tmp_path):
+    from shoal.store.model_versions import PointerMoved
+
+    state = RunState(RunInfo(name="work", mode="deployment"))
+    store = ModelStore(tmp_path / "models")
+    for i in (1, 2, 3):
+        ck = Checkpoint(ServerState(np.full(3, i, np.float32), version=i),
+                        ParamSpec.from_shapes({"w": (3,)}), seed=0)
+        store.commit(ck, round=i, metrics={}, now=float(i), parent=1 if i > 1 else None,
+                     status="production" if i == 1 else "candidate")
+    canary = Canary(store, 2, 0.2, now=10.0, rule=CanaryRule(min_clients=10),
+                    audit=AuditLog(listener=state.add_audit))
+    rng = np.random.default_rng(0)
+    canary.record(_result(1, range(100, 110), rng.normal(1.0, 0.1, 10), np.ones(10), 1))
+    canary.record(_result(2, range(10), rng.normal(0.5, 0.1, 10), np.ones(10), 2))
+    store.promote(3, now=11.0, reason="by hand")  # an operator moved production meanwhile
+    with pytest.raises(PointerMoved):
+        canary.decide(12.0)
+    store.close()
+    c = state.canary()
+    assert c["decision"] == "pending" and c["decided"] is None  # the store did not move
+    assert c["evaluations"][-1]["verdict"] == "promote_refused"
+    assert c["reason"].startswith("not worse") and "the store refused: PointerMoved" in \
+        c["reason"]
+
+
 def test_the_canary_panel_replays_and_follows_the_audit_file(tmp_path):
     live = RunState(RunInfo(name="work", mode="deployment"))
     work = tmp_path / "work"

@@ -5,7 +5,9 @@ A canary (:class:`~shoal.lifecycle.canary.Canary`) appends every step to its aud
 ``canary_start`` (candidate, production, fraction, salt, rule), ``canary_evaluated`` per arm
 and evaluation round (clients, examples, the example-weighted metrics), then the rule's
 verdict of that round (``canary_wait``, ``canary_promote`` or ``canary_rollback``, with the
-clients behind each arm, Welch's ``z`` and both one-sided p-values). The log is the record
+clients behind each arm, the statistic ``z`` and both one-sided p-values), logged once the
+store has moved; a move the store refused is ``canary_promote_refused`` /
+``canary_rollback_refused`` with the error, and the canary stays undecided. The log is the record
 the operator keeps, so the panel reads it -- the same file while ``shoal launch --canary``
 writes it and afterwards -- rather than hooks of its own: what the page shows is what was
 decided on.
@@ -24,7 +26,8 @@ __all__ = ["CanaryPanel", "DECISIONS"]
 
 #: a verdict's action -> what became of the candidate
 DECISIONS = {"canary_promote": "promoted", "canary_rollback": "rolled back",
-             "canary_wait": "pending"}
+             "canary_wait": "pending", "canary_promote_refused": "pending",
+             "canary_rollback_refused": "pending"}
 _ARM_FIELDS = ("clients", "examples", "missing", "task_id")
 
 
@@ -75,8 +78,12 @@ class CanaryPanel:
                 "p_not_worse": e.get("p_not_worse"), "verdict": action[len("canary_"):],
                 "reason": e.get("reason", "")})
             self._pending = {}
-            c["decision"], c["reason"] = DECISIONS[action], e.get("reason", "")
-            if action != "canary_wait":
+            reason = str(e.get("reason", ""))
+            if action.endswith("_refused"):  # the store did not move: still undecided
+                reason = f"{reason} -- the store refused: {e.get('error', '')}"
+                c["evaluations"][-1]["reason"] = reason
+            c["decision"], c["reason"] = DECISIONS[action], reason
+            if c["decision"] != "pending":
                 c["decided"] = e.get("at")
 
     def view(self) -> dict[str, Any] | None:
