@@ -28,7 +28,7 @@ __all__ = ["CanaryPanel", "DECISIONS"]
 DECISIONS = {"canary_promote": "promoted", "canary_rollback": "rolled back",
              "canary_wait": "pending", "canary_promote_refused": "pending",
              "canary_rollback_refused": "pending"}
-_ARM_FIELDS = ("clients", "examples", "missing", "task_id")
+_ARM_FIELDS = ("clients", "examples", "missing", "task_id", "clipped")
 
 
 class CanaryPanel:

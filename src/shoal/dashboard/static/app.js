@@ -313,11 +313,15 @@
     fill("canary-reason", c.reason);
     const arm = (e, a) => e[a] || {};
     const m = (e, a, k) => (arm(e, a).metrics || {})[k];
+    const who = (e, a) => {  // clients, and how many of their losses the rule's cap cut
+      const x = arm(e, a);
+      return x.clipped ? `${x.clients} (${x.clipped} cut)` : x.clients;
+    };
     table("canary-table", ["#", "candidate clients", "candidate loss", "candidate accuracy",
                            "production clients", "production loss", "production accuracy",
                            "clients so far (cand. / prod.)", "z", "p worse", "p not worse", "verdict"],
-          c.evaluations.map((e) => [e.number, arm(e, "candidate").clients, num(m(e, "candidate", "loss")),
-                                    num(m(e, "candidate", "accuracy")), arm(e, "production").clients,
+          c.evaluations.map((e) => [e.number, who(e, "candidate"), num(m(e, "candidate", "loss")),
+                                    num(m(e, "candidate", "accuracy")), who(e, "production"),
                                     num(m(e, "production", "loss")), num(m(e, "production", "accuracy")),
                                     `${e.n_candidate} / ${e.n_production}`, num(e.z, 2),
                                     prec(e.p_worse), prec(e.p_not_worse),
