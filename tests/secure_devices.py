@@ -82,18 +82,23 @@ def serve_carrier(tmp_path, secure, dim=DIM):
 
 
 def run_devices(port, devices, vanish_after: dict[str, str], stop: threading.Event,
-                stats: dict, dim: int):
+                stats: dict, dim: int = DIM, *, result=None, secret: bytes = SECRET):
+    """A thread per device running one round over gRPC; device ``d`` vanishes after the
+    SecAgg stage ``vanish_after[d]``. ``result(i)``: device ``i``'s ``TrainResult``
+    (default ``delta_of(i, dim)`` with 7 + i examples); ``secret``: the tokens' key."""
     threads = []
 
     def device(i, d):
         def train(params, settings, rnd):
+            if result is not None:
+                return result(i)
             return TrainResult(delta_of(i, dim), 7 + i, {"loss": 0.1})
 
         def hook(stage, rnd):
             if vanish_after.get(d) == stage:
                 raise Vanish(d)
 
-        token = issue_token(SECRET, d, now=time.time(), ttl_seconds=600)
+        token = issue_token(secret, d, now=time.time(), ttl_seconds=600)
         with DeviceClient(f"127.0.0.1:{port}", token, d, root_certificates=None, train=train,
                           after_stage=hook, min_wait_s=0.05, max_backoff_s=0.2) as client:
             try:

@@ -36,10 +36,9 @@ from shoal.sampling import UniformSampler  # noqa: E402
 from shoal.strategy import FedAvg  # noqa: E402
 from shoal.transport.auth import Keyring  # noqa: E402
 from shoal.transport.carrier import GrpcCarrier  # noqa: E402
-from shoal.transport.client import DeviceClient  # noqa: E402
+from secure_devices import run_devices  # noqa: E402
 from shoal.transport.device_api import TrainResult  # noqa: E402
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
-from shoal.transport.tokens import issue_token  # noqa: E402
 
 DIM = 300
 N = 10
@@ -49,10 +48,6 @@ Z = 1.2  # noise multiplier
 RANGE = 4.0  # secure aggregation's fixed-point range per coordinate (>= C: never binds)
 BITS = 20
 NOISE_SEED = 1234
-
-
-class Vanish(Exception):
-    """Raised from the after_stage hook: the device's thread ends there, mid-round."""
 
 
 def delta_of(i: int) -> np.ndarray:
@@ -94,33 +89,6 @@ def secure_dp(tmp_path):
     stop()
 
 
-def run_devices(port, devices, vanish_after: dict[str, str], stop: threading.Event):
-    seen_tasks: dict[str, float] = {}
-    threads = []
-
-    def device(i, d):
-        def train(params, settings, rnd):
-            return TrainResult(delta_of(i), 7 + i, {"loss": 0.1})  # weights are not 1 here
-
-        def hook(stage, rnd):
-            if vanish_after.get(d) == stage:
-                raise Vanish(d)
-
-        token = issue_token(SECRET, d, now=time.time(), ttl_seconds=600)
-        with DeviceClient(f"127.0.0.1:{port}", token, d, root_certificates=None, train=train,
-                          after_stage=hook, min_wait_s=0.05, max_backoff_s=0.2) as client:
-            try:
-                client.run(max_rounds=1, stop=stop)
-            except Vanish:
-                pass
-
-    for i, d in enumerate(devices):
-        t = threading.Thread(target=device, args=(i, d), daemon=True)
-        t.start()
-        threads.append(t)
-    return seen_tasks, threads
-
-
 def test_committed_model_is_the_secure_sum_of_clipped_updates_plus_the_recorded_noise(
         secure_dp):
     port, carrier, pipeline, devices = secure_dp
@@ -129,7 +97,8 @@ def test_committed_model_is_the_secure_sum_of_clipped_updates_plus_the_recorded_
     vanish = {"dev-3": "share_keys", "dev-5": "masked_input"}
     stop = threading.Event()
     try:
-        _, threads = run_devices(port, devices, vanish, stop)
+        threads = run_devices(port, devices, vanish, stop, {}, result=lambda i: TrainResult(
+            delta_of(i), 7 + i, {"loss": 0.1}), secret=SECRET)  # weights are not 1 here
         # target N - 1: input collection closes as soon as the nine who can send have (a
         # generous deadline then costs nothing, and a loaded machine cannot miss it)
         policy = SyncPolicy(target=N - 1, over_selection=N / (N - 1), deadline_s=60.0,

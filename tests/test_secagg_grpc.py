@@ -28,22 +28,18 @@ from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.strategy import FedAvg  # noqa: E402
 from shoal.transport.auth import Keyring  # noqa: E402
 from shoal.transport.tokens import issue_token  # noqa: E402
-from shoal.transport.client import DeviceClient  # noqa: E402
 from shoal.transport.device_api import TrainResult  # noqa: E402
 from shoal.transport.proto import shoal_pb2 as pb  # noqa: E402
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
 from shoal.policy import SyncPolicy  # noqa: E402
 from shoal.telemetry import PrometheusObserver  # noqa: E402
 from shoal.transport.carrier import GrpcCarrier  # noqa: E402
+from secure_devices import run_devices  # noqa: E402
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
 
 DIM = 300
 SECRET = b"s" * 32
 CLIP = 2.0
-
-
-class Vanish(Exception):
-    """Raised from the after_stage hook: the device's thread ends there, mid-round."""
 
 
 def delta_of(i: int) -> np.ndarray:
@@ -75,33 +71,6 @@ def secure_setup(tmp_path, n, *, target, min_fraction=0.5, stage_timeout_s=1.5,
     return service, port, stop, pool, devices
 
 
-def run_devices(port, devices, vanish_after: dict[str, str], stop: threading.Event):
-    stats, threads = {}, []
-
-    def device(i, d):
-        def train(params, settings, rnd):
-            return TrainResult(delta_of(i), examples_of(i), {"loss": 0.1})
-
-        def hook(stage, rnd):
-            if vanish_after.get(d) == stage:
-                raise Vanish(d)
-
-        token = issue_token(SECRET, d, now=time.time(), ttl_seconds=600)
-        with DeviceClient(f"127.0.0.1:{port}", token, d, root_certificates=None, train=train,
-                          after_stage=hook, min_wait_s=0.05, max_backoff_s=0.2) as client:
-            try:
-                client.run(max_rounds=1, stop=stop)
-            except Vanish:
-                pass
-            stats[d] = client.stats
-
-    for i, d in enumerate(devices):
-        t = threading.Thread(target=device, args=(i, d), daemon=True)
-        t.start()
-        threads.append(t)
-    return stats, threads
-
-
 @pytest.mark.parametrize("vanish", [
     {},
     {"dev-1": "share_keys", "dev-4": "advertise_keys"},  # masks of dev-1 are reconstructed
@@ -114,7 +83,9 @@ def test_secure_round_over_grpc_sums_exactly_the_included_devices(tmp_path, vani
     try:
         for d in devices:  # register them (Hello) before the round samples
             SQLiteRegistry(tmp_path / "registry.db").enroll(d, now=time.time())
-        stats, threads = run_devices(port, devices, vanish, stop)
+        stats: dict = {}
+        threads = run_devices(port, devices, vanish, stop, stats, result=lambda i: TrainResult(
+            delta_of(i), examples_of(i), {"loss": 0.1}), secret=SECRET)
         coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0,
                                   policy=pool.policy)
         state, rec = coord(FedAvg().init(np.zeros(DIM, np.float32)))
@@ -152,7 +123,9 @@ def test_too_many_vanishing_devices_abort_the_round_and_keep_the_model(tmp_path)
         for d in devices:
             SQLiteRegistry(tmp_path / "registry.db").enroll(d, now=time.time())
         vanish = {"dev-0": "share_keys", "dev-3": "share_keys"}
-        stats, threads = run_devices(port, devices, vanish, stop)
+        stats: dict = {}
+        threads = run_devices(port, devices, vanish, stop, stats, result=lambda i: TrainResult(
+            delta_of(i), examples_of(i), {"loss": 0.1}), secret=SECRET)
         coord = functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0,
                                   policy=pool.policy)
         start = FedAvg().init(np.ones(DIM, np.float32))
