@@ -119,22 +119,16 @@ class _Uploads:
         return bases[0].astype(np.float64), [r for _, r in entries]
 
 
-def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis) -> None:
-    cfg = cluster_config(redis)
-    data = load_data(cfg)
-    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
-    tls = (pki.server_cert.read_bytes(), pki.server_key.read_bytes())
-    secret = load_or_create_secret(tmp_path / "secret")
-    spec = spec_of(build_model(cfg["model"]["name"], 784, 10, cfg.seed))
-    stop = threading.Event()
+def start_nodes(cfg, redis, secret: bytes, tls, spec, stop: threading.Event):
+    """``NODES`` ingest nodes in threads, serving until ``stop``: ``(name -> node, their
+    ports, their threads)`` once every one listens."""
     nodes: dict[str, object] = {}
     ports: list[int] = []
     ready = threading.Barrier(NODES + 1)
 
     def serve_node(name: str) -> None:
-        board = RoundBoard(redis.url)
         nodes[name] = run_ingest(
-            name, board, settings=settings_from_config(cfg),
+            name, RoundBoard(redis.url), settings=settings_from_config(cfg),
             keyring=Keyring.single(secret), dim=spec.size, fingerprint=spec.fingerprint,
             registry_factory=lambda: registry_from_config(cfg), seed=cfg.seed,
             grace_s=1.0, tls=tls, stop=stop,
@@ -145,6 +139,18 @@ def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis)
     for t in threads:
         t.start()
     ready.wait(timeout=30)
+    return nodes, ports, threads
+
+
+def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis) -> None:
+    cfg = cluster_config(redis)
+    data = load_data(cfg)
+    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
+    tls = (pki.server_cert.read_bytes(), pki.server_key.read_bytes())
+    secret = load_or_create_secret(tmp_path / "secret")
+    spec = spec_of(build_model(cfg["model"]["name"], 784, 10, cfg.seed))
+    stop = threading.Event()
+    nodes, ports, threads = start_nodes(cfg, redis, secret, tls, spec, stop)
     devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
     uploads = _Uploads()
     devices.start(ports, range(CLIENTS), wrap={c: uploads.spy for c in range(CLIENTS)})
@@ -417,21 +423,7 @@ def test_a_committer_killed_after_a_version_resumes_from_the_store(tmp_path: Pat
     secret = load_or_create_secret(tmp_path / "secret")
     spec = spec_of(build_model(cfg["model"]["name"], 784, 10, cfg.seed))
     stop = threading.Event()
-    ports: list[int] = []
-    ready = threading.Barrier(NODES + 1)
-
-    def serve_node(name: str) -> None:
-        run_ingest(name, RoundBoard(redis.url), settings=settings_from_config(cfg),
-                   keyring=Keyring.single(secret), dim=spec.size, fingerprint=spec.fingerprint,
-                   registry_factory=lambda: registry_from_config(cfg), seed=cfg.seed,
-                   grace_s=1.0, tls=tls, stop=stop,
-                   on_ready=lambda port: (ports.append(port), ready.wait()))
-
-    threads = [threading.Thread(target=serve_node, args=(f"ingest-{i}",), daemon=True)
-               for i in range(NODES)]
-    for t in threads:
-        t.start()
-    ready.wait(timeout=30)
+    _, ports, threads = start_nodes(cfg, redis, secret, tls, spec, stop)
     devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
     devices.start(ports, range(CLIENTS))
     env = dict(os.environ, OMP_NUM_THREADS="1")
