@@ -82,10 +82,12 @@ def serve_carrier(tmp_path, secure, dim=DIM):
 
 
 def run_devices(port, devices, vanish_after: dict[str, str], stop: threading.Event,
-                stats: dict, dim: int = DIM, *, result=None, secret: bytes = SECRET):
+                stats: dict, dim: int = DIM, *, result=None, secret: bytes = SECRET,
+                min_noise: float = 0.0):
     """A thread per device running one round over gRPC; device ``d`` vanishes after the
     SecAgg stage ``vanish_after[d]``. ``result(i)``: device ``i``'s ``TrainResult``
-    (default ``delta_of(i, dim)`` with 7 + i examples); ``secret``: the tokens' key."""
+    (default ``delta_of(i, dim)`` with 7 + i examples); ``secret``: the tokens' key;
+    ``min_noise``: every device's distributed-DP noise floor (``DeviceClient``)."""
     threads = []
 
     def device(i, d):
@@ -100,7 +102,8 @@ def run_devices(port, devices, vanish_after: dict[str, str], stop: threading.Eve
 
         token = issue_token(secret, d, now=time.time(), ttl_seconds=600)
         with DeviceClient(f"127.0.0.1:{port}", token, d, root_certificates=None, train=train,
-                          after_stage=hook, min_wait_s=0.05, max_backoff_s=0.2) as client:
+                          after_stage=hook, min_wait_s=0.05, max_backoff_s=0.2,
+                          min_noise=min_noise) as client:
             try:
                 client.run(max_rounds=1, stop=stop)
             except Vanish:
@@ -115,12 +118,12 @@ def run_devices(port, devices, vanish_after: dict[str, str], stop: threading.Eve
 
 
 def one_round(port, carrier, devices, pipeline, vanish, *, dim=DIM, target=N - 1,
-              deadline_s=60.0):
+              deadline_s=60.0, min_noise=0.0):
     """One round with every device; returns ``(state, record, device -> its counters)``."""
     stop = threading.Event()
     stats: dict = {}
     try:
-        threads = run_devices(port, devices, vanish, stop, stats, dim)
+        threads = run_devices(port, devices, vanish, stop, stats, dim, min_noise=min_noise)
         # target N - 1 by default: input collection closes once the nine who can send have
         policy = SyncPolicy(target=target, over_selection=N / target, deadline_s=deadline_s,
                             min_fraction=0.5, max_attempts=1)

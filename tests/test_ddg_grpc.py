@@ -151,6 +151,27 @@ def test_a_round_with_fewer_than_h_plus_f_masked_inputs_unmasks_nothing(tmp_path
     assert sum(s.secagg.get("aborted", 0) for s in stats.values()) == 8
 
 
+@pytest.mark.parametrize("floor", [0.01, 10.0])
+def test_a_device_refuses_a_round_asking_for_less_noise_than_its_floor(tmp_path, recorded,
+                                                                         floor):
+    """The server announces each device's noise share; a device with a floor above it
+    refuses the round before advertising keys (nothing encoded, nothing committed)."""
+    cfg = config()
+    port, stop, carrier, devices = serve_carrier(tmp_path, secagg_from_config(cfg))
+    pipeline = pipeline_from_config(cfg, deployed=True, secure_in_transport=True)
+    try:
+        state, rec, stats = one_round(port, carrier, devices, pipeline, {}, target=N,
+                                      deadline_s=15.0, min_noise=floor)
+    finally:
+        stop()
+    refused = sum(s.secagg.get("refused:noise_below_floor", 0) for s in stats.values())
+    if floor > 1:  # far above z / sqrt(h) = 0.28 clip norms
+        assert refused == N and not recorded and not rec.committed
+        assert not state.params.any()
+    else:
+        assert refused == 0 and len(recorded) == N and rec.committed
+
+
 TWO_NN = 199_210  # the reference 2NN's parameter count
 
 

@@ -66,6 +66,11 @@ def add_parser(sub) -> None:
                    help="evaluate on a held-out FRACTION of this client's examples (the "
                         "simulator's split, shoal.sim.evaluation.holdout_split) and train "
                         "on the rest; default: train and evaluate on all of them")
+    p.add_argument("--min-noise", dest="min_noise", type=float, default=0.0, metavar="Z",
+                   help="distributed DP: take part only in secure rounds that ask this device "
+                        "for a noise share of standard deviation at least Z times the clip "
+                        "norm (the server chooses the share; this is the device's own floor "
+                        "against a server asking for too little). Default 0: no floor")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
 
@@ -135,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                       client_cert=client_cert, train=train, examples=len(idx),
                       evaluate=evaluate, attributes=attributes, windows=windows,
                       max_retries=args.max_retries, trusted_key=trusted,
-                      served_every_s=args.served_every,
+                      served_every_s=args.served_every, min_noise=args.min_noise,
                       after_stage=die_after if args.die_after else None) as client:
         stats = client.run(max_rounds=args.max_tasks, stop=stop)
     if not args.quiet:

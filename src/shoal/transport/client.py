@@ -147,6 +147,9 @@ class DeviceClient:
         served_every_s: fetch the served model (:meth:`fetch_served_model`) when the run
             starts and then at most this often between tasks (``None``: only when a task
             asks for it).
+        min_noise: distributed DP: refuse a secure round asking for a noise share below
+            this many clip norms (see :class:`~shoal.transport.secure_round.SecAggParticipant`;
+            0: no floor).
     """
 
     def __init__(self, target: str, token: str, device_id: str, *,
@@ -168,7 +171,7 @@ class DeviceClient:
                  log: logging.Logger | None = None,
                  after_stage: Callable[[str, int], None] | None = None,
                  trusted_key: TrustedKey | None = None,
-                 served_every_s: float | None = None) -> None:
+                 served_every_s: float | None = None, min_noise: float = 0.0) -> None:
         _check(1 <= chunk_size <= MAX_CHUNK_BYTES, "chunk_size",
                f"in [1, {MAX_CHUNK_BYTES}] bytes", chunk_size)
         _check(0 < max_backoff_s < float("inf"), "max_backoff_s", "finite and > 0",
@@ -218,7 +221,8 @@ class DeviceClient:
             max_download_attempts=max_download_attempts, log=self._log)
         self._secagg = SecAggParticipant(device_id, send=self._secagg_send,
                                          train=self._train_checked, stats=self._stats,
-                                         log=self._log, after_stage=after_stage)
+                                         log=self._log, after_stage=after_stage,
+                                         min_noise=min_noise)
 
     # ----------------------------------------------------------------- public
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable
 
 import numpy as np
 
 from shoal.device_secagg import End, Wait
-from shoal.errors import ProtocolError, ShoalError
+from shoal.errors import ConfigError, ProtocolError, ShoalError
 from shoal.privacy.secagg_client import SecAggClient
 from shoal.privacy.csprng import CryptoRandom
 from shoal.privacy.secagg_encoding import RingEncoding, pack_ring
@@ -56,14 +57,23 @@ class SecAggParticipant:
         log: the runtime's logger.
         after_stage: called as ``after_stage(stage, round)`` once the server has taken this
             device's message for a stage (see :class:`~shoal.transport.client.DeviceClient`).
+        min_noise: the least distributed-DP noise this device adds, as its noise share's
+            standard deviation over the clip norm C: a round whose setup asks for less
+            (or for no noise at all) is refused before anything is sent. The server chooses
+            the share; without a floor a dishonest server could ask for none. 0: no floor.
     """
 
     def __init__(self, device_id: str, *,
                  send: Callable[[pb.SecAggHeader, bytes], pb.SecAggReply],
                  train: Callable[[np.ndarray, pb.Task], TrainResult], stats: ClientStats,
                  log: logging.Logger,
-                 after_stage: Callable[[str, int], None] | None = None) -> None:
+                 after_stage: Callable[[str, int], None] | None = None,
+                 min_noise: float = 0.0) -> None:
+        if not (math.isfinite(min_noise) and min_noise >= 0):
+            raise ConfigError(f"min_noise must be finite and >= 0, got {min_noise!r}",
+                              key="min_noise")
         self.device_id = device_id
+        self.min_noise = min_noise
         self._send, self._train = send, train
         self._stats, self._log, self._after_stage = stats, log, after_stage
 
@@ -101,6 +111,7 @@ class SecAggParticipant:
                 self._outcome(task, f"refused:{reply.reason}", reply.detail)
                 return
             if isinstance(reply, RoundSetup):
+                self._check_noise(task, setup_encoding)
                 client, encoding = SecAggClient(cid), setup_encoding
             if client is None:
                 raise TaskAbandoned(
@@ -114,6 +125,21 @@ class SecAggParticipant:
                 client.abort()
                 raise TaskAbandoned(f"secure aggregation: refused the server's message: {exc}"
                                     ) from None
+
+    def _check_noise(self, task: pb.Task, encoding: RingEncoding | None) -> None:
+        """Refuse a round that asks for less noise than :attr:`min_noise` (before the
+        device has advertised its keys: the server learns only that it declined)."""
+        if self.min_noise <= 0:
+            return
+        params = getattr(encoding, "params", None)
+        # noise_std is in grid units of gamma: the share's std in real units over C
+        asked = 0.0 if params is None else params.noise_std * params.gamma / params.clip
+        if asked < self.min_noise:
+            self._outcome(task, "refused:noise_below_floor", "")
+            raise TaskAbandoned(
+                f"secure aggregation: the round asks each device for noise of std "
+                f"{asked:.4g} x C, below this device's floor of {self.min_noise:g} x C "
+                f"(--min-noise)")
 
     def _train_into(self, client: SecAggClient, encoding: RingEncoding, params: np.ndarray,
                     task: pb.Task) -> None:
