@@ -197,6 +197,24 @@ def test_log_observer_writes_one_parseable_json_line_per_event():
         ("task_sent", 7, 2, 4)
 
 
+def test_log_observer_names_each_device_its_task_round_and_version():
+    logger, stream = _json_log(logging.DEBUG)
+    obs = LogObserver(logger)
+    obs.task_sent(3, 5, 2, 0.0)
+    obs.device_step("dev-a", 3, "upload", 0.25)
+    obs.device_step("dev-b", 3, "fold", 0.01, outcome="non_finite")
+    obs.device_done("dev-a", 3, "accepted")
+    obs.device_done("dev-b", 3, "late")
+    lines = [json.loads(s) for s in stream.getvalue().splitlines()][1:]  # after task_sent
+    assert [(r["event"], r["device"], r["level"]) for r in lines] == [
+        ("device_step", "dev-a", "debug"), ("device_step", "dev-b", "info"),
+        ("device_done", "dev-a", "debug"), ("device_done", "dev-b", "info")]
+    assert all((r["task"], r["round"], r["version"]) == (3, 1, 5) for r in lines)
+    assert (lines[0]["step"], lines[0]["seconds"], lines[0]["outcome"]) == ("upload", 0.25, "")
+    assert (lines[1]["step"], lines[1]["outcome"]) == ("fold", "non_finite")
+    assert lines[3]["outcome"] == "late"
+
+
 def _samples(obs: PrometheusObserver) -> dict[tuple[str, frozenset], float]:
     text = obs.exposition().decode()
     return {(s.name, frozenset(s.labels.items())): s.value

@@ -5,8 +5,11 @@ passed as ``logger.info("...", extra={"fields": {...}})`` are merged in, so even
 refused upload are machine-readable (device, round, reason) as well as readable.
 :class:`LogObserver` logs what the coordinator reports this way, each record with an
 ``event`` field naming its hook, the ``round`` (or server step) it belongs to and the model
-``version`` where the hook names one. Device ids appear in the carrier's own records (refused
-uploads, registry errors, secure rounds); the hooks carry counts, not devices.
+``version`` where the hook names one. In a deployment the carrier's hooks add each device's
+path: ``device_step`` (check-in, download, upload, validate, fold: DEBUG, or INFO with the
+``outcome`` when a step refused it) and ``device_done`` (how it left its task: DEBUG when
+accepted, INFO otherwise), each with the ``device``, ``task``, ``round`` and ``version``; the
+carrier's own records (refused uploads, registry errors, secure rounds) name devices too.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 from collections.abc import Mapping
 from typing import TextIO
 
-from shoal.observers import Observer
+from shoal.observers import CarrierObserver
 from shoal.records import RoundRecord
 
 __all__ = ["JsonFormatter", "LogObserver", "configure_json_logging"]
@@ -51,24 +54,31 @@ def configure_json_logging(stream: TextIO | None = None, level: int = logging.IN
     logger.propagate = False
 
 
-class LogObserver(Observer):
+class LogObserver(CarrierObserver):
     """Logs each hook as one record on ``logger`` (default ``shoal.run``).
 
     Tasks sent and updates accepted are DEBUG (one per arrival in buffered runs); rejections,
     failures, versions and privacy are INFO; abandoned rounds and secure-aggregation dropouts
-    are WARNING. Cancelled clients (stragglers of a round that closed) are DEBUG.
+    are WARNING. Cancelled clients (stragglers of a round that closed) are DEBUG. A device's
+    steps are DEBUG unless one refused it (INFO).
     """
+
+    _TASKS_KEPT = 4096  # task -> (round, version) for device records; oldest dropped
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.log = logger or logging.getLogger("shoal.run")
         # the round (or server step) being collected: task events carry it
         self.round = 1
+        self._tasks: dict[int, tuple[int, int]] = {}
 
     def _emit(self, level: int, msg: str, event: str, **fields: object) -> None:
         if self.log.isEnabledFor(level):
             self.log.log(level, msg, extra={"fields": {"event": event, **fields}})
 
     def task_sent(self, task_id: int, version: int, clients: int, now: float) -> None:
+        self._tasks[task_id] = (self.round, version)
+        if len(self._tasks) > self._TASKS_KEPT:
+            del self._tasks[next(iter(self._tasks))]
         self._emit(logging.DEBUG, f"task {task_id} (version {version}) sent to {clients} "
                    "clients", "task_sent", round=self.round, task=task_id, version=version,
                    clients=clients, now=now)
@@ -88,6 +98,23 @@ class LogObserver(Observer):
         level = logging.DEBUG if reason == "cancelled" else logging.INFO
         self._emit(level, f"task {task_id}: {clients} clients {reason}", "clients_failed",
                    round=self.round, task=task_id, clients=clients, reason=reason, now=now)
+
+    def _of_task(self, task_id: int) -> dict[str, object]:
+        rnd, version = self._tasks.get(task_id, (self.round, None))
+        return {"round": rnd, "task": task_id, "version": version}
+
+    def device_step(self, device_id: str, task_id: int, step: str, seconds: float,
+                    outcome: str = "") -> None:
+        level = logging.INFO if outcome else logging.DEBUG
+        self._emit(level, f"device {device_id}: {step} " + (f"refused: {outcome}" if outcome
+                                                              else f"in {seconds:.3f} s"),
+                   "device_step", device=device_id, step=step, seconds=seconds,
+                   outcome=outcome, **self._of_task(task_id))
+
+    def device_done(self, device_id: str, task_id: int, outcome: str) -> None:
+        level = logging.DEBUG if outcome == "accepted" else logging.INFO
+        self._emit(level, f"device {device_id}: {outcome}", "device_done", device=device_id,
+                   outcome=outcome, **self._of_task(task_id))
 
     def version_committed(self, record: RoundRecord) -> None:
         self.round = record.round + 1
