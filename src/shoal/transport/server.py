@@ -219,6 +219,7 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
         #: why the aggregator stopped serving (its state cannot be written), or None
         self.failure: StorageError | None = None
         self.lock = threading.Lock()  # guards the publisher's versions
+        self._registry_lock = threading.Lock()
         self.revocations = revocations
         self.serving, self.signer, self.segment_by = serving, signer, segment_by
         #: names this run's training versions in their signatures (``train:<run_id>``)
@@ -227,8 +228,11 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
 
     @property
     def registry(self) -> Any:
+        """The registry, opened on first use -- once, whichever threads ask first."""
         if self._registry is None:
-            self._registry = self.registry_factory()
+            with self._registry_lock:
+                if self._registry is None:
+                    self._registry = self.registry_factory()
         return self._registry
 
     def publish(self, version: int, params: Any) -> None:
