@@ -295,7 +295,7 @@ class EvalDesk:
                                     [int(c) for c in cmd.client_ids], self.settings)
         elif isinstance(cmd, EvalDone):
             s = self.sessions.get(cmd.task_id)
-            if s is not None and not s.closed:
+            if isinstance(s, EvalSession) and not s.closed:
                 s.close("evaluation done")
             self._evaluated.append(cmd.result)
         else:

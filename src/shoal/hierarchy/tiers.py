@@ -28,7 +28,7 @@ import numpy as np
 
 from shoal.config import Config
 from shoal.errors import ConfigError
-from shoal.events import PartialAggregate, TrainTask, UpdateBatch
+from shoal.events import Arrival, PartialAggregate, TrainTask, UpdateBatch
 from shoal.hierarchy.edge import Edge
 from shoal.hierarchy.ring import Ring
 from shoal.observers import Observer
@@ -237,7 +237,7 @@ class _FirstRound:
                 and task.clip_norm == self.parent.clip_norm
                 and np.array_equal(task.params, self.parent.params))
 
-    def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[UpdateBatch]:
+    def train(self, task: TrainTask, client_ids: np.ndarray) -> Iterator[Arrival]:
         ids = np.asarray(client_ids, np.int64)
         if not self._same(task) or not np.isin(ids, self.cohort).all():
             yield from self.below.train(task, ids)
@@ -245,6 +245,9 @@ class _FirstRound:
         if self.rows is None:
             self.rows = {}
             for batch in self.below.train(task, self.cohort):
+                if not isinstance(batch, UpdateBatch):  # only simulated devices train here
+                    raise TypeError(f"a tier's devices answered with a "
+                                    f"{type(batch).__name__}, not an UpdateBatch")
                 keys = list(batch.metrics)
                 for i, c in enumerate(np.asarray(batch.client_ids).tolist()):
                     self.rows[c] = (np.array(batch.deltas[i], copy=True),
