@@ -373,7 +373,8 @@ def test_public_api():
     expected = {
         auth: ["AUTH_REASONS", "SECRET_BYTES", "AuthError", "CredentialFileError", "Keyring",
                "key_id", "load_or_create_secret", "RateLimiter"],
-        tokens: ["KNOWN_SCOPES", "MAX_TOKEN_CHARS", "Claims", "issue_token", "verify_token"],
+        tokens: ["KNOWN_SCOPES", "MAX_TOKEN_CHARS", "Claims", "VerifiedTokens", "admit_claims",
+                 "issue_token", "verify_token"],
         revocation: ["RevocationList", "RevocationFile"],
     }
     for module, names in expected.items():

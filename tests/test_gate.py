@@ -108,3 +108,44 @@ def test_a_flood_of_refused_calls_is_counted_in_full_but_logged_within_a_budget(
     fields = [r.fields for r in caplog.records]
     assert [f["reason"] for f in fields[-2:]] == ["missing", "malformed"]
     assert fields[-1]["suppressed"] == 990  # the lines left out, accounted for
+
+
+def test_a_token_seen_before_is_still_refused_once_revoked_expired_or_its_key_retired():
+    # the gate remembers authenticated tokens; what changes after that must still refuse
+    from shoal.transport.revocation import RevocationList
+    from shoal.transport.tokens import VerifiedTokens, verify_token
+    token = issue_token(SECRET, "dev-1", now=NOW, ttl_seconds=60)
+    jti = verify_token(SECRET, token, now=NOW).jti
+    tokens = VerifiedTokens(Keyring.single(SECRET), max_entries=2)
+    assert tokens.verify(token, now=NOW, expected_device="dev-1").sub == "dev-1"
+    with pytest.raises(Exception, match="revoked"):
+        tokens.verify(token, now=NOW, revoked=RevocationList().revoke(jti, int(NOW) + 60))
+    with pytest.raises(Exception, match="expired"):
+        tokens.verify(token, now=NOW + 121)
+    with pytest.raises(Exception, match="another device"):
+        tokens.verify(token, now=NOW, expected_device="dev-2")
+    tokens.keyring = Keyring.single(b"h" * 32)  # the token's key retired
+    with pytest.raises(Exception, match="unknown key id"):
+        tokens.verify(token, now=NOW)
+    # a token with a forged tag is refused every time, however often a valid twin was seen
+    tokens.keyring = Keyring.single(SECRET)
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BA")
+    for _ in range(2):
+        assert tokens.verify(token, now=NOW).sub == "dev-1"
+        with pytest.raises(Exception, match="tag|canonical"):
+            tokens.verify(forged, now=NOW)
+
+
+def test_the_gate_refuses_a_revoked_token_on_its_next_call(tmp_path):
+    from shoal.transport.revocation import RevocationFile, RevocationList
+    from shoal.transport.tokens import verify_token
+    path = tmp_path / "revoked.json"
+    path.write_text(RevocationList().to_json())
+    g, seen = gate(revocations=RevocationFile(path, check_every_s=0.0))
+    metadata = bearer("dev-1")
+    assert g.authenticate(metadata, NOW) == "dev-1"
+    jti = verify_token(SECRET, metadata[0][1][len("Bearer "):], now=NOW).jti
+    path.write_text(RevocationList().revoke(jti, int(NOW) + 600).to_json())
+    with pytest.raises(CallRefused) as info:
+        g.authenticate(metadata, NOW)
+    assert info.value.reason == "revoked" and seen.reasons == ["revoked"]

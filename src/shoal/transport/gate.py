@@ -21,7 +21,7 @@ from shoal.transport.auth import AuthError, Keyring
 from shoal.transport.certs import client_identity
 from shoal.transport.limits import RateLimiter
 from shoal.transport.revocation import RevocationFile
-from shoal.transport.tokens import verify_token
+from shoal.transport.tokens import VerifiedTokens
 
 __all__ = ["CallGate", "CallRefused"]
 
@@ -65,13 +65,21 @@ class CallGate:
                  revocations: RevocationFile | None = None,
                  metrics: CarrierObserver | None = None,
                  bind_to_certificates: bool = False) -> None:
-        self.keyring, self.limiter, self.revocations = keyring, limiter, revocations
+        self.limiter, self.revocations = limiter, revocations
+        # a device's token is authenticated once, not on each of its calls (revocation,
+        # expiry, device and scope are still checked on every call)
+        self.tokens = VerifiedTokens(keyring)
         self.metrics = metrics if metrics is not None else CarrierObserver()
         self.bind_to_certificates = bind_to_certificates
         # refusals are all counted, but logged at most 10 at once and then 1 a second per
         # reason: a flood of forged calls must not become a flood of log lines
         self._log_budget = RateLimiter(1.0, 10.0, max_keys=64)
         self._unlogged: dict[str, int] = {}
+
+    @property
+    def keyring(self) -> Keyring:
+        """The keys that verify device tokens."""
+        return self.tokens.keyring
 
     def _log(self, reason: str, device: str, now: float, **fields: str) -> None:
         """Log a refusal (``auth_refused``) within the log budget; the refusals of the same
@@ -100,8 +108,8 @@ class CallGate:
                 token = value[len("Bearer "):]
         try:
             revoked = self.revocations.current() if self.revocations is not None else None
-            claims = verify_token(self.keyring, token, now=now, expected_device=device_id,
-                                  required_scope=scope, revoked=revoked)
+            claims = self.tokens.verify(token, now=now, expected_device=device_id,
+                                        required_scope=scope, revoked=revoked)
         except AuthError as exc:
             self.metrics.call_refused(exc.reason)
             self._log(exc.reason, device_id or "", now)

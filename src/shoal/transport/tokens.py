@@ -26,6 +26,7 @@ import json
 import math
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,8 @@ from shoal.transport.limits import int_at_least
 if TYPE_CHECKING:
     from shoal.transport.revocation import RevocationList
 
-__all__ = ["KNOWN_SCOPES", "MAX_TOKEN_CHARS", "Claims", "issue_token", "verify_token"]
+__all__ = ["KNOWN_SCOPES", "MAX_TOKEN_CHARS", "Claims", "VerifiedTokens", "admit_claims",
+           "issue_token", "verify_token"]
 
 KNOWN_SCOPES = frozenset({"checkin", "upload"})
 """Scopes a token may grant."""
@@ -213,11 +215,23 @@ def verify_token(secret: bytes | Keyring, token: str | None, *, now: float,
         ConfigError: an invalid secret or leeway (the caller's bug, not the device's).
     """
     ring = _as_keyring(secret)
+    _check_leeway(leeway_seconds)
+    if token is None or token == "":
+        raise AuthError("missing", "no token presented", device_id=expected_device)
+    return admit_claims(_authentic(ring, token), now=now, expected_device=expected_device,
+                        required_scope=required_scope, revoked=revoked,
+                        leeway_seconds=leeway_seconds)
+
+
+def _check_leeway(leeway_seconds: float) -> None:
     if not math.isfinite(leeway_seconds) or leeway_seconds < 0:
         raise ConfigError(f"leeway_seconds must be finite and >= 0, got {leeway_seconds!r}",
                           key="leeway_seconds")
-    if token is None or token == "":
-        raise AuthError("missing", "no token presented", device_id=expected_device)
+
+
+def _authentic(ring: Keyring, token: object) -> Claims:
+    """The claims of a present ``token`` whose envelope, key id and HMAC tag check out (what
+    depends on the token's bytes and the keyring only; nothing about time or revocation)."""
     if not isinstance(token, str):
         raise AuthError("malformed", "token is not a string")
     if len(token) > MAX_TOKEN_CHARS:
@@ -238,7 +252,19 @@ def verify_token(secret: bytes | Keyring, token: str | None, *, now: float,
         raise AuthError("bad_signature", "unknown key id (retired, or another server's)")
     if not hmac.compare_digest(tag, _tag(key, f"{kid}.{payload_text}")):
         raise AuthError("bad_signature", "tag does not match")
-    claims = _parse_claims(payload, kid)
+    return _parse_claims(payload, kid)
+
+
+def admit_claims(claims: Claims, *, now: float, expected_device: str | None = None,
+                 required_scope: str | None = None, revoked: RevocationList | None = None,
+                 leeway_seconds: float = 60.0) -> Claims:
+    """The checks of :func:`verify_token` after authentication, which change with time and
+    the revocation list: not revoked, within its validity (± leeway), bound to
+    ``expected_device``, granting ``required_scope``.
+
+    Raises:
+        AuthError: with ``reason`` saying which check failed.
+    """
     if revoked is not None and claims.jti in revoked:
         raise AuthError("revoked", "token has been revoked; enrol again", device_id=claims.sub)
     if now < claims.iat - leeway_seconds:
@@ -255,3 +281,47 @@ def verify_token(secret: bytes | Keyring, token: str | None, *, now: float,
         raise AuthError("scope", f"token does not grant {required_scope!r} "
                                  f"(grants {list(claims.scope)})", device_id=claims.sub)
     return claims
+
+
+class VerifiedTokens:
+    """:func:`verify_token` for a server that sees the same tokens again and again: a bounded
+    LRU map from a token's text to its authenticated claims spares the base64 decoding, the
+    HMAC and the JSON parse of a token already authenticated. Only authentication is cached:
+    revocation, expiry, device and scope are checked on every call (:func:`admit_claims`), a
+    token whose key left the keyring is refused, and a refused token is never cached.
+
+    Args:
+        keyring: the keys that verify.
+        max_entries: tokens remembered (least recently used dropped first), ≥ 1.
+        leeway_seconds: tolerated clock skew, ≥ 0.
+    """
+
+    def __init__(self, keyring: Keyring, max_entries: int = 4096,
+                 leeway_seconds: float = 60.0) -> None:
+        _check_leeway(leeway_seconds)
+        self.keyring, self.leeway_seconds = keyring, float(leeway_seconds)
+        self.max_entries = int_at_least(max_entries, "max_entries", 1)
+        self._known: OrderedDict[str, tuple[Claims, bytes]] = OrderedDict()
+
+    def verify(self, token: str | None, *, now: float, expected_device: str | None = None,
+               required_scope: str | None = None,
+               revoked: RevocationList | None = None) -> Claims:
+        """As :func:`verify_token` with this cache's keyring and leeway.
+
+        Raises:
+            AuthError: with ``reason`` saying which check failed.
+        """
+        if token is None or token == "":
+            raise AuthError("missing", "no token presented", device_id=expected_device)
+        known = self._known.get(token) if isinstance(token, str) else None
+        if known is not None and self.keyring.keys.get(known[0].kid) == known[1]:
+            self._known.move_to_end(token)
+            claims = known[0]
+        else:
+            claims = _authentic(self.keyring, token)
+            self._known[token] = (claims, self.keyring.keys[claims.kid])
+            if len(self._known) > self.max_entries:
+                self._known.popitem(last=False)
+        return admit_claims(claims, now=now, expected_device=expected_device,
+                            required_scope=required_scope, revoked=revoked,
+                            leeway_seconds=self.leeway_seconds)
