@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import numpy as np
 
 from shoal.device_eval import EvalSession
+from shoal.device_ckks import CkksDeviceRound, CkksSetup
 from shoal.device_secagg import SecAggDeviceRound
 from shoal.device_task import DeviceTask
 from shoal.events import EvalTask, TrainTask
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # annotation only: the caller builds the secure rule (and loa
 
 __all__ = ["GatewaySettings", "Outcome", "Session", "SessionBook", "is_closed"]
 
-Session: TypeAlias = DeviceTask | SecAggDeviceRound
+Session: TypeAlias = DeviceTask | SecAggDeviceRound | CkksDeviceRound
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Outcome:
 
 def is_closed(s: Session) -> bool:
     """Whether a session's task is over (closed, or its secure protocol finished)."""
-    if isinstance(s, SecAggDeviceRound):
+    if isinstance(s, (SecAggDeviceRound, CkksDeviceRound)):
         return s.status().done
     return bool(s.closed)
 
@@ -141,12 +142,15 @@ class SessionBook:
     # -- changes ------------------------------------------------------------------------------
 
     def open(self, task: TrainTask, selected: Sequence[str], client_ids: Sequence[int],
-             now: float, settings: GatewaySettings, *, secure: SecAggAggregation | None,
+             now: float, settings: GatewaySettings, *,
+             secure: SecAggAggregation | CkksSetup | None,
              dim: int, target: int, min_accepted: int) -> bool:
         """Open the session of a new task sent to ``selected`` (their client ids
         ``client_ids``): a :class:`~shoal.device_task.DeviceTask`, or with ``secure`` a
         :class:`~shoal.device_secagg.SecAggDeviceRound` (``target`` and ``min_accepted``
-        devices, input collection ending a stage before the task's deadline). Returns
+        devices, input collection ending a stage before the task's deadline), or with a
+        :class:`~shoal.device_ckks.CkksSetup` a :class:`~shoal.device_ckks.CkksDeviceRound`
+        (collection ending a stage before the deadline: the key holder decrypts). Returns
         whether no earlier task trained the task's version. Older closed sessions and
         versions no open task needs are forgotten."""
         pace, retry = settings.checkin_interval_s, settings.idle_retry_s
@@ -155,6 +159,12 @@ class SessionBook:
             s = DeviceTask(task.task_id, task.round, task.version, selected,
                            deadline=task.deadline, client_ids=client_ids, pace_spread_s=pace,
                            retry_spread_s=retry, clip_norm=task.clip_norm)
+        elif isinstance(secure, CkksSetup):
+            s = CkksDeviceRound(task.task_id, task.round, task.version, selected,
+                                target=target, min_accepted=min_accepted,
+                                deadline=task.deadline - settings.stage_timeout_s, dim=dim,
+                                setup=secure, client_ids=client_ids, pace_spread_s=pace,
+                                retry_spread_s=retry)
         else:
             s = SecAggDeviceRound(
                 task.task_id, task.round, task.version, selected, target=target,

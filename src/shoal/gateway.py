@@ -50,17 +50,19 @@ import math
 import threading
 import time
 from collections import Counter, deque
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shoal.coordinator import Coordinator
+from shoal.device_ckks import CkksDeviceRound, CkksSetup
 from shoal.device_secagg import End, SecAggDeviceRound, Wait
 from shoal.device_eval import EvalDesk, EvalSession
 from shoal.device_sessions import GatewaySettings, Outcome, Session, SessionBook, is_closed
 from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, WeightCap
-from shoal.errors import ProtocolError, UpdateRejected
+from shoal.errors import PrivacyError, ProtocolError, UpdateRejected
 from shoal.evaluation import EvalResult
 from shoal.observers import CarrierObserver, Observer
 from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
@@ -78,6 +80,7 @@ __all__ = ["DeviceGateway", "GatewaySettings", "Outcome"]
 log = logging.getLogger("shoal.aggregator")
 
 _IO = (CommitVersion, AbortRound, Finished)
+_SECURE = (SecAggDeviceRound, CkksDeviceRound)  # sessions that aggregate themselves
 
 
 class DeviceGateway(EvalDesk):
@@ -88,7 +91,9 @@ class DeviceGateway(EvalDesk):
         dim: the model length.
         settings: pacing and secure-aggregation timing.
         secure: the run's :class:`~shoal.privacy.secagg_rounds.SecAggAggregation` to run
-            every task as a secure-aggregation round, or ``None``.
+            every task as a secure-aggregation round, its
+            :class:`~shoal.device_ckks.CkksSetup` to run every task as a CKKS round, or
+            ``None``.
         rng: jitter of come-back times (not security-relevant).
         observer: told about uploads the sessions refuse before they reach the
             coordinator (the coordinator tells its own observers about the rest).
@@ -106,7 +111,7 @@ class DeviceGateway(EvalDesk):
 
     def __init__(self, devices: Sequence[str], dim: int,
                  settings: GatewaySettings = GatewaySettings(), *,
-                 secure: SecAggAggregation | None = None,
+                 secure: SecAggAggregation | CkksSetup | None = None,
                  rng: np.random.Generator | None = None,
                  observer: Observer | None = None,
                  on_progress: Callable[[], None] | None = None,
@@ -145,6 +150,11 @@ class DeviceGateway(EvalDesk):
     @property
     def aggregates_securely(self) -> bool:
         return self.secure is not None
+
+    @property
+    def ckks(self) -> CkksSetup | None:
+        """The run's CKKS setup when its tasks are CKKS rounds."""
+        return self.secure if isinstance(self.secure, CkksSetup) else None
 
     # -- starting and queries ------------------------------------------------------------------
 
@@ -200,7 +210,7 @@ class DeviceGateway(EvalDesk):
         with self.lock:
             times = list(self._timers[:1])
             for s in self.sessions.all():
-                if isinstance(s, SecAggDeviceRound) and not s.status().done:
+                if isinstance(s, _SECURE) and not s.status().done:
                     times.append(s.roster_deadline if s.phase == "roster" else s.stage_deadline)
             return min(times) if times else None
 
@@ -246,6 +256,7 @@ class DeviceGateway(EvalDesk):
             elif isinstance(decision, ComeBack):
                 decision = ComeBack(min(decision.at, soon), decision.reason)
             kind = "secagg" if isinstance(s, SecAggDeviceRound) else \
+                "ckks" if isinstance(s, CkksDeviceRound) else \
                 "evaluate" if isinstance(s, EvalSession) else "train"
             return decision, kind, self.sessions.settings(s.task_id)
 
@@ -271,10 +282,11 @@ class DeviceGateway(EvalDesk):
             if s is None:
                 raise self._count(UpdateRejected("not_selected", "the device has no task",
                                                  client_id=device_id, round=round), -1, now)
-            if isinstance(s, SecAggDeviceRound):
+            if isinstance(s, _SECURE):
                 raise self._count(UpdateRejected(
                     "wrong_task", "this round aggregates securely: send the masked input "
-                    "with the SecAgg call", client_id=device_id, round=round), s.task_id, now)
+                    "with the SecAgg call, or the ciphertexts of a CKKS round",
+                    client_id=device_id, round=round), s.task_id, now)
             started = time.perf_counter()
             try:
                 admitted = s.admit(device_id, round, base_version, upload_key, num_examples,
@@ -368,13 +380,39 @@ class DeviceGateway(EvalDesk):
                 self.changed.notify_all()
             return reply
 
+    def ckks_upload(self, device_id: str, round: int, base_version: int, upload_key: str,
+                    key_id: bytes, ciphertexts: Sequence[bytes], now: float, *,
+                    upload_bytes: int = 0) -> None:
+        """A device's ciphertexts for its CKKS round, folded into the round's sum (a
+        repeated upload of a device already in the sum changes nothing).
+
+        Raises:
+            UpdateRejected: the session's reason (``not_selected`` when the device's task is
+                not a CKKS round); nothing changed.
+        """
+        with self.changed:
+            s = self.sessions.answering(device_id, round)
+            if not isinstance(s, CkksDeviceRound):
+                raise self._count(UpdateRejected(
+                    "not_selected", "the device has no CKKS task for this round",
+                    client_id=device_id, round=round), -1 if s is None else s.task_id, now)
+            try:
+                if s.upload(device_id, round, base_version, upload_key, key_id, ciphertexts,
+                            now):
+                    self._received[s.task_id] += int(upload_bytes)
+            except UpdateRejected as exc:
+                self._outcome(device_id, s, "late" if exc.reason == "late"
+                              else f"rejected:{exc.reason}", now)
+                raise self._count(exc, s.task_id, now) from None
+            self.changed.notify_all()  # target reached: the driver's tick closes the round
+
     def heartbeat(self, device_id: str, round: int, now: float) -> bool:
         """Whether the device's task is still open (a device may stop training if not)."""
         with self.lock:
             s = self.sessions.current(device_id)
             if s is None or s.round != round:
                 return False
-            if isinstance(s, SecAggDeviceRound):
+            if isinstance(s, _SECURE):
                 return not s.status().done
             return s.is_open(now)
 
@@ -398,7 +436,7 @@ class DeviceGateway(EvalDesk):
                 return
             progressed = False
             for s in self.sessions.all():
-                if isinstance(s, SecAggDeviceRound) and s.task_id not in self._fed:
+                if isinstance(s, _SECURE) and s.task_id not in self._fed:
                     progressed |= s.tick(now)
                     if s.status().done:
                         self._secure_done(s.task_id, s, now)
@@ -415,17 +453,24 @@ class DeviceGateway(EvalDesk):
             if progressed and self.on_progress is not None:
                 self.on_progress()
 
-    def _secure_done(self, tid: int, s: SecAggDeviceRound, now: float) -> None:
+    def _secure_done(self, tid: int, s: SecAggDeviceRound | CkksDeviceRound, now: float
+                     ) -> None:
         self._fed.add(tid)
         status = s.status()
         roster = sorted(s.device_id(c) for c in s.roster)
         fields = {"event": "secure_round_closed", "task": tid, "round": s.round,
                   "commit": status.commit, "roster": len(roster),
                   "dropped_at": dict(s.dropped_at)}
+        part = None
         if status.commit:
             served, self._served = self._served, 0
-            part = s.partial({"upload_bytes": float(self._received.pop(tid, 0)),
-                              "download_bytes": float(served)})
+            try:  # a CKKS round's key holder decrypts here; it may refuse
+                part = s.partial({"upload_bytes": float(self._received.pop(tid, 0)),
+                                  "download_bytes": float(served)})
+            except PrivacyError as exc:
+                status = replace(status, commit=False,
+                                 error=f"the key holder refused: {exc}")
+        if part is not None:
             inside = sorted(s.device_id(c) for c in s.result()[1])
             for d in roster:
                 self._outcome(d, s, "accepted" if d in inside else "dropped", now)
@@ -542,7 +587,7 @@ class DeviceGateway(EvalDesk):
             self.on_publish(cmd.task.version, cmd.task.params)
 
     def _close(self, s: Session, reason: str, now: float) -> None:
-        if isinstance(s, SecAggDeviceRound):
+        if isinstance(s, _SECURE):
             s.close(reason)
             self._fed.add(s.task_id)
             return

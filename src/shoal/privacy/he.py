@@ -93,6 +93,13 @@ class CkksParams:
         return max(levels, default=0)
 
     @property
+    def ciphertext_bytes(self) -> int:
+        """An upper bound on one serialized fresh ciphertext: two polynomials of N 64-bit
+        coefficients per data prime (the last prime is the special one), plus SEAL's
+        header (a fresh ciphertext at N = 4096 serializes to 65,676 bytes)."""
+        return 2 * self.poly_modulus_degree * 8 * (len(self.coeff_mod_bit_sizes) - 1) + 4096
+
+    @property
     def capacity(self) -> float:
         """The largest magnitude a sum's coordinate may reach and still decrypt."""
         return 2.0 ** (self.coeff_mod_bit_sizes[0] - self.scale_bits - 2)

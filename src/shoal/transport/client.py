@@ -72,6 +72,7 @@ from shoal.transport.device_api import (ClientStats, CredentialsRejected, Downlo
                                         TransportError)
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
+from shoal.transport.ckks_device import CkksEncryptor
 from shoal.transport.secure_round import SecAggParticipant
 from shoal.transport.device_models import DeviceModels
 from shoal.uplink import Uplink
@@ -223,6 +224,10 @@ class DeviceClient:
                                          train=self._train_checked, stats=self._stats,
                                          log=self._log, after_stage=after_stage,
                                          min_noise=min_noise)
+        self._ckks = CkksEncryptor(lambda key: self._task_rpc(
+            "CkksContext", lambda: self._stub.CkksContext(
+                pb.CkksContextRequest(key_id=key), timeout=self.transfer_timeout_s,
+                metadata=self._metadata)))
 
     # ----------------------------------------------------------------- public
 
@@ -365,7 +370,7 @@ class DeviceClient:
             self._log.warning("round %d: %s task abandoned: %s", task.round, task.kind, exc)
 
     def _carry_out(self, task: pb.Task) -> None:
-        if task.kind not in ("train", "evaluate", "secagg"):
+        if task.kind not in ("train", "evaluate", "secagg", "ckks"):
             raise TaskAbandoned(f"unknown task kind {task.kind!r}")
         if task.kind == "evaluate" and self._evaluate is None:
             raise TaskAbandoned("evaluate task but no evaluate function")
@@ -386,6 +391,12 @@ class DeviceClient:
             return
         if task.kind == "secagg":
             self._secagg.run(task, params)
+            return
+        if task.kind == "ckks":  # the server adds ciphertexts; a key holder decrypts the sum
+            result = self._train_checked(params, task)
+            self._upload(task, result, self._ckks.encrypt(task.ckks, result.delta,
+                                                          int(result.num_examples)),
+                         ckks_key=task.ckks.key_id)
             return
         result = self._train_checked(params, task)
         self._upload(task, result, self._encode_update(task, np.asarray(result.delta)))
@@ -452,13 +463,15 @@ class DeviceClient:
             self._stats.bytes_up += len(data)
             yield chunk_type(data=data)
 
-    def _upload(self, task: pb.Task, result: TrainResult, payload: bytes) -> None:
+    def _upload(self, task: pb.Task, result: TrainResult, payload: bytes, *,
+                ckks_key: bytes = b"") -> None:
         header = pb.UploadHeader(
             device_id=self.device_id, round=task.round, base_version=task.model_version,
             upload_key=task.upload_key, idempotency_key=secrets.token_hex(16),
             num_examples=int(result.num_examples),
             metrics={k: float(v) for k, v in result.metrics.items()},
-            total_size=len(payload), sha256=hashlib.sha256(payload).digest())
+            total_size=len(payload), sha256=hashlib.sha256(payload).digest(),
+            ckks_key=ckks_key)
 
         for attempt in itertools.count():
             reply = self._task_rpc("Upload", lambda: self._stub.Upload(

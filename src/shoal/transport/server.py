@@ -64,6 +64,7 @@ from shoal.registry.base import UnknownDevice
 from shoal.store.disk import StorageError
 from shoal.transport.admission import STATUS
 from shoal.transport.auth import Keyring, RateLimiter
+from shoal.transport.ckks_calls import CkksCalls, ckks_task
 from shoal.transport.downloads import ModelPublisher, decode_upload, upload_limit
 from shoal.transport.gate import CallGate, CallRefused
 from shoal.lifecycle.signing import Signer, training_namespace
@@ -145,7 +146,7 @@ class AggregatorSettings:
     keep_versions: int = 4
 
 
-class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer):
+class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.AggregatorServicer):
     """The gRPC handlers. Thread model: handlers run on the server's event loop; the run's
     :attr:`gateway` serialises them under its lock.
 
@@ -442,7 +443,8 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
                 upload_codec=self.upload_codec if kind == "train" else "",
                 error_feedback=self.settings.error_feedback and kind == "train",
                 clip_norm=decision.clip_norm or 0.0, task_id=decision.task_id,
-                served_model=kind == "evaluate"))
+                served_model=kind == "evaluate",
+                ckks=ckks_task(gateway.ckks) if kind == "ckks" and gateway.ckks else None))
         self.metrics.checked_in(decision.reason)
         return pb.CheckInReply(come_back=pb.ComeBack(at=decision.at, reason=decision.reason))
 
@@ -470,12 +472,16 @@ class AggregatorService(LifecycleCalls, SecAggCalls, pb_grpc.AggregatorServicer)
 
     async def Upload(self, request_iterator: Any, context: Any) -> pb.UploadReply:
         started = time.perf_counter()
+        ckks = self._ckks()  # a CKKS run's uploads are ciphertexts, bounded as such
         try:
-            header, buf, _ = await self._stream_in(request_iterator, context,
-                                                   self.upload_limit,
-                                                   lambda h: (h.total_size, h.sha256))
+            header, buf, _ = await self._stream_in(
+                request_iterator, context,
+                self.upload_limit if ckks is None else self._ckks_limit(ckks),
+                lambda h: (h.total_size, h.sha256))
         except Refusal as exc:
             return self._refuse(exc.reason, exc.detail)
+        if ckks is not None:
+            return self._ckks_upload(ckks, header, buf)
         gateway = self.gateway
         task = None if gateway is None else gateway.task_of(header.device_id,
                                                             int(header.round))

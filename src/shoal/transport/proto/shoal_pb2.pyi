@@ -61,7 +61,7 @@ class CheckInRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., held_version: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind", "upload_codec", "error_feedback", "clip_norm", "task_id", "served_model")
+    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind", "upload_codec", "error_feedback", "clip_norm", "task_id", "served_model", "ckks")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class Task(_message.Message):
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CKKS_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     upload_key: str
@@ -93,7 +94,34 @@ class Task(_message.Message):
     clip_norm: float
     task_id: int
     served_model: bool
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ..., upload_codec: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., task_id: _Optional[int] = ..., served_model: _Optional[bool] = ...) -> None: ...
+    ckks: CkksTask
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ..., upload_codec: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., task_id: _Optional[int] = ..., served_model: _Optional[bool] = ..., ckks: _Optional[_Union[CkksTask, _Mapping]] = ...) -> None: ...
+
+class CkksTask(_message.Message):
+    __slots__ = ("key_id", "clip", "max_weight", "slots")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    key_id: bytes
+    clip: float
+    max_weight: int
+    slots: int
+    def __init__(self, key_id: _Optional[bytes] = ..., clip: _Optional[float] = ..., max_weight: _Optional[int] = ..., slots: _Optional[int] = ...) -> None: ...
+
+class CkksContextRequest(_message.Message):
+    __slots__ = ("key_id",)
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id: bytes
+    def __init__(self, key_id: _Optional[bytes] = ...) -> None: ...
+
+class CkksContextReply(_message.Message):
+    __slots__ = ("key_id", "context")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    key_id: bytes
+    context: bytes
+    def __init__(self, key_id: _Optional[bytes] = ..., context: _Optional[bytes] = ...) -> None: ...
 
 class ComeBack(_message.Message):
     __slots__ = ("at", "reason")
@@ -194,7 +222,7 @@ class Declined(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., task_id: _Optional[int] = ..., round: _Optional[int] = ..., upload_key: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("device_id", "round", "base_version", "upload_key", "idempotency_key", "num_examples", "metrics", "total_size", "sha256")
+    __slots__ = ("device_id", "round", "base_version", "upload_key", "idempotency_key", "num_examples", "metrics", "total_size", "sha256", "ckks_key")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +239,7 @@ class UploadHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    CKKS_KEY_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     round: int
     base_version: int
@@ -220,7 +249,8 @@ class UploadHeader(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     total_size: int
     sha256: bytes
-    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    ckks_key: bytes
+    def __init__(self, device_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., ckks_key: _Optional[bytes] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -89,6 +89,11 @@ class AggregatorStub:
                 request_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Declined.SerializeToString,
                 response_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.FromString,
                 _registered_method=True)
+        self.CkksContext = channel.unary_unary(
+                '/shoal.v1.Aggregator/CkksContext',
+                request_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.CkksContextRequest.SerializeToString,
+                response_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.CkksContextReply.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -172,6 +177,14 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CkksContext(self, request, context):
+        """A CKKS round's public context (task kind "ckks"), named by its SHA-256 (Task.ckks.key_id):
+        a device fetches it once per key and encrypts its update under it. Never the secret key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +242,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.Decline,
                     request_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Declined.FromString,
                     response_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.SerializeToString,
+            ),
+            'CkksContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.CkksContext,
+                    request_deserializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.CkksContextRequest.FromString,
+                    response_serializer=shoal_dot_transport_dot_proto_dot_shoal__pb2.CkksContextReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -528,6 +546,33 @@ class Aggregator:
             '/shoal.v1.Aggregator/Decline',
             shoal_dot_transport_dot_proto_dot_shoal__pb2.Declined.SerializeToString,
             shoal_dot_transport_dot_proto_dot_shoal__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CkksContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Aggregator/CkksContext',
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.CkksContextRequest.SerializeToString,
+            shoal_dot_transport_dot_proto_dot_shoal__pb2.CkksContextReply.FromString,
             options,
             channel_credentials,
             insecure,
