@@ -103,8 +103,8 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
             await asyncio.sleep(0.5)
 
 
-async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subprocess.Popen
-                 ) -> dict:
+async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subprocess.Popen,
+                 channels: int = 8) -> dict:
     import grpc
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -118,7 +118,7 @@ async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subproces
     creds = grpc.ssl_channel_credentials(root_certificates=ca)
     channels = [grpc.aio.secure_channel(f"localhost:{port}", creds,
                                         options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(8)]
+                for _ in range(channels)]
     stubs = [pb_grpc.AggregatorStub(c) for c in channels]
     stats = {"accepted": 0, "errors": 0, "bytes_up": 0, "bytes_down": 0, "latency": [],
              "reasons": {}, "rpc_error_times": [], "last_accept": 0.0,
@@ -200,7 +200,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False) -> dict:
+def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
+        channels: int = 8) -> dict:
     import datetime as dt
     import resource
     import threading
@@ -258,7 +259,8 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False) -> dic
                 await asyncio.sleep(0.5)
 
         w = asyncio.create_task(watch())
-        out = await _drive(int(port_file.read_text()), pki.ca_cert.read_bytes(), tokens, server)
+        out = await _drive(int(port_file.read_text()), pki.ca_cert.read_bytes(), tokens, server,
+                           channels)
         await w
         return out
 
@@ -277,7 +279,8 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False) -> dic
                  "dashboard_hooks_cpu_s": round(hooks, 3),
                  "dashboard_share": round((peak["dashboard_cpu_s"] + hooks) / cpu, 4)}
     summary = json.loads(out.decode().strip().splitlines()[-1])
-    return {"bench": "load_bare" if bare else "load", "devices": n, "rounds": rounds, "dashboard": dashboard,
+    return {"bench": "load_bare" if bare else "load", "devices": n, "rounds": rounds,
+            "channels": channels, "dashboard": dashboard,
             "aggregator_cpu_s": round(cpu, 2), **extra,
             "updates": stats["accepted"],
             "updates_per_s": round(stats["accepted"] / stats["seconds"], 1),
@@ -310,13 +313,16 @@ def main(argv=None) -> int:
                          "and compare uploads per second")
     ap.add_argument("--repeats", type=int, default=1,
                     help="pairs per N with --dashboard or --bare")
+    ap.add_argument("--channels", type=int, default=8,
+                    help="gRPC connections the devices share (8: 125 devices' calls "
+                         "multiplexed on each at N = 1000; N: one per device)")
     args = ap.parse_args(argv)
     for n in args.devices:
         if args.bare:
             rates: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(args.repeats):
                 for bare in (True, False):
-                    res = run(n, args.rounds, bare=bare)
+                    res = run(n, args.rounds, bare=bare, channels=args.channels)
                     print(json.dumps(res), flush=True)
                     rates[bare].append(res["updates_per_s_uploading"])
             ratio = statistics.mean(rates[False]) / statistics.mean(rates[True])
@@ -326,13 +332,13 @@ def main(argv=None) -> int:
                               "shoal_over_bare": round(ratio, 3)}), flush=True)
             continue
         if not args.dashboard:
-            print(json.dumps(run(n, args.rounds)), flush=True)
+            print(json.dumps(run(n, args.rounds, channels=args.channels)), flush=True)
             continue
         per_update: dict[bool, list[float]] = {False: [], True: []}
         shares = []
         for _ in range(args.repeats):
             for with_it in (False, True):
-                res = run(n, args.rounds, dashboard=with_it)
+                res = run(n, args.rounds, dashboard=with_it, channels=args.channels)
                 print(json.dumps(res), flush=True)
                 per_update[with_it].append(res["aggregator_cpu_s"] / res["updates"])
                 if with_it:
