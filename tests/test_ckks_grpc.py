@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import os
 import threading
 import time
 
@@ -221,3 +223,56 @@ def test_bad_ckks_uploads_are_refused_with_a_reason_and_change_nothing(tmp_path)
     assert out["rec"].committed
     assert float(np.abs(out["state"].params - fedavg(range(n))).max()) < CKKS_ERROR
     assert keys.asked == [n]
+
+
+def test_key_service_decrypts_only_sums_in_its_own_process():
+    from shoal.errors import PrivacyError
+    from shoal.key_service import KeyService
+
+    keys = KeyService(CkksParams())
+    try:
+        assert keys._proc.pid != os.getpid() and keys._proc.is_alive()
+        ctx = public_context(keys.context)  # public: it refuses a context with a secret key
+        a, b = delta_of(0)[:10], delta_of(1)[:10]
+        cts = [encrypt_update(ctx, x, 3, clip=CLIP, slots=2048) for x in (a, b)]
+        summed = [bytes((ts_vec(ctx, c0) + ts_vec(ctx, c1)).serialize())
+                  for c0, c1 in zip(*cts)]
+        with pytest.raises(PrivacyError, match="at least 2"):
+            keys.decrypt(cts[0], 10, 1, task=7)  # one device's update is not a sum
+        total, weight = keys.decrypt(summed, 10, 2, task=7)
+        expected = 3 * (np.clip(a, -CLIP, CLIP) + np.clip(b, -CLIP, CLIP))
+        assert np.abs(total - expected).max() < 1e-6 and round(weight) == 6
+        with pytest.raises(PrivacyError, match="already decrypted"):
+            keys.decrypt(summed, 10, 2, task=7)  # never twice: no differencing of sums
+    finally:
+        keys.close()
+    assert not keys._proc.is_alive()
+
+
+def ts_vec(ctx, blob):
+    import tenseal
+
+    return tenseal.ckks_vector_from(ctx, blob)
+
+
+@pytest.mark.slow
+def test_launch_with_ckks_matches_the_simulation(tmp_path, capsys):
+    """`shoal launch` with CKKS: client processes encrypt, the aggregator adds, the key
+    holder's own process decrypts; the run ends where `shoal run` with CKKS does."""
+    from shoal.cli import main
+
+    args = ["--set", "data.dataset=\"synthetic\"", "--clients", "3", "--per-round", "3",
+            "--set", "model.name=\"logreg\"", "--set", "deploy.over_selection=1.0",
+            "--set", "deploy.min_fraction=1.0", "--set", "deploy.checkin_interval_s=0.3",
+            "--set", "secure_aggregation.enabled=true",
+            "--set", "secure_aggregation.protocol=\"ckks\"", "--rounds", "2",
+            "--out", str(tmp_path / "runs"), "--json", "-q"]
+    assert main(["launch", *args, "--dir", str(tmp_path / "work")]) == 0
+    launched = json.loads(capsys.readouterr().out)
+    assert main(["run", *args]) == 0
+    simulated = json.loads(capsys.readouterr().out)
+    assert launched["client_processes"] == 3 and launched["client_updates"] == 6
+    assert launched["final_loss"] == pytest.approx(simulated["final_loss"], rel=1e-5)
+    assert launched["final_accuracy"] == pytest.approx(simulated["final_accuracy"], abs=1e-3)
+    # one 2,048-slot ciphertext per device and round (610 parameters and the weight)
+    assert launched["bytes_up_per_round"] == pytest.approx(3 * 65676, rel=0.02)

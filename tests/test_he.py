@@ -125,12 +125,15 @@ def test_a_simulated_run_with_ckks_ends_where_the_plain_run_does():
     assert rec.privacy["he_security_bits"] == 128 and rec.privacy["he_upload_bytes"] > 0
 
 
-def test_a_deployment_refuses_ckks_until_devices_encrypt(tmp_path, capsys):
+def test_a_deployment_refuses_ckks_with_differential_privacy(tmp_path, capsys):
+    """Devices clip per coordinate for CKKS, not to the L2 norm DP accounts for (deployed
+    CKKS itself is tests/test_ckks_grpc.py)."""
     from shoal.cli import main
 
     work = tmp_path / "work"
     assert main(["serve", "--clients", "4", "--per-round", "2", "--rounds", "1",
                  "--set", "secure_aggregation.enabled=true",
+                 "--set", "privacy.placement=\"central\"",
                  "--set", "secure_aggregation.protocol=\"ckks\"", "--dir", str(work),
                  "-q"]) == 2
     assert "secure_aggregation.protocol" in capsys.readouterr().err

@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from shoal.config import Config
-from shoal.build import load_data, secagg_from_config, selector_from_config
+from shoal.build import (load_data, secagg_from_config, secure_sum_from_config,
+                         selector_from_config)
+from shoal.device_ckks import CkksSetup
+from shoal.key_service import KeyService
 from shoal.records import RoundRecord
 from shoal.strategy import ServerState
 from shoal.sampling import RegistrySampler, UniformSampler
@@ -150,6 +153,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
     service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
                                 registry_factory, revocations=revocations,
                                 metrics=Observers([metrics, *observers]), signer=signer)
+    keys = _key_service(cfg)  # CKKS: the key holder's own process, before serving
     port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
     try:
         if paths.port_file is not None:
@@ -167,7 +171,10 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             on_ready(port)
         devices = wait_for_devices(registry_factory(), d["wait_devices"] or
                                     cfg["data"]["clients"], d["wait_timeout_s"], service)
-        carrier = GrpcCarrier(service, devices, secure=secagg_from_config(cfg))
+        secure = secagg_from_config(cfg) if keys is None else CkksSetup(
+            keys.params, keys.context, clip=cfg["secure_aggregation"]["clip"],
+            max_weight=cfg["secure_aggregation"]["max_weight"], decrypt=keys.decrypt)
+        carrier = GrpcCarrier(service, devices, secure=secure)
         # the policy asks ceil(deploy.target x deploy.over_selection) devices a round; a
         # selection other than uniform reads the service's registry at each round
         s = cfg["sampling"]
@@ -179,10 +186,23 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
                                    observers=[metrics, *observers], signer=signer)
     finally:
         stop()
+        if keys is not None:
+            keys.close()
         with store_lock:
             store.close()
         if hasattr(metrics, "close"):
             metrics.close()
+
+
+def _key_service(cfg: Config) -> KeyService | None:
+    """The CKKS key holder (a process of its own) when ``cfg`` aggregates with CKKS."""
+    s = cfg["secure_aggregation"]
+    if not s["enabled"] or s["protocol"] != "ckks":
+        return None
+    secure_sum_from_config(cfg)  # refuses a bad degree or encoding before a process starts
+    from shoal.privacy.he import CkksParams
+
+    return KeyService(CkksParams(poly_modulus_degree=s["ckks_degree"]))
 
 
 def run_committing(exp: Experiment, store: ModelStore, store_lock: threading.Lock,
@@ -253,8 +273,8 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
 
     Raises:
         ConfigError: insecure serving on a non-loopback address, mutual TLS without TLS,
-            local DP (which devices do not apply yet), CKKS secure aggregation
-            (simulation only), an upload codec with secure aggregation (its
+            local DP (which devices do not apply yet), CKKS aggregation with DP (devices
+            clip per coordinate for CKKS, not to an L2 norm), an upload codec with secure aggregation (its
             compression is ``secure_aggregation.encoding = 'rotated'``), so many SecAgg
             neighbours that a device's encrypted shares exceed the largest message the
             aggregator receives, or central or distributed DP whose cohorts the
@@ -275,10 +295,12 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
         raise ConfigError("the device runtime does not yet apply local DP; run it in "
                           "simulation (shoal run) or use privacy.placement = 'central'",
                           key="privacy.placement")
-    if cfg["secure_aggregation"]["enabled"] and cfg["secure_aggregation"]["protocol"] != "secagg":
-        raise ConfigError("secure_aggregation.protocol = 'ckks' runs in simulation only for now "
-                          "(devices do not encrypt with CKKS yet); use 'secagg' over gRPC",
-                          key="secure_aggregation.protocol")
+    if cfg["secure_aggregation"]["enabled"] and cfg["secure_aggregation"]["protocol"] == "ckks" \
+            and cfg["privacy"]["placement"] != "none":
+        raise ConfigError("secure_aggregation.protocol = 'ckks' over gRPC clips each "
+                          "coordinate, not the L2 norm differential privacy accounts for: "
+                          "use protocol 'secagg' with privacy.placement, or "
+                          "privacy.placement = 'none'", key="secure_aggregation.protocol")
     if cfg["secure_aggregation"]["enabled"] and cfg["compression"]["upload"] != "none":
         raise ConfigError("secure aggregation encodes updates itself (fixed point in a ring, "
                           "or secure_aggregation.encoding = 'rotated' for a few-bit ring): "

@@ -172,8 +172,9 @@ class SecureAggregationConfig(Section):
     enabled: bool = option(False, "aggregate securely: the server sees only the sum")
     protocol: str = option("secagg", "'secagg': SecAgg+ (pairwise masks from X25519, Shamir "
                            "shares, dropout recovery); 'ckks': homomorphic encryption "
-                           "(TenSEAL CKKS; a key holder decrypts only the sum; simulation "
-                           "only for now)", choices=("secagg", "ckks"))
+                           "(TenSEAL CKKS; a key holder decrypts only the sum; in "
+                           "simulation and over gRPC, there without DP)",
+                           choices=("secagg", "ckks"))
     ckks_degree: int = option(4096, "protocol 'ckks': ring degree N, 4096 (128-bit security) "
                               "or 8192 (256-bit, twice the bytes)", min=4096, max=8192)
     clip: float = option(0.5, "per-coordinate range [-clip, clip] of the fixed-point encoding "
