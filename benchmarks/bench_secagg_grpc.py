@@ -7,7 +7,9 @@ same machine state; every device takes part in every round. Local training is a 
 precomputed update, so the difference between the two is the protocol's own cost: key
 exchange, share encryption, mask expansion, the masked upload, unmasking, and the extra
 round trips. Prints one JSON line per configuration with the median round time of each
-kind, the overhead and the bytes per device per round.
+kind, the overhead and the bytes per device per round. ``--protocol ckks`` measures CKKS
+instead (devices encrypt, the aggregator adds ciphertexts, a key holder process decrypts the
+sum; ``--k``/``--t`` do not apply).
 
 Reference (docs/references.md, section "Measurements on this machine"): Flower 1.42's SecAgg+
 (Beutel et al., "Flower: A Friendly Federated Learning Research Framework", 2020) with 20
@@ -15,6 +17,7 @@ clients, the 2NN (199,210 parameters), 13 shares (k = 12 neighbours) and thresho
 per round against 2.1 s without it on this machine: about 2 s of overhead.
 
     .venv/bin/python benchmarks/bench_secagg_grpc.py --n 20 --d 199210 --k 12 --t 7 --pairs 7
+    .venv/bin/python benchmarks/bench_secagg_grpc.py --protocol ckks --n 10 --pairs 3
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shoal.device_ckks import CkksSetup
+from shoal.key_service import KeyService
 from shoal.policy import SyncPolicy
+from shoal.privacy.he import CkksParams
 from shoal.runner import run_round
 from shoal.sampling import UniformSampler
 from shoal.privacy.secagg_rounds import SecAggAggregation
@@ -49,7 +55,7 @@ SECRET = b"b" * 32
 
 
 def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits: int,
-        max_weight: int) -> dict:
+        max_weight: int, protocol: str = "secagg") -> dict:
     settings = AggregatorSettings(roster_wait_s=30.0, stage_timeout_s=30.0, long_poll_s=2.0,
                                   checkin_interval_s=0.02, idle_retry_s=0.02,
                                   rate_per_s=1000.0, burst=1000.0)
@@ -60,10 +66,15 @@ def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits
     registry = SQLiteRegistry(workdir / "registry.db")
     for dev in devices:
         registry.enroll(dev, now=time.time())
-    secure = SecAggAggregation(clip=0.5, value_bits=value_bits, max_weight=max_weight,
-                               neighbours=k,
-                               threshold=t, dropout=0.0, corrupt_rate=0.05,
-                               rng_for_round=np.random.default_rng)
+    keys = None
+    if protocol == "ckks":
+        keys = KeyService(CkksParams())
+        secure = CkksSetup(keys.params, keys.context, clip=0.5, max_weight=max_weight,
+                           decrypt=keys.decrypt)
+    else:
+        secure = SecAggAggregation(clip=0.5, value_bits=value_bits, max_weight=max_weight,
+                                   neighbours=k, threshold=t, dropout=0.0, corrupt_rate=0.05,
+                                   rng_for_round=np.random.default_rng)
     plain_pool = GrpcCarrier(service, devices, poll_s=0.01)
     secure_pool = GrpcCarrier(service, devices, poll_s=0.01, secure=secure)
     # every device, every round: target n, no over-selection, nothing may be missing
@@ -89,6 +100,7 @@ def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits
         th.start()
     times: dict[str, list[float]] = {"plain": [], "secure": []}
     bytes_per_device: dict[str, list[float]] = {"plain": [], "secure": []}
+    up_per_device: dict[str, list[float]] = {"plain": [], "secure": []}
     state = FedAvg().init(np.zeros(d, np.float32))
     coords = {kind: functools.partial(run_round, FedAvg(), pool, UniformSampler(n), seed=0,
                                       policy=policy)
@@ -105,21 +117,27 @@ def run(n: int, d: int, k: int, t: int, pairs: int, workdir: Path, *, value_bits
                 if r > 0:
                     times[kind].append(elapsed)
                     bytes_per_device[kind].append((rec.bytes_up + rec.bytes_down) / n)
+                    up_per_device[kind].append(rec.bytes_up / n)
     finally:
         stop.set()
         for th in threads:
             th.join(timeout=30)
         stop_server()
+        if keys is not None:
+            keys.close()
     plain, sec = statistics.median(times["plain"]), statistics.median(times["secure"])
     return {
-        "bench": "secagg_grpc", "n": n, "d": d, "k": k, "t": t, "pairs": pairs,
-        "value_bits": value_bits, "max_weight": max_weight,
-        "ring_bits": secure.config_for(n).params_for(n, d).bits,
+        "bench": f"{protocol}_grpc", "n": n, "d": d, "pairs": pairs, "max_weight": max_weight,
+        **({"k": k, "t": t, "value_bits": value_bits,
+            "ring_bits": secure.config_for(n).params_for(n, d).bits}
+           if isinstance(secure, SecAggAggregation) else {}),
         "plain_round_s": round(plain, 3), "secure_round_s": round(sec, 3),
         "overhead_s": round(sec - plain, 3),
         "overhead_vs_flower_2s": round(2.0 / max(sec - plain, 1e-3), 1),
         "plain_mb_per_device": round(statistics.median(bytes_per_device["plain"]) / 1e6, 3),
         "secure_mb_per_device": round(statistics.median(bytes_per_device["secure"]) / 1e6, 3),
+        "plain_up_bytes_per_device": round(statistics.median(up_per_device["plain"])),
+        "secure_up_bytes_per_device": round(statistics.median(up_per_device["secure"])),
         "secure_rounds_s": [round(x, 3) for x in times["secure"]],
         "plain_rounds_s": [round(x, 3) for x in times["plain"]],
     }
@@ -134,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=7, help="measured (plain, secure) pairs")
     ap.add_argument("--value-bits", type=int, default=16)
     ap.add_argument("--max-weight", type=int, default=1024)
+    ap.add_argument("--protocol", choices=("secagg", "ckks"), default="secagg")
     args = ap.parse_args(argv)
     logging.getLogger("shoal").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(run(args.n, args.d, args.k, args.t, args.pairs, Path(tmp),
-                             value_bits=args.value_bits, max_weight=args.max_weight)),
+                             value_bits=args.value_bits, max_weight=args.max_weight,
+                             protocol=args.protocol)),
               flush=True)
     return 0
 

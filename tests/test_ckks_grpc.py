@@ -238,12 +238,12 @@ def test_key_service_decrypts_only_sums_in_its_own_process():
         summed = [bytes((ts_vec(ctx, c0) + ts_vec(ctx, c1)).serialize())
                   for c0, c1 in zip(*cts)]
         with pytest.raises(PrivacyError, match="at least 2"):
-            keys.decrypt(cts[0], 10, 1, task=7)  # one device's update is not a sum
-        total, weight = keys.decrypt(summed, 10, 2, task=7)
+            keys.decrypt(cts[0], 10, 1, round=(3, 7))  # one device's update is not a sum
+        total, weight = keys.decrypt(summed, 10, 2, round=(3, 7))
         expected = 3 * (np.clip(a, -CLIP, CLIP) + np.clip(b, -CLIP, CLIP))
         assert np.abs(total - expected).max() < 1e-6 and round(weight) == 6
         with pytest.raises(PrivacyError, match="already decrypted"):
-            keys.decrypt(summed, 10, 2, task=7)  # never twice: no differencing of sums
+            keys.decrypt(summed, 10, 2, round=(3, 7))  # never twice: no differencing of sums
     finally:
         keys.close()
     assert not keys._proc.is_alive()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +50,9 @@ from shoal.privacy.he import CkksParams, CkksSum, public_context
 
 __all__ = ["CkksDeviceRound", "CkksSetup"]
 
-#: ``decrypt(summed ciphertexts, dim, contributions, task id) -> (sum of w·x, sum of w)``
-Decrypt = Callable[[Sequence[bytes], int, int, int], "tuple[np.ndarray, float]"]
+#: ``decrypt(summed ciphertexts, dim, contributions, (round, task id)) -> (sum of w·x, sum
+#: of w)``: the key holder decrypts each ``(round, task id)`` once
+Decrypt = Callable[[Sequence[bytes], int, int, Hashable], "tuple[np.ndarray, float]"]
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,8 @@ class CkksDeviceRound:
             PrivacyError: the key holder refused (e.g. a second decryption of this task).
         """
         ciphertexts, included = self.result()
-        total, weight = self.setup.decrypt(ciphertexts, self.dim, len(included), self.task_id)
+        total, weight = self.setup.decrypt(ciphertexts, self.dim, len(included),
+                                           (self.round, self.task_id))
         # the weight is a sum of integers carried with an error of about 1e-8 each
         examples = int(round(weight))
         if examples < 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,9 +80,10 @@ class KeyService:
             raise PrivacyError("the key holder process exited") from None
         return kind, value
 
-    def decrypt(self, ciphertexts: Sequence[bytes], dim: int, contributions: int, task: int
-                ) -> tuple[np.ndarray, float]:
-        """Have the key holder decrypt one round's sum: ``(sum of w·x, sum of w)``.
+    def decrypt(self, ciphertexts: Sequence[bytes], dim: int, contributions: int,
+                round: Hashable) -> tuple[np.ndarray, float]:
+        """Have the key holder decrypt one round's sum: ``(sum of w·x, sum of w)``; each
+        ``round`` (e.g. ``(round, task id)``) once.
 
         Raises:
             PrivacyError: the key holder refused (its reason) or is gone.
@@ -90,7 +91,7 @@ class KeyService:
         with self._lock:
             try:
                 self._conn.send(("decrypt", list(ciphertexts), int(dim), int(contributions),
-                                 int(task)))
+                                 round))
             except (BrokenPipeError, OSError):
                 raise PrivacyError("the key holder process exited") from None
             kind, value = self._receive()

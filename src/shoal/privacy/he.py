@@ -30,7 +30,7 @@ CKKS; the trust placed in the key holder is stated, not engineered away.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +123,7 @@ class KeyHolder:
                                poly_modulus_degree=params.poly_modulus_degree,
                                coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
         self._ctx.global_scale = 2.0**params.scale_bits
-        self._decrypted: set[int] = set()
+        self._decrypted: set[Hashable] = set()
 
     def __repr__(self) -> str:
         return f"KeyHolder({self.params}, min_clients={self.min_clients})"
@@ -133,8 +133,9 @@ class KeyHolder:
         return bytes(self._ctx.serialize(save_secret_key=False))
 
     def decrypt_sum(self, ciphertexts: Sequence[bytes], dim: int, contributions: int,
-                    round: int) -> tuple[np.ndarray, float]:
-        """Decrypt a round's sum: ``(sum of w·x as float64 (dim,), total weight)``.
+                    round: Hashable) -> tuple[np.ndarray, float]:
+        """Decrypt a round's sum: ``(sum of w·x as float64 (dim,), total weight)``;
+        ``round`` names the round (e.g. ``(round, task id)`` when rounds can be retried).
 
         Raises:
             PrivacyError: fewer than ``min_clients`` contributions, a second decryption for
