@@ -24,7 +24,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("tenseal")
 
-from secure_devices import run_devices  # noqa: E402
+from secure_devices import Vanish, run_devices  # noqa: E402
 from shoal.device_ckks import CkksSetup  # noqa: E402
 from shoal.policy import SyncPolicy  # noqa: E402
 from shoal.privacy.he import CkksParams, KeyHolder, encrypt_update, public_context  # noqa: E402
@@ -103,7 +103,7 @@ def ckks_setup(tmp_path, n, *, deadline_s):
     return keys, setup, service, port, stop, pool, devices, coord
 
 
-@pytest.mark.parametrize("gone", [(), (1, 4, 8)])  # 0 and 30% never upload
+@pytest.mark.parametrize("gone", [(), (1, 4, 8)])  # 0 and 30% check in, never upload
 def test_ckks_round_over_grpc_commits_the_survivors_fedavg(tmp_path, gone):
     n = 10
     keys, setup, service, port, stop_server, pool, devices, coord = ckks_setup(
@@ -111,11 +111,14 @@ def test_ckks_round_over_grpc_commits_the_survivors_fedavg(tmp_path, gone):
     stop = threading.Event()
     try:
         stats: dict = {}
-        survivors = [d for i, d in enumerate(devices) if i not in gone]
-        threads = run_devices(port, survivors, {}, stop, stats, DIM, secret=SECRET,
-                              result=lambda i: TrainResult(
-                                  delta_of(int(survivors[i][4:])),
-                                  examples_of(int(survivors[i][4:])), {"loss": 0.1}))
+
+        def result(i):
+            if i in gone:  # checked in, downloaded, then vanished: never uploads
+                raise Vanish(devices[i])
+            return TrainResult(delta_of(i), examples_of(i), {"loss": 0.1})
+
+        threads = run_devices(port, devices, {}, stop, stats, DIM, secret=SECRET,
+                              result=result)
         state, rec = coord(FedAvg().init(np.zeros(DIM, np.float32)))
         for t in threads:
             t.join(timeout=20)
@@ -130,12 +133,12 @@ def test_ckks_round_over_grpc_commits_the_survivors_fedavg(tmp_path, gone):
     if gone:
         assert np.abs(state.params - fedavg(range(n))).max() > 1e3 * CKKS_ERROR
     assert rec.privacy["ckks_included"] == len(included)
-    assert rec.privacy["ckks_dropped"] == 0  # devices that never checked in got no task
+    assert rec.privacy["ckks_dropped"] == len(gone)  # on the roster, not in the sum
     assert keys.asked == [len(included)]  # one decryption, of the sum of the survivors
     per_upload = rec.privacy["ckks_upload_bytes"]
     assert per_upload == pytest.approx(3 * 65676, rel=0.01)
-    for d in survivors:
-        assert stats[d].uploads_accepted == 1, (d, stats[d])
+    for i in included:
+        assert stats[devices[i]].uploads_accepted == 1, (i, stats[devices[i]])
 
 
 def _md(d):
