@@ -279,3 +279,22 @@ def test_launch_with_ckks_matches_the_simulation(tmp_path, capsys):
     assert launched["final_accuracy"] == pytest.approx(simulated["final_accuracy"], abs=1e-3)
     # one 2,048-slot ciphertext per device and round (610 parameters and the weight)
     assert launched["bytes_up_per_round"] == pytest.approx(3 * 65676, rel=0.02)
+
+
+def test_a_deployment_refuses_ckks_rounds_whose_sum_could_overflow():
+    from shoal.config import load_config
+    from shoal.deploy import check_deployable
+    from shoal.errors import ConfigError
+
+    def cfg(per_round, max_weight):
+        return load_config(None, {"data.clients": 1000, "sampling.per_round": per_round,
+                                  "deploy.over_selection": 1.0,
+                                  "secure_aggregation.enabled": True,
+                                  "secure_aggregation.protocol": "ckks",
+                                  "secure_aggregation.max_weight": max_weight})
+
+    check_deployable(cfg(100, 4096), tls=False)  # 100 x 0.5 x 4096 < 2^18
+    with pytest.raises(ConfigError) as exc:
+        check_deployable(cfg(200, 4096), tls=False)  # 200 x 2048 > 2^18
+    assert exc.value.key == "secure_aggregation.max_weight" and "below 2621" in str(exc.value)
+    check_deployable(cfg(200, 2000), tls=False)

@@ -274,7 +274,8 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
     Raises:
         ConfigError: insecure serving on a non-loopback address, mutual TLS without TLS,
             local DP (which devices do not apply yet), CKKS aggregation with DP (devices
-            clip per coordinate for CKKS, not to an L2 norm), an upload codec with secure aggregation (its
+            clip per coordinate for CKKS, not to an L2 norm) or with a roster whose sum
+            could exceed what decrypts, an upload codec with secure aggregation (its
             compression is ``secure_aggregation.encoding = 'rotated'``), so many SecAgg
             neighbours that a device's encrypted shares exceed the largest message the
             aggregator receives, or central or distributed DP whose cohorts the
@@ -308,6 +309,26 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
                           key="compression.upload")
     _check_central_dp_accounting(cfg)
     _check_share_messages(cfg)
+    _check_ckks_capacity(cfg)
+
+
+def _check_ckks_capacity(cfg: Config) -> None:
+    """Refuse a CKKS round whose sum could outgrow what decrypts: every device adds up to
+    ``clip x max_weight`` per coordinate, and the sum must stay under the parameters'
+    capacity (2^18 at scale 2^40), else the later uploads of a round would be refused."""
+    s, d = cfg["secure_aggregation"], cfg["deploy"]
+    if not s["enabled"] or s["protocol"] != "ckks":
+        return
+    from shoal.privacy.he import CkksParams
+
+    roster = math.ceil((d["target"] or cfg["sampling"]["per_round"]) * d["over_selection"])
+    capacity = CkksParams(poly_modulus_degree=s["ckks_degree"]).capacity
+    if roster * s["clip"] * s["max_weight"] >= capacity:
+        raise ConfigError(f"{roster} devices a round, each adding up to clip x max_weight = "
+                          f"{s['clip'] * s['max_weight']:g} per coordinate, could exceed the "
+                          f"{capacity:g} a CKKS sum can hold: lower secure_aggregation."
+                          f"max_weight below {capacity / (roster * s['clip']):.0f}",
+                          key="secure_aggregation.max_weight")
 
 
 def _check_share_messages(cfg: Config) -> None:
