@@ -600,3 +600,50 @@ def test_redis_refuses_a_newer_schema(redis_server):
         RedisRegistry(redis_server.url, prefix=reg.prefix)
     with pytest.raises(RegistryError, match="not a Redis URL"):
         RedisRegistry("http://example.invalid/")
+
+
+def test_sqlite_touches_kept_in_memory_are_seen_by_reads_written_on_close_and_delay(tmp_path):
+    # a check-in's touch costs no transaction once its device is known to be enrolled; what
+    # a user relies on still holds: reads see it, another reader sees it soon, nothing lost
+    import time
+
+    from shoal.registry import sqlite as sqlite_registry
+    path = tmp_path / "r.db"
+    reg = SQLiteRegistry(path)
+    other = SQLiteRegistry(path)
+    reg.enroll_many(["a", "b"], now=10.0)
+    reg.touch("a", now=20.0)  # first touch: written at once (it checks the device exists)
+    assert other.get("a").last_seen == 20.0
+    reg.touch("a", now=30.0)
+    reg.touch("a", now=25.0)  # never backwards
+    assert reg.get("a").last_seen == 30.0  # a read of the same object writes them first
+    assert other.get("a").last_seen == 30.0
+    reg.touch("a", now=40.0)
+    reg.record_outcome("b", 1, "accepted", now=41.0)  # any write carries them
+    assert other.get("a").last_seen == 40.0
+    reg.touch("a", now=50.0)
+    reg.touch("b", now=51.0)  # first touch of b: written at once, with a's
+    assert other.get("a").last_seen == 50.0 and other.get("b").last_seen == 51.0
+    reg.touch("a", now=52.0)
+    assert other.get("a").last_seen == 50.0  # waiting in memory
+    time.sleep(sqlite_registry.TOUCH_DELAY_S)
+    reg.touch("b", now=53.0)  # the oldest waiting touch is past the delay: both written
+    assert other.get("a").last_seen == 52.0 and other.get("b").last_seen == 53.0
+    reg.touch("a", now=60.0)
+    reg.close()  # written on close
+    assert other.get("a").last_seen == 60.0
+    # a device another process removed: its waiting touch finds out, the next one raises
+    reg = SQLiteRegistry(path)
+    reg.touch("a", now=70.0)
+    reg.touch("a", now=71.0)
+    assert other.remove("a")
+    assert reg.count() == 1  # writes the waiting touch: no row, and a is forgotten
+    with pytest.raises(UnknownDevice):
+        reg.touch("a", now=72.0)
+    # removed through the same object: the next touch raises at once
+    reg.touch("b", now=80.0)
+    assert reg.remove("b")
+    with pytest.raises(UnknownDevice):
+        reg.touch("b", now=81.0)
+    reg.close()
+    other.close()

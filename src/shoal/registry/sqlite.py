@@ -17,7 +17,15 @@ may be shared by the threads of a server. Several objects (or processes) may ope
 file: the database runs in WAL mode (readers never block the writer), writes are short
 ``BEGIN IMMEDIATE`` transactions, and a busy database is retried for ``busy_timeout`` seconds.
 ``synchronous=NORMAL``: a committed write survives a process crash; a power loss may lose the
-last few writes but never corrupts the file (the documented WAL trade-off). A write the disk
+last few writes but never corrupts the file (the documented WAL trade-off).
+
+Last-seen is written lazily: once a :meth:`~SQLiteRegistry.touch` found its device enrolled,
+the device's later touches wait in memory for the next transaction (any write, or a read of
+this object, which writes them first) or for a touch once the oldest is
+:data:`TOUCH_DELAY_S` old, so a check-in costs no transaction. Reads of this object see every
+touch; other readers of the file may see last-seen that old (older if no call comes) and a
+crash may lose those advances, never an enrolment or an outcome. A device another process
+removed is found out when its touch is written; its next touch raises ``UnknownDevice``. A write the disk
 refuses (full, read-only, failing) is rolled back and raised as
 :class:`~shoal.store.disk.StorageError` naming the file, whichever method wrote.
 
@@ -32,6 +40,7 @@ import itertools
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +65,11 @@ from shoal.registry.base import (
 from shoal.registry.columns import Columns, bulk_rows
 from shoal.store.disk import disk_failure
 
-__all__ = ["SCHEMA_VERSION", "SQLiteRegistry"]
+__all__ = ["SCHEMA_VERSION", "SQLiteRegistry", "TOUCH_DELAY_S"]
+
+TOUCH_DELAY_S = 1.0
+"""Longest a touch waits in memory while touches keep coming (see the module docstring)."""
+_MAX_PRESENT = 100_000  # devices remembered as enrolled (forgotten all at once past it)
 
 #: Version of the on-disk layout this module reads and writes.
 SCHEMA_VERSION = 1
@@ -125,6 +138,9 @@ class SQLiteRegistry:
         self.history = history
         self._lock = threading.Lock()
         self._closed = False
+        self._present: set[str] = set()  # devices a touch found enrolled
+        self._seen: dict[str, float] = {}  # their touches not written yet: latest time
+        self._seen_since = 0.0  # time.monotonic() of the oldest of those
         try:
             self._conn = sqlite3.connect(self.path, timeout=busy_timeout,
                                          isolation_level=None, check_same_thread=False)
@@ -173,10 +189,30 @@ class SQLiteRegistry:
             raise RegistryError(f"registry {self.path} is closed")
 
     def close(self) -> None:
+        """Write the touches still in memory and close the file (closed even if that write
+        fails, which is then raised)."""
         with self._lock:
             if not self._closed:
-                self._closed = True
-                self._conn.close()
+                try:
+                    self._read_ready()
+                finally:
+                    self._closed = True
+                    self._conn.close()
+
+    def _read_ready(self) -> None:
+        """(Lock held.) Refuse a closed registry; write the touches still in memory, so a
+        read sees them."""
+        self._check_open()
+        if self._seen:
+            with _Transaction(self, locked=True):
+                pass
+
+    def _write_seen(self) -> None:
+        """(In a write transaction.) The touches kept in memory."""
+        for device_id, seen in self._seen.items():
+            if self._conn.execute("UPDATE devices SET last_seen = max(last_seen, ?) "
+                                  "WHERE device_id = ?", (seen, device_id)).rowcount == 0:
+                self._present.discard(device_id)  # removed by another process meanwhile
 
     def __enter__(self) -> SQLiteRegistry:
         return self
@@ -240,7 +276,7 @@ class SQLiteRegistry:
         100,000 devices), with the registry's lock held for the read.
         """
         with self._lock:
-            self._check_open()
+            self._read_ready()
             self._conn.execute("BEGIN")  # one snapshot for the three reads
             try:
                 base = self._conn.execute(
@@ -262,7 +298,7 @@ class SQLiteRegistry:
         """The device's record. Raises :class:`UnknownDevice`."""
         device_id = validate_device_id(device_id)
         with self._lock:
-            self._check_open()
+            self._read_ready()
             return self._get(device_id)
 
     def _get(self, device_id: str) -> Device:
@@ -273,19 +309,34 @@ class SQLiteRegistry:
         return _row_to_device(row)
 
     def touch(self, device_id: str, *, now: float) -> None:
-        """Advance ``last_seen`` to ``now`` (never backwards). Raises :class:`UnknownDevice`."""
+        """Advance ``last_seen`` to ``now`` (never backwards), lazily once the device is
+        known to be enrolled (see the module docstring). Raises :class:`UnknownDevice`."""
         device_id = validate_device_id(device_id)
         now = _check_time(now, "now")
-        with self._write():
-            cur = self._conn.execute("UPDATE devices SET last_seen = max(last_seen, ?) "
-                                     "WHERE device_id = ?", (now, device_id))
-            if cur.rowcount == 0:
-                raise UnknownDevice(device_id)
+        with self._lock:
+            self._check_open()
+            if device_id in self._present:
+                if not self._seen:
+                    self._seen_since = time.monotonic()
+                self._seen[device_id] = max(self._seen.get(device_id, now), now)
+                if time.monotonic() - self._seen_since >= TOUCH_DELAY_S:
+                    self._read_ready()
+                return
+            with _Transaction(self, locked=True):
+                cur = self._conn.execute("UPDATE devices SET last_seen = max(last_seen, ?) "
+                                         "WHERE device_id = ?", (now, device_id))
+                if cur.rowcount == 0:
+                    raise UnknownDevice(device_id)
+            if len(self._present) >= _MAX_PRESENT:
+                self._present.clear()
+            self._present.add(device_id)
 
     def remove(self, device_id: str) -> bool:
         """Forget the device and its outcomes; ``False`` if it was not enrolled."""
         device_id = validate_device_id(device_id)
         with self._write():
+            self._present.discard(device_id)
+            self._seen.pop(device_id, None)
             cur = self._conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
             return cur.rowcount > 0
 
@@ -348,7 +399,7 @@ class SQLiteRegistry:
         """The device's last ``history`` outcomes, oldest round first."""
         device_id = validate_device_id(device_id)
         with self._lock:
-            self._check_open()
+            self._read_ready()
             rows = self._conn.execute("SELECT round, outcome, ts FROM outcomes "
                                       "WHERE device_id = ? ORDER BY round", (device_id,)
                                       ).fetchall()
@@ -395,7 +446,7 @@ class SQLiteRegistry:
                    + " AND ".join([*clauses, "device_id > ?"])
                    + " ORDER BY device_id LIMIT ?")
             with self._lock:
-                self._check_open()
+                self._read_ready()
                 rows = self._conn.execute(sql, (*params, after, batch_size)).fetchall()
             for row in rows:
                 device = _row_to_device(row)
@@ -423,7 +474,7 @@ class SQLiteRegistry:
         sql = "SELECT count(*) FROM devices" + (" WHERE " + " AND ".join(clauses)
                                                 if clauses else "")
         with self._lock:
-            self._check_open()
+            self._read_ready()
             return int(self._conn.execute(sql, params).fetchone()[0])
 
 
@@ -434,20 +485,31 @@ class _Transaction:
     file queue on ``busy_timeout`` instead of failing half-way with a lock upgrade error.
     """
 
-    def __init__(self, registry: SQLiteRegistry) -> None:
-        self._r = registry
+    def __init__(self, registry: SQLiteRegistry, *, locked: bool = False) -> None:
+        self._r, self._locked = registry, locked  # locked: the caller holds the lock
+
+    def _release(self) -> None:
+        if not self._locked:
+            self._r._lock.release()
 
     def __enter__(self) -> None:
-        self._r._lock.acquire()
+        if not self._locked:
+            self._r._lock.acquire()
+        conn = self._r._conn
         try:
             self._r._check_open()
-            self._r._conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
+            self._r._write_seen()  # the touches kept in memory go first
         except sqlite3.Error as exc:
-            self._r._lock.release()
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            finally:
+                self._release()
             raise disk_failure(exc, self._r.path, "writing the registry") or RegistryError(
                 f"registry {self._r.path}: cannot start a write: {exc}") from None
         except BaseException:
-            self._r._lock.release()
+            self._release()
             raise
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -456,13 +518,14 @@ class _Transaction:
             if exc is None:
                 try:
                     conn.execute("COMMIT")
+                    self._r._seen.clear()
                     return
                 except sqlite3.Error as commit_exc:
                     exc = commit_exc
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
         finally:
-            self._r._lock.release()
+            self._release()
         if isinstance(exc, sqlite3.Error):
             raise disk_failure(exc, self._r.path, "writing the registry; the write was "
                                "rolled back") or RegistryError(
