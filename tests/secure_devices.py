@@ -23,6 +23,7 @@ from shoal.transport.carrier import GrpcCarrier
 from shoal.transport.client import DeviceClient
 from shoal.transport.device_api import TrainResult
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve
+from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.tokens import issue_token
 
 DIM = 300
@@ -135,3 +136,12 @@ def one_round(port, carrier, devices, pipeline, vanish, *, dim=DIM, target=N - 1
     finally:
         stop.set()
     return state, rec, stats
+
+
+def check_in_all(gateway_of, stub, devices, metadata_of) -> dict:
+    """Once the round's first task is open (``gateway_of()`` has published a version), check
+    every device in over ``stub`` by hand; returns device -> its task."""
+    while gateway_of().latest_version is None:
+        time.sleep(0.01)
+    return {d: stub.CheckIn(pb.CheckInRequest(device_id=d), metadata=metadata_of(d),
+                            timeout=5).task for d in devices}

@@ -24,7 +24,7 @@ import pytest
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("tenseal")
 
-from secure_devices import Vanish, run_devices  # noqa: E402
+from secure_devices import Vanish, check_in_all, run_devices  # noqa: E402
 from shoal.device_ckks import CkksSetup  # noqa: E402
 from shoal.policy import SyncPolicy  # noqa: E402
 from shoal.privacy.he import CkksParams, KeyHolder, encrypt_update, public_context  # noqa: E402
@@ -157,13 +157,8 @@ def test_bad_ckks_uploads_are_refused_with_a_reason_and_change_nothing(tmp_path)
         zip(("state", "rec"), coord(FedAvg().init(np.zeros(DIM, np.float32))))))
     try:
         runner.start()
-        while pool.gateway.latest_version is None:
-            time.sleep(0.01)
-        tasks = {}
-        for d in devices:
-            reply = stub.CheckIn(pb.CheckInRequest(device_id=d), metadata=_md(d), timeout=5)
-            tasks[d] = reply.task
-            assert reply.task.kind == "ckks" and reply.task.ckks.key_id == setup.key_id
+        tasks = check_in_all(lambda: pool.gateway, stub, devices, _md)
+        assert all(t.kind == "ckks" and t.ckks.key_id == setup.key_id for t in tasks.values())
         got = stub.CkksContext(pb.CkksContextRequest(key_id=setup.key_id),
                                metadata=_md("dev-0"), timeout=5)
         ctx = public_context(got.context)  # public: it would refuse a secret key

@@ -34,7 +34,7 @@ from shoal.transport.proto import shoal_pb2_grpc as pb_grpc  # noqa: E402
 from shoal.policy import SyncPolicy  # noqa: E402
 from shoal.telemetry import PrometheusObserver  # noqa: E402
 from shoal.transport.carrier import GrpcCarrier  # noqa: E402
-from secure_devices import run_devices  # noqa: E402
+from secure_devices import check_in_all, run_devices  # noqa: E402
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve  # noqa: E402
 
 DIM = 300
@@ -158,13 +158,8 @@ def test_bad_secagg_calls_are_refused_with_a_reason(tmp_path):
         rec=coord(FedAvg().init(np.zeros(DIM, np.float32)))[1]))
     try:
         runner.start()
-        while pool.gateway.latest_version is None:
-            time.sleep(0.01)
-        tasks = {}
-        for d in devices:
-            reply = stub.CheckIn(pb.CheckInRequest(device_id=d), metadata=_md(d), timeout=5)
-            tasks[d] = reply.task
-            assert reply.task.kind == "secagg"
+        tasks = check_in_all(lambda: pool.gateway, stub, devices, _md)
+        assert all(t.kind == "secagg" for t in tasks.values())
 
         def call(d, task, *chunks_after, metadata=None, **body):
             header = pb.SecAggHeader(device_id=d, round=task.round,
