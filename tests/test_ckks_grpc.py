@@ -201,6 +201,12 @@ def test_bad_ckks_uploads_are_refused_with_a_reason_and_change_nothing(tmp_path)
         assert upload("dev-0", pack_ciphertexts([*wide[:1], *ours[1:]])).reason == "too_large"
         refused = upload("dev-0", pack_ciphertexts([*primes[:1], *ours[1:]]))
         assert refused.reason == "malformed" and "parse" in refused.detail, refused
+        # parses, right sizes, but one ciphertext at another scale: it would add to garbage
+        # (or, first in the sum, make every honest upload fail)
+        ts = pytest.importorskip("tenseal")
+        rescaled = bytes(ts.ckks_vector(ctx, [0.0] * 2048, scale=2.0 ** 30).serialize())
+        refused = upload("dev-0", pack_ciphertexts([ours[0], rescaled, *ours[2:]]))
+        assert refused.reason == "malformed" and "scale" in refused.detail, refused
         tasks["dev-0"], real = tasks["dev-1"], tasks["dev-0"]
         assert upload("dev-0", g0).reason == "bad_key"
         tasks["dev-0"] = real
@@ -241,7 +247,7 @@ def test_key_service_decrypts_only_sums_in_its_own_process():
         expected = 3 * (np.clip(a, -CLIP, CLIP) + np.clip(b, -CLIP, CLIP))
         assert np.abs(total - expected).max() < 1e-6 and round(weight) == 6
         with pytest.raises(PrivacyError, match="already decrypted"):
-            keys.decrypt(summed, 10, 2, round=(3, 7))  # never twice: no differencing of sums
+            keys.decrypt(summed, 10, 2, round=(3, 7))  # never twice under one round key (the key is the aggregator's: docs/trust.md)
     finally:
         keys.close()
     assert not keys._proc.is_alive()

@@ -231,17 +231,27 @@ class CkksSum:
         try:
             parsed = [ts.ckks_vector_from(self.ctx, c) for c in contribution]
             sizes = [p.size() for p in parsed]
+            # every ciphertext's own scale (the wrapper's scale() is missing in TenSEAL 0.3)
+            scales = {ct.scale for p in parsed for ct in p.data.ciphertext()}
         except Exception as exc:
             raise UpdateRejected("malformed", f"a ciphertext does not parse: {exc}") from exc
         full, last = self.params.slots, (self.dim + 1) - (len(parsed) - 1) * self.params.slots
         if sizes != [full] * (len(parsed) - 1) + [last]:
             raise UpdateRejected("wrong_shape", f"ciphertext sizes {sizes} do not make "
                                  f"{self.dim} + 1 values")
+        # a ciphertext at another scale would add to garbage (or make every later one fail)
+        if scales != {2.0 ** self.params.scale_bits}:
+            raise UpdateRejected("malformed", f"ciphertexts must be at scale "
+                                 f"2^{self.params.scale_bits}, got {sorted(scales)}")
         if self._sum is None:
             self._sum = parsed
         else:
-            for acc, ct in zip(self._sum, parsed):
-                acc += ct
+            try:  # out of place: the sum changes only when every ciphertext added
+                total = [acc + ct for acc, ct in zip(self._sum, parsed)]
+            except Exception as exc:
+                raise UpdateRejected("malformed", f"a ciphertext does not add to the "
+                                     f"sum: {exc}") from exc
+            self._sum = total
         self.count += 1
         self.bytes_in += sum(len(c) for c in contribution)
 
