@@ -229,6 +229,45 @@ def test_bad_ckks_uploads_are_refused_with_a_reason_and_change_nothing(tmp_path)
     assert keys.asked == [n]
 
 
+def test_a_sum_beyond_what_clipped_uploads_can_make_is_not_committed(tmp_path):
+    """CKKS cannot check a plaintext's range; the decrypted sum can: one device encrypting
+    an unclipped update (values 1,000 x clip) makes the round abandoned, not committed."""
+    n = 3
+    keys, setup, service, port, stop_server, pool, devices, coord = ckks_setup(
+        tmp_path, n, deadline_s=30.0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.AggregatorStub(channel)
+    out = {}
+    runner = threading.Thread(target=lambda: out.update(
+        zip(("state", "rec"), coord(FedAvg().init(np.zeros(DIM, np.float32))))))
+    try:
+        runner.start()
+        tasks = check_in_all(lambda: pool.gateway, stub, devices, _md)
+        got = stub.CkksContext(pb.CkksContextRequest(key_id=setup.key_id),
+                               metadata=_md("dev-0"), timeout=5)
+        ctx = public_context(got.context)
+        for i, d in enumerate(devices):
+            x = delta_of(i) * (1000.0 if i == 0 else 1.0)  # dev-0 does not clip
+            payload = pack_ciphertexts(encrypt_update(
+                ctx, x, min(examples_of(i), MAX_WEIGHT), clip=1e9 if i == 0 else CLIP,
+                slots=2048))
+            t = tasks[d]
+            header = pb.UploadHeader(device_id=d, round=t.round, base_version=t.model_version,
+                                     upload_key=t.upload_key, num_examples=1,
+                                     total_size=len(payload),
+                                     sha256=hashlib.sha256(payload).digest(),
+                                     ckks_key=setup.key_id)
+            assert stub.Upload(iter([pb.UploadChunk(header=header),
+                                     pb.UploadChunk(data=payload)]),
+                               metadata=_md(d), timeout=10).accepted  # CKKS cannot tell
+        runner.join(timeout=30)
+    finally:
+        runner.join(timeout=20)
+        channel.close()
+        stop_server()
+    assert not out["rec"].committed and not out["state"].params.any()
+
+
 def test_key_service_decrypts_only_sums_in_its_own_process():
     from shoal.errors import PrivacyError
     from shoal.key_service import KeyService

@@ -196,9 +196,18 @@ class CkksDeviceRound:
                                            (self.round, self.task_id))
         # the weight is a sum of integers carried with an error of about 1e-8 each
         examples = int(round(weight))
-        if examples < 1:
-            raise PrivacyError(f"the decrypted weight {weight:g} is not a sum of example "
-                               f"counts: a contribution was not encrypted as devices do")
+        n = len(included)
+        if not n <= examples <= n * self.setup.max_weight:
+            raise PrivacyError(f"the decrypted weight {weight:g} is not a sum of {n} example "
+                               f"counts of 1..{self.setup.max_weight:g}: a contribution was "
+                               f"not encrypted as devices do")
+        # honest contributions are w * clip(x): every coordinate of the sum within clip * sum w
+        # (plus CKKS's error); a device's out-of-range plaintext shows here, if nowhere else
+        worst = float(np.max(np.abs(total))) if len(total) else 0.0
+        if worst > self.setup.clip * examples * (1 + 1e-6) + 1e-3:
+            raise PrivacyError(f"a coordinate of the decrypted sum is {worst:g}, beyond "
+                               f"clip x total weight = {self.setup.clip * examples:g}: a "
+                               f"contribution was not clipped as devices do")
         p = self.setup.params
         return PartialAggregate(
             delta=(np.asarray(total, dtype=np.float64) / examples).astype(np.float32),
