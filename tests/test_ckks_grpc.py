@@ -146,17 +146,34 @@ def _md(d):
              f"Bearer {issue_token(SECRET, d, now=time.time(), ttl_seconds=60)}"),)
 
 
-def test_bad_ckks_uploads_are_refused_with_a_reason_and_change_nothing(tmp_path):
-    n = 3
+def _by_hand(tmp_path, n):
+    """A CKKS round of ``n`` devices over gRPC whose devices the test plays by hand: the
+    round runs on a thread (its ``(state, rec)`` land in ``out``)."""
     keys, setup, service, port, stop_server, pool, devices, coord = ckks_setup(
         tmp_path, n, deadline_s=30.0)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.AggregatorStub(channel)
-    out = {}
+    out: dict = {}
     runner = threading.Thread(target=lambda: out.update(
         zip(("state", "rec"), coord(FedAvg().init(np.zeros(DIM, np.float32))))))
+    runner.start()
+    return keys, setup, stop_server, pool, devices, channel, stub, runner, out
+
+
+def _upload(stub, task, d, payload, key_id, *, size=None):
+    """``payload`` uploaded by hand as ``d``'s answer to ``task``."""
+    header = pb.UploadHeader(device_id=d, round=task.round, base_version=task.model_version,
+                             upload_key=task.upload_key, num_examples=1,
+                             total_size=len(payload) if size is None else size,
+                             sha256=hashlib.sha256(payload).digest(), ckks_key=key_id)
+    return stub.Upload(iter([pb.UploadChunk(header=header), pb.UploadChunk(data=payload)]),
+                       metadata=_md(d), timeout=10)
+
+
+def test_bad_ckks_uploads_are_refused_with_a_reason_and_change_nothing(tmp_path):
+    n = 3
+    keys, setup, stop_server, pool, devices, channel, stub, runner, out = _by_hand(tmp_path, n)
     try:
-        runner.start()
         tasks = check_in_all(lambda: pool.gateway, stub, devices, _md)
         assert all(t.kind == "ckks" and t.ckks.key_id == setup.key_id for t in tasks.values())
         got = stub.CkksContext(pb.CkksContextRequest(key_id=setup.key_id),
@@ -169,14 +186,7 @@ def test_bad_ckks_uploads_are_refused_with_a_reason_and_change_nothing(tmp_path)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
         def upload(d, payload, *, key=setup.key_id, size=None):
-            t = tasks[d]
-            header = pb.UploadHeader(device_id=d, round=t.round, base_version=t.model_version,
-                                     upload_key=t.upload_key, num_examples=1,
-                                     total_size=len(payload) if size is None else size,
-                                     sha256=hashlib.sha256(payload).digest(), ckks_key=key)
-            return stub.Upload(iter([pb.UploadChunk(header=header),
-                                     pb.UploadChunk(data=payload)]),
-                               metadata=_md(d), timeout=10)
+            return _upload(stub, tasks[d], d, payload, key, size=size)
 
         def good(i):
             return pack_ciphertexts(encrypt_update(
@@ -233,15 +243,8 @@ def test_a_sum_beyond_what_clipped_uploads_can_make_is_not_committed(tmp_path):
     """CKKS cannot check a plaintext's range; the decrypted sum can: one device encrypting
     an unclipped update (values 1,000 x clip) makes the round abandoned, not committed."""
     n = 3
-    keys, setup, service, port, stop_server, pool, devices, coord = ckks_setup(
-        tmp_path, n, deadline_s=30.0)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.AggregatorStub(channel)
-    out = {}
-    runner = threading.Thread(target=lambda: out.update(
-        zip(("state", "rec"), coord(FedAvg().init(np.zeros(DIM, np.float32))))))
+    keys, setup, stop_server, pool, devices, channel, stub, runner, out = _by_hand(tmp_path, n)
     try:
-        runner.start()
         tasks = check_in_all(lambda: pool.gateway, stub, devices, _md)
         got = stub.CkksContext(pb.CkksContextRequest(key_id=setup.key_id),
                                metadata=_md("dev-0"), timeout=5)
@@ -251,15 +254,7 @@ def test_a_sum_beyond_what_clipped_uploads_can_make_is_not_committed(tmp_path):
             payload = pack_ciphertexts(encrypt_update(
                 ctx, x, min(examples_of(i), MAX_WEIGHT), clip=1e9 if i == 0 else CLIP,
                 slots=2048))
-            t = tasks[d]
-            header = pb.UploadHeader(device_id=d, round=t.round, base_version=t.model_version,
-                                     upload_key=t.upload_key, num_examples=1,
-                                     total_size=len(payload),
-                                     sha256=hashlib.sha256(payload).digest(),
-                                     ckks_key=setup.key_id)
-            assert stub.Upload(iter([pb.UploadChunk(header=header),
-                                     pb.UploadChunk(data=payload)]),
-                               metadata=_md(d), timeout=10).accepted  # CKKS cannot tell
+            assert _upload(stub, tasks[d], d, payload, setup.key_id).accepted  # CKKS can't tell
         runner.join(timeout=30)
     finally:
         runner.join(timeout=20)
