@@ -281,7 +281,8 @@ def test_key_service_decrypts_only_sums_in_its_own_process():
         expected = 3 * (np.clip(a, -CLIP, CLIP) + np.clip(b, -CLIP, CLIP))
         assert np.abs(total - expected).max() < 1e-6 and round(weight) == 6
         with pytest.raises(PrivacyError, match="already decrypted"):
-            keys.decrypt(summed, 10, 2, round=(3, 7))  # never twice under one round key (the key is the aggregator's: docs/trust.md)
+            # never twice under one round key (the key is the aggregator's: docs/trust.md)
+            keys.decrypt(summed, 10, 2, round=(3, 7))
     finally:
         keys.close()
     assert not keys._proc.is_alive()
