@@ -4,6 +4,7 @@ in-process training, keeps the pool's semantics (time model, uplink state) and f
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -27,10 +28,20 @@ pytestmark = pytest.mark.slow  # a Ray start-up and actors importing PyTorch: ~3
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
+    # on a loaded 2-core box the GCS can take longer than Ray's default 30 s to publish its
+    # port (seen in CI, after the heavy suites): wait longer, and start once more if it fails
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+    try:
+        _start_ray()
+    except Exception:  # noqa: BLE001 -- a second, clean start is the whole remedy
+        ray.shutdown()
+        _start_ray()
     yield
     ray.shutdown()
+
+
+def _start_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 
 
 def _both(overrides: dict, data=None):
