@@ -17,8 +17,8 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from aggregator_harness import (DEVICES, DIM, SECRET, download, get_task, md,  # noqa: E402
-                                running_aggregator, start_round, upload)
+from aggregator_harness import (DEVICES, DIM, SECRET, download, encode,  # noqa: E402
+                                get_task, md, running_aggregator, start_round, upload)
 from shoal.codec import Chain, to_bytes  # noqa: E402
 from shoal.registry import SQLiteRegistry  # noqa: E402
 from shoal.telemetry import PrometheusObserver  # noqa: E402
@@ -62,7 +62,7 @@ def test_a_round_over_grpc_commits_the_weighted_mean(aggregator):
 
 @pytest.mark.parametrize("fault, reason", [
     ("nan", "non_finite"), ("short", "wrong_shape"), ("long", "too_large"),
-    ("checksum", "checksum"), ("truncated", "truncated"), ("stale", "stale"),
+    ("corrupted", "malformed"), ("truncated", "truncated"), ("stale", "stale"),
     ("past_round", "wrong_round"), ("bad_key", "bad_key"), ("huge_norm", "norm_too_large"),
     ("too_large", "too_large"), ("garbage", "malformed"),
 ])
@@ -88,8 +88,12 @@ def test_bad_uploads_are_refused_with_their_reason_and_change_nothing(aggregator
         delta = good[:-1]
     elif fault == "long":
         delta = np.ones(DIM + 1, np.float32)
-    elif fault == "checksum":
-        kw["sha"] = b"\0" * 32
+    elif fault == "corrupted":
+        # one byte flipped after encoding (and a SHA-256 of what is sent): the codec frame's
+        # CRC-32 is the payload's integrity check
+        blob = bytearray(to_bytes(Chain([]).encode(good, np.random.default_rng(0))))
+        blob[100] ^= 0x01
+        kw.update(blob=bytes(blob))
     elif fault == "truncated":
         blob = to_bytes(Chain([]).encode(good, np.random.default_rng(0)))
         kw.update(blob=blob[:-10], total=len(blob), sha=hashlib.sha256(blob).digest())
@@ -128,10 +132,17 @@ def test_replayed_upload_is_answered_once_and_counted_once(aggregator):
     assert upload(stub, "dev-a", tasks["dev-a"], one).accepted  # a retry: same answer
     changed = upload(stub, "dev-a", tasks["dev-a"], one * 2)    # same key, other payload
     assert not changed.accepted and changed.reason == "duplicate"
+    # the header's SHA-256 is the device's fingerprint of its upload (the CRC-32 checks the
+    # bytes): another payload declaring the first one's is answered as the first, and not
+    # counted (a device can only misdescribe its own retry)
+    claimed = hashlib.sha256(encode(one)).digest()
+    assert upload(stub, "dev-a", tasks["dev-a"], one * 3, sha=claimed).accepted
+    assert not upload(stub, "dev-a", tasks["dev-a"], one, sha=b"\1" * 32).accepted
     for d in ("dev-b", "dev-c"):
         assert upload(stub, d, tasks[d], one).accepted
     t.join(timeout=15)
     assert out["record"].accepted == 3
+    np.testing.assert_allclose(out["state"].params, one)  # the first dev-a update only
 
 
 @pytest.mark.parametrize("case", ["missing", "forged", "expired", "other_device"])

@@ -177,7 +177,7 @@ def test_a_model_larger_than_one_message_streams_in_capped_checksummed_chunks(op
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_an_update_streamed_in_chunks_reaches_the_round_only_if_it_matches_its_checksum(
+def test_an_update_streamed_in_chunks_reaches_the_round_only_if_its_bytes_are_intact(
         open_round):
     result, stub = open_round
     task = stub.CheckIn(pb.CheckInRequest(device_id="dev-a"), metadata=md("dev-a"),
@@ -185,18 +185,24 @@ def test_an_update_streamed_in_chunks_reaches_the_round_only_if_it_matches_its_c
     delta = np.full(DIM, 0.25, np.float32)
     blob = encode(delta)
 
-    def upload(sha256: bytes, header_first: bool = True):
+    def upload(sha256: bytes, header_first: bool = True, payload: bytes = blob):
         header = pb.UploadHeader(device_id="dev-a", round=task.round,
                                  base_version=task.model_version, upload_key=task.upload_key,
                                  idempotency_key="once", num_examples=10,
-                                 metrics={"loss": 0.5}, total_size=len(blob), sha256=sha256)
-        parts = [pb.UploadChunk(data=blob[off:off + MAX_CHUNK_BYTES])
-                 for off in range(0, len(blob), MAX_CHUNK_BYTES)]
+                                 metrics={"loss": 0.5}, total_size=len(payload), sha256=sha256)
+        parts = [pb.UploadChunk(data=payload[off:off + MAX_CHUNK_BYTES])
+                 for off in range(0, len(payload), MAX_CHUNK_BYTES)]
         parts.insert(0 if header_first else 1, pb.UploadChunk(header=header))
         return stub.Upload(iter(parts), metadata=md("dev-a"), timeout=10)
 
-    forged = upload(b"\0" * 32)
-    assert (forged.accepted, forged.reason) == (False, "checksum")
+    # a bit flipped in the last chunk, whatever SHA-256 the header declares: the codec
+    # frame's CRC-32 refuses it
+    damaged = bytearray(blob)
+    damaged[-100] ^= 0x10
+    for sha in (hashlib.sha256(blob).digest(), hashlib.sha256(damaged).digest()):
+        refused = upload(sha, payload=bytes(damaged))
+        assert (refused.accepted, refused.reason) == (False, "malformed")
+        assert "checksum" in refused.detail
     headless = upload(hashlib.sha256(blob).digest(), header_first=False)
     assert (headless.accepted, headless.reason) == (False, "malformed")
     assert upload(hashlib.sha256(blob).digest()).accepted

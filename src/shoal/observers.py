@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["CarrierObserver", "Observer", "Observers"]
+__all__ = ["CarrierObserver", "Observer", "Observers", "listens"]
 
 log = logging.getLogger("shoal.observers")
 
@@ -123,3 +123,18 @@ def _fan_out(name: str) -> Callable[..., None]:
 for _cls in (Observer, CarrierObserver):
     for _name in [n for n in vars(_cls) if not n.startswith("_")]:
         setattr(Observers, _name, _fan_out(_name))
+
+
+def listens(observer: object, hook: str) -> bool:
+    """Whether ``observer`` does anything on ``hook``: it has a method of that name other
+    than :class:`Observer`'s and :class:`CarrierObserver`'s no-ops (for :class:`Observers`,
+    one of its members does). A carrier skips preparing a call nobody takes (e.g. looking
+    up a device's task under the gateway's lock only to time its step)."""
+    if isinstance(observer, Observers):
+        return any(listens(o, hook) for o in observer.observers)
+    method = getattr(observer, hook, None)
+    if method is None:
+        return False
+    func = getattr(method, "__func__", method)
+    return func not in (getattr(Observer, hook, None), getattr(CarrierObserver, hook, None))
+

@@ -200,8 +200,12 @@ class Chain:
             e = stage.encode(e, rng)
         return replace(e, spec=self.spec)
 
-    def decode(self, e: Encoded) -> np.ndarray:
+    def decode(self, e: Encoded, *, copy: bool = True) -> np.ndarray:
         """Decode to a fresh, writable float32 vector of length ``e.size``.
+
+        ``copy=False``: a raw chain's result may instead be a view of the payload's own
+        buffer (read-only if the buffer is), for a caller that owns that buffer and never
+        reuses it (the aggregator's received upload: one copy of 0.8 MB less per update).
 
         Raises:
             CodecError: ``e`` was made by another chain, or any field, length, index or scale
@@ -218,8 +222,11 @@ class Chain:
         if not np.isfinite(out).all():
             raise CodecError("chain: payload decodes to non-finite values",
                              reason="non_finite")
-        # Never hand back the payload's own buffer (raw chain) or a read-only wire view.
-        return out.copy() if out is given or not out.flags.writeable else out
+        # Never hand back the payload's own buffer (raw chain) or a read-only wire view,
+        # unless the caller owns that buffer
+        if copy and (out is given or not out.flags.writeable):
+            return out.copy()
+        return out
 
     def check(self, e: Encoded) -> None:
         """Validate the envelope of ``e`` (spec, sizes, field names, meta keys) without decoding."""

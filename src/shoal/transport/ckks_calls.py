@@ -76,7 +76,5 @@ class CkksCalls:
                                      self.clock(), upload_bytes=len(buf))
         except UpdateRejected as exc:
             return self._refuse(exc.reason, exc.detail, header.device_id, rnd, counted=True)
-        finally:
-            self.flush_outcomes()
         self.metrics.bytes_moved("up", len(buf))
         return pb.UploadReply(accepted=True)

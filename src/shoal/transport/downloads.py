@@ -175,7 +175,8 @@ def decode_upload(buf: bytes | bytearray | memoryview, dim: int, expected_chain:
     """Parse and decode an uploaded update, made with the chain the task announced.
 
     Args:
-        buf: the upload's bytes (codec wire format).
+        buf: the upload's bytes (codec wire format); the result may be a view of them, so
+            the caller must not reuse the buffer.
         dim: the model length (the largest element count accepted; the round checks the
             exact shape).
         expected_chain: ``Task.upload_codec`` as sent, in the config's spelling ("" = raw).
@@ -193,7 +194,8 @@ def decode_upload(buf: bytes | bytearray | memoryview, dim: int, expected_chain:
         raise CodecError(f"update was encoded with chain {list(encoded.spec)}, the task "
                          f"announced {expected_chain or 'none'!r} ({list(expected.spec)})",
                          reason="wrong_codec")
-    return got.decode(encoded)
+    # the delta may be a view of ``buf``: the caller's own buffer, received for this upload
+    return got.decode(encoded, copy=False)
 
 
 def upload_limit(dim: int, chain: Chain) -> int:

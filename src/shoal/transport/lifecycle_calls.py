@@ -146,6 +146,4 @@ class LifecycleCalls:
             except UpdateRejected as exc:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"{exc.reason}: {exc.detail}")
-            finally:
-                self.flush_outcomes()
         return pb.Ack()
