@@ -65,6 +65,7 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
         try:
             reply = await stub.CheckIn(pb.CheckInRequest(device_id=dev), metadata=md,
                                        timeout=60)
+            stats["checkins"] += 1
             if reply.WhichOneof("reply") == "come_back":
                 wait = min(max(reply.come_back.at - time.time(), 0.05), 2.0)
                 try:
@@ -122,7 +123,7 @@ async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subproces
     stubs = [pb_grpc.AggregatorStub(c) for c in channels]
     stats = {"accepted": 0, "errors": 0, "bytes_up": 0, "bytes_down": 0, "latency": [],
              "reasons": {}, "rpc_error_times": [], "last_accept": 0.0,
-             "first_accept": 0.0}
+             "first_accept": 0.0, "checkins": 0}
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_device(stubs[i % len(stubs)], pb, dev, tok, payload, sha,
                                          stats, stop, lambda: server.poll() is None))
@@ -241,8 +242,13 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
         time.sleep(0.1)
     peak = {"kb": 0, "dashboard_cpu_s": 0.0}
 
+    ticks: list[tuple[float, float]] = []  # (time, the aggregator's CPU seconds so far)
+
     def rss() -> None:
         try:
+            fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks.append((time.perf_counter(),
+                          (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")))
             for line in open(f"/proc/{server.pid}/status"):
                 if line.startswith("VmHWM:"):
                     peak["kb"] = max(peak["kb"], int(line.split()[1]))
@@ -264,17 +270,29 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
         await w
         return out
 
+    own0 = resource.getrusage(resource.RUSAGE_SELF)
     stats = asyncio.run(main())
+    own1 = resource.getrusage(resource.RUSAGE_SELF)
     out, err = server.communicate(timeout=60)
     if server.returncode != 0:
         raise RuntimeError(err.decode()[-2000:])
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lat = sorted(stats["latency"])
-    extra = {}
+    # CPU per upload while uploads were flowing: the aggregator's (from its CPU time sampled
+    # every 0.5 s between the first and the last accepted upload, at the mean upload rate)
+    # and the load generator's (its whole drive: start-up and the end are small next to it)
+    window = [(t, c) for t, c in ticks if stats["first_accept"] <= t <= stats["last_accept"]]
+    rate = stats["accepted"] / max(stats["last_accept"] - stats["first_accept"], 1e-9)
+    extra = {"aggregator_cpu_ms_per_update_uploading": round(
+                 1e3 * (window[-1][1] - window[0][1]) / (rate * (window[-1][0] - window[0][0])),
+                 3) if len(window) > 1 else None,
+             "loadgen_cpu_ms_per_update": round(1e3 * ((own1.ru_utime - own0.ru_utime)
+                                                       + (own1.ru_stime - own0.ru_stime))
+                                                / max(stats["accepted"], 1), 3)}
     if dashboard:
         hooks = last["changes"] * _hook_seconds()
-        extra = {"dashboard_threads_cpu_s": round(peak["dashboard_cpu_s"], 2),
+        extra |= {"dashboard_threads_cpu_s": round(peak["dashboard_cpu_s"], 2),
                  "dashboard_hook_calls": last["changes"],
                  "dashboard_hooks_cpu_s": round(hooks, 3),
                  "dashboard_share": round((peak["dashboard_cpu_s"] + hooks) / cpu, 4)}
@@ -287,6 +305,8 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
             # from the first accepted upload to the last: without start-up and final evaluation
             "updates_per_s_uploading": round((stats["accepted"] - 1) / max(
                 stats["last_accept"] - stats["first_accept"], 1e-9), 1),
+            # calls besides the uploads (a device told to come back checks in again)
+            "checkins_per_update": round(stats["checkins"] / max(stats["accepted"], 1), 2),
             "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),
             "upload_p50_s": round(statistics.median(lat), 3) if lat else None,
             "upload_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
