@@ -108,6 +108,40 @@ def test_idle_and_stalled_calls_are_cut_after_the_idle_timeout(tmp_path):
         assert out["record"].committed
 
 
+def test_the_idle_timeout_is_between_messages_not_for_the_whole_call(tmp_path):
+    # one timer per call keeps the time (transport/admission._Watch): a sender that stalls
+    # after some of its data is cut, one whose every chunk comes within the timeout is not,
+    # however long its whole upload takes
+    settings = AggregatorSettings(max_active_uploads=2, idle_timeout_s=0.6)
+    with running_aggregator(tmp_path, settings) as (service, stub):
+        t, out = start_round(service)
+        blob = encode(ONE)
+        step = -(-len(blob) // 6)
+        data = [pb.UploadChunk(data=blob[o:o + step]) for o in range(0, len(blob), step)]
+        release = threading.Event()
+
+        def slow(device):
+            yield pb.UploadChunk(header=upload_header(device, get_task(stub, device), blob))
+            for chunk in data:
+                time.sleep(0.3)  # 6 x 0.3 s: three times the timeout in all
+                yield chunk
+
+        try:
+            t0 = time.monotonic()
+            stalled = stub.Upload.future(held_stream(
+                [pb.UploadChunk(header=upload_header("dev-a", get_task(stub, "dev-a"), blob)),
+                 *data[:2]], release), metadata=md("dev-a"), timeout=30)
+            assert stub.Upload(slow("dev-b"), metadata=md("dev-b"), timeout=30).accepted
+            assert time.monotonic() - t0 > 1.5
+            assert _ends_with(stalled) == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            release.set()
+        for d in ("dev-a", "dev-c"):
+            assert upload(stub, d, get_task(stub, d), ONE).accepted
+        t.join(timeout=20)
+        assert out["record"].committed
+
+
 def test_silent_connections_are_closed_after_the_idle_timeout(tmp_path):
     settings = AggregatorSettings(idle_timeout_s=0.5)
     with running_aggregator(tmp_path, settings) as (service, stub):

@@ -22,6 +22,8 @@ after it.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,7 +235,7 @@ def _finite_rows(rows: np.ndarray) -> np.ndarray:
     if rows.dtype == np.float16 or rows.shape[1] == 0:
         return np.isfinite(rows).all(axis=1)
     with np.errstate(over="ignore", invalid="ignore"):
-        finite = np.isfinite(rows @ np.ones(rows.shape[1], rows.dtype))
+        finite = np.isfinite(rows @ _ones(rows.shape[1], rows.dtype))
     if not finite.all():
         suspect = np.flatnonzero(~finite)
         finite[suspect] = np.isfinite(rows[suspect]).all(axis=1)
@@ -402,3 +404,12 @@ def stage_states_from_dict(pipeline: Pipeline, saved: Mapping[str, Any]) -> tupl
         else:
             out.append(s.init())
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only vector of ``n`` ones (the model length's, made once, not per update)."""
+    out = np.ones(n, dtype)
+    out.flags.writeable = False
+    return out
+

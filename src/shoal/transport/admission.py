@@ -117,14 +117,14 @@ def _timed(handler: grpc.RpcMethodHandler, timeout: float, method: str,
         inner = handler.unary_stream
 
         async def unary_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            request = await _one(paced(requests, context), context)
+            request = await _one(requests, context, timeout, method, limit)
             async for response in inner(request, context):
                 yield response
         return _streaming(handler, unary_stream, deserialize)
     inner = handler.unary_unary
 
     async def unary_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await inner(await _one(paced(requests, context), context), context)
+        return await inner(await _one(requests, context, timeout, method, limit), context)
     return _streaming(handler, unary_unary, deserialize)
 
 
@@ -155,32 +155,107 @@ def _bounded(parse: Callable[[bytes], Any] | None, limit: int) -> Callable[[byte
     return deserialize
 
 
-async def _one(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-    """A unary call's request (not waiting for the caller's end of stream after it)."""
+async def _one(requests: Any, context: grpc.aio.ServicerContext, timeout: float,
+               method: str, limit: int | None) -> Any:
+    """A unary call's request, within ``timeout`` and at most ``limit`` bytes (not waiting
+    for the caller's end of stream after it)."""
     try:
-        return await requests.__anext__()
+        async with asyncio.timeout(timeout):
+            message = await requests.__aiter__().__anext__()
     except StopAsyncIteration:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+    except asyncio.TimeoutError:
+        await _idle(context, timeout)
+    if isinstance(message, _TooLarge):
+        await _too_large(context, method, message, limit)
+    return message
 
 
 async def _paced(requests: Any, context: grpc.aio.ServicerContext, timeout: float,
                  method: str, limit: int | None) -> AsyncIterator[Any]:
     """The request stream, each message within ``timeout`` of the previous one (else the
     call is aborted ``DEADLINE_EXCEEDED``) and at most ``limit`` bytes (else
-    ``INVALID_ARGUMENT``)."""
+    ``INVALID_ARGUMENT``).
+
+    The time is kept by one :class:`_Watch` per call, not a timer per message: arming and
+    cancelling an event-loop timer for each of an upload's chunks cost more than reading
+    them."""
     iterator = requests.__aiter__()
-    while True:
-        try:
-            # asyncio.timeout arms a timer on this task; wait_for would start a task per message
-            async with asyncio.timeout(timeout):
+    watch = _Watch(timeout)
+    try:
+        while True:
+            watch.waiting()
+            try:
                 message = await iterator.__anext__()
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"idle: no message from the caller for {timeout:g} s")
-        if isinstance(message, _TooLarge):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"a {method} request of {message.size} bytes is larger than "
-                                f"the {limit} bytes it may take")
-        yield message
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if not watch.cut():
+                    raise
+                await _idle(context, timeout)
+            watch.received()
+            if isinstance(message, _TooLarge):
+                await _too_large(context, method, message, limit)
+            yield message
+    finally:
+        watch.stop()
+
+
+class _Watch:
+    """Whether the call's task has waited ``timeout`` for its caller's next message: one
+    event-loop timer per call, moved on only when it fires; a message costs two stores."""
+
+    __slots__ = ("_loop", "_task", "_timeout", "_since", "_timer", "_fired")
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._timeout = timeout
+        self._since: float | None = None  # when the wait for a message began
+        self._timer: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    def waiting(self) -> None:
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self._timeout, self._check)
+
+    def received(self) -> None:
+        self._since = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._since is None:
+            return  # not waiting: the next wait arms it again
+        due = self._since + self._timeout
+        if self._loop.time() >= due and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
+
+    def cut(self) -> bool:
+        """After a ``CancelledError`` in the wait: whether it was this watch's (then the
+        task is uncancelled, for the call to be aborted as idle)."""
+        if not self._fired or self._task is None:
+            return False
+        self._fired = False
+        self._task.uncancel()
+        return True
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def _idle(context: grpc.aio.ServicerContext, timeout: float) -> None:
+    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"idle: no message from the caller for {timeout:g} s")
+
+
+async def _too_large(context: grpc.aio.ServicerContext, method: str, message: _TooLarge,
+                     limit: int | None) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a {method} request of {message.size} bytes is larger than the "
+                        f"{limit} bytes it may take")
