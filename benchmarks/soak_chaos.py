@@ -88,8 +88,9 @@ class ChaosProxy:
 
 def raw_device(i: int, target: str, token: str, ca: bytes, dim: int, acks, stop, rng,
                events: list) -> None:
-    """A device speaking the gRPC protocol directly: per task it uploads a payload with a
-    wrong SHA-256 and one that is not the codec format (both must be refused), then its
+    """A device speaking the gRPC protocol directly: per task it uploads its payload with a
+    bit flipped (the codec frame's CRC-32 refuses it) and one that is not the codec format
+    (both must be refused), then its
     update ``e_i``, then replays it with the same idempotency key and with a fresh one (both
     answered like the first; the soak's model oracle checks it was counted once). Records its accepted uploads in ``acks`` and each
     task whose every answer was as expected as a ``raw_ok`` event."""
@@ -129,7 +130,9 @@ def raw_device(i: int, target: str, token: str, ca: bytes, dim: int, acks, stop,
                 for _ in stub.Download(pb.DownloadRequest(version=task.model_version),
                                        timeout=10, metadata=meta):
                     pass
-                bad_sha = upload(stub, task, good, secrets.token_hex(16), b"\0" * 32)
+                flipped = bytearray(good)
+                flipped[len(good) // 2] ^= 0x01
+                damaged = upload(stub, task, bytes(flipped), secrets.token_hex(16))
                 garbage = upload(stub, task, secrets.token_bytes(len(good)),
                                  secrets.token_hex(16))
                 key = secrets.token_hex(16)
@@ -141,11 +144,11 @@ def raw_device(i: int, target: str, token: str, ca: bytes, dim: int, acks, stop,
                 # a replay of the task's upload, whatever its idempotency key, is answered
                 # like the first (the task's session de-duplicates); the model shows it was
                 # counted once
-                ok = (not bad_sha.accepted and not garbage.accepted
+                ok = (not damaged.accepted and not garbage.accepted
                       and again.accepted == first.accepted == fresh.accepted)
                 events.append({"t": time.time(), "event": "raw_ok" if ok else "raw_unexpected",
                                "device": name, "round": int(task.round),
-                               "answers": [bad_sha.reason, garbage.reason, first.reason,
+                               "answers": [damaged.reason, garbage.reason, first.reason,
                                            again.reason, fresh.reason]})
         except grpc.RpcError:
             stop.wait(rng.uniform(0.5, 2.0))  # the aggregator restarted, or the proxy cut
