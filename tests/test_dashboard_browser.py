@@ -224,8 +224,12 @@ def _page(driver, name: str) -> None:
 
 
 def _rows(driver, table: str) -> list[list[str]]:
-    return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tr")[1:]]
+    """The table's cells below its header row, read in one script: the page re-renders as
+    data arrives, so elements found one call earlier may be gone (stale) the next."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).slice(1).map("
+        "tr => Array.from(tr.querySelectorAll('td')).map(td => td.innerText.trim()));",
+        f"#{table} tr")
 
 
 def test_the_canary_and_edges_panels_of_recorded_runs(browser, tmp_path):

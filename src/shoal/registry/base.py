@@ -303,6 +303,30 @@ def validate_windows(windows: Sequence[Sequence[int]] | None, *,
     return tuple(out)
 
 
+def to_json(value: object) -> str:
+    """A field as a stored registry keeps it: canonical JSON (sorted keys, no spaces, no
+    NaN)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def enrolment_json(device_id: str, attributes: Mapping[str, Any] | None,
+                   capabilities: Mapping[str, Any] | None,
+                   windows: Sequence[Sequence[int]] | None
+                   ) -> tuple[str | None, str | None, str | None]:
+    """An enrolment's attributes, capabilities and windows, each validated and as stored
+    JSON, ``None`` where not given (the stored value is then kept).
+
+    Raises:
+        RegistryError: a value out of bounds, naming the device and the field.
+    """
+    return (None if attributes is None
+            else to_json(validate_attributes(attributes, device_id=device_id)),
+            None if capabilities is None
+            else to_json(validate_capabilities(capabilities, device_id=device_id)),
+            None if windows is None
+            else to_json(validate_windows(windows, device_id=device_id)))
+
+
 def outcome_kind(outcome: str) -> str:
     """``"accepted"``, ``"rejected"``, ``"dropped"`` or ``"late"`` for a valid outcome."""
     return "rejected" if outcome.startswith(_REJECTED) else outcome

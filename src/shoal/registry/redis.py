@@ -44,12 +44,12 @@ from shoal.registry.base import (
     _validate_round,
     check_batch_size,
     check_limit,
+    enrolment_json,
+    to_json,
     validate_attributes,
-    validate_capabilities,
     validate_device_id,
     validate_device_ids,
     validate_outcome,
-    validate_windows,
 )
 from shoal.registry.columns import Columns, bulk_rows
 
@@ -71,10 +71,6 @@ class RegistryUnavailable(RegistryError):
     def __init__(self, message: str, *, address: str) -> None:
         super().__init__(message)
         self.address = address
-
-
-def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
 def _text(value: bytes | str) -> str:
@@ -202,12 +198,7 @@ class RedisRegistry:
         """Insert or update a device (see :meth:`Registry.enroll`); returns the stored record."""
         device_id = validate_device_id(device_id)
         now = _check_time(now, "now")
-        given = [None if attributes is None else _json(
-                     validate_attributes(attributes, device_id=device_id)),
-                 None if capabilities is None else _json(
-                     validate_capabilities(capabilities, device_id=device_id)),
-                 None if windows is None else _json(
-                     validate_windows(windows, device_id=device_id))]
+        given = enrolment_json(device_id, attributes, capabilities, windows)
         fields = self._run("ENROLL", [self._ids, self._dev + device_id],
                            [device_id, *(g or "" for g in given), repr(now),
                             *("0" if g is None else "1" for g in given)])
@@ -221,7 +212,7 @@ class RedisRegistry:
         ids = validate_device_ids(device_ids)
         args: builtins.list[str | int] = [self._dev, repr(now)]
         for device_id, attrs, wins in bulk_rows(ids, attributes, windows):
-            args += [device_id, _json(attrs), _json(wins)]
+            args += [device_id, to_json(attrs), to_json(wins)]
         taken = self._run("ENROLL_MANY", [self._ids], args)
         if taken:
             first = min(t.decode() for t in taken)

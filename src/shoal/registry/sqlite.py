@@ -55,12 +55,12 @@ from shoal.registry.base import (
     _validate_round,
     check_batch_size,
     check_limit,
+    enrolment_json,
+    to_json,
     validate_attributes,
-    validate_capabilities,
     validate_device_id,
     validate_device_ids,
     validate_outcome,
-    validate_windows,
 )
 from shoal.registry.columns import Columns, bulk_rows
 from shoal.store.disk import disk_failure
@@ -97,10 +97,6 @@ _COLUMNS = "device_id, attributes, capabilities, windows, enrolled_at, last_seen
 # every device with its row number in device-id order (the row of a Columns view)
 _NUMBERED = ("WITH d AS (SELECT attributes, windows, "
              "row_number() OVER (ORDER BY device_id) - 1 AS row FROM devices) ")
-
-
-def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
 
 def _row_to_device(row: Sequence[Any]) -> Device:
@@ -232,12 +228,7 @@ class SQLiteRegistry:
         """Insert or update a device (see :meth:`Registry.enroll`); returns the stored record."""
         device_id = validate_device_id(device_id)
         now = _check_time(now, "now")
-        attrs = None if attributes is None else _json(
-            validate_attributes(attributes, device_id=device_id))
-        caps = None if capabilities is None else _json(
-            validate_capabilities(capabilities, device_id=device_id))
-        wins = None if windows is None else _json(
-            validate_windows(windows, device_id=device_id))
+        attrs, caps, wins = enrolment_json(device_id, attributes, capabilities, windows)
         with self._write():
             self._conn.execute(
                 "INSERT INTO devices (" + _COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, 0) "
@@ -256,7 +247,7 @@ class SQLiteRegistry:
         """Enrol new devices in one transaction (see :meth:`Registry.enroll_many`)."""
         now = _check_time(now, "now")
         ids = validate_device_ids(device_ids)
-        rows = [(device_id, _json(attrs), "{}", _json(wins), now, now)
+        rows = [(device_id, to_json(attrs), "{}", to_json(wins), now, now)
                 for device_id, attrs, wins in bulk_rows(ids, attributes, windows)]
         with self._write():
             taken = self._known(ids)

@@ -56,7 +56,6 @@ import grpc  # type: ignore[import-untyped]
 import numpy as np
 
 from shoal.codec.encoded import as_update
-from shoal.device_sessions import Outcome
 from shoal.device_task import ComeBack, Task, TaskRefused, WeightCap
 from shoal.errors import CodecError, ProtocolError, UpdateRejected
 from shoal.gateway import DeviceGateway
@@ -73,6 +72,7 @@ from shoal.transport.hello import InvalidHello, clips_updates, evaluates, read_h
 from shoal.transport.inbound import Busy, Inbound, Refusal, read_payload
 from shoal.transport.lifecycle_calls import LifecycleCalls, model_chunks
 from shoal.transport.listener import serve
+from shoal.transport.outcomes import write_outcomes
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.revocation import RevocationFile
@@ -278,47 +278,17 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
             gateway.stop(f"storage failed: {error.path}: {error.cause}")
 
     def flush_outcomes(self) -> None:
-        """Write the gateway's device outcomes to the registry (participation, fairness).
-
-        The carrier's driving thread calls this after each pass (at most ``poll_s`` apart)
-        and when the run ends, never a device's call: the outcomes of a pass go in one
-        write per run of the same round and outcome (:func:`_runs`), stamped with the latest
-        of their times, so the registry costs an upload nothing. An outcome the registry refuses (the device was removed)
-        is lost, never silently: it is logged at ERROR as ``registry_error`` with the
-        device, the round, the task, the outcome and the reason, and the other outcomes are
-        still written. A disk that refuses the write stops the aggregator (:meth:`fail`).
-        """
+        """Write the gateway's device outcomes to the registry
+        (:func:`~shoal.transport.outcomes.write_outcomes`): called by the carrier's driving
+        thread after each pass and when the run ends, never in a device's call. A disk that
+        refuses the write stops the aggregator (:meth:`fail`)."""
         gateway = self.gateway
         if gateway is None:
             return
-        for group in _runs(gateway.take_outcomes()):
-            try:
-                try:
-                    self.registry.record_outcomes([o.device_id for o in group], group[0].round,
-                                                  group[0].outcome,
-                                                  now=max(o.now for o in group))
-                    continue
-                except StorageError:
-                    raise
-                except Exception:  # noqa: BLE001 -- e.g. a removed device: one by one, to
-                    pass           # write the others and name (log) the one refused
-                for o in group:
-                    self._record_one(o)
-            except StorageError as exc:
-                self.fail(exc)
-                return
-
-    def _record_one(self, o: Outcome) -> None:
         try:
-            self.registry.record_outcome(o.device_id, o.round, o.outcome, now=o.now)
-        except StorageError:
-            raise
-        except Exception as exc:
-            log.error("registry: could not record %s for device %s in round %d: %s",
-                      o.outcome, o.device_id, o.round, exc,
-                      extra={"fields": {"event": "registry_error", "device": o.device_id,
-                                        "round": o.round, "task": o.task_id,
-                                        "outcome": o.outcome, "error": str(exc)}})
+            write_outcomes(self.registry, gateway.take_outcomes())
+        except StorageError as exc:
+            self.fail(exc)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -564,19 +534,4 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
                  extra={"fields": {"event": "upload_refused", "reason": reason,
                                    "device": device, "round": rnd}})
         return pb.UploadReply(accepted=False, reason=reason, detail=detail)
-
-
-def _runs(outcomes: list[Outcome]) -> list[list[Outcome]]:
-    """``outcomes`` cut, in order, into runs of one round and outcome with no device twice:
-    written run by run, they leave the registry as written one by one would."""
-    runs: list[list[Outcome]] = []
-    devices: set[str] = set()
-    for o in outcomes:
-        if not runs or (runs[-1][0].round, runs[-1][0].outcome) != (o.round, o.outcome) \
-                or o.device_id in devices:
-            runs.append([])
-            devices = set()
-        runs[-1].append(o)
-        devices.add(o.device_id)
-    return runs
 
