@@ -24,7 +24,9 @@ here.
 ``np.add``) driven by the same load generator, ``--repeats`` times, and adds a
 ``load_vs_bare`` line: shoal's uploads per second as a fraction of the bare server's, both
 counted from the first accepted upload to the last (``updates_per_s_uploading``: the servers'
-start-up, shoal's final evaluation and its exit are not ingestion).
+start-up, shoal's final evaluation and its exit are not ingestion). ``--bdp-probe`` runs shoal
+with ``deploy.bdp_probe = true`` (HTTP/2 windows grown to the bandwidth-delay product, as
+the bare server has them, instead of a fixed 64 KiB).
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ import numpy as np
 DIM = 199_210
 
 
-def _config(path: Path, n: int, rounds: int) -> None:
+def _config(path: Path, n: int, rounds: int, bdp_probe: bool = False) -> None:
     path.write_text(
         f"rounds = {rounds}\n[data]\nclients = {n}\n[sampling]\nper_round = {n}\n"
         f"[eval]\nevery = {rounds}\n"
         f"[deploy]\nover_selection = 1.0\nmin_fraction = 0.5\ndeadline_s = 600.0\n"
         f"checkin_interval_s = 1.0\nwait_timeout_s = 300.0\n"
+        f"bdp_probe = {str(bdp_probe).lower()}\n"
         f"[output]\ndir = \"{path.parent / 'runs'}\"\n")
 
 
@@ -202,7 +205,7 @@ def _free_port() -> int:
 
 
 def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
-        channels: int = 8) -> dict:
+        channels: int = 8, bdp_probe: bool = False) -> dict:
     import datetime as dt
     import resource
     import threading
@@ -219,7 +222,7 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
     tokens = {f"d{i:05d}": issue_token(secret, f"d{i:05d}", now=time.time(),
                                        ttl_seconds=7200) for i in range(n)}
     cfg = work / "c.toml"
-    _config(cfg, n, rounds)
+    _config(cfg, n, rounds, bdp_probe)
     env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="1073741824",
                MALLOC_MMAP_THRESHOLD_="1073741824")
     port = _free_port()
@@ -299,6 +302,7 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
     summary = json.loads(out.decode().strip().splitlines()[-1])
     return {"bench": "load_bare" if bare else "load", "devices": n, "rounds": rounds,
             "channels": channels, "dashboard": dashboard,
+            **({} if bare else {"bdp_probe": bdp_probe}),
             "aggregator_cpu_s": round(cpu, 2), **extra,
             "updates": stats["accepted"],
             "updates_per_s": round(stats["accepted"] / stats["seconds"], 1),
@@ -331,6 +335,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bare", action="store_true",
                     help="run each N against shoal and a bare grpc.aio server, alternating, "
                          "and compare uploads per second")
+    ap.add_argument("--bdp-probe", action="store_true",
+                    help="run shoal with deploy.bdp_probe = true (HTTP/2 windows grown to "
+                         "the bandwidth-delay product, not a fixed 64 KiB)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="pairs per N with --dashboard or --bare")
     ap.add_argument("--channels", type=int, default=8,
@@ -342,7 +349,8 @@ def main(argv=None) -> int:
             rates: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(args.repeats):
                 for bare in (True, False):
-                    res = run(n, args.rounds, bare=bare, channels=args.channels)
+                    res = run(n, args.rounds, bare=bare, channels=args.channels,
+                              bdp_probe=args.bdp_probe)
                     print(json.dumps(res), flush=True)
                     rates[bare].append(res["updates_per_s_uploading"])
             ratio = statistics.mean(rates[False]) / statistics.mean(rates[True])
@@ -352,7 +360,8 @@ def main(argv=None) -> int:
                               "shoal_over_bare": round(ratio, 3)}), flush=True)
             continue
         if not args.dashboard:
-            print(json.dumps(run(n, args.rounds, channels=args.channels)), flush=True)
+            print(json.dumps(run(n, args.rounds, channels=args.channels,
+                                 bdp_probe=args.bdp_probe)), flush=True)
             continue
         per_update: dict[bool, list[float]] = {False: [], True: []}
         shares = []

@@ -273,3 +273,21 @@ def test_registry_sampler_applies_a_selection_strategy(tmp_path):
                               lambda: SQLiteRegistry(path), clock=lambda: 3.0)
     picked = sampler.sample(4, np.random.default_rng(0))
     assert [sorted(DEVICES)[i] for i in picked] == ["dev-a", "dev-b"]
+
+
+def test_bdp_probing_is_the_operator_s_choice_and_uploads_go_through_either_way(tmp_path):
+    from shoal.config import load_config
+    from shoal.deploy import settings_from_config
+    from shoal.transport.listener import server_options
+
+    # off by default: a fixed 64 KiB window bounds what a waiting upload buffers
+    assert settings_from_config(load_config(None)).bdp_probe is False
+    assert ("grpc.http2.bdp_probe", 0) in server_options(20.0)
+    on = settings_from_config(load_config(None, {"deploy.bdp_probe": True}))
+    assert on.bdp_probe is True and ("grpc.http2.bdp_probe", 1) in server_options(20.0, True)
+    with running_aggregator(tmp_path, on) as (service, stub):
+        t, out = start_round(service)
+        for d in DEVICES[:3]:
+            assert upload(stub, d, get_task(stub, d), np.full(DIM, 2.0, np.float32)).accepted
+        t.join(timeout=15)
+        np.testing.assert_allclose(out["state"].params, 2.0)

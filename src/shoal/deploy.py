@@ -89,7 +89,8 @@ def settings_from_config(cfg: Config) -> AggregatorSettings:
     return AggregatorSettings(
         max_update_bytes=int(d["max_update_mb"] * (1 << 20)),
         checkin_interval_s=d["checkin_interval_s"],
-        max_active_uploads=d["max_active_uploads"], idle_timeout_s=d["idle_timeout_s"],
+        max_active_uploads=d["max_active_uploads"], bdp_probe=d["bdp_probe"],
+        idle_timeout_s=d["idle_timeout_s"],
         max_weight=d["max_weight"], weight_cap_multiple=d["weight_cap_multiple"],
         roster_wait_s=cfg["secure_aggregation"]["roster_wait_s"],
         stage_timeout_s=cfg["secure_aggregation"]["stage_timeout_s"],

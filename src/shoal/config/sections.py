@@ -374,6 +374,14 @@ class DeployConfig(Section):
                                        min_exclusive=True)
     max_active_uploads: int = option(64, "uploads the aggregator reads at once (the rest wait "
                                      "under flow control: flat memory)", min=1)
+    bdp_probe: bool = option(False, "let gRPC grow each connection's HTTP/2 flow-control "
+                             "window to its bandwidth-delay product: uploads no longer wait "
+                             "for a window update every 64 KiB (needed on high-latency links, "
+                             "where a fixed window caps a stream at 64 KiB per round trip: "
+                             "1.3 MB/s at 50 ms), but an upload waiting "
+                             "for one of max_active_uploads may then hold megabytes of the "
+                             "aggregator's memory instead of 64 KiB: for trusted callers "
+                             "(cross-silo, edge aggregators) only")
     idle_timeout_s: float = option(20.0, "a caller's next message (a request, an upload's "
                                    "header or chunk) must arrive within this, else the call "
                                    "is cut; connections that make no call, or do not finish "

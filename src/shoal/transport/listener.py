@@ -33,21 +33,22 @@ MAX_RECEIVE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
 _SEND_BYTES = 4 << 20  # the devices' channels take up to this (chunks are far smaller)
 
 
-def server_options(idle_timeout_s: float) -> list[tuple[str, int]]:
+def server_options(idle_timeout_s: float, bdp_probe: bool = False
+                   ) -> list[tuple[str, int]]:
     """The gRPC server options of an aggregator: message sizes; ``idle_timeout_s`` as the
     longest a connection may take to finish its TLS and HTTP/2 handshake, or stay open with
-    no call in flight (a device's channel reconnects by itself on its next call); and a fixed
-    HTTP/2 flow-control window (no BDP probing): a stream waiting for an upload slot then
-    holds at most one window (64 KiB) of its sender's data, where BDP probing let each grow to
-    megabytes (measured: 64 waiting streams, +196 MB with probing, +6 MB without). The price
-    is upload throughput on links with a large bandwidth-delay product (64 KiB per round
-    trip and stream)."""
+    no call in flight (a device's channel reconnects by itself on its next call); and, unless
+    ``bdp_probe``, a fixed HTTP/2 flow-control window (no BDP probing): a stream waiting for
+    an upload slot then holds at most one window (64 KiB) of its sender's data, where BDP
+    probing let each grow to megabytes (measured: 64 waiting streams, +196 MB with probing,
+    +6 MB without). The price is upload throughput on high-latency links: 64 KiB per round
+    trip and stream (``deploy.bdp_probe`` lifts it, for trusted callers)."""
     idle_ms = max(1, round(idle_timeout_s * 1000))
     return [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", _SEND_BYTES),
             ("grpc.server_handshake_timeout_ms", idle_ms),
             ("grpc.max_connection_idle_ms", idle_ms),
-            ("grpc.http2.bdp_probe", 0)]
+            ("grpc.http2.bdp_probe", int(bdp_probe))]
 
 
 def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
@@ -81,7 +82,8 @@ def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
     state: dict = {}
 
     async def main() -> None:
-        server = grpc.aio.server(options=server_options(idle), interceptors=[Admission(
+        server = grpc.aio.server(options=server_options(
+            idle, service.settings.bdp_probe), interceptors=[Admission(
             service.gate, idle, service.clock, service.REQUEST_BYTES)])
         pb_grpc.add_AggregatorServicer_to_server(service, server)
         address = f"{host}:{port}"

@@ -102,6 +102,9 @@ class AggregatorSettings:
         max_active_uploads: uploads read at once; the rest wait (HTTP/2 flow control holds
             their bytes on the devices), so the server's memory stays flat however many
             devices upload together.
+        bdp_probe: HTTP/2 windows grown to each connection's bandwidth-delay product instead
+            of a fixed 64 KiB (:func:`~shoal.transport.listener.server_options`): faster
+            uploads, but a waiting upload may buffer a whole window (trusted callers only).
         idle_timeout_s: longest wait for a caller's next message (a unary request, a
             stream's header, each chunk), and for a connection to finish its handshake or
             make a call; an idle call ends ``DEADLINE_EXCEEDED``, an idle connection closes.
@@ -134,6 +137,7 @@ class AggregatorSettings:
     idle_retry_s: float = 2.0
     checkin_interval_s: float = 5.0
     max_active_uploads: int = 64
+    bdp_probe: bool = False
     idle_timeout_s: float = 20.0
     max_weight: int = 0
     weight_cap_multiple: float = 4.0
