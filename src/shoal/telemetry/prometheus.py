@@ -36,6 +36,7 @@ import asyncio
 import math
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import prometheus_client as prom
 
@@ -58,6 +59,7 @@ class PrometheusObserver(CarrierObserver):
 
     def __init__(self, registry: prom.CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else prom.CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.rounds = prom.Counter("shoal_rounds_total", "rounds by outcome", ["outcome"],
                                    registry=r)
@@ -132,7 +134,7 @@ class PrometheusObserver(CarrierObserver):
         self.asked.inc(clients)
 
     def update_accepted(self, task_id: int, clients: int, staleness: int, now: float) -> None:
-        self.updates.labels("accepted", "").inc(clients)
+        self._child(self.updates, "accepted", "").inc(clients)
         for _ in range(clients):  # a histogram counts observations one at a time
             self.staleness.observe(staleness)
 
@@ -167,10 +169,19 @@ class PrometheusObserver(CarrierObserver):
         self.refused.labels(reason).inc()
 
     def checked_in(self, answer: str) -> None:
-        self.checkins.labels(answer).inc()
+        self._child(self.checkins, answer).inc()
 
     def bytes_moved(self, direction: str, n: int) -> None:
-        self.bytes.labels(direction).inc(n)
+        self._child(self.bytes, direction).inc(n)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: the hooks a device's every call
+        makes (check-in answers, bytes, accepted updates) take a bounded set of labels."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def uploads_active(self, delta: int) -> None:
         self.active.inc(delta)

@@ -64,6 +64,8 @@ class Admission(grpc.aio.ServerInterceptor):
                  max_request_bytes: Mapping[str, int] | None = None) -> None:
         self.gate, self.idle_timeout_s, self.clock = gate, float(idle_timeout_s), clock
         self.max_request_bytes = dict(max_request_bytes or {})
+        # method -> (the servicer's handler, it wrapped): built once per method, not per call
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -78,8 +80,13 @@ class Admission(grpc.aio.ServerInterceptor):
         except CallRefused as exc:
             return _refusing(handler, exc)
         method = handler_call_details.method.rpartition("/")[2]
-        return _timed(handler, self.idle_timeout_s, method,
-                      self.max_request_bytes.get(method))
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _timed(handler, self.idle_timeout_s, method,
+                         self.max_request_bytes.get(method))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def _refusing(handler: grpc.RpcMethodHandler, refused: CallRefused) -> grpc.RpcMethodHandler:

@@ -302,7 +302,9 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
         Returns the token's device."""
         if self.failure is not None:
             await self._unavailable(context)
-        pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
+        # the client certificate matters only with mutual TLS (auth_context builds a dict)
+        pems = ((context.auth_context() or {}).get("x509_pem_cert") or [b""]) \
+            if self.gate.bind_to_certificates else [b""]
         try:
             return self.gate.check(context.invocation_metadata() or (), pems[0], device_id,
                                    scope, self.clock())
