@@ -96,6 +96,8 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
                 stats["accepted"] += 1
                 stats["bytes_up"] += len(payload)
                 stats["last_accept"] = time.perf_counter()
+                span = stats["rounds"].setdefault(task.round, [stats["last_accept"]] * 2)
+                span[1] = stats["last_accept"]
                 stats["first_accept"] = stats["first_accept"] or stats["last_accept"]
             elif res.reason != "late":
                 stats["errors"] += 1
@@ -126,7 +128,7 @@ async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subproces
     stubs = [pb_grpc.AggregatorStub(c) for c in channels]
     stats = {"accepted": 0, "errors": 0, "bytes_up": 0, "bytes_down": 0, "latency": [],
              "reasons": {}, "rpc_error_times": [], "last_accept": 0.0,
-             "first_accept": 0.0, "checkins": 0}
+             "first_accept": 0.0, "checkins": 0, "rounds": {}}
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_device(stubs[i % len(stubs)], pb, dev, tok, payload, sha,
                                          stats, stop, lambda: server.poll() is None))
@@ -309,6 +311,11 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
             # from the first accepted upload to the last: without start-up and final evaluation
             "updates_per_s_uploading": round((stats["accepted"] - 1) / max(
                 stats["last_accept"] - stats["first_accept"], 1e-9), 1),
+            # the time between a round's last accepted upload and the next one's first: the
+            # round's commit, the next task, and devices coming back for it
+            "round_gaps_s": [round(b[0] - a[1], 2) for a, b in zip(
+                [stats["rounds"][r] for r in sorted(stats["rounds"])][:-1],
+                [stats["rounds"][r] for r in sorted(stats["rounds"])][1:])],
             # calls besides the uploads (a device told to come back checks in again)
             "checkins_per_update": round(stats["checkins"] / max(stats["accepted"], 1), 2),
             "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),
