@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config import Config
-from shoal.config.sections import DashboardConfig
+from shoal.config.operations import DashboardConfig
 from shoal.errors import ConfigError
 from shoal.observers import Observer
 

@@ -1,9 +1,12 @@
 """Run configuration: one TOML file, read into typed, frozen sections that also write the docs.
 
-Every key is a field of a frozen dataclass, one per TOML table (:mod:`shoal.config.sections`;
-the top-level keys and the tables themselves are :class:`Config`), declared with its type,
-default, allowed range and a one-line doc. Loading rejects unknown keys (suggesting the
-closest existing one) and out-of-range values with a message naming the key and the bound.
+Every key is a field of a frozen dataclass, one per TOML table (training and simulation in
+:mod:`shoal.config.sections`, secure aggregation, privacy, robustness and attacks in
+:mod:`shoal.config.protection`, deployment, operations and topology in
+:mod:`shoal.config.operations`; the top-level keys and the tables themselves are
+:class:`Config`), declared with its type, default, allowed range and a one-line doc.
+Loading rejects unknown keys (suggesting the closest existing one) and out-of-range values
+with a message naming the key and the bound.
 ``shoal config`` and ``docs/configuration.md`` are generated from the same fields (a test keeps
 the page in sync), so they list exactly the options that exist.
 
@@ -21,18 +24,16 @@ from __future__ import annotations
 from shoal.config.render import config_markdown, to_toml
 from shoal.config.root import SCHEMA, Config, load_config, parse_config
 from shoal.config.schema import Option, Section
+from shoal.config.operations import DeployConfig, OutputConfig
+from shoal.config.protection import PrivacyConfig, SecureAggregationConfig
 from shoal.config.sections import (
     ClientConfig,
     CompressionConfig,
     DataConfig,
-    DeployConfig,
     EvalConfig,
     ModelConfig,
-    OutputConfig,
-    PrivacyConfig,
     RoundConfig,
     SamplingConfig,
-    SecureAggregationConfig,
     SimConfig,
     StrategyConfig,
 )

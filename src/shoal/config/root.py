@@ -14,25 +14,31 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config.schema import Option, Section, option, options_of, section, sections_of
+# sections register in import order, which the "did you mean" of an unknown key follows
+# where a key name is in two tables (max_weight, rule, trim): keep protection before operations
 from shoal.config.sections import (
-    AttackConfig,
     ClientConfig,
     CompressionConfig,
-    DashboardConfig,
     DataConfig,
-    DeployConfig,
     EvalConfig,
-    GossipConfig,
-    HierarchyConfig,
     ModelConfig,
-    OutputConfig,
-    PrivacyConfig,
-    RobustConfig,
     RoundConfig,
     SamplingConfig,
-    SecureAggregationConfig,
     SimConfig,
     StrategyConfig,
+)
+from shoal.config.protection import (
+    AttackConfig,
+    PrivacyConfig,
+    RobustConfig,
+    SecureAggregationConfig,
+)
+from shoal.config.operations import (
+    DashboardConfig,
+    DeployConfig,
+    GossipConfig,
+    HierarchyConfig,
+    OutputConfig,
     TracingConfig,
 )
 from shoal.errors import ConfigError
