@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from shoal.cli.options import add_run_options, config_from_args
 from shoal.errors import ConfigError
-from shoal.registry.base import (MAX_WINDOWS, MINUTES_PER_WEEK, RegistryError,
-                                 validate_attributes)
+from shoal.registry.validation import (MAX_WINDOWS, MINUTES_PER_WEEK, RegistryError,
+                                       validate_attributes)
 
 # the stages of a secure-aggregation round after which --die-after kills the process
 SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmasking")

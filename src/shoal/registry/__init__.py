@@ -8,15 +8,17 @@ simulation, and :class:`shoal.registry.redis.RedisRegistry` one shared by severa
 """
 
 from shoal.registry.base import (
-    MINUTES_PER_WEEK,
-    AttrValue,
     Device,
     Outcome,
     Registry,
-    RegistryError,
     UnknownDevice,
     minute_of_week,
     outcome_kind,
+)
+from shoal.registry.validation import (
+    MINUTES_PER_WEEK,
+    AttrValue,
+    RegistryError,
     validate_attributes,
     validate_capabilities,
     validate_device_id,

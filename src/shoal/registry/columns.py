@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shoal.registry.base import (
+from shoal.registry.base import Device, minute_of_week
+from shoal.registry.validation import (
     MAX_ID_LENGTH,
     AttrValue,
-    Device,
     RegistryError,
     _attr_value,
-    minute_of_week,
     validate_attributes,
     validate_device_id,
     validate_windows,

@@ -31,11 +31,13 @@ from typing import Any
 import numpy as np
 
 from shoal.registry.base import (
-    AttrValue,
     Device,
     Outcome,
-    RegistryError,
     UnknownDevice,
+)
+from shoal.registry.validation import (
+    AttrValue,
+    RegistryError,
     _check_time,
     _validate_round,
     check_batch_size,

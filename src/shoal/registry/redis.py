@@ -35,11 +35,13 @@ import redis as redis_py
 
 from shoal.registry import redis_scripts as lua
 from shoal.registry.base import (
-    AttrValue,
     Device,
     Outcome,
-    RegistryError,
     UnknownDevice,
+)
+from shoal.registry.validation import (
+    AttrValue,
+    RegistryError,
     _check_time,
     _validate_round,
     check_batch_size,

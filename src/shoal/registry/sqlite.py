@@ -30,7 +30,7 @@ refuses (full, read-only, failing) is rolled back and raised as
 :class:`~shoal.store.disk.StorageError` naming the file, whichever method wrote.
 
 Every statement is parameterized; attribute names are additionally restricted to a plain
-alphabet by :func:`~shoal.registry.base.validate_attributes`, so JSON paths are safe.
+alphabet by :func:`~shoal.registry.validation.validate_attributes`, so JSON paths are safe.
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from shoal.registry.base import (
-    AttrValue,
     Device,
     Outcome,
-    RegistryError,
     UnknownDevice,
+)
+from shoal.registry.validation import (
+    AttrValue,
+    RegistryError,
     _check_time,
     _validate_round,
     check_batch_size,

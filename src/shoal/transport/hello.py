@@ -2,7 +2,7 @@
 
 A ``HelloRequest`` carries the device's attributes (for stratified selection), capabilities,
 availability windows and runtime version. :func:`read_hello` checks every field with the
-registry's own validators (:mod:`shoal.registry.base`) and the two the aggregator reads
+registry's own validators (:mod:`shoal.registry.validation`) and the two the aggregator reads
 itself:
 
 * ``runtime_version``: empty (unknown) or ``NAME/MAJOR`` (``shoal-client/3``). Only a
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.errors import ShoalError
-from shoal.registry.base import (AttrValue, RegistryError, validate_attributes,
-                                 validate_capabilities, validate_windows)
+from shoal.registry.validation import (AttrValue, RegistryError, validate_attributes,
+                                       validate_capabilities, validate_windows)
 
 __all__ = ["CLIPPING_RUNTIME", "EVALUATING_RUNTIME", "Hello", "InvalidHello", "clips_updates",
            "evaluates", "read_hello"]
