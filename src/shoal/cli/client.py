@@ -16,7 +16,7 @@ from shoal.registry.validation import (MAX_WINDOWS, MINUTES_PER_WEEK, RegistryEr
 SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmasking")
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "client", help="run one device: check in, train on local data, upload, repeat",
         description="The device runtime on the reference data: client INDEX of the config's "
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from shoal.build import load_data
+    from shoal.data import FederatedData
     from shoal.training import LocalTrainConfig
     from shoal.transport.client import DeviceClient
     from shoal.transport.reference import fmnist_evaluate_fn, fmnist_train_fn
@@ -99,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         client_cert = _client_certificate(args.cert, args.key, device)
     cfg = config_from_args(args)
     data = load_data(cfg)
+    if not isinstance(data, FederatedData):
+        raise ConfigError("shoal client trains a client of the config's partition; "
+                          "data.population = 'generated' (clients made on demand) is for "
+                          "simulation only", key="data.population")
     if not 0 <= args.index < data.num_clients:
         raise ConfigError(f"--index {args.index} is not a client of this config (0 .. "
                           f"{data.num_clients - 1})", key="index")
