@@ -72,6 +72,7 @@ def test_run_writes_a_complete_run_directory_and_json_summary(tmp_path, capsys):
       "--key", "c.key"], "a client certificate needs TLS: give --ca too"),
     (["client", "--server", "localhost:1", "--token", "t", "--index", "0", "--set",
       "data.population=\"generated\""], "data.population = 'generated'"),
+    (["serve", "--set", "data.population=\"generated\""], "data.population = 'generated'"),
 ])
 def test_bad_configuration_exits_2_with_a_message_naming_the_key(argv, phrase, capsys):
     assert main(argv) == 2

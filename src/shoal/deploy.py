@@ -274,7 +274,7 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
 
     Raises:
         ConfigError: insecure serving on a non-loopback address, mutual TLS without TLS,
-            local DP (which devices do not apply yet), CKKS aggregation with DP (devices
+            a generated population (simulation only), local DP (which devices do not apply yet), CKKS aggregation with DP (devices
             clip per coordinate for CKKS, not to an L2 norm) or with a roster whose sum
             could exceed what decrypts, an upload codec with secure aggregation (its
             compression is ``secure_aggregation.encoding = 'rotated'``), so many SecAgg
@@ -293,6 +293,11 @@ def check_deployable(cfg: Config, *, tls: bool, mutual_tls: bool = False) -> Non
     if mutual_tls and not tls:
         raise ConfigError("mutual TLS (--client-ca) needs the server's certificate "
                           "directory (--certs)", key="client_ca")
+    if cfg["data"]["population"] == "generated":
+        raise ConfigError("data.population = 'generated' makes clients on demand in "
+                          "simulation; a deployment's clients are its devices (and the "
+                          "reference devices train clients of a fixed partition)",
+                          key="data.population")
     if cfg["privacy"]["placement"] == "local":
         raise ConfigError("the device runtime does not yet apply local DP; run it in "
                           "simulation (shoal run) or use privacy.placement = 'central'",
