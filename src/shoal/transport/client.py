@@ -27,7 +27,8 @@ spelling of ``compression.upload``) through the simulator's :class:`~shoal.uplin
 with ``Task.error_feedback`` keeps the residual of what compression dropped across rounds (in
 memory: a restarted runtime starts from no residual, and a change of chain drops it). A task
 with ``clip_norm`` > 0 (central DP) has the update clipped to that L2 norm and weighed as one
-example before it is encoded or masked.
+example before it is encoded or masked. Training, clipping, encoding and the upload streams are
+:mod:`shoal.transport.device_updates`.
 
 Resilience: an RPC that fails with a transient status (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
 ``RESOURCE_EXHAUSTED``, ``ABORTED``, ``CANCELLED``, ``UNKNOWN``: a busy, restarting or failing
@@ -46,14 +47,11 @@ errors) is :mod:`shoal.transport.device_api`. Time comes from the injected ``clo
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import logging
 import random
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
 from typing import TypeVar
@@ -61,21 +59,19 @@ from typing import TypeVar
 import grpc  # type: ignore[import-untyped]
 import numpy as np
 
-from shoal.codec import STAGES, Chain
-from shoal.errors import CodecError, ConfigError, SpecError, UpdateRejected
+from shoal.codec import STAGES
+from shoal.errors import CodecError, ConfigError
 from shoal.lifecycle.signing import SignatureRejected, TrustedKey
-from shoal.privacy.dp import clip_to_norm
 from shoal.transport.channel import (MAX_CHUNK_BYTES, backoff_delay, is_transient, make_channel,
                                      refuses_credentials)
 from shoal.transport.device_api import (ClientStats, CredentialsRejected, DownloadRefused,
-                                        EvaluateFn, TaskAbandoned, TrainFn, TrainResult,
-                                        TransportError)
+                                        EvaluateFn, TaskAbandoned, TrainFn, TransportError)
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.ckks_device import CkksEncryptor
 from shoal.transport.secure_round import SecAggParticipant
 from shoal.transport.device_models import DeviceModels
-from shoal.uplink import Uplink
+from shoal.transport.device_updates import DeviceUpdates
 
 __all__ = ["RUNTIME_VERSION", "DeviceClient"]
 
@@ -190,22 +186,16 @@ class DeviceClient:
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._channel = make_channel(target, root_certificates, client_cert)
         self._stub = pb_grpc.AggregatorStub(self._channel)
-        self._train, self._evaluate = train, evaluate
+        self._evaluate = evaluate
         self._attributes = dict(attributes)
         self._examples = examples
         self._windows = tuple((int(s), int(e)) for s, e in windows)
-        self.chunk_size = chunk_size
         self._clock, self._sleep = clock, sleep
         self._rng = rng if rng is not None else random.Random()
-        self._codec_rng = codec_rng if codec_rng is not None else (
-            lambda _round: np.random.default_rng())
-        self._uplink: Uplink | None = None  # the task's chain and this device's residual
-        self._uplink_key: tuple[str, bool, int] | None = None
         self.max_backoff_s, self.max_wait_s, self.min_wait_s = max_backoff_s, max_wait_s, min_wait_s
         self.max_model_bytes = max_model_bytes
         self.max_elements = max_model_bytes // 4 if max_elements is None else max_elements
         self.max_retries = max_retries
-        self.timeout_s, self.transfer_timeout_s = timeout_s, transfer_timeout_s
         self._log = log or logging.getLogger("shoal.client")
         self._stats = ClientStats()
         self._failures = 0
@@ -214,14 +204,21 @@ class DeviceClient:
         self._stop: threading.Event | None = None
         self.served_every_s = served_every_s
         self._next_served = -float("inf")
+        self._updates = DeviceUpdates(
+            device_id, self._stub, self._metadata, self._task_rpc,
+            lambda attempt: self._wait(self._backoff(attempt)), train=train, stats=self._stats,
+            codec_rng=codec_rng if codec_rng is not None else (
+                lambda _round: np.random.default_rng()),
+            chunk_size=chunk_size, timeout_s=timeout_s, transfer_timeout_s=transfer_timeout_s,
+            log=self._log)
         self._models = DeviceModels(
             device_id, self._stub, self._metadata, self._rpc, self._task_rpc,
             lambda attempt: self._wait(self._backoff(attempt)), trusted=trusted_key,
             stats=self._stats, max_model_bytes=max_model_bytes, max_elements=self.max_elements,
             chunk_size=chunk_size, timeout_s=timeout_s, transfer_timeout_s=transfer_timeout_s,
             max_download_attempts=max_download_attempts, log=self._log)
-        self._secagg = SecAggParticipant(device_id, send=self._secagg_send,
-                                         train=self._train_checked, stats=self._stats,
+        self._secagg = SecAggParticipant(device_id, send=self._updates.send_secagg,
+                                         train=self._updates.train, stats=self._stats,
                                          log=self._log, after_stage=after_stage,
                                          min_noise=min_noise)
         self._ckks = CkksEncryptor(lambda key: self._task_rpc(
@@ -242,8 +239,35 @@ class DeviceClient:
     def residual(self) -> np.ndarray | None:
         """A copy of the error-feedback residual carried into the next upload (``None``
         without error feedback or before the first compressed upload)."""
-        r = self._uplink.residuals.get(0) if self._uplink is not None else None
-        return None if r is None else r.copy()
+        return self._updates.residual
+
+    # the bounds the uploads use, settable as before the uploads moved to DeviceUpdates
+    @property
+    def chunk_size(self) -> int:
+        """Upload chunk bytes, also the preferred download chunk size."""
+        return self._updates.chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int) -> None:
+        self._updates.chunk_size = value
+
+    @property
+    def timeout_s(self) -> float:
+        """Deadline of each unary RPC."""
+        return self._updates.timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        self._updates.timeout_s = value
+
+    @property
+    def transfer_timeout_s(self) -> float:
+        """Deadline of each Download/Upload/SecAgg stream."""
+        return self._updates.transfer_timeout_s
+
+    @transfer_timeout_s.setter
+    def transfer_timeout_s(self, value: float) -> None:
+        self._updates.transfer_timeout_s = value
 
     @property
     def held_version(self) -> int:
@@ -393,105 +417,13 @@ class DeviceClient:
             self._secagg.run(task, params)
             return
         if task.kind == "ckks":  # the server adds ciphertexts; a key holder decrypts the sum
-            result = self._train_checked(params, task)
-            self._upload(task, result, self._ckks.encrypt(task.ckks, result.delta,
+            result = self._updates.train(params, task)
+            self._updates.upload(task, result, self._ckks.encrypt(task.ckks, result.delta,
                                                           int(result.num_examples)),
                          ckks_key=task.ckks.key_id)
             return
-        result = self._train_checked(params, task)
-        self._upload(task, result, self._encode_update(task, np.asarray(result.delta)))
-
-    def _encode_update(self, task: pb.Task, delta: np.ndarray) -> bytes:
-        """The update in the task's chain, through the device's one-client uplink (the
-        simulator's code: same chain objects, residual rule and wire format)."""
-        key = (task.upload_codec, bool(task.error_feedback), int(delta.size))
-        if self._uplink is None or self._uplink_key != key:
-            try:
-                chain = Chain.parse(task.upload_codec, key="task.upload_codec")
-            except ConfigError as exc:
-                raise TaskAbandoned(f"cannot use the task's upload codec: {exc}") from None
-            if self._uplink is not None and self._uplink.residuals:
-                self._log.info("upload codec is now %r (error feedback %s): residual dropped",
-                               task.upload_codec, task.error_feedback)
-            self._uplink = Uplink(int(delta.size), chain, error_feedback=key[1])
-            self._uplink_key = key
-        try:
-            return self._uplink.encode(0, delta, self._codec_rng(int(task.round)))
-        except CodecError as exc:  # e.g. training diverged to NaN: never upload it
-            raise TaskAbandoned(f"update cannot be encoded: {exc}") from None
-
-    def _train_checked(self, params: np.ndarray, task: pb.Task) -> TrainResult:
-        result = self._train(params, dict(task.settings), int(task.round))
-        delta = np.asarray(result.delta)
-        if delta.shape != params.shape:
-            raise SpecError(f"train returned a delta of shape {delta.shape}, the model has "
-                            f"shape {params.shape}")
-        if task.clip_norm > 0:
-            # central DP: this device's influence is bounded here, before encoding or
-            # masking (under secure aggregation the server never sees the update to clip it)
-            try:
-                clipped, _, _ = clip_to_norm(delta.astype(np.float32, copy=False),
-                                             float(task.clip_norm))
-            except UpdateRejected as exc:
-                raise TaskAbandoned(f"update cannot be clipped: {exc}") from None
-            result = replace(result, delta=clipped,
-                             num_examples=1 if result.num_examples > 0 else 0)
-        return result
-
-    # ----------------------------------------------------------------- transfers
-
-    def _secagg_send(self, header: pb.SecAggHeader, masked: bytes) -> pb.SecAggReply:
-        """The RPC of :class:`~shoal.transport.secure_round.SecAggParticipant`: the streaming
-        SecAgg call when it carries a masked input, SecAggStep otherwise."""
-        self._stats.bytes_up += header.ByteSize()  # keys and shares are the payload here
-        if masked:
-            reply = self._task_rpc("SecAgg", lambda: self._stub.SecAgg(
-                self._chunks(pb.SecAggChunk, header, masked), timeout=self.transfer_timeout_s,
-                metadata=self._metadata))
-        else:
-            reply = self._task_rpc("SecAggStep", lambda: self._stub.SecAggStep(
-                header, timeout=self.timeout_s, metadata=self._metadata))
-        self._stats.bytes_down += reply.ByteSize()
-        return reply
-
-    def _chunks(self, chunk_type, header, payload: bytes) -> Iterator:
-        """``chunk_type(header=...)``, then the payload in ``chunk_size`` pieces (counted in
-        ``bytes_up`` as they are sent): the body of a streaming Upload or SecAgg call."""
-        yield chunk_type(header=header)
-        for off in range(0, len(payload), self.chunk_size):
-            data = payload[off:off + self.chunk_size]
-            self._stats.bytes_up += len(data)
-            yield chunk_type(data=data)
-
-    def _upload(self, task: pb.Task, result: TrainResult, payload: bytes, *,
-                ckks_key: bytes = b"") -> None:
-        header = pb.UploadHeader(
-            device_id=self.device_id, round=task.round, base_version=task.model_version,
-            upload_key=task.upload_key, idempotency_key=secrets.token_hex(16),
-            num_examples=int(result.num_examples),
-            metrics={k: float(v) for k, v in result.metrics.items()},
-            total_size=len(payload), sha256=hashlib.sha256(payload).digest(),
-            ckks_key=ckks_key)
-
-        for attempt in itertools.count():
-            reply = self._task_rpc("Upload", lambda: self._stub.Upload(
-                self._chunks(pb.UploadChunk, header, payload),
-                timeout=self.transfer_timeout_s, metadata=self._metadata))
-            if reply.accepted or reply.reason:
-                break
-            # Refused without a reason: a server-side transport failure; retry, same key.
-            self._log.warning("upload refused without a reason (%s); retrying", reply.detail)
-            self._stats.reconnects += 1
-            self._wait(self._backoff(attempt))
-        self._stats.rounds_trained += 1
-        if reply.accepted:
-            self._stats.uploads_accepted += 1
-            self._log.info("round %d: update accepted (%d examples)", task.round,
-                           result.num_examples)
-        else:
-            self._stats.rejections[reply.reason] = self._stats.rejections.get(reply.reason, 0) + 1
-            self._log.warning("round %d: update rejected (%s): %s", task.round, reply.reason,
-                              reply.detail)
+        result = self._updates.train(params, task)
+        self._updates.upload(task, result, self._updates.encode(task, np.asarray(result.delta)))
 
     def _task_rpc(self, method: str, call: Callable[[], _T]) -> _T:
         """:meth:`_rpc` within a task: an unexpected status (e.g. the version is gone, the
