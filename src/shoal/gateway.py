@@ -38,15 +38,14 @@ same versions either way. It reads no clock (every call takes ``now``) and opens
 Threads: every method takes the gateway's lock, so handlers may call it concurrently. The
 commands that do I/O (persisting and evaluating a version, the run's end) and every command
 after them are queued in order and carried out by :meth:`carry_out` *outside* the lock, by
-one driving thread: a new task opens only after the version it trains is persisted, while
-devices keep being answered.
+one driving thread (:meth:`run`): a new task opens only after the version it trains is
+persisted, while devices keep being answered. That driving half -- the commands, the backlog,
+the timers of :meth:`tick` and the loop -- is :class:`~shoal.device_commands.CommandDesk`.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
-import math
 import threading
 import time
 from collections import Counter, deque
@@ -57,6 +56,7 @@ import numpy as np
 
 from shoal.coordinator import Coordinator
 from shoal.device_ckks import CkksDeviceRound, CkksSetup
+from shoal.device_commands import SECURE_SESSIONS, CommandDesk
 from shoal.device_secagg import SecAggDeviceRound
 from shoal.device_eval import EvalDesk, EvalSession
 from shoal.device_secure import SecureDesk
@@ -65,10 +65,7 @@ from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadRes
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.evaluation import EvalResult
 from shoal.observers import CarrierObserver, Observer
-from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
-                          CommitVersion, Finished, SendTask, Tick, UpdateRefused,
-                          UpdatesArrived, WakeAt)
-from shoal.records import RoundRecord
+from shoal.events import ClientsFailed, ClientUpdate, Command, UpdateRefused, UpdatesArrived
 from shoal.strategy import ServerState
 
 if TYPE_CHECKING:  # annotation only: the caller builds the secure rule (and loads its module)
@@ -78,11 +75,8 @@ __all__ = ["DeviceGateway", "GatewaySettings", "Outcome"]
 
 log = logging.getLogger("shoal.aggregator")
 
-_IO = (CommitVersion, AbortRound, Finished)
-_SECURE = (SecAggDeviceRound, CkksDeviceRound)  # sessions that aggregate themselves
 
-
-class DeviceGateway(EvalDesk, SecureDesk):
+class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
     """Devices behind a coordinator (see the module docstring).
 
     Args:
@@ -197,16 +191,6 @@ class DeviceGateway(EvalDesk, SecureDesk):
         with self.lock:
             return self.sessions.take_outcomes()
 
-    def next_wake(self) -> float | None:
-        """When :meth:`tick` next has something to do (a coordinator timer or a secure
-        stage's deadline), or ``None``."""
-        with self.lock:
-            times = list(self._timers[:1])
-            for s in self.sessions.all():
-                if isinstance(s, _SECURE) and not s.status().done:
-                    times.append(s.roster_deadline if s.phase == "roster" else s.stage_deadline)
-            return min(times) if times else None
-
     # -- device calls --------------------------------------------------------------------------
 
     def check_in(self, device_id: str, now: float, *, clips: bool = True,
@@ -275,7 +259,7 @@ class DeviceGateway(EvalDesk, SecureDesk):
             if s is None:
                 raise self._count(UpdateRejected("not_selected", "the device has no task",
                                                  client_id=device_id, round=round), -1, now)
-            if isinstance(s, _SECURE):
+            if isinstance(s, SECURE_SESSIONS):
                 raise self._count(UpdateRejected(
                     "wrong_task", "this round aggregates securely: send the masked input "
                     "with the SecAgg call, or the ciphertexts of a CKKS round",
@@ -344,23 +328,13 @@ class DeviceGateway(EvalDesk, SecureDesk):
                           f"differential privacy), which this device's runtime does not "
                           f"declare it does: update it to shoal-client/3 or later")
 
-    def stop(self, reason: str) -> None:
-        """End the run now (thread-safe): the driving thread's :meth:`run` returns
-        ``reason`` once the command it is carrying out (if any) is done; the backlog is
-        dropped, sessions close, devices are told to come back later."""
-        with self.changed:
-            self._backlog.clear()
-            if not self.finished:
-                self._finish(reason)
-            self.changed.notify_all()
-
     def heartbeat(self, device_id: str, round: int, now: float) -> bool:
         """Whether the device's task is still open (a device may stop training if not)."""
         with self.lock:
             s = self.sessions.current(device_id)
             if s is None or s.round != round:
                 return False
-            if isinstance(s, _SECURE):
+            if isinstance(s, SECURE_SESSIONS):
                 return not s.status().done
             return s.is_open(now)
 
@@ -369,164 +343,6 @@ class DeviceGateway(EvalDesk, SecureDesk):
         reported with the next update to reach the coordinator."""
         with self.lock:
             self._served += int(nbytes)
-
-    # -- time ----------------------------------------------------------------------------------
-
-    def tick(self, now: float) -> None:
-        """Let time pass: run due coordinator timers and secure-aggregation stages."""
-        with self.changed:
-            if self.coordinator is None:
-                return
-            progressed = False
-            for s in self.sessions.all():
-                if isinstance(s, _SECURE) and s.task_id not in self._fed:
-                    progressed |= s.tick(now)
-                    if s.status().done:
-                        self._secure_done(s.task_id, s, now)
-            due = False
-            while self._timers and self._timers[0] <= now:
-                heapq.heappop(self._timers)
-                due = True
-            # a coordinator served only for evaluation takes time while an evaluation is open
-            if due and (self._trains or self._evaluating()):
-                self._carry(self.coordinator.handle(Tick(now)), now)
-                self._settle(now)
-            if progressed or due:
-                self.changed.notify_all()
-            if progressed and self.on_progress is not None:
-                self.on_progress()
-
-    # -- commands ------------------------------------------------------------------------------
-
-    def _carry(self, cmds: list[Command], now: float) -> None:
-        for cmd in cmds:
-            if self._backlog or self._io_busy or isinstance(cmd, _IO):
-                self._backlog.append(cmd)
-            else:
-                self._execute(cmd, now)
-        if self._backlog:
-            self.changed.notify_all()
-
-    def carry_out(self, now: Callable[[], float],
-                  on_commit: Callable[[ServerState, RoundRecord], None] | None = None,
-                  on_abort: Callable[[RoundRecord, str, bool], None] | None = None) -> str:
-        """Carry out the backlog in order -- the I/O commands outside the lock -- until it is
-        empty; returns why the run finished, or ``""`` while it runs. One thread only (the
-        driver)."""
-        while True:
-            with self.changed:
-                if not self._backlog:
-                    return self.finished
-                cmd = self._backlog.popleft()
-                if not isinstance(cmd, _IO):
-                    self._execute(cmd, now())
-                    continue
-                self._io_busy = True
-            try:
-                if isinstance(cmd, CommitVersion) and on_commit is not None:
-                    on_commit(cmd.state, cmd.record)
-                elif isinstance(cmd, AbortRound) and on_abort is not None:
-                    on_abort(cmd.record, cmd.reason, cmd.retry)
-            finally:
-                with self.changed:
-                    self._io_busy = False
-                    if isinstance(cmd, Finished):
-                        self._finish(cmd.reason)
-                    self.changed.notify_all()
-
-    def run(self, coordinator: Coordinator, state: ServerState, now: Callable[[], float], *,
-            stage_states: tuple | None = None,
-            on_commit: Callable[[ServerState, RoundRecord], None] | None = None,
-            on_abort: Callable[[RoundRecord, str, bool], None] | None = None,
-            poll_s: float = 0.2, after_each: Callable[[], None] | None = None) -> str:
-        """Serve ``coordinator`` from ``state`` until it finishes (the driving thread's loop:
-        carry out the backlog, wait for device calls or the next timer, tick). ``now`` is the
-        clock the devices' deadlines are on; ``after_each`` runs after every pass (outside
-        the lock: e.g. write outcomes to the registry). Returns why the run finished."""
-        self.start(coordinator, state, now(), stage_states)
-        return self._drive(now, lambda: False, on_commit, on_abort, poll_s, after_each)
-
-    def _drive(self, now: Callable[[], float], until: Callable[[], bool],
-               on_commit: Callable[[ServerState, RoundRecord], None] | None,
-               on_abort: Callable[[RoundRecord, str, bool], None] | None,
-               poll_s: float, after_each: Callable[[], None] | None) -> str:
-        try:
-            while True:
-                reason = self.carry_out(now, on_commit, on_abort)
-                if reason:
-                    return reason
-                with self.changed:
-                    if not self._backlog:
-                        wake = self.next_wake()
-                        wait = poll_s if wake is None else min(poll_s, max(0.0, wake - now()))
-                        self.changed.wait(wait)
-                self.tick(now())
-                if after_each is not None:
-                    after_each()
-                if until():
-                    return "done"
-        finally:
-            with self.changed:
-                if not self.finished:
-                    self._finish("the carrier stopped")
-
-    def _execute(self, cmd: Command, now: float) -> None:
-        if isinstance(cmd, SendTask):
-            self._open(cmd, now)
-        elif isinstance(cmd, CancelTask):
-            s = self.sessions.get(cmd.task_id)
-            if s is not None:
-                self._close(s, cmd.reason, now)
-        elif isinstance(cmd, WakeAt):
-            if math.isfinite(cmd.at):
-                heapq.heappush(self._timers, cmd.at)
-        else:
-            self._execute_eval(cmd)
-
-    def _open(self, cmd: SendTask, now: float) -> None:
-        if self.weights is not None:
-            self.weights.refresh()  # one cap for every update of the task
-        selected = [self.devices[int(c)] for c in cmd.client_ids]
-        policy = self._running().policy
-        target = min(getattr(policy, "target", None) or len(selected), len(selected))
-        least = policy.min_accepted() if hasattr(policy, "min_accepted") else 1
-        if self.sessions.open(cmd.task, selected, [int(c) for c in cmd.client_ids], now,
-                              self.settings, secure=self.secure, dim=self.dim, target=target,
-                              min_accepted=max(1, min(least, target))) \
-                and self.on_publish is not None:
-            self.on_publish(cmd.task.version, cmd.task.params)
-
-    def _close(self, s: Session, reason: str, now: float) -> None:
-        if isinstance(s, _SECURE):
-            s.close(reason)
-            self._fed.add(s.task_id)
-            return
-        if not isinstance(s, EvalSession):  # evaluation is not participation
-            for d in s.devices_with("tasked"):
-                self._outcome(d, s, "late", now)
-        s.close(reason)
-
-    def _settle(self, now: float, sessions: Sequence[DeviceTask] | None = None) -> None:
-        """Close the plain sessions (of ``sessions``, default all) whose task the
-        coordinator no longer waits for.
-
-        The coordinator sends ``CancelTask`` only for a task with clients still pending;
-        one whose clients all reported, failed or timed out (a round closed by its
-        deadline or with everyone in, a FedBuff task) simply ends. Its session must end
-        too: otherwise it counts as open forever, keeps its model version in memory, and
-        its dropouts are never recorded.
-        """
-        coordinator = self._running()
-        for s in self.sessions.all() if sessions is None else sessions:
-            if isinstance(s, DeviceTask) and not isinstance(s, EvalSession) and not s.closed \
-                    and not coordinator.outstanding(s.task_id):
-                self._close(s, "task over", now)
-
-    def _finish(self, reason: str) -> None:
-        self.finished = reason
-        for s in self.sessions.all():
-            if not is_closed(s):
-                s.close(f"run finished: {reason}")
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
