@@ -73,10 +73,31 @@ def test_run_writes_a_complete_run_directory_and_json_summary(tmp_path, capsys):
     (["client", "--server", "localhost:1", "--token", "t", "--index", "0", "--set",
       "data.population=\"generated\""], "data.population = 'generated'"),
     (["serve", "--set", "data.population=\"generated\""], "data.population = 'generated'"),
+    # every deployed launcher refuses a generated population before a process starts
+    (["launch", "--clients", "20", "--set", "data.dataset=\"synthetic\"",
+      "--set", "data.population=\"generated\""], "data.population = 'generated'"),
+    (["launch", "--edges", "2", "--clients", "20", "--set", "data.dataset=\"synthetic\"",
+      "--set", "data.population=\"generated\""], "data.population = 'generated'"),
+    (["launch", "--gossip", "3", "--set", "data.dataset=\"synthetic\"",
+      "--set", "data.population=\"generated\""], "data.population"),
 ])
 def test_bad_configuration_exits_2_with_a_message_naming_the_key(argv, phrase, capsys):
     assert main(argv) == 2
     assert phrase in capsys.readouterr().err
+
+
+def test_an_edge_device_process_refuses_a_generated_population(tmp_path):
+    # `python -m shoal.cli.edges device` trains a client of a fixed partition: a generated
+    # population (no client_indices) is a ConfigError naming the key, not an AttributeError
+    from shoal.cli.edges import edge_main
+    from shoal.errors import ConfigError
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[data]\ndataset = "synthetic"\npopulation = "generated"\nclients = 20\n')
+    with pytest.raises(ConfigError, match="data.population = 'generated'") as info:
+        edge_main(["device", str(cfg), "--index", "0", "--servers", "localhost:1",
+                   "--token", str(tmp_path / "token"), "--ca", str(tmp_path / "ca.pem")])
+    assert info.value.key == "data.population"
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):

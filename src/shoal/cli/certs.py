@@ -7,7 +7,7 @@ import argparse
 from shoal.errors import ConfigError
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "certs", help="make a self-signed CA and server certificate for local TLS",
         description="Write ca.pem, ca.key, server.pem and server.key (ECDSA P-256) into a "

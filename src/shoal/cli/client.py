@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from shoal.cli.options import add_run_options, config_from_args
+from shoal.cli.options import add_run_options, config_from_args, partition_of
 from shoal.errors import ConfigError
 from shoal.registry.validation import (MAX_WINDOWS, MINUTES_PER_WEEK, RegistryError,
                                        validate_attributes)
@@ -81,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
-    from shoal.build import load_data
-    from shoal.data import FederatedData
     from shoal.training import LocalTrainConfig
     from shoal.transport.client import DeviceClient
     from shoal.transport.reference import fmnist_evaluate_fn, fmnist_train_fn
@@ -99,11 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cert is not None:
         client_cert = _client_certificate(args.cert, args.key, device)
     cfg = config_from_args(args)
-    data = load_data(cfg)
-    if not isinstance(data, FederatedData):
-        raise ConfigError("shoal client trains a client of the config's partition; "
-                          "data.population = 'generated' (clients made on demand) is for "
-                          "simulation only", key="data.population")
+    data = partition_of(cfg, "shoal client")
     if not 0 <= args.index < data.num_clients:
         raise ConfigError(f"--index {args.index} is not a client of this config (0 .. "
                           f"{data.num_clients - 1})", key="index")

@@ -272,6 +272,7 @@ def ingest_main(argv: Sequence[str] | None = None) -> int:
 def _ingest(args: argparse.Namespace, stop: threading.Event) -> Any:
     import numpy as np
 
+    from shoal.cli.edges import _write_port
     from shoal.cluster.ingest import run_ingest
     from shoal.cluster.rounds import RoundBoard
     from shoal.config import load_config
@@ -307,10 +308,6 @@ def _ingest(args: argparse.Namespace, stop: threading.Event) -> Any:
             on_ready=lambda port: _write_port(work / "port", port))
     finally:
         board.close()
-
-
-def _write_port(path: Path, port: int) -> None:
-    path.write_text(f"{port}\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from shoal.cli.options import add_run_options, config_from_args
 from shoal.config import config_markdown, to_toml
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "config", help="print the resolved configuration as TOML",
         description="Print the configuration a run would use (defaults, a file, and "

@@ -32,7 +32,7 @@ runs. Details: docs/dashboard.md.
 """
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "dashboard", help="serve the web dashboard of a run directory",
         description="Serve the web dashboard of a run directory: accuracy and loss, time per "
@@ -64,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.store import ModelStore
     from shoal.store.model_versions import StoreLocked
 
-    host, port = DashboardConfig(address=args.address, allow_remote=args.allow_remote
-                                 ).host_port
+    host, port = _host_port(args.address, args.allow_remote)
     follower = RunDirFollower(args.run_dir, audit=args.audit)
     store = None
     token = secrets.token_urlsafe(32)  # nothing to protect without a store
@@ -153,8 +152,7 @@ class Operations:
         from shoal.dashboard.state import RunInfo, RunState
 
         d = cfg["dashboard"]
-        host, port = DashboardConfig(address=address, allow_remote=d["allow_remote"]
-                                     ).host_port
+        host, port = _host_port(address, d["allow_remote"])
         token_file = Path(d["token_file"]) if d["token_file"] else work / "dashboard-token"
         state = RunState(RunInfo.of(cfg, work.name, "deployment"), history=d["history"])
         state.set_status("waiting", "for devices to enrol")
@@ -194,6 +192,16 @@ class Operations:
             self.tracer.close()
 
 
+def _host_port(address: str, allow_remote: bool) -> tuple[str, int]:
+    """``(host, port)`` of a dashboard ``address``, checked as ``dashboard.address`` is.
+
+    Raises:
+        ConfigError: not ``HOST:PORT``, or off loopback without ``allow_remote``.
+    """
+    return DashboardConfig.from_mapping({"address": address,
+                                         "allow_remote": allow_remote}).host_port
+
+
 def _can_serve(optional: bool, quiet: bool) -> bool:
     """Whether the dashboard extra is installed (if not, and the dashboard is only a
     default, say so unless ``quiet``).
@@ -224,8 +232,7 @@ def simulation_address(cfg: Config, address: str) -> tuple[str, int]:
             ``dashboard.allow_remote``).
     """
     _can_serve(False, True)
-    return DashboardConfig(address=address,
-                           allow_remote=cfg["dashboard"]["allow_remote"]).host_port
+    return _host_port(address, cfg["dashboard"]["allow_remote"])
 
 
 def serve_simulation(cfg: Config, run_dir: Path, address: str, num_params: int, *,

@@ -33,13 +33,18 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shoal.config import Config
+    from shoal.transport.device_api import ClientStats
 
 __all__ = ["launch_edges", "edge_main"]
 
 
-def _check(cfg, edges: int) -> None:
+def _check(cfg: Config, edges: int) -> None:
     """Refuse what deployed edges cannot run yet (before anything is written)."""
     from shoal.hierarchy.tiers import check_edge_downloads
 
@@ -185,6 +190,11 @@ def _read_port(path: Path, procs: Sequence[subprocess.Popen], timeout_s: float =
                       f"logs next to it", key="edges")
 
 
+def _write_port(path: Path, port: int) -> None:
+    """Where a process's server listens, for :func:`_read_port` in the launcher."""
+    path.write_text(f"{port}\n")
+
+
 def edge_main(argv: Sequence[str] | None = None) -> int:
     """``python -m shoal.cli.edges edge|device ...``: one edge or one device process of
     :func:`launch_edges` (until SIGTERM)."""
@@ -217,7 +227,7 @@ def edge_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _edge(args: argparse.Namespace, stop: threading.Event):
+def _edge(args: argparse.Namespace, stop: threading.Event) -> ClientStats:
     import numpy as np
 
     from shoal.build import load_data, secagg_from_config
@@ -261,13 +271,13 @@ def _edge(args: argparse.Namespace, stop: threading.Event):
                          (certs / "server.key").read_bytes()),
                     stop=stop, secure=secagg_from_config(cfg),
                     wait_timeout_s=dc["wait_timeout_s"],
-                    on_ready=lambda port: (work / "port").write_text(f"{port}\n"),
+                    on_ready=lambda port: _write_port(work / "port", port),
                     after_answer=die if dying else None,
                     on_report=EdgeLog(work).edge_reported)
 
 
-def _device(args: argparse.Namespace, stop: threading.Event):
-    from shoal.build import load_data
+def _device(args: argparse.Namespace, stop: threading.Event) -> ClientStats | None:
+    from shoal.cli.options import partition_of
     from shoal.config import load_config
     from shoal.hierarchy.deployed import OncePerParentRound, follow_edges
     from shoal.training import LocalTrainConfig
@@ -275,7 +285,7 @@ def _device(args: argparse.Namespace, stop: threading.Event):
     from shoal.transport.reference import fmnist_train_fn
 
     cfg = load_config(args.config)
-    data = load_data(cfg)
+    data = partition_of(cfg, "a device process of shoal launch --edges")
     c = args.index
     idx = data.client_indices[c]
     local = LocalTrainConfig(epochs=cfg["client"]["epochs"],

@@ -14,19 +14,25 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal.cli.options import add_run_options, overrides_from_args
 from shoal.config import Config, load_config
 from shoal.errors import ConfigError
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from shoal.data import FederatedData
+
 __all__ = ["add_parser", "launch_peers", "PeerFiles", "prepare_network", "peer_command",
            "gossip_config"]
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "gossip", help="peer-to-peer training with no server: simulate it, or run one peer",
         description="Decentralized SGD (D-PSGD): each peer trains on its own client's data "
@@ -247,14 +253,13 @@ def run_peer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _peer_training(cfg: Config, data: Any, index: int) -> Any:
+def _peer_training(cfg: Config, data: FederatedData, index: int
+                   ) -> Callable[[np.ndarray, int], np.ndarray] | None:
     """Peer ``index``'s local training, ``train(params, step) -> trained``, or ``None`` for
     pure averaging: :func:`shoal.training.train_local` on its client's examples with the
     stream ``seeds.generator(seed, "train", step, index)`` -- the simulator's."""
     if not cfg["gossip"]["local_training"]:
         return None
-    import numpy as np
-
     from shoal.training import LocalTrainConfig
     from shoal.transport.reference import fmnist_train_fn
 
@@ -323,11 +328,11 @@ def launch_peers(args: argparse.Namespace) -> int:
     dim = model.spec.size
     states = [load_state(files.peer_dir(peer_name(i)) / "state.shc", dim) for i in range(n)]
     stats = [_read_json(files.peer_dir(peer_name(i)) / "stats.json") for i in range(n)]
-    have = [i for i, s in enumerate(states) if s is not None]
-    if not have:
+    finished = [s for s in states if s is not None]
+    if not finished:
         raise ConfigError(f"no peer finished a step; see the logs in {work}/peers", key="dir")
-    params = np.stack([states[i][1] for i in have])  # type: ignore[index]
-    acc = evaluate_models(model, params, data.test.x, data.test.y, range(len(have)),
+    params = np.stack([p for _, p in finished])
+    acc = evaluate_models(model, params, data.test.x, data.test.y, range(len(finished)),
                           peer_examples=cfg["gossip"]["peer_eval_examples"])
     sent = [s["bytes_sent"] for s in stats if s]
     summary = {
@@ -336,7 +341,7 @@ def launch_peers(args: argparse.Namespace) -> int:
         "steps": cfg.rounds, "final_consensus": consensus_distance(params),
         **acc.summary(),
         "bytes_sent_per_peer_per_step": float(np.mean(sent)) / cfg.rounds if sent else 0.0,
-        "steps_reached": [states[i][0] if states[i] else 0 for i in range(n)],  # type: ignore
+        "steps_reached": [s[0] if s is not None else 0 for s in states],
         "exit_codes": codes, "wall_seconds": time.perf_counter() - started,
         "peak_rss_mb": peak_rss_mb(), "work_dir": str(work),
     }

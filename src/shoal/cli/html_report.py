@@ -6,10 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report", help="write a self-contained HTML report of a run directory",
         description="Write one HTML file with a run's plots and tables (accuracy and loss, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "keys", help="make the operator's key pair that signs models and training plans",
         description="Write operator.key (mode 0600, where models are signed: `shoal serve "

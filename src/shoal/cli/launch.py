@@ -16,7 +16,7 @@ from shoal.telemetry import ProgressBar
 from shoal.errors import ConfigError
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "launch", help="deploy on this machine: an aggregator and N client processes over "
                        "TLS on loopback",

@@ -174,12 +174,15 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
         finally:
             stop()
         v = outcome.verdict
+        production_now = store.production()
+        # checked above: there was one, and promote and rollback only ever move the pointer
+        assert production_now is not None
         return {"canary": {"candidate": canary.candidate, "production": canary.production,
                            "fraction": canary.fraction, "salt": canary.salt},
                 "decision": v.decision, "reason": v.reason, "evaluations": outcome.rounds,
                 "n_candidate": v.n_candidate, "n_production": v.n_production,
                 "mean_candidate": v.mean_candidate, "mean_production": v.mean_production,
-                "production_now": store.production().id,
+                "production_now": production_now.id,
                 "canary_devices": sorted(outcome.canary_devices),
                 "reached": {str(k): sorted(x) for k, x in outcome.reached.items()},
                 "audit": str(audit_path)}

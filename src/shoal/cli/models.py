@@ -9,7 +9,7 @@ from shoal.cli.report import fmt
 from shoal.errors import ConfigError
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models", help="list, show, diff, promote or roll back model versions in a store",
         description="Every committed global model is a version with its lineage (parent, "

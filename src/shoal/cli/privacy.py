@@ -9,7 +9,7 @@ import json
 from shoal.errors import ConfigError
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "privacy", help="plan differential privacy: epsilon for a setting, or the noise "
                         "for a target epsilon",

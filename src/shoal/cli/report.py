@@ -8,14 +8,20 @@ import argparse
 import json
 import math
 import sys
+from typing import TYPE_CHECKING, Any
 
 from shoal.config import Config
 from shoal.telemetry.progress import fmt
 
+if TYPE_CHECKING:
+    from shoal.experiment import Experiment, RunResult
+    from shoal.store.checkpoint import Checkpoint
+    from shoal.telemetry.rundir import RunDirWriter
+
 __all__ = ["banner", "fmt", "report", "summary_lines"]
 
 
-def summary_lines(summary: dict, cfg: Config) -> list[str]:
+def summary_lines(summary: dict[str, Any], cfg: Config) -> list[str]:
     """The text summary printed at the end of a run."""
     lines = [
         f"\ndone: {summary['rounds']} rounds in {summary['wall_seconds']:.1f} s (start-up "
@@ -53,8 +59,8 @@ def banner(cfg: Config, args: argparse.Namespace, how: str = "") -> None:
           f"{cfg['model']['name']}, seed {cfg.seed}", file=sys.stderr)
 
 
-def report(cfg: Config, args: argparse.Namespace, exp, result, extra: dict | None = None,
-           run_dir=None) -> int:
+def report(cfg: Config, args: argparse.Namespace, exp: Experiment, result: RunResult,
+           extra: dict[str, Any] | None = None, run_dir: RunDirWriter | None = None) -> int:
     """Finish the run directory and print the summary (text, or one JSON object).
 
     ``run_dir`` is the :class:`~shoal.telemetry.RunDirWriter` that observed the run; without
@@ -81,12 +87,12 @@ def report(cfg: Config, args: argparse.Namespace, exp, result, extra: dict | Non
     return 0
 
 
-def _commit_to_store(root: str, ckpt, summary: dict) -> int:
+def _commit_to_store(root: str, ckpt: Checkpoint, summary: dict[str, Any]) -> int:
     import time
 
     from shoal.store import ModelStore
 
-    metrics = {k: float(summary[k]) for k in ("final_accuracy", "final_loss", "epsilon")
+    metrics: dict[str, float] = {k: float(summary[k]) for k in ("final_accuracy", "final_loss", "epsilon")
                if k in summary and isinstance(summary[k], float) and math.isfinite(summary[k])}
     with ModelStore(root) as store:
         parent = store.latest()

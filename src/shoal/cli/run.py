@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shoal.cli.options import add_run_options, overrides_from_args
 from shoal.cli.report import banner, report
+from shoal.config import Config
+
+if TYPE_CHECKING:
+    from shoal.experiment import RunResult
 
 EPILOG = """\
 examples:
@@ -30,7 +36,7 @@ participation.png (how often each client trained).
 """
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="simulate a federated training run",
         description="Simulate federated training with virtual clients in this process, show "
@@ -70,7 +76,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The shared flags and ``--set``, plus ``--population``, ``--trace``, ``--backend``
     and ``--address``."""
     overrides = overrides_from_args(args)
@@ -170,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _write_timeline(path, cfg, result) -> None:
+def _write_timeline(path: Path, cfg: Config, result: RunResult) -> None:
     """timeline.csv, time_to_accuracy.png and participation.png in the run directory."""
     from shoal.sim.timeline import plot_participation, plot_time_to_accuracy, write_timeline
 

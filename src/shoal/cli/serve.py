@@ -11,7 +11,7 @@ from shoal.cli.report import banner, report
 from shoal.telemetry import ProgressBar
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="run the aggregator: serve devices over gRPC",
         description="Run the round engine with real devices: a gRPC aggregator (TLS with "

@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal.errors import ConfigError
 
+if TYPE_CHECKING:
+    from shoal.transport.tokens import Claims
 
-def add_enroll_parser(sub) -> None:
+
+def add_enroll_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "enroll", help="issue a device's signed enrolment token",
         description="Issue a token bound to DEVICE_ID, signed with the aggregator's secret "
@@ -27,7 +31,7 @@ def add_enroll_parser(sub) -> None:
     p.set_defaults(func=enroll)
 
 
-def add_revoke_parser(sub) -> None:
+def add_revoke_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "revoke", help="revoke a device token (a running aggregator refuses it at once)",
         description="Add a token to the aggregator's revocation list (DIR/revoked.json of "
@@ -52,7 +56,7 @@ def _enrolment_log(secret: Path) -> Path:
     return secret.with_name("enrolled.jsonl")
 
 
-def _record_enrolment(secret: Path, claims) -> None:
+def _record_enrolment(secret: Path, claims: Claims) -> None:
     """Append ``{device, jti, iat, exp}`` to the enrolment log (no secrets: the token itself
     is not kept), so that ``shoal revoke --device`` can revoke a token nobody kept."""
     import os

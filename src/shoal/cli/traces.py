@@ -14,6 +14,10 @@ import argparse
 import json
 import math
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shoal.sim.traces import DeviceTrace
 
 EPILOG = """\
 examples:
@@ -25,7 +29,7 @@ examples:
 """
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("traces", help="summarize, convert or generate device traces",
                        description="Device traces: compute speed, bandwidth and online "
                                    "windows of simulated devices (docs/simulation.md).",
@@ -56,7 +60,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run, _parser=p)
 
 
-def _load(name: str, availability: str, clients: int, seed: int):
+def _load(name: str, availability: str, clients: int, seed: int) -> DeviceTrace:
     from shoal.sim.devices import BUILTIN_TRACES, builtin_trace, trace_file
 
     if name in BUILTIN_TRACES:
@@ -104,7 +108,7 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _strict(value):
+def _strict(value: object) -> object:
     """``value`` with every non-finite float replaced by ``None`` (JSON has no inf)."""
     if isinstance(value, dict):
         return {k: _strict(v) for k, v in value.items()}
@@ -115,7 +119,7 @@ def _strict(value):
     return value
 
 
-def format_summary(out: dict) -> list[str]:
+def format_summary(out: dict[str, Any]) -> list[str]:
     """The summary of :func:`shoal.sim.devices.summarize` as text lines."""
     pct = "  ".join(f"{int(q * 100):>8}%" for q in out["quantiles"])
 
