@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypeGuard
 
 from shoal.errors import ConfigError, ShoalError
 from shoal.store.atomic import fsync_dir
@@ -96,7 +97,7 @@ def _check_secret(secret: object, what: str) -> bytes:
     return bytes(secret)
 
 
-def is_key_id(kid: object) -> bool:
+def is_key_id(kid: object) -> TypeGuard[str]:
     """Whether ``kid`` is a valid key id: 1-32 characters of ``[A-Za-z0-9_-]``."""
     return isinstance(kid, str) and _KID.fullmatch(kid) is not None
 

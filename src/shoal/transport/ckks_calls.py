@@ -12,9 +12,10 @@ the secret key: the setup has the public context and a call to the key holder.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import grpc
+import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
 
 from shoal.device_ckks import CkksSetup
 from shoal.errors import UpdateRejected
@@ -22,7 +23,8 @@ from shoal.transport.ckks_wire import unpack_ciphertexts, upload_bound
 from shoal.transport.proto import shoal_pb2 as pb
 
 if TYPE_CHECKING:
-    from shoal.transport.server import AggregatorService
+    from shoal.gateway import DeviceGateway
+    from shoal.observers import CarrierObserver
 
 __all__ = ["CkksCalls", "ckks_task"]
 
@@ -37,14 +39,22 @@ class CkksCalls:
     """The CKKS handlers of :class:`~shoal.transport.server.AggregatorService` (a mixin: it
     uses the service's gateway, authorization, metrics and refusals)."""
 
-    def _ckks(self: AggregatorService) -> CkksSetup | None:
+    # provided by AggregatorService
+    dim: int
+    gateway: DeviceGateway | None
+    metrics: CarrierObserver
+    clock: Callable[[], float]
+    _authorize: Callable[[Any, str | None, str], Awaitable[str]]
+    _refuse: Callable[..., pb.UploadReply]
+
+    def _ckks(self) -> CkksSetup | None:
         return self.gateway.ckks if self.gateway is not None else None
 
-    def _ckks_limit(self: AggregatorService, setup: CkksSetup) -> int:
+    def _ckks_limit(self, setup: CkksSetup) -> int:
         """The largest CKKS upload read: the model's ciphertexts at their largest."""
         return upload_bound(setup.ciphertexts(self.dim), setup.params.ciphertext_bytes)
 
-    async def CkksContext(self: AggregatorService, request: Any, context: Any
+    async def CkksContext(self, request: Any, context: Any
                           ) -> pb.CkksContextReply:
         """The run's public CKKS context, if ``request.key_id`` names it."""
         await self._authorize(context, None, "checkin")
@@ -60,7 +70,7 @@ class CkksCalls:
         self.metrics.bytes_moved("down", reply.ByteSize())
         return reply
 
-    def _ckks_upload(self: AggregatorService, setup: CkksSetup, header: Any,
+    def _ckks_upload(self, setup: CkksSetup, header: Any,
                      buf: bytes | bytearray) -> pb.UploadReply:
         """Hand one device's ciphertexts to its CKKS round."""
         assert self.gateway is not None

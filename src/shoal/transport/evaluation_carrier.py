@@ -38,6 +38,7 @@ from shoal.lifecycle.canary import Canary, Verdict, in_canary
 from shoal.sampling import UniformSampler
 from shoal.strategy import FedAvg
 from shoal.transport.server import AggregatorService
+from shoal.transport.serving import ModelServing
 
 __all__ = ["CanaryOutcome", "EvaluationCarrier", "run_canary_deployed"]
 
@@ -63,13 +64,15 @@ class EvaluationCarrier:
             raise ConfigError("federated evaluation over gRPC needs a service that serves "
                               "models (AggregatorService(serving=...))", key="serving")
         self.service = service
+        #: what the devices are served (the service's, checked above)
+        self.serving: ModelServing = service.serving
         st = service.settings
         self.gateway = DeviceGateway(
             devices, service.dim,
             GatewaySettings(idle_retry_s=st.idle_retry_s,
                             checkin_interval_s=st.checkin_interval_s),
             observer=service.metrics, on_progress=service.wake,
-            serves=service.serving.version_for)
+            serves=self.serving.version_for)
         self.coordinator = Coordinator(FedAvg(), self.gateway.num_clients,
                                        UniformSampler(self.gateway.num_clients), seed=seed)
         self.poll_s = poll_s
@@ -119,7 +122,7 @@ class EvaluationCarrier:
             ProtocolError: the serving loop stopped.
         """
         now = self.service.clock()
-        ids = [self.gateway.evaluate(self.service.serving.params(v), v, now,
+        ids = [self.gateway.evaluate(self.serving.params(v), v, now,
                                      clients=np.asarray(c, np.int64),
                                      deadline=now + timeout_s,
                                      purpose=purpose or f"evaluate:{v}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc  # type: ignore[import-untyped]
@@ -36,7 +37,10 @@ from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.serving import NotServing
 
 if TYPE_CHECKING:
-    from shoal.transport.server import AggregatorService
+    from shoal.gateway import DeviceGateway
+    from shoal.observers import CarrierObserver
+    from shoal.transport.server import AggregatorSettings
+    from shoal.transport.serving import ModelServing
 
 __all__ = ["LifecycleCalls"]
 
@@ -64,7 +68,16 @@ class LifecycleCalls:
     """Serving, evaluation reports and declines (a mixin of
     :class:`~shoal.transport.server.AggregatorService`)."""
 
-    async def _serve(self: AggregatorService, request: Any, context: Any, what: str
+    # provided by AggregatorService
+    settings: AggregatorSettings
+    gateway: DeviceGateway | None
+    serving: ModelServing | None
+    metrics: CarrierObserver
+    clock: Callable[[], float]
+    _authorize: Callable[[Any, str | None, str], Awaitable[str]]
+    _segment: Callable[[str], str]
+
+    async def _serve(self, request: Any, context: Any, what: str
                      ) -> tuple[int, Any]:
         """``ModelServing.model`` or ``.plan`` (``what``) for the authenticated caller,
         holding ``request.have_version``, in a worker thread (serving never signs; reading
@@ -82,7 +95,7 @@ class LifecycleCalls:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             raise  # abort raises; for the type checker
 
-    async def GetModel(self: AggregatorService, request: Any, context: Any) -> Any:
+    async def GetModel(self, request: Any, context: Any) -> Any:
         version, model = await self._serve(request, context, "model")
         if model is None:
             yield pb.ModelChunk(version=version, not_modified=True)
@@ -93,7 +106,7 @@ class LifecycleCalls:
             yield chunk
         self.metrics.bytes_moved("down", len(model.blob))
 
-    async def GetPlan(self: AggregatorService, request: Any, context: Any) -> pb.PlanReply:
+    async def GetPlan(self, request: Any, context: Any) -> pb.PlanReply:
         version, plan = await self._serve(request, context, "plan")
         if plan is None:
             return pb.PlanReply(version=version, not_modified=True)
@@ -102,7 +115,7 @@ class LifecycleCalls:
                             signed_header=signed.header if signed else b"",
                             signature=signed.signature if signed else b"")
 
-    async def ReportEvaluation(self: AggregatorService, request: Any, context: Any) -> pb.Ack:
+    async def ReportEvaluation(self, request: Any, context: Any) -> pb.Ack:
         device = await self._authorize(context, request.device_id, "upload")
         gateway = self.gateway
         try:
@@ -123,7 +136,7 @@ class LifecycleCalls:
             await context.abort(code, f"{exc.reason}: {exc.detail}")
         return pb.Ack()
 
-    async def Decline(self: AggregatorService, request: Any, context: Any) -> pb.Ack:
+    async def Decline(self, request: Any, context: Any) -> pb.Ack:
         device = await self._authorize(context, request.device_id, "upload")
         reason, detail = request.reason, request.detail[:_MAX_DETAIL]
         if reason not in DECLINE_REASONS:

@@ -13,6 +13,7 @@ are the service's, as for uploads.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from shoal.device_secagg import SecAggDeviceRound, Wait
@@ -23,7 +24,9 @@ from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.secagg_wire import message_from_header, reply_to_pb
 
 if TYPE_CHECKING:
-    from shoal.transport.server import AggregatorService
+    from shoal.gateway import DeviceGateway
+    from shoal.observers import CarrierObserver
+    from shoal.transport.server import AggregatorSettings
 
 __all__ = ["SecAggCalls"]
 
@@ -42,7 +45,18 @@ class SecAggCalls:
     _loop: asyncio.AbstractEventLoop | None = None
     _progress: asyncio.Event | None = None
 
-    async def SecAgg(self: AggregatorService, request_iterator: Any, context: Any
+    # provided by AggregatorService
+    settings: AggregatorSettings
+    dim: int
+    gateway: DeviceGateway | None
+    metrics: CarrierObserver
+    clock: Callable[[], float]
+    _authorize: Callable[[Any, str | None, str], Awaitable[str]]
+    _stream_in: Callable[[Any, Any, int, Callable[[Any], tuple[int, bytes | None]]],
+                         Awaitable[tuple[Any, bytearray, int]]]
+    _refuse: Callable[..., pb.UploadReply]
+
+    async def SecAgg(self, request_iterator: Any, context: Any
                      ) -> pb.SecAggReply:
         """One step of a secure-aggregation round (see :mod:`shoal.device_secagg`)."""
         try:
@@ -52,7 +66,7 @@ class SecAggCalls:
             return self._secagg_refuse(exc.reason, exc.detail)
         return await self._secagg(header, buf, size)
 
-    async def SecAggStep(self: AggregatorService, request: Any, context: Any
+    async def SecAggStep(self, request: Any, context: Any
                          ) -> pb.SecAggReply:
         """:meth:`SecAgg` for a message without a payload (unary)."""
         await self._authorize(context, request.device_id, "upload")
@@ -60,7 +74,7 @@ class SecAggCalls:
             return self._secagg_refuse("malformed", "a masked input needs the SecAgg stream")
         return await self._secagg(request, b"", request.ByteSize())
 
-    async def _secagg(self: AggregatorService, header: Any, buf: bytes | bytearray,
+    async def _secagg(self, header: Any, buf: bytes | bytearray,
                       size: int) -> pb.SecAggReply:
         gateway = self.gateway
         rnd = gateway.secure_session(header.device_id, int(header.round)) if gateway else None
@@ -73,7 +87,7 @@ class SecAggCalls:
             if params is None:
                 return self._secagg_refuse("wrong_stage", "the protocol has not started")
             try:
-                masked = unpack_ring(buf, params.bits, params.length)
+                masked = unpack_ring(bytes(buf), params.bits, params.length)
             except ProtocolError as exc:
                 return self._secagg_refuse("wrong_shape", str(exc))
         reply, cid = self._secagg_step(rnd, header, masked)
@@ -104,7 +118,7 @@ class SecAggCalls:
         self.metrics.bytes_moved("down", out.ByteSize())
         return out
 
-    def _secagg_step(self: AggregatorService, rnd: SecAggDeviceRound, header: Any,
+    def _secagg_step(self, rnd: SecAggDeviceRound, header: Any,
                      masked: Any) -> tuple[Any, int]:
         """Hand one device message (or poll) to its session; returns ``(reply, the
         device's client id)`` or ``(refusal, -1)``."""
@@ -138,7 +152,7 @@ class SecAggCalls:
                     self._progress = asyncio.Event()
             loop.call_soon_threadsafe(swap)
 
-    def _secagg_refuse(self: AggregatorService, reason: str, detail: str, device: str = "",
+    def _secagg_refuse(self, reason: str, detail: str, device: str = "",
                        rnd: int = -1, *, counted: bool = False) -> pb.SecAggReply:
         return pb.SecAggReply(refused=self._refuse(reason, detail, device, rnd,
                                                    counted=counted))

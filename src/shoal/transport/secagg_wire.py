@@ -14,7 +14,9 @@ rotation every device derives from the session nonce.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+
+import numpy as np
 
 from shoal.device_secagg import End, Wait
 from shoal.errors import ConfigError, ProtocolError
@@ -42,7 +44,7 @@ __all__ = ["client_body", "message_from_header", "reply_from_pb", "reply_to_pb"]
 _MAX_ID = (1 << 63) - 1
 
 
-def _ids(values, what: str) -> frozenset[int]:
+def _ids(values: Iterable[int], what: str) -> frozenset[int]:
     out = frozenset(int(v) for v in values)
     if any(v > _MAX_ID for v in out):
         raise ProtocolError(f"{what}: client id out of range")
@@ -200,7 +202,7 @@ def client_body(message: ClientMessage | None, masked: bytes = b"", sha256: byte
 
 
 def message_from_header(header: pb.SecAggHeader, sender: int, session: bytes,
-                        masked=None) -> ClientMessage | None:
+                        masked: np.ndarray | None = None) -> ClientMessage | None:
     """The client message a header carries, as sent by ``sender`` (the device's own id on
     the roster: a device cannot speak for another). ``session`` is the round's (key
     advertisements do not carry one); ``masked`` is the already-unpacked ring vector.

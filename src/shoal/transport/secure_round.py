@@ -30,7 +30,7 @@ from shoal.privacy.csprng import CryptoRandom
 from shoal.privacy.secagg_encoding import RingEncoding, pack_ring
 from shoal.privacy.secagg_messages import (ClientMessage, EncryptedShares, KeyAdvertisement,
                                            MaskedInput, RoundSetup, SecAggAborted,
-                                           UnmaskingShares)
+                                           ServerMessage, UnmaskingShares)
 from shoal.transport.device_api import ClientStats, TaskAbandoned, TrainResult
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.secagg_wire import client_body, reply_from_pb
@@ -167,7 +167,9 @@ class SecAggParticipant:
         level = logging.INFO if outcome in ("done", "dropped") else logging.WARNING
         self._log.log(level, "round %d: secure aggregation %s: %s", task.round, outcome, detail)
 
-    def _call(self, task: pb.Task, message: ClientMessage | None, client: SecAggClient | None):
+    def _call(self, task: pb.Task, message: ClientMessage | None, client: SecAggClient | None
+              ) -> tuple[ServerMessage | Wait | End | pb.UploadReply, int,
+                         RingEncoding | None]:
         """One SecAgg RPC carrying ``message`` (``None``: a poll); returns
         ``(reply, client id, encoding)`` as :func:`~shoal.transport.secagg_wire.reply_from_pb`
         decodes it (the id and the encoding come with the setup only)."""

@@ -56,6 +56,7 @@ import grpc  # type: ignore[import-untyped]
 import numpy as np
 
 from shoal.codec.encoded import as_update
+from shoal.device_ckks import CkksSetup
 from shoal.device_task import ComeBack, Task, TaskRefused, WeightCap
 from shoal.errors import CodecError, ProtocolError, UpdateRejected
 from shoal.gateway import DeviceGateway
@@ -417,9 +418,12 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
         now = self.clock()
         await self._stored(context, self._seen, device, now)
         gateway = self.gateway
+        decision: Task | ComeBack
+        settings: dict[str, float] = {}
+        kind = "train"
+        setup: CkksSetup | None = None  # the run's CKKS setup, for a CKKS task
         if gateway is None:
-            decision: Task | ComeBack = ComeBack(now + self.settings.idle_retry_s, "no_round")
-            kind, settings = "train", {}
+            decision = ComeBack(now + self.settings.idle_retry_s, "no_round")
         else:
             try:
                 decision, kind, settings = gateway.check_in(
@@ -427,6 +431,7 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
                     evaluates=self._evaluates(device))
             except TaskRefused as exc:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            setup = gateway.ckks if kind == "ckks" else None
         if isinstance(decision, Task):
             self.metrics.checked_in("task")
             self.metrics.device_step(device, decision.task_id, "checkin",
@@ -439,7 +444,7 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
                 error_feedback=self.settings.error_feedback and kind == "train",
                 clip_norm=decision.clip_norm or 0.0, task_id=decision.task_id,
                 served_model=kind == "evaluate",
-                ckks=ckks_task(gateway.ckks) if kind == "ckks" and gateway.ckks else None))
+                ckks=ckks_task(setup) if setup is not None else None))
         self.metrics.checked_in(decision.reason)
         return pb.CheckInReply(come_back=pb.ComeBack(at=decision.at, reason=decision.reason))
 
