@@ -63,7 +63,7 @@ def pack_ring(vector: np.ndarray, bits: int) -> bytes:
     return np.ascontiguousarray(v.view(np.uint8).reshape(-1, dtype.itemsize)[:, :width]).tobytes()
 
 
-def unpack_ring(data: bytes, bits: int, length: int) -> np.ndarray:
+def unpack_ring(data: bytes | bytearray | memoryview, bits: int, length: int) -> np.ndarray:
     """Inverse of :func:`pack_ring`, validating first.
 
     Raises:

@@ -87,7 +87,7 @@ class SecAggCalls:
             if params is None:
                 return self._secagg_refuse("wrong_stage", "the protocol has not started")
             try:
-                masked = unpack_ring(bytes(buf), params.bits, params.length)
+                masked = unpack_ring(buf, params.bits, params.length)
             except ProtocolError as exc:
                 return self._secagg_refuse("wrong_shape", str(exc))
         reply, cid = self._secagg_step(rnd, header, masked)
