@@ -341,75 +341,77 @@ def run(args: argparse.Namespace) -> int:
     ca = pki.ca_cert.read_bytes()
     secret = load_or_create_secret(work / "secret")
     disk = mount_small_disk(work / "models", 48) if args.full_disk else False
-    events: list[dict] = []
-    sup = Supervisor(work, cfg_path, events)
-    sup.start()
-    port_file = work / "port"
-    deadline = time.time() + 120
-    while not port_file.exists() and time.time() < deadline:
-        time.sleep(0.1)
-    port = int(port_file.read_text())
-    # later lives listen on the same port, so the proxy's upstream stays valid
-    cfg_text = cfg_path.read_text().replace("[deploy]\n", f"[deploy]\nport = {port}\n")
-    cfg_path.write_text(cfg_text)
-    proxy = ChaosProxy(port, random.Random(args.seed + 1), args.fault_rate)
-    proxy.start()
-    target = f"localhost:{proxy.port}"
-    stop = threading.Event()
-    acks = AckLog()
-    faults = {"die_training": 0.03 * args.fault_rate / 0.1, "straggle": 0.03}
-    threads = []
-    total = args.devices + args.raw_devices
-    for i in range(total):
-        name = f"device-{i:04d}"
-        token = issue_token(secret, name, now=time.time(), ttl_seconds=86400)
-        if i < args.devices:
-            fn, fargs = device_thread, (i, target, token, ca, dim, acks, stop,
-                                        random.Random(args.seed * 7919 + i), faults)
-        else:
-            fn, fargs = raw_device, (i, target, token, ca, dim, acks, stop,
-                                     random.Random(args.seed * 7919 + i), events)
-        th = threading.Thread(target=fn, args=fargs, daemon=True, name=name)
-        th.start()
-        threads.append(th)
-    end = time.time() + args.minutes * 60
-    next_kill = time.time() + rng.uniform(0.3, 0.6) * args.kill_every
-    next_disk = time.time() + rng.uniform(0.4, 0.7) * args.minutes * 60 if disk else None
-    ballast = work / "models" / "ballast"
-    disk_until = None
-    while time.time() < end:
-        time.sleep(0.5)
-        sup.sample()
-        sup.check()
-        now = time.time()
-        if now >= next_kill:
-            sup.kill("SIGKILL")
-            time.sleep(rng.uniform(0.5, 3.0))
-            sup.start()
-            next_kill = now + rng.uniform(0.7, 1.3) * args.kill_every
-        if next_disk is not None and now >= next_disk:
-            with open(ballast, "wb") as f:  # fill the store's disk to the last byte
-                try:
-                    while True:
-                        f.write(b"\0" * (1 << 20))
-                except OSError:
-                    pass
-            events.append({"t": now, "event": "disk_full"})
-            disk_until, next_disk = now + 15, None
-        if disk_until is not None and now >= disk_until:
-            ballast.unlink(missing_ok=True)
-            events.append({"t": now, "event": "disk_freed"})
-            disk_until = None
-    stop.set()
-    for th in threads:
-        th.join(timeout=30)
-    sup.kill("soak ended")
-    proxy.stop()
-    ballast.unlink(missing_ok=True)
-    summary, violations = check_invariants(work, cfg, total, acks.acks, events, sup.rss,
-                                           args.max_rss_mb)
-    if disk:
-        subprocess.run(["umount", "-l", str(work / "models")], capture_output=True)
+    try:
+        events: list[dict] = []
+        sup = Supervisor(work, cfg_path, events)
+        sup.start()
+        port_file = work / "port"
+        deadline = time.time() + 120
+        while not port_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        port = int(port_file.read_text())
+        # later lives listen on the same port, so the proxy's upstream stays valid
+        cfg_text = cfg_path.read_text().replace("[deploy]\n", f"[deploy]\nport = {port}\n")
+        cfg_path.write_text(cfg_text)
+        proxy = ChaosProxy(port, random.Random(args.seed + 1), args.fault_rate)
+        proxy.start()
+        target = f"localhost:{proxy.port}"
+        stop = threading.Event()
+        acks = AckLog()
+        faults = {"die_training": 0.03 * args.fault_rate / 0.1, "straggle": 0.03}
+        threads = []
+        total = args.devices + args.raw_devices
+        for i in range(total):
+            name = f"device-{i:04d}"
+            token = issue_token(secret, name, now=time.time(), ttl_seconds=86400)
+            if i < args.devices:
+                fn, fargs = device_thread, (i, target, token, ca, dim, acks, stop,
+                                            random.Random(args.seed * 7919 + i), faults)
+            else:
+                fn, fargs = raw_device, (i, target, token, ca, dim, acks, stop,
+                                         random.Random(args.seed * 7919 + i), events)
+            th = threading.Thread(target=fn, args=fargs, daemon=True, name=name)
+            th.start()
+            threads.append(th)
+        end = time.time() + args.minutes * 60
+        next_kill = time.time() + rng.uniform(0.3, 0.6) * args.kill_every
+        next_disk = time.time() + rng.uniform(0.4, 0.7) * args.minutes * 60 if disk else None
+        ballast = work / "models" / "ballast"
+        disk_until = None
+        while time.time() < end:
+            time.sleep(0.5)
+            sup.sample()
+            sup.check()
+            now = time.time()
+            if now >= next_kill:
+                sup.kill("SIGKILL")
+                time.sleep(rng.uniform(0.5, 3.0))
+                sup.start()
+                next_kill = now + rng.uniform(0.7, 1.3) * args.kill_every
+            if next_disk is not None and now >= next_disk:
+                with open(ballast, "wb") as f:  # fill the store's disk to the last byte
+                    try:
+                        while True:
+                            f.write(b"\0" * (1 << 20))
+                    except OSError:
+                        pass
+                events.append({"t": now, "event": "disk_full"})
+                disk_until, next_disk = now + 15, None
+            if disk_until is not None and now >= disk_until:
+                ballast.unlink(missing_ok=True)
+                events.append({"t": now, "event": "disk_freed"})
+                disk_until = None
+        stop.set()
+        for th in threads:
+            th.join(timeout=30)
+        sup.kill("soak ended")
+        proxy.stop()
+        ballast.unlink(missing_ok=True)
+        summary, violations = check_invariants(work, cfg, total, acks.acks, events, sup.rss,
+                                               args.max_rss_mb)
+    finally:  # a failed soak must not leave its small disk mounted
+        if disk:
+            subprocess.run(["umount", "-l", str(work / "models")], capture_output=True)
     summary.update({"minutes": args.minutes, "devices": args.devices,
                     "raw_devices": args.raw_devices, "full_disk": disk,
                     "proxy_faults": dict(proxy.faults),
