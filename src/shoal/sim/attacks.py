@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import Field, dataclass, replace
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from shoal.config import Config
 from shoal.data import Dataset, FederatedData
 from shoal.errors import ConfigError
 from shoal.events import TrainTask, UpdateBatch
+from shoal.privacy.dp import LocalDP
 from shoal.sim.pool import InProcessPool, in_process_pool
 
 __all__ = ["ATTACKS", "Attack", "AttackedPool", "attacked_pool", "malicious_clients",
@@ -286,7 +288,7 @@ def attack_from_config(cfg: Config) -> Attack:
 
 
 def attacked_pool(cfg: Config, model: torch.nn.Module, data: FederatedData, dim: int,
-                  local_dp: object = None) -> tuple[InProcessPool | AttackedPool, str]:
+                  local_dp: LocalDP | None = None) -> tuple[InProcessPool | AttackedPool, str]:
     """:func:`~shoal.sim.pool.in_process_pool` with ``cfg["attack"]``'s malicious clients
     (unchanged when ``attack.kind = "none"``)."""
     a = cfg["attack"]
@@ -302,7 +304,28 @@ def attacked_pool(cfg: Config, model: torch.nn.Module, data: FederatedData, dim:
 # --------------------------------------------------------------------------- a device
 
 
-class MaliciousTrain:
+class _TrainResult(Protocol):
+    """What :class:`MaliciousTrain` needs of a training result: a dataclass with a ``delta``
+    (the device API's ``TrainResult``, named structurally: ``sim`` never imports
+    ``transport``)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    @property
+    def delta(self) -> np.ndarray: ...
+
+
+_R = TypeVar("_R", bound=_TrainResult)
+_R_co = TypeVar("_R_co", bound=_TrainResult, covariant=True)
+
+
+class _Train(Protocol[_R_co]):
+    """A device's training function (the device API's ``TrainFn``)."""
+
+    def __call__(self, params: np.ndarray, settings: Mapping[str, float], round: int) -> _R_co: ...
+
+
+class MaliciousTrain(Generic[_R]):
     """A deployed device's training function turned malicious (for deployment tests): it
     trains honestly with ``train`` and uploads ``sign_flip`` (``-scale x`` the update),
     ``gaussian`` noise or a ``backdoor``-style boost (``scale x`` the update). Attacks that
@@ -312,7 +335,7 @@ class MaliciousTrain:
         ConfigError: any other kind.
     """
 
-    def __init__(self, train, kind: str, *, scale: float = 1.0, noise_std: float = 1.0,
+    def __init__(self, train: _Train[_R], kind: str, *, scale: float = 1.0, noise_std: float = 1.0,
                  rng: np.random.Generator | None = None) -> None:
         if kind not in ("sign_flip", "gaussian", "backdoor"):
             raise ConfigError(f"a single malicious device can run 'sign_flip', 'gaussian' or "
@@ -320,7 +343,7 @@ class MaliciousTrain:
         self.train, self.kind, self.scale, self.noise_std = train, kind, scale, noise_std
         self.rng = rng if rng is not None else np.random.default_rng()
 
-    def __call__(self, params: np.ndarray, settings, round: int):
+    def __call__(self, params: np.ndarray, settings: Mapping[str, float], round: int) -> _R:
         result = self.train(params, settings, round)
         delta = np.asarray(result.delta, np.float32)
         if self.kind == "gaussian":

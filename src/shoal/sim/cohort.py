@@ -144,7 +144,8 @@ class CohortTrainer:
         self.y = y
         self._buffers: dict[str, torch.Tensor] = {}
         if self.engine == "fused":
-            self._linears = [m for m in module if isinstance(m, nn.Linear)]
+            # "fused" means an nn.Sequential (is_mlp), whose children are its layers in order
+            self._linears = [m for m in module.children() if isinstance(m, nn.Linear)]
 
     def train(self, global_params: np.ndarray, client_indices: Sequence[np.ndarray],
               config: LocalTrainConfig, rngs: Sequence[np.random.Generator], *,
@@ -271,7 +272,7 @@ class CohortTrainer:
             dz = logz.exp_().mul_(w).scatter_add_(2, yb, neg_weight[s, :a])
             for i in range(len(layers) - 1, -1, -1):
                 wa, ba = source[i]
-                dh = None
+                dh: torch.Tensor | None = None
                 if i > 0:
                     dh = torch.bmm(dz, wa)
                     relu_grad(dh, acts[i], 0, grad_input=dh)
@@ -292,7 +293,8 @@ class CohortTrainer:
                     # SGD step fused into the weight gradient: w <- w - lr dz^T h
                     wa.baddbmm_(dz.transpose(1, 2), acts[i], alpha=-lr)
                     ba.sub_(dz.sum(dim=1), alpha=lr)
-                dz = dh
+                if dh is not None:  # None after the first layer, the loop's last
+                    dz = dh
         # finished clients picked 0 (the buffer starts zeroed); padded rows hold example 0's
         # value, which may be -inf for a diverged model: select, don't multiply by 0
         nll = -torch.where(plan.valid, picked.squeeze(3), 0.0).sum(dim=(0, 2),
@@ -305,7 +307,8 @@ class CohortTrainer:
 
         module = self.flat_module.module
 
-        def client_loss(params, xb, yb, w):
+        def client_loss(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                        w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = functional_call(module, params, (xb,))
             nll = nn.functional.cross_entropy(logits, yb, reduction="none")
             weighted = (nll * w).sum()
