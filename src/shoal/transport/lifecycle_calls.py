@@ -39,7 +39,7 @@ from shoal.transport.serving import NotServing
 if TYPE_CHECKING:
     from shoal.gateway import DeviceGateway
     from shoal.observers import CarrierObserver
-    from shoal.transport.server import AggregatorSettings
+    from shoal.transport.settings import AggregatorSettings
     from shoal.transport.serving import ModelServing
 
 __all__ = ["LifecycleCalls"]

@@ -26,7 +26,7 @@ from shoal.transport.secagg_wire import message_from_header, reply_to_pb
 if TYPE_CHECKING:
     from shoal.gateway import DeviceGateway
     from shoal.observers import CarrierObserver
-    from shoal.transport.server import AggregatorSettings
+    from shoal.transport.settings import AggregatorSettings
 
 __all__ = ["SecAggCalls"]
 
