@@ -143,9 +143,6 @@ class CohortTrainer:
         self.x = self._shaped(x)
         self.y = y
         self._buffers: dict[str, torch.Tensor] = {}
-        if self.engine == "fused":
-            # "fused" means an nn.Sequential (is_mlp), whose children are its layers in order
-            self._linears = [m for m in module.children() if isinstance(m, nn.Linear)]
 
     def train(self, global_params: np.ndarray, client_indices: Sequence[np.ndarray],
               config: LocalTrainConfig, rngs: Sequence[np.random.Generator], *,
