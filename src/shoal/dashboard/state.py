@@ -340,13 +340,16 @@ class DashboardObserver(CarrierObserver):
     def clients_failed(self, task_id: int, clients: int, reason: str, now: float) -> None:
         self.state._failed(reason, clients)
 
-    def version_committed(self, record: RoundRecord) -> None:
+    def version_committed(self, record: object) -> None:
+        assert isinstance(record, RoundRecord)
         self.state._committed(record)
 
-    def version_evaluated(self, record: RoundRecord) -> None:
+    def version_evaluated(self, record: object) -> None:
+        assert isinstance(record, RoundRecord)
         self.state._evaluated(record)
 
-    def round_abandoned(self, record: RoundRecord, reason: str) -> None:
+    def round_abandoned(self, record: object, reason: str) -> None:
+        assert isinstance(record, RoundRecord)
         self.state._abandoned(reason)
 
     def secagg_dropouts(self, version: int, stage: str, count: int) -> None:

@@ -57,8 +57,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> str:
     header = {"format": _FORMAT, "spec": ckpt.spec.to_dict(), "seed": ckpt.seed,
               "version": ckpt.state.version, "sha256": digest, "meta": ckpt.meta}
     buf = io.BytesIO()
-    np.savez(buf, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-             **arrays)
+    np.savez(buf, allow_pickle=False,
+             __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
     replace_atomically(path, buf.getbuffer())
     return digest
 

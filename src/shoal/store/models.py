@@ -99,6 +99,9 @@ class ModelStore:
         self.recovered: tuple[str, ...] = ()
         self._lock: WriterLock | None = None
         self._cache: tuple[tuple[int, int, int], ModelIndex] | None = None
+        #: The index :meth:`_write` last put on disk (a failed commit checks it: was its
+        #: model file listed before the failure?).
+        self._written: ModelIndex | None = None
         if readonly:
             if not self.dir.is_dir():
                 raise DataError(f"no model store at {self.dir}", path=str(self.dir))
@@ -360,7 +363,7 @@ class ModelStore:
         if sign is not None:  # before any file is written: a failing signer leaves nothing
             lineage = {**lineage, "signatures": check_signatures(sign(vid, lineage["plan"]))}
         path = self.dir / model_file_name(vid)
-        self._written: ModelIndex | None = None
+        self._written = None
         try:
             save_checkpoint(path, checkpoint)
             fsync_dir(self.dir)  # the file's name is durable before the index points at it

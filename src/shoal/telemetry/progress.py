@@ -92,7 +92,8 @@ class ProgressBar(Observer):
             self._sim = f"sim {sim_time(self.clock())}"
             self._show()
 
-    def version_evaluated(self, record: RoundRecord) -> None:
+    def version_evaluated(self, record: object) -> None:
+        assert isinstance(record, RoundRecord)
         if record.eval:
             text = f"acc {fmt(record.eval['accuracy'])}  loss {fmt(record.eval['loss'], 3)}"
             if "epsilon" in record.privacy:
@@ -102,7 +103,8 @@ class ProgressBar(Observer):
         self._show()
         self._advance(record.round)
 
-    def round_abandoned(self, record: RoundRecord, reason: str) -> None:
+    def round_abandoned(self, record: object, reason: str) -> None:
+        assert isinstance(record, RoundRecord)
         self._rejected.update(record.rejected)
 
     def close(self) -> None:
