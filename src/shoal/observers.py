@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from shoal.records import RoundRecord
+
 __all__ = ["CarrierObserver", "Observer", "Observers", "listens"]
 
 log = logging.getLogger("shoal.observers")
@@ -36,16 +38,16 @@ class Observer:
     def clients_failed(self, task_id: int, clients: int, reason: str, now: float) -> None:
         """Clients dropped out, timed out or were cancelled (``reason``)."""
 
-    def version_committed(self, record: object) -> None:
+    def version_committed(self, record: RoundRecord) -> None:
         """A new version (``record`` is its :class:`~shoal.records.RoundRecord`, before
         central evaluation)."""
 
-    def version_evaluated(self, record: object) -> None:
+    def version_evaluated(self, record: RoundRecord) -> None:
         """The run's final record of a round (``record.eval`` is empty when evaluation was
         skipped). Records arrive in round order, the initial model (round 0) first; the run
         (:class:`~shoal.experiment.Experiment`) calls this, not the coordinator."""
 
-    def round_abandoned(self, record: object, reason: str) -> None:
+    def round_abandoned(self, record: RoundRecord, reason: str) -> None:
         """An aggregation was abandoned; the model is unchanged."""
 
     def privacy_spent(self, version: int, values: Mapping[str, float]) -> None:

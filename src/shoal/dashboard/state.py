@@ -340,16 +340,13 @@ class DashboardObserver(CarrierObserver):
     def clients_failed(self, task_id: int, clients: int, reason: str, now: float) -> None:
         self.state._failed(reason, clients)
 
-    def version_committed(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_committed(self, record: RoundRecord) -> None:
         self.state._committed(record)
 
-    def version_evaluated(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_evaluated(self, record: RoundRecord) -> None:
         self.state._evaluated(record)
 
-    def round_abandoned(self, record: object, reason: str) -> None:
-        assert isinstance(record, RoundRecord)
+    def round_abandoned(self, record: RoundRecord, reason: str) -> None:
         self.state._abandoned(reason)
 
     def secagg_dropouts(self, version: int, stage: str, count: int) -> None:

@@ -74,8 +74,7 @@ class Timeline(Observer):
         self.rows: list[TimelineRow] = []
         self._by_version: dict[int, TimelineRow] = {}
 
-    def version_committed(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_committed(self, record: RoundRecord) -> None:
         rej = record.rejected
         row = TimelineRow(version=record.version, sim_seconds=self.clock(),
                           wall_seconds=self.wall() - self._wall0,
@@ -87,8 +86,7 @@ class Timeline(Observer):
         self.rows.append(row)
         self._by_version[row.version] = row
 
-    def version_evaluated(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_evaluated(self, record: RoundRecord) -> None:
         row = self._by_version.get(record.round)
         if row is None and record.round == 0:
             row = TimelineRow(version=0, sim_seconds=0.0, wall_seconds=0.0)

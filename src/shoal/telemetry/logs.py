@@ -116,23 +116,20 @@ class LogObserver(CarrierObserver):
         self._emit(level, f"device {device_id}: {outcome}", "device_done", device=device_id,
                    outcome=outcome, **self._of_task(task_id))
 
-    def version_committed(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_committed(self, record: RoundRecord) -> None:
         self.round = record.round + 1
         self._emit(logging.INFO, f"version {record.version} committed: {record.accepted} "
                    f"updates of {record.sampled} asked ({record.closed_by})",
                    "version_committed", **_record_fields(record))
 
-    def version_evaluated(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_evaluated(self, record: RoundRecord) -> None:
         if record.eval:
             self._emit(logging.INFO, f"round {record.round} evaluated: "
                        + ", ".join(f"{k} {v:.4g}" for k, v in record.eval.items()),
                        "version_evaluated", round=record.round, version=record.version,
                        **{f"eval_{k}": v for k, v in record.eval.items()})
 
-    def round_abandoned(self, record: object, reason: str) -> None:
-        assert isinstance(record, RoundRecord)
+    def round_abandoned(self, record: RoundRecord, reason: str) -> None:
         self._emit(logging.WARNING, f"round {record.round} abandoned: {reason}",
                    "round_abandoned", reason=reason, **_record_fields(record))
 

@@ -87,13 +87,12 @@ class ProgressBar(Observer):
     def _show(self) -> None:
         self.bar.set_postfix_str(self.text, refresh=False)
 
-    def version_committed(self, record: object) -> None:
+    def version_committed(self, record: RoundRecord) -> None:
         if self.clock is not None:
             self._sim = f"sim {sim_time(self.clock())}"
             self._show()
 
-    def version_evaluated(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_evaluated(self, record: RoundRecord) -> None:
         if record.eval:
             text = f"acc {fmt(record.eval['accuracy'])}  loss {fmt(record.eval['loss'], 3)}"
             if "epsilon" in record.privacy:
@@ -103,8 +102,7 @@ class ProgressBar(Observer):
         self._show()
         self._advance(record.round)
 
-    def round_abandoned(self, record: object, reason: str) -> None:
-        assert isinstance(record, RoundRecord)
+    def round_abandoned(self, record: RoundRecord, reason: str) -> None:
         self._rejected.update(record.rejected)
 
     def close(self) -> None:

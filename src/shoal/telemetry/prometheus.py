@@ -145,16 +145,14 @@ class PrometheusObserver(CarrierObserver):
     def clients_failed(self, task_id: int, clients: int, reason: str, now: float) -> None:
         self.failures.labels(reason).inc(clients)
 
-    def version_committed(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_committed(self, record: RoundRecord) -> None:
         self.rounds.labels("committed").inc()
         self.version.set(record.version)
         self.duration.observe(record.seconds)
         if math.isfinite(record.train_loss):
             self.device_loss.set(record.train_loss)
 
-    def round_abandoned(self, record: object, reason: str) -> None:
-        assert isinstance(record, RoundRecord)
+    def round_abandoned(self, record: RoundRecord, reason: str) -> None:
         self.rounds.labels("abandoned").inc()
         self.duration.observe(record.seconds)
 

@@ -70,8 +70,7 @@ class RunDirWriter(Observer):
         (self.path / "config.toml").write_text(to_toml(cfg))
         (self.path / "metrics.jsonl").write_text("")
 
-    def version_evaluated(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_evaluated(self, record: RoundRecord) -> None:
         self.records.append(record)
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(_json_line(record))

@@ -265,8 +265,7 @@ class TracingObserver(CarrierObserver):
                 span.add_event("secagg.dropouts", {"stage": key[len(_DROPPED_AT):],
                                                    "clients": int(value)})
 
-    def version_committed(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_committed(self, record: RoundRecord) -> None:
         with self._lock:
             span = self._open_round()
             self._round_attributes(span, record)
@@ -282,16 +281,14 @@ class TracingObserver(CarrierObserver):
             self._round = None
             self._round_no = record.round + 1
 
-    def version_evaluated(self, record: object) -> None:
-        assert isinstance(record, RoundRecord)
+    def version_evaluated(self, record: RoundRecord) -> None:
         if record.eval:
             with self._lock:
                 self._run.add_event("evaluated", {"model.version": record.version,
                                                   **{f"eval.{k}": v
                                                      for k, v in record.eval.items()}})
 
-    def round_abandoned(self, record: object, reason: str) -> None:
-        assert isinstance(record, RoundRecord)
+    def round_abandoned(self, record: RoundRecord, reason: str) -> None:
         with self._lock:
             span = self._open_round()
             span.add_event("abandoned", {"reason": reason, "attempt": record.attempt,
