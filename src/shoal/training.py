@@ -145,7 +145,7 @@ def train_local(
         np.array(anchor, dtype=np.float32))  # a copy: the anchor may be read-only
     moving = [i for i, t in enumerate(model.spec.tensors) if t.name not in frozen]
     every = list(model.module.parameters())
-    params = [every[i] for i in moving]
+    params: list[torch.Tensor] = [every[i] for i in moving]
     anchors = [centre[t.offset:t.stop].view(t.shape)
                for i, t in enumerate(model.spec.tensors) if i in moving]
     loss_fn = nn.CrossEntropyLoss()
@@ -161,9 +161,9 @@ def train_local(
         loss.backward()
         with torch.no_grad():
             if config.mu > 0:
-                grads = [p.grad + config.mu * (p - a) for p, a in zip(params, anchors)]
+                grads = [_grad(p) + config.mu * (p - a) for p, a in zip(params, anchors)]
             else:
-                grads = [p.grad for p in params]
+                grads = [_grad(p) for p in params]
             torch._foreach_add_(params, grads, alpha=-config.lr)
         total_loss += float(loss.detach()) * len(idx)
         seen += len(idx)
@@ -172,6 +172,12 @@ def train_local(
 
 
 @torch.no_grad()
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s gradient of the batch; zero for a parameter the loss did not reach (its
+    ``grad`` stays ``None``): no step for it but FedProx's pull to the anchor."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
 def evaluate(model: FlatModule, params: np.ndarray, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 1000) -> dict[str, float]:
     """Mean cross-entropy loss and accuracy of ``params`` on ``(x, y)``.

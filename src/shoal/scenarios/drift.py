@@ -28,13 +28,13 @@ from shoal.coordinator import Coordinator
 from shoal.data import Dataset, FederatedData
 from shoal.events import EvalDone, SendEval
 from shoal.evaluation import EvalResult
-from shoal.experiment import Experiment
+from shoal.experiment import Experiment, RunResult
 from shoal.lifecycle.audit import AuditLog
 from shoal.lifecycle.drift import DriftMonitor, Retrain
 from shoal.sampling import UniformSampler
 from shoal.sim.evaluation import LocalEvaluator
 from shoal.store import ModelStore
-from shoal.strategy import FedAvg
+from shoal.strategy import FedAvg, ServerState
 
 __all__ = ["DriftPoint", "DriftReport", "LabelShift", "drift_scenario"]
 
@@ -146,7 +146,8 @@ def drift_scenario(cfg: Config, train: Dataset, test: Dataset, store_root: str, 
     monitor = monitor if monitor is not None else DriftMonitor()
     audit = AuditLog()
 
-    def fit(hour: float, rounds: int, state=None):
+    def fit(hour: float, rounds: int, state: ServerState | None = None
+            ) -> tuple[Experiment, RunResult]:
         parts = people.draw(train, hour, train_examples, "train")
         run_cfg = cfg.with_overrides({"rounds": rounds})
         exp = Experiment(run_cfg, FederatedData(train, test, tuple(parts)))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from shoal.coordinator import Coordinator
+from shoal.device_ckks import CkksSetup
 from shoal.errors import ConfigError
 from shoal.gateway import DeviceGateway, GatewaySettings
 from shoal.privacy.secagg_rounds import SecAggAggregation
@@ -84,7 +85,7 @@ class GrpcCarrier:
     """
 
     def __init__(self, service: AggregatorService, devices: Sequence[str], *,
-                 secure: SecAggAggregation | None = None, poll_s: float = 0.2,
+                 secure: SecAggAggregation | CkksSetup | None = None, poll_s: float = 0.2,
                  rng: np.random.Generator | None = None) -> None:
         self.service = service
         self._devices, self._secure, self._rng = list(devices), secure, rng
