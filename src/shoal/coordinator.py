@@ -13,6 +13,8 @@ close and commit (synchronous rounds or FedBuff); the :mod:`pipeline <shoal.pipe
 validates and aggregates; the strategy (server optimizer) steps the model; observers hear
 about it. Every task names the version it was built from and every update carries its base
 version, so staleness is ``current version - base version``.
+How it takes the updates that arrive (checks, folding, refusals) is
+:class:`~shoal.arrivals.ArrivalDesk`, a mixin it inherits.
 
 Evaluation tasks (federated evaluation) are a second task kind beside training: a caller
 asks :meth:`Coordinator.evaluate` for one, the coordinator sends it (:class:`SendEval`),
@@ -33,20 +35,19 @@ Not thread-safe: a carrier serialises calls (one lock or one event loop).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from shoal import seeds
-from shoal.errors import ConfigError, ProtocolError, UpdateRejected
+from shoal.arrivals import ArrivalDesk, _clients_of, _rows_of, _Task
+from shoal.errors import ConfigError, ProtocolError
 from shoal.evaluation import EvalTally
-from shoal.events import (AbortRound, CancelTask, ClientsFailed, ClientUpdate, Command,
-                          CommitVersion, EvalDone, EvalReported, EvalTask, Event, Finished,
-                          PartialAggregate, SendEval, SendTask, TaskEnded, Tick, TrainTask,
-                          UpdateBatch, UpdateRefused, UpdatesArrived, WakeAt)
+from shoal.events import (AbortRound, CancelTask, ClientsFailed, Command, CommitVersion,
+                          EvalDone, EvalReported, EvalTask, Event, Finished, SendEval, SendTask,
+                          TaskEnded, Tick, TrainTask, UpdateRefused, UpdatesArrived, WakeAt)
 from shoal.observers import Observer, Observers
-from shoal.pipeline import Pipeline, PipelineRun, validate_rows
+from shoal.pipeline import Pipeline, PipelineRun
 from shoal.policy import RoundPolicy, SyncPolicy
 from shoal.sampling import IdleSampler, Sampler
 from shoal.strategy import ServerState, Strategy
@@ -57,15 +58,7 @@ __all__ = ["Coordinator"]
 _DROPPED_AT = "secagg_dropped_at_"  # + stage: clients secure aggregation lost there
 
 
-@dataclass
-class _Task:
-    task: TrainTask
-    asked: np.ndarray
-    pending: set[int]
-    cancelled: bool = False
-
-
-class Coordinator:
+class Coordinator(ArrivalDesk):
     """Runs a strategy over a population of clients, driven by events.
 
     Args:
@@ -416,136 +409,6 @@ class Coordinator:
             self.cancel(task_id, "run finished")
         self._out.append(Finished(reason))
 
-    def _refuse(self, task_id: int, reason: str, count: int, detail: str,
-                clients: np.ndarray | None = None) -> None:
-        self._tally.rejected[reason] += count
-        self.observers.update_rejected(task_id, reason, count, detail, self._now)
-        ids = () if clients is None else tuple(int(c) for c in clients)
-        self._out.append(UpdateRefused(task_id, ids, reason, detail))
-
-    def _arrived(self, event: UpdatesArrived) -> None:
-        item, task_id = event.arrival, event.task_id
-        tally = self._tally
-        down = item.metrics.get("download_bytes", 0)
-        tally.bytes_down += int(np.sum(down))
-        t = self._tasks.get(task_id)
-        n, who = _rows_of(item), _clients_of(item)
-        if t is None:
-            self._refuse(task_id, "unknown_task", n, f"no task {task_id} is open", who)
-            return
-        if t.cancelled:
-            self._refuse(task_id, "late", n, "the round of this task has closed", who)
-            return
-        base = item.base_version if item.base_version is not None else t.task.version
-        if base != t.task.version:
-            self._refuse(task_id, "wrong_version", n, f"task {task_id} sent version "
-                         f"{t.task.version}, the update says it trained from {base}", who)
-            return
-        staleness = self.state.version - base
-        try:
-            factor = self.policy.staleness_weight(staleness)
-        except UpdateRejected as exc:
-            self._refuse(task_id, exc.reason, n, exc.detail, who)
-            self._done_clients(t, _clients_of(item))
-            self.policy.on_end(self, task_id, False)
-            return
-        if isinstance(item, PartialAggregate):
-            self._fold_partial(t, item, factor, staleness)
-        else:
-            self._fold_rows(t, item, factor, staleness)
-        self.policy.on_update(self, task_id)
-
-    def _done_clients(self, t: _Task, clients: np.ndarray | None) -> None:
-        if clients is None:
-            t.pending.clear()
-        else:
-            t.pending.difference_update(clients.tolist())
-
-    def _fold_rows(self, t: _Task, item: ClientUpdate | UpdateBatch, factor: float,
-                   staleness: int) -> None:
-        metrics: Mapping[str, np.ndarray]
-        if isinstance(item, ClientUpdate):
-            ids = np.array([item.client_id], dtype=np.int64)
-            delta = item.delta
-            # one update is one row, whatever its shape: a 2-D delta is wrong_shape, not rows
-            rows = delta[np.newaxis] if isinstance(delta, np.ndarray) else delta
-            examples = np.array([item.num_examples])
-            metrics = {k: np.array([v]) for k, v in item.metrics.items()}
-        else:
-            ids, rows = np.asarray(item.client_ids, np.int64), item.deltas
-            examples, metrics = np.asarray(item.num_examples), item.metrics
-        known = np.fromiter((int(c) in t.pending for c in ids), bool, len(ids))
-        if not known.all():
-            asked = set(t.asked.tolist())
-            dup = ~known & np.fromiter((int(c) in asked for c in ids), bool, len(ids))
-            if dup.any():
-                self._refuse(t.task.task_id, "duplicate", int(dup.sum()),
-                             "this client already reported for this task", ids[dup])
-            if (~known & ~dup).any():
-                self._refuse(t.task.task_id, "not_selected", int((~known & ~dup).sum()),
-                             "the client was not asked to train this task", ids[~known & ~dup])
-        # a refused row changes nothing: its client may still send a good update (the task
-        # ends for it when it is accepted, fails, times out or the carrier ends the task)
-        keep, refused = validate_rows(rows, examples, self.state.params.size,
-                                      self.pipeline.validation)
-        for r in refused:
-            mask = r.rows & known
-            if mask.any():
-                self._refuse(t.task.task_id, r.reason, int(mask.sum()), r.detail, ids[mask])
-        keep = keep & known
-        if not keep.any():
-            return
-        every = bool(keep.all())
-        kept = rows if every else rows[keep]
-        weights = (examples if every else examples[keep]).astype(np.float64)
-        if factor != 1.0:
-            kept = kept * np.asarray(factor, dtype=kept.dtype)
-        try:
-            self._run.fold(kept, weights)
-        except UpdateRejected as exc:
-            self._refuse(t.task.task_id, exc.reason, int(keep.sum()), exc.detail, ids[keep])
-            return
-        self._done_clients(t, ids[keep])
-        self._tally.rows_folded(keep, examples, weights, metrics, staleness)
-        self.observers.update_accepted(t.task.task_id, int(keep.sum()), staleness, self._now)
-
-    def _fold_partial(self, t: _Task, item: PartialAggregate, factor: float,
-                      staleness: int) -> None:
-        task_id, covered = t.task.task_id, _clients_of(item)
-        if covered is not None and not all(int(c) in t.pending for c in covered):
-            # a group answers once for clients the task still waits for: never counted twice
-            asked = set(t.asked.tolist())
-            again = any(int(c) in asked and int(c) not in t.pending for c in covered)
-            self._refuse(task_id, "duplicate" if again else "not_selected", 1,
-                         "the group answers for clients that already reported or failed"
-                         if again else "the group answers for clients not asked this task",
-                         covered)
-            return
-        self._done_clients(t, covered)
-        if item.num_examples <= 0 or item.clients < 1:
-            self._refuse(task_id, "no_data", 1, "the group had no examples", covered)
-            return
-        row = np.asarray(item.delta)[np.newaxis] if isinstance(item.delta, np.ndarray) \
-            else item.delta
-        keep, refused = validate_rows(row, np.array([item.num_examples]),
-                                      self.state.params.size, self.pipeline.validation)
-        for r in refused:
-            self._refuse(task_id, r.reason, 1, r.detail, covered)
-        if not keep.all():
-            return
-        clip = item.clip_norm
-        if factor != 1.0:
-            row = row * np.asarray(factor, dtype=row.dtype)
-            clip = None if clip is None else clip * factor  # what the scaled group promises
-        try:
-            self._run.fold_partial(row[0], float(item.num_examples), int(item.clients), clip)
-        except UpdateRejected as exc:
-            self._refuse(task_id, exc.reason, 1, exc.detail, covered)
-            return
-        self._tally.group_folded(int(item.clients), int(item.num_examples), item.metrics,
-                                 staleness)
-        self.observers.update_accepted(task_id, int(item.clients), staleness, self._now)
-
     def _failed(self, task_id: int, client_ids: tuple[int, ...], reason: str) -> None:
         t = self._tasks.get(task_id)
         if t is None or t.cancelled:
@@ -576,19 +439,3 @@ class Coordinator:
                 self.observers.clients_failed(task_id, len(t.pending), "timed_out", self._now)
                 t.pending.clear()
         self.policy.on_tick(self, self._now)
-
-
-def _rows_of(item: object) -> int:
-    if isinstance(item, UpdateBatch):
-        return len(item.client_ids)
-    return 1
-
-
-def _clients_of(item: object) -> np.ndarray | None:
-    if isinstance(item, UpdateBatch):
-        return np.asarray(item.client_ids, np.int64)
-    if isinstance(item, ClientUpdate):
-        return np.array([item.client_id], np.int64)
-    if isinstance(item, PartialAggregate) and item.client_ids is not None:
-        return np.asarray(item.client_ids, np.int64)
-    return None
