@@ -194,9 +194,10 @@ def evaluate(model: FlatModule, params: np.ndarray, x: torch.Tensor, y: torch.Te
         return {"loss": float("nan"), "accuracy": float("nan")}
     loss_sum = 0.0
     correct = 0
-    for start in range(0, n, batch_size):
-        logits = model.module(x[start:start + batch_size])
-        yb = y[start:start + batch_size]
-        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
+    with torch.no_grad():  # whoever calls: evaluation never needs the autograd graph
+        for start in range(0, n, batch_size):
+            logits = model.module(x[start:start + batch_size])
+            yb = y[start:start + batch_size]
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
     return {"loss": loss_sum / n, "accuracy": correct / n}
