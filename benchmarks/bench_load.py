@@ -284,6 +284,7 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lat = sorted(stats["latency"])
+    spans = [stats["rounds"][r] for r in sorted(stats["rounds"])]  # (first, last) accepts
     # CPU per upload while uploads were flowing: the aggregator's (from its CPU time sampled
     # every 0.5 s between the first and the last accepted upload, at the mean upload rate)
     # and the load generator's (its whole drive: start-up and the end are small next to it)
@@ -313,9 +314,7 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
                 stats["last_accept"] - stats["first_accept"], 1e-9), 1),
             # the time between a round's last accepted upload and the next one's first: the
             # round's commit, the next task, and devices coming back for it
-            "round_gaps_s": [round(b[0] - a[1], 2) for a, b in zip(
-                [stats["rounds"][r] for r in sorted(stats["rounds"])][:-1],
-                [stats["rounds"][r] for r in sorted(stats["rounds"])][1:])],
+            "round_gaps_s": [round(b[0] - a[1], 2) for a, b in zip(spans, spans[1:])],
             # calls besides the uploads (a device told to come back checks in again)
             "checkins_per_update": round(stats["checkins"] / max(stats["accepted"], 1), 2),
             "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),

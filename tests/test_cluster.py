@@ -142,16 +142,22 @@ def start_nodes(cfg, redis, secret: bytes, tls, spec, stop: threading.Event):
     return nodes, ports, threads
 
 
-def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis) -> None:
-    cfg = cluster_config(redis)
+def cluster_in_threads(tmp_path: Path, cfg, redis, stop: threading.Event):
+    """A PKI and a secret under ``tmp_path``, :func:`start_nodes`'s ingest nodes and the
+    devices for them: ``(data, nodes, ports, threads, devices)``."""
     data = load_data(cfg)
     pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
     tls = (pki.server_cert.read_bytes(), pki.server_key.read_bytes())
     secret = load_or_create_secret(tmp_path / "secret")
     spec = spec_of(build_model(cfg["model"]["name"], 784, 10, cfg.seed))
-    stop = threading.Event()
     nodes, ports, threads = start_nodes(cfg, redis, secret, tls, spec, stop)
-    devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
+    return data, nodes, ports, threads, Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
+
+
+def test_two_ingest_nodes_commit_the_single_process_model(tmp_path: Path, redis) -> None:
+    cfg = cluster_config(redis)
+    stop = threading.Event()
+    _, nodes, ports, threads, devices = cluster_in_threads(tmp_path, cfg, redis, stop)
     uploads = _Uploads()
     devices.start(ports, range(CLIENTS), wrap={c: uploads.spy for c in range(CLIENTS)})
     committed: dict[int, np.ndarray] = {}
@@ -417,14 +423,8 @@ def test_a_committer_killed_after_a_version_resumes_from_the_store(tmp_path: Pat
     cfg = cluster_config(redis, **{"rounds": rounds, "deploy.deadline_s": 30.0})
     cfg_path = tmp_path / "config.toml"
     cfg_path.write_text(to_toml(cfg))
-    data = load_data(cfg)
-    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
-    tls = (pki.server_cert.read_bytes(), pki.server_key.read_bytes())
-    secret = load_or_create_secret(tmp_path / "secret")
-    spec = spec_of(build_model(cfg["model"]["name"], 784, 10, cfg.seed))
     stop = threading.Event()
-    _, ports, threads = start_nodes(cfg, redis, secret, tls, spec, stop)
-    devices = Devices(cfg, data, pki.ca_cert.read_bytes(), secret)
+    data, _, ports, threads, devices = cluster_in_threads(tmp_path, cfg, redis, stop)
     devices.start(ports, range(CLIENTS))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.Popen([sys.executable, "-m", "shoal.cli.cluster", "commit",
