@@ -109,7 +109,7 @@ def test_idle_and_stalled_calls_are_cut_after_the_idle_timeout(tmp_path):
 
 
 def test_the_idle_timeout_is_between_messages_not_for_the_whole_call(tmp_path):
-    # one timer per call keeps the time (transport/admission._Watch): a sender that stalls
+    # the time is kept per message (transport/admission._Watchdog): a sender that stalls
     # after some of its data is cut, one whose every chunk comes within the timeout is not,
     # however long its whole upload takes
     settings = AggregatorSettings(max_active_uploads=2, idle_timeout_s=0.6)

@@ -6,17 +6,45 @@ O(model), whatever the number of clients), validating each before it touches the
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from shoal.errors import ShoalError, SpecError, UpdateRejected
 
-__all__ = ["EmptyAccumulator", "WeightedMean"]
+__all__ = ["EmptyAccumulator", "WeightedMean", "finite_rows"]
 
 _REAL_TYPES = (int, float, np.integer, np.floating)
 # float16/32/64 widen exactly to float64; longdouble would be silently rounded, so it is refused.
 _ACCEPTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# a weight at most this times a finite float16/32 value is finite in float64, and so is a sum
+# of 2**32 such products (float32's largest is 3.4e38; float64's 1.8e308)
+_SAFE_WEIGHT = 1e250
+
+
+def finite_rows(rows: np.ndarray) -> np.ndarray:
+    """Which rows of a 2-D float array hold only finite values. A row's sum is finite only
+    if every element is (inf and NaN propagate; inf - inf is NaN), so one BLAS pass (a
+    matrix-vector product, ~2x faster than ``isfinite(rows).all(1)``) clears most rows; the
+    rows it flags (a non-finite element, or finite values whose sum overflowed) get the
+    exact check."""
+    if rows.dtype == np.float16 or rows.shape[1] == 0:
+        return np.isfinite(rows).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(rows @ _ones(rows.shape[1], rows.dtype))
+    if not finite.all():
+        suspect = np.flatnonzero(~finite)
+        finite[suspect] = np.isfinite(rows[suspect]).all(axis=1)
+    return finite
+
+
+@functools.lru_cache(maxsize=8)
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only vector of ``n`` ones (the model length's, made once, not per update)."""
+    out = np.ones(n, dtype)
+    out.flags.writeable = False
+    return out
 
 
 class EmptyAccumulator(ShoalError):
@@ -120,9 +148,10 @@ class WeightedMean:
             self._scratch = np.empty(self._dim, dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):  # reported below as "non_finite"
             scaled = np.multiply(vector, w, out=self._scratch, dtype=np.float64)
-        # a sum is finite unless an element is not (or finite elements overflowed it): one
-        # pass without a temporary clears the common case; the exact check settles the rest
-        if not np.isfinite(scaled.sum()) and not np.isfinite(scaled).all():
+        # the product is finite when the update is and the weight cannot overflow it (one
+        # BLAS pass over the float32 update); otherwise the exact check settles it
+        if not (w <= _SAFE_WEIGHT and vector.dtype != np.float64
+                and finite_rows(vector[np.newaxis])[0]) and not np.isfinite(scaled).all():
             raise UpdateRejected("non_finite", _describe_non_finite(vector[np.newaxis], w))
         self._sum += scaled
         self._count += 1

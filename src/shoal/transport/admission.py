@@ -64,6 +64,7 @@ class Admission(grpc.aio.ServerInterceptor):
                  max_request_bytes: Mapping[str, int] | None = None) -> None:
         self.gate, self.idle_timeout_s, self.clock = gate, float(idle_timeout_s), clock
         self.max_request_bytes = dict(max_request_bytes or {})
+        self.watchdog = _Watchdog(self.idle_timeout_s)
         # method -> (the servicer's handler, it wrapped): built once per method, not per call
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -83,8 +84,7 @@ class Admission(grpc.aio.ServerInterceptor):
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        wrapped = _timed(handler, self.idle_timeout_s, method,
-                         self.max_request_bytes.get(method))
+        wrapped = _timed(handler, self.watchdog, method, self.max_request_bytes.get(method))
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -97,15 +97,15 @@ def _refusing(handler: grpc.RpcMethodHandler, refused: CallRefused) -> grpc.RpcM
     return _streaming(handler, refuse)
 
 
-def _timed(handler: grpc.RpcMethodHandler, timeout: float, method: str,
+def _timed(handler: grpc.RpcMethodHandler, dog: _Watchdog, method: str,
            limit: int | None) -> grpc.RpcMethodHandler:
-    """``handler`` with its request(s) read under ``timeout`` per message, each at most
-    ``limit`` bytes (``None``: any) before it is parsed."""
+    """``handler`` with its request(s) read under ``dog``'s timeout per message, each at
+    most ``limit`` bytes (``None``: any) before it is parsed."""
     deserialize = handler.request_deserializer if limit is None \
         else _bounded(handler.request_deserializer, limit)
 
     def paced(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        return _paced(requests, context, timeout, method, limit)
+        return _paced(requests, context, dog, method, limit)
 
     if handler.request_streaming and handler.response_streaming:
         inner = handler.stream_stream
@@ -124,14 +124,14 @@ def _timed(handler: grpc.RpcMethodHandler, timeout: float, method: str,
         inner = handler.unary_stream
 
         async def unary_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            request = await _one(requests, context, timeout, method, limit)
+            request = await _one(requests, context, dog, method, limit)
             async for response in inner(request, context):
                 yield response
         return _streaming(handler, unary_stream, deserialize)
     inner = handler.unary_unary
 
     async def unary_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await inner(await _one(requests, context, timeout, method, limit), context)
+        return await inner(await _one(requests, context, dog, method, limit), context)
     return _streaming(handler, unary_unary, deserialize)
 
 
@@ -162,33 +162,34 @@ def _bounded(parse: Callable[[bytes], Any] | None, limit: int) -> Callable[[byte
     return deserialize
 
 
-async def _one(requests: Any, context: grpc.aio.ServicerContext, timeout: float,
+async def _one(requests: Any, context: grpc.aio.ServicerContext, dog: _Watchdog,
                method: str, limit: int | None) -> Any:
-    """A unary call's request, within ``timeout`` and at most ``limit`` bytes (not waiting
-    for the caller's end of stream after it)."""
+    """A unary call's request, within ``dog``'s timeout and at most ``limit`` bytes (not
+    waiting for the caller's end of stream after it)."""
+    watch = _Watch(dog)
     try:
-        async with asyncio.timeout(timeout):
-            message = await requests.__aiter__().__anext__()
+        watch.waiting()
+        message = await requests.__aiter__().__anext__()
     except StopAsyncIteration:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
-    except asyncio.TimeoutError:
-        await _idle(context, timeout)
+    except asyncio.CancelledError:
+        if not watch.cut():
+            raise
+        await _idle(context, dog.timeout)
+    finally:
+        watch.stop()
     if isinstance(message, _TooLarge):
         await _too_large(context, method, message, limit)
     return message
 
 
-async def _paced(requests: Any, context: grpc.aio.ServicerContext, timeout: float,
+async def _paced(requests: Any, context: grpc.aio.ServicerContext, dog: _Watchdog,
                  method: str, limit: int | None) -> AsyncIterator[Any]:
-    """The request stream, each message within ``timeout`` of the previous one (else the
-    call is aborted ``DEADLINE_EXCEEDED``) and at most ``limit`` bytes (else
-    ``INVALID_ARGUMENT``).
-
-    The time is kept by one :class:`_Watch` per call, not a timer per message: arming and
-    cancelling an event-loop timer for each of an upload's chunks cost more than reading
-    them."""
+    """The request stream, each message within ``dog``'s timeout of the previous one (else
+    the call is aborted ``DEADLINE_EXCEEDED``) and at most ``limit`` bytes (else
+    ``INVALID_ARGUMENT``)."""
     iterator = requests.__aiter__()
-    watch = _Watch(timeout)
+    watch = _Watch(dog)
     try:
         while True:
             watch.waiting()
@@ -199,7 +200,7 @@ async def _paced(requests: Any, context: grpc.aio.ServicerContext, timeout: floa
             except asyncio.CancelledError:
                 if not watch.cut():
                     raise
-                await _idle(context, timeout)
+                await _idle(context, dog.timeout)
             watch.received()
             if isinstance(message, _TooLarge):
                 await _too_large(context, method, message, limit)
@@ -208,38 +209,71 @@ async def _paced(requests: Any, context: grpc.aio.ServicerContext, timeout: floa
         watch.stop()
 
 
-class _Watch:
-    """Whether the call's task has waited ``timeout`` for its caller's next message: one
-    event-loop timer per call, moved on only when it fires; a message costs two stores."""
+class _Watchdog:
+    """The idle timeouts of all the calls of one server: one event-loop timer, armed while
+    any call is watched, looks every quarter of ``timeout`` for calls that have waited
+    ``timeout`` for their caller's next message and cancels their tasks. So a quiet caller
+    is cut after ``timeout`` to ``1.25 * timeout``, and a call or message costs no timer of
+    its own: arming and cancelling one per call (``asyncio.timeout``) or per message cost
+    more than reading a check-in."""
 
-    __slots__ = ("_loop", "_task", "_timeout", "_since", "_timer", "_fired")
+    __slots__ = ("timeout", "_period", "_watches", "_loop", "_timer")
 
     def __init__(self, timeout: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._timeout = timeout
-        self._since: float | None = None  # when the wait for a message began
+        self.timeout = float(timeout)
+        self._period = self.timeout / 4
+        self._watches: set[_Watch] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, w: _Watch) -> asyncio.AbstractEventLoop:
+        """Watch ``w`` (until :meth:`forget`); returns the loop whose clock it keeps."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._watches.add(w)
+        if self._timer is None:
+            self._timer = loop.call_later(self._period, self._sweep)
+        return loop
+
+    def forget(self, w: _Watch) -> None:
+        self._watches.discard(w)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        if not self._watches or self._loop is None:
+            return
+        due = self._loop.time() - self.timeout
+        for w in [w for w in self._watches if w.since is not None and w.since <= due]:
+            w.fire()
+        self._timer = self._loop.call_later(self._period, self._sweep)
+
+
+class _Watch:
+    """One call's wait for its caller's next message, kept by the server's
+    :class:`_Watchdog`: a message costs two stores."""
+
+    __slots__ = ("_dog", "_loop", "_task", "since", "_fired")
+
+    def __init__(self, dog: _Watchdog) -> None:
+        self._dog = dog
+        self._task = asyncio.current_task()
+        self.since: float | None = None  # when the wait for a message began (loop time)
         self._fired = False
+        self._loop = dog.watch(self)
 
     def waiting(self) -> None:
-        self._since = self._loop.time()
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._since + self._timeout, self._check)
+        self.since = self._loop.time()
 
     def received(self) -> None:
-        self._since = None
+        self.since = None
 
-    def _check(self) -> None:
-        self._timer = None
-        if self._since is None:
-            return  # not waiting: the next wait arms it again
-        due = self._since + self._timeout
-        if self._loop.time() >= due and self._task is not None:
+    def fire(self) -> None:
+        """The caller has been quiet too long: cancel the call's task (once)."""
+        self.since = None
+        if self._task is not None and not self._fired:
             self._fired = True
             self._task.cancel()
-        else:
-            self._timer = self._loop.call_at(due, self._check)
 
     def cut(self) -> bool:
         """After a ``CancelledError`` in the wait: whether it was this watch's (then the
@@ -251,9 +285,8 @@ class _Watch:
         return True
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.since = None
+        self._dog.forget(self)
 
 
 async def _idle(context: grpc.aio.ServicerContext, timeout: float) -> None:

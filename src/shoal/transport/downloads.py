@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,10 @@ class ModelPayload:
     sha256: bytes
     base_version: int = 0
     signed: SignedArtifact | None = None
+    #: chunk size -> this payload's ``ModelChunk`` messages, built once for every device that
+    #: downloads it (see :func:`~shoal.transport.lifecycle_calls.model_chunks`)
+    chunks: dict[int, tuple[Any, ...]] = field(default_factory=dict, compare=False,
+                                               repr=False)
 
     @classmethod
     def of(cls, version: int, params: np.ndarray) -> ModelPayload:

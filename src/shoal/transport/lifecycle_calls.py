@@ -50,18 +50,36 @@ _INVALID = ("bad_metrics", "bad_weight", "malformed")
 _MAX_DETAIL = 256
 
 
-def model_chunks(model: ModelPayload, size: int) -> Any:
+#: the smallest chunk size whose messages are kept with the payload (a device may ask for
+#: smaller chunks; they are built for it alone, not kept: a few bytes each would make a
+#: payload's messages outweigh it many times over)
+_SHARED_CHUNKS = 64 << 10
+
+
+def model_chunks(model: ModelPayload, size: int) -> tuple[Any, ...]:
     """``model`` as ``ModelChunk`` messages of at most ``size`` bytes; the first carries the
-    digest and the signature."""
+    digest and the signature.
+
+    Every device downloads the same version in the same chunks, so they are built once per
+    payload and size (at most two sizes kept, each of at least 64 KiB) and shared: messages
+    handed to gRPC are only serialized, never changed."""
+    known = model.chunks.get(size)
+    if known is not None:
+        return known
     total = len(model.blob)
     signed = model.signed
-    for off in range(0, total, size):
-        first = off == 0
-        yield pb.ModelChunk(version=model.version, base_version=model.base_version,
-                            total_size=total, sha256=model.sha256 if first else b"",
-                            offset=off, data=model.blob[off:off + size],
-                            signed_header=signed.header if first and signed else b"",
-                            signature=signed.signature if first and signed else b"")
+    built = tuple(
+        pb.ModelChunk(version=model.version, base_version=model.base_version,
+                      total_size=total, sha256=model.sha256 if off == 0 else b"",
+                      offset=off, data=model.blob[off:off + size],
+                      signed_header=signed.header if off == 0 and signed else b"",
+                      signature=signed.signature if off == 0 and signed else b"")
+        for off in range(0, total, size))
+    if size >= _SHARED_CHUNKS:
+        if len(model.chunks) >= 2:
+            model.chunks.clear()
+        model.chunks[size] = built
+    return built
 
 
 class LifecycleCalls:
