@@ -80,6 +80,7 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
             async for chunk in stub.Download(pb.DownloadRequest(version=task.model_version),
                                              metadata=md, timeout=120):
                 stats["bytes_down"] += len(chunk.data)
+            stats["downloads"] += 1
 
             def parts():
                 yield pb.UploadChunk(header=pb.UploadHeader(
@@ -99,7 +100,9 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
                 span = stats["rounds"].setdefault(task.round, [stats["last_accept"]] * 2)
                 span[1] = stats["last_accept"]
                 stats["first_accept"] = stats["first_accept"] or stats["last_accept"]
-            elif res.reason != "late":
+            elif res.reason == "late":
+                stats["late"] += 1
+            else:
                 stats["errors"] += 1
                 stats["reasons"][res.reason] = stats["reasons"].get(res.reason, 0) + 1
         except grpc.aio.AioRpcError as exc:
@@ -128,7 +131,7 @@ async def _drive(port: int, ca: bytes, tokens: dict[str, str], server: subproces
     stubs = [pb_grpc.AggregatorStub(c) for c in channels]
     stats = {"accepted": 0, "errors": 0, "bytes_up": 0, "bytes_down": 0, "latency": [],
              "reasons": {}, "rpc_error_times": [], "last_accept": 0.0,
-             "first_accept": 0.0, "checkins": 0, "rounds": {}}
+             "first_accept": 0.0, "checkins": 0, "rounds": {}, "late": 0, "downloads": 0}
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_device(stubs[i % len(stubs)], pb, dev, tok, payload, sha,
                                          stats, stop, lambda: server.poll() is None))
@@ -317,6 +320,10 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
             "round_gaps_s": [round(b[0] - a[1], 2) for a, b in zip(spans, spans[1:])],
             # calls besides the uploads (a device told to come back checks in again)
             "checkins_per_update": round(stats["checkins"] / max(stats["accepted"], 1), 2),
+            # downloads and uploads refused as late (the round had closed), per accepted one:
+            # transfers the devices made for nothing
+            "downloads_per_update": round(stats["downloads"] / max(stats["accepted"], 1), 3),
+            "late_per_update": round(stats["late"] / max(stats["accepted"], 1), 3),
             "mb_per_s_in": round(stats["bytes_up"] / stats["seconds"] / 1e6, 1),
             "upload_p50_s": round(statistics.median(lat), 3) if lat else None,
             "upload_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,

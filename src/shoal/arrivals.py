@@ -80,7 +80,7 @@ class ArrivalDesk:
         item, task_id = event.arrival, event.task_id
         tally = self._tally
         down = item.metrics.get("download_bytes", 0)
-        tally.bytes_down += int(np.sum(down))
+        tally.bytes_down += int(down) if isinstance(down, (int, float)) else int(np.sum(down))
         t = self._tasks.get(task_id)
         n, who = _rows_of(item), _clients_of(item)
         if t is None:

@@ -209,13 +209,15 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                 for clipping and ``clips`` is false. The coordinator is told the client
                 failed (the round does not wait for it); nothing else changes.
         """
+        def soon() -> float:  # drawn only for a device told to come back
+            return now + self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
+
         with self.changed:
-            soon = now + self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
             s = self.sessions.current(device_id)
             if self.finished or s is None or (is_closed(s) and self.sessions.any_open()):
                 if not self.finished and self.sessions.any_open():
                     # an open task does not need this device: pace it out
-                    return ComeBack(soon, "not_selected"), "train", {}
+                    return ComeBack(soon(), "not_selected"), "train", {}
                 idle = ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
                                 "no_round")
                 return idle, "train", {}
@@ -223,7 +225,7 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                     and not is_closed(s):
                 self._refuse_runtime(s, device_id, now)
             if isinstance(s, EvalSession):
-                unfit = self._unfit_for_evaluation(s, device_id, evaluates, soon, now)
+                unfit = self._unfit_for_evaluation(s, device_id, evaluates, soon(), now)
                 if unfit is not None:
                     return unfit, "evaluate", {}
             decision = s.check_in(device_id, now, rng=self._rng)
@@ -231,7 +233,7 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                 decision = ComeBack(min(decision.at, now + self.settings.idle_retry_s),
                                     "round_closed")
             elif isinstance(decision, ComeBack):
-                decision = ComeBack(min(decision.at, soon), decision.reason)
+                decision = ComeBack(min(decision.at, soon()), decision.reason)
             kind = "secagg" if isinstance(s, SecAggDeviceRound) else \
                 "ckks" if isinstance(s, CkksDeviceRound) else \
                 "evaluate" if isinstance(s, EvalSession) else "train"

@@ -200,12 +200,14 @@ class Chain:
             e = stage.encode(e, rng)
         return replace(e, spec=self.spec)
 
-    def decode(self, e: Encoded, *, copy: bool = True) -> np.ndarray:
+    def decode(self, e: Encoded, *, copy: bool = True, finite: bool = True) -> np.ndarray:
         """Decode to a fresh, writable float32 vector of length ``e.size``.
 
         ``copy=False``: a raw chain's result may instead be a view of the payload's own
         buffer (read-only if the buffer is), for a caller that owns that buffer and never
         reuses it (the aggregator's received upload: one copy of 0.8 MB less per update).
+        ``finite=False``: the result is not checked for NaN and infinities, for a caller that
+        checks every value itself (the aggregator's round validates each update).
 
         Raises:
             CodecError: ``e`` was made by another chain, or any field, length, index or scale
@@ -219,7 +221,7 @@ class Chain:
         out = expect_field(e, "values", "<f4", e.size, stage="chain")
         if set(e.fields) != {"values"}:
             raise CodecError(f"chain: unexpected fields {sorted(set(e.fields) - {'values'})}")
-        if not np.isfinite(out).all():
+        if finite and not np.isfinite(out).all():
             raise CodecError("chain: payload decodes to non-finite values",
                              reason="non_finite")
         # Never hand back the payload's own buffer (raw chain) or a read-only wire view,

@@ -57,13 +57,17 @@ class Admission(grpc.aio.ServerInterceptor):
         clock: seconds since the epoch (tokens' expiry is on it).
         max_request_bytes: method name (``"Hello"``) -> largest request message it takes;
             a method not named takes what the server's message size allows.
+        parsers: method name -> its request deserializer, in place of the servicer's
+            (e.g. :func:`~shoal.transport.chunks.data_chunks` for a payload stream).
     """
 
     def __init__(self, gate: CallGate, idle_timeout_s: float,
                  clock: Callable[[], float],
-                 max_request_bytes: Mapping[str, int] | None = None) -> None:
+                 max_request_bytes: Mapping[str, int] | None = None,
+                 parsers: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
         self.gate, self.idle_timeout_s, self.clock = gate, float(idle_timeout_s), clock
         self.max_request_bytes = dict(max_request_bytes or {})
+        self.parsers = dict(parsers or {})
         self.watchdog = _Watchdog(self.idle_timeout_s)
         # method -> (the servicer's handler, it wrapped): built once per method, not per call
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -84,7 +88,8 @@ class Admission(grpc.aio.ServerInterceptor):
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        wrapped = _timed(handler, self.watchdog, method, self.max_request_bytes.get(method))
+        wrapped = _timed(handler, self.watchdog, method, self.max_request_bytes.get(method),
+                         self.parsers.get(method))
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -98,11 +103,13 @@ def _refusing(handler: grpc.RpcMethodHandler, refused: CallRefused) -> grpc.RpcM
 
 
 def _timed(handler: grpc.RpcMethodHandler, dog: _Watchdog, method: str,
-           limit: int | None) -> grpc.RpcMethodHandler:
+           limit: int | None, parse: Callable[[bytes], Any] | None = None
+           ) -> grpc.RpcMethodHandler:
     """``handler`` with its request(s) read under ``dog``'s timeout per message, each at
-    most ``limit`` bytes (``None``: any) before it is parsed."""
-    deserialize = handler.request_deserializer if limit is None \
-        else _bounded(handler.request_deserializer, limit)
+    most ``limit`` bytes (``None``: any) before it is parsed (by ``parse``, default the
+    handler's deserializer)."""
+    parse = parse or handler.request_deserializer
+    deserialize = parse if limit is None else _bounded(parse, limit)
 
     def paced(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         return _paced(requests, context, dog, method, limit)

@@ -188,8 +188,8 @@ def decode_upload(buf: bytes | bytearray | memoryview, dim: int, expected_chain:
 
     Raises:
         CodecError: reason ``"wrong_codec"`` when the payload's chain is another one;
-            otherwise anything :func:`shoal.codec.from_bytes` refuses (reasons
-            ``"malformed"``, ``"non_finite"``).
+            otherwise anything :func:`shoal.codec.from_bytes` refuses (reason
+            ``"malformed"``); a non-finite result is the round's to refuse.
         ConfigError: ``expected_chain`` itself does not parse (the server's configuration).
     """
     expected = Chain.parse(expected_chain, key="task.upload_codec")
@@ -199,8 +199,9 @@ def decode_upload(buf: bytes | bytearray | memoryview, dim: int, expected_chain:
         raise CodecError(f"update was encoded with chain {list(encoded.spec)}, the task "
                          f"announced {expected_chain or 'none'!r} ({list(expected.spec)})",
                          reason="wrong_codec")
-    # the delta may be a view of ``buf``: the caller's own buffer, received for this upload
-    return got.decode(encoded, copy=False)
+    # the delta may be a view of ``buf``: the caller's own buffer, received for this upload;
+    # not checked for NaN or infinities here: the round validates every update (non_finite)
+    return got.decode(encoded, copy=False, finite=False)
 
 
 def upload_limit(dim: int, chain: Chain) -> int:

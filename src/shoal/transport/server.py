@@ -64,6 +64,7 @@ from shoal.registry.base import UnknownDevice
 from shoal.store.disk import StorageError
 from shoal.transport.admission import STATUS
 from shoal.transport.auth import Keyring, RateLimiter
+from shoal.transport.chunks import data_chunks
 from shoal.transport.ckks_calls import CkksCalls, ckks_task
 from shoal.transport.downloads import ModelPublisher, decode_upload, upload_limit
 from shoal.transport.gate import CallGate, CallRefused
@@ -92,7 +93,7 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
     :attr:`REQUEST_BYTES` bounds a small call's request before it is parsed: a Hello within
     the registry's own limits, a check-in, an evaluation report of at most ``MAX_METRICS``
     metrics, a decline with its bounded detail. Any message, a streamed chunk included, is at most
-    :data:`~shoal.transport.listener.MAX_RECEIVE_BYTES` (a 1 MiB chunk and its framing),
+    :data:`~shoal.transport.listener.MAX_RECEIVE_BYTES` (a 256 KiB chunk and its framing),
     refused by gRPC before it is buffered.
 
     Args:
@@ -121,6 +122,9 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
     REQUEST_BYTES = {"Hello": 64 << 10, "CheckIn": 1 << 10, "Download": 1 << 10,
                      "Heartbeat": 1 << 10, "ReportEvaluation": 16 << 10,
                      "GetModel": 1 << 10, "GetPlan": 1 << 10, "Decline": 2 << 10}
+    #: payload streams whose data chunks are read as views, not parsed (transport/chunks.py)
+    REQUEST_PARSERS = {"Upload": data_chunks(pb.UploadChunk.FromString),
+                       "SecAgg": data_chunks(pb.SecAggChunk.FromString)}
 
     def __init__(self, settings: AggregatorSettings, keyring: Keyring, dim: int,
                  spec_fingerprint: str, registry_factory: Callable[[], Any],
