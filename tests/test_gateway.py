@@ -331,7 +331,8 @@ def test_check_in_is_idempotent_until_the_upload(devices):
     run.upload("dev-0", a, at=60.0)
     back = run.check_in("dev-0", at=70.0)
     assert isinstance(back, ComeBack) and back.reason == "already_reported"
-    assert 70.0 <= back.at <= 70.0 + 1.5 * GATEWAY.checkin_interval_s
+    interval = GATEWAY.checkin_interval_s
+    assert 70.0 + 0.5 * interval <= back.at <= 70.0 + 1.5 * interval
     assert run.coordinator.accepted == 1
 
 
@@ -347,6 +348,25 @@ def test_devices_the_open_task_does_not_need_are_paced_over_the_interval(devices
                         ).pvalue > 0.01
     counts, _ = np.histogram(at, bins=10, range=(now + 0.5 * interval, now + 1.5 * interval))
     assert counts.max() < 140
+
+
+def test_devices_that_reported_are_paced_over_the_same_interval(devices):
+    # a device the open task already has an update from comes back like one it never asked:
+    # within 0.5-1.5 x checkin_interval_s, uniformly (it used to be the earlier of that and
+    # a draw from [0, interval]: back twice as often, and as many check-ins to answer)
+    n = 400
+    names = [f"dev-{i}" for i in range(n + 1)]
+    run = devices(sync(target=n + 1, asked=n + 1), ScriptedSampler([list(range(n + 1))]),
+                  steps=1, devices=names)
+    for dev in names[:n]:  # the last one keeps the round open
+        run.upload(dev, run.check_in(dev, at=1.0), 1.0, 1)
+    now, interval = 2.0, GATEWAY.checkin_interval_s
+    backs = [run.check_in(dev, at=now) for dev in names[:n]]
+    assert {b.reason for b in backs} == {"already_reported"}
+    at = np.array([b.at for b in backs])
+    assert ((at >= now + 0.5 * interval) & (at <= now + 1.5 * interval)).all()
+    assert stats.kstest(at, stats.uniform(loc=now + 0.5 * interval, scale=interval).cdf
+                        ).pvalue > 0.01
 
 
 def test_while_a_version_is_persisted_its_round_sends_devices_back_soon(devices):

@@ -233,7 +233,10 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                 decision = ComeBack(min(decision.at, now + self.settings.idle_retry_s),
                                     "round_closed")
             elif isinstance(decision, ComeBack):
-                decision = ComeBack(min(decision.at, soon()), decision.reason)
+                # not needed by this task (not selected, or reported already): paced over the
+                # window every other such device gets, 0.5-1.5 x checkin_interval_s (the
+                # session's own draw from [0, interval] brought it back twice as often)
+                decision = ComeBack(soon(), decision.reason)
             kind = "secagg" if isinstance(s, SecAggDeviceRound) else \
                 "ckks" if isinstance(s, CkksDeviceRound) else \
                 "evaluate" if isinstance(s, EvalSession) else "train"
