@@ -191,7 +191,11 @@ def test_killing_an_edge_mid_round_commits_with_the_survivors_and_moves_its_devi
     clients = 9
     code = main(["launch", "--edges", "3", "--clients", str(clients), "--rounds", "3",
                  "--per-round", str(clients), "--set", "deploy.over_selection=1.0",
-                 "--set", "deploy.min_fraction=0.6", "--set", "deploy.deadline_s=6.0",
+                 # round 2 waits out its deadline for edge-1; meanwhile edge-1's devices
+                 # come back (0.5-1.5 x the check-in interval), exhaust their 3 retries
+                 # (backoff up to 1 s each) and say Hello to their new edge: 9 s leaves
+                 # room for that on a loaded machine before round 3 opens
+                 "--set", "deploy.min_fraction=0.6", "--set", "deploy.deadline_s=9.0",
                  "--set", "deploy.checkin_interval_s=1.0",
                  "--set", 'hierarchy.failures="edge-1@2"', "--json", "-q", "--no-dashboard",
                  "--dir", str(work), "--out", str(out), "--set", 'output.name="k"'])
