@@ -3,10 +3,10 @@
 An upload (``UploadChunk``) and a masked input (``SecAggChunk``) arrive as a header and then
 chunks that are nothing but their ``data`` field (field 2 of the ``part`` oneof). Parsing
 such a chunk copies its 256 KiB twice (into the protobuf message, then out of it as
-``bytes``) before the payload is assembled; :func:`data_chunks` reads the field's bytes as a
-view of the received message instead, so the assembled payload is its only copy. A message
-that is anything else (the header, or a chunk with other fields) is parsed as before, so
-what is accepted is exactly what the protobuf parser accepts.
+``bytes``) before it is appended to the payload; :func:`data_chunks` reads the field's
+bytes as a view of the received message instead, so they are copied once, into the
+payload. A message that is anything else (the header, or a chunk with other fields) is
+parsed as before, so what is accepted is exactly what the protobuf parser accepts.
 """
 
 from __future__ import annotations

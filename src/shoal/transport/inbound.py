@@ -10,9 +10,9 @@ early as it can:
 2. :class:`Inbound`: a device streams one payload at a time (a second one is refused with
    :class:`Busy`), and at most ``max_active`` payloads are read at once, the rest waiting
    under HTTP/2 flow control (their bytes stay on the devices);
-3. :func:`read_payload`: the data, kept chunk by chunk as it arrives (nothing is allocated
-   from the declared size) and joined into one buffer at the end, refused at the first
-   chunk that goes past the declared size, then checked for length and SHA-256.
+3. :func:`read_payload`: the data, into a buffer that grows with what arrives (never
+   allocated from the declared size), refused at the first chunk that goes past the
+   declared size, then checked for length and SHA-256.
 
 So the payload memory of the server is at most ``max_active x`` the limit, whatever the
 number of callers; :func:`~shoal.transport.downloads.upload_limit` derives that limit from
@@ -113,24 +113,18 @@ async def read_payload(chunks: AsyncIterator[Any], total: int, sha256: bytes | N
         Refusal: ``malformed`` (a second header, or more data than ``total``: refused at the
             first chunk that goes past it), ``truncated`` or ``checksum``.
     """
-    parts: list[bytes | memoryview] = []
-    size = wire = 0
+    buf, wire = bytearray(), 0
     async for chunk in chunks:
         wire += chunk.ByteSize()
         if chunk.WhichOneof("part") != "data":
             raise Refusal("malformed", "a second header")
-        data = chunk.data  # a view of the received message (transport/chunks.py)
-        size += len(data)
-        if size > total:
+        data = chunk.data  # a view of the received message (transport/chunks.py): no copy
+        if len(buf) + len(data) > total:
             raise Refusal("malformed", "more data than total_size")
-        parts.append(data)
+        buf += data
         del data
-    if size != total:
-        raise Refusal("truncated", f"{size} of {total} bytes")
-    # one buffer of the exact size, the payload's only copy (a buffer grown chunk by chunk
-    # is reallocated, and copied, as it grows)
-    buf = bytearray().join(parts)
-    del parts
+    if len(buf) != total:
+        raise Refusal("truncated", f"{len(buf)} of {total} bytes")
     if sha256 is not None and hashlib.sha256(buf).digest() != sha256:
         raise Refusal("checksum", "SHA-256 of the payload does not match")
     return buf, wire
