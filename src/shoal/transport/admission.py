@@ -144,12 +144,24 @@ def _timed(handler: grpc.RpcMethodHandler, dog: _Watchdog, method: str,
 
 def _streaming(handler: grpc.RpcMethodHandler, behavior: Any,
                deserialize: Any = None) -> grpc.RpcMethodHandler:
-    """``behavior`` as a request-streaming handler with ``handler``'s serializer and
+    """``behavior`` as a request-streaming handler with ``handler``'s serializer (which
+    lets a response the servicer serialized itself, ``bytes``, go as it is) and
     ``deserialize`` (default ``handler``'s)."""
     make = grpc.stream_stream_rpc_method_handler if handler.response_streaming \
         else grpc.stream_unary_rpc_method_handler
     return make(behavior, request_deserializer=deserialize or handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                response_serializer=_passing(handler.response_serializer))
+
+
+def _passing(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """``serialize``, except that a response already serialized (``bytes``, e.g. a model
+    chunk every device downloads alike) is sent as it is."""
+    if serialize is None:
+        return None
+
+    def out(message: Any) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+    return out
 
 
 class _TooLarge:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -53,10 +52,10 @@ class ModelPayload:
     sha256: bytes
     base_version: int = 0
     signed: SignedArtifact | None = None
-    #: chunk size -> this payload's ``ModelChunk`` messages, built once for every device that
-    #: downloads it (see :func:`~shoal.transport.lifecycle_calls.model_chunks`)
-    chunks: dict[int, tuple[Any, ...]] = field(default_factory=dict, compare=False,
-                                               repr=False)
+    #: chunk size -> this payload's serialized ``ModelChunk`` messages, made once for every
+    #: device that downloads it (see :func:`~shoal.transport.lifecycle_calls.model_chunks`)
+    chunks: dict[int, tuple[bytes, ...]] = field(default_factory=dict, compare=False,
+                                                 repr=False)
 
     @classmethod
     def of(cls, version: int, params: np.ndarray) -> ModelPayload:

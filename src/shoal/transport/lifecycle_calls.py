@@ -56,13 +56,13 @@ _MAX_DETAIL = 256
 _SHARED_CHUNKS = 64 << 10
 
 
-def model_chunks(model: ModelPayload, size: int) -> tuple[Any, ...]:
-    """``model`` as ``ModelChunk`` messages of at most ``size`` bytes; the first carries the
-    digest and the signature.
+def model_chunks(model: ModelPayload, size: int) -> tuple[bytes, ...]:
+    """``model`` as serialized ``ModelChunk`` messages of at most ``size`` bytes; the first
+    carries the digest and the signature.
 
-    Every device downloads the same version in the same chunks, so they are built once per
-    payload and size (at most two sizes kept, each of at least 64 KiB) and shared: messages
-    handed to gRPC are only serialized, never changed."""
+    Every device downloads the same version in the same chunks, so they are built and
+    serialized once per payload and size (at most two sizes kept, each of at least 64 KiB)
+    and sent as they are (the aggregator's interceptor passes ``bytes`` responses through)."""
     known = model.chunks.get(size)
     if known is not None:
         return known
@@ -73,7 +73,8 @@ def model_chunks(model: ModelPayload, size: int) -> tuple[Any, ...]:
                       total_size=total, sha256=model.sha256 if off == 0 else b"",
                       offset=off, data=model.blob[off:off + size],
                       signed_header=signed.header if off == 0 and signed else b"",
-                      signature=signed.signature if off == 0 and signed else b"")
+                      signature=signed.signature if off == 0 and signed else b""
+                      ).SerializeToString()
         for off in range(0, total, size))
     if size >= _SHARED_CHUNKS:
         if len(model.chunks) >= 2:
