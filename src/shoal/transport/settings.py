@@ -33,7 +33,8 @@ class AggregatorSettings:
             uploads, but a waiting upload may buffer a whole window (trusted callers only).
         idle_timeout_s: longest wait for a caller's next message (a unary request, a
             stream's header, each chunk), and for a connection to finish its handshake or
-            make a call; an idle call ends ``DEADLINE_EXCEEDED``, an idle connection closes.
+            make a call; an idle call ends ``DEADLINE_EXCEEDED`` (after 1-1.25 x this),
+            an idle connection closes.
         max_weight: the largest weight (example count) one update carries, larger claims
             count as this; 0 = ``weight_cap_multiple`` x the median size of the devices
             (:class:`~shoal.device_task.WeightCap`).
