@@ -10,8 +10,8 @@ its method and metadata in hand, and
   would have sent them;
 * cuts every admitted call whose caller goes quiet: each request message (a unary call's
   request, a stream's header and every chunk after it) must arrive within ``idle_timeout_s``
-  of the previous one, or the call ends with ``DEADLINE_EXCEEDED`` (a device's runtime
-  retries that with backoff);
+  of the previous one, or the call ends with ``DEADLINE_EXCEEDED`` within 1.25 x that (one
+  :class:`_Watchdog` timer looks at every call; a device's runtime retries with backoff);
 * bounds each method's request by its own limit (``max_request_bytes``, e.g. a few KiB for
   a check-in) *before* it is parsed: a larger one is refused ``INVALID_ARGUMENT`` having cost
   its bytes, never the memory of parsing it (a 3 MB map of metrics parses into hundreds of
