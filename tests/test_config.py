@@ -159,6 +159,12 @@ def test_overrides_apply_before_the_checks_across_sections(tmp_path):
      "did you mean 'sampling.per_round'?"),
     ("[rond]\nbuffer_size = 3\n", "rond.buffer_size=3", "rond", "did you mean [round]?"),
     ("sead = 3\n", "sead=3", "sead", "did you mean 'seed'?"),
+    # a key several sections have: all of them, in alphabetical order (not whichever
+    # section happened to be declared first)
+    ("[client]\nrule = \"median\"\n", "client.rule=\"median\"", "client.rule",
+     "did you mean 'gossip.rule' or 'robust.rule'?"),
+    ("[client]\nmax_staleness = 3\n", "client.max_staleness=3", "client.max_staleness",
+     "did you mean 'compression.max_staleness' or 'round.max_staleness'?"),
     # a key that moved says where to (not the closest spelling, deploy.over_selection)
     ("[deploy]\nselection = \"fairness\"\n", "deploy.selection=\"fairness\"",
      "deploy.selection", "it moved to 'sampling.selection'"),

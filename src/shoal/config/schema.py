@@ -299,19 +299,22 @@ MOVED = {"deploy.selection": "sampling.selection",
 
 def _suggest(cls: type[Section], key: str) -> str:
     """`` — did you mean 'x.y'?``: where a moved key went, else the closest key in the same
-    section, else in any."""
+    section, else in any (every section that has it, in alphabetical order: ``name`` is
+    ``model.name``, ``output.name`` and ``strategy.name``, whichever section was declared
+    first)."""
     moved = MOVED.get(_dotted(cls._table, key))
     if moved is not None:
         return f" — it moved to {moved!r}"
     guess = _closest(key, list(options_of(cls)))
     if guess is not None:
         return f" — did you mean {_dotted(cls._table, guess)!r}?"
-    everywhere = {_dotted(name, k): k for name, sec in _SECTIONS.items()
-                  for k in options_of(sec)}
-    guess = _closest(key, list(everywhere.values()))
+    keys = sorted({k for sec in _SECTIONS.values() for k in options_of(sec)})
+    guess = _closest(key, keys)
     if guess is None:
         return ""
-    return f" — did you mean {next(d for d, k in everywhere.items() if k == guess)!r}?"
+    where = sorted(_dotted(name, guess) for name, sec in _SECTIONS.items()
+                   if guess in options_of(sec))
+    return f" — did you mean {' or '.join(repr(w) for w in where)}?"
 
 
 def _listing(cls: type[Section]) -> str:
