@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config.schema import Option, Section, option, options_of, section, sections_of
-# sections register in import order, which the "did you mean" of an unknown key follows
-# where a key name is in two tables (max_weight, rule, trim): keep protection before operations
 from shoal.config.sections import (
     ClientConfig,
     CompressionConfig,
