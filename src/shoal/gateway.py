@@ -193,6 +193,11 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
 
     # -- device calls --------------------------------------------------------------------------
 
+    def paced(self, now: float) -> float:
+        """When a device no open task needs should come back: within 0.5-1.5 x
+        ``checkin_interval_s`` of ``now``, uniformly (pace steering)."""
+        return now + self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
+
     def check_in(self, device_id: str, now: float, *, clips: bool = True,
                  evaluates: bool = False) -> tuple[Task | ComeBack, str, dict[str, float]]:
         """A device asks for work: ``(decision, kind, settings)``; kind ``"train"``,
@@ -209,15 +214,12 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                 for clipping and ``clips`` is false. The coordinator is told the client
                 failed (the round does not wait for it); nothing else changes.
         """
-        def soon() -> float:  # drawn only for a device told to come back
-            return now + self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
-
         with self.changed:
             s = self.sessions.current(device_id)
             if self.finished or s is None or (is_closed(s) and self.sessions.any_open()):
                 if not self.finished and self.sessions.any_open():
                     # an open task does not need this device: pace it out
-                    return ComeBack(soon(), "not_selected"), "train", {}
+                    return ComeBack(self.paced(now), "not_selected"), "train", {}
                 idle = ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
                                 "no_round")
                 return idle, "train", {}
@@ -225,7 +227,7 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                     and not is_closed(s):
                 self._refuse_runtime(s, device_id, now)
             if isinstance(s, EvalSession):
-                unfit = self._unfit_for_evaluation(s, device_id, evaluates, soon(), now)
+                unfit = self._unfit_for_evaluation(s, device_id, evaluates, self.paced(now), now)
                 if unfit is not None:
                     return unfit, "evaluate", {}
             decision = s.check_in(device_id, now, rng=self._rng)
@@ -236,7 +238,7 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                 # not needed by this task (not selected, or reported already): paced over the
                 # window every other such device gets, 0.5-1.5 x checkin_interval_s (the
                 # session's own draw from [0, interval] brought it back twice as often)
-                decision = ComeBack(soon(), decision.reason)
+                decision = ComeBack(self.paced(now), decision.reason)
             kind = "secagg" if isinstance(s, SecAggDeviceRound) else \
                 "ckks" if isinstance(s, CkksDeviceRound) else \
                 "evaluate" if isinstance(s, EvalSession) else "train"

@@ -121,8 +121,7 @@ class IngestGateway(DeviceGateway):
         with self.lock:
             done = device_id in self.dropped
         if done:
-            spread = self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
-            return ComeBack(now + spread, "not_selected"), "train", {}
+            return ComeBack(self.paced(now), "not_selected"), "train", {}
         return super().check_in(device_id, now, **kwargs)
 
     def drop(self, device_ids: Iterable[str], reason: str, now: float) -> None:

@@ -48,7 +48,7 @@ def server_options(idle_timeout_s: float, bdp_probe: bool = False
             ("grpc.max_send_message_length", _SEND_BYTES),
             ("grpc.server_handshake_timeout_ms", idle_ms),
             ("grpc.max_connection_idle_ms", idle_ms),
-            ("grpc.http2.bdp_probe", int(bdp_probe))] + [(k, int(v)) for k, v in (x.split("=") for x in __import__("os").environ.get("SHOAL_XOPT", "").split(",") if x)]
+            ("grpc.http2.bdp_probe", int(bdp_probe))]
 
 
 def serve(service: AggregatorService, host: str = "127.0.0.1", port: int = 0, *,
