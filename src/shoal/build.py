@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # privacy loads only when a run asks for it
     from shoal.privacy.stages import CentralDPStage, DistributedDPStage, LocalDPStage
     from shoal.robust import CenteredClipping, HeldRule, NormBound
 
-__all__ = ["load_data", "strategy_from_config", "selector_from_config", "sampler_from_config",
+__all__ = ["load_data", "load_partition", "strategy_from_config", "selector_from_config", "sampler_from_config",
            "simulated_registry", "majority_labels", "expected_cohort",
            "policy_from_config", "pipeline_from_config", "robust_from_config",
            "local_dp_from_config", "distributed_dp_from_config", "secagg_from_config",
@@ -83,6 +83,22 @@ def load_data(cfg: Config) -> FederatedData | GeneratedClients:
     parts = partition(train.y, d["clients"], d["partition"], alpha=d["alpha"],
                       shards_per_client=d["shards_per_client"], seed=d["partition_seed"])
     return FederatedData(train=train, test=test, client_indices=tuple(parts))
+
+
+def load_partition(cfg: Config, who: str) -> FederatedData:
+    """:func:`load_data` for processes that each train clients of a fixed partition (a
+    deployed device, a gossip peer); ``who`` names them in the error.
+
+    Raises:
+        ConfigError: ``data.population = "generated"``: its clients are made on demand in
+            simulation, there is no fixed partition to train a client of.
+    """
+    data = load_data(cfg)
+    if not isinstance(data, FederatedData):
+        raise ConfigError(f"{who} trains a client of the config's partition; "
+                          "data.population = 'generated' (clients made on demand) is for "
+                          "simulation only", key="data.population")
+    return data
 
 
 def strategy_from_config(cfg: Config) -> Strategy:

@@ -7,7 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from shoal.cli.options import add_run_options, config_from_args, partition_of
+from shoal.build import load_partition
+from shoal.cli.options import add_run_options, config_from_args
 from shoal.errors import ConfigError
 from shoal.registry.validation import (MAX_WINDOWS, MINUTES_PER_WEEK, RegistryError,
                                        validate_attributes)
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cert is not None:
         client_cert = _client_certificate(args.cert, args.key, device)
     cfg = config_from_args(args)
-    data = partition_of(cfg, "shoal client")
+    data = load_partition(cfg, "shoal client")
     if not 0 <= args.index < data.num_clients:
         raise ConfigError(f"--index {args.index} is not a client of this config (0 .. "
                           f"{data.num_clients - 1})", key="index")

@@ -277,7 +277,7 @@ def _edge(args: argparse.Namespace, stop: threading.Event) -> ClientStats:
 
 
 def _device(args: argparse.Namespace, stop: threading.Event) -> ClientStats | None:
-    from shoal.cli.options import partition_of
+    from shoal.build import load_partition
     from shoal.config import load_config
     from shoal.hierarchy.deployed import OncePerParentRound, follow_edges
     from shoal.training import LocalTrainConfig
@@ -285,7 +285,7 @@ def _device(args: argparse.Namespace, stop: threading.Event) -> ClientStats | No
     from shoal.transport.reference import fmnist_train_fn
 
     cfg = load_config(args.config)
-    data = partition_of(cfg, "a device process of shoal launch --edges")
+    data = load_partition(cfg, "a device process of shoal launch --edges")
     c = args.index
     idx = data.client_indices[c]
     local = LocalTrainConfig(epochs=cfg["client"]["epochs"],

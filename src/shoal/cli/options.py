@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shoal.config import Config, load_config
 from shoal.errors import ConfigError
-
-if TYPE_CHECKING:
-    from shoal.data import FederatedData
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -59,22 +56,3 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> Config:
     """The validated config: defaults, then the file, then the overrides."""
     return load_config(args.config, overrides_from_args(args))
-
-
-def partition_of(cfg: Config, command: str) -> FederatedData:
-    """The config's data split into clients, for a reference device process (``command``,
-    named in the error) that trains one client of it.
-
-    Raises:
-        ConfigError: ``data.population = "generated"``: its clients are made on demand in
-            simulation, there is no fixed partition to train a client of.
-    """
-    from shoal.build import load_data
-    from shoal.data import FederatedData
-
-    data = load_data(cfg)
-    if not isinstance(data, FederatedData):
-        raise ConfigError(f"{command} trains a client of the config's partition; "
-                          "data.population = 'generated' (clients made on demand) is for "
-                          "simulation only", key="data.population")
-    return data

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal import seeds
-from shoal.build import load_data
+from shoal.build import load_partition
 from shoal.config import Config
 from shoal.data import FederatedData
 from shoal.errors import ConfigError
@@ -46,18 +46,14 @@ class Network:
 
 
 def peer_data(cfg: Config) -> FederatedData:
-    """The training set split among the peers, and the test set (:func:`shoal.build.load_data`).
+    """The training set split among the peers, and the test set
+    (:func:`shoal.build.load_partition`).
 
     Raises:
         ConfigError: the config asks for a population whose data is generated on demand
             (peers hold index arrays into one dataset here).
     """
-    data = load_data(cfg)
-    if not isinstance(data, FederatedData):
-        raise ConfigError("gossip peers train on a dataset split among them (data.population "
-                          "= 'partition'); a generated population is not supported",
-                          key="data.population")
-    return data
+    return load_partition(cfg, "a gossip peer")
 
 
 def label_counts(data: FederatedData) -> np.ndarray:
