@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from shoal.device_task import (SESSION_REASONS, ComeBack, DeviceTask, Task, UploadResult,
-                               WeightCap)
+from shoal.device_task import SESSION_REASONS, ComeBack, DeviceTask, Task, UploadResult
+from shoal.device_weights import WeightCap
 from shoal.errors import ConfigError, UpdateRejected
 from shoal.events import ClientUpdate
 
@@ -25,7 +25,7 @@ SELECTED = [f"dev-{i:02d}" for i in range(13)]
 
 def make_task(**kw) -> DeviceTask:
     args = dict(task_id=4, round=3, model_version=7, selected=SELECTED, deadline=DEADLINE,
-                pace_spread_s=300.0, retry_spread_s=20.0)
+                checkin_interval_s=300.0, retry_spread_s=20.0)
     args.update(kw)
     return DeviceTask(**args)
 
@@ -101,7 +101,7 @@ def test_check_in_is_idempotent_until_the_upload(rng):
     submit(t, "dev-04", a, now=OPEN + 55)
     c = t.check_in("dev-04", OPEN + 60, rng=rng)
     assert isinstance(c, ComeBack) and c.reason == "already_reported"
-    assert OPEN + 60 <= c.at <= OPEN + 60 + 300
+    assert OPEN + 60 + 150 <= c.at <= OPEN + 60 + 450
     assert t.devices_with("tasked") == () and t.devices_with("accepted") == ("dev-04",)
 
 
@@ -283,17 +283,19 @@ def test_the_deadline_ends_the_window_and_is_not_in_it(rng):
 
 
 def test_unselected_devices_spread_uniformly_over_the_pace_window():
-    t = make_task(pace_spread_s=300.0)
+    t = make_task(checkin_interval_s=300.0)
     now = OPEN + 5
     rng = np.random.default_rng(2024)
     backs = [t.check_in(f"other-{i}", now, rng=rng) for i in range(1000)]
     assert {b.reason for b in backs} == {"not_selected"}
     at = np.array([b.at for b in backs])
-    assert ((at >= now) & (at <= now + 300)).all()
+    # within 0.5-1.5 x the interval: none sooner (the interval is what the server asks)
+    assert ((at >= now + 150) & (at <= now + 450)).all()
     assert len(np.unique(at)) == 1000  # no two devices come back at the same instant
-    # Kolmogorov-Smirnov against U[now, now + 300]; seeded, so deterministic
-    assert stats.kstest(at, stats.uniform(loc=now, scale=300).cdf).pvalue > 0.01
-    counts, _ = np.histogram(at, bins=10, range=(now, now + 300))
+    # Kolmogorov-Smirnov against U[now + 150, now + 450]; seeded, so deterministic
+    assert stats.kstest(at, stats.uniform(loc=now + 150, scale=300).cdf).pvalue > 0.01
+    assert stats.kstest(at, stats.uniform(loc=now, scale=300).cdf).pvalue < 1e-6
+    counts, _ = np.histogram(at, bins=10, range=(now + 150, now + 450))
     assert counts.max() < 140  # expected 100 +- 10 per tenth of the window
     assert t.tasked == ()  # asking changed nothing
     # deterministic given the generator
@@ -301,7 +303,7 @@ def test_unselected_devices_spread_uniformly_over_the_pace_window():
 
 
 def test_closed_task_sends_devices_back_soon():
-    t = make_task(retry_spread_s=20.0, pace_spread_s=300.0)
+    t = make_task(retry_spread_s=20.0, checkin_interval_s=300.0)
     t.close("round closed")
     rng = np.random.default_rng(7)
     backs = [t.check_in(d, OPEN + 2, rng=rng) for d in SELECTED + ["other"]]
@@ -324,8 +326,8 @@ def test_closed_task_sends_devices_back_soon():
     (dict(client_ids=[1, 1] + list(range(2, 13))), "client_ids"),
     (dict(client_ids=[0]), "client_ids"), (dict(client_ids=[-1] + list(range(1, 13))),
                                            "client_ids"),
-    (dict(pace_spread_s=-1.0), "pace_spread_s"), (dict(pace_spread_s=math.inf),
-                                                  "pace_spread_s"),
+    (dict(checkin_interval_s=-1.0), "checkin_interval_s"), (dict(checkin_interval_s=math.inf),
+                                                  "checkin_interval_s"),
     (dict(retry_spread_s=math.nan), "retry_spread_s"),
 ])
 def test_bad_construction_names_the_field(over, key):

@@ -13,9 +13,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 LAYERS = [
     ("edges", {"cli", "deploy", "key_service", "telemetry", "dashboard"}),
     ("assembling", {"experiment", "scenarios"}),
-    ("carriers", {"sim", "transport", "gateway", "device_task", "device_secagg",
-                  "device_sessions", "device_eval", "device_ckks", "device_secure",
-                  "device_commands", "gossip", "hierarchy", "cluster"}),
+    ("carriers", {"sim", "transport", "gateway", "device_task", "device_weights",
+                  "device_secagg", "device_sessions", "device_eval", "device_ckks",
+                  "device_secure", "device_commands", "gossip", "hierarchy", "cluster"}),
     ("driving", {"runner", "discrete_event", "build"}),
     ("engine", {"coordinator", "arrivals", "policy", "events", "clock", "sampling",
                 "selection", "registry", "store", "observers", "records", "config",

@@ -101,7 +101,7 @@ class CkksDeviceRound:
     """One CKKS-aggregated round over pulling devices (see the module docstring).
 
     Args:
-        task_id, round, model_version, selected, client_ids, pace_spread_s,
+        task_id, round, model_version, selected, client_ids, checkin_interval_s,
             retry_spread_s: as for :class:`~shoal.device_task.DeviceTask`.
         target: uploads after which collection closes early (>= 1).
         min_accepted: fewest contributions to decrypt (at least 2: a sum of one is one
@@ -117,13 +117,14 @@ class CkksDeviceRound:
     def __init__(self, task_id: int, round: int, model_version: int, selected: Sequence[str],
                  *, target: int, min_accepted: int, deadline: float, dim: int,
                  setup: CkksSetup, client_ids: Sequence[int] | None = None,
-                 pace_spread_s: float = 10.0, retry_spread_s: float = 10.0) -> None:
+                 checkin_interval_s: float = 10.0, retry_spread_s: float = 10.0) -> None:
         for name, value in (("target", target), ("min_accepted", min_accepted), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}", key=name)
         self._devices = DeviceTask(task_id, round, model_version, selected,
                                    client_ids=client_ids, deadline=deadline,
-                                   pace_spread_s=pace_spread_s, retry_spread_s=retry_spread_s)
+                                   checkin_interval_s=checkin_interval_s,
+                                   retry_spread_s=retry_spread_s)
         self.task_id, self.round = self._devices.task_id, self._devices.round
         self.model_version = self._devices.model_version
         self.clip_norm = None

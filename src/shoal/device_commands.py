@@ -38,7 +38,8 @@ from shoal.device_ckks import CkksDeviceRound, CkksSetup
 from shoal.device_eval import EvalSession
 from shoal.device_secagg import SecAggDeviceRound
 from shoal.device_sessions import GatewaySettings, Session, SessionBook, is_closed
-from shoal.device_task import DeviceTask, WeightCap
+from shoal.device_task import DeviceTask
+from shoal.device_weights import WeightCap
 from shoal.events import (AbortRound, CancelTask, Command, CommitVersion, Finished, SendTask,
                           Tick, WakeAt)
 from shoal.records import RoundRecord

@@ -64,16 +64,17 @@ class EvalSession(DeviceTask):
     Args:
         task: the coordinator's evaluation task.
         selected, client_ids: the devices asked and their client ids.
-        pace_spread_s, retry_spread_s: as for :class:`~shoal.device_task.DeviceTask`.
+        checkin_interval_s, retry_spread_s: as for :class:`~shoal.device_task.DeviceTask`.
     """
 
     kind = "evaluate"
 
     def __init__(self, task: EvalTask, selected: Sequence[str], client_ids: Sequence[int],
-                 *, pace_spread_s: float, retry_spread_s: float) -> None:
+                 *, checkin_interval_s: float, retry_spread_s: float) -> None:
         super().__init__(task.task_id, task.task_id, task.version, selected,
                          client_ids=client_ids, deadline=task.deadline,
-                         pace_spread_s=pace_spread_s, retry_spread_s=retry_spread_s)
+                         checkin_interval_s=checkin_interval_s,
+                         retry_spread_s=retry_spread_s)
         self.purpose = task.purpose
         self._reports: dict[str, bytes] = {}  # device -> fingerprint of its taken report
 

@@ -134,7 +134,7 @@ class SecAggDeviceRound:
         roster_wait_s: longest wait for selected devices to check in (> 0).
         stage_timeout_s: length of the AdvertiseKeys, ShareKeys and Unmasking stages (> 0);
             input collection runs to ``input_deadline`` (at least this long).
-        pace_spread_s, retry_spread_s: ComeBack jitter, as for ``DeviceTask``.
+        checkin_interval_s, retry_spread_s: ComeBack jitter, as for ``DeviceTask``.
         clip_norm: devices clip their update to this L2 norm and weigh it 1 before masking
             (central DP: the server only sees the sum), as for ``DeviceTask``.
 
@@ -146,10 +146,10 @@ class SecAggDeviceRound:
                  *, target: int, min_accepted: int, opened_at: float, input_deadline: float,
                  dim: int, config_for: Callable[[int], SecAggConfig],
                  roster_wait_s: float, stage_timeout_s: float,
-                 client_ids: Sequence[int] | None = None, pace_spread_s: float = 10.0,
+                 client_ids: Sequence[int] | None = None, checkin_interval_s: float = 10.0,
                  retry_spread_s: float = 10.0, clip_norm: float | None = None) -> None:
         self._devices = DeviceTask(task_id, round, model_version, selected,
-                                   client_ids=client_ids, pace_spread_s=pace_spread_s,
+                                   client_ids=client_ids, checkin_interval_s=checkin_interval_s,
                                    retry_spread_s=retry_spread_s, clip_norm=clip_norm)
         self.clip_norm = self._devices.clip_norm
         for name, value in (("target", target), ("min_accepted", min_accepted), ("dim", dim)):

@@ -157,13 +157,14 @@ class SessionBook:
         s: Session
         if secure is None:
             s = DeviceTask(task.task_id, task.round, task.version, selected,
-                           deadline=task.deadline, client_ids=client_ids, pace_spread_s=pace,
-                           retry_spread_s=retry, clip_norm=task.clip_norm)
+                           deadline=task.deadline, client_ids=client_ids,
+                           checkin_interval_s=pace, retry_spread_s=retry,
+                           clip_norm=task.clip_norm)
         elif isinstance(secure, CkksSetup):
             s = CkksDeviceRound(task.task_id, task.round, task.version, selected,
                                 target=target, min_accepted=min_accepted,
                                 deadline=task.deadline - settings.stage_timeout_s, dim=dim,
-                                setup=secure, client_ids=client_ids, pace_spread_s=pace,
+                                setup=secure, client_ids=client_ids, checkin_interval_s=pace,
                                 retry_spread_s=retry)
         else:
             s = SecAggDeviceRound(
@@ -172,7 +173,7 @@ class SessionBook:
                 input_deadline=task.deadline - settings.stage_timeout_s, dim=dim,
                 config_for=secure.config_for, roster_wait_s=settings.roster_wait_s,
                 stage_timeout_s=settings.stage_timeout_s, client_ids=client_ids,
-                pace_spread_s=pace, retry_spread_s=retry, clip_norm=task.clip_norm)
+                checkin_interval_s=pace, retry_spread_s=retry, clip_norm=task.clip_norm)
         new_version = task.version not in self._params
         self._sessions[task.task_id] = s
         self._settings[task.task_id] = {k: float(v) for k, v in task.settings.items()}
@@ -185,7 +186,8 @@ class SessionBook:
     def open_eval(self, task: EvalTask, selected: Sequence[str], client_ids: Sequence[int],
                   settings: GatewaySettings) -> EvalSession:
         """Open the session of evaluation task ``task`` sent to ``selected``."""
-        s = EvalSession(task, selected, client_ids, pace_spread_s=settings.checkin_interval_s,
+        s = EvalSession(task, selected, client_ids,
+                        checkin_interval_s=settings.checkin_interval_s,
                         retry_spread_s=settings.idle_retry_s)
         self._sessions[task.task_id] = s
         for d in selected:

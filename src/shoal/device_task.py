@@ -40,7 +40,7 @@ from shoal.errors import ConfigError, ShoalError, UpdateRejected
 from shoal.events import ClientUpdate
 
 __all__ = ["CheckInDecision", "ComeBack", "DeviceTask", "MAX_METRICS", "MAX_METRIC_VALUE",
-           "SESSION_REASONS", "Task", "TaskRefused", "UploadResult", "WeightCap"]
+           "SESSION_REASONS", "Task", "TaskRefused", "UploadResult", "paced"]
 
 #: Every ``UpdateRejected.reason`` :meth:`DeviceTask.admit` can raise, in checking order
 #: (the coordinator's pipeline adds its own: ``wrong_shape``, ``non_finite``, ...).
@@ -141,6 +141,13 @@ def _spread(value: object, name: str) -> float:
     return v
 
 
+def paced(now: float, interval: float, rng: np.random.Generator) -> float:
+    """When a device no open task needs should come back (pace steering): within 0.5-1.5 x
+    ``interval`` of ``now``, uniformly, so a population told to wait together does not
+    return together. One uniform drawn from ``rng``."""
+    return now + interval * float(rng.uniform(0.5, 1.5))
+
+
 # Per-device progress: selected (no task yet), tasked, accepted.
 _SELECTED, _TASKED, _ACCEPTED = 0, 1, 2
 
@@ -157,8 +164,8 @@ class DeviceTask:
         client_ids: the int each device carries in :class:`ClientUpdate` (unique, >= 0, one
             per selected device); default ``0 .. len(selected) - 1``.
         deadline: uploads at or after it are ``"late"`` (``inf``: none is late by time).
-        pace_spread_s: unselected and already-reported devices come back at ``now`` plus
-            uniform jitter in ``[0, pace_spread_s]``.
+        checkin_interval_s: unselected and already-reported devices come back within
+            0.5-1.5 x this of ``now``, uniformly (:func:`paced`).
         retry_spread_s: devices that find the task closed come back within
             ``[now, now + retry_spread_s]``, when the next task may be open.
         clip_norm: what every :class:`Task` of this session asks devices to clip to
@@ -172,7 +179,7 @@ class DeviceTask:
 
     def __init__(self, task_id: int, round: int, model_version: int, selected: Sequence[str],
                  *, client_ids: Sequence[int] | None = None, deadline: float = math.inf,
-                 pace_spread_s: float = 10.0, retry_spread_s: float = 10.0,
+                 checkin_interval_s: float = 10.0, retry_spread_s: float = 10.0,
                  clip_norm: float | None = None) -> None:
         self.task_id = _int_at_least(task_id, "task_id", 0)
         if clip_norm is not None and not (_time(clip_norm, "clip_norm") > 0):
@@ -182,7 +189,7 @@ class DeviceTask:
         self.round = _int_at_least(round, "round", 0)
         self.model_version = _int_at_least(model_version, "model_version", 0)
         self.deadline = _time(deadline, "deadline", allow_inf=True)
-        self.pace_spread_s = _spread(pace_spread_s, "pace_spread_s")
+        self.checkin_interval_s = _spread(checkin_interval_s, "checkin_interval_s")
         self.retry_spread_s = _spread(retry_spread_s, "retry_spread_s")
         devices = list(selected) if not isinstance(selected, str) else None
         if not devices or not all(isinstance(d, str) and d for d in devices):
@@ -262,8 +269,9 @@ class DeviceTask:
         A selected device without a task gets a fresh one; asking again before its verdict
         returns the *same* task (same key), so a lost response costs nothing. Otherwise:
         task closed or past its deadline → ``ComeBack(now + U[0, retry_spread_s],
-        "round_closed")``; not selected, or already answered → ``ComeBack(now + U[0,
-        pace_spread_s], "not_selected" | "already_reported")``. ``rng`` is drawn from only
+        "round_closed")``; not selected, or already answered → ``ComeBack(now +
+        U[0.5, 1.5] x checkin_interval_s, "not_selected" | "already_reported")``
+        (:func:`paced`). ``rng`` is drawn from only
         for a ComeBack (one uniform).
         """
         if not self.is_open(now):
@@ -272,8 +280,7 @@ class DeviceTask:
         state = self._state.get(device_id)
         if state is None or state == _ACCEPTED:
             reason = "not_selected" if state is None else "already_reported"
-            return ComeBack(at=now + float(rng.uniform(0.0, self.pace_spread_s)),
-                            reason=reason)
+            return ComeBack(at=paced(now, self.checkin_interval_s, rng), reason=reason)
         if state == _TASKED:
             return self._task[device_id]
         task = Task(round=self.round, model_version=self.model_version,
@@ -426,68 +433,6 @@ class TaskRefused(ShoalError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
-
-
-class WeightCap:
-    """How much weight one device's update may carry: ``min(claimed examples, cap)``.
-
-    FedAvg weighs each update by the example count its device claims, which the server
-    cannot check: one device claiming 10^7 examples would take nearly all of the mean. The
-    cap bounds every device's share:
-
-    * ``max_weight > 0``: that, for everyone;
-    * otherwise ``multiple`` x the median of the devices' sizes -- each device counted once,
-      with what it declared when it said Hello (``capabilities["examples"]``) or, once it
-      had an update accepted, the example count it claimed last -- when at least
-      ``min_devices`` devices have a size; with fewer, no cap (only the validation's bound).
-
-    A lying minority cannot move the median (half the devices would have to lie), so it
-    cannot raise the cap; each liar's weight is at most ``multiple`` x a typical device's.
-    The price is paid by honest devices above the cap, which count as if they had that many
-    examples (see ``docs/security.md``). Devices without examples do not count towards the
-    median. The cap changes only at :meth:`refresh` (the gateway calls it as a task opens),
-    so every update of a task faces the same one.
-
-    Sans-I/O and not thread-safe (the gateway calls it under its lock). Memory: one int per
-    device with a size.
-
-    Raises:
-        ConfigError: ``max_weight`` < 0, ``multiple`` < 1 or not finite, ``min_devices`` < 1.
-    """
-
-    def __init__(self, max_weight: int = 0, multiple: float = 4.0, *,
-                 min_devices: int = 3) -> None:
-        self.max_weight = _int_at_least(max_weight, "deploy.max_weight", 0)
-        if isinstance(multiple, bool) or not isinstance(multiple, _REAL) \
-                or not (math.isfinite(multiple) and multiple >= 1):
-            raise ConfigError(f"deploy.weight_cap_multiple must be a finite number >= 1, got "
-                              f"{multiple!r}", key="deploy.weight_cap_multiple")
-        self.multiple = float(multiple)
-        self.min_devices = _int_at_least(min_devices, "min_devices", 1)
-        self._sizes: dict[str, int] = {}
-        self._cap: int | None = self.max_weight or None
-
-    @property
-    def cap(self) -> int | None:
-        """The weight no update exceeds now (``None``: not capped yet)."""
-        return self._cap
-
-    def note(self, device_id: str, examples: int) -> None:
-        """Record ``device_id``'s size (declared, or claimed by an accepted update); it
-        counts from the next :meth:`refresh`."""
-        self._sizes[device_id] = int(examples)
-
-    def refresh(self) -> int | None:
-        """Recompute the derived cap from the sizes noted so far; returns :attr:`cap`."""
-        if not self.max_weight:
-            sizes = [n for n in self._sizes.values() if n > 0]
-            self._cap = None if len(sizes) < self.min_devices else \
-                max(1, math.floor(self.multiple * float(np.median(sizes))))
-        return self._cap
-
-    def weigh(self, claimed: int) -> int:
-        """The weight an update claiming ``claimed`` examples carries."""
-        return claimed if self._cap is None else min(int(claimed), self._cap)
 
 
 def _digest(num_examples: object, delta: object, fingerprint: bytes | None = None) -> bytes:

@@ -15,7 +15,7 @@
 task opens and closes and whether it commits, its pipeline judges every update. The gateway
 keeps one session per task (:class:`~shoal.device_task.DeviceTask`: who was asked, their
 keys, their answers; kept in a :class:`~shoal.device_sessions.SessionBook`), bounds each
-update's weight (:class:`~shoal.device_task.WeightCap`), turns an authenticated upload
+update's weight (:class:`~shoal.device_weights.WeightCap`), turns an authenticated upload
 into an ``UpdatesArrived`` event and
 answers the device with the coordinator's verdict, at once. Secure-aggregation tasks run the
 SecAgg+ machine (:class:`~shoal.device_secagg.SecAggDeviceRound`) as their session; its
@@ -61,7 +61,8 @@ from shoal.device_secagg import SecAggDeviceRound
 from shoal.device_eval import EvalDesk, EvalSession
 from shoal.device_secure import SecureDesk
 from shoal.device_sessions import GatewaySettings, Outcome, Session, SessionBook, is_closed
-from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, WeightCap
+from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, paced
+from shoal.device_weights import WeightCap
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.evaluation import EvalResult
 from shoal.observers import CarrierObserver, Observer
@@ -196,7 +197,7 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
     def paced(self, now: float) -> float:
         """When a device no open task needs should come back: within 0.5-1.5 x
         ``checkin_interval_s`` of ``now``, uniformly (pace steering)."""
-        return now + self.settings.checkin_interval_s * float(self._rng.uniform(0.5, 1.5))
+        return paced(now, self.settings.checkin_interval_s, self._rng)
 
     def check_in(self, device_id: str, now: float, *, clips: bool = True,
                  evaluates: bool = False) -> tuple[Task | ComeBack, str, dict[str, float]]:
@@ -230,15 +231,9 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                 unfit = self._unfit_for_evaluation(s, device_id, evaluates, self.paced(now), now)
                 if unfit is not None:
                     return unfit, "evaluate", {}
+            # a device this task does not need is paced as every other (paced()); one that
+            # finds it closed comes back within idle_retry_s (the sessions' settings)
             decision = s.check_in(device_id, now, rng=self._rng)
-            if isinstance(decision, ComeBack) and decision.reason == "round_closed":
-                decision = ComeBack(min(decision.at, now + self.settings.idle_retry_s),
-                                    "round_closed")
-            elif isinstance(decision, ComeBack):
-                # not needed by this task (not selected, or reported already): paced over the
-                # window every other such device gets, 0.5-1.5 x checkin_interval_s (the
-                # session's own draw from [0, interval] brought it back twice as often)
-                decision = ComeBack(self.paced(now), decision.reason)
             kind = "secagg" if isinstance(s, SecAggDeviceRound) else \
                 "ckks" if isinstance(s, CkksDeviceRound) else \
                 "evaluate" if isinstance(s, EvalSession) else "train"

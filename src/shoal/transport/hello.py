@@ -11,7 +11,7 @@ itself:
   privacy); an older one is refused with ``runtime_too_old``.
 * ``capabilities["examples"]``: the device's number of training examples (a decimal
   integer), the size the per-device weight cap is derived from
-  (:class:`~shoal.device_task.WeightCap`).
+  (:class:`~shoal.device_weights.WeightCap`).
 * ``capabilities["tasks"]``: the task kinds the device does (``"train,evaluate"``). Only a
   runtime that fetches the served model, verifies it and reports with the task's id and key
   (:func:`evaluates`: ``shoal-client/4`` or later, declaring ``evaluate``) is given

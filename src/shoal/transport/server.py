@@ -21,7 +21,7 @@ This module does what only a network server must, refusing as early as it can:
   update of this model in the task's codec can be) refused at the header, one stream per
   device, a bounded number read at once (:mod:`shoal.transport.inbound`), length and SHA-256
   checked, decoded with the codec chain the task announced; the update's weight bounded
-  (:class:`~shoal.device_task.WeightCap`); byte counts measured here, never taken from the
+  (:class:`~shoal.device_weights.WeightCap`); byte counts measured here, never taken from the
   device;
 * evaluation reports, serving and declines (:mod:`shoal.transport.lifecycle_calls`): a report
   only as the answer to an evaluation task issued to its device; ``GetModel`` and
@@ -56,7 +56,8 @@ import numpy as np
 
 from shoal.codec.encoded import as_update
 from shoal.device_ckks import CkksSetup
-from shoal.device_task import ComeBack, Task, TaskRefused, WeightCap
+from shoal.device_task import ComeBack, Task, TaskRefused
+from shoal.device_weights import WeightCap
 from shoal.errors import CodecError, ProtocolError, UpdateRejected
 from shoal.gateway import DeviceGateway
 from shoal.observers import CarrierObserver, listens

@@ -37,7 +37,7 @@ class AggregatorSettings:
             an idle connection closes.
         max_weight: the largest weight (example count) one update carries, larger claims
             count as this; 0 = ``weight_cap_multiple`` x the median size of the devices
-            (:class:`~shoal.device_task.WeightCap`).
+            (:class:`~shoal.device_weights.WeightCap`).
         weight_cap_multiple: see ``max_weight``.
         roster_wait_s: secure aggregation: longest wait for the selected devices to check in
             before the roster closes.
