@@ -4,7 +4,7 @@ Why SQLite: it is in every Python, needs no server, survives a crash (write-ahea
 million device rows fit comfortably. When several aggregator processes on several machines must
 share a registry, swap in a networked implementation of :class:`~shoal.registry.Registry`.
 
-Storage (schema version 1, see ``docs/operations.md``)::
+Storage (schema version 1, :mod:`~shoal.registry.sqlite_schema`; see ``docs/operations.md``)::
 
     schema_version(version)                         -- one row
     devices(device_id PRIMARY KEY, attributes JSON, capabilities JSON, windows JSON,
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import builtins
 import itertools
-import json
 import sqlite3
 import threading
 import time
@@ -65,6 +64,7 @@ from shoal.registry.validation import (
     validate_outcome,
 )
 from shoal.registry.columns import Columns, bulk_rows
+from shoal.registry.sqlite_schema import COLUMNS, NUMBERED, SCHEMA, SCHEMA_VERSION, row_to_device
 from shoal.store.disk import disk_failure
 
 __all__ = ["SCHEMA_VERSION", "SQLiteRegistry", "TOUCH_DELAY_S"]
@@ -72,41 +72,6 @@ __all__ = ["SCHEMA_VERSION", "SQLiteRegistry", "TOUCH_DELAY_S"]
 TOUCH_DELAY_S = 1.0
 """Longest a touch waits in memory while touches keep coming (see the module docstring)."""
 _MAX_PRESENT = 100_000  # devices remembered as enrolled (forgotten all at once past it)
-
-#: Version of the on-disk layout this module reads and writes.
-SCHEMA_VERSION = 1
-
-_SCHEMA = (
-    """CREATE TABLE devices (
-        device_id     TEXT PRIMARY KEY NOT NULL,
-        attributes    TEXT NOT NULL,
-        capabilities  TEXT NOT NULL,
-        windows       TEXT NOT NULL,
-        enrolled_at   REAL NOT NULL,
-        last_seen     REAL NOT NULL,
-        participation INTEGER NOT NULL DEFAULT 0 CHECK (participation >= 0)
-    ) WITHOUT ROWID""",
-    "CREATE INDEX devices_last_seen ON devices (last_seen)",
-    """CREATE TABLE outcomes (
-        device_id TEXT NOT NULL REFERENCES devices (device_id) ON DELETE CASCADE,
-        round     INTEGER NOT NULL,
-        outcome   TEXT NOT NULL,
-        ts        REAL NOT NULL,
-        PRIMARY KEY (device_id, round)
-    ) WITHOUT ROWID""",
-)
-_COLUMNS = "device_id, attributes, capabilities, windows, enrolled_at, last_seen, participation"
-# every device with its row number in device-id order (the row of a Columns view)
-_NUMBERED = ("WITH d AS (SELECT attributes, windows, "
-             "row_number() OVER (ORDER BY device_id) - 1 AS row FROM devices) ")
-
-
-def _row_to_device(row: Sequence[Any]) -> Device:
-    return Device(device_id=row[0], attributes=json.loads(row[1]),
-                  capabilities=json.loads(row[2]),
-                  windows=tuple((int(a), int(b)) for a, b in json.loads(row[3])),
-                  enrolled_at=row[4], last_seen=row[5], participation=row[6])
-
 
 class SQLiteRegistry:
     """A :class:`~shoal.registry.Registry` in one SQLite file.
@@ -169,7 +134,7 @@ class SQLiteRegistry:
                                "(version INTEGER NOT NULL)")
             row = self._conn.execute("SELECT max(version) FROM schema_version").fetchone()
             if row[0] is None:
-                for statement in _SCHEMA:
+                for statement in SCHEMA:
                     self._conn.execute(statement)
                 self._conn.execute("INSERT INTO schema_version (version) VALUES (?)",
                                    (SCHEMA_VERSION,))
@@ -233,7 +198,7 @@ class SQLiteRegistry:
         attrs, caps, wins = enrolment_json(device_id, attributes, capabilities, windows)
         with self._write():
             self._conn.execute(
-                "INSERT INTO devices (" + _COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, 0) "
+                "INSERT INTO devices (" + COLUMNS + ") VALUES (?, ?, ?, ?, ?, ?, 0) "
                 "ON CONFLICT (device_id) DO UPDATE SET "
                 "attributes = coalesce(?, attributes), "
                 "capabilities = coalesce(?, capabilities), "
@@ -257,7 +222,7 @@ class SQLiteRegistry:
                 first = min(taken)
                 raise RegistryError(f"device {first!r} is already enrolled", device_id=first,
                                     field="device_ids")
-            self._conn.executemany("INSERT INTO devices (" + _COLUMNS + ") VALUES "
+            self._conn.executemany("INSERT INTO devices (" + COLUMNS + ") VALUES "
                                    "(?, ?, ?, ?, ?, ?, 0)", rows)
         return len(rows)
 
@@ -276,10 +241,10 @@ class SQLiteRegistry:
                     "SELECT device_id, enrolled_at, last_seen, participation FROM devices "
                     "ORDER BY device_id").fetchall()
                 attrs = self._conn.execute(
-                    _NUMBERED + "SELECT d.row, a.key, a.value FROM d, "
+                    NUMBERED + "SELECT d.row, a.key, a.value FROM d, "
                     "json_each(d.attributes) AS a").fetchall()
                 wins = self._conn.execute(
-                    _NUMBERED + "SELECT d.row, json_extract(w.value, '$[0]'), "
+                    NUMBERED + "SELECT d.row, json_extract(w.value, '$[0]'), "
                     "json_extract(w.value, '$[1]') FROM d, json_each(d.windows) AS w "
                     "ORDER BY d.row, w.key").fetchall()
             finally:
@@ -295,11 +260,11 @@ class SQLiteRegistry:
             return self._get(device_id)
 
     def _get(self, device_id: str) -> Device:
-        row = self._conn.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id = ?",
+        row = self._conn.execute(f"SELECT {COLUMNS} FROM devices WHERE device_id = ?",
                                  (device_id,)).fetchone()
         if row is None:
             raise UnknownDevice(device_id)
-        return _row_to_device(row)
+        return row_to_device(row)
 
     def touch(self, device_id: str, *, now: float) -> None:
         """Advance ``last_seen`` to ``now`` (never backwards), lazily once the device is
@@ -435,14 +400,14 @@ class SQLiteRegistry:
               available_at: float | None, batch_size: int) -> Iterator[Device]:
         after = ""
         while True:
-            sql = (f"SELECT {_COLUMNS} FROM devices WHERE "
+            sql = (f"SELECT {COLUMNS} FROM devices WHERE "
                    + " AND ".join([*clauses, "device_id > ?"])
                    + " ORDER BY device_id LIMIT ?")
             with self._lock:
                 self._read_ready()
                 rows = self._conn.execute(sql, (*params, after, batch_size)).fetchall()
             for row in rows:
-                device = _row_to_device(row)
+                device = row_to_device(row)
                 if available_at is None or device.available_at(available_at):
                     yield device
             if len(rows) < batch_size:
