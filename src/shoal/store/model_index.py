@@ -17,7 +17,8 @@ from types import EllipsisType
 from typing import Any
 
 from shoal.store.atomic import replace_atomically
-from shoal.store.model_versions import STATUSES, PointerMoved
+from shoal.errors import ConfigError
+from shoal.store.model_versions import STATUSES, ModelStoreError, PointerMoved, UnknownVersion
 
 __all__ = ["FORMAT", "INDEX_FILE", "MODEL_FILE", "TEMP_FILE", "ModelIndex", "file_sha256",
            "model_file_name"]
@@ -57,6 +58,80 @@ class ModelIndex:
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
     production: int | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+
+    def entry(self, version: object) -> dict[str, Any]:
+        """The entry of ``version``.
+
+        Raises:
+            ConfigError: ``version`` is not an int.
+            UnknownVersion: the index does not list it.
+        """
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ConfigError(f"version must be an int, got {version!r}", key="version")
+        try:
+            return self.versions[version]
+        except KeyError:
+            known = (f"1..{max(self.versions)}" if self.versions else "none yet")
+            raise UnknownVersion(f"no model version {version} (versions: {known})",
+                                 version=version) from None
+
+    # The rules of the production pointer. Each check raises before anything changes; the
+    # store verifies the model file between the check and the move.
+
+    def promotable(self, version: int) -> bool:
+        """Whether promoting ``version`` moves the pointer (``False``: it is production
+        already, nothing to do).
+
+        Raises:
+            UnknownVersion, ConfigError: see :meth:`entry`.
+            ModelStoreError: it was rolled back (never promoted again).
+        """
+        status = self.entry(version)["status"]
+        if status == "rolled_back":
+            raise ModelStoreError(f"version {version} was rolled back and cannot be promoted; "
+                                  "commit it again as a new version if it is really good",
+                                  version=version)
+        return status != "production"
+
+    def check_rollback(self, version: int) -> None:
+        """Refuse a rollback to ``version`` unless there is a production to roll back from,
+        and ``version`` is neither it nor rolled back itself.
+
+        Raises:
+            UnknownVersion, ConfigError: see :meth:`entry`.
+            ModelStoreError: the reason.
+        """
+        entry = self.entry(version)
+        if self.production is None:
+            raise ModelStoreError("there is no production version to roll back from; use "
+                                  "promote", version=version)
+        if version == self.production:
+            raise ModelStoreError(f"version {version} is the current production version; "
+                                  "roll back to a different one", version=version)
+        if entry["status"] == "rolled_back":
+            raise ModelStoreError(f"version {version} was itself rolled back; choose a "
+                                  "version that is not", version=version)
+
+    def reject(self, version: int, now: float, reason: str = "") -> dict[str, Any]:
+        """Mark candidate ``version`` ``rolled_back`` (production unchanged) and log the
+        event; returns its entry.
+
+        Raises:
+            UnknownVersion, ConfigError: see :meth:`entry`.
+            ModelStoreError: it is production or already rolled back.
+        """
+        entry = self.entry(version)
+        if entry["status"] != "candidate":
+            raise ModelStoreError(f"version {version} is {entry['status']}, not a "
+                                  "candidate; only a candidate can be rejected",
+                                  version=version)
+        entry["status"] = "rolled_back"
+        event = {"at": now, "action": "reject", "version": version,
+                 "previous": self.production}
+        if reason:
+            event["reason"] = reason
+        self.events.append(event)
+        return entry
 
     def move_production(self, vid: int, action: str, now: float, reason: str = "") -> None:
         """Point production at ``vid`` (``action`` ``"promote"`` or ``"rollback"``: the

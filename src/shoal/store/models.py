@@ -214,22 +214,11 @@ class ModelStore:
     def _version(self, entry: Mapping[str, Any]) -> ModelVersion:
         return ModelVersion.from_entry(entry, self.dir)
 
-    @staticmethod
-    def _entry(index: ModelIndex, version: object) -> dict[str, Any]:
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ConfigError(f"version must be an int, got {version!r}", key="version")
-        try:
-            return index.versions[version]
-        except KeyError:
-            known = (f"1..{max(index.versions)}" if index.versions else "none yet")
-            raise UnknownVersion(f"no model version {version} (versions: {known})",
-                                 version=version) from None
-
     # -- queries ----------------------------------------------------------------------------
 
     def get(self, version: int) -> ModelVersion:
         """The metadata of ``version``. Raises :class:`UnknownVersion`."""
-        return self._version(self._entry(self._read(), version))
+        return self._version(self._read().entry(version))
 
     def list(self) -> builtins.list[ModelVersion]:
         """Every committed version, oldest first."""
@@ -255,7 +244,7 @@ class ModelStore:
     def lineage(self, version: int) -> builtins.list[ModelVersion]:
         """``version``, its parent, its parent's parent, ... back to a root."""
         index = self._read()
-        chain = [self._version(self._entry(index, version))]
+        chain = [self._version(index.entry(version))]
         while chain[-1].parent is not None:
             chain.append(self._version(index.versions[chain[-1].parent]))
         return chain
@@ -286,7 +275,7 @@ class ModelStore:
             UnknownVersion: no such version.
             DataError: the file is missing or corrupt (the message names the file).
         """
-        return load_checkpoint(self._verified_path(self._entry(self._read(), version)))
+        return load_checkpoint(self._verified_path(self._read().entry(version)))
 
     def verify(self) -> dict[int, str]:
         """Check every version's file; returns version -> problem (empty if all are intact)."""
@@ -358,7 +347,7 @@ class ModelStore:
                 lineage: dict[str, Any], sign: Signatures | None) -> ModelVersion:
         index = self._writable()
         if parent is not None:
-            self._entry(index, parent)
+            index.entry(parent)
         vid = max(index.versions, default=0) + 1
         if sign is not None:  # before any file is written: a failing signer leaves nothing
             lineage = {**lineage, "signatures": check_signatures(sign(vid, lineage["plan"]))}
@@ -415,13 +404,9 @@ class ModelStore:
 
     def _promote(self, index: ModelIndex, version: int, now: float, reason: str
                  ) -> ModelVersion:
-        entry = self._entry(index, version)
-        if entry["status"] == "production":
+        entry = index.entry(version)
+        if not index.promotable(version):
             return self._version(entry)
-        if entry["status"] == "rolled_back":
-            raise ModelStoreError(f"version {version} was rolled back and cannot be promoted; "
-                                  "commit it again as a new version if it is really good",
-                                  version=version)
         self._verified_path(entry)
         index.move_production(version, "promote", now, reason)
         self._write(index)
@@ -440,17 +425,7 @@ class ModelStore:
         now, reason = check_now(now), check_reason(reason)
         with self._writer().held():  # re-read under the lock: another writer may have acted
             index = self._writable()
-            entry = self._entry(index, version)
-            if entry["status"] != "candidate":
-                raise ModelStoreError(f"version {version} is {entry['status']}, not a "
-                                      "candidate; only a candidate can be rejected",
-                                      version=version)
-            entry["status"] = "rolled_back"
-            event = {"at": now, "action": "reject", "version": version,
-                     "previous": index.production}
-            if reason:
-                event["reason"] = reason
-            index.events.append(event)
+            entry = index.reject(version, now, reason)
             self._write(index)
             return self._version(entry)
 
@@ -469,7 +444,7 @@ class ModelStore:
         signatures = check_signatures(signatures)
         with self._writer().held():
             index = self._writable()
-            entry = self._entry(index, version)
+            entry = index.entry(version)
             entry["signatures"] = {**(entry.get("signatures") or {}), **signatures}
             self._write(index)
             return self._version(entry)
@@ -490,18 +465,8 @@ class ModelStore:
 
     def _rollback(self, index: ModelIndex, version: int, now: float, reason: str
                   ) -> ModelVersion:
-        entry = self._entry(index, version)
-        current = index.production
-        if current is None:
-            raise ModelStoreError("there is no production version to roll back from; use "
-                                  "promote", version=version)
-        if version == current:
-            raise ModelStoreError(f"version {version} is the current production version; "
-                                  "roll back to a different one", version=version)
-        if entry["status"] == "rolled_back":
-            raise ModelStoreError(f"version {version} was itself rolled back; choose a "
-                                  "version that is not", version=version)
-        self._verified_path(entry)
+        index.check_rollback(version)
+        self._verified_path(index.entry(version))
         index.move_production(version, "rollback", now, reason)
         self._write(index)
         return self._version(index.versions[version])
