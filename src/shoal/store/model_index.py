@@ -2,8 +2,10 @@
 
 The index is the single source of truth of :class:`~shoal.store.models.ModelStore` (a version
 exists once the index lists it); the module docstring there gives the directory layout and the
-commit protocol. Here: the index's content (:class:`ModelIndex`), its strict parser, its atomic
-writer, and the file names the store owns (``v000001.npz``, temporary files of a torn write).
+commit protocol. Here: the index's content (:class:`ModelIndex`) with the rules of its
+production pointer (what may be promoted, rolled back to or rejected, and the move itself),
+its strict parser, its atomic writer, and the file names the store owns (``v000001.npz``,
+temporary files of a torn write).
 """
 
 from __future__ import annotations
