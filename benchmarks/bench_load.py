@@ -11,7 +11,10 @@ aggregation streams and uploads beyond `deploy.max_active_uploads` wait under fl
     .venv/bin/python benchmarks/bench_load.py --devices 100 1000 --rounds 5
 
 Each line also gives the aggregator's CPU time (user + system, from the reaped process's
-rusage). ``--dashboard`` runs every N without and then with ``shoal serve --dashboard``, an
+rusage), the CPU per accepted upload of the aggregator and of the load generator while
+uploads flow (``*_cpu_ms_per_update_uploading``), and the machine's idle share meanwhile
+(``idle_share_uploading``: near 0 when the two cores are the limit; above it, something
+waits -- on this machine, shoal's event-loop thread). ``--dashboard`` runs every N without and then with ``shoal serve --dashboard``, an
 open page's traffic included (one event stream read to the end, the devices page fetched
 every 2 s), ``--repeats`` times, and adds a ``load_dashboard`` line with the CPU ratio. As
 that ratio is at the mercy of whatever else the machine runs, the runs with the dashboard
@@ -201,6 +204,13 @@ def _thread_cpu_s(pid: int, name: str) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _idle_seconds() -> float:
+    """The machine's idle time so far, summed over its cores (``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()  # cpu user nice system idle iowait ...
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     import socket
 
@@ -250,13 +260,16 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
         time.sleep(0.1)
     peak = {"kb": 0, "dashboard_cpu_s": 0.0}
 
-    ticks: list[tuple[float, float]] = []  # (time, the aggregator's CPU seconds so far)
+    # (time, the aggregator's CPU seconds so far, this process's -- the load generator's --,
+    # the machine's idle seconds, all cores)
+    ticks: list[tuple[float, float, float, float]] = []
 
     def rss() -> None:
         try:
             fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
             ticks.append((time.perf_counter(),
-                          (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")))
+                          (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+                          time.process_time(), _idle_seconds()))
             for line in open(f"/proc/{server.pid}/status"):
                 if line.startswith("VmHWM:"):
                     peak["kb"] = max(peak["kb"], int(line.split()[1]))
@@ -288,14 +301,25 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lat = sorted(stats["latency"])
     spans = [stats["rounds"][r] for r in sorted(stats["rounds"])]  # (first, last) accepts
-    # CPU per upload while uploads were flowing: the aggregator's (from its CPU time sampled
-    # every 0.5 s between the first and the last accepted upload, at the mean upload rate)
-    # and the load generator's (its whole drive: start-up and the end are small next to it)
-    window = [(t, c) for t, c in ticks if stats["first_accept"] <= t <= stats["last_accept"]]
+    # CPU per upload while uploads were flowing, the aggregator's and the load generator's
+    # (both sampled every 0.5 s between the first and the last accepted upload, at the mean
+    # upload rate), and the load generator's over its whole drive (which adds the devices'
+    # Hello and the calls of the start-up and the end, when no upload flows)
+    window = [w for w in ticks if stats["first_accept"] <= w[0] <= stats["last_accept"]]
     rate = stats["accepted"] / max(stats["last_accept"] - stats["first_accept"], 1e-9)
-    extra = {"aggregator_cpu_ms_per_update_uploading": round(
-                 1e3 * (window[-1][1] - window[0][1]) / (rate * (window[-1][0] - window[0][0])),
-                 3) if len(window) > 1 else None,
+
+    def per_update(i: int) -> float | None:
+        if len(window) < 2:
+            return None
+        return round(1e3 * (window[-1][i] - window[0][i])
+                     / (rate * (window[-1][0] - window[0][0])), 3)
+
+    extra = {"aggregator_cpu_ms_per_update_uploading": per_update(1),
+             "loadgen_cpu_ms_per_update_uploading": per_update(2),
+             # the cores' idle share meanwhile (0: the machine was the limit)
+             "idle_share_uploading": round((window[-1][3] - window[0][3]) / (
+                 (os.cpu_count() or 1) * (window[-1][0] - window[0][0])), 3)
+             if len(window) > 1 else None,
              "loadgen_cpu_ms_per_update": round(1e3 * ((own1.ru_utime - own0.ru_utime)
                                                        + (own1.ru_stime - own0.ru_stime))
                                                 / max(stats["accepted"], 1), 3)}
