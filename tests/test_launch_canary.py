@@ -113,6 +113,43 @@ def test_a_canary_launch_refuses_what_it_cannot_run_before_starting_devices(tmp_
         assert store.production().id == prod
 
 
+def test_the_canary_flags_override_the_canary_section_key_by_key(tmp_path):
+    """[canary] in the config file sets the rollout; each flag given overrides its one key,
+    and a flag not given leaves the file's value (not argparse's default)."""
+    from shoal.cli import build_parser
+    from shoal.cli.launch_canary import canary_overrides, client_args
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("[canary]\nfraction = 0.3\nalpha = 0.01\ncap = 4.0\nholdout = 0.25\n"
+                    "segment_by = \"os\"\n")
+    args = build_parser().parse_args(["launch", str(toml), "--canary", "2", "--alpha", "0.1",
+                                      "--max-evaluations", "7", "--loss-cap", "5"])
+    assert canary_overrides(args) == {"canary.alpha": 0.1, "canary.max_rounds": 7,
+                                      "canary.cap": 5.0}
+    cfg = load_config(args.config, canary_overrides(args))
+    c = cfg["canary"]
+    assert (c["fraction"], c["alpha"], c["cap"], c["max_rounds"]) == (0.3, 0.1, 5.0, 7)
+    assert (c["holdout"], c["segment_by"], c["cohort"], c["trim"]) == (0.25, "os", 30, 0.1)
+    assert client_args(cfg, tmp_path)[-2:] == ["--holdout", "0.25"]  # what devices start with
+    assert canary_overrides(build_parser().parse_args(["launch"])) == {}
+
+
+@pytest.mark.parametrize("flag, value, key", [
+    ("--alpha", "0.7", "canary.alpha"), ("--canary-fraction", "1.0", "canary.fraction"),
+    ("--trim", "0.5", "canary.trim"), ("--min-clients", "1", "canary.min_clients"),
+    ("--holdout", "0", "canary.holdout")])
+def test_a_canary_flag_out_of_range_is_refused_naming_its_key(tmp_path, capsys, flag, value,
+                                                              key):
+    from shoal.cli import main
+
+    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    work = tmp_path / "work"
+    assert main(["launch", *sets, "--dir", str(work), "--canary", "2", flag, value,
+                 "-q"]) == 2
+    assert key in capsys.readouterr().err
+    assert not work.exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_shoal_launch_with_keys_trains_fully_signed(tmp_path):
     """`shoal launch --keys DIR` (training, ~25 s): the device processes verify every

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 from shoal.cli.client import SECAGG_STAGES, parse_attributes
 from shoal.cli.dashboard import Operations
-from shoal.cli.launch_canary import add_canary_options
-from shoal.cli.options import add_run_options, config_from_args
+from shoal.cli.launch_canary import add_canary_options, canary_overrides
+from shoal.cli.options import add_run_options, overrides_from_args
+from shoal.config import load_config
 from shoal.cli.report import banner, report
 from shoal.telemetry import ProgressBar
 from shoal.errors import ConfigError
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from shoal.transport.tokens import issue_token
     from shoal.transport.certs import make_client_cert, make_local_pki
 
-    cfg = config_from_args(args)
+    # the canary flags override [canary] (given without --canary they are only checked)
+    cfg = load_config(args.config, overrides_from_args(args) | canary_overrides(args))
     if args.canary is not None and not args.dir:
         raise ConfigError("--canary needs --dir: the state directory whose model store holds "
                           "production and the candidate", key="dir")
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         from shoal.cli.launch_canary import client_args, operator_keys
 
         keys = operator_keys(args, work)
-        extra = client_args(args, keys)
+        extra = client_args(cfg, keys)
     elif args.keys:  # training signed end to end: every device verifies what it trains on
         extra = ["--trusted-key", str(Path(args.keys) / "operator.pub")]
 

@@ -27,7 +27,7 @@ from typing import Any
 from shoal.config import Config
 from shoal.errors import ConfigError
 
-__all__ = ["add_canary_options", "client_args", "run_canary_phase"]
+__all__ = ["add_canary_options", "canary_overrides", "client_args", "run_canary_phase"]
 
 log = logging.getLogger("shoal.aggregator")
 
@@ -38,43 +38,61 @@ def add_canary_options(p: argparse.ArgumentParser) -> None:
                    help="serve candidate VERSION of the model store in --dir to a fraction "
                         "of the devices, compare it with production by federated evaluation "
                         "and promote or roll back automatically (docs/lifecycle.md)")
-    g.add_argument("--canary-fraction", dest="canary_fraction", type=float, default=0.1,
-                   help="share of devices served the candidate (default 0.1)")
+    g.add_argument("--canary-fraction", dest="canary_fraction", type=float,
+                   help="share of devices served the candidate (canary.fraction, default 0.1)")
     g.add_argument("--keys", metavar="DIR",
                    help="the operator's keys (`shoal keys --out DIR`). Training: every "
                         "download and committed version is signed and every device process "
                         "verifies with --trusted-key DIR/operator.pub. --canary: the served "
                         "versions' key, default DIR/keys in --dir, made (ed25519) if "
                         "missing")
-    g.add_argument("--canary-cohort", dest="canary_cohort", type=int, default=30,
-                   help="devices per arm per evaluation round (default 30)")
-    g.add_argument("--min-clients", dest="min_clients", type=int, default=30,
-                   help="the rule's minimum sample per arm (default 30)")
-    g.add_argument("--alpha", type=float, default=0.05,
-                   help="level of each one-sided test (default 0.05)")
-    g.add_argument("--margin", type=float, default=0.0,
+    g.add_argument("--canary-cohort", dest="canary_cohort", type=int,
+                   help="devices per arm per evaluation round (canary.cohort, default 30)")
+    g.add_argument("--min-clients", dest="min_clients", type=int,
+                   help="the rule's minimum sample per arm (canary.min_clients, default 30)")
+    g.add_argument("--alpha", type=float,
+                   help="level of each one-sided test (canary.alpha, default 0.05)")
+    g.add_argument("--margin", type=float,
                    help="how much worse in loss the candidate may be and still count as not "
-                        "worse (default 0)")
-    g.add_argument("--loss-cap", dest="loss_cap", type=float, default=10.0,
-                   help="reported losses are bounded to [0, CAP] (default 10)")
-    g.add_argument("--trim", type=float, default=0.1,
+                        "worse (canary.margin, default 0)")
+    g.add_argument("--loss-cap", dest="loss_cap", type=float,
+                   help="reported losses are bounded to [0, CAP] (canary.cap, default 10)")
+    g.add_argument("--trim", type=float,
                    help="share of each arm cut from either end before comparing "
-                        "(Yuen's trimmed test; default 0.1, 0 = Welch's test)")
-    g.add_argument("--max-evaluations", dest="max_evaluations", type=int, default=10,
-                   help="evaluation rounds before an undecided canary is rolled back")
+                        "(Yuen's trimmed test; canary.trim, default 0.1, 0 = Welch's test)")
+    g.add_argument("--max-evaluations", dest="max_evaluations", type=int,
+                   help="evaluation rounds before an undecided canary is rolled back "
+                        "(canary.max_rounds, default 10)")
     g.add_argument("--evaluation-timeout", dest="evaluation_timeout", type=float,
-                   default=60.0, help="seconds each evaluation round waits for reports")
-    g.add_argument("--holdout", type=float, default=0.2,
-                   help="share of each device's examples it evaluates on (default 0.2)")
-    g.add_argument("--segment-by", dest="segment_by", default="", metavar="ATTR",
-                   help="break evaluations down by this device attribute (e.g. with "
-                        "--attr os=android,ios)")
+                   help="seconds each evaluation round waits for reports "
+                        "(canary.evaluation_timeout_s, default 60)")
+    g.add_argument("--holdout", type=float,
+                   help="share of each device's examples it evaluates on (canary.holdout, "
+                        "default 0.2)")
+    g.add_argument("--segment-by", dest="segment_by", metavar="ATTR",
+                   help="break evaluations down by this device attribute (canary.segment_by; "
+                        "e.g. with --attr os=android,ios)")
 
 
-def client_args(args: argparse.Namespace, keys: Path) -> list[str]:
+#: ``shoal launch``'s canary flags (argparse names) and the ``[canary]`` keys they override
+_FLAGS = (("canary_fraction", "fraction"), ("canary_cohort", "cohort"),
+          ("min_clients", "min_clients"), ("alpha", "alpha"), ("margin", "margin"),
+          ("loss_cap", "cap"), ("trim", "trim"), ("max_evaluations", "max_rounds"),
+          ("evaluation_timeout", "evaluation_timeout_s"), ("holdout", "holdout"),
+          ("segment_by", "segment_by"))
+
+
+def canary_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``[canary]`` keys the flags given override (a flag not given leaves the config's
+    value, or the default)."""
+    return {f"canary.{key}": getattr(args, flag) for flag, key in _FLAGS
+            if getattr(args, flag, None) is not None}
+
+
+def client_args(cfg: Config, keys: Path) -> list[str]:
     """What every device process of a canary is started with."""
     return ["--trusted-key", str(keys / "operator.pub"), "--served-every", "2",
-            "--holdout", str(args.holdout)]
+            "--holdout", str(cfg["canary"]["holdout"])]
 
 
 def operator_keys(args: argparse.Namespace, work: Path) -> Path:
@@ -116,9 +134,9 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
     from shoal.transport.server import AggregatorService, serve
     from shoal.transport.serving import ModelServing
 
-    d = cfg["deploy"]
-    rule = CanaryRule(min_clients=args.min_clients, alpha=args.alpha, margin=args.margin,
-                      max_rounds=args.max_evaluations, cap=args.loss_cap, trim=args.trim)
+    d, c = cfg["deploy"], cfg["canary"]
+    rule = CanaryRule(min_clients=c["min_clients"], alpha=c["alpha"], margin=c["margin"],
+                      max_rounds=c["max_rounds"], cap=c["cap"], trim=c["trim"])
     signer = load_signer(keys / "operator.key")
     audit_path = Path(paths.store).parent / "audit.jsonl"
     asked = args.dashboard or cfg["dashboard"]["address"]
@@ -143,7 +161,7 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
             settings_from_config(cfg), Keyring.single(load_or_create_secret(paths.secret)),
             spec.size, spec.fingerprint, lambda: SQLiteRegistry(paths.registry),
             revocations=RevocationFile(paths.revoked) if paths.revoked else None,
-            serving=serving, signer=signer, segment_by=args.segment_by,
+            serving=serving, signer=signer, segment_by=c["segment_by"],
             metrics=Observers(ops.observers))
         state = ops.dashboard.state if ops.dashboard is not None else None
         if state is not None:
@@ -152,7 +170,7 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
                 for entry in read_audit(audit_path):
                     state.add_audit(entry)
             state.set_status("waiting", f"for devices; then a canary of v{args.canary}")
-        canary = Canary(store, args.canary, args.canary_fraction, now=time.time(),
+        canary = Canary(store, args.canary, c["fraction"], now=time.time(),
                         rule=rule, audit=AuditLog(audit_path, listener=state.add_audit
                                                   if state is not None else None))
         # the two versions compared are signed here (once the canary has checked them),
@@ -169,8 +187,9 @@ def run_canary_phase(cfg: Config, args: argparse.Namespace, paths: Any, keys: Pa
             if state is not None:
                 state.set_status("running", f"canary of v{canary.candidate}")
             with EvaluationCarrier(service, devices, seed=cfg.seed) as carrier:
-                outcome = run_canary_deployed(canary, carrier, cohort=args.canary_cohort,
-                                              seed=cfg.seed, timeout_s=args.evaluation_timeout)
+                outcome = run_canary_deployed(canary, carrier, cohort=c["cohort"],
+                                              seed=cfg.seed,
+                                              timeout_s=c["evaluation_timeout_s"])
         finally:
             stop()
         v = outcome.verdict

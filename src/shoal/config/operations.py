@@ -1,8 +1,8 @@
 """The typed sections of deployment, operations and topology: how a run is served, written,
 watched and traced, and the serverless (gossip) and hierarchical shapes it can take.
 
-Holds ``[deploy]``, ``[output]``, ``[dashboard]``, ``[tracing]``, ``[gossip]`` and
-``[hierarchy]``, declared like the training sections in :mod:`shoal.config.sections` (one
+Holds ``[deploy]``, ``[output]``, ``[dashboard]``, ``[tracing]``, ``[canary]``, ``[gossip]``
+and ``[hierarchy]``, declared like the training sections in :mod:`shoal.config.sections` (one
 frozen dataclass per TOML table, each field one key with its type, default, bounds and
 one-line doc). Key names and defaults are part of the on-disk format, so renaming one breaks
 old configs.
@@ -13,8 +13,8 @@ from __future__ import annotations
 from shoal.config.schema import Section, option, section
 from shoal.errors import ConfigError
 
-__all__ = ["DeployConfig", "OutputConfig", "DashboardConfig", "TracingConfig", "GossipConfig",
-           "HierarchyConfig"]
+__all__ = ["CanaryConfig", "DeployConfig", "OutputConfig", "DashboardConfig", "TracingConfig",
+           "GossipConfig", "HierarchyConfig"]
 
 
 @section("deploy")
@@ -154,6 +154,40 @@ class TracingConfig(Section):
     endpoint: str = option("http://127.0.0.1:4318/v1/traces", "exporter 'otlp': the "
                            "collector's OTLP/HTTP traces endpoint")
     service_name: str = option("shoal", "the service.name resource attribute of every span")
+
+
+@section("canary")
+class CanaryConfig(Section):
+    """A canary rollout (``shoal launch --canary VERSION``): the candidate served to a share
+    of the devices, compared with production by federated evaluation until the rule decides
+    to promote or roll back (docs/lifecycle.md). Each key has a ``shoal launch`` flag that
+    overrides it."""
+
+    fraction: float = option(0.1, "share of the devices served the candidate (a device's arm "
+                             "is a salted hash of its id)", min=0.0, min_exclusive=True,
+                             max=1.0, max_exclusive=True)
+    cohort: int = option(30, "devices per arm asked in each evaluation round", min=1)
+    min_clients: int = option(30, "reports per arm before the rule may decide", min=2)
+    alpha: float = option(0.05, "level of each one-sided test (candidate worse; candidate "
+                          "not worse)", min=0.0, min_exclusive=True, max=0.5,
+                          max_exclusive=True)
+    margin: float = option(0.0, "how much higher the candidate's loss may be and still count "
+                           "as not worse", min=0.0)
+    cap: float = option(10.0, "each reported loss is bounded to [0, cap] before the test (a "
+                        "device cannot pull an arm's mean by more than cap / n)", min=0.0,
+                        min_exclusive=True)
+    trim: float = option(0.1, "share of each arm cut from either end before comparing "
+                         "(Yuen's trimmed test; 0 = Welch's test on plain means)", min=0.0,
+                         max=0.5, max_exclusive=True)
+    max_rounds: int = option(10, "evaluation rounds before an undecided canary is rolled back",
+                             min=1)
+    evaluation_timeout_s: float = option(60.0, "how long each evaluation round waits for "
+                                         "reports", min=0.0, min_exclusive=True)
+    holdout: float = option(0.2, "share of each device's examples kept out of training and "
+                            "evaluated on (the devices of shoal launch are started with it)",
+                            min=0.0, min_exclusive=True, max=1.0, max_exclusive=True)
+    segment_by: str = option("", "break the evaluations down by this device attribute (the "
+                             "value each device declared at Hello); '' = no breakdown")
 
 
 @section("gossip")

@@ -32,6 +32,7 @@ from shoal.config.protection import (
     SecureAggregationConfig,
 )
 from shoal.config.operations import (
+    CanaryConfig,
     DashboardConfig,
     DeployConfig,
     GossipConfig,
@@ -79,6 +80,7 @@ class Config(Section):
     output: OutputConfig = _table(OutputConfig)
     dashboard: DashboardConfig = _table(DashboardConfig)
     tracing: TracingConfig = _table(TracingConfig)
+    canary: CanaryConfig = _table(CanaryConfig)
     robust: RobustConfig = _table(RobustConfig)
     attack: AttackConfig = _table(AttackConfig)
     gossip: GossipConfig = _table(GossipConfig)
