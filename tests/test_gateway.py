@@ -55,8 +55,9 @@ class Devices:
     def __init__(self, policy, sampler, *, steps: int | None = 3, devices=DEVICES,
                  max_norm: float | None = None, seed: int = 0,
                  on_commit: Callable[[Devices, object, object], None] | None = None,
-                 on_abort: Callable[[object], None] | None = None) -> None:
-        self.gateway = DeviceGateway(devices, DIM, GATEWAY, rng=np.random.default_rng(seed))
+                 on_abort: Callable[[object], None] | None = None,
+                 settings: GatewaySettings = GATEWAY) -> None:
+        self.gateway = DeviceGateway(devices, DIM, settings, rng=np.random.default_rng(seed))
         self.coordinator = Coordinator(FedAvg(), len(devices), sampler, seed=seed,
                                        policy=policy, steps=steps,
                                        pipeline=Pipeline(validation=Validation(max_norm)))

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shoal.coordinator import Coordinator
+from shoal.device_absence import Appointments
 from shoal.device_ckks import CkksDeviceRound, CkksSetup
 from shoal.device_eval import EvalSession
 from shoal.device_secagg import SecAggDeviceRound
@@ -81,6 +82,8 @@ class CommandDesk:
     _secure_done: Callable[[int, SecAggDeviceRound | CkksDeviceRound, float], None]
     _evaluating: Callable[[], bool]
     _execute_eval: Callable[[Command], bool]
+    _drop: Callable[[DeviceTask, str, str, float], None]
+    appointments: Appointments
 
     # -- driving -------------------------------------------------------------------------------
 
@@ -170,7 +173,8 @@ class CommandDesk:
             return min(times) if times else None
 
     def tick(self, now: float) -> None:
-        """Let time pass: run due coordinator timers and secure-aggregation stages."""
+        """Let time pass: run due coordinator timers and secure-aggregation stages, and
+        count absent devices failed."""
         with self.changed:
             if self.coordinator is None:
                 return
@@ -180,6 +184,7 @@ class CommandDesk:
                     progressed |= s.tick(now)
                     if s.status().done:
                         self._secure_done(s.task_id, s, now)
+            progressed |= self._drop_absent(now)
             due = False
             while self._timers and self._timers[0] <= now:
                 heapq.heappop(self._timers)
@@ -192,6 +197,22 @@ class CommandDesk:
                 self.changed.notify_all()
             if progressed and self.on_progress is not None:
                 self.on_progress()
+
+    def _drop_absent(self, now: float) -> bool:
+        """Count as failed (``absent``) the devices of the open training tasks that still
+        wait for their task and have missed their appointment
+        (:class:`~shoal.device_absence.Appointments`), at most every ``sweep_every``;
+        returns whether any was."""
+        if not self.appointments.due_sweep(now):
+            return False
+        gone = [(s, d) for s in self.sessions.all()
+                if isinstance(s, DeviceTask) and not isinstance(s, EvalSession)
+                and not s.closed
+                for d in self.appointments.absent(now, s.devices_with("waiting"))]
+        for s, d in gone:
+            if not s.closed:  # an earlier drop may have ended the task
+                self._drop(s, d, "absent", now)
+        return bool(gone)
 
     # -- commands ------------------------------------------------------------------------------
 

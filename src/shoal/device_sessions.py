@@ -51,12 +51,17 @@ class GatewaySettings:
             in before the roster closes.
         stage_timeout_s: secure aggregation: length of the key and unmasking stages; input
             collection ends this long before the task's deadline, so that unmasking fits.
+        absent_after_s: a device selected for a training task that has missed its latest
+            appointment with the gateway by more than this is counted failed (``absent``)
+            at once (:mod:`~shoal.device_absence`); ``0``: never, the task's deadline
+            decides.
     """
 
     idle_retry_s: float = 2.0
     checkin_interval_s: float = 5.0
     roster_wait_s: float = 15.0
     stage_timeout_s: float = 10.0
+    absent_after_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -255,9 +255,9 @@ class DeviceTask:
         return self._device_of[client_id]
 
     def devices_with(self, state: str) -> tuple[str, ...]:
-        """The devices that are ``"tasked"`` (given a key, not accepted yet) or
-        ``"accepted"``."""
-        code = {"tasked": _TASKED, "accepted": _ACCEPTED}[state]
+        """The devices that are ``"waiting"`` (selected, not given their task yet),
+        ``"tasked"`` (given a key, not accepted yet) or ``"accepted"``."""
+        code = {"waiting": _SELECTED, "tasked": _TASKED, "accepted": _ACCEPTED}[state]
         return tuple(d for d, st in self._state.items() if st == code)
 
     # -- check-in -----------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shoal.coordinator import Coordinator
+from shoal.device_absence import Appointments
 from shoal.device_ckks import CkksDeviceRound, CkksSetup
 from shoal.device_commands import SECURE_SESSIONS, CommandDesk
 from shoal.device_secagg import SecAggDeviceRound
@@ -128,6 +129,8 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
         self.coordinator: Coordinator | None = None
         self._rng = rng if rng is not None else np.random.default_rng()
         self.sessions = SessionBook()  # one per task: open, and the last few closed
+        # when each device should next be heard from; selected ones long past it are absent
+        self.appointments = Appointments(settings.absent_after_s)
         self._timers: list[float] = []
         self._backlog: deque[Command] = deque()
         self._io_busy = False
@@ -216,28 +219,38 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                 failed (the round does not wait for it); nothing else changes.
         """
         with self.changed:
-            s = self.sessions.current(device_id)
-            if self.finished or s is None or (is_closed(s) and self.sessions.any_open()):
-                if not self.finished and self.sessions.any_open():
-                    # an open task does not need this device: pace it out
-                    return ComeBack(self.paced(now), "not_selected"), "train", {}
-                idle = ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
-                                "no_round")
-                return idle, "train", {}
-            if s.clip_norm is not None and not clips and device_id in s.selected \
-                    and not is_closed(s):
-                self._refuse_runtime(s, device_id, now)
-            if isinstance(s, EvalSession):
-                unfit = self._unfit_for_evaluation(s, device_id, evaluates, self.paced(now), now)
-                if unfit is not None:
-                    return unfit, "evaluate", {}
-            # a device this task does not need is paced as every other (paced()); one that
-            # finds it closed comes back within idle_retry_s (the sessions' settings)
-            decision = s.check_in(device_id, now, rng=self._rng)
-            kind = "secagg" if isinstance(s, SecAggDeviceRound) else \
-                "ckks" if isinstance(s, CkksDeviceRound) else \
-                "evaluate" if isinstance(s, EvalSession) else "train"
-            return decision, kind, self.sessions.settings(s.task_id)
+            decision, kind, settings = self._check_in(device_id, now, clips, evaluates)
+            # an appointment: the device should check in by its come-back time, or upload
+            # (or check in) by its task's deadline
+            self.appointments.expect(device_id, decision.at if isinstance(decision, ComeBack)
+                                     else decision.deadline)
+            return decision, kind, settings
+
+    def _check_in(self, device_id: str, now: float, clips: bool, evaluates: bool
+                  ) -> tuple[Task | ComeBack, str, dict[str, float]]:
+        """:meth:`check_in` without the appointment (the lock held)."""
+        s = self.sessions.current(device_id)
+        if self.finished or s is None or (is_closed(s) and self.sessions.any_open()):
+            if not self.finished and self.sessions.any_open():
+                # an open task does not need this device: pace it out
+                return ComeBack(self.paced(now), "not_selected"), "train", {}
+            idle = ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
+                            "no_round")
+            return idle, "train", {}
+        if s.clip_norm is not None and not clips and device_id in s.selected \
+                and not is_closed(s):
+            self._refuse_runtime(s, device_id, now)
+        if isinstance(s, EvalSession):
+            unfit = self._unfit_for_evaluation(s, device_id, evaluates, self.paced(now), now)
+            if unfit is not None:
+                return unfit, "evaluate", {}
+        # a device this task does not need is paced as every other (paced()); one that
+        # finds it closed comes back within idle_retry_s (the sessions' settings)
+        decision = s.check_in(device_id, now, rng=self._rng)
+        kind = "secagg" if isinstance(s, SecAggDeviceRound) else \
+            "ckks" if isinstance(s, CkksDeviceRound) else \
+            "evaluate" if isinstance(s, EvalSession) else "train"
+        return decision, kind, self.sessions.settings(s.task_id)
 
     def upload(self, device_id: str, round: int, base_version: int, upload_key: str,
                num_examples: int, delta: np.ndarray, now: float, *,
@@ -257,6 +270,9 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
             UpdateRejected: with the session's or the coordinator's reason; nothing changed.
         """
         with self.changed:
+            # the device is there: after its answer it checks in again (the next task)
+            self.appointments.expect(device_id,
+                                     now + 1.5 * self.settings.checkin_interval_s)
             s = self.sessions.answering(device_id, round)
             if s is None:
                 raise self._count(UpdateRejected("not_selected", "the device has no task",

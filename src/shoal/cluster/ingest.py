@@ -28,6 +28,7 @@ retries the round.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -155,7 +156,10 @@ class _IngestCarrier(GrpcCarrier):
 
     def _new_gateway(self) -> DeviceGateway:
         base = super()._new_gateway()
-        return IngestGateway(*self._claims, base.devices, base.dim, base.settings,
+        # absence is not judged per node: a node's round is the committer's, which has
+        # its own deadline (deploy.absent_after_s is not wired into the cluster)
+        settings = dataclasses.replace(base.settings, absent_after_s=0.0)
+        return IngestGateway(*self._claims, base.devices, base.dim, settings,
                              secure=None, observer=base.observer,
                              on_progress=base.on_progress, on_publish=base.on_publish,
                              weights=base.weights)

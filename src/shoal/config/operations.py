@@ -45,6 +45,12 @@ class DeployConfig(Section):
     checkin_interval_s: float = option(5.0, "devices not needed by the current round come "
                                        "back within 0.5-1.5 x this (pace steering)", min=0.0,
                                        min_exclusive=True)
+    absent_after_s: float = option(30.0, "a device selected for a round that has missed its "
+                                   "last appointment with the aggregator (the come-back time "
+                                   "it was given, or its previous task's deadline) by this "
+                                   "much is counted failed ('absent') at once, so the round "
+                                   "closes with the devices that are there instead of at its "
+                                   "deadline; 0 = never", min=0.0)
     max_active_uploads: int = option(64, "uploads the aggregator reads at once (the rest wait "
                                      "under flow control: flat memory)", min=1)
     bdp_probe: bool = option(False, "let gRPC grow each connection's HTTP/2 flow-control "

@@ -103,7 +103,8 @@ class GrpcCarrier:
             self._devices, svc.dim,
             GatewaySettings(idle_retry_s=st.idle_retry_s,
                             checkin_interval_s=st.checkin_interval_s,
-                            roster_wait_s=st.roster_wait_s, stage_timeout_s=st.stage_timeout_s),
+                            roster_wait_s=st.roster_wait_s, stage_timeout_s=st.stage_timeout_s,
+                            absent_after_s=st.absent_after_s),
             secure=self._secure, rng=self._rng, observer=svc.metrics, on_progress=svc.wake,
             on_publish=svc.publish, weights=svc.weights)
 

@@ -25,6 +25,8 @@ class AggregatorSettings:
         checkin_interval_s: devices the open task does not need (not selected, already
             reported) come back within [0.5, 1.5] x this. Raise it for large populations
             (pace steering spreads their check-ins over the window).
+        absent_after_s: a selected device this late past its last appointment is counted
+            failed (``absent``) at once (:mod:`~shoal.device_absence`); 0 = never.
         max_active_uploads: uploads read at once; the rest wait (HTTP/2 flow control holds
             their bytes on the devices), so the server's memory stays flat however many
             devices upload together.
@@ -63,6 +65,7 @@ class AggregatorSettings:
     burst: float = 40.0
     idle_retry_s: float = 2.0
     checkin_interval_s: float = 5.0
+    absent_after_s: float = 0.0
     max_active_uploads: int = 64
     bdp_probe: bool = False
     idle_timeout_s: float = 20.0
