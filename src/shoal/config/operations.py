@@ -64,8 +64,9 @@ class DeployConfig(Section):
     idle_timeout_s: float = option(20.0, "a caller's next message (a request, an upload's "
                                    "header or chunk) must arrive within this, else the call "
                                    "is cut (after 1-1.25 x this: one timer checks all calls "
-                                   "every quarter of it); connections that make no call, or do not finish "
-                                   "their handshake, are closed after it too", min=0.0,
+                                   "every quarter of it); connections that make no call, or "
+                                   "do not finish their handshake, are closed after it too",
+                                   min=0.0,
                                    min_exclusive=True, max=3600.0)
     max_weight: int = option(0, "the largest weight (example count) one device's update "
                              "carries; larger claims count as this. 0 = weight_cap_multiple "
