@@ -152,63 +152,27 @@ def test_a_device_process_that_leaves_does_not_hold_the_later_rounds(tmp_path):
     leaves after its first task (`--max-tasks 1`). Rounds 2 and 3 still ask it (every
     round samples all three), and commit with the two that are there about
     `deploy.absent_after_s` after it missed its appointment -- not at the 120 s deadline."""
-    import datetime as dt
     import json
-    import os
-    import subprocess
-    import sys
     import time
 
+    from shoal.cli.launch import stop_processes
     from shoal.registry import SQLiteRegistry
     from shoal.store import ModelStore
-    from shoal.transport.auth import load_or_create_secret
-    from shoal.transport.certs import make_local_pki
-    from shoal.transport.tokens import issue_token
 
     pytest.importorskip("grpc")
+    from test_deploy import THREE, _serve_with_clients
+
     work = tmp_path / "work"
     work.mkdir()
-    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
-    secret = load_or_create_secret(work / "secret")
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('rounds = 3\n[data]\ndataset = "synthetic"\nclients = 3\n[model]\n'
-                   'name = "logreg"\n[sampling]\nper_round = 3\n[deploy]\n'
-                   'over_selection = 1.0\nmin_fraction = 0.6\ncheckin_interval_s = 0.3\n'
-                   'deadline_s = 120.0\nabsent_after_s = 2.0\n'
-                   '[output]\ndir = "' + str(tmp_path / "runs") + '"\n')
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-    def spawn(args, log):
-        return subprocess.Popen([sys.executable, "-m", "shoal.cli", *args],
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-
     started = time.monotonic()
-    server = spawn(["serve", str(cfg), "--dir", str(work), "--certs", str(tmp_path / "certs"),
-                    "-q", "--json"], tmp_path / "serve.log")
-    clients = []
+    server, clients, _, _ = _serve_with_clients(
+        tmp_path, work, "rounds = 3\n" + THREE + "[deploy]\nover_selection = 1.0\n"
+        "min_fraction = 0.6\ncheckin_interval_s = 0.3\ndeadline_s = 120.0\n"
+        "absent_after_s = 2.0", client_args=lambda i: ["--max-tasks", "1"] if i == 2 else [])
     try:
-        deadline = time.monotonic() + 60
-        while not (work / "port").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        port = (work / "port").read_text().strip()
-        for i in range(3):
-            tok = tmp_path / f"tok{i}"
-            tok.write_text(issue_token(secret, f"device-{i:04d}", now=time.time(),
-                                       ttl_seconds=3600))
-            clients.append(spawn(["client", str(cfg), "--server", f"localhost:{port}",
-                                  "--token", str(tok), "--ca", str(pki.ca_cert),
-                                  "--index", str(i), *(["--max-tasks", "1"] if i == 2 else [])],
-                                 tmp_path / f"client{i}.log"))
-        assert server.wait(timeout=90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert server.wait(timeout=90) == 0, (tmp_path / "serve1.log").read_text()[-3000:]
     finally:
-        for p in clients + [server]:
-            if p.poll() is None:
-                p.terminate()
-        for p in clients:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(clients + [server])
     assert time.monotonic() - started < 90  # the deadlines alone would take 240 s
     assert clients[2].returncode == 0  # it left on its own after one task
     with ModelStore(work / "models", readonly=True) as store:
@@ -217,5 +181,5 @@ def test_a_device_process_that_leaves_does_not_hold_the_later_rounds(tmp_path):
         assert [o.outcome for o in registry.outcomes("device-0002")] == \
             ["accepted", "rejected:absent", "rejected:absent"]
         assert [o.outcome for o in registry.outcomes("device-0000")] == ["accepted"] * 3
-    summary = json.loads((tmp_path / "serve.log").read_text().strip().splitlines()[-1])
+    summary = json.loads((tmp_path / "serve1.log").read_text().strip().splitlines()[-1])
     assert summary["rounds"] == 3

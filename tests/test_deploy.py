@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("grpc")
 
 from shoal.cli import main  # noqa: E402
+from shoal.cli.launch import stop_processes  # noqa: E402
 from shoal.store import ModelStore  # noqa: E402
 
 SMALL = ["--set", "data.dataset=\"synthetic\"", "--clients", "3", "--per-round", "3",
@@ -118,35 +119,55 @@ def _wait(pred, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_aggregator_survives_sigkill_and_resumes(tmp_path):
+def _serve_with_clients(tmp_path: Path, work: Path, config: str, *, clients: int = 3,
+                        client_args=lambda i: []
+                        ) -> tuple[subprocess.Popen, list[subprocess.Popen], str, list[str]]:
+    """`shoal serve` of ``config`` (TOML text) with its state in ``work``, TLS from a new PKI
+    in ``tmp_path``; once it serves, one `shoal client` process per device (``device-000i``,
+    its log ``client{i}.log``, ``client_args(i)`` added). Returns ``(server, client
+    processes, port, serve arguments)``; the caller stops them (``stop_processes``)."""
     from shoal.transport.auth import load_or_create_secret
-    from shoal.transport.tokens import issue_token
     from shoal.transport.certs import make_local_pki
+    from shoal.transport.tokens import issue_token
 
-    work = tmp_path / "work"
-    work.mkdir()
     pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
     secret = load_or_create_secret(work / "secret")
     cfg = tmp_path / "c.toml"
-    cfg.write_text('rounds = 6\n[data]\ndataset = "synthetic"\nclients = 3\n[model]\n'
-                   'name = "logreg"\n[sampling]\nper_round = 3\n[deploy]\n'
-                   'over_selection = 1.0\nmin_fraction = 1.0\ncheckin_interval_s = 0.3\n'
-                   'deadline_s = 30.0\n[output]\ndir = "' + str(tmp_path / "runs") + '"\n')
+    cfg.write_text(config + f'\n[output]\ndir = "{tmp_path / "runs"}"\n')
     serve_args = ["serve", str(cfg), "--dir", str(work), "--certs", str(tmp_path / "certs"),
                   "-q", "--json"]
     server = _spawn(serve_args, tmp_path / "serve1.log")
-    port_file = work / "port"
-    clients = []
+    procs: list[subprocess.Popen] = []
     try:
-        _wait(port_file.exists, 60, "the aggregator's port")
-        port = port_file.read_text().strip()
-        for i in range(3):
+        _wait((work / "port").exists, 60, "the aggregator's port")
+        port = (work / "port").read_text().strip()
+        for i in range(clients):
             tok = tmp_path / f"tok{i}"
             tok.write_text(issue_token(secret, f"device-{i:04d}", now=time.time(),
                                        ttl_seconds=3600))
-            clients.append(_spawn(["client", str(cfg), "--server", f"localhost:{port}",
-                                   "--token", str(tok), "--ca", str(pki.ca_cert),
-                                   "--index", str(i)], tmp_path / f"client{i}.log"))
+            procs.append(_spawn(["client", str(cfg), "--server", f"localhost:{port}",
+                                 "--token", str(tok), "--ca", str(pki.ca_cert),
+                                 "--index", str(i), *client_args(i)],
+                                tmp_path / f"client{i}.log"))
+    except BaseException:
+        stop_processes(procs + [server])
+        raise
+    return server, procs, port, serve_args
+
+
+#: three devices, every one in every round (the deployments these tests start)
+THREE = ('[data]\ndataset = "synthetic"\nclients = 3\n[model]\nname = "logreg"\n'
+         '[sampling]\nper_round = 3\n')
+
+
+def test_aggregator_survives_sigkill_and_resumes(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    server, clients, port, serve_args = _serve_with_clients(
+        tmp_path, work, "rounds = 6\n" + THREE + "[deploy]\nover_selection = 1.0\n"
+        "min_fraction = 1.0\ncheckin_interval_s = 0.3\ndeadline_s = 30.0")
+    port_file = work / "port"
+    try:
         store_dir = work / "models"
 
         def committed() -> int:
@@ -173,14 +194,7 @@ def test_aggregator_survives_sigkill_and_resumes(tmp_path):
             lineage = [v.id for v in store.lineage(store.list()[-1].id)]
             assert lineage == list(range(6, 0, -1))
     finally:
-        for p in clients + [server]:
-            if p.poll() is None:
-                p.terminate()
-        for p in clients:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(clients + [server])  # SIGTERM, then SIGKILL after 10 s
     stats = [json.loads(Path(tmp_path / f"client{i}.log").read_text().strip().splitlines()[-1])
              for i in range(3)]
     # every round needs all three devices (min_fraction = 1), so each device delivered an

@@ -9,12 +9,10 @@ with room resumes from the last committed version.
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -153,24 +151,10 @@ def test_the_aggregator_stops_with_the_path_when_its_registry_disk_fills(tmp_pat
 @pytest.mark.slow
 def test_a_deployment_whose_disk_fills_stops_cleanly_and_resumes_after_a_restart(tmp_path,
                                                                                 disk):
-    from test_deploy import _spawn, _wait
-
-    from shoal.transport.auth import load_or_create_secret
-    from shoal.transport.certs import make_local_pki
-    from shoal.transport.tokens import issue_token
+    from shoal.cli.launch import stop_processes
+    from test_deploy import THREE, _serve_with_clients, _spawn, _wait
 
     work = disk.path
-    pki = make_local_pki(tmp_path / "certs", days=1, now=dt.datetime.now(dt.timezone.utc))
-    secret = load_or_create_secret(work / "secret")
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('rounds = 6\n[data]\ndataset = "synthetic"\nclients = 3\n[model]\n'
-                   'name = "logreg"\n[sampling]\nper_round = 3\n[deploy]\n'
-                   'over_selection = 1.0\nmin_fraction = 1.0\ncheckin_interval_s = 0.3\n'
-                   'deadline_s = 30.0\n[output]\ndir = "' + str(tmp_path / "runs") + '"\n')
-    serve_args = ["serve", str(cfg), "--dir", str(work), "--certs", str(tmp_path / "certs"),
-                  "-q", "--json"]
-    server = _spawn(serve_args, tmp_path / "serve1.log")
-    clients = []
     store_dir = work / "models"
 
     def versions() -> list[int]:
@@ -179,16 +163,10 @@ def test_a_deployment_whose_disk_fills_stops_cleanly_and_resumes_after_a_restart
         with ModelStore(store_dir, readonly=True) as store:
             return [v.round for v in store.list()]
 
+    server, clients, port, serve_args = _serve_with_clients(
+        tmp_path, work, "rounds = 6\n" + THREE + "[deploy]\nover_selection = 1.0\n"
+        "min_fraction = 1.0\ncheckin_interval_s = 0.3\ndeadline_s = 30.0")
     try:
-        _wait((work / "port").exists, 60, "the aggregator's port")
-        port = (work / "port").read_text().strip()
-        for i in range(3):
-            tok = tmp_path / f"tok{i}"
-            tok.write_text(issue_token(secret, f"device-{i:04d}", now=time.time(),
-                                       ttl_seconds=3600))
-            clients.append(_spawn(["client", str(cfg), "--server", f"localhost:{port}",
-                                   "--token", str(tok), "--ca", str(pki.ca_cert),
-                                   "--index", str(i)], tmp_path / f"client{i}.log"))
         _wait(lambda: len(versions()) >= 2, 120, "two committed rounds")
         disk.fill()
         assert server.wait(timeout=60) == 1
@@ -206,11 +184,4 @@ def test_a_deployment_whose_disk_fills_stops_cleanly_and_resumes_after_a_restart
         assert summary["rounds"] == 6
         assert versions() == list(range(1, 7))  # nothing committed was lost or redone
     finally:
-        for p in clients + [server]:
-            if p.poll() is None:
-                p.terminate()
-        for p in clients:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(clients + [server])  # SIGTERM, then SIGKILL after 10 s
