@@ -47,11 +47,11 @@ def md(device: str, **kw):
 
 @contextmanager
 def running_aggregator(tmp_path, settings: AggregatorSettings, *, devices=DEVICES,
-                       hello: bool = True, capabilities=None
+                       hello: bool = True, capabilities=None, runtime: str = "shoal-client/3"
                        ) -> Iterator[tuple[AggregatorService, object]]:
-    """An aggregator on a free loopback port with ``devices`` said Hello (as
-    ``shoal-client/3``, with ``capabilities``); yields ``(service, stub)``
-    (``service.port``, ``service.registry_path`` set)."""
+    """An aggregator on a free loopback port with ``devices`` said Hello (as ``runtime``,
+    with ``capabilities``); yields ``(service, stub)`` (``service.port``,
+    ``service.registry_path`` set)."""
     service = AggregatorService(settings, Keyring.single(SECRET), DIM, "fp",
                                 lambda: SQLiteRegistry(tmp_path / "registry.db"),
                                 metrics=PrometheusObserver())
@@ -64,7 +64,7 @@ def running_aggregator(tmp_path, settings: AggregatorSettings, *, devices=DEVICE
         for d in devices if hello else ():
             stub.Hello(pb.HelloRequest(device_id=d, attributes={"os": "test"},
                                        capabilities=capabilities or {},
-                                       runtime_version="shoal-client/3"),
+                                       runtime_version=runtime),
                        metadata=md(d), timeout=5)
         yield service, stub
     finally:

@@ -183,3 +183,79 @@ def test_a_device_process_that_leaves_does_not_hold_the_later_rounds(tmp_path):
         assert [o.outcome for o in registry.outcomes("device-0000")] == ["accepted"] * 3
     summary = json.loads((tmp_path / "serve1.log").read_text().strip().splitlines()[-1])
     assert summary["rounds"] == 3
+
+
+def _raw_round(tmp_path, runtime: str, deadline_s: float = 20.0):
+    """Four raw devices (``runtime``) against the real aggregator: all take the round's
+    task; dev-a, b, c upload, dev-d beats once and falls silent holding its task. Returns
+    the tasks, the round's record, and the seconds from the last beat to the commit."""
+    import time
+
+    from aggregator_harness import (DEVICES, get_task, md, running_aggregator, start_round,
+                                    upload)
+    from shoal.transport.proto import shoal_pb2 as pb
+    from shoal.transport.server import AggregatorSettings
+
+    settings = AggregatorSettings(absent_after_s=1.0, heartbeat_s=0.5, checkin_interval_s=0.3)
+    with running_aggregator(tmp_path, settings, runtime=runtime) as (service, stub):
+        thread, out = start_round(service, n_sampled=4, target=4, deadline_s=deadline_s,
+                                  min_fraction=0.5)
+        tasks = {d: get_task(stub, d) for d in DEVICES}
+        for d in DEVICES[:3]:
+            upload(stub, d, tasks[d], np.full(50, 0.1, np.float32))
+        reply = stub.Heartbeat(pb.HeartbeatRequest(device_id="dev-d",
+                                                   round=tasks["dev-d"].round),
+                               metadata=md("dev-d"), timeout=5)
+        assert reply.keep_going
+        beat = time.monotonic()
+        thread.join(timeout=30)
+        waited = time.monotonic() - beat
+        assert "error" not in out, out.get("error")
+    return tasks, out["record"], waited
+
+
+def test_a_device_that_stops_heartbeating_while_holding_its_task_is_dropped(tmp_path):
+    """Real gRPC: the aggregator asks shoal-client/5 runtimes for heartbeats
+    (Task.heartbeat_s = deploy.heartbeat_s); a device that falls silent holding its task is
+    absent heartbeat_s + absent_after_s after its last beat (swept every 0.25 s), and the
+    round commits with the three that reported -- not at its 20 s deadline."""
+    tasks, record, waited = _raw_round(tmp_path, "shoal-client/5")
+    assert {t.heartbeat_s for t in tasks.values()} == {0.5}
+    assert (record.accepted, record.rejected, record.committed) == (3, {"absent": 1}, True)
+    assert 1.4 < waited < 8.0
+
+
+def test_an_older_runtime_is_not_asked_for_heartbeats_and_keeps_its_deadline(tmp_path):
+    tasks, record, waited = _raw_round(tmp_path, "shoal-client/4", deadline_s=6.0)
+    assert {t.heartbeat_s for t in tasks.values()} == {0.0}
+    assert record.closed_by == "deadline" and record.rejected == {"timed_out": 1}
+    assert waited > 3.0  # its deadline, not heartbeat_s + absent_after_s (1.5 s)
+
+
+def test_heartbeats_beat_until_the_block_ends_and_survive_failed_calls():
+    import threading
+    import time
+
+    from shoal.transport.heartbeat import Heartbeats
+
+    calls: list[float] = []
+    lock = threading.Lock()
+
+    def beat() -> bool:
+        with lock:
+            calls.append(time.monotonic())
+            if len(calls) == 2:
+                raise RuntimeError("the network is down")  # logged, not fatal
+        return len(calls) < 4
+
+    with Heartbeats(beat, 0.05) as beats:
+        time.sleep(0.4)
+    n = len(calls)
+    time.sleep(0.15)
+    assert len(calls) == n and 5 <= n <= 9  # stopped with the block; ~8 due in 0.4 s
+    assert beats.sent == n - 1 and beats.keep_going is False  # the aggregator said stop
+    gaps = np.diff(calls)
+    assert gaps.min() > 0.03
+    with Heartbeats(beat, 0.0):  # not asked: no thread, no call
+        time.sleep(0.1)
+    assert len(calls) == n

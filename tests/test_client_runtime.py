@@ -64,6 +64,7 @@ class FakeAggregator(pb_grpc.AggregatorServicer):
         self.lock = threading.Lock()
         self.hellos, self.check_ins, self.downloads = [], [], []
         self.uploads, self.upload_attempts, self.evaluations, self.tokens = [], [], [], []
+        self.heartbeats: list = []
 
     def _enter(self, method, context):
         with self.lock:
@@ -128,6 +129,11 @@ class FakeAggregator(pb_grpc.AggregatorServicer):
         self._enter("ReportEvaluation", context)
         self.evaluations.append(request)
         return pb.Ack()
+
+    def Heartbeat(self, request, context):
+        self._enter("Heartbeat", context)
+        self.heartbeats.append(request)
+        return pb.HeartbeatReply(keep_going=True)
 
 
 @pytest.fixture()
@@ -206,6 +212,28 @@ def test_round_trip_downloads_trains_and_uploads_exactly(serve):
                                 reconnects=0, bytes_up=len(data), bytes_down=len(PAYLOAD),
                                 check_ins=1, downloads=1)
     assert sleep.waits == []
+
+
+def test_a_task_that_asks_for_heartbeats_gets_them_while_the_device_trains(serve):
+    """Task.heartbeat_s: the runtime calls Heartbeat that often from the task's start to its
+    upload (a training that takes 0.5 s, beats every 0.1 s), then stops; a task that does
+    not ask gets none."""
+    import time
+
+    agg = FakeAggregator([_task(), _task(round_=4)])
+    agg.replies[0].task.heartbeat_s = 0.1
+
+    def slow(params, settings, round):
+        if round == 3:
+            time.sleep(0.5)
+        return TrainResult(DELTA, 42, {"loss": 0.25})
+
+    with _client(serve(agg), slow, Recorder()) as client:
+        stats = client.run(max_rounds=2)
+    beats = [(h.device_id, h.round) for h in agg.heartbeats]
+    assert 3 <= len(beats) <= 6 and set(beats) == {("dev-1", 3)}  # none for round 4
+    assert stats.heartbeats == len(beats) and stats.uploads_accepted == 2
+    assert set(agg.tokens) == {f"Bearer {TOKEN}"}  # authenticated like every call
 
 
 def test_same_version_is_not_downloaded_twice(serve):

@@ -89,6 +89,7 @@ def settings_from_config(cfg: Config) -> AggregatorSettings:
     return AggregatorSettings(
         max_update_bytes=int(d["max_update_mb"] * (1 << 20)),
         checkin_interval_s=d["checkin_interval_s"], absent_after_s=d["absent_after_s"],
+        heartbeat_s=d["heartbeat_s"],
         max_active_uploads=d["max_active_uploads"], bdp_probe=d["bdp_probe"],
         idle_timeout_s=d["idle_timeout_s"],
         max_weight=d["max_weight"], weight_cap_multiple=d["weight_cap_multiple"],

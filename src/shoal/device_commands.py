@@ -199,16 +199,17 @@ class CommandDesk:
                 self.on_progress()
 
     def _drop_absent(self, now: float) -> bool:
-        """Count as failed (``absent``) the devices of the open training tasks that still
-        wait for their task and have missed their appointment
-        (:class:`~shoal.device_absence.Appointments`), at most every ``sweep_every``;
-        returns whether any was."""
+        """Count as failed (``absent``) the devices of the open training tasks that have
+        missed their appointment (:class:`~shoal.device_absence.Appointments`: waiting for
+        their task, or holding it without the heartbeats it asked for), at most every
+        ``sweep_every``; returns whether any was."""
         if not self.appointments.due_sweep(now):
             return False
         gone = [(s, d) for s in self.sessions.all()
                 if isinstance(s, DeviceTask) and not isinstance(s, EvalSession)
                 and not s.closed
-                for d in self.appointments.absent(now, s.devices_with("waiting"))]
+                for d in self.appointments.absent(
+                    now, s.devices_with("waiting") + s.devices_with("tasked"))]
         for s, d in gone:
             if not s.closed:  # an earlier drop may have ended the task
                 self._drop(s, d, "absent", now)

@@ -203,12 +203,15 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
         return paced(now, self.settings.checkin_interval_s, self._rng)
 
     def check_in(self, device_id: str, now: float, *, clips: bool = True,
-                 evaluates: bool = False) -> tuple[Task | ComeBack, str, dict[str, float]]:
+                 evaluates: bool = False, heartbeat_s: float = 0.0
+                 ) -> tuple[Task | ComeBack, str, dict[str, float]]:
         """A device asks for work: ``(decision, kind, settings)``; kind ``"train"``,
         ``"secagg"`` or ``"evaluate"``, settings the task's client settings.
 
         ``clips``: whether the device's runtime clips its update to ``Task.clip_norm``;
-        ``evaluates``: whether it answers evaluation tasks. A device selected for an
+        ``evaluates``: whether it answers evaluation tasks; ``heartbeat_s``: how often it
+        will call :meth:`heartbeat` if given a training task (0: it will not, its task's
+        deadline is its appointment). A device selected for an
         evaluation task it cannot do (it does not evaluate, or is not served the version)
         is told to come back with that reason (``cannot_evaluate``, ``not_served``) and the
         coordinator stops waiting for it.
@@ -220,10 +223,12 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
         """
         with self.changed:
             decision, kind, settings = self._check_in(device_id, now, clips, evaluates)
-            # an appointment: the device should check in by its come-back time, or upload
-            # (or check in) by its task's deadline
-            self.appointments.expect(device_id, decision.at if isinstance(decision, ComeBack)
-                                     else decision.deadline)
+            # an appointment: the device should check in by its come-back time, heartbeat
+            # within heartbeat_s, or upload (or check in) by its task's deadline
+            self.appointments.expect(
+                device_id, decision.at if isinstance(decision, ComeBack)
+                else now + heartbeat_s if kind == "train" and heartbeat_s > 0
+                else decision.deadline)
             return decision, kind, settings
 
     def _check_in(self, device_id: str, now: float, clips: bool, evaluates: bool
@@ -346,15 +351,21 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
                           f"differential privacy), which this device's runtime does not "
                           f"declare it does: update it to shoal-client/3 or later")
 
-    def heartbeat(self, device_id: str, round: int, now: float) -> bool:
-        """Whether the device's task is still open (a device may stop training if not)."""
+    def heartbeat(self, device_id: str, round: int, now: float, *, every: float = 0.0
+                  ) -> bool:
+        """Whether the device's task is still open (a device may stop training if not).
+        ``every`` > 0: the device heartbeats that often during its training task, so its
+        next appointment is ``now + every``."""
         with self.lock:
             s = self.sessions.current(device_id)
             if s is None or s.round != round:
                 return False
             if isinstance(s, SECURE_SESSIONS):
                 return not s.status().done
-            return s.is_open(now)
+            keep = s.is_open(now)
+            if keep and every > 0 and not isinstance(s, EvalSession):
+                self.appointments.expect(device_id, now + every)
+            return keep
 
     def served(self, nbytes: int) -> None:
         """Count ``nbytes`` sent to devices (model downloads, secure-aggregation replies);

@@ -51,6 +51,12 @@ class DeployConfig(Section):
                                    "much is counted failed ('absent') at once, so the round "
                                    "closes with the devices that are there instead of at its "
                                    "deadline; 0 = never", min=0.0)
+    heartbeat_s: float = option(0.0, "with absent_after_s, ask devices (runtime "
+                                "shoal-client/5 or later) to call Heartbeat this often while "
+                                "they train, so a device that dies holding a task is counted "
+                                "absent too instead of holding its round to the deadline; 0 = "
+                                "not asked (each call costs the aggregator a check-in's work)",
+                                min=0.0)
     max_active_uploads: int = option(64, "uploads the aggregator reads at once (the rest wait "
                                      "under flow control: flat memory)", min=1)
     bdp_probe: bool = option(False, "let gRPC grow each connection's HTTP/2 flow-control "

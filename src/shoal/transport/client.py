@@ -32,13 +32,17 @@ example before it is encoded or masked. Training, clipping, encoding and the upl
 
 Resilience: an RPC that fails with a transient status (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,
 ``RESOURCE_EXHAUSTED``, ``ABORTED``, ``CANCELLED``, ``UNKNOWN``: a busy, restarting or failing
-aggregator) is retried after an exponential backoff with full jitter (:mod:`shoal.transport.channel`): ``uniform(0, min(max_backoff_s, 0.5 · 2**n))``
-for the n-th consecutive failure, reset by any success. A retried upload repeats its
+aggregator) is retried after an exponential backoff with full jitter
+(:mod:`shoal.transport.channel`): ``uniform(0, min(max_backoff_s, 0.5 · 2**n))`` for the
+n-th consecutive failure, reset by any success. A retried upload repeats its
 idempotency key, so the server answers it with the original result instead of counting the
 update twice. Refused credentials (``UNAUTHENTICATED``/``PERMISSION_DENIED``) raise
 :class:`~shoal.transport.device_api.CredentialsRejected` at once: retrying cannot help. Every
 RPC has a deadline. A secure-aggregation task is handed to
-:class:`~shoal.transport.secure_round.SecAggParticipant`.
+:class:`~shoal.transport.secure_round.SecAggParticipant`. A task with ``heartbeat_s`` > 0 is
+carried out with a ``Heartbeat`` call that often from a thread of its own
+(:mod:`shoal.transport.heartbeat`), so the aggregator can tell a device that died holding
+its task from one still training.
 
 What the device's own code plugs in (train and evaluate functions) and gets back (counters,
 errors) is :mod:`shoal.transport.device_api`. Time comes from the injected ``clock`` and
@@ -72,16 +76,18 @@ from shoal.transport.ckks_device import CkksEncryptor
 from shoal.transport.secure_round import SecAggParticipant
 from shoal.transport.device_models import DeviceModels
 from shoal.transport.device_updates import DeviceUpdates
+from shoal.transport.heartbeat import Heartbeats
 
 __all__ = ["RUNTIME_VERSION", "DeviceClient"]
 
-#: Sent in Hello. ``shoal-client/4`` evaluates the served model (``Task.served_model``),
+#: Sent in Hello. ``shoal-client/5`` calls ``Heartbeat`` every ``Task.heartbeat_s`` while it
+#: carries out a task; ``/4`` evaluates the served model (``Task.served_model``),
 #: reports with the task's id and key, and verifies signed models; ``/3`` clips to
 #: ``Task.clip_norm`` with unit weight (central DP); ``/2`` honours
 #: ``Task.upload_codec``/``error_feedback`` and decodes delta downloads; ``/1`` uploads raw
 #: float32 and downloads full models. The aggregator gives tasks that ask for clipping only
 #: to ``/3`` or later (older ones are refused ``runtime_too_old``).
-RUNTIME_VERSION = "shoal-client/4"
+RUNTIME_VERSION = "shoal-client/5"
 _T = TypeVar("_T")
 _WEEK = 7 * 24 * 60
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
@@ -387,8 +393,16 @@ class DeviceClient:
         self._wait(delay)
 
     def _do_task(self, task: pb.Task) -> None:
+        def beat() -> bool:
+            reply = self._stub.Heartbeat(
+                pb.HeartbeatRequest(device_id=self.device_id, round=task.round),
+                timeout=self.timeout_s, metadata=self._metadata)
+            self._stats.heartbeats += 1
+            return bool(reply.keep_going)
+
         try:
-            self._carry_out(task)
+            with Heartbeats(beat, task.heartbeat_s, self._log):  # if the task asks for them
+                self._carry_out(task)
         except TaskAbandoned as exc:
             self._stats.tasks_abandoned += 1
             self._log.warning("round %d: %s task abandoned: %s", task.round, task.kind, exc)

@@ -81,6 +81,8 @@ class ClientStats:
             version this device ever held for inference or evaluation.
         signature_rejections: models or plans refused because their signature did not
             verify (unsigned, another key, tampered, ...).
+        heartbeats: ``Heartbeat`` calls answered while carrying out tasks
+            (``Task.heartbeat_s``).
     """
 
     rounds_trained: int = 0
@@ -99,6 +101,7 @@ class ClientStats:
     secagg: dict[str, int] = field(default_factory=dict)
     served_versions: list[int] = field(default_factory=list)
     signature_rejections: int = 0
+    heartbeats: int = 0
 
 
 class CredentialsRejected(ShoalError):

@@ -15,7 +15,9 @@ itself:
 * ``capabilities["tasks"]``: the task kinds the device does (``"train,evaluate"``). Only a
   runtime that fetches the served model, verifies it and reports with the task's id and key
   (:func:`evaluates`: ``shoal-client/4`` or later, declaring ``evaluate``) is given
-  evaluation tasks.
+  evaluation tasks. Only a runtime that calls ``Heartbeat`` while it carries out a task
+  (:func:`heartbeats`: ``shoal-client/5`` or later) is asked to (``Task.heartbeat_s``) and
+  judged absent when it falls silent.
 
 An invalid field raises :class:`InvalidHello` naming it; the server answers
 ``INVALID_ARGUMENT`` with ``"<field>: <what is wrong>"`` and stores nothing.
@@ -32,14 +34,16 @@ from shoal.errors import ShoalError
 from shoal.registry.validation import (AttrValue, RegistryError, validate_attributes,
                                        validate_capabilities, validate_windows)
 
-__all__ = ["CLIPPING_RUNTIME", "EVALUATING_RUNTIME", "Hello", "InvalidHello", "clips_updates",
-           "evaluates", "read_hello"]
+__all__ = ["CLIPPING_RUNTIME", "EVALUATING_RUNTIME", "HEARTBEATING_RUNTIME", "Hello",
+           "InvalidHello", "clips_updates", "evaluates", "heartbeats", "read_hello"]
 
 CLIPPING_RUNTIME = ("shoal-client", 3)
 """The first runtime that clips to ``Task.clip_norm`` and weighs the update 1."""
 EVALUATING_RUNTIME = ("shoal-client", 4)
 """The first runtime that answers evaluation tasks of the served model (``ReportEvaluation``
 with the task's id and key) and verifies signed models."""
+HEARTBEATING_RUNTIME = ("shoal-client", 5)
+"""The first runtime that calls ``Heartbeat`` every ``Task.heartbeat_s`` during a task."""
 
 _RUNTIME = re.compile(r"([A-Za-z0-9._-]{1,64})/([0-9]{1,9})")
 _MAX_EXAMPLES = 10**12
@@ -115,6 +119,12 @@ def clips_updates(runtime_version: str | None) -> bool:
     """Whether a device running ``runtime_version`` clips its update to ``Task.clip_norm``
     (``None`` or ``""``: unknown, so no)."""
     return _at_least(runtime_version, CLIPPING_RUNTIME)
+
+
+def heartbeats(runtime_version: str | None) -> bool:
+    """Whether a device running ``runtime_version`` calls ``Heartbeat`` as
+    ``Task.heartbeat_s`` asks (``None`` or ``""``: unknown, so no)."""
+    return _at_least(runtime_version, HEARTBEATING_RUNTIME)
 
 
 def evaluates(capabilities: Mapping[str, Any]) -> bool:

@@ -70,7 +70,8 @@ from shoal.transport.ckks_calls import CkksCalls, ckks_task
 from shoal.transport.downloads import ModelPublisher, decode_upload, upload_limit
 from shoal.transport.gate import CallGate, CallRefused
 from shoal.lifecycle.signing import Signer, training_namespace
-from shoal.transport.hello import InvalidHello, clips_updates, evaluates, read_hello
+from shoal.transport.hello import (InvalidHello, clips_updates, evaluates, heartbeats,
+                                   read_hello)
 from shoal.transport.inbound import Busy, Inbound, Refusal, read_payload
 from shoal.transport.lifecycle_calls import LifecycleCalls, model_chunks
 from shoal.transport.listener import serve
@@ -266,9 +267,9 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
             self.fail(exc)
             await self._unavailable(context)
 
-    def _clips(self, device: str) -> bool:
-        """Whether ``device``'s runtime clips to ``Task.clip_norm``: from its Hello, or
-        (after a restart, if it did not say Hello again) what the registry kept of it."""
+    def _runtime(self, device: str) -> str:
+        """``device``'s runtime version: from its Hello, or (after a restart, if it did not
+        say Hello again) what the registry kept of it."""
         runtime = self.runtimes.get(device)
         if runtime is None:
             try:
@@ -276,7 +277,15 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
             except UnknownDevice:
                 runtime = ""
             self.runtimes[device] = runtime
-        return clips_updates(runtime)
+        return runtime
+
+    def _heartbeat_s(self, device: str) -> float:
+        """How often ``device`` is asked to call Heartbeat during a training task
+        (``Task.heartbeat_s``): ``heartbeat_s`` when absence is judged and its runtime
+        heartbeats, else 0."""
+        st = self.settings
+        return st.heartbeat_s if st.heartbeat_s > 0 and st.absent_after_s > 0 \
+            and heartbeats(self._runtime(device)) else 0.0
 
     def _evaluates(self, device: str) -> bool:
         """Whether ``device`` answers evaluation tasks: what it declared at Hello (its
@@ -358,15 +367,16 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
         gateway = self.gateway
         decision: Task | ComeBack
         settings: dict[str, float] = {}
-        kind = "train"
+        kind, beat = "train", 0.0  # beat: the Task.heartbeat_s asked of this device
         setup: CkksSetup | None = None  # the run's CKKS setup, for a CKKS task
         if gateway is None:
             decision = ComeBack(now + self.settings.idle_retry_s, "no_round")
         else:
+            beat = self._heartbeat_s(device)
             try:
                 decision, kind, settings = gateway.check_in(
-                    device, now, clips=self._clips(device),
-                    evaluates=self._evaluates(device))
+                    device, now, clips=clips_updates(self._runtime(device)),
+                    evaluates=self._evaluates(device), heartbeat_s=beat)
             except TaskRefused as exc:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             setup = gateway.ckks if kind == "ckks" else None
@@ -381,7 +391,7 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
                 upload_codec=self.upload_codec if kind == "train" else "",
                 error_feedback=self.settings.error_feedback and kind == "train",
                 clip_norm=decision.clip_norm or 0.0, task_id=decision.task_id,
-                served_model=kind == "evaluate",
+                served_model=kind == "evaluate", heartbeat_s=beat if kind == "train" else 0.0,
                 ckks=ckks_task(setup) if setup is not None else None))
         self.metrics.checked_in(decision.reason)
         return pb.CheckInReply(come_back=pb.ComeBack(at=decision.at, reason=decision.reason))
@@ -461,8 +471,9 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
         await self._authorize(context, request.device_id, "checkin")
         gateway = self.gateway
-        keep = gateway is not None and gateway.heartbeat(request.device_id,
-                                                          int(request.round), self.clock())
+        keep = gateway is not None and gateway.heartbeat(
+            request.device_id, int(request.round), self.clock(),
+            every=self._heartbeat_s(request.device_id))
         return pb.HeartbeatReply(keep_going=keep)
 
     def _seen(self, device_id: str, now: float) -> None:

@@ -27,6 +27,9 @@ class AggregatorSettings:
             (pace steering spreads their check-ins over the window).
         absent_after_s: a selected device this late past its last appointment is counted
             failed (``absent``) at once (:mod:`~shoal.device_absence`); 0 = never.
+        heartbeat_s: with ``absent_after_s``, devices whose runtime heartbeats are asked to
+            call Heartbeat this often during a training task, so one that dies holding a
+            task is found absent too; 0 = not asked (a task's deadline binds its holder).
         max_active_uploads: uploads read at once; the rest wait (HTTP/2 flow control holds
             their bytes on the devices), so the server's memory stays flat however many
             devices upload together.
@@ -66,6 +69,7 @@ class AggregatorSettings:
     idle_retry_s: float = 2.0
     checkin_interval_s: float = 5.0
     absent_after_s: float = 0.0
+    heartbeat_s: float = 0.0
     max_active_uploads: int = 64
     bdp_probe: bool = False
     idle_timeout_s: float = 20.0

@@ -61,7 +61,7 @@ class CheckInRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., held_version: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind", "upload_codec", "error_feedback", "clip_norm", "task_id", "served_model", "ckks")
+    __slots__ = ("round", "model_version", "upload_key", "deadline", "settings", "spec_fingerprint", "kind", "upload_codec", "error_feedback", "clip_norm", "task_id", "served_model", "ckks", "heartbeat_s")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class Task(_message.Message):
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
     CKKS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     upload_key: str
@@ -95,7 +96,8 @@ class Task(_message.Message):
     task_id: int
     served_model: bool
     ckks: CkksTask
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ..., upload_codec: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., task_id: _Optional[int] = ..., served_model: _Optional[bool] = ..., ckks: _Optional[_Union[CkksTask, _Mapping]] = ...) -> None: ...
+    heartbeat_s: float
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., upload_key: _Optional[str] = ..., deadline: _Optional[float] = ..., settings: _Optional[_Mapping[str, float]] = ..., spec_fingerprint: _Optional[str] = ..., kind: _Optional[str] = ..., upload_codec: _Optional[str] = ..., error_feedback: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., task_id: _Optional[int] = ..., served_model: _Optional[bool] = ..., ckks: _Optional[_Union[CkksTask, _Mapping]] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class CkksTask(_message.Message):
     __slots__ = ("key_id", "clip", "max_weight", "slots")
