@@ -208,8 +208,11 @@ class CommandDesk:
         gone = [(s, d) for s in self.sessions.all()
                 if isinstance(s, DeviceTask) and not isinstance(s, EvalSession)
                 and not s.closed
+                # a task holder only before its deadline: after it, the coordinator's
+                # timeout decides (it is "late"), absent or not
                 for d in self.appointments.absent(
-                    now, s.devices_with("waiting") + s.devices_with("tasked"))]
+                    now, s.devices_with("waiting")
+                    + (s.devices_with("tasked") if now < s.deadline else ()))]
         for s, d in gone:
             if not s.closed:  # an earlier drop may have ended the task
                 self._drop(s, d, "absent", now)
