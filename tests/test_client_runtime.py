@@ -231,7 +231,8 @@ def test_a_task_that_asks_for_heartbeats_gets_them_while_the_device_trains(serve
     with _client(serve(agg), slow, Recorder()) as client:
         stats = client.run(max_rounds=2)
     beats = [(h.device_id, h.round) for h in agg.heartbeats]
-    assert 3 <= len(beats) <= 6 and set(beats) == {("dev-1", 3)}  # none for round 4
+    # ~4 due in 0.5 s (fewer if the machine starves the thread), none for round 4
+    assert 2 <= len(beats) <= 8 and set(beats) == {("dev-1", 3)}
     assert stats.heartbeats == len(beats) and stats.uploads_accepted == 2
     assert set(agg.tokens) == {f"Bearer {TOKEN}"}  # authenticated like every call
 
