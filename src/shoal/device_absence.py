@@ -12,8 +12,10 @@ device that never comes back, such as a killed edge aggregator, no longer costs 
 round a full deadline.
 
 Only devices this gateway has answered are judged (a device enrolled in an earlier run and
-not heard from since has no appointment here), and only while they wait for their task: a
-device that holds a task is bound by its deadline, which the coordinator already enforces.
+not heard from since has no appointment here). A device that holds a task has its deadline
+as its appointment -- which the coordinator already enforces -- unless the task asked it for
+heartbeats (``Task.heartbeat_s``): then each beat is its next appointment, and a device that
+dies holding its task is found absent before the deadline.
 
 Sans-I/O and not thread-safe (the gateway calls it under its lock). Memory: one float per
 device that has called.
@@ -34,7 +36,7 @@ class Appointments:
         grace: how late past its appointment a device may be before it is absent (> 0;
             ``0`` or ``inf``: never absent, nothing is kept).
         sweep_every: the least time between two :meth:`due_sweep` that say yes (a sweep
-            looks at every waiting device of the open tasks; default ``grace / 4``, so a
+            looks at every selected device of the open tasks; default ``grace / 4``, so a
             device is found absent ``grace`` to ``1.25 x grace`` after its appointment).
     """
 

@@ -40,7 +40,7 @@ from shoal.errors import ConfigError, ShoalError, UpdateRejected
 from shoal.events import ClientUpdate
 
 __all__ = ["CheckInDecision", "ComeBack", "DeviceTask", "MAX_METRICS", "MAX_METRIC_VALUE",
-           "SESSION_REASONS", "Task", "TaskRefused", "UploadResult", "paced"]
+           "PACE_WINDOW", "SESSION_REASONS", "Task", "TaskRefused", "UploadResult", "paced"]
 
 #: Every ``UpdateRejected.reason`` :meth:`DeviceTask.admit` can raise, in checking order
 #: (the coordinator's pipeline adds its own: ``wrong_shape``, ``non_finite``, ...).
@@ -141,11 +141,15 @@ def _spread(value: object, name: str) -> float:
     return v
 
 
+#: The window of :func:`paced`, in multiples of the check-in interval.
+PACE_WINDOW = (0.5, 1.5)
+
+
 def paced(now: float, interval: float, rng: np.random.Generator) -> float:
-    """When a device no open task needs should come back (pace steering): within 0.5-1.5 x
-    ``interval`` of ``now``, uniformly, so a population told to wait together does not
-    return together. One uniform drawn from ``rng``."""
-    return now + interval * float(rng.uniform(0.5, 1.5))
+    """When a device no open task needs should come back (pace steering): within
+    :data:`PACE_WINDOW` (0.5-1.5) x ``interval`` of ``now``, uniformly, so a population told
+    to wait together does not return together. One uniform drawn from ``rng``."""
+    return now + interval * float(rng.uniform(*PACE_WINDOW))
 
 
 # Per-device progress: selected (no task yet), tasked, accepted.

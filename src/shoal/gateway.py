@@ -62,7 +62,8 @@ from shoal.device_secagg import SecAggDeviceRound
 from shoal.device_eval import EvalDesk, EvalSession
 from shoal.device_secure import SecureDesk
 from shoal.device_sessions import GatewaySettings, Outcome, Session, SessionBook, is_closed
-from shoal.device_task import ComeBack, DeviceTask, Task, TaskRefused, UploadResult, paced
+from shoal.device_task import (PACE_WINDOW, ComeBack, DeviceTask, Task, TaskRefused,
+                               UploadResult, paced)
 from shoal.device_weights import WeightCap
 from shoal.errors import ProtocolError, UpdateRejected
 from shoal.evaluation import EvalResult
@@ -275,9 +276,10 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
             UpdateRejected: with the session's or the coordinator's reason; nothing changed.
         """
         with self.changed:
-            # the device is there: after its answer it checks in again (the next task)
-            self.appointments.expect(device_id,
-                                     now + 1.5 * self.settings.checkin_interval_s)
+            # the device is there: after its answer it checks in again, no later than a
+            # paced device would (the next task)
+            self.appointments.expect(
+                device_id, now + PACE_WINDOW[1] * self.settings.checkin_interval_s)
             s = self.sessions.answering(device_id, round)
             if s is None:
                 raise self._count(UpdateRejected("not_selected", "the device has no task",

@@ -33,12 +33,14 @@ log = logging.getLogger("shoal.aggregator")
 
 
 def add_canary_options(p: argparse.ArgumentParser) -> None:
+    """``--canary VERSION`` and the flags of the rollout, each stored under the ``[canary]``
+    key it overrides (:func:`canary_overrides`)."""
     g = p.add_argument_group("canary rollout (instead of training)")
     g.add_argument("--canary", type=int, metavar="VERSION",
                    help="serve candidate VERSION of the model store in --dir to a fraction "
                         "of the devices, compare it with production by federated evaluation "
                         "and promote or roll back automatically (docs/lifecycle.md)")
-    g.add_argument("--canary-fraction", dest="canary_fraction", type=float,
+    g.add_argument("--canary-fraction", dest="canary.fraction", type=float, metavar="SHARE",
                    help="share of devices served the candidate (canary.fraction, default 0.1)")
     g.add_argument("--keys", metavar="DIR",
                    help="the operator's keys (`shoal keys --out DIR`). Training: every "
@@ -46,47 +48,40 @@ def add_canary_options(p: argparse.ArgumentParser) -> None:
                         "verifies with --trusted-key DIR/operator.pub. --canary: the served "
                         "versions' key, default DIR/keys in --dir, made (ed25519) if "
                         "missing")
-    g.add_argument("--canary-cohort", dest="canary_cohort", type=int,
+    g.add_argument("--canary-cohort", dest="canary.cohort", type=int, metavar="N",
                    help="devices per arm per evaluation round (canary.cohort, default 30)")
-    g.add_argument("--min-clients", dest="min_clients", type=int,
+    g.add_argument("--min-clients", dest="canary.min_clients", type=int, metavar="N",
                    help="the rule's minimum sample per arm (canary.min_clients, default 30)")
-    g.add_argument("--alpha", type=float,
+    g.add_argument("--alpha", dest="canary.alpha", type=float, metavar="ALPHA",
                    help="level of each one-sided test (canary.alpha, default 0.05)")
-    g.add_argument("--margin", type=float,
+    g.add_argument("--margin", dest="canary.margin", type=float, metavar="LOSS",
                    help="how much worse in loss the candidate may be and still count as not "
                         "worse (canary.margin, default 0)")
-    g.add_argument("--loss-cap", dest="loss_cap", type=float,
+    g.add_argument("--loss-cap", dest="canary.cap", type=float, metavar="CAP",
                    help="reported losses are bounded to [0, CAP] (canary.cap, default 10)")
-    g.add_argument("--trim", type=float,
+    g.add_argument("--trim", dest="canary.trim", type=float, metavar="SHARE",
                    help="share of each arm cut from either end before comparing "
                         "(Yuen's trimmed test; canary.trim, default 0.1, 0 = Welch's test)")
-    g.add_argument("--max-evaluations", dest="max_evaluations", type=int,
+    g.add_argument("--max-evaluations", dest="canary.max_rounds", type=int, metavar="N",
                    help="evaluation rounds before an undecided canary is rolled back "
                         "(canary.max_rounds, default 10)")
-    g.add_argument("--evaluation-timeout", dest="evaluation_timeout", type=float,
+    g.add_argument("--evaluation-timeout", dest="canary.evaluation_timeout_s",
+                   type=float, metavar="SECONDS",
                    help="seconds each evaluation round waits for reports "
                         "(canary.evaluation_timeout_s, default 60)")
-    g.add_argument("--holdout", type=float,
+    g.add_argument("--holdout", dest="canary.holdout", type=float, metavar="SHARE",
                    help="share of each device's examples it evaluates on (canary.holdout, "
                         "default 0.2)")
-    g.add_argument("--segment-by", dest="segment_by", metavar="ATTR",
+    g.add_argument("--segment-by", dest="canary.segment_by", metavar="ATTR",
                    help="break evaluations down by this device attribute (canary.segment_by; "
                         "e.g. with --attr os=android,ios)")
 
 
-#: ``shoal launch``'s canary flags (argparse names) and the ``[canary]`` keys they override
-_FLAGS = (("canary_fraction", "fraction"), ("canary_cohort", "cohort"),
-          ("min_clients", "min_clients"), ("alpha", "alpha"), ("margin", "margin"),
-          ("loss_cap", "cap"), ("trim", "trim"), ("max_evaluations", "max_rounds"),
-          ("evaluation_timeout", "evaluation_timeout_s"), ("holdout", "holdout"),
-          ("segment_by", "segment_by"))
-
-
 def canary_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``[canary]`` keys the flags given override (a flag not given leaves the config's
-    value, or the default)."""
-    return {f"canary.{key}": getattr(args, flag) for flag, key in _FLAGS
-            if getattr(args, flag, None) is not None}
+    """The ``[canary]`` keys the flags given override (each flag's destination is its key;
+    a flag not given leaves the config's value, or the default)."""
+    return {key: value for key, value in vars(args).items()
+            if key.startswith("canary.") and value is not None}
 
 
 def client_args(cfg: Config, keys: Path) -> list[str]:
