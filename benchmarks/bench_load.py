@@ -61,6 +61,15 @@ def _config(path: Path, n: int, rounds: int, bdp_probe: bool = False) -> None:
         f"[output]\ndir = \"{path.parent / 'runs'}\"\n")
 
 
+async def _come_back(come_back, stop: asyncio.Event) -> None:
+    """Wait until the aggregator's come-back time (within 0.05-2 s) or the end of the run."""
+    try:
+        await asyncio.wait_for(stop.wait(),
+                               timeout=min(max(come_back.at - time.time(), 0.05), 2.0))
+    except asyncio.TimeoutError:
+        pass
+
+
 async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, stats: dict,
                   stop: asyncio.Event, alive) -> None:
     import grpc
@@ -73,11 +82,7 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
                                        timeout=60)
             stats["checkins"] += 1
             if reply.WhichOneof("reply") == "come_back":
-                wait = min(max(reply.come_back.at - time.time(), 0.05), 2.0)
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=wait)
-                except asyncio.TimeoutError:
-                    pass
+                await _come_back(reply.come_back, stop)
                 continue
             task = reply.task
             async for chunk in stub.Download(pb.DownloadRequest(version=task.model_version),
@@ -108,6 +113,8 @@ async def _device(stub, pb, dev: str, token: str, payload: bytes, sha: bytes, st
             else:
                 stats["errors"] += 1
                 stats["reasons"][res.reason] = stats["reasons"].get(res.reason, 0) + 1
+            if res.HasField("come_back"):  # as shoal's runtime: wait as told, then check in
+                await _come_back(res.come_back, stop)
         except grpc.aio.AioRpcError as exc:
             if stop.is_set() or not alive():
                 return  # the aggregator finished its rounds and exited

@@ -38,14 +38,21 @@ def aggregator(tmp_path):
 def test_a_round_over_grpc_commits_the_weighted_mean(aggregator):
     service, stub = aggregator
     t, out = start_round(service)
-    deltas = {}
+    deltas, replies = {}, []
     for i, d in enumerate(DEVICES[:3]):
         task = get_task(stub, d)
         params = download(stub, d, task.model_version)
         assert np.array_equal(params, np.zeros(DIM, np.float32))
         deltas[d] = np.full(DIM, float(i + 1), np.float32)
-        assert upload(stub, d, task, deltas[d], num_examples=(i + 1) * 10).accepted
+        replies.append(upload(stub, d, task, deltas[d], num_examples=(i + 1) * 10))
+        assert replies[-1].accepted
     t.join(timeout=15)
+    # while the round was open, an accepted upload's reply said when to check in next, as
+    # a check-in would have (pace steering: 0.5-1.5 x checkin_interval_s from the reply)
+    interval = AggregatorSettings().checkin_interval_s
+    for reply in replies[:2]:
+        assert reply.come_back.reason == "already_reported"
+        assert 0.5 * interval - 1 <= reply.come_back.at - time.time() <= 1.5 * interval
     rec = out["record"]
     assert rec.committed and rec.accepted == 3
     w = np.array([10, 20, 30.0])

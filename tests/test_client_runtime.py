@@ -415,6 +415,29 @@ def test_come_back_waits_until_at(serve):
     assert stats.come_backs == 1 and stats.check_ins == 2 and stats.uploads_accepted == 1
 
 
+def test_an_upload_reply_that_says_when_to_come_back_is_waited_for(serve):
+    # pace steering in the upload's reply: the device waits as told instead of checking in
+    # right away; after its last task it does not wait at all
+    steered = pb.UploadReply(accepted=True, come_back=pb.ComeBack(at=NOW + 42.0,
+                                                                  reason="already_reported"))
+    agg = FakeAggregator([_task(round_=3), _task(round_=4)],
+                         upload_replies=[steered, steered])
+    sleep = Recorder()
+    with _client(serve(agg), ToyTrain(), sleep) as client:
+        stats = client.run(max_rounds=2)
+    assert sleep.waits == [pytest.approx(42.0)]
+    assert stats.check_ins == 2 and stats.come_backs == 0 and stats.uploads_accepted == 2
+
+
+def test_an_upload_reply_without_a_come_back_means_check_in_at_once(serve):
+    # an aggregator that does not steer (or an older one): the next check-in follows at once
+    agg = FakeAggregator([_task(round_=3), _task(round_=4)])
+    sleep = Recorder()
+    with _client(serve(agg), ToyTrain(), sleep) as client:
+        stats = client.run(max_rounds=2)
+    assert sleep.waits == [] and stats.check_ins == 2 and stats.uploads_accepted == 2
+
+
 def test_come_back_is_capped_and_corrected_for_clock_skew(serve):
     agg = FakeAggregator([pb.CheckInReply(come_back=pb.ComeBack(at=NOW + 10_000)),
                           pb.CheckInReply(come_back=pb.ComeBack(at=NOW + 50)), _task()])

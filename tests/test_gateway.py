@@ -370,6 +370,47 @@ def test_devices_that_reported_are_paced_over_the_same_interval(devices):
                         ).pvalue > 0.01
 
 
+def test_an_accepted_upload_is_answered_with_what_a_check_in_would_get(devices):
+    # the upload's reply carries the device's next come-back, so it need not check in right
+    # after uploading to learn it (one call fewer per device and round)
+    run = devices(sync(target=3, asked=3), ScriptedSampler([[0, 1, 2], [0, 1, 3]]), steps=2)
+    tasks = run.tasks(["dev-0", "dev-1", "dev-2"], at=1.0)
+    interval = GATEWAY.checkin_interval_s
+    run.upload("dev-0", tasks["dev-0"], at=2.0)
+    after = run.gateway.after_upload("dev-0", tasks["dev-0"].round, 2.0)
+    asked = run.check_in("dev-0", at=2.0)
+    assert isinstance(after, ComeBack) and isinstance(asked, ComeBack)
+    assert after.reason == asked.reason == "already_reported"
+    assert 2.0 + 0.5 * interval <= after.at <= 2.0 + 1.5 * interval
+    # it is the device's appointment: absent only past it (and the grace)
+    assert run.gateway.appointments.absent(after.at + 0.5 * interval, ["dev-0"]) == []
+    # the last upload closes the round; the driver opens the next one, which asks dev-0,
+    # dev-1 and dev-3: the two it asked again are told to check in at once (None), dev-2,
+    # which it did not ask, is paced like any device no task needs
+    run.upload("dev-1", tasks["dev-1"], at=3.0)
+    run.upload("dev-2", tasks["dev-2"], at=3.0)
+    assert len(run.commits) == 1
+    assert run.gateway.after_upload("dev-0", tasks["dev-0"].round, 3.0) is None
+    assert run.gateway.after_upload("dev-1", tasks["dev-1"].round, 3.0) is None
+    paced = run.gateway.after_upload("dev-2", tasks["dev-2"].round, 3.0)
+    assert paced is not None and paced.reason == "not_selected"
+    assert 3.0 + 0.5 * interval <= paced.at <= 3.0 + 1.5 * interval
+    assert isinstance(run.check_in("dev-0", at=3.0), Task)
+
+
+def test_after_the_last_round_an_upload_is_answered_as_a_check_in_would_be(devices):
+    run = devices(sync(target=2, asked=2), ScriptedSampler([[0, 1]]), steps=1)
+    tasks = run.tasks(["dev-0", "dev-1"], at=1.0)
+    run.upload("dev-0", tasks["dev-0"], at=2.0)
+    run.upload("dev-1", tasks["dev-1"], at=2.0)
+    assert run.gateway.finished
+    after = run.gateway.after_upload("dev-1", tasks["dev-1"].round, 2.0)
+    asked = run.check_in("dev-1", at=2.0)
+    assert isinstance(after, ComeBack) and isinstance(asked, ComeBack)
+    assert after.reason == asked.reason
+    assert 2.0 <= after.at <= 2.0 + GATEWAY.idle_retry_s
+
+
 def test_while_a_version_is_persisted_its_round_sends_devices_back_soon(devices):
     answers: dict[str, ComeBack] = {}
 

@@ -237,12 +237,7 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
         """:meth:`check_in` without the appointment (the lock held)."""
         s = self.sessions.current(device_id)
         if self.finished or s is None or (is_closed(s) and self.sessions.any_open()):
-            if not self.finished and self.sessions.any_open():
-                # an open task does not need this device: pace it out
-                return ComeBack(self.paced(now), "not_selected"), "train", {}
-            idle = ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
-                            "no_round")
-            return idle, "train", {}
+            return self._pace_out(now), "train", {}
         if s.clip_norm is not None and not clips and device_id in s.selected \
                 and not is_closed(s):
             self._refuse_runtime(s, device_id, now)
@@ -337,6 +332,35 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
             self._carry(cmds, now)  # wakes the driver when there is work for it
             self._settle(now, [s])
             return receipt
+
+    def after_upload(self, device_id: str, round: int, now: float) -> ComeBack | None:
+        """When a device whose update for ``round`` was just accepted should check in again:
+        what a check-in at ``now`` would answer it, so that the upload's reply saves it that
+        call (pace steering). ``None`` if a newer task selected it meanwhile (it should check
+        in at once). The time is also its appointment (:mod:`shoal.device_absence`)."""
+        with self.changed:
+            s = self.sessions.current(device_id)
+            if s is not None and not is_closed(s) \
+                    and s is not self.sessions.answering(device_id, round):
+                return None  # a newer task waits for it
+            # as _check_in's answer to a device whose task has its update
+            decision: Task | ComeBack
+            if self.finished or s is None or (is_closed(s) and self.sessions.any_open()):
+                decision = self._pace_out(now)
+            else:  # already_reported (paced), or round_closed
+                decision = s.check_in(device_id, now, rng=self._rng)
+            if not isinstance(decision, ComeBack):
+                return None
+            self.appointments.expect(device_id, decision.at)
+            return decision
+
+    def _pace_out(self, now: float) -> ComeBack:
+        """The answer to a device no task needs (the lock held): come back paced while a task
+        is open (:meth:`paced`), within ``idle_retry_s`` while none is."""
+        if not self.finished and self.sessions.any_open():
+            return ComeBack(self.paced(now), "not_selected")
+        return ComeBack(now + float(self._rng.uniform(0, self.settings.idle_retry_s)),
+                        "no_round")
 
     def _refuse_runtime(self, s: Session, device_id: str, now: float) -> None:
         """Refuse ``device_id`` the clipping task ``s`` (its runtime does not clip); the

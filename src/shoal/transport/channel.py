@@ -17,9 +17,10 @@ import random
 import grpc  # type: ignore[import-untyped]
 
 from shoal.errors import ConfigError
+from shoal.transport.device_api import CredentialsRejected, TransportError
 
 __all__ = ["MAX_CHUNK_BYTES", "make_channel", "backoff_delay", "is_transient",
-           "refuses_credentials"]
+           "refuses_credentials", "retryable"]
 
 _BACKOFF_BASE_S = 0.5
 _CHANNEL_MESSAGE_BYTES = 4 << 20  # chunks are small (default 256 KiB); gRPC's own default
@@ -92,3 +93,21 @@ def is_transient(code: grpc.StatusCode | None, detail: str) -> bool:
         return True
     lowered = detail.lower()
     return code == grpc.StatusCode.INTERNAL and any(hint in lowered for hint in _RESET_HINTS)
+
+
+def retryable(exc: grpc.RpcError, method: str, device_id: str) -> str:
+    """``"STATUS: detail"`` of the failed call ``method`` if a retry may cure it.
+
+    Raises:
+        CredentialsRejected: the server refused the token or rights.
+        TransportError: any other status that is not transient.
+    """
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    detail = (exc.details() if callable(getattr(exc, "details", None)) else "") or ""
+    name = code.name if code is not None else "UNKNOWN"
+    if refuses_credentials(code):
+        raise CredentialsRejected(device_id, name, detail) from None
+    if not is_transient(code, detail):
+        raise TransportError(f"{method} failed: {name}: {detail}", method=method,
+                             code=name) from None
+    return f"{name}: {detail}"

@@ -2,7 +2,8 @@
 
 Devices pull, as in K. Bonawitz et al., "Towards Federated Learning at Scale: System Design"
 (MLSys 2019): a :class:`DeviceClient` says Hello once, then loops CheckIn → (Task: Download →
-train or evaluate → Upload or ReportEvaluation) or (ComeBack: wait until the server's time).
+train or evaluate → Upload or ReportEvaluation) or (ComeBack: wait until the server's time);
+an accepted Upload's reply may carry the ComeBack a check-in would get (pace steering).
 The protocol is ``shoal/transport/proto/shoal.proto``; payloads are shoal's codec wire format
 (:mod:`shoal.codec.wire`), so the runtime trusts nothing it downloads: a model is reassembled
 into a buffer preallocated from a bounded declared size, offsets must be contiguous, the
@@ -66,10 +67,9 @@ import numpy as np
 from shoal.codec import STAGES
 from shoal.errors import CodecError, ConfigError
 from shoal.lifecycle.signing import SignatureRejected, TrustedKey
-from shoal.transport.channel import (MAX_CHUNK_BYTES, backoff_delay, is_transient, make_channel,
-                                     refuses_credentials)
-from shoal.transport.device_api import (ClientStats, CredentialsRejected, DownloadRefused,
-                                        EvaluateFn, TaskAbandoned, TrainFn, TransportError)
+from shoal.transport.channel import MAX_CHUNK_BYTES, backoff_delay, make_channel, retryable
+from shoal.transport.device_api import (ClientStats, DownloadRefused, EvaluateFn,
+                                        TaskAbandoned, TrainFn, TransportError)
 from shoal.transport.proto import shoal_pb2 as pb
 from shoal.transport.proto import shoal_pb2_grpc as pb_grpc
 from shoal.transport.ckks_device import CkksEncryptor
@@ -343,8 +343,10 @@ class DeviceClient:
                 self._stats.check_ins += 1
                 kind = reply.WhichOneof("reply")
                 if kind == "task":
-                    self._do_task(reply.task)
+                    steered = self._do_task(reply.task)  # the upload's reply may say when
                     done += 1
+                    if steered is not None and (max_rounds is None or done < max_rounds):
+                        self._wait_until(steered)
                 elif kind == "come_back":
                     self._come_back(reply.come_back)
                 else:
@@ -387,12 +389,15 @@ class DeviceClient:
 
     def _come_back(self, cb: pb.ComeBack) -> None:
         self._stats.come_backs += 1
+        self._wait_until(cb)
+
+    def _wait_until(self, cb: pb.ComeBack) -> None:
         now = self._clock() + self._clock_offset
         delay = min(self.max_wait_s, max(self.min_wait_s, cb.at - now))
         self._log.info("come back in %.1f s (%s)", delay, cb.reason or "no reason")
         self._wait(delay)
 
-    def _do_task(self, task: pb.Task) -> None:
+    def _do_task(self, task: pb.Task) -> pb.ComeBack | None:
         def beat() -> bool:
             reply = self._stub.Heartbeat(
                 pb.HeartbeatRequest(device_id=self.device_id, round=task.round),
@@ -402,12 +407,14 @@ class DeviceClient:
 
         try:
             with Heartbeats(beat, task.heartbeat_s, self._log):  # if the task asks for them
-                self._carry_out(task)
+                return self._carry_out(task)
         except TaskAbandoned as exc:
             self._stats.tasks_abandoned += 1
             self._log.warning("round %d: %s task abandoned: %s", task.round, task.kind, exc)
+            return None
 
-    def _carry_out(self, task: pb.Task) -> None:
+    def _carry_out(self, task: pb.Task) -> pb.ComeBack | None:
+        """The task's work; returns when to check in next if the upload's reply said so."""
         if task.kind not in ("train", "evaluate", "secagg", "ckks"):
             raise TaskAbandoned(f"unknown task kind {task.kind!r}")
         if task.kind == "evaluate" and self._evaluate is None:
@@ -426,18 +433,19 @@ class DeviceClient:
             self._task_rpc("ReportEvaluation", lambda: self._stub.ReportEvaluation(
                 report, timeout=self.timeout_s, metadata=self._metadata))
             self._stats.evaluations += 1
-            return
+            return None
         if task.kind == "secagg":
             self._secagg.run(task, params)
-            return
+            return None
         if task.kind == "ckks":  # the server adds ciphertexts; a key holder decrypts the sum
             result = self._updates.train(params, task)
-            self._updates.upload(task, result, self._ckks.encrypt(task.ckks, result.delta,
-                                                          int(result.num_examples)),
-                         ckks_key=task.ckks.key_id)
-            return
+            return self._updates.upload(
+                task, result, self._ckks.encrypt(task.ckks, result.delta,
+                                                 int(result.num_examples)),
+                ckks_key=task.ckks.key_id)
         result = self._updates.train(params, task)
-        self._updates.upload(task, result, self._updates.encode(task, np.asarray(result.delta)))
+        return self._updates.upload(task, result,
+                                    self._updates.encode(task, np.asarray(result.delta)))
 
     def _task_rpc(self, method: str, call: Callable[[], _T]) -> _T:
         """:meth:`_rpc` within a task: an unexpected status (e.g. the version is gone, the
@@ -458,23 +466,16 @@ class DeviceClient:
             try:
                 result = call()
             except grpc.RpcError as exc:
-                code = exc.code() if callable(getattr(exc, "code", None)) else None
-                detail = (exc.details() if callable(getattr(exc, "details", None)) else "") or ""
-                name = code.name if code is not None else "UNKNOWN"
-                if refuses_credentials(code):
-                    raise CredentialsRejected(self.device_id, name, detail) from None
-                if not is_transient(code, detail):
-                    raise TransportError(f"{method} failed: {name}: {detail}", method=method,
-                                         code=name) from None
+                why = retryable(exc, method, self.device_id)  # or raises
                 if self.max_retries is not None and self._failures >= self.max_retries:
                     raise TransportError(
-                        f"{method} still failing after {self._failures} retries: {name}: "
-                        f"{detail}", method=method, code="RETRIES_EXHAUSTED") from None
+                        f"{method} still failing after {self._failures} retries: {why}",
+                        method=method, code="RETRIES_EXHAUSTED") from None
                 self._stats.reconnects += 1
                 delay = self._backoff(self._failures)
                 self._failures += 1
-                self._log.warning("%s failed (%s: %s); retry %d in %.2f s", method, name,
-                                  detail, self._failures, delay)
+                self._log.warning("%s failed (%s); retry %d in %.2f s", method, why,
+                                  self._failures, delay)
                 self._wait(delay)
                 continue
             self._failures = 0

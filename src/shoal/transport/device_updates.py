@@ -156,9 +156,13 @@ class DeviceUpdates:
             yield chunk_type(data=data)
 
     def upload(self, task: pb.Task, result: TrainResult, payload: bytes, *,
-               ckks_key: bytes = b"") -> None:
+               ckks_key: bytes = b"") -> pb.ComeBack | None:
         """Stream ``payload`` (the encoded update, or a CKKS upload's framed ciphertexts with
-        ``ckks_key`` the context's key id) as the task's upload and count the answer."""
+        ``ckks_key`` the context's key id) as the task's upload and count the answer.
+
+        Returns:
+            When to check in next if the aggregator accepted it and said so (pace steering;
+            ``None``: at once)."""
         header = pb.UploadHeader(
             device_id=self.device_id, round=task.round, base_version=task.model_version,
             upload_key=task.upload_key, idempotency_key=secrets.token_hex(16),
@@ -182,7 +186,9 @@ class DeviceUpdates:
             self._stats.uploads_accepted += 1
             self._log.info("round %d: update accepted (%d examples)", task.round,
                            result.num_examples)
+            return reply.come_back if reply.HasField("come_back") else None
         else:
             self._stats.rejections[reply.reason] = self._stats.rejections.get(reply.reason, 0) + 1
             self._log.warning("round %d: update rejected (%s): %s", task.round, reply.reason,
                               reply.detail)
+        return None

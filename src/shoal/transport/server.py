@@ -458,15 +458,18 @@ class AggregatorService(LifecycleCalls, SecAggCalls, CkksCalls, pb_grpc.Aggregat
             self.metrics.device_step(device, task, "upload", time.perf_counter() - started)
         if gateway is None:
             return self._refuse("late", "no round is open", device, rnd)
+        now = self.clock()
         try:
             gateway.upload(device, rnd, int(header.base_version), header.upload_key,
-                           int(header.num_examples), delta, self.clock(),
+                           int(header.num_examples), delta, now,
                            metrics=dict(header.metrics), upload_bytes=len(buf),
                            fingerprint=bytes(header.sha256))
         except UpdateRejected as exc:
             return self._refuse(exc.reason, str(exc), device, rnd, counted=True)
         self.metrics.bytes_moved("up", len(buf))
-        return pb.UploadReply(accepted=True)
+        nxt = gateway.after_upload(device, rnd, now)  # saves the device its next check-in
+        return pb.UploadReply(accepted=True, come_back=None if nxt is None else
+                              pb.ComeBack(at=nxt.at, reason=nxt.reason))
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
         await self._authorize(context, request.device_id, "checkin")
