@@ -14,8 +14,8 @@ Each line also gives the aggregator's CPU time (user + system, from the reaped p
 rusage), the CPU per accepted upload of the aggregator and of the load generator while
 uploads flow (``*_cpu_ms_per_update_uploading``), and the machine's idle share meanwhile
 (``idle_share_uploading``: near 0 when the two cores are the limit; above it, something
-waits -- on this machine, shoal's event-loop thread). ``--dashboard`` runs every N without and then with ``shoal serve --dashboard``, an
-open page's traffic included (one event stream read to the end, the devices page fetched
+waits). ``--dashboard`` runs every N without and then with ``shoal serve --dashboard``,
+an open page's traffic included (one event stream read to the end, the devices page fetched
 every 2 s), ``--repeats`` times, and adds a ``load_dashboard`` line with the CPU ratio. As
 that ratio is at the mercy of whatever else the machine runs, the runs with the dashboard
 also measure its own share directly: the CPU time of its threads (named ``shoal-dashboard``

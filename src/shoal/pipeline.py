@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from shoal.errors import ConfigError, UpdateRejected
-from shoal.summation import WeightedMean, finite_rows
+from shoal.summation import WeightedMean, finite_rows, norms_above
 
 __all__ = ["Sum", "Stage", "StageRun", "SumRule", "SumRun", "PlainSum", "Validation",
            "validate_rows", "Refusal", "Pipeline", "PipelineRun", "StepInfo"]
@@ -218,11 +218,10 @@ def validate_rows(rows: object, weights: object, dim: int, bounds: Validation
     refuse(~finite, "non_finite", lambda i: f"row {i}: element "
            f"{int(np.argmin(np.isfinite(rows[i])))} is not finite")
     if bounds.max_norm is not None and keep.any():
-        # float64 accumulation: squares of finite float32 values can overflow float32
-        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
-        refuse(norms > bounds.max_norm, "norm_too_large",
-               lambda i: f"row {i}: L2 norm {norms[i]:.6g} exceeds max_norm = "
-                         f"{bounds.max_norm}")
+        refuse(norms_above(rows, bounds.max_norm), "norm_too_large",
+               lambda i: f"row {i}: L2 norm "
+                         f"{math.sqrt(np.einsum('j,j->', rows[i], rows[i], dtype=np.float64)):.6g}"
+                         f" exceeds max_norm = {bounds.max_norm}")
     return keep, refused
 
 
