@@ -5,6 +5,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shoal.cli import main
@@ -18,7 +19,7 @@ from shoal.config import (
     parse_config,
     to_toml,
 )
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, int_at_least
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -236,3 +237,19 @@ def test_configuration_docs_are_in_sync_with_the_schema():
     assert page == config_markdown(), (
         "docs/configuration.md is stale: regenerate it with "
         "`.venv/bin/shoal config --markdown > docs/configuration.md`")
+
+
+@pytest.mark.parametrize("value, ok", [
+    (0, True), (7, True), (np.int64(3), True), (np.uint8(0), True),
+    (-1, False), (True, False), (np.bool_(True), False), (1.0, False), (np.float64(2), False),
+    ("3", False), (None, False)])
+def test_int_at_least_is_the_one_integer_rule(value, ok):
+    # device tasks, the model store and the transport's limits all check integer arguments
+    # with it: numpy ints are ints, bools and floats are not
+    if ok:
+        out = int_at_least(value, "rounds[0]", 0)
+        assert out == value and type(out) is int
+    else:
+        with pytest.raises(ConfigError, match=r"rounds\[0\] must be an int >= 0") as info:
+            int_at_least(value, "rounds[0]", 0)
+        assert info.value.key == "rounds[0]"

@@ -36,7 +36,7 @@ from typing import TypeAlias
 
 import numpy as np
 
-from shoal.errors import ConfigError, ShoalError, UpdateRejected
+from shoal.errors import ConfigError, ShoalError, UpdateRejected, int_at_least
 from shoal.events import ClientUpdate
 
 __all__ = ["CheckInDecision", "ComeBack", "DeviceTask", "MAX_METRICS", "MAX_METRIC_VALUE",
@@ -120,13 +120,6 @@ class UploadResult:
     position: int
 
 
-def _int_at_least(value: object, name: str, low: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < low:
-        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}", key=name)
-    return int(value)
-
-
 def _time(value: object, name: str, *, allow_inf: bool = False) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, _REAL) \
             or math.isnan(value) or (math.isinf(value) and not allow_inf):
@@ -185,13 +178,13 @@ class DeviceTask:
                  *, client_ids: Sequence[int] | None = None, deadline: float = math.inf,
                  checkin_interval_s: float = 10.0, retry_spread_s: float = 10.0,
                  clip_norm: float | None = None) -> None:
-        self.task_id = _int_at_least(task_id, "task_id", 0)
+        self.task_id = int_at_least(task_id, "task_id", 0)
         if clip_norm is not None and not (_time(clip_norm, "clip_norm") > 0):
             raise ConfigError(f"clip_norm must be a finite number > 0, got {clip_norm!r}",
                               key="clip_norm")
         self.clip_norm = None if clip_norm is None else float(clip_norm)
-        self.round = _int_at_least(round, "round", 0)
-        self.model_version = _int_at_least(model_version, "model_version", 0)
+        self.round = int_at_least(round, "round", 0)
+        self.model_version = int_at_least(model_version, "model_version", 0)
         self.deadline = _time(deadline, "deadline", allow_inf=True)
         self.checkin_interval_s = _spread(checkin_interval_s, "checkin_interval_s")
         self.retry_spread_s = _spread(retry_spread_s, "retry_spread_s")
@@ -205,7 +198,7 @@ class DeviceTask:
         if client_ids is None:
             ints = list(range(len(devices)))
         else:
-            ints = [_int_at_least(c, "client_ids", 0) for c in client_ids]
+            ints = [int_at_least(c, "client_ids", 0) for c in client_ids]
             if len(ints) != len(devices) or len(set(ints)) != len(ints):
                 raise ConfigError(f"client_ids must be {len(devices)} unique ints, one per "
                                   f"selected device", key="client_ids")

@@ -6,9 +6,12 @@ context a caller needs to act on it (which key, which file, which client, which 
 
 from __future__ import annotations
 
+import numbers
+
 __all__ = [
     "ShoalError",
     "ConfigError",
+    "int_at_least",
     "DataError",
     "SpecError",
     "UpdateRejected",
@@ -33,6 +36,15 @@ class ConfigError(ShoalError, ValueError):
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+def int_at_least(value: object, name: str, minimum: int) -> int:
+    """``value`` as an ``int`` if it is an integer (Python's or numpy's, not a bool) of at
+    least ``minimum``; else a :class:`ConfigError` naming ``name``: the one rule for an
+    integer argument or setting."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}", key=name)
+    return int(value)
 
 
 class DataError(ShoalError):

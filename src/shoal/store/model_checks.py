@@ -9,9 +9,9 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, int_at_least
 
-__all__ = ["Signatures", "check_int", "check_metrics", "check_now", "check_reason",
+__all__ = ["Signatures", "check_metrics", "check_now", "check_reason",
            "check_rounds", "check_signatures"]
 
 #: ``sign(version id, plan)`` -> kind -> ``{"header": ..., "signature": ...}``: what a commit
@@ -21,19 +21,13 @@ Signatures: TypeAlias = Callable[[int, Mapping[str, Any] | None],
 _KINDS = ("model", "plan")
 
 
-def check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}", key=name)
-    return value
-
-
 def check_rounds(rounds: object, round: int) -> tuple[int, int]:
     if rounds is None:
         return (round, round)
     if not isinstance(rounds, (tuple, list)) or len(rounds) != 2:
         raise ConfigError(f"rounds must be (first, last), got {rounds!r}", key="rounds")
-    first = check_int(rounds[0], "rounds[0]", 0)
-    last = check_int(rounds[1], "rounds[1]", first)
+    first = int_at_least(rounds[0], "rounds[0]", 0)
+    last = int_at_least(rounds[1], "rounds[1]", first)
     if last != round:
         raise ConfigError(f"rounds must end at round {round}, got {rounds!r}", key="rounds")
     return (first, last)

@@ -54,12 +54,12 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any, Literal
 
-from shoal.errors import ConfigError, DataError
+from shoal.errors import ConfigError, DataError, int_at_least
 from shoal.store.atomic import fsync_dir
 from shoal.store.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shoal.store.disk import disk_failure
 from shoal.store.lineage import config_hash, plan_from_config
-from shoal.store.model_checks import (Signatures, check_int, check_metrics, check_now,
+from shoal.store.model_checks import (Signatures, check_metrics, check_now,
                                       check_reason, check_rounds, check_signatures)
 from shoal.store.model_index import (INDEX_FILE, MODEL_FILE, TEMP_FILE, ModelIndex,
                                      file_sha256, model_file_name)
@@ -323,7 +323,7 @@ class ModelStore:
         if not isinstance(checkpoint, Checkpoint):
             raise ConfigError(f"checkpoint must be a shoal.store.Checkpoint, got "
                               f"{type(checkpoint).__name__}", key="checkpoint")
-        round = check_int(round, "round", 0)
+        round = int_at_least(round, "round", 0)
         metrics = check_metrics(metrics)
         now = check_now(now)
         if status not in ("candidate", "production"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, int_at_least
 
 __all__ = ["RateLimiter"]
 
@@ -23,13 +23,6 @@ def positive_number(value: float, name: str) -> float:
             math.isfinite(value) and value > 0):
         raise ConfigError(f"{name} must be a finite number > 0, got {value!r}", key=name)
     return float(value)
-
-
-def int_at_least(value: int, name: str, minimum: int) -> int:
-    """``value`` if it is an int >= ``minimum`` (not a bool), else :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", key=name)
-    return value
 
 
 class RateLimiter:

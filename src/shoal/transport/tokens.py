@@ -31,9 +31,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, int_at_least
 from shoal.transport.auth import AuthError, Keyring, b64url, is_key_id
-from shoal.transport.limits import int_at_least
 
 if TYPE_CHECKING:
     from shoal.transport.revocation import RevocationList
