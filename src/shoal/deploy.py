@@ -14,27 +14,24 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from shoal.config import Config
-from shoal.build import (load_data, secagg_from_config, secure_sum_from_config,
-                         selector_from_config)
+from shoal.build import secagg_from_config, secure_sum_from_config, selector_from_config
 from shoal.device_ckks import CkksSetup
 from shoal.key_service import KeyService
 from shoal.records import RoundRecord
 from shoal.strategy import ServerState
 from shoal.sampling import RegistrySampler, UniformSampler
 from shoal.errors import ConfigError
-from shoal.frameworks.torch import spec_of
 from shoal.lifecycle.signing import Signer
 from shoal.lifecycle.store_signing import commit_signer
-from shoal.models import build_model
+from shoal.model_host import ModelHost
 from shoal.observers import CarrierObserver, Observer, Observers
 from shoal.registry import Registry, SQLiteRegistry
 from shoal.experiment import Experiment, RunResult
@@ -148,15 +145,19 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         tls = ((paths.tls_dir / "server.pem").read_bytes(),
                (paths.tls_dir / "server.key").read_bytes())
 
-    data = load_data(cfg)
-    spec = spec_of(build_model(cfg["model"]["name"], int(np.prod(data.train.x.shape[1:])),
-                               data.train.num_classes, cfg.seed))
-    metrics = _metrics()
-    service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
-                                registry_factory, revocations=revocations,
-                                metrics=Observers([metrics, *observers]), signer=signer)
-    keys = _key_service(cfg)  # CKKS: the key holder's own process, before serving
-    port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
+    # the model, its data and PyTorch live in a process of their own (central evaluation
+    # included): this one only serves devices
+    host = ModelHost(cfg, threads=os.cpu_count() or 1)
+    try:
+        metrics = _metrics()
+        service = AggregatorService(settings, keyring, host.spec.size, host.spec.fingerprint,
+                                    registry_factory, revocations=revocations,
+                                    metrics=Observers([metrics, *observers]), signer=signer)
+        keys = _key_service(cfg)  # CKKS: the key holder's own process, before serving
+        port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
+    except BaseException:
+        host.close()
+        raise
     try:
         if paths.port_file is not None:
             paths.port_file.write_text(f"{port}\n")
@@ -183,11 +184,12 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         sampler = (UniformSampler(s["per_round"]) if s["selection"] == "uniform"
                    else RegistrySampler(selector_from_config(cfg), s["per_round"],
                                         carrier.devices, lambda: service.registry))
-        exp = Experiment(cfg, data, pool=carrier, sampler=sampler)
+        exp = Experiment(cfg, pool=carrier, sampler=sampler, model=host)
         return exp, run_committing(exp, store, store_lock, on_round,
                                    observers=[metrics, *observers], signer=signer)
     finally:
         stop()
+        host.close()
         if keys is not None:
             keys.close()
         with store_lock:

@@ -21,10 +21,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 from threadpoolctl import ThreadpoolController
 
 from shoal.build import (expected_cohort, load_data, local_dp_from_config,
@@ -36,8 +35,6 @@ from shoal.config import Config
 from shoal.coordinator import Coordinator
 from shoal.data import FederatedData, GeneratedClients
 from shoal.errors import ConfigError, ShoalError
-from shoal.frameworks.torch import FlatModule
-from shoal.models import build_model
 from shoal.observers import Observer, Observers
 from shoal.params import ParamSpec
 from shoal.pipeline import stage_states_from_dict, stage_states_to_dict
@@ -46,12 +43,28 @@ from shoal.runner import ClientPool, PushCarrier, TaskSeconds, drive
 from shoal.sampling import OnlineSampler, ParticipationCounts, Sampler, recording
 from shoal.store import Checkpoint
 from shoal.strategy import ServerState
-from shoal.training import evaluate
 
-if TYPE_CHECKING:  # the simulator's trace, for annotations only
+if TYPE_CHECKING:  # for annotations only (PyTorch is imported where a model is built)
+    import torch
+
+    from shoal.frameworks.torch import FlatModule
     from shoal.sim.traces import DeviceTrace
 
-__all__ = ["Experiment", "RunResult", "peak_rss_mb", "auto_threads", "expected_cohort"]
+__all__ = ["CentralModel", "Experiment", "RunResult", "peak_rss_mb", "auto_threads",
+           "expected_cohort"]
+
+
+class CentralModel(Protocol):
+    """A model that lives outside the run's process (a deployment's
+    :class:`~shoal.model_host.ModelHost`): its layout, initial parameters and central
+    evaluation."""
+
+    spec: ParamSpec
+    initial_params: np.ndarray
+
+    def evaluate(self, params: np.ndarray) -> dict[str, float]:
+        """Metrics (``accuracy``, ``loss``) of ``params`` on the central test set."""
+        ...
 
 
 def peak_rss_mb() -> float:
@@ -69,6 +82,14 @@ def auto_threads(cfg: Config) -> int:
     """
     cores = os.cpu_count() or 1
     return 1 if expected_cohort(cfg) < 32 else cores
+
+
+def _torch_threads(threads: int | None) -> None:
+    """An evaluation thread's PyTorch threads (``None``: it does not run PyTorch)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 class _InLine:
@@ -178,16 +199,39 @@ class Experiment:
         pool, sampler: another carrier for the clients (the gRPC aggregator's device pool)
             and how it samples them; by default virtual clients in this process, sampled
             per ``cfg``.
+        model: with ``pool``, where the model lives (its layout, initial parameters and
+            central evaluation; a :class:`~shoal.model_host.ModelHost` in its own process):
+            then this process neither loads the data nor imports PyTorch.
     """
+
+    #: the clients' data (not set when the model is hosted elsewhere: ``hosted``)
+    data: FederatedData | GeneratedClients
+    #: the model central evaluation loads (not set when it is hosted elsewhere: ``hosted``)
+    eval_model: FlatModule
 
     def __init__(self, cfg: Config, data: FederatedData | GeneratedClients | None = None, *,
                  pool: ClientPool | PushCarrier | None = None,
-                 sampler: Sampler | None = None) -> None:
+                 sampler: Sampler | None = None, model: CentralModel | None = None) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
         #: PyTorch intra-op threads of this run. The setting is per OS thread (OpenMP): a
         #: new thread starts with one per core, so every thread the run starts sets it too.
         self.threads = cfg["sim"]["threads"] or auto_threads(cfg)
+        self.deployed = pool is not None
+        #: whether the model lives in another process (``model``): no data nor PyTorch here
+        self.hosted = model is not None
+        if model is not None:
+            if pool is None:
+                raise ConfigError("a model hosted elsewhere needs a carrier for the clients "
+                                  "(pool)", key="pool")
+            self._init_hosted(cfg, model, pool, sampler, t0)
+            return
+        import torch
+
+        from shoal.frameworks.torch import FlatModule
+        from shoal.models import build_model
+        from shoal.training import evaluate
+
         torch.set_num_threads(self.threads)
         self.data = data if data is not None else load_data(cfg)
         train, test = self.data.train, self.data.test
@@ -195,8 +239,8 @@ class Experiment:
         name = cfg["model"]["name"]
         build = lambda: build_model(name, in_features, train.num_classes, cfg.seed)  # noqa: E731
         self.eval_model = FlatModule(build())
-        self.spec = self.eval_model.spec
-        self.deployed = pool is not None
+        eval_model = self.eval_model
+        self.spec = eval_model.spec
         if pool is not None:
             self.engine = "devices"
         elif isinstance(self.data, GeneratedClients):
@@ -211,10 +255,37 @@ class Experiment:
             from shoal.hierarchy.tiers import hierarchy_from_config
 
             pool = hierarchy_from_config(cfg, pool, secure_sum_from_config(cfg))
+        self._init_rounds(cfg, pool, sampler or sampler_from_config(cfg, self.data))
+        self.time_model = None if self.deployed else self._time_model(sampler is None)
+        x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
+        #: central evaluation of a flat model -> metrics (replaceable, e.g. by a spy)
+        self.evaluate: Callable[[np.ndarray], dict] = \
+            lambda params: evaluate(eval_model, params, x_test, y_test)
+        self.initial_params = eval_model.get()
+        self.startup_seconds = time.perf_counter() - t0
+
+    def _init_hosted(self, cfg: Config, model: CentralModel, pool: ClientPool | PushCarrier,
+                     sampler: Sampler | None, t0: float) -> None:
+        """:meth:`__init__` for a deployment whose model lives elsewhere (no data here)."""
+        if sampler is None:
+            raise ConfigError("a model hosted elsewhere needs the carrier's sampler",
+                              key="sampler")
+        self.spec = model.spec
+        self.engine = "devices"
+        self._init_rounds(cfg, pool, sampler)
+        self.time_model = None
+        self.evaluate = model.evaluate
+        self.initial_params = model.initial_params
+        self.startup_seconds = time.perf_counter() - t0
+
+    def _init_rounds(self, cfg: Config, pool: ClientPool | PushCarrier, sampler: Sampler
+                     ) -> None:
+        """The round machinery every kind of run shares: carrier, strategy, sampler,
+        pipeline, clocks."""
         self.pool = pool
         self.strategy = strategy_from_config(cfg)
         self.policy_name = cfg["round"]["policy"]
-        self.sampler = sampler or sampler_from_config(cfg, self.data)
+        self.sampler = sampler
         self.pipeline = pipeline_from_config(
             cfg, deployed=self.deployed,
             secure_in_transport=getattr(pool, "aggregates_securely", False))
@@ -224,14 +295,7 @@ class Experiment:
         self.clock = SimClock()
         #: the device trace of ``sim.time_model = "trace"`` (None otherwise)
         self.trace: DeviceTrace | None = None
-        self.time_model = None if self.deployed else self._time_model(sampler is None)
-        x_test, y_test = torch.from_numpy(test.x), torch.from_numpy(test.y)
-        #: central evaluation of a flat model -> metrics (replaceable, e.g. by a spy)
-        self.evaluate: Callable[[np.ndarray], dict] = \
-            lambda params: evaluate(self.eval_model, params, x_test, y_test)
         self._stage_states: tuple | None = None
-        self.initial_params = self.eval_model.get()
-        self.startup_seconds = time.perf_counter() - t0
 
     def _generated_pool(self, model: torch.nn.Module) -> tuple[ClientPool, str]:
         """The in-process pool of a generated population (no per-client data to poison).
@@ -388,10 +452,11 @@ class Experiment:
         records: list[RoundRecord] = []
         cores = os.cpu_count() or 1
         remote = self.engine == "devices"
-        # with remote clients the cores are idle while a round runs: evaluate with all of them
+        # with remote clients the cores are idle while a round runs: evaluate with all of
+        # them (a hosted model evaluates in its own process, with its own threads)
+        threads = None if self.hosted else cores if remote else self.threads
         evaluator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-eval",
-                                       initializer=torch.set_num_threads,
-                                       initargs=(cores if remote else self.threads,)) \
+                                       initializer=_torch_threads, initargs=(threads,)) \
             if remote or self.threads < cores else _InLine()
         pending: deque[tuple[RoundRecord, Future | None]] = deque()
 

@@ -74,15 +74,12 @@ def run_committer(cfg: Config, store_path: Path, *,
         ConfigError: what :func:`check_cluster` refuses, or too few devices in time.
         RegistryUnavailable: Redis went away (every committed version is intact).
     """
-    import numpy as np
-
-    from shoal.build import load_data, selector_from_config
+    from shoal.build import selector_from_config
     from shoal.cluster.committer import ClusterCarrier
     from shoal.cluster.rounds import RoundBoard
     from shoal.deploy import registry_from_config, run_committing, wait_for_devices
     from shoal.experiment import Experiment
-    from shoal.frameworks.torch import spec_of
-    from shoal.models import build_model
+    from shoal.model_host import ModelHost
     from shoal.sampling import RegistrySampler, UniformSampler
     from shoal.store import ModelStore
 
@@ -91,20 +88,22 @@ def run_committer(cfg: Config, store_path: Path, *,
     registry = registry_from_config(cfg)
     board = RoundBoard(d["redis_url"], prefix=d["redis_prefix"])
     store = ModelStore(store_path)
+    host = None
     try:
-        data = load_data(cfg)
-        spec = spec_of(build_model(cfg["model"]["name"], int(np.prod(data.train.x.shape[1:])),
-                                   data.train.num_classes, cfg.seed))
+        # the model, its data and PyTorch (central evaluation) in a process of their own
+        host = ModelHost(cfg, threads=os.cpu_count() or 1)
         devices = wait_for_devices(registry, d["wait_devices"] or cfg["data"]["clients"],
                                    d["wait_timeout_s"])
-        carrier = ClusterCarrier(board, devices, spec.size)
+        carrier = ClusterCarrier(board, devices, host.spec.size)
         sampler = (UniformSampler(s["per_round"]) if s["selection"] == "uniform"
                    else RegistrySampler(selector_from_config(cfg), s["per_round"],
                                         carrier.devices, lambda: registry))
-        exp = Experiment(cfg, data, pool=carrier, sampler=sampler)
+        exp = Experiment(cfg, pool=carrier, sampler=sampler, model=host)
         return exp, run_committing(exp, store, threading.Lock(), on_round,
                                    observers=observers)
     finally:
+        if host is not None:
+            host.close()
         store.close()
         board.close()
         registry.close()
@@ -270,15 +269,12 @@ def ingest_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ingest(args: argparse.Namespace, stop: threading.Event) -> Any:
-    import numpy as np
-
     from shoal.cli.edges import _write_port
     from shoal.cluster.ingest import run_ingest
     from shoal.cluster.rounds import RoundBoard
     from shoal.config import load_config
     from shoal.deploy import registry_from_config, settings_from_config
-    from shoal.frameworks.torch import spec_of
-    from shoal.models import build_model
+    from shoal.model_host import ModelHost
     from shoal.pipeline import Validation
     from shoal.transport.auth import Keyring, load_or_create_secret
 
@@ -287,13 +283,8 @@ def _ingest(args: argparse.Namespace, stop: threading.Event) -> Any:
     d = cfg["deploy"]
     work, certs = Path(args.dir), Path(args.certs)
     work.mkdir(parents=True, exist_ok=True)
-    dims = (784, 10) if cfg["data"]["dataset"] == "fashion-mnist" else None
-    if dims is None:  # the synthetic task's sizes come from its data
-        from shoal.build import load_data
-
-        data = load_data(cfg)
-        dims = (int(np.prod(data.train.x.shape[1:])), data.train.num_classes)
-    spec = spec_of(build_model(cfg["model"]["name"], dims[0], dims[1], cfg.seed))
+    with ModelHost(cfg) as model:  # the layout only: PyTorch and the data stay out of here
+        spec = model.spec
     board = RoundBoard(d["redis_url"], prefix=d["redis_prefix"])
     try:
         return run_ingest(

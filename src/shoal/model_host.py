@@ -1,0 +1,161 @@
+"""The run's model, in a process of its own, for the processes that serve devices.
+
+An aggregator needs three things from the model: its parameter layout (the update length
+every upload is checked against, and the fingerprint devices compare), its initial
+parameters, and central evaluation of each committed version on the test set. All three
+need the model's framework (PyTorch), and the test set; none needs them *in* the process
+that ingests updates. :class:`ModelHost` starts a child process that loads the data, builds
+the model (:func:`~shoal.models.build_model`, seeded as the simulator builds it, so the
+initial parameters are the same), sends back the layout and the initial parameters and then
+evaluates versions on request. The serving process never imports PyTorch nor opens the
+training set: PyTorch's ~190 MB of resident memory and its import stay out of it, and an
+evaluation runs on the child's interpreter, not beside the gRPC event loop under one GIL.
+
+Evaluations are serialized (one pipe); :meth:`ModelHost.evaluate` may be called from any
+thread. The child exits when the host is closed or its parent goes away (the pipe closes).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import threading
+from typing import Any
+
+import numpy as np
+
+from shoal.config import Config
+from shoal.errors import ConfigError, DataError, ShoalError, SpecError
+from shoal.params import ParamSpec
+
+__all__ = ["ModelHost"]
+
+# the errors without extra fields the child may raise, sent back by name, raised again here
+_ERRORS: dict[str, type[ShoalError]] = {e.__name__: e for e in (SpecError, ShoalError)}
+
+
+def _error(exc: ShoalError) -> tuple[str, str, str, str | None]:
+    """A child's error as a message: its class name, text and key (or path)."""
+    return ("error", type(exc).__name__, str(exc),
+            getattr(exc, "key", None) or getattr(exc, "path", None))
+
+
+def _serve(conn: Any, cfg: Config, threads: int) -> None:
+    """The child: build the model and load the test set, send ``("ready", spec, initial
+    parameters)``, then answer ``("evaluate", params)`` with ``("metrics", dict)`` until told
+    to stop or the parent goes away."""
+    # Ctrl-C reaches the whole process group: the parent stops, then closes this process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import torch
+
+        from shoal.build import load_data
+        from shoal.frameworks.torch import FlatModule
+        from shoal.models import build_model
+        from shoal.training import evaluate
+
+        torch.set_num_threads(threads)
+        data = load_data(cfg)
+        train, test = data.train, data.test
+        model = FlatModule(build_model(cfg["model"]["name"], int(np.prod(train.x.shape[1:])),
+                                       train.num_classes, cfg.seed))
+        x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
+    except ShoalError as exc:
+        conn.send(_error(exc))
+        return
+    conn.send(("ready", model.spec, model.get()))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] != "evaluate":
+            return
+        try:
+            conn.send(("metrics", evaluate(model, message[1], x, y)))
+        except ShoalError as exc:
+            conn.send(_error(exc))
+
+
+class ModelHost:
+    """The model's child process (see the module docstring).
+
+    Args:
+        cfg: the run's configuration (``model``, ``data``, ``seed``).
+        threads: PyTorch threads the child evaluates with.
+
+    Attributes:
+        spec: the model's parameter layout.
+        initial_params: its initial parameters (float32, read-only).
+
+    Raises:
+        ShoalError: the child could not build the model or load the data (its
+            :class:`~shoal.errors.ConfigError` or :class:`~shoal.errors.DataError`, raised
+            again here), or it died before it was ready.
+    """
+
+    def __init__(self, cfg: Config, *, threads: int = 1) -> None:
+        ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's state
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, args=(child, cfg, int(threads)),
+                                    name="shoal-model", daemon=True)
+        self._process.start()
+        child.close()
+        self._lock = threading.Lock()
+        reply = self._receive("start")
+        if reply[0] != "ready":
+            self.close()
+            raise ShoalError(f"the model process answered {reply[0]!r}")
+        self.spec: ParamSpec = reply[1]
+        self.initial_params: np.ndarray = reply[2]
+        self.initial_params.flags.writeable = False
+
+    def evaluate(self, params: np.ndarray) -> dict[str, float]:
+        """Central evaluation of ``params`` on the test set (accuracy, loss, ...).
+
+        Raises:
+            ShoalError: the child refused them (e.g. a wrong length) or is gone.
+        """
+        with self._lock:
+            try:
+                self._conn.send(("evaluate", np.asarray(params)))
+            except (OSError, ValueError) as exc:  # the pipe closed: the child is gone
+                raise ShoalError(f"the model process is gone: {exc}") from None
+            reply = self._receive("evaluate")
+        if reply[0] != "metrics":
+            raise ShoalError(f"the model process answered {reply[0]!r}")
+        return dict(reply[1])
+
+    def _receive(self, what: str) -> tuple:
+        try:
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            self.close()
+            raise ShoalError(f"the model process died ({what}; exit code "
+                             f"{self._process.exitcode})") from None
+        if reply[0] == "error":
+            _, name, message, where = reply
+            if name == "ConfigError":
+                raise ConfigError(message, key=where)
+            if name == "DataError":
+                raise DataError(message, path=where)
+            raise _ERRORS.get(name, ShoalError)(message)
+        return reply
+
+    def close(self) -> None:
+        """Stop the child (idempotent)."""
+        try:
+            self._conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        self._conn.close()
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    def __enter__(self) -> ModelHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
