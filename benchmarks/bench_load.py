@@ -7,6 +7,9 @@ repeat, for the configured rounds. Prints one JSON line per N: updates per secon
 ingested, p50/p99 upload latency (from the first upload byte to the reply), errors (must be
 0), and the aggregator's peak RSS (VmHWM), which should stay nearly flat as N grows because
 aggregation streams and uploads beyond `deploy.max_active_uploads` wait under flow control.
+The aggregator's CPU counts its child processes (shoal's model process, which evaluates
+versions); its peak RSS is the serving process's (``aggregator_peak_rss_mb``), its children's
+apart (``aggregator_children_peak_rss_mb``).
 
     .venv/bin/python benchmarks/bench_load.py --devices 100 1000 --rounds 5
 
@@ -211,6 +214,34 @@ def _thread_cpu_s(pid: int, name: str) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    """The process's children (e.g. shoal's model process), from /proc."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _hwm_kb(pid: int) -> int:
+    """A process's peak resident memory (VmHWM) so far, in KiB (0 once it is gone)."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _idle_seconds() -> float:
     """The machine's idle time so far, summed over its cores (``/proc/stat``)."""
     with open("/proc/stat") as f:
@@ -273,13 +304,14 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
 
     def rss() -> None:
         try:
-            fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            # the server and its children (shoal's model process) count as the aggregator
+            children = _children(server.pid)
             ticks.append((time.perf_counter(),
-                          (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+                          sum(_cpu_s(p) for p in (server.pid, *children)),
                           time.process_time(), _idle_seconds()))
-            for line in open(f"/proc/{server.pid}/status"):
-                if line.startswith("VmHWM:"):
-                    peak["kb"] = max(peak["kb"], int(line.split()[1]))
+            peak["kb"] = max(peak["kb"], _hwm_kb(server.pid))
+            peak["children_kb"] = max(peak.get("children_kb", 0),
+                                      sum(_hwm_kb(p) for p in children))
             if dashboard:
                 peak["dashboard_cpu_s"] = max(peak["dashboard_cpu_s"],
                                               _thread_cpu_s(server.pid, "shoal-dashboard"))
@@ -364,6 +396,8 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
                                                 if t > stats["last_accept"]]),
             "refusals": stats["reasons"],
             "aggregator_peak_rss_mb": round(peak["kb"] / 1024),
+            # its child processes' (shoal's model process: PyTorch, the test set)
+            "aggregator_children_peak_rss_mb": round(peak.get("children_kb", 0) / 1024),
             "seconds": round(stats["seconds"], 1),
             "summary": summary.get("final_accuracy", summary.get("model_sum"))}
 
