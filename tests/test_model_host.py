@@ -40,7 +40,22 @@ def test_a_bad_vector_is_refused_and_the_host_still_answers(host):
 def test_the_childs_set_up_errors_are_raised_here_with_their_fields(tmp_path):
     with pytest.raises(DataError) as info:
         ModelHost(load_config(None, {"data.path": str(tmp_path / "nowhere")}))
-    assert "nowhere" in str(info.value)
+    assert "nowhere" in str(info.value) and "nowhere" in str(info.value.path)
+
+
+def test_an_error_that_is_not_shoals_comes_back_named_and_the_host_answers_on(host):
+    with pytest.raises(ShoalError, match="the model process failed: ValueError"):
+        host.evaluate(np.array(["x"] * host.spec.size))
+    assert set(host.evaluate(host.initial_params)) >= {"accuracy", "loss"}
+
+
+def test_the_layout_alone_needs_no_data_and_the_child_exits(tmp_path, host):
+    # what a cluster's ingest node asks: Fashion-MNIST's shapes are known without its files
+    layout = ModelHost(load_config(None, {"data.path": str(tmp_path / "nowhere")}),
+                       evaluates=False)
+    assert layout.spec == host.spec
+    np.testing.assert_array_equal(layout.initial_params, host.initial_params)
+    assert layout._process.exitcode == 0
 
 
 def test_a_closed_host_says_so():

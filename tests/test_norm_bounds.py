@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import shoal.summation
 from shoal.pipeline import Validation, validate_rows
 from shoal.summation import norms_above
 
@@ -77,3 +78,28 @@ def test_a_nan_row_is_not_above_and_validation_refuses_it_as_non_finite():
         "non_finite": [True, False], "norm_too_large": [False, True]}
     assert "L2 norm 5 exceeds max_norm = 1.0" in next(
         r.detail for r in refused if r.reason == "norm_too_large")
+
+
+def test_float32_decides_far_from_the_bound_and_float64_only_near_it(monkeypatch):
+    # the fast path is taken where the proven bound allows it, and only there
+    exact = []
+    real = shoal.summation._exact_sq_norms
+    monkeypatch.setattr(shoal.summation, "_exact_sq_norms",
+                        lambda rows: exact.append(len(rows)) or real(rows))
+    rng = np.random.default_rng(5)
+    rows = (rng.standard_normal((3, 199_210)) * 1e-3).astype(np.float32)
+    norms = [math.sqrt(exact_sq(r)) for r in rows]
+    # 1.02 and 0.98 are outside the band (g = 0.0119 for 199,210 elements); 1.001 inside
+    bound = norms[0] * 1.02
+    assert norms_above(rows[:1], bound).tolist() == [False] and exact == []
+    assert norms_above(rows[:1], norms[0] * 0.98).tolist() == [True] and exact == []
+    assert norms_above(rows[:1], norms[0] * 1.001).tolist() == [False] and exact == [1]
+    assert norms_above(rows[:1], norms[0] * 0.999).tolist() == [True] and exact == [1, 1]
+
+
+@pytest.mark.parametrize("bound", [1e154, 1e200, 1e300, float(np.finfo(np.float64).max)])
+def test_a_huge_bound_refuses_nothing_finite(bound):
+    rows = np.array([[3.0e38, 3.0e38], [1.0, 2.0]], np.float32)
+    assert norms_above(rows, bound).tolist() == [False, False]
+    keep, refused = validate_rows(rows, np.array([1, 1]), 2, Validation(max_norm=bound))
+    assert keep.tolist() == [True, True] and refused == []

@@ -243,6 +243,10 @@ class DeviceTask:
     def is_open(self, now: float) -> bool:
         return not self._closed and _time(now, "now") < self.deadline
 
+    def reported(self, device_id: str) -> bool:
+        """Whether ``device_id``'s update was accepted (a check-in then gets no task)."""
+        return self._state.get(device_id) == _ACCEPTED
+
     def client_id(self, device_id: str) -> int:
         """The int ``device_id`` carries in :class:`ClientUpdate` (KeyError if unselected)."""
         return self._client_id[device_id]

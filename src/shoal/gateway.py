@@ -340,10 +340,12 @@ class DeviceGateway(CommandDesk, EvalDesk, SecureDesk):
         in at once). The time is also its appointment (:mod:`shoal.device_absence`)."""
         with self.changed:
             s = self.sessions.current(device_id)
-            if s is not None and not is_closed(s) \
-                    and s is not self.sessions.answering(device_id, round):
-                return None  # a newer task waits for it
-            # as _check_in's answer to a device whose task has its update
+            if s is not None and not is_closed(s) and not (
+                    s is self.sessions.answering(device_id, round)
+                    and isinstance(s, DeviceTask) and s.reported(device_id)):
+                return None  # a task waits for it (a newer one, or its round's retry)
+            # as _check_in's answer to a device whose task has its update (never a task:
+            # the session has its update, or is closed)
             decision: Task | ComeBack
             if self.finished or s is None or (is_closed(s) and self.sessions.any_open()):
                 decision = self._pace_out(now)

@@ -35,16 +35,24 @@ __all__ = ["ModelHost"]
 _ERRORS: dict[str, type[ShoalError]] = {e.__name__: e for e in (SpecError, ShoalError)}
 
 
-def _error(exc: ShoalError) -> tuple[str, str, str, str | None]:
-    """A child's error as a message: its class name, text and key (or path)."""
-    return ("error", type(exc).__name__, str(exc),
-            getattr(exc, "key", None) or getattr(exc, "path", None))
+def _error(exc: BaseException) -> tuple[str, str, str, str | None]:
+    """A child's error as a message: its class name, text and key (or path); an error that
+    is not shoal's own comes back as a :class:`~shoal.errors.ShoalError` naming its type."""
+    if isinstance(exc, ShoalError):
+        return ("error", type(exc).__name__, str(exc),
+                getattr(exc, "key", None) or getattr(exc, "path", None))
+    return ("error", "ShoalError", f"the model process failed: {type(exc).__name__}: {exc}",
+            None)
 
 
-def _serve(conn: Any, cfg: Config, threads: int) -> None:
-    """The child: build the model and load the test set, send ``("ready", spec, initial
-    parameters)``, then answer ``("evaluate", params)`` with ``("metrics", dict)`` until told
-    to stop or the parent goes away."""
+#: (input features, classes) of the datasets whose shapes are known without loading them
+_KNOWN_SHAPES = {"fashion-mnist": (784, 10)}
+
+
+def _serve(conn: Any, cfg: Config, threads: int, evaluates: bool) -> None:
+    """The child: build the model (and with ``evaluates`` load the test set), send
+    ``("ready", spec, initial parameters)``, then answer ``("evaluate", params)`` with
+    ``("metrics", dict)`` until told to stop or the parent goes away."""
     # Ctrl-C reaches the whole process group: the parent stops, then closes this process
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -56,15 +64,21 @@ def _serve(conn: Any, cfg: Config, threads: int) -> None:
         from shoal.training import evaluate
 
         torch.set_num_threads(threads)
-        data = load_data(cfg)
-        train, test = data.train, data.test
-        model = FlatModule(build_model(cfg["model"]["name"], int(np.prod(train.x.shape[1:])),
-                                       train.num_classes, cfg.seed))
+        shape = None if evaluates else _KNOWN_SHAPES.get(cfg["data"]["dataset"])
+        test = None
+        if shape is None:  # the data says (a synthetic task), or it is needed
+            data = load_data(cfg)
+            shape = (int(np.prod(data.train.x.shape[1:])), data.train.num_classes)
+            test = data.test if evaluates else None
+            del data  # the test set is all an evaluation needs
+        model = FlatModule(build_model(cfg["model"]["name"], shape[0], shape[1], cfg.seed))
+        conn.send(("ready", model.spec, model.get()))
+        if test is None:
+            return
         x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
-    except ShoalError as exc:
+    except Exception as exc:  # sent to the parent, which raises it
         conn.send(_error(exc))
         return
-    conn.send(("ready", model.spec, model.get()))
     while True:
         try:
             message = conn.recv()
@@ -74,7 +88,7 @@ def _serve(conn: Any, cfg: Config, threads: int) -> None:
             return
         try:
             conn.send(("metrics", evaluate(model, message[1], x, y)))
-        except ShoalError as exc:
+        except Exception as exc:  # the parent raises it; the process answers on
             conn.send(_error(exc))
 
 
@@ -84,6 +98,9 @@ class ModelHost:
     Args:
         cfg: the run's configuration (``model``, ``data``, ``seed``).
         threads: PyTorch threads the child evaluates with.
+        evaluates: ``False``: the layout and initial parameters only; the child then exits
+            at once, and needs no data for a dataset whose shapes are known (Fashion-MNIST):
+            what a cluster's ingest node asks.
 
     Attributes:
         spec: the model's parameter layout.
@@ -91,22 +108,30 @@ class ModelHost:
 
     Raises:
         ShoalError: the child could not build the model or load the data (its
-            :class:`~shoal.errors.ConfigError` or :class:`~shoal.errors.DataError`, raised
-            again here), or it died before it was ready.
+            :class:`~shoal.errors.ConfigError` or :class:`~shoal.errors.DataError` raised
+            again here, any other error as a ``ShoalError`` naming its type), or it died
+            before it was ready.
     """
 
-    def __init__(self, cfg: Config, *, threads: int = 1) -> None:
+    def __init__(self, cfg: Config, *, threads: int = 1, evaluates: bool = True) -> None:
         ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's state
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child, cfg, int(threads)),
+        self._process = ctx.Process(target=_serve,
+                                    args=(child, cfg, int(threads), bool(evaluates)),
                                     name="shoal-model", daemon=True)
         self._process.start()
         child.close()
         self._lock = threading.Lock()
-        reply = self._receive("start")
+        try:
+            reply = self._receive("start")
+        except ShoalError:
+            self.close()
+            raise
         if reply[0] != "ready":
             self.close()
             raise ShoalError(f"the model process answered {reply[0]!r}")
+        if not evaluates:
+            self.close()
         self.spec: ParamSpec = reply[1]
         self.initial_params: np.ndarray = reply[2]
         self.initial_params.flags.writeable = False

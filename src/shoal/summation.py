@@ -44,17 +44,19 @@ _TINY32 = float(np.finfo(np.float32).tiny)  # a square below it may be lost (und
 
 
 def norms_above(rows: np.ndarray, bound: float) -> np.ndarray:
-    """Which rows of a 2-D float array have an L2 norm above ``bound``, as if the squares
-    were summed exactly (in float64; NaN rows are not above).
+    """Which rows of a 2-D float array have an L2 norm above ``bound``, their squares
+    summed in float64 (NaN rows are not above).
 
     A float32 row's squared norm is first summed in float32 (a BLAS dot, ~9x faster than
-    a float64 einsum; an einsum for many rows): for any summation order its error is at
-    most ``g = (n+1)u / (1 - (n+1)u)`` relative (``n`` elements, ``u = 2**-24``; N. J.
-    Higham, "Accuracy and Stability of Numerical Algorithms", 2002, sec. 3.1) plus what
-    squares below float32's smallest normal lose (``n x tiny``), so a row whose float32
-    result is outside ``bound**2 x (1 -+ g) -+ n x tiny`` is decided by it; the rest (near
-    the bound, or overflowed to inf) are summed in float64."""
-    bound2 = float(bound) ** 2
+    a float64 einsum; an einsum for many rows). An n-term dot product in any order is off
+    by at most ``g_n = nu / (1 - nu)`` relative for terms of one sign (``u = 2**-24``; N. J.
+    Higham, "Accuracy and Stability of Numerical Algorithms", 2002, sec. 3.1; ``g_(n+1)``
+    is used, a margin), plus what squares below float32's smallest normal lose (``n x
+    tiny``), so a row whose float32 result is outside ``bound**2 x (1 -+ g) -+ n x tiny`` is
+    on the side it shows; the rest (near the bound, or overflowed to inf) are summed in
+    float64."""
+    b = float(bound)
+    bound2 = b * b  # inf for a bound above ~1e154 (** would raise OverflowError)
     n = rows.shape[1]
     g = (n + 1) * _U32 / (1 - (n + 1) * _U32) if (n + 1) * _U32 < 0.5 else math.inf
     if rows.dtype != np.float32 or not math.isfinite(g):
