@@ -269,7 +269,7 @@ def test_key_service_decrypts_only_sums_in_its_own_process():
 
     keys = KeyService(CkksParams())
     try:
-        assert keys._proc.pid != os.getpid() and keys._proc.is_alive()
+        assert keys._child.pid != os.getpid() and keys._child.alive
         ctx = public_context(keys.context)  # public: it refuses a context with a secret key
         a, b = delta_of(0)[:10], delta_of(1)[:10]
         cts = [encrypt_update(ctx, x, 3, clip=CLIP, slots=2048) for x in (a, b)]
@@ -285,7 +285,7 @@ def test_key_service_decrypts_only_sums_in_its_own_process():
             keys.decrypt(summed, 10, 2, round=(3, 7))
     finally:
         keys.close()
-    assert not keys._proc.is_alive()
+    assert not keys._child.alive
 
 
 def ts_vec(ctx, blob):

@@ -11,7 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 
 # top to bottom; a module may import its own layer and the layers below
 LAYERS = [
-    ("edges", {"cli", "deploy", "key_service", "model_host", "telemetry", "dashboard"}),
+    ("edges", {"cli", "deploy", "key_service", "model_host", "child_process", "telemetry",
+               "dashboard"}),
     ("assembling", {"experiment", "scenarios"}),
     ("carriers", {"sim", "transport", "gateway", "device_task", "device_weights",
                   "device_absence", "device_secagg", "device_sessions", "device_eval",

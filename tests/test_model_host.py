@@ -55,7 +55,7 @@ def test_the_layout_alone_needs_no_data_and_the_child_exits(tmp_path, host):
                        evaluates=False)
     assert layout.spec == host.spec
     np.testing.assert_array_equal(layout.initial_params, host.initial_params)
-    assert layout._process.exitcode == 0
+    assert layout.exitcode == 0
 
 
 def test_a_closed_host_says_so():

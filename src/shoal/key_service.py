@@ -11,13 +11,12 @@ trust this leaves in the aggregator is stated in docs/trust.md.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import threading
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
+from shoal.child_process import ChildGone, ChildProcess, answer_requests
 from shoal.errors import PrivacyError
 from shoal.privacy.he import CkksParams, KeyHolder
 
@@ -33,17 +32,14 @@ def _serve(conn: Any, params: CkksParams, min_clients: int) -> None:
         conn.send(("error", str(exc)))
         return
     conn.send(("context", holder.public_context()))
-    while True:
+
+    def decrypt(message: tuple) -> tuple:
         try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message[0] != "decrypt":
-            return
-        try:
-            conn.send(("sum", holder.decrypt_sum(*message[1:])))
+            return ("sum", holder.decrypt_sum(*message[1:]))
         except PrivacyError as exc:
-            conn.send(("error", str(exc)))
+            return ("error", str(exc))
+
+    answer_requests(conn, "decrypt", decrypt)
 
 
 class KeyService:
@@ -58,27 +54,17 @@ class KeyService:
     """
 
     def __init__(self, params: CkksParams, *, min_clients: int = 2) -> None:
-        ctx = mp.get_context("spawn")  # a fresh interpreter: no aggregator state is copied
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, params, min_clients),
-                                 name="shoal-ckks-key-holder", daemon=True)
-        self._proc.start()
-        child.close()
-        self._lock = threading.Lock()
+        self._child = ChildProcess(_serve, (params, min_clients), "shoal-ckks-key-holder")
         self.params = params
-        kind, value = self._receive()
+        try:
+            kind, value = self._child.receive()
+        except ChildGone:
+            kind, value = "exited", "the key holder process exited"
         if kind != "context":
             self.close()
             raise PrivacyError(f"the key holder did not start: {value}")
         #: the serialized public context (no secret key)
         self.context: bytes = value
-
-    def _receive(self) -> tuple[str, Any]:
-        try:
-            kind, value = self._conn.recv()
-        except EOFError:
-            raise PrivacyError("the key holder process exited") from None
-        return kind, value
 
     def decrypt(self, ciphertexts: Sequence[bytes], dim: int, contributions: int,
                 round: Hashable) -> tuple[np.ndarray, float]:
@@ -88,26 +74,15 @@ class KeyService:
         Raises:
             PrivacyError: the key holder refused (its reason) or is gone.
         """
-        with self._lock:
-            try:
-                self._conn.send(("decrypt", list(ciphertexts), int(dim), int(contributions),
-                                 round))
-            except (BrokenPipeError, OSError):
-                raise PrivacyError("the key holder process exited") from None
-            kind, value = self._receive()
+        try:
+            kind, value = self._child.request(("decrypt", list(ciphertexts), int(dim),
+                                               int(contributions), round))
+        except ChildGone:
+            raise PrivacyError("the key holder process exited") from None
         if kind != "sum":
             raise PrivacyError(str(value))
         return value
 
     def close(self) -> None:
         """Stop the key holder (its keys die with it)."""
-        with self._lock:
-            try:
-                self._conn.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
-            self._conn.close()
-        self._proc.join(timeout=5)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=5)
+        self._child.close(timeout=5.0)

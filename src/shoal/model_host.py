@@ -18,13 +18,13 @@ thread. The child exits when the host is closed or its parent goes away (the pip
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import signal
-import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from shoal.child_process import ChildGone, ChildProcess, answer_requests
 from shoal.config import Config
 from shoal.errors import ConfigError, DataError, ShoalError, SpecError
 from shoal.params import ParamSpec
@@ -79,17 +79,14 @@ def _serve(conn: Any, cfg: Config, threads: int, evaluates: bool) -> None:
     except Exception as exc:  # sent to the parent, which raises it
         conn.send(_error(exc))
         return
-    while True:
+
+    def evaluated(message: tuple) -> tuple:
         try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message[0] != "evaluate":
-            return
-        try:
-            conn.send(("metrics", evaluate(model, message[1], x, y)))
+            return ("metrics", evaluate(model, message[1], x, y))
         except Exception as exc:  # the parent raises it; the process answers on
-            conn.send(_error(exc))
+            return _error(exc)
+
+    answer_requests(conn, "evaluate", evaluated)
 
 
 class ModelHost:
@@ -114,27 +111,23 @@ class ModelHost:
     """
 
     def __init__(self, cfg: Config, *, threads: int = 1, evaluates: bool = True) -> None:
-        ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's state
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve,
-                                    args=(child, cfg, int(threads), bool(evaluates)),
-                                    name="shoal-model", daemon=True)
-        self._process.start()
-        child.close()
-        self._lock = threading.Lock()
+        self._child = ChildProcess(_serve, (cfg, int(threads), bool(evaluates)),
+                                   "shoal-model")
         try:
-            reply = self._receive("start")
+            reply = self._answer(self._child.receive)
         except ShoalError:
             self.close()
             raise
-        if reply[0] != "ready":
-            self.close()
-            raise ShoalError(f"the model process answered {reply[0]!r}")
         if not evaluates:
             self.close()
         self.spec: ParamSpec = reply[1]
         self.initial_params: np.ndarray = reply[2]
         self.initial_params.flags.writeable = False
+
+    @property
+    def exitcode(self) -> int | None:
+        """The child's exit code, ``None`` while it runs."""
+        return self._child.exitcode
 
     def evaluate(self, params: np.ndarray) -> dict[str, float]:
         """Central evaluation of ``params`` on the test set (accuracy, loss, ...).
@@ -142,23 +135,16 @@ class ModelHost:
         Raises:
             ShoalError: the child refused them (e.g. a wrong length) or is gone.
         """
-        with self._lock:
-            try:
-                self._conn.send(("evaluate", np.asarray(params)))
-            except (OSError, ValueError) as exc:  # the pipe closed: the child is gone
-                raise ShoalError(f"the model process is gone: {exc}") from None
-            reply = self._receive("evaluate")
-        if reply[0] != "metrics":
-            raise ShoalError(f"the model process answered {reply[0]!r}")
+        reply = self._answer(lambda: self._child.request(("evaluate", np.asarray(params))))
         return dict(reply[1])
 
-    def _receive(self, what: str) -> tuple:
+    @staticmethod
+    def _answer(call: Callable[[], tuple]) -> tuple:
+        """The child's answer to ``call``, its error raised as the child's type."""
         try:
-            reply = self._conn.recv()
-        except (EOFError, OSError):
-            self.close()
-            raise ShoalError(f"the model process died ({what}; exit code "
-                             f"{self._process.exitcode})") from None
+            reply = call()
+        except ChildGone as exc:
+            raise ShoalError(f"the model process is gone: {exc}") from None
         if reply[0] == "error":
             _, name, message, where = reply
             if name == "ConfigError":
@@ -170,15 +156,7 @@ class ModelHost:
 
     def close(self) -> None:
         """Stop the child (idempotent)."""
-        try:
-            self._conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
-        self._conn.close()
-        self._process.join(timeout=10)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        self._child.close()
 
     def __enter__(self) -> ModelHost:
         return self
