@@ -272,3 +272,33 @@ def test_launch_with_secure_aggregation_survives_clients_killed_mid_round(tmp_pa
     np.testing.assert_allclose(got, mean(included), atol=2 * step + 1e-5, rtol=0)
     # the check can tell: with the killed device's update the mean is clearly different
     assert np.abs(got - mean(included + ["device-0000"])).max() > 1e-3
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether the process has PyTorch's library mapped."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_model_process_keeps_pytorch_out_and_commits_the_same_run(tmp_path):
+    # deploy.model_process: the serving process maps no PyTorch, a child of it does; the run
+    # (model, central evaluation) is the one the single process gives
+    config = ("rounds = 2\n" + THREE + "[deploy]\nover_selection = 1.0\nmin_fraction = 1.0\n"
+              "checkin_interval_s = 0.3\ndeadline_s = 30.0\n")
+    summaries = {}
+    for split in (False, True):
+        root = tmp_path / str(split)
+        work = root / "work"
+        work.mkdir(parents=True)
+        server, clients, _, _ = _serve_with_clients(
+            root, work, config + f"model_process = {str(split).lower()}\n")
+        try:
+            children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text()
+            assert _maps_torch(server.pid) is not split
+            assert any(_maps_torch(int(c)) for c in children.split()) is split
+            assert server.wait(timeout=120) == 0, (root / "serve1.log").read_text()
+        finally:
+            stop_processes(clients + [server])
+        summaries[split] = json.loads((root / "serve1.log").read_text().strip()
+                                      .splitlines()[-1])
+    for key in ("rounds", "final_accuracy", "final_loss", "client_updates"):
+        assert summaries[True][key] == summaries[False][key], key

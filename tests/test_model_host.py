@@ -71,8 +71,9 @@ def test_an_experiment_with_a_hosted_model_needs_a_carrier(host):
         Experiment(load_config(None), model=host)
 
 
-def test_the_aggregator_process_does_not_import_pytorch():
-    # what `shoal serve` imports to run the aggregator (the child imports PyTorch)
+def test_importing_the_aggregator_does_not_import_pytorch():
+    # PyTorch is loaded where the model is built: in the serving process only without
+    # deploy.model_process (test_deploy checks both at run time)
     code = ("import sys, shoal.deploy, shoal.cli.serve; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

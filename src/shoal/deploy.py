@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from shoal.config import Config
 from shoal.build import secagg_from_config, secure_sum_from_config, selector_from_config
 from shoal.device_ckks import CkksSetup
@@ -32,6 +34,7 @@ from shoal.errors import ConfigError
 from shoal.lifecycle.signing import Signer
 from shoal.lifecycle.store_signing import commit_signer
 from shoal.model_host import ModelHost
+from shoal.params import ParamSpec
 from shoal.observers import CarrierObserver, Observer, Observers
 from shoal.registry import Registry, SQLiteRegistry
 from shoal.experiment import Experiment, RunResult
@@ -42,8 +45,8 @@ from shoal.transport.certs import load_client_ca
 from shoal.transport.carrier import GrpcCarrier, wait_for_devices
 from shoal.transport.server import AggregatorService, AggregatorSettings, serve
 
-__all__ = ["AggregatorPaths", "check_deployable", "registry_from_config", "run_aggregator",
-           "run_committing", "wait_for_devices"]
+__all__ = ["AggregatorPaths", "central_model", "check_deployable", "registry_from_config",
+           "run_aggregator", "run_committing", "wait_for_devices"]
 
 log = logging.getLogger("shoal.aggregator")
 
@@ -145,18 +148,17 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         tls = ((paths.tls_dir / "server.pem").read_bytes(),
                (paths.tls_dir / "server.key").read_bytes())
 
-    # the model, its data and PyTorch live in a process of their own (central evaluation
-    # included): this one only serves devices
-    host = ModelHost(cfg, threads=os.cpu_count() or 1)
+    host, spec = central_model(cfg)
     try:
         metrics = _metrics()
-        service = AggregatorService(settings, keyring, host.spec.size, host.spec.fingerprint,
+        service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
                                     registry_factory, revocations=revocations,
                                     metrics=Observers([metrics, *observers]), signer=signer)
         keys = _key_service(cfg)  # CKKS: the key holder's own process, before serving
         port, stop = serve(service, d["host"], d["port"], tls=tls, client_ca=client_ca)
     except BaseException:
-        host.close()
+        if host is not None:
+            host.close()
         raise
     try:
         if paths.port_file is not None:
@@ -184,18 +186,36 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         sampler = (UniformSampler(s["per_round"]) if s["selection"] == "uniform"
                    else RegistrySampler(selector_from_config(cfg), s["per_round"],
                                         carrier.devices, lambda: service.registry))
-        exp = Experiment(cfg, pool=carrier, sampler=sampler, model=host)
+        exp = Experiment(cfg, pool=carrier, sampler=sampler, model=host)  # None: here
         return exp, run_committing(exp, store, store_lock, on_round,
                                    observers=[metrics, *observers], signer=signer)
     finally:
         stop()
-        host.close()
+        if host is not None:
+            host.close()
         if keys is not None:
             keys.close()
         with store_lock:
             store.close()
         if hasattr(metrics, "close"):
             metrics.close()
+
+
+def central_model(cfg: Config) -> tuple[ModelHost | None, ParamSpec]:
+    """Where an aggregator's model lives, and its layout: with ``deploy.model_process`` a
+    :class:`~shoal.model_host.ModelHost` (PyTorch, the data and central evaluation in a
+    process of their own); otherwise ``None``, the model built here (the run's
+    :class:`~shoal.experiment.Experiment` evaluates in this process)."""
+    if cfg["deploy"]["model_process"]:
+        host = ModelHost(cfg, threads=os.cpu_count() or 1)
+        return host, host.spec
+    from shoal.build import load_data
+    from shoal.frameworks.torch import spec_of
+    from shoal.models import build_model
+
+    train = load_data(cfg).train
+    return None, spec_of(build_model(cfg["model"]["name"], int(np.prod(train.x.shape[1:])),
+                                     train.num_classes, cfg.seed))
 
 
 def _key_service(cfg: Config) -> KeyService | None:

@@ -7,10 +7,12 @@ need the model's framework (PyTorch), and the test set; none needs them *in* the
 that ingests updates. :class:`ModelHost` starts a child process that loads the data, builds
 the model (:func:`~shoal.models.build_model`, seeded as the simulator builds it, so the
 initial parameters are the same), sends back the layout and the initial parameters and then
-evaluates versions on request. The serving process never imports PyTorch nor opens the
-training set: PyTorch's ~190 MB of resident memory and its import move to the child (the two
-processes together hold about as much as one did, plus an interpreter), and an evaluation
-runs on the child's interpreter, not beside the gRPC event loop under one GIL.
+evaluates versions on request. With it (``deploy.model_process``) the serving process never
+imports PyTorch nor opens the training set: PyTorch's ~190 MB of resident memory and its
+import move to the child (the two processes together hold about as much as one would, plus
+an interpreter: ~80 MB), and an evaluation runs on the child's interpreter, not beside the
+gRPC event loop under one GIL. A cluster's ingest node asks one for the layout only
+(``evaluates=False``: the child exits at once).
 
 Evaluations are serialized (one pipe); :meth:`ModelHost.evaluate` may be called from any
 thread. The child exits when the host is closed or its parent goes away (the pipe closes).

@@ -77,9 +77,9 @@ def run_committer(cfg: Config, store_path: Path, *,
     from shoal.build import selector_from_config
     from shoal.cluster.committer import ClusterCarrier
     from shoal.cluster.rounds import RoundBoard
-    from shoal.deploy import registry_from_config, run_committing, wait_for_devices
+    from shoal.deploy import central_model, registry_from_config, run_committing, \
+        wait_for_devices
     from shoal.experiment import Experiment
-    from shoal.model_host import ModelHost
     from shoal.sampling import RegistrySampler, UniformSampler
     from shoal.store import ModelStore
 
@@ -90,11 +90,10 @@ def run_committer(cfg: Config, store_path: Path, *,
     store = ModelStore(store_path)
     host = None
     try:
-        # the model, its data and PyTorch (central evaluation) in a process of their own
-        host = ModelHost(cfg, threads=os.cpu_count() or 1)
+        host, spec = central_model(cfg)  # with deploy.model_process, in its own process
         devices = wait_for_devices(registry, d["wait_devices"] or cfg["data"]["clients"],
                                    d["wait_timeout_s"])
-        carrier = ClusterCarrier(board, devices, host.spec.size)
+        carrier = ClusterCarrier(board, devices, spec.size)
         sampler = (UniformSampler(s["per_round"]) if s["selection"] == "uniform"
                    else RegistrySampler(selector_from_config(cfg), s["per_round"],
                                         carrier.devices, lambda: registry))

@@ -59,6 +59,11 @@ class DeployConfig(Section):
                                 min=0.0)
     max_active_uploads: int = option(64, "uploads the aggregator reads at once (the rest wait "
                                      "under flow control: flat memory)", min=1)
+    model_process: bool = option(False, "build the model and run central evaluation in a "
+                                 "process of its own (shoal-model): the process serving "
+                                 "devices then imports no PyTorch and no evaluation shares "
+                                 "its GIL, at the price of a second interpreter (~80 MB more "
+                                 "in all); off: one process")
     bdp_probe: bool = option(False, "let gRPC grow each connection's HTTP/2 flow-control "
                              "window to its bandwidth-delay product: uploads no longer wait "
                              "for a window update every 64 KiB (needed on high-latency links, "
