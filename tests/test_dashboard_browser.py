@@ -385,7 +385,14 @@ def test_a_running_canary_launch_is_shown_live_until_its_decision(browser, tmp_p
         # the evaluations and the verdict arrive while the page is open
         WebDriverWait(browser, 120).until(lambda d: _text(d, "canary-decision") != "pending")
         assert browser.execute_script("return window.__loaded_once === true;")
-        assert _errors(browser) == []
+        # once the verdict is in, the launch ends and its dashboard with it: the page's next
+        # poll for events may be refused then (on a busy machine before this line runs),
+        # which is the run ending, not an error of the page
+        errors = _errors(browser)
+        gone = [e for e in errors if "/api/events" in e["message"]
+                and "ERR_CONNECTION_REFUSED" in e["message"]]
+        assert [e for e in errors if e not in gone] == []
+        assert not gone or proc.wait(timeout=60) == 0
         shown = _text(browser, "canary-decision")
         table = _rows(browser, "canary-table")
         assert proc.wait(timeout=60) == 0
