@@ -201,17 +201,26 @@ def _hook_seconds() -> float:
     return (time.thread_time() - t0) / (5 * n)
 
 
+def _cpu_s(stat: Path) -> float:
+    """User + system CPU seconds in a /proc ``stat`` file (a process's or a thread's); 0
+    once it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _thread_cpu_s(pid: int, name: str) -> float:
     """CPU seconds (user + system) of the threads of ``pid`` whose OS name is ``name``."""
-    ticks = 0
+    total = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             if (task / "comm").read_text().strip() == name:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+                total += _cpu_s(task / "stat")
         except OSError:
             pass  # the thread ended
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _children(pid: int) -> list[int]:
@@ -220,15 +229,6 @@ def _children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _hwm_kb(pid: int) -> int:
@@ -307,7 +307,7 @@ def run(n: int, rounds: int, dashboard: bool = False, bare: bool = False,
             # the server and its children (shoal's model process) count as the aggregator
             children = _children(server.pid)
             ticks.append((time.perf_counter(),
-                          sum(_cpu_s(p) for p in (server.pid, *children)),
+                          sum(_cpu_s(Path(f"/proc/{p}/stat")) for p in (server.pid, *children)),
                           time.process_time(), _idle_seconds()))
             peak["kb"] = max(peak["kb"], _hwm_kb(server.pid))
             peak["children_kb"] = max(peak.get("children_kb", 0),

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "shoal"
 LAYERS = [
     ("edges", {"cli", "deploy", "key_service", "model_host", "child_process", "telemetry",
                "dashboard"}),
-    ("assembling", {"experiment", "scenarios"}),
+    ("assembling", {"experiment", "run_result", "scenarios"}),
     ("carriers", {"sim", "transport", "gateway", "device_task", "device_weights",
                   "device_absence", "device_secagg", "device_sessions", "device_eval",
                   "device_ckks", "device_secure", "device_commands", "gossip", "hierarchy",

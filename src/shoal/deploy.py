@@ -30,6 +30,7 @@ from shoal.key_service import KeyService
 from shoal.records import RoundRecord
 from shoal.strategy import ServerState
 from shoal.sampling import RegistrySampler, UniformSampler
+from shoal.data import FederatedData, GeneratedClients
 from shoal.errors import ConfigError
 from shoal.lifecycle.signing import Signer
 from shoal.lifecycle.store_signing import commit_signer
@@ -148,7 +149,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         tls = ((paths.tls_dir / "server.pem").read_bytes(),
                (paths.tls_dir / "server.key").read_bytes())
 
-    host, spec = central_model(cfg)
+    host, spec, data = central_model(cfg)
     try:
         metrics = _metrics()
         service = AggregatorService(settings, keyring, spec.size, spec.fingerprint,
@@ -186,7 +187,7 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
         sampler = (UniformSampler(s["per_round"]) if s["selection"] == "uniform"
                    else RegistrySampler(selector_from_config(cfg), s["per_round"],
                                         carrier.devices, lambda: service.registry))
-        exp = Experiment(cfg, pool=carrier, sampler=sampler, model=host)  # None: here
+        exp = Experiment(cfg, data, pool=carrier, sampler=sampler, model=host)
         return exp, run_committing(exp, store, store_lock, on_round,
                                    observers=[metrics, *observers], signer=signer)
     finally:
@@ -201,21 +202,24 @@ def run_aggregator(cfg: Config, paths: AggregatorPaths,
             metrics.close()
 
 
-def central_model(cfg: Config) -> tuple[ModelHost | None, ParamSpec]:
-    """Where an aggregator's model lives, and its layout: with ``deploy.model_process`` a
-    :class:`~shoal.model_host.ModelHost` (PyTorch, the data and central evaluation in a
-    process of their own); otherwise ``None``, the model built here (the run's
-    :class:`~shoal.experiment.Experiment` evaluates in this process)."""
+def central_model(cfg: Config
+                  ) -> tuple[ModelHost | None, ParamSpec, FederatedData | GeneratedClients | None]:
+    """Where an aggregator's model lives: ``(host, layout, data)``. With
+    ``deploy.model_process`` a :class:`~shoal.model_host.ModelHost` (PyTorch, the data and
+    central evaluation in a process of their own) and no data here; otherwise no host, the
+    model built here and the data loaded once, for the run's
+    :class:`~shoal.experiment.Experiment` to evaluate with in this process."""
     if cfg["deploy"]["model_process"]:
         host = ModelHost(cfg, threads=os.cpu_count() or 1)
-        return host, host.spec
+        return host, host.spec, None
     from shoal.build import load_data
     from shoal.frameworks.torch import spec_of
     from shoal.models import build_model
 
-    train = load_data(cfg).train
+    data = load_data(cfg)
+    train = data.train
     return None, spec_of(build_model(cfg["model"]["name"], int(np.prod(train.x.shape[1:])),
-                                     train.num_classes, cfg.seed))
+                                     train.num_classes, cfg.seed)), data
 
 
 def _key_service(cfg: Config) -> KeyService | None:

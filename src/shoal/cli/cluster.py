@@ -90,14 +90,14 @@ def run_committer(cfg: Config, store_path: Path, *,
     store = ModelStore(store_path)
     host = None
     try:
-        host, spec = central_model(cfg)  # with deploy.model_process, in its own process
+        host, spec, data = central_model(cfg)  # deploy.model_process: in its own process
         devices = wait_for_devices(registry, d["wait_devices"] or cfg["data"]["clients"],
                                    d["wait_timeout_s"])
         carrier = ClusterCarrier(board, devices, spec.size)
         sampler = (UniformSampler(s["per_round"]) if s["selection"] == "uniform"
                    else RegistrySampler(selector_from_config(cfg), s["per_round"],
                                         carrier.devices, lambda: registry))
-        exp = Experiment(cfg, pool=carrier, sampler=sampler, model=host)
+        exp = Experiment(cfg, data, pool=carrier, sampler=sampler, model=host)
         return exp, run_committing(exp, store, threading.Lock(), on_round,
                                    observers=observers)
     finally:
